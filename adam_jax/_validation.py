@@ -1,0 +1,55 @@
+"""Construction-time checks of hyperparameters.
+
+Only concrete values are checked: traced values (under ``jit`` or ``vmap``) and schedules pass
+through untouched, so batching or differentiating over hyperparameters keeps working.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+
+
+def static_float(value: Any) -> float | None:
+    """Returns ``value`` as a Python float when it is a concrete real scalar, else ``None``."""
+    if isinstance(value, jax.core.Tracer) or callable(value):
+        return None
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int | float):
+        return float(value)
+    shape = getattr(value, "shape", None)
+    dtype = getattr(value, "dtype", None)
+    if shape == () and dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating):
+        return float(value)
+    if shape == () and dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.integer):
+        return float(value)
+    return None
+
+
+def check_non_negative(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless a concrete ``value`` is finite and >= 0."""
+    number = static_float(value)
+    if number is not None and not (math.isfinite(number) and number >= 0.0):
+        raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
+
+
+def check_decay(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless a concrete decay rate ``value`` lies in [0, 1)."""
+    number = static_float(value)
+    if number is not None and not 0.0 <= number < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_steps(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless ``value`` is a whole number of steps >= 0."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+
+
+def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")

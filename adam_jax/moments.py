@@ -1,0 +1,318 @@
+"""Moment estimates: the Adam family's scaling of gradients by running moments."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax import _validation
+from adam_jax._numerics import abs_sq, compute_dtype, decay_weights, real_dtype, scalar_dtype
+from adam_jax.bias_correction import one_minus_power
+from adam_jax.storage import MomentStorage, as_storage, real_part_of
+
+
+class ScaleByAdamState(NamedTuple):
+    """State of :func:`scale_by_adam` and :func:`scale_by_adamax` (the same fields as optax's)."""
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+
+
+class ScaleByAmsgradState(NamedTuple):
+    """State of :func:`scale_by_amsgrad`: Adam's plus the running maximum of the second moment."""
+
+    count: jax.Array
+    mu: optax.Updates
+    nu: optax.Updates
+    nu_max: optax.Updates
+
+
+def _cast(value: Any, dtype: Any) -> Any:
+    """Casts a scalar array to ``dtype``; Python floats stay weakly typed (rounded once)."""
+    return value if isinstance(value, float) else jnp.asarray(value).astype(dtype)
+
+
+def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+    """``numerator / denominator`` with 0 / 0 taken as 0: a zero denominator only arises from an
+    all-zero gradient history with ``eps = 0`` (or eps underflowing), where the numerator is 0."""
+    return numerator / jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+
+
+def _zeros(params: Any, storage: MomentStorage, real: bool = False) -> Any:
+    return jax.tree.map(lambda p: storage.init(real_part_of(p) if real else p), params)
+
+
+def _map_leaves(fn: Callable[..., tuple], outputs: int, updates: Any, *states: Any) -> tuple:
+    """Applies ``fn`` leaf by leaf (state trees may hold a pytree per leaf) and returns one tree per
+    output of ``fn``, each shaped like the corresponding input."""
+    treedef = jax.tree.structure(updates)
+    results = treedef.flatten_up_to(jax.tree.map(fn, updates, *states))
+    return tuple(treedef.unflatten([r[i] for r in results]) for i in range(outputs))
+
+
+class _Decays(NamedTuple):
+    """Per-step scalars shared by all leaves."""
+
+    b1: Any
+    w1: Any
+    b2: Any
+    w2: Any
+    c1: jax.Array
+    c2: jax.Array
+    c1_next: jax.Array
+
+
+def _decays(b1: Any, b2: Any, count: jax.Array, dtype: Any) -> _Decays:
+    b1, w1 = decay_weights(b1, dtype)
+    b2, w2 = decay_weights(b2, dtype)
+    return _Decays(
+        b1=b1,
+        w1=w1,
+        b2=b2,
+        w2=w2,
+        c1=one_minus_power(b1, count, dtype),
+        c2=one_minus_power(b2, count, dtype),
+        c1_next=one_minus_power(b1, optax.safe_increment(count), dtype),
+    )
+
+
+def _check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
+    _validation.check_decay("b1", b1)
+    _validation.check_decay("b2", b2)
+    _validation.check_non_negative("eps", eps)
+    _validation.check_non_negative("eps_root", eps_root)
+
+
+def scale_by_adam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+    nesterov: bool = False,
+    bias_correction: bool = True,
+) -> optax.GradientTransformation:
+    r"""Rescales gradients by Adam's moment estimates (Kingma and Ba, 2015).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2, \\
+        \hat m_t = \frac{m_t}{1-\beta_1^t}, \qquad \hat v_t = \frac{v_t}{1-\beta_2^t}, \qquad
+        u_t = \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}.
+
+    With ``nesterov=True`` (NAdam as in optax),
+    :math:`\hat m_t = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`. With
+    ``bias_correction=False``, :math:`\hat m_t = m_t` and :math:`\hat v_t = v_t`; follow it with
+    :func:`adam_jax.scale_by_bias_correction` for the Keras "epsilon hat" form.
+
+    A drop-in for ``optax.scale_by_adam`` (same arguments, defaults, state fields and results),
+    with these differences: arithmetic runs in at least float32 and updates come back in the
+    gradients' dtype; :math:`1-\beta^t` is computed without cancellation; a second moment is stored
+    as a real array for complex params; and moments can be stored in another dtype or a compressed
+    :class:`adam_jax.MomentStorage`.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0 (keeps meta-gradients finite).
+      mu_dtype: storage of the first moment: ``None`` (the params' dtype), a dtype, or a
+        :class:`adam_jax.MomentStorage`.
+      nu_dtype: storage of the second moment, likewise.
+      nesterov: use Nesterov momentum (NAdam).
+      bias_correction: divide the moments by :math:`1-\beta^t`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+
+    Example:
+      >>> import adam_jax, optax, jax.numpy as jnp
+      >>> opt = optax.chain(adam_jax.scale_by_adam(), adam_jax.scale_by_learning_rate(1e-3))
+      >>> params = {"w": jnp.ones(3)}
+      >>> updates, state = opt.update({"w": jnp.ones(3)}, opt.init(params))
+    """
+    _check_moment_args(b1, b2, eps, eps_root)
+    mu_storage, nu_storage = as_storage(mu_dtype), as_storage(nu_dtype)
+
+    def init_fn(params: Any) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=_zeros(params, mu_storage),
+            nu=_zeros(params, nu_storage, real=True),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        decays = _decays(b1, b2, count, scalar_dtype(updates))
+
+        def leaf(g, mu_stored, nu_stored):
+            dtype = compute_dtype(g.dtype)
+            rdtype = real_dtype(dtype)
+            d = jax.tree.map(lambda x: _cast(x, rdtype), decays)
+            g_c = g.astype(dtype)
+            mu = d.w1 * g_c + d.b1 * mu_storage.load(mu_stored).astype(dtype)
+            nu = d.w2 * abs_sq(g_c) + d.b2 * nu_storage.load(nu_stored).astype(rdtype)
+            if not bias_correction:
+                mu_hat, nu_hat = mu, nu
+            elif nesterov:
+                mu_hat = d.b1 * (mu / d.c1_next) + d.w1 * (g_c / d.c1)
+                nu_hat = nu / d.c2
+            else:
+                mu_hat, nu_hat = mu / d.c1, nu / d.c2
+            denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
+            update = _safe_divide(mu_hat, denominator).astype(g.dtype)
+            return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
+
+        updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
+        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_amsgrad(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+    bias_correction: bool = True,
+) -> optax.GradientTransformation:
+    r"""Rescales gradients by AMSGrad's moment estimates, with PyTorch's semantics.
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2, \qquad
+        v^{max}_t = \max(v^{max}_{t-1}, v_t), \\
+        u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{v^{max}_t / (1-\beta_2^t) + \epsilon_{root}}
+              + \epsilon}.
+
+    The maximum is taken over the raw second moment and bias-corrected afterwards, as
+    ``torch.optim.Adam(amsgrad=True)`` does (Reddi et al., 2018, with bias correction). optax
+    0.2.8 takes the maximum of the bias-corrected moment instead, which drifts from PyTorch.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
+      nu_dtype: storage of the second moment and its running maximum, likewise.
+      bias_correction: divide the moments by :math:`1-\beta^t`.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleByAmsgradState`.
+
+    Example:
+      >>> import adam_jax, optax
+      >>> opt = optax.chain(adam_jax.scale_by_amsgrad(), adam_jax.scale_by_learning_rate(1e-3))
+    """
+    _check_moment_args(b1, b2, eps, eps_root)
+    mu_storage, nu_storage = as_storage(mu_dtype), as_storage(nu_dtype)
+
+    def init_fn(params: Any) -> ScaleByAmsgradState:
+        return ScaleByAmsgradState(
+            count=jnp.zeros([], jnp.int32),
+            mu=_zeros(params, mu_storage),
+            nu=_zeros(params, nu_storage, real=True),
+            nu_max=_zeros(params, nu_storage, real=True),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        decays = _decays(b1, b2, count, scalar_dtype(updates))
+
+        def leaf(g, mu_stored, nu_stored, nu_max_stored):
+            dtype = compute_dtype(g.dtype)
+            rdtype = real_dtype(dtype)
+            d = jax.tree.map(lambda x: _cast(x, rdtype), decays)
+            g_c = g.astype(dtype)
+            mu = d.w1 * g_c + d.b1 * mu_storage.load(mu_stored).astype(dtype)
+            nu = d.w2 * abs_sq(g_c) + d.b2 * nu_storage.load(nu_stored).astype(rdtype)
+            nu_max = jnp.maximum(nu_storage.load(nu_max_stored).astype(rdtype), nu)
+            mu_hat, nu_hat = (mu / d.c1, nu_max / d.c2) if bias_correction else (mu, nu_max)
+            denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
+            return (
+                _safe_divide(mu_hat, denominator).astype(g.dtype),
+                mu_storage.store(mu, mu_stored),
+                nu_storage.store(nu, nu_stored),
+                nu_storage.store(nu_max, nu_max_stored),
+            )
+
+        updates, mu, nu, nu_max = _map_leaves(leaf, 4, updates, state.mu, state.nu, state.nu_max)
+        return updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+
+    return optax.GradientTransformation(init_fn, update_fn)
+
+
+def scale_by_adamax(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    *,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescales gradients by AdaMax's moment estimates (Kingma and Ba, 2015, section 7.1).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+        u_t^{\infty} = \max(\beta_2 u_{t-1}^{\infty}, |g_t| + \epsilon), \qquad
+        u_t = \frac{m_t}{(1-\beta_1^t)\, u_t^{\infty}}.
+
+    Same arguments, state and results as ``optax.scale_by_adamax`` and ``torch.optim.Adamax``.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the infinity norm, in [0, 1).
+      eps: added to :math:`|g_t|`, >= 0.
+      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+
+    Example:
+      >>> import adam_jax, optax
+      >>> opt = optax.chain(adam_jax.scale_by_adamax(), adam_jax.scale_by_learning_rate(2e-3))
+    """
+    _check_moment_args(b1, b2, eps)
+    mu_storage, nu_storage = as_storage(mu_dtype), as_storage(None)
+
+    def init_fn(params: Any) -> ScaleByAdamState:
+        return ScaleByAdamState(
+            count=jnp.zeros([], jnp.int32),
+            mu=_zeros(params, mu_storage),
+            nu=_zeros(params, nu_storage, real=True),
+        )
+
+    def update_fn(updates, state, params=None):
+        del params
+        count = optax.safe_increment(state.count)
+        decays = _decays(b1, b2, count, scalar_dtype(updates))
+
+        def leaf(g, mu_stored, nu_stored):
+            dtype = compute_dtype(g.dtype)
+            rdtype = real_dtype(dtype)
+            d = jax.tree.map(lambda x: _cast(x, rdtype), decays)
+            g_c = g.astype(dtype)
+            mu = d.w1 * g_c + d.b1 * mu_storage.load(mu_stored).astype(dtype)
+            nu = jnp.maximum(
+                jnp.abs(g_c) + _cast(eps, rdtype),
+                d.b2 * nu_storage.load(nu_stored).astype(rdtype),
+            )
+            update = _safe_divide(mu / d.c1, nu).astype(g.dtype)
+            return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
+
+        updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
+        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+    return optax.GradientTransformation(init_fn, update_fn)
