@@ -45,6 +45,6 @@ def decay_weights(decay: Any, dtype: Any) -> tuple[Any, Any]:
     """
     number = static_float(decay)
     if number is not None:
-        return number, 1.0 - number
+        return number, 1.0 if number == 1.0 else 1.0 - number
     decay = jnp.asarray(decay).astype(dtype)
     return decay, jnp.where(decay == 1, jnp.ones_like(decay), 1 - decay)

@@ -37,9 +37,16 @@ def check_non_negative(name: str, value: Any) -> None:
 
 
 def check_decay(name: str, value: Any) -> None:
-    """Raises ``ValueError`` unless a concrete decay rate ``value`` lies in [0, 1)."""
+    """Raises ``ValueError`` unless a concrete decay rate ``value`` lies in [0, 1).
+
+    An array equal to 1 is let through: it is what 0.999 becomes when ``optax.inject_hyperparams``
+    casts it to bfloat16, and the transformations take the b -> 1 limit there.
+    """
     number = static_float(value)
-    if number is not None and not 0.0 <= number < 1.0:
+    if number is None:
+        return
+    in_range = 0.0 <= number <= 1.0 if hasattr(value, "dtype") else 0.0 <= number < 1.0
+    if not in_range:
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 

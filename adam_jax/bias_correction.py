@@ -38,6 +38,8 @@ def one_minus_power(decay: Any, count: jax.Array, dtype: Any = jnp.float32) -> j
     if number is not None:
         if number == 0.0:
             return jnp.ones((), dtype)
+        if number == 1.0:
+            return steps
         return -jnp.expm1(steps * jnp.asarray(math.log(number), dtype))
     decay = jnp.asarray(decay).astype(dtype)
     return jnp.where(decay == 1, steps, -jnp.expm1(steps * jnp.log(decay)))

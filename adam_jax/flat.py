@@ -1,0 +1,327 @@
+"""Many-leaf path: parameters and optimizer state in one contiguous buffer per dtype.
+
+An Adam step over a tree of ``L`` leaves is ``L`` small elementwise loops (or fusions, or GPU
+kernels), each with its own launch / loop overhead, and the jitted update has ``L`` times as many
+HLO instructions to trace and compile. Packing the leaves into one flat 1-D buffer per
+``(dtype, label)`` group turns the step into one loop over one big array, whatever the shape of
+the tree: the spirit of PyTorch's multi-tensor apply and of FSDP's flat parameters.
+
+The container is :class:`FlatParams`, an ordinary pytree whose children are the flat buffers and
+whose static auxiliary data is the :class:`FlatLayout` (tree structure, shapes, dtypes, offsets).
+Every optax / adam_jax transformation therefore works on it unchanged, and so do ``jax.jit``
+(with donation), ``jax.grad``, checkpointing and sharding of the buffers.
+
+Two ways to use it:
+
+1. Keep the parameters flat (fastest). The model reads *views* of the buffer,
+   ``fp.to_tree()``, which is a ``jnp.split`` + ``reshape`` of each buffer; its transpose is a
+   single ``concatenate``, so ``jax.grad`` with respect to the :class:`FlatParams` returns a
+   flat gradient directly, without any extra copy in the optimizer::
+
+     fp = flat.flatten(params, labels=decay_mask)     # decay_mask: tree of bools (or None)
+     opt = adam_jax.adamw(1e-3, weight_decay=1e-2, mask=flat.labels)
+     state = opt.init(fp)
+
+     def loss_fn(fp, batch):
+       return model_loss(fp.to_tree(), batch)
+
+     grads = jax.grad(loss_fn)(fp, batch)              # a FlatParams, one buffer per group
+     updates, state = opt.update(grads, state, fp)
+     fp = optax.apply_updates(fp, updates)
+     params = fp.to_tree()                             # exact round trip
+
+2. Keep the ordinary tree and wrap the transformation: :func:`flat` concatenates gradients
+   (and params) into the flat layout inside the update, runs the inner transformation on the
+   buffers (its state is flat) and splits the updates back. This costs one extra read and
+   write of the gradients and params and of the updates, so it saves compile time always but
+   step time only when the per-leaf overhead dominates (many small leaves).
+
+Weight-decay masks and any other per-leaf labels (for ``optax.multi_transform``) are honoured by
+grouping leaves by label as well as dtype: every buffer holds leaves of one label only, so a
+label tree over the buffers (:func:`labels`) is exact. The labels are part of the static layout.
+
+Flax NNX: ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``;
+``fp = flat.flatten(params)``; in the loss, ``nnx.merge(graphdef, fp.to_tree(), rest)``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Hashable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+__all__ = [
+    "FlatLayout",
+    "FlatParams",
+    "FlatState",
+    "flat",
+    "flatten",
+    "labels",
+    "layout_of",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Group:
+    key: str
+    dtype: np.dtype
+    label: Hashable
+    size: int
+
+
+@dataclasses.dataclass(frozen=True)
+class _Slot:
+    group: int  # index into FlatLayout.groups
+    offset: int  # element offset inside the group's buffer
+    shape: tuple[int, ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class FlatLayout:
+    """Static description of how a tree is packed into flat buffers (hashable, compared by value).
+
+    Attributes:
+      treedef: structure of the original tree.
+      slots: for every leaf of the original tree, in tree order, its group, offset and shape.
+      groups: the buffers: key (``"float32"``, or ``"float32/True"`` with labels), dtype, label,
+        number of elements.
+    """
+
+    treedef: Any
+    slots: tuple[_Slot, ...]
+    groups: tuple[_Group, ...]
+
+    @property
+    def num_leaves(self) -> int:
+        return len(self.slots)
+
+    @property
+    def size(self) -> int:
+        """Total number of elements over all buffers."""
+        return sum(g.size for g in self.groups)
+
+    def flatten(self, tree: Any, *, cast: bool = False) -> FlatParams:
+        """Packs ``tree`` (same structure, shapes and dtypes as the layout) into buffers.
+
+        With ``cast=True`` leaves of another dtype are cast to their group's dtype (used for
+        gradients of another precision than the params); otherwise a mismatch is an error.
+        """
+        leaves = self.treedef.flatten_up_to(tree)
+        parts: list[list[jax.Array]] = [[] for _ in self.groups]
+        for slot, leaf in zip(self.slots, leaves, strict=True):
+            leaf = jnp.asarray(leaf)
+            group = self.groups[slot.group]
+            if cast and leaf.dtype != group.dtype:
+                leaf = leaf.astype(group.dtype)
+            if tuple(leaf.shape) != slot.shape or leaf.dtype != group.dtype:
+                raise ValueError(
+                    f"leaf of shape {leaf.shape} and dtype {leaf.dtype} does not match the layout "
+                    f"({slot.shape}, {group.dtype})"
+                )
+            parts[slot.group].append(leaf.reshape(-1))
+        buffers = tuple(
+            (jnp.concatenate(p) if len(p) > 1 else p[0]) if p else jnp.zeros((0,), g.dtype)
+            for p, g in zip(parts, self.groups, strict=True)
+        )
+        return FlatParams(buffers, self)
+
+    def unflatten(self, buffers: tuple[Any, ...]) -> Any:
+        """Views of the buffers as the original tree (``jnp.split`` + ``reshape``)."""
+        pieces: list[list[Any]] = []
+        for gi, (buf, group) in enumerate(zip(buffers, self.groups, strict=True)):
+            slots = [s for s in self.slots if s.group == gi]
+            if isinstance(buf, (jax.Array, np.ndarray)) or hasattr(buf, "shape"):
+                cuts = [s.offset for s in slots[1:]]
+                pieces.append(jnp.split(buf, cuts) if cuts else [buf])
+            else:  # a non-array leaf (e.g. a label or a mask value): repeat it per leaf
+                pieces.append([buf] * len(slots))
+            del group
+        counters = [0] * len(self.groups)
+        leaves = []
+        for slot in self.slots:
+            part = pieces[slot.group][counters[slot.group]]
+            counters[slot.group] += 1
+            leaves.append(part.reshape(slot.shape) if hasattr(part, "reshape") else part)
+        return self.treedef.unflatten(leaves)
+
+
+def _leaf_label(label: Any) -> Hashable:
+    if isinstance(label, (jax.Array, np.ndarray, np.generic)):
+        label = label.item()
+    return label
+
+
+def layout_of(tree: Any, labels: Any = None) -> FlatLayout:
+    """The :class:`FlatLayout` of ``tree``, grouped by dtype and optional per-leaf ``labels``.
+
+    Args:
+      tree: a pytree of arrays (or ``jax.ShapeDtypeStruct``).
+      labels: ``None``, a tree with the same structure as ``tree`` whose leaves are hashable
+        labels (bools for a weight-decay mask, strings for ``optax.multi_transform``), or a
+        callable ``tree -> labels tree``.
+
+    Returns:
+      The layout; leaves keep their tree order inside each group.
+    """
+    leaves, treedef = jax.tree.flatten(tree)
+    if callable(labels):
+        labels = labels(tree)
+    if labels is None:
+        leaf_labels: list[Hashable] = [None] * len(leaves)
+    else:
+        leaf_labels = [_leaf_label(x) for x in treedef.flatten_up_to(labels)]
+    groups: dict[tuple[np.dtype, Hashable], list[int]] = {}
+    sizes: dict[tuple[np.dtype, Hashable], int] = {}
+    slots: list[tuple[tuple[np.dtype, Hashable], int, tuple[int, ...]]] = []
+    for leaf, label in zip(leaves, leaf_labels, strict=True):
+        dtype = np.dtype(leaf.dtype)
+        key = (dtype, label)
+        groups.setdefault(key, [])
+        size = int(np.prod(leaf.shape, dtype=np.int64))
+        offset = sizes.get(key, 0)
+        sizes[key] = offset + size
+        slots.append((key, offset, tuple(int(d) for d in leaf.shape)))
+    keys = list(groups)
+    index = {k: i for i, k in enumerate(keys)}
+    group_objs = tuple(
+        _Group(
+            key=str(dt) if labels is None else f"{dt}/{lab}",
+            dtype=dt,
+            label=lab,
+            size=sizes[(dt, lab)],
+        )
+        for dt, lab in keys
+    )
+    return FlatLayout(
+        treedef=treedef,
+        slots=tuple(_Slot(index[k], off, shape) for k, off, shape in slots),
+        groups=group_objs,
+    )
+
+
+@jax.tree_util.register_pytree_node_class
+class FlatParams:
+    """Flat buffers (one 1-D array per group) plus their static :class:`FlatLayout`.
+
+    A pytree whose children are the buffers, so it can be passed to ``jax.jit``, ``jax.grad``,
+    optax transformations and ``optax.apply_updates`` as is.
+    """
+
+    __slots__ = ("buffers", "layout")
+
+    def __init__(self, buffers: tuple[Any, ...], layout: FlatLayout):
+        self.buffers = tuple(buffers)
+        self.layout = layout
+
+    def tree_flatten(self):
+        return self.buffers, self.layout
+
+    @classmethod
+    def tree_unflatten(cls, layout: FlatLayout, buffers: Any) -> FlatParams:
+        return cls(tuple(buffers), layout)
+
+    def to_tree(self) -> Any:
+        """The original tree, as views (slices) of the buffers."""
+        return self.layout.unflatten(self.buffers)
+
+    @classmethod
+    def from_tree(cls, tree: Any, labels: Any = None) -> FlatParams:
+        """Packs ``tree``; same as :func:`flatten`."""
+        return layout_of(tree, labels).flatten(tree)
+
+    def labels(self) -> FlatParams:
+        """The label of every buffer, as a :class:`FlatParams` (a mask when labels are bools)."""
+        return FlatParams(tuple(g.label for g in self.layout.groups), self.layout)
+
+    def __getitem__(self, key: str) -> Any:
+        for g, b in zip(self.layout.groups, self.buffers, strict=True):
+            if g.key == key:
+                return b
+        raise KeyError(key)
+
+    def __repr__(self) -> str:
+        groups = ", ".join(f"{g.key}[{g.size}]" for g in self.layout.groups)
+        return f"FlatParams({self.layout.num_leaves} leaves in {groups})"
+
+
+def flatten(tree: Any, labels: Any = None) -> FlatParams:
+    """Packs ``tree`` into one buffer per ``(dtype, label)``; ``.to_tree()`` undoes it exactly.
+
+    Args:
+      tree: a pytree of arrays (a params tree, an ``nnx.State``...).
+      labels: optional per-leaf labels (see :func:`layout_of`), e.g. the weight-decay mask.
+
+    Returns:
+      A :class:`FlatParams`.
+    """
+    return FlatParams.from_tree(tree, labels)
+
+
+def labels(params: FlatParams) -> FlatParams:
+    """Per-buffer labels of a :class:`FlatParams`; pass it as ``mask=flat.labels``.
+
+    Works as the ``mask`` of ``adam_jax.adamw`` / ``add_decayed_weights`` (bool labels) and as
+    the ``param_labels`` of ``optax.multi_transform`` (string labels).
+    """
+    if not isinstance(params, FlatParams):
+        raise TypeError(f"flat.labels expects a FlatParams, got {type(params).__name__}")
+    return params.labels()
+
+
+class FlatState(NamedTuple):
+    """State of :func:`flat`: the inner transformation's state over the flat buffers."""
+
+    inner_state: Any
+
+
+def flat(
+    inner: optax.GradientTransformation, labels: Any = None
+) -> optax.GradientTransformation:
+    """Runs ``inner`` on flat buffers while the caller keeps an ordinary params tree.
+
+    ``update`` concatenates the gradients (and params, when given) into the layout of the
+    params, applies ``inner`` to the buffers and splits its updates back into the tree. The
+    inner state lives over the buffers (one leaf per group instead of one per param), so the
+    jitted update has O(groups) instead of O(leaves) operations: compilation is fast and small
+    leaves don't pay a per-leaf overhead. Inputs that already are :class:`FlatParams` pass
+    straight through (no copies).
+
+    Args:
+      inner: any gradient transformation (e.g. ``adam_jax.adamw(..., mask=flat.labels)``).
+      labels: per-leaf labels of the params tree (a weight-decay mask), or a callable
+        ``params -> labels``; leaves are grouped by them so that ``mask=flat.labels`` in
+        ``inner`` reproduces the per-leaf mask exactly.
+
+    Returns:
+      A ``GradientTransformation`` over the original tree.
+    """
+
+    def _layout(tree: Any) -> FlatLayout:
+        return layout_of(tree, labels)
+
+    def init_fn(params: Any) -> FlatState:
+        if isinstance(params, FlatParams):
+            return FlatState(inner.init(params))
+        return FlatState(inner.init(_layout(params).flatten(params)))
+
+    def update_fn(updates: Any, state: FlatState, params: Any = None, **extra: Any):
+        if isinstance(updates, FlatParams):
+            new, inner_state = inner.update(updates, state.inner_state, params, **extra)
+            return new, FlatState(inner_state)
+        if params is not None:
+            layout = _layout(params)
+            flat_params = layout.flatten(params)
+        else:
+            layout = _layout(updates)
+            flat_params = None
+        flat_updates = layout.flatten(updates, cast=True)
+        new, inner_state = inner.update(flat_updates, state.inner_state, flat_params, **extra)
+        return new.to_tree(), FlatState(inner_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
