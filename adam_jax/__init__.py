@@ -8,7 +8,7 @@ aliases (:func:`adam`, :func:`adamw`, ...) are such chains.
 from adam_jax.aliases import adam, adam_l2, adamax, adamaxw, adamw, amsgrad, nadam, nadamw
 from adam_jax.bias_correction import (
     ScaleByBiasCorrectionState,
-    one_minus_power,
+    moving_average_terms,
     scale_by_bias_correction,
 )
 from adam_jax.learning_rate import scale_by_learning_rate
@@ -47,9 +47,9 @@ __all__ = [
     "inverse_sqrt_schedule",
     "linear_warmup",
     "masked",
+    "moving_average_terms",
     "nadam",
     "nadamw",
-    "one_minus_power",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",

@@ -7,8 +7,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adam_jax._validation import static_float
-
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
     """The dtype the arithmetic runs in: at least float32, so float16 and bfloat16 neither
@@ -32,19 +30,3 @@ def scalar_dtype(tree: Any) -> jnp.dtype:
     """Dtype of per-step scalars: float64 if any leaf computes in float64, else float32."""
     dtypes = [real_dtype(compute_dtype(leaf.dtype)) for leaf in jax.tree.leaves(tree)]
     return jnp.result_type(jnp.float32, *dtypes)
-
-
-def decay_weights(decay: Any, dtype: Any) -> tuple[Any, Any]:
-    """Returns ``(decay, weight)`` for an exponential moving average ``decay*m + weight*x``.
-
-    A concrete ``decay`` stays a Python float, so ``1 - decay`` is taken in double precision and
-    rounded once into ``dtype``. A traced ``decay`` that rounds to exactly 1 (0.999 in bfloat16,
-    as ``optax.inject_hyperparams`` produces for bfloat16 params) gets weight 1 instead of 0: the
-    moment then holds a sum whose bias correction (see ``one_minus_power``) is the step count, the
-    b -> 1 limit of the bias-corrected average, instead of 0 / 0.
-    """
-    number = static_float(decay)
-    if number is not None:
-        return number, 1.0 if number == 1.0 else 1.0 - number
-    decay = jnp.asarray(decay).astype(dtype)
-    return decay, jnp.where(decay == 1, jnp.ones_like(decay), 1 - decay)

@@ -7,6 +7,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from adam_jax import _validation
@@ -14,35 +15,47 @@ from adam_jax._numerics import compute_dtype, scalar_dtype
 from adam_jax._validation import static_float
 
 
-def one_minus_power(decay: Any, count: jax.Array, dtype: Any = jnp.float32) -> jax.Array:
-    r"""Computes :math:`1 - \beta^t` without cancellation.
+def moving_average_terms(
+    decay: Any, count: jax.Array, dtype: Any = jnp.float32
+) -> tuple[Any, jax.Array]:
+    r"""The weight of a zero-started moving average and its bias correction at step ``count``.
 
-    ``1 - decay**count`` loses most of its digits in float32 when ``decay`` is close to 1: for
-    ``decay = 0.999`` the float32 value of ``decay`` alone is off by 1.3e-5 relative to
-    ``1 - decay``.
-    Here :math:`1 - \beta^t = -\mathrm{expm1}(t \log \beta)`, with :math:`\log\beta` taken in double
-    precision when ``decay`` is concrete, so the result is accurate to a few ulps of ``dtype``.
-    A traced ``decay`` equal to 1 gives ``count``, matching the moment convention of
-    ``adam_jax._numerics.decay_weights``.
+    The average is updated as :math:`m_t = m_{t-1} + w\,(x_t - m_{t-1})` with one weight
+    :math:`w = 1 - \beta` rounded once into ``dtype``. Writing it as
+    :math:`\beta m_{t-1} + (1-\beta) x_t` instead rounds :math:`\beta` and :math:`1-\beta`
+    separately: in float32, 0.999 and 0.001 then sum to :math:`1 + 1.3\cdot 10^{-8}`, and the
+    average of a constant drifts by 1.3e-5 over a thousand steps. The correction is taken for that
+    same weight, :math:`c_t = 1 - (1-w)^t = -\mathrm{expm1}(t \log(1 - w))` with the logarithm in
+    double precision when ``decay`` is concrete, so the corrected average of a constant is exact
+    up to a few ulps (``1 - decay**count`` in float32 loses most of its digits for decays near 1).
+
+    A ``decay`` equal to 1, as 0.999 becomes in bfloat16 under ``optax.inject_hyperparams``,
+    gives the :math:`\beta \to 1` limit of the corrected average: the running mean
+    (:math:`w = 1/t`, :math:`c_t = 1`) instead of 0 / 0.
 
     Args:
-      decay: the decay rate :math:`\beta`, in [0, 1] (a float or a scalar array).
+      decay: :math:`\beta`, in [0, 1] (a float or a scalar array).
       count: the step :math:`t \geq 1` (integer scalar).
-      dtype: the real dtype of the result.
+      dtype: the real dtype of the arithmetic.
 
     Returns:
-      A scalar of ``dtype``.
+      ``(weight, correction)``: the weight as a Python float when ``decay`` is concrete (else a
+      scalar array of ``dtype``), and the correction as a scalar array of ``dtype``.
     """
     steps = jnp.asarray(count).astype(dtype)
     number = static_float(decay)
+    if number == 1.0:
+        return 1.0 / steps, jnp.ones((), dtype)
     if number is not None:
-        if number == 0.0:
-            return jnp.ones((), dtype)
-        if number == 1.0:
-            return steps
-        return -jnp.expm1(steps * jnp.asarray(math.log(number), dtype))
+        weight = float(np.asarray(1.0 - number, dtype=dtype))
+        if weight == 1.0:
+            return weight, jnp.ones((), dtype)
+        return weight, -jnp.expm1(steps * jnp.asarray(math.log1p(-weight), dtype))
     decay = jnp.asarray(decay).astype(dtype)
-    return jnp.where(decay == 1, steps, -jnp.expm1(steps * jnp.log(decay)))
+    saturated = decay == 1
+    weight = jnp.where(saturated, 1.0 / steps, 1 - decay)
+    correction = -jnp.expm1(steps * jnp.log1p(-jnp.where(saturated, 0.0, weight)))
+    return weight, jnp.where(saturated, jnp.ones((), dtype), correction)
 
 
 class ScaleByBiasCorrectionState(NamedTuple):
@@ -87,7 +100,9 @@ def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.Gradie
         del params
         count = optax.safe_increment(state.count)
         dtype = scalar_dtype(updates)
-        factor = jnp.sqrt(one_minus_power(b2, count, dtype)) / one_minus_power(b1, count, dtype)
+        correction1 = moving_average_terms(b1, count, dtype)[1]
+        correction2 = moving_average_terms(b2, count, dtype)[1]
+        factor = jnp.sqrt(correction2) / correction1
         updates = jax.tree.map(
             lambda u: (u.astype(compute_dtype(u.dtype)) * factor).astype(u.dtype), updates
         )

@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax import _validation
-from adam_jax._numerics import abs_sq, compute_dtype, decay_weights, real_dtype, scalar_dtype
-from adam_jax.bias_correction import one_minus_power
+from adam_jax._numerics import abs_sq, compute_dtype, real_dtype
+from adam_jax.bias_correction import moving_average_terms
 from adam_jax.storage import MomentStorage, as_storage, real_part_of
 
 
@@ -55,30 +55,37 @@ def _map_leaves(fn: Callable[..., tuple], outputs: int, updates: Any, *states: A
     return tuple(treedef.unflatten([r[i] for r in results]) for i in range(outputs))
 
 
-class _Decays(NamedTuple):
-    """Per-step scalars shared by all leaves."""
+class _StepScalars(NamedTuple):
+    """Per-step scalars shared by all leaves of one dtype: the moving-average weights and their
+    bias corrections (``c1_next`` is the first moment's at the next step, for Nesterov)."""
 
-    b1: Any
     w1: Any
-    b2: Any
     w2: Any
     c1: jax.Array
     c2: jax.Array
     c1_next: jax.Array
 
 
-def _decays(b1: Any, b2: Any, count: jax.Array, dtype: Any) -> _Decays:
-    b1, w1 = decay_weights(b1, dtype)
-    b2, w2 = decay_weights(b2, dtype)
-    return _Decays(
-        b1=b1,
-        w1=w1,
-        b2=b2,
-        w2=w2,
-        c1=one_minus_power(b1, count, dtype),
-        c2=one_minus_power(b2, count, dtype),
-        c1_next=one_minus_power(b1, optax.safe_increment(count), dtype),
-    )
+def _step_scalars(b1: Any, b2: Any, count: jax.Array) -> Callable[[Any], _StepScalars]:
+    """Returns ``dtype -> _StepScalars``, computed once per dtype while tracing (a tree of a
+    thousand leaves still traces a handful of scalar operations)."""
+    cache: dict[Any, _StepScalars] = {}
+
+    def for_dtype(dtype: Any) -> _StepScalars:
+        if dtype not in cache:
+            w1, c1 = moving_average_terms(b1, count, dtype)
+            w2, c2 = moving_average_terms(b2, count, dtype)
+            c1_next = moving_average_terms(b1, optax.safe_increment(count), dtype)[1]
+            cache[dtype] = _StepScalars(w1=w1, w2=w2, c1=c1, c2=c2, c1_next=c1_next)
+        return cache[dtype]
+
+    return for_dtype
+
+
+def _moving_average(old: jax.Array, new: jax.Array, weight: Any) -> jax.Array:
+    """``old + weight * (new - old)``: one rounded weight, so the weights of the average sum to
+    exactly the bias correction (see ``moving_average_terms``)."""
+    return old + weight * (new - old)
 
 
 def _check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
@@ -151,19 +158,19 @@ def scale_by_adam(
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        decays = _decays(b1, b2, count, scalar_dtype(updates))
+        scalars = _step_scalars(b1, b2, count)
 
         def leaf(g, mu_stored, nu_stored):
             dtype = compute_dtype(g.dtype)
             rdtype = real_dtype(dtype)
-            d = jax.tree.map(lambda x: _cast(x, rdtype), decays)
+            d = scalars(rdtype)
             g_c = g.astype(dtype)
-            mu = d.w1 * g_c + d.b1 * mu_storage.load(mu_stored).astype(dtype)
-            nu = d.w2 * abs_sq(g_c) + d.b2 * nu_storage.load(nu_stored).astype(rdtype)
+            mu = _moving_average(mu_storage.load(mu_stored).astype(dtype), g_c, d.w1)
+            nu = _moving_average(nu_storage.load(nu_stored).astype(rdtype), abs_sq(g_c), d.w2)
             if not bias_correction:
                 mu_hat, nu_hat = mu, nu
             elif nesterov:
-                mu_hat = d.b1 * (mu / d.c1_next) + d.w1 * (g_c / d.c1)
+                mu_hat = (1 - d.w1) * (mu / d.c1_next) + d.w1 * (g_c / d.c1)
                 nu_hat = nu / d.c2
             else:
                 mu_hat, nu_hat = mu / d.c1, nu / d.c2
@@ -230,15 +237,15 @@ def scale_by_amsgrad(
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        decays = _decays(b1, b2, count, scalar_dtype(updates))
+        scalars = _step_scalars(b1, b2, count)
 
         def leaf(g, mu_stored, nu_stored, nu_max_stored):
             dtype = compute_dtype(g.dtype)
             rdtype = real_dtype(dtype)
-            d = jax.tree.map(lambda x: _cast(x, rdtype), decays)
+            d = scalars(rdtype)
             g_c = g.astype(dtype)
-            mu = d.w1 * g_c + d.b1 * mu_storage.load(mu_stored).astype(dtype)
-            nu = d.w2 * abs_sq(g_c) + d.b2 * nu_storage.load(nu_stored).astype(rdtype)
+            mu = _moving_average(mu_storage.load(mu_stored).astype(dtype), g_c, d.w1)
+            nu = _moving_average(nu_storage.load(nu_stored).astype(rdtype), abs_sq(g_c), d.w2)
             nu_max = jnp.maximum(nu_storage.load(nu_max_stored).astype(rdtype), nu)
             mu_hat, nu_hat = (mu / d.c1, nu_max / d.c2) if bias_correction else (mu, nu_max)
             denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
@@ -297,17 +304,17 @@ def scale_by_adamax(
     def update_fn(updates, state, params=None):
         del params
         count = optax.safe_increment(state.count)
-        decays = _decays(b1, b2, count, scalar_dtype(updates))
+        scalars = _step_scalars(b1, b2, count)
 
         def leaf(g, mu_stored, nu_stored):
             dtype = compute_dtype(g.dtype)
             rdtype = real_dtype(dtype)
-            d = jax.tree.map(lambda x: _cast(x, rdtype), decays)
+            d = scalars(rdtype)
             g_c = g.astype(dtype)
-            mu = d.w1 * g_c + d.b1 * mu_storage.load(mu_stored).astype(dtype)
+            mu = _moving_average(mu_storage.load(mu_stored).astype(dtype), g_c, d.w1)
             nu = jnp.maximum(
                 jnp.abs(g_c) + _cast(eps, rdtype),
-                d.b2 * nu_storage.load(nu_stored).astype(rdtype),
+                _cast(b2, rdtype) * nu_storage.load(nu_stored).astype(rdtype),
             )
             update = _safe_divide(mu / d.c1, nu).astype(g.dtype)
             return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
