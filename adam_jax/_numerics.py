@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 
 def compute_dtype(dtype: Any) -> jnp.dtype:
@@ -30,3 +32,16 @@ def scalar_dtype(tree: Any) -> jnp.dtype:
     """Dtype of per-step scalars: float64 if any leaf computes in float64, else float32."""
     dtypes = [real_dtype(compute_dtype(leaf.dtype)) for leaf in jax.tree.leaves(tree)]
     return jnp.result_type(jnp.float32, *dtypes)
+
+
+def transformation(
+    init_fn: Callable[..., Any], update_fn: Callable[..., Any]
+) -> optax.GradientTransformation:
+    """A ``GradientTransformation`` whose ``update`` is always compiled.
+
+    XLA contracts multiply-adds into fused multiply-adds when it compiles a fused program, while
+    op-by-op (eager) execution rounds each product: jitting ``update`` here makes an eager call
+    give the same bits as a call under the user's ``jit``. ``init`` stays eager so that its zeros
+    keep the params' sharding.
+    """
+    return optax.GradientTransformation(init_fn, jax.jit(update_fn))

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 
 from adam_jax import _validation
-from adam_jax._numerics import compute_dtype, scalar_dtype
+from adam_jax._numerics import compute_dtype, scalar_dtype, transformation
 from adam_jax._validation import static_float
 
 
@@ -108,4 +108,4 @@ def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.Gradie
         )
         return updates, ScaleByBiasCorrectionState(count=count)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax import _validation
-from adam_jax._numerics import abs_sq, compute_dtype, real_dtype
+from adam_jax._numerics import abs_sq, compute_dtype, real_dtype, transformation
 from adam_jax.bias_correction import moving_average_terms
 from adam_jax.storage import MomentStorage, as_storage, real_part_of
 
@@ -181,7 +181,7 @@ def scale_by_adam(
         updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn)
 
 
 def scale_by_amsgrad(
@@ -259,7 +259,7 @@ def scale_by_amsgrad(
         updates, mu, nu, nu_max = _map_leaves(leaf, 4, updates, state.mu, state.nu, state.nu_max)
         return updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn)
 
 
 def scale_by_adamax(
@@ -322,4 +322,4 @@ def scale_by_adamax(
         updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
         return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return transformation(init_fn, update_fn)

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax import _validation
-from adam_jax._numerics import compute_dtype
+from adam_jax._numerics import compute_dtype, transformation
 
 Mask = Any | Callable[[optax.Params], Any]
 
@@ -65,7 +65,7 @@ def add_decayed_weights(
         updates = jax.tree.map(decay, updates, params)
         return updates, AddDecayedWeightsState(count=optax.safe_increment(state.count))
 
-    transform = optax.GradientTransformation(init_fn, update_fn)
+    transform = transformation(init_fn, update_fn)
     return transform if mask is None else masked(transform, mask)
 
 

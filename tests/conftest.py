@@ -1,0 +1,43 @@
+"""Shared pytest configuration for the adam_jax test suite.
+
+* Eight host CPU devices (``XLA_FLAGS``) so that sharding tests can build a mesh; this must be
+  set before jax is imported anywhere, hence at the very top of this file.
+* float64 is *not* enabled globally (``tests/mnist`` must run with jax's float32 defaults).
+  Tests that need it use the ``x64`` fixture, which enables it with the thread-local
+  ``jax.enable_x64`` context manager for the duration of one test only, or use that context
+  manager directly (hypothesis tests, which cannot take function-scoped fixtures).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
+    os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+
+from collections.abc import Iterator  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def x64() -> Iterator[None]:
+    """Enables float64 in jax for one test, restoring the previous setting afterwards."""
+    with jax.enable_x64(True):
+        yield
+
+
+@pytest.fixture(autouse=True)
+def _no_x64_leak(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Fails loudly if a core test leaves float64 switched on for the tests that follow."""
+    if not request.module.__name__.startswith("test_core_"):
+        yield
+        return
+    before = bool(jax.config.jax_enable_x64)
+    yield
+    after = bool(jax.config.jax_enable_x64)
+    if after != before:
+        jax.config.update("jax_enable_x64", before)
+        pytest.fail("a test changed jax_enable_x64 without restoring it")
