@@ -5,12 +5,14 @@ The pieces (:func:`scale_by_adam`, :func:`scale_by_bias_correction`,
 aliases (:func:`adam`, :func:`adamw`, ...) are such chains.
 """
 
+from adam_jax import flat, quantization
 from adam_jax.aliases import adam, adam_l2, adamax, adamaxw, adamw, amsgrad, nadam, nadamw
 from adam_jax.bias_correction import (
     ScaleByBiasCorrectionState,
     moving_average_terms,
     scale_by_bias_correction,
 )
+from adam_jax.flat import FlatParams
 from adam_jax.learning_rate import scale_by_learning_rate
 from adam_jax.moments import (
     ScaleByAdamState,
@@ -18,6 +20,13 @@ from adam_jax.moments import (
     scale_by_adam,
     scale_by_adamax,
     scale_by_amsgrad,
+)
+from adam_jax.quantization import (
+    BlockwiseQuantized,
+    QuantizedArray,
+    adam_8bit,
+    adamw_8bit,
+    eight_bit_moments,
 )
 from adam_jax.schedules import (
     inverse_sqrt_schedule,
@@ -31,25 +40,33 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AddDecayedWeightsState",
+    "BlockwiseQuantized",
     "CastStorage",
+    "FlatParams",
     "MomentStorage",
+    "QuantizedArray",
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectionState",
     "adam",
+    "adam_8bit",
     "adam_l2",
     "adamax",
     "adamaxw",
     "adamw",
+    "adamw_8bit",
     "add_decayed_weights",
     "amsgrad",
     "cast_storage",
+    "eight_bit_moments",
+    "flat",
     "inverse_sqrt_schedule",
     "linear_warmup",
     "masked",
     "moving_average_terms",
     "nadam",
     "nadamw",
+    "quantization",
     "scale_by_adam",
     "scale_by_adamax",
     "scale_by_amsgrad",

@@ -11,6 +11,7 @@ import optax
 
 from adam_jax import _validation
 from adam_jax._numerics import abs_sq, compute_dtype, real_dtype, transformation
+from adam_jax._validation import static_float
 from adam_jax.bias_correction import moving_average_terms
 from adam_jax.storage import MomentStorage, as_storage, real_part_of
 
@@ -37,10 +38,21 @@ def _cast(value: Any, dtype: Any) -> Any:
     return value if isinstance(value, float) else jnp.asarray(value).astype(dtype)
 
 
-def _safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-    """``numerator / denominator`` with 0 / 0 taken as 0: a zero denominator only arises from an
-    all-zero gradient history with ``eps = 0`` (or eps underflowing), where the numerator is 0."""
-    return numerator / jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+def _divide(eps: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+    """Division by a denominator that has ``eps`` added.
+
+    A concrete ``eps > 0`` keeps the denominator positive (the arithmetic runs in at least
+    float32, where 1e-8 does not underflow): plain division. Otherwise 0 / 0 is taken as 0: a zero
+    denominator then only arises from an all-zero gradient history, where the numerator is 0.
+    """
+    number = static_float(eps)
+    if number is not None and number > 0:
+        return jnp.divide
+
+    def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
+        return numerator / jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+
+    return safe_divide
 
 
 def _zeros(params: Any, storage: MomentStorage, real: bool = False) -> Any:
@@ -147,6 +159,7 @@ def scale_by_adam(
     """
     _check_moment_args(b1, b2, eps, eps_root)
     mu_storage, nu_storage = as_storage(mu_dtype), as_storage(nu_dtype)
+    divide = _divide(eps)
 
     def init_fn(params: Any) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -175,7 +188,7 @@ def scale_by_adam(
             else:
                 mu_hat, nu_hat = mu / d.c1, nu / d.c2
             denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
-            update = _safe_divide(mu_hat, denominator).astype(g.dtype)
+            update = divide(mu_hat, denominator).astype(g.dtype)
             return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
 
         updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
@@ -225,6 +238,7 @@ def scale_by_amsgrad(
     """
     _check_moment_args(b1, b2, eps, eps_root)
     mu_storage, nu_storage = as_storage(mu_dtype), as_storage(nu_dtype)
+    divide = _divide(eps)
 
     def init_fn(params: Any) -> ScaleByAmsgradState:
         return ScaleByAmsgradState(
@@ -250,7 +264,7 @@ def scale_by_amsgrad(
             mu_hat, nu_hat = (mu / d.c1, nu_max / d.c2) if bias_correction else (mu, nu_max)
             denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
             return (
-                _safe_divide(mu_hat, denominator).astype(g.dtype),
+                divide(mu_hat, denominator).astype(g.dtype),
                 mu_storage.store(mu, mu_stored),
                 nu_storage.store(nu, nu_stored),
                 nu_storage.store(nu_max, nu_max_stored),
@@ -293,6 +307,7 @@ def scale_by_adamax(
     """
     _check_moment_args(b1, b2, eps)
     mu_storage, nu_storage = as_storage(mu_dtype), as_storage(None)
+    divide = _divide(eps)
 
     def init_fn(params: Any) -> ScaleByAdamState:
         return ScaleByAdamState(
@@ -316,7 +331,7 @@ def scale_by_adamax(
                 jnp.abs(g_c) + _cast(eps, rdtype),
                 _cast(b2, rdtype) * nu_storage.load(nu_stored).astype(rdtype),
             )
-            update = _safe_divide(mu / d.c1, nu).astype(g.dtype)
+            update = divide(mu / d.c1, nu).astype(g.dtype)
             return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
 
         updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)

@@ -160,24 +160,53 @@ def _to_blocks(x: jax.Array, block_size: int) -> jax.Array:
     return flat.reshape(n_blocks, block_size)
 
 
-def _encode(normalized: jax.Array, signed: bool) -> jax.Array:
-    """Index of the nearest map entry, by an unrolled branch-free binary search.
+_TABLE_SHIFT = 15  # buckets of the float32 bit pattern: sign, exponent, 8 mantissa bits
 
-    ``thresholds[k]`` is the midpoint between map entries ``k`` and ``k + 1``; the code is the
-    number of thresholds below ``normalized``. Eight table lookups per element, which XLA fuses
-    into a single elementwise loop (``jnp.searchsorted``'s default is a sequential loop).
+
+@functools.cache
+def _encode_tables(signed: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Lookup tables for :func:`_encode`.
+
+    ``thresholds[k]`` is the midpoint between map entries ``k`` and ``k + 1`` (with a final
+    ``+inf``), so the nearest entry to ``x`` is the number of thresholds below ``x``. ``bucket``
+    holds that number for the lowest value of every bucket of float32 bit patterns sharing their
+    top 17 bits (relative width 2**-8). The map's entries are at least 0.7% apart relative to
+    their magnitude, so no bucket contains two thresholds, and one comparison with the next
+    threshold finishes the search (checked here for every bucket of [-1, 1]).
     """
     q = create_dynamic_map(signed).astype(np.float64)
     thresholds = ((q[:-1] + q[1:]) / 2.0).astype(np.float32)
-    # Pad to 256 entries with +inf so that the search is over a power of two.
-    table = jnp.asarray(np.concatenate([thresholds, [np.inf]]).astype(np.float32))
-    idx = jnp.zeros(normalized.shape, jnp.int32)
-    step = 128
-    while step:
-        probe = table[idx + (step - 1)]
-        idx = jnp.where(normalized > probe, idx + step, idx)
-        step //= 2
-    return idx.astype(jnp.uint8)
+    b = np.arange(2 ** (32 - _TABLE_SHIFT), dtype=np.uint64)
+    low_bits = (1 << _TABLE_SHIFT) - 1
+    first = (b << _TABLE_SHIFT).astype(np.uint32).view(np.float32)
+    last = ((b << _TABLE_SHIFT) | low_bits).astype(np.uint32).view(np.float32)
+    negative = (b >> (31 - _TABLE_SHIFT)) & 1 == 1
+    lo, hi = np.where(negative, last, first), np.where(negative, first, last)
+    with np.errstate(invalid="ignore"):
+        code_lo = np.searchsorted(thresholds, lo, side="left")
+        code_hi = np.searchsorted(thresholds, hi, side="left")
+    in_range = np.isfinite(lo) & np.isfinite(hi) & (np.abs(lo) <= 1.0) & (np.abs(hi) <= 1.0)
+    if (code_hi - code_lo)[in_range].max() > 1:  # pragma: no cover - a property of the map
+        raise AssertionError("quantization map too dense for the bucket table")
+    bucket = np.minimum(code_lo, 254).astype(np.uint8)
+    thresholds = np.concatenate([thresholds, [np.inf]]).astype(np.float32)
+    bucket.setflags(write=False)
+    thresholds.setflags(write=False)
+    return bucket, thresholds
+
+
+def _encode(normalized: jax.Array, signed: bool) -> jax.Array:
+    """Index of the nearest map entry to ``normalized`` (float32 in [-1, 1]).
+
+    Two table lookups and one comparison per element (see :func:`_encode_tables`), fused by
+    XLA into the surrounding elementwise loop; equal to a binary search over the 255 midpoints
+    (ties round up), about 10x faster than an unrolled binary search on CPU.
+    """
+    bucket, thresholds = _encode_tables(bool(signed))
+    bits = jax.lax.bitcast_convert_type(normalized.astype(jnp.float32), jnp.uint32)
+    code = jnp.asarray(bucket)[bits >> _TABLE_SHIFT].astype(jnp.int32)
+    code = code + (normalized > jnp.asarray(thresholds)[code]).astype(jnp.int32)
+    return code.astype(jnp.uint8)
 
 
 def quantize_blockwise(
@@ -312,22 +341,22 @@ def eight_bit_moments(block_size: int = 256, min_size: int = 4096) -> dict[str, 
     }
 
 
-def adam_8bit(learning_rate: Any, *args: Any, block_size: int = 256, min_size: int = 4096,
-              **kwargs: Any):
+def adam_8bit(
+    learning_rate: Any, *args: Any, block_size: int = 256, min_size: int = 4096, **kwargs: Any
+):
     """:func:`adam_jax.adam` with both moments in 8-bit block-wise quantized storage."""
     import adam_jax
 
     return adam_jax.adam(learning_rate, *args, **kwargs, **eight_bit_moments(block_size, min_size))
 
 
-def adamw_8bit(learning_rate: Any, *args: Any, block_size: int = 256, min_size: int = 4096,
-               **kwargs: Any):
+def adamw_8bit(
+    learning_rate: Any, *args: Any, block_size: int = 256, min_size: int = 4096, **kwargs: Any
+):
     """:func:`adam_jax.adamw` with both moments in 8-bit block-wise quantized storage."""
     import adam_jax
 
-    return adam_jax.adamw(
-        learning_rate, *args, **kwargs, **eight_bit_moments(block_size, min_size)
-    )
+    return adam_jax.adamw(learning_rate, *args, **kwargs, **eight_bit_moments(block_size, min_size))
 
 
 def state_bytes(state: Any) -> int:

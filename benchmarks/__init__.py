@@ -1,0 +1,1 @@
+"""Benchmarks of adam_jax against optax.adam (see BENCHMARKS.md)."""

@@ -1,0 +1,369 @@
+"""Tests of the 8-bit block-wise quantized moment storage (adam_jax.quantization)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from adam_jax import quantization as qz
+
+# float32 rounding of x / absmax can push the error a few ulps past the exact bound.
+_REL_SLACK = 1e-5
+
+
+def _roundtrip(x, signed=True, block_size=256):
+    q = qz.quantize_blockwise(x, block_size=block_size, signed=signed)
+    return q, qz.dequantize_blockwise(q, block_size=block_size, signed=signed)
+
+
+def _block_max(a, block_size):
+    return np.asarray(qz._to_blocks(jnp.asarray(a), block_size)).max(axis=1)
+
+
+# ---------------------------------------------------------------------------- the map
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_dynamic_map_layout(signed):
+    m = qz.create_dynamic_map(signed)
+    assert m.shape == (256,) and m.dtype == np.float32
+    assert np.all(np.diff(m) > 0), "entries must be sorted and distinct"
+    assert (m == 0).sum() == 1 and (m == 1).sum() == 1
+    assert m.max() == 1.0
+    if signed:
+        assert (m < 0).sum() == 127 and (m > 0).sum() == 128
+        # Seven decades of dynamic range, as in the paper.
+        assert np.min(np.abs(m[m != 0])) < 1e-6
+    else:
+        assert m.min() == 0.0
+        assert np.min(m[m != 0]) < 1e-6
+    # Relative precision in the top decade ~ 1/64 (signed) or 1/128 (unsigned) of the range.
+    expected_gap = 0.9 / (64 if signed else 128)
+    np.testing.assert_allclose(np.diff(m[m > 0.1]).max(), expected_gap, rtol=1e-5)
+
+
+def test_max_quantization_error_values():
+    assert qz.max_quantization_error(True) == pytest.approx(0.9 / 128, rel=1e-5)
+    assert qz.max_quantization_error(False) == pytest.approx(0.9 / 256, rel=1e-5)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_encode_is_nearest_entry(signed):
+    # The fast table encoder equals a brute-force search for the nearest map entry (ties up),
+    # on random values over many decades and on the map entries, midpoints and their ulps.
+    q = qz.create_dynamic_map(signed).astype(np.float64)
+    mid = ((q[:-1] + q[1:]) / 2).astype(np.float32)
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-1 if signed else 0, 1, 50_000) * 10.0 ** rng.uniform(-9, 0, 50_000)
+    specials = np.concatenate(
+        [q, mid, np.nextafter(mid, 2), np.nextafter(mid, -2), [0.0, -0.0, 1.0, 1e-30, 1e-45]]
+    ).astype(np.float32)
+    if signed:
+        specials = np.concatenate([specials, -specials, [-1.0]]).astype(np.float32)
+    x = np.concatenate([x.astype(np.float32), specials])
+    if not signed:
+        x = np.abs(x)
+    expected = np.searchsorted(mid, x, side="left")  # number of midpoints strictly below x
+    got = np.asarray(jax.jit(lambda v: qz._encode(v, signed))(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, expected)
+
+
+# ---------------------------------------------------------------------------- round trip
+
+
+@pytest.mark.parametrize("signed", [True, False])
+@pytest.mark.parametrize("shape", [(4096,), (300, 257), (3, 5, 7, 11)])
+def test_roundtrip_error_bound_per_block(signed, shape):
+    x = jax.random.normal(jax.random.key(1), shape) * 3.0
+    if not signed:
+        x = x**2
+    q, d = _roundtrip(x, signed)
+    assert q.codes.shape == x.shape and q.codes.dtype == jnp.uint8
+    assert q.absmax.shape == (-(-x.size // 256),) and q.absmax.dtype == jnp.float32
+    err_block_max = _block_max(np.abs(np.asarray(x) - np.asarray(d)), 256)
+    bound = np.asarray(q.absmax) * qz.max_quantization_error(signed) * (1 + _REL_SLACK)
+    assert np.all(err_block_max <= bound)
+    # And the bound is not vacuous: the error really is of that order somewhere.
+    assert err_block_max.max() > 0.1 * bound.max()
+    # absmax is exactly the block maximum of |x|.
+    np.testing.assert_array_equal(np.asarray(q.absmax), _block_max(np.abs(np.asarray(x)), 256))
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    data=st.lists(st.floats(-1e6, 1e6, allow_nan=False, width=32), min_size=1, max_size=700),
+    block_size=st.sampled_from([1, 3, 64, 256]),
+)
+def test_roundtrip_error_bound_property(data, block_size):
+    x = np.asarray(data, np.float32)
+    q, d = _roundtrip(x, True, block_size)
+    err = _block_max(np.abs(x - np.asarray(d)), block_size)
+    bound = np.asarray(q.absmax) * qz.max_quantization_error(True) * (1 + _REL_SLACK)
+    assert np.all(err <= bound + 1e-30)
+    # Signs are never flipped: a value is kept with its sign or rounded to zero.
+    d = np.asarray(d)
+    assert np.all(np.sign(d) * np.sign(x) >= 0)
+
+
+def test_exact_zeros_and_block_maxima():
+    x = np.zeros(1024, np.float32)
+    x[300:600] = np.linspace(-5, 7, 300)
+    x[700] = -2.5
+    q, d = _roundtrip(jnp.asarray(x), True)
+    d = np.asarray(d)
+    zeros = x == 0
+    assert np.all(d[zeros] == 0.0), "zeros must be reproduced exactly"
+    # An all-zero block has absmax 0 and decodes to exact zeros (no NaN from 0/0).
+    assert np.asarray(q.absmax)[0] == 0.0 and np.all(np.isfinite(d))
+    # The largest positive element of a block is reproduced exactly (1.0 is in the map).
+    assert d[599] == x[599] == 7.0
+
+
+def test_all_zero_tensor_and_unsigned_zero():
+    for signed in (True, False):
+        q, d = _roundtrip(jnp.zeros((64, 128)), signed)
+        assert np.all(np.asarray(d) == 0.0)
+        assert np.all(np.asarray(q.absmax) == 0.0)
+
+
+@pytest.mark.parametrize("signed", [True, False])
+def test_sign_preservation(signed):
+    x = jax.random.normal(jax.random.key(2), (8192,)) * jnp.logspace(-8, 3, 8192)
+    if not signed:
+        x = jnp.abs(x)
+    _, d = _roundtrip(x, signed)
+    x, d = np.asarray(x), np.asarray(d)
+    assert np.all(np.sign(d) * np.sign(x) >= 0)
+    if signed:
+        # Values not much smaller than their block max keep their sign (are not flushed to 0).
+        big = np.abs(x) >= 1e-5 * np.repeat(_block_max(np.abs(x), 256), 256)[: x.size]
+        assert np.all(np.sign(d[big]) == np.sign(x[big]))
+    else:
+        assert np.all(d >= 0)
+
+
+def test_outlier_block_does_not_affect_other_blocks():
+    x = np.asarray(jax.random.normal(jax.random.key(3), (16 * 256,)), np.float32)
+    q0, d0 = _roundtrip(jnp.asarray(x), True)
+    y = x.copy()
+    y[5 * 256 + 17] = 1e6  # an outlier in block 5
+    q1, d1 = _roundtrip(jnp.asarray(y), True)
+    d0, d1 = np.asarray(d0), np.asarray(d1)
+    other = np.ones(x.size, bool)
+    other[5 * 256 : 6 * 256] = False
+    np.testing.assert_array_equal(d0[other], d1[other])
+    np.testing.assert_array_equal(np.asarray(q0.codes)[other], np.asarray(q1.codes)[other])
+    assert np.asarray(q1.absmax)[5] == 1e6
+    # Inside the outlier's block the others lose precision (bounded by 1e6 * max error)...
+    err = np.abs(d1[5 * 256 : 6 * 256] - y[5 * 256 : 6 * 256])
+    assert err.max() <= 1e6 * qz.max_quantization_error(True) * (1 + _REL_SLACK)
+    # ...but the other blocks keep the tight per-block bound.
+    err_other = np.abs(d1[other] - y[other]).max()
+    assert err_other <= np.abs(x).max() * qz.max_quantization_error(True) * (1 + _REL_SLACK)
+
+
+def test_dynamic_range_relative_error():
+    # Within one block, values spanning 5 decades keep a bounded relative error (dynamic map),
+    # whereas a linear 8-bit map would flush everything below absmax/255 to zero.
+    x = jnp.asarray(np.logspace(-5, 0, 256, dtype=np.float32))
+    _, d = _roundtrip(x, False)
+    rel = np.abs(np.asarray(d) - np.asarray(x)) / np.asarray(x)
+    assert rel.max() < 0.3
+    assert rel[np.asarray(x) >= 1e-2].max() < 0.08
+    assert np.all(np.asarray(d) > 0)
+
+
+def test_jit_and_dtypes():
+    x = jax.random.normal(jax.random.key(4), (513, 17)).astype(jnp.bfloat16)
+    q = jax.jit(lambda a: qz.quantize_blockwise(a, signed=True))(x)
+    d_jit = jax.jit(lambda c: qz.dequantize_blockwise(c, signed=True))(q)
+    q2, d = _roundtrip(x, True)
+    np.testing.assert_array_equal(np.asarray(q.codes), np.asarray(q2.codes))
+    np.testing.assert_array_equal(np.asarray(d_jit), np.asarray(d))
+    assert d.dtype == jnp.float32
+    dd = qz.dequantize_blockwise(q, signed=True, dtype=jnp.bfloat16)
+    assert dd.dtype == jnp.bfloat16
+    with pytest.raises(TypeError):
+        qz.quantize_blockwise(jnp.ones(8, jnp.complex64))
+
+
+# ---------------------------------------------------------------------------- storage
+
+
+def test_storage_init_load_store_shapes_and_small_tensors():
+    s = qz.BlockwiseQuantized(signed=True)
+    big = jnp.ones((64, 100), jnp.bfloat16)  # 6400 >= 4096 elements: quantized
+    small = jnp.ones((63, 65), jnp.float32)  # 4095 elements: float32
+    st_big = s.init(big)
+    assert isinstance(st_big, qz.QuantizedArray)
+    assert st_big.codes.shape == (64, 100) and st_big.codes.dtype == jnp.uint8
+    assert st_big.absmax.shape == (25,)
+    assert np.all(np.asarray(s.load(st_big)) == 0.0)
+    st_small = s.init(jax.ShapeDtypeStruct(small.shape, jnp.bfloat16))
+    assert st_small.dtype == jnp.float32 and st_small.shape == small.shape
+    # Small tensors are stored exactly (float32).
+    v = jax.random.normal(jax.random.key(5), small.shape)
+    np.testing.assert_array_equal(np.asarray(s.load(s.store(v, st_small))), np.asarray(v))
+    # Big ones go through the codec, with same structure / shapes / dtypes as before.
+    v = jax.random.normal(jax.random.key(6), big.shape)
+    new = s.store(v, st_big)
+    assert jax.tree.structure(new) == jax.tree.structure(st_big)
+    assert jax.tree.map(lambda a: (a.shape, a.dtype), new) == jax.tree.map(
+        lambda a: (a.shape, a.dtype), st_big
+    )
+    np.testing.assert_array_equal(
+        np.asarray(s.load(new)),
+        np.asarray(qz.dequantize_blockwise(qz.quantize_blockwise(v))),
+    )
+
+
+def test_storage_validation_and_equality():
+    with pytest.raises(ValueError, match="block_size"):
+        qz.BlockwiseQuantized(block_size=0)
+    assert qz.BlockwiseQuantized() == qz.BlockwiseQuantized()
+    assert qz.BlockwiseQuantized(signed=False) != qz.BlockwiseQuantized()
+    assert "signed=False" in repr(qz.BlockwiseQuantized(signed=False))
+    kw = qz.eight_bit_moments()
+    assert kw["mu_dtype"].signed and not kw["nu_dtype"].signed
+
+
+def test_state_bytes_per_parameter():
+    adam_jax = pytest.importorskip("adam_jax")
+    if not hasattr(adam_jax, "scale_by_adam"):
+        pytest.skip("core not available yet")
+    params = {"w": jnp.zeros((1024, 1024)), "b": jnp.zeros((1024,))}
+    n = 1024 * 1024 + 1024
+    f32 = adam_jax.scale_by_adam().init(params)
+    q8 = adam_jax.scale_by_adam(**qz.eight_bit_moments()).init(params)
+    bf16 = adam_jax.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16).init(params)
+    assert qz.state_bytes(f32) / n == pytest.approx(8.0, abs=0.01)
+    assert qz.state_bytes(bf16) / n == pytest.approx(4.0, abs=0.01)
+    per_param = qz.state_bytes(q8) / n
+    assert per_param <= 2.1
+    assert per_param == pytest.approx(2 * (1 + 4 / 256), abs=0.02)
+
+
+# ---------------------------------------------------------------------------- with Adam
+
+
+def _core():
+    adam_jax = pytest.importorskip("adam_jax")
+    if not hasattr(adam_jax, "scale_by_adam"):
+        pytest.skip("core not available yet")
+    return adam_jax
+
+
+def test_adam_8bit_converges_like_float32_on_quadratic():
+    adam_jax = _core()
+    import optax
+
+    key = jax.random.key(7)
+    k1, k2 = jax.random.split(key)
+    # An ill-conditioned quadratic with 16384 + 64 parameters (one quantized leaf, one not).
+    target = {"w": jax.random.normal(k1, (128, 128)), "b": jax.random.normal(k2, (64,))}
+    scales = {"w": jnp.logspace(-2, 1, 128 * 128).reshape(128, 128), "b": jnp.ones(64)}
+
+    def loss(p):
+        return sum(
+            jnp.sum(s * (a - t) ** 2)
+            for a, t, s in zip(
+                jax.tree.leaves(p), jax.tree.leaves(target), jax.tree.leaves(scales), strict=True
+            )
+        )
+
+    def run(opt, steps=300):
+        params = jax.tree.map(jnp.zeros_like, target)
+        state = opt.init(params)
+
+        @jax.jit
+        def step(params, state):
+            g = jax.grad(loss)(params)
+            u, state = opt.update(g, state, params)
+            return optax.apply_updates(params, u), state
+
+        for _ in range(steps):
+            params, state = step(params, state)
+        return params, state
+
+    p32, _ = run(adam_jax.adam(0.05))
+    p8, s8 = run(adam_jax.adam(0.05, **qz.eight_bit_moments()))
+    l0 = float(loss(jax.tree.map(jnp.zeros_like, target)))
+    l32, l8 = float(loss(p32)), float(loss(p8))
+    assert l32 < 1e-2 * l0
+    assert l8 < 1e-2 * l0, (l0, l32, l8)
+    assert l8 < 3 * l32 + 1e-3 * l0
+    # The state really is quantized for the big leaf, float32 for the small one.
+    inner = s8[0] if isinstance(s8, tuple) and not hasattr(s8, "mu") else s8
+    found = [x for x in jax.tree.leaves(inner) if x.dtype == jnp.uint8]
+    assert len(found) == 2 and all(x.shape == (128, 128) for x in found)
+    # Parameters close to float32-moment parameters.
+    np.testing.assert_allclose(np.asarray(p8["b"]), np.asarray(p32["b"]), atol=0.05)
+
+
+def test_adam_8bit_with_weight_decay_mask_and_donation():
+    adam_jax = _core()
+    import optax
+
+    params = {"w": jnp.ones((64, 128)), "b": jnp.ones((128,))}
+    opt = adam_jax.adamw(
+        1e-2, weight_decay=0.1, mask={"w": True, "b": False}, **qz.eight_bit_moments()
+    )
+    state = opt.init(params)
+
+    def raw_step(params, state, g):
+        u, state = opt.update(g, state, params)
+        return optax.apply_updates(params, u), state
+
+    step = jax.jit(raw_step)
+    step_d = jax.jit(raw_step, donate_argnums=(0, 1))
+    g = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    p_a, s_a = step(params, state, g)
+    p_b, s_b = step_d(jax.tree.map(jnp.copy, params), jax.tree.map(jnp.copy, state), g)
+    for a, b in zip(jax.tree.leaves((p_a, s_a)), jax.tree.leaves((p_b, s_b)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # First Adam step is -lr * sign(g) (+ decay on w only) whatever the storage.
+    np.testing.assert_allclose(np.asarray(p_a["b"]), 1 - 1e-2, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(p_a["w"]), 1 - 1e-2 * (1 + 0.1), rtol=1e-6)
+
+
+@pytest.mark.parametrize("alias", ["adamw", "nadamw", "amsgrad", "adam_l2", "adamax"])
+def test_8bit_moments_compose_with_core_aliases(alias):
+    adam_jax = _core()
+    import optax
+
+    params = {"w": jnp.linspace(-2.0, 2.0, 64 * 128).reshape(64, 128), "b": jnp.ones(10)}
+    kw = qz.eight_bit_moments()
+    make = {
+        "adamw": lambda **k: adam_jax.adamw(0.05, weight_decay=0.1, **k),
+        "nadamw": lambda **k: adam_jax.nadamw(0.05, weight_decay=0.1, **k),
+        "amsgrad": lambda **k: adam_jax.amsgrad(0.05, **k),
+        "adam_l2": lambda **k: adam_jax.adam_l2(0.05, weight_decay=0.1, **k),
+        "adamax": lambda **k: optax.chain(
+            adam_jax.scale_by_adamax(mu_dtype=k.get("mu_dtype")),
+            adam_jax.scale_by_learning_rate(0.05),
+        ),
+    }[alias]
+
+    def run(opt, steps=30):
+        p, state = params, opt.init(params)
+
+        @jax.jit
+        def step(p, state):
+            g = jax.grad(lambda q: sum(jnp.sum((x - 0.5) ** 2) for x in jax.tree.leaves(q)))(p)
+            u, state = opt.update(g, state, p)
+            return optax.apply_updates(p, u), state
+
+        for _ in range(steps):
+            p, state = step(p, state)
+        return p, state
+
+    p32, _ = run(make())
+    p8, s8 = run(make(**kw))
+    assert any(x.dtype == jnp.uint8 for x in jax.tree.leaves(s8))
+    # 30 steps of lr 0.05 move params by up to 1.5; 8-bit moments stay within a few % of it.
+    np.testing.assert_allclose(np.asarray(p8["w"]), np.asarray(p32["w"]), atol=0.05)
+    np.testing.assert_array_equal(np.asarray(p8["b"]), np.asarray(p32["b"]))  # float32 leaf
