@@ -1,0 +1,1 @@
+"""Runnable examples of adam_jax (``python -m examples.mnist``)."""

@@ -1,0 +1,124 @@
+"""Command line of the MNIST example: ``python -m examples.mnist --help``."""
+
+from __future__ import annotations
+
+import argparse
+
+from rich.console import Console
+
+from examples.mnist import compare, data, models, optimizers, train
+from examples.mnist.config import Config
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]:
+    """The run's :class:`Config` and, with ``--compare``, the optimizers to compare."""
+    default = Config()
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.mnist",
+        description="Train a Flax NNX model on MNIST with adam_jax.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument(
+        "--model", default=default.model, choices=sorted(models.MODELS), help="network"
+    )
+    parser.add_argument(
+        "--optimizer",
+        default=default.optimizer,
+        choices=optimizers.NAMES,
+        help="Adam family from adam_jax, baselines from optax",
+    )
+    parser.add_argument("--epochs", type=int, default=default.epochs, help="epochs to train")
+    parser.add_argument("--batch-size", type=int, default=default.batch_size, help="batch size")
+    parser.add_argument(
+        "--learning-rate",
+        type=float,
+        default=default.learning_rate,
+        help="peak learning rate (None: the optimizer's tuned rate)",
+    )
+    parser.add_argument(
+        "--schedule",
+        default=default.schedule,
+        choices=optimizers.SCHEDULES,
+        help="learning-rate schedule",
+    )
+    parser.add_argument(
+        "--warmup-epochs", type=float, default=default.warmup_epochs, help="linear warmup length"
+    )
+    parser.add_argument(
+        "--max-shift",
+        type=int,
+        default=default.max_shift,
+        help="augmentation: random shifts of up to this many pixels (0: none)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=default.seed, help="initialization, data order, augmentation"
+    )
+    parser.add_argument(
+        "--dataset", default=default.dataset, choices=sorted(data.DATASETS), help="dataset"
+    )
+    parser.add_argument(
+        "--data-dir",
+        default=default.data_dir,
+        help=f"searched first, then ${data.ENV_DATA_DIR}, then ~/.cache/adam_jax/<dataset>",
+    )
+    parser.add_argument(
+        "--train-limit", type=int, default=default.train_limit, help="train on the first N images"
+    )
+    parser.add_argument(
+        "--eval-batch-size",
+        type=int,
+        default=default.eval_batch_size,
+        help="batch size of the evaluation on the full test set",
+    )
+    parser.add_argument(
+        "--workdir", default=default.workdir, help="metrics, checkpoints and plots go here"
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the last checkpoint in --workdir"
+    )
+    parser.add_argument(
+        "--compare",
+        type=lambda names: [name.strip() for name in names.split(",") if name.strip()],
+        default=None,
+        metavar="OPT1,OPT2,...",
+        help="train once per optimizer and write comparison.md and comparison.png",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if args.compare is not None:
+        unknown = sorted(set(args.compare) - set(optimizers.NAMES))
+        if unknown or not args.compare:
+            parser.error(f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}")
+    config = Config(
+        model=args.model,
+        optimizer=args.optimizer,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        schedule=args.schedule,
+        warmup_epochs=args.warmup_epochs,
+        max_shift=args.max_shift,
+        seed=args.seed,
+        dataset=args.dataset,
+        data_dir=args.data_dir,
+        train_limit=args.train_limit,
+        eval_batch_size=args.eval_batch_size,
+        workdir=args.workdir,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    return config, args.compare
+
+
+def main(argv: list[str] | None = None) -> None:
+    config, compared = parse_args(argv)
+    console = Console()
+    try:
+        dataset = data.load(config.dataset, config.data_dir)
+    except data.DataError as err:
+        raise SystemExit(f"error: {err}") from err
+    if compared:
+        compare.compare(config, compared, dataset, console)
+        return
+    _, history = train.train_and_evaluate(config, dataset, console)
+    console.print(train.summary(config, history))
