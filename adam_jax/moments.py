@@ -100,6 +100,36 @@ def _moving_average(old: jax.Array, new: jax.Array, weight: Any) -> jax.Array:
     return old + weight * (new - old)
 
 
+def _adam_state(params: Any, mu_storage: MomentStorage, nu_storage: MomentStorage) -> Any:
+    return ScaleByAdamState(
+        count=jnp.zeros([], jnp.int32),
+        mu=_zeros(params, mu_storage),
+        nu=_zeros(params, nu_storage, real=True),
+    )
+
+
+def _first_moment(
+    g: jax.Array, mu_stored: Any, mu_storage: MomentStorage, scalars: Callable[[Any], _StepScalars]
+) -> tuple[jax.Array, Any, _StepScalars, jax.Array]:
+    """The per-leaf start of every moment estimate: the gradient in its compute dtype, the real
+    compute dtype, that dtype's step scalars, and the new first moment."""
+    dtype = compute_dtype(g.dtype)
+    rdtype = real_dtype(dtype)
+    d = scalars(rdtype)
+    g_c = g.astype(dtype)
+    return g_c, rdtype, d, _moving_average(mu_storage.load(mu_stored).astype(dtype), g_c, d.w1)
+
+
+def _second_moment(
+    g_c: jax.Array, nu_stored: Any, nu_storage: MomentStorage, rdtype: Any, d: _StepScalars
+) -> jax.Array:
+    return _moving_average(nu_storage.load(nu_stored).astype(rdtype), abs_sq(g_c), d.w2)
+
+
+def _denominator(nu_hat: jax.Array, eps: Any, eps_root: Any, rdtype: Any) -> jax.Array:
+    return jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
+
+
 def _check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
     _validation.check_decay("b1", b1)
     _validation.check_decay("b2", b2)
@@ -162,11 +192,7 @@ def scale_by_adam(
     divide = _divide(eps)
 
     def init_fn(params: Any) -> ScaleByAdamState:
-        return ScaleByAdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=_zeros(params, mu_storage),
-            nu=_zeros(params, nu_storage, real=True),
-        )
+        return _adam_state(params, mu_storage, nu_storage)
 
     def update_fn(updates, state, params=None):
         del params
@@ -174,12 +200,8 @@ def scale_by_adam(
         scalars = _step_scalars(b1, b2, count)
 
         def leaf(g, mu_stored, nu_stored):
-            dtype = compute_dtype(g.dtype)
-            rdtype = real_dtype(dtype)
-            d = scalars(rdtype)
-            g_c = g.astype(dtype)
-            mu = _moving_average(mu_storage.load(mu_stored).astype(dtype), g_c, d.w1)
-            nu = _moving_average(nu_storage.load(nu_stored).astype(rdtype), abs_sq(g_c), d.w2)
+            g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
+            nu = _second_moment(g_c, nu_stored, nu_storage, rdtype, d)
             if not bias_correction:
                 mu_hat, nu_hat = mu, nu
             elif nesterov:
@@ -187,8 +209,7 @@ def scale_by_adam(
                 nu_hat = nu / d.c2
             else:
                 mu_hat, nu_hat = mu / d.c1, nu / d.c2
-            denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
-            update = divide(mu_hat, denominator).astype(g.dtype)
+            update = divide(mu_hat, _denominator(nu_hat, eps, eps_root, rdtype)).astype(g.dtype)
             return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
 
         updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
@@ -254,17 +275,12 @@ def scale_by_amsgrad(
         scalars = _step_scalars(b1, b2, count)
 
         def leaf(g, mu_stored, nu_stored, nu_max_stored):
-            dtype = compute_dtype(g.dtype)
-            rdtype = real_dtype(dtype)
-            d = scalars(rdtype)
-            g_c = g.astype(dtype)
-            mu = _moving_average(mu_storage.load(mu_stored).astype(dtype), g_c, d.w1)
-            nu = _moving_average(nu_storage.load(nu_stored).astype(rdtype), abs_sq(g_c), d.w2)
+            g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
+            nu = _second_moment(g_c, nu_stored, nu_storage, rdtype, d)
             nu_max = jnp.maximum(nu_storage.load(nu_max_stored).astype(rdtype), nu)
             mu_hat, nu_hat = (mu / d.c1, nu_max / d.c2) if bias_correction else (mu, nu_max)
-            denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
             return (
-                divide(mu_hat, denominator).astype(g.dtype),
+                divide(mu_hat, _denominator(nu_hat, eps, eps_root, rdtype)).astype(g.dtype),
                 mu_storage.store(mu, mu_stored),
                 nu_storage.store(nu, nu_stored),
                 nu_storage.store(nu_max, nu_max_stored),
@@ -310,11 +326,7 @@ def scale_by_adamax(
     divide = _divide(eps)
 
     def init_fn(params: Any) -> ScaleByAdamState:
-        return ScaleByAdamState(
-            count=jnp.zeros([], jnp.int32),
-            mu=_zeros(params, mu_storage),
-            nu=_zeros(params, nu_storage, real=True),
-        )
+        return _adam_state(params, mu_storage, nu_storage)
 
     def update_fn(updates, state, params=None):
         del params
@@ -322,11 +334,7 @@ def scale_by_adamax(
         scalars = _step_scalars(b1, b2, count)
 
         def leaf(g, mu_stored, nu_stored):
-            dtype = compute_dtype(g.dtype)
-            rdtype = real_dtype(dtype)
-            d = scalars(rdtype)
-            g_c = g.astype(dtype)
-            mu = _moving_average(mu_storage.load(mu_stored).astype(dtype), g_c, d.w1)
+            g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
             nu = jnp.maximum(
                 jnp.abs(g_c) + _cast(eps, rdtype),
                 _cast(b2, rdtype) * nu_storage.load(nu_stored).astype(rdtype),
