@@ -31,3 +31,22 @@ class Config:
     resume: bool = False
     checkpoints: bool = True
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, value, lowest in (
+            ("epochs", self.epochs, 1),
+            ("batch_size", self.batch_size, 1),
+            ("eval_batch_size", self.eval_batch_size, 1),
+            ("max_shift", self.max_shift, 0),
+        ):
+            if value < lowest:
+                raise ValueError(f"{name} must be an integer >= {lowest}, got {value}")
+        if self.train_limit is not None and self.train_limit < self.batch_size:
+            raise ValueError(
+                f"train_limit must be >= batch_size ({self.batch_size}) so that an epoch has a "
+                f"step, got {self.train_limit}"
+            )
+        if not self.warmup_epochs >= 0:
+            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
+        if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
+            raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate}")

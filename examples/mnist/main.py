@@ -89,24 +89,27 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
         unknown = sorted(set(args.compare) - set(optimizers.NAMES))
         if unknown or not args.compare:
             parser.error(f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}")
-    config = Config(
-        model=args.model,
-        optimizer=args.optimizer,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        schedule=args.schedule,
-        warmup_epochs=args.warmup_epochs,
-        max_shift=args.max_shift,
-        seed=args.seed,
-        dataset=args.dataset,
-        data_dir=args.data_dir,
-        train_limit=args.train_limit,
-        eval_batch_size=args.eval_batch_size,
-        workdir=args.workdir,
-        resume=args.resume,
-        progress=not args.no_progress,
-    )
+    try:
+        config = Config(
+            model=args.model,
+            optimizer=args.optimizer,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            schedule=args.schedule,
+            warmup_epochs=args.warmup_epochs,
+            max_shift=args.max_shift,
+            seed=args.seed,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            train_limit=args.train_limit,
+            eval_batch_size=args.eval_batch_size,
+            workdir=args.workdir,
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
+    except ValueError as err:
+        parser.error(str(err))
     return config, args.compare
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -190,9 +191,9 @@ def test_schedules(name: str) -> None:
 
 
 def test_cli_arguments() -> None:
-    config, compared = main.parse_args(["--compare", "adam,sgd", "--train-limit", "100"])
+    config, compared = main.parse_args(["--compare", "adam,sgd", "--train-limit", "300"])
     assert compared == ["adam", "sgd"]
-    assert config.train_limit == 100
+    assert config.train_limit == 300
     assert main.parse_args([]) == (Config(), None)
     with pytest.raises(SystemExit):
         main.parse_args(["--compare", "adam,lion"])
@@ -209,3 +210,29 @@ def test_metrics_are_json_lines(tmp_path: Path) -> None:
     path.write_text(json.dumps({"epoch": 1}) + "\n\n" + json.dumps({"epoch": 2}) + "\n")
     assert train.read_metrics(path) == [{"epoch": 1}, {"epoch": 2}]
     assert train.read_metrics(tmp_path / "absent.jsonl") == []
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("epochs", 0, "epochs must be an integer >= 1, got 0"),
+        ("batch_size", -1, "batch_size must be an integer >= 1, got -1"),
+        ("eval_batch_size", 0, "eval_batch_size must be an integer >= 1, got 0"),
+        ("max_shift", -2, "max_shift must be an integer >= 0, got -2"),
+        ("train_limit", 100, "train_limit must be >= batch_size (128)"),
+        ("warmup_epochs", -0.5, "warmup_epochs must be >= 0, got -0.5"),
+        ("learning_rate", float("nan"), "learning_rate must be finite and > 0, got nan"),
+        ("learning_rate", -1e-3, "learning_rate must be finite and > 0, got -0.001"),
+    ],
+)
+def test_config_rejects_bad_values(field: str, value: float, message: str) -> None:
+    """A bad setting fails before any work, naming the setting, the value and the range."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Config(**{field: value})
+
+
+def test_cli_reports_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(["--epochs", "0"])
+    assert exit_info.value.code == 2
+    assert "epochs must be an integer >= 1, got 0" in capsys.readouterr().err
