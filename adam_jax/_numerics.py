@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 
@@ -34,14 +36,45 @@ def scalar_dtype(tree: Any) -> jnp.dtype:
     return jnp.result_type(jnp.float32, *dtypes)
 
 
+def _is_static(value: Any) -> bool:
+    """Python numbers, flags, storages and schedules are compile-time constants; arrays and
+    tracers are arguments."""
+    if isinstance(value, jax.Array | np.ndarray | jax.core.Tracer):
+        return False
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
+
+
+@functools.cache
+def _compiled(update_step: Callable[..., Any]) -> Callable[..., Any]:
+    def run(updates: Any, state: Any, params: Any, dynamic: dict, static: tuple) -> Any:
+        return update_step(updates, state, params, **dynamic, **dict(static))
+
+    return jax.jit(run, static_argnums=4)
+
+
 def transformation(
-    init_fn: Callable[..., Any], update_fn: Callable[..., Any]
+    init_fn: Callable[..., Any], update_step: Callable[..., Any], **hyperparams: Any
 ) -> optax.GradientTransformation:
-    """A ``GradientTransformation`` whose ``update`` is always compiled.
+    """A ``GradientTransformation`` whose update is ``update_step(updates, state, params,
+    **hyperparams)``, always compiled.
 
     XLA contracts multiply-adds into fused multiply-adds when it compiles a fused program, while
-    op-by-op (eager) execution rounds each product: jitting ``update`` here makes an eager call
-    give the same bits as a call under the user's ``jit``. ``init`` stays eager so that its zeros
-    keep the params' sharding.
+    op-by-op (eager) execution rounds each product: compiling the update here makes an eager call
+    give the same bits as a call under the user's ``jit``. ``update_step`` is a module-level
+    function and the hyperparameters are its arguments (Python numbers as compile-time
+    constants, arrays as traced arguments), so rebuilding a transformation with the same
+    settings, as ``optax.inject_hyperparams`` does at every step, reuses the compiled program.
+    ``init`` stays eager so that its zeros keep the params' sharding.
     """
-    return optax.GradientTransformation(init_fn, jax.jit(update_fn))
+    static = tuple(sorted((k, v) for k, v in hyperparams.items() if _is_static(v)))
+    dynamic = {k: v for k, v in hyperparams.items() if not _is_static(v)}
+    compiled = _compiled(update_step)
+
+    def update_fn(updates: Any, state: Any, params: Any = None) -> Any:
+        return compiled(updates, state, params, dynamic, static)
+
+    return optax.GradientTransformation(init_fn, update_fn)

@@ -64,6 +64,21 @@ class ScaleByBiasCorrectionState(NamedTuple):
     count: jax.Array
 
 
+def _bias_correction_update(
+    updates: Any, state: ScaleByBiasCorrectionState, params: Any, *, b1: Any, b2: Any
+) -> tuple[Any, ScaleByBiasCorrectionState]:
+    del params
+    count = optax.safe_increment(state.count)
+    dtype = scalar_dtype(updates)
+    correction1 = moving_average_terms(b1, count, dtype)[1]
+    correction2 = moving_average_terms(b2, count, dtype)[1]
+    factor = jnp.sqrt(correction2) / correction1
+    updates = jax.tree.map(
+        lambda u: (u.astype(compute_dtype(u.dtype)) * factor).astype(u.dtype), updates
+    )
+    return updates, ScaleByBiasCorrectionState(count=count)
+
+
 def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
     r"""Rescales updates by the Adam bias correction of uncorrected moments.
 
@@ -96,16 +111,4 @@ def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.Gradie
         del params
         return ScaleByBiasCorrectionState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        dtype = scalar_dtype(updates)
-        correction1 = moving_average_terms(b1, count, dtype)[1]
-        correction2 = moving_average_terms(b2, count, dtype)[1]
-        factor = jnp.sqrt(correction2) / correction1
-        updates = jax.tree.map(
-            lambda u: (u.astype(compute_dtype(u.dtype)) * factor).astype(u.dtype), updates
-        )
-        return updates, ScaleByBiasCorrectionState(count=count)
-
-    return transformation(init_fn, update_fn)
+    return transformation(init_fn, _bias_correction_update, b1=b1, b2=b2)

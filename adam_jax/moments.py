@@ -137,6 +137,42 @@ def _check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
     _validation.check_non_negative("eps_root", eps_root)
 
 
+def _adam_update(
+    updates: Any,
+    state: Any,
+    params: Any,
+    *,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    mu_storage: MomentStorage,
+    nu_storage: MomentStorage,
+    nesterov: bool,
+    bias_correction: bool,
+) -> tuple[Any, Any]:
+    del params
+    divide = _divide(eps)
+    count = optax.safe_increment(state.count)
+    scalars = _step_scalars(b1, b2, count)
+
+    def leaf(g, mu_stored, nu_stored):
+        g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
+        nu = _second_moment(g_c, nu_stored, nu_storage, rdtype, d)
+        if not bias_correction:
+            mu_hat, nu_hat = mu, nu
+        elif nesterov:
+            mu_hat = (1 - d.w1) * (mu / d.c1_next) + d.w1 * (g_c / d.c1)
+            nu_hat = nu / d.c2
+        else:
+            mu_hat, nu_hat = mu / d.c1, nu / d.c2
+        update = divide(mu_hat, _denominator(nu_hat, eps, eps_root, rdtype)).astype(g.dtype)
+        return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
+
+    updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
+    return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
+
+
 def scale_by_adam(
     b1: float = 0.9,
     b2: float = 0.999,
@@ -189,33 +225,56 @@ def scale_by_adam(
     """
     _check_moment_args(b1, b2, eps, eps_root)
     mu_storage, nu_storage = as_storage(mu_dtype), as_storage(nu_dtype)
-    divide = _divide(eps)
 
     def init_fn(params: Any) -> ScaleByAdamState:
         return _adam_state(params, mu_storage, nu_storage)
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        scalars = _step_scalars(b1, b2, count)
+    return transformation(
+        init_fn,
+        _adam_update,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        mu_storage=mu_storage,
+        nu_storage=nu_storage,
+        nesterov=nesterov,
+        bias_correction=bias_correction,
+    )
 
-        def leaf(g, mu_stored, nu_stored):
-            g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
-            nu = _second_moment(g_c, nu_stored, nu_storage, rdtype, d)
-            if not bias_correction:
-                mu_hat, nu_hat = mu, nu
-            elif nesterov:
-                mu_hat = (1 - d.w1) * (mu / d.c1_next) + d.w1 * (g_c / d.c1)
-                nu_hat = nu / d.c2
-            else:
-                mu_hat, nu_hat = mu / d.c1, nu / d.c2
-            update = divide(mu_hat, _denominator(nu_hat, eps, eps_root, rdtype)).astype(g.dtype)
-            return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
 
-        updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
-        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
+def _amsgrad_update(
+    updates: Any,
+    state: Any,
+    params: Any,
+    *,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    eps_root: Any,
+    mu_storage: MomentStorage,
+    nu_storage: MomentStorage,
+    bias_correction: bool,
+) -> tuple[Any, Any]:
+    del params
+    divide = _divide(eps)
+    count = optax.safe_increment(state.count)
+    scalars = _step_scalars(b1, b2, count)
 
-    return transformation(init_fn, update_fn)
+    def leaf(g, mu_stored, nu_stored, nu_max_stored):
+        g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
+        nu = _second_moment(g_c, nu_stored, nu_storage, rdtype, d)
+        nu_max = jnp.maximum(nu_storage.load(nu_max_stored).astype(rdtype), nu)
+        mu_hat, nu_hat = (mu / d.c1, nu_max / d.c2) if bias_correction else (mu, nu_max)
+        return (
+            divide(mu_hat, _denominator(nu_hat, eps, eps_root, rdtype)).astype(g.dtype),
+            mu_storage.store(mu, mu_stored),
+            nu_storage.store(nu, nu_stored),
+            nu_storage.store(nu_max, nu_max_stored),
+        )
+
+    updates, mu, nu, nu_max = _map_leaves(leaf, 4, updates, state.mu, state.nu, state.nu_max)
+    return updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
 
 def scale_by_amsgrad(
@@ -259,7 +318,6 @@ def scale_by_amsgrad(
     """
     _check_moment_args(b1, b2, eps, eps_root)
     mu_storage, nu_storage = as_storage(mu_dtype), as_storage(nu_dtype)
-    divide = _divide(eps)
 
     def init_fn(params: Any) -> ScaleByAmsgradState:
         return ScaleByAmsgradState(
@@ -269,27 +327,46 @@ def scale_by_amsgrad(
             nu_max=_zeros(params, nu_storage, real=True),
         )
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        scalars = _step_scalars(b1, b2, count)
+    return transformation(
+        init_fn,
+        _amsgrad_update,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        mu_storage=mu_storage,
+        nu_storage=nu_storage,
+        bias_correction=bias_correction,
+    )
 
-        def leaf(g, mu_stored, nu_stored, nu_max_stored):
-            g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
-            nu = _second_moment(g_c, nu_stored, nu_storage, rdtype, d)
-            nu_max = jnp.maximum(nu_storage.load(nu_max_stored).astype(rdtype), nu)
-            mu_hat, nu_hat = (mu / d.c1, nu_max / d.c2) if bias_correction else (mu, nu_max)
-            return (
-                divide(mu_hat, _denominator(nu_hat, eps, eps_root, rdtype)).astype(g.dtype),
-                mu_storage.store(mu, mu_stored),
-                nu_storage.store(nu, nu_stored),
-                nu_storage.store(nu_max, nu_max_stored),
-            )
 
-        updates, mu, nu, nu_max = _map_leaves(leaf, 4, updates, state.mu, state.nu, state.nu_max)
-        return updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
+def _adamax_update(
+    updates: Any,
+    state: Any,
+    params: Any,
+    *,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    mu_storage: MomentStorage,
+    nu_storage: MomentStorage,
+) -> tuple[Any, Any]:
+    del params
+    divide = _divide(eps)
+    count = optax.safe_increment(state.count)
+    scalars = _step_scalars(b1, b2, count)
 
-    return transformation(init_fn, update_fn)
+    def leaf(g, mu_stored, nu_stored):
+        g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
+        nu = jnp.maximum(
+            jnp.abs(g_c) + _cast(eps, rdtype),
+            _cast(b2, rdtype) * nu_storage.load(nu_stored).astype(rdtype),
+        )
+        update = divide(mu / d.c1, nu).astype(g.dtype)
+        return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
+
+    updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
+    return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
 
 def scale_by_adamax(
@@ -323,26 +400,16 @@ def scale_by_adamax(
     """
     _check_moment_args(b1, b2, eps)
     mu_storage, nu_storage = as_storage(mu_dtype), as_storage(None)
-    divide = _divide(eps)
 
     def init_fn(params: Any) -> ScaleByAdamState:
         return _adam_state(params, mu_storage, nu_storage)
 
-    def update_fn(updates, state, params=None):
-        del params
-        count = optax.safe_increment(state.count)
-        scalars = _step_scalars(b1, b2, count)
-
-        def leaf(g, mu_stored, nu_stored):
-            g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
-            nu = jnp.maximum(
-                jnp.abs(g_c) + _cast(eps, rdtype),
-                _cast(b2, rdtype) * nu_storage.load(nu_stored).astype(rdtype),
-            )
-            update = divide(mu / d.c1, nu).astype(g.dtype)
-            return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
-
-        updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
-        return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
-
-    return transformation(init_fn, update_fn)
+    return transformation(
+        init_fn,
+        _adamax_update,
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        mu_storage=mu_storage,
+        nu_storage=nu_storage,
+    )

@@ -21,6 +21,21 @@ class AddDecayedWeightsState(NamedTuple):
     count: jax.Array
 
 
+def _decay_update(
+    updates: Any, state: AddDecayedWeightsState, params: Any, *, weight_decay: Any
+) -> tuple[Any, AddDecayedWeightsState]:
+    if params is None:
+        raise ValueError("add_decayed_weights needs params: call update(updates, state, params)")
+    rate = weight_decay(state.count) if callable(weight_decay) else weight_decay
+
+    def decay(u: jax.Array, p: jax.Array) -> jax.Array:
+        dtype = compute_dtype(u.dtype)
+        return (u.astype(dtype) + rate * p.astype(dtype)).astype(u.dtype)
+
+    updates = jax.tree.map(decay, updates, params)
+    return updates, AddDecayedWeightsState(count=optax.safe_increment(state.count))
+
+
 def add_decayed_weights(
     weight_decay: optax.ScalarOrSchedule = 0.0, mask: Mask | None = None
 ) -> optax.GradientTransformation:
@@ -51,21 +66,7 @@ def add_decayed_weights(
         del params
         return AddDecayedWeightsState(count=jnp.zeros([], jnp.int32))
 
-    def update_fn(updates, state, params=None):
-        if params is None:
-            raise ValueError(
-                "add_decayed_weights needs params: call update(updates, state, params)"
-            )
-        rate = weight_decay(state.count) if callable(weight_decay) else weight_decay
-
-        def decay(u: jax.Array, p: jax.Array) -> jax.Array:
-            dtype = compute_dtype(u.dtype)
-            return (u.astype(dtype) + rate * p.astype(dtype)).astype(u.dtype)
-
-        updates = jax.tree.map(decay, updates, params)
-        return updates, AddDecayedWeightsState(count=optax.safe_increment(state.count))
-
-    transform = transformation(init_fn, update_fn)
+    transform = transformation(init_fn, _decay_update, weight_decay=weight_decay)
     return transform if mask is None else masked(transform, mask)
 
 

@@ -220,6 +220,30 @@ def test_inject_hyperparams_changes_lr_without_recompiling() -> None:
     chex.assert_trees_all_close(jax.tree.map(lambda x: 3 * x, u1), u3, rtol=1e-5)
 
 
+def test_eager_inject_hyperparams_compiles_once() -> None:
+    """Outside jit, inject_hyperparams rebuilds adamw at every step; the rebuilt pieces reuse the
+    compiled update (a recompilation per step would cost ~100 ms each), and a changed learning
+    rate still takes effect."""
+    opt = optax.inject_hyperparams(adam_jax.adamw)(learning_rate=1e-2, weight_decay=1e-2)
+    params = {"w": jnp.ones((7, 5), jnp.float32), "b": jnp.ones((3,), jnp.float32)}
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
+    state = opt.init(params)
+    _, state = opt.update(grads, state, params)
+    compiled = [adam_jax._numerics._compiled(f) for f in _compiled_update_steps()]
+    sizes = [c._cache_size() for c in compiled]
+    for step in range(4):
+        state.hyperparams["learning_rate"] = jnp.asarray(1e-2 * (step + 2), jnp.float32)
+        updates, state = opt.update(grads, state, params)
+    assert [c._cache_size() for c in compiled] == sizes
+    assert float(updates["b"][0]) == pytest.approx(-5e-2 * (1 + 1e-2), rel=1e-3)
+
+
+def _compiled_update_steps() -> list:
+    from adam_jax import moments, weight_decay
+
+    return [moments._adam_update, weight_decay._decay_update]
+
+
 def test_multi_steps_accumulates() -> None:
     """MultiSteps(adam, 3): the third mini-step applies adam to the mean of the 3 gradients."""
     params = _params()
