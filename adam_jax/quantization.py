@@ -318,14 +318,25 @@ class BlockwiseQuantized(MomentStorage):
         return int(np.flatnonzero(create_dynamic_map(self.signed) == 0.0)[0])
 
     def load(self, stored: Any) -> jax.Array:
-        if isinstance(stored, QuantizedArray):
-            return dequantize_blockwise(stored, block_size=self.block_size, signed=self.signed)
+        if _is_quantized(stored):
+            quantized = QuantizedArray(codes=stored.codes, absmax=stored.absmax)
+            return dequantize_blockwise(quantized, block_size=self.block_size, signed=self.signed)
         return stored
 
     def store(self, value: jax.Array, stored: Any) -> Any:
+        if not _is_quantized(stored):
+            return value.astype(stored.dtype)
+        quantized = quantize_blockwise(value, block_size=self.block_size, signed=self.signed)
         if isinstance(stored, QuantizedArray):
-            return quantize_blockwise(value, block_size=self.block_size, signed=self.signed)
-        return value.astype(stored.dtype)
+            return quantized
+        # A container that rebuilt the QuantizedArray as a mapping of its fields (as
+        # flax.nnx.Optimizer does with its state) gets the same kind of mapping back, so the
+        # state keeps one structure from step to step (a lax.scan carry, donation).
+        return type(stored)(quantized._asdict())
+
+
+def _is_quantized(stored: Any) -> bool:
+    return hasattr(stored, "codes") and hasattr(stored, "absmax")
 
 
 def eight_bit_moments(block_size: int = 256, min_size: int = 4096) -> dict[str, BlockwiseQuantized]:

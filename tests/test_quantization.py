@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import adam_jax
 from adam_jax import quantization as qz
 
 # float32 rounding of x / absmax can push the error a few ulps past the exact bound.
@@ -367,3 +368,40 @@ def test_8bit_moments_compose_with_core_aliases(alias):
     # 30 steps of lr 0.05 move params by up to 1.5; 8-bit moments stay within a few % of it.
     np.testing.assert_allclose(np.asarray(p8["w"]), np.asarray(p32["w"]), atol=0.05)
     np.testing.assert_array_equal(np.asarray(p8["b"]), np.asarray(p32["b"]))  # float32 leaf
+
+
+def test_eight_bit_moments_in_flax_nnx_optimizer() -> None:
+    """nnx.Optimizer rebuilds the stored QuantizedArray as an nnx.State; the storage reads it and
+    writes back the same kind of container, so training works eagerly and as a lax.scan carry."""
+    from flax import nnx
+
+    model = nnx.Linear(64, 96, rngs=nnx.Rngs(0))
+    storage = qz.eight_bit_moments(min_size=1024)
+    optimizer = nnx.Optimizer(model, adam_jax.adam(1e-2, **storage), wrt=nnx.Param)
+    x = jax.random.normal(jax.random.key(1), (32, 64))
+    y = jnp.tile(x, (1, 2))[:, :96]
+
+    def loss_fn(m: nnx.Linear) -> jax.Array:
+        return jnp.mean((m(x) - y) ** 2)
+
+    @nnx.jit
+    def step(m: nnx.Linear, opt: nnx.Optimizer) -> jax.Array:
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        opt.update(m, grads)
+        return loss
+
+    eager = [float(step(model, optimizer)) for _ in range(3)]
+    assert eager[2] < eager[1] < eager[0]
+    kernel_mu = optimizer.opt_state[0].mu["kernel"].get_value()
+    assert kernel_mu.codes.dtype == jnp.uint8 and kernel_mu.absmax.dtype == jnp.float32
+
+    graphdef, state = nnx.split((model, optimizer))
+
+    def body(carry: nnx.State, _: None) -> tuple[nnx.State, jax.Array]:
+        m, opt = nnx.merge(graphdef, carry)
+        loss, grads = nnx.value_and_grad(loss_fn)(m)
+        opt.update(m, grads)
+        return nnx.state((m, opt)), loss
+
+    _, scanned = jax.lax.scan(body, state, None, length=3)
+    assert scanned[2] < scanned[0] < eager[2]
