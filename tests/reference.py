@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -133,15 +134,22 @@ class RefAdam:
                     m_hat = m / (1 - b1**t)
                 v_hat = v / (1 - b2**t)
                 u = m_hat / (np.sqrt(v_hat + eps_root) + eps)
-            if self.learning_rate is None:
-                out.append(u)
-                continue
-            wd = as_schedule(self.weight_decay)(k)
-            if wd and decays[i]:
-                u = u + wd * p
-            out.append(-as_schedule(self.learning_rate)(k) * u)
+            out.append(_decay_and_step(u, p, k, decays[i], self.weight_decay, self.learning_rate))
         self.count += 1
         return out
+
+
+def _decay_and_step(
+    u: np.ndarray, p: np.ndarray, k: int, decayed: bool, weight_decay: Any, learning_rate: Any
+) -> np.ndarray:
+    """The tail shared by the references: decoupled decay ``u + wd(k) p`` where ``decayed``, then
+    ``-lr(k) * u`` (``learning_rate=None``: the bare direction ``u``)."""
+    if learning_rate is None:
+        return u
+    wd = as_schedule(weight_decay)(k)
+    if wd and decayed:
+        u = u + wd * p
+    return -as_schedule(learning_rate)(k) * u
 
 
 @dataclass
@@ -177,13 +185,7 @@ class RefAdamax:
             self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
             self.u_inf[i] = np.maximum(self.b2 * self.u_inf[i], np.abs(g) + self.eps)
             u = self.m[i] / (1 - self.b1**t) / self.u_inf[i]
-            if self.learning_rate is None:
-                out.append(u)
-                continue
-            wd = as_schedule(self.weight_decay)(k)
-            if wd and decays[i]:
-                u = u + wd * p
-            out.append(-as_schedule(self.learning_rate)(k) * u)
+            out.append(_decay_and_step(u, p, k, decays[i], self.weight_decay, self.learning_rate))
         self.count += 1
         return out
 
