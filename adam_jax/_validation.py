@@ -10,6 +10,7 @@ import math
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def static_float(value: Any) -> float | None:
@@ -22,9 +23,9 @@ def static_float(value: Any) -> float | None:
         return float(value)
     shape = getattr(value, "shape", None)
     dtype = getattr(value, "dtype", None)
-    if shape == () and dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.floating):
+    if shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.floating):
         return float(value)
-    if shape == () and dtype is not None and jax.numpy.issubdtype(dtype, jax.numpy.integer):
+    if shape == () and dtype is not None and jnp.issubdtype(dtype, jnp.integer):
         return float(value)
     return None
 
@@ -39,15 +40,26 @@ def check_non_negative(name: str, value: Any) -> None:
 def check_decay(name: str, value: Any) -> None:
     """Raises ``ValueError`` unless a concrete decay rate ``value`` lies in [0, 1).
 
-    An array equal to 1 is let through: it is what 0.999 becomes when ``optax.inject_hyperparams``
-    casts it to bfloat16, and the transformations take the b -> 1 limit there.
+    Exactly 1 is let through only where rounding makes it: in an array of a dtype narrower than
+    float32, as 0.999 becomes in bfloat16 when ``optax.inject_hyperparams`` casts it to the
+    params' dtype (the transformations take the b -> 1 limit there). Traced values are not
+    checked.
     """
     number = static_float(value)
     if number is None:
         return
-    in_range = 0.0 <= number <= 1.0 if hasattr(value, "dtype") else 0.0 <= number < 1.0
-    if not in_range:
-        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    dtype = getattr(value, "dtype", None)
+    rounded_up = (
+        number == 1.0
+        and dtype is not None
+        and jnp.issubdtype(dtype, jnp.floating)
+        and jnp.finfo(dtype).bits < 32
+    )
+    if not (0.0 <= number < 1.0 or rounded_up):
+        raise ValueError(
+            f"{name} must be in [0, 1) (exactly 1 only as a bfloat16 or float16 rounding), "
+            f"got {value!r}"
+        )
 
 
 def check_steps(name: str, value: Any) -> None:

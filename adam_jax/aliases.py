@@ -1,8 +1,9 @@
-"""The Adam family as ready-made optimizers, each a ``optax.chain`` of adam_jax's pieces.
+"""The Adam family as ready-made optimizers, each an ``optax.chain`` of adam_jax's pieces.
 
 Every alias negates the gradients first when ``maximize=True`` (PyTorch's ``maximize``: weight
 decay still shrinks the weights), then applies the moment estimate, the weight decay where it
-has one, and the learning-rate step.
+has one, and the learning-rate step. The chains have the same structure and states as optax's
+aliases of the same names, so a state can move between the two libraries.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from adam_jax import _validation
 from adam_jax.bias_correction import scale_by_bias_correction
 from adam_jax.learning_rate import scale_by_learning_rate
 from adam_jax.moments import scale_by_adam, scale_by_adamax, scale_by_amsgrad
+from adam_jax.quantization import eight_bit_moments
 from adam_jax.weight_decay import Mask, add_decayed_weights
 
 EPS_PLACEMENTS = ("standard", "keras")
@@ -62,7 +64,7 @@ def adam(
     eps_placement: str = "standard",
     maximize: bool = False,
 ) -> optax.GradientTransformation:
-    r"""Adam (Kingma and Ba, 2015): a drop-in for ``optax.adam``.
+    r"""Adam: a drop-in for ``optax.adam``.
 
     .. math::
         \theta_t = \theta_{t-1} - \alpha(t)\, \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{root}}
@@ -88,14 +90,21 @@ def adam(
     Returns:
       An ``optax.GradientTransformation``.
 
+    References:
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, ICLR 2015.
+
     Example:
       >>> import adam_jax, jax, jax.numpy as jnp, optax
       >>> params = {"w": jnp.zeros(3)}
-      >>> opt = adam_jax.adam(1e-3)
-      >>> state = opt.init(params)
-      >>> grads = jax.grad(lambda p: jnp.sum((p["w"] - 1.0) ** 2))(params)
-      >>> updates, state = opt.update(grads, state, params)
-      >>> params = optax.apply_updates(params, updates)
+      >>> loss = lambda p: jnp.sum((p["w"] - 1.0) ** 2)
+      >>> tx = adam_jax.adam(0.1)
+      >>> state = tx.init(params)
+      >>> for _ in range(200):
+      ...     updates, state = tx.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(jnp.round(params["w"], 2))
+      [1. 1. 1.]
     """
     return optax.chain(
         *_ascent(maximize),
@@ -119,8 +128,8 @@ def adamw(
     eps_placement: str = "standard",
     maximize: bool = False,
 ) -> optax.GradientTransformation:
-    r"""AdamW (Loshchilov and Hutter, 2019): Adam with decoupled weight decay, a drop-in for
-    ``optax.adamw`` and ``torch.optim.AdamW``.
+    r"""AdamW: Adam with decoupled weight decay, a drop-in for ``optax.adamw`` and
+    ``torch.optim.AdamW``.
 
     .. math::
         \theta_t = \theta_{t-1} - \alpha(t) \left( \frac{\hat m_t}{\sqrt{\hat v_t +
@@ -136,10 +145,19 @@ def adamw(
     Returns:
       An ``optax.GradientTransformation``.
 
+    References:
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+
     Example:
-      >>> import adam_jax, jax
-      >>> opt = adam_jax.adamw(1e-3, weight_decay=0.05,
-      ...                      mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+      >>> import adam_jax, jax, jax.numpy as jnp
+      >>> params = {"w": jnp.full((2, 2), 2.0), "b": jnp.full(2, 2.0)}
+      >>> tx = adam_jax.adamw(0.1, weight_decay=0.5,
+      ...                     mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p))
+      >>> grads = jax.tree.map(jnp.ones_like, params)
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(jnp.round(updates["w"][0], 6), jnp.round(updates["b"], 6))  # -0.1 * (1 + 0.5 * 2)
+      [-0.2 -0.2] [-0.1 -0.1]
     """
     return optax.chain(
         *_ascent(maximize),
@@ -180,9 +198,18 @@ def adam_l2(
     Returns:
       An ``optax.GradientTransformation``.
 
+    References:
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_, ICLR 2015; the L2 term as in PyTorch's
+      ``torch.optim.Adam``.
+
     Example:
-      >>> import adam_jax
-      >>> opt = adam_jax.adam_l2(1e-3, weight_decay=1e-2)
+      >>> import adam_jax, jax.numpy as jnp
+      >>> params = jnp.array([4.0, -4.0])
+      >>> tx = adam_jax.adam_l2(0.01, weight_decay=1.0)
+      >>> updates, _ = tx.update(jnp.zeros(2), tx.init(params), params)
+      >>> print(updates)  # the decay term alone gives the gradient's sign
+      [-0.01  0.01]
     """
     moments = scale_by_amsgrad if amsgrad else scale_by_adam
     return optax.chain(
@@ -204,7 +231,7 @@ def nadam(
     nu_dtype: Any = None,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
-    r"""NAdam (Dozat, 2016) in optax's form: :func:`adam` with ``nesterov=True``.
+    r"""NAdam in optax's form: :func:`adam` with ``nesterov=True``.
 
     .. math::
         \hat m_t = \frac{\beta_1 m_t}{1-\beta_1^{t+1}} + \frac{(1-\beta_1) g_t}{1-\beta_1^t}
@@ -215,9 +242,16 @@ def nadam(
     Returns:
       An ``optax.GradientTransformation``.
 
+    References:
+      Dozat, `Incorporating Nesterov Momentum into Adam
+      <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016.
+
     Example:
-      >>> import adam_jax
-      >>> opt = adam_jax.nadam(2e-3)
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.nadam(0.1)
+      >>> updates, state = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
+      >>> print(jnp.round(updates, 6))  # -0.1 * (0.9 * 0.1 / 0.19 + 0.1 / 0.1) at step 1
+      [-0.147368]
     """
     return adam(
         learning_rate, b1, b2, eps, eps_root, mu_dtype,
@@ -247,9 +281,19 @@ def nadamw(
     Returns:
       An ``optax.GradientTransformation``.
 
+    References:
+      Dozat, `Incorporating Nesterov Momentum into Adam
+      <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016;
+      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+      <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+
     Example:
-      >>> import adam_jax
-      >>> opt = adam_jax.nadamw(2e-3, weight_decay=1e-2)
+      >>> import adam_jax, jax.numpy as jnp
+      >>> params = jnp.array([10.0])
+      >>> tx = adam_jax.nadamw(0.1, weight_decay=0.01)
+      >>> updates, _ = tx.update(jnp.array([2.0]), tx.init(params), params)
+      >>> print(jnp.round(updates, 6))  # nadam's step plus -0.1 * 0.01 * 10
+      [-0.157368]
     """
     return adamw(
         learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
@@ -277,9 +321,18 @@ def amsgrad(
     Returns:
       An ``optax.GradientTransformation``.
 
+    References:
+      Reddi, Kale and Kumar, `On the Convergence of Adam and Beyond
+      <https://openreview.net/forum?id=ryQu7f-RZ>`_, ICLR 2018.
+
     Example:
-      >>> import adam_jax
-      >>> opt = adam_jax.amsgrad(1e-3)
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.amsgrad(0.1)
+      >>> state = tx.init(jnp.zeros(1))
+      >>> for g in (10.0, 0.1):
+      ...     updates, state = tx.update(jnp.array([g]), state)
+      >>> print(jnp.round(updates, 4))  # the first gradient's square still sets the denominator
+      [-0.0677]
     """
     return optax.chain(
         *_ascent(maximize),
@@ -296,7 +349,7 @@ def adamax(
     *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
-    r"""AdaMax (Kingma and Ba, 2015): Adam with the infinity norm, a drop-in for ``optax.adamax``.
+    r"""AdaMax: Adam with the infinity norm, a drop-in for ``optax.adamax``.
 
     .. math::
         \theta_t = \theta_{t-1} - \alpha(t) \frac{m_t}{(1-\beta_1^t)\, u^\infty_t}
@@ -309,9 +362,16 @@ def adamax(
     Returns:
       An ``optax.GradientTransformation``.
 
+    References:
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_ (section 7.1), ICLR 2015.
+
     Example:
-      >>> import adam_jax
-      >>> opt = adam_jax.adamax(2e-3)
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.adamax(0.002, maximize=True)
+      >>> updates, _ = tx.update(jnp.array([5.0, -0.5]), tx.init(jnp.zeros(2)))
+      >>> print(updates)  # ascent: along the gradient
+      [ 0.002 -0.002]
     """
     return optax.chain(
         *_ascent(maximize), scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate)
@@ -337,9 +397,18 @@ def adamaxw(
     Returns:
       An ``optax.GradientTransformation``.
 
+    References:
+      Kingma and Ba, `Adam: A Method for Stochastic Optimization
+      <https://arxiv.org/abs/1412.6980>`_ (section 7.1), ICLR 2015; Loshchilov and Hutter,
+      `Decoupled Weight Decay Regularization <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+
     Example:
-      >>> import adam_jax
-      >>> opt = adam_jax.adamaxw(2e-3, weight_decay=1e-2)
+      >>> import adam_jax, jax.numpy as jnp
+      >>> params = jnp.array([1.0, 100.0])
+      >>> tx = adam_jax.adamaxw(0.01, weight_decay=0.1)
+      >>> updates, _ = tx.update(jnp.zeros(2), tx.init(params), params)
+      >>> print(jnp.round(updates, 6))  # decay only: -0.01 * 0.1 * params
+      [-0.001 -0.1  ]
     """
     return optax.chain(
         *_ascent(maximize),
@@ -347,3 +416,96 @@ def adamaxw(
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
+
+
+def adam_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    nesterov: bool = False,
+    eps_placement: str = "standard",
+    maximize: bool = False,
+    block_size: int = 256,
+    min_size: int = 4096,
+) -> optax.GradientTransformation:
+    """:func:`adam` with both moments in 8-bit block-wise quantized storage.
+
+    Leaves of at least ``min_size`` elements keep their moments as one byte per element plus one
+    float32 scale per block of ``block_size`` elements (see :mod:`adam_jax.quantization`);
+    smaller leaves keep float32 moments.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule.
+      b1, b2, eps, eps_root, nesterov, eps_placement, maximize: as in :func:`adam`.
+      block_size: elements that share one scale.
+      min_size: leaves with fewer elements keep float32 moments.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    References:
+      Dettmers, Lewis, Shleifer and Zettlemoyer, `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, ICLR 2022.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> params = jnp.zeros((64, 128))
+      >>> state = adam_jax.adam_8bit(1e-3).init(params)
+      >>> bytes_per_param = adam_jax.quantization.state_bytes(state) / params.size
+      >>> print(state[0].mu.codes.dtype, f"{bytes_per_param:.3f}")
+      uint8 2.032
+    """
+    return adam(
+        learning_rate, b1, b2, eps, eps_root,
+        nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
+        **eight_bit_moments(block_size, min_size),
+    )  # fmt: skip
+
+
+def adamw_8bit(
+    learning_rate: optax.ScalarOrSchedule,
+    *,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Mask | None = None,
+    nesterov: bool = False,
+    eps_placement: str = "standard",
+    maximize: bool = False,
+    block_size: int = 256,
+    min_size: int = 4096,
+) -> optax.GradientTransformation:
+    """:func:`adamw` with both moments in 8-bit block-wise quantized storage.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule.
+      b1, b2, eps, eps_root, weight_decay, mask, nesterov, eps_placement, maximize: as in
+        :func:`adamw`.
+      block_size, min_size: as in :func:`adam_8bit`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    References:
+      Dettmers, Lewis, Shleifer and Zettlemoyer, `8-bit Optimizers via Block-wise Quantization
+      <https://arxiv.org/abs/2110.02861>`_, ICLR 2022; Loshchilov and Hutter, `Decoupled Weight
+      Decay Regularization <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> params = {"w": jnp.ones((128, 64)), "b": jnp.ones(64)}
+      >>> state = adam_jax.adamw_8bit(1e-3, weight_decay=0.01).init(params)
+      >>> print(type(state[0].mu["w"]).__name__, state[0].mu["b"].dtype)  # small leaves: float32
+      QuantizedArray float32
+    """
+    return adamw(
+        learning_rate, b1, b2, eps, eps_root,
+        weight_decay=weight_decay, mask=mask,
+        nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
+        **eight_bit_moments(block_size, min_size),
+    )  # fmt: skip

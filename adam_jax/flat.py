@@ -33,10 +33,9 @@ Two ways to use it:
 2. Keep the ordinary tree and wrap the transformation: :func:`flat` concatenates gradients
    (and params) into the flat layout inside the update, runs the inner transformation on the
    buffers (its state is flat) and splits the updates back. This costs extra copies of the
-   gradients, params and updates, and XLA compiles a many-way concatenate + split slowly: on
-   a 2-core CPU, with 1000 leaves of 16k elements it was *slower* than the tree path (step
-   61 ms vs 41 ms, compile 43 s vs 13 s; see BENCHMARKS.md). It exists for state layout
-   compatibility; prefer keeping the parameters flat (1.).
+   gradients, params and updates, and XLA compiles a many-way concatenate + split slowly, so
+   on CPU it can be slower than the tree path (BENCHMARKS.md has the figures). It exists for
+   state layout compatibility; prefer keeping the parameters flat (1.).
 
 Weight-decay masks and any other per-leaf labels (for ``optax.multi_transform``) are honoured by
 grouping leaves by label as well as dtype: every buffer holds leaves of one label only, so a
@@ -177,7 +176,8 @@ def layout_of(tree: Any, labels: Any = None) -> FlatLayout:
     Returns:
       The layout; leaves keep their tree order inside each group.
     """
-    leaves, treedef = jax.tree.flatten(tree)
+    leaves = jax.tree.leaves(tree)
+    treedef: Any = jax.tree.structure(tree)  # its methods are untyped in jax's stubs
     if callable(labels):
         labels = labels(tree)
     if labels is None:
@@ -219,6 +219,16 @@ class FlatParams:
 
     A pytree whose children are the buffers, so it can be passed to ``jax.jit``, ``jax.grad``,
     optax transformations and ``optax.apply_updates`` as is.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp, optax
+      >>> fp = adam_jax.flat.flatten({"w": jnp.ones((2, 3)), "b": jnp.zeros(3)})
+      >>> print(fp)
+      FlatParams(2 leaves in float32[9])
+      >>> tx = adam_jax.adam(0.1)
+      >>> updates, _ = tx.update(fp, tx.init(fp))
+      >>> print(optax.apply_updates(fp, updates).to_tree()["w"][0])
+      [0.9 0.9 0.9]
     """
 
     __slots__ = ("buffers", "layout")
@@ -295,9 +305,10 @@ def flat(inner: optax.GradientTransformation, labels: Any = None) -> optax.Gradi
     params, applies ``inner`` to the buffers and splits its updates back into the tree. The
     inner state lives over the buffers (one leaf per group instead of one per param) and the
     optimizer math is one loop per buffer, but the concatenation and split cost copies and, on
-    XLA:CPU, compile slowly (1000 leaves: 43 s against 13 s for the tree path, BENCHMARKS.md):
-    prefer keeping the params themselves flat. Inputs that already are :class:`FlatParams`
-    pass straight through (no copies).
+    XLA:CPU, compile slowly (see BENCHMARKS.md): prefer keeping the params themselves flat.
+    Inputs that already are :class:`FlatParams` pass straight through (no copies). Extra
+    arguments of ``update`` (such as ``value=loss`` from an enclosing chain) reach ``inner``
+    when it accepts them.
 
     Args:
       inner: any gradient transformation (e.g. ``adam_jax.adamw(..., mask=flat.labels)``).
@@ -307,7 +318,23 @@ def flat(inner: optax.GradientTransformation, labels: Any = None) -> optax.Gradi
 
     Returns:
       A ``GradientTransformation`` over the original tree.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> params = {"w": jnp.ones((2, 2)), "b": jnp.ones(2)}
+      >>> tx = adam_jax.flat.flat(adam_jax.adam(0.1))
+      >>> state = tx.init(params)
+      >>> print(state.inner_state[0].mu)  # one buffer for both leaves
+      FlatParams(2 leaves in float32[6])
+      >>> updates, _ = tx.update(params, state)
+      >>> print(jnp.round(updates["w"], 6))
+      [[-0.1 -0.1]
+       [-0.1 -0.1]]
     """
+
+    # Extra arguments (``value=loss`` from an enclosing chain) reach ``inner`` only if it takes
+    # them; a plain GradientTransformation drops them, as inside ``optax.chain``.
+    inner = optax.with_extra_args_support(inner)
 
     def _layout(tree: Any) -> FlatLayout:
         return layout_of(tree, labels)

@@ -24,8 +24,11 @@ def scale_by_learning_rate(
       An ``optax.GradientTransformation``.
 
     Example:
-      >>> import adam_jax, optax
-      >>> step = adam_jax.scale_by_learning_rate(optax.cosine_decay_schedule(1e-3, 1000))
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.scale_by_learning_rate(0.1)
+      >>> updates, _ = tx.update(jnp.array([1.0, -2.0]), tx.init(None))
+      >>> print(updates)
+      [-0.1  0.2]
     """
     if not callable(learning_rate):
         _validation.check_non_negative("learning_rate", learning_rate)

@@ -1,4 +1,12 @@
-"""Moment estimates: the Adam family's scaling of gradients by running moments."""
+"""Moment estimates: the Adam family's scaling of gradients by running moments.
+
+:func:`scale_by_adam`, :func:`scale_by_amsgrad` and :func:`scale_by_adamax` share one per-leaf
+body: the gradient in its compute dtype, the first moment and its bias correction (with optional
+Nesterov momentum), and the division by a denominator. They differ only in their second-moment
+rule, a :class:`_SecondMoment`: which trees it keeps besides the first moment and how it turns
+them into the denominator. Their states are optax's own ``ScaleByAdamState`` and
+``ScaleByAmsgradState``.
+"""
 
 from __future__ import annotations
 
@@ -10,32 +18,18 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax import _validation
-from adam_jax._numerics import abs_sq, compute_dtype, real_dtype, transformation
+from adam_jax._numerics import abs_sq, compute_dtype, real_dtype
 from adam_jax._validation import static_float
-from adam_jax.bias_correction import moving_average_terms
+from adam_jax.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax.storage import MomentStorage, as_storage, real_part_of
 
-
-class ScaleByAdamState(NamedTuple):
-    """State of :func:`scale_by_adam` and :func:`scale_by_adamax` (the same fields as optax's)."""
-
-    count: jax.Array
-    mu: optax.Updates
-    nu: optax.Updates
-
-
-class ScaleByAmsgradState(NamedTuple):
-    """State of :func:`scale_by_amsgrad`: Adam's plus the running maximum of the second moment."""
-
-    count: jax.Array
-    mu: optax.Updates
-    nu: optax.Updates
-    nu_max: optax.Updates
+ScaleByAdamState = optax.ScaleByAdamState
+ScaleByAmsgradState = optax.ScaleByAmsgradState
 
 
 def _cast(value: Any, dtype: Any) -> Any:
     """Casts a scalar array to ``dtype``; Python floats stay weakly typed (rounded once)."""
-    return value if isinstance(value, float) else jnp.asarray(value).astype(dtype)
+    return value if isinstance(value, float | int) else jnp.asarray(value).astype(dtype)
 
 
 def _divide(eps: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
@@ -55,79 +49,107 @@ def _divide(eps: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return safe_divide
 
 
-def _zeros(params: Any, storage: MomentStorage, real: bool = False) -> Any:
-    return jax.tree.map(lambda p: storage.init(real_part_of(p) if real else p), params)
+class _SecondMoment(NamedTuple):
+    """A second-moment rule.
+
+    Attributes:
+      trees: how many trees it keeps in the state after ``count`` and ``mu`` (the remaining
+        fields of the state, in order).
+      update: ``(g, kept, scalars) -> (denominator, new_kept)`` for one leaf, where ``g`` is the
+        gradient in its compute dtype and ``kept`` the loaded trees' leaves.
+    """
+
+    trees: int
+    update: Callable[[jax.Array, tuple[jax.Array, ...], StepScalars], tuple[jax.Array, tuple]]
+
+
+def _adam_second_moment(eps: Any, eps_root: Any, amsgrad: bool, bias_correction: bool):
+    """``sqrt(v_hat + eps_root) + eps`` with ``v`` the average of ``|g|^2`` (AMSGrad: its running
+    maximum, taken before the bias correction as PyTorch does)."""
+
+    def update(g: jax.Array, kept: tuple[jax.Array, ...], d: StepScalars):
+        rdtype = real_dtype(g.dtype)
+        nu = moving_average(kept[0], abs_sq(g), d.w2)
+        new_kept = (nu, jnp.maximum(kept[1], nu)) if amsgrad else (nu,)
+        nu_hat = new_kept[-1] / d.c2 if bias_correction else new_kept[-1]
+        denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
+        return denominator, new_kept
+
+    return _SecondMoment(trees=2 if amsgrad else 1, update=update)
+
+
+def _infinity_norm(b2: Any, eps: Any) -> _SecondMoment:
+    """AdaMax's ``u = max(b2 u, |g| + eps)``, itself the denominator."""
+
+    def update(g: jax.Array, kept: tuple[jax.Array, ...], d: StepScalars):
+        del d
+        rdtype = real_dtype(g.dtype)
+        u = jnp.maximum(jnp.abs(g) + _cast(eps, rdtype), _cast(b2, rdtype) * kept[0])
+        return u, (u,)
+
+    return _SecondMoment(trees=1, update=update)
 
 
 def _map_leaves(fn: Callable[..., tuple], outputs: int, updates: Any, *states: Any) -> tuple:
     """Applies ``fn`` leaf by leaf (state trees may hold a pytree per leaf) and returns one tree per
     output of ``fn``, each shaped like the corresponding input."""
-    treedef = jax.tree.structure(updates)
+    treedef: Any = jax.tree.structure(updates)  # its methods are untyped in jax's stubs
     results = treedef.flatten_up_to(jax.tree.map(fn, updates, *states))
     return tuple(treedef.unflatten([r[i] for r in results]) for i in range(outputs))
 
 
-class _StepScalars(NamedTuple):
-    """Per-step scalars shared by all leaves of one dtype: the moving-average weights and their
-    bias corrections (``c1_next`` is the first moment's at the next step, for Nesterov)."""
+def _moment_estimate(
+    state_type: type,
+    second_moment: _SecondMoment,
+    *,
+    b1: Any,
+    b2: Any,
+    eps: Any,
+    mu_storage: MomentStorage,
+    nu_storage: MomentStorage,
+    nesterov: bool = False,
+    bias_correction: bool = True,
+) -> optax.GradientTransformation:
+    """The transformation shared by the moment estimates; ``second_moment`` makes the
+    difference."""
+    divide = _divide(eps)
 
-    w1: Any
-    w2: Any
-    c1: jax.Array
-    c2: jax.Array
-    c1_next: jax.Array
+    def init_fn(params: optax.Params) -> Any:
+        second = (
+            jax.tree.map(lambda p: nu_storage.init(real_part_of(p)), params)
+            for _ in range(second_moment.trees)
+        )
+        mu = jax.tree.map(mu_storage.init, params)
+        return state_type(jnp.zeros([], jnp.int32), mu, *second)
 
+    def update_fn(updates: optax.Updates, state: Any, params: optax.Params | None = None):
+        del params
+        count = optax.safe_increment(state.count)
+        scalars = step_scalars(b1, b2, count)
 
-def _step_scalars(b1: Any, b2: Any, count: jax.Array) -> Callable[[Any], _StepScalars]:
-    """Returns ``dtype -> _StepScalars``, computed once per dtype while tracing (a tree of a
-    thousand leaves still traces a handful of scalar operations)."""
-    cache: dict[Any, _StepScalars] = {}
+        def leaf(grad: jax.Array, mu_stored: Any, *kept_stored: Any) -> tuple:
+            g = grad.astype(compute_dtype(grad.dtype))
+            rdtype = real_dtype(g.dtype)
+            d = scalars(rdtype)
+            mu = moving_average(mu_storage.load(mu_stored).astype(g.dtype), g, d.w1)
+            kept = tuple(nu_storage.load(s).astype(rdtype) for s in kept_stored)
+            denominator, new_kept = second_moment.update(g, kept, d)
+            if nesterov and bias_correction:
+                mu_hat = (1 - d.w1) * (mu / d.c1_next) + d.w1 * (g / d.c1)
+            elif nesterov:
+                mu_hat = (1 - d.w1) * mu + d.w1 * g
+            else:
+                mu_hat = mu / d.c1 if bias_correction else mu
+            return (
+                divide(mu_hat, denominator).astype(grad.dtype),
+                mu_storage.store(mu, mu_stored),
+                *(nu_storage.store(v, s) for v, s in zip(new_kept, kept_stored, strict=True)),
+            )
 
-    def for_dtype(dtype: Any) -> _StepScalars:
-        if dtype not in cache:
-            w1, c1 = moving_average_terms(b1, count, dtype)
-            w2, c2 = moving_average_terms(b2, count, dtype)
-            c1_next = moving_average_terms(b1, optax.safe_increment(count), dtype)[1]
-            cache[dtype] = _StepScalars(w1=w1, w2=w2, c1=c1, c2=c2, c1_next=c1_next)
-        return cache[dtype]
+        new_updates, *trees = _map_leaves(leaf, 2 + second_moment.trees, updates, *state[1:])
+        return new_updates, state_type(count, *trees)
 
-    return for_dtype
-
-
-def _moving_average(old: jax.Array, new: jax.Array, weight: Any) -> jax.Array:
-    """``old + weight * (new - old)``: one rounded weight, so the weights of the average sum to
-    exactly the bias correction (see ``moving_average_terms``)."""
-    return old + weight * (new - old)
-
-
-def _adam_state(params: Any, mu_storage: MomentStorage, nu_storage: MomentStorage) -> Any:
-    return ScaleByAdamState(
-        count=jnp.zeros([], jnp.int32),
-        mu=_zeros(params, mu_storage),
-        nu=_zeros(params, nu_storage, real=True),
-    )
-
-
-def _first_moment(
-    g: jax.Array, mu_stored: Any, mu_storage: MomentStorage, scalars: Callable[[Any], _StepScalars]
-) -> tuple[jax.Array, Any, _StepScalars, jax.Array]:
-    """The per-leaf start of every moment estimate: the gradient in its compute dtype, the real
-    compute dtype, that dtype's step scalars, and the new first moment."""
-    dtype = compute_dtype(g.dtype)
-    rdtype = real_dtype(dtype)
-    d = scalars(rdtype)
-    g_c = g.astype(dtype)
-    return g_c, rdtype, d, _moving_average(mu_storage.load(mu_stored).astype(dtype), g_c, d.w1)
-
-
-def _second_moment(
-    g_c: jax.Array, nu_stored: Any, nu_storage: MomentStorage, rdtype: Any, d: _StepScalars
-) -> jax.Array:
-    return _moving_average(nu_storage.load(nu_stored).astype(rdtype), abs_sq(g_c), d.w2)
-
-
-def _denominator(nu_hat: jax.Array, eps: Any, eps_root: Any, rdtype: Any) -> jax.Array:
-    return jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
+    return optax.GradientTransformation(init_fn, update_fn)
 
 
 def _check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
@@ -135,42 +157,6 @@ def _check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
     _validation.check_decay("b2", b2)
     _validation.check_non_negative("eps", eps)
     _validation.check_non_negative("eps_root", eps_root)
-
-
-def _adam_update(
-    updates: Any,
-    state: Any,
-    params: Any,
-    *,
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    eps_root: Any,
-    mu_storage: MomentStorage,
-    nu_storage: MomentStorage,
-    nesterov: bool,
-    bias_correction: bool,
-) -> tuple[Any, Any]:
-    del params
-    divide = _divide(eps)
-    count = optax.safe_increment(state.count)
-    scalars = _step_scalars(b1, b2, count)
-
-    def leaf(g, mu_stored, nu_stored):
-        g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
-        nu = _second_moment(g_c, nu_stored, nu_storage, rdtype, d)
-        if not bias_correction:
-            mu_hat, nu_hat = mu, nu
-        elif nesterov:
-            mu_hat = (1 - d.w1) * (mu / d.c1_next) + d.w1 * (g_c / d.c1)
-            nu_hat = nu / d.c2
-        else:
-            mu_hat, nu_hat = mu / d.c1, nu / d.c2
-        update = divide(mu_hat, _denominator(nu_hat, eps, eps_root, rdtype)).astype(g.dtype)
-        return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
-
-    updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
-    return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
 
 def scale_by_adam(
@@ -194,16 +180,17 @@ def scale_by_adam(
 
     With ``nesterov=True`` (NAdam as in optax),
     :math:`\hat m_t = \beta_1 m_t/(1-\beta_1^{t+1}) + (1-\beta_1) g_t/(1-\beta_1^t)`. With
-    ``bias_correction=False``, :math:`\hat m_t = m_t` and :math:`\hat v_t = v_t`; follow it with
+    ``bias_correction=False``, :math:`\hat v_t = v_t` and :math:`\hat m_t = m_t` (with Nesterov,
+    :math:`\hat m_t = \beta_1 m_t + (1-\beta_1) g_t`); follow it with
     :func:`adam_jax.scale_by_bias_correction` for the Keras "epsilon hat" form.
 
-    A drop-in for ``optax.scale_by_adam`` (same arguments, defaults, state fields and results),
-    with these differences: arithmetic runs in at least float32 and updates come back in the
-    gradients' dtype; each moment is updated as :math:`m + (1-\beta)(g - m)` with one rounded
-    weight, and :math:`1-\beta^t` is computed for that weight without cancellation
-    (:func:`adam_jax.moving_average_terms`), which makes float32 updates 3x closer to float64
-    than PyTorch's and 17x closer than optax's; a second moment is stored as a real array for
-    complex params; and moments can be stored in another dtype or a compressed
+    A drop-in for ``optax.scale_by_adam``: same arguments, defaults and state
+    (``optax.ScaleByAdamState``), with these differences. Arithmetic runs in at least float32 and
+    updates come back in the gradients' dtype. Each moment is updated as
+    :math:`m + (1-\beta)(g - m)` with one rounded weight, and :math:`1-\beta^t` is computed for
+    that weight without cancellation (:func:`adam_jax.moving_average_terms`), which brings float32
+    updates closer to float64 than optax's and PyTorch's. A second moment is stored as a real
+    array for complex params. Moments can be stored in another dtype or in a compressed
     :class:`adam_jax.MomentStorage`.
 
     Args:
@@ -218,66 +205,30 @@ def scale_by_adam(
       bias_correction: divide the moments by :math:`1-\beta^t`.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
     Example:
-      >>> import adam_jax, optax, jax.numpy as jnp
-      >>> opt = optax.chain(adam_jax.scale_by_adam(), adam_jax.scale_by_learning_rate(1e-3))
-      >>> params = {"w": jnp.ones(3)}
-      >>> updates, state = opt.update({"w": jnp.ones(3)}, opt.init(params))
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.scale_by_adam()
+      >>> params = jnp.array([1.0, -2.0])
+      >>> updates, state = tx.update(jnp.array([0.5, -0.25]), tx.init(params))
+      >>> print(jnp.round(updates, 6))  # the first step is the sign of the gradient
+      [ 1. -1.]
+      >>> print(state.count, state.mu)
+      1 [ 0.05  -0.025]
     """
     _check_moment_args(b1, b2, eps, eps_root)
-    mu_storage, nu_storage = as_storage(mu_dtype), as_storage(nu_dtype)
-
-    def init_fn(params: Any) -> ScaleByAdamState:
-        return _adam_state(params, mu_storage, nu_storage)
-
-    return transformation(
-        init_fn,
-        _adam_update,
+    return _moment_estimate(
+        ScaleByAdamState,
+        _adam_second_moment(eps, eps_root, amsgrad=False, bias_correction=bias_correction),
         b1=b1,
         b2=b2,
         eps=eps,
-        eps_root=eps_root,
-        mu_storage=mu_storage,
-        nu_storage=nu_storage,
+        mu_storage=as_storage(mu_dtype),
+        nu_storage=as_storage(nu_dtype),
         nesterov=nesterov,
         bias_correction=bias_correction,
     )
-
-
-def _amsgrad_update(
-    updates: Any,
-    state: Any,
-    params: Any,
-    *,
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    eps_root: Any,
-    mu_storage: MomentStorage,
-    nu_storage: MomentStorage,
-    bias_correction: bool,
-) -> tuple[Any, Any]:
-    del params
-    divide = _divide(eps)
-    count = optax.safe_increment(state.count)
-    scalars = _step_scalars(b1, b2, count)
-
-    def leaf(g, mu_stored, nu_stored, nu_max_stored):
-        g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
-        nu = _second_moment(g_c, nu_stored, nu_storage, rdtype, d)
-        nu_max = jnp.maximum(nu_storage.load(nu_max_stored).astype(rdtype), nu)
-        mu_hat, nu_hat = (mu / d.c1, nu_max / d.c2) if bias_correction else (mu, nu_max)
-        return (
-            divide(mu_hat, _denominator(nu_hat, eps, eps_root, rdtype)).astype(g.dtype),
-            mu_storage.store(mu, mu_stored),
-            nu_storage.store(nu, nu_stored),
-            nu_storage.store(nu_max, nu_max_stored),
-        )
-
-    updates, mu, nu, nu_max = _map_leaves(leaf, 4, updates, state.mu, state.nu, state.nu_max)
-    return updates, ScaleByAmsgradState(count=count, mu=mu, nu=nu, nu_max=nu_max)
 
 
 def scale_by_amsgrad(
@@ -301,7 +252,8 @@ def scale_by_amsgrad(
 
     The maximum is taken over the raw second moment and bias-corrected afterwards, as
     ``torch.optim.Adam(amsgrad=True)`` does (Reddi et al., 2018, with bias correction). optax
-    0.2.8 takes the maximum of the bias-corrected moment instead, which drifts from PyTorch.
+    takes the maximum of the bias-corrected moment instead, which drifts from PyTorch. The state
+    is ``optax.ScaleByAmsgradState``.
 
     Args:
       b1: decay of the first moment, in [0, 1).
@@ -313,63 +265,28 @@ def scale_by_amsgrad(
       bias_correction: divide the moments by :math:`1-\beta^t`.
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByAmsgradState`.
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAmsgradState``.
 
     Example:
-      >>> import adam_jax, optax
-      >>> opt = optax.chain(adam_jax.scale_by_amsgrad(), adam_jax.scale_by_learning_rate(1e-3))
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.scale_by_amsgrad()
+      >>> state = tx.init(jnp.zeros(2))
+      >>> _, state = tx.update(jnp.array([2.0, 0.0]), state)
+      >>> _, state = tx.update(jnp.array([0.0, 0.0]), state)
+      >>> print(state.nu_max)  # the running maximum of the raw second moment
+      [0.004 0.   ]
     """
     _check_moment_args(b1, b2, eps, eps_root)
-    mu_storage, nu_storage = as_storage(mu_dtype), as_storage(nu_dtype)
-
-    def init_fn(params: Any) -> ScaleByAmsgradState:
-        return ScaleByAmsgradState(
-            count=jnp.zeros([], jnp.int32),
-            mu=_zeros(params, mu_storage),
-            nu=_zeros(params, nu_storage, real=True),
-            nu_max=_zeros(params, nu_storage, real=True),
-        )
-
-    return transformation(
-        init_fn,
-        _amsgrad_update,
+    return _moment_estimate(
+        ScaleByAmsgradState,
+        _adam_second_moment(eps, eps_root, amsgrad=True, bias_correction=bias_correction),
         b1=b1,
         b2=b2,
         eps=eps,
-        eps_root=eps_root,
-        mu_storage=mu_storage,
-        nu_storage=nu_storage,
+        mu_storage=as_storage(mu_dtype),
+        nu_storage=as_storage(nu_dtype),
         bias_correction=bias_correction,
     )
-
-
-def _adamax_update(
-    updates: Any,
-    state: Any,
-    params: Any,
-    *,
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    mu_storage: MomentStorage,
-    nu_storage: MomentStorage,
-) -> tuple[Any, Any]:
-    del params
-    divide = _divide(eps)
-    count = optax.safe_increment(state.count)
-    scalars = _step_scalars(b1, b2, count)
-
-    def leaf(g, mu_stored, nu_stored):
-        g_c, rdtype, d, mu = _first_moment(g, mu_stored, mu_storage, scalars)
-        nu = jnp.maximum(
-            jnp.abs(g_c) + _cast(eps, rdtype),
-            _cast(b2, rdtype) * nu_storage.load(nu_stored).astype(rdtype),
-        )
-        update = divide(mu / d.c1, nu).astype(g.dtype)
-        return update, mu_storage.store(mu, mu_stored), nu_storage.store(nu, nu_stored)
-
-    updates, mu, nu = _map_leaves(leaf, 3, updates, state.mu, state.nu)
-    return updates, ScaleByAdamState(count=count, mu=mu, nu=nu)
 
 
 def scale_by_adamax(
@@ -386,7 +303,8 @@ def scale_by_adamax(
         u_t^{\infty} = \max(\beta_2 u_{t-1}^{\infty}, |g_t| + \epsilon), \qquad
         u_t = \frac{m_t}{(1-\beta_1^t)\, u_t^{\infty}}.
 
-    Same arguments, state and results as ``optax.scale_by_adamax`` and ``torch.optim.Adamax``.
+    Same arguments, state (``optax.ScaleByAdamState``) and results as ``optax.scale_by_adamax``
+    and ``torch.optim.Adamax``.
 
     Args:
       b1: decay of the first moment, in [0, 1).
@@ -395,24 +313,22 @@ def scale_by_adamax(
       mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleByAdamState`.
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
     Example:
-      >>> import adam_jax, optax
-      >>> opt = optax.chain(adam_jax.scale_by_adamax(), adam_jax.scale_by_learning_rate(2e-3))
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.scale_by_adamax()
+      >>> updates, state = tx.update(jnp.array([3.0, -0.5]), tx.init(jnp.zeros(2)))
+      >>> print(jnp.round(updates, 6), state.nu)
+      [ 1. -1.] [3.  0.5]
     """
     _check_moment_args(b1, b2, eps)
-    mu_storage, nu_storage = as_storage(mu_dtype), as_storage(None)
-
-    def init_fn(params: Any) -> ScaleByAdamState:
-        return _adam_state(params, mu_storage, nu_storage)
-
-    return transformation(
-        init_fn,
-        _adamax_update,
+    return _moment_estimate(
+        ScaleByAdamState,
+        _infinity_norm(b2, eps),
         b1=b1,
         b2=b2,
         eps=eps,
-        mu_storage=mu_storage,
-        nu_storage=nu_storage,
+        mu_storage=as_storage(mu_dtype),
+        nu_storage=as_storage(None),
     )

@@ -32,6 +32,7 @@ def _linear_ramp(
     steps: jax.Array, start: jax.typing.ArrayLike, end: jax.typing.ArrayLike, length: int
 ) -> jax.Array:
     """``start`` at step 0 rising linearly to ``end`` at step ``length``."""
+    start, end = jnp.asarray(start), jnp.asarray(end)
     return start + (end - start) * steps / max(length, 1)
 
 
@@ -72,8 +73,9 @@ def warmup_stable_decay_schedule(
 
     Example:
       >>> import adam_jax
-      >>> lr = adam_jax.warmup_stable_decay_schedule(1e-3, 100, 800, 100)
-      >>> opt = adam_jax.adam(lr)
+      >>> lr = adam_jax.warmup_stable_decay_schedule(1.0, 100, 800, 100)
+      >>> print([float(lr(t)) for t in (0, 50, 100, 900, 950, 1000)])
+      [0.0, 0.5, 1.0, 1.0, 0.5, 0.0]
     """
     for name, steps in (("warmup_steps", warmup_steps), ("stable_steps", stable_steps),
                         ("decay_steps", decay_steps)):  # fmt: skip
@@ -84,7 +86,10 @@ def warmup_stable_decay_schedule(
 
     def schedule(count: jax.typing.ArrayLike) -> jax.Array:
         steps = _steps_as_float(count)
-        fraction = jnp.clip((steps - decay_start) / max(decay_steps, 1), 0.0, 1.0)
+        if decay_steps:
+            fraction = jnp.clip((steps - decay_start) / decay_steps, 0.0, 1.0)
+        else:  # no decay phase: the end value from step W + S on
+            fraction = (steps >= decay_start).astype(steps.dtype)
         if decay_type == "linear":
             remaining = 1.0 - fraction
         elif decay_type == "cosine":
@@ -121,7 +126,9 @@ def inverse_sqrt_schedule(
 
     Example:
       >>> import adam_jax
-      >>> lr = adam_jax.inverse_sqrt_schedule(1e-3, warmup_steps=4000)
+      >>> lr = adam_jax.inverse_sqrt_schedule(1.0, warmup_steps=100)
+      >>> print([float(lr(t)) for t in (50, 100, 400)])
+      [0.5, 1.0, 0.5]
     """
     _validation.check_steps("warmup_steps", warmup_steps)
     if warmup_steps < 1:
@@ -158,7 +165,9 @@ def linear_warmup(
 
     Example:
       >>> import adam_jax, optax
-      >>> lr = adam_jax.linear_warmup(optax.exponential_decay(1e-3, 1000, 0.5), 500)
+      >>> lr = adam_jax.linear_warmup(optax.exponential_decay(1.0, 1000, 0.5), 500)
+      >>> print([float(lr(t)) for t in (250, 500, 1500)])
+      [0.5, 1.0, 0.5]
     """
     _validation.check_steps("warmup_steps", warmup_steps)
     _check_values(init_value=init_value)

@@ -17,7 +17,26 @@ import jax.numpy as jnp
 
 
 class MomentStorage(abc.ABC):
-    """The stored form of one moment leaf."""
+    """The stored form of one moment leaf.
+
+    Subclass it to store moments in a form of your own; any class works (it need not be
+    hashable or frozen), since the transformations only call its three methods.
+
+    Example:
+      >>> import dataclasses, adam_jax, jax.numpy as jnp
+      >>> @dataclasses.dataclass
+      ... class Float16(adam_jax.MomentStorage):
+      ...     def init(self, param):
+      ...         return jnp.zeros(param.shape, jnp.float16)
+      ...     def load(self, stored):
+      ...         return stored
+      ...     def store(self, value, stored):
+      ...         return value.astype(stored.dtype)
+      >>> tx = adam_jax.adam(1e-3, nu_dtype=Float16())
+      >>> _, state = tx.update(jnp.ones(2), tx.init(jnp.zeros(2)))
+      >>> print(state[0].nu.dtype, state[0].nu)
+      float16 [0.001 0.001]
+    """
 
     @abc.abstractmethod
     def init(self, param: Any) -> Any:
@@ -35,7 +54,14 @@ class MomentStorage(abc.ABC):
 
 @dataclasses.dataclass(frozen=True)
 class CastStorage(MomentStorage):
-    """Stores a moment as a plain array of ``dtype`` (the param's own dtype when ``None``)."""
+    """Stores a moment as a plain array of ``dtype`` (the param's own dtype when ``None``).
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adam_jax import CastStorage
+      >>> print(CastStorage(jnp.bfloat16).init(jnp.zeros(3, jnp.float32)).dtype)
+      bfloat16
+    """
 
     dtype: Any = None
 
@@ -53,7 +79,20 @@ class CastStorage(MomentStorage):
 
 
 def cast_storage(dtype: Any = None) -> CastStorage:
-    """Storage as a plain array of ``dtype`` (e.g. ``jnp.bfloat16`` halves the state)."""
+    """Storage as a plain array of ``dtype`` (e.g. ``jnp.bfloat16`` halves the state).
+
+    Args:
+      dtype: the stored dtype, or ``None`` for the param's own.
+
+    Returns:
+      A :class:`CastStorage`.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.adam(1e-3, mu_dtype=adam_jax.cast_storage(jnp.bfloat16))
+      >>> print(tx.init(jnp.zeros(4))[0].mu.dtype)
+      bfloat16
+    """
     return CastStorage(None if dtype is None else jnp.dtype(dtype))
 
 
@@ -75,6 +114,9 @@ def real_part_of(param: Any) -> Any:
     if jnp.issubdtype(param.dtype, jnp.complexfloating):
         dtype = jnp.finfo(param.dtype).dtype
         traced = isinstance(param, jax.core.Tracer)
-        sharding = None if traced else getattr(param, "sharding", None)
+        # An uncommitted param (the default device) gets an uncommitted moment: a committed one
+        # would make the first jitted step's outputs committed, and the second call recompile.
+        committed = not traced and getattr(param, "committed", True)
+        sharding = getattr(param, "sharding", None) if committed else None
         return jax.ShapeDtypeStruct(param.shape, dtype, sharding=sharding)
     return param

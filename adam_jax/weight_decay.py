@@ -3,37 +3,20 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from adam_jax import _validation
-from adam_jax._numerics import compute_dtype, transformation
+from adam_jax._numerics import compute_dtype
 
 Mask = Any | Callable[[optax.Params], Any]
 
-
-class AddDecayedWeightsState(NamedTuple):
-    """State of :func:`add_decayed_weights`: the step count, for a weight-decay schedule."""
-
-    count: jax.Array
-
-
-def _decay_update(
-    updates: Any, state: AddDecayedWeightsState, params: Any, *, weight_decay: Any
-) -> tuple[Any, AddDecayedWeightsState]:
-    if params is None:
-        raise ValueError("add_decayed_weights needs params: call update(updates, state, params)")
-    rate = weight_decay(state.count) if callable(weight_decay) else weight_decay
-
-    def decay(u: jax.Array, p: jax.Array) -> jax.Array:
-        dtype = compute_dtype(u.dtype)
-        return (u.astype(dtype) + rate * p.astype(dtype)).astype(u.dtype)
-
-    updates = jax.tree.map(decay, updates, params)
-    return updates, AddDecayedWeightsState(count=optax.safe_increment(state.count))
+# optax's states for add_decayed_weights: empty for a constant rate, a step count for a schedule
+# (optax does not export the latter's type, so it is read off optax's own transformation).
+WeightDecaySchedule = type(optax.add_decayed_weights(lambda count: 0.0).init(None))
 
 
 def add_decayed_weights(
@@ -45,6 +28,12 @@ def add_decayed_weights(
     (AdamW, Loshchilov and Hutter, 2019); placed before the moment estimate it is L2
     regularisation as in ``torch.optim.Adam(weight_decay=...)``.
 
+    A drop-in for ``optax.add_decayed_weights`` with the same states (``optax.EmptyState`` for a
+    constant, a step count for a schedule): the decay term is computed in at least float32 and the
+    updates keep their dtype, a constant is checked at construction, and a mask that does not fit
+    the params is reported at ``init``. A constant zero rate leaves the updates untouched and
+    needs no params.
+
     Args:
       weight_decay: a finite constant >= 0, or a schedule ``step -> rate`` (the first update uses
         its value at step 0).
@@ -52,30 +41,74 @@ def add_decayed_weights(
         returning one from the params; leaves marked ``False`` are not decayed.
 
     Returns:
-      An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+      An ``optax.GradientTransformation``; its ``update`` requires ``params`` unless the rate is
+      a constant zero.
 
     Example:
-      >>> import adam_jax, jax
-      >>> no_bias = lambda params: jax.tree.map(lambda p: p.ndim > 1, params)
-      >>> decay = adam_jax.add_decayed_weights(1e-4, mask=no_bias)
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.add_decayed_weights(0.1)
+      >>> params = {"w": jnp.array([1.0, 2.0]), "b": jnp.array([3.0])}
+      >>> grads = {"w": jnp.zeros(2), "b": jnp.zeros(1)}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(updates["w"], updates["b"])
+      [0.1 0.2] [0.3]
     """
-    if not callable(weight_decay):
+    scheduled = callable(weight_decay)
+    if not scheduled:
         _validation.check_non_negative("weight_decay", weight_decay)
+    skip = not scheduled and _validation.static_float(weight_decay) == 0.0
 
-    def init_fn(params: Any) -> AddDecayedWeightsState:
+    def init_fn(params: optax.Params) -> Any:
         del params
-        return AddDecayedWeightsState(count=jnp.zeros([], jnp.int32))
+        if scheduled:
+            return WeightDecaySchedule(count=jnp.zeros([], jnp.int32))
+        return optax.EmptyState()
 
-    transform = transformation(init_fn, _decay_update, weight_decay=weight_decay)
+    def update_fn(
+        updates: optax.Updates, state: Any, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, Any]:
+        new_state = WeightDecaySchedule(optax.safe_increment(state.count)) if scheduled else state
+        if skip:
+            return updates, new_state
+        if params is None:
+            raise ValueError(
+                "add_decayed_weights needs params: call update(updates, state, params)"
+            )
+        rate = weight_decay(state.count) if scheduled else weight_decay
+
+        def decay(u: jax.Array, p: jax.Array) -> jax.Array:
+            dtype = compute_dtype(u.dtype)
+            return (u.astype(dtype) + rate * p.astype(dtype)).astype(u.dtype)
+
+        return jax.tree.map(decay, updates, params), new_state
+
+    transform = optax.GradientTransformation(init_fn, update_fn)
     return transform if mask is None else masked(transform, mask)
 
 
 def masked(inner: optax.GradientTransformation, mask: Mask) -> optax.GradientTransformation:
     """``optax.masked`` whose ``init`` checks that the mask fits the params, and says so clearly
-    when it does not."""
+    when it does not.
+
+    Args:
+      inner: the transformation to apply to the leaves marked ``True``.
+      mask: a pytree of bools with the params' structure (or a prefix of it), or a callable
+        returning one from the params.
+
+    Returns:
+      An ``optax.GradientTransformation`` with optax's masked state.
+
+    Example:
+      >>> import adam_jax, optax, jax.numpy as jnp
+      >>> params = {"w": jnp.ones(2), "b": jnp.ones(1)}
+      >>> tx = adam_jax.masked(optax.scale(0.5), {"w": True, "b": False})
+      >>> updates, _ = tx.update(params, tx.init(params))
+      >>> print(updates["w"], updates["b"])
+      [0.5 0.5] [1.]
+    """
     wrapped = optax.masked(inner, mask)
 
-    def init_fn(params: Any) -> Any:
+    def init_fn(params: optax.Params) -> Any:
         mask_tree = mask(params) if callable(mask) else mask
         try:
             jax.tree.map(lambda _, __: None, mask_tree, params)
@@ -86,4 +119,4 @@ def masked(inner: optax.GradientTransformation, mask: Mask) -> optax.GradientTra
             ) from error
         return wrapped.init(params)
 
-    return optax.GradientTransformation(init_fn, wrapped.update)
+    return wrapped._replace(init=init_fn)

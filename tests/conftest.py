@@ -5,7 +5,8 @@
 * float64 is *not* enabled globally (``tests/mnist`` must run with jax's float32 defaults).
   Tests that need it use the ``x64`` fixture, which enables it with the thread-local
   ``jax.enable_x64`` context manager for the duration of one test only, or use that context
-  manager directly (hypothesis tests, which cannot take function-scoped fixtures).
+  manager directly (hypothesis tests, which cannot take function-scoped fixtures). Every test
+  is checked for leaving it switched on.
 """
 
 from __future__ import annotations
@@ -30,11 +31,8 @@ def x64() -> Iterator[None]:
 
 
 @pytest.fixture(autouse=True)
-def _no_x64_leak(request: pytest.FixtureRequest) -> Iterator[None]:
-    """Fails loudly if a core test leaves float64 switched on for the tests that follow."""
-    if not request.module.__name__.startswith("test_core_"):
-        yield
-        return
+def _no_x64_leak() -> Iterator[None]:
+    """Fails loudly if any test leaves float64 switched on for the tests that follow."""
     before = bool(jax.config.jax_enable_x64)
     yield
     after = bool(jax.config.jax_enable_x64)

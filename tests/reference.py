@@ -126,7 +126,8 @@ class RefAdam:
             elif self.eps_placement != "standard":
                 raise ValueError(self.eps_placement)
             elif not self.bias_correction:
-                u = m / (np.sqrt(v + eps_root) + eps)
+                m_used = b1 * m + (1 - b1) * g if self.nesterov else m
+                u = m_used / (np.sqrt(v + eps_root) + eps)
             else:
                 if self.nesterov:
                     m_hat = b1 * m / (1 - b1 ** (t + 1)) + (1 - b1) * g / (1 - b1**t)

