@@ -26,6 +26,12 @@ COLORS = {
 }
 
 
+def legend(ax: plt.Axes) -> None:
+    """A legend where the panel has labelled data: a results file may lack a section."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+
+
 def plot(results: dict, out: Path) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(18, 5))
     machine = results.get("machine", {})
@@ -59,7 +65,7 @@ def plot(results: dict, out: Path) -> None:
     ax.set_xticks(np.arange(len(trees)) + 0.4 - width / 2, trees)
     ax.set_ylabel("achieved GB/s (28 bytes / parameter)")
     ax.set_title("Adam step, 16M float32 parameters")
-    ax.legend(fontsize=7)
+    legend(ax)
 
     ax = axes[1]
     comp = results.get("compile", [])
@@ -78,7 +84,7 @@ def plot(results: dict, out: Path) -> None:
     ax.set_xlabel("number of leaves (16k elements each)")
     ax.set_ylabel("tracing + XLA compilation (s)")
     ax.set_title("Compile time of the jitted step")
-    ax.legend(fontsize=7)
+    legend(ax)
 
     ax = axes[2]
     sb = [r for r in results.get("state_bytes", []) if r["tree"] == "1 x 16M"]

@@ -64,6 +64,14 @@ def summarize(results: dict, mnist: dict | None = None) -> str:
                 rows,
             )
         )
+    leaves = results.get("leaves", [])
+    if leaves:
+        rows = [
+            [r["tree"], r["variant"], f"{r['median_ms']:.3f}", f"{r['ratio_vs_optax']:.3f}"]
+            for r in leaves
+        ]
+        out.append("\n### Step time on 1 and 64 leaves, relative to optax.adam (median)\n")
+        out.append(_table(["tree", "variant", "ms", "time / optax.adam"], rows))
     comp = results.get("compile", [])
     if comp:
         ref = {r["num_leaves"]: r["total_s"] for r in comp if r["variant"] == "optax.adam"}
@@ -139,7 +147,7 @@ def summarize(results: dict, mnist: dict | None = None) -> str:
                 out.append(
                     f"\n- {k}: mean {100 * v['mean_test_accuracy']:.3f} % over {v['seeds']} seed(s)"
                 )
-        by = {}
+        by: dict[int, dict[str, float]] = {}
         for r in mnist["runs"]:
             by.setdefault(r["seed"], {})[r["moments"]] = r["test_accuracy"]
         pairs = [v for v in by.values() if len(v) == 2]

@@ -24,7 +24,7 @@ compared with the float64 formula evaluated on the same gradients::
 
 Usage::
 
-    .venv/bin/python docs/precision.py [--steps 500] [--size 1000] [--seed 0]
+    python -m benchmarks.precision [--steps 500] [--size 1000] [--seed 0]
 """
 
 from __future__ import annotations

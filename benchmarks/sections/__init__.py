@@ -1,0 +1,1 @@
+"""One module per benchmark section; each ``run(settings)`` returns the section's JSON rows."""

@@ -1,0 +1,81 @@
+"""The benchmark harness runs end to end at tiny sizes: structure of its results, not timings."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from benchmarks import compare_revisions, run, summarize
+
+REFERENCE = "optax.adam"
+OURS = "adam_jax.adam"
+
+
+def test_every_section_is_documented_in_the_module_docstring() -> None:
+    for name, section in run.SECTIONS.items():
+        assert f"``{name}``" in run.__doc__
+        assert section.description
+
+
+def test_leaves_and_state_bytes_sections_write_their_rows(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    argv = ["--sections", "leaves", "state_bytes", "--quick", "--repeats", "3"]
+    run.main([*argv, "--out", str(out), "--plot", str(tmp_path / "plot.png")])
+    results = json.loads(out.read_text())
+
+    assert results["machine"]["cpu_count"] > 0
+    for section in ("leaves", "state_bytes"):
+        command = results["section_runs"][section]["command"]
+        assert command.startswith("python -m benchmarks.run " + " ".join(argv))
+        assert results["section_seconds"][section] > 0
+
+    leaves = results["leaves"]
+    trees = {row["tree"] for row in leaves}
+    assert len(trees) >= 2 and len(leaves) == 2 * len(trees)
+    for tree in trees:
+        rows = {row["variant"]: row for row in leaves if row["tree"] == tree}
+        assert set(rows) == {REFERENCE, OURS}
+        assert rows[REFERENCE]["ratio_vs_optax"] == 1.0
+        assert math.isfinite(rows[OURS]["ratio_vs_optax"]) and rows[OURS]["ratio_vs_optax"] > 0
+        for row in rows.values():
+            assert row["num_leaves"] * row["leaf_size"] > 0
+            assert 0 < row["min_ms"] <= row["median_ms"]
+            assert row["repeats"] == 3
+
+    state_bytes = results["state_bytes"]
+    assert {row["tree"] for row in state_bytes} == {"1 x 16M", "transformer-like", "mnist_cnn"}
+    for row in state_bytes:
+        assert row["state_bytes"] > 0
+        assert row["bytes_per_param"] == row["state_bytes"] / row["num_params"]
+    float32 = [r for r in state_bytes if r["storage"] == "optax.adam (float32)"]
+    assert all(math.isclose(r["bytes_per_param"], 8.0, rel_tol=1e-3) for r in float32)
+
+    tables = summarize.summarize(results)
+    assert "time / optax.adam" in tables and "bytes per parameter" in tables
+    assert (tmp_path / "plot.png").exists()
+
+
+def test_revision_comparison_takes_medians_over_processes() -> None:
+    def process(ratio_1: float, ratio_64: float) -> dict:
+        rows = [
+            {"tree": tree, "variant": variant, "ratio_vs_optax": ratio, "median_ms": 2.0 * ratio}
+            for tree, ratio in (("1 x 4", ratio_1), ("64 x 4", ratio_64))
+            for variant, ratio in ((REFERENCE, 1.0), (OURS, ratio))
+        ]
+        return {"machine": {}, "leaves": rows}
+
+    baseline = compare_revisions.summarize_runs(
+        compare_revisions.BASELINE, [process(1.0, 0.9), process(1.2, 1.0), process(0.8, 1.1)]
+    )
+    candidate = compare_revisions.summarize_runs(
+        compare_revisions.CANDIDATE, [process(0.5, 1.0), process(0.6, 1.0), process(0.7, 1.0)]
+    )
+    assert [(r["tree"], r["ratio_vs_optax_median"]) for r in baseline] == [
+        ("1 x 4", 1.0),
+        ("64 x 4", 1.0),
+    ]
+    assert candidate[0]["ratio_vs_optax_per_run"] == [0.5, 0.6, 0.7]
+    assert candidate[0]["adam_jax_median_ms"] == 1.2
+    table = compare_revisions.table(baseline + candidate)
+    assert "| 1 x 4 | 1.000 (0.800-1.200) | 0.600 (0.500-0.700) | 0.600 |" in table
