@@ -1,5 +1,6 @@
 """``python -m examples.mnist``: see :mod:`examples.mnist.main`."""
 
-from examples.mnist.main import main
+from examples.mnist.main import main, quiet_leftovers_of_failed_writes
 
+quiet_leftovers_of_failed_writes()
 main()

@@ -4,13 +4,30 @@ from __future__ import annotations
 
 import dataclasses
 
+from examples.mnist import data, models, optimizers
+
+# Settings that a resumed run must share with the checkpoint it resumes from: they fix the
+# state's structure (model, optimizer, non-finite skipping) or which batches make up a step
+# (dataset, train_limit, batch_size, seed). The others (epochs, learning rate, schedule, ...)
+# may change on resume; the run then follows the new values from the checkpoint on.
+RESUME_SETTINGS = (
+    "model",
+    "optimizer",
+    "batch_size",
+    "dataset",
+    "train_limit",
+    "seed",
+    "skip_nonfinite",
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a run. The defaults are the tuned ``cnn`` recipe.
 
     ``learning_rate=None`` takes the optimizer's tuned peak rate from
-    :data:`examples.mnist.optimizers.PEAK_LEARNING_RATES`.
+    :data:`examples.mnist.optimizers.PEAK_LEARNING_RATES`. ``checkpoint_every=None``
+    checkpoints at the end of each epoch.
     """
 
     model: str = "cnn"
@@ -30,17 +47,42 @@ class Config:
     workdir: str = "runs/mnist"
     resume: bool = False
     checkpoints: bool = True
+    checkpoint_every: int | None = None
+    keep_checkpoints: int = 3
+    # Steps between training-loss records in metrics.jsonl (and progress-bar updates).
+    log_every: int = 10
+    # Skip steps whose gradient has a NaN or an Inf; stop after this many in a row.
+    skip_nonfinite: bool = False
+    max_consecutive_skips: int = 10
     progress: bool = True
 
     def __post_init__(self) -> None:
+        for name, choices in (
+            ("model", tuple(models.MODELS)),
+            ("optimizer", optimizers.NAMES),
+            ("schedule", optimizers.SCHEDULES),
+            ("dataset", tuple(data.DATASETS)),
+        ):
+            if getattr(self, name) not in choices:
+                raise ValueError(
+                    f"{name} must be one of {', '.join(choices)}; got {getattr(self, name)!r}"
+                )
         for name, value, lowest in (
             ("epochs", self.epochs, 1),
             ("batch_size", self.batch_size, 1),
             ("eval_batch_size", self.eval_batch_size, 1),
             ("max_shift", self.max_shift, 0),
+            ("keep_checkpoints", self.keep_checkpoints, 1),
+            ("log_every", self.log_every, 1),
+            ("max_consecutive_skips", self.max_consecutive_skips, 1),
         ):
             if value < lowest:
                 raise ValueError(f"{name} must be an integer >= {lowest}, got {value}")
+        if self.checkpoint_every is not None and self.checkpoint_every < 1:
+            raise ValueError(
+                f"checkpoint_every must be an integer >= 1 (or None: at epoch ends), "
+                f"got {self.checkpoint_every}"
+            )
         if self.train_limit is not None and self.train_limit < self.batch_size:
             raise ValueError(
                 f"train_limit must be >= batch_size ({self.batch_size}) so that an epoch has a "
@@ -50,3 +92,7 @@ class Config:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
             raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
+
+    def resume_settings(self) -> dict[str, object]:
+        """The settings a checkpoint records and a resumed run must match."""
+        return {name: getattr(self, name) for name in RESUME_SETTINGS}

@@ -1,13 +1,23 @@
-"""Command line of the MNIST example: ``python -m examples.mnist --help``."""
+"""Command line of the MNIST example: ``python -m examples.mnist --help``.
+
+Every failure the program anticipates (bad data, no intact checkpoint, settings that differ
+from the checkpoint's, non-finite values, a stop by SIGTERM or SIGINT) ends with one message on
+stderr and a non-zero exit status, not a traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
+import logging
+import shlex
+import sys
+from typing import Any
 
 from rich.console import Console
 
 from examples.mnist import compare, data, models, optimizers, train
 from examples.mnist.config import Config
+from examples.mnist.errors import Interrupted, TrainingError
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]:
@@ -74,7 +84,40 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
         "--workdir", default=default.workdir, help="metrics, checkpoints and plots go here"
     )
     parser.add_argument(
-        "--resume", action="store_true", help="continue from the last checkpoint in --workdir"
+        "--resume",
+        action="store_true",
+        help="continue from the newest intact checkpoint in --workdir",
+    )
+    parser.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=default.checkpoint_every,
+        metavar="STEPS",
+        help="checkpoint every STEPS optimizer steps (None: at the end of each epoch)",
+    )
+    parser.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=default.keep_checkpoints,
+        help="how many of the newest checkpoints to keep",
+    )
+    parser.add_argument(
+        "--log-every",
+        type=int,
+        default=default.log_every,
+        metavar="STEPS",
+        help="steps between training-loss records in metrics.jsonl",
+    )
+    parser.add_argument(
+        "--skip-nonfinite",
+        action="store_true",
+        help="skip steps whose gradient has a NaN or an Inf (optax.apply_if_finite)",
+    )
+    parser.add_argument(
+        "--max-consecutive-skips",
+        type=int,
+        default=default.max_consecutive_skips,
+        help="with --skip-nonfinite: stop after this many skipped steps in a row",
     )
     parser.add_argument(
         "--compare",
@@ -106,6 +149,11 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
             eval_batch_size=args.eval_batch_size,
             workdir=args.workdir,
             resume=args.resume,
+            checkpoint_every=args.checkpoint_every,
+            keep_checkpoints=args.keep_checkpoints,
+            log_every=args.log_every,
+            skip_nonfinite=args.skip_nonfinite,
+            max_consecutive_skips=args.max_consecutive_skips,
             progress=not args.no_progress,
         )
     except ValueError as err:
@@ -113,15 +161,50 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
     return config, args.compare
 
 
+def resume_command(argv: list[str]) -> str:
+    """The command line that continues the run of ``argv``."""
+    resume = [] if "--resume" in argv else ["--resume"]
+    return shlex.join(["python", "-m", "examples.mnist", *argv, *resume])
+
+
+def quiet_leftovers_of_failed_writes() -> None:
+    """Keeps orbax's debris of a failed checkpoint write off the terminal, for the rest of the
+    process (``python -m examples.mnist`` calls it; the debris can arrive at any time).
+
+    This program reports a failed write itself, in one line. Orbax writes the arrays in
+    parallel; when one write fails it gives up on the others, which fail in turn in the
+    background: orbax logs each (absl logger, with a traceback), asyncio logs the tasks whose
+    errors nobody read, and callbacks into the closed event loop raise "Event loop is closed"
+    as unraisable exceptions. Other unraisable exceptions still reach the previous hook.
+    """
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    previous_hook = sys.unraisablehook
+
+    def hook(unraisable: Any) -> None:
+        error = unraisable.exc_value
+        if not (isinstance(error, RuntimeError) and str(error) == "Event loop is closed"):
+            previous_hook(unraisable)
+
+    sys.unraisablehook = hook
+
+
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
     config, compared = parse_args(argv)
     console = Console()
     try:
         dataset = data.load(config.dataset, config.data_dir)
+        if compared:
+            compare.compare(config, compared, dataset, console)
+            return
+        _, history = train.train_and_evaluate(config, dataset, console)
+    except Interrupted as err:
+        print(f"{err}\nResume with: {resume_command(argv)}", file=sys.stderr)
+        raise SystemExit(err.exit_status) from err
+    except TrainingError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_status) from err
     except data.DataError as err:
         raise SystemExit(f"error: {err}") from err
-    if compared:
-        compare.compare(config, compared, dataset, console)
-        return
-    _, history = train.train_and_evaluate(config, dataset, console)
     console.print(train.summary(config, history))

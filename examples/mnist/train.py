@@ -9,13 +9,18 @@ the pipeline. (Steps are not fused with ``lax.scan``: XLA:CPU runs convolutions 
 an order of magnitude slower than at the top level, and dispatch is cheap next to a step.)
 
 Reproducibility: the shuffle of epoch ``e`` is drawn from ``(seed, e)`` and the augmentation
-and dropout keys from ``(seed, step)``, so a run resumed from the checkpoint of epoch ``e``
-replays exactly the same computation as an uninterrupted one.
+and dropout keys from ``(seed, step)``, and a checkpoint holds the epoch's running sums next to
+the model and optimizer, so a run resumed from any checkpoint, in the middle of an epoch or at
+its end, replays exactly the computation of an uninterrupted one.
+
+Faults: SIGTERM or SIGINT stops the run after the current step with a checkpoint
+(:mod:`~examples.mnist.interrupts`); damaged checkpoints and full disks are handled in
+:mod:`~examples.mnist.checkpoints`; ``Config.skip_nonfinite`` skips steps whose gradient is
+not finite, and a run never writes a checkpoint whose parameters are not finite.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import shutil
 import time
@@ -27,16 +32,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from examples.mnist import data as data_lib
+from examples.mnist import metrics as metrics_lib
 from examples.mnist import models, optimizers
+from examples.mnist.checkpoints import Checkpoints
 from examples.mnist.config import Config
+from examples.mnist.errors import CheckpointError, Interrupted, NonFiniteError, TrainingError
+from examples.mnist.interrupts import StopRequests
 
-Metrics = dict[str, float]
+Metrics = metrics_lib.Metrics
+# Per-epoch sums carried from step to step on the device: summed loss, correct predictions and
+# images of the steps that were applied (a skipped step adds nothing).
+SUMS = ("loss_sum", "correct", "images")
 
 
 def normalize(images: jax.Array, mean: float, std: float) -> jax.Array:
@@ -69,14 +80,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def _all_finite(state: nnx.State) -> jax.Array:
+    leaves = jax.tree.leaves(nnx.to_pure_dict(state))
+    floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+
+
 class Trainer:
     """A model, its optimizer and the compiled functions that train and evaluate it.
 
-    ``state`` is the pure ``nnx.State`` of ``(model, optimizer)``; it is the only thing that
-    changes between calls, and what checkpoints hold.
+    ``state`` is the pure ``nnx.State`` of ``(model, optimizer)`` and ``running`` the epoch's
+    sums (:data:`SUMS`) and skip counters; they are what changes from step to step, and what
+    checkpoints hold.
     """
-
-    progress_every = 10  # Steps between progress reports.
 
     def __init__(self, config: Config, dataset: data_lib.Dataset):
         self.config = config
@@ -97,10 +113,17 @@ class Trainer:
             self.total_steps,
             round(config.warmup_epochs * self.steps_per_epoch),
         )
+        # The rate of every step, for the records: reading it never waits on the device.
+        self.learning_rates = np.asarray(
+            jax.jit(jax.vmap(self.learning_rate))(jnp.arange(self.total_steps))
+        )
         model = models.create(config.model, config.seed)
         tx = optimizers.create(config.optimizer, self.learning_rate)
+        if config.skip_nonfinite:
+            tx = optax.apply_if_finite(tx, config.max_consecutive_skips)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         self.graphdef, self.state = nnx.split((model, optimizer))
+        self.running = self.zero_running()
 
         # The dataset lives on the device; steps gather their batches there by index.
         self.train_images = jax.device_put(dataset.train.images[:n_train])
@@ -110,6 +133,13 @@ class Trainer:
         self.base_key = jax.random.key(config.seed)
         self._train_step = jax.jit(self._make_train_step(), donate_argnums=0)
         self._evaluate_batch = jax.jit(self._make_evaluate_batch())
+        self._all_finite = jax.jit(_all_finite)
+
+    @staticmethod
+    def zero_running() -> dict[str, jax.Array]:
+        sums = {name: jnp.zeros((), jnp.float32) for name in SUMS}
+        counters = {name: jnp.zeros((), jnp.int32) for name in ("skipped", "consecutive_skips")}
+        return sums | counters
 
     @staticmethod
     def _eval_batches(split: data_lib.Split, batch_size: int) -> tuple[jax.Array, ...]:
@@ -125,14 +155,14 @@ class Trainer:
 
     def _make_train_step(self) -> Callable[..., Any]:
         graphdef, spec, max_shift = self.graphdef, self.dataset.spec, self.config.max_shift
+        skip_nonfinite = self.config.skip_nonfinite
 
         def loss_fn(model, images, labels, rngs):
             logits = model(images, train=True, rngs=rngs)
             return cross_entropy(logits, labels).mean(), logits
 
-        def train_step(state, totals, images, labels, indices, step_number, base_key):
-            """One optimizer step on ``images[indices]``; ``totals`` accumulates the summed
-            loss and number of correct predictions."""
+        def train_step(state, running, images, labels, indices, step_number, base_key):
+            """One optimizer step on ``images[indices]``; adds to the ``running`` sums."""
             key = jax.random.fold_in(base_key, step_number)
             shift_key, dropout_key = jax.random.split(key)
             x = random_shift(shift_key, images[indices].astype(jnp.float32), max_shift)
@@ -142,8 +172,22 @@ class Trainer:
             grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
             (loss, logits), grads = grad_fn(model, x, y, nnx.Rngs(dropout=dropout_key))
             optimizer.update(model, grads)
+            if skip_nonfinite:
+                # optax.apply_if_finite's counters: this step's verdict, the total, the streak.
+                opt_state = optimizer.opt_state
+                applied = opt_state.last_finite[...]
+                skipped = opt_state.total_notfinite[...]
+                consecutive = opt_state.notfinite_count[...]
+            else:
+                applied = jnp.array(True)
+                skipped, consecutive = running["skipped"], running["consecutive_skips"]
             correct = jnp.sum(jnp.argmax(logits, -1) == y)
-            return nnx.state((model, optimizer)), totals + jnp.stack([loss * len(y), correct])
+            added = {"loss_sum": loss * len(y), "correct": correct, "images": len(y)}
+            sums = {name: running[name] + jnp.where(applied, added[name], 0) for name in SUMS}
+            return nnx.state((model, optimizer)), sums | {
+                "skipped": skipped,
+                "consecutive_skips": consecutive,
+            }
 
         return train_step
 
@@ -166,52 +210,31 @@ class Trainer:
         order = rng.permutation(self.n_train)[: self.steps_per_epoch * self.config.batch_size]
         return order.reshape(self.steps_per_epoch, self.config.batch_size).astype(np.int32)
 
-    def train_epoch(
-        self, epoch: int, on_progress: Callable[[int, Metrics], None] | None = None
-    ) -> Metrics:
-        """Runs epoch ``epoch`` (0-based); returns its mean loss, accuracy and timings.
+    def step(self, indices: jax.Array, step_number: int) -> None:
+        """Dispatches the optimizer step ``step_number`` (0-based, counted from the start of
+        training) on the batch ``indices``; returns at once."""
+        self.state, self.running = self._train_step(
+            self.state,
+            self.running,
+            self.train_images,
+            self.train_labels,
+            indices,
+            step_number,
+            self.base_key,
+        )
 
-        ``on_progress(steps_done, running_metrics)`` is called every ``progress_every``
-        steps with the totals of the step before, so that it never makes the device wait.
-        """
+    def train_epoch(self, epoch: int) -> Metrics:
+        """Runs epoch ``epoch`` (0-based) whole, without records or checkpoints; returns its
+        mean loss and accuracy and its timings."""
         order = jax.device_put(self.epoch_order(epoch))
-        first_step = epoch * self.steps_per_epoch
+        self.running = self.zero_running()
         start = time.perf_counter()
-        totals = jnp.zeros(2)
         for i in range(self.steps_per_epoch):
-            self.state, new_totals = self._train_step(
-                self.state,
-                totals,
-                self.train_images,
-                self.train_labels,
-                order[i],
-                first_step + i,
-                self.base_key,
-            )
-            if on_progress is not None and i % self.progress_every == 0 and i > 0:
-                # The totals of steps 0..i-1: step i is queued behind them, so no stall.
-                on_progress(*self._running(i, totals, start))
-            totals = new_totals
-        loss_sum, correct = np.asarray(totals)  # Waits for the last step.
+            self.step(order[i], epoch * self.steps_per_epoch + i)
+        means = epoch_means(jax.device_get(self.running))  # Waits for the last step.
         seconds = time.perf_counter() - start
-        if on_progress is not None:
-            on_progress(*self._running(self.steps_per_epoch, totals, start))
         images = self.steps_per_epoch * self.config.batch_size
-        return {
-            "train_loss": float(loss_sum / images),
-            "train_accuracy": float(correct / images),
-            "train_seconds": seconds,
-            "images_per_second": images / seconds,
-        }
-
-    def _running(self, steps: int, totals: jax.Array, start: float) -> tuple[int, Metrics]:
-        loss_sum, correct = np.asarray(totals)
-        images = steps * self.config.batch_size
-        return steps, {
-            "loss": float(loss_sum / images),
-            "accuracy": float(correct / images),
-            "images_per_second": images / (time.perf_counter() - start),
-        }
+        return means | {"train_seconds": seconds, "images_per_second": images / seconds}
 
     def evaluate(self) -> Metrics:
         """Mean loss and accuracy on the whole test set."""
@@ -222,153 +245,429 @@ class Trainer:
         loss, accuracy = np.asarray(totals) / self.n_test
         return {"test_loss": float(loss), "test_accuracy": float(accuracy)}
 
+    def state_is_finite(self) -> bool:
+        """Whether every floating-point array of the model and optimizer is finite."""
+        return bool(self._all_finite(self.state))
+
     def params(self) -> dict[str, Any]:
         """The model's parameters as a nested dict of NumPy arrays."""
         model, _ = nnx.merge(self.graphdef, self.state)
         return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 
-class Checkpoints:
-    """Orbax checkpoints of the trainer state, one per epoch, numbered by completed epochs."""
-
-    def __init__(self, directory: Path):
-        self.manager = ocp.CheckpointManager(
-            directory.absolute(), options=ocp.CheckpointManagerOptions(max_to_keep=2)
-        )
-
-    def latest_epoch(self) -> int | None:
-        return self.manager.latest_step()
-
-    def save(self, epochs_done: int, state: nnx.State) -> None:
-        self.manager.save(epochs_done, args=ocp.args.StandardSave(nnx.to_pure_dict(state)))
-        self.manager.wait_until_finished()
-
-    def restore(self, epochs_done: int, state: nnx.State) -> nnx.State:
-        target = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.to_pure_dict(state))
-        restored = self.manager.restore(epochs_done, args=ocp.args.StandardRestore(target))
-        nnx.replace_by_pure_dict(state, restored)
-        return state
-
-    def close(self) -> None:
-        self.manager.close()
+def epoch_means(sums: dict[str, Any], since: dict[str, Any] | None = None) -> Metrics:
+    """Mean training loss and accuracy of the steps summed in ``sums`` (after ``since``);
+    ``None`` where no step was applied."""
+    window = {name: float(sums[name]) - float(since[name] if since else 0) for name in SUMS}
+    images = window["images"]
+    return {
+        "train_loss": window["loss_sum"] / images if images else None,
+        "train_accuracy": window["correct"] / images if images else None,
+    }
 
 
-def _progress_bar(enabled: bool) -> Progress:
+def _progress_bar(enabled: bool, console: Console) -> Progress:
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
         TextColumn(
             "loss {task.fields[loss]:.4f}  acc {task.fields[accuracy]:.2%}  "
-            "{task.fields[images_per_second]:,.0f} img/s"
+            "{task.fields[images_per_second]:,.0f} img/s{task.fields[skipped]}"
         ),
         TimeElapsedColumn(),
+        console=console,
         disable=not enabled,
     )
 
 
-def read_metrics(path: Path) -> list[Metrics]:
-    """The records of a ``metrics.jsonl`` file, one per line."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+def read_metrics(path: Path, console: Console | None = None) -> list[Metrics]:
+    """The records of a ``metrics.jsonl`` file; unreadable lines are reported on ``console``."""
+    return metrics_lib.read(path, _warner(console or Console()))
 
 
-def plot_curves(history: list[Metrics], path: Path, title: str) -> None:
-    """Loss and accuracy (train and test) against epoch."""
+def _warner(console: Console) -> Callable[[str], None]:
+    def warn(message: str) -> None:
+        # Not markup: messages quote paths and shapes such as float32[784, 512].
+        console.print(
+            f"warning: {message}", style="yellow", markup=False, highlight=False, soft_wrap=True
+        )
+
+    return warn
+
+
+def curves_figure(records: list[Metrics], title: str) -> Any:
+    """The matplotlib figure of ``curves.png``: loss (of the logged steps and per epoch) and
+    accuracy (per epoch) against epochs."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs = [m["epoch"] for m in history]
+    epochs = [m for m in records if m["kind"] == "epoch"]
+    steps = [m for m in records if m["kind"] == "step" and m["train_loss"] is not None]
+    x = [m["epoch"] for m in epochs]
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
-    ax_loss.plot(epochs, [m["train_loss"] for m in history], "o-", label="train")
-    ax_loss.plot(epochs, [m["test_loss"] for m in history], "o-", label="test")
+    ax_loss.plot(
+        [m["epoch"] for m in steps],
+        [m["train_loss"] for m in steps],
+        "-",
+        color="C0",
+        alpha=0.4,
+        lw=1,
+        label="train (logged steps)",
+    )
+    ax_loss.plot(x, [m["train_loss"] for m in epochs], "o-", color="C0", label="train (epoch)")
+    ax_loss.plot(x, [m["test_loss"] for m in epochs], "o-", color="C1", label="test")
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy", yscale="log", title="loss")
-    ax_acc.plot(epochs, [100 * m["train_accuracy"] for m in history], "o-", label="train")
-    ax_acc.plot(epochs, [100 * m["test_accuracy"] for m in history], "o-", label="test")
+    for name, color in (("train", "C0"), ("test", "C1")):
+        # An epoch whose steps were all skipped has no training accuracy.
+        points = [(m["epoch"], m[f"{name}_accuracy"]) for m in epochs]
+        points = [(epoch, 100 * value) for epoch, value in points if value is not None]
+        if points:
+            ax_acc.plot(*zip(*points, strict=True), "o-", color=color, label=name)
     ax_acc.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")
     for ax in (ax_loss, ax_acc):
         ax.grid(alpha=0.3)
         ax.legend()
     fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(records: list[Metrics], path: Path, title: str) -> None:
+    """Writes :func:`curves_figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = curves_figure(records, title)
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+class _Run:
+    """One call of :func:`train_and_evaluate`: the loop with its records, checkpoints, stops
+    and resume.
+
+    Invariant that makes resumes exact: every record with ``step <= s`` is appended before the
+    checkpoint of step ``s`` is written and every later one after it, so resuming from ``s``
+    keeps the records up to ``s`` and recomputes the others exactly as they were.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        trainer: Trainer,
+        checkpoints: Checkpoints | None,
+        metrics_path: Path,
+        console: Console,
+        progress: Progress,
+    ):
+        self.config = config
+        self.trainer = trainer
+        self.checkpoints = checkpoints
+        self.metrics_path = metrics_path
+        self.console = console
+        self.warn = _warner(console)
+        self.progress = progress
+        self.records: list[Metrics] = []
+        self.step = 0  # Optimizer steps done.
+        self.saved_step: int | None = None  # The step of the newest checkpoint.
+        # The host copy of the running sums at the last step record, and its step.
+        self.logged = jax.device_get(trainer.zero_running())
+        self.logged_step = 0
+        self.checkpoint_every = config.checkpoint_every or trainer.steps_per_epoch
+        self.elapsed_before = 0.0  # Seconds of training before this session (resumes).
+        self.session_start = time.perf_counter()
+        # The progress-bar task of the epoch, when this session started it and at which step.
+        self.task: Any = None
+        self.epoch_clock = (self.session_start, 0)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        return {
+            "train_state": nnx.to_pure_dict(self.trainer.state),
+            "running": self.trainer.running,
+            "logged": self.logged,
+        }
+
+    def resume(self) -> None:
+        """Continues from the newest intact checkpoint, if there is one."""
+        expected_records = 0
+        restored = None
+        if self.checkpoints is not None:
+            restored = self.checkpoints.restore_latest(
+                self._checkpoint_tree(), self.config.resume_settings()
+            )
+        if restored is None:
+            self.console.print("No checkpoint to resume from: training from the start.")
+        else:
+            nnx.replace_by_pure_dict(self.trainer.state, restored.tree["train_state"])
+            self.trainer.running = restored.tree["running"]
+            self.logged = jax.device_get(restored.tree["logged"])
+            self.step = self.saved_step = restored.step
+            self.logged_step = restored.run["logged_step"]
+            self.elapsed_before = restored.run["elapsed_seconds"]
+            expected_records = restored.run["records"]
+            self.console.print(f"Resumed from the checkpoint of step {self.step} ({self.where()}).")
+        try:
+            records = metrics_lib.read(self.metrics_path, self.warn)
+        except OSError as err:
+            raise TrainingError(f"cannot read {self.metrics_path}: {err}") from err
+        self.records = [m for m in records if m["step"] <= self.step]
+        if len(self.records) < expected_records:
+            self.warn(
+                f"{self.metrics_path} holds {len(self.records)} of the {expected_records} "
+                f"records written up to step {self.step} (a write failed): the curves have a gap"
+            )
+        self.write_metrics()
+
+    def where(self) -> str:
+        epoch, offset = divmod(self.step, self.trainer.steps_per_epoch)
+        if offset == 0 and epoch > 0:
+            return f"end of epoch {epoch}"
+        return f"epoch {epoch + 1}, {offset} of {self.trainer.steps_per_epoch} steps done"
+
+    def train(self, stop: StopRequests) -> None:
+        # A signal during the last evaluation finds the run complete: nothing to stop.
+        while self.step < self.trainer.total_steps:
+            self._train_epoch(self.step // self.trainer.steps_per_epoch, stop)
+        if self.checkpoints is not None and self.saved_step != self.step:
+            # Earlier failed writes cost a few steps on a resume; this one, the result.
+            raise CheckpointError(
+                f"the final checkpoint (step {self.step}) could not be written; the newest is "
+                f"of step {self.saved_step}. Free some space and run again with --resume, "
+                "which redoes the steps after it"
+            )
+
+    def _train_epoch(self, epoch: int, stop: StopRequests) -> None:
+        trainer, config = self.trainer, self.config
+        steps_per_epoch = trainer.steps_per_epoch
+        first = epoch * steps_per_epoch
+        offset = self.step - first
+        if offset == 0:
+            trainer.running = trainer.zero_running()
+            self.logged = jax.device_get(trainer.running)
+            self.logged_step = first
+        order = jax.device_put(trainer.epoch_order(epoch))
+        self.task = self.progress.add_task(
+            f"epoch {epoch + 1}/{config.epochs}",
+            total=steps_per_epoch,
+            completed=offset,
+            loss=0.0,
+            accuracy=0.0,
+            images_per_second=0.0,
+            skipped="",
+        )
+        start = time.perf_counter()
+        self.epoch_clock = (start, offset)
+        for i in range(offset, steps_per_epoch):
+            if stop.signum is not None:
+                self._stop(stop.signum)
+            if self.step % self.checkpoint_every == 0 and self.step not in (0, self.saved_step):
+                self._checkpoint(jax.device_get(trainer.running))
+            previous = trainer.running
+            trainer.step(order[i], self.step)
+            if i % config.log_every == 0 and self.step > self.logged_step:
+                # The sums of the steps before step i, which is queued behind them: no stall.
+                self._log(jax.device_get(previous), self.step)
+            self.step += 1
+        sums = jax.device_get(trainer.running)  # Waits for the last step.
+        train_seconds = time.perf_counter() - start
+        if self.step > self.logged_step:
+            self._log(sums, self.step)
+        record: Metrics = {"kind": "epoch", "step": self.step, "epoch": epoch + 1}
+        record |= epoch_means(sums)
+        record |= trainer.evaluate()
+        previous_epochs = [m for m in self.records if m["kind"] == "epoch"]
+        elapsed = self.elapsed()
+        record |= {
+            "skipped_steps": int(sums["skipped"]),
+            # Wall time since the previous epoch's record, across resumes; training time and
+            # speed of this session's part of the epoch.
+            "seconds": elapsed - (previous_epochs[-1]["elapsed_seconds"] if previous_epochs else 0),
+            "train_seconds": train_seconds,
+            "images_per_second": (steps_per_epoch - offset) * config.batch_size / train_seconds,
+            "elapsed_seconds": elapsed,
+            "learning_rate": float(trainer.learning_rates[self.step - 1]),
+        }
+        self.records.append(record)
+        skipped = f", {record['skipped_steps']} steps skipped" if config.skip_nonfinite else ""
+        self.progress.console.print(
+            f"epoch {epoch + 1:3d}  train loss {_format(record['train_loss'])}  "
+            f"test loss {record['test_loss']:.4f}  "
+            f"test accuracy {record['test_accuracy']:.2%}  "
+            f"{record['images_per_second']:,.0f} img/s  {record['seconds']:.1f} s{skipped}",
+            highlight=False,
+            soft_wrap=True,
+        )
+        if self.step % self.checkpoint_every == 0 or self.step == trainer.total_steps:
+            self._checkpoint(sums)
+        else:
+            self.write_metrics()
+
+    def _log(self, sums: dict[str, Any], step: int) -> None:
+        """Appends the step record of the steps since the last one; updates the progress bar;
+        stops the run if the loss stopped being finite or too many steps in a row were
+        skipped."""
+        self._check_finite(sums, step)
+        steps_per_epoch = self.trainer.steps_per_epoch
+        record: Metrics = {"kind": "step", "step": step, "epoch": step / steps_per_epoch}
+        record |= epoch_means(sums, since=self.logged)
+        record |= {
+            "learning_rate": float(self.trainer.learning_rates[step - 1]),
+            "skipped_steps": int(sums["skipped"]),
+            "elapsed_seconds": self.elapsed(),
+        }
+        self.records.append(record)
+        self.logged, self.logged_step = sums, step
+        in_epoch = step - (step - 1) // steps_per_epoch * steps_per_epoch
+        means = epoch_means(sums)
+        epoch_start, offset = self.epoch_clock
+        self.progress.update(
+            self.task,
+            completed=in_epoch,
+            loss=means["train_loss"] or 0.0,
+            accuracy=means["train_accuracy"] or 0.0,
+            images_per_second=(in_epoch - offset)
+            * self.config.batch_size
+            / (time.perf_counter() - epoch_start),
+            skipped=f"  skipped {record['skipped_steps']}" if self.config.skip_nonfinite else "",
+        )
+
+    def _check_finite(self, sums: dict[str, Any], step: int) -> None:
+        if self.saved_step is None:
+            last = "there is no checkpoint"
+        else:
+            last = f"the last checkpoint is step {self.saved_step}"
+        if self.config.skip_nonfinite:
+            streak = int(sums["consecutive_skips"])
+            if streak >= self.config.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{streak} steps in a row up to step {step} had a NaN or Inf gradient "
+                    f"(--max-consecutive-skips {self.config.max_consecutive_skips}); "
+                    f"stopping: {last}. A lower --learning-rate may help"
+                )
+        elif not math.isfinite(float(sums["loss_sum"])):
+            raise NonFiniteError(
+                f"the training loss stopped being finite between steps {self.logged_step} and "
+                f"{step}, so the parameters are no longer usable; {last}. Rerun with a lower "
+                "--learning-rate, or with --skip-nonfinite to skip steps whose gradient has a "
+                "NaN or an Inf"
+            )
+
+    def _checkpoint(self, sums: dict[str, Any]) -> None:
+        """Writes the records and then the checkpoint of ``self.step``."""
+        steps_per_epoch = self.trainer.steps_per_epoch
+        in_epoch = self.step % steps_per_epoch
+        if in_epoch % self.config.log_every == 0 and in_epoch and self.step > self.logged_step:
+            self._log(sums, self.step)
+        self._check_finite(sums, self.step)
+        self.write_metrics()
+        if self.checkpoints is None:
+            return
+        if not self.trainer.state_is_finite():
+            raise NonFiniteError(
+                f"the parameters or optimizer state are not finite at step {self.step}; the "
+                f"checkpoint was not written, the last one is step {self.saved_step}. Rerun "
+                "with a lower --learning-rate"
+            )
+        run = {
+            "settings": self.config.resume_settings(),
+            "records": len(self.records),
+            "logged_step": self.logged_step,
+            "elapsed_seconds": self.elapsed(),
+        }
+        if self.checkpoints.save(self.step, self._checkpoint_tree(), run):
+            self.saved_step = self.step
+
+    def _stop(self, signum: int) -> None:
+        """Checkpoints the step reached and raises :class:`Interrupted`."""
+        if self.step != self.saved_step and self.step > 0:
+            self._checkpoint(jax.device_get(self.trainer.running))
+        checkpoint = None
+        if self.checkpoints is not None and self.saved_step is not None:
+            checkpoint = self.checkpoints.path(self.saved_step)
+        raise Interrupted(signum, self.step, self.where(), checkpoint, self.saved_step)
+
+    def write_metrics(self) -> None:
+        try:
+            metrics_lib.write(self.metrics_path, self.records)
+        except OSError as err:
+            # The old file is intact, and the next write includes these records again.
+            self.warn(f"could not write {self.metrics_path} ({err}); it is rewritten later")
+
+
+def _format(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def _prepare_workdir(config: Config, workdir: Path) -> None:
+    try:
+        if not config.resume:
+            # A fresh run replaces the previous one rather than mixing their records.
+            for name in ("checkpoints", "damaged_checkpoints"):
+                shutil.rmtree(workdir / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "curves.png"):
+                (workdir / name).unlink(missing_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics_lib.remove_partial_writes(workdir / "metrics.jsonl")
+    except OSError as err:
+        raise TrainingError(f"cannot prepare the work directory {workdir}: {err}") from err
 
 
 def train_and_evaluate(
     config: Config, dataset: data_lib.Dataset | None = None, console: Console | None = None
 ) -> tuple[Trainer, list[Metrics]]:
-    """Trains ``config.epochs`` epochs (continuing from the last checkpoint with
-    ``config.resume``), evaluating, logging, checkpointing and plotting after each epoch.
+    """Trains ``config.epochs`` epochs (continuing from the newest intact checkpoint with
+    ``config.resume``), with step records every ``config.log_every`` steps, an evaluation
+    after each epoch, checkpoints every ``config.checkpoint_every`` steps (default: at epoch
+    ends) and at the end, and ``curves.png``.
 
-    Returns the trainer (for its final state) and the history of per-epoch metrics.
+    Returns the trainer (for its final state) and the per-epoch records. Raises
+    :class:`~examples.mnist.errors.Interrupted` after a checkpoint when SIGTERM or SIGINT
+    arrives, and other :class:`~examples.mnist.errors.TrainingError` when the run cannot go
+    on (no intact checkpoint, settings that differ from the checkpoint's, non-finite values).
     """
     console = console or Console()
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     workdir = Path(config.workdir)
-    metrics_path = workdir / "metrics.jsonl"
-    checkpoint_dir = workdir / "checkpoints"
-    if not config.resume:
-        # A fresh run replaces the previous one rather than mixing their records.
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        metrics_path.unlink(missing_ok=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-
-    trainer = Trainer(config, dataset)
-    checkpoints = Checkpoints(checkpoint_dir) if config.checkpoints else None
-    start_epoch = 0
-    if config.resume and checkpoints is not None and checkpoints.latest_epoch() is not None:
-        start_epoch = checkpoints.latest_epoch()
-        trainer.state = checkpoints.restore(start_epoch, trainer.state)
-        console.print(f"Resumed from the checkpoint after epoch {start_epoch}.")
-    # Records of epochs after the checkpoint belong to an interrupted run: drop them.
-    history = [m for m in read_metrics(metrics_path) if m["epoch"] <= start_epoch]
-    metrics_path.write_text("".join(json.dumps(m) + "\n" for m in history))
-    elapsed = history[-1]["elapsed_seconds"] if history else 0.0
-
-    title = f"{config.model} / {config.optimizer} on {config.dataset}"
-    with _progress_bar(config.progress) as progress:
-        for epoch in range(start_epoch, config.epochs):
-            task = progress.add_task(
-                f"epoch {epoch + 1}/{config.epochs}",
-                total=trainer.steps_per_epoch,
-                loss=0.0,
-                accuracy=0.0,
-                images_per_second=0.0,
+    _prepare_workdir(config, workdir)
+    with StopRequests() as stop:
+        trainer = Trainer(config, dataset)
+        checkpoints = None
+        if config.checkpoints:
+            checkpoints = Checkpoints(
+                workdir / "checkpoints", config.keep_checkpoints, _warner(console)
             )
-
-            def update(steps: int, running: Metrics, task=task) -> None:
-                progress.update(task, completed=steps, **running)
-
-            start = time.perf_counter()
-            record: Metrics = {"epoch": epoch + 1}
-            record |= trainer.train_epoch(epoch, update)
-            record |= trainer.evaluate()
-            record["seconds"] = time.perf_counter() - start
-            elapsed += record["seconds"]
-            record["elapsed_seconds"] = elapsed
-            record["learning_rate"] = float(
-                trainer.learning_rate((epoch + 1) * trainer.steps_per_epoch - 1)
-            )
-            history.append(record)
-            with metrics_path.open("a") as f:
-                f.write(json.dumps(record) + "\n")
+        try:
+            with _progress_bar(config.progress, console) as progress:
+                metrics_path = workdir / "metrics.jsonl"
+                run = _Run(config, trainer, checkpoints, metrics_path, console, progress)
+                if config.resume:
+                    run.resume()  # Changes nothing on disk if it fails.
+                else:
+                    run.write_metrics()
+                try:
+                    run.train(stop)
+                finally:
+                    # Whatever stopped the run, the records so far and their curves.
+                    run.write_metrics()
+                    _plot(run.records, workdir / "curves.png", config, run.warn)
+        finally:
             if checkpoints is not None:
-                checkpoints.save(epoch + 1, trainer.state)
-            progress.console.print(
-                f"epoch {epoch + 1:3d}  train loss {record['train_loss']:.4f}  "
-                f"test loss {record['test_loss']:.4f}  "
-                f"test accuracy {record['test_accuracy']:.2%}  "
-                f"{record['images_per_second']:,.0f} img/s  {record['seconds']:.1f} s"
-            )
-    if checkpoints is not None:
-        checkpoints.close()
-    if history:
-        plot_curves(history, workdir / "curves.png", title)
-    return trainer, history
+                checkpoints.close()
+    return trainer, [m for m in run.records if m["kind"] == "epoch"]
+
+
+def _plot(records: list[Metrics], path: Path, config: Config, warn: Callable[[str], None]) -> None:
+    if not any(m["kind"] == "epoch" for m in records):
+        return
+    try:
+        plot_curves(records, path, f"{config.model} / {config.optimizer} on {config.dataset}")
+    except OSError as err:
+        warn(f"could not write {path} ({err})")
 
 
 def summary(config: Config, history: list[Metrics]) -> str:

@@ -4,12 +4,18 @@ path of its own tests)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
-from examples.mnist import data
+from examples.mnist import data, metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Fields of metrics.jsonl records that measure time, and so differ between identical runs.
+TIMING_FIELDS = ("seconds", "train_seconds", "images_per_second", "elapsed_seconds")
 
 
 def synthetic_dataset(n_train: int = 512, n_test: int = 100, seed: int = 0) -> data.Dataset:
@@ -24,3 +30,48 @@ def synthetic_dataset(n_train: int = 512, n_test: int = 100, seed: int = 0) -> d
         return data.Split(images, labels)
 
     return data.Dataset(train=split(n_train), test=split(n_test), spec=data.MNIST)
+
+
+def with_white_images(dataset: data.Dataset, indices: np.ndarray) -> data.Dataset:
+    """``dataset`` with the training images at ``indices`` all white: the marks that
+    :class:`Poisoned` turns into a non-finite loss."""
+    images = dataset.train.images.copy()
+    images[indices] = 255
+    return data.Dataset(data.Split(images, dataset.train.labels), dataset.test, dataset.spec)
+
+
+class Tiny(nnx.Module):
+    """A one-hidden-layer network with dropout: compiles in a moment, and its steps draw
+    random numbers, which resumes must replay."""
+
+    def __init__(self, *, rngs: nnx.Rngs, hidden: int = 16, param_dtype: Any = jnp.float32):
+        self.dense1 = nnx.Linear(28 * 28, hidden, param_dtype=param_dtype, rngs=rngs)
+        self.dense2 = nnx.Linear(hidden, 10, param_dtype=param_dtype, rngs=rngs)
+        self.dropout = nnx.Dropout(0.2)
+
+    def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        x = nnx.relu(self.dense1(x.reshape(x.shape[0], -1)))
+        return self.dense2(self.dropout(x, deterministic=not train, rngs=rngs))
+
+
+class Poisoned(Tiny):
+    """:class:`Tiny` with NaN logits for a batch that holds a white image (after
+    normalization every pixel of it is about 2.8; no pixel of a synthetic image is)."""
+
+    def __call__(self, x: jax.Array, *, train: bool = False, rngs: nnx.Rngs | None = None):
+        logits = super().__call__(x, train=train, rngs=rngs)
+        white = jnp.any(jnp.min(x, axis=(1, 2, 3)) > 2.0)
+        # A product, not jnp.where: its gradient is NaN as well.
+        return logits * jnp.where(white, jnp.nan, 1.0)
+
+
+def state_arrays(state: nnx.State) -> dict[str, Any]:
+    """A trainer state as a nested dict of NumPy arrays."""
+    return jax.tree.map(np.asarray, nnx.to_pure_dict(state))
+
+
+def records_without_timing(path: Path) -> list[dict[str, Any]]:
+    """The records of a metrics.jsonl file, less the fields that measure time."""
+    return [
+        {k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in metrics.read(path)
+    ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import logging
 import os
 import re
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import jax
@@ -16,9 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from mnist_helpers import REPO_ROOT, synthetic_dataset
+from mnist_helpers import REPO_ROOT, records_without_timing, state_arrays, synthetic_dataset
 
-from examples.mnist import compare, data, main, models, optimizers, train
+from examples.mnist import compare, data, main, metrics, models, optimizers, train
 from examples.mnist.config import Config
 
 
@@ -32,14 +33,19 @@ def test_cli_one_epoch_on_6000_real_images(mnist_dir: Path, tmp_path: Path) -> N
         command, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=600
     )
     assert result.returncode == 0, result.stderr
-    records = train.read_metrics(workdir / "metrics.jsonl")
-    assert len(records) == 1
-    record = records[0]
+    records = metrics.read(workdir / "metrics.jsonl")
+    epochs = [m for m in records if m["kind"] == "epoch"]
+    assert len(epochs) == 1
+    record = epochs[0]
     assert {"epoch", "train_loss", "test_loss", "test_accuracy", "seconds"} <= record.keys()
     assert record["epoch"] == 1
+    assert record["step"] == 6000 // 32
     assert record["test_accuracy"] >= 0.95, record
+    # A training-loss record every 10 steps, and one at the end of the epoch.
+    steps = [m["step"] for m in records if m["kind"] == "step"]
+    assert steps == [*range(10, 187, 10), 187]
     assert (workdir / "curves.png").stat().st_size > 0
-    assert (workdir / "checkpoints" / "1").is_dir()
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == ["187"]
     assert "Final test accuracy" in result.stdout
 
 
@@ -59,24 +65,22 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
     )
     trainer, history = train.train_and_evaluate(config, dataset)
     uninterrupted = trainer.params()
-    full_state = jax.tree.map(np.asarray, nnx.to_pure_dict(trainer.state))
+    full_state = state_arrays(trainer.state)
+    records = records_without_timing(tmp_path / "run" / "metrics.jsonl")
 
-    # Interrupted in epoch 2: its checkpoint never got written.
-    shutil.rmtree(tmp_path / "run" / "checkpoints" / "2")
+    # Interrupted in epoch 2 (of 4 steps): the checkpoint of step 8 never got written.
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["4", "8"]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "8")
     resumed_trainer, resumed = train.train_and_evaluate(
         dataclasses.replace(config, resume=True), dataset
     )
     jax.tree.map(np.testing.assert_array_equal, resumed_trainer.params(), uninterrupted)
-    jax.tree.map(
-        np.testing.assert_array_equal,
-        jax.tree.map(np.asarray, nnx.to_pure_dict(resumed_trainer.state)),
-        full_state,
-    )
+    jax.tree.map(np.testing.assert_array_equal, state_arrays(resumed_trainer.state), full_state)
     assert [m["epoch"] for m in resumed] == [1, 2]
     for before, after in zip(history, resumed, strict=True):
         for key in ("train_loss", "test_loss", "test_accuracy"):
             assert before[key] == after[key]
-    assert len(train.read_metrics(tmp_path / "run" / "metrics.jsonl")) == 2
+    assert records_without_timing(tmp_path / "run" / "metrics.jsonl") == records
 
 
 def test_fresh_run_replaces_previous(tmp_path: Path) -> None:
@@ -85,7 +89,8 @@ def test_fresh_run_replaces_previous(tmp_path: Path) -> None:
     train.train_and_evaluate(config, dataset)
     _, history = train.train_and_evaluate(dataclasses.replace(config, epochs=1), dataset)
     assert len(history) == 1
-    assert len(train.read_metrics(tmp_path / "metrics.jsonl")) == 1
+    assert [m["kind"] for m in metrics.read(tmp_path / "metrics.jsonl")] == ["step", "epoch"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 
 def test_compare_writes_table_and_plot(tmp_path: Path) -> None:
@@ -95,7 +100,9 @@ def test_compare_writes_table_and_plot(tmp_path: Path) -> None:
         epochs=2,
         batch_size=64,
         workdir=str(tmp_path),
+        schedule="constant",  # So that the first update is not a step of size 0.
         checkpoints=False,
+        log_every=1,
         progress=False,
     )
     results = compare.compare(config, ["adam", "sgd"], dataset)
@@ -103,11 +110,49 @@ def test_compare_writes_table_and_plot(tmp_path: Path) -> None:
     table = (tmp_path / "comparison.md").read_text()
     assert "| adam | 0.003 |" in table
     assert "| sgd | 0.1 |" in table
-    assert "epochs to 99%" in table
+    for target in compare.targets(results):
+        assert f"epochs to {target:.1%}" in table
     assert (tmp_path / "comparison.png").stat().st_size > 0
-    assert (tmp_path / "adam" / "metrics.jsonl").exists()
-    # Same initialization and data order: the first step's loss is the same for both.
-    assert results["adam"][0]["epoch"] == results["sgd"][0]["epoch"] == 1
+    # Same initialization and data order: the loss of the first step, taken before any
+    # update, is the same for both; after one update with different rules it differs.
+    adam, sgd = (
+        [m["train_loss"] for m in metrics.read(tmp_path / name / "metrics.jsonl")][:2]
+        for name in ("adam", "sgd")
+    )
+    assert adam[0] == sgd[0]
+    assert adam[1] != sgd[1]
+    # curves.png shows the loss of every logged step (4 per epoch here), not only per epoch.
+    records = metrics.read(tmp_path / "adam" / "metrics.jsonl")
+    per_step = train.curves_figure(records, "adam").axes[0].lines[0]
+    assert list(per_step.get_xdata()) == [m["step"] / 4 for m in records if m["kind"] == "step"]
+    assert len(per_step.get_xdata()) == 8
+    assert (tmp_path / "adam" / "curves.png").stat().st_size > 0
+
+
+def _history(final_accuracies: list[float]) -> list[train.Metrics]:
+    """Three epochs that rise to ``final_accuracies[-1]``."""
+    return [
+        {"epoch": e, "test_accuracy": a, "test_loss": 1 - a, "elapsed_seconds": 10.0 * e}
+        for e, a in enumerate(final_accuracies, 1)
+    ]
+
+
+def test_compare_targets_and_ranges_come_from_the_results() -> None:
+    """Fashion-MNIST ends near 90%: the targets and the plot's range follow (fixed 98% and
+    99% targets and a 96-100% range left the table with dashes and the plot empty)."""
+    results = {
+        "adam": _history([0.85, 0.89, 0.912]),
+        "sgd": _history([0.80, 0.86, 0.885]),
+        "adagrad": _history([0.82, 0.88, 0.9019]),
+    }
+    assert compare.targets(results) == (0.885, 0.901)
+    low, high = compare.accuracy_range(results)
+    assert low < 88.5 and 91.2 < high <= 100
+    config = Config(dataset="fashion_mnist")
+    rows = compare.table(config, results).splitlines()[2:]
+    # Every optimizer reaches the first target: its two columns are filled.
+    assert all(row.split(" | ")[4] != "-" for row in rows)
+    assert "| adam | 0.003 | 91.20% | 91.20% | 2 | 20 | 3 | 30 | 30 |" in rows
 
 
 def test_same_initialization_and_order_across_optimizers() -> None:
@@ -197,19 +242,56 @@ def test_cli_arguments() -> None:
     assert main.parse_args([]) == (Config(), None)
     with pytest.raises(SystemExit):
         main.parse_args(["--compare", "adam,lion"])
+    flags = ["--checkpoint-every", "50", "--keep-checkpoints", "2", "--log-every", "5"]
+    config, _ = main.parse_args([*flags, "--skip-nonfinite", "--max-consecutive-skips", "4"])
+    assert (config.checkpoint_every, config.keep_checkpoints, config.log_every) == (50, 2, 5)
+    assert config.skip_nonfinite and config.max_consecutive_skips == 4
+    assert main.resume_command(["--epochs", "3", "--workdir", "runs/my run"]) == (
+        "python -m examples.mnist --epochs 3 --workdir 'runs/my run' --resume"
+    )
+
+
+def test_cli_silences_only_the_debris_of_failed_checkpoint_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[BaseException] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda unraisable: seen.append(unraisable.exc_value))
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [logger.level for logger in loggers]
+    try:
+        main.quiet_leftovers_of_failed_writes()
+        closed, other = RuntimeError("Event loop is closed"), RuntimeError("a bug")
+        for error in (closed, other):
+            sys.unraisablehook(types.SimpleNamespace(exc_value=error))
+        assert seen == [other]
+        assert [logger.level for logger in loggers] == [logging.CRITICAL] * 2
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def test_cli_reports_training_errors_without_traceback(
+    mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A resume with another optimizer than the checkpoint's: one line, exit status 1."""
+    argv = ["--data-dir", str(mnist_dir), "--model", "mlp", "--epochs", "1"]
+    argv += ["--train-limit", "64", "--batch-size", "32", "--workdir", str(tmp_path)]
+    main.main([*argv, "--no-progress"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main.main([*argv, "--no-progress", "--resume", "--optimizer", "adamw"])
+    assert exit_info.value.code == 1
+    assert capsys.readouterr().err == (
+        "error: --resume: the checkpoint of step 2 was written with --optimizer adam, this run "
+        "has --optimizer adamw. Resume with the same setting, or start a new run without "
+        "--resume (which replaces the checkpoints)\n"
+    )
 
 
 def test_cli_reports_data_errors(tmp_path: Path) -> None:
     (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"junk")
     with pytest.raises(SystemExit, match="train-images-idx3-ubyte.gz: not a complete gzip"):
         main.main(["--data-dir", str(tmp_path)])
-
-
-def test_metrics_are_json_lines(tmp_path: Path) -> None:
-    path = tmp_path / "metrics.jsonl"
-    path.write_text(json.dumps({"epoch": 1}) + "\n\n" + json.dumps({"epoch": 2}) + "\n")
-    assert train.read_metrics(path) == [{"epoch": 1}, {"epoch": 2}]
-    assert train.read_metrics(tmp_path / "absent.jsonl") == []
 
 
 @pytest.mark.parametrize(
@@ -221,6 +303,14 @@ def test_metrics_are_json_lines(tmp_path: Path) -> None:
         ("max_shift", -2, "max_shift must be an integer >= 0, got -2"),
         ("train_limit", 100, "train_limit must be >= batch_size (128)"),
         ("warmup_epochs", -0.5, "warmup_epochs must be >= 0, got -0.5"),
+        ("checkpoint_every", 0, "checkpoint_every must be an integer >= 1 (or None: at epoch"),
+        ("keep_checkpoints", 0, "keep_checkpoints must be an integer >= 1, got 0"),
+        ("log_every", 0, "log_every must be an integer >= 1, got 0"),
+        ("max_consecutive_skips", 0, "max_consecutive_skips must be an integer >= 1, got 0"),
+        ("model", "resnet", "model must be one of cnn, mlp, deep_cnn; got 'resnet'"),
+        ("optimizer", "lion", "optimizer must be one of adam, adamw, nadam, nadamw, amsgrad,"),
+        ("schedule", "cosine", "schedule must be one of warmup_cosine, warmup_stable_decay, "),
+        ("dataset", "cifar10", "dataset must be one of mnist, fashion_mnist; got 'cifar10'"),
         ("learning_rate", float("nan"), "learning_rate must be finite and > 0, got nan"),
         ("learning_rate", -1e-3, "learning_rate must be finite and > 0, got -0.001"),
     ],

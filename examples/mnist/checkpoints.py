@@ -1,0 +1,341 @@
+"""Checkpoints of a run, through orbax's ``CheckpointManager``, and what can go wrong with them.
+
+A checkpoint is the step directory ``checkpoints/<steps done>`` with two items: ``state`` (the
+arrays, orbax ``StandardSave``) and ``run`` (JSON: the settings a resume must match, a sha256
+of the arrays, the number of metrics records and the elapsed time). Orbax writes each step
+into a temporary directory and renames it into place when complete, so a crash or a kill
+leaves either a whole checkpoint or a temporary directory that the next run deletes.
+
+* **Damage.** Restoring checks each checkpoint, newest first: its JSON, its arrays' structure,
+  shapes and dtypes against this model, and the sha256 of what was read. A checkpoint that
+  fails is reported in one line, moved to ``damaged_checkpoints/`` and the next older one is
+  tried; :class:`~examples.mnist.errors.CheckpointError` if none is intact.
+* **Another run's checkpoints.** Settings that fix the state's structure or the batches
+  (:data:`examples.mnist.config.RESUME_SETTINGS`) must match; a resume with a different
+  value is refused with a message naming the setting.
+* **Full disk.** A checkpoint is not attempted when the disk has less free space than its
+  arrays take in memory, and a write that fails with a storage error (``ENOSPC`` and the
+  like) is removed; both are reported, the older checkpoints stay intact, and
+  :meth:`Checkpoints.save` returns ``False`` so that the caller can go on (see
+  ``examples/mnist/README.md``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+import hashlib
+import json
+import shutil
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+
+from examples.mnist.errors import CheckpointError
+
+STATE, RUN = "state", "run"
+# Status codes with which TensorStore (orbax's array storage) reports failed I/O, as the
+# prefix of a ValueError's message; Python-level writes raise OSError.
+_STORAGE_STATUS = (
+    "RESOURCE_EXHAUSTED",
+    "PERMISSION_DENIED",
+    "DATA_LOSS",
+    "UNAVAILABLE",
+    "ABORTED",
+    "INTERNAL",
+    "UNKNOWN",
+    "NOT_FOUND",
+    "FAILED_PRECONDITION",
+)
+# What a damaged checkpoint makes orbax raise: missing files (OSError), corrupt JSON or array
+# metadata (ValueError, of which json.JSONDecodeError), a missing item (KeyError), and for
+# unreadable array data a plain Exception ("Encountered error while reading array index").
+_RESTORE_ERRORS = (OSError, ValueError, KeyError)
+
+
+class _Damaged(Exception):
+    """A checkpoint that cannot be restored; the message says why."""
+
+
+@contextlib.contextmanager
+def _quiet_abandoned_reads() -> Iterator[None]:
+    """Orbax reads a checkpoint's arrays concurrently; when one read fails, the others'
+    coroutines are abandoned and Python reports each, with a traceback, as "Exception
+    ignored in ...". The failure itself is reported as damage; this silences the leftovers
+    while a checkpoint is read, and collects them before it returns."""
+    hook = sys.unraisablehook
+    sys.unraisablehook = lambda unraisable: None
+    try:
+        yield
+    finally:
+        gc.collect()
+        sys.unraisablehook = hook
+
+
+def _is_restore_error(err: Exception) -> bool:
+    # type() is Exception, not a subclass: anything more specific, such as a TypeError, is a
+    # bug to surface rather than damage.
+    return isinstance(err, _RESTORE_ERRORS) or type(err) is Exception
+
+
+@dataclasses.dataclass(frozen=True)
+class Restored:
+    """A checkpoint read back: its step, its arrays (as the target tree) and its JSON."""
+
+    step: int
+    tree: Any
+    run: dict[str, Any]
+
+
+def digest(tree: Any) -> str:
+    """sha256 of the bytes of the tree's arrays, in leaf order."""
+    sha = hashlib.sha256()
+    for leaf in jax.tree.leaves(jax.device_get(tree)):
+        sha.update(np.ascontiguousarray(leaf).tobytes())
+    return sha.hexdigest()
+
+
+def is_storage_error(err: BaseException) -> bool:
+    """Whether ``err`` is a failed write or read of the storage (full disk, permissions...)."""
+    if isinstance(err, OSError):
+        return True
+    return isinstance(err, ValueError) and str(err).split(":", 1)[0] in _STORAGE_STATUS
+
+
+class Checkpoints:
+    """The checkpoints in ``directory``, numbered by steps done; the newest ``keep`` are kept.
+
+    ``warn`` receives one line for each problem that the run survives.
+    """
+
+    def __init__(self, directory: Path, keep: int, warn: Callable[[str], None]):
+        self.directory = directory.absolute()
+        self.damaged_directory = self.directory.parent / "damaged_checkpoints"
+        self.warn = warn
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            # A save returns once the checkpoint is complete on disk: "saved" means saved, and
+            # a failed write is reported at the step it belongs to.
+            enable_async_checkpointing=False,
+            # Temporary directories of writes that a crash interrupted.
+            cleanup_tmp_directories=True,
+        )
+        try:
+            self.manager = ocp.CheckpointManager(
+                self.directory,
+                options=options,
+                item_handlers={
+                    STATE: ocp.StandardCheckpointHandler(),
+                    RUN: ocp.JsonCheckpointHandler(),
+                },
+            )
+        except OSError as err:
+            raise CheckpointError(f"cannot keep checkpoints in {self.directory}: {err}") from err
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def path(self, step: int) -> Path:
+        return self.directory / str(step)
+
+    def save(self, step: int, tree: Any, run: dict[str, Any]) -> bool:
+        """Writes checkpoint ``step``: the arrays of ``tree`` and the JSON ``run``.
+
+        Returns ``False``, after a warning, if the disk has too little free space or the
+        write fails (a full disk, say): a partial write is deleted and the older checkpoints
+        are untouched.
+        """
+        # Checked first: orbax writes the arrays in parallel, and the writes still under way
+        # when one fails go on failing in the background, so it is better not to start.
+        needed = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
+        try:
+            free = shutil.disk_usage(self.directory).free
+        except OSError as err:
+            self._not_saved(step, _one_line(err))
+            return False
+        if free < needed:
+            self._not_saved(
+                step,
+                f"it needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free",
+            )
+            return False
+        run = dict(run, digest=digest(tree))
+        args = ocp.args.Composite(
+            **{STATE: ocp.args.StandardSave(tree), RUN: ocp.args.JsonSave(run)}
+        )
+        # Also those of a failed write whose other items were still being written when it
+        # was cleaned up (orbax writes the items in parallel).
+        self._remove_partial_writes()
+        try:
+            self.manager.save(step, args=args, force=True)
+        except (OSError, ValueError) as err:
+            if not is_storage_error(err):
+                raise
+            self._remove_partial_writes()
+            self.manager.reload()
+            self._not_saved(step, _one_line(err))
+            return False
+        return True
+
+    def _not_saved(self, step: int, reason: str) -> None:
+        latest = self.latest_step()
+        newest = (
+            "there is no checkpoint yet"
+            if latest is None
+            else f"the newest checkpoint is step {latest}"
+        )
+        self.warn(f"could not write the checkpoint of step {step} ({reason}); {newest}")
+
+    def _remove_partial_writes(self) -> None:
+        for partial in ocp.utils.tmp_checkpoints(self.directory):
+            shutil.rmtree(partial.get(), ignore_errors=True)
+
+    def restore_latest(self, target: Any, settings: dict[str, Any]) -> Restored | None:
+        """The newest intact checkpoint, read into the structure of ``target``; ``None`` if
+        there is no checkpoint at all.
+
+        Damaged checkpoints newer than the intact one are reported and moved to
+        ``damaged_checkpoints/`` (a later save reuses their step numbers). Raises
+        :class:`CheckpointError` if no checkpoint is intact (then nothing is moved) or if the
+        checkpoints were written with other :data:`~examples.mnist.config.RESUME_SETTINGS`.
+        """
+        steps = sorted(self.manager.all_steps(), reverse=True)
+        damaged: list[tuple[int, str]] = []
+        for step in steps:
+            try:
+                restored = self._restore(step, target, settings)
+            except _Damaged as err:
+                damaged.append((step, str(err)))
+                continue
+            for bad_step, reason in damaged:
+                moved = self._move_aside(bad_step)
+                self.warn(f"checkpoint {bad_step} is damaged ({reason}); moved to {moved}")
+            if damaged:
+                self.manager.reload()
+                self.warn(f"resuming from the newest intact checkpoint, step {step}")
+            return restored
+        if damaged:
+            reasons = "; ".join(f"step {step}: {reason}" for step, reason in damaged)
+            raise CheckpointError(
+                f"no intact checkpoint in {self.directory} ({reasons}). Start a new run "
+                "without --resume, which replaces them"
+            )
+        return None
+
+    def _restore(self, step: int, target: Any, settings: dict[str, Any]) -> Restored:
+        try:
+            run_args = ocp.args.Composite(**{RUN: ocp.args.JsonRestore()})
+            with _quiet_abandoned_reads():
+                run = self.manager.restore(step, args=run_args)[RUN]
+        except Exception as err:
+            if not _is_restore_error(err):
+                raise
+            raise _Damaged(f"its {RUN} record cannot be read: {_one_line(err)}") from err
+        fields = ("settings", "digest", "records", "logged_step", "elapsed_seconds")
+        if not (
+            isinstance(run, dict)
+            and all(field in run for field in fields)
+            and isinstance(run["settings"], dict)
+        ):
+            raise _Damaged(f"its {RUN} record lacks some of {', '.join(fields)}")
+        _check_settings(step, run["settings"], settings)
+        try:
+            stored = self.manager.item_metadata(step)[STATE]
+        except Exception as err:
+            if not _is_restore_error(err):
+                raise
+            raise _Damaged(f"its array metadata cannot be read: {_one_line(err)}") from err
+        if stored is None:
+            raise _Damaged("its array metadata is missing")
+        if mismatch := _structure_mismatch(stored.tree, target):
+            raise _Damaged(mismatch)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        try:
+            with _quiet_abandoned_reads():
+                tree = self.manager.restore(
+                    step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)})
+                )[STATE]
+        except Exception as err:
+            if not _is_restore_error(err):
+                raise
+            raise _Damaged(f"its arrays cannot be read: {_one_line(err)}") from err
+        host = jax.device_get(tree)
+        if digest(host) != run["digest"]:
+            raise _Damaged("its arrays do not match the checksum written with them")
+        # Uncommitted device arrays, like a fresh state's: committed ones would make every
+        # jitted function compile again for them.
+        return Restored(step, jax.tree.map(jnp.asarray, host), run)
+
+    def _move_aside(self, step: int) -> Path:
+        destination = self.damaged_directory / str(step)
+        copies = 1
+        while destination.exists():
+            destination = self.damaged_directory / f"{step}-{copies}"
+            copies += 1
+        try:
+            self.damaged_directory.mkdir(parents=True, exist_ok=True)
+            shutil.move(self.path(step), destination)
+        except OSError as err:
+            raise CheckpointError(
+                f"checkpoint {step} is damaged and could not be moved to {destination}: {err}"
+            ) from err
+        return destination
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _one_line(err: BaseException) -> str:
+    if type(err) is Exception and err.__cause__ is not None:
+        err = err.__cause__  # Orbax wraps TensorStore's error, which says what is wrong.
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _path_name(path: tuple[Any, ...]) -> str:
+    """``/``-joined keys; orbax stores integer dict keys as strings, so compare as strings."""
+    return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
+
+
+def _structure_mismatch(stored: Any, target: Any) -> str | None:
+    """What differs between the checkpoint's array metadata and this model's arrays."""
+    stored_leaves = {_path_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(stored)}
+    target_leaves = {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
+    if missing := sorted(target_leaves.keys() - stored_leaves.keys()):
+        return f"it lacks {len(missing)} array(s) of this model, such as {missing[0]}"
+    if extra := sorted(stored_leaves.keys() - target_leaves.keys()):
+        return f"it has {len(extra)} array(s) this model lacks, such as {extra[0]}"
+    for name, array in target_leaves.items():
+        meta = stored_leaves[name]
+        if tuple(meta.shape) != tuple(array.shape) or np.dtype(meta.dtype) != array.dtype:
+            return (
+                f"{name} is {np.dtype(meta.dtype).name}{list(meta.shape)} in the checkpoint, "
+                f"{array.dtype.name}{list(array.shape)} in this model"
+            )
+    return None
+
+
+def _check_settings(step: int, stored: dict[str, Any], settings: dict[str, Any]) -> None:
+    for name, value in settings.items():
+        # JSON has no tuples and turns every key into a string; compare through it.
+        if name not in stored or json.loads(json.dumps(value)) != stored[name]:
+            was = _as_flag(name, stored.get(name))
+            raise CheckpointError(
+                f"--resume: the checkpoint of step {step} was written with {was}, this run has "
+                f"{_as_flag(name, value)}. Resume with the same setting, or start a new run "
+                "without --resume (which replaces the checkpoints)"
+            )
+
+
+def _as_flag(name: str, value: Any) -> str:
+    flag = "--" + name.replace("_", "-")
+    if value is None or value is False:
+        return f"no {flag}"
+    return flag if value is True else f"{flag} {value}"

@@ -1,0 +1,52 @@
+"""Why a run stopped: the exceptions the command line turns into a message and an exit status.
+
+Each carries a complete, user-facing message; ``python -m examples.mnist`` prints it without a
+traceback and exits with :attr:`TrainingError.exit_status`.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on; the message says why and what to do."""
+
+    exit_status = 1
+
+
+class CheckpointError(TrainingError):
+    """No checkpoint can be resumed: none is intact, or they belong to a different run."""
+
+
+class NonFiniteError(TrainingError):
+    """The loss or the parameters stopped being finite, or too many steps in a row were."""
+
+
+class Interrupted(TrainingError):
+    """SIGTERM or SIGINT stopped the run after step ``step``; ``checkpoint`` is the newest
+    checkpoint (of step ``checkpoint_step``: ``step`` unless writing it failed), if any."""
+
+    def __init__(
+        self,
+        signum: int,
+        step: int,
+        where: str,
+        checkpoint: Path | None,
+        checkpoint_step: int | None,
+    ):
+        self.signum = signum
+        self.step = step
+        self.checkpoint = checkpoint
+        self.checkpoint_step = checkpoint_step
+        self.exit_status = 128 + signum  # The shell's convention for "ended by signal N".
+        if checkpoint is None:
+            saved = "there is no checkpoint"
+        elif checkpoint_step == step:
+            saved = f"checkpoint: {checkpoint}"
+        else:
+            saved = f"the newest checkpoint is of step {checkpoint_step}: {checkpoint}"
+        super().__init__(
+            f"stopped by {signal.Signals(signum).name} after step {step} ({where}); {saved}"
+        )
