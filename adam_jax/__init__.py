@@ -5,7 +5,7 @@ The pieces (:func:`scale_by_adam`, :func:`scale_by_bias_correction`,
 aliases (:func:`adam`, :func:`adamw`, ...) are such chains, with optax's state types.
 """
 
-from adam_jax import flat, quantization
+from adam_jax import flat, quantization, sharding
 from adam_jax.aliases import (
     adam,
     adam_8bit,
@@ -73,5 +73,6 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_bias_correction",
     "scale_by_learning_rate",
+    "sharding",
     "warmup_stable_decay_schedule",
 ]

@@ -109,6 +109,10 @@ def masked(inner: optax.GradientTransformation, mask: Mask) -> optax.GradientTra
     wrapped = optax.masked(inner, mask)
 
     def init_fn(params: optax.Params) -> Any:
+        if not jax.tree.leaves(params):
+            # Nothing to check against, e.g. the leafless placeholder that
+            # optax.tree_map_params initializes with.
+            return wrapped.init(params)
         mask_tree = mask(params) if callable(mask) else mask
         try:
             jax.tree.map(lambda _, __: None, mask_tree, params)

@@ -251,6 +251,15 @@ def _eight_bit_adamw() -> optax.GradientTransformation:
     return adam_jax.adamw_8bit(1e-2, weight_decay=1e-2)
 
 
+def test_tree_map_params_over_a_masked_adamw() -> None:
+    params = _params()
+    tx = adam_jax.adamw(1e-2, mask={"w": True, "b": False})
+    _, state = tx.update(_grads(0), tx.init(params), params)
+    doubled = optax.tree_map_params(tx, lambda x: 2 * x, state)
+    chex.assert_trees_all_close(doubled[0].mu, jax.tree.map(lambda x: 2 * x, state[0].mu))
+    assert doubled[0].count == state[0].count
+
+
 def test_tree_map_params_identity_over_8bit_state() -> None:
     params = _params()
     tx = _eight_bit_adamw()

@@ -2,7 +2,7 @@
 
 The model: a transformer-shaped tree of about 98M bfloat16 params
 (``benchmarks.models.transformer_params`` with 12 blocks, width 768, MLP 3072, vocabulary 8192,
-1024 positions; 198 leaves), optimized by ``adam_jax.adamw`` with float32 moments. One
+1024 positions; 149 leaves), optimized by ``adam_jax.adamw`` with float32 moments. One
 optimizer step (update + ``optax.apply_updates``), jitted with donated params and state and
 the params' and state's shardings as ``out_shardings``, on synthetic gradients: replicated
 bfloat16 arrays, the all-reduced gradient that every data-parallel step holds. Three

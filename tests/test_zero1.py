@@ -1,0 +1,374 @@
+"""ZeRO-1 (``adam_jax.sharding``): the optimizer state sharded over the data axis.
+
+On 8 host devices (``XLA_FLAGS`` in conftest): a 1-D ``("data",)`` mesh of 8 with replicated
+params, and a 2-D ``("data", "model")`` mesh of 4 x 2 whose matrices are FSDP-sharded over
+``"model"`` (gathered for the forward pass), each with ``Explicit`` and with ``Auto`` axes; adam,
+adamw (mask and schedule), amsgrad, and adamw with 8-bit moments.
+
+* Per device the state holds 1/8 of its bytes on the 1-D mesh, and on the 2-D mesh 1/8 of the
+  matrices' and 1/4 of the vectors' (replicated params: only the data axis splits them); the
+  step counts and the moments of a 3-vector stay whole; 8-bit: up to the block scales.
+* 10 train steps (batch sharded over the data axis) give bit for bit the params and state of
+  the same steps with a replicated state, and the params of an unsharded single-device run up
+  to float32 rounding. Each optimizer trains with both axis types and on both meshes (the
+  8-bit one in all four combinations).
+* The compiled step sums the gradients over the data axis and all-gathers every param, updated
+  in slices, back into its own sharding (the replicated-state step on the 1-D mesh gathers
+  nothing).
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adam_jax
+from adam_jax import quantization
+from adam_jax.sharding import state_shardings, with_data_axis
+
+DEVICES = 8
+STEPS = 10
+
+if jax.device_count() < DEVICES:
+    pytest.skip(
+        "needs 8 host devices (XLA_FLAGS set in conftest before jax import)",
+        allow_module_level=True,
+    )
+
+
+def _matrices(params: Any) -> Any:
+    return jax.tree.map(lambda p: p.ndim > 1, params)
+
+
+SCHEDULE = optax.linear_schedule(1e-2, 1e-3, STEPS)
+OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "adam": lambda: adam_jax.adam(1e-2),
+    "adamw": lambda: adam_jax.adamw(SCHEDULE, weight_decay=0.1, mask=_matrices),
+    "amsgrad": lambda: adam_jax.amsgrad(1e-2),
+    "adamw_8bit": lambda: adam_jax.adamw_8bit(SCHEDULE, weight_decay=0.1),
+}
+AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
+# Mesh name -> (shape, axis names, the params' specs: replicated, or FSDP over "model").
+MESHES = {
+    "data8": ((8,), ("data",), {}),
+    "data4_model2": ((4, 2), ("data", "model"), {"w1": P("model"), "w2": P("model")}),
+}
+
+
+def _params() -> dict[str, jax.Array]:
+    """An MLP: w1 is big enough for 8-bit moments (8192 >= 4096 elements), w2 is not, and
+    ``scale`` has no dimension that 8 (or 4) divides."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    return {
+        "w1": jax.random.normal(k1, (64, 128)) / 8,
+        "b1": jnp.zeros(128),
+        "w2": jax.random.normal(k2, (128, 8)) / 11,
+        "b2": jnp.zeros(8),
+        "scale": jnp.ones(3),
+    }
+
+
+def _batches() -> list[tuple[jax.Array, jax.Array]]:
+    keys = jax.random.split(jax.random.key(1), 2 * STEPS)
+    return [
+        (jax.random.normal(keys[2 * i], (32, 64)), jax.random.normal(keys[2 * i + 1], (32, 8)))
+        for i in range(STEPS)
+    ]
+
+
+def _loss(params: Any, batch: tuple[jax.Array, jax.Array], mesh: Mesh | None) -> jax.Array:
+    if mesh is not None:  # FSDP: gather the params for the forward pass
+        params = jax.tree.map(lambda p: jax.sharding.reshard(p, NamedSharding(mesh, P())), params)
+    x, y = batch
+    hidden = jnp.tanh(x @ params["w1"] + params["b1"])
+    return jnp.mean((hidden @ params["w2"] + params["b2"] - y) ** 2) * params["scale"].mean()
+
+
+def _step(tx: optax.GradientTransformation, mesh: Mesh | None) -> Callable[..., Any]:
+    def step(params: Any, state: Any, batch: Any) -> tuple[Any, Any]:
+        grads = jax.grad(_loss)(params, batch, mesh)
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _mesh(mesh_name: str, axis_type: str) -> tuple[Mesh, Any]:
+    shape, names, specs = MESHES[mesh_name]
+    mesh = jax.make_mesh(shape, names, axis_types=(AXIS_TYPES[axis_type],) * len(shape))
+    param_shardings = {k: NamedSharding(mesh, specs.get(k, P())) for k in _params()}
+    return mesh, param_shardings
+
+
+def _bytes_per_device(tree: Any) -> int:
+    """The most bytes of ``tree``'s arrays that one device holds."""
+    per_device: dict[Any, int] = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values())
+
+
+def _train(
+    tx: optax.GradientTransformation, mesh: Mesh, param_shardings: Any, shardings: Any
+) -> tuple[Any, Any, str]:
+    """10 steps from the same params with the state in ``shardings``; the batch is sharded
+    over the data axis. Returns the params, the state and the compiled step's HLO text."""
+    fsdp = any(s.spec != P() for s in jax.tree.leaves(param_shardings))
+    params = jax.device_put(_params(), param_shardings)
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    step = jax.jit(
+        _step(tx, mesh if fsdp else None),
+        donate_argnums=(0, 1),
+        out_shardings=(param_shardings, shardings),
+    )
+    batches = jax.device_put(_batches(), NamedSharding(mesh, P("data")))
+    for batch in batches:
+        params, state = step(params, state, batch)
+    return params, state, step.lower(params, state, batches[0]).compile().as_text()
+
+
+@functools.cache
+def _single_device_params(optimizer: str) -> Any:
+    tx = OPTIMIZERS[optimizer]()
+    params = jax.device_put(_params(), jax.devices()[0])
+    state = jax.jit(tx.init)(params)
+    step = jax.jit(_step(tx, None), donate_argnums=(0, 1))
+    for batch in _batches():
+        params, state = step(params, state, batch)
+    return jax.device_get(params)
+
+
+def _is_pair(x: Any) -> bool:
+    return isinstance(x, tuple)
+
+
+def _collective_results(hlo: str, op: str) -> list[str]:
+    """The result types (``f32[32,128]{1,0}``, or a tuple of them) of the ``op`` instructions
+    (``all-gather``, ``all-reduce``...) of a compiled HLO module."""
+    return re.findall(rf"= (\S+|\([^)]*\)) {op}(?:-start)?\(", hlo)
+
+
+def _gathers_into(hlo: str, shape: tuple[int, ...]) -> bool:
+    """Whether some all-gather of ``hlo`` returns a float32 array of ``shape``."""
+    wanted = "f32[" + ",".join(map(str, shape)) + "]"
+    return any(wanted in result for result in _collective_results(hlo, "all-gather"))
+
+
+# -- with_data_axis: the rule, one leaf at a time ----------------------------------------------
+
+ABSTRACT_MESH = AbstractMesh((4, 2), ("data", "model"))
+
+
+@pytest.mark.parametrize(
+    ("spec", "shape", "expected"),
+    [
+        (P(), (6, 16), P(None, "data")),  # the first dimension 4 divides
+        (P(), (8, 16), P("data", None)),
+        (P(None, "model"), (16, 8), P("data", "model")),  # kept, data on a free dimension
+        (P("model"), (8, 6), P("model")),  # no free dimension 4 divides
+        (P("model"), (8,), P("model")),  # never joins "model" on one dimension
+        (P("data"), (8, 8), P("data")),  # already over the data axis (FSDP over data)
+        (P(), (3,), P()),  # too small to split
+        (P(), (), P()),  # scalar (the step count)
+        (P(), (0, 8), P(None, "data")),  # an empty dimension is not split
+    ],
+)
+def test_with_data_axis_adds_the_data_axis_on_the_first_dimension_it_divides(
+    spec: P, shape: tuple[int, ...], expected: P
+) -> None:
+    sharding = with_data_axis(NamedSharding(ABSTRACT_MESH, spec), shape)
+    assert sharding.mesh == ABSTRACT_MESH
+    assert sharding.is_equivalent_to(NamedSharding(ABSTRACT_MESH, expected), len(shape))
+
+
+def test_with_data_axis_takes_another_axis_name() -> None:
+    mesh = AbstractMesh((2, 4), ("model", "batch"))
+    sharding = with_data_axis(NamedSharding(mesh, P()), (2, 8), data_axis="batch")
+    assert sharding.spec == P(None, "batch")
+    with pytest.raises(ValueError, match="'data' is not an axis"):
+        with_data_axis(NamedSharding(mesh, P()), (8,))
+
+
+# -- state_shardings: the whole state ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_state_shardings_from_arrays_and_abstract_params_agree(axis_type: str) -> None:
+    """Arrays, ShapeDtypeStructs with their shardings, and (for replicated params)
+    ShapeDtypeStructs without one give the same shardings, a tree with the state's structure;
+    the step counts stay replicated."""
+    mesh, param_shardings = _mesh("data4_model2", axis_type)
+    tx = OPTIMIZERS["adamw"]()
+    params = jax.device_put(_params(), param_shardings)
+    abstract = jax.tree.map(
+        lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params
+    )
+    from_arrays = state_shardings(tx, params, mesh)
+    assert jax.tree.structure(from_arrays) == jax.tree.structure(jax.eval_shape(tx.init, params))
+    assert all(isinstance(s, NamedSharding) for s in jax.tree.leaves(from_arrays))
+    assert from_arrays == state_shardings(tx, abstract, mesh)
+    assert from_arrays[0].count.spec == P() and from_arrays[2].count.spec == P()
+    assert from_arrays[0].mu["w1"].spec == P("model", "data")
+    assert from_arrays[0].nu["b1"].spec == P("data")
+    assert from_arrays[0].mu["scale"].is_fully_replicated
+
+    unsharded = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype), _params())
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), _params())
+    assert state_shardings(tx, unsharded, mesh) == state_shardings(
+        tx, jax.device_put(_params(), replicated), mesh
+    )
+
+
+def test_state_shardings_of_wrapped_optimizers_shard_every_params_like_tree() -> None:
+    """Hyperparameters injected as state stay replicated; the gradient accumulator of
+    ``optax.MultiSteps`` is sharded like the moments; the moments of flat params too."""
+    mesh, _ = _mesh("data8", "auto")
+    injected = optax.inject_hyperparams(adam_jax.adamw)(learning_rate=1e-3, weight_decay=0.1)
+    shardings = state_shardings(injected, _params(), mesh)
+    assert all(s.is_fully_replicated for s in jax.tree.leaves(shardings.hyperparams))
+    assert shardings.inner_state[0].mu["w1"].spec == P("data", None)
+
+    accumulated = optax.MultiSteps(adam_jax.adam(1e-3), every_k_schedule=4)
+    shardings = state_shardings(accumulated, _params(), mesh)
+    assert shardings.acc_grads["w1"].spec == P("data", None)
+    assert shardings.inner_opt_state[0].nu["b2"].spec == P("data")
+
+    flat_params = adam_jax.flat.flatten({"w": jnp.zeros((16, 8)), "b": jnp.zeros(8)})
+    shardings = state_shardings(adam_jax.adam(1e-3), flat_params, mesh)
+    assert [s.spec for s in jax.tree.leaves(shardings[0].mu)] == [P("data")]
+
+
+def test_state_shardings_keeps_only_the_param_axes_that_divide_and_exist() -> None:
+    mesh, _ = _mesh("data4_model2", "auto")
+    uneven = jax.ShapeDtypeStruct((3, 8), jnp.float32, sharding=NamedSharding(mesh, P("model")))
+    shardings = state_shardings(adam_jax.adam(1e-3), {"w": uneven}, mesh)
+    assert shardings[0].mu["w"].spec == P(None, "data")
+
+    other = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    elsewhere = jax.ShapeDtypeStruct((8, 8), jnp.float32, sharding=NamedSharding(other, P("model")))
+    with pytest.raises(ValueError, match="mesh axis 'model' of size 4"):
+        state_shardings(adam_jax.adam(1e-3), {"w": elsewhere}, mesh)
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_state_shardings_fit_the_8bit_layout_of_tensor_parallel_params(axis_type: str) -> None:
+    """A param sharded on its last axis into shards of 100 elements (not whole blocks of 256):
+    the 8-bit scales' shape depends on the mesh's axis types; the shardings fit the state
+    that ``init`` makes on either, and one update keeps them."""
+    mesh, _ = _mesh("data4_model2", axis_type)
+    params = {"w": jax.device_put(jnp.ones((8, 200)), NamedSharding(mesh, P(None, "model")))}
+    tx = adam_jax.adamw_8bit(1e-3, min_size=1024)
+    shardings = state_shardings(tx, params, mesh)
+    assert shardings[0].mu["w"].codes.spec == P("data", "model")
+    state = jax.jit(tx.init, out_shardings=shardings)(params)
+    assert jax.tree.map(lambda x: x.sharding, state) == shardings
+    update = jax.jit(tx.update, out_shardings=(None, shardings))
+    _, state = update(jax.tree.map(lambda p: 1e-3 * p, params), state, params)
+    assert jax.tree.map(lambda x: x.sharding, state) == shardings
+
+
+def test_state_shardings_rejects_a_mesh_without_the_data_axis() -> None:
+    mesh = jax.make_mesh((8,), ("batch",))
+    with pytest.raises(ValueError, match="'data' is not an axis"):
+        state_shardings(adam_jax.adam(1e-3), _params(), mesh)
+    shardings = state_shardings(adam_jax.adam(1e-3), _params(), mesh, data_axis="batch")
+    assert shardings[0].mu["w1"].spec == P("batch", None)
+
+
+def _ways(leaf: jax.Array, mesh: Mesh) -> int:
+    """Over how many devices ZeRO-1 splits a state leaf of these tests' model: a matrix (its
+    param replicated, or FSDP-sharded over "model" on the 2-D mesh) over all 8, a vector over
+    the data axis if its size divides it, anything smaller nowhere."""
+    if leaf.ndim >= 2:
+        return DEVICES
+    data = mesh.shape["data"]
+    return data if leaf.size and leaf.size % data == 0 else 1
+
+
+@pytest.mark.parametrize("mesh_name", MESHES)
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("optimizer", OPTIMIZERS)
+def test_zero1_state_bytes_per_device(optimizer: str, axis_type: str, mesh_name: str) -> None:
+    """On the 1-D mesh a device holds 1/8 of the state (the step counts and ``scale``'s moments
+    aside); on the 2-D mesh 1/8 of the matrices' state and 1/4 of the vectors'. 8-bit moments:
+    up to the block scales, which may split fewer ways than the codes."""
+    mesh, param_shardings = _mesh(mesh_name, axis_type)
+    tx = OPTIMIZERS[optimizer]()
+    params = jax.device_put(_params(), param_shardings)
+    state = jax.jit(tx.init, out_shardings=state_shardings(tx, params, mesh))(params)
+
+    leaves = jax.tree.leaves(state)
+    expected = sum(x.nbytes // _ways(x, mesh) for x in leaves)
+    stored = jax.tree.leaves(state, is_leaf=quantization.is_quantized)
+    scales = sum(x.absmax.nbytes for x in stored if quantization.is_quantized(x))
+    assert (scales > 0) == (optimizer == "adamw_8bit")
+    assert expected <= _bytes_per_device(state) <= expected + scales
+    if mesh_name == "data8":
+        small = sum(x.nbytes for x in leaves if x.size < DEVICES)
+        assert small < 64 and expected == (sum(x.nbytes for x in leaves) - small) // 8 + small
+    assert jax.tree.map(lambda p: p.sharding, params) == param_shardings
+
+
+# Each optimizer trains with both axis types and on both meshes, the 8-bit one in all four
+# combinations (its stored form has leaves of other shapes than the params).
+TRAINING_CASES = [
+    *[
+        (optimizer, *case)
+        for optimizer, cases in {
+            "adam": [("explicit", "data8"), ("auto", "data4_model2")],
+            "adamw": [("auto", "data8"), ("explicit", "data4_model2")],
+            "amsgrad": [("explicit", "data8"), ("auto", "data4_model2")],
+        }.items()
+        for case in cases
+    ],
+    *[("adamw_8bit", axis_type, mesh_name) for axis_type in AXIS_TYPES for mesh_name in MESHES],
+]
+
+
+@pytest.mark.parametrize(("optimizer", "axis_type", "mesh_name"), TRAINING_CASES)
+def test_zero1_training_matches_replicated_state_and_single_device(
+    optimizer: str, axis_type: str, mesh_name: str
+) -> None:
+    mesh, param_shardings = _mesh(mesh_name, axis_type)
+    tx = OPTIMIZERS[optimizer]()
+    zero1_shardings = state_shardings(tx, jax.device_put(_params(), param_shardings), mesh)
+    replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), zero1_shardings)
+
+    params, state, hlo = _train(tx, mesh, param_shardings, zero1_shardings)
+    replicated_params, replicated_state, replicated_hlo = _train(
+        tx, mesh, param_shardings, replicated
+    )
+
+    # Only where the state lives changes, not the arithmetic.
+    jax.tree.map(
+        np.testing.assert_array_equal, (params, state), (replicated_params, replicated_state)
+    )
+    assert jax.tree.map(lambda x: x.sharding, state) == zero1_shardings
+    # The gradients are summed in another order than on one device: float32 rounding.
+    jax.tree.map(
+        functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-6),
+        jax.device_get(params),
+        _single_device_params(optimizer),
+    )
+    # The gradients are summed over the data axis (an all-reduce, or a reduce-scatter), the
+    # update runs on slices, and every param is all-gathered back into its own sharding.
+    summed = _collective_results(hlo, "all-reduce") + _collective_results(hlo, "reduce-scatter")
+    assert summed
+    for param, sharding in jax.tree.leaves(
+        jax.tree.map(lambda p, s: (p, s), _params(), param_shardings), is_leaf=_is_pair
+    ):
+        if param.size >= DEVICES:  # the state of the param splits over the data axis
+            assert _gathers_into(hlo, sharding.shard_shape(param.shape)), param.shape
+    if mesh_name == "data8":  # replicated params and state: nothing to gather
+        assert not _collective_results(replicated_hlo, "all-gather")
