@@ -1,6 +1,14 @@
 """``python -m examples.mnist``: see :mod:`examples.mnist.main`."""
 
-from examples.mnist.main import main, quiet_leftovers_of_failed_writes
+import sys
+
+from examples.mnist import distributed
+
+# Host devices and jax.distributed, before anything creates JAX's backend (importing adam_jax
+# does).
+distributed.prepare(sys.argv[1:])
+
+from examples.mnist.main import main, quiet_leftovers_of_failed_writes  # noqa: E402
 
 quiet_leftovers_of_failed_writes()
 main()

@@ -18,6 +18,12 @@ leaves either a whole checkpoint or a temporary directory that the next run dele
   like) is removed; both are reported, the older checkpoints stay intact, and
   :meth:`Checkpoints.save` returns ``False`` so that the caller can go on (see
   ``examples/mnist/README.md``).
+* **Several processes.** Every process calls :meth:`Checkpoints.save` and
+  :meth:`Checkpoints.restore_latest`; orbax writes each array's parts from the processes that
+  hold them, and the JSON record from the first. The sha256 covers the whole arrays, gathered
+  from the processes that hold their parts, so it does not depend on how they are split. What
+  one process finds (too little space, a failed write, a damaged checkpoint) is shared with
+  the others before anyone acts on it, and only the first process deletes or moves files.
 """
 
 from __future__ import annotations
@@ -31,13 +37,13 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
+from examples.mnist import distributed
 from examples.mnist.errors import CheckpointError
 
 STATE, RUN = "state", "run"
@@ -58,6 +64,7 @@ _STORAGE_STATUS = (
 # metadata (ValueError, of which json.JSONDecodeError), a missing item (KeyError), and for
 # unreadable array data a plain Exception ("Encountered error while reading array index").
 _RESTORE_ERRORS = (OSError, ValueError, KeyError)
+_T = TypeVar("_T")
 
 
 class _Damaged(Exception):
@@ -95,9 +102,10 @@ class Restored:
 
 
 def digest(tree: Any) -> str:
-    """sha256 of the bytes of the tree's arrays, in leaf order."""
+    """sha256 of the bytes of the tree's arrays, in leaf order (a collective with several
+    processes, for the arrays split over them)."""
     sha = hashlib.sha256()
-    for leaf in jax.tree.leaves(jax.device_get(tree)):
+    for leaf in jax.tree.leaves(distributed.host_copy(tree)):
         sha.update(np.ascontiguousarray(leaf).tobytes())
     return sha.hexdigest()
 
@@ -157,14 +165,15 @@ class Checkpoints:
         needed = sum(leaf.nbytes for leaf in jax.tree.leaves(tree))
         try:
             free = shutil.disk_usage(self.directory).free
+            problem = None
+            if free < needed:
+                problem = (
+                    f"it needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free"
+                )
         except OSError as err:
-            self._not_saved(step, _one_line(err))
-            return False
-        if free < needed:
-            self._not_saved(
-                step,
-                f"it needs about {needed / 2**20:.1f} MiB, {free / 2**20:.1f} MiB are free",
-            )
+            problem = _one_line(err)
+        if not distributed.everywhere(problem is None):
+            self._not_saved(step, problem or "another process lacks the space")
             return False
         run = dict(run, digest=digest(tree))
         args = ocp.args.Composite(
@@ -173,14 +182,17 @@ class Checkpoints:
         # Also those of a failed write whose other items were still being written when it
         # was cleaned up (orbax writes the items in parallel).
         self._remove_partial_writes()
+        problem = None
         try:
             self.manager.save(step, args=args, force=True)
         except (OSError, ValueError) as err:
             if not is_storage_error(err):
                 raise
+            problem = _one_line(err)
+        if not distributed.everywhere(problem is None):
             self._remove_partial_writes()
             self.manager.reload()
-            self._not_saved(step, _one_line(err))
+            self._not_saved(step, problem or "the write failed in another process")
             return False
         return True
 
@@ -194,12 +206,14 @@ class Checkpoints:
         self.warn(f"could not write the checkpoint of step {step} ({reason}); {newest}")
 
     def _remove_partial_writes(self) -> None:
-        for partial in ocp.utils.tmp_checkpoints(self.directory):
-            shutil.rmtree(partial.get(), ignore_errors=True)
+        if distributed.is_primary():
+            for partial in ocp.utils.tmp_checkpoints(self.directory):
+                shutil.rmtree(partial.get(), ignore_errors=True)
+        distributed.barrier("partial checkpoint writes removed")
 
     def restore_latest(self, target: Any, settings: dict[str, Any]) -> Restored | None:
-        """The newest intact checkpoint, read into the structure of ``target``; ``None`` if
-        there is no checkpoint at all.
+        """The newest intact checkpoint, read into the structure and shardings of ``target``;
+        ``None`` if there is no checkpoint at all.
 
         Damaged checkpoints newer than the intact one are reported and moved to
         ``damaged_checkpoints/`` (a later save reuses their step numbers). Raises
@@ -218,6 +232,7 @@ class Checkpoints:
                 moved = self._move_aside(bad_step)
                 self.warn(f"checkpoint {bad_step} is damaged ({reason}); moved to {moved}")
             if damaged:
+                distributed.barrier("damaged checkpoints moved")
                 self.manager.reload()
                 self.warn(f"resuming from the newest intact checkpoint, step {step}")
             return restored
@@ -230,6 +245,17 @@ class Checkpoints:
         return None
 
     def _restore(self, step: int, target: Any, settings: dict[str, Any]) -> Restored:
+        """Checkpoint ``step``, read into the structure and shardings of ``target``, or
+        :class:`_Damaged`. Every process reaches the same verdict at each stage."""
+        run = _agreed(lambda: self._read_record(step, target, settings))
+        tree = _agreed(lambda: self._read_arrays(step, target))
+        if digest(tree) != run["digest"]:
+            raise _Damaged("its arrays do not match the checksum written with them")
+        return Restored(step, tree, run)
+
+    def _read_record(self, step: int, target: Any, settings: dict[str, Any]) -> dict[str, Any]:
+        """The JSON record of checkpoint ``step``, checked against ``settings``, after a check
+        of its array metadata against ``target``."""
         try:
             run_args = ocp.args.Composite(**{RUN: ocp.args.JsonRestore()})
             with _quiet_abandoned_reads():
@@ -256,29 +282,32 @@ class Checkpoints:
             raise _Damaged("its array metadata is missing")
         if mismatch := _structure_mismatch(stored.tree, target):
             raise _Damaged(mismatch)
+        return run
+
+    def _read_arrays(self, step: int, target: Any) -> Any:
+        """The arrays of checkpoint ``step``, laid out as ``target``'s whatever the layout
+        they were written from (each process reads the parts that its devices hold)."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         try:
             with _quiet_abandoned_reads():
-                tree = self.manager.restore(
+                return self.manager.restore(
                     step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)})
                 )[STATE]
         except Exception as err:
             if not _is_restore_error(err):
                 raise
             raise _Damaged(f"its arrays cannot be read: {_one_line(err)}") from err
-        host = jax.device_get(tree)
-        if digest(host) != run["digest"]:
-            raise _Damaged("its arrays do not match the checksum written with them")
-        # Uncommitted device arrays, like a fresh state's: committed ones would make every
-        # jitted function compile again for them.
-        return Restored(step, jax.tree.map(jnp.asarray, host), run)
 
     def _move_aside(self, step: int) -> Path:
+        """Moves checkpoint ``step`` into ``damaged_checkpoints/`` (in the first process; the
+        others only learn where) and returns where it went."""
         destination = self.damaged_directory / str(step)
         copies = 1
         while destination.exists():
             destination = self.damaged_directory / f"{step}-{copies}"
             copies += 1
+        if not distributed.is_primary():
+            return destination
         try:
             self.damaged_directory.mkdir(parents=True, exist_ok=True)
             shutil.move(self.path(step), destination)
@@ -290,6 +319,19 @@ class Checkpoints:
 
     def close(self) -> None:
         self.manager.close()
+
+
+def _agreed(read: Callable[[], _T]) -> _T:
+    """``read()``; raises :class:`_Damaged` if it raised it here or in another process, so
+    that every process goes on to the same next stage (a collective with several)."""
+    try:
+        result = read()
+    except _Damaged:
+        distributed.everywhere(False)
+        raise
+    if not distributed.everywhere(True):
+        raise _Damaged("another process could not read it")
+    return result
 
 
 def _one_line(err: BaseException) -> str:

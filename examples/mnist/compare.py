@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 
 from examples.mnist import data as data_lib
-from examples.mnist import optimizers, train
+from examples.mnist import distributed, optimizers, train
 from examples.mnist.config import Config
 
 
@@ -139,6 +139,8 @@ def compare(
         _, results[name] = train.train_and_evaluate(run, dataset, console)
     n_train = min(len(dataset.train.labels), config.train_limit or len(dataset.train.labels))
     markdown = f"{describe(config, n_train)}\n\n{table(config, results)}\n"
+    if not distributed.is_primary():  # With several processes, the first one writes.
+        return results
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / "comparison.md").write_text(markdown)
     plot(results, workdir / "comparison.png", f"{config.model} on {config.dataset}")

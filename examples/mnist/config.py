@@ -8,8 +8,9 @@ from examples.mnist import data, models, optimizers
 
 # Settings that a resumed run must share with the checkpoint it resumes from: they fix the
 # state's structure (model, optimizer, non-finite skipping) or which batches make up a step
-# (dataset, train_limit, batch_size, seed). The others (epochs, learning rate, schedule, ...)
-# may change on resume; the run then follows the new values from the checkpoint on.
+# (dataset, train_limit, batch_size, seed). The others (epochs, learning rate, schedule,
+# devices, shard_optimizer, ...) may change on resume; the run then follows the new values from
+# the checkpoint on.
 RESUME_SETTINGS = (
     "model",
     "optimizer",
@@ -27,7 +28,9 @@ class Config:
 
     ``learning_rate=None`` takes the optimizer's tuned peak rate from
     :data:`examples.mnist.optimizers.PEAK_LEARNING_RATES`. ``checkpoint_every=None``
-    checkpoints at the end of each epoch.
+    checkpoints at the end of each epoch. ``devices`` is the size of the data-parallel mesh
+    over all processes (``None``: one device with one process, every device of every process
+    with several; see :mod:`examples.mnist.parallel`); it may change on resume.
     """
 
     model: str = "cnn"
@@ -54,6 +57,10 @@ class Config:
     # Skip steps whose gradient has a NaN or an Inf; stop after this many in a row.
     skip_nonfinite: bool = False
     max_consecutive_skips: int = 10
+    # Data parallelism: every batch split over this many devices; with shard_optimizer the
+    # optimizer state too (ZeRO-1).
+    devices: int | None = None
+    shard_optimizer: bool = False
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -83,6 +90,10 @@ class Config:
                 f"checkpoint_every must be an integer >= 1 (or None: at epoch ends), "
                 f"got {self.checkpoint_every}"
             )
+        if self.devices is not None:
+            if self.devices < 1:
+                raise ValueError(f"devices must be an integer >= 1, got {self.devices}")
+            check_batch_split(self.batch_size, self.devices)
         if self.train_limit is not None and self.train_limit < self.batch_size:
             raise ValueError(
                 f"train_limit must be >= batch_size ({self.batch_size}) so that an epoch has a "
@@ -96,3 +107,15 @@ class Config:
     def resume_settings(self) -> dict[str, object]:
         """The settings a checkpoint records and a resumed run must match."""
         return {name: getattr(self, name) for name in RESUME_SETTINGS}
+
+
+def check_batch_split(batch_size: int, devices: int) -> None:
+    """Raises :class:`ValueError` unless ``devices`` devices can take equal shares of a batch."""
+    if batch_size % devices:
+        below = batch_size - batch_size % devices
+        above = below + devices
+        nearest = f"{below} or {above}" if below else str(above)
+        raise ValueError(
+            f"batch_size ({batch_size}) must be a multiple of the number of devices "
+            f"({devices}), which take equal shares of each batch: for example {nearest}"
+        )

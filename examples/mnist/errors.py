@@ -16,6 +16,10 @@ class TrainingError(RuntimeError):
     exit_status = 1
 
 
+class DeviceError(TrainingError):
+    """The devices or processes asked for are not there, or do not fit the batch."""
+
+
 class CheckpointError(TrainingError):
     """No checkpoint can be resumed: none is intact, or they belong to a different run."""
 

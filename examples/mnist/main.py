@@ -1,8 +1,12 @@
 """Command line of the MNIST example: ``python -m examples.mnist --help``.
 
 Every failure the program anticipates (bad data, no intact checkpoint, settings that differ
-from the checkpoint's, non-finite values, a stop by SIGTERM or SIGINT) ends with one message on
-stderr and a non-zero exit status, not a traceback.
+from the checkpoint's, missing devices, non-finite values, a stop by SIGTERM or SIGINT) ends
+with one message on stderr and a non-zero exit status, not a traceback.
+
+``--devices``, ``--num-processes``, ``--process-id`` and ``--coordinator`` take effect before
+JAX starts (:func:`examples.mnist.distributed.prepare`, which ``python -m examples.mnist``
+calls first); :func:`main` called in a running program checks that they match it.
 """
 
 from __future__ import annotations
@@ -13,15 +17,22 @@ import shlex
 import sys
 from typing import Any
 
+import jax
 from rich.console import Console
 
-from examples.mnist import compare, data, models, optimizers, train
+from examples.mnist import compare, data, distributed, models, optimizers, train
 from examples.mnist.config import Config
-from examples.mnist.errors import Interrupted, TrainingError
+from examples.mnist.errors import DeviceError, Interrupted, TrainingError
+from examples.mnist.launch import PROCESS_OPTIONS
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]:
     """The run's :class:`Config` and, with ``--compare``, the optimizers to compare."""
+    config, compared, _ = _parse(argv)
+    return config, compared
+
+
+def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.Namespace]:
     default = Config()
     parser = argparse.ArgumentParser(
         prog="python -m examples.mnist",
@@ -126,8 +137,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
         metavar="OPT1,OPT2,...",
         help="train once per optimizer and write comparison.md and comparison.png",
     )
+    distributed.add_arguments(parser)
+    parser.add_argument(
+        "--shard-optimizer",
+        action="store_true",
+        help="split the optimizer state over the devices instead of replicating it (ZeRO-1)",
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
+    if problem := distributed.check_arguments(args):
+        parser.error(problem)
     if args.compare is not None:
         unknown = sorted(set(args.compare) - set(optimizers.NAMES))
         if unknown or not args.compare:
@@ -154,17 +173,38 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
             log_every=args.log_every,
             skip_nonfinite=args.skip_nonfinite,
             max_consecutive_skips=args.max_consecutive_skips,
+            devices=args.devices,
+            shard_optimizer=args.shard_optimizer,
             progress=not args.no_progress,
         )
     except ValueError as err:
         parser.error(str(err))
-    return config, args.compare
+    return config, args.compare, args
 
 
-def resume_command(argv: list[str]) -> str:
-    """The command line that continues the run of ``argv``."""
+def resume_command(argv: list[str], num_processes: int = 1) -> str:
+    """The command line that continues the run of ``argv``: with several processes, the
+    launcher's, which starts them all."""
     resume = [] if "--resume" in argv else ["--resume"]
-    return shlex.join(["python", "-m", "examples.mnist", *argv, *resume])
+    if num_processes == 1:
+        return shlex.join(["python", "-m", "examples.mnist", *argv, *resume])
+    kept = _without_options(argv, PROCESS_OPTIONS)
+    launcher = ["python", "-m", "examples.mnist.launch", "--num-processes", str(num_processes)]
+    return shlex.join([*launcher, *kept, *resume])
+
+
+def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` less the ``options`` (each with its value)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in options:
+            skip_value = True
+        elif not arg.startswith(tuple(option + "=" for option in options)):
+            kept.append(arg)
+    return kept
 
 
 def quiet_leftovers_of_failed_writes() -> None:
@@ -191,20 +231,32 @@ def quiet_leftovers_of_failed_writes() -> None:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    config, compared = parse_args(argv)
-    console = Console()
+    config, compared, args = _parse(argv)
+    console = Console(quiet=not distributed.is_primary())
+    # With several processes each reports its own failures, naming itself.
+    who = f"process {args.process_id}: " if args.num_processes > 1 else ""
     try:
+        if jax.process_count() != args.num_processes:
+            raise DeviceError(
+                f"--num-processes {args.num_processes}, but this program is one of "
+                f"{jax.process_count()} processes: start each with python -m examples.mnist "
+                "(or all with python -m examples.mnist.launch)"
+            )
         dataset = data.load(config.dataset, config.data_dir)
         if compared:
             compare.compare(config, compared, dataset, console)
             return
         _, history = train.train_and_evaluate(config, dataset, console)
     except Interrupted as err:
-        print(f"{err}\nResume with: {resume_command(argv)}", file=sys.stderr)
+        if distributed.is_primary():  # All processes stop at the same step.
+            print(
+                f"{err}\nResume with: {resume_command(argv, args.num_processes)}",
+                file=sys.stderr,
+            )
         raise SystemExit(err.exit_status) from err
     except TrainingError as err:
-        print(f"error: {err}", file=sys.stderr)
+        print(f"{who}error: {err}", file=sys.stderr)
         raise SystemExit(err.exit_status) from err
     except data.DataError as err:
-        raise SystemExit(f"error: {err}") from err
+        raise SystemExit(f"{who}error: {err}") from err
     console.print(train.summary(config, history))

@@ -13,6 +13,12 @@ and dropout keys from ``(seed, step)``, and a checkpoint holds the epoch's runni
 the model and optimizer, so a run resumed from any checkpoint, in the middle of an epoch or at
 its end, replays exactly the computation of an uninterrupted one.
 
+Data parallelism (:mod:`~examples.mnist.parallel`): the step is the same function on a mesh of
+``Config.devices`` devices, each batch split over them. The batches, the shifts and the dropout
+masks are drawn for the whole batch, as on one device (JAX's random numbers do not depend on
+how their array is split), so runs on any number of devices and processes compute the same
+steps, up to the order of the sums over the devices.
+
 Faults: SIGTERM or SIGINT stops the run after the current step with a checkpoint
 (:mod:`~examples.mnist.interrupts`); damaged checkpoints and full disks are handled in
 :mod:`~examples.mnist.checkpoints`; ``Config.skip_nonfinite`` skips steps whose gradient is
@@ -21,6 +27,7 @@ not finite, and a run never writes a checkpoint whose parameters are not finite.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import shutil
 import time
@@ -33,15 +40,22 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax import nnx
+from jax.sharding import Mesh
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from examples.mnist import data as data_lib
+from examples.mnist import distributed, models, optimizers, parallel
 from examples.mnist import metrics as metrics_lib
-from examples.mnist import models, optimizers
 from examples.mnist.checkpoints import Checkpoints
-from examples.mnist.config import Config
-from examples.mnist.errors import CheckpointError, Interrupted, NonFiniteError, TrainingError
+from examples.mnist.config import Config, check_batch_split
+from examples.mnist.errors import (
+    CheckpointError,
+    DeviceError,
+    Interrupted,
+    NonFiniteError,
+    TrainingError,
+)
 from examples.mnist.interrupts import StopRequests
 
 Metrics = metrics_lib.Metrics
@@ -91,12 +105,21 @@ class Trainer:
 
     ``state`` is the pure ``nnx.State`` of ``(model, optimizer)`` and ``running`` the epoch's
     sums (:data:`SUMS`) and skip counters; they are what changes from step to step, and what
-    checkpoints hold.
+    checkpoints hold. They live on ``mesh`` (default: :func:`parallel.data_mesh` of
+    ``config.devices``), laid out by :attr:`layout`.
+
+    Raises :class:`~examples.mnist.errors.DeviceError` if the devices asked for are not
+    there or cannot split a batch evenly.
     """
 
-    def __init__(self, config: Config, dataset: data_lib.Dataset):
+    def __init__(self, config: Config, dataset: data_lib.Dataset, mesh: Mesh | None = None):
         self.config = config
         self.dataset = dataset
+        self.layout = parallel.DataParallel(mesh or parallel.data_mesh(config.devices))
+        try:
+            check_batch_split(config.batch_size, self.layout.devices)
+        except ValueError as err:
+            raise DeviceError(str(err)) from err
         n_train = len(dataset.train.labels)
         if config.train_limit is not None:
             n_train = min(n_train, config.train_limit)
@@ -122,28 +145,36 @@ class Trainer:
         if config.skip_nonfinite:
             tx = optax.apply_if_finite(tx, config.max_consecutive_skips)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
-        self.graphdef, self.state = nnx.split((model, optimizer))
+        params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        self.graphdef, state = nnx.split((model, optimizer))
+        layout = self.layout
+        state_shardings = layout.state_shardings(state, tx, params, config.shard_optimizer)
+        self.state = jax.tree.map(layout.put, state, state_shardings)
         self.running = self.zero_running()
 
-        # The dataset lives on the device; steps gather their batches there by index.
-        self.train_images = jax.device_put(dataset.train.images[:n_train])
-        self.train_labels = jax.device_put(dataset.train.labels[:n_train])
+        # The dataset lives on every device; steps gather their batches there by index.
+        self.train_images = layout.put(dataset.train.images[:n_train], layout.replicated)
+        self.train_labels = layout.put(dataset.train.labels[:n_train], layout.replicated)
         self.test_batches = self._eval_batches(dataset.test, config.eval_batch_size)
         self.n_test = len(dataset.test.labels)
-        self.base_key = jax.random.key(config.seed)
-        self._train_step = jax.jit(self._make_train_step(), donate_argnums=0)
-        self._evaluate_batch = jax.jit(self._make_evaluate_batch())
-        self._all_finite = jax.jit(_all_finite)
+        running_shardings = jax.tree.map(lambda _: layout.replicated, self.running)
+        self._train_step = jax.jit(
+            self._make_train_step(),
+            donate_argnums=0,
+            out_shardings=(state_shardings, running_shardings),
+        )
+        self._evaluate_batch = jax.jit(self._make_evaluate_batch(), out_shardings=layout.replicated)
+        self._all_finite = jax.jit(_all_finite, out_shardings=layout.replicated)
 
-    @staticmethod
-    def zero_running() -> dict[str, jax.Array]:
-        sums = {name: jnp.zeros((), jnp.float32) for name in SUMS}
-        counters = {name: jnp.zeros((), jnp.int32) for name in ("skipped", "consecutive_skips")}
-        return sums | counters
+    def zero_running(self) -> dict[str, jax.Array]:
+        sums = {name: np.zeros((), np.float32) for name in SUMS}
+        counters = {name: np.zeros((), np.int32) for name in ("skipped", "consecutive_skips")}
+        return self.layout.replicate(sums | counters)
 
-    @staticmethod
-    def _eval_batches(split: data_lib.Split, batch_size: int) -> tuple[jax.Array, ...]:
-        """The split padded to whole batches, with a mask that is 0 on the padding."""
+    def _eval_batches(self, split: data_lib.Split, batch_size: int) -> tuple[jax.Array, ...]:
+        """The split padded to whole batches, with a mask that is 0 on the padding; a batch
+        is split over the devices, its size rounded up to a multiple of their number."""
+        batch_size = math.ceil(batch_size / self.layout.devices) * self.layout.devices
         n = len(split.labels)
         n_batches = math.ceil(n / batch_size)
         pad = n_batches * batch_size - n
@@ -151,26 +182,32 @@ class Trainer:
         labels = np.pad(split.labels, (0, pad))
         mask = np.arange(n_batches * batch_size) < n
         shape = (n_batches, batch_size)
-        return tuple(jax.device_put(a.reshape(shape + a.shape[1:])) for a in (images, labels, mask))
+        return tuple(
+            self.layout.put(a.reshape(shape + a.shape[1:]), self.layout.batches)
+            for a in (images, labels, mask)
+        )
 
     def _make_train_step(self) -> Callable[..., Any]:
         graphdef, spec, max_shift = self.graphdef, self.dataset.spec, self.config.max_shift
-        skip_nonfinite = self.config.skip_nonfinite
+        seed, skip_nonfinite = self.config.seed, self.config.skip_nonfinite
+        layout, shard_optimizer = self.layout, self.config.shard_optimizer
 
         def loss_fn(model, images, labels, rngs):
             logits = model(images, train=True, rngs=rngs)
             return cross_entropy(logits, labels).mean(), logits
 
-        def train_step(state, running, images, labels, indices, step_number, base_key):
+        def train_step(state, running, images, labels, indices, step_number):
             """One optimizer step on ``images[indices]``; adds to the ``running`` sums."""
-            key = jax.random.fold_in(base_key, step_number)
+            key = jax.random.fold_in(jax.random.key(seed), step_number)
             shift_key, dropout_key = jax.random.split(key)
-            x = random_shift(shift_key, images[indices].astype(jnp.float32), max_shift)
-            x = normalize(x, spec.mean, spec.std)
-            y = labels[indices]
+            x = layout.gather(images, indices).astype(jnp.float32)
+            x = normalize(random_shift(shift_key, x, max_shift), spec.mean, spec.std)
+            y = layout.gather(labels, indices)
             model, optimizer = nnx.merge(graphdef, state)
             grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
             (loss, logits), grads = grad_fn(model, x, y, nnx.Rngs(dropout=dropout_key))
+            if shard_optimizer:
+                grads = layout.zero_sliced(grads)
             optimizer.update(model, grads)
             if skip_nonfinite:
                 # optax.apply_if_finite's counters: this step's verdict, the total, the streak.
@@ -210,6 +247,10 @@ class Trainer:
         order = rng.permutation(self.n_train)[: self.steps_per_epoch * self.config.batch_size]
         return order.reshape(self.steps_per_epoch, self.config.batch_size).astype(np.int32)
 
+    def epoch_order_on_devices(self, epoch: int) -> jax.Array:
+        """:meth:`epoch_order` on the devices, each batch split over them."""
+        return self.layout.put(self.epoch_order(epoch), self.layout.batches)
+
     def step(self, indices: jax.Array, step_number: int) -> None:
         """Dispatches the optimizer step ``step_number`` (0-based, counted from the start of
         training) on the batch ``indices``; returns at once."""
@@ -220,13 +261,12 @@ class Trainer:
             self.train_labels,
             indices,
             step_number,
-            self.base_key,
         )
 
     def train_epoch(self, epoch: int) -> Metrics:
         """Runs epoch ``epoch`` (0-based) whole, without records or checkpoints; returns its
         mean loss and accuracy and its timings."""
-        order = jax.device_put(self.epoch_order(epoch))
+        order = self.epoch_order_on_devices(epoch)
         self.running = self.zero_running()
         start = time.perf_counter()
         for i in range(self.steps_per_epoch):
@@ -239,7 +279,7 @@ class Trainer:
     def evaluate(self) -> Metrics:
         """Mean loss and accuracy on the whole test set."""
         images, labels, mask = self.test_batches
-        totals = jnp.zeros(2)
+        totals = self.layout.put(np.zeros(2, np.float32), self.layout.replicated)
         for i in range(len(images)):
             totals = self._evaluate_batch(self.state, totals, images[i], labels[i], mask[i])
         loss, accuracy = np.asarray(totals) / self.n_test
@@ -450,7 +490,7 @@ class _Run:
             trainer.running = trainer.zero_running()
             self.logged = jax.device_get(trainer.running)
             self.logged_step = first
-        order = jax.device_put(trainer.epoch_order(epoch))
+        order = trainer.epoch_order_on_devices(epoch)
         self.task = self.progress.add_task(
             f"epoch {epoch + 1}/{config.epochs}",
             total=steps_per_epoch,
@@ -463,8 +503,8 @@ class _Run:
         start = time.perf_counter()
         self.epoch_clock = (start, offset)
         for i in range(offset, steps_per_epoch):
-            if stop.signum is not None:
-                self._stop(stop.signum)
+            if (signum := self._stop_request(stop, i)) is not None:
+                self._stop(signum)
             if self.step % self.checkpoint_every == 0 and self.step not in (0, self.saved_step):
                 self._checkpoint(jax.device_get(trainer.running))
             previous = trainer.running
@@ -506,6 +546,19 @@ class _Run:
             self._checkpoint(sums)
         else:
             self.write_metrics()
+
+    def _stop_request(self, stop: StopRequests, i: int) -> int | None:
+        """The signal that asks the run to stop before step ``i`` of the epoch, if any.
+
+        With several processes all must stop after the same step, and a signal reaches each
+        at its own moment: they compare notes every ``log_every`` steps (a collective, so
+        not at every step), where the loop waits for the device anyway.
+        """
+        if jax.process_count() == 1:
+            return stop.signum
+        if i % self.config.log_every:
+            return None
+        return distributed.first_signal(stop.signum)
 
     def _log(self, sums: dict[str, Any], step: int) -> None:
         """Appends the step record of the steps since the last one; updates the progress bar;
@@ -592,6 +645,8 @@ class _Run:
         raise Interrupted(signum, self.step, self.where(), checkpoint, self.saved_step)
 
     def write_metrics(self) -> None:
+        if not distributed.is_primary():
+            return
         try:
             metrics_lib.write(self.metrics_path, self.records)
         except OSError as err:
@@ -604,6 +659,11 @@ def _format(value: float | None) -> str:
 
 
 def _prepare_workdir(config: Config, workdir: Path) -> None:
+    """Clears a previous run's outputs unless resuming (by the first process; the others wait
+    for it)."""
+    if not distributed.is_primary():
+        distributed.barrier("workdir prepared")
+        return
     try:
         if not config.resume:
             # A fresh run replaces the previous one rather than mixing their records.
@@ -615,6 +675,7 @@ def _prepare_workdir(config: Config, workdir: Path) -> None:
         metrics_lib.remove_partial_writes(workdir / "metrics.jsonl")
     except OSError as err:
         raise TrainingError(f"cannot prepare the work directory {workdir}: {err}") from err
+    distributed.barrier("workdir prepared")
 
 
 def train_and_evaluate(
@@ -630,6 +691,9 @@ def train_and_evaluate(
     arrives, and other :class:`~examples.mnist.errors.TrainingError` when the run cannot go
     on (no intact checkpoint, settings that differ from the checkpoint's, non-finite values).
     """
+    if not distributed.is_primary():
+        # The first process reports; the others would print the same.
+        console, config = Console(quiet=True), dataclasses.replace(config, progress=False)
     console = console or Console()
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     workdir = Path(config.workdir)
@@ -662,7 +726,7 @@ def train_and_evaluate(
 
 
 def _plot(records: list[Metrics], path: Path, config: Config, warn: Callable[[str], None]) -> None:
-    if not any(m["kind"] == "epoch" for m in records):
+    if not (distributed.is_primary() and any(m["kind"] == "epoch" for m in records)):
         return
     try:
         plot_curves(records, path, f"{config.model} / {config.optimizer} on {config.dataset}")

@@ -1,0 +1,187 @@
+"""Devices and processes: what must happen before JAX touches a device, and how the processes
+of one run agree.
+
+``python -m examples.mnist --devices N`` trains on ``N`` devices; on CPU it asks XLA for that
+many host devices (``XLA_FLAGS=--xla_force_host_platform_device_count``) unless ``XLA_FLAGS``
+already sets the count. ``--num-processes P --process-id I --coordinator HOST:PORT`` makes the
+program one of ``P`` processes that train together through ``jax.distributed`` (on CPU with
+JAX's gloo collectives), each with ``N / P`` of the devices. Both must be settled before JAX
+creates its backend, which importing ``adam_jax`` already does: ``python -m examples.mnist``
+calls :func:`prepare` before it imports anything else.
+
+Every process runs the same loop; decisions that rest on what one process sees alone (a signal,
+free disk space, a damaged checkpoint) go through :func:`everywhere` so that all of them take
+the same branch, and only the first process (:func:`is_primary`) writes the files that are not
+checkpoints.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from examples.mnist.errors import DeviceError
+
+DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that place the run on devices and processes."""
+    parser.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        metavar="N",
+        help="train on N devices (over all processes), each taking 1/N of every batch "
+        "(None: 1 device, or with several processes every device of every process)",
+    )
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        default=1,
+        metavar="P",
+        help="processes that train together through jax.distributed (see examples.mnist.launch)",
+    )
+    parser.add_argument(
+        "--process-id", type=int, default=0, metavar="I", help="this process: 0 to P - 1"
+    )
+    parser.add_argument(
+        "--coordinator",
+        default=None,
+        metavar="HOST:PORT",
+        help="address of process 0's coordination service (with --num-processes > 1)",
+    )
+
+
+def check_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options of :func:`add_arguments`, if anything."""
+    processes = args.num_processes
+    if processes < 1:
+        return f"--num-processes must be an integer >= 1, got {processes}"
+    if not 0 <= args.process_id < processes:
+        return (
+            f"--process-id must be in [0, {processes - 1}] with --num-processes {processes}, "
+            f"got {args.process_id}"
+        )
+    if processes > 1 and not args.coordinator:
+        return f"--coordinator HOST:PORT is required with --num-processes {processes}"
+    if args.devices is not None:
+        if args.devices < 1:
+            return f"--devices must be an integer >= 1, got {args.devices}"
+        if args.devices % processes:
+            return (
+                f"--devices {args.devices} must be a multiple of --num-processes {processes}: "
+                "every process brings the same number of devices"
+            )
+    return None
+
+
+def prepare(argv: Sequence[str]) -> None:
+    """Asks for the host devices and joins the other processes, from the command line
+    ``argv``; must run before JAX creates its backend. Exits with status 2 on bad options."""
+    # The other options (--help among them) are main's, which parses them all again.
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.mnist", add_help=False, allow_abbrev=False
+    )
+    add_arguments(parser)
+    args, _ = parser.parse_known_args(argv)
+    if problem := check_arguments(args):
+        parser.error(problem)
+    if args.devices is not None and args.devices > args.num_processes:
+        request_host_devices(args.devices // args.num_processes)
+    if args.num_processes > 1:
+        # The CPU backend has no cross-process collectives of its own; gloo is JAX's.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(
+            coordinator_address=args.coordinator,
+            num_processes=args.num_processes,
+            process_id=args.process_id,
+        )
+
+
+def request_host_devices(count: int) -> None:
+    """Asks XLA for ``count`` CPU devices in this process, unless ``XLA_FLAGS`` already sets a
+    count (which wins). Has no effect once JAX has created its backend, nor on GPUs or TPUs."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if DEVICE_COUNT_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
+
+
+def mesh_devices(devices: int | None) -> list[jax.Device]:
+    """The devices of a ``devices``-device data mesh: the first ``devices / P`` local devices of
+    each of the ``P`` processes, in process order. Raises :class:`DeviceError` naming what is
+    available if there are too few."""
+    processes = jax.process_count()
+    if devices is None:
+        return jax.devices() if processes > 1 else jax.devices()[:1]
+    if devices < 1 or devices % processes:
+        raise DeviceError(
+            f"devices must be a positive multiple of the {processes} processes, got {devices}"
+        )
+    per_process = devices // processes
+    local = jax.local_device_count()
+    if per_process > local:
+        platform = jax.devices()[0].platform
+        where = "" if processes == 1 else f" in each of the {processes} processes"
+        hint = (
+            f" (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} fixes the CPU device count; "
+            f"drop {DEVICE_COUNT_FLAG} from it and python -m examples.mnist sets it)"
+            if platform == "cpu" and DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "")
+            else ""
+        )
+        raise DeviceError(
+            f"--devices {devices} needs {per_process} devices{where}, but there are {local} "
+            f"({platform}): choose --devices from 1 to {local * processes}{hint}"
+        )
+    by_process: dict[int, list[jax.Device]] = {}
+    for device in jax.devices():
+        by_process.setdefault(device.process_index, []).append(device)
+    return [device for index in sorted(by_process) for device in by_process[index][:per_process]]
+
+
+def is_primary() -> bool:
+    """Whether this is the process that writes the files other than checkpoints."""
+    return jax.process_index() == 0
+
+
+def everywhere(flag: bool) -> bool:
+    """Whether ``flag`` holds in every process (each passes its own); with several processes
+    a collective, which every process must call at the same point."""
+    if jax.process_count() == 1:
+        return flag
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(flag))))
+
+
+def first_signal(signum: int | None) -> int | None:
+    """The signal that one of the processes received, if any (each passes its own); a
+    collective with several processes."""
+    if jax.process_count() == 1:
+        return signum
+    received = multihost_utils.process_allgather(np.asarray(signum or 0, np.int32))
+    return next((int(s) for s in np.ravel(received) if s), None)
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has reached the barrier ``name``."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
+def host_copy(tree: Any) -> Any:
+    """The NumPy value of every array of ``tree``. An array split over several processes (the
+    optimizer state with ``--shard-optimizer``) is gathered from them: a collective."""
+
+    def fetch(leaf: Any) -> Any:
+        if isinstance(leaf, jax.Array) and not (
+            leaf.is_fully_addressable or leaf.is_fully_replicated
+        ):
+            return multihost_utils.process_allgather(leaf, tiled=True)
+        return jax.device_get(leaf)
+
+    return jax.tree.map(fetch, tree)
