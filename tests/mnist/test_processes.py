@@ -196,7 +196,8 @@ def test_launcher_passes_signals_on_and_ends_the_others_when_one_fails() -> None
         """
         import signal, sys, time
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))
-        print("ready", flush=True)
+        sys.stdout.write("ready\\n")  # one write: the two processes share the pipe
+        sys.stdout.flush()
         time.sleep(60)
         """
     )
@@ -214,8 +215,11 @@ def test_launcher_passes_signals_on_and_ends_the_others_when_one_fails() -> None
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     with started([[sys.executable, "-c", script]], env) as (launcher,):
         assert launcher.stdout is not None
-        for _ in range(2):
-            assert launcher.stdout.readline() == "ready\n"
+        ready = ""
+        while ready.count("ready") < 2:
+            line = launcher.stdout.readline()
+            assert line, f"the launcher's processes ended before both were ready: {ready!r}"
+            ready += line
         launcher.send_signal(signal.SIGTERM)
         status, _, stderr = finish(launcher)
     assert status == 7, stderr
