@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -14,9 +15,13 @@ from adam_jax._numerics import compute_dtype
 
 Mask = Any | Callable[[optax.Params], Any]
 
-# optax's states for add_decayed_weights: empty for a constant rate, a step count for a schedule
-# (optax does not export the latter's type, so it is read off optax's own transformation).
-WeightDecaySchedule = type(optax.add_decayed_weights(lambda count: 0.0).init(None))
+
+@functools.cache
+def _schedule_state_type() -> type:
+    """optax's state of ``add_decayed_weights`` with a schedule: a step count. optax does not
+    export its type, so it is read off optax's own transformation, once, on first use (not at
+    import: that would start JAX's backend before a program can configure it)."""
+    return type(optax.add_decayed_weights(lambda count: 0.0).init(None))
 
 
 def add_decayed_weights(
@@ -61,13 +66,13 @@ def add_decayed_weights(
     def init_fn(params: optax.Params) -> Any:
         del params
         if scheduled:
-            return WeightDecaySchedule(count=jnp.zeros([], jnp.int32))
+            return _schedule_state_type()(count=jnp.zeros([], jnp.int32))
         return optax.EmptyState()
 
     def update_fn(
         updates: optax.Updates, state: Any, params: optax.Params | None = None
     ) -> tuple[optax.Updates, Any]:
-        new_state = WeightDecaySchedule(optax.safe_increment(state.count)) if scheduled else state
+        new_state = state._replace(count=optax.safe_increment(state.count)) if scheduled else state
         if skip:
             return updates, new_state
         if params is None:
