@@ -7,6 +7,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``state_bytes``: optimizer state bytes per parameter for each moment storage option
 * ``steps``: Adam step time and GB/s on 16M float32 params in 1 to 1000 leaves, vs floor kernels
 * ``leaves``: step time of adam_jax.adam over optax.adam on 1 x 4M, 64 x 64k and 64 x 1k leaves
+* ``eight_bit``: step time of 8-bit moments over float32 moments on 1 x 4M params
 * ``compile``: tracing and XLA compile time of the jitted step for 100 to 3000 leaves
 * ``train_step``: full train step (forward, backward, optimizer) of the MNIST CNN and a transformer
 * ``billion``: one step on 1B float32 parameters (GPU only)
@@ -33,6 +34,7 @@ from benchmarks.harness import ResultsFile, Row, Settings
 from benchmarks.sections import (
     billion,
     compile_time,
+    eight_bit,
     leaves,
     scaling,
     state_bytes,
@@ -58,6 +60,9 @@ SECTIONS: dict[str, Section] = {
     "leaves": Section(
         leaves.run,
         "step time of adam_jax.adam over optax.adam on 1 x 4M, 64 x 64k and 64 x 1k leaves",
+    ),
+    "eight_bit": Section(
+        eight_bit.run, "step time of 8-bit moments over float32 moments on 1 x 4M params"
     ),
     "compile": Section(
         compile_time.run, "tracing and XLA compile time of the jitted step for 100 to 3000 leaves"
