@@ -55,6 +55,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from adam_jax._typed_sharding import reshard, spec_entries, typed_sharding
 
 __all__ = [
     "FlatLayout",
@@ -124,9 +127,11 @@ class FlatLayout:
                     f"leaf of shape {leaf.shape} and dtype {leaf.dtype} does not match the layout "
                     f"({slot.shape}, {group.dtype})"
                 )
-            parts[slot.group].append(leaf.reshape(-1))
+            parts[slot.group].append(_ravel(leaf))
         buffers = tuple(
-            (jnp.concatenate(p) if len(p) > 1 else p[0]) if p else jnp.zeros((0,), g.dtype)
+            (jnp.concatenate(_common_sharding(p)) if len(p) > 1 else p[0])
+            if p
+            else jnp.zeros((0,), g.dtype)
             for p, g in zip(parts, self.groups, strict=True)
         )
         return FlatParams(buffers, self)
@@ -211,6 +216,27 @@ def layout_of(tree: Any, labels: Any = None) -> FlatLayout:
         slots=tuple(_Slot(index[k], off, shape) for k, off, shape in slots),
         groups=group_objs,
     )
+
+
+def _ravel(leaf: jax.Array) -> jax.Array:
+    """``leaf`` as a vector; on a mesh with Explicit axes a leaf split along an axis other than
+    its first is replicated first (its raveled shards would not be contiguous)."""
+    typed = typed_sharding(leaf)
+    if typed is not None and any(spec_entries(typed.spec, leaf.ndim)[1:]):
+        leaf = reshard(leaf, NamedSharding(typed.mesh, PartitionSpec()))
+    return leaf.reshape(-1)
+
+
+def _common_sharding(pieces: list[jax.Array]) -> list[jax.Array]:
+    """Raveled leaves that can be concatenated: on a mesh with Explicit axes leaves sharded
+    differently are replicated first (a concatenation of differently sharded pieces is a type
+    error there); otherwise as they are."""
+    typed = [typed_sharding(p) for p in pieces]
+    mesh = next((t.mesh for t in typed if t is not None), None)
+    if mesh is None or all(t == typed[0] for t in typed):
+        return pieces
+    replicated = NamedSharding(mesh, PartitionSpec(None))
+    return [reshard(p, replicated) for p in pieces]
 
 
 @jax.tree_util.register_pytree_node_class
@@ -356,6 +382,8 @@ def flat(inner: optax.GradientTransformation, labels: Any = None) -> optax.Gradi
             flat_params = None
         flat_updates = layout.flatten(updates, cast=True)
         new, inner_state = inner.update(flat_updates, state.inner_state, flat_params, **extra)
-        return new.to_tree(), FlatState(inner_state)
+        # On Explicit meshes each update takes its gradient's sharding back.
+        new_tree = jax.tree.map(lambda u, g: reshard(u, typed_sharding(g)), new.to_tree(), updates)
+        return new_tree, FlatState(inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -80,6 +80,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from adam_jax._typed_sharding import reshard, spec_entries, typed_sharding
 from adam_jax.storage import MomentStorage
 
 __all__ = [
@@ -333,11 +334,6 @@ def _largest_divisor_at_most(n: int, bound: int) -> int:
     return max(d for d in divisors if d <= bound)
 
 
-def _spec_entries(spec: Any, ndim: int) -> tuple[Any, ...]:
-    entries = tuple(spec)
-    return entries + (None,) * (ndim - len(entries))
-
-
 def _shard_count(mesh: Any, entry: Any, explicit_only: bool = False) -> int:
     """How many pieces the mesh axes of one ``PartitionSpec`` entry cut an array axis into."""
     names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
@@ -371,7 +367,7 @@ def _scale_shape(shape: tuple[int, ...], block_size: int, sharding: Any) -> tupl
     """
     entries: tuple[Any, ...] = (None,) * len(shape)
     if isinstance(sharding, NamedSharding):
-        entries = _spec_entries(sharding.spec, len(shape))
+        entries = spec_entries(sharding.spec, len(shape))
     length = shape[-1]
     local = _local_length(length, sharding, entries[-1])
     if local < length:
@@ -390,7 +386,7 @@ def _scale_sharding(sharding: Any, shape: tuple[int, ...], scale_shape: tuple[in
     whole blocks, which is replicated."""
     if not isinstance(sharding, NamedSharding):
         return sharding
-    entries = list(_spec_entries(sharding.spec, len(shape)))
+    entries = list(spec_entries(sharding.spec, len(shape)))
     for axis in range(len(shape) - _blocked_axes(len(shape)), len(shape)):
         shards = _shard_count(sharding.mesh, entries[axis])
         if shards > 1 and not _whole_blocks(shape[axis], scale_shape[axis], shards):
@@ -398,30 +394,12 @@ def _scale_sharding(sharding: Any, shape: tuple[int, ...], scale_shape: tuple[in
     return NamedSharding(sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind)
 
 
-def _typed_sharding(x: jax.Array) -> NamedSharding | None:
-    """The sharding in ``x``'s type (Explicit mesh axes), or None when it has none."""
-    sharding = jax.typeof(x).sharding
-    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
-        return sharding
-    return None
-
-
-def _reshard(x: jax.Array, typed: NamedSharding | None) -> jax.Array:
-    """``x`` with the typed sharding ``typed`` (no-op when None or already so)."""
-    if typed is None:
-        return x
-    current = _spec_entries(jax.typeof(x).sharding.spec, x.ndim)
-    if current == _spec_entries(typed.spec, x.ndim):
-        return x
-    return jax.sharding.reshard(x, typed)
-
-
 def _place_like(x: jax.Array, like: Any) -> jax.Array:
     """``x`` placed as the stored leaf ``like``: with its typed sharding on Explicit meshes and,
     outside ``jit``, with its sharding (eager ops on Auto meshes may change a layout's)."""
-    typed = _typed_sharding(like)
+    typed = typed_sharding(like)
     if typed is not None:
-        return _reshard(x, typed)
+        return reshard(x, typed)
     eager = not isinstance(x, jax.core.Tracer) and isinstance(like, jax.Array)
     if eager and not isinstance(like, jax.core.Tracer) and like.committed:
         return jax.device_put(x, like.sharding)
@@ -432,7 +410,7 @@ def _placement(param: Any) -> Any:
     """Where state like ``param`` goes: the sharding in a traced param's type, a committed
     array's sharding, a ``ShapeDtypeStruct``'s sharding; None for the default device."""
     if isinstance(param, jax.core.Tracer):
-        return _typed_sharding(param)
+        return typed_sharding(param)
     if isinstance(param, jax.Array):
         return param.sharding if param.committed else None
     return getattr(param, "sharding", None)
@@ -454,15 +432,15 @@ def _to_blocks(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
     lead = x.shape[: x.ndim - blocked]
     trailing = list(zip(x.shape[x.ndim - blocked :], scale_shape[x.ndim - blocked :], strict=True))
     split = tuple(d for length, count in trailing for d in (count, _tile(length, count)))
-    typed = _typed_sharding(x)
+    typed = typed_sharding(x)
     out_sharding = None
     if typed is not None:
-        entries = list(_spec_entries(typed.spec, x.ndim))
+        entries = list(spec_entries(typed.spec, x.ndim))
         for axis, (length, count) in enumerate(trailing, start=len(lead)):
             shards = _shard_count(typed.mesh, entries[axis])
             if shards > 1 and not _whole_blocks(length, count, shards):
                 entries[axis] = None  # blocks straddle shards (a layout made for another mesh)
-        x = _reshard(x, NamedSharding(typed.mesh, PartitionSpec(*entries)))
+        x = reshard(x, NamedSharding(typed.mesh, PartitionSpec(*entries)))
         split_entries = (e for entry in entries[len(lead) :] for e in (entry, None))
         out_spec = PartitionSpec(*entries[: len(lead)], *split_entries)
         out_sharding = NamedSharding(typed.mesh, out_spec)
@@ -483,27 +461,27 @@ def _from_blocks(blocks: jax.Array, like: jax.Array) -> jax.Array:
     blocked = _blocked_axes(like.ndim)
     lead = like.shape[: like.ndim - blocked]
     padded = tuple(blocks.shape[i] * blocks.shape[i + 1] for i in range(len(lead), blocks.ndim, 2))
-    typed = _typed_sharding(blocks)
+    typed = typed_sharding(blocks)
     out_sharding = None
     if typed is not None:
-        entries = _spec_entries(typed.spec, blocks.ndim)
+        entries = spec_entries(typed.spec, blocks.ndim)
         merged = PartitionSpec(*entries[: len(lead)], *entries[len(lead) :: 2])
         out_sharding = NamedSharding(typed.mesh, merged)
     x = jax.lax.reshape(blocks, lead + padded, out_sharding=out_sharding)
     if padded != like.shape[like.ndim - blocked :]:
         x = x[tuple(slice(0, n) for n in like.shape)]
-    return _reshard(x, _typed_sharding(like))
+    return reshard(x, typed_sharding(like))
 
 
 def _broadcast_scales(scales: jax.Array, blocks: jax.Array) -> jax.Array:
     """Scales of shape ``(..., r, c)`` against blocks ``(..., r, n/r, c, m/c)``, with the
     blocks' sharding of the block axes on Explicit meshes."""
     axes = tuple(blocks.ndim + a for a in _block_axes(scales.ndim))
-    typed = _typed_sharding(blocks)
+    typed = typed_sharding(blocks)
     if typed is not None:
-        entries = _spec_entries(typed.spec, blocks.ndim)
+        entries = spec_entries(typed.spec, blocks.ndim)
         kept = PartitionSpec(*(e for axis, e in enumerate(entries) if axis not in axes))
-        scales = _reshard(scales, NamedSharding(typed.mesh, kept))
+        scales = reshard(scales, NamedSharding(typed.mesh, kept))
     return jnp.expand_dims(scales, axes)
 
 

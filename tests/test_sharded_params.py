@@ -266,6 +266,28 @@ def test_flat_params_sharded(axis_type: str) -> None:
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_flat_wrapper_on_a_sharded_tree(axis_type: str) -> None:
+    """``flat.flat`` over a tree whose leaves are sharded differently (a concatenation of them
+    is a type error on Explicit meshes until they are resharded): the results of one device
+    and, on Explicit meshes (where the sharding is part of the type), every update sharded like
+    its gradient."""
+    mesh = _mesh(axis_type)
+    params, grads = _problem(SPECS["1d"])
+    tx = flat.flat(adam_jax.adamw(1e-2, weight_decay=0.1, mask=flat.labels), labels=_matrices)
+    (expected, _), _ = _reference(tx, tx.init(params), params, grads, eager=False)
+    shardings = _shardings(SPECS["1d"], mesh)
+    params = jax.device_put(params, shardings)
+    grads = [jax.device_put(g, shardings) for g in grads]
+    with _on(mesh):
+        updates, _ = _steps(tx, tx.init(params), params, grads, jitted=True)
+    _assert_close(updates, expected)
+    if axis_type == "explicit":
+        for u in updates:
+            for leaf, param in zip(jax.tree.leaves(u), jax.tree.leaves(params), strict=True):
+                assert jax.typeof(leaf).sharding.spec == jax.typeof(param).sharding.spec
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
 def test_8bit_blocks_on_a_last_axis_split_finer_than_a_block(axis_type: str) -> None:
     """Shards of 128 elements along the last axis, shorter than a default block of 256.
 
