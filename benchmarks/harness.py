@@ -12,6 +12,7 @@ import datetime
 import json
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import time
@@ -89,19 +90,25 @@ def copy_tree(tree: Any) -> Any:
 
 
 class Runner:
-    """One variant: a donating jitted step, its (params, grads, state) buffers, its times."""
+    """One variant: a donating jitted step, its (params, grads, state) buffers, its times and
+    the minor page faults of the process during each of its calls (memory the step touched for
+    the first time: XLA:CPU allocates its temporaries anew for every call)."""
 
     def __init__(self, name: str, step: Step, params: Any, grads: Any, state: Any):
         self.name = name
         self.fn = jax.jit(step, donate_argnums=(0, 2))
         self.params, self.grads, self.state = params, grads, state
         self.times: list[float] = []
+        self.page_faults: list[int] = []
 
-    def __call__(self) -> float:
+    def __call__(self) -> tuple[float, int]:
+        """One step: its seconds and page faults."""
+        faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         start = time.perf_counter()
         self.params, self.state = self.fn(self.params, self.grads, self.state)
         jax.block_until_ready((self.params, self.state))
-        return time.perf_counter() - start
+        seconds = time.perf_counter() - start
+        return seconds, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults
 
     @property
     def median(self) -> float:
@@ -120,7 +127,9 @@ def interleaved(runners: list[Runner], repeats: int, warmup: int = 2) -> None:
     for i in range(repeats):
         k = i % len(runners)
         for runner in runners[k:] + runners[:k]:
-            runner.times.append(runner())
+            seconds, faults = runner()
+            runner.times.append(seconds)
+            runner.page_faults.append(faults)
 
 
 def time_compile(step: Step, args: tuple[Any, ...]) -> tuple[float, float]:

@@ -1,28 +1,72 @@
 """``eight_bit``: step time of 8-bit moments relative to float32 moments.
 
-One jitted, donating step (update + ``optax.apply_updates``) of ``adam_jax.adam(1e-3)`` and of
-``adam_jax.adam_8bit(1e-3)`` on one float32 leaf of 4M elements, timed in the same rounds
-(interleaved); ``ratio_vs_float32`` is the median over rounds of the 8-bit time over the
-float32 time in that round (issue 8 targets at most 3 on CPU, 1.2 on GPU).
+One jitted, donating step (update + ``optax.apply_updates``) on one float32 leaf of 4M elements,
+timed in the same rounds (interleaved), for:
+
+- ``adam_jax.adam(1e-3)``: float32 moments, the reference;
+- ``adam_jax.adam_8bit(1e-3)``: block-wise 8-bit moments with the dynamic map;
+- ``linear int8 blocks``: the same dataflow as the 8-bit moments (a block maximum, a scale, an
+  encode and a decode per element, blocks of 256) with the cheapest codec there is, a rounded
+  linear int8 code. Not a usable optimizer (the second moment loses its small values); its
+  step time is what the dataflow alone costs on this compiler, a floor for any codec.
+
+``ratio_vs_float32`` is the median over rounds of a variant's time over the float32 time in
+that round (issue 8 targets at most 3 for the 8-bit step on CPU, 1.2 on GPU);
+``page_faults_per_step`` the minor page faults of the process during a step (temporaries that
+XLA:CPU allocates and touches anew).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
+import jax
+import jax.numpy as jnp
 import optax
 
 import adam_jax
+from adam_jax.quantization import QuantizedArray
 from benchmarks.harness import LR, Row, Settings
 from benchmarks.sections import leaves
 
 TREES = ((1, 4 * 1024 * 1024),)
 QUICK_TREES = ((1, 64 * 1024),)
 REPEATS = 40
+BLOCK = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearInt8Blocks(adam_jax.MomentStorage):
+    """Blocks of ``BLOCK`` consecutive elements (leaves whose size is a multiple of it), each
+    stored as ``round(127 x / max|x|)`` in int8 plus its float32 maximum."""
+
+    def init(self, param: Any) -> QuantizedArray:
+        return QuantizedArray(
+            codes=jnp.zeros(param.shape, jnp.int8),
+            absmax=jnp.zeros((param.size // BLOCK,), jnp.float32),
+        )
+
+    def load(self, stored: QuantizedArray) -> jax.Array:
+        blocks = stored.codes.reshape(-1, BLOCK).astype(jnp.float32)
+        return (blocks * (stored.absmax[:, None] / 127.0)).reshape(stored.codes.shape)
+
+    def store(self, value: jax.Array, stored: QuantizedArray) -> QuantizedArray:
+        blocks = value.reshape(-1, BLOCK)
+        absmax = jnp.max(jnp.abs(blocks), axis=1)
+        scale = jnp.where(absmax > 0, 127.0 / absmax, 0.0)
+        codes = jnp.round(blocks * scale[:, None]).astype(jnp.int8)
+        return QuantizedArray(codes=codes.reshape(value.shape), absmax=absmax)
 
 
 def _variants() -> Sequence[tuple[str, optax.GradientTransformation]]:
-    return (("adam_jax.adam", adam_jax.adam(LR)), ("adam_jax.adam_8bit", adam_jax.adam_8bit(LR)))
+    linear = LinearInt8Blocks()
+    return (
+        ("adam_jax.adam", adam_jax.adam(LR)),
+        ("adam_jax.adam_8bit", adam_jax.adam_8bit(LR)),
+        ("linear int8 blocks", adam_jax.adam(LR, mu_dtype=linear, nu_dtype=linear)),
+    )
 
 
 def run(settings: Settings) -> list[Row]:

@@ -59,12 +59,14 @@ def measure(
                     "median_ms": 1e3 * runner.median,
                     "min_ms": 1e3 * min(runner.times),
                     ratio_key: ratio,
+                    "page_faults_per_step": statistics.median(runner.page_faults),
                     "repeats": len(runner.times),
                 }
             )
             print(
                 f"  {num_leaves:3d} x {leaf_size:8d} {runner.name:14s} "
-                f"{1e3 * runner.median:8.3f} ms  x{ratio:.3f} {reference.name}",
+                f"{1e3 * runner.median:8.3f} ms  x{ratio:.3f} {reference.name}  "
+                f"{statistics.median(runner.page_faults):7.0f} page faults",
                 flush=True,
             )
             runner.release()
