@@ -9,6 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
+from benchmarks.sections import scaling
+
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
@@ -129,6 +131,23 @@ def summarize(results: dict, mnist: dict | None = None) -> str:
                 [[r["variant"], f"{r['median_ms']:.2f}", f"{r['gb_per_s']:.0f}"] for r in bl],
             )
         )
+    eight_bit = results.get("eight_bit", [])
+    if eight_bit:
+        out.append("\n### 8-bit moments against float32 moments (median)\n")
+        rows = [
+            [
+                r["tree"],
+                r["variant"],
+                f"{r['median_ms']:.2f}",
+                f"{r['ratio_vs_float32']:.2f}",
+                f"{r.get('page_faults_per_step', float('nan')):.0f}",
+            ]
+            for r in eight_bit
+        ]
+        out.append(_table(["tree", "variant", "ms", "time / float32", "page faults"], rows))
+    if results.get("scaling"):
+        out.append("\n### ZeRO-1 on 1 to 8 devices\n")
+        out.append(scaling.table(results["scaling"]))
     if mnist:
         out.append("\n### MNIST CNN test accuracy, float32 vs 8-bit moments\n")
         rows = [

@@ -79,3 +79,33 @@ def test_revision_comparison_takes_medians_over_processes() -> None:
     assert candidate[0]["adam_jax_median_ms"] == 1.2
     table = compare_revisions.table(baseline + candidate)
     assert "| 1 x 4 | 1.000 (0.800-1.200) | 0.600 (0.500-0.700) | 0.600 |" in table
+
+
+def test_eight_bit_section_times_three_variants_with_page_faults(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    run.main(["--sections", "eight_bit", "--quick", "--repeats", "3", "--out", str(out)])
+    rows = {row["variant"]: row for row in json.loads(out.read_text())["eight_bit"]}
+    assert set(rows) == {OURS, "adam_jax.adam_8bit", "linear int8 blocks"}
+    assert rows[OURS]["ratio_vs_float32"] == 1.0
+    for row in rows.values():
+        assert math.isfinite(row["ratio_vs_float32"]) and row["ratio_vs_float32"] > 0
+        assert row["page_faults_per_step"] >= 0 and row["repeats"] == 3
+    tables = summarize.summarize(json.loads(out.read_text()))
+    assert "time / float32" in tables and "linear int8 blocks" in tables
+
+
+def test_linear_int8_blocks_round_trip_within_half_a_step() -> None:
+    """The benchmark's codec-free storage is a real block-wise code: every value comes back
+    within half a step (max |x| / 254) of its block."""
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.sections.eight_bit import BLOCK, LinearInt8Blocks
+
+    storage = LinearInt8Blocks()
+    x = np.random.default_rng(0).standard_normal(4 * BLOCK).astype(np.float32)
+    x[:BLOCK] *= 1e-3  # a block of small values keeps its own scale
+    back = np.asarray(storage.load(storage.store(jnp.asarray(x), storage.init(x))))
+    blocks_max = np.abs(x).reshape(-1, BLOCK).max(axis=1, keepdims=True)
+    error = np.abs(back - x).reshape(-1, BLOCK)
+    assert np.all(error <= blocks_max / 254 * (1 + 1e-6))
