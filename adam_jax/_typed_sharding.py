@@ -14,8 +14,11 @@ from jax.sharding import NamedSharding
 
 
 def spec_entries(spec: Any, ndim: int) -> tuple[Any, ...]:
-    """The entries of a ``PartitionSpec``, padded with None to ``ndim``."""
+    """The entries of a ``PartitionSpec``, padded with None to one per dimension of an
+    ``ndim`` array."""
     entries = tuple(spec)
+    if len(entries) > ndim:
+        raise ValueError(f"PartitionSpec {spec} has more entries than the {ndim} dimensions")
     return entries + (None,) * (ndim - len(entries))
 
 

@@ -54,6 +54,8 @@ import numpy as np
 import optax
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec
 
+from adam_jax._typed_sharding import spec_entries
+
 __all__ = ["state_shardings", "with_data_axis"]
 
 
@@ -64,14 +66,6 @@ def _mesh_axes(entry: Any) -> tuple[str, ...]:
     if isinstance(entry, str):
         return (entry,)
     return tuple(entry)
-
-
-def _full_spec(spec: PartitionSpec, ndim: int) -> tuple[Any, ...]:
-    """The entries of ``spec`` padded with None to one per dimension."""
-    entries = tuple(spec)
-    if len(entries) > ndim:
-        raise ValueError(f"PartitionSpec {spec} has more entries than the {ndim} dimensions")
-    return entries + (None,) * (ndim - len(entries))
 
 
 def with_data_axis(
@@ -110,7 +104,7 @@ def with_data_axis(
     mesh = sharding.mesh
     if data_axis not in mesh.axis_names:
         raise ValueError(f"data_axis {data_axis!r} is not an axis of the mesh {mesh.axis_names}")
-    entries = _full_spec(sharding.spec, len(shape))
+    entries = spec_entries(sharding.spec, len(shape))
     if any(data_axis in _mesh_axes(entry) for entry in entries):
         return sharding
     data_size = mesh.shape[data_axis]
@@ -125,7 +119,7 @@ def _dividing(
     spec: PartitionSpec, shape: tuple[int, ...], mesh: Mesh | AbstractMesh
 ) -> PartitionSpec:
     """``spec`` without the entries whose mesh axes do not divide their dimension of ``shape``."""
-    entries = _full_spec(spec, len(shape))
+    entries = spec_entries(spec, len(shape))
     return PartitionSpec(
         *(
             entry if dim % math.prod(mesh.shape[axis] for axis in _mesh_axes(entry)) == 0 else None
@@ -145,7 +139,7 @@ def _param_spec(param: Any, mesh: Mesh | AbstractMesh) -> PartitionSpec:
             )
         return PartitionSpec()
     shape = np.shape(param)
-    entries = _full_spec(sharding.spec, len(shape))
+    entries = spec_entries(sharding.spec, len(shape))
     for axis in {axis for entry in entries for axis in _mesh_axes(entry)}:
         if axis not in mesh.axis_names or sharding.mesh.shape[axis] != mesh.shape[axis]:
             raise ValueError(

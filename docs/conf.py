@@ -7,16 +7,16 @@ Build (about ten seconds; the notebook is rendered, not executed):
 
 from __future__ import annotations
 
-import importlib
 import sys
-import types
 from pathlib import Path
 
 from sphinx.application import Sphinx
 from sphinx.util import logging
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO_ROOT))
+DOCS = Path(__file__).resolve().parent
+sys.path[:0] = [str(DOCS.parent), str(DOCS)]
+
+from public_api import public_symbols  # noqa: E402
 
 import adam_jax  # noqa: E402
 
@@ -73,26 +73,9 @@ html_theme_options = {"show_toc_level": 2, "navigation_with_keys": False}
 # As optax's docs do: the build fails (a warning under -W) when a public symbol has no entry.
 
 
-def _public_symbols() -> set[str]:
-    """Dotted names that the API page must document: ``adam_jax.__all__`` and the ``__all__``
-    of each submodule it exports (minus names re-exported at the top level)."""
-    names: set[str] = set()
-    for name in adam_jax.__all__:
-        value = getattr(adam_jax, name)
-        if not isinstance(value, types.ModuleType):
-            names.add(f"adam_jax.{name}")
-            continue
-        module = importlib.import_module(value.__name__)
-        names.add(module.__name__)
-        for member in getattr(module, "__all__", []):
-            if getattr(adam_jax, member, None) is not getattr(module, member):
-                names.add(f"{module.__name__}.{member}")
-    return names
-
-
 def _check_api_coverage(app: Sphinx, env) -> None:
     documented = set(env.get_domain("py").objects)
-    missing = sorted(_public_symbols() - documented)
+    missing = sorted(public_symbols() - documented)
     if missing:
         logging.getLogger(__name__).warning(
             "public symbols missing from docs/api.rst: %s", ", ".join(missing)

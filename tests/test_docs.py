@@ -70,31 +70,12 @@ def _in_ci() -> bool:
 
 
 def _public_symbols() -> set[str]:
-    """Dotted names the API page must document.
-
-    A submodule in ``adam_jax.__all__`` counts as itself plus the names of its own ``__all__``
-    that are not the same objects as top-level names (those are documented once, at the top).
-    """
-    names: set[str] = set()
-    for name in adam_jax.__all__:
-        value = getattr(adam_jax, name)
-        if not isinstance(value, types.ModuleType):
-            names.add(f"adam_jax.{name}")
-            continue
-        module = importlib.import_module(value.__name__)
-        names.add(module.__name__)
-        members = getattr(module, "__all__", None)
-        if members is None:
-            members = [
-                member
-                for member, obj in vars(module).items()
-                if not member.startswith("_")
-                and getattr(obj, "__module__", None) == module.__name__
-            ]
-        for member in members:
-            if getattr(adam_jax, member, None) is not getattr(module, member):
-                names.add(f"{module.__name__}.{member}")
-    return names
+    """``docs/public_api.py``'s definition, read from its file (docs/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("public_api", DOCS / "public_api.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.public_symbols()
 
 
 _DIRECTIVE = re.compile(

@@ -1,0 +1,41 @@
+"""The public names of adam_jax, which the API page (``docs/api.rst``) must document.
+
+Read by the Sphinx build (``conf.py`` fails the build on a missing entry) and by
+``tests/test_docs.py`` (which checks the page without Sphinx); it imports nothing of Sphinx.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+
+import adam_jax
+
+
+def public_symbols() -> set[str]:
+    """Dotted names the API page must document.
+
+    ``adam_jax.__all__``, and for a submodule in it the module itself plus the names of its own
+    ``__all__`` (or, without one, its public classes and functions) that are not the same
+    objects as top-level names (those are documented once, at the top).
+    """
+    names: set[str] = set()
+    for name in adam_jax.__all__:
+        value = getattr(adam_jax, name)
+        if not isinstance(value, types.ModuleType):
+            names.add(f"adam_jax.{name}")
+            continue
+        module = importlib.import_module(value.__name__)
+        names.add(module.__name__)
+        members = getattr(module, "__all__", None)
+        if members is None:
+            members = [
+                member
+                for member, obj in vars(module).items()
+                if not member.startswith("_")
+                and getattr(obj, "__module__", None) == module.__name__
+            ]
+        for member in members:
+            if getattr(adam_jax, member, None) is not getattr(module, member):
+                names.add(f"{module.__name__}.{member}")
+    return names
