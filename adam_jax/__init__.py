@@ -30,49 +30,89 @@ from adam_jax.moments import (
 )
 from adam_jax.moving_average import moving_average_terms
 from adam_jax.quantization import BlockwiseQuantized, QuantizedArray, eight_bit_moments
+from adam_jax.rule import Leaf, Moment, MomentRule, map_tensors, scale_by_rule
 from adam_jax.schedules import (
     inverse_sqrt_schedule,
     linear_warmup,
     warmup_stable_decay_schedule,
 )
 from adam_jax.storage import CastStorage, MomentStorage, cast_storage
+from adam_jax.variants.adabelief import adabelief, scale_by_belief
+from adam_jax.variants.adam_atan2 import adam_atan2, scale_by_adam_atan2
+from adam_jax.variants.ademamix import (
+    ademamix,
+    scale_by_ademamix,
+    scale_by_simplified_ademamix,
+    simplified_ademamix,
+)
+from adam_jax.variants.adopt import adopt, scale_by_adopt
+from adam_jax.variants.cautious import cautious, cautious_adamw
+from adam_jax.variants.lamb import lamb, scale_by_trust_ratio
+from adam_jax.variants.radam import radam, scale_by_radam
+from adam_jax.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
+from adam_jax.variants.stable_adamw import scale_by_stable_adam, stable_adamw
 from adam_jax.weight_decay import add_decayed_weights, masked
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "BlockwiseQuantized",
     "CastStorage",
     "FlatParams",
+    "Leaf",
+    "Moment",
+    "MomentRule",
     "MomentStorage",
     "QuantizedArray",
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectionState",
+    "adabelief",
     "adam",
     "adam_8bit",
+    "adam_atan2",
     "adam_l2",
     "adamax",
     "adamaxw",
     "adamw",
     "adamw_8bit",
     "add_decayed_weights",
+    "ademamix",
+    "adopt",
     "amsgrad",
     "cast_storage",
+    "cautious",
+    "cautious_adamw",
     "eight_bit_moments",
     "flat",
     "inverse_sqrt_schedule",
+    "lamb",
     "linear_warmup",
+    "map_tensors",
     "masked",
     "moving_average_terms",
     "nadam",
     "nadamw",
     "quantization",
+    "radam",
     "scale_by_adam",
+    "scale_by_adam_atan2",
     "scale_by_adamax",
+    "scale_by_ademamix",
+    "scale_by_adopt",
     "scale_by_amsgrad",
+    "scale_by_belief",
     "scale_by_bias_correction",
     "scale_by_learning_rate",
+    "scale_by_radam",
+    "scale_by_rule",
+    "scale_by_simplified_ademamix",
+    "scale_by_stable_adam",
+    "scale_by_trust_ratio",
+    "schedule_free_adamw",
+    "schedule_free_eval_params",
     "sharding",
+    "simplified_ademamix",
+    "stable_adamw",
     "warmup_stable_decay_schedule",
 ]

@@ -37,6 +37,20 @@ def check_non_negative(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be finite and >= 0, got {value!r}")
 
 
+def check_positive(name: str, value: Any) -> None:
+    """Raises ``ValueError`` unless a concrete ``value`` is finite and > 0."""
+    number = static_float(value)
+    if number is not None and not (math.isfinite(number) and number > 0.0):
+        raise ValueError(f"{name} must be finite and > 0, got {value!r}")
+
+
+def check_at_least(name: str, value: Any, lower: float) -> None:
+    """Raises ``ValueError`` unless a concrete ``value`` is finite and >= ``lower``."""
+    number = static_float(value)
+    if number is not None and not (math.isfinite(number) and number >= lower):
+        raise ValueError(f"{name} must be finite and >= {lower:g}, got {value!r}")
+
+
 def check_decay(name: str, value: Any) -> None:
     """Raises ``ValueError`` unless a concrete decay rate ``value`` lies in [0, 1).
 

@@ -13,6 +13,7 @@ from typing import Any
 import optax
 
 from adam_jax import _validation
+from adam_jax._chains import ascent
 from adam_jax.bias_correction import scale_by_bias_correction
 from adam_jax.learning_rate import scale_by_learning_rate
 from adam_jax.moments import scale_by_adam, scale_by_adamax, scale_by_amsgrad
@@ -22,11 +23,7 @@ from adam_jax.weight_decay import Mask, add_decayed_weights
 EPS_PLACEMENTS = ("standard", "keras")
 
 
-def _ascent(maximize: bool) -> tuple[optax.GradientTransformation, ...]:
-    return (optax.scale(-1.0),) if maximize else ()
-
-
-def _adam_moments(
+def adam_moments(
     b1: float,
     b2: float,
     eps: float,
@@ -107,8 +104,8 @@ def adam(
       [1. 1. 1.]
     """
     return optax.chain(
-        *_ascent(maximize),
-        *_adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
+        *ascent(maximize),
+        *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
         scale_by_learning_rate(learning_rate),
     )
 
@@ -160,8 +157,8 @@ def adamw(
       [-0.2 -0.2] [-0.1 -0.1]
     """
     return optax.chain(
-        *_ascent(maximize),
-        *_adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
+        *ascent(maximize),
+        *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),
     )
@@ -213,7 +210,7 @@ def adam_l2(
     """
     moments = scale_by_amsgrad if amsgrad else scale_by_adam
     return optax.chain(
-        *_ascent(maximize),
+        *ascent(maximize),
         add_decayed_weights(weight_decay, mask),
         moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
         scale_by_learning_rate(learning_rate),
@@ -335,7 +332,7 @@ def amsgrad(
       [-0.0677]
     """
     return optax.chain(
-        *_ascent(maximize),
+        *ascent(maximize),
         scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
         scale_by_learning_rate(learning_rate),
     )
@@ -374,7 +371,7 @@ def adamax(
       [ 0.002 -0.002]
     """
     return optax.chain(
-        *_ascent(maximize), scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate)
+        *ascent(maximize), scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate)
     )
 
 
@@ -411,7 +408,7 @@ def adamaxw(
       [-0.001 -0.1  ]
     """
     return optax.chain(
-        *_ascent(maximize),
+        *ascent(maximize),
         scale_by_adamax(b1, b2, eps),
         add_decayed_weights(weight_decay, mask),
         scale_by_learning_rate(learning_rate),

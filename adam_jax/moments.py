@@ -1,38 +1,37 @@
-"""Moment estimates: the Adam family's scaling of gradients by running moments.
+"""Moment estimates: Adam's, AMSGrad's and AdaMax's scaling of gradients by running moments.
 
-:func:`scale_by_adam`, :func:`scale_by_amsgrad` and :func:`scale_by_adamax` share one per-leaf
-body: the gradient in its compute dtype, the first moment and its bias correction (with optional
-Nesterov momentum), and the division by a denominator. They differ only in their second-moment
-rule, a :class:`_SecondMoment`: which trees it keeps besides the first moment and how it turns
-them into the denominator. Their states are optax's own ``ScaleByAdamState`` and
-``ScaleByAmsgradState``.
+Each is a :class:`adam_jax.MomentRule` (:class:`AdamRule`, :class:`AdamaxRule`) turned into a
+transformation by :func:`adam_jax.scale_by_rule`; their states are optax's own
+``ScaleByAdamState`` and ``ScaleByAmsgradState``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from adam_jax import _validation
-from adam_jax._numerics import abs_sq, compute_dtype, real_dtype
+from adam_jax._numerics import abs_sq, real_dtype
 from adam_jax._validation import static_float
 from adam_jax.moving_average import StepScalars, moving_average, step_scalars
-from adam_jax.storage import MomentStorage, as_storage, real_part_of
+from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
+from adam_jax.storage import as_storage
 
 ScaleByAdamState = optax.ScaleByAdamState
 ScaleByAmsgradState = optax.ScaleByAmsgradState
 
 
-def _cast(value: Any, dtype: Any) -> Any:
+def cast_scalar(value: Any, dtype: Any) -> Any:
     """Casts a scalar array to ``dtype``; Python floats stay weakly typed (rounded once)."""
     return value if isinstance(value, float | int) else jnp.asarray(value).astype(dtype)
 
 
-def _divide(eps: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def divide(eps: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Division by a denominator that has ``eps`` added.
 
     A concrete ``eps > 0`` keeps the denominator positive (the arithmetic runs in at least
@@ -49,107 +48,94 @@ def _divide(eps: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
     return safe_divide
 
 
-class _SecondMoment(NamedTuple):
-    """A second-moment rule.
+@dataclasses.dataclass(frozen=True)
+class AdamRule(MomentRule):
+    """Adam's moment rule (AMSGrad with ``amsgrad=True``): see :func:`scale_by_adam`.
 
     Attributes:
-      trees: how many trees it keeps in the state after ``count`` and ``mu`` (the remaining
-        fields of the state, in order).
-      update: ``(g, kept, scalars) -> (denominator, new_kept)`` for one leaf, where ``g`` is the
-        gradient in its compute dtype and ``kept`` the loaded trees' leaves.
+      b1, b2, eps, eps_root: as in :func:`scale_by_adam`.
+      mu_dtype, nu_dtype: storage of the first and second moments (``None``, a dtype or a
+        :class:`adam_jax.MomentStorage`).
+      amsgrad: keep the running maximum of the raw second moment (``ScaleByAmsgradState``).
+      nesterov, bias_correction: as in :func:`scale_by_adam`.
     """
 
-    trees: int
-    update: Callable[[jax.Array, tuple[jax.Array, ...], StepScalars], tuple[jax.Array, tuple]]
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-8
+    eps_root: Any = 0.0
+    mu_dtype: Any = None
+    nu_dtype: Any = None
+    amsgrad: bool = False
+    nesterov: bool = False
+    bias_correction: bool = True
 
+    @property
+    def state_type(self) -> type:
+        return ScaleByAmsgradState if self.amsgrad else ScaleByAdamState
 
-def _adam_second_moment(eps: Any, eps_root: Any, amsgrad: bool, bias_correction: bool):
-    """``sqrt(v_hat + eps_root) + eps`` with ``v`` the average of ``|g|^2`` (AMSGrad: its running
-    maximum, taken before the bias correction as PyTorch does)."""
+    def moments(self) -> tuple[Moment, ...]:
+        second: tuple[Moment, ...] = (Moment("nu", self.nu_dtype, real=True),)
+        if self.amsgrad:
+            second += (Moment("nu_max", self.nu_dtype, real=True),)
+        return (Moment("mu", self.mu_dtype), *second)
 
-    def update(g: jax.Array, kept: tuple[jax.Array, ...], d: StepScalars):
+    def scalars(self, fields: dict[str, Any], dtype: Any) -> StepScalars:
+        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
+
+    def update(
+        self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        d = scalars
         rdtype = real_dtype(g.dtype)
-        nu = moving_average(kept[0], abs_sq(g), d.w2)
-        new_kept = (nu, jnp.maximum(kept[1], nu)) if amsgrad else (nu,)
-        nu_hat = new_kept[-1] / d.c2 if bias_correction else new_kept[-1]
-        denominator = jnp.sqrt(nu_hat + _cast(eps_root, rdtype)) + _cast(eps, rdtype)
-        return denominator, new_kept
-
-    return _SecondMoment(trees=2 if amsgrad else 1, update=update)
-
-
-def _infinity_norm(b2: Any, eps: Any) -> _SecondMoment:
-    """AdaMax's ``u = max(b2 u, |g| + eps)``, itself the denominator."""
-
-    def update(g: jax.Array, kept: tuple[jax.Array, ...], d: StepScalars):
-        del d
-        rdtype = real_dtype(g.dtype)
-        u = jnp.maximum(jnp.abs(g) + _cast(eps, rdtype), _cast(b2, rdtype) * kept[0])
-        return u, (u,)
-
-    return _SecondMoment(trees=1, update=update)
-
-
-def _map_leaves(fn: Callable[..., tuple], outputs: int, updates: Any, *states: Any) -> tuple:
-    """Applies ``fn`` leaf by leaf (state trees may hold a pytree per leaf) and returns one tree per
-    output of ``fn``, each shaped like the corresponding input."""
-    treedef: Any = jax.tree.structure(updates)  # its methods are untyped in jax's stubs
-    results = treedef.flatten_up_to(jax.tree.map(fn, updates, *states))
-    return tuple(treedef.unflatten([r[i] for r in results]) for i in range(outputs))
-
-
-def _moment_estimate(
-    state_type: type,
-    second_moment: _SecondMoment,
-    *,
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    mu_storage: MomentStorage,
-    nu_storage: MomentStorage,
-    nesterov: bool = False,
-    bias_correction: bool = True,
-) -> optax.GradientTransformation:
-    """The transformation shared by the moment estimates; ``second_moment`` makes the
-    difference."""
-    divide = _divide(eps)
-
-    def init_fn(params: optax.Params) -> Any:
-        second = (
-            jax.tree.map(lambda p: nu_storage.init(real_part_of(p)), params)
-            for _ in range(second_moment.trees)
+        mu = moving_average(moments["mu"], g, d.w1)
+        nu = moving_average(moments["nu"], abs_sq(g), d.w2)
+        new = {"mu": mu, "nu": nu}
+        if self.amsgrad:
+            new["nu_max"] = nu = jnp.maximum(moments["nu_max"], nu)
+        nu_hat = nu / d.c2 if self.bias_correction else nu
+        denominator = jnp.sqrt(nu_hat + cast_scalar(self.eps_root, rdtype)) + cast_scalar(
+            self.eps, rdtype
         )
-        mu = jax.tree.map(mu_storage.init, params)
-        return state_type(jnp.zeros([], jnp.int32), mu, *second)
+        return divide(self.eps)(nesterov_mu_hat(mu, g, d, self), denominator), new
 
-    def update_fn(updates: optax.Updates, state: Any, params: optax.Params | None = None):
-        del params
-        count = optax.safe_increment(state.count)
-        scalars = step_scalars(b1, b2, count)
 
-        def leaf(grad: jax.Array, mu_stored: Any, *kept_stored: Any) -> tuple:
-            g = grad.astype(compute_dtype(grad.dtype))
-            rdtype = real_dtype(g.dtype)
-            d = scalars(rdtype)
-            mu = moving_average(mu_storage.load(mu_stored).astype(g.dtype), g, d.w1)
-            kept = tuple(nu_storage.load(s).astype(rdtype) for s in kept_stored)
-            denominator, new_kept = second_moment.update(g, kept, d)
-            if nesterov and bias_correction:
-                mu_hat = (1 - d.w1) * (mu / d.c1_next) + d.w1 * (g / d.c1)
-            elif nesterov:
-                mu_hat = (1 - d.w1) * mu + d.w1 * g
-            else:
-                mu_hat = mu / d.c1 if bias_correction else mu
-            return (
-                divide(mu_hat, denominator).astype(grad.dtype),
-                mu_storage.store(mu, mu_stored),
-                *(nu_storage.store(v, s) for v, s in zip(new_kept, kept_stored, strict=True)),
-            )
+def nesterov_mu_hat(mu: jax.Array, g: jax.Array, d: StepScalars, rule: Any) -> jax.Array:
+    """The first moment as the update uses it: bias-corrected (``rule.bias_correction``), with
+    Nesterov momentum (``rule.nesterov``) as optax's NAdam."""
+    if rule.nesterov and rule.bias_correction:
+        return (1 - d.w1) * (mu / d.c1_next) + d.w1 * (g / d.c1)
+    if rule.nesterov:
+        return (1 - d.w1) * mu + d.w1 * g
+    return mu / d.c1 if rule.bias_correction else mu
 
-        new_updates, *trees = _map_leaves(leaf, 2 + second_moment.trees, updates, *state[1:])
-        return new_updates, state_type(count, *trees)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+@dataclasses.dataclass(frozen=True)
+class AdamaxRule(MomentRule):
+    """AdaMax's moment rule: see :func:`scale_by_adamax`."""
+
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-8
+    mu_dtype: Any = None
+
+    state_type = ScaleByAdamState
+
+    def moments(self) -> tuple[Moment, ...]:
+        return (Moment("mu", self.mu_dtype), Moment("nu", real=True))
+
+    def scalars(self, fields: dict[str, Any], dtype: Any) -> StepScalars:
+        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
+
+    def update(
+        self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        rdtype = real_dtype(g.dtype)
+        mu = moving_average(moments["mu"], g, scalars.w1)
+        u = jnp.maximum(
+            jnp.abs(g) + cast_scalar(self.eps, rdtype), cast_scalar(self.b2, rdtype) * moments["nu"]
+        )
+        return divide(self.eps)(mu / scalars.c1, u), {"mu": mu, "nu": u}
 
 
 def _check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
@@ -218,17 +204,10 @@ def scale_by_adam(
       1 [ 0.05  -0.025]
     """
     _check_moment_args(b1, b2, eps, eps_root)
-    return _moment_estimate(
-        ScaleByAdamState,
-        _adam_second_moment(eps, eps_root, amsgrad=False, bias_correction=bias_correction),
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        mu_storage=as_storage(mu_dtype),
-        nu_storage=as_storage(nu_dtype),
-        nesterov=nesterov,
-        bias_correction=bias_correction,
-    )
+    return scale_by_rule(
+        AdamRule(b1, b2, eps, eps_root, as_storage(mu_dtype), as_storage(nu_dtype),
+                 nesterov=nesterov, bias_correction=bias_correction)
+    )  # fmt: skip
 
 
 def scale_by_amsgrad(
@@ -277,16 +256,10 @@ def scale_by_amsgrad(
       [0.004 0.   ]
     """
     _check_moment_args(b1, b2, eps, eps_root)
-    return _moment_estimate(
-        ScaleByAmsgradState,
-        _adam_second_moment(eps, eps_root, amsgrad=True, bias_correction=bias_correction),
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        mu_storage=as_storage(mu_dtype),
-        nu_storage=as_storage(nu_dtype),
-        bias_correction=bias_correction,
-    )
+    return scale_by_rule(
+        AdamRule(b1, b2, eps, eps_root, as_storage(mu_dtype), as_storage(nu_dtype),
+                 amsgrad=True, bias_correction=bias_correction)
+    )  # fmt: skip
 
 
 def scale_by_adamax(
@@ -323,12 +296,4 @@ def scale_by_adamax(
       [ 1. -1.] [3.  0.5]
     """
     _check_moment_args(b1, b2, eps)
-    return _moment_estimate(
-        ScaleByAdamState,
-        _infinity_norm(b2, eps),
-        b1=b1,
-        b2=b2,
-        eps=eps,
-        mu_storage=as_storage(mu_dtype),
-        nu_storage=as_storage(None),
-    )
+    return scale_by_rule(AdamaxRule(b1, b2, eps, as_storage(mu_dtype)))

@@ -582,9 +582,12 @@ class BlockwiseQuantized(MomentStorage):
     its type under ``jit`` on Explicit meshes), so every state leaf of a sharded param is
     sharded too; the module docstring describes the blocks of sharded params.
 
-    ``store`` keeps the dtypes it finds in the stored form: a state whose codes and scales were
-    mapped to another dtype (for example by ``optax.tree_map_params`` with a cast) still decodes
-    to the same moments, and the next update keeps that dtype.
+    ``optax.tree_map_params`` sees the codes and the scales as two params-like leaves (its
+    placeholder cannot tell them apart), so a cast of the state casts them too; pass
+    ``is_leaf=quantization.is_quantized`` to see an 8-bit moment as one leaf. A state whose
+    codes and scales were cast still decodes to the same moments (the codes are small integers,
+    exact in any float dtype), and ``store`` writes them back as ``uint8`` codes and float32
+    scales: the next update restores the 8-bit form.
 
     Args:
       block_size: the most elements that share one scale (256 in the paper), >= 1.
@@ -643,8 +646,8 @@ class BlockwiseQuantized(MomentStorage):
             return value.astype(stored.dtype)
         codes, absmax = _quantize(value, tuple(stored.absmax.shape), self.signed)
         quantized = QuantizedArray(
-            codes=_place_like(codes.astype(stored.codes.dtype), stored.codes),
-            absmax=_place_like(absmax.astype(stored.absmax.dtype), stored.absmax),
+            codes=_place_like(codes.astype(jnp.uint8), stored.codes),
+            absmax=_place_like(absmax.astype(jnp.float32), stored.absmax),
         )
         if isinstance(stored, QuantizedArray):
             return quantized

@@ -17,7 +17,7 @@ Mask = Any | Callable[[optax.Params], Any]
 
 
 @functools.cache
-def _schedule_state_type() -> type:
+def schedule_state_type() -> type:
     """optax's state of ``add_decayed_weights`` with a schedule: a step count. optax does not
     export its type, so it is read off optax's own transformation, once, on first use (not at
     import: that would start JAX's backend before a program can configure it)."""
@@ -66,7 +66,7 @@ def add_decayed_weights(
     def init_fn(params: optax.Params) -> Any:
         del params
         if scheduled:
-            return _schedule_state_type()(count=jnp.zeros([], jnp.int32))
+            return schedule_state_type()(count=jnp.zeros([], jnp.int32))
         return optax.EmptyState()
 
     def update_fn(
@@ -83,7 +83,7 @@ def add_decayed_weights(
 
         def decay(u: jax.Array, p: jax.Array) -> jax.Array:
             dtype = compute_dtype(u.dtype)
-            return (u.astype(dtype) + rate * p.astype(dtype)).astype(u.dtype)
+            return (u.astype(dtype) + rate * jnp.asarray(p).astype(dtype)).astype(u.dtype)
 
         return jax.tree.map(decay, updates, params), new_state
 

@@ -12,6 +12,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``train_step``: full train step (forward, backward, optimizer) of the MNIST CNN and a transformer
 * ``billion``: one step on 1B float32 parameters (GPU only)
 * ``scaling``: ZeRO-1 on 1 to 8 devices, state bytes per device and step time (~100M params)
+* ``variants``: every variant of the modern Adam family against optax's namesake and adamw
 
 Every section times its variants interleaved (round robin, rotating start) and reports
 medians; see ``benchmarks.harness``. A re-run section replaces its rows in the JSON file, the
@@ -40,6 +41,7 @@ from benchmarks.sections import (
     state_bytes,
     steps,
     train_step,
+    variants,
 )
 
 
@@ -75,6 +77,9 @@ SECTIONS: dict[str, Section] = {
     "scaling": Section(
         scaling.run,
         "ZeRO-1 on 1 to 8 devices: state bytes per device and step time of ~100M params",
+    ),
+    "variants": Section(
+        variants.run, "every variant's step against optax's namesake and adam_jax.adamw"
     ),
 }
 # Sections drawn by benchmarks.plot: the plot is redrawn when one of them ran.

@@ -145,6 +145,22 @@ def summarize(results: dict, mnist: dict | None = None) -> str:
             for r in eight_bit
         ]
         out.append(_table(["tree", "variant", "ms", "time / float32", "page faults"], rows))
+    family = results.get("variants", [])
+    if family:
+        out.append("\n### The modern Adam family against optax's namesakes and adamw (median)\n")
+        rows = [
+            [
+                r["tree"],
+                r["variant"],
+                f"{r['median_ms']:.2f}",
+                "-" if r["optax_median_ms"] is None else f"{r['optax_median_ms']:.2f}",
+                "-" if r["ratio_vs_optax"] is None else f"{r['ratio_vs_optax']:.3f}",
+                f"{r['ratio_vs_adamw']:.3f}",
+            ]
+            for r in family
+        ]
+        header = ["tree", "variant", "ms", "optax ms", "time / optax", "time / adamw"]
+        out.append(_table(header, rows))
     if results.get("scaling"):
         out.append("\n### ZeRO-1 on 1 to 8 devices\n")
         out.append(scaling.table(results["scaling"]))

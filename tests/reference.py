@@ -27,6 +27,14 @@ something that was not derived from it.
 
       u_t = (m_t / (1 - b1^t)) / max(b2 u_{t-1}, |g| + eps)
 
+The references (these and those of ``tests/references/``) build on :class:`PerLeafReference`
+(the loop over the leaves, ``mask``, ``maximize``, the decoupled decay and step) and
+:class:`AdamMomentsReference` (that, with Adam's state ``m`` and ``v``). The reference packages
+on PyPI (``torch.optim``, ``timm``, ``pytorch-optimizer``, ``schedulefree``, ``torch-optimi``,
+``adam-atan2-pytorch``) run through :func:`run_torch` on the same problems;
+:func:`import_reference_package` skips a test where a package is absent, and
+:func:`adapter_options` checks the options their adapters share.
+
 Schedules are functions of the 0-based step count: the ``k``-th update (``k = 0, 1, ...``)
 uses ``lr(k)`` and ``wd(k)`` (optax's ``scale_by_schedule`` and PyTorch's ``LambdaLR``
 both apply ``lr(0)`` to the first update).
@@ -35,7 +43,7 @@ both apply ``lr(0)`` to the first update).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,13 +72,81 @@ def _abs_sq(g: np.ndarray) -> np.ndarray:
     return (g * np.conj(g)).real
 
 
+def _zeros(params: Sequence[np.ndarray]) -> Leaves:
+    """Zeros shaped like each leaf, float64 (complex128 for complex leaves): first moments."""
+    return [np.zeros_like(_f64(p)) for p in params]
+
+
+def _real_zeros(params: Sequence[np.ndarray]) -> Leaves:
+    """Float64 zeros shaped like each leaf, also for complex leaves: moments of ``|g|^2``."""
+    return [np.zeros(np.shape(p), np.float64) for p in params]
+
+
+def _decay_and_step(
+    u: np.ndarray, p: np.ndarray, k: int, decayed: bool, weight_decay: Any, learning_rate: Any
+) -> np.ndarray:
+    """The tail shared by the references: decoupled decay ``u + wd(k) p`` where ``decayed``, then
+    ``-lr(k) * u`` (``learning_rate=None``: the bare direction ``u``)."""
+    if learning_rate is None:
+        return u
+    wd = as_schedule(weight_decay)(k)
+    if wd and decayed:
+        u = u + wd * p
+    return -as_schedule(learning_rate)(k) * u
+
+
+@dataclass(kw_only=True)
+class PerLeafReference:
+    """What the float64 references share around their per-leaf formula.
+
+    A subclass is a dataclass with ``learning_rate`` and ``weight_decay`` fields (constants or
+    schedules of the 0-based step), its state lists, ``init(params)`` and ``update(grads,
+    params)``: the update loops over :meth:`leaves` and, where the rule ends in the usual
+    decoupled decay and step, returns :meth:`decay_and_step` of each leaf's direction. The
+    fields below are keyword-only.
+    """
+
+    mask: Sequence[bool] | None = None  # per leaf: False = no weight decay
+    maximize: bool = False  # negate the gradient first (PyTorch's maximize)
+    count: int = 0  # updates so far: the 0-based index k of the next one
+
+    def leaves(
+        self, grads: Sequence[np.ndarray], params: Sequence[np.ndarray]
+    ) -> Iterator[tuple[int, np.ndarray, np.ndarray, bool]]:
+        """``(i, g, p, decayed)`` for each leaf: ``g`` and ``p`` in float64 (complex128), ``g``
+        negated where ``maximize``, ``decayed`` False where ``mask`` leaves the leaf out."""
+        decays = [True] * len(params) if self.mask is None else list(self.mask)
+        for i, (g, p) in enumerate(zip(grads, params, strict=True)):
+            g, p = _f64(g), _f64(p)
+            yield i, (-g if self.maximize else g), p, decays[i]
+
+    def decay_and_step(self, u: np.ndarray, p: np.ndarray, k: int, decayed: bool) -> np.ndarray:
+        """:func:`_decay_and_step` with this reference's ``weight_decay`` and
+        ``learning_rate``: ``-lr(k) (u + wd(k) p)`` (``wd p`` on decayed leaves only)."""
+        return _decay_and_step(u, p, k, decayed, self.weight_decay, self.learning_rate)
+
+
+@dataclass(kw_only=True)
+class AdamMomentsReference(PerLeafReference):
+    """A :class:`PerLeafReference` whose state is Adam's two moments, zero after :meth:`init`:
+    ``m`` (float64, complex128 for complex leaves) and ``v`` (of ``|g|^2``, float64)."""
+
+    m: Leaves = field(default_factory=list)
+    v: Leaves = field(default_factory=list)
+
+    def init(self, params: Sequence[np.ndarray]) -> None:
+        """Zero moments for ``params`` (a flat list of leaves)."""
+        self.count = 0
+        self.m, self.v = _zeros(params), _real_zeros(params)
+
+
 @dataclass
-class RefAdam:
+class RefAdam(AdamMomentsReference):
     """Float64 reference for the whole Adam family (one class, switched by flags).
 
     ``learning_rate=None`` returns the bare direction ``u_t`` (what ``scale_by_adam`` /
     ``scale_by_amsgrad`` output); otherwise :meth:`update` returns the additive parameter
-    update ``-lr(t) * (u_t + wd(t) p)``.
+    update ``-lr(t) * (u_t + wd(t) p)``. ``mask`` (per leaf) applies to either decay.
     """
 
     learning_rate: ScalarOrSchedule | None = 1e-3
@@ -82,37 +158,23 @@ class RefAdam:
     eps_placement: str = "standard"  # "standard" or "keras"
     bias_correction: bool = True
     amsgrad: bool = False
-    maximize: bool = False
     weight_decay: ScalarOrSchedule = 0.0  # decoupled (AdamW)
     l2_weight_decay: float = 0.0  # coupled (PyTorch Adam weight_decay)
-    mask: Sequence[bool] | None = None  # per leaf, applies to either decay
-    count: int = 0
-    m: Leaves = field(default_factory=list)
-    v: Leaves = field(default_factory=list)
     v_max: Leaves = field(default_factory=list)
 
     def init(self, params: Sequence[np.ndarray]) -> None:
         """Zero moments for ``params`` (a flat list of leaves)."""
-        self.count = 0
-        self.m = [np.zeros_like(_f64(p)) for p in params]
-        self.v = [np.zeros(np.shape(p), np.float64) for p in params]
-        self.v_max = [np.zeros(np.shape(p), np.float64) for p in params]
-
-    def _decays(self, n: int) -> list[bool]:
-        return [True] * n if self.mask is None else list(self.mask)
+        super().init(params)
+        self.v_max = _real_zeros(params)
 
     def update(self, grads: Sequence[np.ndarray], params: Sequence[np.ndarray]) -> Leaves:
         """One step; returns the updates (to be added to ``params``)."""
         k = self.count  # 0-based index of this update, used by schedules
         t = k + 1  # 1-based count used by the bias corrections
         b1, b2, eps, eps_root = self.b1, self.b2, self.eps, self.eps_root
-        decays = self._decays(len(params))
         out = []
-        for i, (g, p) in enumerate(zip(grads, params, strict=True)):
-            g, p = _f64(g), _f64(p)
-            if self.maximize:
-                g = -g
-            if self.l2_weight_decay and decays[i]:
+        for i, g, p, decayed in self.leaves(grads, params):
+            if self.l2_weight_decay and decayed:
                 g = g + self.l2_weight_decay * p
             self.m[i] = b1 * self.m[i] + (1 - b1) * g
             self.v[i] = b2 * self.v[i] + (1 - b2) * _abs_sq(g)
@@ -135,26 +197,13 @@ class RefAdam:
                     m_hat = m / (1 - b1**t)
                 v_hat = v / (1 - b2**t)
                 u = m_hat / (np.sqrt(v_hat + eps_root) + eps)
-            out.append(_decay_and_step(u, p, k, decays[i], self.weight_decay, self.learning_rate))
+            out.append(self.decay_and_step(u, p, k, decayed))
         self.count += 1
         return out
 
 
-def _decay_and_step(
-    u: np.ndarray, p: np.ndarray, k: int, decayed: bool, weight_decay: Any, learning_rate: Any
-) -> np.ndarray:
-    """The tail shared by the references: decoupled decay ``u + wd(k) p`` where ``decayed``, then
-    ``-lr(k) * u`` (``learning_rate=None``: the bare direction ``u``)."""
-    if learning_rate is None:
-        return u
-    wd = as_schedule(weight_decay)(k)
-    if wd and decayed:
-        u = u + wd * p
-    return -as_schedule(learning_rate)(k) * u
-
-
 @dataclass
-class RefAdamax:
+class RefAdamax(PerLeafReference):
     """Float64 reference for AdaMax / AdaMaxW (``learning_rate=None``: bare direction)."""
 
     learning_rate: ScalarOrSchedule | None = 1e-3
@@ -162,31 +211,23 @@ class RefAdamax:
     b2: float = 0.999
     eps: float = 1e-8
     weight_decay: ScalarOrSchedule = 0.0
-    mask: Sequence[bool] | None = None
-    maximize: bool = False
-    count: int = 0
     m: Leaves = field(default_factory=list)
     u_inf: Leaves = field(default_factory=list)
 
     def init(self, params: Sequence[np.ndarray]) -> None:
         """Zero moments for ``params``."""
         self.count = 0
-        self.m = [np.zeros(np.shape(p), np.float64) for p in params]
-        self.u_inf = [np.zeros(np.shape(p), np.float64) for p in params]
+        self.m, self.u_inf = _real_zeros(params), _real_zeros(params)
 
     def update(self, grads: Sequence[np.ndarray], params: Sequence[np.ndarray]) -> Leaves:
         """One step; returns the updates."""
         k, t = self.count, self.count + 1
-        decays = [True] * len(params) if self.mask is None else list(self.mask)
         out = []
-        for i, (g, p) in enumerate(zip(grads, params, strict=True)):
-            g, p = _f64(g), _f64(p)
-            if self.maximize:
-                g = -g
+        for i, g, p, decayed in self.leaves(grads, params):
             self.m[i] = self.b1 * self.m[i] + (1 - self.b1) * g
             self.u_inf[i] = np.maximum(self.b2 * self.u_inf[i], np.abs(g) + self.eps)
             u = self.m[i] / (1 - self.b1**t) / self.u_inf[i]
-            out.append(_decay_and_step(u, p, k, decays[i], self.weight_decay, self.learning_rate))
+            out.append(self.decay_and_step(u, p, k, decayed))
         self.count += 1
         return out
 
@@ -390,11 +431,15 @@ def run_reference(ref: RefAdam | RefAdamax, problem: Problem, steps: int):
     )
 
 
-def run_jax(opt, problem: Problem, steps: int, dtype=np.float32, jit: bool = True):
+def run_jax(
+    opt, problem: Problem, steps: int, dtype=np.float32, jit: bool = True, exact_grads=False
+):
     """Runs an optax-style ``GradientTransformation`` on ``problem`` with ``jax.lax.scan``.
 
-    Params are cast to ``dtype``; gradients are computed in that dtype. Returns
-    ``(params, updates, final_state)`` with the same stacking as :func:`run_reference`.
+    Params are cast to ``dtype``; gradients are computed in that dtype, or with
+    ``exact_grads`` in float64 and rounded to it, as :func:`run_torch` does (needs float64
+    enabled). Returns ``(params, updates, final_state)`` with the same stacking as
+    :func:`run_reference`.
     """
     import jax
     import jax.numpy as jnp
@@ -403,7 +448,11 @@ def run_jax(opt, problem: Problem, steps: int, dtype=np.float32, jit: bool = Tru
 
     def step(carry, k):
         p, state = carry
-        g = problem.grad(p, k, xp=jnp)
+        if exact_grads:
+            wide = jax.tree.map(lambda x: x.astype(jnp.float64), p)
+            g = jax.tree.map(lambda x, y: x.astype(y.dtype), problem.grad(wide, k, xp=jnp), p)
+        else:
+            g = problem.grad(p, k, xp=jnp)
         u, state = opt.update(g, state, p)
         p = jax.tree.map(lambda a, b: (a + b).astype(a.dtype), p, u)
         return (p, state), (p, u)
@@ -418,3 +467,155 @@ def run_jax(opt, problem: Problem, steps: int, dtype=np.float32, jit: bool = Tru
     traj, upd, state = run(params)
     traj = {k: np.concatenate([np.asarray(params[k])[None], np.asarray(traj[k])]) for k in traj}
     return traj, {k: np.asarray(v) for k, v in upd.items()}, state
+
+
+# --------------------------------------------------------------------------------------------
+# Reference packages (PyTorch optimizers from PyPI), run on the same problems.
+# --------------------------------------------------------------------------------------------
+
+
+def import_reference_package(distribution: str, module: str | None = None):
+    """The module of a reference package, or a pytest skip where its distribution is not
+    installed. Where it is installed, the import must work: a broken install fails the test
+    instead of skipping it."""
+    import importlib
+
+    require_distribution(distribution)
+    return importlib.import_module(module or distribution.replace("-", "_"))
+
+
+def require_distribution(distribution: str) -> None:
+    """A pytest skip where the distribution ``distribution`` is not installed."""
+    import importlib.metadata
+
+    import pytest
+
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(f"{distribution} is not installed: no cross-check against it")
+
+
+def timm_optimizer_module(name: str):
+    """A module of ``timm.optim`` (``"adamw"``, ``"adopt"``, ...) loaded without the rest of timm.
+
+    ``import timm`` imports its model zoo, which needs torchvision, and the only torchvision
+    builds that install beside the CPU build of torch replace it with a CUDA build of several
+    GB. The optimizer modules need torch alone, so they are loaded here as members of a package
+    of their own whose path is timm's ``optim`` folder (their relative imports resolve there).
+    """
+    import importlib
+    import importlib.util
+    import sys
+    import types
+    from pathlib import Path
+
+    import_reference_package("torch")
+    require_distribution("timm")
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("timm is installed but cannot be located")
+    folder = Path(next(iter(spec.submodule_search_locations))) / "optim"
+    package = "_timm_optim_alone"
+    if package not in sys.modules:
+        module = types.ModuleType(package)
+        module.__path__ = [str(folder)]
+        sys.modules[package] = module
+    return importlib.import_module(f"{package}.{name}")
+
+
+def param_groups(params: list, mask: Sequence[bool] | None, weight_decay: float) -> list:
+    """PyTorch param groups: the params as one group, or two where ``mask`` (one bool per
+    param) leaves some out of the weight decay (their group's ``weight_decay`` is 0)."""
+    if mask is None or not weight_decay:
+        return list(params)
+    mask = list(mask)
+    if len(mask) != len(params):
+        raise ValueError("mask needs one entry per parameter")
+    decayed = [p for p, m in zip(params, mask, strict=True) if m]
+    kept = [p for p, m in zip(params, mask, strict=True) if not m]
+    groups = [{"params": decayed}, {"params": kept, "weight_decay": 0.0}]
+    return [group for group in groups if group["params"]]
+
+
+def adapter_options(
+    params: Sequence[Any],
+    options: Mapping[str, Any],
+    package: str,
+    *,
+    complex_params: str | None = "views complex params as pairs of reals",
+    refuse: Sequence[str | Callable[[dict[str, Any], str], None]] = (),
+    learning_rate: float = 1e-3,
+    weight_decay: float = 0.0,
+) -> tuple[dict[str, Any], float, float]:
+    """Pops and checks the options that a reference's package adapters treat alike.
+
+    Returns the options left (a copy) and the learning rate and weight decay as floats
+    (``learning_rate`` and ``weight_decay`` are the reference's defaults). Raises
+    NotImplementedError for what ``package`` cannot express, checked in this order:
+
+    * complex ``params``: ``f"{package} {complex_params}"`` (None: not checked here);
+    * each entry of ``refuse``: an option name, popped and refused where its value is truthy
+      (``f"{package} has no {name}"``), or a function ``check(options, package)`` that pops and
+      refuses options of its own;
+    * ``learning_rate=None`` (the bare direction), a learning-rate schedule (use
+      :func:`run_torch`'s ``lr_lambda``), a weight-decay schedule.
+    """
+    torch = import_reference_package("torch")
+    opts = dict(options)
+    if complex_params is not None and any(torch.is_complex(p) for p in params):
+        raise NotImplementedError(f"{package} {complex_params}")
+    for check in refuse:
+        if callable(check):
+            check(opts, package)
+        elif opts.pop(check, None):
+            raise NotImplementedError(f"{package} has no {check}")
+    lr = opts.pop("learning_rate", learning_rate)
+    wd = opts.pop("weight_decay", weight_decay)
+    if lr is None:
+        raise NotImplementedError(f"{package} has no bare direction (learning_rate=None)")
+    if callable(lr):
+        raise NotImplementedError(f"{package} has no learning-rate schedule (use lr_lambda)")
+    if callable(wd):
+        raise NotImplementedError(f"{package} has no weight-decay schedule")
+    return opts, float(lr), float(wd)
+
+
+def run_torch(
+    make_optimizer: Callable[[list], Any],
+    problem: Problem,
+    steps: int,
+    dtype: str = "float64",
+    lr_lambda: Callable[[int], float] | None = None,
+) -> dict[str, np.ndarray]:
+    """Runs a PyTorch optimizer on ``problem`` and returns its trajectory.
+
+    ``make_optimizer`` gets the list of parameter tensors (in ``problem.keys`` order, of
+    ``dtype``) and returns a ``torch.optim.Optimizer`` ready to ``step`` (call its ``train()``
+    there if it has modes, as schedule-free optimizers do). Gradients are evaluated in float64
+    at the current params and rounded to ``dtype``. ``lr_lambda`` wraps the optimizer in
+    ``LambdaLR`` (the ``k``-th update uses ``lr * lr_lambda(k)``). Returns the params after each
+    step as float64 arrays shaped ``(steps + 1, *param_shape)``, like :func:`run_reference`.
+    """
+    torch = import_reference_package("torch")
+    torch_dtype = getattr(torch, dtype)
+    keys = problem.keys
+    params = [torch.tensor(problem.params[k], dtype=torch_dtype) for k in keys]
+    for p in params:
+        p.requires_grad_(True)
+    opt = make_optimizer(params)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda) if lr_lambda else None
+    traj = {k: [p.detach().numpy().astype(np.float64)] for k, p in zip(keys, params, strict=True)}
+    for step in range(steps):
+        current = {
+            k: p.detach().numpy().astype(np.float64) for k, p in zip(keys, params, strict=True)
+        }
+        g = problem.grad(current, step)
+        for k, p in zip(keys, params, strict=True):
+            p.grad = torch.tensor(np.asarray(g[k]), dtype=torch_dtype)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        for k, p in zip(keys, params, strict=True):
+            traj[k].append(p.detach().numpy().astype(np.float64))
+    return {k: np.stack(v) for k, v in traj.items()}

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from benchmarks import compare_revisions, run, summarize
+from benchmarks.sections import variants
 
 REFERENCE = "optax.adam"
 OURS = "adam_jax.adam"
@@ -109,3 +110,18 @@ def test_linear_int8_blocks_round_trip_within_half_a_step() -> None:
     blocks_max = np.abs(x).reshape(-1, BLOCK).max(axis=1, keepdims=True)
     error = np.abs(back - x).reshape(-1, BLOCK)
     assert np.all(error <= blocks_max / 254 * (1 + 1e-6))
+
+
+def test_variants_section_times_each_variant_against_optax_and_adamw(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    run.main(["--sections", "variants", "--quick", "--repeats", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["variants"]
+    trees = {row["tree"] for row in rows}
+    assert len(rows) == len(trees) * len(variants.VARIANTS)
+    for row in rows:
+        has_namesake = variants.VARIANTS[row["variant"]][1] is not None
+        assert (row["ratio_vs_optax"] is not None) == has_namesake
+        assert math.isfinite(row["ratio_vs_adamw"]) and row["ratio_vs_adamw"] > 0
+        assert row["repeats"] == 2
+    tables = summarize.summarize(json.loads(out.read_text()))
+    assert "time / optax" in tables and "schedule_free_adamw" in tables

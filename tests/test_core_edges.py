@@ -271,7 +271,7 @@ def test_tree_map_params_identity_over_8bit_state() -> None:
 def test_tree_map_params_cast_over_8bit_state_decodes_consistently() -> None:
     """A cast of every params-like leaf (codes and scales included) keeps the moments' values
     (the codes are small integers, exact in bfloat16; the scales round), and update accepts the
-    mapped state and keeps its dtypes."""
+    mapped state and writes it back in the 8-bit form (uint8 codes, float32 scales)."""
     params = _params()
     tx = _eight_bit_adamw()
     _, state = tx.update(_grads(0), tx.init(params), params)
@@ -284,7 +284,14 @@ def test_tree_map_params_cast_over_8bit_state_decodes_consistently() -> None:
         storage.load(mapped_quantized), storage.load(quantized), rtol=2**-8, atol=0
     )
     updates, after = tx.update(_grads(1), mapped, params)
-    assert jax.tree.map(lambda x: x.dtype, after) == jax.tree.map(lambda x: x.dtype, mapped)
+    dtypes = {"mu": after[0].mu, "nu": after[0].nu}
+    assert jax.tree.map(lambda x: x.dtype, dtypes) == {
+        name: {
+            "b": jnp.dtype(jnp.bfloat16),  # a plain moment keeps the dtype it was cast to
+            "w": quantization.QuantizedArray(jnp.dtype(jnp.uint8), jnp.dtype(jnp.float32)),
+        }
+        for name in ("mu", "nu")
+    }
     # The same state with only the scales rounded through bfloat16 gives the very same updates.
     rounded = jax.tree.map(
         lambda x: x.astype(jnp.bfloat16).astype(x.dtype) if x.dtype == jnp.float32 else x, state

@@ -141,9 +141,7 @@ CASES: dict[str, Callable[[], tuple]] = {
         RefAdam(LR, b1=0.7, b2=0.95),
     ),
     "scale_by_adam_nesterov_no_bias_correction": lambda: (
-        optax.chain(
-            adam_jax.scale_by_adam(nesterov=True, bias_correction=False), optax.scale(-LR)
-        ),
+        optax.chain(adam_jax.scale_by_adam(nesterov=True, bias_correction=False), optax.scale(-LR)),
         RefAdam(LR, nesterov=True, bias_correction=False),
     ),
     "scale_by_adam_no_bias_correction": lambda: (

@@ -44,6 +44,16 @@ ALIASES = (
     "adamaxw",
     "adam_8bit",
     "adamw_8bit",
+    "adopt",
+    "ademamix",
+    "simplified_ademamix",
+    "cautious_adamw",
+    "stable_adamw",
+    "adam_atan2",
+    "schedule_free_adamw",
+    "radam",
+    "adabelief",
+    "lamb",
 )
 
 
@@ -59,6 +69,7 @@ CODE_PAGES = {
     "coming_from_optax.md": CodePage(needs=("orbax.checkpoint",)),
     "coming_from_pytorch.md": CodePage(needs=("torch",)),
     "benchmarks.md": CodePage(prelude="import adam_jax"),  # BENCHMARKS.md's snippets
+    "adding_a_variant.md": CodePage(),
 }
 
 
@@ -239,7 +250,8 @@ def test_page_code_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
     namespace: dict[str, object] = {"__name__": f"docs_{Path(page).stem}"}
     exec(CODE_PAGES[page].prelude, namespace)
     for index, block in enumerate(blocks):
-        code = compile(block, f"docs/{page} [python block {index + 1}]", "exec")
+        # dont_inherit: the page runs as written, not under this module's __future__ imports.
+        code = compile(block, f"docs/{page} [python block {index + 1}]", "exec", dont_inherit=True)
         exec(code, namespace)  # the page's own example code
 
 

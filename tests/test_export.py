@@ -15,6 +15,7 @@ are optax's NamedTuples (and adam_jax's ``QuantizedArray``), which are not.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from collections.abc import Callable
@@ -27,6 +28,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from variants import VARIANTS
 
 import adam_jax
 from adam_jax import quantization
@@ -42,6 +44,7 @@ ACCELERATORS = ("cuda", "tpu")
 OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "adamw": lambda: adam_jax.adamw(1e-3, weight_decay=0.1),
     "adamw_8bit": lambda: adam_jax.adamw_8bit(1e-3, weight_decay=0.1),
+    **{v.name: functools.partial(v.make_decaying, None) for v in VARIANTS},
 }
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 

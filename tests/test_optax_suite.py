@@ -29,10 +29,14 @@ import jax.numpy as jnp
 import optax
 from optax._src import alias_test, transform_test
 from optax._src import test_utils as optax_test_utils
+from optax.contrib import _common_test as contrib_test
 
 import adam_jax
 
-ADAM_FAMILY = ("adam", "adamw", "nadam", "nadamw", "amsgrad", "adamax", "adamaxw")
+ADAM_FAMILY = (
+    "adam", "adamw", "nadam", "nadamw", "amsgrad", "adamax", "adamaxw",
+    "radam", "adabelief", "lamb",
+)  # fmt: skip
 
 
 class _Namespace:
@@ -53,6 +57,17 @@ class _Namespace:
 
 def _adam_jax_aliases() -> _Namespace:
     return _Namespace("alias", {name: getattr(adam_jax, name) for name in ADAM_FAMILY})
+
+
+# optax.contrib's optimizers that adam_jax implements, run through optax's ContribTest.
+CONTRIB_FAMILY = ("adopt", "ademamix", "simplified_ademamix", "schedule_free_adamw")
+
+
+def _adam_jax_contrib() -> _Namespace:
+    members = {name: getattr(adam_jax, name) for name in CONTRIB_FAMILY}
+    return _Namespace(
+        "contrib", {**members, "schedule_free_eval_params": adam_jax.schedule_free_eval_params}
+    )
 
 
 def _adam_jax_transforms() -> _Namespace:
@@ -86,6 +101,8 @@ def _case_parameters(method: Callable[..., Any]) -> tuple[Callable[..., Any], di
 def _label(value: Any) -> str:
     if value is None:
         return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
     if isinstance(value, str):
         return value
     if isinstance(value, FunctionType):
@@ -102,7 +119,7 @@ def _select(
         function, params = _case_parameters(getattr(source, method_name))
         if not keep(function.__name__, params):
             continue
-        labels = [_label(v) for k, v in params.items() if k != "opt_kwargs"]
+        labels = [_label(v) for k, v in params.items() if k not in ("opt_kwargs", "wrapper_kwargs")]
         name = "__".join([function.__name__, *labels])
         assert name not in cases, f"two cases of {source.__name__} are both named {name}"
         cases[name] = (function, params)
@@ -164,6 +181,13 @@ def _is_adam_family(test_name: str, params: dict[str, Any]) -> bool:
 
 _ALIAS_CASES = _select(alias_test.AliasTest, _is_adam_family)
 
+_CONTRIB_CASES = _select(
+    contrib_test.ContribTest,
+    lambda name, params: (
+        params.get("opt_name") in CONTRIB_FAMILY and params.get("wrapper_name") is None
+    ),
+)
+
 _TRANSFORM_CASES = _select(
     transform_test.TransformTest,
     lambda name, params: (
@@ -224,6 +248,9 @@ def _rms_match_adam_float64(self: unittest.TestCase) -> None:
 
 AdamJaxAliasTest = _substituted_class(
     alias_test.AliasTest, _bodies(_ALIAS_CASES), alias_test, "alias", _adam_jax_aliases
+)
+AdamJaxContribTest = _substituted_class(
+    contrib_test.ContribTest, _bodies(_CONTRIB_CASES), contrib_test, "contrib", _adam_jax_contrib
 )
 AdamJaxTransformTest = _substituted_class(
     transform_test.TransformTest,

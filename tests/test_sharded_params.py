@@ -1,6 +1,7 @@
 """Every transformation on params sharded with ``NamedSharding``, on Explicit and Auto meshes.
 
-On 8 host devices (``XLA_FLAGS`` in conftest): every alias, bfloat16 and 8-bit moment storage,
+On 8 host devices (``XLA_FLAGS`` in conftest): every alias (the modern Adam family of
+``tests/variants.py`` included), bfloat16 and 8-bit moment storage,
 weight-decay masks, learning-rate schedules and ``FlatParams``, on params sharded over their
 last axis and over their rows (on a 1-D mesh of 8, and over both axes of a 2 x 4 mesh). For
 each, eagerly and under ``jit``:
@@ -33,6 +34,7 @@ import optax
 import pytest
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from variants import VARIANTS
 
 import adam_jax
 from adam_jax import flat, quantization
@@ -65,6 +67,8 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "adam_bf16": lambda: adam_jax.adam(1e-2, mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16),
     "adam_8bit": lambda: adam_jax.adam_8bit(1e-2),
     "adamw_8bit": lambda: adam_jax.adamw_8bit(SCHEDULE, weight_decay=0.1, mask=_matrices),
+    # The modern Adam family, with weight decay on the matrices where the variant has it.
+    **{v.name: functools.partial(v.make_decaying, _matrices) for v in VARIANTS},
 }
 
 # A last axis split in shards of 256 (whole default blocks) and rows split (a short last axis:

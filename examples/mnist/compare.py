@@ -1,8 +1,9 @@
 """Optimizer comparison: the same model, initialization and data order with each optimizer.
 
-Each optimizer trains in ``WORKDIR/<optimizer>`` at its tuned peak learning rate (see
-:data:`examples.mnist.optimizers.PEAK_LEARNING_RATES`) under the run's schedule. The results
-go to ``WORKDIR/comparison.md`` (final accuracy, epochs and seconds to reach the
+Each optimizer trains in ``WORKDIR/<optimizer>`` (with ``seeds > 1``, once per seed in
+``WORKDIR/<optimizer>/seed<S>``, the results averaged per epoch) at its tuned peak learning
+rate (see :data:`examples.mnist.optimizers.PEAK_LEARNING_RATES`) under the run's schedule.
+The results go to ``WORKDIR/comparison.md`` (final accuracy, epochs and seconds to reach the
 :func:`targets`) and ``WORKDIR/comparison.png`` (test accuracy and loss against epoch and
 against wall time). Targets and plot ranges come from the results, so that they fit any dataset
 (MNIST ends near 99%, Fashion-MNIST near 90%).
@@ -51,8 +52,29 @@ def accuracy_range(results: dict[str, list[train.Metrics]]) -> tuple[float, floa
     return max(0.0, min(finals) - margin), min(100.0, best + margin / 2)
 
 
+def mean_history(histories: Sequence[list[train.Metrics]]) -> list[train.Metrics]:
+    """The per-epoch mean of the runs' records (test accuracy and loss, seconds), with the
+    spread of the test accuracy over the runs (``test_accuracy_min``, ``_max``, ``_sd``)."""
+    merged = []
+    for records in zip(*histories, strict=True):
+        accuracies = [m["test_accuracy"] for m in records]
+        merged.append(
+            {
+                "epoch": records[0]["epoch"],
+                "test_accuracy": statistics.fmean(accuracies),
+                "test_accuracy_min": min(accuracies),
+                "test_accuracy_max": max(accuracies),
+                "test_accuracy_sd": statistics.stdev(accuracies) if len(records) > 1 else 0.0,
+                "test_loss": statistics.fmean(m["test_loss"] for m in records),
+                "elapsed_seconds": statistics.fmean(m["elapsed_seconds"] for m in records),
+            }
+        )
+    return merged
+
+
 def table(config: Config, results: dict[str, list[train.Metrics]]) -> str:
-    """The comparison as a Markdown table."""
+    """The comparison as a Markdown table (with several seeds: of the per-epoch means, the
+    final accuracy with its standard deviation over the seeds)."""
     header = ["optimizer", "peak lr", "final test acc.", "best test acc."]
     thresholds = targets(results)
     for threshold in thresholds:
@@ -61,10 +83,13 @@ def table(config: Config, results: dict[str, list[train.Metrics]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for name, history in results.items():
         peak = optimizers.peak_learning_rate(name, config.learning_rate)
+        final = f"{history[-1]['test_accuracy']:.2%}"
+        if history[-1].get("test_accuracy_sd"):
+            final += f" ± {history[-1]['test_accuracy_sd']:.2%}"
         row = [
             name,
             f"{peak:g}",
-            f"{history[-1]['test_accuracy']:.2%}",
+            final,
             f"{max(m['test_accuracy'] for m in history):.2%}",
         ]
         for threshold in thresholds:
@@ -75,13 +100,19 @@ def table(config: Config, results: dict[str, list[train.Metrics]]) -> str:
     return "\n".join(lines)
 
 
-def describe(config: Config, n_train: int) -> str:
+def describe(config: Config, n_train: int, seeds: int = 1) -> str:
+    seed_text = (
+        f"seed {config.seed}"
+        if seeds == 1
+        else f"seeds {config.seed} to {config.seed + seeds - 1} (means over the seeds)"
+    )
     return (
         f"{config.model} on {config.dataset} ({n_train} training images), {config.epochs} epochs, "
         f"batch {config.batch_size}, schedule {config.schedule} "
-        f"(warmup {config.warmup_epochs:g} epochs), random shifts up to {config.max_shift} px, "
-        f"seed {config.seed}; test accuracy on the full test set after each epoch; seconds "
-        "are cumulative wall time of training and evaluation, compilation included."
+        f"(warmup {config.warmup_epochs:g} epochs; schedule-free: warmup then constant), "
+        f"random shifts up to {config.max_shift} px, {seed_text}; test accuracy on the full "
+        "test set after each epoch; seconds are cumulative wall time of training and "
+        "evaluation, compilation included."
     )
 
 
@@ -93,15 +124,27 @@ def plot(results: dict[str, list[train.Metrics]], path: Path, title: str) -> Non
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for name, history in results.items():
+    colors = plt.get_cmap("tab10").colors
+    for index, (name, history) in enumerate(results.items()):
+        # Past ten optimizers the colors repeat: another line style and marker tells them apart.
+        style = {
+            "color": colors[index % len(colors)],
+            "linestyle": ("-", "--", ":")[index // len(colors) % 3],
+            "marker": ("o", "s", "^")[index // len(colors) % 3],
+            "label": name,
+        }
         epochs = [m["epoch"] for m in history]
         seconds = [m["elapsed_seconds"] for m in history]
         accuracy = [100 * m["test_accuracy"] for m in history]
         loss = [m["test_loss"] for m in history]
-        axes[0, 0].plot(epochs, accuracy, "o-", label=name)
-        axes[0, 1].plot(seconds, accuracy, "o-", label=name)
-        axes[1, 0].plot(epochs, loss, "o-", label=name)
-        axes[1, 1].plot(seconds, loss, "o-", label=name)
+        axes[0, 0].plot(epochs, accuracy, **style)
+        if "test_accuracy_min" in history[0]:  # several seeds: their range
+            low = [100 * m["test_accuracy_min"] for m in history]
+            high = [100 * m["test_accuracy_max"] for m in history]
+            axes[0, 0].fill_between(epochs, low, high, color=style["color"], alpha=0.15)
+        axes[0, 1].plot(seconds, accuracy, **style)
+        axes[1, 0].plot(epochs, loss, **style)
+        axes[1, 1].plot(seconds, loss, **style)
     for ax in axes[0]:
         ax.set(ylabel="test accuracy (%)", ylim=accuracy_range(results))
     for ax in axes[1]:
@@ -112,7 +155,7 @@ def plot(results: dict[str, list[train.Metrics]], path: Path, title: str) -> Non
         ax.set(xlabel="wall time (s)")
     for ax in axes.flat:
         ax.grid(alpha=0.3)
-    axes[0, 0].legend()
+    axes[0, 0].legend(fontsize="small", ncols=2 if len(results) > 6 else 1)
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -124,8 +167,13 @@ def compare(
     names: Sequence[str],
     dataset: data_lib.Dataset | None = None,
     console: Console | None = None,
+    seeds: int = 1,
 ) -> dict[str, list[train.Metrics]]:
-    """Trains ``config`` once per optimizer in ``names``; writes the table and the plot."""
+    """Trains ``config`` once per optimizer in ``names`` and seed (``config.seed`` and the
+    ``seeds - 1`` after it); writes the table and the plot. Returns the records per optimizer
+    (with several seeds, their per-epoch means: :func:`mean_history`)."""
+    if seeds < 1:
+        raise ValueError(f"seeds must be an integer >= 1, got {seeds}")
     console = console or Console()
     for name in names:
         optimizers.create(name, 0.0)  # Fails early on an unknown name.
@@ -135,10 +183,16 @@ def compare(
     for name in names:
         peak = optimizers.peak_learning_rate(name, config.learning_rate)
         console.rule(f"{name}, peak learning rate {peak:g}")
-        run = dataclasses.replace(config, optimizer=name, workdir=str(workdir / name))
-        _, results[name] = train.train_and_evaluate(run, dataset, console)
+        histories = []
+        for offset in range(seeds):
+            directory = workdir / name if seeds == 1 else workdir / name / f"seed{offset}"
+            run = dataclasses.replace(
+                config, optimizer=name, seed=config.seed + offset, workdir=str(directory)
+            )
+            histories.append(train.train_and_evaluate(run, dataset, console)[1])
+        results[name] = histories[0] if seeds == 1 else mean_history(histories)
     n_train = min(len(dataset.train.labels), config.train_limit or len(dataset.train.labels))
-    markdown = f"{describe(config, n_train)}\n\n{table(config, results)}\n"
+    markdown = f"{describe(config, n_train, seeds)}\n\n{table(config, results)}\n"
     if not distributed.is_primary():  # With several processes, the first one writes.
         return results
     workdir.mkdir(parents=True, exist_ok=True)

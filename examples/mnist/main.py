@@ -137,6 +137,13 @@ def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.N
         metavar="OPT1,OPT2,...",
         help="train once per optimizer and write comparison.md and comparison.png",
     )
+    parser.add_argument(
+        "--seeds",
+        type=int,
+        default=1,
+        metavar="N",
+        help="with --compare: train each optimizer with N seeds (--seed and the N-1 after it)",
+    )
     distributed.add_arguments(parser)
     parser.add_argument(
         "--shard-optimizer",
@@ -147,6 +154,8 @@ def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.N
     args = parser.parse_args(argv)
     if problem := distributed.check_arguments(args):
         parser.error(problem)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be an integer >= 1, got {args.seeds}")
     if args.compare is not None:
         unknown = sorted(set(args.compare) - set(optimizers.NAMES))
         if unknown or not args.compare:
@@ -244,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
             )
         dataset = data.load(config.dataset, config.data_dir)
         if compared:
-            compare.compare(config, compared, dataset, console)
+            compare.compare(config, compared, dataset, console, seeds=args.seeds)
             return
         _, history = train.train_and_evaluate(config, dataset, console)
     except Interrupted as err:

@@ -136,7 +136,7 @@ class Trainer:
         self.total_steps = self.steps_per_epoch * config.epochs
         peak = optimizers.peak_learning_rate(config.optimizer, config.learning_rate)
         self.learning_rate = optimizers.schedule(
-            config.schedule,
+            optimizers.schedule_name(config.optimizer, config.schedule),
             peak,
             self.total_steps,
             round(config.warmup_epochs * self.steps_per_epoch),
@@ -235,11 +235,13 @@ class Trainer:
         return train_step
 
     def _make_evaluate_batch(self) -> Callable[..., Any]:
-        graphdef, spec = self.graphdef, self.dataset.spec
+        graphdef, spec, name = self.graphdef, self.dataset.spec, self.config.optimizer
 
         def evaluate_batch(state, totals, images, labels, mask):
             """Adds the summed loss and correct predictions of the unmasked examples."""
-            model, _ = nnx.merge(graphdef, state)
+            model, optimizer = nnx.merge(graphdef, state)
+            params = nnx.state(model, nnx.Param)
+            nnx.update(model, optimizers.evaluation_params(name, optimizer.opt_state, params))
             logits = model(normalize(images, spec.mean, spec.std), train=False)
             loss = jnp.sum(cross_entropy(logits, labels) * mask)
             correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)

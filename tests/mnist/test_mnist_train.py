@@ -232,7 +232,47 @@ def test_schedules(name: str) -> None:
         return
     assert float(schedule(0)) == 0.0
     assert float(schedule(10)) == pytest.approx(1.0)
-    assert float(schedule(100)) == pytest.approx(0.0, abs=1e-6)
+    end = 1.0 if name == "warmup_constant" else 0.0
+    assert float(schedule(100)) == pytest.approx(end, abs=1e-6)
+
+
+def test_schedule_free_runs_without_decay_and_is_evaluated_at_its_average(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Schedule-Free AdamW keeps its rate after the warm-up whatever --schedule says, and the
+    test set sees the average x of its iterates, not the training params y."""
+    config = Config(model="mlp", optimizer="schedule_free_adamw", batch_size=64, max_shift=0)
+    trainer = train.Trainer(config, synthetic_dataset())
+    rates = trainer.learning_rates
+    warmup = round(config.warmup_epochs * trainer.steps_per_epoch)
+    assert rates[0] == 0.0 and np.all(rates[warmup:] == rates[-1]) and rates[-1] > 0
+    trainer.train_epoch(0)
+    at_average = trainer.evaluate()
+    monkeypatch.setattr(optimizers, "evaluation_params", lambda name, state, params: params)
+    trainer._evaluate_batch = jax.jit(trainer._make_evaluate_batch())
+    at_training_params = trainer.evaluate()
+    assert at_average != at_training_params
+    assert optimizers.schedule_name("adam", "warmup_cosine") == "warmup_cosine"
+    assert optimizers.schedule_name("schedule_free_adamw", "warmup_cosine") == "warmup_constant"
+
+
+def test_compare_with_several_seeds_averages_them(tmp_path: Path) -> None:
+    """--seeds 2: each optimizer trains with seeds 0 and 1 in a folder of its own; the table
+    and the plot show their per-epoch means, the table the spread of the final accuracy."""
+    dataset = synthetic_dataset(n_train=128, n_test=50)
+    config = Config(
+        model="mlp", epochs=2, batch_size=64, workdir=str(tmp_path), schedule="constant",
+        checkpoints=False, progress=False,
+    )  # fmt: skip
+    results = compare.compare(config, ["adam"], dataset, seeds=2)
+    runs = [metrics.read(tmp_path / "adam" / f"seed{s}" / "metrics.jsonl") for s in (0, 1)]
+    finals = [[m for m in run if "test_accuracy" in m][-1]["test_accuracy"] for run in runs]
+    assert results["adam"][-1]["test_accuracy"] == pytest.approx(sum(finals) / 2)
+    assert results["adam"][-1]["test_accuracy_min"] == min(finals)
+    assert "±" in (tmp_path / "comparison.md").read_text()
+    assert "seeds 0 to 1" in (tmp_path / "comparison.md").read_text()
+    with pytest.raises(ValueError, match="seeds must be an integer >= 1"):
+        compare.compare(config, ["adam"], dataset, seeds=0)
 
 
 def test_cli_arguments() -> None:

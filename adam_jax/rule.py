@@ -1,0 +1,359 @@
+r"""The moment-rule core: one small abstraction from which every moment estimate is built.
+
+A member of the Adam family differs from Adam in a few lines: which running averages it keeps,
+which per-step scalars it needs (bias corrections, a clip value, a rectifier), and how one
+parameter's update follows from its gradient and its averages. A :class:`MomentRule` states
+exactly that, and :func:`scale_by_rule` turns it into an ``optax.GradientTransformation`` that
+brings everything else:
+
+* **compute dtype**: each leaf's gradient is promoted to at least float32, moments are loaded
+  into that dtype (their real counterpart for ``real`` moments) and the update comes back in the
+  gradient's dtype;
+* **storage**: each :class:`Moment` is kept by its :class:`adam_jax.MomentStorage` (the params'
+  dtype, bfloat16, 8-bit blocks...), which also places it like its param, so sharded params
+  (Explicit and Auto meshes) get sharded moments and ZeRO-1 (``adam_jax.sharding``) applies;
+* **complex params**: ``real`` moments (second moments) are real arrays;
+* **per-tensor reductions** that stay per tensor on :class:`adam_jax.FlatParams` buffers
+  (:meth:`Leaf.sum`, :meth:`Leaf.mean`);
+* **decoupled weight decay** inside the rule, for rules whose decay term must be scaled or
+  skipped with the update (``weight_decay`` and ``mask`` of :func:`scale_by_rule`);
+* **states built by field name**: the rule's ``state_type`` (an optax state type where optax has
+  the optimizer, so that checkpoints move between the two) is filled from named scalar fields
+  (step counts) and named moment trees, in whatever order the type declares them.
+
+A rule is a frozen dataclass holding its hyperparameters; its methods run while ``jax.jit``
+traces the update, so they must be pure functions of their arguments.
+
+Example: RMSProp with bias correction written as a rule.
+
+  >>> import dataclasses, adam_jax, jax.numpy as jnp, optax
+  >>> @dataclasses.dataclass(frozen=True)
+  ... class RMSRule(adam_jax.MomentRule):
+  ...     decay: float = 0.9
+  ...     state_type = optax.ScaleByRmsState
+  ...     def moments(self):
+  ...         return (adam_jax.Moment("nu", real=True),)
+  ...     def init_fields(self, params):
+  ...         return {}  # ScaleByRmsState keeps no step count
+  ...     def next_fields(self, fields):
+  ...         return {}
+  ...     def scalars(self, fields, dtype):
+  ...         return 1 - self.decay
+  ...     def update(self, g, moments, weight, leaf):
+  ...         nu = moments["nu"] + weight * (jnp.square(g) - moments["nu"])
+  ...         return g / (jnp.sqrt(nu) + 1e-8), {"nu": nu}
+  >>> tx = adam_jax.scale_by_rule(RMSRule())
+  >>> updates, state = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
+  >>> print(jnp.round(updates, 4), state.nu)
+  [3.1623] [0.4]
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from adam_jax import _validation
+from adam_jax._numerics import compute_dtype, real_dtype
+from adam_jax.flat import FlatParams
+from adam_jax.storage import MomentStorage, as_storage, real_part_of
+
+__all__ = ["Leaf", "Moment", "MomentRule", "scale_by_rule"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Moment:
+    """One per-parameter tree of a rule's state.
+
+    Attributes:
+      name: the field of the state type that holds the tree.
+      storage: how the moment is stored between steps: ``None`` (the param's dtype), a dtype, or
+        a :class:`adam_jax.MomentStorage`.
+      real: the moment is real for complex params (a second moment, an average of ``|g|^2``).
+      from_params: starts as a copy of the params instead of zeros (schedule-free's ``z``).
+    """
+
+    name: str
+    storage: Any = None
+    real: bool = False
+    from_params: bool = False
+
+    @property
+    def stored_as(self) -> MomentStorage:
+        return as_storage(self.storage)
+
+
+class Leaf:
+    """What a rule's :meth:`MomentRule.update` knows about the leaf it updates besides its
+    gradient and moments.
+
+    Attributes:
+      param: the param leaf in the compute dtype, or ``None`` when ``update`` got no params.
+      decay: the decoupled weight-decay rate of this leaf at this step (``0.0`` where the rule
+        has no decay or the mask leaves the leaf out).
+    """
+
+    __slots__ = ("_segments", "decay", "param")
+
+    def __init__(self, param: jax.Array | None, decay: Any, segments: tuple[int, ...] | None):
+        self.param = param
+        self.decay = decay
+        self._segments = segments
+
+    def sum(self, x: jax.Array, dtype: Any = None) -> jax.Array:
+        """The sum of ``x`` over each tensor, broadcastable against ``x``, accumulated in
+        ``dtype`` (``None``: ``x``'s, as ``jnp.sum``).
+
+        A scalar for an ordinary leaf; for a buffer of :class:`adam_jax.FlatParams`, the sum
+        over each packed tensor, repeated over that tensor's elements, so per-tensor rules
+        (trust ratios, update clipping) give the same results on flat params as on the tree.
+        """
+        if self._segments is None:
+            return jnp.sum(x, dtype=dtype)
+        return _per_segment(x if dtype is None else x.astype(dtype), self._segments, mean=False)
+
+    def mean(self, x: jax.Array, dtype: Any = None) -> jax.Array:
+        """The mean of ``x`` over each tensor, broadcastable against ``x`` (see :meth:`sum`)."""
+        if self._segments is None:
+            return jnp.mean(x, dtype=dtype)
+        return _per_segment(x if dtype is None else x.astype(dtype), self._segments, mean=True)
+
+    def add_decay(self, update: jax.Array) -> jax.Array:
+        """``update + decay * param``: decoupled weight decay (nothing when the rate is 0)."""
+        if _validation.static_float(self.decay) == 0.0:
+            return update
+        if self.param is None:
+            raise ValueError("weight decay needs params: call update(updates, state, params)")
+        return update + self.decay * self.param.astype(update.dtype)
+
+
+def _per_segment(x: jax.Array, sizes: tuple[int, ...], mean: bool) -> jax.Array:
+    """Per-segment sums (or means) of the 1-D ``x``, repeated over each segment."""
+    ids = np.repeat(np.arange(len(sizes)), sizes)
+    totals = jax.ops.segment_sum(x, ids, num_segments=len(sizes), indices_are_sorted=True)
+    if mean:
+        totals = totals / np.maximum(np.asarray(sizes), 1).astype(totals.dtype)
+    return jnp.repeat(totals, np.asarray(sizes), total_repeat_length=x.shape[0])
+
+
+class MomentRule(abc.ABC):
+    """A moment estimate of the Adam family: its state, per-step scalars and per-leaf update.
+
+    Subclass it (a frozen dataclass whose fields are the hyperparameters) and pass an instance
+    to :func:`scale_by_rule`. Set the class attribute ``state_type`` to a ``NamedTuple`` whose
+    fields are the rule's scalar fields (:meth:`init_fields`) and its moments
+    (:meth:`moments`), in any order.
+    """
+
+    state_type: Any
+    #: Whether :meth:`update` reads ``leaf.param`` (besides weight decay, which always does).
+    uses_params: bool = False
+
+    @abc.abstractmethod
+    def moments(self) -> tuple[Moment, ...]:
+        """The per-parameter trees the state keeps."""
+
+    def init_fields(self, params: Any) -> dict[str, Any]:
+        """The scalar fields of the initial state (default: ``count``, an int32 zero)."""
+        del params
+        return {"count": jnp.zeros([], jnp.int32)}
+
+    def next_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """The scalar fields after a step (default: ``count`` incremented, saturating)."""
+        return {**fields, "count": optax.safe_increment(fields["count"])}
+
+    def step_index(self, fields: dict[str, Any]) -> Any:
+        """The 0-based index of this step, at which a weight-decay schedule is evaluated
+        (default: ``count`` before the step, as ``add_decayed_weights`` counts)."""
+        return fields["count"]
+
+    @abc.abstractmethod
+    def scalars(self, fields: dict[str, Any], dtype: Any) -> Any:
+        """Per-step scalars in the real dtype ``dtype``, from the scalar fields before the step.
+
+        Called once per real compute dtype of the leaves while tracing (a tree of a thousand
+        float32 leaves computes them once), and passed to every :meth:`update`.
+        """
+
+    @abc.abstractmethod
+    def update(
+        self, g: jax.Array, moments: dict[str, jax.Array], scalars: Any, leaf: Leaf
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """One leaf's update and new moments.
+
+        Args:
+          g: the gradient in its compute dtype (at least float32; complex for complex params).
+          moments: the loaded moments by name, in the compute dtype (real ones in its real
+            counterpart).
+          scalars: what :meth:`scalars` returned for this leaf's real dtype.
+          leaf: the param, the decay rate and per-tensor reductions (:class:`Leaf`).
+
+        Returns:
+          ``(update, new_moments)``: the update (cast back to the gradient's dtype by the
+          core) and every moment by name.
+        """
+
+    def to_state(self, fields: dict[str, Any]) -> Any:
+        """The state from its scalar fields and moment trees, by name."""
+        return self.state_type(**fields)
+
+    def from_state(self, state: Any) -> dict[str, Any]:
+        """The scalar fields and moment trees of a state, by name (inverse of
+        :meth:`to_state`)."""
+        return state._asdict()
+
+
+def _expand_mask(mask: Any, params: Any) -> list[bool]:
+    """The mask (a tree of bools, a prefix of one, or a callable of the params) as one bool per
+    leaf of ``params``."""
+    tree = mask(params) if callable(mask) else mask
+    try:
+        full = jax.tree.map(lambda m, sub: jax.tree.map(lambda _: m, sub), tree, params)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "mask must have the structure of the params (or a prefix of it): got mask "
+            f"{jax.tree.structure(tree)} for params {jax.tree.structure(params)}"
+        ) from error
+    return [bool(m) for m in jax.tree.leaves(full)]
+
+
+def tensor_segments(updates: Any) -> list[tuple[int, ...] | None]:
+    """For each leaf of ``updates``: the sizes of the tensors packed in it when it is a buffer
+    of :class:`adam_jax.FlatParams`, else ``None``."""
+    nodes = jax.tree.leaves(updates, is_leaf=lambda x: isinstance(x, FlatParams))
+    segments: list[tuple[int, ...] | None] = []
+    for node in nodes:
+        if not isinstance(node, FlatParams):
+            segments.append(None)
+            continue
+        layout = node.layout
+        for index, buffer in enumerate(node.buffers):
+            if buffer is None:
+                continue
+            slots = sorted((s for s in layout.slots if s.group == index), key=lambda s: s.offset)
+            segments.append(tuple(int(np.prod(s.shape, dtype=np.int64)) for s in slots))
+    return segments
+
+
+def map_tensors(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
+    """``fn(x, *ys, leaf)`` for each leaf ``x`` of ``tree`` and the leaves ``ys`` of ``rest`` at
+    its place, with a :class:`Leaf` whose :meth:`Leaf.sum` and :meth:`Leaf.mean` stay per
+    tensor on :class:`adam_jax.FlatParams`; the results in ``tree``'s structure. For
+    transformations outside a rule that work per tensor (trust ratios, caution)."""
+    treedef: Any = jax.tree.structure(tree)  # its methods are untyped in jax's stubs
+    others = [treedef.flatten_up_to(other) for other in rest]
+    results = [
+        fn(x, *ys, Leaf(None, 0.0, segments))
+        for x, segments, *ys in zip(
+            treedef.flatten_up_to(tree), tensor_segments(tree), *others, strict=True
+        )
+    ]
+    return treedef.unflatten(results)
+
+
+def _as_array(param: Any) -> Any:
+    """Python numbers become arrays (optax accepts them as params); arrays and
+    ``ShapeDtypeStruct`` s pass through."""
+    return param if hasattr(param, "dtype") else jnp.asarray(param)
+
+
+def scale_by_rule(
+    rule: MomentRule,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Any = None,
+) -> optax.GradientTransformation:
+    """The gradient transformation of a :class:`MomentRule`.
+
+    Args:
+      rule: the rule.
+      weight_decay: decoupled weight decay handed to the rule as :attr:`Leaf.decay` (a
+        constant >= 0, or a schedule of :meth:`MomentRule.step_index`); only for rules that
+        apply it (their ``update`` calls :meth:`Leaf.add_decay` or scales ``leaf.decay``).
+      mask: which leaves to decay: a tree of bools with the params' structure (or a prefix of
+        it), or a callable returning one from the params.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is ``rule.state_type``.
+    """
+    scheduled = callable(weight_decay)
+    if not scheduled:
+        _validation.check_non_negative("weight_decay", weight_decay)
+    no_decay = not scheduled and _validation.static_float(weight_decay) == 0.0
+    moments = rule.moments()
+
+    def init_fn(params: optax.Params) -> Any:
+        params = jax.tree.map(_as_array, params)
+        fields = dict(rule.init_fields(params))
+        for moment in moments:
+            storage = moment.stored_as
+            if moment.from_params:
+                # Outside jit the param is copied: the state must not alias a donated param.
+                tree = jax.tree.map(lambda p, s=storage: s.store(jnp.array(p), s.init(p)), params)
+            elif moment.real:
+                tree = jax.tree.map(lambda p, s=storage: s.init(real_part_of(p)), params)
+            else:
+                tree = jax.tree.map(storage.init, params)
+            fields[moment.name] = tree
+        return rule.to_state(fields)
+
+    def update_fn(
+        updates: optax.Updates, state: Any, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, Any]:
+        fields = rule.from_state(state)
+        scalar_fields = {k: v for k, v in fields.items() if k not in {m.name for m in moments}}
+        cache: dict[Any, Any] = {}
+
+        def scalars_for(dtype: Any) -> Any:
+            if dtype not in cache:
+                cache[dtype] = rule.scalars(scalar_fields, dtype)
+            return cache[dtype]
+
+        treedef: Any = jax.tree.structure(updates)  # its methods are untyped in jax's stubs
+        grads = [jnp.asarray(g) for g in treedef.flatten_up_to(updates)]
+        if no_decay and not rule.uses_params:
+            param_leaves: list[Any] = [None] * len(grads)
+        elif params is None:
+            raise ValueError(
+                f"{type(rule).__name__} needs params: call update(updates, state, params)"
+            )
+        else:
+            param_leaves = [_as_array(p) for p in treedef.flatten_up_to(params)]
+        if no_decay:
+            decays: list[Any] = [0.0] * len(grads)
+        else:
+            rate = weight_decay(rule.step_index(scalar_fields)) if scheduled else weight_decay
+            keep = [True] * len(grads) if mask is None else _expand_mask(mask, params)
+            decays = [rate if k else 0.0 for k in keep]
+        segments = tensor_segments(updates)
+        stored = [treedef.flatten_up_to(fields[m.name]) for m in moments]
+
+        new_updates = []
+        new_moments: list[list[Any]] = [[] for _ in moments]
+        for i, grad in enumerate(grads):
+            g = grad.astype(compute_dtype(grad.dtype))
+            rdtype = real_dtype(g.dtype)
+            loaded = {
+                m.name: m.stored_as.load(trees[i]).astype(rdtype if m.real else g.dtype)
+                for m, trees in zip(moments, stored, strict=True)
+            }
+            param = param_leaves[i]
+            leaf = Leaf(None if param is None else param.astype(g.dtype), decays[i], segments[i])
+            update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
+            new_updates.append(update.astype(grad.dtype))
+            for m, out, trees in zip(moments, new_moments, stored, strict=True):
+                out.append(m.stored_as.store(new[m.name], trees[i]))
+
+        new_fields = dict(rule.next_fields(scalar_fields))
+        for m, leaves in zip(moments, new_moments, strict=True):
+            new_fields[m.name] = treedef.unflatten(leaves)
+        return treedef.unflatten(new_updates), rule.to_state(new_fields)
+
+    return optax.GradientTransformation(init_fn, update_fn)

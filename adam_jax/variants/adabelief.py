@@ -1,0 +1,176 @@
+r"""AdaBelief: Adam whose step size follows the belief in the current gradient.
+
+Zhuang et al. (2020) replace Adam's second moment, the average of :math:`g_t^2`, by the
+average of :math:`(g_t - m_t)^2`, the squared deviation of the gradient from its prediction
+:math:`m_t`: where gradients agree with their running mean the denominator is small and the
+step large, where they scatter the step shrinks.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax import _validation
+from adam_jax._chains import ascent
+from adam_jax._numerics import abs_sq
+from adam_jax.learning_rate import scale_by_learning_rate
+from adam_jax.moments import nesterov_mu_hat
+from adam_jax.moving_average import StepScalars, moving_average, step_scalars
+from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
+from adam_jax.storage import as_storage
+from adam_jax.weight_decay import Mask
+
+ScaleByBeliefState = optax.ScaleByBeliefState
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaBeliefRule(MomentRule):
+    """AdaBelief's moment rule: see :func:`scale_by_belief`."""
+
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-16
+    eps_root: Any = 1e-16
+    nesterov: bool = False
+    mu_dtype: Any = None
+    nu_dtype: Any = None
+
+    state_type = ScaleByBeliefState
+    bias_correction = True  # read by nesterov_mu_hat
+
+    def moments(self) -> tuple[Moment, ...]:
+        return (Moment("mu", self.mu_dtype), Moment("nu", self.nu_dtype, real=True))
+
+    def scalars(self, fields: dict[str, Any], dtype: Any) -> StepScalars:
+        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
+
+    def update(
+        self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        d = scalars
+        mu = moving_average(moments["mu"], g, d.w1)
+        nu = moving_average(moments["nu"], abs_sq(g - mu), d.w2) + self.eps_root
+        update = nesterov_mu_hat(mu, g, d, self) / (jnp.sqrt(nu / d.c2) + self.eps)
+        return leaf.add_decay(update), {"mu": mu, "nu": nu}
+
+
+def scale_by_belief(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-16,
+    eps_root: float = 1e-16,
+    *,
+    nesterov: bool = False,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescales gradients by AdaBelief's moment estimates (Zhuang et al., 2020, Algorithm 2).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+        s_t = \beta_2 s_{t-1} + (1-\beta_2) |g_t - m_t|^2 + \epsilon_{root}, \\
+        u_t = \frac{m_t / (1-\beta_1^t)}{\sqrt{s_t / (1-\beta_2^t)} + \epsilon}
+        + \lambda \theta_{t-1}.
+
+    :math:`\epsilon_{root}` is added to the stored :math:`s_t` at every step, as the authors'
+    PyTorch code adds ``eps`` to ``exp_avg_var`` in place (their ``eps`` is both
+    :math:`\epsilon` and :math:`\epsilon_{root}` here, 1e-16 by default). A drop-in for
+    ``optax.scale_by_belief`` (same arguments, defaults and state ``optax.ScaleByBeliefState``),
+    whose arithmetic this is; the decoupled decay is the authors' ``weight_decouple=True``.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second central moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added to the second central moment at every step, >= 0.
+      nesterov: Nesterov momentum, as ``optax.scale_by_belief``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
+      nu_dtype: storage of the second central moment, likewise.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByBeliefState``.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.scale_by_belief()
+      >>> state = tx.init(jnp.zeros(2))
+      >>> for g in ([1.0, 1.0], [1.0, -1.0]):
+      ...     updates, state = tx.update(jnp.array(g), state)
+      >>> print(jnp.round(updates, 2))  # steady: a step above Adam's 1; flipping: a small one
+      [ 1.17 -0.06]
+    """
+    _validation.check_decay("b1", b1)
+    _validation.check_decay("b2", b2)
+    _validation.check_non_negative("eps", eps)
+    _validation.check_non_negative("eps_root", eps_root)
+    rule = AdaBeliefRule(
+        b1, b2, eps, eps_root, nesterov, as_storage(mu_dtype), as_storage(nu_dtype)
+    )
+    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
+
+
+def adabelief(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-16,
+    eps_root: float = 1e-16,
+    *,
+    nesterov: bool = False,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    r"""AdaBelief: a drop-in for ``optax.adabelief``, with decoupled weight decay.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \alpha(t)\, \left(\frac{\hat m_t}{\sqrt{\hat s_t} + \epsilon}
+        + \lambda \theta_{t-1}\right)
+
+    with :math:`\hat s_t` the bias-corrected average of :math:`(g_t - m_t)^2` from
+    :func:`adam_jax.scale_by_belief`. This is the paper's Algorithm 2, which the authors'
+    package runs with ``rectify=False`` (its default since version 0.2 rectifies as RAdam).
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule.
+      b1, b2, eps, eps_root, nesterov: as in :func:`adam_jax.scale_by_belief`.
+      weight_decay: decoupled weight decay, scaled by the learning rate as in
+        :func:`adam_jax.adamw` (the authors' ``weight_decouple=True``).
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
+      maximize: ascend the objective instead of descending.
+
+    Returns:
+      An ``optax.GradientTransformation`` with optax's state structure.
+
+    References:
+      Zhuang, Tang, Ding, Tatikonda, Dvornek, Papademetris and Duncan, `AdaBelief Optimizer:
+      Adapting Stepsizes by the Belief in Observed Gradients
+      <https://arxiv.org/abs/2010.07468>`_, NeurIPS 2020.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> params = {"w": jnp.ones(2), "b": jnp.ones(2)}
+      >>> tx = adam_jax.adabelief(0.1, weight_decay=0.5, mask={"w": True, "b": False})
+      >>> grads = {"w": jnp.ones(2), "b": jnp.ones(2)}
+      >>> updates, _ = tx.update(grads, tx.init(params), params)
+      >>> print(jnp.round(updates["w"], 4), jnp.round(updates["b"], 4))  # decay on "w" only
+      [-0.1611 -0.1611] [-0.1111 -0.1111]
+    """
+    return optax.chain(
+        *ascent(maximize),
+        scale_by_belief(
+            b1, b2, eps, eps_root, nesterov=nesterov, weight_decay=weight_decay, mask=mask,
+            mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+        ),
+        scale_by_learning_rate(learning_rate),
+    )  # fmt: skip

@@ -1,0 +1,156 @@
+r"""Adam-atan2: Adam without epsilon, the division replaced by an arctangent.
+
+Everett et al. (2024) find Adam's :math:`\epsilon` harmful at scale (it must shrink with the
+width of the model) and remove it: :math:`\hat m / \sqrt{\hat v}` becomes
+:math:`a \arctan2(\hat m, b\sqrt{\hat v})`, which is bounded by :math:`a\pi/2`, equals
+:math:`(a/b)\, \hat m/\sqrt{\hat v}` to first order where the ratio is small, and is defined at
+:math:`\hat m = \hat v = 0`.
+"""
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax import _validation
+from adam_jax._chains import ascent
+from adam_jax.learning_rate import scale_by_learning_rate
+from adam_jax.moments import ScaleByAdamState
+from adam_jax.moving_average import StepScalars, moving_average, step_scalars
+from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
+from adam_jax.storage import as_storage
+from adam_jax.weight_decay import Mask, add_decayed_weights
+
+
+@dataclasses.dataclass(frozen=True)
+class AdamAtan2Rule(MomentRule):
+    """Adam-atan2's moment rule: see :func:`scale_by_adam_atan2`."""
+
+    b1: Any = 0.9
+    b2: Any = 0.99
+    a: Any = 1.27
+    b: Any = 1.0
+    mu_dtype: Any = None
+    nu_dtype: Any = None
+
+    state_type = ScaleByAdamState
+
+    def moments(self) -> tuple[Moment, ...]:
+        return (Moment("mu", self.mu_dtype), Moment("nu", self.nu_dtype, real=True))
+
+    def scalars(self, fields: dict[str, Any], dtype: Any) -> StepScalars:
+        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
+
+    def update(
+        self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if jnp.iscomplexobj(g):
+            raise ValueError("adam_atan2 is not defined for complex params (atan2 of a complex)")
+        d = scalars
+        mu = moving_average(moments["mu"], g, d.w1)
+        nu = moving_average(moments["nu"], jnp.square(g), d.w2)
+        update = self.a * jnp.arctan2(mu / d.c1, self.b * jnp.sqrt(nu / d.c2))
+        return update, {"mu": mu, "nu": nu}
+
+
+def scale_by_adam_atan2(
+    b1: float = 0.9,
+    b2: float = 0.99,
+    a: float = 1.27,
+    b: float = 1.0,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescales gradients by Adam-atan2's moment estimates (Everett et al., 2024).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2, \\
+        u_t = a \arctan2\!\left(\frac{m_t}{1-\beta_1^t},\;
+        b \sqrt{\frac{v_t}{1-\beta_2^t}}\right).
+
+    There is no :math:`\epsilon`: a zero gradient history gives a zero update. The defaults
+    are those of ``adam-atan2-pytorch`` (``a = 1.27``, ``b = 1``, :math:`\beta_2 = 0.99`), whose
+    arithmetic this is. Complex params are not supported (``ValueError``).
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      a: scale of the update, > 0.
+      b: scale of the second moment inside the arctangent, > 0.
+      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
+      nu_dtype: storage of the second moment, likewise.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.scale_by_adam_atan2()
+      >>> updates, _ = tx.update(jnp.array([3.0, 0.0, -0.5]), tx.init(jnp.zeros(3)))
+      >>> print(updates)  # 1.27 * atan2(g, |g|) = 1.27 * pi / 4 for any g != 0; 0 at g = 0
+      [ 0.9974558  0.        -0.9974558]
+    """
+    _validation.check_decay("b1", b1)
+    _validation.check_decay("b2", b2)
+    _validation.check_positive("a", a)
+    _validation.check_positive("b", b)
+    return scale_by_rule(AdamAtan2Rule(b1, b2, a, b, as_storage(mu_dtype), as_storage(nu_dtype)))
+
+
+def adam_atan2(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.99,
+    a: float = 1.27,
+    b: float = 1.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    r"""Adam-atan2: Adam with the division by :math:`\sqrt{\hat v} + \epsilon` replaced by
+    :math:`a\arctan2(\hat m, b\sqrt{\hat v})`, with decoupled weight decay.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \alpha(t) \left( a \arctan2(\hat m_t, b\sqrt{\hat v_t})
+        + \lambda(t)\, \theta_{t-1} \right)
+
+    As ``adam_atan2_pytorch.AdamAtan2`` (whose weight decay is scaled by the learning rate, as
+    here, unless ``decoupled_wd=True``).
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule.
+      b1, b2, a, b: as in :func:`adam_jax.scale_by_adam_atan2`.
+      weight_decay: :math:`\lambda`, a constant >= 0 or a schedule of the step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
+      maximize: ascend the objective instead of descending.
+
+    Returns:
+      An ``optax.GradientTransformation``: a chain of the moment estimate,
+      :func:`adam_jax.add_decayed_weights` and the learning rate, as :func:`adam_jax.adamw`.
+
+    References:
+      Everett, Xiao, Wortsman, Alemi, Novak, Liu, Gur, Sohl-Dickstein, Kaelbling, Lee and
+      Pennington, `Scaling Exponents Across Parameterizations and Optimizers
+      <https://arxiv.org/abs/2407.05872>`_, ICML 2024.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.adam_atan2(0.1)
+      >>> updates, _ = tx.update(jnp.array([1e15, 1e-15]), tx.init(jnp.zeros(2)))
+      >>> print(updates)  # -0.1 * 1.27 * pi / 4 for both (Adam's eps would stop the second)
+      [-0.09974558 -0.09974558]
+    """
+    return optax.chain(
+        *ascent(maximize),
+        scale_by_adam_atan2(b1, b2, a, b, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )

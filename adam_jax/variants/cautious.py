@@ -1,0 +1,135 @@
+r"""Cautious optimizers: skip the coordinates where the step and the gradient disagree.
+
+Liang et al. (2024) mask a momentum optimizer's step where its sign differs from the current
+gradient's, where following the momentum would increase the loss to first order, and rescale
+the rest so that the step keeps its size on average: per tensor,
+:math:`u \leftarrow u \odot \phi / \max(\mathrm{mean}(\phi), 10^{-3})` with
+:math:`\phi = [u \odot g > 0]` (the scale and clamp of timm's ``caution=True``).
+"""
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax._chains import ascent
+from adam_jax._numerics import compute_dtype, real_dtype
+from adam_jax.aliases import adam_moments
+from adam_jax.learning_rate import scale_by_learning_rate
+from adam_jax.rule import Leaf, map_tensors
+from adam_jax.weight_decay import Mask, add_decayed_weights
+
+# The smallest fraction of agreeing coordinates the rescaling divides by (timm, C-Optim).
+MIN_AGREEING_FRACTION = 1e-3
+
+
+def _caution(update: jax.Array, grad: jax.Array, leaf: Leaf) -> jax.Array:
+    """``update`` zeroed where it disagrees with ``grad`` in sign, rescaled per tensor."""
+    u = update.astype(compute_dtype(update.dtype))
+    g = jnp.asarray(grad).astype(u.dtype)
+    alignment = jnp.real(u * jnp.conj(g)) if jnp.iscomplexobj(u) else u * g
+    agree = alignment > 0
+    # Counted from an int8 copy of the mask: XLA materializes it for the reduction, and a
+    # float one would move four times the bytes.
+    fraction = leaf.mean(agree.astype(jnp.int8), dtype=real_dtype(u.dtype))
+    scale = jnp.where(agree, 1 / jnp.maximum(fraction, MIN_AGREEING_FRACTION), 0)
+    return (u * scale).astype(update.dtype)
+
+
+def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+    r"""Makes the descent directions of ``inner`` cautious (Liang et al., 2024).
+
+    .. math::
+        \phi_t = [u_t \odot g_t > 0], \qquad
+        u_t \leftarrow \frac{u_t \odot \phi_t}{\max(\mathrm{mean}(\phi_t), 10^{-3})}
+
+    with :math:`u_t` the updates of ``inner``, :math:`g_t` the gradients it received, and the
+    mean over each tensor (each leaf, also on :class:`adam_jax.FlatParams`). For complex params
+    the agreement is :math:`\mathrm{Re}(u_t \bar g_t) > 0`.
+
+    ``inner`` must return *descent directions* (what is subtracted from the params, the sign of
+    the gradient): a moment estimate such as :func:`adam_jax.scale_by_adam`, or a chain of them,
+    placed before the weight decay and the learning rate, as :func:`cautious_adamw` does. The
+    state is ``inner``'s own, so a checkpoint of ``inner`` restores into ``cautious(inner)``.
+
+    Args:
+      inner: the transformation whose updates are masked.
+
+    Returns:
+      An ``optax.GradientTransformationExtraArgs`` with ``inner``'s state.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.cautious(adam_jax.scale_by_adam())
+      >>> state = tx.init(jnp.zeros(4))
+      >>> _, state = tx.update(jnp.array([1.0, 1.0, 1.0, 1.0]), state)
+      >>> updates, _ = tx.update(jnp.array([1.0, -0.01, 1.0, -0.01]), state)
+      >>> print(jnp.round(updates, 3))  # momentum against the gradient: masked, the rest doubled
+      [2. 0. 2. 0.]
+    """
+    inner = optax.with_extra_args_support(inner)
+
+    def update_fn(
+        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, Any]:
+        directions, state = inner.update(updates, state, params, **extra)
+        return map_tensors(_caution, directions, updates), state
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)
+
+
+def cautious_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 1e-4,
+    mask: Mask | None = None,
+    *,
+    nesterov: bool = False,
+    nu_dtype: Any = None,
+    eps_placement: str = "standard",
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    r"""Cautious AdamW: :func:`adam_jax.adamw` whose Adam step is :func:`cautious`.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \alpha(t) \left( \frac{u_t \odot \phi_t}
+        {\max(\mathrm{mean}(\phi_t), 10^{-3})} + \lambda(t)\, \theta_{t-1} \right), \qquad
+        u_t = \frac{\hat m_t}{\sqrt{\hat v_t + \epsilon_{root}} + \epsilon}, \quad
+        \phi_t = [u_t \odot g_t > 0].
+
+    As timm's ``AdamW(caution=True)`` (the decay term is not masked). Same arguments, defaults
+    and state as :func:`adam_jax.adamw`: a checkpoint of one restores into the other.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule.
+      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`adam_jax.adamw`.
+      nesterov, nu_dtype, eps_placement, maximize: as in :func:`adam_jax.adamw`.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    References:
+      Liang, Chen, Liu and Liu, `Cautious Optimizers: Improving Training with One Line of Code
+      <https://arxiv.org/abs/2411.16085>`_, 2024.
+
+    Example:
+      >>> import adam_jax, jax, jax.numpy as jnp
+      >>> params = jnp.zeros(3)
+      >>> tx = adam_jax.cautious_adamw(0.1)
+      >>> same = jax.tree.structure(adam_jax.adamw(0.1).init(params))
+      >>> print(jax.tree.structure(tx.init(params)) == same)  # adamw's state
+      True
+    """
+    moments = adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement)
+    return optax.chain(
+        *ascent(maximize),
+        cautious(moments[0]),
+        *moments[1:],  # Keras's bias correction: a positive factor, after the caution
+        add_decayed_weights(weight_decay, mask),
+        scale_by_learning_rate(learning_rate),
+    )

@@ -1,0 +1,276 @@
+r"""RAdam: Adam with its adaptive step rectified while the second moment is still noisy.
+
+Liu et al. (2020) show that the variance of Adam's adaptive step is unbounded in the first
+steps, when :math:`v_t` averages a handful of squared gradients. RAdam takes plain momentum
+steps until the approximate length of the moving average
+:math:`\rho_t = \rho_\infty - 2t\beta_2^t/(1-\beta_2^t)` (with :math:`\rho_\infty = 2/(1-\beta_2)
+- 1`) reaches a threshold, and multiplies the adaptive step by the variance rectifier
+:math:`r_t` afterwards.
+"""
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax import _validation
+from adam_jax._chains import ascent
+from adam_jax._numerics import abs_sq
+from adam_jax.learning_rate import scale_by_learning_rate
+from adam_jax.moments import ScaleByAdamState, nesterov_mu_hat
+from adam_jax.moving_average import StepScalars, moving_average, step_scalars
+from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
+from adam_jax.storage import as_storage
+from adam_jax.weight_decay import Mask
+
+EPS_PLACEMENTS = ("standard", "torch")
+# Below this, 1 - y / expm1(y) loses digits to cancellation; its Taylor series does not.
+_SERIES_BELOW = 0.5
+
+
+class RectifiedScalars(NamedTuple):
+    """Adam's step scalars plus RAdam's: whether to rectify, and the rectifier."""
+
+    adam: StepScalars
+    rectify: jax.Array
+    rectifier: jax.Array
+
+
+def _one_minus_bernoulli(y: jax.Array) -> jax.Array:
+    """:math:`1 - y/(e^y - 1)` without cancellation (its Taylor series for small ``y``)."""
+    s = jnp.minimum(y, _SERIES_BELOW)
+    s2 = s * s
+    series = s * (0.5 + s * (-1 / 12 + s2 * (1 / 720 + s2 * (-1 / 30240 + s2 / 1209600))))
+    direct = 1 - y / jnp.expm1(jnp.where(y < _SERIES_BELOW, 1.0, y))
+    return jnp.where(y < _SERIES_BELOW, series, direct)
+
+
+def _log_excess(w: jax.Array) -> jax.Array:
+    """:math:`-\\log(1-w) - w` without cancellation (its series for small ``w``)."""
+    s = jnp.minimum(w, 0.05)
+    series = s * s * (1 / 2 + s * (1 / 3 + s * (1 / 4 + s * (1 / 5 + s * (1 / 6 + s / 7)))))
+    return jnp.where(w < 0.05, series, -jnp.log1p(-w) - w)
+
+
+def rectifier_terms(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, jax.Array]:
+    r"""The length :math:`\rho_t` of the second moment's average and the square of RAdam's
+    rectifier :math:`r_t^2 = \frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)
+    (\rho_\infty-2)\rho_t}` at step ``count`` (1-based), in ``dtype``.
+
+    :math:`\rho_t = \rho_\infty - 2t\beta^t/(1-\beta^t)` subtracts two numbers close to
+    :math:`\rho_\infty` (2000 for :math:`\beta = 0.999`) in the early steps where it decides
+    whether to rectify, so it is evaluated as :math:`K + \frac{2}{\ell}(1 - \frac{y}{e^y - 1})`
+    with :math:`\ell = -\log\beta`, :math:`y = t\ell` and the constant
+    :math:`K = \rho_\infty - 2/\ell` (in double precision when ``b2`` is concrete): a few ulps
+    from the exact value in float32, where the textbook formula is off by 1e-4.
+    """
+    t = jnp.asarray(count).astype(dtype)
+    number = _validation.static_float(b2)
+    if number is not None:
+        if number == 0.0:  # rho_t = rho_inf = 1: never rectified
+            return jnp.ones((), dtype), jnp.zeros((), dtype)
+        w = 1.0 - number
+        ell = -math.log(number)
+        rho_inf = 2.0 / w - 1.0
+        constant = rho_inf - 2.0 / ell
+        scale = rho_inf / ((rho_inf - 4.0) * (rho_inf - 2.0)) if rho_inf > 4.0 else math.inf
+        rho = constant + (2.0 / ell) * _one_minus_bernoulli(t * jnp.asarray(ell, dtype))
+        return rho, (rho - 4) * (rho - 2) * jnp.asarray(scale, dtype) / rho
+    # Traced b2 (optax.inject_hyperparams, vmap): the same arithmetic in `dtype`. A b2 of
+    # exactly 1 (0.999 rounded to bfloat16) is the b2 -> 1 limit: rho_t = t, r_t = 0.
+    traced = jnp.asarray(b2).astype(dtype)
+    saturated = traced == 1
+    weight = jnp.where(saturated, 1.0, 1 - traced)
+    log_decay = -jnp.log1p(-weight)
+    limit = 2 / weight - 1
+    rho_t = (
+        2 * _log_excess(weight) / (weight * log_decay)
+        - 1
+        + (2 / log_decay) * _one_minus_bernoulli(t * log_decay)
+    )
+    rho_t = jnp.where(saturated, t, rho_t)
+    rectifier_sq = (rho_t - 4) * (rho_t - 2) * limit / ((limit - 4) * (limit - 2) * rho_t)
+    return rho_t, jnp.where(saturated, 0.0, rectifier_sq)
+
+
+@dataclasses.dataclass(frozen=True)
+class RAdamRule(MomentRule):
+    """RAdam's moment rule: see :func:`scale_by_radam`."""
+
+    b1: Any = 0.9
+    b2: Any = 0.999
+    eps: Any = 1e-8
+    eps_root: Any = 0.0
+    threshold: Any = 5.0
+    nesterov: bool = False
+    eps_placement: str = "standard"
+    mu_dtype: Any = None
+    nu_dtype: Any = None
+
+    state_type = ScaleByAdamState
+    bias_correction = True  # read by nesterov_mu_hat
+
+    def moments(self) -> tuple[Moment, ...]:
+        return (Moment("mu", self.mu_dtype), Moment("nu", self.nu_dtype, real=True))
+
+    def scalars(self, fields: dict[str, Any], dtype: Any) -> RectifiedScalars:
+        count = optax.safe_increment(fields["count"])
+        rho, rectifier_sq = rectifier_terms(self.b2, count, dtype)
+        rectify = rho >= jnp.asarray(self.threshold).astype(dtype)
+        rectifier = jnp.sqrt(jnp.where(rectify, rectifier_sq, 1.0))
+        return RectifiedScalars(step_scalars(self.b1, self.b2, count)(dtype), rectify, rectifier)
+
+    def update(
+        self, g: jax.Array, moments: dict[str, jax.Array], scalars: Any, leaf: Leaf
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        d = scalars.adam
+        mu = moving_average(moments["mu"], g, d.w1)
+        nu = moving_average(moments["nu"], abs_sq(g), d.w2)
+        mu_hat = nesterov_mu_hat(mu, g, d, self)
+        if self.eps_placement == "standard":
+            adaptive = mu_hat / (jnp.sqrt(nu / d.c2 + self.eps_root) + self.eps)
+        else:  # torch.optim.RAdam: eps added to sqrt(v) before the bias correction
+            adaptive = mu_hat * jnp.sqrt(d.c2) / (jnp.sqrt(nu + self.eps_root) + self.eps)
+        update = jnp.where(scalars.rectify, scalars.rectifier * adaptive, mu_hat)
+        return leaf.add_decay(update), {"mu": mu, "nu": nu}
+
+
+def scale_by_radam(
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float = 5.0,
+    *,
+    nesterov: bool = False,
+    eps_placement: str = "standard",
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescales gradients by RAdam's rectified moment estimates (Liu et al., 2020).
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) |g_t|^2, \\
+        \rho_t = \rho_\infty - \frac{2t\beta_2^t}{1-\beta_2^t}, \qquad
+        r_t = \sqrt{\frac{(\rho_t-4)(\rho_t-2)\rho_\infty}{(\rho_\infty-4)(\rho_\infty-2)
+        \rho_t}}, \\
+        u_t = \begin{cases} r_t\, \hat m_t / (\sqrt{\hat v_t + \epsilon_{root}} + \epsilon)
+        & \rho_t \geq \text{threshold} \\ \hat m_t & \text{otherwise} \end{cases}
+        \; + \lambda \theta_{t-1}.
+
+    A drop-in for ``optax.scale_by_radam`` (same arguments, defaults and state
+    ``optax.ScaleByAdamState``). With ``eps_placement="torch"`` the adaptive step is
+    ``torch.optim.RAdam``'s, with :math:`\epsilon` added to :math:`\sqrt{v_t}` before the bias
+    correction: :math:`r_t \hat m_t \sqrt{1-\beta_2^t} / (\sqrt{v_t + \epsilon_{root}} +
+    \epsilon)`. PyTorch rectifies when :math:`\rho_t > 5`, optax when :math:`\rho_t \geq 5`; the
+    two agree, since :math:`\rho_t` is never exactly 5. :math:`\rho_t` is computed without the
+    cancellation of its textbook form (see :func:`rectifier_terms`), so float32 runs decide and
+    rectify as float64 ones do.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      threshold: :math:`\rho_t` from which the adaptive step is taken, >= 4 (the rectifier is
+        defined for :math:`\rho_t \geq 4`).
+      nesterov: Nesterov momentum, as ``optax.scale_by_radam``.
+      eps_placement: ``"standard"`` (optax) or ``"torch"`` (``torch.optim.RAdam``).
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule
+        (``torch.optim.RAdam(decoupled_weight_decay=True)`` once scaled by the learning rate).
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
+      nu_dtype: storage of the second moment, likewise.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.scale_by_radam()
+      >>> updates, state = tx.update(jnp.array([0.5, -0.25]), tx.init(jnp.zeros(2)))
+      >>> print(updates)  # rho_1 = 1 < 5: the bias-corrected momentum alone
+      [ 0.5  -0.25]
+    """
+    _check_radam_args(b1, b2, eps, eps_root, threshold, eps_placement)
+    rule = RAdamRule(
+        b1, b2, eps, eps_root, threshold, nesterov, eps_placement,
+        as_storage(mu_dtype), as_storage(nu_dtype),
+    )  # fmt: skip
+    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
+
+
+def _check_radam_args(
+    b1: Any, b2: Any, eps: Any, eps_root: Any, threshold: Any, eps_placement: str
+) -> None:
+    _validation.check_decay("b1", b1)
+    _validation.check_decay("b2", b2)
+    _validation.check_non_negative("eps", eps)
+    _validation.check_non_negative("eps_root", eps_root)
+    _validation.check_at_least("threshold", threshold, 4.0)
+    _validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
+
+
+def radam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    eps_root: float = 0.0,
+    threshold: float = 5.0,
+    *,
+    nesterov: bool = False,
+    eps_placement: str = "standard",
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    r"""RAdam: a drop-in for ``optax.radam``, with ``torch.optim.RAdam``'s semantics available.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \alpha(t)\, \left(u_t + \lambda \theta_{t-1}\right)
+
+    with :math:`u_t` from :func:`adam_jax.scale_by_radam`. ``eps_placement="torch"`` with
+    ``weight_decay`` gives ``torch.optim.RAdam(decoupled_weight_decay=True)``.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule.
+      b1, b2, eps, eps_root, threshold, nesterov, eps_placement: as in
+        :func:`adam_jax.scale_by_radam`.
+      weight_decay: decoupled weight decay, scaled by the learning rate as in
+        :func:`adam_jax.adamw` (a constant >= 0 or a schedule).
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
+      maximize: ascend the objective instead of descending.
+
+    Returns:
+      An ``optax.GradientTransformation`` with optax's state structure (the moment estimate's
+      state, then the learning rate's).
+
+    References:
+      Liu, Jiang, He, Chen, Liu, Gao and Han, `On the Variance of the Adaptive Learning Rate
+      and Beyond <https://arxiv.org/abs/1908.03265>`_, ICLR 2020.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.radam(0.1)
+      >>> updates, state = tx.update(jnp.array([0.5, -0.25]), tx.init(jnp.zeros(2)))
+      >>> print(jnp.round(updates, 4))  # rho_1 = 1 < 5: momentum, -0.1 * g (Adam: -0.1 sign(g))
+      [-0.05   0.025]
+    """
+    return optax.chain(
+        *ascent(maximize),
+        scale_by_radam(
+            b1, b2, eps, eps_root, threshold, nesterov=nesterov, eps_placement=eps_placement,
+            weight_decay=weight_decay, mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+        ),
+        scale_by_learning_rate(learning_rate),
+    )  # fmt: skip
