@@ -255,6 +255,21 @@ def test_page_code_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         exec(code, namespace)  # the page's own example code
 
 
+def test_readme_zero1_example_runs_as_written() -> None:
+    """README's ZeRO-1 example, alone in a fresh interpreter (it sets up the 8 CPU devices
+    itself, before jax starts): each device keeps 1/8 of a moment."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## Sharded params and ZeRO-1") :]
+    section = section[: section.index("\n## ", 1)]
+    (code,) = [body for language, _, body in _FENCE.findall(section) if language == "python"]
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "(64, 16) stored as (8, 16) per device\n"
+
+
 # -- docstring conventions -------------------------------------------------------------------
 
 _SECTION = re.compile(r"^(?P<indent>[ \t]*)(?P<title>[A-Z][A-Za-z ]*):{1,2}[ \t]*$", re.M)

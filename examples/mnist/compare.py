@@ -118,13 +118,13 @@ def describe(config: Config, n_train: int, seeds: int = 1) -> str:
 
 def plot(results: dict[str, list[train.Metrics]], path: Path, title: str) -> None:
     """Test accuracy and loss against epoch and against wall time, one line per optimizer."""
-    import matplotlib
+    # A Figure of its own, outside pyplot: the caller's backend (a notebook's) stays as it is.
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    colors = plt.get_cmap("tab10").colors
+    fig = Figure(figsize=(12, 8))
+    axes = fig.subplots(2, 2)
+    colors = colormaps["tab10"].colors
     for index, (name, history) in enumerate(results.items()):
         # Past ten optimizers the colors repeat: another line style and marker tells them apart.
         style = {
@@ -159,7 +159,6 @@ def plot(results: dict[str, list[train.Metrics]], path: Path, title: str) -> Non
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def compare(

@@ -1,8 +1,9 @@
 """NumPy-only loader for MNIST and Fashion-MNIST in their original gzip IDX format.
 
-Files are looked up in, in order: an explicit data directory, ``$ADAM_JAX_DATA_DIR``, the
-dataset's system directories (Debian's ``dataset-fashion-mnist`` package) and the cache
-directory ``~/.cache/adam_jax/<dataset>``. Missing files are downloaded into the cache from the
+An explicit data directory must hold the four files (an error says which are missing).
+Without one, files are looked up in, in order: ``$ADAM_JAX_DATA_DIR``, the dataset's system
+directories (Debian's ``dataset-fashion-mnist`` package) and the cache directory
+``~/.cache/adam_jax/<dataset>``. Missing files are downloaded into the cache from the
 canonical mirrors, one after the other, into a temporary file that is checked against the
 published sha256 before it is renamed into place, so the cache never holds a partial or
 unverified file. Every file is checked again when it is read: checksum, IDX magic, shape and
@@ -32,6 +33,8 @@ from rich.progress import (
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
+
+from examples.mnist.metrics import default_file_mode
 
 ENV_DATA_DIR = "ADAM_JAX_DATA_DIR"
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions
@@ -181,9 +184,10 @@ def cache_dir(dataset: str) -> Path:
     return Path(root) / "adam_jax" / dataset
 
 
-def search_dirs(spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> list[Path]:
-    """The directories searched for the dataset's files, most specific first."""
-    dirs = [Path(data_dir)] if data_dir else []
+def search_dirs(spec: DatasetSpec) -> list[Path]:
+    """The directories searched for the dataset's files when no data directory is given,
+    most specific first."""
+    dirs = []
     if env := os.environ.get(ENV_DATA_DIR):
         dirs.append(Path(env))
     dirs.extend(Path(d) for d in spec.system_dirs)
@@ -216,8 +220,10 @@ def download(
 
     Each attempt streams into a temporary file in ``dest_dir`` (so the final rename is atomic,
     on the same file system) and hashes while writing; only a file with the published sha256
-    is renamed to its final name. Raises :class:`DataError` listing every mirror's failure.
+    is renamed to its final name. Raises :class:`DataError` listing every mirror's failure,
+    after removing the folders it created for the file (no empty cache is left behind).
     """
+    created = [d for d in (dest_dir, *dest_dir.parents) if not d.exists()]  # deepest first
     dest_dir.mkdir(parents=True, exist_ok=True)
     dest = dest_dir / file.name
     failures = []
@@ -226,6 +232,7 @@ def download(
         fd, tmp_name = tempfile.mkstemp(dir=dest_dir, prefix=f".{file.name}.", suffix=".part")
         tmp = Path(tmp_name)
         try:
+            os.fchmod(fd, default_file_mode())
             digest = hashlib.sha256()
             with os.fdopen(fd, "wb") as out, urllib.request.urlopen(url, timeout=timeout) as resp:
                 total = int(resp.headers.get("Content-Length") or 0) or None
@@ -245,6 +252,8 @@ def download(
             failures.append(f"  {url}: {err}")
         finally:
             tmp.unlink(missing_ok=True)
+    for directory in created:
+        directory.rmdir()
     raise DataError(
         f"{file.name}: could not download a file with sha256 {file.sha256}:\n" + "\n".join(failures)
     )
@@ -289,9 +298,28 @@ def read_idx(path: Path, file: FileSpec) -> np.ndarray:
     return array
 
 
+def check_data_dir(spec: DatasetSpec, data_dir: str | os.PathLike) -> None:
+    """Raises :class:`DataError` unless ``data_dir`` is a folder with all of the dataset's
+    files: a folder named explicitly is where the data should be, not a hint."""
+    directory = Path(data_dir)
+    cache = cache_dir(spec.name)
+    instead = f"leave the data folder out to use ${ENV_DATA_DIR} or {cache} (downloading there)"
+    if not directory.is_dir():
+        raise DataError(f"data folder {directory} does not exist; create it or {instead}")
+    missing = [f.name for f in spec.files if not (directory / f.name).is_file()]
+    if missing:
+        raise DataError(
+            f"data folder {directory} lacks {', '.join(missing)}; add them or {instead}"
+        )
+
+
 def locate(file: FileSpec, spec: DatasetSpec, data_dir: str | os.PathLike | None = None) -> Path:
-    """The first copy of ``file`` in :func:`search_dirs`, downloaded into the cache if none."""
-    for directory in search_dirs(spec, data_dir):
+    """The first copy of ``file`` in :func:`search_dirs`, downloaded into the cache if none;
+    with ``data_dir``, the copy there (see :func:`check_data_dir`)."""
+    if data_dir:
+        check_data_dir(spec, data_dir)
+        return Path(data_dir) / file.name
+    for directory in search_dirs(spec):
         if (directory / file.name).is_file():
             return directory / file.name
     return download(file, cache_dir(spec.name), spec.mirrors)

@@ -6,8 +6,18 @@ traceback and exits with :attr:`TrainingError.exit_status`.
 
 from __future__ import annotations
 
+import argparse
 import signal
 from pathlib import Path
+from typing import NoReturn
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser whose errors are the one line that says what is wrong and a pointer
+    to ``--help`` (argparse puts its whole usage block first, which buries that line)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}\nSee '{self.prog} --help' for the options.\n")
 
 
 class TrainingError(RuntimeError):

@@ -16,7 +16,6 @@ first process to fail, or 0.
 
 from __future__ import annotations
 
-import argparse
 import signal
 import socket
 import subprocess
@@ -24,6 +23,8 @@ import sys
 import time
 from collections.abc import Sequence
 from types import FrameType
+
+from examples.mnist.errors import ArgumentParser
 
 # The options the launcher sets for each process.
 PROCESS_OPTIONS = ("--num-processes", "--process-id", "--coordinator")
@@ -88,7 +89,7 @@ def run(commands: list[list[str]], grace_seconds: float) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m examples.mnist.launch",
         description="Start the processes of one run of python -m examples.mnist on this "
         "machine; every other option goes to each of them.",

@@ -22,7 +22,7 @@ from rich.console import Console
 
 from examples.mnist import compare, data, distributed, models, optimizers, train
 from examples.mnist.config import Config
-from examples.mnist.errors import DeviceError, Interrupted, TrainingError
+from examples.mnist.errors import ArgumentParser, DeviceError, Interrupted, TrainingError
 from examples.mnist.launch import PROCESS_OPTIONS
 
 
@@ -34,7 +34,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
 
 def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.Namespace]:
     default = Config()
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="python -m examples.mnist",
         description="Train a Flax NNX model on MNIST with adam_jax.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -80,7 +80,8 @@ def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.N
     parser.add_argument(
         "--data-dir",
         default=default.data_dir,
-        help=f"searched first, then ${data.ENV_DATA_DIR}, then ~/.cache/adam_jax/<dataset>",
+        help=f"the folder holding the four files (None: ${data.ENV_DATA_DIR}, then "
+        "~/.cache/adam_jax/<dataset>, downloading there)",
     )
     parser.add_argument(
         "--train-limit", type=int, default=default.train_limit, help="train on the first N images"

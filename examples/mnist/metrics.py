@@ -46,6 +46,14 @@ def read(path: Path, warn: Callable[[str], None] | None = None) -> list[Metrics]
     return records
 
 
+def default_file_mode() -> int:
+    """The mode ``open`` gives a new file (0o666 less the umask): ``tempfile.mkstemp``'s
+    private 0o600 would otherwise survive the rename of a temporary file into place."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def write(path: Path, records: Iterable[Metrics]) -> None:
     """Replaces ``path`` with ``records`` atomically: a crash leaves the old or the new file.
 
@@ -54,6 +62,7 @@ def write(path: Path, records: Iterable[Metrics]) -> None:
     fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     tmp = Path(tmp_name)
     try:
+        os.fchmod(fd, default_file_mode())
         with os.fdopen(fd, "w") as f:
             f.writelines(json.dumps(record) + "\n" for record in records)
             f.flush()

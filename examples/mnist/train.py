@@ -332,17 +332,16 @@ def epoch_means(sums: dict[str, Any], since: dict[str, Any] | None = None) -> Me
 
 
 def _progress_bar(enabled: bool, console: Console) -> Progress:
+    """The bar of each epoch, on a terminal or in a notebook only: redirected to a file, a bar
+    would arrive as a pile of redrawn lines."""
     return Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
-        TextColumn(
-            "loss {task.fields[loss]:.4f}  acc {task.fields[accuracy]:.2%}  "
-            "{task.fields[images_per_second]:,.0f} img/s{task.fields[skipped]}"
-        ),
+        TextColumn("{task.fields[status]}"),
         TimeElapsedColumn(),
         console=console,
-        disable=not enabled,
+        disable=not (enabled and (console.is_terminal or console.is_jupyter)),
     )
 
 
@@ -363,16 +362,15 @@ def _warner(console: Console) -> Callable[[str], None]:
 
 def curves_figure(records: list[Metrics], title: str) -> Any:
     """The matplotlib figure of ``curves.png``: loss (of the logged steps and per epoch) and
-    accuracy (per epoch) against epochs."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    accuracy (per epoch) against epochs. A ``Figure`` of its own, outside pyplot: drawing it
+    leaves the caller's backend alone (a notebook keeps showing its plots)."""
+    from matplotlib.figure import Figure
 
     epochs = [m for m in records if m["kind"] == "epoch"]
     steps = [m for m in records if m["kind"] == "step" and m["train_loss"] is not None]
     x = [m["epoch"] for m in epochs]
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    fig = Figure(figsize=(10, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(
         [m["epoch"] for m in steps],
         [m["train_loss"] for m in steps],
@@ -402,11 +400,7 @@ def curves_figure(records: list[Metrics], title: str) -> Any:
 
 def plot_curves(records: list[Metrics], path: Path, title: str) -> None:
     """Writes :func:`curves_figure` to ``path``."""
-    import matplotlib.pyplot as plt
-
-    fig = curves_figure(records, title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    curves_figure(records, title).savefig(path, dpi=100)
 
 
 class _Run:
@@ -516,15 +510,14 @@ class _Run:
             self.logged = jax.device_get(trainer.running)
             self.logged_step = first
         order = trainer.epoch_order_on_devices(epoch)
+        # The first step of a session compiles for seconds: say so, not "loss 0.0000".
         self.task = self.progress.add_task(
             f"epoch {epoch + 1}/{config.epochs}",
             total=steps_per_epoch,
             completed=offset,
-            loss=0.0,
-            accuracy=0.0,
-            images_per_second=0.0,
-            skipped="",
+            status="compiling the step" if self.task is None else "",
         )
+        self.progress.refresh()
         start = time.perf_counter()
         self.epoch_clock = (start, offset)
         for i in range(offset, steps_per_epoch):
@@ -603,15 +596,15 @@ class _Run:
         in_epoch = step - (step - 1) // steps_per_epoch * steps_per_epoch
         means = epoch_means(sums)
         epoch_start, offset = self.epoch_clock
+        images_per_second = (
+            (in_epoch - offset) * self.config.batch_size / (time.perf_counter() - epoch_start)
+        )
+        skipped = f"  skipped {record['skipped_steps']}" if self.config.skip_nonfinite else ""
         self.progress.update(
             self.task,
             completed=in_epoch,
-            loss=means["train_loss"] or 0.0,
-            accuracy=means["train_accuracy"] or 0.0,
-            images_per_second=(in_epoch - offset)
-            * self.config.batch_size
-            / (time.perf_counter() - epoch_start),
-            skipped=f"  skipped {record['skipped_steps']}" if self.config.skip_nonfinite else "",
+            status=f"loss {means['train_loss'] or 0.0:.4f}  "
+            f"acc {means['train_accuracy'] or 0.0:.2%}  {images_per_second:,.0f} img/s{skipped}",
         )
 
     def _check_finite(self, sums: dict[str, Any], step: int) -> None:

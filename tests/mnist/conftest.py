@@ -1,8 +1,9 @@
 """Fixtures for the MNIST example's tests.
 
 Tests that need the real MNIST files take the ``mnist_dir`` fixture: the directory named by
-``$ADAM_JAX_DATA_DIR`` (``.ci/run`` points it at ``../shared/data/mnist``); they are skipped
-when it is unset or does not hold the four files. Everything else runs on synthetic data.
+``$ADAM_JAX_DATA_DIR`` if set, else ``../shared/data/mnist`` beside the checkout, where
+README.md's main command reads it; they are skipped, saying where they looked, when it does not
+hold the four files. Everything else runs on synthetic data.
 """
 
 from __future__ import annotations
@@ -11,19 +12,16 @@ import os
 from pathlib import Path
 
 import pytest
+from mnist_helpers import find_real_mnist
 
 from examples.mnist import data
 
 
 @pytest.fixture(scope="session")
 def mnist_dir() -> Path:
-    env = os.environ.get(data.ENV_DATA_DIR)
-    if not env:
-        pytest.skip(f"${data.ENV_DATA_DIR} is not set: no real MNIST data")
-    directory = Path(env)
-    missing = [f.name for f in data.MNIST.files if not (directory / f.name).is_file()]
-    if missing:
-        pytest.skip(f"${data.ENV_DATA_DIR}={directory} lacks {missing}")
+    directory, why_not = find_real_mnist(os.environ.get(data.ENV_DATA_DIR))
+    if directory is None:
+        pytest.skip(why_not)
     return directory
 
 

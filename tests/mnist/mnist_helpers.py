@@ -14,6 +14,23 @@ from flax import nnx
 from examples.mnist import data, metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# Where README.md's main command reads MNIST (--data-dir ../shared/data/mnist).
+BESIDE_THE_CHECKOUT = REPO_ROOT.parent / "shared" / "data" / "mnist"
+
+
+def find_real_mnist(env: str | None, beside: Path = BESIDE_THE_CHECKOUT) -> tuple[Path | None, str]:
+    """The folder of the real MNIST files for the tests: ``env`` (``$ADAM_JAX_DATA_DIR``) if
+    set, else ``beside`` the checkout; ``(None, why not)`` where it lacks them."""
+    directory = Path(env) if env else beside
+    named_by = f"${data.ENV_DATA_DIR}" if env else f"${data.ENV_DATA_DIR} unset, so"
+    if not directory.is_dir():
+        return None, f"no real MNIST data: {named_by} {directory} is no folder"
+    missing = [f.name for f in data.MNIST.files if not (directory / f.name).is_file()]
+    if missing:
+        return None, f"no real MNIST data: {named_by} {directory} lacks {', '.join(missing)}"
+    return directory, ""
+
+
 # Fields of metrics.jsonl records that measure time, and so differ between identical runs.
 TIMING_FIELDS = ("seconds", "train_seconds", "images_per_second", "elapsed_seconds")
 

@@ -155,6 +155,20 @@ def test_metrics_write_is_atomic(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
     assert sorted(p.name for p in tmp_path.iterdir()) == ["metrics.jsonl"]
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_atomically_written_files_get_the_usual_mode(tmp_path: Path, umask: int) -> None:
+    """``metrics.jsonl`` (and a downloaded data file, by the same helper) gets the mode of a
+    file opened for writing, 0o666 less the umask, not the temporary file's private 0o600."""
+    previous = os.umask(umask)
+    try:
+        metrics.write(tmp_path / "metrics.jsonl", [{"step": 1}])
+        (tmp_path / "plain").write_text("")
+    finally:
+        os.umask(previous)
+    mode = (tmp_path / "metrics.jsonl").stat().st_mode & 0o777
+    assert mode == (tmp_path / "plain").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
 def _largest_array_file(checkpoint: Path) -> Path:
     return max(
         (p for p in (checkpoint / "state").rglob("*") if p.is_file()),

@@ -12,8 +12,10 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import mnist_helpers
 import numpy as np
 import pytest
+from mnist_helpers import find_real_mnist
 
 from examples.mnist import data
 
@@ -102,8 +104,23 @@ def test_missing_file_without_mirrors(tmp_path: Path) -> None:
     files = make_files()
     spec = spec_for(files)
     del files["t10k-labels-idx1-ubyte.gz"]
+    write(data.cache_dir("tiny"), files)
     with pytest.raises(data.DataError, match="t10k-labels-idx1-ubyte.gz: could not download"):
-        data.load(spec, write(tmp_path / "d", files))
+        data.load(spec)
+
+
+def test_explicit_data_dir_must_exist_and_hold_the_files(tmp_path: Path) -> None:
+    """A folder named explicitly is checked first: no download, no cache folder created."""
+    files = make_files()
+    spec = spec_for(files, mirrors=("http://127.0.0.1:9/",))  # never reached
+    with pytest.raises(data.DataError, match=f"data folder {tmp_path / 'nowhere'} does not exist"):
+        data.load(spec, tmp_path / "nowhere")
+    del files["t10k-labels-idx1-ubyte.gz"], files["train-images-idx3-ubyte.gz"]
+    partial = write(tmp_path / "partial", files)
+    expected = f"data folder {partial} lacks train-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz"
+    with pytest.raises(data.DataError, match=expected):
+        data.load(spec, partial)
+    assert not (tmp_path / "cache").exists()
 
 
 def test_wrong_checksum(tmp_path: Path) -> None:
@@ -276,7 +293,7 @@ def test_failed_download_leaves_nothing(serve) -> None:
     assert message.startswith("train-images-idx3-ubyte.gz: could not download")
     assert f"{wrong}train-images-idx3-ubyte.gz: sha256 mismatch, expected" in message
     assert f"{truncated}train-images-idx3-ubyte.gz:" in message
-    assert list(data.cache_dir("tiny").iterdir()) == []
+    assert not (data.cache_dir("tiny").parent.parent).exists()  # no empty cache folders
 
 
 def test_real_mnist(mnist: data.Dataset) -> None:
@@ -288,3 +305,22 @@ def test_real_mnist(mnist: data.Dataset) -> None:
     pixels = mnist.train.images / 255.0
     assert pixels.mean() == pytest.approx(0.1307, abs=1e-4)
     assert pixels.std() == pytest.approx(0.3081, abs=1e-4)
+
+
+def test_tests_find_real_mnist_where_the_readme_command_reads_it(tmp_path: Path) -> None:
+    """``$ADAM_JAX_DATA_DIR`` if set, else the folder beside the checkout; the skip reason
+    names the folder and what it lacks."""
+    beside = write(tmp_path / "shared" / "data" / "mnist", make_files())
+    assert find_real_mnist(None, beside) == (beside, "")
+    elsewhere = write(tmp_path / "elsewhere", make_files())
+    assert find_real_mnist(str(elsewhere), beside) == (elsewhere, "")
+    (beside / "t10k-labels-idx1-ubyte.gz").unlink()
+    assert find_real_mnist(None, beside) == (
+        None,
+        f"no real MNIST data: $ADAM_JAX_DATA_DIR unset, so {beside} lacks "
+        "t10k-labels-idx1-ubyte.gz",
+    )
+    assert find_real_mnist(str(tmp_path / "nowhere"), beside)[1] == (
+        f"no real MNIST data: $ADAM_JAX_DATA_DIR {tmp_path / 'nowhere'} is no folder"
+    )
+    assert mnist_helpers.REPO_ROOT.parent / "shared/data/mnist" == mnist_helpers.BESIDE_THE_CHECKOUT

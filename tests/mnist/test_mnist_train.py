@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -93,6 +94,25 @@ def test_fresh_run_replaces_previous(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
 
 
+@pytest.mark.parametrize("terminal", [True, False])
+def test_progress_bars_only_on_a_terminal_and_say_compiling(tmp_path: Path, terminal: bool) -> None:
+    """On a terminal the first bar reads "compiling the step" until the first loss arrives
+    (not "loss 0.0000 ... 0 img/s"); written to a file there are no bars, only the epoch
+    lines."""
+    from rich.console import Console
+
+    out = io.StringIO()
+    console = Console(file=out, width=200, force_terminal=terminal, color_system=None)
+    config = Config(model="mlp", epochs=2, batch_size=64, workdir=str(tmp_path), checkpoints=False)
+    train.train_and_evaluate(config, synthetic_dataset(n_train=128, n_test=20), console)
+    text = out.getvalue()
+    assert ("compiling the step" in text) == terminal
+    assert ("epoch 1/2" in text) == terminal  # the bars' descriptions
+    assert ("━" in text) == terminal
+    assert "loss 0.0000" not in text
+    assert text.count("epoch   2  train loss") == 1  # the epoch line, once
+
+
 def test_compare_writes_table_and_plot(tmp_path: Path) -> None:
     dataset = synthetic_dataset(n_train=256, n_test=100)
     config = Config(
@@ -127,6 +147,30 @@ def test_compare_writes_table_and_plot(tmp_path: Path) -> None:
     assert list(per_step.get_xdata()) == [m["step"] / 4 for m in records if m["kind"] == "step"]
     assert len(per_step.get_xdata()) == 8
     assert (tmp_path / "adam" / "curves.png").stat().st_size > 0
+
+
+def test_drawing_the_plots_leaves_the_matplotlib_backend_alone(tmp_path: Path) -> None:
+    """``curves.png`` and ``comparison.png`` are drawn without switching the global backend,
+    which in a notebook would stop every later cell from showing its figures."""
+    import matplotlib
+
+    previous = matplotlib.get_backend()
+    matplotlib.use("pdf")  # any backend but the Agg that files are drawn with
+    try:
+        records: list[train.Metrics] = [
+            {"kind": "step", "epoch": 0.5, "step": 1, "train_loss": 1.0},
+            *(
+                {"kind": "epoch", **m, "train_loss": m["test_loss"], "train_accuracy": None}
+                for m in _history([0.5, 0.8, 0.9])
+            ),
+        ]
+        train.plot_curves(records, tmp_path / "curves.png", "adam")
+        compare.plot({"adam": _history([0.5, 0.8, 0.9])}, tmp_path / "comparison.png", "t")
+        assert matplotlib.get_backend() == "pdf"
+    finally:
+        matplotlib.use(previous)
+    for name in ("curves.png", "comparison.png"):
+        assert (tmp_path / name).read_bytes().startswith(b"\x89PNG")
 
 
 def _history(final_accuracies: list[float]) -> list[train.Metrics]:
@@ -329,7 +373,8 @@ def test_cli_reports_training_errors_without_traceback(
 
 
 def test_cli_reports_data_errors(tmp_path: Path) -> None:
-    (tmp_path / "train-images-idx3-ubyte.gz").write_bytes(b"junk")
+    for file in data.MNIST.files:
+        (tmp_path / file.name).write_bytes(b"junk")
     with pytest.raises(SystemExit, match="train-images-idx3-ubyte.gz: not a complete gzip"):
         main.main(["--data-dir", str(tmp_path)])
 
@@ -361,8 +406,35 @@ def test_config_rejects_bad_values(field: str, value: float, message: str) -> No
         Config(**{field: value})
 
 
-def test_cli_reports_bad_values(capsys: pytest.CaptureFixture[str]) -> None:
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
+        (["--epochs", "zero"], "argument --epochs: invalid int value: 'zero'"),
+        (["--optimizer", "adamm"], "argument --optimizer: invalid choice: 'adamm'"),
+        (["--no-such-option"], "unrecognized arguments: --no-such-option"),
+    ],
+)
+def test_cli_reports_bad_values_in_two_lines(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The error and a pointer to --help, not argparse's usage block above them."""
     with pytest.raises(SystemExit) as exit_info:
-        main.parse_args(["--epochs", "0"])
+        main.parse_args(argv)
     assert exit_info.value.code == 2
-    assert "epochs must be an integer >= 1, got 0" in capsys.readouterr().err
+    first, second = capsys.readouterr().err.splitlines()
+    assert first.startswith("python -m examples.mnist: error: ")
+    assert message in first
+    assert second == "See 'python -m examples.mnist --help' for the options."
+
+
+def test_cli_names_a_data_dir_that_does_not_exist(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Said before anything else is tried: no download, no cache folder created."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    nowhere = tmp_path / "nowhere"
+    with pytest.raises(SystemExit) as exit_info:
+        main.main(["--data-dir", str(nowhere), "--workdir", str(tmp_path / "run")])
+    assert str(exit_info.value).startswith(f"error: data folder {nowhere} does not exist")
+    assert not (tmp_path / "cache").exists()
