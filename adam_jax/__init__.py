@@ -20,6 +20,7 @@ from adam_jax.aliases import (
 )
 from adam_jax.bias_correction import ScaleByBiasCorrectionState, scale_by_bias_correction
 from adam_jax.flat import FlatParams
+from adam_jax.kahan import KahanSummationState, kahan_summation
 from adam_jax.learning_rate import scale_by_learning_rate
 from adam_jax.moments import (
     ScaleByAdamState,
@@ -30,6 +31,7 @@ from adam_jax.moments import (
 )
 from adam_jax.moving_average import moving_average_terms
 from adam_jax.quantization import BlockwiseQuantized, QuantizedArray, eight_bit_moments
+from adam_jax.rounding import StochasticRoundingState, round_stochastically, stochastic_rounding
 from adam_jax.rule import Leaf, Moment, MomentRule, map_tensors, scale_by_rule
 from adam_jax.schedules import (
     inverse_sqrt_schedule,
@@ -59,6 +61,7 @@ __all__ = [
     "BlockwiseQuantized",
     "CastStorage",
     "FlatParams",
+    "KahanSummationState",
     "Leaf",
     "Moment",
     "MomentRule",
@@ -67,6 +70,7 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectionState",
+    "StochasticRoundingState",
     "adabelief",
     "adam",
     "adam_8bit",
@@ -86,6 +90,7 @@ __all__ = [
     "eight_bit_moments",
     "flat",
     "inverse_sqrt_schedule",
+    "kahan_summation",
     "lamb",
     "linear_warmup",
     "map_tensors",
@@ -95,6 +100,7 @@ __all__ = [
     "nadamw",
     "quantization",
     "radam",
+    "round_stochastically",
     "scale_by_adam",
     "scale_by_adam_atan2",
     "scale_by_adamax",
@@ -114,5 +120,6 @@ __all__ = [
     "sharding",
     "simplified_ademamix",
     "stable_adamw",
+    "stochastic_rounding",
     "warmup_stable_decay_schedule",
 ]

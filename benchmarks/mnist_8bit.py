@@ -28,6 +28,7 @@ def train_one(
     batch_size: int = 128,
     peak: float = 3e-3,
     train_limit: int | None = None,
+    param_dtype=None,
 ):
     import functools
     import time
@@ -49,6 +50,8 @@ def train_one(
     tx = optimizer_factory(lr)
     model = models.create("cnn", seed)
     graphdef, params = nnx.split(model, nnx.Param)
+    if param_dtype is not None:  # stored in param_dtype; the passes compute in float32
+        params = jax.tree.map(lambda p: p.astype(param_dtype), params)
     opt_state = tx.init(params)
     images = jax.device_put(dataset.train.images[:n])
     labels = jax.device_put(dataset.train.labels[:n])

@@ -13,6 +13,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``billion``: one step on 1B float32 parameters (GPU only)
 * ``scaling``: ZeRO-1 on 1 to 8 devices, state bytes per device and step time (~100M params)
 * ``variants``: every variant of the modern Adam family against optax's namesake and adamw
+* ``low_precision``: step time of Kahan summation and stochastic rounding on bfloat16 params
 
 Every section times its variants interleaved (round robin, rotating start) and reports
 medians; see ``benchmarks.harness``. A re-run section replaces its rows in the JSON file, the
@@ -37,6 +38,7 @@ from benchmarks.sections import (
     compile_time,
     eight_bit,
     leaves,
+    low_precision,
     scaling,
     state_bytes,
     steps,
@@ -80,6 +82,10 @@ SECTIONS: dict[str, Section] = {
     ),
     "variants": Section(
         variants.run, "every variant's step against optax's namesake and adam_jax.adamw"
+    ),
+    "low_precision": Section(
+        low_precision.run,
+        "step time of Kahan summation and stochastic rounding on bfloat16 params",
     ),
 }
 # Sections drawn by benchmarks.plot: the plot is redrawn when one of them ran.

@@ -161,6 +161,14 @@ def summarize(results: dict, mnist: dict | None = None) -> str:
         ]
         header = ["tree", "variant", "ms", "optax ms", "time / optax", "time / adamw"]
         out.append(_table(header, rows))
+    wrapped = results.get("low_precision", [])
+    if wrapped:
+        out.append("\n### Low-precision wrappers against the plain bfloat16 step (median)\n")
+        rows = [
+            [r["tree"], r["variant"], f"{r['median_ms']:.2f}", f"{r['ratio_vs_plain']:.3f}"]
+            for r in wrapped
+        ]
+        out.append(_table(["tree", "params / updates", "ms", "time / plain bfloat16"], rows))
     if results.get("scaling"):
         out.append("\n### ZeRO-1 on 1 to 8 devices\n")
         out.append(scaling.table(results["scaling"]))

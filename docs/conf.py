@@ -36,7 +36,12 @@ extensions = [
 ]
 
 root_doc = "index"
-exclude_patterns = ["_build", "**.ipynb_checkpoints", "which_adam_mnist.md"]
+exclude_patterns = [
+    "_build",
+    "**.ipynb_checkpoints",
+    "which_adam_mnist.md",
+    "low_precision_results.md",
+]
 
 # -- autodoc / autosummary -------------------------------------------------------------------
 # The API page lists every entry by hand (autosummary tables without :toctree:), so the build

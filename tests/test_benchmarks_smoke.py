@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 from benchmarks import compare_revisions, run, summarize
-from benchmarks.sections import variants
+from benchmarks.sections import low_precision, variants
 
 REFERENCE = "optax.adam"
 OURS = "adam_jax.adam"
@@ -125,3 +125,16 @@ def test_variants_section_times_each_variant_against_optax_and_adamw(tmp_path: P
         assert row["repeats"] == 2
     tables = summarize.summarize(json.loads(out.read_text()))
     assert "time / optax" in tables and "schedule_free_adamw" in tables
+
+
+def test_low_precision_section_times_the_wrappers_against_the_plain_step(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    run.main(["--sections", "low_precision", "--quick", "--repeats", "2", "--out", str(out)])
+    rows = json.loads(out.read_text())["low_precision"]
+    trees = {row["tree"] for row in rows}
+    assert len(rows) == len(trees) * len(low_precision.VARIANTS)
+    for row in rows:
+        assert math.isfinite(row["ratio_vs_plain"]) and row["ratio_vs_plain"] > 0
+        if row["variant"] == "bfloat16 plain":
+            assert row["ratio_vs_plain"] == 1.0
+    assert "time / plain bfloat16" in summarize.summarize(json.loads(out.read_text()))

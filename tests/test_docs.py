@@ -70,6 +70,7 @@ CODE_PAGES = {
     "coming_from_pytorch.md": CodePage(needs=("torch",)),
     "benchmarks.md": CodePage(prelude="import adam_jax"),  # BENCHMARKS.md's snippets
     "adding_a_variant.md": CodePage(),
+    "low_precision.md": CodePage(),
 }
 
 
@@ -268,6 +269,19 @@ def test_readme_zero1_example_runs_as_written() -> None:
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout == "(64, 16) stored as (8, 16) per device\n"
+
+
+def test_readme_bfloat16_example_runs() -> None:
+    """README's bfloat16 example, after the quick start's imports: the params stay bfloat16."""
+    readme = (REPO_ROOT / "README.md").read_text()
+    section = readme[readme.index("## bfloat16 params") :]
+    section = section[: section.index("\n## ", 1)]
+    (code,) = [body for language, _, body in _FENCE.findall(section) if language == "python"]
+    namespace: dict[str, object] = {}
+    exec("import jax, jax.numpy as jnp, optax, adam_jax", namespace)
+    exec(compile(code, "README.md [bfloat16 params]", "exec", dont_inherit=True), namespace)
+    params = namespace["params"]
+    assert params["w"].dtype == "bfloat16"  # type: ignore[index]
 
 
 # -- docstring conventions -------------------------------------------------------------------

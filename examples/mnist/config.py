@@ -19,7 +19,13 @@ RESUME_SETTINGS = (
     "train_limit",
     "seed",
     "skip_nonfinite",
+    "param_dtype",
+    "low_precision",
 )
+# Storage of the params, and how updates reach low-precision ones (adam_jax.kahan_summation,
+# adam_jax.stochastic_rounding; "none": rounded to nearest, where small updates vanish).
+PARAM_DTYPES = ("float32", "bfloat16", "float16")
+LOW_PRECISION = ("none", "kahan", "stochastic")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +68,10 @@ class Config:
     devices: int | None = None
     shard_optimizer: bool = False
     progress: bool = True
+    # The params' dtype (the forward and backward passes compute in float32 either way) and
+    # the treatment of their updates.
+    param_dtype: str = "float32"
+    low_precision: str = "none"
 
     def __post_init__(self) -> None:
         for name, choices in (
@@ -69,6 +79,8 @@ class Config:
             ("optimizer", optimizers.NAMES),
             ("schedule", optimizers.SCHEDULES),
             ("dataset", tuple(data.DATASETS)),
+            ("param_dtype", PARAM_DTYPES),
+            ("low_precision", LOW_PRECISION),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(

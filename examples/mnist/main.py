@@ -21,7 +21,7 @@ import jax
 from rich.console import Console
 
 from examples.mnist import compare, data, distributed, models, optimizers, train
-from examples.mnist.config import Config
+from examples.mnist.config import LOW_PRECISION, PARAM_DTYPES, Config
 from examples.mnist.errors import ArgumentParser, DeviceError, Interrupted, TrainingError
 from examples.mnist.launch import PROCESS_OPTIONS
 
@@ -147,6 +147,19 @@ def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.N
     )
     distributed.add_arguments(parser)
     parser.add_argument(
+        "--param-dtype",
+        default=default.param_dtype,
+        choices=PARAM_DTYPES,
+        help="storage of the params (the passes compute in float32 either way)",
+    )
+    parser.add_argument(
+        "--low-precision",
+        default=default.low_precision,
+        choices=LOW_PRECISION,
+        help="updates of bfloat16/float16 params: Kahan summation, stochastic rounding, or "
+        "rounded to nearest (none)",
+    )
+    parser.add_argument(
         "--shard-optimizer",
         action="store_true",
         help="split the optimizer state over the devices instead of replicating it (ZeRO-1)",
@@ -185,6 +198,8 @@ def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.N
             max_consecutive_skips=args.max_consecutive_skips,
             devices=args.devices,
             shard_optimizer=args.shard_optimizer,
+            param_dtype=args.param_dtype,
+            low_precision=args.low_precision,
             progress=not args.no_progress,
         )
     except ValueError as err:

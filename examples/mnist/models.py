@@ -9,8 +9,10 @@ can be derived from the step number (which makes resumed runs bit-identical).
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 
@@ -88,6 +90,11 @@ class DeepCNN(nnx.Module):
 MODELS: dict[str, Callable[..., nnx.Module]] = {"cnn": CNN, "mlp": MLP, "deep_cnn": DeepCNN}
 
 
-def create(name: str, seed: int) -> nnx.Module:
-    """Builds model ``name`` with parameters initialized from ``seed``."""
-    return MODELS[name](rngs=nnx.Rngs(seed))
+def create(name: str, seed: int, param_dtype: Any = jnp.float32) -> nnx.Module:
+    """Builds model ``name`` with parameters initialized from ``seed`` (in float32, then
+    stored in ``param_dtype``: the same initial values, rounded)."""
+    model = MODELS[name](rngs=nnx.Rngs(seed))
+    if jnp.dtype(param_dtype) != jnp.float32:
+        params = nnx.state(model, nnx.Param)
+        nnx.update(model, jax.tree.map(lambda x: x.astype(param_dtype), params))
+    return model

@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 import adam_jax
@@ -128,6 +129,20 @@ def schedule(name: str, peak: float, total_steps: int, warmup_steps: int) -> opt
     if name == "constant":
         return optax.constant_schedule(peak)
     raise ValueError(f"unknown schedule {name!r}, expected one of {SCHEDULES}")
+
+
+def with_low_precision(
+    tx: optax.GradientTransformation, low_precision: str, seed: int
+) -> optax.GradientTransformation:
+    """``tx`` as it updates low-precision params: ``"kahan"`` (a compensation buffer per param),
+    ``"stochastic"`` (rounding at random, keyed by ``seed``) or ``"none"`` (as it is)."""
+    if low_precision == "kahan":
+        return adam_jax.kahan_summation(tx)
+    if low_precision == "stochastic":
+        return adam_jax.stochastic_rounding(tx, key=jax.random.fold_in(jax.random.key(seed), 1))
+    if low_precision == "none":
+        return tx
+    raise ValueError(f"low_precision must be one of none, kahan, stochastic; got {low_precision!r}")
 
 
 def create(name: str, learning_rate: optax.ScalarOrSchedule) -> optax.GradientTransformation:

@@ -145,12 +145,19 @@ class Trainer:
         self.learning_rates = np.asarray(
             jax.jit(jax.vmap(self.learning_rate))(jnp.arange(self.total_steps))
         )
-        model = models.create(config.model, config.seed)
-        tx = optimizers.create(config.optimizer, self.learning_rate)
+        model = models.create(config.model, config.seed, config.param_dtype)
+        tx = optimizers.with_low_precision(
+            optimizers.create(config.optimizer, self.learning_rate),
+            config.low_precision,
+            config.seed,
+        )
         if config.skip_nonfinite:
             tx = optax.apply_if_finite(tx, config.max_consecutive_skips)
         optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+        self.num_params = sum(x.size for x in jax.tree.leaves(params))
+        self.param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
+        self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(optimizer.opt_state))
         self.graphdef, state = nnx.split((model, optimizer))
         layout = self.layout
         state_shardings = layout.state_shardings(state, tx, params, config.shard_optimizer)
@@ -718,6 +725,14 @@ def train_and_evaluate(
     _prepare_workdir(config, workdir)
     with StopRequests() as stop:
         trainer = Trainer(config, dataset)
+        n, params, state = trainer.num_params, trainer.param_bytes, trainer.state_bytes
+        updates = "" if config.low_precision == "none" else f", {config.low_precision}"
+        console.print(
+            f"{n:,} parameters ({config.param_dtype}{updates}), bytes per parameter: "
+            f"{params / n:.2f} params + {state / n:.2f} optimizer state "
+            f"= {(params + state) / n:.2f}",
+            soft_wrap=True,
+        )
         checkpoints = None
         if config.checkpoints:
             checkpoints = Checkpoints(

@@ -84,6 +84,48 @@ def test_resume_is_bit_identical(tmp_path: Path) -> None:
     assert records_without_timing(tmp_path / "run" / "metrics.jsonl") == records
 
 
+@pytest.mark.parametrize("low_precision", ["kahan", "stochastic"])
+def test_bfloat16_params_resume_exactly_with_the_buffer_and_key(
+    tmp_path: Path, low_precision: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """bfloat16 params with Kahan summation or stochastic rounding: the params stay bfloat16,
+    the checkpoint holds the compensation buffer or the key, and a resume from it gives the
+    uninterrupted run's params and state bit for bit."""
+    dataset = synthetic_dataset(n_train=256, n_test=50)
+    config = Config(
+        model="mlp",
+        epochs=2,
+        batch_size=64,
+        workdir=str(tmp_path / "run"),
+        progress=False,
+        param_dtype="bfloat16",
+        low_precision=low_precision,
+    )
+    trainer, _ = train.train_and_evaluate(config, dataset)
+    state_bytes = "6.00 optimizer state = 8.00" if low_precision == "kahan" else "4.00"
+    expected = f"(bfloat16, {low_precision}), bytes per parameter: 2.00 params + {state_bytes}"
+    assert expected in capsys.readouterr().out
+    uninterrupted, full_state = trainer.params(), state_arrays(trainer.state)
+    assert {leaf.dtype for leaf in jax.tree.leaves(uninterrupted)} == {jnp.dtype(jnp.bfloat16)}
+    paths = [
+        jax.tree_util.keystr(path) for path, _ in jax.tree_util.tree_leaves_with_path(trainer.state)
+    ]
+    held = "compensation" if low_precision == "kahan" else "'key'"
+    assert any("opt_state" in path and held in path for path in paths)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "8")
+    resumed, _ = train.train_and_evaluate(dataclasses.replace(config, resume=True), dataset)
+    jax.tree.map(np.testing.assert_array_equal, resumed.params(), uninterrupted)
+    jax.tree.map(np.testing.assert_array_equal, state_arrays(resumed.state), full_state)
+
+
+def test_cli_takes_param_dtype_and_low_precision(capsys: pytest.CaptureFixture[str]) -> None:
+    config = main.parse_args(["--param-dtype", "bfloat16", "--low-precision", "kahan"])[0]
+    assert (config.param_dtype, config.low_precision) == ("bfloat16", "kahan")
+    with pytest.raises(SystemExit):
+        main.parse_args(["--low-precision", "fp8"])
+    assert "argument --low-precision: invalid choice: 'fp8'" in capsys.readouterr().err
+
+
 def test_fresh_run_replaces_previous(tmp_path: Path) -> None:
     dataset = synthetic_dataset(n_train=128, n_test=20)
     config = Config(model="mlp", epochs=2, batch_size=64, workdir=str(tmp_path), progress=False)

@@ -1,0 +1,181 @@
+"""A byte-level language model with bfloat16 params: where the rounding of updates shows.
+
+The benchmarks' transformer-like model (``benchmarks.models.transformer_params``, 4 blocks,
+d = 64, vocabulary of the 256 byte values) learns to predict the next byte of text that ships
+with Python: the source of the standard library modules in ``MODULES`` (the same bytes for a
+given Python version, no download). Adam with warm-up and cosine decay from 1e-3, batch 32 of
+64-byte windows; five settings as in ``benchmarks.mnist_low_precision`` (float32 params;
+bfloat16 plain, with Kahan summation, with stochastic rounding, Kahan with 8-bit moments), the
+same init (rounded) and windows for a seed; the forward and backward passes compute in float32.
+The last tenth of the text is held out: the final loss is the mean loss on ``EVAL_WINDOWS``
+fixed windows of it, which (unlike the last train batches) does not depend on which windows
+the last steps drew. Writes per seed the train-loss curve (the mean over each 50 steps) and the
+held-out loss to JSON, and plots the curves averaged over seeds::
+
+    python -m benchmarks.lm_low_precision --steps 2000 --seeds 0 1 2 \\
+        --out benchmarks/results/lm_low_precision.json --plot docs/low_precision_lm.png
+
+Runs already in ``--out`` are kept (the command resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from benchmarks.mnist_low_precision import SETTINGS
+from benchmarks.models import transformer_loss, transformer_params
+
+MODULES = ("argparse", "inspect", "typing", "dataclasses", "pathlib", "json.decoder", "textwrap")
+WINDOW, BATCH, PEAK, AVERAGE_OVER, EVAL_WINDOWS = 64, 32, 1e-3, 50, 512
+
+
+def corpus() -> np.ndarray:
+    """The bytes of the standard library modules ``MODULES``, concatenated."""
+    import importlib
+
+    text = "\n".join(inspect.getsource(importlib.import_module(name)) for name in MODULES)
+    return np.frombuffer(text.encode(), np.uint8)
+
+
+def train(name: str, steps: int, data: np.ndarray, seed: int = 0) -> tuple[list[float], float]:
+    """Train setting ``name`` for ``steps`` steps on the first nine tenths of ``data``.
+
+    Returns the train loss averaged over each ``AVERAGE_OVER`` steps, and the final loss on
+    ``EVAL_WINDOWS`` evenly spaced windows of the held-out last tenth.
+    """
+    factory, dtype = SETTINGS[name]
+    schedule = optax.warmup_cosine_decay_schedule(0.0, PEAK, steps // 20, steps)
+    tx = factory(schedule, seed)
+    params = transformer_params(jax.random.key(seed), layers=4, seq=WINDOW)
+    params = jax.tree.map(lambda p: p.astype(dtype), params)
+    state = tx.init(params)
+    split = len(data) * 9 // 10
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, split - WINDOW - 1, (steps, BATCH))
+    held_out = np.linspace(split, len(data) - WINDOW - 1, EVAL_WINDOWS).astype(np.int64)
+    windows = jnp.asarray(data)
+
+    def batch(begin: jax.Array) -> jax.Array:
+        return windows[begin[:, None] + jnp.arange(WINDOW + 1)].astype(jnp.int32)
+
+    def loss_fn(params: Any, tokens: jax.Array) -> jax.Array:
+        return transformer_loss(jax.tree.map(lambda p: p.astype(jnp.float32), params), tokens)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params: Any, state: Any, begin: jax.Array) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch(begin))
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    losses = []
+    for begin in starts:
+        params, state, loss = step(params, state, jnp.asarray(begin))
+        losses.append(loss)
+    per_step = np.asarray(jax.device_get(losses), np.float64)
+    final = float(jax.jit(loss_fn)(params, batch(jnp.asarray(held_out))))
+    return per_step.reshape(-1, AVERAGE_OVER).mean(axis=1).tolist(), final
+
+
+def plot(runs: list[dict[str, Any]], steps: int, path: Path) -> None:
+    """The train-loss curves of each setting, averaged over the seeds in ``runs``."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(8, 4.5))
+    ax = fig.subplots()
+    for name in SETTINGS:
+        curves = np.array([r["curve"] for r in runs if r["setting"] == name])
+        if not len(curves):
+            continue
+        x = (np.arange(curves.shape[1]) + 1) * AVERAGE_OVER
+        ax.plot(x, curves.mean(axis=0), label=name, linestyle="--" if "8-bit" in name else "-")
+    seeds = len({r["seed"] for r in runs})
+    ax.set(
+        xlabel="step",
+        ylabel=f"train loss (nats per byte, mean of {AVERAGE_OVER} steps)",
+        yscale="log",
+        title=f"byte-level transformer on Python's standard library, {steps} Adam steps, "
+        f"mean of {seeds} seeds",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def table(runs: list[dict[str, Any]]) -> str:
+    """The markdown table: mean held-out loss over seeds and its difference from float32's."""
+    lines = [
+        "| params | seeds | held-out loss, mean | per seed | vs float32 |",
+        "|---|---|---|---|---|",
+    ]
+    means = {}
+    for name in SETTINGS:
+        mine = sorted((r for r in runs if r["setting"] == name), key=lambda r: r["seed"])
+        if not mine:
+            continue
+        means[name] = float(np.mean([r["held_out_loss"] for r in mine]))
+        versus = (
+            ""
+            if name == "float32" or "float32" not in means
+            else f"{100 * (means[name] / means['float32'] - 1):+.2f}%"
+        )
+        per_seed = ", ".join(f"{r['held_out_loss']:.4f}" for r in mine)
+        lines.append(f"| {name} | {len(mine)} | {means[name]:.4f} | {per_seed} | {versus} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default="benchmarks/results/lm_low_precision.json")
+    parser.add_argument("--plot", default="docs/low_precision_lm.png")
+    args = parser.parse_args(argv)
+    if args.steps < AVERAGE_OVER or args.steps % AVERAGE_OVER:
+        parser.error(f"--steps must be a positive multiple of {AVERAGE_OVER}, got {args.steps}")
+    data = corpus()
+    out = Path(args.out)
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    runs = saved.get("runs", []) if saved.get("steps") == args.steps else []
+    for seed in args.seeds:
+        for name in SETTINGS:
+            if any(r["seed"] == seed and r["setting"] == name for r in runs):
+                continue
+            start = time.perf_counter()
+            curve, held_out_loss = train(name, args.steps, data, seed)
+            runs.append(
+                {
+                    "setting": name,
+                    "seed": seed,
+                    "held_out_loss": held_out_loss,
+                    "seconds": time.perf_counter() - start,
+                    "curve": curve,
+                }
+            )
+            print(f"seed {seed} {name:34s} held-out loss {held_out_loss:.4f}", flush=True)
+            record = {
+                "command": " ".join(["python -m benchmarks.lm_low_precision", *sys.argv[1:]]),
+                "python": sys.version.split()[0],
+                "corpus_bytes": len(data),
+                "steps": args.steps,
+                "runs": runs,
+            }
+            out.write_text(json.dumps(record, indent=1))  # each run, as it ends
+    print(table(runs))
+    plot(runs, args.steps, Path(args.plot))
+
+
+if __name__ == "__main__":
+    main()
