@@ -105,7 +105,7 @@ def plot(runs: list[dict[str, Any]], steps: int, path: Path) -> None:
         xlabel="step",
         ylabel=f"train loss (nats per byte, mean of {AVERAGE_OVER} steps)",
         yscale="log",
-        title=f"byte-level transformer on Python's standard library, {steps} Adam steps, "
+        title=f"byte-level transformer on Python's standard library\n{steps} Adam steps, "
         f"mean of {seeds} seeds",
     )
     ax.grid(alpha=0.3)

@@ -40,7 +40,6 @@ exclude_patterns = [
     "_build",
     "**.ipynb_checkpoints",
     "which_adam_mnist.md",
-    "low_precision_results.md",
 ]
 
 # -- autodoc / autosummary -------------------------------------------------------------------

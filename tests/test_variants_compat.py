@@ -23,6 +23,7 @@ import optax
 import pytest
 from variants import VARIANTS, Variant
 
+import adam_jax
 from adam_jax import flat, quantization
 
 IDS = [variant.name for variant in VARIANTS]
@@ -255,3 +256,41 @@ def test_state_moves_between_adam_jax_and_optax(variant: Variant) -> None:
             mixed = optax.apply_updates(mixed, updates)
         straight, _ = _run(theirs, params, steps=2 * STEPS)
         assert _relative_error(mixed, straight) < 1e-4, case
+
+
+# Every variant with every option set, and the core aliases and wrappers they build on.
+DONATED = {
+    **{
+        f"{variant.name}-{case}": (
+            lambda variant=variant, case=case: variant.make(**variant.cases[case])
+        )
+        for variant in VARIANTS
+        for case in variant.cases
+    },
+    **{
+        name: (lambda name=name: getattr(adam_jax, name)(1e-2))
+        for name in ("adam", "adamw", "adam_l2", "nadam", "nadamw", "amsgrad", "adamax")
+    },
+    "adamw_8bit": lambda: adam_jax.adamw_8bit(1e-2),
+    "kahan_summation": lambda: adam_jax.kahan_summation(adam_jax.adamw(1e-2)),
+    "stochastic_rounding": lambda: adam_jax.stochastic_rounding(adam_jax.adamw(1e-2), key=0),
+}
+
+
+@pytest.mark.parametrize("name", DONATED)
+def test_step_donating_params_and_state(name: str) -> None:
+    """A training step that donates its params and state (the usual jitted step) runs on a
+    fresh state: no two leaves of ``init``'s state, nor a state leaf and a param, share a
+    buffer (XLA refuses to donate one buffer twice)."""
+    tx = DONATED[name]()
+
+    def loss(params: Any) -> jax.Array:
+        return sum(jnp.sum(jnp.abs(p) ** 2) for p in jax.tree.leaves(params))
+
+    def step(params: Any, state: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(jax.grad(loss)(params), state, params)
+        return optax.apply_updates(params, updates), state
+
+    expected = jax.jit(step)(_params(), tx.init(_params()))
+    donated = jax.jit(step, donate_argnums=(0, 1))(_params(), tx.init(_params()))
+    chex.assert_trees_all_equal(donated, expected)

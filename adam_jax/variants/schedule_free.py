@@ -81,7 +81,10 @@ class ScheduleFreeAdamWRule(MomentRule):
 
     def init_fields(self, params: Any) -> dict[str, Any]:
         dtype = _state_scalar_dtype(params)
-        zero = jnp.zeros([], jnp.int32)
+
+        def zero() -> jax.Array:  # one buffer per counter: a donated state must not alias
+            return jnp.zeros([], jnp.int32)
+
         return {
             "b1": jnp.asarray(self.b1, dtype),
             "weight_sum": jnp.zeros([], dtype),
@@ -89,9 +92,9 @@ class ScheduleFreeAdamWRule(MomentRule):
             "max_lr": jnp.zeros([], dtype),
             # optax's base optimizer counts its steps three times: scale_by_rms, the decay
             # schedule and the learning-rate schedule (the last two only where scheduled).
-            "rms_count": zero,
-            **({"decay_count": zero} if self.scheduled_decay else {}),
-            **({"lr_count": zero} if self._lr_is_scheduled() else {}),
+            "rms_count": zero(),
+            **({"decay_count": zero()} if self.scheduled_decay else {}),
+            **({"lr_count": zero()} if self._lr_is_scheduled() else {}),
         }
 
     def next_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
