@@ -1,10 +1,17 @@
 """Flax NNX models trained on MNIST with adam_jax.
 
-Modules: :mod:`~examples.mnist.data` (IDX loader and downloader), :mod:`~examples.mnist.models`,
-:mod:`~examples.mnist.optimizers`, :mod:`~examples.mnist.train` (the training loop),
-:mod:`~examples.mnist.checkpoints`, :mod:`~examples.mnist.metrics` and
-:mod:`~examples.mnist.interrupts` (what the loop survives: damaged checkpoints, full disks,
-torn metrics files, SIGTERM and SIGINT), :mod:`~examples.mnist.errors`,
-:mod:`~examples.mnist.compare` (optimizer comparison), :mod:`~examples.mnist.main` (the CLI)
-and :mod:`~examples.mnist.baseline` (epoch time against a naive optax + ``nnx.jit`` loop).
+Start with :mod:`~examples.mnist.step` (the model, its ``nnx.Optimizer`` with adam_jax, the
+loss and the train and eval steps). Then: :mod:`~examples.mnist.config` (the settings, which
+are the command line's options too), :mod:`~examples.mnist.data` (IDX loader and downloader),
+:mod:`~examples.mnist.models`, :mod:`~examples.mnist.optimizers`,
+:mod:`~examples.mnist.augment` (random shifts, standardization),
+:mod:`~examples.mnist.trainer` (the steps compiled for speed), :mod:`~examples.mnist.loop`
+(the run: records, checkpoints, stops, resumes), :mod:`~examples.mnist.console` and
+:mod:`~examples.mnist.plots` (what a run prints and draws), :mod:`~examples.mnist.train` (the
+names the notebook and tests import), :mod:`~examples.mnist.checkpoints`,
+:mod:`~examples.mnist.metrics` and :mod:`~examples.mnist.interrupts` (what the loop survives:
+damaged checkpoints, full disks, torn metrics files, SIGTERM and SIGINT),
+:mod:`~examples.mnist.errors`, :mod:`~examples.mnist.compare` (optimizer comparison),
+:mod:`~examples.mnist.main` (the CLI) and :mod:`~examples.mnist.baseline` (epoch time against
+a naive optax + ``nnx.jit`` loop).
 """

@@ -20,8 +20,10 @@ import optax
 from flax import nnx
 
 from examples.mnist import data as data_lib
-from examples.mnist import models, train
+from examples.mnist import models
 from examples.mnist.config import Config
+from examples.mnist.step import cross_entropy
+from examples.mnist.trainer import Trainer
 
 
 class NaiveBaseline:
@@ -41,7 +43,7 @@ class NaiveBaseline:
         def train_step(model, optimizer, images, labels):
             def loss_fn(model):
                 logits = model(images, train=True)
-                return train.cross_entropy(logits, labels).mean()
+                return cross_entropy(logits, labels).mean()
 
             loss, grads = nnx.value_and_grad(loss_fn)(model)
             optimizer.update(model, grads)
@@ -82,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
             spec=dataset.spec,
         )
     config = Config(model=args.model, batch_size=args.batch_size, progress=False)
-    program = train.Trainer(config, dataset)
+    program = Trainer(config, dataset)
     baseline = NaiveBaseline(args.model, args.batch_size, config.seed, dataset)
     # One warm-up epoch each: compilation is not part of an epoch's time.
     baseline.train_epoch(0)

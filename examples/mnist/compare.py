@@ -20,16 +20,18 @@ from pathlib import Path
 from rich.console import Console
 
 from examples.mnist import data as data_lib
-from examples.mnist import distributed, optimizers, train
+from examples.mnist import distributed, optimizers
 from examples.mnist.config import Config
+from examples.mnist.loop import train_and_evaluate
+from examples.mnist.metrics import Metrics
 
 
-def first_reaching(history: list[train.Metrics], threshold: float) -> train.Metrics | None:
+def first_reaching(history: list[Metrics], threshold: float) -> Metrics | None:
     """The first epoch's record whose test accuracy is at least ``threshold``."""
     return next((m for m in history if m["test_accuracy"] >= threshold), None)
 
 
-def targets(results: dict[str, list[train.Metrics]]) -> tuple[float, ...]:
+def targets(results: dict[str, list[Metrics]]) -> tuple[float, ...]:
     """Test accuracies to time the optimizers to: the best accuracy that every optimizer
     reached and the median of their best accuracies, rounded down to 0.1 percentage point.
 
@@ -42,7 +44,7 @@ def targets(results: dict[str, list[train.Metrics]]) -> tuple[float, ...]:
     return tuple(sorted(set(rounded)))
 
 
-def accuracy_range(results: dict[str, list[train.Metrics]]) -> tuple[float, float]:
+def accuracy_range(results: dict[str, list[Metrics]]) -> tuple[float, float]:
     """The y-range (%) of the accuracy plots: from below the worst final accuracy to above
     the best accuracy, by half their spread (at least 0.5 points); earlier, lower epochs fall
     below it, so that the ends of training, where optimizers differ, stay legible."""
@@ -52,7 +54,7 @@ def accuracy_range(results: dict[str, list[train.Metrics]]) -> tuple[float, floa
     return max(0.0, min(finals) - margin), min(100.0, best + margin / 2)
 
 
-def mean_history(histories: Sequence[list[train.Metrics]]) -> list[train.Metrics]:
+def mean_history(histories: Sequence[list[Metrics]]) -> list[Metrics]:
     """The per-epoch mean of the runs' records (test accuracy and loss, seconds), with the
     spread of the test accuracy over the runs (``test_accuracy_min``, ``_max``, ``_sd``)."""
     merged = []
@@ -72,7 +74,7 @@ def mean_history(histories: Sequence[list[train.Metrics]]) -> list[train.Metrics
     return merged
 
 
-def table(config: Config, results: dict[str, list[train.Metrics]]) -> str:
+def table(config: Config, results: dict[str, list[Metrics]]) -> str:
     """The comparison as a Markdown table (with several seeds: of the per-epoch means, the
     final accuracy with its standard deviation over the seeds)."""
     header = ["optimizer", "peak lr", "final test acc.", "best test acc."]
@@ -116,7 +118,7 @@ def describe(config: Config, n_train: int, seeds: int = 1) -> str:
     )
 
 
-def plot(results: dict[str, list[train.Metrics]], path: Path, title: str) -> None:
+def plot(results: dict[str, list[Metrics]], path: Path, title: str) -> None:
     """Test accuracy and loss against epoch and against wall time, one line per optimizer."""
     # A Figure of its own, outside pyplot: the caller's backend (a notebook's) stays as it is.
     from matplotlib import colormaps
@@ -167,7 +169,7 @@ def compare(
     dataset: data_lib.Dataset | None = None,
     console: Console | None = None,
     seeds: int = 1,
-) -> dict[str, list[train.Metrics]]:
+) -> dict[str, list[Metrics]]:
     """Trains ``config`` once per optimizer in ``names`` and seed (``config.seed`` and the
     ``seeds - 1`` after it); writes the table and the plot. Returns the records per optimizer
     (with several seeds, their per-epoch means: :func:`mean_history`)."""
@@ -188,7 +190,7 @@ def compare(
             run = dataclasses.replace(
                 config, optimizer=name, seed=config.seed + offset, workdir=str(directory)
             )
-            histories.append(train.train_and_evaluate(run, dataset, console)[1])
+            histories.append(train_and_evaluate(run, dataset, console)[1])
         results[name] = histories[0] if seeds == 1 else mean_history(histories)
     n_train = min(len(dataset.train.labels), config.train_limit or len(dataset.train.labels))
     markdown = f"{describe(config, n_train, seeds)}\n\n{table(config, results)}\n"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 from examples.mnist import data, models, optimizers
 
@@ -28,6 +29,14 @@ PARAM_DTYPES = ("float32", "bfloat16", "float16")
 LOW_PRECISION = ("none", "kahan", "stochastic")
 
 
+def option(default: Any, help: str, **argparse: Any) -> Any:
+    """A setting that is also a command-line option: ``--name-with-dashes``, with ``help``
+    and argparse's other keywords (``choices``, ``metavar``). A ``bool`` setting is a switch
+    to the other value: ``--name`` when it is off by default, ``--no-name`` when it is on
+    (:func:`examples.mnist.main.add_options` builds them)."""
+    return dataclasses.field(default=default, metadata={"help": help, **argparse})
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Everything that defines a run. The defaults are the tuned ``cnn`` recipe.
@@ -37,41 +46,71 @@ class Config:
     checkpoints at the end of each epoch. ``devices`` is the size of the data-parallel mesh
     over all processes (``None``: one device with one process, every device of every process
     with several; see :mod:`examples.mnist.parallel`); it may change on resume.
+
+    Every setting but ``checkpoints`` is an option of ``python -m examples.mnist``, in this
+    order in ``--help``: an :func:`option`, or for ``devices`` one of
+    :mod:`examples.mnist.distributed`.
     """
 
-    model: str = "cnn"
-    optimizer: str = "adam"
-    epochs: int = 5
-    batch_size: int = 128
-    learning_rate: float | None = None
-    schedule: str = "warmup_cosine"
-    warmup_epochs: float = 0.5
-    # Random shifts of up to this many pixels in each direction (0 disables augmentation).
-    max_shift: int = 2
-    seed: int = 0
-    dataset: str = "mnist"
-    data_dir: str | None = None
-    train_limit: int | None = None
-    eval_batch_size: int = 1000
-    workdir: str = "runs/mnist"
-    resume: bool = False
+    model: str = option("cnn", "network", choices=sorted(models.MODELS))
+    optimizer: str = option(
+        "adam", "Adam family from adam_jax, baselines from optax", choices=optimizers.NAMES
+    )
+    epochs: int = option(5, "epochs to train")
+    batch_size: int = option(128, "batch size")
+    learning_rate: float | None = option(
+        None, "peak learning rate (None: the optimizer's tuned rate)"
+    )
+    schedule: str = option("warmup_cosine", "learning-rate schedule", choices=optimizers.SCHEDULES)
+    warmup_epochs: float = option(0.5, "linear warmup length")
+    max_shift: int = option(2, "augmentation: random shifts of up to this many pixels (0: none)")
+    seed: int = option(0, "initialization, data order, augmentation")
+    dataset: str = option("mnist", "dataset", choices=sorted(data.DATASETS))
+    data_dir: str | None = option(
+        None,
+        f"the folder holding the four files (None: ${data.ENV_DATA_DIR}, then "
+        "~/.cache/adam_jax/<dataset>, downloading there)",
+    )
+    train_limit: int | None = option(None, "train on the first N images")
+    eval_batch_size: int = option(1000, "batch size of the evaluation on the full test set")
+    workdir: str = option("runs/mnist", "metrics, checkpoints and plots go here")
+    resume: bool = option(False, "continue from the newest intact checkpoint in --workdir")
+    # Not an option: runs without checkpoints are for tests and notebooks.
     checkpoints: bool = True
-    checkpoint_every: int | None = None
-    keep_checkpoints: int = 3
-    # Steps between training-loss records in metrics.jsonl (and progress-bar updates).
-    log_every: int = 10
-    # Skip steps whose gradient has a NaN or an Inf; stop after this many in a row.
-    skip_nonfinite: bool = False
-    max_consecutive_skips: int = 10
-    # Data parallelism: every batch split over this many devices; with shard_optimizer the
-    # optimizer state too (ZeRO-1).
+    checkpoint_every: int | None = option(
+        None,
+        "checkpoint every STEPS optimizer steps (None: at the end of each epoch)",
+        metavar="STEPS",
+    )
+    keep_checkpoints: int = option(3, "how many of the newest checkpoints to keep")
+    # Also the steps between updates of the progress bar.
+    log_every: int = option(
+        10, "steps between training-loss records in metrics.jsonl", metavar="STEPS"
+    )
+    skip_nonfinite: bool = option(
+        False, "skip steps whose gradient has a NaN or an Inf (optax.apply_if_finite)"
+    )
+    max_consecutive_skips: int = option(
+        10, "with --skip-nonfinite: stop after this many skipped steps in a row"
+    )
+    # Its option, --devices, is examples.mnist.distributed's, which reads it before JAX starts
+    # (importing this module starts JAX).
     devices: int | None = None
-    shard_optimizer: bool = False
-    progress: bool = True
-    # The params' dtype (the forward and backward passes compute in float32 either way) and
-    # the treatment of their updates.
-    param_dtype: str = "float32"
-    low_precision: str = "none"
+    param_dtype: str = option(
+        "float32",
+        "storage of the params (the passes compute in float32 either way)",
+        choices=PARAM_DTYPES,
+    )
+    low_precision: str = option(
+        "none",
+        "updates of bfloat16/float16 params: Kahan summation, stochastic rounding, or "
+        "rounded to nearest (none)",
+        choices=LOW_PRECISION,
+    )
+    shard_optimizer: bool = option(
+        False, "split the optimizer state over the devices instead of replicating it (ZeRO-1)"
+    )
+    progress: bool = option(True, "no progress bar")
 
     def __post_init__(self) -> None:
         for name, choices in (

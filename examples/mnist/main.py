@@ -12,18 +12,22 @@ calls first); :func:`main` called in a running program checks that they match it
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import shlex
 import sys
+import typing
 from typing import Any
 
 import jax
 from rich.console import Console
 
-from examples.mnist import compare, data, distributed, models, optimizers, train
-from examples.mnist.config import LOW_PRECISION, PARAM_DTYPES, Config
+from examples.mnist import compare, data, distributed, optimizers
+from examples.mnist.config import Config
+from examples.mnist.console import summary
 from examples.mnist.errors import ArgumentParser, DeviceError, Interrupted, TrainingError
 from examples.mnist.launch import PROCESS_OPTIONS
+from examples.mnist.loop import train_and_evaluate
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]:
@@ -33,104 +37,78 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
 
 
 def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.Namespace]:
-    default = Config()
     parser = ArgumentParser(
         prog="python -m examples.mnist",
         description="Train a Flax NNX model on MNIST with adam_jax.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument(
-        "--model", default=default.model, choices=sorted(models.MODELS), help="network"
-    )
-    parser.add_argument(
-        "--optimizer",
-        default=default.optimizer,
-        choices=optimizers.NAMES,
-        help="Adam family from adam_jax, baselines from optax",
-    )
-    parser.add_argument("--epochs", type=int, default=default.epochs, help="epochs to train")
-    parser.add_argument("--batch-size", type=int, default=default.batch_size, help="batch size")
-    parser.add_argument(
-        "--learning-rate",
-        type=float,
-        default=default.learning_rate,
-        help="peak learning rate (None: the optimizer's tuned rate)",
-    )
-    parser.add_argument(
-        "--schedule",
-        default=default.schedule,
-        choices=optimizers.SCHEDULES,
-        help="learning-rate schedule",
-    )
-    parser.add_argument(
-        "--warmup-epochs", type=float, default=default.warmup_epochs, help="linear warmup length"
-    )
-    parser.add_argument(
-        "--max-shift",
-        type=int,
-        default=default.max_shift,
-        help="augmentation: random shifts of up to this many pixels (0: none)",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=default.seed, help="initialization, data order, augmentation"
-    )
-    parser.add_argument(
-        "--dataset", default=default.dataset, choices=sorted(data.DATASETS), help="dataset"
-    )
-    parser.add_argument(
-        "--data-dir",
-        default=default.data_dir,
-        help=f"the folder holding the four files (None: ${data.ENV_DATA_DIR}, then "
-        "~/.cache/adam_jax/<dataset>, downloading there)",
-    )
-    parser.add_argument(
-        "--train-limit", type=int, default=default.train_limit, help="train on the first N images"
-    )
-    parser.add_argument(
-        "--eval-batch-size",
-        type=int,
-        default=default.eval_batch_size,
-        help="batch size of the evaluation on the full test set",
-    )
-    parser.add_argument(
-        "--workdir", default=default.workdir, help="metrics, checkpoints and plots go here"
-    )
-    parser.add_argument(
-        "--resume",
-        action="store_true",
-        help="continue from the newest intact checkpoint in --workdir",
-    )
-    parser.add_argument(
-        "--checkpoint-every",
-        type=int,
-        default=default.checkpoint_every,
-        metavar="STEPS",
-        help="checkpoint every STEPS optimizer steps (None: at the end of each epoch)",
-    )
-    parser.add_argument(
-        "--keep-checkpoints",
-        type=int,
-        default=default.keep_checkpoints,
-        help="how many of the newest checkpoints to keep",
-    )
-    parser.add_argument(
-        "--log-every",
-        type=int,
-        default=default.log_every,
-        metavar="STEPS",
-        help="steps between training-loss records in metrics.jsonl",
-    )
-    parser.add_argument(
-        "--skip-nonfinite",
-        action="store_true",
-        help="skip steps whose gradient has a NaN or an Inf (optax.apply_if_finite)",
-    )
-    parser.add_argument(
-        "--max-consecutive-skips",
-        type=int,
-        default=default.max_consecutive_skips,
-        help="with --skip-nonfinite: stop after this many skipped steps in a row",
-    )
+    add_options(parser)
+    args = parser.parse_args(argv)
+    if problem := distributed.check_arguments(args):
+        parser.error(problem)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be an integer >= 1, got {args.seeds}")
+    if args.compare is not None:
+        unknown = sorted(set(args.compare) - set(optimizers.NAMES))
+        if unknown or not args.compare:
+            parser.error(f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}")
+    try:
+        config = config_from(args)
+    except ValueError as err:
+        parser.error(str(err))
+    return config, args.compare, args
+
+
+# The settings' types (the fields' own are strings: `from __future__ import annotations`).
+_TYPES = typing.get_type_hints(Config)
+
+
+def add_options(parser: argparse.ArgumentParser) -> None:
+    """One option per :class:`Config` setting (see :func:`examples.mnist.config.option`), in
+    the order of its fields, and among them the options that are not settings."""
+    for field in dataclasses.fields(Config):
+        if field.name == "devices":
+            # --help lists here --compare and --seeds, then --devices with the options of the
+            # processes, which distributed.prepare reads before JAX starts.
+            _add_compare_options(parser)
+            distributed.add_arguments(parser)
+        elif field.metadata:
+            parser.add_argument(_flag(field), **_keywords(field))
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    """The :class:`Config` of the options parsed by :func:`add_options` (a setting without
+    one keeps its default). Raises :class:`ValueError` for bad values."""
+    values = {}
+    for field in dataclasses.fields(Config):
+        dest = _flag(field).removeprefix("--").replace("-", "_")
+        if dest in vars(args):
+            value = getattr(args, dest)
+            if _TYPES[field.name] is bool:
+                # A switch turns the setting to the value that is not its default.
+                value = not field.default if value else field.default
+            values[field.name] = value
+    return Config(**values)
+
+
+def _flag(field: dataclasses.Field[Any]) -> str:
+    """The option of a setting: ``--name``, or ``--no-name`` for a switch that turns off a
+    setting that is on by default."""
+    name = field.name.replace("_", "-")
+    return f"--no-{name}" if field.default is True else f"--{name}"
+
+
+def _keywords(field: dataclasses.Field[Any]) -> dict[str, Any]:
+    """argparse's keywords for the option of a setting."""
+    hint = _TYPES[field.name]
+    if hint is bool:
+        return {"action": "store_true", **field.metadata}
+    # An `int | None` setting takes an int; None is only ever its default.
+    (value_type,) = [t for t in typing.get_args(hint) or (hint,) if t is not type(None)]
+    return {"type": value_type, "default": field.default, **field.metadata}
+
+
+def _add_compare_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--compare",
         type=lambda names: [name.strip() for name in names.split(",") if name.strip()],
@@ -145,66 +123,6 @@ def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.N
         metavar="N",
         help="with --compare: train each optimizer with N seeds (--seed and the N-1 after it)",
     )
-    distributed.add_arguments(parser)
-    parser.add_argument(
-        "--param-dtype",
-        default=default.param_dtype,
-        choices=PARAM_DTYPES,
-        help="storage of the params (the passes compute in float32 either way)",
-    )
-    parser.add_argument(
-        "--low-precision",
-        default=default.low_precision,
-        choices=LOW_PRECISION,
-        help="updates of bfloat16/float16 params: Kahan summation, stochastic rounding, or "
-        "rounded to nearest (none)",
-    )
-    parser.add_argument(
-        "--shard-optimizer",
-        action="store_true",
-        help="split the optimizer state over the devices instead of replicating it (ZeRO-1)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    if problem := distributed.check_arguments(args):
-        parser.error(problem)
-    if args.seeds < 1:
-        parser.error(f"--seeds must be an integer >= 1, got {args.seeds}")
-    if args.compare is not None:
-        unknown = sorted(set(args.compare) - set(optimizers.NAMES))
-        if unknown or not args.compare:
-            parser.error(f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}")
-    try:
-        config = Config(
-            model=args.model,
-            optimizer=args.optimizer,
-            epochs=args.epochs,
-            batch_size=args.batch_size,
-            learning_rate=args.learning_rate,
-            schedule=args.schedule,
-            warmup_epochs=args.warmup_epochs,
-            max_shift=args.max_shift,
-            seed=args.seed,
-            dataset=args.dataset,
-            data_dir=args.data_dir,
-            train_limit=args.train_limit,
-            eval_batch_size=args.eval_batch_size,
-            workdir=args.workdir,
-            resume=args.resume,
-            checkpoint_every=args.checkpoint_every,
-            keep_checkpoints=args.keep_checkpoints,
-            log_every=args.log_every,
-            skip_nonfinite=args.skip_nonfinite,
-            max_consecutive_skips=args.max_consecutive_skips,
-            devices=args.devices,
-            shard_optimizer=args.shard_optimizer,
-            param_dtype=args.param_dtype,
-            low_precision=args.low_precision,
-            progress=not args.no_progress,
-        )
-    except ValueError as err:
-        parser.error(str(err))
-    return config, args.compare, args
 
 
 def resume_command(argv: list[str], num_processes: int = 1) -> str:
@@ -271,7 +189,7 @@ def main(argv: list[str] | None = None) -> None:
         if compared:
             compare.compare(config, compared, dataset, console, seeds=args.seeds)
             return
-        _, history = train.train_and_evaluate(config, dataset, console)
+        _, history = train_and_evaluate(config, dataset, console)
     except Interrupted as err:
         if distributed.is_primary():  # All processes stop at the same step.
             print(
@@ -284,4 +202,4 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(err.exit_status) from err
     except data.DataError as err:
         raise SystemExit(f"{who}error: {err}") from err
-    console.print(train.summary(config, history))
+    console.print(summary(config, history))

@@ -39,8 +39,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     distributed.request_host_devices(args.devices)
     import jax
 
-    from examples.mnist import data, train
+    from examples.mnist import data
     from examples.mnist.config import Config
+    from examples.mnist.trainer import Trainer
 
     dataset = data.load("mnist", args.data_dir)
     config = Config(
@@ -48,9 +49,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parallel = dataclasses.replace(config, devices=args.devices)
     trainers = {
-        "1 device": train.Trainer(config, dataset),
-        f"{args.devices} devices": train.Trainer(parallel, dataset),
-        f"{args.devices} devices, ZeRO-1": train.Trainer(
+        "1 device": Trainer(config, dataset),
+        f"{args.devices} devices": Trainer(parallel, dataset),
+        f"{args.devices} devices, ZeRO-1": Trainer(
             dataclasses.replace(parallel, shard_optimizer=True), dataset
         ),
     }

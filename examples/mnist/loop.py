@@ -1,0 +1,375 @@
+"""The run: :func:`train_and_evaluate` trains the epochs of a :class:`~examples.mnist.config.
+Config` with a :class:`~examples.mnist.trainer.Trainer`, keeps its records, writes its
+checkpoints, stops when asked and resumes.
+
+Reproducibility: a checkpoint holds the epoch's running sums next to the model and optimizer,
+and the batches and random keys of a step depend only on the seed, the epoch and the step
+(:mod:`~examples.mnist.trainer`), so a run resumed from any checkpoint, in the middle of an
+epoch or at its end, replays exactly the computation of an uninterrupted one.
+
+Faults: SIGTERM or SIGINT stops the run after the current step with a checkpoint
+(:mod:`~examples.mnist.interrupts`); damaged checkpoints and full disks are handled in
+:mod:`~examples.mnist.checkpoints`; ``Config.skip_nonfinite`` skips steps whose gradient is
+not finite, and a run never writes a checkpoint whose parameters are not finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+from flax import nnx
+from rich.console import Console
+from rich.progress import Progress
+
+from examples.mnist import console as console_lib
+from examples.mnist import data as data_lib
+from examples.mnist import distributed
+from examples.mnist import metrics as metrics_lib
+from examples.mnist.checkpoints import Checkpoints
+from examples.mnist.config import Config
+from examples.mnist.errors import CheckpointError, Interrupted, NonFiniteError, TrainingError
+from examples.mnist.interrupts import StopRequests
+from examples.mnist.metrics import Metrics
+from examples.mnist.plots import plot_curves
+from examples.mnist.trainer import Trainer, epoch_means
+
+
+def train_and_evaluate(
+    config: Config, dataset: data_lib.Dataset | None = None, console: Console | None = None
+) -> tuple[Trainer, list[Metrics]]:
+    """Trains ``config.epochs`` epochs (continuing from the newest intact checkpoint with
+    ``config.resume``), with step records every ``config.log_every`` steps, an evaluation
+    after each epoch, checkpoints every ``config.checkpoint_every`` steps (default: at epoch
+    ends) and at the end, and ``curves.png``.
+
+    Returns the trainer (for its final state) and the per-epoch records. Raises
+    :class:`~examples.mnist.errors.Interrupted` after a checkpoint when SIGTERM or SIGINT
+    arrives, and other :class:`~examples.mnist.errors.TrainingError` when the run cannot go
+    on (no intact checkpoint, settings that differ from the checkpoint's, non-finite values).
+    """
+    if not distributed.is_primary():
+        # The first process reports; the others would print the same.
+        console, config = Console(quiet=True), dataclasses.replace(config, progress=False)
+    console = console or Console()
+    dataset = dataset or data_lib.load(config.dataset, config.data_dir)
+    workdir = Path(config.workdir)
+    _prepare_workdir(config, workdir)
+    with StopRequests() as stop:
+        trainer = Trainer(config, dataset)
+        console_lib.print_size(console, trainer)
+        checkpoints = None
+        if config.checkpoints:
+            checkpoints = Checkpoints(
+                workdir / "checkpoints", config.keep_checkpoints, console_lib.warner(console)
+            )
+        try:
+            with console_lib.progress_bar(config.progress, console) as progress:
+                metrics_path = workdir / "metrics.jsonl"
+                run = _Run(config, trainer, checkpoints, metrics_path, console, progress)
+                if config.resume:
+                    run.resume()  # Changes nothing on disk if it fails.
+                else:
+                    run.write_metrics()
+                try:
+                    run.train(stop)
+                finally:
+                    # Whatever stopped the run, the records so far and their curves.
+                    run.write_metrics()
+                    _plot(run.records, workdir / "curves.png", config, run.warn)
+        finally:
+            if checkpoints is not None:
+                checkpoints.close()
+    return trainer, [m for m in run.records if m["kind"] == "epoch"]
+
+
+def _prepare_workdir(config: Config, workdir: Path) -> None:
+    """Clears a previous run's outputs unless resuming (by the first process; the others wait
+    for it)."""
+    if not distributed.is_primary():
+        distributed.barrier("workdir prepared")
+        return
+    try:
+        if not config.resume:
+            # A fresh run replaces the previous one rather than mixing their records.
+            for name in ("checkpoints", "damaged_checkpoints"):
+                shutil.rmtree(workdir / name, ignore_errors=True)
+            for name in ("metrics.jsonl", "curves.png"):
+                (workdir / name).unlink(missing_ok=True)
+        workdir.mkdir(parents=True, exist_ok=True)
+        metrics_lib.remove_partial_writes(workdir / "metrics.jsonl")
+    except OSError as err:
+        raise TrainingError(f"cannot prepare the work directory {workdir}: {err}") from err
+    distributed.barrier("workdir prepared")
+
+
+def _plot(records: list[Metrics], path: Path, config: Config, warn: Callable[[str], None]) -> None:
+    if not (distributed.is_primary() and any(m["kind"] == "epoch" for m in records)):
+        return
+    try:
+        plot_curves(records, path, f"{config.model} / {config.optimizer} on {config.dataset}")
+    except OSError as err:
+        warn(f"could not write {path} ({err})")
+
+
+class _Run:
+    """One call of :func:`train_and_evaluate`: the loop with its records, checkpoints, stops
+    and resume.
+
+    Invariant that makes resumes exact: every record with ``step <= s`` is appended before the
+    checkpoint of step ``s`` is written and every later one after it, so resuming from ``s``
+    keeps the records up to ``s`` and recomputes the others exactly as they were.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        trainer: Trainer,
+        checkpoints: Checkpoints | None,
+        metrics_path: Path,
+        console: Console,
+        progress: Progress,
+    ):
+        self.config = config
+        self.trainer = trainer
+        self.checkpoints = checkpoints
+        self.metrics_path = metrics_path
+        self.console = console
+        self.warn = console_lib.warner(console)
+        self.progress = progress
+        self.records: list[Metrics] = []
+        self.step = 0  # Optimizer steps done.
+        self.saved_step: int | None = None  # The step of the newest checkpoint.
+        # The host copy of the running sums at the last step record, and its step.
+        self.logged = jax.device_get(trainer.zero_running())
+        self.logged_step = 0
+        self.checkpoint_every = config.checkpoint_every or trainer.steps_per_epoch
+        self.elapsed_before = 0.0  # Seconds of training before this session (resumes).
+        self.session_start = time.perf_counter()
+        # The progress-bar task of the epoch, when this session started it and at which step.
+        self.task: Any = None
+        self.epoch_clock = (self.session_start, 0)
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.session_start
+
+    def _checkpoint_tree(self) -> dict[str, Any]:
+        return {
+            "train_state": nnx.to_pure_dict(self.trainer.state),
+            "running": self.trainer.running,
+            "logged": self.logged,
+        }
+
+    def resume(self) -> None:
+        """Continues from the newest intact checkpoint, if there is one."""
+        expected_records = 0
+        restored = None
+        if self.checkpoints is not None:
+            restored = self.checkpoints.restore_latest(
+                self._checkpoint_tree(), self.config.resume_settings()
+            )
+        if restored is None:
+            self.console.print("No checkpoint to resume from: training from the start.")
+        else:
+            nnx.replace_by_pure_dict(self.trainer.state, restored.tree["train_state"])
+            self.trainer.running = restored.tree["running"]
+            self.logged = jax.device_get(restored.tree["logged"])
+            self.step = self.saved_step = restored.step
+            self.logged_step = restored.run["logged_step"]
+            self.elapsed_before = restored.run["elapsed_seconds"]
+            expected_records = restored.run["records"]
+            self.console.print(f"Resumed from the checkpoint of step {self.step} ({self.where()}).")
+        try:
+            records = metrics_lib.read(self.metrics_path, self.warn)
+        except OSError as err:
+            raise TrainingError(f"cannot read {self.metrics_path}: {err}") from err
+        self.records = [m for m in records if m["step"] <= self.step]
+        if len(self.records) < expected_records:
+            self.warn(
+                f"{self.metrics_path} holds {len(self.records)} of the {expected_records} "
+                f"records written up to step {self.step} (a write failed): the curves have a gap"
+            )
+        self.write_metrics()
+
+    def where(self) -> str:
+        epoch, offset = divmod(self.step, self.trainer.steps_per_epoch)
+        if offset == 0 and epoch > 0:
+            return f"end of epoch {epoch}"
+        return f"epoch {epoch + 1}, {offset} of {self.trainer.steps_per_epoch} steps done"
+
+    def train(self, stop: StopRequests) -> None:
+        # A signal during the last evaluation finds the run complete: nothing to stop.
+        while self.step < self.trainer.total_steps:
+            self._train_epoch(self.step // self.trainer.steps_per_epoch, stop)
+        if self.checkpoints is not None and self.saved_step != self.step:
+            # Earlier failed writes cost a few steps on a resume; this one, the result.
+            raise CheckpointError(
+                f"the final checkpoint (step {self.step}) could not be written; the newest is "
+                f"of step {self.saved_step}. Free some space and run again with --resume, "
+                "which redoes the steps after it"
+            )
+
+    def _train_epoch(self, epoch: int, stop: StopRequests) -> None:
+        trainer, config = self.trainer, self.config
+        steps_per_epoch = trainer.steps_per_epoch
+        first = epoch * steps_per_epoch
+        offset = self.step - first
+        if offset == 0:
+            trainer.running = trainer.zero_running()
+            self.logged = jax.device_get(trainer.running)
+            self.logged_step = first
+        order = trainer.epoch_order_on_devices(epoch)
+        # The first step of a session compiles for seconds: say so, not "loss 0.0000".
+        self.task = self.progress.add_task(
+            f"epoch {epoch + 1}/{config.epochs}",
+            total=steps_per_epoch,
+            completed=offset,
+            status="compiling the step" if self.task is None else "",
+        )
+        self.progress.refresh()
+        start = time.perf_counter()
+        self.epoch_clock = (start, offset)
+        for i in range(offset, steps_per_epoch):
+            if (signum := self._stop_request(stop, i)) is not None:
+                self._stop(signum)
+            if self.step % self.checkpoint_every == 0 and self.step not in (0, self.saved_step):
+                self._checkpoint(jax.device_get(trainer.running))
+            previous = trainer.running
+            trainer.step(order[i], self.step)
+            if i % config.log_every == 0 and self.step > self.logged_step:
+                # The sums of the steps before step i, which is queued behind them: no stall.
+                self._log(jax.device_get(previous), self.step)
+            self.step += 1
+        sums = jax.device_get(trainer.running)  # Waits for the last step.
+        train_seconds = time.perf_counter() - start
+        if self.step > self.logged_step:
+            self._log(sums, self.step)
+        record: Metrics = {"kind": "epoch", "step": self.step, "epoch": epoch + 1}
+        record |= epoch_means(sums)
+        record |= trainer.evaluate()
+        previous_epochs = [m for m in self.records if m["kind"] == "epoch"]
+        elapsed = self.elapsed()
+        record |= {
+            "skipped_steps": int(sums["skipped"]),
+            # Wall time since the previous epoch's record, across resumes; training time and
+            # speed of this session's part of the epoch.
+            "seconds": elapsed - (previous_epochs[-1]["elapsed_seconds"] if previous_epochs else 0),
+            "train_seconds": train_seconds,
+            "images_per_second": (steps_per_epoch - offset) * config.batch_size / train_seconds,
+            "elapsed_seconds": elapsed,
+            "learning_rate": float(trainer.learning_rates[self.step - 1]),
+        }
+        self.records.append(record)
+        console_lib.print_epoch(self.progress.console, record, config.skip_nonfinite)
+        if self.step % self.checkpoint_every == 0 or self.step == trainer.total_steps:
+            self._checkpoint(sums)
+        else:
+            self.write_metrics()
+
+    def _stop_request(self, stop: StopRequests, i: int) -> int | None:
+        """The signal that asks the run to stop before step ``i`` of the epoch, if any.
+
+        With several processes all must stop after the same step, and a signal reaches each
+        at its own moment: they compare notes every ``log_every`` steps (a collective, so
+        not at every step), where the loop waits for the device anyway.
+        """
+        if jax.process_count() == 1:
+            return stop.signum
+        if i % self.config.log_every:
+            return None
+        return distributed.first_signal(stop.signum)
+
+    def _log(self, sums: dict[str, Any], step: int) -> None:
+        """Appends the step record of the steps since the last one; updates the progress bar;
+        stops the run if the loss stopped being finite or too many steps in a row were
+        skipped."""
+        self._check_finite(sums, step)
+        steps_per_epoch = self.trainer.steps_per_epoch
+        record: Metrics = {"kind": "step", "step": step, "epoch": step / steps_per_epoch}
+        record |= epoch_means(sums, since=self.logged)
+        record |= {
+            "learning_rate": float(self.trainer.learning_rates[step - 1]),
+            "skipped_steps": int(sums["skipped"]),
+            "elapsed_seconds": self.elapsed(),
+        }
+        self.records.append(record)
+        self.logged, self.logged_step = sums, step
+        in_epoch = step - (step - 1) // steps_per_epoch * steps_per_epoch
+        means = epoch_means(sums)
+        epoch_start, offset = self.epoch_clock
+        images_per_second = (
+            (in_epoch - offset) * self.config.batch_size / (time.perf_counter() - epoch_start)
+        )
+        skipped = record["skipped_steps"] if self.config.skip_nonfinite else None
+        status = console_lib.bar_status(means, images_per_second, skipped)
+        self.progress.update(self.task, completed=in_epoch, status=status)
+
+    def _check_finite(self, sums: dict[str, Any], step: int) -> None:
+        if self.saved_step is None:
+            last = "there is no checkpoint"
+        else:
+            last = f"the last checkpoint is step {self.saved_step}"
+        if self.config.skip_nonfinite:
+            streak = int(sums["consecutive_skips"])
+            if streak >= self.config.max_consecutive_skips:
+                raise NonFiniteError(
+                    f"{streak} steps in a row up to step {step} had a NaN or Inf gradient "
+                    f"(--max-consecutive-skips {self.config.max_consecutive_skips}); "
+                    f"stopping: {last}. A lower --learning-rate may help"
+                )
+        elif not math.isfinite(float(sums["loss_sum"])):
+            raise NonFiniteError(
+                f"the training loss stopped being finite between steps {self.logged_step} and "
+                f"{step}, so the parameters are no longer usable; {last}. Rerun with a lower "
+                "--learning-rate, or with --skip-nonfinite to skip steps whose gradient has a "
+                "NaN or an Inf"
+            )
+
+    def _checkpoint(self, sums: dict[str, Any]) -> None:
+        """Writes the records and then the checkpoint of ``self.step``."""
+        steps_per_epoch = self.trainer.steps_per_epoch
+        in_epoch = self.step % steps_per_epoch
+        if in_epoch % self.config.log_every == 0 and in_epoch and self.step > self.logged_step:
+            self._log(sums, self.step)
+        self._check_finite(sums, self.step)
+        self.write_metrics()
+        if self.checkpoints is None:
+            return
+        if not self.trainer.state_is_finite():
+            raise NonFiniteError(
+                f"the parameters or optimizer state are not finite at step {self.step}; the "
+                f"checkpoint was not written, the last one is step {self.saved_step}. Rerun "
+                "with a lower --learning-rate"
+            )
+        run = {
+            "settings": self.config.resume_settings(),
+            "records": len(self.records),
+            "logged_step": self.logged_step,
+            "elapsed_seconds": self.elapsed(),
+        }
+        if self.checkpoints.save(self.step, self._checkpoint_tree(), run):
+            self.saved_step = self.step
+
+    def _stop(self, signum: int) -> None:
+        """Checkpoints the step reached and raises :class:`Interrupted`."""
+        if self.step != self.saved_step and self.step > 0:
+            self._checkpoint(jax.device_get(self.trainer.running))
+        checkpoint = None
+        if self.checkpoints is not None and self.saved_step is not None:
+            checkpoint = self.checkpoints.path(self.saved_step)
+        raise Interrupted(signum, self.step, self.where(), checkpoint, self.saved_step)
+
+    def write_metrics(self) -> None:
+        if not distributed.is_primary():
+            return
+        try:
+            metrics_lib.write(self.metrics_path, self.records)
+        except OSError as err:
+            # The old file is intact, and the next write includes these records again.
+            self.warn(f"could not write {self.metrics_path} ({err}); it is rewritten later")

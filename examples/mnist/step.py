@@ -1,0 +1,70 @@
+"""Start here: the model, its ``nnx.Optimizer`` with adam_jax, the loss and the steps, in plain
+Flax NNX. :class:`~examples.mnist.trainer.Trainer` runs these steps compiled for speed, and
+:func:`~examples.mnist.loop.train_and_evaluate` the epochs."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from examples.mnist import models, optimizers
+from examples.mnist.config import Config
+
+
+def create_model_and_optimizer(
+    config: Config, learning_rate: optax.Schedule
+) -> tuple[nnx.Module, nnx.Optimizer]:
+    """The network of ``config``, initialized from its seed, and the optimizer of its params."""
+    model = models.create(config.model, config.seed, config.param_dtype)
+    tx = optimizers.create(config.optimizer, learning_rate)  # "adam": adam_jax.adam
+    # bfloat16 or float16 params: Kahan summation or stochastic rounding of their updates.
+    tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
+    if config.skip_nonfinite:
+        # A step whose gradient has a NaN or an Inf leaves params and optimizer state alone.
+        tx = optax.apply_if_finite(tx, config.max_consecutive_skips)
+    return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+
+
+def loss_fn(
+    model: nnx.Module, images: jax.Array, labels: jax.Array, rngs: nnx.Rngs
+) -> tuple[jax.Array, jax.Array]:
+    """The batch's mean loss, and its logits; ``rngs`` draws the dropout masks."""
+    logits = model(images, train=True, rngs=rngs)
+    return cross_entropy(logits, labels).mean(), logits
+
+
+def train_step(
+    model: nnx.Module,
+    optimizer: nnx.Optimizer,
+    images: jax.Array,
+    labels: jax.Array,
+    rngs: nnx.Rngs,
+    place_grads: Callable[[Any], Any] | None = None,
+) -> tuple[jax.Array, jax.Array]:
+    """One optimizer step on a batch, in place; returns the batch's mean loss and logits.
+    ``place_grads`` lays the gradients out as the optimizer state (``--shard-optimizer``)."""
+    grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
+    (loss, logits), grads = grad_fn(model, images, labels, rngs)
+    if place_grads is not None:
+        grads = place_grads(grads)
+    optimizer.update(model, grads)
+    return loss, logits
+
+
+def eval_step(
+    model: nnx.Module, images: jax.Array, labels: jax.Array, mask: jax.Array
+) -> jax.Array:
+    """The summed loss and correct predictions of the examples where ``mask`` is true."""
+    logits = model(images, train=False)
+    loss = jnp.sum(cross_entropy(logits, labels) * mask)
+    correct = jnp.sum((jnp.argmax(logits, -1) == labels) * mask)
+    return jnp.stack([loss, correct])
