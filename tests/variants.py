@@ -334,6 +334,8 @@ VARIANTS: tuple[Variant, ...] = (
         cases={
             "default": {},
             "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-3, "eps_root": 1e-6},
+            # The one setting pytorch-optimizer's Lamb computes (it adds eps elsewhere).
+            "no_eps": {"eps": 0.0},
             "decay_mask": DECAY,
             "schedules": SCHEDULED,
             "maximize": {"maximize": True},
