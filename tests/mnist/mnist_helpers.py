@@ -9,6 +9,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from examples.mnist import data, metrics
@@ -92,3 +93,48 @@ def records_without_timing(path: Path) -> list[dict[str, Any]]:
     return [
         {k: v for k, v in record.items() if k not in TIMING_FIELDS} for record in metrics.read(path)
     ]
+
+
+def execute_notebook(path: Path, monkeypatch: pytest.MonkeyPatch, **env: str) -> Any:
+    """Runs the notebook at ``path`` top to bottom in a fresh kernel, with ``env`` set, and
+    returns it with its new outputs.
+
+    The kernel inherits this process's environment; jupyter_client replaces its "python"
+    command by ``sys.executable``, so it runs in this interpreter's environment. It gets its
+    own (inline) matplotlib backend, as in Jupyter.
+    """
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.delenv("MPLBACKEND", raising=False)
+    notebook = nbformat.read(path, as_version=4)
+    client = nbclient.NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(path.parent)}},
+    )
+    client.execute()
+    return notebook
+
+
+def text_outputs(notebook: Any) -> str:
+    """Everything the notebook's code cells printed, in order."""
+    return "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+    )
+
+
+def plotting_cells(notebook: Any) -> list[Any]:
+    """The cells that draw a figure (they end with ``plt.show()``)."""
+    return [cell for cell in notebook.cells if "plt.show()" in cell.source]
+
+
+def assert_each_plotting_cell_shows_a_figure(notebook: Any) -> None:
+    for cell in plotting_cells(notebook):
+        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
+        assert len(images) == 1, f"no figure from:\n{cell.source}"

@@ -5,7 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from mnist_helpers import REPO_ROOT
+from mnist_helpers import (
+    REPO_ROOT,
+    assert_each_plotting_cell_shows_a_figure,
+    execute_notebook,
+    plotting_cells,
+    text_outputs,
+)
 
 from examples.mnist import data
 
@@ -14,37 +20,21 @@ NOTEBOOK = REPO_ROOT / "examples" / "mnist.ipynb"
 
 @pytest.mark.slow
 def test_notebook_runs(mnist_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    # The kernel inherits this process's environment. Its "python" command is replaced by
-    # jupyter_client with sys.executable, so the kernel runs in this interpreter's environment.
-    monkeypatch.setenv(data.ENV_DATA_DIR, str(mnist_dir))
-    monkeypatch.setenv("ADAM_JAX_NOTEBOOK_TRAIN_LIMIT", "2048")
-    monkeypatch.setenv("ADAM_JAX_NOTEBOOK_EPOCHS", "1")
-    # The kernel's own backend (inline), as in Jupyter: the plotting cells must show figures.
-    monkeypatch.delenv("MPLBACKEND", raising=False)
-    notebook = nbformat.read(NOTEBOOK, as_version=4)
-    client = nbclient.NotebookClient(
-        notebook,
-        timeout=600,
-        kernel_name="python3",
-        resources={"metadata": {"path": str(NOTEBOOK.parent)}},
+    notebook = execute_notebook(
+        NOTEBOOK,
+        monkeypatch,
+        **{
+            data.ENV_DATA_DIR: str(mnist_dir),
+            "ADAM_JAX_NOTEBOOK_TRAIN_LIMIT": "2048",
+            "ADAM_JAX_NOTEBOOK_EPOCHS": "1",
+        },
     )
-    client.execute()
-    outputs = "".join(
-        output.get("text", "")
-        for cell in notebook.cells
-        if cell.cell_type == "code"
-        for output in cell.outputs
-    )
+    outputs = text_outputs(notebook)
     assert "Final test accuracy" in outputs
     accuracy = float(outputs.rsplit("test accuracy ", 1)[1].split("%")[0])
     assert accuracy > 80.0
-    plotting = [cell for cell in notebook.cells if "plt.show()" in cell.source]
-    assert len(plotting) == 3  # the digits, the learning curves, the predictions
-    for cell in plotting:
-        images = [o for o in cell.outputs if "image/png" in o.get("data", {})]
-        assert len(images) == 1, f"no figure from:\n{cell.source}"
+    assert len(plotting_cells(notebook)) == 3  # the digits, the learning curves, the predictions
+    assert_each_plotting_cell_shows_a_figure(notebook)
 
 
 def test_notebook_is_stored_executed() -> None:
