@@ -5,8 +5,9 @@ The pieces (:func:`scale_by_adam`, :func:`scale_by_bias_correction`,
 aliases (:func:`adam`, :func:`adamw`, ...) are such chains, with optax's state types.
 """
 
-from adam_jax import flat, quantization, sharding
-from adam_jax.aliases import (
+from adam_jax import flat, quantization, rules, sharding
+from adam_jax._src import deprecated_paths
+from adam_jax._src.aliases import (
     adam,
     adam_8bit,
     adam_l2,
@@ -18,44 +19,50 @@ from adam_jax.aliases import (
     nadam,
     nadamw,
 )
-from adam_jax.bias_correction import ScaleByBiasCorrectionState, scale_by_bias_correction
-from adam_jax.flat import FlatParams
-from adam_jax.kahan import KahanSummationState, kahan_summation
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moments import (
+from adam_jax._src.bias_correction import ScaleByBiasCorrectionState, scale_by_bias_correction
+from adam_jax._src.flat import FlatParams
+from adam_jax._src.kahan import KahanSummationState, kahan_summation
+from adam_jax._src.learning_rate import scale_by_learning_rate
+from adam_jax._src.moments import (
     ScaleByAdamState,
     ScaleByAmsgradState,
     scale_by_adam,
     scale_by_adamax,
     scale_by_amsgrad,
 )
-from adam_jax.moving_average import moving_average_terms
-from adam_jax.quantization import BlockwiseQuantized, QuantizedArray, eight_bit_moments
-from adam_jax.rounding import StochasticRoundingState, round_stochastically, stochastic_rounding
-from adam_jax.rule import Leaf, Moment, MomentRule, map_tensors, scale_by_rule
-from adam_jax.schedules import (
+from adam_jax._src.moving_average import moving_average_terms
+from adam_jax._src.rounding import (
+    StochasticRoundingState,
+    round_stochastically,
+    stochastic_rounding,
+)
+from adam_jax._src.rule import Leaf, Moment, MomentRule, map_tensors, scale_by_rule
+from adam_jax._src.schedules import (
     inverse_sqrt_schedule,
     linear_warmup,
     warmup_stable_decay_schedule,
 )
-from adam_jax.storage import CastStorage, MomentStorage, cast_storage
-from adam_jax.variants.adabelief import adabelief, scale_by_belief
-from adam_jax.variants.adam_atan2 import adam_atan2, scale_by_adam_atan2
-from adam_jax.variants.ademamix import (
+from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage
+from adam_jax._src.variants.adabelief import adabelief, scale_by_belief
+from adam_jax._src.variants.adam_atan2 import adam_atan2, scale_by_adam_atan2
+from adam_jax._src.variants.ademamix import (
     ademamix,
     scale_by_ademamix,
     scale_by_simplified_ademamix,
     simplified_ademamix,
 )
-from adam_jax.variants.adopt import adopt, scale_by_adopt
-from adam_jax.variants.cautious import cautious, cautious_adamw
-from adam_jax.variants.lamb import lamb, scale_by_trust_ratio
-from adam_jax.variants.radam import radam, scale_by_radam
-from adam_jax.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
-from adam_jax.variants.stable_adamw import scale_by_stable_adam, stable_adamw
-from adam_jax.weight_decay import add_decayed_weights, masked
+from adam_jax._src.variants.adopt import adopt, scale_by_adopt
+from adam_jax._src.variants.cautious import cautious, cautious_adamw
+from adam_jax._src.variants.lamb import lamb, scale_by_trust_ratio
+from adam_jax._src.variants.radam import radam, scale_by_radam
+from adam_jax._src.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
+from adam_jax._src.variants.stable_adamw import scale_by_stable_adam, stable_adamw
+from adam_jax._src.weight_decay import add_decayed_weights, masked
+from adam_jax.quantization import BlockwiseQuantized, QuantizedArray, eight_bit_moments
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"
+
+deprecated_paths.install()
 
 __all__ = [
     "BlockwiseQuantized",
@@ -101,6 +108,7 @@ __all__ = [
     "quantization",
     "radam",
     "round_stochastically",
+    "rules",
     "scale_by_adam",
     "scale_by_adam_atan2",
     "scale_by_adamax",

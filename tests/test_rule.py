@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import adam_jax
-from adam_jax.rule import Leaf, tensor_segments
+from adam_jax._src.rule import Leaf, tensor_segments
 
 
 def _tree() -> dict[str, jax.Array]:

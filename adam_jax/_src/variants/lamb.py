@@ -12,13 +12,12 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax._numerics import abs_sq, compute_dtype
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moments import scale_by_adam
-from adam_jax.rule import Leaf, map_tensors
-from adam_jax.weight_decay import Mask, add_decayed_weights
+from adam_jax._src import validation
+from adam_jax._src.chains import descend
+from adam_jax._src.moments import scale_by_adam
+from adam_jax._src.numerics import abs_sq, compute_dtype
+from adam_jax._src.rule import Leaf, map_tensors
+from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 
 def scale_by_trust_ratio(
@@ -51,9 +50,9 @@ def scale_by_trust_ratio(
       >>> print(tx.update(updates, tx.init(params), params)[0])  # |params| / |updates| = 10
       [0. 5.]
     """
-    _validation.check_non_negative("min_norm", min_norm)
-    _validation.check_non_negative("trust_coefficient", trust_coefficient)
-    _validation.check_non_negative("eps", eps)
+    validation.check_non_negative("min_norm", min_norm)
+    validation.check_non_negative("trust_coefficient", trust_coefficient)
+    validation.check_non_negative("eps", eps)
 
     def scale(update: jax.Array, param: jax.Array, leaf: Leaf) -> jax.Array:
         u = update.astype(compute_dtype(update.dtype))
@@ -126,10 +125,10 @@ def lamb(
       >>> print(jnp.round(updates, 4))  # a step of 0.1 * |params| = 0.5
       [-0.5  0. ]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
         add_decayed_weights(weight_decay, mask),
         scale_by_trust_ratio(),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )

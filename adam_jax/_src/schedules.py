@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
+from adam_jax._src import validation
 
 DECAY_TYPES = ("linear", "cosine", "sqrt")
 
@@ -23,7 +23,7 @@ def _steps_as_float(count: jax.typing.ArrayLike) -> jax.Array:
 
 def _check_values(**values: float) -> None:
     for name, value in values.items():
-        number = _validation.static_float(value)
+        number = validation.static_float(value)
         if number is not None and not math.isfinite(number):
             raise ValueError(f"{name} must be finite, got {value!r}")
 
@@ -79,9 +79,9 @@ def warmup_stable_decay_schedule(
     """
     for name, steps in (("warmup_steps", warmup_steps), ("stable_steps", stable_steps),
                         ("decay_steps", decay_steps)):  # fmt: skip
-        _validation.check_steps(name, steps)
+        validation.check_steps(name, steps)
     _check_values(peak_value=peak_value, init_value=init_value, end_value=end_value)
-    _validation.check_choice("decay_type", decay_type, DECAY_TYPES)
+    validation.check_choice("decay_type", decay_type, DECAY_TYPES)
     decay_start = warmup_steps + stable_steps
 
     def schedule(count: jax.typing.ArrayLike) -> jax.Array:
@@ -130,7 +130,7 @@ def inverse_sqrt_schedule(
       >>> print([float(lr(t)) for t in (50, 100, 400)])
       [0.5, 1.0, 0.5]
     """
-    _validation.check_steps("warmup_steps", warmup_steps)
+    validation.check_steps("warmup_steps", warmup_steps)
     if warmup_steps < 1:
         raise ValueError(f"warmup_steps must be >= 1, got {warmup_steps!r}")
     _check_values(peak_value=peak_value, init_value=init_value)
@@ -169,7 +169,7 @@ def linear_warmup(
       >>> print([float(lr(t)) for t in (250, 500, 1500)])
       [0.5, 1.0, 0.5]
     """
-    _validation.check_steps("warmup_steps", warmup_steps)
+    validation.check_steps("warmup_steps", warmup_steps)
     _check_values(init_value=init_value)
     after = schedule if callable(schedule) else optax.constant_schedule(schedule)
 

@@ -12,40 +12,10 @@ from typing import Any
 
 import optax
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax.bias_correction import scale_by_bias_correction
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moments import scale_by_adam, scale_by_adamax, scale_by_amsgrad
-from adam_jax.quantization import eight_bit_moments
-from adam_jax.weight_decay import Mask, add_decayed_weights
-
-EPS_PLACEMENTS = ("standard", "keras")
-
-
-def adam_moments(
-    b1: float,
-    b2: float,
-    eps: float,
-    eps_root: float,
-    mu_dtype: Any,
-    nu_dtype: Any,
-    nesterov: bool,
-    eps_placement: str,
-) -> tuple[optax.GradientTransformation, ...]:
-    """Adam's moment estimate with eps where ``eps_placement`` puts it."""
-    _validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
-    if eps_placement == "standard":
-        moments = scale_by_adam(
-            b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov
-        )
-        return (moments,)
-    if nesterov:
-        raise ValueError("nesterov=True needs eps_placement='standard', got eps_placement='keras'")
-    return (
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, bias_correction=False),
-        scale_by_bias_correction(b1, b2),
-    )
+from adam_jax._src.chains import descend
+from adam_jax._src.moments import adam_moments, scale_by_adam, scale_by_adamax, scale_by_amsgrad
+from adam_jax._src.quantization import eight_bit_moments
+from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 
 def adam(
@@ -103,10 +73,10 @@ def adam(
       >>> print(jnp.round(params["w"], 2))
       [1. 1. 1.]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )
 
 
@@ -156,11 +126,11 @@ def adamw(
       >>> print(jnp.round(updates["w"][0], 6), jnp.round(updates["b"], 6))  # -0.1 * (1 + 0.5 * 2)
       [-0.2 -0.2] [-0.1 -0.1]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
         add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )
 
 
@@ -209,11 +179,11 @@ def adam_l2(
       [-0.01  0.01]
     """
     moments = scale_by_amsgrad if amsgrad else scale_by_adam
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         add_decayed_weights(weight_decay, mask),
         moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )
 
 
@@ -331,10 +301,10 @@ def amsgrad(
       >>> print(jnp.round(updates, 4))  # the first gradient's square still sets the denominator
       [-0.0677]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )
 
 
@@ -370,9 +340,7 @@ def adamax(
       >>> print(updates)  # ascent: along the gradient
       [ 0.002 -0.002]
     """
-    return optax.chain(
-        *ascent(maximize), scale_by_adamax(b1, b2, eps), scale_by_learning_rate(learning_rate)
-    )
+    return descend(learning_rate, scale_by_adamax(b1, b2, eps), maximize=maximize)
 
 
 def adamaxw(
@@ -407,11 +375,11 @@ def adamaxw(
       >>> print(jnp.round(updates, 6))  # decay only: -0.01 * 0.1 * params
       [-0.001 -0.1  ]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_adamax(b1, b2, eps),
         add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )
 
 

@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._numerics import compute_dtype
+from adam_jax._src import validation
+from adam_jax._src.numerics import compute_dtype
 
 Mask = Any | Callable[[optax.Params], Any]
 
@@ -60,8 +60,8 @@ def add_decayed_weights(
     """
     scheduled = callable(weight_decay)
     if not scheduled:
-        _validation.check_non_negative("weight_decay", weight_decay)
-    skip = not scheduled and _validation.static_float(weight_decay) == 0.0
+        validation.check_non_negative("weight_decay", weight_decay)
+    skip = not scheduled and validation.static_float(weight_decay) == 0.0
 
     def init_fn(params: optax.Params) -> Any:
         del params

@@ -17,15 +17,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax._numerics import abs_sq
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moments import ScaleByAdamState, divide
-from adam_jax.moving_average import moving_average, moving_average_terms
-from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
-from adam_jax.storage import as_storage
-from adam_jax.weight_decay import Mask
+from adam_jax._src import validation
+from adam_jax._src.chains import descend
+from adam_jax._src.moments import AdamLikeRule, divide
+from adam_jax._src.moving_average import moving_average, moving_average_terms
+from adam_jax._src.numerics import abs_sq
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 
 def quarter_power(count: jax.Array) -> jax.Array:
@@ -52,7 +50,7 @@ def _clip(x: jax.Array, bound: Any) -> jax.Array:
 
 
 @dataclasses.dataclass(frozen=True)
-class AdoptRule(MomentRule):
+class AdoptRule(AdamLikeRule):
     """ADOPT's moment rule: see :func:`scale_by_adopt`."""
 
     b1: Any = 0.9
@@ -63,11 +61,6 @@ class AdoptRule(MomentRule):
     clip_value_fn: Callable[[jax.Array], Any] = quarter_power
     mu_dtype: Any = None
     nu_dtype: Any = None
-
-    state_type = ScaleByAdamState
-
-    def moments(self) -> tuple[Moment, ...]:
-        return (Moment("mu", self.mu_dtype), Moment("nu", self.nu_dtype, real=True))
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> AdoptScalars:
         count = fields["count"]  # earlier calls: 0 on the first
@@ -155,12 +148,10 @@ def scale_by_adopt(
       >>> print(updates)  # (1 - b1) * clip(g / sqrt(v), 1)
       [ 0.1 -0.1]
     """
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
-    _validation.check_non_negative("eps", eps)
+    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
     rule = AdoptRule(
         b1, b2, eps, nesterov, use_clipping, clip_value_fn,
-        as_storage(mu_dtype), as_storage(nu_dtype),
+        mu_dtype, nu_dtype,
     )  # fmt: skip
     return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
@@ -218,12 +209,12 @@ def adopt(
       >>> print(jnp.round(updates, 4))  # -0.1 * ((1 - b1) * clip(g / sqrt(v), 1) + 0.5 * params)
       [-0.06  0.06]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_adopt(
             b1, b2, eps, mu_dtype, nesterov=nesterov, use_clipping=use_clipping,
             clip_value_fn=clip_value_fn, weight_decay=weight_decay, mask=mask,
             nu_dtype=nu_dtype,
         ),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )  # fmt: skip

@@ -17,13 +17,12 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax._numerics import abs_sq, compute_dtype, real_dtype
-from adam_jax.moving_average import moving_average, moving_average_terms
-from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
-from adam_jax.storage import as_storage
-from adam_jax.weight_decay import Mask, schedule_state_type
+from adam_jax._src import validation
+from adam_jax._src.chains import ascent
+from adam_jax._src.moving_average import moving_average, moving_average_terms
+from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.weight_decay import Mask, schedule_state_type
 
 ScheduleFreeState = optax.contrib.ScheduleFreeState
 FORMS = ("recommended", "paper")
@@ -55,7 +54,7 @@ class ScheduleFreeScalars(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class ScheduleFreeAdamWRule(MomentRule):
+class ScheduleFreeAdamwRule(MomentRule):
     """Schedule-Free AdamW's rule: see :func:`schedule_free_adamw`."""
 
     learning_rate: optax.ScalarOrSchedule = 0.0025
@@ -74,7 +73,7 @@ class ScheduleFreeAdamWRule(MomentRule):
     uses_params = True
 
     def moments(self) -> tuple[Moment, ...]:
-        return (Moment("z", self.z_dtype, from_params=True), Moment("nu", self.nu_dtype, real=True))
+        return (Moment("z", self.z_dtype, from_params=True), second_moment(self.nu_dtype))
 
     def _lr_is_scheduled(self) -> bool:
         return self.warmup_steps is not None or callable(self.learning_rate)
@@ -124,7 +123,7 @@ class ScheduleFreeAdamWRule(MomentRule):
         lr = self._learning_rate(fields, dtype)
         max_lr = jnp.maximum(fields["max_lr"], lr)
         weight = max_lr**self.weight_lr_power
-        if _validation.static_float(self.r) != 0.0:
+        if validation.static_float(self.r) != 0.0:
             weight = fields["step_count"].astype(dtype) ** self.r * weight
         return lr, max_lr, weight
 
@@ -274,21 +273,20 @@ def schedule_free_adamw(
       [1. 1. 1.]
     """
     if not callable(learning_rate):
-        _validation.check_non_negative("learning_rate", learning_rate)
+        validation.check_non_negative("learning_rate", learning_rate)
     if warmup_steps is not None:
-        _validation.check_steps("warmup_steps", warmup_steps)
-    b1_value = _validation.static_float(b1)
+        validation.check_steps("warmup_steps", warmup_steps)
+    b1_value = validation.static_float(b1)
     if b1_value is not None and not 0.0 < b1_value < 1.0:
         raise ValueError(f"b1 must be in (0, 1) (x = y + (1 - 1/b1)(z - y)), got {b1!r}")
-    _validation.check_decay("b2", b2)
-    _validation.check_non_negative("eps", eps)
-    _validation.check_non_negative("weight_lr_power", weight_lr_power)
-    _validation.check_non_negative("r", r)
-    _validation.check_choice("form", form, FORMS)
-    rule = ScheduleFreeAdamWRule(
+    validation.check_hyperparams(b2=b2, eps=eps)
+    validation.check_non_negative("weight_lr_power", weight_lr_power)
+    validation.check_non_negative("r", r)
+    validation.check_choice("form", form, FORMS)
+    rule = ScheduleFreeAdamwRule(
         learning_rate, warmup_steps, b1, b2, eps, weight_lr_power, r, form,
         scheduled_decay=callable(weight_decay),
-        z_dtype=as_storage(state_dtype), nu_dtype=as_storage(nu_dtype),
+        z_dtype=state_dtype, nu_dtype=nu_dtype,
     )  # fmt: skip
     transform = scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
     if maximize:

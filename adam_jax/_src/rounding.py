@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._low_precision import landing_update, map_low_precision, require_params
+from adam_jax._src.low_precision import landing_update, map_low_precision, require_params
 
 
 class StochasticRoundingState(NamedTuple):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import optax
 
-from adam_jax import _validation
+from adam_jax._src import validation
 
 
 def scale_by_learning_rate(
@@ -31,5 +31,5 @@ def scale_by_learning_rate(
       [-0.1  0.2]
     """
     if not callable(learning_rate):
-        _validation.check_non_negative("learning_rate", learning_rate)
+        validation.check_non_negative("learning_rate", learning_rate)
     return optax.scale_by_learning_rate(learning_rate, flip_sign=flip_sign)

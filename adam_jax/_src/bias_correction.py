@@ -8,9 +8,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._numerics import compute_dtype, scalar_dtype
-from adam_jax.moving_average import moving_average_terms
+from adam_jax._src import validation
+from adam_jax._src.moving_average import moving_average_terms
+from adam_jax._src.numerics import compute_dtype, scalar_dtype
 
 # The state is a step count, as optax's learning-rate schedule keeps.
 ScaleByBiasCorrectionState = optax.ScaleByScheduleState
@@ -41,8 +41,8 @@ def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.Gradie
       >>> print(updates)  # sqrt(1 - 0.999) / (1 - 0.9) at the first step
       [0.31622776 0.31622776]
     """
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
+    validation.check_decay("b1", b1)
+    validation.check_decay("b2", b2)
 
     def init_fn(params: optax.Params) -> optax.OptState:
         del params

@@ -17,14 +17,17 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax._numerics import abs_sq
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moving_average import StepScalars, moving_average, moving_average_terms, step_scalars
-from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
-from adam_jax.storage import as_storage
-from adam_jax.weight_decay import Mask, add_decayed_weights
+from adam_jax._src import validation
+from adam_jax._src.chains import descend
+from adam_jax._src.moving_average import (
+    StepScalars,
+    moving_average,
+    moving_average_terms,
+    step_scalars,
+)
+from adam_jax._src.numerics import abs_sq
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 ScaleByAdemamixState = optax.contrib.ScaleByAdemamixState
 ScaleBySimplifiedAdEMAMixState = optax.contrib.ScaleBySimplifiedAdEMAMixState
@@ -40,7 +43,7 @@ def _value_at(value: Any, count: jax.Array) -> Any:
 def _half_life(beta: Any) -> Any:
     """The authors' ``f(beta) = log(0.5) / log(beta + 1e-8) - 1``: the steps after which a
     decay ``beta`` has halved, minus one (in double precision for a concrete ``beta``)."""
-    number = _validation.static_float(beta)
+    number = validation.static_float(beta)
     if number is not None:
         return math.log(0.5) / math.log(number + _HALF_LIFE_EPS) - 1.0
     return jnp.log(0.5) / jnp.log(beta + _HALF_LIFE_EPS) - 1.0
@@ -97,7 +100,7 @@ class AdemamixRule(MomentRule):
         return (
             Moment("m1", self.mu_dtype),
             Moment("m2", self.mu_dtype),
-            Moment("nu", self.nu_dtype, real=True),
+            second_moment(self.nu_dtype),
         )
 
     def init_fields(self, params: Any) -> dict[str, Any]:
@@ -188,21 +191,14 @@ def scale_by_ademamix(
       >>> print(jnp.round(updates, 4))  # (1 + 5 * (1 - b3)) * sign(g) at the first step
       [ 1.0005 -1.0005]
     """
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
     if callable(b3) and b3_warmup_steps is not None:
         raise ValueError("b3_warmup_steps needs a constant b3, got a schedule")
-    if not callable(b3):
-        _validation.check_decay("b3", b3)
-    if not callable(alpha):
-        _validation.check_non_negative("alpha", alpha)
-    _validation.check_non_negative("eps", eps)
-    _validation.check_non_negative("eps_root", eps_root)
+    validation.check_hyperparams(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, eps_root=eps_root)
     _check_warmup("alpha_warmup_steps", alpha_warmup_steps)
     _check_warmup("b3_warmup_steps", b3_warmup_steps)
     rule = AdemamixRule(
         b1, b2, b3, alpha, eps, eps_root, alpha_warmup_steps, b3_warmup_steps,
-        as_storage(mu_dtype), as_storage(nu_dtype),
+        mu_dtype, nu_dtype,
     )  # fmt: skip
     return scale_by_rule(rule)
 
@@ -262,15 +258,15 @@ def ademamix(
       >>> print(jnp.round(updates, 4))  # -0.1 * (1 + alpha * m2), m2 = 1 - 0.99**3 = 0.0297
       [-0.1149  0.1149]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_ademamix(
             b1, b2, b3, alpha, eps, eps_root, mu_dtype,
             alpha_warmup_steps=alpha_warmup_steps, b3_warmup_steps=b3_warmup_steps,
             nu_dtype=nu_dtype,
         ),
         add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )  # fmt: skip
 
 
@@ -289,7 +285,7 @@ class SimplifiedAdemamixRule(MomentRule):
     state_type = ScaleBySimplifiedAdEMAMixState
 
     def moments(self) -> tuple[Moment, ...]:
-        return (Moment("m", self.mu_dtype), Moment("n", self.nu_dtype, real=True))
+        return (Moment("m", self.mu_dtype), second_moment(self.nu_dtype, "n"))
 
     def init_fields(self, params: Any) -> dict[str, Any]:
         del params
@@ -360,15 +356,8 @@ def scale_by_simplified_ademamix(
       >>> print(jnp.round(updates, 4))  # (1 + alpha) * sign(g) at the first step
       [ 3. -3.]
     """
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
-    if not callable(alpha):
-        _validation.check_non_negative("alpha", alpha)
-    _validation.check_non_negative("eps", eps)
-    _validation.check_non_negative("eps_root", eps_root)
-    rule = SimplifiedAdemamixRule(
-        b1, b2, alpha, eps, eps_root, as_storage(mu_dtype), as_storage(nu_dtype)
-    )
+    validation.check_hyperparams(b1=b1, b2=b2, alpha=alpha, eps=eps, eps_root=eps_root)
+    rule = SimplifiedAdemamixRule(b1, b2, alpha, eps, eps_root, mu_dtype, nu_dtype)
     return scale_by_rule(rule)
 
 
@@ -420,11 +409,11 @@ def simplified_ademamix(
       >>> print(jnp.round(updates, 4))  # -0.01 * (1 + 0.9 + 0.81): a sum, not an average
       [-0.0271]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_simplified_ademamix(
             b1, b2, alpha, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype
         ),
         add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )

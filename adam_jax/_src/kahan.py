@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._low_precision import (
+from adam_jax._src.low_precision import (
     is_low_precision,
     landing_update,
     map_low_precision,

@@ -60,12 +60,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adam_jax import _validation
-from adam_jax._numerics import compute_dtype, real_dtype
-from adam_jax.flat import FlatParams
-from adam_jax.storage import MomentStorage, as_storage, real_part_of
-
-__all__ = ["Leaf", "Moment", "MomentRule", "scale_by_rule"]
+from adam_jax._src import validation
+from adam_jax._src.flat import FlatParams
+from adam_jax._src.numerics import compute_dtype, real_dtype
+from adam_jax._src.storage import MomentStorage, as_storage, real_part_of
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +86,16 @@ class Moment:
     @property
     def stored_as(self) -> MomentStorage:
         return as_storage(self.storage)
+
+
+def second_moment(storage: Any = None, name: str = "nu") -> Moment:
+    """A second moment (an average of :math:`|g|^2`): a real :class:`Moment` for complex params.
+
+    Args:
+      storage: ``None`` (the param's real dtype), a dtype or a :class:`MomentStorage`.
+      name: the state field that holds it.
+    """
+    return Moment(name, storage, real=True)
 
 
 class Leaf:
@@ -127,7 +135,7 @@ class Leaf:
 
     def add_decay(self, update: jax.Array) -> jax.Array:
         """``update + decay * param``: decoupled weight decay (nothing when the rate is 0)."""
-        if _validation.static_float(self.decay) == 0.0:
+        if validation.static_float(self.decay) == 0.0:
             return update
         if self.param is None:
             raise ValueError("weight decay needs params: call update(updates, state, params)")
@@ -285,9 +293,11 @@ def scale_by_rule(
     """
     scheduled = callable(weight_decay)
     if not scheduled:
-        _validation.check_non_negative("weight_decay", weight_decay)
-    no_decay = not scheduled and _validation.static_float(weight_decay) == 0.0
+        validation.check_non_negative("weight_decay", weight_decay)
+    no_decay = not scheduled and validation.static_float(weight_decay) == 0.0
     moments = rule.moments()
+    for moment in moments:
+        moment.stored_as  # noqa: B018  (a storage spec that is not one fails here, not in init)
 
     def init_fn(params: optax.Params) -> Any:
         params = jax.tree.map(_as_array, params)

@@ -13,12 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._chains import ascent
-from adam_jax._numerics import compute_dtype, real_dtype
-from adam_jax.aliases import adam_moments
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.rule import Leaf, map_tensors
-from adam_jax.weight_decay import Mask, add_decayed_weights
+from adam_jax._src.aliases import adam_moments
+from adam_jax._src.chains import descend
+from adam_jax._src.numerics import compute_dtype, real_dtype
+from adam_jax._src.rule import Leaf, map_tensors
+from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 # The smallest fraction of agreeing coordinates the rescaling divides by (timm, C-Optim).
 MIN_AGREEING_FRACTION = 1e-3
@@ -126,10 +125,10 @@ def cautious_adamw(
       True
     """
     moments = adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement)
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         cautious(moments[0]),
         *moments[1:],  # Keras's bias correction: a positive factor, after the caution
         add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adam_jax._validation import static_float
+from adam_jax._src.validation import static_float
 
 
 def moving_average_terms(

@@ -14,18 +14,16 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moments import ScaleByAdamState
-from adam_jax.moving_average import StepScalars, moving_average, step_scalars
-from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
-from adam_jax.storage import as_storage
-from adam_jax.weight_decay import Mask, add_decayed_weights
+from adam_jax._src import validation
+from adam_jax._src.chains import descend
+from adam_jax._src.moments import AdamLikeRule
+from adam_jax._src.moving_average import StepScalars, moving_average
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 
 @dataclasses.dataclass(frozen=True)
-class AdamAtan2Rule(MomentRule):
+class AdamAtan2Rule(AdamLikeRule):
     """Adam-atan2's moment rule: see :func:`scale_by_adam_atan2`."""
 
     b1: Any = 0.9
@@ -34,14 +32,6 @@ class AdamAtan2Rule(MomentRule):
     b: Any = 1.0
     mu_dtype: Any = None
     nu_dtype: Any = None
-
-    state_type = ScaleByAdamState
-
-    def moments(self) -> tuple[Moment, ...]:
-        return (Moment("mu", self.mu_dtype), Moment("nu", self.nu_dtype, real=True))
-
-    def scalars(self, fields: dict[str, Any], dtype: Any) -> StepScalars:
-        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
 
     def update(
         self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
@@ -94,11 +84,10 @@ def scale_by_adam_atan2(
       >>> print(updates)  # 1.27 * atan2(g, |g|) = 1.27 * pi / 4 for any g != 0; 0 at g = 0
       [ 0.9974558  0.        -0.9974558]
     """
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
-    _validation.check_positive("a", a)
-    _validation.check_positive("b", b)
-    return scale_by_rule(AdamAtan2Rule(b1, b2, a, b, as_storage(mu_dtype), as_storage(nu_dtype)))
+    validation.check_hyperparams(b1=b1, b2=b2)
+    validation.check_positive("a", a)
+    validation.check_positive("b", b)
+    return scale_by_rule(AdamAtan2Rule(b1, b2, a, b, mu_dtype, nu_dtype))
 
 
 def adam_atan2(
@@ -148,9 +137,9 @@ def adam_atan2(
       >>> print(updates)  # -0.1 * 1.27 * pi / 4 for both (Adam's eps would stop the second)
       [-0.09974558 -0.09974558]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_adam_atan2(b1, b2, a, b, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
         add_decayed_weights(weight_decay, mask),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )

@@ -86,3 +86,33 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+#: The check each conventional hyperparameter name gets from :func:`check_hyperparams`.
+_CHECKS_BY_NAME = {
+    "b1": check_decay,
+    "b2": check_decay,
+    "b3": check_decay,
+    "alpha": check_non_negative,
+    "eps": check_non_negative,
+    "eps_root": check_non_negative,
+    "weight_decay": check_non_negative,
+}
+
+
+def check_hyperparams(**values: Any) -> None:
+    """Checks hyperparameters by their conventional names: decay rates ``b1``, ``b2``, ``b3``
+    in [0, 1) (see :func:`check_decay`); ``alpha``, ``eps``, ``eps_root`` and ``weight_decay``
+    finite and >= 0. Schedules (callables) and traced values pass, as in the single checks.
+
+    Raises:
+      ValueError: naming the first value out of its range.
+      TypeError: for a name without a conventional check (use the single checks for it).
+    """
+    for name, value in values.items():
+        if name not in _CHECKS_BY_NAME:
+            raise TypeError(
+                f"check_hyperparams knows {sorted(_CHECKS_BY_NAME)}, got {name!r}: "
+                "check it with check_decay, check_non_negative, ..."
+            )
+        _CHECKS_BY_NAME[name](name, value)

@@ -8,48 +8,51 @@ transformation by :func:`adam_jax.scale_by_rule`; their states are optax's own
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._numerics import abs_sq, real_dtype
-from adam_jax._validation import static_float
-from adam_jax.moving_average import StepScalars, moving_average, step_scalars
-from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
-from adam_jax.storage import as_storage
+from adam_jax._src import validation
+from adam_jax._src.bias_correction import scale_by_bias_correction
+from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
+from adam_jax._src.numerics import abs_sq, cast_scalar, divide, real_dtype
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 
 ScaleByAdamState = optax.ScaleByAdamState
 ScaleByAmsgradState = optax.ScaleByAmsgradState
 
 
-def cast_scalar(value: Any, dtype: Any) -> Any:
-    """Casts a scalar array to ``dtype``; Python floats stay weakly typed (rounded once)."""
-    return value if isinstance(value, float | int) else jnp.asarray(value).astype(dtype)
+class AdamLikeRule(MomentRule):
+    """A rule with Adam's state, moments and step scalars, which most variants keep.
 
+    Subclass it as a frozen dataclass whose fields include ``b1``, ``b2``, ``mu_dtype`` and
+    ``nu_dtype``, write :meth:`update`, and override only what differs:
 
-def divide(eps: Any) -> Callable[[jax.Array, jax.Array], jax.Array]:
-    """Division by a denominator that has ``eps`` added.
-
-    A concrete ``eps > 0`` keeps the denominator positive (the arithmetic runs in at least
-    float32, where 1e-8 does not underflow): plain division. Otherwise 0 / 0 is taken as 0: a zero
-    denominator then only arises from an all-zero gradient history, where the numerator is 0.
+    * ``state_type``: ``optax.ScaleByAdamState`` (``count``, ``mu``, ``nu``), or another type of
+      the same fields (AdaBelief keeps optax's ``ScaleByBeliefState``);
+    * :meth:`moments`: ``mu`` stored by ``mu_dtype`` and the real second moment ``nu`` by
+      ``nu_dtype`` (:func:`adam_jax.rules.second_moment`);
+    * :meth:`scalars`: Adam's :class:`adam_jax.rules.StepScalars` of ``b1`` and ``b2`` at the
+      1-based step ``count + 1``.
     """
-    number = static_float(eps)
-    if number is not None and number > 0:
-        return jnp.divide
 
-    def safe_divide(numerator: jax.Array, denominator: jax.Array) -> jax.Array:
-        return numerator / jnp.where(denominator == 0, jnp.ones_like(denominator), denominator)
+    b1: Any
+    b2: Any
+    mu_dtype: Any
+    nu_dtype: Any
+    state_type: Any = ScaleByAdamState
 
-    return safe_divide
+    def moments(self) -> tuple[Moment, ...]:
+        return (Moment("mu", self.mu_dtype), second_moment(self.nu_dtype))
+
+    def scalars(self, fields: dict[str, Any], dtype: Any) -> Any:
+        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
 
 
 @dataclasses.dataclass(frozen=True)
-class AdamRule(MomentRule):
+class AdamRule(AdamLikeRule):
     """Adam's moment rule (AMSGrad with ``amsgrad=True``): see :func:`scale_by_adam`.
 
     Attributes:
@@ -75,13 +78,8 @@ class AdamRule(MomentRule):
         return ScaleByAmsgradState if self.amsgrad else ScaleByAdamState
 
     def moments(self) -> tuple[Moment, ...]:
-        second: tuple[Moment, ...] = (Moment("nu", self.nu_dtype, real=True),)
-        if self.amsgrad:
-            second += (Moment("nu_max", self.nu_dtype, real=True),)
-        return (Moment("mu", self.mu_dtype), *second)
-
-    def scalars(self, fields: dict[str, Any], dtype: Any) -> StepScalars:
-        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
+        maximum = (second_moment(self.nu_dtype, "nu_max"),) if self.amsgrad else ()
+        return (*super().moments(), *maximum)
 
     def update(
         self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
@@ -111,21 +109,14 @@ def nesterov_mu_hat(mu: jax.Array, g: jax.Array, d: StepScalars, rule: Any) -> j
 
 
 @dataclasses.dataclass(frozen=True)
-class AdamaxRule(MomentRule):
+class AdamaxRule(AdamLikeRule):
     """AdaMax's moment rule: see :func:`scale_by_adamax`."""
 
     b1: Any = 0.9
     b2: Any = 0.999
     eps: Any = 1e-8
     mu_dtype: Any = None
-
-    state_type = ScaleByAdamState
-
-    def moments(self) -> tuple[Moment, ...]:
-        return (Moment("mu", self.mu_dtype), Moment("nu", real=True))
-
-    def scalars(self, fields: dict[str, Any], dtype: Any) -> StepScalars:
-        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
+    nu_dtype: Any = None
 
     def update(
         self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
@@ -136,13 +127,6 @@ class AdamaxRule(MomentRule):
             jnp.abs(g) + cast_scalar(self.eps, rdtype), cast_scalar(self.b2, rdtype) * moments["nu"]
         )
         return divide(self.eps)(mu / scalars.c1, u), {"mu": mu, "nu": u}
-
-
-def _check_moment_args(b1: Any, b2: Any, eps: Any, eps_root: Any = 0.0) -> None:
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
-    _validation.check_non_negative("eps", eps)
-    _validation.check_non_negative("eps_root", eps_root)
 
 
 def scale_by_adam(
@@ -203,9 +187,9 @@ def scale_by_adam(
       >>> print(state.count, state.mu)
       1 [ 0.05  -0.025]
     """
-    _check_moment_args(b1, b2, eps, eps_root)
+    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return scale_by_rule(
-        AdamRule(b1, b2, eps, eps_root, as_storage(mu_dtype), as_storage(nu_dtype),
+        AdamRule(b1, b2, eps, eps_root, mu_dtype, nu_dtype,
                  nesterov=nesterov, bias_correction=bias_correction)
     )  # fmt: skip
 
@@ -255,9 +239,9 @@ def scale_by_amsgrad(
       >>> print(state.nu_max)  # the running maximum of the raw second moment
       [0.004 0.   ]
     """
-    _check_moment_args(b1, b2, eps, eps_root)
+    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
     return scale_by_rule(
-        AdamRule(b1, b2, eps, eps_root, as_storage(mu_dtype), as_storage(nu_dtype),
+        AdamRule(b1, b2, eps, eps_root, mu_dtype, nu_dtype,
                  amsgrad=True, bias_correction=bias_correction)
     )  # fmt: skip
 
@@ -295,5 +279,33 @@ def scale_by_adamax(
       >>> print(jnp.round(updates, 6), state.nu)
       [ 1. -1.] [3.  0.5]
     """
-    _check_moment_args(b1, b2, eps)
-    return scale_by_rule(AdamaxRule(b1, b2, eps, as_storage(mu_dtype)))
+    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
+    return scale_by_rule(AdamaxRule(b1, b2, eps, mu_dtype))
+
+
+EPS_PLACEMENTS = ("standard", "keras")
+
+
+def adam_moments(
+    b1: float,
+    b2: float,
+    eps: float,
+    eps_root: float,
+    mu_dtype: Any,
+    nu_dtype: Any,
+    nesterov: bool,
+    eps_placement: str,
+) -> tuple[optax.GradientTransformation, ...]:
+    """Adam's moment estimate with eps where ``eps_placement`` puts it."""
+    validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
+    if eps_placement == "standard":
+        moments = scale_by_adam(
+            b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov
+        )
+        return (moments,)
+    if nesterov:
+        raise ValueError("nesterov=True needs eps_placement='standard', got eps_placement='keras'")
+    return (
+        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, bias_correction=False),
+        scale_by_bias_correction(b1, b2),
+    )

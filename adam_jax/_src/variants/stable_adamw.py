@@ -14,19 +14,17 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax._numerics import abs_sq
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moments import ScaleByAdamState
-from adam_jax.moving_average import moving_average, step_scalars
-from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
-from adam_jax.storage import as_storage
-from adam_jax.weight_decay import Mask
+from adam_jax._src import validation
+from adam_jax._src.chains import descend
+from adam_jax._src.moments import AdamLikeRule
+from adam_jax._src.moving_average import moving_average, step_scalars
+from adam_jax._src.numerics import abs_sq
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 
 @dataclasses.dataclass(frozen=True)
-class StableAdamRule(MomentRule):
+class StableAdamwRule(AdamLikeRule):
     """StableAdamW's moment rule: see :func:`scale_by_stable_adam`."""
 
     b1: Any = 0.9
@@ -34,11 +32,6 @@ class StableAdamRule(MomentRule):
     eps: Any = 1e-6
     mu_dtype: Any = None
     nu_dtype: Any = None
-
-    state_type = ScaleByAdamState
-
-    def moments(self) -> tuple[Moment, ...]:
-        return (Moment("mu", self.mu_dtype), Moment("nu", self.nu_dtype, real=True))
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> tuple[jax.Array, jax.Array]:
         # The debiased betas' complements: 1 - b_hat = (1 - b) / (1 - b**t).
@@ -103,10 +96,8 @@ def scale_by_stable_adam(
       >>> print(jnp.round(updates, 3).tolist())  # the spike makes RMS 1.117: all steps shrink
       [0.671, 0.895, 0.895, 0.895]
     """
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
-    _validation.check_non_negative("eps", eps)
-    rule = StableAdamRule(b1, b2, eps, as_storage(mu_dtype), as_storage(nu_dtype))
+    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
+    rule = StableAdamwRule(b1, b2, eps, mu_dtype, nu_dtype)
     return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
@@ -157,11 +148,11 @@ def stable_adamw(
       >>> print(jnp.round(updates, 4))  # -0.1 * (sign(g) + 0.5 * 2); RMS = 1: no clipping
       [-0.2  0. ]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_stable_adam(
             b1, b2, eps, weight_decay=weight_decay, mask=mask,
             mu_dtype=mu_dtype, nu_dtype=nu_dtype,
         ),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )  # fmt: skip

@@ -16,15 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax._numerics import abs_sq
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moments import ScaleByAdamState, nesterov_mu_hat
-from adam_jax.moving_average import StepScalars, moving_average, step_scalars
-from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
-from adam_jax.storage import as_storage
-from adam_jax.weight_decay import Mask
+from adam_jax._src import validation
+from adam_jax._src.chains import descend
+from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
+from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
+from adam_jax._src.numerics import abs_sq
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 EPS_PLACEMENTS = ("standard", "torch")
 # Below this, 1 - y / expm1(y) loses digits to cancellation; its Taylor series does not.
@@ -68,7 +66,7 @@ def rectifier_terms(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, j
     from the exact value in float32, where the textbook formula is off by 1e-4.
     """
     t = jnp.asarray(count).astype(dtype)
-    number = _validation.static_float(b2)
+    number = validation.static_float(b2)
     if number is not None:
         if number == 0.0:  # rho_t = rho_inf = 1: never rectified
             return jnp.ones((), dtype), jnp.zeros((), dtype)
@@ -97,7 +95,7 @@ def rectifier_terms(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, j
 
 
 @dataclasses.dataclass(frozen=True)
-class RAdamRule(MomentRule):
+class RadamRule(AdamLikeRule):
     """RAdam's moment rule: see :func:`scale_by_radam`."""
 
     b1: Any = 0.9
@@ -110,11 +108,7 @@ class RAdamRule(MomentRule):
     mu_dtype: Any = None
     nu_dtype: Any = None
 
-    state_type = ScaleByAdamState
     bias_correction = True  # read by nesterov_mu_hat
-
-    def moments(self) -> tuple[Moment, ...]:
-        return (Moment("mu", self.mu_dtype), Moment("nu", self.nu_dtype, real=True))
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> RectifiedScalars:
         count = optax.safe_increment(fields["count"])
@@ -199,9 +193,9 @@ def scale_by_radam(
       [ 0.5  -0.25]
     """
     _check_radam_args(b1, b2, eps, eps_root, threshold, eps_placement)
-    rule = RAdamRule(
+    rule = RadamRule(
         b1, b2, eps, eps_root, threshold, nesterov, eps_placement,
-        as_storage(mu_dtype), as_storage(nu_dtype),
+        mu_dtype, nu_dtype,
     )  # fmt: skip
     return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
@@ -209,12 +203,9 @@ def scale_by_radam(
 def _check_radam_args(
     b1: Any, b2: Any, eps: Any, eps_root: Any, threshold: Any, eps_placement: str
 ) -> None:
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
-    _validation.check_non_negative("eps", eps)
-    _validation.check_non_negative("eps_root", eps_root)
-    _validation.check_at_least("threshold", threshold, 4.0)
-    _validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
+    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    validation.check_at_least("threshold", threshold, 4.0)
+    validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
 
 
 def radam(
@@ -266,11 +257,11 @@ def radam(
       >>> print(jnp.round(updates, 4))  # rho_1 = 1 < 5: momentum, -0.1 * g (Adam: -0.1 sign(g))
       [-0.05   0.025]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_radam(
             b1, b2, eps, eps_root, threshold, nesterov=nesterov, eps_placement=eps_placement,
             weight_decay=weight_decay, mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
         ),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )  # fmt: skip

@@ -13,21 +13,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax import _validation
-from adam_jax._chains import ascent
-from adam_jax._numerics import abs_sq
-from adam_jax.learning_rate import scale_by_learning_rate
-from adam_jax.moments import nesterov_mu_hat
-from adam_jax.moving_average import StepScalars, moving_average, step_scalars
-from adam_jax.rule import Leaf, Moment, MomentRule, scale_by_rule
-from adam_jax.storage import as_storage
-from adam_jax.weight_decay import Mask
+from adam_jax._src import validation
+from adam_jax._src.chains import descend
+from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
+from adam_jax._src.moving_average import StepScalars, moving_average
+from adam_jax._src.numerics import abs_sq
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 ScaleByBeliefState = optax.ScaleByBeliefState
 
 
 @dataclasses.dataclass(frozen=True)
-class AdaBeliefRule(MomentRule):
+class AdabeliefRule(AdamLikeRule):
     """AdaBelief's moment rule: see :func:`scale_by_belief`."""
 
     b1: Any = 0.9
@@ -40,12 +38,6 @@ class AdaBeliefRule(MomentRule):
 
     state_type = ScaleByBeliefState
     bias_correction = True  # read by nesterov_mu_hat
-
-    def moments(self) -> tuple[Moment, ...]:
-        return (Moment("mu", self.mu_dtype), Moment("nu", self.nu_dtype, real=True))
-
-    def scalars(self, fields: dict[str, Any], dtype: Any) -> StepScalars:
-        return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
 
     def update(
         self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
@@ -106,13 +98,8 @@ def scale_by_belief(
       >>> print(jnp.round(updates, 2))  # steady: a step above Adam's 1; flipping: a small one
       [ 1.17 -0.06]
     """
-    _validation.check_decay("b1", b1)
-    _validation.check_decay("b2", b2)
-    _validation.check_non_negative("eps", eps)
-    _validation.check_non_negative("eps_root", eps_root)
-    rule = AdaBeliefRule(
-        b1, b2, eps, eps_root, nesterov, as_storage(mu_dtype), as_storage(nu_dtype)
-    )
+    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
+    rule = AdabeliefRule(b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype)
     return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
@@ -166,11 +153,11 @@ def adabelief(
       >>> print(jnp.round(updates["w"], 4), jnp.round(updates["b"], 4))  # decay on "w" only
       [-0.1611 -0.1611] [-0.1111 -0.1111]
     """
-    return optax.chain(
-        *ascent(maximize),
+    return descend(
+        learning_rate,
         scale_by_belief(
             b1, b2, eps, eps_root, nesterov=nesterov, weight_decay=weight_decay, mask=mask,
             mu_dtype=mu_dtype, nu_dtype=nu_dtype,
         ),
-        scale_by_learning_rate(learning_rate),
+        maximize=maximize,
     )  # fmt: skip

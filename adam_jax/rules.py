@@ -1,0 +1,111 @@
+"""Everything a rule author needs: the moment-rule core, its presets and helpers, and the
+library's own rules to build on.
+
+A new member of the Adam family is a :class:`MomentRule` (most subclass :class:`AdamLikeRule`,
+which brings Adam's state, moments and step scalars), made a transformation by
+:func:`scale_by_rule` and an optimizer by :func:`descend`. The helpers are the ones the library's
+own variants use: the zero-started moving average and its bias correction
+(:func:`moving_average`, :func:`step_scalars`), the hyperparameter checks
+(:func:`check_hyperparams`), the compute-dtype rules and moment storages. ``docs/adding_a_variant.md``
+walks through a complete variant written with nothing else.
+
+Example:
+  >>> import dataclasses, jax.numpy as jnp
+  >>> from adam_jax import rules
+  >>> @dataclasses.dataclass(frozen=True)
+  ... class SignAdamRule(rules.AdamLikeRule):  # Adam's state and scalars; its own step
+  ...     b1: float = 0.9
+  ...     b2: float = 0.999
+  ...     mu_dtype: object = None
+  ...     nu_dtype: object = None
+  ...     def update(self, g, moments, scalars, leaf):
+  ...         mu = rules.moving_average(moments["mu"], g, scalars.w1)
+  ...         nu = rules.moving_average(moments["nu"], rules.abs_sq(g), scalars.w2)
+  ...         return leaf.add_decay(jnp.sign(mu)), {"mu": mu, "nu": nu}
+  >>> tx = rules.descend(0.1, rules.scale_by_rule(SignAdamRule()))
+  >>> updates, _ = tx.update(jnp.array([3.0, -0.5]), tx.init(jnp.zeros(2)))
+  >>> print(updates)
+  [-0.1  0.1]
+"""
+
+from adam_jax._src.chains import ascent, descend
+from adam_jax._src.moments import AdamaxRule, AdamLikeRule, AdamRule, nesterov_mu_hat
+from adam_jax._src.moving_average import (
+    StepScalars,
+    moving_average,
+    moving_average_terms,
+    step_scalars,
+)
+from adam_jax._src.numerics import abs_sq, cast_scalar, compute_dtype, divide, real_dtype
+from adam_jax._src.rule import (
+    Leaf,
+    Moment,
+    MomentRule,
+    map_tensors,
+    scale_by_rule,
+    second_moment,
+)
+from adam_jax._src.storage import CastStorage, MomentStorage, as_storage, cast_storage
+from adam_jax._src.validation import (
+    check_at_least,
+    check_choice,
+    check_decay,
+    check_hyperparams,
+    check_non_negative,
+    check_positive,
+    check_steps,
+    static_float,
+)
+from adam_jax._src.variants.adabelief import AdabeliefRule
+from adam_jax._src.variants.adam_atan2 import AdamAtan2Rule
+from adam_jax._src.variants.ademamix import AdemamixRule, SimplifiedAdemamixRule
+from adam_jax._src.variants.adopt import AdoptRule
+from adam_jax._src.variants.radam import RadamRule
+from adam_jax._src.variants.schedule_free import ScheduleFreeAdamwRule
+from adam_jax._src.variants.stable_adamw import StableAdamwRule
+from adam_jax._src.weight_decay import Mask
+
+__all__ = [
+    "AdabeliefRule",
+    "AdamAtan2Rule",
+    "AdamLikeRule",
+    "AdamRule",
+    "AdamaxRule",
+    "AdemamixRule",
+    "AdoptRule",
+    "CastStorage",
+    "Leaf",
+    "Mask",
+    "Moment",
+    "MomentRule",
+    "MomentStorage",
+    "RadamRule",
+    "ScheduleFreeAdamwRule",
+    "SimplifiedAdemamixRule",
+    "StableAdamwRule",
+    "StepScalars",
+    "abs_sq",
+    "as_storage",
+    "ascent",
+    "cast_scalar",
+    "cast_storage",
+    "check_at_least",
+    "check_choice",
+    "check_decay",
+    "check_hyperparams",
+    "check_non_negative",
+    "check_positive",
+    "check_steps",
+    "compute_dtype",
+    "descend",
+    "divide",
+    "map_tensors",
+    "moving_average",
+    "moving_average_terms",
+    "nesterov_mu_hat",
+    "real_dtype",
+    "scale_by_rule",
+    "second_moment",
+    "static_float",
+    "step_scalars",
+]
