@@ -5,7 +5,7 @@ The pieces (:func:`scale_by_adam`, :func:`scale_by_bias_correction`,
 aliases (:func:`adam`, :func:`adamw`, ...) are such chains, with optax's state types.
 """
 
-from adam_jax import flat, quantization, rules, sharding
+from adam_jax import flat, quantization, registry, rules, sharding
 from adam_jax._src import deprecated_paths
 from adam_jax._src.aliases import (
     adam,
@@ -107,6 +107,7 @@ __all__ = [
     "nadamw",
     "quantization",
     "radam",
+    "registry",
     "round_stochastically",
     "rules",
     "scale_by_adam",

@@ -33,28 +33,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs"
 API_PAGE = DOCS / "api.rst"
 
-ALIASES = (
-    "adam",
-    "adamw",
-    "adam_l2",
-    "nadam",
-    "nadamw",
-    "amsgrad",
-    "adamax",
-    "adamaxw",
-    "adam_8bit",
-    "adamw_8bit",
-    "adopt",
-    "ademamix",
-    "simplified_ademamix",
-    "cautious_adamw",
-    "stable_adamw",
-    "adam_atan2",
-    "schedule_free_adamw",
-    "radam",
-    "adabelief",
-    "lamb",
-)
+ALIASES = adam_jax.registry.names()
 
 
 class CodePage(NamedTuple):

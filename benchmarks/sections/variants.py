@@ -14,7 +14,6 @@ import statistics
 from collections.abc import Callable
 
 import optax
-import optax.contrib
 
 import adam_jax
 from benchmarks.harness import LR, Row, Runner, Settings, adam_step, copy_tree, interleaved
@@ -25,24 +24,16 @@ QUICK_TREES = ((1, 16 * 1024), (8, 1024))
 REPEATS = 100
 Factory = Callable[[], optax.GradientTransformation]
 
-# name -> (adam_jax's alias, optax's namesake or None), at the same arguments.
+
+def _factories(info: adam_jax.registry.OptimizerInfo) -> tuple[Factory, Factory | None]:
+    namesake = info.optax_namesake()
+    return (lambda: info.alias(LR)), (None if namesake is None else lambda: namesake(LR))
+
+
+# name -> (adam_jax's alias, optax's namesake or None), at the same arguments: every variant of
+# the registry.
 VARIANTS: dict[str, tuple[Factory, Factory | None]] = {
-    "adopt": (lambda: adam_jax.adopt(LR), lambda: optax.contrib.adopt(LR)),
-    "ademamix": (lambda: adam_jax.ademamix(LR), lambda: optax.contrib.ademamix(LR)),
-    "simplified_ademamix": (
-        lambda: adam_jax.simplified_ademamix(LR),
-        lambda: optax.contrib.simplified_ademamix(LR),
-    ),
-    "cautious_adamw": (lambda: adam_jax.cautious_adamw(LR), None),
-    "stable_adamw": (lambda: adam_jax.stable_adamw(LR), None),
-    "adam_atan2": (lambda: adam_jax.adam_atan2(LR), None),
-    "schedule_free_adamw": (
-        lambda: adam_jax.schedule_free_adamw(LR),
-        lambda: optax.contrib.schedule_free_adamw(LR),
-    ),
-    "radam": (lambda: adam_jax.radam(LR), lambda: optax.radam(LR)),
-    "adabelief": (lambda: adam_jax.adabelief(LR), lambda: optax.adabelief(LR)),
-    "lamb": (lambda: adam_jax.lamb(LR), lambda: optax.lamb(LR)),
+    info.name: _factories(info) for info in adam_jax.registry.OPTIMIZERS if info.group == "variant"
 }
 
 

@@ -66,6 +66,7 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
+from variant_spec import DECAY, SCHEDULED, Variant
 
 
 @dataclass
@@ -186,3 +187,28 @@ def timm_optimizer(params: list, **options):
     if opts:
         raise TypeError(f"unknown options {sorted(opts)}")
     return module.AdaBelief(param_groups(params, mask, wd), **kwargs)
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="adabelief",
+        learning_rate=1e-2,
+        reference_class=RefAdabelief,
+        cases={
+            "default": {},
+            "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-8, "eps_root": 1e-10},
+            "nesterov": {"nesterov": True},
+            "decay_mask": DECAY,
+            "schedules": SCHEDULED,
+            "maximize": {"maximize": True},
+        },
+        optax_cases=("default", "hyperparams", "nesterov"),
+        packages={
+            "pytorch-optimizer": pytorch_optimizer_optimizer,
+            "timm": timm_optimizer,
+        },
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-16},
+        bad=(("eps_root", -1.0, ">= 0"), ("b2", 2.0, "[0, 1)")),
+    ),
+)

@@ -47,6 +47,7 @@ from reference import (
     import_reference_package,
     param_groups,
 )
+from variant_spec import DECAY, SCHEDULED, Variant
 
 
 @dataclass
@@ -127,3 +128,24 @@ def torch_optimizer(params: list, **options):
     if opts:
         raise TypeError(f"unknown options {sorted(opts)}")
     return package.AdamAtan2(param_groups(params, mask, wd), **kwargs)
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="adam_atan2",
+        learning_rate=1e-2,
+        reference_class=RefAdamAtan2,
+        cases={
+            "default": {},
+            "hyperparams": {"b1": 0.8, "b2": 0.999, "a": 1.0, "b": 2.0},
+            "decay_mask": DECAY,
+            "schedules": SCHEDULED,
+            "maximize": {"maximize": True},
+        },
+        packages={"adam-atan2-pytorch": torch_optimizer},
+        complex_params=False,
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.99, "a": 1.27, "b": 1.0},
+        bad=(("a", 0.0, "> 0"), ("b", -1.0, "> 0")),
+    ),
+)

@@ -101,6 +101,7 @@ from reference import (
     import_reference_package,
     param_groups,
 )
+from variant_spec import DECAY, Variant
 
 
 def linear_warmup(step: int, end: float, start: float = 0.0, warmup: int = 1) -> float:
@@ -334,3 +335,46 @@ def pytorch_optimizer_simplified_optimizer(params: list, **options):
     optimizer.register_step_pre_hook(before)
     optimizer.register_step_post_hook(after)
     return optimizer
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="ademamix",
+        learning_rate=1e-2,
+        reference_class=RefAdemamix,
+        cases={
+            "default": {},
+            "hyperparams": {"b1": 0.8, "b2": 0.99, "b3": 0.999, "alpha": 2.0, "eps": 1e-3},
+            "warmups": {"alpha_warmup_steps": 100, "b3_warmup_steps": 150},
+            "alpha_warmup": {"alpha_warmup_steps": 40},
+            "b3_warmup": {"b3_warmup_steps": 70, "b3": 0.995},
+            "schedules": {"alpha": lambda k: 5.0 * (1 - 0.99**k), "b3": lambda k: 0.99 + 0.0 * k},
+            "b1_zero": {"b1": 0.0},
+            "eps_root": {"eps_root": 1e-6},
+            "decay_mask": DECAY,
+            "maximize": {"maximize": True},
+        },
+        optax_cases=("default", "hyperparams", "schedules", "b1_zero", "eps_root", "decay_mask"),
+        packages={"pytorch-optimizer": pytorch_optimizer_optimizer},
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "b3": 0.9999, "alpha": 5.0},
+        bad=(("b3", 1.5, "[0, 1)"), ("alpha", -1.0, ">= 0"), ("b3_warmup_steps", 0, ">= 1")),
+    ),
+    Variant(
+        name="simplified_ademamix",
+        learning_rate=1e-3,
+        reference_class=RefSimplifiedAdemamix,
+        cases={
+            "default": {},
+            "hyperparams": {"b1": 0.9, "b2": 0.99, "alpha": 2.0, "eps": 1e-3},
+            "alpha_schedule": {"alpha": lambda k: 3.0 * (1 - 0.99**k)},
+            "eps_root": {"eps_root": 1e-6},
+            "decay_mask": DECAY,
+            "maximize": {"maximize": True},
+        },
+        optax_cases=("default", "hyperparams", "alpha_schedule", "eps_root", "decay_mask"),
+        packages={"pytorch-optimizer": pytorch_optimizer_simplified_optimizer},
+        hyperparams={"learning_rate": 1e-3, "b1": 0.99, "b2": 0.95, "alpha": 1.0},
+        bad=(("b1", -0.1, "[0, 1)"), ("alpha", -2.0, ">= 0")),
+    ),
+)

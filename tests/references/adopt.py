@@ -62,6 +62,7 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
+from variant_spec import DECAY, SCHEDULED, Variant
 
 
 def default_clip_value(count: float) -> float:
@@ -213,3 +214,31 @@ def pytorch_optimizer_optimizer(params: list, **options):
     if opts:
         raise TypeError(f"unknown options {sorted(opts)}")
     return pytorch_optimizer.ADOPT(list(params), **kwargs)
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="adopt",
+        learning_rate=1e-2,
+        reference_class=RefAdopt,
+        cases={
+            "default": {},
+            "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-3},
+            "nesterov": {"nesterov": True},
+            "no_clipping": {"use_clipping": False},
+            "clip_value_fn": {"clip_value_fn": lambda count: (count + 1) ** 0.25},
+            "decay_mask": DECAY,
+            "schedules": SCHEDULED,
+            "maximize": {"maximize": True},
+        },
+        optax_cases=("default", "hyperparams", "nesterov", "no_clipping", "clip_value_fn"),
+        packages={
+            "timm": timm_optimizer,
+            "pytorch-optimizer": pytorch_optimizer_optimizer,
+        },
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.9999, "eps": 1e-6},
+        static_args=("clip_value_fn",),
+        bad=(("b2", 1.0, "[0, 1)"), ("eps", -1.0, ">= 0"), ("weight_decay", -0.1, ">= 0")),
+    ),
+)

@@ -74,6 +74,7 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
+from variant_spec import DECAY, SCHEDULED, Variant
 
 MASK_SCALE_FLOOR = 1e-3  # timm's mask.mean().clamp_(min=1e-3)
 
@@ -151,3 +152,24 @@ def timm_optimizer(params: list, **options):
     if opts:
         raise TypeError(f"unknown options {sorted(opts)}")
     return module.AdamWLegacy(param_groups(params, mask, wd), **kwargs)
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="cautious_adamw",
+        per_tensor=True,
+        learning_rate=1e-2,
+        reference_class=RefCautiousAdamw,
+        cases={
+            "default": {},
+            "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-3, "eps_root": 1e-6},
+            "decay_mask": DECAY,
+            "schedules": SCHEDULED,
+            "maximize": {"maximize": True},
+        },
+        packages={"timm": timm_optimizer},
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "weight_decay": 1e-4},
+        bad=(("b1", 1.0, "[0, 1)"), ("weight_decay", -1.0, ">= 0")),
+    ),
+)

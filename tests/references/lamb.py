@@ -83,6 +83,7 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
+from variant_spec import DECAY, SCHEDULED, Variant
 
 
 def trust_ratio(p: np.ndarray, u: np.ndarray) -> float:
@@ -218,3 +219,30 @@ def pytorch_optimizer_optimizer(params: list, **options):
     optimizer = pytorch_optimizer.Lamb(list(params), **kwargs)
     optimizer.clamp = math.inf  # its class attribute clamps ||p|| at 10 in the ratio
     return optimizer
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="lamb",
+        per_tensor=True,
+        learning_rate=1e-2,
+        reference_class=RefLamb,
+        cases={
+            "default": {},
+            "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-3, "eps_root": 1e-6},
+            # The one setting pytorch-optimizer's Lamb computes (it adds eps elsewhere).
+            "no_eps": {"eps": 0.0},
+            "decay_mask": DECAY,
+            "schedules": SCHEDULED,
+            "maximize": {"maximize": True},
+        },
+        optax_cases=("default", "hyperparams", "decay_mask", "schedules"),
+        packages={
+            "timm": timm_optimizer,
+            "pytorch-optimizer": pytorch_optimizer_optimizer,
+        },
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0},
+        bad=(("eps", -1.0, ">= 0"), ("b1", 1.0, "[0, 1)")),
+    ),
+)

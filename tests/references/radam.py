@@ -63,6 +63,7 @@ from reference import (
     import_reference_package,
     param_groups,
 )
+from variant_spec import DECAY, SCHEDULED, Variant
 
 
 @dataclass
@@ -198,3 +199,32 @@ def pytorch_optimizer_optimizer(params: list, **options):
     if opts:
         raise TypeError(f"unknown options {sorted(opts)}")
     return pytorch_optimizer.RAdam(param_groups(params, mask, wd), **kwargs)
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="radam",
+        learning_rate=1e-2,
+        reference_class=RefRAdam,
+        cases={
+            "default": {},
+            "torch": {"eps_placement": "torch", "eps": 1e-3},
+            "torch_decay_mask": {"eps_placement": "torch", **DECAY},
+            "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-3, "eps_root": 1e-6},
+            "threshold": {"threshold": 50.0},
+            "nesterov": {"nesterov": True},
+            "decay_mask": DECAY,
+            "schedules": SCHEDULED,
+            "maximize": {"maximize": True},
+        },
+        optax_cases=("default", "hyperparams", "threshold", "nesterov"),
+        packages={
+            "torch": torch_optimizer,
+            "pytorch-optimizer": pytorch_optimizer_optimizer,
+        },
+        float32_cases=("torch", "torch_decay_mask"),
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
+        bad=(("threshold", 3.0, ">= 4"), ("eps_placement", "keras", "standard")),
+    ),
+)

@@ -43,6 +43,7 @@ from reference import (
     import_reference_package,
     param_groups,
 )
+from variant_spec import DECAY, SCHEDULED, Variant
 
 
 @dataclass
@@ -202,3 +203,28 @@ def torch_optimizer(params: list, **options):
     optimizer = cls(param_groups(params, mask, wd), **kwargs)
     optimizer.train()
     return optimizer
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="schedule_free_adamw",
+        learning_rate=1e-2,
+        reference_class=RefScheduleFreeAdamw,
+        cases={
+            "default": {},
+            "warmup": {"warmup_steps": 30},
+            "hyperparams": {"b1": 0.95, "b2": 0.99, "eps": 1e-6, "weight_lr_power": 1.0},
+            "r": {"r": 2.0, "warmup_steps": 25},
+            "decay_mask": {**DECAY, "warmup_steps": 10},
+            "paper": {"form": "paper", "warmup_steps": 20, "weight_decay": 0.05},
+            "schedules": SCHEDULED,
+            "maximize": {"maximize": True},
+        },
+        optax_cases=("default", "hyperparams"),
+        packages={"schedulefree": torch_optimizer},
+        reference_options={"form": lambda form: ("paper", form == "paper")},
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0},
+        bad=(("b1", 0.0, "(0, 1)"), ("warmup_steps", -1, ">= 0"), ("form", "x", "recommended")),
+    ),
+)

@@ -60,6 +60,7 @@ from reference import (
     import_reference_package,
     param_groups,
 )
+from variant_spec import MASK, SCHEDULED, Variant
 
 
 def debias_beta(beta: float, t: int) -> float:
@@ -170,3 +171,27 @@ def pytorch_optimizer_optimizer(params: list, **options):
     if opts:
         raise TypeError(f"unknown options {sorted(opts)}")
     return pytorch_optimizer.StableAdamW(param_groups(params, mask, wd), **kwargs)
+
+
+# How the tests run this module's optimizers (tests/variants.py collects them by registry name).
+TESTS = (
+    Variant(
+        name="stable_adamw",
+        per_tensor=True,
+        learning_rate=1e-2,
+        reference_class=RefStableAdamw,
+        cases={
+            "default": {},
+            "hyperparams": {"b1": 0.8, "b2": 0.999, "eps": 1e-3},
+            "decay_mask": {"weight_decay": 0.1, "mask": MASK},
+            "schedules": SCHEDULED,
+            "maximize": {"maximize": True},
+        },
+        packages={
+            "torch-optimi": torch_optimizer,
+            "pytorch-optimizer": pytorch_optimizer_optimizer,
+        },
+        hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.99, "weight_decay": 1e-2},
+        bad=(("b2", 1.0, "[0, 1)"), ("eps", -1e-6, ">= 0")),
+    ),
+)
