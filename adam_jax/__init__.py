@@ -6,7 +6,7 @@ aliases (:func:`adam`, :func:`adamw`, ...) are such chains, with optax's state t
 """
 
 from adam_jax import flat, quantization, registry, rules, sharding
-from adam_jax._src import deprecated_paths
+from adam_jax._src import deprecated_paths as _deprecated_paths
 from adam_jax._src.aliases import (
     adam,
     adam_8bit,
@@ -62,7 +62,7 @@ from adam_jax.quantization import BlockwiseQuantized, QuantizedArray, eight_bit_
 
 __version__ = "0.4.0"
 
-deprecated_paths.install()
+_deprecated_paths.install()
 
 __all__ = [
     "BlockwiseQuantized",

@@ -6,8 +6,8 @@ which brings Adam's state, moments and step scalars), made a transformation by
 :func:`scale_by_rule` and an optimizer by :func:`descend`. The helpers are the ones the library's
 own variants use: the zero-started moving average and its bias correction
 (:func:`moving_average`, :func:`step_scalars`), the hyperparameter checks
-(:func:`check_hyperparams`), the compute-dtype rules and moment storages. ``docs/adding_a_variant.md``
-walks through a complete variant written with nothing else.
+(:func:`check_hyperparams`), the compute-dtype rules and moment storages.
+``docs/adding_a_variant.md`` walks through a complete variant written with nothing else.
 
 Example:
   >>> import dataclasses, jax.numpy as jnp
@@ -29,7 +29,13 @@ Example:
 """
 
 from adam_jax._src.chains import ascent, descend
-from adam_jax._src.moments import AdamaxRule, AdamLikeRule, AdamRule, nesterov_mu_hat
+from adam_jax._src.moments import (
+    AdamaxRule,
+    AdamLikeRule,
+    AdamRule,
+    adam_moments,
+    nesterov_mu_hat,
+)
 from adam_jax._src.moving_average import (
     StepScalars,
     moving_average,
@@ -63,7 +69,7 @@ from adam_jax._src.variants.adopt import AdoptRule
 from adam_jax._src.variants.radam import RadamRule
 from adam_jax._src.variants.schedule_free import ScheduleFreeAdamwRule
 from adam_jax._src.variants.stable_adamw import StableAdamwRule
-from adam_jax._src.weight_decay import Mask
+from adam_jax._src.weight_decay import Mask, schedule_state_type
 
 __all__ = [
     "AdabeliefRule",
@@ -85,6 +91,7 @@ __all__ = [
     "StableAdamwRule",
     "StepScalars",
     "abs_sq",
+    "adam_moments",
     "as_storage",
     "ascent",
     "cast_scalar",
@@ -105,6 +112,7 @@ __all__ = [
     "nesterov_mu_hat",
     "real_dtype",
     "scale_by_rule",
+    "schedule_state_type",
     "second_moment",
     "static_float",
     "step_scalars",

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import operator
 import pkgutil
 import re
 from pathlib import Path
@@ -28,6 +29,7 @@ from adam_jax import registry, rules
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ROWS = registry.OPTIMIZERS
+NAME = operator.attrgetter("name")  # test ids: the same in every xdist worker
 # Transformations exported beside the moment estimates: pieces of every alias, not optimizers.
 PIECES = {"scale_by_bias_correction", "scale_by_learning_rate", "scale_by_rule"}
 
@@ -72,7 +74,7 @@ def _camel(name: str) -> str:
     return "".join(part.capitalize() for part in name.split("_"))
 
 
-@pytest.mark.parametrize("info", [i for i in ROWS if i.group == "variant" and i.rule], ids=str)
+@pytest.mark.parametrize("info", [i for i in ROWS if i.group == "variant" and i.rule], ids=NAME)
 def test_a_variants_rule_is_named_after_it_and_public(info: registry.OptimizerInfo) -> None:
     assert info.rule is not None
     assert info.rule.__name__ == f"{_camel(info.name)}Rule"
@@ -101,12 +103,12 @@ def test_every_variant_has_a_test_row_and_every_test_row_a_variant() -> None:
     assert declared == set(registry.names("variant"))
 
 
-@pytest.mark.parametrize("info", ROWS, ids=str)
+@pytest.mark.parametrize("info", ROWS, ids=NAME)
 def test_the_docstring_cites_the_registrys_paper(info: registry.OptimizerInfo) -> None:
     assert info.paper.url in (info.alias.__doc__ or ""), info.name
 
 
-@pytest.mark.parametrize("info", [i for i in ROWS if i.optax_name], ids=str)
+@pytest.mark.parametrize("info", [i for i in ROWS if i.optax_name], ids=NAME)
 def test_the_optax_namesake_exists_with_the_same_name(info: registry.OptimizerInfo) -> None:
     namesake = info.optax_namesake()
     assert callable(namesake)
@@ -151,7 +153,7 @@ def test_example_and_benchmarks_offer_every_row() -> None:
         assert (info.name in optimizers.SCHEDULE_FREE) == info.schedule_free
 
 
-@pytest.mark.parametrize("info", ROWS, ids=str)
+@pytest.mark.parametrize("info", ROWS, ids=NAME)
 def test_create_applies_the_rate_and_the_example_options(info: registry.OptimizerInfo) -> None:
     params = {"w": jnp.full(5, 0.5)}
     grads = {"w": jnp.linspace(-1.0, 1.0, 5)}

@@ -60,13 +60,23 @@ def public_path(name: str, value: Any) -> str | None:
     return None
 
 
+def _moved_value(old: str, name: str) -> Any:
+    """``name`` of old module ``old``: from its new module, or from the private module it moved
+    to within ``_src`` (``EPS_PLACEMENTS`` went from the aliases to the moment estimates)."""
+    for module_name in (MOVED[old], *MOVED.values()):
+        module = importlib.import_module(module_name)
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"module {old!r} has no attribute {name!r}")
+
+
 class _MovedModule(types.ModuleType):
     """An old module: reading a name imports it from its new home, with a warning."""
 
     def __getattr__(self, name: str) -> Any:
         if name.startswith("__"):
             raise AttributeError(name)
-        value = getattr(importlib.import_module(MOVED[self.__name__]), name)
+        value = _moved_value(self.__name__, name)
         if isinstance(value, types.ModuleType):
             return value
         new = public_path(name, value)

@@ -1,0 +1,204 @@
+"""The public line: what users import, what is private, and the old paths that still work.
+
+* The public modules (``adam_jax`` and its public submodules) each declare ``__all__``, bind no
+  public name outside it and export no underscore name; everything else lives in
+  ``adam_jax._src``.
+* ``adam_jax.rules`` gives a rule author every name the library's own variants import.
+* The docs, README and notebooks import nothing private.
+* The import paths of 0.3 (``adam_jax.moments``, ``adam_jax.variants.adopt``...) work for one
+  release, with a DeprecationWarning that names the new place.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import json
+import re
+import types
+import warnings
+from pathlib import Path
+
+import pytest
+
+import adam_jax
+from adam_jax import rules
+from adam_jax._src import deprecated_paths
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+PUBLIC_MODULES = (
+    "adam_jax",
+    "adam_jax.flat",
+    "adam_jax.quantization",
+    "adam_jax.registry",
+    "adam_jax.rules",
+    "adam_jax.sharding",
+)
+
+
+def test_public_modules_are_the_submodules_that_adam_jax_exports() -> None:
+    exported = {
+        f"adam_jax.{name}"
+        for name in adam_jax.__all__
+        if isinstance(getattr(adam_jax, name), types.ModuleType)
+    }
+    assert exported | {"adam_jax"} == set(PUBLIC_MODULES)
+
+
+@pytest.mark.parametrize("name", PUBLIC_MODULES)
+def test_a_public_module_binds_exactly_its_all(name: str) -> None:
+    module = importlib.import_module(name)
+    exported = list(module.__all__)
+    assert not [n for n in exported if n.startswith("_")], "underscore names in __all__"
+    assert exported == sorted(exported, key=str.lower) or exported == sorted(exported)
+    for member in exported:
+        assert hasattr(module, member), f"{name}.__all__ names the missing {member}"
+    bound = {
+        n
+        for n, value in vars(module).items()
+        if not n.startswith("_") and not (n == "annotations" and name != "adam_jax")
+    }
+    assert bound - set(exported) == set(), f"{name} binds public names outside __all__"
+
+
+def _imports_from_src(path: Path) -> set[str]:
+    """The names a module of ``adam_jax/_src`` takes from the rest of ``_src``: the names of
+    ``from adam_jax._src.x import name``, and ``module.name`` for ``from adam_jax._src import
+    module``."""
+    tree = ast.parse(path.read_text())
+    names: set[str] = set()
+    modules: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adam_jax._src"):
+            if node.module == "adam_jax._src":
+                modules |= {alias.asname or alias.name for alias in node.names}
+            else:
+                names |= {alias.name for alias in node.names}
+    for node in ast.walk(tree):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in modules
+        ):
+            names.add(node.attr)
+    return names
+
+
+VARIANT_FILES = sorted((REPO_ROOT / "adam_jax" / "_src" / "variants").glob("[!_]*.py"))
+
+
+@pytest.mark.parametrize("path", VARIANT_FILES, ids=lambda p: p.stem)
+def test_rules_gives_everything_the_library_variants_use(path: Path) -> None:
+    missing = sorted(
+        name
+        for name in _imports_from_src(path)
+        if not hasattr(rules, name) and name not in adam_jax.__all__
+    )
+    assert not missing, f"{path.name} uses names that adam_jax.rules does not export: {missing}"
+
+
+def test_the_import_parser_reads_both_forms(tmp_path: Path) -> None:
+    source = tmp_path / "m.py"
+    source.write_text(
+        "from adam_jax._src import validation\n"
+        "from adam_jax._src.rule import (\n    Leaf,\n    Moment,\n)\n"
+        "validation.check_decay('b1', 0.9)\n"
+    )
+    assert _imports_from_src(source) == {"Leaf", "Moment", "check_decay"}
+
+
+_PRIVATE_IMPORT = re.compile(r"\badam_jax\._[a-zA-Z]")  # adam_jax.__version__ is public
+
+
+def _documentation_code() -> dict[str, str]:
+    """The code users copy: docs pages, READMEs, and the notebooks' code cells."""
+    texts = {}
+    for path in [*REPO_ROOT.glob("*.md"), *(REPO_ROOT / "docs").glob("*.md")]:
+        texts[str(path.relative_to(REPO_ROOT))] = path.read_text()
+    texts["docs/api.rst"] = (REPO_ROOT / "docs" / "api.rst").read_text()
+    for path in [
+        *(REPO_ROOT / "examples").rglob("*.md"),
+        *(REPO_ROOT / "examples").glob("*.ipynb"),
+    ]:
+        text = path.read_text()
+        if path.suffix == ".ipynb":
+            cells = json.loads(text)["cells"]
+            text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "code")
+        texts[str(path.relative_to(REPO_ROOT))] = text
+    return texts
+
+
+def test_documentation_imports_nothing_private() -> None:
+    offenders = {
+        name: _PRIVATE_IMPORT.findall(text)
+        for name, text in _documentation_code().items()
+        if _PRIVATE_IMPORT.search(text)
+    }
+    # CHANGELOG.md names the private package when it says where the code moved.
+    offenders.pop("CHANGELOG.md", None)
+    assert not offenders
+
+
+def test_examples_import_nothing_private() -> None:
+    sources = [*(REPO_ROOT / "examples").rglob("*.py"), *(REPO_ROOT / "benchmarks").rglob("*.py")]
+    offenders = [
+        str(p.relative_to(REPO_ROOT)) for p in sources if _PRIVATE_IMPORT.search(p.read_text())
+    ]
+    assert not offenders
+
+
+@pytest.mark.parametrize(
+    ("old", "name", "new"),
+    [
+        ("adam_jax.moments", "scale_by_adam", "adam_jax.scale_by_adam"),
+        ("adam_jax.rule", "MomentRule", "adam_jax.MomentRule"),
+        ("adam_jax.moving_average", "step_scalars", "adam_jax.rules.step_scalars"),
+        ("adam_jax.variants.adopt", "adopt", "adam_jax.adopt"),
+        ("adam_jax.variants.radam", "RadamRule", "adam_jax.rules.RadamRule"),
+        ("adam_jax.aliases", "adamw", "adam_jax.adamw"),
+        ("adam_jax.storage", "MomentStorage", "adam_jax.MomentStorage"),
+    ],
+)
+def test_old_paths_work_with_a_warning_naming_the_new_one(old: str, name: str, new: str) -> None:
+    module = importlib.import_module(old)
+    with pytest.warns(DeprecationWarning, match=re.escape(f"{old}.{name} is deprecated")) as seen:
+        value = getattr(module, name)
+    assert f"import {new} instead" in str(seen[0].message)
+    new_module, _, new_name = new.rpartition(".")
+    assert value is getattr(importlib.import_module(new_module), new_name)
+
+
+def test_old_from_import_works_and_names_the_caller() -> None:
+    with pytest.warns(DeprecationWarning) as seen:
+        from adam_jax.variants.lamb import lamb  # noqa: F401  (the 0.3 path under test)
+    assert seen[0].filename == __file__
+
+
+def test_a_private_name_at_an_old_path_says_it_is_private() -> None:
+    module = importlib.import_module("adam_jax.rule")
+    with pytest.warns(DeprecationWarning, match="private now and will be removed"):
+        module.tensor_segments  # noqa: B018
+    moved_within = importlib.import_module("adam_jax.aliases")  # now in the moment estimates
+    with pytest.warns(DeprecationWarning, match="private now"):
+        assert moved_within.EPS_PLACEMENTS == ("standard", "keras")
+
+
+def test_old_paths_cover_every_module_of_0_3() -> None:
+    """Every private module that was public in 0.3 has its old path."""
+    old_modules = {
+        "aliases", "bias_correction", "kahan", "learning_rate", "moments", "moving_average",
+        "rounding", "rule", "schedules", "storage", "weight_decay",
+    }  # fmt: skip
+    assert {f"adam_jax.{m}" for m in old_modules} <= set(deprecated_paths.MOVED)
+    variants = (REPO_ROOT / "adam_jax" / "_src" / "variants").glob("[!_]*.py")
+    for path in variants:
+        assert f"adam_jax.variants.{path.stem}" in deprecated_paths.MOVED
+    for new in deprecated_paths.MOVED.values():
+        importlib.import_module(new)
+
+
+def test_unknown_names_at_old_paths_raise_attribute_error() -> None:
+    module = importlib.import_module("adam_jax.moments")
+    with warnings.catch_warnings(), pytest.raises(AttributeError):
+        warnings.simplefilter("error")
+        module.no_such_name  # noqa: B018
