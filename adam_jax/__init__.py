@@ -23,6 +23,7 @@ from adam_jax._src.bias_correction import ScaleByBiasCorrectionState, scale_by_b
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.kahan import KahanSummationState, kahan_summation
 from adam_jax._src.learning_rate import scale_by_learning_rate
+from adam_jax._src.memory import state_bytes
 from adam_jax._src.moments import (
     ScaleByAdamState,
     ScaleByAmsgradState,
@@ -129,6 +130,7 @@ __all__ = [
     "sharding",
     "simplified_ademamix",
     "stable_adamw",
+    "state_bytes",
     "stochastic_rounding",
     "warmup_stable_decay_schedule",
 ]

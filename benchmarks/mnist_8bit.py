@@ -38,7 +38,7 @@ def train_one(
     import optax
     from flax import nnx
 
-    from adam_jax import quantization
+    import adam_jax
     from examples.mnist import models
     from examples.mnist.train import cross_entropy, normalize, random_shift
 
@@ -95,7 +95,7 @@ def train_one(
         int(accuracy(params, test.images[i : i + 1000], test.labels[i : i + 1000]))
         for i in range(0, len(test.labels), 1000)
     )
-    return correct / len(test.labels), quantization.state_bytes(opt_state)
+    return correct / len(test.labels), adam_jax.state_bytes(opt_state)
 
 
 def main() -> None:

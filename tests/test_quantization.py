@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 import adam_jax
 from adam_jax import quantization as qz
+from adam_jax._src.quantization.dynamic_map import decode, encode
 
 # float32 rounding of x / absmax can push the error a few ulps past the exact bound.
 _REL_SLACK = 1e-5
@@ -104,14 +105,14 @@ def test_encode_is_nearest_entry(signed):
     if not signed:
         x = np.abs(x)
     expected = np.searchsorted(mid, x, side="left")  # number of midpoints strictly below x
-    got = np.asarray(jax.jit(lambda v: qz._encode(v, signed))(jnp.asarray(x)))
+    got = np.asarray(jax.jit(lambda v: encode(v, signed))(jnp.asarray(x)))
     np.testing.assert_array_equal(got, expected)
 
 
 @pytest.mark.parametrize("signed", [True, False])
 def test_decode_is_the_map(signed):
     codes = jnp.arange(256, dtype=jnp.uint8)
-    got = np.asarray(jax.jit(lambda c: qz._decode(c, signed))(codes))
+    got = np.asarray(jax.jit(lambda c: decode(c, signed))(codes))
     np.testing.assert_array_equal(got, qz.create_dynamic_map(signed))
 
 
@@ -307,16 +308,26 @@ def test_state_bytes_per_parameter():
     f32 = adam_jax.scale_by_adam().init(params)
     q8 = adam_jax.scale_by_adam(**qz.eight_bit_moments()).init(params)
     bf16 = adam_jax.scale_by_adam(mu_dtype=jnp.bfloat16, nu_dtype=jnp.bfloat16).init(params)
-    assert qz.state_bytes(f32) / n == pytest.approx(8.0, abs=0.01)
-    assert qz.state_bytes(bf16) / n == pytest.approx(4.0, abs=0.01)
-    per_param = qz.state_bytes(q8) / n
+    assert adam_jax.state_bytes(f32) / n == pytest.approx(8.0, abs=0.01)
+    assert adam_jax.state_bytes(bf16) / n == pytest.approx(4.0, abs=0.01)
+    per_param = adam_jax.state_bytes(q8) / n
     assert per_param <= 2.1
     assert per_param == pytest.approx(2 * (1 + 4 / 256), abs=0.02)
     # Short rows (a conv kernel with 64 output channels) group into blocks of 4 rows: the same.
     kernel = jnp.zeros((3, 3, 64, 64))
     q8 = adam_jax.scale_by_adam(**qz.eight_bit_moments()).init(kernel)
     assert q8.mu.absmax.shape == (3, 3, 16, 1)
-    assert qz.state_bytes(q8) / kernel.size == pytest.approx(2 * (1 + 4 / 256), abs=1e-3)
+    assert adam_jax.state_bytes(q8) / kernel.size == pytest.approx(2 * (1 + 4 / 256), abs=1e-3)
+
+
+def test_state_bytes_of_quantization_is_deprecated():
+    with pytest.warns(DeprecationWarning, match="use adam_jax.state_bytes") as record:
+        state_bytes = qz.state_bytes
+    assert state_bytes is adam_jax.state_bytes
+    assert record[0].filename == __file__  # the warning points at the reader
+    assert "state_bytes" not in qz.__all__
+    with pytest.raises(AttributeError):
+        qz.no_such_name  # noqa: B018
 
 
 def test_scales_of_another_rank_are_refused():

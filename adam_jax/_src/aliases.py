@@ -14,7 +14,7 @@ import optax
 
 from adam_jax._src.chains import descend
 from adam_jax._src.moments import adam_moments, scale_by_adam, scale_by_adamax, scale_by_amsgrad
-from adam_jax._src.quantization import eight_bit_moments
+from adam_jax._src.quantization.eight_bit import eight_bit_moments
 from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 
@@ -419,7 +419,7 @@ def adam_8bit(
       >>> import adam_jax, jax.numpy as jnp
       >>> params = jnp.zeros((64, 128))
       >>> state = adam_jax.adam_8bit(1e-3).init(params)
-      >>> bytes_per_param = adam_jax.quantization.state_bytes(state) / params.size
+      >>> bytes_per_param = adam_jax.state_bytes(state) / params.size
       >>> print(state[0].mu.codes.dtype, f"{bytes_per_param:.3f}")
       uint8 2.032
     """

@@ -68,18 +68,21 @@ Example::
   )
 """
 
-from adam_jax._src.quantization import (
-    BlockwiseQuantized,
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from adam_jax._src.memory import state_bytes as _state_bytes
+from adam_jax._src.quantization.blocks import (
     QuantizedArray,
-    create_dynamic_map,
     dequantize_blockwise,
-    eight_bit_moments,
     is_quantized,
-    max_quantization_error,
     moment_sharding,
     quantize_blockwise,
-    state_bytes,
 )
+from adam_jax._src.quantization.dynamic_map import create_dynamic_map, max_quantization_error
+from adam_jax._src.quantization.eight_bit import BlockwiseQuantized, eight_bit_moments
 
 __all__ = [
     "BlockwiseQuantized",
@@ -91,5 +94,17 @@ __all__ = [
     "max_quantization_error",
     "moment_sharding",
     "quantize_blockwise",
-    "state_bytes",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # adam_jax 0.3 had state_bytes here; it measures any state, so it lives at the top level now.
+    if name == "state_bytes":
+        warnings.warn(
+            "adam_jax.quantization.state_bytes is deprecated since adam_jax 0.4: "
+            "use adam_jax.state_bytes",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return _state_bytes
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -51,7 +51,7 @@ def measure() -> list[Row]:
         cases = [(name, tx, tree) for name, tx in options.items()]
         cases.append((f"{EIGHT_BIT}, flat params", options[EIGHT_BIT], abstract_flat_params(tree)))
         for name, tx, params in cases:
-            state_bytes = quantization.state_bytes(jax.eval_shape(tx.init, params))
+            state_bytes = adam_jax.state_bytes(jax.eval_shape(tx.init, params))
             rows.append(
                 {
                     "tree": tree_name,

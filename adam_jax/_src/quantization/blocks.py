@@ -1,0 +1,333 @@
+"""The block layout of quantized tensors and its sharding.
+
+A stored tensor is a :class:`QuantizedArray`: codes with the tensor's shape and one float32
+scale per block. This module picks the blocks (tiles over the last two axes), shards the scales
+with the codes, reshapes tensors into blocks and back, and quantizes arrays block-wise with the
+dynamic map (:func:`quantize_blockwise`, :func:`dequantize_blockwise`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec
+
+from adam_jax._src.quantization.dynamic_map import decode, encode
+from adam_jax._src.typed_sharding import reshard, spec_entries, typed_sharding
+
+# --------------------------------------------------------------------------------------------
+# Block layout and its sharding.
+#
+# A block is a tile over the last two axes (the last one for a vector): ``rows`` consecutive
+# rows by ``columns`` consecutive elements of a row. The scales have the tensor's shape with
+# those two axes divided by the tile (rounded up), so the tile is read back from the shapes.
+# ``init`` picks tiles of at most ``block_size`` elements: runs along the last axis, or, when
+# that axis is short, a few whole rows (contiguous in memory, as the paper's blocks).
+# --------------------------------------------------------------------------------------------
+
+
+class QuantizedArray(NamedTuple):
+    """Stored form of one quantized tensor.
+
+    Attributes:
+      codes: ``uint8`` array with the shape of the original tensor (index into the map).
+      absmax: float32 scales, one per block, with the rank of ``codes``: its shape is
+        ``codes.shape`` with the last two axes (the last one for a vector) divided by the
+        block's extent along them, rounded up.
+
+    As a tree of shardings (:func:`moment_sharding`) its fields are those arrays' shardings.
+    """
+
+    codes: Any
+    absmax: Any
+
+
+def is_quantized(stored: Any) -> bool:
+    """Whether a stored moment leaf is quantized (a :class:`QuantizedArray` or a mapping of its
+    fields); use it as the ``is_leaf`` of ``jax.tree.map`` or ``optax.tree_map_params`` to see a
+    quantized moment as one leaf."""
+    return hasattr(stored, "codes") and hasattr(stored, "absmax")
+
+
+def moment_sharding(stored: Any, param_sharding: Any) -> Any:
+    """The sharding of one stored moment, from the sharding of its param.
+
+    Codes have the param's shape and take its sharding. The block scales have the param's
+    rank and take its sharding too, except on a blocked axis whose shards do not hold whole
+    blocks (possible on Auto mesh axes, see the module docstring), which they keep whole. The
+    scales' shape comes from ``stored``: derive it as the state will be made (on an Auto mesh,
+    ``jax.eval_shape`` of ``init`` gives the layout of every ``init``). Derive the shardings of
+    a whole state with ``optax.tree_map_params``::
+
+      state_shardings = optax.tree_map_params(
+          tx, quantization.moment_sharding, jax.eval_shape(tx.init, params), param_shardings,
+          is_leaf=quantization.is_quantized,
+          transform_non_params=lambda _: replicated,  # the step counts
+      )
+
+    Args:
+      stored: a stored moment leaf (a :class:`QuantizedArray` or a plain array, or their
+        ``jax.ShapeDtypeStruct``).
+      param_sharding: the ``jax.sharding.NamedSharding`` of the corresponding param.
+
+    Returns:
+      ``param_sharding`` for a plain moment, or a :class:`QuantizedArray` of shardings.
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from jax.sharding import NamedSharding, PartitionSpec as P
+      >>> from adam_jax import quantization
+      >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
+      >>> stored = quantization.BlockwiseQuantized().init(np.zeros((64, 512)))
+      >>> sharding = quantization.moment_sharding(stored, NamedSharding(mesh, P("x")))
+      >>> print(stored.absmax.shape, sharding.codes.spec, sharding.absmax.spec)
+      (64, 2) P('x',) P('x', None)
+    """
+    if not is_quantized(stored):
+        return param_sharding
+    shape, scale_shape = tuple(stored.codes.shape), tuple(stored.absmax.shape)
+    scales = scale_sharding_for(param_sharding, shape, scale_shape)
+    return QuantizedArray(codes=param_sharding, absmax=scales)
+
+
+def _blocked_axes(ndim: int) -> int:
+    """How many trailing axes a block spans: the last two, or one for a vector."""
+    return min(ndim, 2)
+
+
+def _tile(length: int, count: int) -> int:
+    """Extent of a block along an axis of ``length`` cut into ``count`` blocks."""
+    return math.ceil(length / count)
+
+
+def _largest_divisor_at_most(n: int, bound: int) -> int:
+    divisors = (d for k in range(1, math.isqrt(n) + 1) if n % k == 0 for d in (k, n // k))
+    return max(d for d in divisors if d <= bound)
+
+
+def _shard_count(mesh: Any, entry: Any, explicit_only: bool = False) -> int:
+    """How many pieces the mesh axes of one ``PartitionSpec`` entry cut an array axis into."""
+    names = () if entry is None else entry if isinstance(entry, tuple) else (entry,)
+    types = dict(zip(mesh.axis_names, mesh.axis_types, strict=True))
+    return math.prod(
+        mesh.shape[name]
+        for name in names
+        if not explicit_only or types[name] == jax.sharding.AxisType.Explicit
+    )
+
+
+def _whole_blocks(length: int, count: int, shards: int) -> bool:
+    """Whether each of ``shards`` equal pieces of an axis holds whole blocks (no padding)."""
+    tile = _tile(length, count)
+    return count * tile == length and length % shards == 0 and (length // shards) % tile == 0
+
+
+def _local_length(length: int, sharding: Any, entry: Any) -> int:
+    """Length of the shard of an axis split over the Explicit mesh axes of ``entry``."""
+    shards = _shard_count(sharding.mesh, entry, explicit_only=True) if entry is not None else 1
+    return length // shards if length % shards == 0 else length
+
+
+def scale_shape_for(shape: tuple[int, ...], block_size: int, sharding: Any) -> tuple[int, ...]:
+    """The scales' shape for a param of ``shape`` placed with ``sharding``.
+
+    Runs of ``ceil(length / ceil(length / block_size))`` along the last axis; when the last
+    axis is split over Explicit mesh axes, the longest run of at most ``block_size`` that tiles
+    a shard. When a whole row fits a block twice, blocks take the largest number of rows of at
+    most ``block_size`` elements that tiles the rows (or their shard, likewise).
+    """
+    entries: tuple[Any, ...] = (None,) * len(shape)
+    if isinstance(sharding, NamedSharding):
+        entries = spec_entries(sharding.spec, len(shape))
+    length = shape[-1]
+    local = _local_length(length, sharding, entries[-1])
+    if local < length:
+        columns = length // _largest_divisor_at_most(local, block_size)
+    else:
+        columns = max(1, math.ceil(length / block_size))
+    if len(shape) == 1 or columns > 1 or not 0 < 2 * length <= block_size or shape[-2] == 0:
+        return shape[:-1] + (columns,)
+    local_rows = _local_length(shape[-2], sharding, entries[-2])
+    rows_per_block = _largest_divisor_at_most(local_rows, block_size // length)
+    return shape[:-2] + (shape[-2] // rows_per_block, 1)
+
+
+def scale_sharding_for(sharding: Any, shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> Any:
+    """The scales' sharding: the param's, except on a blocked axis whose shards do not hold
+    whole blocks, which is replicated."""
+    if not isinstance(sharding, NamedSharding):
+        return sharding
+    entries = list(spec_entries(sharding.spec, len(shape)))
+    for axis in range(len(shape) - _blocked_axes(len(shape)), len(shape)):
+        shards = _shard_count(sharding.mesh, entries[axis])
+        if shards > 1 and not _whole_blocks(shape[axis], scale_shape[axis], shards):
+            entries[axis] = None
+    return NamedSharding(sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind)
+
+
+def place_like(x: jax.Array, like: Any) -> jax.Array:
+    """``x`` placed as the stored leaf ``like``: with its typed sharding on Explicit meshes and,
+    outside ``jit``, with its sharding (eager ops on Auto meshes may change a layout's)."""
+    typed = typed_sharding(like)
+    if typed is not None:
+        return reshard(x, typed)
+    eager = not isinstance(x, jax.core.Tracer) and isinstance(like, jax.Array)
+    if eager and not isinstance(like, jax.core.Tracer) and like.committed:
+        return jax.device_put(x, like.sharding)
+    return x
+
+
+def placement_of(param: Any) -> Any:
+    """Where state like ``param`` goes: the sharding in a traced param's type, a committed
+    array's sharding, a ``ShapeDtypeStruct``'s sharding; None for the default device."""
+    if isinstance(param, jax.core.Tracer):
+        return typed_sharding(param)
+    if isinstance(param, jax.Array):
+        return param.sharding if param.committed else None
+    return getattr(param, "sharding", None)
+
+
+def _to_blocks(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
+    """``x`` with each blocked axis split in (blocks, extent), padded with zeros.
+
+    For ``x`` of shape ``(..., n, m)`` and scales ``(..., r, c)``: ``(..., r, n/r, c, m/c)``.
+    On an Explicit mesh the block counts keep the axes' sharding.
+    """
+    if len(scale_shape) != x.ndim:
+        raise ValueError(
+            f"block scales of shape {scale_shape} for a tensor of shape {x.shape}: the scales "
+            "have the tensor's rank (8-bit states from before blocks followed the tensor's axes "
+            "have a flat row of scales; initialize them anew)"
+        )
+    blocked = _blocked_axes(x.ndim)
+    lead = x.shape[: x.ndim - blocked]
+    trailing = list(zip(x.shape[x.ndim - blocked :], scale_shape[x.ndim - blocked :], strict=True))
+    split = tuple(d for length, count in trailing for d in (count, _tile(length, count)))
+    typed = typed_sharding(x)
+    out_sharding = None
+    if typed is not None:
+        entries = list(spec_entries(typed.spec, x.ndim))
+        for axis, (length, count) in enumerate(trailing, start=len(lead)):
+            shards = _shard_count(typed.mesh, entries[axis])
+            if shards > 1 and not _whole_blocks(length, count, shards):
+                entries[axis] = None  # blocks straddle shards (a layout made for another mesh)
+        x = reshard(x, NamedSharding(typed.mesh, PartitionSpec(*entries)))
+        split_entries = (e for entry in entries[len(lead) :] for e in (entry, None))
+        out_spec = PartitionSpec(*entries[: len(lead)], *split_entries)
+        out_sharding = NamedSharding(typed.mesh, out_spec)
+    pads = [count * _tile(length, count) - length for length, count in trailing]
+    if any(pads):
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad) for pad in pads])
+    return jax.lax.reshape(x, lead + split, out_sharding=out_sharding)
+
+
+def _block_axes(ndim: int) -> tuple[int, ...]:
+    """The within-block axes of ``_to_blocks``' output for an ``ndim`` array."""
+    return (-1,) if _blocked_axes(ndim) == 1 else (-3, -1)
+
+
+def _from_blocks(blocks: jax.Array, like: jax.Array) -> jax.Array:
+    """Inverse of :func:`_to_blocks`: the shape of ``like`` and, on Explicit meshes, its
+    sharding."""
+    blocked = _blocked_axes(like.ndim)
+    lead = like.shape[: like.ndim - blocked]
+    padded = tuple(blocks.shape[i] * blocks.shape[i + 1] for i in range(len(lead), blocks.ndim, 2))
+    typed = typed_sharding(blocks)
+    out_sharding = None
+    if typed is not None:
+        entries = spec_entries(typed.spec, blocks.ndim)
+        merged = PartitionSpec(*entries[: len(lead)], *entries[len(lead) :: 2])
+        out_sharding = NamedSharding(typed.mesh, merged)
+    x = jax.lax.reshape(blocks, lead + padded, out_sharding=out_sharding)
+    if padded != like.shape[like.ndim - blocked :]:
+        x = x[tuple(slice(0, n) for n in like.shape)]
+    return reshard(x, typed_sharding(like))
+
+
+def _broadcast_scales(scales: jax.Array, blocks: jax.Array) -> jax.Array:
+    """Scales of shape ``(..., r, c)`` against blocks ``(..., r, n/r, c, m/c)``, with the
+    blocks' sharding of the block axes on Explicit meshes."""
+    axes = tuple(blocks.ndim + a for a in _block_axes(scales.ndim))
+    typed = typed_sharding(blocks)
+    if typed is not None:
+        entries = spec_entries(typed.spec, blocks.ndim)
+        kept = PartitionSpec(*(e for axis, e in enumerate(entries) if axis not in axes))
+        scales = reshard(scales, NamedSharding(typed.mesh, kept))
+    return jnp.expand_dims(scales, axes)
+
+
+# Jitted so that an eager update runs each codec as one compiled call (inlined under jit).
+@functools.partial(jax.jit, static_argnames=("scale_shape", "signed"))
+def quantize(x: jax.Array, scale_shape: tuple[int, ...], signed: bool) -> QuantizedArray:
+    blocks = _to_blocks(x.astype(jnp.float32), scale_shape)
+    absmax = jnp.max(jnp.abs(blocks), axis=_block_axes(x.ndim), initial=0.0)
+    safe = jnp.where(absmax > 0, absmax, 1.0)
+    codes = encode(blocks / jnp.expand_dims(safe, _block_axes(x.ndim)), signed)
+    return QuantizedArray(codes=_from_blocks(codes, x), absmax=absmax)
+
+
+def quantize_blockwise(
+    x: jax.Array, *, block_size: int = 256, signed: bool = True
+) -> QuantizedArray:
+    """Quantizes ``x`` block-wise to 8 bits with the dynamic map.
+
+    Blocks hold at most ``block_size`` elements: equal runs along the last axis
+    (``ceil(x.shape[-1] / block_size)`` per row, the last one shorter), or, when a row fits a
+    block twice, the largest number of whole rows that fits and divides the number of rows.
+
+    Args:
+      x: a real array (any float dtype, at least one axis). For ``signed=False`` it must be
+        >= 0.
+      block_size: the most elements that share one scale, >= 1.
+      signed: which map to use, see :func:`create_dynamic_map`.
+
+    Returns:
+      A :class:`QuantizedArray` with ``codes.shape == x.shape`` and scales of the same rank.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adam_jax import quantization
+      >>> x = jnp.array([[0.5, -1.0, 0.0], [2.0, 1.0, 4.0]])
+      >>> print(quantization.quantize_blockwise(x).absmax)  # one block of both rows
+      [[4.]]
+      >>> q = quantization.quantize_blockwise(x, block_size=3)  # a block per row
+      >>> print(q.absmax.shape, quantization.dequantize_blockwise(q))
+      (2, 1) [[ 0.50078124 -0.99296874  0.        ]
+       [ 2.003125    0.990625    4.        ]]
+    """
+    x = jnp.asarray(x)
+    if jnp.iscomplexobj(x):
+        raise TypeError("quantize_blockwise supports real arrays only")
+    if x.ndim == 0:
+        raise ValueError("quantize_blockwise needs an array with at least one axis")
+    if block_size < 1:
+        raise ValueError(f"block_size must be an integer >= 1, got {block_size}")
+    return quantize(x, scale_shape_for(x.shape, block_size, None), signed)
+
+
+def dequantize_blockwise(
+    q: QuantizedArray, *, signed: bool = True, dtype: Any = jnp.float32
+) -> jax.Array:
+    """Inverse of :func:`quantize_blockwise`: ``absmax[block] * map[code]``.
+
+    The blocks are read from the shapes of the codes and the scales.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from adam_jax import quantization
+      >>> q = quantization.quantize_blockwise(jnp.array([1.0, -0.5, 0.25, 0.0]))
+      >>> print(quantization.dequantize_blockwise(q, dtype=jnp.bfloat16))
+      [1 -0.5 0.248047 0]
+    """
+    return _dequantize(jnp.asarray(q.codes), jnp.asarray(q.absmax), signed).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("signed",))
+def _dequantize(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
+    blocks = _to_blocks(decode(codes, signed), absmax.shape)
+    scales = _broadcast_scales(absmax.astype(jnp.float32), blocks)
+    return _from_blocks(blocks * scales, codes)
