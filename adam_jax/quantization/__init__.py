@@ -70,8 +70,8 @@ Example::
 
 from __future__ import annotations
 
-import warnings
-from typing import Any
+import warnings as _warnings
+from typing import Any as _Any
 
 from adam_jax._src.memory import state_bytes as _state_bytes
 from adam_jax._src.quantization.blocks import (
@@ -97,10 +97,10 @@ __all__ = [
 ]
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> _Any:
     # adam_jax 0.3 had state_bytes here; it measures any state, so it lives at the top level now.
     if name == "state_bytes":
-        warnings.warn(
+        _warnings.warn(
             "adam_jax.quantization.state_bytes is deprecated since adam_jax 0.4: "
             "use adam_jax.state_bytes",
             DeprecationWarning,
