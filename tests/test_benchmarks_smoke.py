@@ -6,7 +6,8 @@ import json
 import math
 from pathlib import Path
 
-from benchmarks import compare_revisions, run, summarize
+import adam_jax
+from benchmarks import compare_revisions, program_hashes, run, summarize
 from benchmarks.sections import low_precision, variants
 
 REFERENCE = "optax.adam"
@@ -138,3 +139,10 @@ def test_low_precision_section_times_the_wrappers_against_the_plain_step(tmp_pat
         if row["variant"] == "bfloat16 plain":
             assert row["ratio_vs_plain"] == 1.0
     assert "time / plain bfloat16" in summarize.summarize(json.loads(out.read_text()))
+
+
+def test_program_hashes_tell_programs_apart_and_repeat() -> None:
+    adam = program_hashes.program_hash(adam_jax.adam(1e-2))
+    assert adam == program_hashes.program_hash(adam_jax.adam(1e-2))
+    assert adam != program_hashes.program_hash(adam_jax.adam(1e-2, b1=0.8))
+    assert adam != program_hashes.program_hash(adam_jax.nadam(1e-2))
