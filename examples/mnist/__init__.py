@@ -1,6 +1,7 @@
 """Flax NNX models trained on MNIST with adam_jax.
 
-Start with :mod:`~examples.mnist.step` (the model, its ``nnx.Optimizer`` with adam_jax, the
+New to it? :mod:`examples.mnist_minimal` is the whole job in one short file. In this program,
+start with :mod:`~examples.mnist.step` (the model, its ``nnx.Optimizer`` with adam_jax, the
 loss and the train and eval steps). Then: :mod:`~examples.mnist.config` (the settings, which
 are the command line's options too), :mod:`~examples.mnist.data` (IDX loader and downloader),
 :mod:`~examples.mnist.models`, :mod:`~examples.mnist.optimizers`,

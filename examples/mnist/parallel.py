@@ -2,10 +2,11 @@
 
 The params are replicated; the optimizer state is replicated too, or with ``shard_optimizer``
 split over the devices (ZeRO-1: :func:`adam_jax.sharding.state_shardings`). The train step is
-the one-device step compiled with these shardings: XLA's SPMD partitioner adds the
-communication (the sum of the gradients over the devices and, with ZeRO-1, the gathering of
-the params updated in slices). With several processes the mesh spans the devices of all of
-them and the same code runs in each.
+the one-device step compiled with these shardings (with ZeRO-1,
+:meth:`DataParallel.sharded_train_step`, which also lays the gradients out as the moments): XLA's
+SPMD partitioner adds the communication (the sum of the gradients over the devices and, with
+ZeRO-1, the gathering of the params updated in slices). With several processes the mesh spans
+the devices of all of them and the same code runs in each.
 
 Meshes with ``Explicit`` axes (``jax.make_mesh``'s default) and with ``Auto`` axes both work:
 where the layout of a value has to be stated, :meth:`DataParallel.gather` and
@@ -24,7 +25,7 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from adam_jax.sharding import state_shardings, with_data_axis
-from examples.mnist import distributed
+from examples.mnist import distributed, step
 
 DATA = "data"
 
@@ -118,3 +119,18 @@ class DataParallel:
             lambda grad: with_data_axis(self.replicated, grad.shape, DATA), grads
         )
         return self.place(grads, shardings)
+
+    def sharded_train_step(
+        self,
+        model: nnx.Module,
+        optimizer: nnx.Optimizer,
+        images: jax.Array,
+        labels: jax.Array,
+        rngs: nnx.Rngs,
+    ) -> tuple[jax.Array, jax.Array]:
+        """:func:`~examples.mnist.step.train_step` for ``--shard-optimizer`` (ZeRO-1): the same
+        step, with the gradients placed by :meth:`zero_sliced` before the update."""
+        grad_fn = nnx.value_and_grad(step.loss_fn, has_aux=True)
+        (loss, logits), grads = grad_fn(model, images, labels, rngs)
+        optimizer.update(model, self.zero_sliced(grads))
+        return loss, logits

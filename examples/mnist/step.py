@@ -4,14 +4,12 @@ Flax NNX. :class:`~examples.mnist.trainer.Trainer` runs these steps compiled for
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import adam_jax
 from examples.mnist import models, optimizers
 from examples.mnist.config import Config
 
@@ -21,7 +19,10 @@ def create_model_and_optimizer(
 ) -> tuple[nnx.Module, nnx.Optimizer]:
     """The network of ``config``, initialized from its seed, and the optimizer of its params."""
     model = models.create(config.model, config.seed, config.param_dtype)
-    tx = optimizers.create(config.optimizer, learning_rate)  # "adam": adam_jax.adam
+    if config.optimizer == "adam":  # The default: b1 0.9, b2 0.999, eps 1e-8.
+        tx = adam_jax.adam(learning_rate)
+    else:  # Any other of optimizers.NAMES: the Adam family, or a baseline from optax.
+        tx = optimizers.create(config.optimizer, learning_rate)
     # bfloat16 or float16 params: Kahan summation or stochastic rounding of their updates.
     tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
     if config.skip_nonfinite:
@@ -48,14 +49,10 @@ def train_step(
     images: jax.Array,
     labels: jax.Array,
     rngs: nnx.Rngs,
-    place_grads: Callable[[Any], Any] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """One optimizer step on a batch, in place; returns the batch's mean loss and logits.
-    ``place_grads`` lays the gradients out as the optimizer state (``--shard-optimizer``)."""
+    """One optimizer step on a batch, in place; returns the batch's mean loss and logits."""
     grad_fn = nnx.value_and_grad(loss_fn, has_aux=True)
     (loss, logits), grads = grad_fn(model, images, labels, rngs)
-    if place_grads is not None:
-        grads = place_grads(grads)
     optimizer.update(model, grads)
     return loss, logits
 

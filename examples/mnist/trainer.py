@@ -146,12 +146,15 @@ class Trainer:
         )
 
     def _make_train_step(self) -> Callable[..., Any]:
-        """:func:`~examples.mnist.step.train_step` as a pure function of the state, for
-        ``jax.jit``: on the batch of the given indices, augmented, with the epoch's sums."""
+        """:func:`~examples.mnist.step.train_step` (or, with ``--shard-optimizer``,
+        :meth:`~examples.mnist.parallel.DataParallel.sharded_train_step`) as a pure function of
+        the state, for ``jax.jit``: on the batch of the given indices, augmented, with the
+        epoch's sums."""
         graphdef, spec, max_shift = self.graphdef, self.dataset.spec, self.config.max_shift
         seed, skip_nonfinite = self.config.seed, self.config.skip_nonfinite
         layout = self.layout
-        place_grads = layout.zero_sliced if self.config.shard_optimizer else None
+        # ZeRO-1 lays the gradients out as the sliced moments before the update.
+        step_fn = layout.sharded_train_step if self.config.shard_optimizer else train_step
 
         def step_on_state(state, running, images, labels, indices, step_number):
             """One optimizer step on ``images[indices]``; adds to the ``running`` sums."""
@@ -162,7 +165,7 @@ class Trainer:
             y = layout.gather(labels, indices)
             model, optimizer = nnx.merge(graphdef, state)
             rngs = nnx.Rngs(dropout=dropout_key)
-            loss, logits = train_step(model, optimizer, x, y, rngs, place_grads)
+            loss, logits = step_fn(model, optimizer, x, y, rngs)
             if skip_nonfinite:
                 # optax.apply_if_finite's counters: this step's verdict, the total, the streak.
                 opt_state = optimizer.opt_state

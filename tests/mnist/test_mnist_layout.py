@@ -19,6 +19,7 @@ def test_the_first_screen_shows_the_model_the_optimizer_and_the_train_step() -> 
     first_screen = "\n".join(lines[:FIRST_SCREEN])
     for shown in (
         "models.create(",
+        "adam_jax.adam(learning_rate)",
         "optimizers.create(",
         "nnx.Optimizer(model, tx, wrt=nnx.Param)",
         "def loss_fn(",
