@@ -1,8 +1,8 @@
 """Zero-started exponential moving averages: the update weight and its bias correction.
 
 Every moment estimate of the Adam family is such an average. This module holds their numerics,
-shared by the moment estimates (:mod:`adam_jax.moments`) and the Keras-style step-size
-correction (:mod:`adam_jax.bias_correction`).
+shared by the moment estimates and the Keras-style step-size correction
+(:func:`adam_jax.scale_by_bias_correction`).
 """
 
 from __future__ import annotations
