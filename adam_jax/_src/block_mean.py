@@ -74,7 +74,8 @@ class BlockMeanStorage(MomentStorage):
         split: list[int] = []
         for k, b in zip(stored_shape, self.block_shape, strict=True):
             split += [k, b]
-        blocks = jnp.broadcast_to(value, shape).reshape(split)
+        full = value if value.shape == shape else jnp.broadcast_to(value, shape)
+        blocks = full.reshape(split)
         return jnp.mean(blocks, axis=tuple(range(1, 2 * len(shape), 2)))
 
 

@@ -70,6 +70,7 @@ from adam_jax._src.storage import (
     real_part_of,
     storages_for,
 )
+from adam_jax._src.typed_sharding import placement_for_shape, reshard, typed_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +115,7 @@ class Leaf:
         has no decay or the mask leaves the leaf out).
     """
 
-    __slots__ = ("_segments", "_settled", "_stored", "decay", "param")
+    __slots__ = ("_layout", "_segments", "_settled", "_stored", "decay", "param")
 
     def __init__(
         self,
@@ -122,11 +123,13 @@ class Leaf:
         decay: Any,
         segments: tuple[int, ...] | None,
         stored: dict[str, tuple[MomentStorage, Any]] | None = None,
+        layout: Any = None,
     ):
         self.param = param
         self.decay = decay
         self._segments = segments
         self._stored = stored or {}
+        self._layout = layout
         self._settled: set[str] = set()
 
     def settle(self, name: str, value: jax.Array) -> jax.Array:
@@ -142,7 +145,7 @@ class Leaf:
         if name not in self._stored:
             return value
         storage, stored = self._stored[name]
-        return storage.project(value, stored).astype(value.dtype)
+        return _laid_out(storage.project(value, stored).astype(value.dtype), self._layout)
 
     def sum(self, x: jax.Array, dtype: Any = None) -> jax.Array:
         """The sum of ``x`` over each tensor, broadcastable against ``x``, accumulated in
@@ -295,6 +298,22 @@ def map_tensors(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
     return treedef.unflatten(results)
 
 
+def _layout(g: jax.Array, loaded: dict[str, jax.Array], reduces: list[bool]) -> Any:
+    """The typed sharding that a leaf's full-shape operands share: a full moment's (ZeRO-1
+    shards the state, not the gradient), else the gradient's; None off Explicit meshes."""
+    for value, reduced in zip(loaded.values(), reduces, strict=True):
+        if not reduced and value.shape == g.shape and typed_sharding(value) is not None:
+            return typed_sharding(value)
+    return typed_sharding(g)
+
+
+def _laid_out(value: jax.Array, layout: Any) -> jax.Array:
+    """A reduced moment (block means, factors) laid out as ``layout`` allows its shape, so that
+    it broadcasts against the full-shape operands (ZeRO-1 may have put the data axis on another
+    dimension of the small stored array)."""
+    return reshard(value, placement_for_shape(layout, value.shape))
+
+
 def _as_array(param: Any) -> Any:
     """Python numbers become arrays (optax accepts them as params); arrays and
     ``ShapeDtypeStruct`` s pass through."""
@@ -387,14 +406,21 @@ def scale_by_rule(
                 m.name: kept[i].load(trees[i]).astype(rdtype if m.real else g.dtype)
                 for m, trees, kept in zip(moments, stored, storages, strict=True)
             }
+            layout = _layout(g, loaded, [kept[i].reduces for kept in storages])
             param = param_leaves[i]
             reducing = {
                 m.name: (kept[i], trees[i])
                 for m, trees, kept in zip(moments, stored, storages, strict=True)
                 if kept[i].reduces
             }
+            for name in reducing:
+                loaded[name] = _laid_out(loaded[name], layout)
             leaf = Leaf(
-                None if param is None else param.astype(g.dtype), decays[i], segments[i], reducing
+                None if param is None else param.astype(g.dtype),
+                decays[i],
+                segments[i],
+                reducing,
+                layout,
             )
             update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
             unsettled = sorted(set(reducing) - leaf._settled)

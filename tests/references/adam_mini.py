@@ -91,7 +91,8 @@ TESTS = (
         cases={
             "default": {},
             "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-3},
-            "partition": {"partition": {"b": None, "s": (), "w": (3, 2)}},
+            # Per row, in runs of 4 columns (w is (3, 4) here, (16, 32) in other tests).
+            "partition": {"partition": {"b": None, "s": (), "w": (1, 4)}},
             "decay_mask": DECAY,
             "schedules": SCHEDULED,
             "maximize": {"maximize": True},
@@ -99,6 +100,7 @@ TESTS = (
         float32_cases=(),
         storage_options=("mu_dtype",),
         flat_params=False,
+        per_tensor=True,  # block means: sums whose order changes with the state's sharding
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
         bad=(("b2", 1.0, "[0, 1)"), ("eps", -1.0, ">= 0"), ("num_heads", 0, ">= 1")),
     ),

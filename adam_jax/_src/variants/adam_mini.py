@@ -13,6 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 import optax
 
 from adam_jax._src import validation
@@ -108,7 +109,7 @@ def adam_mini_partition(num_heads: int | None = None) -> Partition:
                     "adam_mini partitions the params tree by its layers: FlatParams have lost "
                     "them (use the tree, or flat.flat around adam_mini)"
                 )
-            block = adam_mini_block_shape(_path_name(path), tuple(leaf.shape), num_heads)
+            block = adam_mini_block_shape(_path_name(path), tuple(np.shape(leaf)), num_heads)
             return cast_storage() if block is None else block_means(block)
 
         return jax.tree_util.tree_map_with_path(
@@ -136,7 +137,7 @@ def _as_partition(partition: Partition | Any | None, num_heads: int | None) -> P
                 return cast_storage()
             storage = block_means(spec)
             try:
-                storage.stored_shape(tuple(leaf.shape))
+                storage.stored_shape(tuple(np.shape(leaf)))
             except ValueError as error:
                 raise ValueError(
                     f"adam_mini partition, leaf {_path_name(path)!r}: {error}"
