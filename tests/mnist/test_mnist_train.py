@@ -444,7 +444,7 @@ def test_cli_reports_data_errors(tmp_path: Path) -> None:
         ("log_every", 0, "log_every must be an integer >= 1, got 0"),
         ("max_consecutive_skips", 0, "max_consecutive_skips must be an integer >= 1, got 0"),
         ("model", "resnet", "model must be one of cnn, mlp, deep_cnn; got 'resnet'"),
-        ("optimizer", "lion", "optimizer must be one of adam, adamw, nadam, nadamw, amsgrad,"),
+        ("optimizer", "lion", "optimizer must be one of adam, adamw, adam_l2, nadam, nadamw,"),
         ("schedule", "cosine", "schedule must be one of warmup_cosine, warmup_stable_decay, "),
         ("dataset", "cifar10", "dataset must be one of mnist, fashion_mnist; got 'cifar10'"),
         ("learning_rate", float("nan"), "learning_rate must be finite and > 0, got nan"),
