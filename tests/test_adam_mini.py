@@ -8,13 +8,12 @@ default partition, in float64, on the same gradients. They agree to 1e-8 relativ
 
 from __future__ import annotations
 
-import importlib.util
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from reference import import_reference_package
 
 import adam_jax
 
@@ -57,10 +56,8 @@ def _get(tree: dict, path: tuple[str, ...]) -> object:
 
 
 def test_adam_mini_matches_the_authors_package(x64: None) -> None:
-    if importlib.util.find_spec("adam_mini") is None or importlib.util.find_spec("torch") is None:
-        pytest.skip("the adam-mini package (and torch) is not installed")
-    import torch
-    from adam_mini import Adam_mini
+    Adam_mini = import_reference_package("adam-mini").Adam_mini  # noqa: N806 (their name)
+    torch = import_reference_package("torch")
 
     lr, wd, steps = 1e-2, 0.1, 40
     torch_params = {
