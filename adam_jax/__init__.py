@@ -20,6 +20,8 @@ from adam_jax._src.aliases import (
     nadamw,
 )
 from adam_jax._src.bias_correction import ScaleByBiasCorrectionState, scale_by_bias_correction
+from adam_jax._src.block_mean import BlockMeanStorage, block_means
+from adam_jax._src.factored import FactoredMoment, FactoredStorage, factored_second_moment
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.kahan import KahanSummationState, kahan_summation
 from adam_jax._src.learning_rate import scale_by_learning_rate
@@ -43,9 +45,15 @@ from adam_jax._src.schedules import (
     linear_warmup,
     warmup_stable_decay_schedule,
 )
-from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage
+from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage, per_leaf
 from adam_jax._src.variants.adabelief import adabelief, scale_by_belief
 from adam_jax._src.variants.adam_atan2 import adam_atan2, scale_by_adam_atan2
+from adam_jax._src.variants.adam_mini import (
+    adam_mini,
+    adam_mini_block_shape,
+    adam_mini_partition,
+    scale_by_adam_mini,
+)
 from adam_jax._src.variants.ademamix import (
     ademamix,
     scale_by_ademamix,
@@ -66,8 +74,11 @@ __version__ = "0.4.0"
 _deprecated_paths.install()
 
 __all__ = [
+    "BlockMeanStorage",
     "BlockwiseQuantized",
     "CastStorage",
+    "FactoredMoment",
+    "FactoredStorage",
     "FlatParams",
     "KahanSummationState",
     "Leaf",
@@ -84,6 +95,9 @@ __all__ = [
     "adam_8bit",
     "adam_atan2",
     "adam_l2",
+    "adam_mini",
+    "adam_mini_block_shape",
+    "adam_mini_partition",
     "adamax",
     "adamaxw",
     "adamw",
@@ -92,10 +106,12 @@ __all__ = [
     "ademamix",
     "adopt",
     "amsgrad",
+    "block_means",
     "cast_storage",
     "cautious",
     "cautious_adamw",
     "eight_bit_moments",
+    "factored_second_moment",
     "flat",
     "inverse_sqrt_schedule",
     "kahan_summation",
@@ -106,6 +122,7 @@ __all__ = [
     "moving_average_terms",
     "nadam",
     "nadamw",
+    "per_leaf",
     "quantization",
     "radam",
     "registry",
@@ -113,6 +130,7 @@ __all__ = [
     "rules",
     "scale_by_adam",
     "scale_by_adam_atan2",
+    "scale_by_adam_mini",
     "scale_by_adamax",
     "scale_by_ademamix",
     "scale_by_adopt",

@@ -51,7 +51,14 @@ from adam_jax._src.rule import (
     scale_by_rule,
     second_moment,
 )
-from adam_jax._src.storage import CastStorage, MomentStorage, as_storage, cast_storage
+from adam_jax._src.storage import (
+    CastStorage,
+    MomentStorage,
+    PerLeafStorage,
+    as_storage,
+    cast_storage,
+    storages_for,
+)
 from adam_jax._src.validation import (
     check_at_least,
     check_choice,
@@ -85,6 +92,7 @@ __all__ = [
     "Moment",
     "MomentRule",
     "MomentStorage",
+    "PerLeafStorage",
     "RadamRule",
     "ScheduleFreeAdamwRule",
     "SimplifiedAdemamixRule",
@@ -116,4 +124,5 @@ __all__ = [
     "second_moment",
     "static_float",
     "step_scalars",
+    "storages_for",
 ]

@@ -14,6 +14,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``scaling``: ZeRO-1 on 1 to 8 devices, state bytes per device and step time (~100M params)
 * ``variants``: every variant of the modern Adam family against optax's namesake and adamw
 * ``low_precision``: step time of Kahan summation and stochastic rounding on bfloat16 params
+* ``memory``: bytes per parameter of params + state and of the compiled step, per memory setting
 
 Every section times its variants interleaved (round robin, rotating start) and reports
 medians; see ``benchmarks.harness``. A re-run section replaces its rows in the JSON file, the
@@ -39,6 +40,7 @@ from benchmarks.sections import (
     eight_bit,
     leaves,
     low_precision,
+    memory,
     scaling,
     state_bytes,
     steps,
@@ -86,6 +88,10 @@ SECTIONS: dict[str, Section] = {
     "low_precision": Section(
         low_precision.run,
         "step time of Kahan summation and stochastic rounding on bfloat16 params",
+    ),
+    "memory": Section(
+        memory.run,
+        "bytes per parameter of params + state and of the compiled step, per memory setting",
     ),
 }
 # Sections drawn by benchmarks.plot: the plot is redrawn when one of them ran.

@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 import adam_jax
 from benchmarks import compare_revisions, program_hashes, run, summarize
 from benchmarks.sections import low_precision, variants
@@ -146,3 +148,16 @@ def test_program_hashes_tell_programs_apart_and_repeat() -> None:
     assert adam == program_hashes.program_hash(adam_jax.adam(1e-2))
     assert adam != program_hashes.program_hash(adam_jax.adam(1e-2, b1=0.8))
     assert adam != program_hashes.program_hash(adam_jax.nadam(1e-2))
+
+
+def test_memory_section_measures_params_state_and_step() -> None:
+    from benchmarks.sections import memory
+
+    rows = {row["setting"]: row for row in memory.measure(layers=1)}
+    assert set(rows) == set(memory.SETTINGS)
+    adamw = rows["float32 AdamW"]
+    assert adamw["params_bytes_per_param"] == 4 and adamw["bytes_per_param"] < 12.001
+    # Donated params and state come back in place: the outputs alias the arguments.
+    assert adamw["step_alias_bytes_per_param"] == pytest.approx(adamw["bytes_per_param"], 1e-3)
+    assert rows["Adam-mini"]["state_bytes_per_param"] < 4.1
+    assert rows["bfloat16 + SR, 8-bit mu, Adam-mini nu"]["bytes_per_param"] < 3.2

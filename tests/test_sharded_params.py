@@ -163,16 +163,29 @@ def _params_like(tree: Any, params: Any) -> list[Any]:
 
 def _assert_state_sharded_like_params(state: Any, params: Any) -> None:
     """Every array of a stored moment is split like its param: each device holds the same
-    fraction of it as of the param (8-bit codes and scales alike)."""
+    fraction of it as of the param (8-bit codes and scales alike). A reduced moment (block
+    means, factors) keeps the param's split of the axes it keeps whole."""
     moments = _params_like(state, params)
     assert moments
     for tree in moments:
         stored_leaves = jax.tree.leaves(tree, is_leaf=quantization.is_quantized)
         for stored, param in zip(stored_leaves, jax.tree.leaves(params), strict=True):
-            fraction = param.addressable_shards[0].data.size / param.size
             for leaf in jax.tree.leaves(stored):
                 sizes = {shard.data.size for shard in leaf.addressable_shards}
+                fraction = _kept_fraction(param, leaf, quantization.is_quantized(stored))
                 assert sizes == {leaf.size * fraction}, (leaf.shape, leaf.sharding, param.sharding)
+
+
+def _kept_fraction(param: jax.Array, leaf: jax.Array, quantized: bool) -> float:
+    """The fraction of ``leaf`` one device holds when it is split like ``param`` on the axes it
+    keeps whole (all of them, except for a reduced moment's axes of extent 1)."""
+    if quantized or leaf.shape == param.shape:
+        return param.addressable_shards[0].data.size / param.size
+    shard = param.sharding.shard_shape(param.shape)
+    ways = 1
+    for kept, whole, part in zip(leaf.shape, param.shape, shard, strict=True):
+        ways *= whole // part if kept == whole else 1
+    return 1 / ways
 
 
 def _assert_close(actual: Any, expected: Any) -> None:

@@ -150,6 +150,10 @@ def test_flat_params(variant: Variant) -> None:
     per-tensor reductions (clipping, caution, trust ratios) stay per packed tensor."""
     options = dict(variant.cases.get("decay_mask", {}))
     tree = _params()
+    if not variant.flat_params:
+        with pytest.raises(ValueError, match="FlatParams"):
+            variant.make().init(flat.flatten(tree))
+        return
     labels = None
     if "mask" in options:
         labels, options["mask"] = options["mask"], flat.labels
@@ -167,11 +171,8 @@ def test_flat_params(variant: Variant) -> None:
 
 
 def _storage_options(variant: Variant, storage: Any) -> dict[str, Any]:
-    """The options that store every moment (schedule-free: its second moment; z is the
-    iterate) in ``storage``."""
-    if variant.name == "schedule_free_adamw":
-        return {"nu_dtype": storage["nu_dtype"]}
-    return dict(storage)
+    """The options that store every moment the variant lets a user store in ``storage``."""
+    return {name: storage[name] for name in variant.storage_options}
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)

@@ -293,8 +293,10 @@ def test_state_shardings_rejects_a_mesh_without_the_data_axis() -> None:
 def _ways(leaf: jax.Array, mesh: Mesh) -> int:
     """Over how many devices ZeRO-1 splits a state leaf of these tests' model: a matrix (its
     param replicated, or FSDP-sharded over "model" on the 2-D mesh) over all 8, a vector over
-    the data axis if its size divides it, anything smaller nowhere."""
-    if leaf.ndim >= 2:
+    the data axis if its size divides it, anything smaller nowhere. A reduced moment (block
+    means, factors: an axis of extent 1) is split like a vector: its param's sharding of the
+    reduced axis is gone."""
+    if leaf.ndim >= 2 and 1 not in leaf.shape:
         return DEVICES
     data = mesh.shape["data"]
     return data if leaf.size and leaf.size % data == 0 else 1

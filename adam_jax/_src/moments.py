@@ -89,8 +89,9 @@ class AdamRule(AdamLikeRule):
         mu = moving_average(moments["mu"], g, d.w1)
         nu = moving_average(moments["nu"], abs_sq(g), d.w2)
         new = {"mu": mu, "nu": nu}
+        nu = leaf.settle("nu", nu)
         if self.amsgrad:
-            new["nu_max"] = nu = jnp.maximum(moments["nu_max"], nu)
+            new["nu_max"] = nu = leaf.settle("nu_max", jnp.maximum(moments["nu_max"], nu))
         nu_hat = nu / d.c2 if self.bias_correction else nu
         denominator = jnp.sqrt(nu_hat + cast_scalar(self.eps_root, rdtype)) + cast_scalar(
             self.eps, rdtype
@@ -126,7 +127,7 @@ class AdamaxRule(AdamLikeRule):
         u = jnp.maximum(
             jnp.abs(g) + cast_scalar(self.eps, rdtype), cast_scalar(self.b2, rdtype) * moments["nu"]
         )
-        return divide(self.eps)(mu / scalars.c1, u), {"mu": mu, "nu": u}
+        return divide(self.eps)(mu / scalars.c1, leaf.settle("nu", u)), {"mu": mu, "nu": u}
 
 
 def scale_by_adam(

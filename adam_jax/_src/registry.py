@@ -15,6 +15,7 @@ from adam_jax._src.rule import MomentRule
 from adam_jax._src.variants import (
     adabelief,
     adam_atan2,
+    adam_mini,
     ademamix,
     adopt,
     cautious,
@@ -263,8 +264,7 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
         "one momentum accumulator plus alpha times the gradient",
         Paper(
             "Morwani, Shapira, Vyas, Malach, Kakade and Janson",
-            "Connections between Schedule-Free Optimizers, AdEMAMix, and Accelerated SGD "
-            "Variants",
+            "Connections between Schedule-Free Optimizers, AdEMAMix, and Accelerated SGD Variants",
             "https://arxiv.org/abs/2502.02431",
             "2025",
         ),
@@ -383,6 +383,19 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
         # A step is a fraction of each layer's norm: it needs more (2 epochs on 12,000 images:
         # 94.7% at 3e-3, 98.4% at 2e-2, 96.7% at 5e-2).
         learning_rate=2e-2,
+    ),
+    OptimizerInfo(
+        "adam_mini",
+        adam_mini.adam_mini,
+        "variant",
+        "one second moment per Hessian block (output neuron, head, token): half Adam's state",
+        Paper(
+            "Zhang, Chen, Li, Ding, Chen, Kingma, Ye, Luo and Sun",
+            "Adam-mini: Use Fewer Learning Rates To Gain More",
+            "https://arxiv.org/abs/2406.16793",
+            "ICLR 2025",
+        ),
+        adam_mini.scale_by_adam_mini,
     ),
 )
 

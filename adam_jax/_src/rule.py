@@ -63,7 +63,14 @@ import optax
 from adam_jax._src import validation
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.numerics import compute_dtype, real_dtype
-from adam_jax._src.storage import MomentStorage, as_storage, real_part_of
+from adam_jax._src.storage import (
+    MomentStorage,
+    PerLeafStorage,
+    as_storage,
+    real_part_of,
+    storages_for,
+)
+from adam_jax._src.typed_sharding import placement_for_shape, reshard, typed_sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,8 +79,8 @@ class Moment:
 
     Attributes:
       name: the field of the state type that holds the tree.
-      storage: how the moment is stored between steps: ``None`` (the param's dtype), a dtype, or
-        a :class:`adam_jax.MomentStorage`.
+      storage: how the moment is stored between steps: ``None`` (the param's dtype), a dtype, a
+        :class:`adam_jax.MomentStorage`, or one per leaf (:func:`adam_jax.per_leaf`).
       real: the moment is real for complex params (a second moment, an average of ``|g|^2``).
       from_params: starts as a copy of the params instead of zeros (schedule-free's ``z``).
     """
@@ -83,9 +90,9 @@ class Moment:
     real: bool = False
     from_params: bool = False
 
-    @property
-    def stored_as(self) -> MomentStorage:
-        return as_storage(self.storage)
+    def storages(self, tree: Any) -> list[MomentStorage]:
+        """The storage of each leaf of ``tree`` (the params, or the gradients)."""
+        return storages_for(self.storage, tree)
 
 
 def second_moment(storage: Any = None, name: str = "nu") -> Moment:
@@ -108,12 +115,37 @@ class Leaf:
         has no decay or the mask leaves the leaf out).
     """
 
-    __slots__ = ("_segments", "decay", "param")
+    __slots__ = ("_layout", "_segments", "_settled", "_stored", "decay", "param")
 
-    def __init__(self, param: jax.Array | None, decay: Any, segments: tuple[int, ...] | None):
+    def __init__(
+        self,
+        param: jax.Array | None,
+        decay: Any,
+        segments: tuple[int, ...] | None,
+        stored: dict[str, tuple[MomentStorage, Any]] | None = None,
+        layout: Any = None,
+    ):
         self.param = param
         self.decay = decay
         self._segments = segments
+        self._stored = stored or {}
+        self._layout = layout
+        self._settled: set[str] = set()
+
+    def settle(self, name: str, value: jax.Array) -> jax.Array:
+        """Moment ``name``'s new ``value`` as its storage will keep it, for the step to use.
+
+        Unchanged for storages that keep every element (the default, bfloat16, 8-bit); for a
+        reducing storage (block means as in Adam-mini, factored rows and columns as in
+        Adafactor) the block mean or the reconstruction, which may be of a shape that
+        broadcasts against the param. A rule calls it on each moment whose new value its step
+        uses; the core refuses a reducing storage for a moment the rule does not settle.
+        """
+        self._settled.add(name)
+        if name not in self._stored:
+            return value
+        storage, stored = self._stored[name]
+        return _laid_out(storage.project(value, stored).astype(value.dtype), self._layout)
 
     def sum(self, x: jax.Array, dtype: Any = None) -> jax.Array:
         """The sum of ``x`` over each tensor, broadcastable against ``x``, accumulated in
@@ -266,6 +298,22 @@ def map_tensors(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
     return treedef.unflatten(results)
 
 
+def _layout(g: jax.Array, loaded: dict[str, jax.Array], reduces: list[bool]) -> Any:
+    """The typed sharding that a leaf's full-shape operands share: a full moment's (ZeRO-1
+    shards the state, not the gradient), else the gradient's; None off Explicit meshes."""
+    for value, reduced in zip(loaded.values(), reduces, strict=True):
+        if not reduced and value.shape == g.shape and typed_sharding(value) is not None:
+            return typed_sharding(value)
+    return typed_sharding(g)
+
+
+def _laid_out(value: jax.Array, layout: Any) -> jax.Array:
+    """A reduced moment (block means, factors) laid out as ``layout`` allows its shape, so that
+    it broadcasts against the full-shape operands (ZeRO-1 may have put the data axis on another
+    dimension of the small stored array)."""
+    return reshard(value, placement_for_shape(layout, value.shape))
+
+
 def _as_array(param: Any) -> Any:
     """Python numbers become arrays (optax accepts them as params); arrays and
     ``ShapeDtypeStruct`` s pass through."""
@@ -297,21 +345,24 @@ def scale_by_rule(
     no_decay = not scheduled and validation.static_float(weight_decay) == 0.0
     moments = rule.moments()
     for moment in moments:
-        moment.stored_as  # noqa: B018  (a storage spec that is not one fails here, not in init)
+        # A storage spec that is not one fails here, not in init.
+        if not isinstance(moment.storage, PerLeafStorage):
+            as_storage(moment.storage)
 
     def init_fn(params: optax.Params) -> Any:
         params = jax.tree.map(_as_array, params)
         fields = dict(rule.init_fields(params))
+        treedef: Any = jax.tree.structure(params)
+        leaves = treedef.flatten_up_to(params)
         for moment in moments:
-            storage = moment.stored_as
-            if moment.from_params:
-                # Outside jit the param is copied: the state must not alias a donated param.
-                tree = jax.tree.map(lambda p, s=storage: s.store(jnp.array(p), s.init(p)), params)
-            elif moment.real:
-                tree = jax.tree.map(lambda p, s=storage: s.init(real_part_of(p)), params)
-            else:
-                tree = jax.tree.map(storage.init, params)
-            fields[moment.name] = tree
+            stored = []
+            for storage, p in zip(moment.storages(params), leaves, strict=True):
+                if moment.from_params:
+                    # Outside jit the param is copied: the state must not alias a donated param.
+                    stored.append(storage.store(jnp.array(p), storage.init(p)))
+                else:
+                    stored.append(storage.init(real_part_of(p) if moment.real else p))
+            fields[moment.name] = treedef.unflatten(stored)
         return rule.to_state(fields)
 
     def update_fn(
@@ -344,6 +395,7 @@ def scale_by_rule(
             decays = [rate if k else 0.0 for k in keep]
         segments = tensor_segments(updates)
         stored = [treedef.flatten_up_to(fields[m.name]) for m in moments]
+        storages = [m.storages(updates) for m in moments]
 
         new_updates = []
         new_moments: list[list[Any]] = [[] for _ in moments]
@@ -351,15 +403,36 @@ def scale_by_rule(
             g = grad.astype(compute_dtype(grad.dtype))
             rdtype = real_dtype(g.dtype)
             loaded = {
-                m.name: m.stored_as.load(trees[i]).astype(rdtype if m.real else g.dtype)
-                for m, trees in zip(moments, stored, strict=True)
+                m.name: kept[i].load(trees[i]).astype(rdtype if m.real else g.dtype)
+                for m, trees, kept in zip(moments, stored, storages, strict=True)
             }
+            layout = _layout(g, loaded, [kept[i].reduces for kept in storages])
             param = param_leaves[i]
-            leaf = Leaf(None if param is None else param.astype(g.dtype), decays[i], segments[i])
+            reducing = {
+                m.name: (kept[i], trees[i])
+                for m, trees, kept in zip(moments, stored, storages, strict=True)
+                if kept[i].reduces
+            }
+            for name in reducing:
+                loaded[name] = _laid_out(loaded[name], layout)
+            leaf = Leaf(
+                None if param is None else param.astype(g.dtype),
+                decays[i],
+                segments[i],
+                reducing,
+                layout,
+            )
             update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
+            unsettled = sorted(set(reducing) - leaf._settled)
+            if unsettled:
+                raise ValueError(
+                    f"{type(rule).__name__} does not settle moment {unsettled[0]!r} "
+                    f"(Leaf.settle), so it cannot keep it in the reducing storage "
+                    f"{type(reducing[unsettled[0]][0]).__name__}"
+                )
             new_updates.append(update.astype(grad.dtype))
-            for m, out, trees in zip(moments, new_moments, stored, strict=True):
-                out.append(m.stored_as.store(new[m.name], trees[i]))
+            for out, trees, kept, m in zip(new_moments, stored, storages, moments, strict=True):
+                out.append(kept[i].store(new[m.name], trees[i]))
 
         new_fields = dict(rule.next_fields(scalar_fields))
         for m, leaves in zip(moments, new_moments, strict=True):

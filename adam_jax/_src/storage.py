@@ -2,14 +2,17 @@
 
 The transformations compute in at least float32 and hand each new moment to a
 :class:`MomentStorage`, which decides its stored form: a plain cast (:func:`cast_storage`, the
-default) or a compressed encoding such as 8-bit block-wise quantization. The stored form of one
-leaf may itself be a pytree; the moment trees then have the params tree as a prefix.
+default), a compressed encoding such as 8-bit block-wise quantization, or a reduced form that
+keeps fewer values than the param has elements (block means, factored rows and columns). The
+stored form of one leaf may itself be a pytree; the moment trees then have the params tree as
+a prefix. :func:`per_leaf` chooses a storage for each leaf from the params tree.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -50,6 +53,19 @@ class MomentStorage(abc.ABC):
     def store(self, value: jax.Array, stored: Any) -> Any:
         """Encodes ``value`` into a stored form with the same structure, shapes and dtypes as
         ``stored``."""
+
+    #: Whether the stored form keeps fewer values than the param has elements (block means,
+    #: factored rows and columns). The step must then use the moment as it will be stored, so
+    #: a rule keeps such a moment only if it :meth:`~adam_jax.Leaf.settle` s it.
+    reduces: bool = False
+
+    def project(self, value: jax.Array, stored: Any) -> jax.Array:
+        """The moment ``value`` as the step uses it: ``value`` itself by default (a storage that
+        keeps every element, rounded or not, as bitsandbytes' 8-bit state does), and for a
+        reducing storage what :meth:`load` will give after :meth:`store` (a block mean, a
+        factored reconstruction), in any shape that broadcasts against the param."""
+        del stored
+        return value
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,3 +136,55 @@ def real_part_of(param: Any) -> Any:
         sharding = getattr(param, "sharding", None) if committed else None
         return jax.ShapeDtypeStruct(param.shape, dtype, sharding=sharding)
     return param
+
+
+@dataclasses.dataclass(frozen=True)
+class PerLeafStorage:
+    """A storage for each leaf, chosen from the tree: see :func:`per_leaf`."""
+
+    select: Callable[[Any], Any]
+
+
+def per_leaf(select: Callable[[Any], Any]) -> PerLeafStorage:
+    """A moment storage chosen per leaf: ``select(tree)`` returns a tree of storage specs
+    (``None`` is not a spec here: use :func:`cast_storage`) with the structure of ``tree``, or a
+    prefix of it.
+
+    ``select`` is called with the params in ``init`` and with the gradients in ``update``, so
+    it must depend on the tree's structure, paths and shapes only (as Adam-mini's partition by
+    layer names does), never on values.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> half_for_w = adam_jax.per_leaf(lambda p: {"w": adam_jax.cast_storage(jnp.bfloat16),
+      ...                                           "b": adam_jax.cast_storage()})
+      >>> tx = adam_jax.adam(1e-3, nu_dtype=half_for_w)
+      >>> state = tx.init({"w": jnp.zeros(3), "b": jnp.zeros(2)})
+      >>> print(state[0].nu["w"].dtype, state[0].nu["b"].dtype)
+      bfloat16 float32
+    """
+    if not callable(select):
+        raise ValueError(f"per_leaf takes a function of the params tree, got {select!r}")
+    return PerLeafStorage(select)
+
+
+def storages_for(spec: Any, tree: Any) -> list[MomentStorage]:
+    """One storage per leaf of ``tree``: ``spec`` for all (``None``, a dtype or a
+    :class:`MomentStorage`), or each leaf's from a :func:`per_leaf` spec."""
+    count = len(jax.tree.leaves(tree))
+    if not isinstance(spec, PerLeafStorage):
+        return [as_storage(spec)] * count
+    chosen = spec.select(tree)
+    is_spec = lambda x: isinstance(x, MomentStorage)  # noqa: E731
+    chosen_def: Any = jax.tree.structure(chosen, is_leaf=is_spec)
+    try:
+        subtrees = chosen_def.flatten_up_to(tree)
+    except (ValueError, TypeError) as error:
+        raise ValueError(
+            "per_leaf: the storages must have the params' structure (or a prefix of it): got "
+            f"{chosen_def} for params {jax.tree.structure(tree)}"
+        ) from error
+    storages = []
+    for choice, subtree in zip(jax.tree.leaves(chosen, is_leaf=is_spec), subtrees, strict=True):
+        storages += [as_storage(choice)] * len(jax.tree.leaves(subtree))
+    return storages

@@ -7,10 +7,11 @@ the code reshards them. Auto mesh axes are not in the type; the compiler places 
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 
 
 def spec_entries(spec: Any, ndim: int) -> tuple[Any, ...]:
@@ -38,3 +39,40 @@ def reshard(x: jax.Array, typed: NamedSharding | None) -> jax.Array:
     if current == spec_entries(typed.spec, x.ndim):
         return x
     return jax.sharding.reshard(x, typed)
+
+
+def place_like(x: jax.Array, like: Any) -> jax.Array:
+    """``x`` placed as the stored leaf ``like``: with its typed sharding on Explicit meshes and,
+    outside ``jit``, with its sharding (eager ops on Auto meshes may change a layout's)."""
+    typed = typed_sharding(like)
+    if typed is not None:
+        return reshard(x, typed)
+    eager = not isinstance(x, jax.core.Tracer) and isinstance(like, jax.Array)
+    if eager and not isinstance(like, jax.core.Tracer) and like.committed:
+        return jax.device_put(x, like.sharding)
+    return x
+
+
+def placement_of(param: Any) -> Any:
+    """Where state like ``param`` goes: the sharding in a traced param's type, a committed
+    array's sharding, a ``ShapeDtypeStruct``'s sharding; None for the default device."""
+    if isinstance(param, jax.core.Tracer):
+        return typed_sharding(param)
+    if isinstance(param, jax.Array):
+        return param.sharding if param.committed else None
+    return getattr(param, "sharding", None)
+
+
+def placement_for_shape(placement: Any, shape: tuple[int, ...]) -> Any:
+    """``placement`` (a param's, from :func:`placement_of`) for state of another ``shape`` of
+    the same rank (block means, factored rows): the mesh axes of a dimension they no longer
+    divide are dropped (that dimension is replicated)."""
+    if not isinstance(placement, NamedSharding):
+        return placement
+    entries = spec_entries(placement.spec, len(shape))
+    kept = []
+    for dim, entry in zip(shape, entries, strict=True):
+        axes = () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+        size = math.prod(placement.mesh.shape[axis] for axis in axes)
+        kept.append(entry if axes and dim % size == 0 else None)
+    return NamedSharding(placement.mesh, PartitionSpec(*kept), memory_kind=placement.memory_kind)

@@ -224,6 +224,7 @@ TESTS = (
         optax_cases=("default", "hyperparams"),
         packages={"schedulefree": torch_optimizer},
         reference_options={"form": lambda form: ("paper", form == "paper")},
+        storage_options=("nu_dtype",),  # z is the iterate, not a moment
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "weight_decay": 0.0},
         bad=(("b1", 0.0, "(0, 1)"), ("warmup_steps", -1, ">= 0"), ("form", "x", "recommended")),
     ),

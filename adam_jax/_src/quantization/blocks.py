@@ -169,28 +169,6 @@ def scale_sharding_for(sharding: Any, shape: tuple[int, ...], scale_shape: tuple
     return NamedSharding(sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind)
 
 
-def place_like(x: jax.Array, like: Any) -> jax.Array:
-    """``x`` placed as the stored leaf ``like``: with its typed sharding on Explicit meshes and,
-    outside ``jit``, with its sharding (eager ops on Auto meshes may change a layout's)."""
-    typed = typed_sharding(like)
-    if typed is not None:
-        return reshard(x, typed)
-    eager = not isinstance(x, jax.core.Tracer) and isinstance(like, jax.Array)
-    if eager and not isinstance(like, jax.core.Tracer) and like.committed:
-        return jax.device_put(x, like.sharding)
-    return x
-
-
-def placement_of(param: Any) -> Any:
-    """Where state like ``param`` goes: the sharding in a traced param's type, a committed
-    array's sharding, a ``ShapeDtypeStruct``'s sharding; None for the default device."""
-    if isinstance(param, jax.core.Tracer):
-        return typed_sharding(param)
-    if isinstance(param, jax.Array):
-        return param.sharding if param.committed else None
-    return getattr(param, "sharding", None)
-
-
 def _to_blocks(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
     """``x`` with each blocked axis split in (blocks, extent), padded with zeros.
 

@@ -15,14 +15,13 @@ from adam_jax._src.quantization.blocks import (
     QuantizedArray,
     dequantize_blockwise,
     is_quantized,
-    place_like,
-    placement_of,
     quantize,
     scale_shape_for,
     scale_sharding_for,
 )
 from adam_jax._src.quantization.dynamic_map import map_constants
 from adam_jax._src.storage import MomentStorage
+from adam_jax._src.typed_sharding import place_like, placement_of
 
 
 def _size(param: Any) -> int:

@@ -45,7 +45,8 @@ class AdabeliefRule(AdamLikeRule):
         d = scalars
         mu = moving_average(moments["mu"], g, d.w1)
         nu = moving_average(moments["nu"], abs_sq(g - mu), d.w2) + self.eps_root
-        update = nesterov_mu_hat(mu, g, d, self) / (jnp.sqrt(nu / d.c2) + self.eps)
+        mu_hat = nesterov_mu_hat(mu, g, d, self)
+        update = mu_hat / (jnp.sqrt(leaf.settle("nu", nu) / d.c2) + self.eps)
         return leaf.add_decay(update), {"mu": mu, "nu": nu}
 
 

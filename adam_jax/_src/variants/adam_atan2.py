@@ -41,7 +41,8 @@ class AdamAtan2Rule(AdamLikeRule):
         d = scalars
         mu = moving_average(moments["mu"], g, d.w1)
         nu = moving_average(moments["nu"], jnp.square(g), d.w2)
-        update = self.a * jnp.arctan2(mu / d.c1, self.b * jnp.sqrt(nu / d.c2))
+        mu_hat = mu / d.c1
+        update = self.a * jnp.arctan2(mu_hat, self.b * jnp.sqrt(leaf.settle("nu", nu) / d.c2))
         return update, {"mu": mu, "nu": nu}
 
 

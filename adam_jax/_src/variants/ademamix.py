@@ -127,7 +127,7 @@ class AdemamixRule(MomentRule):
         m1 = moving_average(moments["m1"], g, d.w1)
         m2 = moving_average(moments["m2"], g, scalars.w3)
         nu = moving_average(moments["nu"], abs_sq(g), d.w2)
-        denominator = jnp.sqrt(nu / d.c2 + self.eps_root) + self.eps
+        denominator = jnp.sqrt(leaf.settle("nu", nu) / d.c2 + self.eps_root) + self.eps
         return (m1 / d.c1 + scalars.alpha * m2) / denominator, {"m1": m1, "m2": m2, "nu": nu}
 
 
@@ -310,7 +310,9 @@ class SimplifiedAdemamixRule(MomentRule):
         # 1e-8 in float32), an error that the accumulator's 1 / (1 - b1) terms amplify.
         m = moments["m"] + (g - w1 * moments["m"])
         n = moving_average(moments["n"], abs_sq(g), w2)
-        return (m + alpha * g) / (jnp.sqrt(n / c2 + self.eps_root) + self.eps), {"m": m, "n": n}
+        numerator = m + alpha * g
+        denominator = jnp.sqrt(leaf.settle("n", n) / c2 + self.eps_root) + self.eps
+        return numerator / denominator, {"m": m, "n": n}
 
 
 def scale_by_simplified_ademamix(

@@ -81,7 +81,8 @@ class AdoptRule(AdamLikeRule):
         # them sharded alike, which ZeRO-1's state and the gradients are not): weights of 0 and
         # 1 keep m = 0 and set v = 0 + 1 (g^2 - 0) = g^2, and the update is multiplied by 0.
         mu = moving_average(moments["mu"], normalized, jnp.where(d.first, 0.0, d.w1))
-        nu = moving_average(moments["nu"], g_sq, jnp.where(d.first, 1.0, d.w2))
+        # The step uses the old nu alone; the new one is settled as the next step will see it.
+        nu = leaf.settle("nu", moving_average(moments["nu"], g_sq, jnp.where(d.first, 1.0, d.w2)))
         direction = moving_average(mu, normalized, d.w1) if self.nesterov else mu
         update = leaf.add_decay(direction) * jnp.where(d.first, 0.0, 1.0)
         return update, {"mu": mu, "nu": nu}

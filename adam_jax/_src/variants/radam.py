@@ -124,12 +124,14 @@ class RadamRule(AdamLikeRule):
         mu = moving_average(moments["mu"], g, d.w1)
         nu = moving_average(moments["nu"], abs_sq(g), d.w2)
         mu_hat = nesterov_mu_hat(mu, g, d, self)
+        new = {"mu": mu, "nu": nu}
+        nu = leaf.settle("nu", nu)
         if self.eps_placement == "standard":
             adaptive = mu_hat / (jnp.sqrt(nu / d.c2 + self.eps_root) + self.eps)
         else:  # torch.optim.RAdam: eps added to sqrt(v) before the bias correction
             adaptive = mu_hat * jnp.sqrt(d.c2) / (jnp.sqrt(nu + self.eps_root) + self.eps)
         update = jnp.where(scalars.rectify, scalars.rectifier * adaptive, mu_hat)
-        return leaf.add_decay(update), {"mu": mu, "nu": nu}
+        return leaf.add_decay(update), new
 
 
 def scale_by_radam(

@@ -141,7 +141,8 @@ class ScheduleFreeAdamwRule(MomentRule):
         y, z = leaf.param, moments["z"]
         assert y is not None  # uses_params: the core passes the params
         nu = moving_average(moments["nu"], abs_sq(g), d.w2)
-        nu_hat = nu if self.form == "paper" else nu / d.c2
+        settled = leaf.settle("nu", nu)
+        nu_hat = settled if self.form == "paper" else settled / d.c2
         normalized = leaf.add_decay(g / (jnp.sqrt(nu_hat) + self.eps))
         # The authors' y <- lerp(y, z, c) + lr (b1 (1 - c) - 1) gn, written with the new z
         # (z - lr gn): the old z is then dead once the new one is written, which spares XLA a

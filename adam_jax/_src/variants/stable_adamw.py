@@ -45,8 +45,9 @@ class StableAdamwRule(AdamLikeRule):
         g_sq = abs_sq(g)
         mu = moving_average(moments["mu"], g, w1)
         nu = moving_average(moments["nu"], g_sq, w2)
-        rms = jnp.sqrt(leaf.mean(g_sq / jnp.maximum(nu, jnp.square(self.eps))))
-        update = leaf.add_decay(mu / (jnp.sqrt(nu) + self.eps))
+        settled = leaf.settle("nu", nu)
+        rms = jnp.sqrt(leaf.mean(g_sq / jnp.maximum(settled, jnp.square(self.eps))))
+        update = leaf.add_decay(mu / (jnp.sqrt(settled) + self.eps))
         return update / jnp.maximum(1.0, rms), {"mu": mu, "nu": nu}
 
 
