@@ -298,11 +298,11 @@ def map_tensors(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
     return treedef.unflatten(results)
 
 
-def _layout(g: jax.Array, loaded: dict[str, jax.Array], reduces: list[bool]) -> Any:
+def _layout(g: jax.Array, loaded: dict[str, jax.Array], reducing: dict[str, Any]) -> Any:
     """The typed sharding that a leaf's full-shape operands share: a full moment's (ZeRO-1
     shards the state, not the gradient), else the gradient's; None off Explicit meshes."""
-    for value, reduced in zip(loaded.values(), reduces, strict=True):
-        if not reduced and value.shape == g.shape and typed_sharding(value) is not None:
+    for name, value in loaded.items():
+        if name not in reducing and value.shape == g.shape and typed_sharding(value) is not None:
             return typed_sharding(value)
     return typed_sharding(g)
 
@@ -406,13 +406,13 @@ def scale_by_rule(
                 m.name: kept[i].load(trees[i]).astype(rdtype if m.real else g.dtype)
                 for m, trees, kept in zip(moments, stored, storages, strict=True)
             }
-            layout = _layout(g, loaded, [kept[i].reduces for kept in storages])
             param = param_leaves[i]
             reducing = {
                 m.name: (kept[i], trees[i])
                 for m, trees, kept in zip(moments, stored, storages, strict=True)
                 if kept[i].reduces
             }
+            layout = _layout(g, loaded, reducing) if reducing else None
             for name in reducing:
                 loaded[name] = _laid_out(loaded[name], layout)
             leaf = Leaf(
