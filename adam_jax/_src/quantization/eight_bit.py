@@ -16,6 +16,7 @@ from adam_jax._src.quantization.blocks import (
     dequantize_blockwise,
     is_quantized,
     quantize,
+    same_container,
     scale_shape_for,
     scale_sharding_for,
 )
@@ -110,12 +111,7 @@ class BlockwiseQuantized(MomentStorage):
             codes=place_like(codes.astype(jnp.uint8), stored.codes),
             absmax=place_like(absmax.astype(jnp.float32), stored.absmax),
         )
-        if isinstance(stored, QuantizedArray):
-            return quantized
-        # A container that rebuilt the QuantizedArray as a mapping of its fields (as
-        # flax.nnx.Optimizer does with its state) gets the same kind of mapping back, so the
-        # state keeps one structure from step to step (a lax.scan carry, donation).
-        return type(stored)(quantized._asdict())
+        return same_container(stored, quantized)
 
 
 def eight_bit_moments(block_size: int = 256, min_size: int = 4096) -> dict[str, BlockwiseQuantized]:
