@@ -54,16 +54,6 @@ def is_quantized(stored: Any) -> bool:
     return hasattr(stored, "codes") and (hasattr(stored, "absmax") or hasattr(stored, "row_max"))
 
 
-def same_container(stored: Any, quantized: Any) -> Any:
-    """``quantized`` (a NamedTuple) in the kind of container ``stored`` came in."""
-    if isinstance(stored, tuple):
-        return quantized
-    # A container that rebuilt the stored form as a mapping of its fields (as
-    # flax.nnx.Optimizer does with its state) gets the same kind of mapping back, so the state
-    # keeps one structure from step to step (a lax.scan carry, donation).
-    return type(stored)(quantized._asdict())
-
-
 def _blocked_axes(ndim: int) -> int:
     """How many trailing axes a block spans: the last two, or one for a vector."""
     return min(ndim, 2)

@@ -16,12 +16,11 @@ from adam_jax._src.quantization.blocks import (
     dequantize_blockwise,
     is_quantized,
     quantize,
-    same_container,
     scale_shape_for,
     scale_sharding_for,
 )
 from adam_jax._src.quantization.dynamic_map import map_constants
-from adam_jax._src.storage import MomentStorage
+from adam_jax._src.storage import MomentStorage, same_container
 from adam_jax._src.typed_sharding import place_like, placement_of
 
 

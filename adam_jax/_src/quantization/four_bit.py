@@ -32,11 +32,10 @@ from adam_jax._src.quantization.blocks import (
     _from_blocks,
     _to_blocks,
     is_quantized,
-    same_container,
     scale_shape_for,
     scale_sharding_for,
 )
-from adam_jax._src.storage import MomentStorage
+from adam_jax._src.storage import MomentStorage, same_container
 from adam_jax._src.typed_sharding import (
     place_like,
     placement_for_shape,
@@ -44,6 +43,7 @@ from adam_jax._src.typed_sharding import (
     reshard,
     spec_entries,
     typed_sharding,
+    without_axes_of,
 )
 
 CODES = 16
@@ -277,6 +277,7 @@ def quantize_rank1(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
 def dequantize_rank1(codes: jax.Array, row_max: jax.Array, col_max: jax.Array) -> jax.Array:
     """The float32 tensor held in packed codes and its row and column maxima."""
     values = decode_four_bit(unpack(codes, col_max.shape[-1]), signed=False)
+    col_max = without_axes_of(col_max, row_max)  # ZeRO-1 may split both over one axis
     scale = jnp.minimum(row_max.astype(jnp.float32), col_max.astype(jnp.float32))
     return values * scale
 
