@@ -52,6 +52,11 @@ SETTINGS: dict[str, tuple[Any, Callable[[], optax.GradientTransformation]]] = {
 }
 
 
+# Every setting goes through ZeRO-1 against one device (where their layouts differ); the
+# containers and the export run the settings whose stored forms differ from one another.
+CONTAINED = ("4bit", "bf16_sr_4bit_mu_adam_mini", "bf16_sr_4bit_mu_factored")
+
+
 def _params(dtype: Any) -> dict[str, Any]:
     """A Dense layer's params under Flax's names (Adam-mini's partition reads them)."""
     kernel = jnp.linspace(-1.0, 1.0, 64 * 96).reshape(64, 96)
@@ -69,7 +74,7 @@ def _leaves_equal(a: Any, b: Any) -> bool:
     return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in pairs)
 
 
-@pytest.mark.parametrize("name", sorted(SETTINGS))
+@pytest.mark.parametrize("name", CONTAINED)
 def test_in_flax_nnx_optimizer(name: str) -> None:
     from flax import nnx
 
@@ -111,7 +116,7 @@ def test_in_flax_nnx_optimizer(name: str) -> None:
     assert scanned[3] < eager[0]
 
 
-@pytest.mark.parametrize("name", sorted(SETTINGS))
+@pytest.mark.parametrize("name", CONTAINED)
 def test_orbax_round_trip_continues_bit_for_bit(name: str, tmp_path: Path) -> None:
     import orbax.checkpoint as ocp
 
@@ -181,7 +186,7 @@ def test_zero1_on_eight_devices_matches_one_device(name: str) -> None:
                 assert np.all(np.isfinite(got))
 
 
-@pytest.mark.parametrize("name", sorted(SETTINGS))
+@pytest.mark.parametrize("name", CONTAINED)
 def test_zero1_step_exports_for_cuda_and_tpu(name: str) -> None:
     if importlib.util.find_spec("flatbuffers") is None:
         pytest.skip("jax.export serialization needs flatbuffers")
