@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from adam_jax._src.numerics import compute_dtype
+from adam_jax._src.quantization.blocks import same_container
 from adam_jax._src.storage import MomentStorage
 from adam_jax._src.typed_sharding import place_like, placement_for_shape, placement_of
 
@@ -24,6 +25,12 @@ class FactoredMoment(NamedTuple):
 
     row: jax.Array
     col: jax.Array
+
+
+def _is_factored(stored: Any) -> bool:
+    """Whether a stored moment is factored: a :class:`FactoredMoment`, or a mapping of its
+    fields, as ``flax.nnx.Optimizer`` rebuilds it in its state after a step."""
+    return hasattr(stored, "row") and hasattr(stored, "col")
 
 
 def _axes(stored: FactoredMoment) -> tuple[int, int]:
@@ -95,7 +102,7 @@ class FactoredStorage(MomentStorage):
         )
 
     def load(self, stored: Any) -> jax.Array:
-        if not isinstance(stored, FactoredMoment):
+        if not _is_factored(stored):
             return stored
         d0, _ = _axes(stored)
         mean = jnp.mean(stored.row, axis=d0, keepdims=True)
@@ -104,16 +111,20 @@ class FactoredStorage(MomentStorage):
         return stored.row * (stored.col / safe)
 
     def store(self, value: jax.Array, stored: Any) -> Any:
-        if not isinstance(stored, FactoredMoment):
+        if not _is_factored(stored):
             return place_like(value.astype(stored.dtype), stored)
         factors = self._factors(value, stored)
-        return FactoredMoment(
-            row=place_like(factors.row.astype(stored.row.dtype), stored.row),
-            col=place_like(factors.col.astype(stored.col.dtype), stored.col),
+        # In the kind of container the factors came in, so that the state keeps one structure.
+        return same_container(
+            stored,
+            FactoredMoment(
+                row=place_like(factors.row.astype(stored.row.dtype), stored.row),
+                col=place_like(factors.col.astype(stored.col.dtype), stored.col),
+            ),
         )
 
     def project(self, value: jax.Array, stored: Any) -> jax.Array:
-        if not isinstance(stored, FactoredMoment):
+        if not _is_factored(stored):
             return value
         return self.load(self._factors(value, stored))
 
