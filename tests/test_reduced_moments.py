@@ -6,8 +6,9 @@
 * The factored accumulators are Adafactor's: ``b2 R + (1 - b2) mean(g^2)`` over each axis.
 * Every rule of the family runs with either storage; a rule that does not settle a reduced
   moment is refused by name.
-* Sharded params and ZeRO-1 on 8 host devices, ``optax.tree_map_params``, complex params and
-  checkpoints (a pytree round trip) work; bad specs are refused with the leaf and the problem.
+* Sharded params and ZeRO-1 on 8 host devices, ``optax.tree_map_params``, complex params,
+  checkpoints (a pytree round trip) and ``flax.nnx.Optimizer`` (which keeps a factored moment
+  as an ``nnx.State`` of its fields) work; bad specs are refused with the leaf and the problem.
 """
 
 from __future__ import annotations
@@ -236,6 +237,30 @@ def test_tree_map_params_and_a_checkpoint_round_trip() -> None:
     a, _ = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
     b, _ = tx.update(jax.tree.map(jnp.ones_like, params), restored, params)
     assert jax.tree.all(jax.tree.map(lambda x, y: bool(jnp.array_equal(x, y)), a, b))
+
+
+def test_factored_moment_in_flax_nnx_optimizer() -> None:
+    """nnx.Optimizer rebuilds the stored FactoredMoment as an nnx.State of its fields after a
+    step; the storage reads it and writes back the same kind of container, and the steps match
+    optax's on plain arrays."""
+    from flax import nnx
+
+    model = nnx.Linear(8, 6, rngs=nnx.Rngs(0))
+    tx = adam_jax.adam(1e-2, nu_dtype=adam_jax.factored_second_moment(4))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    state = tx.init(params)
+    x = jnp.linspace(-1.0, 1.0, 32).reshape(4, 8)
+    for _ in range(3):
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+        updates, state = tx.update(nnx.to_pure_dict(grads), state, params)
+        params = optax.apply_updates(params, updates)
+    nu = optimizer.opt_state[0].nu["kernel"].get_value()
+    assert isinstance(nu, nnx.State) and nu.row.shape == (8, 1) and nu.col.shape == (1, 6)
+    np.testing.assert_array_equal(nu.row, state[0].nu["kernel"].row)
+    ours = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, ours, params)
 
 
 @pytest.mark.parametrize("storage", ["blocks", "factored"])

@@ -177,7 +177,8 @@ def compare(
         raise ValueError(f"seeds must be an integer >= 1, got {seeds}")
     console = console or Console()
     for name in names:
-        optimizers.create(name, 0.0)  # Fails early on an unknown name.
+        # Fails early on an unknown name, or settings the optimizer cannot take (--moments).
+        dataclasses.replace(config, optimizer=name)
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     workdir = Path(config.workdir)
     results = {}

@@ -8,10 +8,10 @@ from typing import Any
 from examples.mnist import data, models, optimizers
 
 # Settings that a resumed run must share with the checkpoint it resumes from: they fix the
-# state's structure (model, optimizer, non-finite skipping) or which batches make up a step
-# (dataset, train_limit, batch_size, seed). The others (epochs, learning rate, schedule,
-# devices, shard_optimizer, ...) may change on resume; the run then follows the new values from
-# the checkpoint on.
+# state's structure (model, optimizer, storage of params and moments, non-finite skipping) or
+# which batches make up a step (dataset, train_limit, batch_size, seed). The others (epochs,
+# learning rate, schedule, devices, shard_optimizer, ...) may change on resume; the run then
+# follows the new values from the checkpoint on.
 RESUME_SETTINGS = (
     "model",
     "optimizer",
@@ -22,6 +22,8 @@ RESUME_SETTINGS = (
     "skip_nonfinite",
     "param_dtype",
     "low_precision",
+    "moments",
+    "second_moment",
 )
 # Storage of the params, and how updates reach low-precision ones (adam_jax.kahan_summation,
 # adam_jax.stochastic_rounding; "none": rounded to nearest, where small updates vanish).
@@ -107,6 +109,19 @@ class Config:
         "rounded to nearest (none)",
         choices=LOW_PRECISION,
     )
+    moments: str = option(
+        "default",
+        "storage of the optimizer's moments: the optimizer's own (default: adam_jax's in the "
+        "params' dtype), or 8-bit or 4-bit codes with scales (adam_jax.eight_bit_moments, "
+        "adam_jax.four_bit_moments)",
+        choices=tuple(optimizers.MOMENTS),
+    )
+    second_moment: str = option(
+        "default",
+        "storage of the second moment: as --moments says (default), or factored into row and "
+        "column means (adam_jax.factored_second_moment)",
+        choices=tuple(optimizers.SECOND_MOMENTS),
+    )
     shard_optimizer: bool = option(
         False, "split the optimizer state over the devices instead of replicating it (ZeRO-1)"
     )
@@ -120,6 +135,8 @@ class Config:
             ("dataset", tuple(data.DATASETS)),
             ("param_dtype", PARAM_DTYPES),
             ("low_precision", LOW_PRECISION),
+            ("moments", tuple(optimizers.MOMENTS)),
+            ("second_moment", tuple(optimizers.SECOND_MOMENTS)),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(
@@ -154,6 +171,8 @@ class Config:
             raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs}")
         if self.learning_rate is not None and not 0 < self.learning_rate < float("inf"):
             raise ValueError(f"learning_rate must be finite and > 0, got {self.learning_rate}")
+        # Raises ValueError for moments or second_moment that store none of the optimizer's.
+        optimizers.moment_storages(self.optimizer, self.moments, self.second_moment)
 
     def resume_settings(self) -> dict[str, object]:
         """The settings a checkpoint records and a resumed run must match."""

@@ -48,9 +48,16 @@ def print_size(console: Console, trainer: Trainer) -> None:
     """The number of parameters and the bytes per parameter of params and optimizer state."""
     config = trainer.config
     n, param_bytes, state_bytes = trainer.num_params, trainer.param_bytes, trainer.state_bytes
-    updates = "" if config.low_precision == "none" else f", {config.low_precision}"
+    # How params and moments are stored, where it is not the default.
+    storage = [config.param_dtype]
+    if config.low_precision != "none":
+        storage.append(config.low_precision)
+    if config.moments != "default":
+        storage.append(f"{config.moments} moments")
+    if config.second_moment != "default":
+        storage.append(f"{config.second_moment} second moment")
     console.print(
-        f"{n:,} parameters ({config.param_dtype}{updates}), bytes per parameter: "
+        f"{n:,} parameters ({', '.join(storage)}), bytes per parameter: "
         f"{param_bytes / n:.2f} params + {state_bytes / n:.2f} optimizer state "
         f"= {(param_bytes + state_bytes) / n:.2f}",
         soft_wrap=True,

@@ -54,6 +54,9 @@ def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.N
             parser.error(f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}")
     try:
         config = config_from(args)
+        for name in args.compare or ():
+            # Every compared optimizer must take the run's settings (--moments, ...).
+            dataclasses.replace(config, optimizer=name)
     except ValueError as err:
         parser.error(str(err))
     return config, args.compare, args

@@ -19,10 +19,12 @@ def create_model_and_optimizer(
 ) -> tuple[nnx.Module, nnx.Optimizer]:
     """The network of ``config``, initialized from its seed, and the optimizer of its params."""
     model = models.create(config.model, config.seed, config.param_dtype)
+    # How the moments are stored (--moments, --second-moment); {}: as the optimizer does.
+    storages = optimizers.moment_storages(config.optimizer, config.moments, config.second_moment)
     if config.optimizer == "adam":  # The default: b1 0.9, b2 0.999, eps 1e-8.
-        tx = adam_jax.adam(learning_rate)
+        tx = adam_jax.adam(learning_rate, **storages)
     else:  # Any other of optimizers.NAMES: the Adam family, or a baseline from optax.
-        tx = optimizers.create(config.optimizer, learning_rate)
+        tx = optimizers.create(config.optimizer, learning_rate, **storages)
     # bfloat16 or float16 params: Kahan summation or stochastic rounding of their updates.
     tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
     if config.skip_nonfinite:

@@ -97,6 +97,12 @@ class Trainer:
             jax.jit(jax.vmap(self.learning_rate))(jnp.arange(self.total_steps))
         )
         model, optimizer = create_model_and_optimizer(config, self.learning_rate)
+        # A moment kept in several arrays (adam_jax's 8-bit, 4-bit and factored storages) is
+        # one Variable in nnx.Optimizer's state, whose value, a NamedTuple at first, becomes a
+        # mapping of its fields at the first update: the structure of the state would change
+        # after the first step (the compiled step's shardings, donation, checkpoints). With a
+        # Variable per array, as optax's own state has, the updates keep the structure.
+        optimizer.opt_state = nnx.data(jax.tree.map(nnx.OptArray, nnx.as_pure(optimizer.opt_state)))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
         self.num_params = sum(x.size for x in jax.tree.leaves(params))
         self.param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))

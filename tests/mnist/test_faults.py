@@ -266,6 +266,8 @@ def test_no_intact_checkpoint_is_an_error_that_changes_nothing(
         ({"model": "poisoned"}, "--model tiny", "--model poisoned"),
         ({"skip_nonfinite": True}, "no --skip-nonfinite", "--skip-nonfinite"),
         ({"train_limit": 128}, "no --train-limit", "--train-limit 128"),
+        ({"moments": "4bit"}, "--moments default", "--moments 4bit"),
+        ({"second_moment": "factored"}, "--second-moment default", "--second-moment factored"),
     ],
 )
 def test_resume_with_other_settings_is_refused(

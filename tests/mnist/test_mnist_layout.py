@@ -19,7 +19,7 @@ def test_the_first_screen_shows_the_model_the_optimizer_and_the_train_step() -> 
     first_screen = "\n".join(lines[:FIRST_SCREEN])
     for shown in (
         "models.create(",
-        "adam_jax.adam(learning_rate)",
+        "adam_jax.adam(learning_rate, **storages)",
         "optimizers.create(",
         "nnx.Optimizer(model, tx, wrt=nnx.Param)",
         "def loss_fn(",
@@ -42,7 +42,8 @@ def test_every_setting_but_checkpoints_is_an_option() -> None:
         *("--train-limit", "640", "--eval-batch-size", "50", "--workdir", "w", "--resume"),
         *("--checkpoint-every", "7", "--keep-checkpoints", "2", "--log-every", "5"),
         *("--skip-nonfinite", "--max-consecutive-skips", "4", "--devices", "2"),
-        *("--param-dtype", "bfloat16", "--low-precision", "kahan", "--shard-optimizer"),
+        *("--param-dtype", "bfloat16", "--low-precision", "kahan", "--moments", "8bit"),
+        "--shard-optimizer",
         "--no-progress",
     ]
     config, _ = main.parse_args(argv)
@@ -52,14 +53,15 @@ def test_every_setting_but_checkpoints_is_an_option() -> None:
         for f in dataclasses.fields(Config)
         if getattr(config, f.name) == getattr(default, f.name)
     ]
-    assert unchanged == ["checkpoints"]
+    # --second-moment factored does not go with --shard-optimizer (Config says why).
+    assert unchanged == ["checkpoints", "second_moment"]
     assert config == Config(
         model="mlp", optimizer="adamw", epochs=2, batch_size=64, learning_rate=0.01,
         schedule="constant", warmup_epochs=0.25, max_shift=1, seed=3, dataset="fashion_mnist",
         data_dir="d", train_limit=640, eval_batch_size=50, workdir="w", resume=True,
         checkpoint_every=7, keep_checkpoints=2, log_every=5, skip_nonfinite=True,
         max_consecutive_skips=4, devices=2, param_dtype="bfloat16", low_precision="kahan",
-        shard_optimizer=True, progress=False,
+        moments="8bit", shard_optimizer=True, progress=False,
     )  # fmt: skip
 
 

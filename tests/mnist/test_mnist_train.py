@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import logging
 import os
@@ -18,7 +19,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
-from mnist_helpers import REPO_ROOT, records_without_timing, state_arrays, synthetic_dataset
+from mnist_helpers import (
+    REPO_ROOT,
+    Tiny,
+    records_without_timing,
+    state_arrays,
+    synthetic_dataset,
+)
 
 from examples.mnist import compare, data, main, metrics, models, optimizers, train
 from examples.mnist.config import Config
@@ -124,6 +131,157 @@ def test_cli_takes_param_dtype_and_low_precision(capsys: pytest.CaptureFixture[s
     with pytest.raises(SystemExit):
         main.parse_args(["--low-precision", "fp8"])
     assert "argument --low-precision: invalid choice: 'fp8'" in capsys.readouterr().err
+
+
+def test_cli_takes_moments_and_second_moment(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--optimizer", "adam_mini", "--param-dtype", "bfloat16", "--low-precision"]
+    config = main.parse_args([*argv, "stochastic", "--moments", "4bit", "--shard-optimizer"])[0]
+    assert (config.optimizer, config.param_dtype, config.low_precision) == (
+        "adam_mini",
+        "bfloat16",
+        "stochastic",
+    )
+    # Adam-mini's 4-bit first moment is sliced like its param: ZeRO-1 takes it.
+    assert (config.moments, config.second_moment, config.shard_optimizer) == (
+        "4bit",
+        "default",
+        True,
+    )
+    config = main.parse_args(["--moments", "8bit", "--second-moment", "factored"])[0]
+    assert (config.moments, config.second_moment) == ("8bit", "factored")
+    assert (Config().moments, Config().second_moment) == ("default", "default")
+    with pytest.raises(SystemExit):
+        main.parse_args(["--moments", "2bit"])
+    assert "argument --moments: invalid choice: '2bit'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        (
+            {"optimizer": "sgd", "moments": "4bit"},
+            "moments must be default with optimizer 'sgd', which takes no storage of its moments "
+            "(moments 4bit works with adam, adamw, adam_l2,",
+        ),
+        ({"optimizer": "adam_8bit", "moments": "8bit"}, "with optimizer 'adam_8bit', which takes"),
+        (
+            {"optimizer": "adam_mini", "second_moment": "factored"},
+            "second_moment must be default with optimizer 'adam_mini', which takes no storage of "
+            "its second moment (second_moment factored works with adam, adamw,",
+        ),
+        (
+            {"optimizer": "schedule_free_adamw", "moments": "4bit", "second_moment": "factored"},
+            "moments must be default with optimizer 'schedule_free_adamw' and second_moment "
+            "factored: the only moment storage it takes is the second moment's",
+        ),
+        ({"moments": "2bit"}, "moments must be one of default, 8bit, 4bit; got '2bit'"),
+        ({"second_moment": "rank1"}, "second_moment must be one of default, factored; got 'rank1'"),
+    ],
+)
+def test_config_rejects_moments_the_optimizer_does_not_store(
+    settings: dict[str, str | bool], message: str
+) -> None:
+    """A storage of the moments is an error, naming the optimizer and those that take it, where
+    it would store none of the optimizer's moments (optax's baselines, adam_8bit's own 8-bit
+    moments, Adam-mini's own second moment), not a setting that is silently ignored; so is a
+    second moment kept as row and column factors with --shard-optimizer."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Config(**settings)
+
+
+def test_4bit_moments_are_uint8_codes_and_factored_ones_rows_and_columns() -> None:
+    """--moments 4bit: the moments of the CNN's large kernels are uint8 codes, two per byte,
+    with float32 scales, and the leaves under 4096 elements stay float32. With
+    --second-moment factored the second moment of a kernel whose two largest axes have at
+    least 32 entries is a row and a column mean instead (per 3x3 position for conv2)."""
+    dataset = synthetic_dataset(n_train=128, n_test=10)
+
+    def opt_state(**settings: str) -> dict[str, tuple[str, tuple[int, ...]]]:
+        trainer = train.Trainer(Config(model="cnn", **settings), dataset)
+        state = nnx.to_pure_dict(trainer.state)[1]["opt_state"]
+        leaves = jax.tree_util.tree_leaves_with_path(state)
+        return {jax.tree_util.keystr(path): (x.dtype.name, x.shape) for path, x in leaves}
+
+    four_bit = opt_state(moments="4bit")
+    for moment in ("mu", "nu"):
+        assert four_bit[f"[0]['{moment}']['dense1']['kernel']['codes']"] == ("uint8", (3136, 128))
+        assert four_bit[f"[0]['{moment}']['conv2']['kernel']['codes']"] == ("uint8", (3, 3, 32, 32))
+        assert four_bit[f"[0]['{moment}']['conv1']['kernel']"] == ("float32", (3, 3, 1, 32))
+    factored = opt_state(moments="4bit", second_moment="factored")
+    assert factored["[0]['mu']['dense1']['kernel']['codes']"] == ("uint8", (3136, 128))
+    assert factored["[0]['nu']['dense1']['kernel']['row']"] == ("float32", (3136, 1))
+    assert factored["[0]['nu']['dense1']['kernel']['col']"] == ("float32", (1, 256))
+    assert factored["[0]['nu']['conv2']['kernel']['row']"] == ("float32", (3, 3, 1, 64))
+    assert factored["[0]['nu']['conv2']['kernel']['col']"] == ("float32", (3, 3, 32, 1))
+    # Axes under 32 keep the moment whole: the input's single channel, the 10 classes.
+    assert factored["[0]['nu']['conv1']['kernel']"] == ("float32", (3, 3, 1, 32))
+    assert factored["[0]['nu']['dense2']['kernel']"] == ("float32", (256, 10))
+    assert not [path for path in factored if "['nu']" in path and "codes" in path]
+
+
+@pytest.fixture
+def tiny32(monkeypatch: pytest.MonkeyPatch) -> str:
+    """The name of a one-hidden-layer model whose 784 x 32 kernel is large enough to be
+    quantized (4096 elements or more) and factored (both axes 32 or more)."""
+    monkeypatch.setitem(models.MODELS, "tiny32", functools.partial(Tiny, hidden=32))
+    return "tiny32"
+
+
+def test_adam_mini_with_a_4bit_first_moment_and_bfloat16_params_takes_under_3_bytes(
+    tiny32: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Adam-mini (one second moment per neuron) with a 4-bit first moment, bfloat16 params
+    and stochastic rounding: under 3 bytes per parameter, measured from the arrays and
+    printed when the run starts, and the run trains."""
+    config = Config(
+        model=tiny32,
+        optimizer="adam_mini",
+        param_dtype="bfloat16",
+        low_precision="stochastic",
+        moments="4bit",
+        epochs=1,
+        batch_size=32,
+        checkpoints=False,
+        progress=False,
+    )
+    trainer, history = train.train_and_evaluate(config, synthetic_dataset(n_train=128, n_test=50))
+    assert (
+        "25,450 parameters (bfloat16, stochastic, 4bit moments), bytes per parameter: "
+        "2.00 params + 0.59 optimizer state = 2.59\n"
+    ) in capsys.readouterr().out
+    assert trainer.param_bytes + trainer.state_bytes <= 3.0 * trainer.num_params
+    assert {leaf.dtype for leaf in jax.tree.leaves(trainer.params())} == {jnp.dtype(jnp.bfloat16)}
+    codes = nnx.to_pure_dict(trainer.state)[1]["opt_state"]["inner_state"][0]["mu"]
+    assert codes["dense1"]["kernel"]["codes"].dtype == jnp.uint8
+    assert np.isfinite(history[-1]["train_loss"])
+
+
+def test_4bit_and_factored_moments_resume_exactly(
+    tiny32: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A 4-bit first moment and a factored second moment train, keep their structure from
+    step to step in the compiled step, and a resume from a checkpoint gives the uninterrupted
+    run's params and state bit for bit."""
+    dataset = synthetic_dataset(n_train=128, n_test=50)
+    config = Config(
+        model=tiny32,
+        moments="4bit",
+        second_moment="factored",
+        epochs=2,
+        batch_size=32,
+        workdir=str(tmp_path / "run"),
+        progress=False,
+    )
+    trainer, _ = train.train_and_evaluate(config, dataset)
+    assert (
+        "(float32, 4bit moments, factored second moment), bytes per parameter: 4.00 params + "
+        "0.77 optimizer state = 4.77\n"
+    ) in capsys.readouterr().out
+    uninterrupted, full_state = trainer.params(), state_arrays(trainer.state)
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "8")
+    resumed, _ = train.train_and_evaluate(dataclasses.replace(config, resume=True), dataset)
+    jax.tree.map(np.testing.assert_array_equal, resumed.params(), uninterrupted)
+    jax.tree.map(np.testing.assert_array_equal, state_arrays(resumed.state), full_state)
 
 
 def test_fresh_run_replaces_previous(tmp_path: Path) -> None:
@@ -463,6 +621,14 @@ def test_config_rejects_bad_values(field: str, value: float, message: str) -> No
         (["--epochs", "0"], "epochs must be an integer >= 1, got 0"),
         (["--epochs", "zero"], "argument --epochs: invalid int value: 'zero'"),
         (["--optimizer", "adamm"], "argument --optimizer: invalid choice: 'adamm'"),
+        (
+            ["--optimizer", "sgd", "--moments", "4bit"],
+            "moments must be default with optimizer 'sgd'",
+        ),
+        (
+            ["--compare", "adam,momentum", "--moments", "8bit"],
+            "moments must be default with optimizer 'momentum'",
+        ),
         (["--no-such-option"], "unrecognized arguments: --no-such-option"),
     ],
 )
