@@ -67,7 +67,14 @@ from adam_jax._src.variants.radam import radam, scale_by_radam
 from adam_jax._src.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
 from adam_jax._src.variants.stable_adamw import scale_by_stable_adam, stable_adamw
 from adam_jax._src.weight_decay import add_decayed_weights, masked
-from adam_jax.quantization import BlockwiseQuantized, QuantizedArray, eight_bit_moments
+from adam_jax.quantization import (
+    BlockwiseQuantized,
+    FourBitBlockwise,
+    FourBitRank1,
+    QuantizedArray,
+    eight_bit_moments,
+    four_bit_moments,
+)
 
 __version__ = "0.4.0"
 
@@ -80,6 +87,8 @@ __all__ = [
     "FactoredMoment",
     "FactoredStorage",
     "FlatParams",
+    "FourBitBlockwise",
+    "FourBitRank1",
     "KahanSummationState",
     "Leaf",
     "Moment",
@@ -113,6 +122,7 @@ __all__ = [
     "eight_bit_moments",
     "factored_second_moment",
     "flat",
+    "four_bit_moments",
     "inverse_sqrt_schedule",
     "kahan_summation",
     "lamb",

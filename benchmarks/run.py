@@ -15,6 +15,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``variants``: every variant of the modern Adam family against optax's namesake and adamw
 * ``low_precision``: step time of Kahan summation and stochastic rounding on bfloat16 params
 * ``memory``: bytes per parameter of params + state and of the compiled step, per memory setting
+* ``memory_step_time``: step time of each memory setting against the 8-bit moments' step
 
 Every section times its variants interleaved (round robin, rotating start) and reports
 medians; see ``benchmarks.harness``. A re-run section replaces its rows in the JSON file, the
@@ -41,6 +42,7 @@ from benchmarks.sections import (
     leaves,
     low_precision,
     memory,
+    memory_step_time,
     scaling,
     state_bytes,
     steps,
@@ -92,6 +94,9 @@ SECTIONS: dict[str, Section] = {
     "memory": Section(
         memory.run,
         "bytes per parameter of params + state and of the compiled step, per memory setting",
+    ),
+    "memory_step_time": Section(
+        memory_step_time.run, "step time of each memory setting against the 8-bit moments' step"
     ),
 }
 # Sections drawn by benchmarks.plot: the plot is redrawn when one of them ran.

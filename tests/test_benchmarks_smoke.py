@@ -161,3 +161,13 @@ def test_memory_section_measures_params_state_and_step() -> None:
     assert adamw["step_alias_bytes_per_param"] == pytest.approx(adamw["bytes_per_param"], 1e-3)
     assert rows["Adam-mini"]["state_bytes_per_param"] < 4.1
     assert rows["bfloat16 + SR, 8-bit mu, Adam-mini nu"]["bytes_per_param"] < 3.2
+    assert rows["bfloat16 + SR, 4-bit mu, Adam-mini nu"]["bytes_per_param"] <= 3.0
+
+
+def test_memory_step_time_section_times_every_setting() -> None:
+    from benchmarks.sections import memory_step_time
+
+    names = (memory_step_time.REFERENCE, "4-bit moments")
+    rows = memory_step_time.measure(layers=1, repeats=2, names=names)
+    assert [row["setting"] for row in rows] == list(names)
+    assert rows[0]["ratio_vs_8bit"] == 1.0 and rows[1]["median_ms"] > 0

@@ -176,14 +176,16 @@ def _storage_options(variant: Variant, storage: Any) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)
-@pytest.mark.parametrize("storage", ["bfloat16", "8bit"])
+@pytest.mark.parametrize("storage", ["bfloat16", "8bit", "4bit"])
 def test_compressed_moments(variant: Variant, storage: str) -> None:
-    """bfloat16 or 8-bit (blocks of 64) moments: a finite trajectory close to float32's, the
-    state in the chosen form."""
+    """bfloat16, 8-bit or 4-bit (blocks of 64) moments: a finite trajectory close to
+    float32's, the state in the chosen form."""
     if storage == "bfloat16":
         kinds = {"mu_dtype": jnp.bfloat16, "nu_dtype": jnp.bfloat16}
-    else:
+    elif storage == "8bit":
         kinds = quantization.eight_bit_moments(block_size=64, min_size=64)
+    else:
+        kinds = quantization.four_bit_moments(block_size=64, min_size=64)
     tx = variant.make(**_storage_options(variant, kinds))
     expected, _ = _run(variant.make(), _params())
     params, state = _run(tx, _params())
@@ -193,7 +195,8 @@ def test_compressed_moments(variant: Variant, storage: str) -> None:
     if storage == "bfloat16":
         assert any(leaf.dtype == jnp.bfloat16 for leaf in leaves)
     else:
-        assert any(leaf.dtype == jnp.uint8 and leaf.shape == (16, 32) for leaf in leaves)
+        codes = (16, 32) if storage == "8bit" else (16, 16)  # 4 bits: two codes per byte
+        assert any(leaf.dtype == jnp.uint8 and leaf.shape == codes for leaf in leaves)
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=IDS)

@@ -10,8 +10,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from adam_jax._src.numerics import compute_dtype
-from adam_jax._src.storage import MomentStorage
-from adam_jax._src.typed_sharding import place_like, placement_for_shape, placement_of
+from adam_jax._src.storage import MomentStorage, same_container
+from adam_jax._src.typed_sharding import (
+    place_like,
+    placement_for_shape,
+    placement_of,
+    without_axes_of,
+)
 
 
 class FactoredMoment(NamedTuple):
@@ -26,7 +31,13 @@ class FactoredMoment(NamedTuple):
     col: jax.Array
 
 
-def _axes(stored: FactoredMoment) -> tuple[int, int]:
+def _is_factored(stored: Any) -> bool:
+    """A :class:`FactoredMoment`, or a mapping of its fields (as ``flax.nnx.Optimizer`` keeps
+    it), rather than a whole moment."""
+    return hasattr(stored, "row") and hasattr(stored, "col")
+
+
+def _axes(stored: Any) -> tuple[int, int]:
     """``(d0, d1)``: the largest axis (averaged in ``col``) and the second (in ``row``)."""
     pairs = list(enumerate(zip(stored.row.shape, stored.col.shape, strict=True)))
     d1 = next(i for i, (r, c) in pairs if r < c)
@@ -95,30 +106,34 @@ class FactoredStorage(MomentStorage):
         )
 
     def load(self, stored: Any) -> jax.Array:
-        if not isinstance(stored, FactoredMoment):
+        if not _is_factored(stored):
             return stored
         d0, _ = _axes(stored)
-        mean = jnp.mean(stored.row, axis=d0, keepdims=True)
+        row, col = stored.row, without_axes_of(stored.col, stored.row)
+        mean = jnp.mean(row, axis=d0, keepdims=True)
         # An all-zero history (no gradient yet) has zero means: its moment is 0, not 0 / 0.
         safe = jnp.where(mean == 0, jnp.ones_like(mean), mean)
-        return stored.row * (stored.col / safe)
+        return row * (col / safe)
 
     def store(self, value: jax.Array, stored: Any) -> Any:
-        if not isinstance(stored, FactoredMoment):
+        if not _is_factored(stored):
             return place_like(value.astype(stored.dtype), stored)
         factors = self._factors(value, stored)
-        return FactoredMoment(
-            row=place_like(factors.row.astype(stored.row.dtype), stored.row),
-            col=place_like(factors.col.astype(stored.col.dtype), stored.col),
+        return same_container(
+            stored,
+            FactoredMoment(
+                row=place_like(factors.row.astype(stored.row.dtype), stored.row),
+                col=place_like(factors.col.astype(stored.col.dtype), stored.col),
+            ),
         )
 
     def project(self, value: jax.Array, stored: Any) -> jax.Array:
-        if not isinstance(stored, FactoredMoment):
+        if not _is_factored(stored):
             return value
         return self.load(self._factors(value, stored))
 
     @staticmethod
-    def _factors(value: jax.Array, stored: FactoredMoment) -> FactoredMoment:
+    def _factors(value: jax.Array, stored: Any) -> FactoredMoment:
         d0, d1 = _axes(stored)
         return FactoredMoment(
             row=jnp.mean(value, axis=d1, keepdims=True), col=jnp.mean(value, axis=d0, keepdims=True)

@@ -353,15 +353,22 @@ def scale_by_rule(
         params = jax.tree.map(_as_array, params)
         fields = dict(rule.init_fields(params))
         treedef: Any = jax.tree.structure(params)
-        leaves = treedef.flatten_up_to(params)
+        with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+        paths, leaves = [path for path, _ in with_paths], [leaf for _, leaf in with_paths]
         for moment in moments:
             stored = []
-            for storage, p in zip(moment.storages(params), leaves, strict=True):
-                if moment.from_params:
-                    # Outside jit the param is copied: the state must not alias a donated param.
-                    stored.append(storage.store(jnp.array(p), storage.init(p)))
-                else:
-                    stored.append(storage.init(real_part_of(p) if moment.real else p))
+            storages = moment.storages(params)
+            for storage, path, p in zip(storages, paths, leaves, strict=True):
+                try:
+                    if moment.from_params:
+                        # Outside jit the param is copied: the state must not alias a donated
+                        # param.
+                        stored.append(storage.store(jnp.array(p), storage.init(p)))
+                    else:
+                        stored.append(storage.init(real_part_of(p) if moment.real else p))
+                except ValueError as error:
+                    leaf = jax.tree_util.keystr(path) or "(the params)"
+                    raise ValueError(f"moment {moment.name!r} of leaf {leaf}: {error}") from error
             fields[moment.name] = treedef.unflatten(stored)
         return rule.to_state(fields)
 

@@ -68,6 +68,16 @@ class MomentStorage(abc.ABC):
         return value
 
 
+def same_container(stored: Any, quantized: Any) -> Any:
+    """``quantized`` (a NamedTuple) in the kind of container ``stored`` came in."""
+    if isinstance(stored, tuple):
+        return quantized
+    # A container that rebuilt the stored form as a mapping of its fields (as
+    # flax.nnx.Optimizer does with its state) gets the same kind of mapping back, so the state
+    # keeps one structure from step to step (a lax.scan carry, donation).
+    return type(stored)(quantized._asdict())
+
+
 @dataclasses.dataclass(frozen=True)
 class CastStorage(MomentStorage):
     """Stores a moment as a plain array of ``dtype`` (the param's own dtype when ``None``).

@@ -76,3 +76,20 @@ def placement_for_shape(placement: Any, shape: tuple[int, ...]) -> Any:
         size = math.prod(placement.mesh.shape[axis] for axis in axes)
         kept.append(entry if axes and dim % size == 0 else None)
     return NamedSharding(placement.mesh, PartitionSpec(*kept), memory_kind=placement.memory_kind)
+
+
+def without_axes_of(x: jax.Array, other: jax.Array) -> jax.Array:
+    """``x`` resharded so that its type uses none of the mesh axes in ``other``'s: the two then
+    broadcast against each other (factors that ZeRO-1 split over one axis on different
+    dimensions)."""
+    typed, other_typed = typed_sharding(x), typed_sharding(other)
+    if typed is None or other_typed is None:
+        return x
+
+    def axes(entry: Any) -> tuple[str, ...]:
+        return () if entry is None else (entry,) if isinstance(entry, str) else tuple(entry)
+
+    taken = {a for entry in other_typed.spec for a in axes(entry)}
+    entries = spec_entries(typed.spec, x.ndim)
+    kept = [None if set(axes(entry)) & taken else entry for entry in entries]
+    return reshard(x, NamedSharding(typed.mesh, PartitionSpec(*kept)))

@@ -24,6 +24,9 @@ from benchmarks.models import transformer_params
 
 HEADS = 4
 EIGHT_BIT_MU = quantization.BlockwiseQuantized(signed=True)
+FOUR_BIT = quantization.four_bit_moments()
+FOUR_BIT_MU = FOUR_BIT["mu_dtype"]
+FACTORED = adam_jax.factored_second_moment(64)
 
 
 def _stochastic(tx: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -35,10 +38,8 @@ SETTINGS: dict[str, tuple[Any, Callable[[], optax.GradientTransformation]]] = {
     "float32 AdamW": (jnp.float32, lambda: adam_jax.adamw(LR)),
     "8-bit moments": (jnp.float32, lambda: adam_jax.adamw_8bit(LR)),
     "Adam-mini": (jnp.float32, lambda: adam_jax.adam_mini(LR, num_heads=HEADS)),
-    "factored nu": (
-        jnp.float32,
-        lambda: adam_jax.adamw(LR, nu_dtype=adam_jax.factored_second_moment(64)),
-    ),
+    "4-bit moments": (jnp.float32, lambda: adam_jax.adamw(LR, **FOUR_BIT)),
+    "factored nu": (jnp.float32, lambda: adam_jax.adamw(LR, nu_dtype=FACTORED)),
     "Adam-mini, 8-bit mu": (
         jnp.float32,
         lambda: adam_jax.adam_mini(LR, num_heads=HEADS, mu_dtype=EIGHT_BIT_MU),
@@ -55,9 +56,19 @@ SETTINGS: dict[str, tuple[Any, Callable[[], optax.GradientTransformation]]] = {
     ),
     "bfloat16 + SR, 8-bit mu, factored nu": (
         jnp.bfloat16,
-        lambda: _stochastic(
-            adam_jax.adamw(LR, mu_dtype=EIGHT_BIT_MU, nu_dtype=adam_jax.factored_second_moment(64))
-        ),
+        lambda: _stochastic(adam_jax.adamw(LR, mu_dtype=EIGHT_BIT_MU, nu_dtype=FACTORED)),
+    ),
+    "Adam-mini, 4-bit mu": (
+        jnp.float32,
+        lambda: adam_jax.adam_mini(LR, num_heads=HEADS, mu_dtype=FOUR_BIT_MU),
+    ),
+    "bfloat16 + SR, 4-bit mu, Adam-mini nu": (
+        jnp.bfloat16,
+        lambda: _stochastic(adam_jax.adam_mini(LR, num_heads=HEADS, mu_dtype=FOUR_BIT_MU)),
+    ),
+    "bfloat16 + SR, 4-bit mu, factored nu": (
+        jnp.bfloat16,
+        lambda: _stochastic(adam_jax.adamw(LR, mu_dtype=FOUR_BIT_MU, nu_dtype=FACTORED)),
     ),
 }
 

@@ -47,51 +47,11 @@ class QuantizedArray(NamedTuple):
 
 
 def is_quantized(stored: Any) -> bool:
-    """Whether a stored moment leaf is quantized (a :class:`QuantizedArray` or a mapping of its
-    fields); use it as the ``is_leaf`` of ``jax.tree.map`` or ``optax.tree_map_params`` to see a
-    quantized moment as one leaf."""
-    return hasattr(stored, "codes") and hasattr(stored, "absmax")
-
-
-def moment_sharding(stored: Any, param_sharding: Any) -> Any:
-    """The sharding of one stored moment, from the sharding of its param.
-
-    Codes have the param's shape and take its sharding. The block scales have the param's
-    rank and take its sharding too, except on a blocked axis whose shards do not hold whole
-    blocks (possible on Auto mesh axes, see the module docstring), which they keep whole. The
-    scales' shape comes from ``stored``: derive it as the state will be made (on an Auto mesh,
-    ``jax.eval_shape`` of ``init`` gives the layout of every ``init``). Derive the shardings of
-    a whole state with ``optax.tree_map_params``::
-
-      state_shardings = optax.tree_map_params(
-          tx, quantization.moment_sharding, jax.eval_shape(tx.init, params), param_shardings,
-          is_leaf=quantization.is_quantized,
-          transform_non_params=lambda _: replicated,  # the step counts
-      )
-
-    Args:
-      stored: a stored moment leaf (a :class:`QuantizedArray` or a plain array, or their
-        ``jax.ShapeDtypeStruct``).
-      param_sharding: the ``jax.sharding.NamedSharding`` of the corresponding param.
-
-    Returns:
-      ``param_sharding`` for a plain moment, or a :class:`QuantizedArray` of shardings.
-
-    Example:
-      >>> import jax, numpy as np
-      >>> from jax.sharding import NamedSharding, PartitionSpec as P
-      >>> from adam_jax import quantization
-      >>> mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("x",))
-      >>> stored = quantization.BlockwiseQuantized().init(np.zeros((64, 512)))
-      >>> sharding = quantization.moment_sharding(stored, NamedSharding(mesh, P("x")))
-      >>> print(stored.absmax.shape, sharding.codes.spec, sharding.absmax.spec)
-      (64, 2) P('x',) P('x', None)
-    """
-    if not is_quantized(stored):
-        return param_sharding
-    shape, scale_shape = tuple(stored.codes.shape), tuple(stored.absmax.shape)
-    scales = scale_sharding_for(param_sharding, shape, scale_shape)
-    return QuantizedArray(codes=param_sharding, absmax=scales)
+    """Whether a stored moment leaf is quantized (an 8-bit :class:`QuantizedArray`, a 4-bit
+    ``PackedQuantizedArray`` or ``Rank1QuantizedArray``, or a mapping of their fields); use it
+    as the ``is_leaf`` of ``jax.tree.map`` or ``optax.tree_map_params`` to see a quantized
+    moment as one leaf."""
+    return hasattr(stored, "codes") and (hasattr(stored, "absmax") or hasattr(stored, "row_max"))
 
 
 def _blocked_axes(ndim: int) -> int:

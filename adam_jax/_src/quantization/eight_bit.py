@@ -20,7 +20,7 @@ from adam_jax._src.quantization.blocks import (
     scale_sharding_for,
 )
 from adam_jax._src.quantization.dynamic_map import map_constants
-from adam_jax._src.storage import MomentStorage
+from adam_jax._src.storage import MomentStorage, same_container
 from adam_jax._src.typed_sharding import place_like, placement_of
 
 
@@ -110,12 +110,7 @@ class BlockwiseQuantized(MomentStorage):
             codes=place_like(codes.astype(jnp.uint8), stored.codes),
             absmax=place_like(absmax.astype(jnp.float32), stored.absmax),
         )
-        if isinstance(stored, QuantizedArray):
-            return quantized
-        # A container that rebuilt the QuantizedArray as a mapping of its fields (as
-        # flax.nnx.Optimizer does with its state) gets the same kind of mapping back, so the
-        # state keeps one structure from step to step (a lax.scan carry, donation).
-        return type(stored)(quantized._asdict())
+        return same_container(stored, quantized)
 
 
 def eight_bit_moments(block_size: int = 256, min_size: int = 4096) -> dict[str, BlockwiseQuantized]:
