@@ -24,6 +24,7 @@ import argparse
 import functools
 import inspect
 import json
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from benchmarks.mnist_low_precision import SETTINGS
+from benchmarks.mnist_low_precision import SETTINGS, Setting
 from benchmarks.models import transformer_loss, transformer_params
 
 MODULES = ("argparse", "inspect", "typing", "dataclasses", "pathlib", "json.decoder", "textwrap")
@@ -49,13 +50,15 @@ def corpus() -> np.ndarray:
     return np.frombuffer(text.encode(), np.uint8)
 
 
-def train(name: str, steps: int, data: np.ndarray, seed: int = 0) -> tuple[list[float], float]:
-    """Train setting ``name`` for ``steps`` steps on the first nine tenths of ``data``.
+def train(
+    setting: Setting, steps: int, data: np.ndarray, seed: int = 0
+) -> tuple[list[float], float]:
+    """Train ``setting`` for ``steps`` steps on the first nine tenths of ``data``.
 
     Returns the train loss averaged over each ``AVERAGE_OVER`` steps, and the final loss on
     ``EVAL_WINDOWS`` evenly spaced windows of the held-out last tenth.
     """
-    factory, dtype = SETTINGS[name]
+    factory, dtype = setting
     schedule = optax.warmup_cosine_decay_schedule(0.0, PEAK, steps // 20, steps)
     tx = factory(schedule, seed)
     params = transformer_params(jax.random.key(seed), layers=4, seq=WINDOW)
@@ -114,47 +117,43 @@ def plot(runs: list[dict[str, Any]], steps: int, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def table(runs: list[dict[str, Any]]) -> str:
-    """The markdown table: mean held-out loss over seeds and its difference from float32's."""
+def table(runs: list[dict[str, Any]], settings: dict[str, Setting], baseline: str) -> str:
+    """The markdown table: mean held-out loss over seeds and its difference from the
+    baseline's."""
     lines = [
-        "| params | seeds | held-out loss, mean | per seed | vs float32 |",
+        f"| setting | seeds | held-out loss, mean | per seed | vs {baseline} |",
         "|---|---|---|---|---|",
     ]
     means = {}
-    for name in SETTINGS:
+    for name in settings:
         mine = sorted((r for r in runs if r["setting"] == name), key=lambda r: r["seed"])
         if not mine:
             continue
         means[name] = float(np.mean([r["held_out_loss"] for r in mine]))
         versus = (
             ""
-            if name == "float32" or "float32" not in means
-            else f"{100 * (means[name] / means['float32'] - 1):+.2f}%"
+            if name == baseline or baseline not in means
+            else f"{100 * (means[name] / means[baseline] - 1):+.2f}%"
         )
         per_seed = ", ".join(f"{r['held_out_loss']:.4f}" for r in mine)
         lines.append(f"| {name} | {len(mine)} | {means[name]:.4f} | {per_seed} | {versus} |")
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", default="benchmarks/results/lm_low_precision.json")
-    parser.add_argument("--plot", default="docs/low_precision_lm.png")
-    args = parser.parse_args(argv)
-    if args.steps < AVERAGE_OVER or args.steps % AVERAGE_OVER:
-        parser.error(f"--steps must be a positive multiple of {AVERAGE_OVER}, got {args.steps}")
+def run(
+    settings: dict[str, Setting], seeds: list[int], steps: int, out: Path, command: str
+) -> list[dict[str, Any]]:
+    """Trains each setting for each seed, skipping the runs of ``steps`` steps already in
+    ``out``, and writes ``out`` (with ``command``) after each run; returns all of its runs."""
     data = corpus()
-    out = Path(args.out)
     saved = json.loads(out.read_text()) if out.exists() else {}
-    runs = saved.get("runs", []) if saved.get("steps") == args.steps else []
-    for seed in args.seeds:
-        for name in SETTINGS:
+    runs = saved.get("runs", []) if saved.get("steps") == steps else []
+    for seed in seeds:
+        for name, setting in settings.items():
             if any(r["seed"] == seed and r["setting"] == name for r in runs):
                 continue
             start = time.perf_counter()
-            curve, held_out_loss = train(name, args.steps, data, seed)
+            curve, held_out_loss = train(setting, steps, data, seed)
             runs.append(
                 {
                     "setting": name,
@@ -164,16 +163,61 @@ def main(argv: list[str] | None = None) -> None:
                     "curve": curve,
                 }
             )
-            print(f"seed {seed} {name:34s} held-out loss {held_out_loss:.4f}", flush=True)
+            print(f"seed {seed} {name:38s} held-out loss {held_out_loss:.4f}", flush=True)
             record = {
-                "command": " ".join(["python -m benchmarks.lm_low_precision", *sys.argv[1:]]),
+                "command": command,
                 "python": sys.version.split()[0],
                 "corpus_bytes": len(data),
-                "steps": args.steps,
+                "steps": steps,
                 "runs": runs,
             }
             out.write_text(json.dumps(record, indent=1))  # each run, as it ends
-    print(table(runs))
+    return runs
+
+
+def arguments(
+    settings: dict[str, Setting], description: str, default_out: str
+) -> argparse.ArgumentParser:
+    """The options of a language-model study of ``settings``."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(settings),
+        default=list(settings),
+        metavar="NAME",
+        help="a subset of the settings to run (default: all); quote names with spaces",
+    )
+    return parser
+
+
+def study(
+    settings: dict[str, Setting],
+    baseline: str,
+    parser: argparse.ArgumentParser,
+    argv: list[str] | None,
+    module: str,
+) -> tuple[argparse.Namespace, list[dict[str, Any]]]:
+    """Parses ``argv`` with ``parser`` (from :func:`arguments`), runs the chosen settings and
+    prints the table; returns the options and the runs."""
+    args = parser.parse_args(argv)
+    if args.steps < AVERAGE_OVER or args.steps % AVERAGE_OVER:
+        parser.error(f"--steps must be a positive multiple of {AVERAGE_OVER}, got {args.steps}")
+    command = f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
+    chosen = {name: setting for name, setting in settings.items() if name in args.settings}
+    runs = run(chosen, args.seeds, args.steps, Path(args.out), command)
+    print(table(runs, settings, baseline))
+    return args, runs
+
+
+def main(argv: list[str] | None = None) -> None:
+    description = __doc__.splitlines()[0]
+    parser = arguments(SETTINGS, description, "benchmarks/results/lm_low_precision.json")
+    parser.add_argument("--plot", default="docs/low_precision_lm.png")
+    args, runs = study(SETTINGS, "float32", parser, argv, "benchmarks.lm_low_precision")
     plot(runs, args.steps, Path(args.plot))
 
 

@@ -33,8 +33,11 @@ import adam_jax
 from adam_jax import quantization
 from benchmarks.mnist_8bit import train_one
 
-# name -> (optimizer of the learning rate and the seed, params dtype)
-SETTINGS: dict[str, tuple[Callable[[Any, int], optax.GradientTransformation], Any]] = {
+# An optimizer of the learning rate and the seed, and the params dtype.
+Setting = tuple[Callable[[Any, int], optax.GradientTransformation], Any]
+
+# name -> setting
+SETTINGS: dict[str, Setting] = {
     "float32": (lambda lr, seed: adam_jax.adam(lr), jnp.float32),
     "bfloat16": (lambda lr, seed: adam_jax.adam(lr), jnp.bfloat16),
     "bfloat16 + Kahan": (
@@ -54,15 +57,15 @@ SETTINGS: dict[str, tuple[Callable[[Any, int], optax.GradientTransformation], An
 }
 
 
-def table(runs: list[dict[str, Any]]) -> str:
-    """The markdown table: mean accuracy over seeds, its difference from float32's, bytes."""
+def table(runs: list[dict[str, Any]], settings: dict[str, Setting], baseline: str) -> str:
+    """The markdown table: mean accuracy over seeds, its difference from the baseline's, bytes."""
     lines = [
-        "| params | seeds | mean test accuracy | per seed | vs float32 | bytes / param: "
+        f"| setting | seeds | mean test accuracy | per seed | vs {baseline} | bytes / param: "
         "params + optimizer state |",
         "|---|---|---|---|---|---|",
     ]
     means = {}
-    for name in SETTINGS:
+    for name in settings:
         mine = sorted((r for r in runs if r["setting"] == name), key=lambda r: r["seed"])
         if not mine:
             continue
@@ -70,8 +73,8 @@ def table(runs: list[dict[str, Any]]) -> str:
         means[name] = statistics.mean(accuracies)
         versus = (
             ""
-            if name == "float32" or "float32" not in means
-            else (f"{means[name] - means['float32']:+.2f} pp")
+            if name == baseline or baseline not in means
+            else (f"{means[name] - means[baseline]:+.2f} pp")
         )
         per_param = mine[0]["param_bytes_per_param"], mine[0]["state_bytes_per_param"]
         lines.append(
@@ -82,42 +85,40 @@ def table(runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--train-limit", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--out", default="benchmarks/results/mnist_low_precision.json")
-    args = parser.parse_args(argv)
-
-    from examples.mnist import data as data_lib
+def run(
+    settings: dict[str, Setting],
+    seeds: list[int],
+    epochs: int,
+    dataset: Any,
+    out: Path,
+    train_limit: int | None = None,
+) -> list[dict[str, Any]]:
+    """Trains each setting for each seed, skipping the runs already in ``out``, and writes
+    ``out`` after each run; returns all of its runs."""
     from examples.mnist import models
 
-    dataset = data_lib.load("mnist", args.data_dir)
-    out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs = json.loads(out.read_text())["runs"] if out.exists() else []
     num_params = sum(x.size for x in jax.tree.leaves(jax.tree.map(jnp.asarray, _params(models))))
-    for seed in args.seeds:
-        for name, (factory, dtype) in SETTINGS.items():
+    for seed in seeds:
+        for name, (factory, dtype) in settings.items():
             if any(r["seed"] == seed and r["setting"] == name for r in runs):
                 continue
             start = time.perf_counter()
             accuracy, state_bytes = train_one(
                 lambda lr, factory=factory, seed=seed: factory(lr, seed),
                 seed,
-                args.epochs,
+                epochs,
                 dataset,
-                train_limit=args.train_limit,
+                train_limit=train_limit,
                 param_dtype=dtype,
             )
             runs.append(
                 {
                     "setting": name,
                     "seed": seed,
-                    "epochs": args.epochs,
-                    "train_limit": args.train_limit,
+                    "epochs": epochs,
+                    "train_limit": train_limit,
                     "test_accuracy": accuracy,
                     "param_bytes_per_param": jnp.dtype(dtype).itemsize,
                     "state_bytes_per_param": state_bytes / num_params,
@@ -126,7 +127,44 @@ def main(argv: list[str] | None = None) -> None:
             )
             out.write_text(json.dumps({"runs": runs}, indent=2))  # each run, as it ends
             print(json.dumps(runs[-1]), flush=True)
-    print(table(runs))
+    return runs
+
+
+def command(
+    settings: dict[str, Setting],
+    baseline: str,
+    description: str,
+    default_out: str,
+    argv: list[str] | None = None,
+) -> None:
+    """The command line of a study of ``settings``: runs them and prints the table."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--train-limit", type=int, default=None)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--out", default=default_out)
+    parser.add_argument(
+        "--settings",
+        nargs="+",
+        choices=list(settings),
+        default=list(settings),
+        metavar="NAME",
+        help="a subset of the settings to run (default: all); quote names with spaces",
+    )
+    args = parser.parse_args(argv)
+
+    from examples.mnist import data as data_lib
+
+    chosen = {name: setting for name, setting in settings.items() if name in args.settings}
+    dataset = data_lib.load("mnist", args.data_dir)
+    runs = run(chosen, args.seeds, args.epochs, dataset, Path(args.out), args.train_limit)
+    print(table(runs, settings, baseline))
+
+
+def main(argv: list[str] | None = None) -> None:
+    description = __doc__.splitlines()[0]
+    command(SETTINGS, "float32", description, "benchmarks/results/mnist_low_precision.json", argv)
 
 
 def _params(models: Any) -> Any:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import adam_jax
 from benchmarks import compare_revisions, program_hashes, run, summarize
+from benchmarks.mnist_low_precision import Setting
 from benchmarks.sections import low_precision, variants
 
 REFERENCE = "optax.adam"
@@ -171,3 +174,84 @@ def test_memory_step_time_section_times_every_setting() -> None:
     rows = memory_step_time.measure(layers=1, repeats=2, names=names)
     assert [row["setting"] for row in rows] == list(names)
     assert rows[0]["ratio_vs_8bit"] == 1.0 and rows[1]["median_ms"] > 0
+
+
+def _bytes_per_param_of_each_setting(settings: dict[str, Setting], params: Any) -> dict[str, float]:
+    """Every setting's optimizer initializes on ``params`` in its dtype and takes a step,
+    abstractly (``jax.eval_shape``: nothing is compiled); the bytes of its params and state
+    per parameter."""
+    import jax
+
+    num_params = sum(p.size for p in jax.tree.leaves(params))
+    per_param = {}
+    for name, (factory, dtype) in settings.items():
+        typed = jax.tree.map(lambda p, dtype=dtype: p.astype(dtype), params)
+        tx = factory(1e-3, 0)
+        state = jax.eval_shape(tx.init, typed)
+        updates, _ = jax.eval_shape(tx.update, typed, state, typed)
+        assert jax.tree.structure(updates) == jax.tree.structure(typed), name
+        total = adam_jax.state_bytes(typed) + adam_jax.state_bytes(state)
+        per_param[name] = total / num_params
+    return per_param
+
+
+def test_mnist_memory_settings_train_resume_and_tabulate(tmp_path: Path) -> None:
+    import numpy as np
+    from flax import nnx
+
+    from benchmarks import mnist_low_precision, mnist_memory
+    from examples.mnist import data, models
+
+    params = nnx.state(models.create("cnn", 0), nnx.Param)
+    per_param = _bytes_per_param_of_each_setting(mnist_memory.SETTINGS, params)
+    assert per_param["bfloat16 + SR, 4-bit mu, Adam-mini nu"] <= 3.0
+    assert max(per_param.values()) == per_param[mnist_memory.BASELINE]
+    # Random images: the run and its records are checked, not what it learns.
+    rng = np.random.default_rng(0)
+
+    def split(n: int) -> data.Split:
+        images = rng.integers(0, 256, (n, 28, 28)).astype(np.uint8)
+        return data.Split(images, rng.integers(0, 10, n).astype(np.int32))
+
+    dataset = data.Dataset(train=split(256), test=split(20), spec=data.MNIST)
+    # Compiling a step takes seconds, the 4-bit codec's several times the plain one's: only the
+    # baseline trains; the loop is the same for every setting.
+    settings = {mnist_memory.BASELINE: mnist_memory.SETTINGS[mnist_memory.BASELINE]}
+    out = tmp_path / "mnist_memory.json"
+    runs = mnist_low_precision.run(settings, [0], 1, dataset, out, train_limit=256)
+    assert mnist_low_precision.run(settings, [0], 1, dataset, out, train_limit=256) == runs
+    (run_,) = runs
+    assert run_["setting"] == mnist_memory.BASELINE and 0 <= run_["test_accuracy"] <= 1
+    assert run_["param_bytes_per_param"] + run_["state_bytes_per_param"] == pytest.approx(
+        per_param[mnist_memory.BASELINE]
+    )
+    table = mnist_low_precision.table(runs, mnist_memory.SETTINGS, mnist_memory.BASELINE)
+    assert f"| {mnist_memory.BASELINE} | 1 |" in table and "| vs float32 Adam |" in table
+
+
+def test_lm_memory_settings_train_resume_and_tabulate(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import jax
+
+    from benchmarks import lm_low_precision, lm_memory
+    from benchmarks.models import transformer_params
+
+    _bytes_per_param_of_each_setting(
+        lm_memory.SETTINGS, transformer_params(jax.random.key(0), layers=1, seq=8)
+    )
+    # Short windows and batches, curve points of 5 steps: the model is the study's, its steps
+    # cheap. Compiling it takes seconds, so only the baseline trains.
+    for constant, value in (("WINDOW", 8), ("BATCH", 4), ("EVAL_WINDOWS", 4), ("AVERAGE_OVER", 5)):
+        monkeypatch.setattr(lm_low_precision, constant, value)
+    out = tmp_path / "lm_memory.json"
+    argv = ["--steps", "10", "--seeds", "0", "--out", str(out), "--settings", "float32 AdamW"]
+    lm_memory.main(argv)
+    record = json.loads(out.read_text())
+    assert record["command"] == "python -m benchmarks.lm_memory " + shlex.join(argv)
+    (run_,) = record["runs"]
+    assert run_["setting"] == "float32 AdamW" and len(run_["curve"]) == 2
+    assert math.isfinite(run_["held_out_loss"])
+    lm_memory.main(argv)  # resumes: nothing left to run
+    assert json.loads(out.read_text())["runs"] == record["runs"]
+    assert "| vs float32 AdamW |" in capsys.readouterr().out

@@ -1,0 +1,97 @@
+"""A byte-level language model with the memory-saving settings of issue 23 against AdamW.
+
+The model, corpus, schedule, batches and held-out loss of ``benchmarks.lm_low_precision``
+(4 blocks, d = 64, 4 heads; warm-up and cosine decay from 1e-3; the same init and windows for a
+seed), with AdamW instead of Adam: weight decay 0.01 on the matrices (leaves of two or more
+axes) in every setting. Six settings as in ``benchmarks.mnist_memory``: float32 AdamW;
+Adam-mini; 4-bit moments; the second moment factored into row and column means; bfloat16
+params with stochastic rounding, a 4-bit first moment and an Adam-mini or a factored second
+moment. Writes per seed the train-loss curve (the mean over each 50 steps) and the held-out
+loss to JSON, and prints the table of BENCHMARKS.md::
+
+    python -m benchmarks.lm_memory --steps 2000 --seeds 0 1 2 \\
+        --out benchmarks/results/lm_memory.json
+
+Runs already in ``--out`` are kept (the command resumes); ``--settings`` runs a subset.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+import adam_jax
+from adam_jax import quantization
+from benchmarks.lm_low_precision import arguments, study
+from benchmarks.mnist_low_precision import Setting
+from benchmarks.models import transformer_loss
+
+WEIGHT_DECAY = 0.01
+# The attention heads the model splits its query and key kernels in, for Adam-mini's blocks.
+HEADS: int = inspect.signature(transformer_loss).parameters["heads"].default
+# Every matrix of the model is at least 64 x 64 (embeddings, attention, MLP, output): all are
+# factored, as in the memory section (benchmarks/sections/memory.py).
+FACTOR_MIN_DIM = 64
+
+
+def matrices(params: Any) -> Any:
+    """The decay mask: the leaves with two or more axes (not the norms' scales and biases)."""
+    return jax.tree.map(lambda p: p.ndim >= 2, params)
+
+
+def _adamw(lr: Any, **moments: Any) -> optax.GradientTransformation:
+    return adam_jax.adamw(lr, weight_decay=WEIGHT_DECAY, mask=matrices, **moments)
+
+
+def _adam_mini(lr: Any, mu_dtype: Any = None) -> optax.GradientTransformation:
+    return adam_jax.adam_mini(
+        lr, weight_decay=WEIGHT_DECAY, mask=matrices, num_heads=HEADS, mu_dtype=mu_dtype
+    )
+
+
+def _four_bit_mu() -> Any:
+    return quantization.four_bit_moments()["mu_dtype"]
+
+
+def _factored_nu() -> Any:
+    return adam_jax.factored_second_moment(FACTOR_MIN_DIM)
+
+
+BASELINE = "float32 AdamW"
+
+# name -> setting
+SETTINGS: dict[str, Setting] = {
+    BASELINE: (lambda lr, seed: _adamw(lr), jnp.float32),
+    "Adam-mini": (lambda lr, seed: _adam_mini(lr), jnp.float32),
+    "4-bit moments": (
+        lambda lr, seed: _adamw(lr, **quantization.four_bit_moments()),
+        jnp.float32,
+    ),
+    "factored nu": (lambda lr, seed: _adamw(lr, nu_dtype=_factored_nu()), jnp.float32),
+    "bfloat16 + SR, 4-bit mu, Adam-mini nu": (
+        lambda lr, seed: adam_jax.stochastic_rounding(
+            _adam_mini(lr, mu_dtype=_four_bit_mu()), key=seed
+        ),
+        jnp.bfloat16,
+    ),
+    "bfloat16 + SR, 4-bit mu, factored nu": (
+        lambda lr, seed: adam_jax.stochastic_rounding(
+            _adamw(lr, mu_dtype=_four_bit_mu(), nu_dtype=_factored_nu()), key=seed
+        ),
+        jnp.bfloat16,
+    ),
+}
+
+
+def main(argv: list[str] | None = None) -> None:
+    description = __doc__.splitlines()[0]
+    parser = arguments(SETTINGS, description, "benchmarks/results/lm_memory.json")
+    study(SETTINGS, BASELINE, parser, argv, "benchmarks.lm_memory")
+
+
+if __name__ == "__main__":
+    main()
