@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax._src.low_precision import landing_update, map_low_precision, require_params
+from adam_jax._src.sequencing import after
 
 
 class StochasticRoundingState(NamedTuple):
@@ -116,11 +117,17 @@ def stochastic_rounding(
             updates, state.inner_state, params, **extra
         )
         key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
-        leaf_keys = iter(jax.random.split(step_key, len(jax.tree.leaves(params))))
+        split = jax.random.split(step_key, len(jax.tree.leaves(params)))
+        leaf_keys = iter(jax.random.key_data(split))
+        previous: jax.Array | None = None  # the last leaf's rounded param
 
         def round_leaf(update: jax.Array, param: jax.Array) -> tuple[Any, None]:
+            nonlocal previous
+            # One leaf's random bits and float32 sum at a time (adam_jax._src.sequencing).
+            update, param, leaf_key = after(previous, (update, param, next(leaf_keys)))
             total = param.astype(jnp.float32) + update.astype(jnp.float32)
-            rounded = round_stochastically(total, param.dtype, next(leaf_keys))
+            rounded = round_stochastically(total, param.dtype, jax.random.wrap_key_data(leaf_key))
+            previous = rounded
             return landing_update(param, rounded, update.dtype)[0], None
 
         updates, _ = map_low_precision(round_leaf, updates, params)

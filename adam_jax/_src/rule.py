@@ -63,6 +63,7 @@ import optax
 from adam_jax._src import validation
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.numerics import compute_dtype, real_dtype
+from adam_jax._src.sequencing import after
 from adam_jax._src.storage import (
     MomentStorage,
     PerLeafStorage,
@@ -406,18 +407,22 @@ def scale_by_rule(
 
         new_updates = []
         new_moments: list[list[Any]] = [[] for _ in moments]
+        previous: Any = None  # what the last leaf whose moments were decoded stored
         for i, grad in enumerate(grads):
             g = grad.astype(compute_dtype(grad.dtype))
             rdtype = real_dtype(g.dtype)
+            kept = [leaf_storages[i] for leaf_storages in storages]
+            trees = [tree[i] for tree in stored]
+            decodes = any(s.decodes(t) for s, t in zip(kept, trees, strict=True))
+            if decodes:
+                trees = after(previous, trees)
             loaded = {
-                m.name: kept[i].load(trees[i]).astype(rdtype if m.real else g.dtype)
-                for m, trees, kept in zip(moments, stored, storages, strict=True)
+                m.name: s.load(t).astype(rdtype if m.real else g.dtype)
+                for m, s, t in zip(moments, kept, trees, strict=True)
             }
             param = param_leaves[i]
             reducing = {
-                m.name: (kept[i], trees[i])
-                for m, trees, kept in zip(moments, stored, storages, strict=True)
-                if kept[i].reduces
+                m.name: (s, t) for m, s, t in zip(moments, kept, trees, strict=True) if s.reduces
             }
             layout = _layout(g, loaded, reducing) if reducing else None
             for name in reducing:
@@ -438,8 +443,13 @@ def scale_by_rule(
                     f"{type(reducing[unsettled[0]][0]).__name__}"
                 )
             new_updates.append(update.astype(grad.dtype))
-            for out, trees, kept, m in zip(new_moments, stored, storages, moments, strict=True):
-                out.append(kept[i].store(new[m.name], trees[i]))
+            new_stored = [
+                s.store(new[m.name], t) for m, s, t in zip(moments, kept, trees, strict=True)
+            ]
+            for out, value in zip(new_moments, new_stored, strict=True):
+                out.append(value)
+            if decodes:
+                previous = new_stored
 
         new_fields = dict(rule.next_fields(scalar_fields))
         for m, leaves in zip(moments, new_moments, strict=True):

@@ -59,6 +59,14 @@ class MomentStorage(abc.ABC):
     #: a rule keeps such a moment only if it :meth:`~adam_jax.Leaf.settle` s it.
     reduces: bool = False
 
+    def decodes(self, stored: Any) -> bool:
+        """Whether :meth:`load` rebuilds ``stored`` into a new array of the param's size (8-bit
+        and 4-bit codes, factored rows and columns). The step then finishes such a leaf (its
+        new stored moments) before it loads the next one, so that the decoded moments of one
+        leaf at a time are alive, never a float32 copy of the whole state. By default: a
+        stored form of more than one array."""
+        return len(jax.tree.leaves(stored)) > 1
+
     def project(self, value: jax.Array, stored: Any) -> jax.Array:
         """The moment ``value`` as the step uses it: ``value`` itself by default (a storage that
         keeps every element, rounded or not, as bitsandbytes' 8-bit state does), and for a

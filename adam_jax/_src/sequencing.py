@@ -1,0 +1,58 @@
+"""Leaves in turn: a data dependency that makes XLA finish one leaf before it starts the next.
+
+XLA schedules the independent per-leaf computations of an optimizer step as it likes; on CPU
+it decodes the moments of every leaf before it encodes any, so that a compressed state (8-bit
+or 4-bit codes, factored rows and columns) is alive as a whole float32 copy during the step.
+:func:`after` makes a leaf's stored moments depend on every array that the previous such
+leaf stored, so that the decoded moments of one leaf at a time are alive.
+
+``jax.lax.optimization_barrier`` would say the same, but XLA:CPU removes barriers before it
+schedules. The dependency here is arithmetic that XLA cannot fold away and that leaves every
+value as it was: ``max(x, d)`` for each float array ``x`` of the inputs, with ``d = -inf``
+computed from the maximum of each previous array (``max(x, -inf)`` is ``x`` bit for bit for
+every float, ``-0.0`` included; a NaN stays a NaN), and a shift by a computed zero for each
+integer array (8-bit codes, random keys). Reading the maxima costs one pass over the previous
+leaf's stored arrays (one byte per element for 8-bit codes); a dependency on a single element
+would let XLA recompute part of the encoding for it and keep more temporaries, not fewer. On
+a leaf sharded over devices each maximum is one scalar all-reduce. Only leaves whose storage
+:meth:`~adam_jax.MomentStorage.decodes` are put in turn; plain moments fuse as before.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypeVar
+
+import jax
+import jax.numpy as jnp
+
+T = TypeVar("T")
+
+
+def _minus_inf_after(previous: Any) -> jax.Array:
+    """``-inf`` (float32) as a function of every array leaf of ``previous``."""
+    maxima = [jnp.max(x).astype(jnp.float32) for x in jax.tree.leaves(previous) if x.size]
+    # Each (m != m) is False or True (a NaN maximum): -inf * (1 + their count) is -inf and
+    # never NaN; XLA keeps m != m for floats, so the product depends on every maximum.
+    return -jnp.inf * (1 + sum(((m != m).astype(jnp.float32) for m in maxima), jnp.float32(0)))
+
+
+def after(previous: Any, inputs: T) -> T:
+    """``inputs``, unchanged, computed on only once every array of ``previous`` is (nothing
+    to wait for when ``previous`` is ``None``): each float and integer array of ``inputs`` gets
+    a data dependency on them."""
+    if previous is None:
+        return inputs
+    floor = _minus_inf_after(previous)
+
+    # floor != -inf is always False: a zero shift that XLA cannot see is one.
+    no_shift = floor != -jnp.inf
+
+    def wait(x: Any) -> Any:
+        dtype = jnp.result_type(x)
+        if jnp.issubdtype(dtype, jnp.floating):
+            return jnp.maximum(x, floor.astype(dtype))
+        if jnp.issubdtype(dtype, jnp.integer):
+            return jax.lax.shift_right_logical(x, no_shift.astype(dtype))
+        return x
+
+    return jax.tree.map(wait, inputs)
