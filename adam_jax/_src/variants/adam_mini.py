@@ -285,6 +285,10 @@ def adam_mini(
     (kernels ``(in, out)``: one value per output neuron), and also gives convolution kernels
     one value per output channel, where the authors' code keeps one per tensor for layers it
     does not recognize. Their embeddings and output layer keep one value per token, as here.
+    On :class:`adam_jax.FlatParams` the partition and the default mask read the tree the
+    buffers pack, and the block means are kept per packed tensor; with weight decay, a buffer
+    must not mix decayed and spared tensors (flatten with the mask as labels, and pass
+    ``mask=flat.labels``).
 
     Args:
       learning_rate: a constant >= 0 or a schedule.
