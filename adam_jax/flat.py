@@ -37,6 +37,11 @@ Two ways to use it:
    on CPU it can be slower than the tree path (BENCHMARKS.md has the figures). It exists for
    state layout compatibility; prefer keeping the parameters flat (1.).
 
+Moments stay per tensor where it matters: reduced and shape-aware moment storages (Adam-mini's
+block means, factored second moments, the 4-bit rank-1 second moment) act on each packed
+tensor in its own shape, and per-tensor reductions (:meth:`adam_jax.Leaf.sum`) on each tensor,
+so an optimizer's state and steps on :class:`FlatParams` are those on the tree.
+
 Weight-decay masks and any other per-leaf labels (for ``optax.multi_transform``) are honoured by
 grouping leaves by label as well as dtype: every buffer holds leaves of one label only, so a
 label tree over the buffers (:func:`labels`) is exact. The labels are part of the static layout.

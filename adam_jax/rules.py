@@ -51,6 +51,7 @@ from adam_jax._src.rule import (
     scale_by_rule,
     second_moment,
 )
+from adam_jax._src.segmented import SegmentedStorage
 from adam_jax._src.storage import (
     CastStorage,
     MomentStorage,
@@ -95,6 +96,7 @@ __all__ = [
     "PerLeafStorage",
     "RadamRule",
     "ScheduleFreeAdamwRule",
+    "SegmentedStorage",
     "SimplifiedAdemamixRule",
     "StableAdamwRule",
     "StepScalars",

@@ -137,8 +137,6 @@ def test_bad_partitions_name_the_leaf() -> None:
         adam_jax.adam_mini(1e-3, num_heads=3).init(merged)
     with pytest.raises(ValueError, match="num_heads must be None or an integer >= 1"):
         adam_jax.adam_mini(1e-3, num_heads=0)
-    with pytest.raises(ValueError, match="FlatParams have lost"):
-        adam_jax.adam_mini(1e-3).init(adam_jax.flat.flatten(params))
 
 
 def test_adam_mini_keeps_about_half_of_adams_state() -> None:

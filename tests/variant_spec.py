@@ -58,8 +58,6 @@ class Variant:
       hyperparams: numeric hyperparameters that ``optax.inject_hyperparams`` can inject.
       storage_options: the alias's arguments that store its moments (``mu_dtype`` and
         ``nu_dtype``; schedule-free stores only its second moment, Adam-mini only its first).
-      flat_params: whether the alias runs on :class:`adam_jax.FlatParams` (Adam-mini's
-        partition needs the layers of the tree).
       static_args: arguments ``optax.inject_hyperparams`` must not inject (callables that are
         not schedules of the step: it would evaluate them at the step count).
       bad: ``(argument, value, range text)`` triples that must raise ValueError.
@@ -79,7 +77,6 @@ class Variant:
     )
     hyperparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
     storage_options: tuple[str, ...] = ("mu_dtype", "nu_dtype")
-    flat_params: bool = True
     static_args: tuple[str, ...] = ()
     bad: tuple[tuple[str, Any, str], ...] = ()
 

@@ -59,7 +59,8 @@ class FactoredStorage(MomentStorage):
     :math:`\beta_2 R + (1-\beta_2) \operatorname{mean}_{d_1} g^2`: Adafactor's accumulators. A
     reducing storage: the step uses the reconstruction of the new factors
     (:meth:`adam_jax.Leaf.settle`). An ``(n, m)`` matrix keeps ``n + m`` values instead of
-    ``n m``.
+    ``n m``. On :class:`adam_jax.FlatParams` the core applies it to each packed tensor in its
+    shape, so the matrices of a buffer are factored as on the tree.
 
     Attributes:
       min_dim_size_to_factor: the smallest extent of both factored axes, >= 2.

@@ -54,6 +54,13 @@ class FlatLayout:
         """Total number of elements over all buffers."""
         return sum(g.size for g in self.groups)
 
+    def abstract_tree(self) -> Any:
+        """The original tree with a ``jax.ShapeDtypeStruct`` for each leaf: its structure, paths
+        and shapes, for what depends on them (Adam-mini's partition by layer names)."""
+        return self.treedef.unflatten(
+            [jax.ShapeDtypeStruct(s.shape, self.groups[s.group].dtype) for s in self.slots]
+        )
+
     def flatten(self, tree: Any, *, cast: bool = False) -> FlatParams:
         """Packs ``tree`` (same structure, shapes and dtypes as the layout) into buffers.
 

@@ -14,7 +14,8 @@ brings everything else:
   (Explicit and Auto meshes) get sharded moments and ZeRO-1 (``adam_jax.sharding``) applies;
 * **complex params**: ``real`` moments (second moments) are real arrays;
 * **per-tensor reductions** that stay per tensor on :class:`adam_jax.FlatParams` buffers
-  (:meth:`Leaf.sum`, :meth:`Leaf.mean`);
+  (:meth:`Leaf.sum`, :meth:`Leaf.mean`), and so do reduced and shape-aware moment storages
+  (block means, factored, 4-bit rank-1: :class:`adam_jax.rules.SegmentedStorage`);
 * **decoupled weight decay** inside the rule, for rules whose decay term must be scaled or
   skipped with the update (``weight_decay`` and ``mask`` of :func:`scale_by_rule`);
 * **states built by field name**: the rule's ``state_type`` (an optax state type where optax has
@@ -61,15 +62,14 @@ import numpy as np
 import optax
 
 from adam_jax._src import validation
-from adam_jax._src.flat import FlatParams
 from adam_jax._src.numerics import compute_dtype, real_dtype
+from adam_jax._src.segmented import buffer_storages, packed_tensors
 from adam_jax._src.sequencing import after
 from adam_jax._src.storage import (
     MomentStorage,
     PerLeafStorage,
     as_storage,
     real_part_of,
-    storages_for,
 )
 from adam_jax._src.typed_sharding import placement_for_shape, reshard, typed_sharding
 
@@ -92,8 +92,10 @@ class Moment:
     from_params: bool = False
 
     def storages(self, tree: Any) -> list[MomentStorage]:
-        """The storage of each leaf of ``tree`` (the params, or the gradients)."""
-        return storages_for(self.storage, tree)
+        """The storage of each leaf of ``tree`` (the params, or the gradients); a buffer of
+        :class:`adam_jax.FlatParams` whose tensors need their own (reducing or ``per_tensor``
+        storages) gets a :class:`adam_jax.rules.SegmentedStorage` of them."""
+        return buffer_storages(self.storage, tree)
 
 
 def second_moment(storage: Any = None, name: str = "nu") -> Moment:
@@ -268,19 +270,10 @@ def _expand_mask(mask: Any, params: Any) -> list[bool]:
 def tensor_segments(updates: Any) -> list[tuple[int, ...] | None]:
     """For each leaf of ``updates``: the sizes of the tensors packed in it when it is a buffer
     of :class:`adam_jax.FlatParams`, else ``None``."""
-    nodes = jax.tree.leaves(updates, is_leaf=lambda x: isinstance(x, FlatParams))
-    segments: list[tuple[int, ...] | None] = []
-    for node in nodes:
-        if not isinstance(node, FlatParams):
-            segments.append(None)
-            continue
-        layout = node.layout
-        for index, buffer in enumerate(node.buffers):
-            if buffer is None:
-                continue
-            slots = sorted((s for s in layout.slots if s.group == index), key=lambda s: s.offset)
-            segments.append(tuple(int(np.prod(s.shape, dtype=np.int64)) for s in slots))
-    return segments
+    return [
+        None if shapes is None else tuple(int(np.prod(s, dtype=np.int64)) for s in shapes)
+        for shapes in packed_tensors(updates)
+    ]
 
 
 def map_tensors(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:

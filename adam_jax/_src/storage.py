@@ -5,7 +5,8 @@ The transformations compute in at least float32 and hand each new moment to a
 default), a compressed encoding such as 8-bit block-wise quantization, or a reduced form that
 keeps fewer values than the param has elements (block means, factored rows and columns). The
 stored form of one leaf may itself be a pytree; the moment trees then have the params tree as
-a prefix. :func:`per_leaf` chooses a storage for each leaf from the params tree.
+a prefix. :func:`per_leaf` chooses a storage for each leaf from the params tree (for
+:class:`adam_jax.FlatParams`, from the tree they pack).
 """
 
 from __future__ import annotations
@@ -58,6 +59,13 @@ class MomentStorage(abc.ABC):
     #: factored rows and columns). The step must then use the moment as it will be stored, so
     #: a rule keeps such a moment only if it :meth:`~adam_jax.Leaf.settle` s it.
     reduces: bool = False
+
+    #: Whether the stored form depends on the param's shape, not only on its elements in
+    #: order (as row and column maxima do). On a buffer of :class:`adam_jax.FlatParams` the
+    #: core applies such a storage, and any reducing one, to each packed tensor in its own
+    #: shape (:class:`adam_jax.rules.SegmentedStorage`), so that flat params keep the tree's
+    #: state; other storages keep the whole buffer as one vector.
+    per_tensor: bool = False
 
     def decodes(self, stored: Any) -> bool:
         """Whether :meth:`load` rebuilds ``stored`` into a new array of the param's size (8-bit
@@ -170,7 +178,10 @@ def per_leaf(select: Callable[[Any], Any]) -> PerLeafStorage:
 
     ``select`` is called with the params in ``init`` and with the gradients in ``update``, so
     it must depend on the tree's structure, paths and shapes only (as Adam-mini's partition by
-    layer names does), never on values.
+    layer names does), never on values. In place of each :class:`adam_jax.FlatParams` it sees
+    the tree the buffers pack (``jax.ShapeDtypeStruct`` leaves with their paths and shapes),
+    and the tensors of a buffer keep their own storages when these differ, reduce or are
+    ``per_tensor`` (:class:`adam_jax.rules.SegmentedStorage`).
 
     Example:
       >>> import adam_jax, jax.numpy as jnp

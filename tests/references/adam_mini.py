@@ -99,7 +99,6 @@ TESTS = (
         },
         float32_cases=(),
         storage_options=("mu_dtype",),
-        flat_params=False,
         per_tensor=True,  # block means: sums whose order changes with the state's sharding
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.999, "eps": 1e-8},
         bad=(("b2", 1.0, "[0, 1)"), ("eps", -1.0, ">= 0"), ("num_heads", 0, ">= 1")),

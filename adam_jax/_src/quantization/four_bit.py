@@ -425,6 +425,8 @@ class FourBitRank1(_FourBitStorage):
     to zero unless its row or column is all zeros, so ``1 / (sqrt(v) + eps)`` never jumps to
     ``1 / eps`` for a parameter whose neighbours have gradients (the paper's zero-point
     problem). torchao's 4-bit AdamW quantizes this moment block-wise with the same map instead.
+    On :class:`adam_jax.FlatParams` each packed tensor is stored as on the tree
+    (:attr:`~adam_jax.MomentStorage.per_tensor`).
 
     Args:
       block_size: the most elements that share one scale in a vector, >= 1.
@@ -441,6 +443,9 @@ class FourBitRank1(_FourBitStorage):
       >>> print(nu.codes.shape, nu.row_max.shape, nu.col_max.shape)
       (64, 128) (64, 1) (1, 256)
     """
+
+    # Its rows and columns are a tensor's: FlatParams buffers keep it per packed tensor.
+    per_tensor = True
 
     def init(self, param: Any) -> Any:
         if not self.quantizes(param):

@@ -9,6 +9,7 @@ about half (the second moment is a few values per layer).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -104,17 +105,10 @@ def adam_mini_partition(num_heads: int | None = None) -> Partition:
 
     def partition(params: Any) -> Any:
         def storage(path: tuple[Any, ...], leaf: Any) -> MomentStorage:
-            if isinstance(leaf, FlatParams):
-                raise ValueError(
-                    "adam_mini partitions the params tree by its layers: FlatParams have lost "
-                    "them (use the tree, or flat.flat around adam_mini)"
-                )
             block = adam_mini_block_shape(_path_name(path), tuple(np.shape(leaf)), num_heads)
             return cast_storage() if block is None else block_means(block)
 
-        return jax.tree_util.tree_map_with_path(
-            storage, params, is_leaf=lambda x: isinstance(x, FlatParams)
-        )
+        return jax.tree_util.tree_map_with_path(storage, params)
 
     return partition
 
@@ -175,10 +169,38 @@ def _lookup(tree: Any, path: tuple[Any, ...]) -> Any:
     return node
 
 
-def _no_decay_mask(params: Any) -> Any:
-    """The authors' decay mask: no decay for norms and biases (by name)."""
+def _no_decay_mask(params: Any, mixed: bool | None = None) -> Any:
+    """The authors' decay mask: no decay for norms and biases (by name).
+
+    A buffer of :class:`adam_jax.FlatParams` takes the value of the tensors it packs; for one
+    that packs both kinds, ``mixed``, or a ValueError when it is None (the decay would differ
+    from the tree's).
+    """
+
+    def decays(path: tuple[Any, ...], _: Any) -> bool:
+        return not any(part in _path_name(path) for part in NO_DECAY_NAMES)
+
+    def buffer_mask(node: FlatParams) -> FlatParams:
+        tensors = node.layout.treedef.flatten_up_to(
+            jax.tree_util.tree_map_with_path(decays, node.layout.abstract_tree())
+        )
+        buffers = []
+        for group in range(len(node.layout.groups)):
+            kinds = {tensors[i] for i, s in enumerate(node.layout.slots) if s.group == group}
+            if len(kinds) > 1 and mixed is None:
+                raise ValueError(
+                    "adam_mini's default mask spares norms and biases from weight decay, and "
+                    "a buffer of these FlatParams packs both them and decayed tensors: group "
+                    "the leaves by the mask (flat.flatten(params, labels=mask)) and pass "
+                    "mask=flat.labels"
+                )
+            buffers.append(kinds.pop() if len(kinds) == 1 else mixed)
+        return FlatParams(tuple(buffers), node.layout)
+
     return jax.tree_util.tree_map_with_path(
-        lambda path, _: not any(part in _path_name(path) for part in NO_DECAY_NAMES), params
+        lambda path, x: buffer_mask(x) if isinstance(x, FlatParams) else decays(path, x),
+        params,
+        is_leaf=lambda x: isinstance(x, FlatParams),
     )
 
 
@@ -263,6 +285,10 @@ def adam_mini(
     (kernels ``(in, out)``: one value per output neuron), and also gives convolution kernels
     one value per output channel, where the authors' code keeps one per tensor for layers it
     does not recognize. Their embeddings and output layer keep one value per token, as here.
+    On :class:`adam_jax.FlatParams` the partition and the default mask read the tree the
+    buffers pack, and the block means are kept per packed tensor; with weight decay, a buffer
+    must not mix decayed and spared tensors (flatten with the mask as labels, and pass
+    ``mask=flat.labels``).
 
     Args:
       learning_rate: a constant >= 0 or a schedule.
@@ -287,6 +313,10 @@ def adam_mini(
       >>> print(state[0].mu["dense"]["kernel"].size, state[0].nu["dense"]["kernel"].size)
       16384 64
     """
+    never_decays = not callable(weight_decay) and validation.static_float(weight_decay) == 0.0
+    if mask is _no_decay_mask and never_decays:
+        # A FlatParams buffer that packs biases and kernels then needs no labels of its own.
+        mask = functools.partial(_no_decay_mask, mixed=True)
     return descend(
         learning_rate,
         scale_by_adam_mini(b1, b2, eps, num_heads=num_heads, partition=partition,
