@@ -383,6 +383,12 @@ def adamaxw(
     )
 
 
+def _eight_bit_moments(block_size: int | None, min_size: int | None) -> dict[str, Any]:
+    """:func:`adam_jax.eight_bit_moments` with its defaults for the arguments left ``None``."""
+    given = {"block_size": block_size, "min_size": min_size}
+    return eight_bit_moments(**{name: value for name, value in given.items() if value is not None})
+
+
 def adam_8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
@@ -393,8 +399,8 @@ def adam_8bit(
     nesterov: bool = False,
     eps_placement: str = "standard",
     maximize: bool = False,
-    block_size: int = 256,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
 ) -> optax.GradientTransformation:
     """:func:`adam` with both moments in 8-bit block-wise quantized storage.
 
@@ -405,8 +411,11 @@ def adam_8bit(
     Args:
       learning_rate: a constant >= 0 or a schedule.
       b1, b2, eps, eps_root, nesterov, eps_placement, maximize: as in :func:`adam`.
-      block_size: elements that share one scale.
-      min_size: leaves with fewer elements keep float32 moments.
+      block_size: elements that share one scale; ``None`` (the default) is 256.
+      min_size: leaves with fewer elements keep float32 moments; ``None`` (the default) is
+        4096. Both default to ``None`` rather than a number so that
+        ``optax.inject_hyperparams(adam_8bit)`` works: it would inject a number as an array,
+        and they fix shapes (pass ``static_args=("block_size", "min_size")`` to set them).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -426,7 +435,7 @@ def adam_8bit(
     return adam(
         learning_rate, b1, b2, eps, eps_root,
         nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
-        **eight_bit_moments(block_size, min_size),
+        **_eight_bit_moments(block_size, min_size),
     )  # fmt: skip
 
 
@@ -442,8 +451,8 @@ def adamw_8bit(
     nesterov: bool = False,
     eps_placement: str = "standard",
     maximize: bool = False,
-    block_size: int = 256,
-    min_size: int = 4096,
+    block_size: int | None = None,
+    min_size: int | None = None,
 ) -> optax.GradientTransformation:
     """:func:`adamw` with both moments in 8-bit block-wise quantized storage.
 
@@ -472,5 +481,5 @@ def adamw_8bit(
         learning_rate, b1, b2, eps, eps_root,
         weight_decay=weight_decay, mask=mask,
         nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
-        **eight_bit_moments(block_size, min_size),
+        **_eight_bit_moments(block_size, min_size),
     )  # fmt: skip

@@ -238,7 +238,6 @@ TESTS = (
             "pytorch-optimizer": pytorch_optimizer_optimizer,
         },
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.9999, "eps": 1e-6},
-        static_args=("clip_value_fn",),
         bad=(("b2", 1.0, "[0, 1)"), ("eps", -1.0, ">= 0"), ("weight_decay", -0.1, ">= 0")),
     ),
 )

@@ -30,6 +30,9 @@ from adam_jax._src.weight_decay import Mask, add_decayed_weights
 EMBEDDING_NAMES = ("embed", "embd", "wte", "embedding")
 QUERY_KEY_NAMES = ("k_proj", "q_proj", "wq", "wk", "query", "key")
 NO_DECAY_NAMES = ("norm", "ln", "bias")
+# The default mask of adam_mini, by name: a string, which optax.inject_hyperparams keeps
+# as it is (a function it would call as a schedule of the step).
+DEFAULT_MASK = "by_name"
 
 Partition = Callable[[Any], Any]
 
@@ -265,7 +268,7 @@ def adam_mini(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = _no_decay_mask,
+    mask: Mask | None = "by_name",
     *,
     num_heads: int | None = None,
     partition: Partition | Any | None = None,
@@ -294,8 +297,10 @@ def adam_mini(
       learning_rate: a constant >= 0 or a schedule.
       b1, b2, eps, num_heads, partition, mu_dtype: as in :func:`adam_jax.scale_by_adam_mini`.
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule.
-      mask: which leaves to decay (a tree of bools or a callable of the params); by default
-        all but norms and biases, by name.
+      mask: which leaves to decay (a tree of bools or a callable of the params); by default,
+        ``"by_name"``, all but norms and biases, by name. The default is a string rather
+        than a function so that ``optax.inject_hyperparams(adam_mini)`` keeps it (it takes
+        every callable argument for a schedule of the step).
       maximize: ascend the objective instead of descending.
 
     Returns:
@@ -314,6 +319,9 @@ def adam_mini(
       16384 64
     """
     never_decays = not callable(weight_decay) and validation.static_float(weight_decay) == 0.0
+    if isinstance(mask, str):
+        validation.check_choice("mask", mask, (DEFAULT_MASK,))
+        mask = _no_decay_mask
     if mask is _no_decay_mask and never_decays:
         # A FlatParams buffer that packs biases and kernels then needs no labels of its own.
         mask = functools.partial(_no_decay_mask, mixed=True)

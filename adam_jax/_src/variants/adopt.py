@@ -96,7 +96,7 @@ def scale_by_adopt(
     *,
     nesterov: bool = False,
     use_clipping: bool = True,
-    clip_value_fn: Callable[[jax.Array], Any] = quarter_power,
+    clip_value_fn: Callable[[jax.Array], Any] | None = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask | None = None,
     nu_dtype: Any = None,
@@ -116,7 +116,8 @@ def scale_by_adopt(
     :math:`c(t)` is ``clip_value_fn`` of the number of earlier calls :math:`t`: :math:`t^{1/4}`,
     the authors' ``clip_lambda``. This is the arithmetic of the authors' ``ADOPT`` (and of timm's
     ``Adopt``) with ``decouple=True``, and a drop-in for ``optax.contrib.scale_by_adopt`` (same
-    arguments, defaults and state ``optax.ScaleByAdamState``), which has no weight decay.
+    arguments, defaults and state ``optax.ScaleByAdamState``; optax's default
+    ``clip_value_fn``, :math:`t^{1/4}`, is spelled ``None`` here), which has no weight decay.
     pytorch-optimizer's ``ADOPT`` clips at :math:`(t+1)^{1/4}` (pass
     ``clip_value_fn=lambda t: (t + 1) ** 0.25``) and decays the weights on the first call too.
     Complex params use :math:`v = |g|^2` and clip the real and imaginary parts.
@@ -129,7 +130,11 @@ def scale_by_adopt(
       nesterov: Nesterov momentum, as ``optax.contrib.scale_by_adopt``.
       use_clipping: clip the normalized gradient at ``clip_value_fn(t)``.
       clip_value_fn: the clip value as a function of the number of earlier calls (a float
-        array of the compute dtype).
+        array of the compute dtype); ``None`` (the default) is :math:`t^{1/4}`, the authors'
+        ``clip_lambda``. The default is ``None`` rather than a function so that
+        ``optax.inject_hyperparams(adopt)`` works without ``static_args`` (it takes every
+        callable argument for a schedule of the step); pass ``static_args="clip_value_fn"``
+        with a function of your own.
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         0-based step (skipped on the first call).
       mask: which leaves to decay (a tree of bools or a callable of the params).
@@ -150,6 +155,8 @@ def scale_by_adopt(
       [ 0.1 -0.1]
     """
     validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
+    if clip_value_fn is None:
+        clip_value_fn = quarter_power
     rule = AdoptRule(
         b1, b2, eps, nesterov, use_clipping, clip_value_fn,
         mu_dtype, nu_dtype,
@@ -166,7 +173,7 @@ def adopt(
     *,
     nesterov: bool = False,
     use_clipping: bool = True,
-    clip_value_fn: Callable[[jax.Array], Any] = quarter_power,
+    clip_value_fn: Callable[[jax.Array], Any] | None = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask | None = None,
     nu_dtype: Any = None,
