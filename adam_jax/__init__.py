@@ -21,10 +21,12 @@ from adam_jax._src.aliases import (
 )
 from adam_jax._src.bias_correction import ScaleByBiasCorrectionState, scale_by_bias_correction
 from adam_jax._src.block_mean import BlockMeanStorage, block_means
+from adam_jax._src.cautious_weight_decay import cautious_weight_decay
 from adam_jax._src.factored import FactoredMoment, FactoredStorage, factored_second_moment
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.kahan import KahanSummationState, kahan_summation
 from adam_jax._src.learning_rate import scale_by_learning_rate
+from adam_jax._src.loss_spikes import SkipLossSpikesState, skip_loss_spikes
 from adam_jax._src.memory import state_bytes
 from adam_jax._src.moments import (
     ScaleByAdamState,
@@ -46,6 +48,7 @@ from adam_jax._src.schedules import (
     warmup_stable_decay_schedule,
 )
 from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage, per_leaf
+from adam_jax._src.update_clipping import clip_update_rms
 from adam_jax._src.variants.adabelief import adabelief, scale_by_belief
 from adam_jax._src.variants.adam_atan2 import adam_atan2, scale_by_adam_atan2
 from adam_jax._src.variants.adam_mini import (
@@ -98,6 +101,7 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectionState",
+    "SkipLossSpikesState",
     "StochasticRoundingState",
     "adabelief",
     "adam",
@@ -119,6 +123,8 @@ __all__ = [
     "cast_storage",
     "cautious",
     "cautious_adamw",
+    "cautious_weight_decay",
+    "clip_update_rms",
     "eight_bit_moments",
     "factored_second_moment",
     "flat",
@@ -157,6 +163,7 @@ __all__ = [
     "schedule_free_eval_params",
     "sharding",
     "simplified_ademamix",
+    "skip_loss_spikes",
     "stable_adamw",
     "state_bytes",
     "stochastic_rounding",
