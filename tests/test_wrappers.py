@@ -89,6 +89,16 @@ def test_clip_update_rms_chains_after_an_optimizer() -> None:
         assert float(jnp.sqrt(jnp.mean(leaf**2))) <= 0.1 * 0.5 * (1 + 1e-6)
 
 
+def test_clip_update_rms_is_per_packed_tensor_on_flat_params() -> None:
+    updates = _tree()
+    tx = adam_jax.clip_update_rms(1.0)
+    on_tree, _ = tx.update(updates, tx.init(updates))
+    packed = adam_jax.FlatParams.from_tree(updates)
+    on_flat, _ = tx.update(packed, tx.init(packed))
+    for a, b in zip(jax.tree.leaves(on_flat.to_tree()), jax.tree.leaves(on_tree), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+
+
 @pytest.mark.parametrize("bad", [0.0, -1.0, math.inf, math.nan])
 def test_clip_update_rms_refuses_a_bad_max_rms(bad: float) -> None:
     with pytest.raises(ValueError, match="max_rms must be finite and > 0"):
