@@ -50,6 +50,7 @@ CODE_PAGES = {
     "benchmarks.md": CodePage(prelude="import adam_jax"),  # BENCHMARKS.md's snippets
     "adding_a_variant.md": CodePage(),
     "low_precision.md": CodePage(),
+    "which_adam.md": CodePage(),
 }
 
 
