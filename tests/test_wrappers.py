@@ -161,7 +161,7 @@ def test_skip_loss_spikes_decides_as_the_reference(window: int, min_history: int
     assert got == expected
     assert any(expected) and not all(expected)
     assert int(state.skipped) == sum(expected)
-    assert int(state.count) == len(losses) - sum(expected)
+    assert int(state.accepted) == len(losses) - sum(expected)
 
 
 def test_a_skipped_step_keeps_the_inner_state_bit_for_bit() -> None:
@@ -180,7 +180,7 @@ def test_a_skipped_step_keeps_the_inner_state_bit_for_bit() -> None:
         jax.tree.leaves(before.inner_state), jax.tree.leaves(after.inner_state), strict=True
     ):
         assert old.dtype == new.dtype and jnp.array_equal(old, new)
-    assert jnp.array_equal(after.losses, before.losses) and after.count == before.count
+    assert jnp.array_equal(after.losses, before.losses) and after.accepted == before.accepted
     assert after.skipped == before.skipped + 1
     # The next ordinary step is the step the inner optimizer would have taken without the spike.
     grads = jax.tree.map(lambda p: 0.5 * p, params)
@@ -199,10 +199,10 @@ def test_non_finite_losses_are_skipped_from_the_first_step() -> None:
     for loss in [math.nan, math.inf, -math.inf]:
         updates, state = tx.update(jnp.ones(2), state, params, value=loss)
         assert not jnp.any(updates)
-    assert int(state.skipped) == 3 and int(state.count) == 0
+    assert int(state.skipped) == 3 and int(state.accepted) == 0
     # The window still fills with the finite losses only.
     updates, state = tx.update(jnp.ones(2), state, params, value=2.0)
-    assert jnp.array_equal(updates, -jnp.ones(2)) and int(state.count) == 1
+    assert jnp.array_equal(updates, -jnp.ones(2)) and int(state.accepted) == 1
     assert float(state.losses[0]) == 2.0
 
 
@@ -323,7 +323,7 @@ def test_cautious_weight_decay_mask_and_schedule() -> None:
     np.testing.assert_allclose(first["w"], [1.1, 1.0], rtol=1e-6)
     np.testing.assert_allclose(second["w"], [1.2, 1.0], rtol=1e-6)
     np.testing.assert_allclose(second["b"], [1.4], rtol=1e-6)
-    assert int(state.count) == 2
+    assert int(state.accepted) == 2
 
 
 def test_cautious_weight_decay_in_an_adam_chain() -> None:

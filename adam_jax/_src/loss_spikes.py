@@ -26,14 +26,14 @@ class SkipLossSpikesState(NamedTuple):
       inner_state: the wrapped transformation's state (unchanged by a skipped step).
       losses: the ring buffer of the last ``window`` accepted losses (float32, ``(window,)``);
         the loss of accepted step ``k`` (0-based) sits at ``k % window``.
-      count: the number of accepted losses so far (int32); ``min(count, window)`` entries of
-        ``losses`` are in use.
+      accepted: the number of accepted losses so far (int32); ``min(accepted, window)``
+        entries of ``losses`` are in use.
       skipped: the number of skipped steps so far (int32).
     """
 
     inner_state: Any
     losses: jax.Array
-    count: jax.Array  # type: ignore[assignment]  # a field, as in optax's states
+    accepted: jax.Array
     skipped: jax.Array
 
 
@@ -110,7 +110,7 @@ def skip_loss_spikes(
       >>> for loss in [1.0, 1.1, 0.9, 1.0, 5.0, 1.05]:
       ...     updates, state = tx.update(jnp.ones(2), state, params, value=loss)
       ...     params = optax.apply_updates(params, updates)
-      >>> print(state.skipped, state.count, params)  # 5.0 was skipped: 5 steps of -0.1
+      >>> print(state.skipped, state.accepted, params)  # 5.0 was skipped: 5 steps of -0.1
       1 5 [0.5 0.5]
     """
     if isinstance(window, bool) or not isinstance(window, int) or window < 2:
@@ -132,7 +132,7 @@ def skip_loss_spikes(
         return SkipLossSpikesState(
             inner_state=inner.init(params),
             losses=jnp.zeros([window], jnp.float32),
-            count=jnp.zeros([], jnp.int32),
+            accepted=jnp.zeros([], jnp.int32),
             skipped=jnp.zeros([], jnp.int32),
         )
 
@@ -151,18 +151,18 @@ def skip_loss_spikes(
         if value.size != 1:
             raise ValueError(f"value must be a scalar loss, got shape {value.shape}")
         loss = value.reshape(()).astype(jnp.promote_types(value.dtype, jnp.float32))
-        skip = is_loss_spike(loss, state.losses, state.count, threshold, min_history)
+        skip = is_loss_spike(loss, state.losses, state.accepted, threshold, min_history)
 
         new_updates, new_inner_state = inner.update(updates, state.inner_state, params, **extra)
         new_updates = jax.tree.map(lambda u: jnp.where(skip, jnp.zeros_like(u), u), new_updates)
         inner_state = jax.tree.map(
             lambda old, new: jnp.where(skip, old, new), state.inner_state, new_inner_state
         )
-        recorded = state.losses.at[state.count % window].set(loss.astype(state.losses.dtype))
+        recorded = state.losses.at[state.accepted % window].set(loss.astype(state.losses.dtype))
         return new_updates, SkipLossSpikesState(
             inner_state=inner_state,
             losses=jnp.where(skip, state.losses, recorded),
-            count=jnp.where(skip, state.count, optax.safe_increment(state.count)),
+            accepted=jnp.where(skip, state.accepted, optax.safe_increment(state.accepted)),
             skipped=jnp.where(skip, optax.safe_increment(state.skipped), state.skipped),
         )
 
