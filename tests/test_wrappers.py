@@ -323,7 +323,7 @@ def test_cautious_weight_decay_mask_and_schedule() -> None:
     np.testing.assert_allclose(first["w"], [1.1, 1.0], rtol=1e-6)
     np.testing.assert_allclose(second["w"], [1.2, 1.0], rtol=1e-6)
     np.testing.assert_allclose(second["b"], [1.4], rtol=1e-6)
-    assert int(state.accepted) == 2
+    assert int(state.count) == 2
 
 
 def test_cautious_weight_decay_in_an_adam_chain() -> None:
