@@ -9,15 +9,11 @@ sliding-mode solutions that are locally Pareto-optimal for the loss and the para
 
 from __future__ import annotations
 
-from typing import Any
-
 import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
-from adam_jax._src.numerics import compute_dtype
-from adam_jax._src.weight_decay import Mask, masked, schedule_state_type
+from adam_jax._src.weight_decay import Mask, decayed_weights
 
 
 def _agree(u: jax.Array, p: jax.Array) -> jax.Array:
@@ -54,7 +50,8 @@ def cautious_weight_decay(
         returning one from the params; leaves marked ``False`` are not decayed.
 
     Returns:
-      An ``optax.GradientTransformation``; its ``update`` requires ``params``.
+      An ``optax.GradientTransformation``; its ``update`` requires ``params`` unless the rate
+      is a constant zero (which leaves the updates untouched).
 
     References:
       Chen, Li, Liang, Su, Xie, Pierse, Liang, Lao and Liu, `Cautious Weight Decay
@@ -69,32 +66,9 @@ def cautious_weight_decay(
       >>> print(decayed)  # decayed where the update and the param have the same sign
       [ 0.6 -0.1 -1.1  0.1]
     """
-    scheduled = callable(weight_decay)
-    if not scheduled:
-        validation.check_non_negative("weight_decay", weight_decay)
-
-    def init_fn(params: optax.Params) -> Any:
-        del params
-        if scheduled:
-            return schedule_state_type()(count=jnp.zeros([], jnp.int32))
-        return optax.EmptyState()
-
-    def update_fn(
-        updates: optax.Updates, state: Any, params: optax.Params | None = None
-    ) -> tuple[optax.Updates, Any]:
-        if params is None:
-            raise ValueError(
-                "cautious_weight_decay needs params: call update(updates, state, params)"
-            )
-        new_state = state._replace(count=optax.safe_increment(state.count)) if scheduled else state
-        rate = weight_decay(state.count) if scheduled else weight_decay
-
-        def decay(u: jax.Array, p: jax.Array) -> jax.Array:
-            dtype = compute_dtype(u.dtype)
-            u32, p32 = u.astype(dtype), jnp.asarray(p).astype(dtype)
-            return (u32 + jnp.where(_agree(u32, p32), rate * p32, 0)).astype(u.dtype)
-
-        return jax.tree.map(decay, updates, params), new_state
-
-    transform = optax.GradientTransformation(init_fn, update_fn)
-    return transform if mask is None else masked(transform, mask)
+    return decayed_weights(
+        "cautious_weight_decay",
+        weight_decay,
+        mask,
+        lambda u, p, rate: u + jnp.where(_agree(u, p), rate * p, 0),
+    )

@@ -58,6 +58,23 @@ def add_decayed_weights(
       >>> print(updates["w"], updates["b"])
       [0.1 0.2] [0.3]
     """
+    return decayed_weights(
+        "add_decayed_weights", weight_decay, mask, lambda u, p, rate: u + rate * p
+    )
+
+
+def decayed_weights(
+    name: str,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: Mask | None,
+    decay: Callable[[jax.Array, jax.Array, Any], jax.Array],
+) -> optax.GradientTransformation:
+    """The transformation that replaces each update ``u`` by ``decay(u, p, rate)``, computed
+    in at least float32 (``u`` and the param ``p`` in that dtype) and cast back to ``u``'s;
+    ``rate`` is the constant or the schedule's value at the step count. What
+    :func:`add_decayed_weights` and :func:`adam_jax.cautious_weight_decay` share: checks,
+    states (optax's), the mask, and nothing done at a constant zero rate. ``name`` is the
+    public transformation's, for its error messages."""
     scheduled = callable(weight_decay)
     if not scheduled:
         validation.check_non_negative("weight_decay", weight_decay)
@@ -76,16 +93,14 @@ def add_decayed_weights(
         if skip:
             return updates, new_state
         if params is None:
-            raise ValueError(
-                "add_decayed_weights needs params: call update(updates, state, params)"
-            )
+            raise ValueError(f"{name} needs params: call update(updates, state, params)")
         rate = weight_decay(state.count) if scheduled else weight_decay
 
-        def decay(u: jax.Array, p: jax.Array) -> jax.Array:
+        def decay_leaf(u: jax.Array, p: jax.Array) -> jax.Array:
             dtype = compute_dtype(u.dtype)
-            return (u.astype(dtype) + rate * jnp.asarray(p).astype(dtype)).astype(u.dtype)
+            return decay(u.astype(dtype), jnp.asarray(p).astype(dtype), rate).astype(u.dtype)
 
-        return jax.tree.map(decay, updates, params), new_state
+        return jax.tree.map(decay_leaf, updates, params), new_state
 
     transform = optax.GradientTransformation(init_fn, update_fn)
     return transform if mask is None else masked(transform, mask)
