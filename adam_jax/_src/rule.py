@@ -64,7 +64,7 @@ import optax
 from adam_jax._src import validation
 from adam_jax._src.numerics import compute_dtype, real_dtype
 from adam_jax._src.segmented import buffer_storages, packed_tensors
-from adam_jax._src.sequencing import after
+from adam_jax._src.sequencing import after, scales_of
 from adam_jax._src.storage import (
     MomentStorage,
     PerLeafStorage,
@@ -400,7 +400,7 @@ def scale_by_rule(
 
         new_updates = []
         new_moments: list[list[Any]] = [[] for _ in moments]
-        previous: Any = None  # what the last leaf whose moments were decoded stored
+        previous: Any = None  # the scales the last leaf whose moments were decoded stored
         for i, grad in enumerate(grads):
             g = grad.astype(compute_dtype(grad.dtype))
             rdtype = real_dtype(g.dtype)
@@ -442,7 +442,9 @@ def scale_by_rule(
             for out, value in zip(new_moments, new_stored, strict=True):
                 out.append(value)
             if decodes:
-                previous = new_stored
+                previous = scales_of(
+                    [t for s, t in zip(kept, new_stored, strict=True) if s.decodes(t)]
+                )
 
         new_fields = dict(rule.next_fields(scalar_fields))
         for m, leaves in zip(moments, new_moments, strict=True):
