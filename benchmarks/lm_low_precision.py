@@ -15,7 +15,7 @@ held-out loss to JSON, and plots the curves averaged over seeds::
     python -m benchmarks.lm_low_precision --steps 2000 --seeds 0 1 2 \\
         --out benchmarks/results/lm_low_precision.json --plot docs/low_precision_lm.png
 
-Runs already in ``--out`` are kept (the command resumes).
+Runs already in ``--out`` are kept (the command resumes); ``--peak`` sets the peak rate.
 """
 
 from __future__ import annotations
@@ -51,15 +51,16 @@ def corpus() -> np.ndarray:
 
 
 def train(
-    setting: Setting, steps: int, data: np.ndarray, seed: int = 0
+    setting: Setting, steps: int, data: np.ndarray, seed: int = 0, peak: float = PEAK
 ) -> tuple[list[float], float]:
-    """Train ``setting`` for ``steps`` steps on the first nine tenths of ``data``.
+    """Train ``setting`` for ``steps`` steps on the first nine tenths of ``data``, the
+    learning rate warming up to ``peak`` over the first twentieth of the steps.
 
     Returns the train loss averaged over each ``AVERAGE_OVER`` steps, and the final loss on
     ``EVAL_WINDOWS`` evenly spaced windows of the held-out last tenth.
     """
     factory, dtype = setting
-    schedule = optax.warmup_cosine_decay_schedule(0.0, PEAK, steps // 20, steps)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, steps // 20, steps)
     tx = factory(schedule, seed)
     params = transformer_params(jax.random.key(seed), layers=4, seq=WINDOW)
     params = jax.tree.map(lambda p: p.astype(dtype), params)
@@ -141,19 +142,26 @@ def table(runs: list[dict[str, Any]], settings: dict[str, Setting], baseline: st
 
 
 def run(
-    settings: dict[str, Setting], seeds: list[int], steps: int, out: Path, command: str
+    settings: dict[str, Setting],
+    seeds: list[int],
+    steps: int,
+    out: Path,
+    command: str,
+    peak: float = PEAK,
 ) -> list[dict[str, Any]]:
-    """Trains each setting for each seed, skipping the runs of ``steps`` steps already in
-    ``out``, and writes ``out`` (with ``command``) after each run; returns all of its runs."""
+    """Trains each setting for each seed, skipping the runs of ``steps`` steps to ``peak``
+    already in ``out``, and writes ``out`` (with ``command``) after each run; returns all of
+    its runs."""
     data = corpus()
     saved = json.loads(out.read_text()) if out.exists() else {}
-    runs = saved.get("runs", []) if saved.get("steps") == steps else []
+    same = saved.get("steps") == steps and saved.get("peak_learning_rate", PEAK) == peak
+    runs = saved.get("runs", []) if same else []
     for seed in seeds:
         for name, setting in settings.items():
             if any(r["seed"] == seed and r["setting"] == name for r in runs):
                 continue
             start = time.perf_counter()
-            curve, held_out_loss = train(setting, steps, data, seed)
+            curve, held_out_loss = train(setting, steps, data, seed, peak)
             runs.append(
                 {
                     "setting": name,
@@ -169,6 +177,7 @@ def run(
                 "python": sys.version.split()[0],
                 "corpus_bytes": len(data),
                 "steps": steps,
+                "peak_learning_rate": peak,
                 "runs": runs,
             }
             out.write_text(json.dumps(record, indent=1))  # each run, as it ends
@@ -181,6 +190,9 @@ def arguments(
     """The options of a language-model study of ``settings``."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument(
+        "--peak", type=float, default=PEAK, help=f"the peak learning rate (default {PEAK})"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=default_out)
     parser.add_argument(
@@ -206,9 +218,11 @@ def study(
     args = parser.parse_args(argv)
     if args.steps < AVERAGE_OVER or args.steps % AVERAGE_OVER:
         parser.error(f"--steps must be a positive multiple of {AVERAGE_OVER}, got {args.steps}")
+    if not args.peak > 0:
+        parser.error(f"--peak must be a learning rate > 0, got {args.peak}")
     command = f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
     chosen = {name: setting for name, setting in settings.items() if name in args.settings}
-    runs = run(chosen, args.seeds, args.steps, Path(args.out), command)
+    runs = run(chosen, args.seeds, args.steps, Path(args.out), command, args.peak)
     print(table(runs, settings, baseline))
     return args, runs
 

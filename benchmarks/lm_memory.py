@@ -12,7 +12,8 @@ loss to JSON, and prints the table of BENCHMARKS.md::
     python -m benchmarks.lm_memory --steps 2000 --seeds 0 1 2 \\
         --out benchmarks/results/lm_memory.json
 
-Runs already in ``--out`` are kept (the command resumes); ``--settings`` runs a subset.
+Runs already in ``--out`` are kept (the command resumes); ``--settings`` runs a subset and
+``--peak`` sets the peak learning rate (1e-3), for a sweep in another ``--out`` file.
 """
 
 from __future__ import annotations

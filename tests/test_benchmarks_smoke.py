@@ -245,10 +245,12 @@ def test_lm_memory_settings_train_resume_and_tabulate(
     for constant, value in (("WINDOW", 8), ("BATCH", 4), ("EVAL_WINDOWS", 4), ("AVERAGE_OVER", 5)):
         monkeypatch.setattr(lm_low_precision, constant, value)
     out = tmp_path / "lm_memory.json"
-    argv = ["--steps", "10", "--seeds", "0", "--out", str(out), "--settings", "float32 AdamW"]
+    argv = ["--steps", "10", "--peak", "2e-3", "--seeds", "0", "--out", str(out)]
+    argv += ["--settings", "float32 AdamW"]
     lm_memory.main(argv)
     record = json.loads(out.read_text())
     assert record["command"] == "python -m benchmarks.lm_memory " + shlex.join(argv)
+    assert record["peak_learning_rate"] == 2e-3
     (run_,) = record["runs"]
     assert run_["setting"] == "float32 AdamW" and len(run_["curve"]) == 2
     assert math.isfinite(run_["held_out_loss"])

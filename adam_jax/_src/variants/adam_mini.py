@@ -268,7 +268,7 @@ def adam_mini(
     b2: float = 0.999,
     eps: float = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = "by_name",
+    mask: Mask | None = DEFAULT_MASK,
     *,
     num_heads: int | None = None,
     partition: Partition | Any | None = None,
