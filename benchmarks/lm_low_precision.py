@@ -24,8 +24,10 @@ import argparse
 import functools
 import inspect
 import json
+import os
 import shlex
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -141,6 +143,26 @@ def table(runs: list[dict[str, Any]], settings: dict[str, Setting], baseline: st
     return "\n".join(lines)
 
 
+def _saved_runs(out: Path, steps: int, peak: float) -> list[dict[str, Any]]:
+    """The runs in ``out`` of ``steps`` steps to ``peak`` (none if it holds another study)."""
+    saved = json.loads(out.read_text()) if out.exists() else {}
+    same = saved.get("steps") == steps and saved.get("peak_learning_rate", PEAK) == peak
+    return saved.get("runs", []) if same else []
+
+
+def _merged(mine: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """``mine`` and the runs of ``theirs`` for other (setting, seed) pairs."""
+    done = {(r["setting"], r["seed"]) for r in mine}
+    return mine + [r for r in theirs if (r["setting"], r["seed"]) not in done]
+
+
+def _write_atomically(out: Path, record: dict[str, Any]) -> None:
+    """Replaces ``out`` with ``record``: a crash leaves the old file or the new one."""
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as f:
+        f.write(json.dumps(record, indent=1))
+    os.replace(f.name, out)
+
+
 def run(
     settings: dict[str, Setting],
     seeds: list[int],
@@ -151,13 +173,13 @@ def run(
 ) -> list[dict[str, Any]]:
     """Trains each setting for each seed, skipping the runs of ``steps`` steps to ``peak``
     already in ``out``, and writes ``out`` (with ``command``) after each run; returns all of
-    its runs."""
+    its runs. Processes that share ``out`` (one per seed, say) keep each other's runs."""
     data = corpus()
-    saved = json.loads(out.read_text()) if out.exists() else {}
-    same = saved.get("steps") == steps and saved.get("peak_learning_rate", PEAK) == peak
-    runs = saved.get("runs", []) if same else []
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
     for seed in seeds:
         for name, setting in settings.items():
+            runs = _merged(runs, _saved_runs(out, steps, peak))
             if any(r["seed"] == seed and r["setting"] == name for r in runs):
                 continue
             start = time.perf_counter()
@@ -172,6 +194,7 @@ def run(
                 }
             )
             print(f"seed {seed} {name:38s} held-out loss {held_out_loss:.4f}", flush=True)
+            runs = _merged(runs, _saved_runs(out, steps, peak))
             record = {
                 "command": command,
                 "python": sys.version.split()[0],
@@ -180,8 +203,8 @@ def run(
                 "peak_learning_rate": peak,
                 "runs": runs,
             }
-            out.write_text(json.dumps(record, indent=1))  # each run, as it ends
-    return runs
+            _write_atomically(out, record)  # each run, as it ends
+    return _merged(runs, _saved_runs(out, steps, peak))
 
 
 def arguments(

@@ -257,3 +257,30 @@ def test_lm_memory_settings_train_resume_and_tabulate(
     lm_memory.main(argv)  # resumes: nothing left to run
     assert json.loads(out.read_text())["runs"] == record["runs"]
     assert "| vs float32 AdamW |" in capsys.readouterr().out
+
+
+def test_lm_study_processes_sharing_an_out_file_keep_each_others_runs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from benchmarks import lm_low_precision
+
+    out = tmp_path / "study.json"
+    other = {"setting": "b", "seed": 1, "held_out_loss": 2.0, "seconds": 1.0, "curve": [2.0]}
+
+    def train(setting: Any, steps: int, data: Any, seed: int, peak: float) -> Any:
+        if peak == 0.5:  # another process (seed 1) ends a run while this one trains
+            record = {"steps": steps, "peak_learning_rate": peak, "runs": [other]}
+            out.write_text(json.dumps(record))
+        return [1.5], float(seed + peak)
+
+    monkeypatch.setattr(lm_low_precision, "train", train)
+    settings: Any = {"a": None, "b": None}
+    runs = lm_low_precision.run(settings, [0, 1], 50, out, "cmd", peak=0.5)
+    record = json.loads(out.read_text())
+    pairs = sorted((r["setting"], r["seed"]) for r in record["runs"])
+    assert pairs == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]  # ("b", 1) trained once, there
+    assert other in record["runs"] and len(runs) == 4
+    assert record["peak_learning_rate"] == 0.5 and not list(tmp_path.glob("*.tmp"))
+    # Another peak rate is another study: nothing resumes from it.
+    assert lm_low_precision.run({"a": None}, [0], 50, out, "cmd", peak=0.25)[0]["seed"] == 0
+    assert [r["held_out_loss"] for r in json.loads(out.read_text())["runs"]] == [0.25]
