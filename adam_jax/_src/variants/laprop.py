@@ -30,12 +30,12 @@ class ScaleByLapropState(NamedTuple):
     them the :math:`\\beta_2`-average of the gradient (``mean``, ``centered=True``) and the
     running maximum of the second moment (``nu_max``, ``amsgrad=True``), else ``None``."""
 
-    count: jax.Array
+    count: jax.Array  # type: ignore[assignment]  # a field, as optax's states have
     lr_avg: jax.Array
     mu: optax.Updates
     nu: optax.Updates
-    mean: optax.Updates
-    nu_max: optax.Updates
+    mean: Any
+    nu_max: Any
 
 
 class LapropScalars(NamedTuple):
@@ -145,7 +145,8 @@ class LapropRule(MomentRule):
         return -step - leaf.decay * (leaf.param - step), new
 
     def to_state(self, fields: dict[str, Any]) -> ScaleByLapropState:
-        return ScaleByLapropState(**{name: fields.get(name) for name in ScaleByLapropState._fields})
+        values: dict[str, Any] = {name: fields.get(name) for name in ScaleByLapropState._fields}
+        return ScaleByLapropState(**values)
 
     def from_state(self, state: Any) -> dict[str, Any]:
         return {name: value for name, value in state._asdict().items() if value is not None}
