@@ -65,7 +65,9 @@ from adam_jax._src.variants.ademamix import (
 )
 from adam_jax._src.variants.adopt import adopt, scale_by_adopt
 from adam_jax._src.variants.cautious import cautious, cautious_adamw
+from adam_jax._src.variants.grams import grams, scale_by_grams
 from adam_jax._src.variants.lamb import lamb, scale_by_trust_ratio
+from adam_jax._src.variants.laprop import ScaleByLapropState, laprop, scale_by_laprop
 from adam_jax._src.variants.radam import radam, scale_by_radam
 from adam_jax._src.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
 from adam_jax._src.variants.stable_adamw import scale_by_stable_adam, stable_adamw
@@ -101,6 +103,7 @@ __all__ = [
     "ScaleByAdamState",
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectionState",
+    "ScaleByLapropState",
     "SkipLossSpikesState",
     "StochasticRoundingState",
     "adabelief",
@@ -129,9 +132,11 @@ __all__ = [
     "factored_second_moment",
     "flat",
     "four_bit_moments",
+    "grams",
     "inverse_sqrt_schedule",
     "kahan_summation",
     "lamb",
+    "laprop",
     "linear_warmup",
     "map_tensors",
     "masked",
@@ -153,6 +158,8 @@ __all__ = [
     "scale_by_amsgrad",
     "scale_by_belief",
     "scale_by_bias_correction",
+    "scale_by_grams",
+    "scale_by_laprop",
     "scale_by_learning_rate",
     "scale_by_radam",
     "scale_by_rule",

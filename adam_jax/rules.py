@@ -74,6 +74,8 @@ from adam_jax._src.variants.adabelief import AdabeliefRule
 from adam_jax._src.variants.adam_atan2 import AdamAtan2Rule
 from adam_jax._src.variants.ademamix import AdemamixRule, SimplifiedAdemamixRule
 from adam_jax._src.variants.adopt import AdoptRule
+from adam_jax._src.variants.grams import GramsRule
+from adam_jax._src.variants.laprop import LapropRule
 from adam_jax._src.variants.radam import RadamRule
 from adam_jax._src.variants.schedule_free import ScheduleFreeAdamwRule
 from adam_jax._src.variants.stable_adamw import StableAdamwRule
@@ -88,6 +90,8 @@ __all__ = [
     "AdemamixRule",
     "AdoptRule",
     "CastStorage",
+    "GramsRule",
+    "LapropRule",
     "Leaf",
     "Mask",
     "Moment",
