@@ -120,40 +120,60 @@ def plot(runs: list[dict[str, Any]], steps: int, path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def _rate(run_: dict[str, Any]) -> float:
+    return run_.get("peak_learning_rate", PEAK)
+
+
 def table(runs: list[dict[str, Any]], settings: dict[str, Setting], baseline: str) -> str:
-    """The markdown table: mean held-out loss over seeds and its difference from the
-    baseline's."""
+    """The markdown table: per setting and peak rate, the mean held-out loss over seeds and its
+    difference from the baseline's at the baseline's best rate (the lowest mean among its rates
+    with the most seeds)."""
+    groups: dict[tuple[str, float], list[dict[str, Any]]] = {}
+    for r in sorted(runs, key=lambda r: (_rate(r), r["seed"])):
+        groups.setdefault((r["setting"], _rate(r)), []).append(r)
+    means = {
+        key: float(np.mean([r["held_out_loss"] for r in group])) for key, group in groups.items()
+    }
+    ours = [key for key in groups if key[0] == baseline]
+    most = max((len(groups[key]) for key in ours), default=0)
+    best = min((key for key in ours if len(groups[key]) == most), key=means.get, default=None)
+    versus_name = f"{baseline} at {best[1]:g}" if best else baseline
     lines = [
-        f"| setting | seeds | held-out loss, mean | per seed | vs {baseline} |",
-        "|---|---|---|---|---|",
+        f"| setting | peak rate | seeds | held-out loss, mean | per seed | vs {versus_name} |",
+        "|---|---|---|---|---|---|",
     ]
-    means = {}
     for name in settings:
-        mine = sorted((r for r in runs if r["setting"] == name), key=lambda r: r["seed"])
-        if not mine:
-            continue
-        means[name] = float(np.mean([r["held_out_loss"] for r in mine]))
-        versus = (
-            ""
-            if name == baseline or baseline not in means
-            else f"{100 * (means[name] / means[baseline] - 1):+.2f}%"
-        )
-        per_seed = ", ".join(f"{r['held_out_loss']:.4f}" for r in mine)
-        lines.append(f"| {name} | {len(mine)} | {means[name]:.4f} | {per_seed} | {versus} |")
+        for key in sorted(key for key in groups if key[0] == name):
+            versus = (
+                ""
+                if best is None or key == best
+                else f"{100 * (means[key] / means[best] - 1):+.2f}%"
+            )
+            per_seed = ", ".join(f"{r['held_out_loss']:.4f}" for r in groups[key])
+            lines.append(
+                f"| {name} | {key[1]:g} | {len(groups[key])} | {means[key]:.4f} | {per_seed} "
+                f"| {versus} |"
+            )
     return "\n".join(lines)
 
 
-def _saved_runs(out: Path, steps: int, peak: float) -> list[dict[str, Any]]:
-    """The runs in ``out`` of ``steps`` steps to ``peak`` (none if it holds another study)."""
+def _saved_runs(out: Path, steps: int) -> list[dict[str, Any]]:
+    """The runs of ``steps`` steps in ``out``, each with its peak rate."""
     saved = json.loads(out.read_text()) if out.exists() else {}
-    same = saved.get("steps") == steps and saved.get("peak_learning_rate", PEAK) == peak
-    return saved.get("runs", []) if same else []
+    if saved.get("steps") != steps:
+        return []
+    default = saved.get("peak_learning_rate", PEAK)  # files of one rate name it once
+    return [{"peak_learning_rate": default, **r} for r in saved.get("runs", [])]
+
+
+def _key(run_: dict[str, Any]) -> tuple[str, int, float]:
+    return run_["setting"], run_["seed"], _rate(run_)
 
 
 def _merged(mine: list[dict[str, Any]], theirs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """``mine`` and the runs of ``theirs`` for other (setting, seed) pairs."""
-    done = {(r["setting"], r["seed"]) for r in mine}
-    return mine + [r for r in theirs if (r["setting"], r["seed"]) not in done]
+    """``mine`` and the runs of ``theirs`` for other (setting, seed, peak rate) triples."""
+    done = {_key(r) for r in mine}
+    return mine + [r for r in theirs if _key(r) not in done]
 
 
 def _write_atomically(out: Path, record: dict[str, Any]) -> None:
@@ -169,42 +189,46 @@ def run(
     steps: int,
     out: Path,
     command: str,
-    peak: float = PEAK,
+    peaks: tuple[float, ...] = (PEAK,),
 ) -> list[dict[str, Any]]:
-    """Trains each setting for each seed, skipping the runs of ``steps`` steps to ``peak``
+    """Trains each setting for each seed and peak rate, skipping the runs of ``steps`` steps
     already in ``out``, and writes ``out`` (with ``command``) after each run; returns all of
     its runs. Processes that share ``out`` (one per seed, say) keep each other's runs."""
     data = corpus()
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
-    for seed in seeds:
-        for name, setting in settings.items():
-            runs = _merged(runs, _saved_runs(out, steps, peak))
-            if any(r["seed"] == seed and r["setting"] == name for r in runs):
-                continue
-            start = time.perf_counter()
-            curve, held_out_loss = train(setting, steps, data, seed, peak)
-            runs.append(
-                {
-                    "setting": name,
-                    "seed": seed,
-                    "held_out_loss": held_out_loss,
-                    "seconds": time.perf_counter() - start,
-                    "curve": curve,
+    for peak in peaks:
+        for seed in seeds:
+            for name, setting in settings.items():
+                runs = _merged(runs, _saved_runs(out, steps))
+                if (name, seed, peak) in {_key(r) for r in runs}:
+                    continue
+                start = time.perf_counter()
+                curve, held_out_loss = train(setting, steps, data, seed, peak)
+                runs.append(
+                    {
+                        "setting": name,
+                        "seed": seed,
+                        "peak_learning_rate": peak,
+                        "held_out_loss": held_out_loss,
+                        "seconds": time.perf_counter() - start,
+                        "curve": curve,
+                    }
+                )
+                print(
+                    f"peak {peak:g} seed {seed} {name:38s} held-out loss {held_out_loss:.4f}",
+                    flush=True,
+                )
+                runs = _merged(runs, _saved_runs(out, steps))
+                record = {
+                    "command": command,
+                    "python": sys.version.split()[0],
+                    "corpus_bytes": len(data),
+                    "steps": steps,
+                    "runs": runs,
                 }
-            )
-            print(f"seed {seed} {name:38s} held-out loss {held_out_loss:.4f}", flush=True)
-            runs = _merged(runs, _saved_runs(out, steps, peak))
-            record = {
-                "command": command,
-                "python": sys.version.split()[0],
-                "corpus_bytes": len(data),
-                "steps": steps,
-                "peak_learning_rate": peak,
-                "runs": runs,
-            }
-            _write_atomically(out, record)  # each run, as it ends
-    return _merged(runs, _saved_runs(out, steps, peak))
+                _write_atomically(out, record)  # each run, as it ends
+    return _merged(runs, _saved_runs(out, steps))
 
 
 def arguments(
@@ -214,7 +238,11 @@ def arguments(
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument(
-        "--peak", type=float, default=PEAK, help=f"the peak learning rate (default {PEAK})"
+        "--peak",
+        type=float,
+        nargs="+",
+        default=[PEAK],
+        help=f"the peak learning rate, or several for a sweep (default {PEAK})",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default=default_out)
@@ -241,11 +269,11 @@ def study(
     args = parser.parse_args(argv)
     if args.steps < AVERAGE_OVER or args.steps % AVERAGE_OVER:
         parser.error(f"--steps must be a positive multiple of {AVERAGE_OVER}, got {args.steps}")
-    if not args.peak > 0:
-        parser.error(f"--peak must be a learning rate > 0, got {args.peak}")
+    if not all(peak > 0 for peak in args.peak):
+        parser.error(f"--peak takes learning rates > 0, got {args.peak}")
     command = f"python -m {module} " + shlex.join(sys.argv[1:] if argv is None else argv)
     chosen = {name: setting for name, setting in settings.items() if name in args.settings}
-    runs = run(chosen, args.seeds, args.steps, Path(args.out), command, args.peak)
+    runs = run(chosen, args.seeds, args.steps, Path(args.out), command, tuple(args.peak))
     print(table(runs, settings, baseline))
     return args, runs
 

@@ -250,13 +250,13 @@ def test_lm_memory_settings_train_resume_and_tabulate(
     lm_memory.main(argv)
     record = json.loads(out.read_text())
     assert record["command"] == "python -m benchmarks.lm_memory " + shlex.join(argv)
-    assert record["peak_learning_rate"] == 2e-3
     (run_,) = record["runs"]
     assert run_["setting"] == "float32 AdamW" and len(run_["curve"]) == 2
+    assert run_["peak_learning_rate"] == 2e-3
     assert math.isfinite(run_["held_out_loss"])
     lm_memory.main(argv)  # resumes: nothing left to run
     assert json.loads(out.read_text())["runs"] == record["runs"]
-    assert "| vs float32 AdamW |" in capsys.readouterr().out
+    assert "| vs float32 AdamW at 0.002 |" in capsys.readouterr().out
 
 
 def test_lm_study_processes_sharing_an_out_file_keep_each_others_runs(
@@ -275,12 +275,15 @@ def test_lm_study_processes_sharing_an_out_file_keep_each_others_runs(
 
     monkeypatch.setattr(lm_low_precision, "train", train)
     settings: Any = {"a": None, "b": None}
-    runs = lm_low_precision.run(settings, [0, 1], 50, out, "cmd", peak=0.5)
+    runs = lm_low_precision.run(settings, [0, 1], 50, out, "cmd", peaks=(0.5,))
     record = json.loads(out.read_text())
     pairs = sorted((r["setting"], r["seed"]) for r in record["runs"])
     assert pairs == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]  # ("b", 1) trained once, there
-    assert other in record["runs"] and len(runs) == 4
-    assert record["peak_learning_rate"] == 0.5 and not list(tmp_path.glob("*.tmp"))
-    # Another peak rate is another study: nothing resumes from it.
-    assert lm_low_precision.run({"a": None}, [0], 50, out, "cmd", peak=0.25)[0]["seed"] == 0
-    assert [r["held_out_loss"] for r in json.loads(out.read_text())["runs"]] == [0.25]
+    assert {**other, "peak_learning_rate": 0.5} in record["runs"] and len(runs) == 4
+    assert {r["peak_learning_rate"] for r in runs} == {0.5} and not list(tmp_path.glob("*.tmp"))
+    # A sweep adds the runs of other rates beside them; those of 0.5 resume.
+    runs = lm_low_precision.run({"a": None}, [0], 50, out, "cmd", peaks=(0.5, 0.25))
+    swept = [r["held_out_loss"] for r in runs if r["peak_learning_rate"] == 0.25]
+    assert len(runs) == 5 and swept == [0.25]
+    table = lm_low_precision.table(runs, settings, "b")
+    assert "| vs b at 0.5 |" in table and "| a | 0.25 | 1 | 0.2500 | 0.2500 | -80.00% |" in table
