@@ -22,6 +22,7 @@ from adam_jax._src.variants import (
     lamb,
     radam,
     schedule_free,
+    soap,
     stable_adamw,
 )
 
@@ -396,6 +397,21 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
             "ICLR 2025",
         ),
         adam_mini.scale_by_adam_mini,
+    ),
+    OptimizerInfo(
+        "soap",
+        soap.soap,
+        "variant",
+        "Adam in the eigenbasis of Shampoo's Kronecker factors, refreshed every few steps",
+        Paper(
+            "Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade",
+            "SOAP: Improving and Stabilizing Shampoo using Adam",
+            "https://arxiv.org/abs/2409.11321",
+            "ICLR 2025",
+        ),
+        soap.scale_by_soap,
+        soap.SoapRule,
+        learning_rate=3e-3,  # the authors' default, not tuned on the MNIST example
     ),
 )
 
