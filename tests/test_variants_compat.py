@@ -148,12 +148,16 @@ def test_apply_if_finite(variant: Variant) -> None:
 def test_flat_params(variant: Variant) -> None:
     """The variant on FlatParams (one buffer per decay label) gives the tree's trajectory:
     per-tensor reductions (clipping, caution, trust ratios) and reduced moments (Adam-mini's
-    block means) stay per packed tensor."""
+    block means) stay per packed tensor. A rule that needs each param's shape refuses them."""
     options = dict(variant.cases.get("decay_mask", {}))
     tree = _params()
     labels = None
     if "mask" in options:
         labels, options["mask"] = options["mask"], flat.labels
+    if not variant.flat_params:
+        with pytest.raises(ValueError, match="FlatParams"):
+            variant.make(**options).init(flat.layout_of(tree, labels).flatten(tree))
+        return
     tx_tree, tx_flat = variant.make(**variant.cases.get("decay_mask", {})), variant.make(**options)
     expected, _ = _run(tx_tree, tree)
     layout = flat.layout_of(tree, labels)

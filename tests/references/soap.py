@@ -275,6 +275,7 @@ TESTS = (
         },
         packages={"pytorch-optimizer": pytorch_optimizer_optimizer},
         complex_params=False,
+        flat_params=False,
         per_tensor=True,
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.95, "weight_decay": 0.01},
         static_args=("max_precond_dim",),

@@ -155,8 +155,9 @@ def _unpack(flat: jax.Array, sizes: tuple[int | None, ...]) -> list[jax.Array | 
 
 
 def _pack(matrices: list[jax.Array | None], like: jax.Array) -> jax.Array:
+    """The flattened concatenation of a leaf's factors (``like``, empty, where it has none)."""
     parts = [m.reshape(-1) for m in matrices if m is not None]
-    return jnp.concatenate(parts) if parts else jnp.zeros_like(like)
+    return jnp.concatenate(parts) if parts else like
 
 
 def _rotate(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Array:
@@ -168,6 +169,14 @@ def _rotate(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Arra
         else:
             x = jnp.tensordot(x, q, axes=([0], [1 if back else 0]))
     return x
+
+
+def _cond(pred: jax.Array, true_fn: Any, false_fn: Any, *operands: Any) -> Any:
+    """``jax.lax.cond``; outside ``jit`` (a concrete ``pred``) the taken branch alone, op by op
+    (an eager ``lax.cond`` would compile both branches at every call)."""
+    if isinstance(pred, jax.core.Tracer):
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
 
 
 def _outer(g: jax.Array, i: int) -> jax.Array:
@@ -287,14 +296,12 @@ class SoapRule(MomentRule):
                 u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
             if self.correct_bias:
                 u = u * (jnp.sqrt(d.c2) / d.c1)
-            mu, nu, bases_flat = jax.lax.cond(
+            mu, nu, bases_flat = _cond(
                 scalars.refresh, self._refresh, lambda *a: a[1:], factors, mu, nu, bases_flat
             )
             return u, mu, nu, bases_flat
 
-        u, new_mu, new_nu, new_q = jax.lax.cond(
-            scalars.count == 0, initialize, adam_step, (mu, nu, q)
-        )
+        u, new_mu, new_nu, new_q = _cond(scalars.count == 0, initialize, adam_step, (mu, nu, q))
         u = _like(u, g)
         u = jnp.where(scalars.count == 0, jnp.zeros_like(u), leaf.add_decay(u))
         new = {
