@@ -68,7 +68,9 @@ def test_rank_deficient_factors_with_the_basis_pinned(options: dict, x64: None) 
     theirs = {k: np.asarray(problem.params[k], np.float64) for k in keys}
     state, update = tx.init(ours), jax.jit(tx.update)
     ref.init([theirs[k] for k in keys])
-    layout = SoapLayout(10000, options.get("merge_dims", False), options.get("precondition_1d", False))
+    layout = SoapLayout(
+        10000, options.get("merge_dims", False), options.get("precondition_1d", False)
+    )
     for step in range(steps):
         updates, state = update(problem.grad(ours, step, xp=jnp), state, ours)
         ours = optax.apply_updates(ours, updates)
@@ -88,7 +90,9 @@ def test_rank_deficient_factors_with_the_basis_pinned(options: dict, x64: None) 
     [((2, 3, 4), {}), ((2, 2, 4), {"merge_dims": True, "max_precond_dim": 4})],
     ids=["3d", "3d_merged"],
 )
-def test_three_dimensional_leaves_against_the_reference(shape: tuple, options: dict, x64: None) -> None:
+def test_three_dimensional_leaves_against_the_reference(
+    shape: tuple, options: dict, x64: None
+) -> None:
     """A tensor whose unfoldings are all wide (full-rank factors), and one that merges into a
     square matrix ((2, 2, 4) -> (4, 4)), beside the standard vector and scalar."""
     steps = 60

@@ -281,6 +281,10 @@ TESTS = (
         complex_params=False,
         flat_params=False,
         per_tensor=True,
+        # An eigendecomposition amplifies the rounding of the factors' sums, whose order the
+        # partitioning of a sharded gradient changes: float32 rounding times its conditioning.
+        sharded_tolerance=(1e-3, 1e-4),
+        zero1_auto_known_divergent=True,
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.95, "weight_decay": 0.01},
         static_args=("max_precond_dim",),
         bad=(
