@@ -57,12 +57,6 @@ class Variant:
         param's shape).
       per_tensor: whether the update depends on sums over each tensor (whose order of
         summation changes with the sharding of the state: equal to float32 rounding only).
-      sharded_tolerance: ``(rtol, atol)`` of sharded-params and ZeRO-1 runs against one device,
-        for rules that amplify the rounding of sums whose order the partitioning changes (SOAP's
-        eigendecompositions of its factors); None: the tests' own.
-      zero1_auto_known_divergent: the ZeRO-1 training on an Auto mesh with FSDP is known not
-        to follow one device within ``sharded_tolerance`` (SOAP, after 10 steps: open); the
-        test is an expected failure there.
       reference_options: renames of options between the alias and the reference.
       hyperparams: numeric hyperparameters that ``optax.inject_hyperparams`` can inject.
       storage_options: the alias's arguments that store its moments (``mu_dtype`` and
@@ -82,8 +76,6 @@ class Variant:
     complex_params: bool = True
     flat_params: bool = True
     per_tensor: bool = False
-    sharded_tolerance: tuple[float, float] | None = None
-    zero1_auto_known_divergent: bool = False
     reference_options: Mapping[str, Callable[[Any], tuple[str, Any]]] = dataclasses.field(
         default_factory=dict
     )

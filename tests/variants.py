@@ -33,5 +33,4 @@ def _collect() -> tuple[Variant, ...]:
 VARIANTS = _collect()
 BY_NAME = {variant.name: variant for variant in VARIANTS}
 PER_TENSOR = {variant.name for variant in VARIANTS if variant.per_tensor}
-SHARDED_TOLERANCES = {v.name: v.sharded_tolerance for v in VARIANTS if v.sharded_tolerance}
 CASES = [(variant, case) for variant in VARIANTS for case in variant.cases]

@@ -152,15 +152,20 @@ def _replicated(x: jax.Array) -> jax.Array:
 
 
 def _whole(x: jax.Array) -> jax.Array:
-    """``x`` constrained to be replicated under ``jit`` on Auto mesh axes, where the compiler
-    would otherwise split a factor's sum over a sharded dimension: the eigendecompositions
-    would feel the order of its partial sums."""
+    """``x`` replicated on Auto mesh axes (constrained so under ``jit``, moved so eagerly),
+    where the compiler would otherwise split a factor's sum over a sharded dimension: the
+    factors would be summed in another order than on one device."""
     if isinstance(x, jax.core.Tracer):
         sharding = jax.typeof(x).sharding
         if isinstance(sharding, NamedSharding) and not sharding.mesh.empty:
             return jax.lax.with_sharding_constraint(
                 x, NamedSharding(sharding.mesh, PartitionSpec())
             )
+    elif isinstance(x, jax.Array):
+        placed = x.sharding
+        if isinstance(placed, NamedSharding) and not placed.is_fully_replicated:
+            whole = NamedSharding(placed.mesh, PartitionSpec(), memory_kind=placed.memory_kind)
+            return jax.device_put(x, whole)
     return x
 
 
