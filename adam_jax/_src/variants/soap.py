@@ -30,6 +30,9 @@ from adam_jax._src.weight_decay import Mask
 
 # The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
 _TINY = 1e-30
+# The authors' max_precond_dim, which the aliases' None stands for (optax.inject_hyperparams
+# would inject a number as an array, and it fixes the factors' shapes).
+_MAX_PRECOND_DIM = 10000
 
 
 class ScaleBySoapState(NamedTuple):
@@ -250,7 +253,7 @@ class SoapRule(MomentRule):
     shampoo_beta: Any = -1.0
     eps: Any = 1e-8
     precondition_frequency: Any = 10
-    max_precond_dim: int = 10000
+    max_precond_dim: int = _MAX_PRECOND_DIM
     merge_dims: bool = False
     precondition_1d: bool = False
     normalize_grads: bool = False
@@ -402,7 +405,7 @@ def scale_by_soap(
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask | None = None,
     precondition_frequency: int = 10,
-    max_precond_dim: int = 10000,
+    max_precond_dim: int | None = None,
     merge_dims: bool = False,
     precondition_1d: bool = False,
     normalize_grads: bool = False,
@@ -473,7 +476,11 @@ def scale_by_soap(
         0-based step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
       precondition_frequency: steps between refreshes of the eigenbases, an integer >= 1.
-      max_precond_dim: dimensions larger than this get no factor (identity), an integer >= 1.
+      max_precond_dim: dimensions larger than this get no factor (identity), an integer >= 1;
+        ``None`` (the default) is 10000, the authors' default. It defaults to ``None`` rather
+        than a number so that ``optax.inject_hyperparams(soap)`` works: it would inject a
+        number as an array, and it fixes shapes (pass ``static_args=("max_precond_dim",)`` to
+        set it).
       merge_dims: merge consecutive dimensions of tensors of two or more dimensions while
         their product stays at most ``max_precond_dim`` (the authors' ``merge_dims``).
       precondition_1d: give 1-D leaves a factor too.
@@ -503,6 +510,8 @@ def scale_by_soap(
        [0. 1.]]
     """
     validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
+    if max_precond_dim is None:
+        max_precond_dim = _MAX_PRECOND_DIM
     _check_options(precondition_frequency, max_precond_dim, shampoo_beta)
     rule = SoapRule(
         b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim, merge_dims,
@@ -521,7 +530,7 @@ def soap(
     weight_decay: optax.ScalarOrSchedule = 0.01,
     mask: Mask | None = None,
     precondition_frequency: int = 10,
-    max_precond_dim: int = 10000,
+    max_precond_dim: int | None = None,
     merge_dims: bool = False,
     precondition_1d: bool = False,
     normalize_grads: bool = False,
@@ -549,7 +558,8 @@ def soap(
       weight_decay: decoupled weight decay, >= 0, or a schedule of the 0-based step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
       precondition_frequency: steps between refreshes of the eigenbases, an integer >= 1.
-      max_precond_dim: dimensions larger than this get no factor, an integer >= 1.
+      max_precond_dim: dimensions larger than this get no factor, an integer >= 1; ``None``
+        (the default) is 10000 (see :func:`scale_by_soap`).
       merge_dims: merge small consecutive dimensions (the authors' ``merge_dims``).
       precondition_1d: give 1-D leaves a factor too.
       normalize_grads: divide each leaf's direction by its RMS.
