@@ -263,12 +263,19 @@ TESTS = (
         learning_rate=1e-2,
         reference_class=RefSoap,
         cases={
+            # Options that change no state's shape share cases (each case costs a reference
+            # run, a package run and a compiled donation step); the package expresses the
+            # first two whole, neither normalize_grads nor merge_dims.
             "default": {},
-            "hyperparams": {"b1": 0.9, "b2": 0.99, "eps": 1e-6, "shampoo_beta": 0.9},
-            "frequency": {"precondition_frequency": 3},
-            "max_precond_dim": {"max_precond_dim": 3, "merge_dims": True},
-            "no_bias_correction": {"correct_bias": False, "weight_decay": 0.0},
-            "normalize_grads": {"normalize_grads": True, "precondition_frequency": 50},
+            "hyperparams": {
+                "b1": 0.9,
+                "b2": 0.99,
+                "eps": 1e-6,
+                "shampoo_beta": 0.9,
+                "maximize": True,
+            },
+            "frequency": {"precondition_frequency": 3, "correct_bias": False, "weight_decay": 0.0},
+            "max_precond_dim": {"max_precond_dim": 3, "merge_dims": True, "normalize_grads": True},
             # The case the sharding, ZeRO-1, export and FlatParams tests run (make_decaying).
             # max_precond_dim keeps their factors small (an eigh of 2048 x 2048 on each of 8
             # host devices takes minutes on 2 CPU cores) and full rank at the first gradient,
@@ -279,9 +286,11 @@ TESTS = (
             # long dimensions are the identity's, which this tests too.
             "decay_mask": {**DECAY, "max_precond_dim": 32},
             "schedules": SCHEDULED,
-            "maximize": {"maximize": True},
         },
         packages={"pytorch-optimizer": pytorch_optimizer_optimizer},
+        # Every branch shows in 40 steps (the refreshes at 10, 20 and 30; every third step
+        # with precondition_frequency 3), and SOAP's steps are slow (eigh and QR per step).
+        steps=40,
         complex_params=False,
         flat_params=False,
         per_tensor=True,
