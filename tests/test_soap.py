@@ -37,18 +37,6 @@ def _relative_error(actual: dict[str, np.ndarray], expected: dict[str, np.ndarra
     )
 
 
-def _bases(flat: Any, shape: tuple[int, ...], layout: SoapLayout) -> list[np.ndarray | None]:
-    """One leaf's eigenbases from its flattened state."""
-    flat, out, start = np.asarray(flat, np.float64), [], 0
-    for d in layout.factors(shape):
-        if d is None:
-            out.append(None)
-        else:
-            out.append(flat[start : start + d * d].reshape(d, d))
-            start += d * d
-    return out
-
-
 @pytest.mark.parametrize(
     "options",
     [{"precondition_1d": True}, {"merge_dims": True, "precondition_frequency": 15}],
@@ -79,7 +67,7 @@ def test_rank_deficient_factors_with_the_basis_pinned(options: dict, x64: None) 
         theirs = {k: theirs[k] + u for k, u in zip(keys, ref_updates, strict=True)}
         if step == 0:
             for i, k in enumerate(keys):
-                pinned = _bases(state[0].q[k], problem.params[k].shape, layout)
+                pinned = layout.unpack(np.asarray(state[0].q[k]), problem.params[k].shape)
                 if any(q is not None for q in pinned):  # (a scalar's 1 x 1 basis is 1)
                     ref.state[i]["Q"] = pinned
     assert _relative_error({k: np.asarray(v) for k, v in ours.items()}, theirs) < 1e-8
@@ -127,7 +115,7 @@ def test_bases_stay_orthogonal_and_the_loss_decreases() -> None:
     assert float(loss(params)) < 0.1 * start
     layout = SoapLayout(10000, False, True)
     for k, p in params.items():
-        for q in _bases(state[0].q[k], p.shape, layout):
+        for q in layout.unpack(np.asarray(state[0].q[k]), p.shape):
             assert q is not None
             np.testing.assert_allclose(q.T @ q, np.eye(q.shape[0]), atol=1e-5)
 

@@ -108,6 +108,28 @@ class SoapLayout:
         """The number of values of the leaf's flattened factors."""
         return sum(d * d for d in self.factors(shape) if d is not None)
 
+    def unpack(self, flat: Any, shape: tuple[int, ...]) -> list[Any]:
+        """A leaf's factors (or eigenbases) from their flattened concatenation (the state's
+        ``gg`` or ``q`` of a leaf of ``shape``): per dimension of :meth:`shape`, a ``d x d``
+        matrix, or None.
+
+        Example:
+          >>> import numpy as np
+          >>> from adam_jax._src.variants.soap import SoapLayout
+          >>> layout = SoapLayout(max_precond_dim=3, merge_dims=False, precondition_1d=False)
+          >>> [None if q is None else q.shape for q in layout.unpack(np.arange(9), (4, 3))]
+          [None, (3, 3)]
+        """
+        out: list[Any] = []
+        start = 0
+        for d in self.factors(shape):
+            if d is None:
+                out.append(None)
+            else:
+                out.append(flat[start : start + d * d].reshape(d, d))
+                start += d * d
+        return out
+
 
 @dataclasses.dataclass(frozen=True)
 class FactorStorage(MomentStorage):
@@ -178,19 +200,6 @@ def _like(x: jax.Array, other: jax.Array) -> jax.Array:
     if typed is None or _typed_sharding(x) == typed:
         return x
     return jax.sharding.reshard(x, typed)
-
-
-def _unpack(flat: jax.Array, sizes: tuple[int | None, ...]) -> list[jax.Array | None]:
-    """The factors of one leaf from their flattened concatenation."""
-    out: list[jax.Array | None] = []
-    start = 0
-    for d in sizes:
-        if d is None:
-            out.append(None)
-        else:
-            out.append(flat[start : start + d * d].reshape(d, d))
-            start += d * d
-    return out
 
 
 def _pack(matrices: list[jax.Array | None], like: jax.Array) -> jax.Array:
@@ -306,7 +315,6 @@ class SoapRule(MomentRule):
         if jnp.issubdtype(g.dtype, jnp.complexfloating):
             raise ValueError("soap has no complex params")
         shape, working = g.shape, self.layout.shape(g.shape)
-        sizes = self.layout.factors(g.shape)
         d = scalars.adam
         # On Explicit meshes the leaf is preconditioned replicated: the factors contract every
         # other dimension, which sharded operands would leave ambiguous.
@@ -315,7 +323,7 @@ class SoapRule(MomentRule):
         gg, q = _replicated(moments["gg"]), _replicated(moments["q"])
         factors = [
             None if f is None else moving_average(f, _outer(_whole(gw), i), scalars.wg)
-            for i, f in enumerate(_unpack(gg, sizes))
+            for i, f in enumerate(self.layout.unpack(gg, shape))
         ]
 
         def initialize(operands: Any) -> Any:
@@ -325,7 +333,7 @@ class SoapRule(MomentRule):
 
         def adam_step(operands: Any) -> Any:
             mu, nu, bases_flat = operands
-            bases = _unpack(bases_flat, sizes)
+            bases = self.layout.unpack(bases_flat, shape)
             projected = _rotate(gw, bases, back=False).reshape(shape)
             mu = moving_average(mu, projected, d.w1)
             nu = moving_average(nu, jnp.square(projected), d.w2)
@@ -359,7 +367,7 @@ class SoapRule(MomentRule):
         one power-iteration step :math:`F Q` and a QR decomposition; the first moment moved
         from the old basis into the new one."""
         shape, working = mu.shape, self.layout.shape(mu.shape)
-        bases = _unpack(bases_flat, self.layout.factors(shape))
+        bases = self.layout.unpack(bases_flat, shape)
         original = _rotate(mu.reshape(working), bases, back=True)
         nu = nu.reshape(working)
         new_bases: list[jax.Array | None] = []
