@@ -70,6 +70,7 @@ from adam_jax._src.variants.lamb import lamb, scale_by_trust_ratio
 from adam_jax._src.variants.laprop import ScaleByLapropState, laprop, scale_by_laprop
 from adam_jax._src.variants.radam import radam, scale_by_radam
 from adam_jax._src.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
+from adam_jax._src.variants.soap import scale_by_soap, soap
 from adam_jax._src.variants.stable_adamw import scale_by_stable_adam, stable_adamw
 from adam_jax._src.weight_decay import add_decayed_weights, masked
 from adam_jax.quantization import (
@@ -164,6 +165,7 @@ __all__ = [
     "scale_by_radam",
     "scale_by_rule",
     "scale_by_simplified_ademamix",
+    "scale_by_soap",
     "scale_by_stable_adam",
     "scale_by_trust_ratio",
     "schedule_free_adamw",
@@ -171,6 +173,7 @@ __all__ = [
     "sharding",
     "simplified_ademamix",
     "skip_loss_spikes",
+    "soap",
     "stable_adamw",
     "state_bytes",
     "stochastic_rounding",

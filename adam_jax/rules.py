@@ -78,6 +78,7 @@ from adam_jax._src.variants.grams import GramsRule
 from adam_jax._src.variants.laprop import LapropRule
 from adam_jax._src.variants.radam import RadamRule
 from adam_jax._src.variants.schedule_free import ScheduleFreeAdamwRule
+from adam_jax._src.variants.soap import SoapRule
 from adam_jax._src.variants.stable_adamw import StableAdamwRule
 from adam_jax._src.weight_decay import Mask, schedule_state_type
 
@@ -102,6 +103,7 @@ __all__ = [
     "ScheduleFreeAdamwRule",
     "SegmentedStorage",
     "SimplifiedAdemamixRule",
+    "SoapRule",
     "StableAdamwRule",
     "StepScalars",
     "abs_sq",

@@ -31,10 +31,13 @@ RATE_INSIDE_THE_MOMENTUM = ("laprop",)
 
 def _params() -> dict[str, Any]:
     # A kernel of 4096 elements (the 8-bit aliases quantize it), a bias (Adam-mini's default
-    # mask spares it from decay) and a small matrix.
+    # mask spares it from decay) and a small matrix. The kernel's diagonal makes its gradients
+    # full rank: SOAP's eigenbasis of a smooth kernel's (numerically rank 2) would be float32
+    # noise, turned by any rounding of the injected scalars (5e-7 in the params).
     return {
         "dense": {
-            "kernel": jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64),
+            "kernel": jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64)
+            + jnp.diag(jnp.linspace(0.2, 0.6, 64)),
             "bias": jnp.linspace(0.5, -0.5, 64),
         },
         "w": jnp.array([[0.3, -0.7, 1.2], [0.05, -0.4, 0.9]]),

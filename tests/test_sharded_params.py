@@ -178,7 +178,10 @@ def _assert_state_sharded_like_params(state: Any, params: Any) -> None:
 
 def _kept_fraction(param: jax.Array, leaf: jax.Array, quantized: bool) -> float:
     """The fraction of ``leaf`` one device holds when it is split like ``param`` on the axes it
-    keeps whole (all of them, except for a reduced moment's axes of extent 1)."""
+    keeps whole (all of them, except for a reduced moment's axes of extent 1). A stored form of
+    another rank (SOAP's flattened Kronecker factors and bases) is kept whole on every device."""
+    if not quantized and leaf.ndim != param.ndim:
+        return 1.0
     if quantized or leaf.shape == param.shape:
         return param.addressable_shards[0].data.size / param.size
     shard = param.sharding.shard_shape(param.shape)

@@ -3,7 +3,7 @@
 The references (``tests/references/``) are written from the papers and the authors' code; the
 packages are the PyTorch implementations on PyPI (skipped where they are not installed, failed
 where they are installed but broken). For each row of ``tests/variants.py`` and each of its
-cases, 300 steps of a noisy, slightly non-quadratic problem:
+cases, 300 steps (or the row's ``steps``) of a noisy, slightly non-quadratic problem:
 
 * in float64, the trajectory and every update equal the reference's to 1e-8 relative (the
   largest difference over the largest value of each leaf), real and, where the rule allows,
@@ -24,7 +24,6 @@ import pytest
 from reference import make_problem, run_jax, run_reference, run_torch
 from variants import CASES, VARIANTS, Variant
 
-STEPS = 300
 PACKAGE_CASES = [
     (variant, package, case)
     for variant in VARIANTS
@@ -53,9 +52,10 @@ def relative_error(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray
 @pytest.mark.parametrize(("variant", "case"), CASES, ids=[_id(v, c) for v, c in CASES])
 def test_against_float64_reference(variant: Variant, case: str, x64: None) -> None:
     options = variant.cases[case]
-    problem = make_problem(seed=_seed(variant, case), steps=STEPS)
-    expected_traj, expected_updates = run_reference(variant.reference(**options), problem, STEPS)
-    traj, updates, _ = run_jax(variant.make(**options), problem, STEPS, dtype=np.float64)
+    steps = variant.steps
+    problem = make_problem(seed=_seed(variant, case), steps=steps)
+    expected_traj, expected_updates = run_reference(variant.reference(**options), problem, steps)
+    traj, updates, _ = run_jax(variant.make(**options), problem, steps, dtype=np.float64)
     assert relative_error(traj, expected_traj) < 1e-8
     assert relative_error(updates, expected_updates) < 1e-8
 
@@ -74,7 +74,7 @@ def _package_run(variant: Variant, package: str, case: str, problem: Any, dtype:
     adapter = variant.packages[package]
     options = variant.package_options(**variant.cases[case])
     try:
-        return run_torch(lambda params: adapter(params, **options), problem, STEPS, dtype)
+        return run_torch(lambda params: adapter(params, **options), problem, variant.steps, dtype)
     except NotImplementedError as error:
         pytest.skip(f"{package}: {error}")
 
@@ -84,9 +84,9 @@ def _package_run(variant: Variant, package: str, case: str, problem: Any, dtype:
 )
 def test_against_reference_package(variant: Variant, package: str, case: str, x64: None) -> None:
     options = variant.cases[case]
-    problem = make_problem(seed=_seed(variant, package, case), steps=STEPS)
+    problem = make_problem(seed=_seed(variant, package, case), steps=variant.steps)
     expected = _package_run(variant, package, case, problem, "float64")
-    traj, _, _ = run_jax(variant.make(**options), problem, STEPS, dtype=np.float64)
+    traj, _, _ = run_jax(variant.make(**options), problem, variant.steps, dtype=np.float64)
     assert relative_error(traj, expected) < 1e-8
 
 
@@ -101,11 +101,12 @@ def test_float32_no_worse_than_reference_package(variant: Variant, package: str,
     the float64 gradient rounded to float32."""
     for case in variant.float32_cases:
         options = variant.cases[case]
-        problem = make_problem(seed=_seed(variant, package, case, "f32"), steps=STEPS)
-        expected, _ = run_reference(variant.reference(**options), problem, STEPS)
+        steps = variant.steps
+        problem = make_problem(seed=_seed(variant, package, case, "f32"), steps=steps)
+        expected, _ = run_reference(variant.reference(**options), problem, steps)
         theirs = _package_run(variant, package, case, problem, "float32")
         ours, _, _ = run_jax(
-            variant.make(**options), problem, STEPS, dtype=jnp.float32, exact_grads=True
+            variant.make(**options), problem, steps, dtype=jnp.float32, exact_grads=True
         )
         ours = {k: v.astype(np.float64) for k, v in ours.items()}
         assert relative_error(ours, expected) <= relative_error(theirs, expected), case

@@ -51,7 +51,13 @@ class Variant:
       packages: reference packages: name -> ``adapter(params, **options)`` building the
         PyTorch optimizer (it raises NotImplementedError for options it cannot express).
       float32_cases: the cases whose float32 error is compared with the packages'.
+      steps: the steps of the comparisons with the float64 reference and the packages
+        (``tests/test_variants_reference.py``): 300, or fewer for a rule whose every branch
+        shows sooner and whose steps are slow (SOAP's eigendecompositions).
       complex_params: whether the rule is defined for complex params.
+      flat_params: whether the rule runs on ``FlatParams`` buffers (False: it refuses them
+        with a ValueError naming ``FlatParams``, as SOAP does, whose factors need each
+        param's shape).
       per_tensor: whether the update depends on sums over each tensor (whose order of
         summation changes with the sharding of the state: equal to float32 rounding only).
       reference_options: renames of options between the alias and the reference.
@@ -70,7 +76,9 @@ class Variant:
     optax_cases: tuple[str, ...] = ()
     packages: Mapping[str, Callable[..., Any]] = dataclasses.field(default_factory=dict)
     float32_cases: tuple[str, ...] = ("default", "decay_mask")
+    steps: int = 300
     complex_params: bool = True
+    flat_params: bool = True
     per_tensor: bool = False
     reference_options: Mapping[str, Callable[[Any], tuple[str, Any]]] = dataclasses.field(
         default_factory=dict

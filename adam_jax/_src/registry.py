@@ -24,6 +24,7 @@ from adam_jax._src.variants import (
     laprop,
     radam,
     schedule_free,
+    soap,
     stable_adamw,
 )
 
@@ -426,6 +427,21 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
         ),
         grams.scale_by_grams,
         grams.GramsRule,
+    ),
+    OptimizerInfo(
+        "soap",
+        soap.soap,
+        "variant",
+        "Adam in the eigenbasis of Shampoo's Kronecker factors, refreshed every few steps",
+        Paper(
+            "Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade",
+            "SOAP: Improving and Stabilizing Shampoo using Adam",
+            "https://arxiv.org/abs/2409.11321",
+            "ICLR 2025",
+        ),
+        soap.scale_by_soap,
+        soap.SoapRule,
+        learning_rate=3e-3,  # the authors' default, not tuned on the MNIST example
     ),
 )
 

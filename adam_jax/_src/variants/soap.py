@@ -1,0 +1,608 @@
+r"""SOAP: Adam in the eigenbasis of Shampoo's preconditioner (Vyas et al., 2024).
+
+Shampoo preconditions a matrix gradient :math:`G` by running averages of :math:`GG^\top` and
+:math:`G^\top G`. SOAP keeps those averages (one :math:`d \times d` factor per preconditioned
+dimension of a tensor), rotates the gradient into their eigenbases, runs Adam there, and
+rotates the result back. The eigenbases are refreshed only every ``precondition_frequency``
+steps, by one step of power iteration and a QR decomposition, which Adam's moments in the
+rotated basis tolerate well.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec
+
+from adam_jax._src import validation
+from adam_jax._src.chains import descend
+from adam_jax._src.flat import FlatParams
+from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
+from adam_jax._src.numerics import compute_dtype
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.storage import MomentStorage
+from adam_jax._src.weight_decay import Mask
+
+# The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
+_TINY = 1e-30
+# The authors' max_precond_dim, which the aliases' None stands for (optax.inject_hyperparams
+# would inject a number as an array, and it fixes the factors' shapes).
+_MAX_PRECOND_DIM = 10000
+
+
+class ScaleBySoapState(NamedTuple):
+    """The state of :func:`scale_by_soap`.
+
+    Attributes:
+      count: the steps taken (the first only initializes the factors and the bases).
+      mu: the first moment, in the rotated basis (as the authors keep ``exp_avg``).
+      nu: the second moment of the rotated gradient.
+      gg: per leaf, the Kronecker factors (Shampoo's :math:`L`, :math:`R`), flattened and
+        concatenated in dimension order (empty for a leaf with none).
+      q: per leaf, their eigenbases, stored alike.
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # (optax states name it so too)
+    mu: optax.Updates
+    nu: optax.Updates
+    gg: optax.Updates
+    q: optax.Updates
+
+
+def merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
+    """The authors' ``merge_dims``: consecutive dimensions merged while their product stays
+    at most ``max_precond_dim`` (a larger dimension stays alone).
+
+    Example:
+      >>> from adam_jax._src.variants.soap import merged_shape
+      >>> print(merged_shape((2, 2, 4), 4), merged_shape((3, 4), 100))
+      (4, 4) (12,)
+      >>> print(merged_shape((20000, 3), 100))
+      (20000, 3)
+    """
+    merged: list[int] = []
+    current = 1
+    for size in shape:
+        if current * size > max_precond_dim:
+            if current > 1:
+                merged.append(current)
+                current = size
+            else:
+                merged.append(size)
+                current = 1
+        else:
+            current *= size
+    if current > 1 or not merged:
+        merged.append(current)
+    return tuple(merged)
+
+
+@dataclasses.dataclass(frozen=True)
+class SoapLayout:
+    """Which dimensions of a leaf SOAP preconditions, as the authors decide it."""
+
+    max_precond_dim: int
+    merge_dims: bool
+    precondition_1d: bool
+
+    def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The shape the leaf is preconditioned in (merged for ``merge_dims``, tensors of two
+        or more dimensions only)."""
+        if self.merge_dims and len(shape) >= 2:
+            return merged_shape(shape, self.max_precond_dim)
+        return tuple(shape)
+
+    def factors(self, shape: tuple[int, ...]) -> tuple[int | None, ...]:
+        """Per dimension of :meth:`shape`: the size of its factor, or None (identity)."""
+        working = self.shape(shape)
+        if len(shape) == 1 and not self.precondition_1d:
+            return (None,)
+        return tuple(d if d <= self.max_precond_dim else None for d in working)
+
+    def size(self, shape: tuple[int, ...]) -> int:
+        """The number of values of the leaf's flattened factors."""
+        return sum(d * d for d in self.factors(shape) if d is not None)
+
+    def unpack(self, flat: Any, shape: tuple[int, ...]) -> list[Any]:
+        """A leaf's factors (or eigenbases) from their flattened concatenation (the state's
+        ``gg`` or ``q`` of a leaf of ``shape``): per dimension of :meth:`shape`, a ``d x d``
+        matrix, or None.
+
+        Example:
+          >>> import numpy as np
+          >>> from adam_jax._src.variants.soap import SoapLayout
+          >>> layout = SoapLayout(max_precond_dim=3, merge_dims=False, precondition_1d=False)
+          >>> [None if q is None else q.shape for q in layout.unpack(np.arange(9), (4, 3))]
+          [None, (3, 3)]
+        """
+        out: list[Any] = []
+        start = 0
+        for d in self.factors(shape):
+            if d is None:
+                out.append(None)
+            else:
+                out.append(flat[start : start + d * d].reshape(d, d))
+                start += d * d
+        return out
+
+
+@dataclasses.dataclass(frozen=True)
+class FactorStorage(MomentStorage):
+    """The Kronecker factors (or their eigenbases) of each leaf, flattened into one vector in
+    the compute dtype (at least float32), replicated where the param is sharded."""
+
+    layout: SoapLayout
+
+    def init(self, param: Any) -> jax.Array:
+        placement: Any
+        if isinstance(param, jax.core.Tracer):
+            placement = _typed_sharding(param)
+        elif isinstance(param, jax.Array):
+            placement = param.sharding if param.committed else None
+        else:
+            placement = getattr(param, "sharding", None)
+        if isinstance(placement, NamedSharding):
+            placement = NamedSharding(
+                placement.mesh, PartitionSpec(), memory_kind=placement.memory_kind
+            )
+        size = self.layout.size(tuple(param.shape))
+        return jnp.zeros((size,), compute_dtype(param.dtype), device=placement)
+
+    def load(self, stored: jax.Array) -> jax.Array:
+        return stored
+
+    def store(self, value: jax.Array, stored: jax.Array) -> jax.Array:
+        return value.astype(stored.dtype)
+
+
+def _typed_sharding(x: jax.Array) -> NamedSharding | None:
+    """The sharding in ``x``'s type (Explicit mesh axes), or None."""
+    sharding = jax.typeof(x).sharding
+    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
+        return sharding
+    return None
+
+
+def _replicated(x: jax.Array) -> jax.Array:
+    """``x`` replicated where its type is sharded (Explicit mesh axes)."""
+    typed = _typed_sharding(x)
+    if typed is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(typed.mesh, PartitionSpec()))
+
+
+def _whole(x: jax.Array) -> jax.Array:
+    """``x`` replicated on Auto mesh axes (constrained so under ``jit``, moved so eagerly),
+    where the compiler would otherwise split a factor's sum over a sharded dimension: the
+    factors would be summed in another order than on one device."""
+    if isinstance(x, jax.core.Tracer):
+        sharding = jax.typeof(x).sharding
+        if isinstance(sharding, NamedSharding) and not sharding.mesh.empty:
+            return jax.lax.with_sharding_constraint(
+                x, NamedSharding(sharding.mesh, PartitionSpec())
+            )
+    elif isinstance(x, jax.Array):
+        placed = x.sharding
+        if isinstance(placed, NamedSharding) and not placed.is_fully_replicated:
+            whole = NamedSharding(placed.mesh, PartitionSpec(), memory_kind=placed.memory_kind)
+            return jax.device_put(x, whole)
+    return x
+
+
+def _like(x: jax.Array, other: jax.Array) -> jax.Array:
+    """``x`` with ``other``'s typed sharding (if any)."""
+    typed = _typed_sharding(other)
+    if typed is None or _typed_sharding(x) == typed:
+        return x
+    return jax.sharding.reshard(x, typed)
+
+
+def _pack(matrices: list[jax.Array | None], like: jax.Array) -> jax.Array:
+    """The flattened concatenation of a leaf's factors (``like``, empty, where it has none)."""
+    parts = [m.reshape(-1) for m in matrices if m is not None]
+    return jnp.concatenate(parts) if parts else like
+
+
+def _rotate(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Array:
+    """``x`` (in the working shape) times each basis on its dimension: :math:`Q^\\top` into the
+    eigenbasis, :math:`Q` back (the authors' ``project`` and ``project_back``)."""
+    for q in bases:
+        if q is None:
+            x = jnp.moveaxis(x, 0, -1)
+        else:
+            x = jnp.tensordot(x, q, axes=([0], [1 if back else 0]))
+    return x
+
+
+def _cond(pred: jax.Array, true_fn: Any, false_fn: Any, *operands: Any) -> Any:
+    """``jax.lax.cond``; outside ``jit`` (a concrete ``pred``) the taken branch alone, op by op
+    (an eager ``lax.cond`` would compile both branches at every call)."""
+    if isinstance(pred, jax.core.Tracer):
+        return jax.lax.cond(pred, true_fn, false_fn, *operands)
+    return true_fn(*operands) if bool(pred) else false_fn(*operands)
+
+
+def _outer(g: jax.Array, i: int) -> jax.Array:
+    """:math:`G_{(i)} G_{(i)}^\\top`: the contraction of ``g`` with itself over every dimension
+    but ``i``."""
+    others = [k for k in range(g.ndim) if k != i]
+    return jnp.tensordot(g, g, axes=(others, others))
+
+
+def _eigenbasis(factor: jax.Array) -> jax.Array:
+    """The eigenvectors of a factor by decreasing eigenvalue (the authors' ``eigh`` of
+    ``factor + 1e-30 I``, reading its lower triangle as torch does)."""
+    shifted = factor + _TINY * jnp.eye(factor.shape[0], dtype=factor.dtype)
+    _, vectors = jnp.linalg.eigh(shifted, UPLO="L", symmetrize_input=False)
+    return vectors[:, ::-1]
+
+
+class SoapScalars(NamedTuple):
+    """Per-step scalars of SOAP: the step count, Adam's weights and corrections at
+    :math:`t` = ``count``, the factors' weight :math:`1-\\beta_s` and whether the bases are
+    refreshed after this step."""
+
+    count: jax.Array  # type: ignore[assignment]  # (optax states name it so too)
+    adam: StepScalars
+    wg: Any
+    refresh: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class SoapRule(MomentRule):
+    """SOAP's moment rule: see :func:`scale_by_soap`."""
+
+    b1: Any = 0.95
+    b2: Any = 0.95
+    shampoo_beta: Any = -1.0
+    eps: Any = 1e-8
+    precondition_frequency: Any = 10
+    max_precond_dim: int = _MAX_PRECOND_DIM
+    merge_dims: bool = False
+    precondition_1d: bool = False
+    normalize_grads: bool = False
+    correct_bias: bool = True
+    mu_dtype: Any = None
+    nu_dtype: Any = None
+
+    state_type = ScaleBySoapState
+
+    @property
+    def layout(self) -> SoapLayout:
+        return SoapLayout(self.max_precond_dim, self.merge_dims, self.precondition_1d)
+
+    def moments(self) -> tuple[Moment, ...]:
+        factors = FactorStorage(self.layout)
+        return (
+            Moment("mu", self.mu_dtype),
+            second_moment(self.nu_dtype),
+            Moment("gg", factors),
+            Moment("q", factors),
+        )
+
+    def init_fields(self, params: Any) -> dict[str, Any]:
+        leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, FlatParams))
+        for leaf in leaves:
+            if isinstance(leaf, FlatParams):
+                raise ValueError(
+                    "soap needs each param in its own shape (a Kronecker factor per "
+                    "dimension): FlatParams buffers are not supported"
+                )
+            if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
+                raise ValueError(f"soap has no complex params, got a {leaf.dtype} leaf")
+        return super().init_fields(params)
+
+    def scalars(self, fields: dict[str, Any], dtype: Any) -> SoapScalars:
+        count = fields["count"]
+        t = jnp.maximum(count, 1)  # the Adam step of the authors (the first only initializes)
+        number = validation.static_float(self.shampoo_beta)
+        if number is None:  # traced (optax.inject_hyperparams): negative means b2
+            shampoo_beta = jnp.where(self.shampoo_beta < 0, self.b2, self.shampoo_beta)
+        else:
+            shampoo_beta = self.b2 if number < 0 else self.shampoo_beta
+        wg = 1 - jnp.asarray(shampoo_beta, dtype)
+        refresh = (count > 0) & (count % self.precondition_frequency == 0)
+        return SoapScalars(count, step_scalars(self.b1, self.b2, t)(dtype), wg, refresh)
+
+    def update(
+        self, g: jax.Array, moments: dict[str, jax.Array], scalars: SoapScalars, leaf: Leaf
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        if jnp.issubdtype(g.dtype, jnp.complexfloating):
+            raise ValueError("soap has no complex params")
+        shape, working = g.shape, self.layout.shape(g.shape)
+        d = scalars.adam
+        # On Explicit meshes the leaf is preconditioned replicated: the factors contract every
+        # other dimension, which sharded operands would leave ambiguous.
+        gw = _replicated(g).reshape(working)
+        mu, nu = _replicated(moments["mu"]), _replicated(moments["nu"])
+        gg, q = _replicated(moments["gg"]), _replicated(moments["q"])
+        factors = [
+            None if f is None else moving_average(f, _outer(_whole(gw), i), scalars.wg)
+            for i, f in enumerate(self.layout.unpack(gg, shape))
+        ]
+
+        def initialize(operands: Any) -> Any:
+            mu, nu, _ = operands
+            bases = [None if f is None else _eigenbasis(f) for f in factors]
+            return jnp.zeros(shape, g.dtype), mu, nu, _pack(bases, q)
+
+        def adam_step(operands: Any) -> Any:
+            mu, nu, bases_flat = operands
+            bases = self.layout.unpack(bases_flat, shape)
+            projected = _rotate(gw, bases, back=False).reshape(shape)
+            mu = moving_average(mu, projected, d.w1)
+            nu = moving_average(nu, jnp.square(projected), d.w2)
+            direction = mu / (jnp.sqrt(leaf.settle("nu", nu)) + self.eps)
+            u = _rotate(direction.reshape(working), bases, back=True).reshape(shape)
+            if self.normalize_grads:
+                u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
+            if self.correct_bias:
+                u = u * (jnp.sqrt(d.c2) / d.c1)
+            mu, nu, bases_flat = _cond(
+                scalars.refresh, self._refresh, lambda *a: a[1:], factors, mu, nu, bases_flat
+            )
+            return u, mu, nu, bases_flat
+
+        u, new_mu, new_nu, new_q = _cond(scalars.count == 0, initialize, adam_step, (mu, nu, q))
+        u = _like(u, g)
+        u = jnp.where(scalars.count == 0, jnp.zeros_like(u), leaf.add_decay(u))
+        new = {
+            "mu": _like(new_mu, moments["mu"]),
+            "nu": _like(new_nu, moments["nu"]),
+            "gg": _like(_pack(factors, gg), moments["gg"]),
+            "q": _like(new_q, moments["q"]),
+        }
+        return u, new
+
+    def _refresh(
+        self, factors: list[jax.Array | None], mu: jax.Array, nu: jax.Array, bases_flat: jax.Array
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """The authors' ``get_orthogonal_matrix_QR``: each basis sorted by the estimated
+        eigenvalues :math:`\\mathrm{diag}(Q^\\top F Q)` (the second moment permuted alike),
+        one power-iteration step :math:`F Q` and a QR decomposition; the first moment moved
+        from the old basis into the new one."""
+        shape, working = mu.shape, self.layout.shape(mu.shape)
+        bases = self.layout.unpack(bases_flat, shape)
+        original = _rotate(mu.reshape(working), bases, back=True)
+        nu = nu.reshape(working)
+        new_bases: list[jax.Array | None] = []
+        for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
+            if f is None or basis is None:
+                new_bases.append(None)
+                continue
+            estimated = jnp.sum(basis * (f @ basis), axis=0)
+            order = jnp.argsort(estimated, descending=True)
+            nu = jnp.take(nu, order, axis=i)
+            new_bases.append(jnp.linalg.qr(f @ basis[:, order])[0])
+        mu = _rotate(original, new_bases, back=False)
+        return mu.reshape(shape), nu.reshape(shape), _pack(new_bases, bases_flat)
+
+
+def _check_options(precondition_frequency: Any, max_precond_dim: Any, shampoo_beta: Any) -> None:
+    if not isinstance(precondition_frequency, jax.Array):
+        if isinstance(precondition_frequency, bool) or not isinstance(precondition_frequency, int):
+            raise ValueError(
+                f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}"
+            )
+        if precondition_frequency < 1:
+            raise ValueError(
+                f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}"
+            )
+    if isinstance(max_precond_dim, bool) or not isinstance(max_precond_dim, int):
+        raise ValueError(f"max_precond_dim must be an integer >= 1, got {max_precond_dim!r}")
+    if max_precond_dim < 1:
+        raise ValueError(f"max_precond_dim must be an integer >= 1, got {max_precond_dim!r}")
+    number = validation.static_float(shampoo_beta)
+    if number is not None and not (number < 1.0 and math.isfinite(number)):
+        raise ValueError(
+            f"shampoo_beta must be in [0, 1), or negative for b2, got {shampoo_beta!r}"
+        )
+
+
+def scale_by_soap(
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_beta: float = -1.0,
+    eps: float = 1e-8,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    precondition_frequency: int = 10,
+    max_precond_dim: int | None = None,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    correct_bias: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
+    r"""Rescales gradients by SOAP: Adam in the eigenbasis of Shampoo's preconditioner
+    (Vyas et al., 2024).
+
+    For each leaf :math:`G_t` (viewed in its working shape, see ``merge_dims``) and each of its
+    preconditioned dimensions :math:`i` (size at most ``max_precond_dim``; 1-D leaves only with
+    ``precondition_1d``, scalars never), a Kronecker factor and its eigenbasis:
+
+    .. math::
+        L^{(i)}_t = \beta_s L^{(i)}_{t-1} + (1-\beta_s)\, G_{(i)} G_{(i)}^\top, \qquad
+        \tilde G = G \times_1 Q^{(1)\top} \cdots \times_k Q^{(k)\top},
+
+    (:math:`G_{(i)}` the unfolding of :math:`G` along :math:`i`, :math:`\times_i` the product
+    along dimension :math:`i`, the identity for a dimension without factor), then Adam in the
+    rotated basis, rotated back:
+
+    .. math::
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) \tilde G_t, \qquad
+        v_t = \beta_2 v_{t-1} + (1-\beta_2) \tilde G_t^2, \\
+        u_t = \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t}\,
+        \Big(\frac{m_t}{\sqrt{v_t} + \epsilon}\Big) \times_1 Q^{(1)} \cdots \times_k Q^{(k)}
+        + \lambda_t \theta_{t-1}.
+
+    The first call only sets :math:`L_1` and :math:`Q = \mathrm{eigh}(L_1)` (eigenvectors by
+    decreasing eigenvalue) and returns a zero update; Adam's step :math:`t` counts from the
+    second call. After every step whose :math:`t` is a multiple of ``precondition_frequency``,
+    each basis is refreshed by one power-iteration step: the columns of :math:`Q` sorted by
+    :math:`\mathrm{diag}(Q^\top L Q)` decreasing (and :math:`v` permuted alike), then
+    :math:`Q \leftarrow \mathrm{qr}(L Q)`, and :math:`m` moved into the new basis. The
+    refresh runs under ``jax.lax.cond``: no host round trip, one compiled step. Without
+    ``correct_bias`` the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with
+    ``normalize_grads`` the rotated-back direction is divided by :math:`10^{-30}` plus its RMS
+    first.
+
+    This is the authors' ``soap.py`` (github.com/nikhilvyas/SOAP at a1e5535), with these
+    differences. Weight decay is decoupled as in optax's AdamW,
+    :math:`\theta \leftarrow \theta - \eta(u + \lambda\theta)`, on the params before the step;
+    the authors multiply the params after the step by :math:`1-\eta\lambda`, which scales the
+    step by :math:`1-\eta\lambda` too. They keep :math:`m` in the rotated basis by rotating it
+    back and forth at every step; here it moves only when the basis changes (the same
+    arithmetic up to rounding). They compute ``eigh`` and QR in float32 whatever the params'
+    dtype (and create the factors in torch's default dtype); here in the compute dtype (at
+    least float32; float64 for float64 params). Their ``data_format`` (channels-last
+    convolutions) is not offered: in JAX the layout is the param's. pytorch-optimizer's port
+    (4.1.0) keeps :math:`m` in the original basis (the authors' earlier version, the same
+    arithmetic), computes QR in float32 even for float64 params, normalizes by the RMS plus
+    ``eps`` instead of :math:`10^{-30}`, and its ``merge_small_dims`` differs from the authors'
+    merge (a tensor that merges into one dimension gets shape ``[1]``, which its reshape
+    refuses).
+
+    Factors and bases are kept per leaf in the compute dtype, flattened (state fields ``gg``
+    and ``q``); on Explicit meshes each leaf is preconditioned replicated (ZeRO-1 may shard
+    the stored state). ``FlatParams`` buffers and complex params are refused.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      shampoo_beta: decay :math:`\beta_s` of the Kronecker factors, in [0, 1); negative (the
+        authors' -1) uses ``b2``.
+      eps: added to :math:`\sqrt{v_t}`, >= 0.
+      weight_decay: decoupled weight decay :math:`\lambda_t`, >= 0, or a schedule of the
+        0-based step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      precondition_frequency: steps between refreshes of the eigenbases, an integer >= 1.
+      max_precond_dim: dimensions larger than this get no factor (identity), an integer >= 1;
+        ``None`` (the default) is 10000, the authors' default. It defaults to ``None`` rather
+        than a number so that ``optax.inject_hyperparams(soap)`` works: it would inject a
+        number as an array, and it fixes shapes (pass ``static_args=("max_precond_dim",)`` to
+        set it).
+      merge_dims: merge consecutive dimensions of tensors of two or more dimensions while
+        their product stays at most ``max_precond_dim`` (the authors' ``merge_dims``).
+      precondition_1d: give 1-D leaves a factor too.
+      normalize_grads: divide each leaf's direction by its RMS.
+      correct_bias: scale by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
+      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
+      nu_dtype: storage of the second moment, likewise.
+
+    Returns:
+      An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
+
+    References:
+      Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade, "SOAP: Improving
+      and Stabilizing Shampoo using Adam", ICLR 2025, https://arxiv.org/abs/2409.11321.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> tx = adam_jax.scale_by_soap()
+      >>> params = jnp.zeros((2, 2))
+      >>> state = tx.init(params)
+      >>> updates, state = tx.update(jnp.array([[1.0, 0.0], [0.0, 2.0]]), state)
+      >>> print(jnp.abs(updates).max())  # the first call only builds the bases
+      0.0
+      >>> updates, state = tx.update(jnp.array([[1.0, 0.0], [0.0, 2.0]]), state)
+      >>> print(jnp.round(updates, 4))  # then Adam's first step in their eigenbasis: signs
+      [[1. 0.]
+       [0. 1.]]
+    """
+    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
+    if max_precond_dim is None:
+        max_precond_dim = _MAX_PRECOND_DIM
+    _check_options(precondition_frequency, max_precond_dim, shampoo_beta)
+    rule = SoapRule(
+        b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim, merge_dims,
+        precondition_1d, normalize_grads, correct_bias, mu_dtype, nu_dtype,
+    )  # fmt: skip
+    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
+
+
+def soap(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.95,
+    b2: float = 0.95,
+    shampoo_beta: float = -1.0,
+    eps: float = 1e-8,
+    *,
+    weight_decay: optax.ScalarOrSchedule = 0.01,
+    mask: Mask | None = None,
+    precondition_frequency: int = 10,
+    max_precond_dim: int | None = None,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    correct_bias: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
+    r"""SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's preconditioner, with
+    decoupled weight decay.
+
+    .. math::
+        \theta_t = \theta_{t-1} - \eta_t \big(u_t + \lambda_t \theta_{t-1}\big),
+
+    with :math:`u_t` of :func:`scale_by_soap` (zero at the first step, which only builds the
+    eigenbases: no decay either). The defaults are the authors' (``lr=3e-3`` aside, which
+    is yours to give).
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      shampoo_beta: decay of the Kronecker factors, in [0, 1); negative uses ``b2``.
+      eps: added to the root of the second moment, >= 0.
+      weight_decay: decoupled weight decay, >= 0, or a schedule of the 0-based step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      precondition_frequency: steps between refreshes of the eigenbases, an integer >= 1.
+      max_precond_dim: dimensions larger than this get no factor, an integer >= 1; ``None``
+        (the default) is 10000 (see :func:`scale_by_soap`).
+      merge_dims: merge small consecutive dimensions (the authors' ``merge_dims``).
+      precondition_1d: give 1-D leaves a factor too.
+      normalize_grads: divide each leaf's direction by its RMS.
+      correct_bias: Adam's bias correction, in the step size.
+      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
+      nu_dtype: storage of the second moment, likewise.
+      maximize: ascend the objective instead of descending it.
+
+    Returns:
+      An ``optax.GradientTransformation``.
+
+    References:
+      Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025,
+      https://arxiv.org/abs/2409.11321; the authors' code, https://github.com/nikhilvyas/SOAP.
+
+    Example:
+      >>> import adam_jax, jax, jax.numpy as jnp, optax
+      >>> tx = adam_jax.soap(3e-2, weight_decay=0.0)
+      >>> params = jnp.array([[2.0, -1.0], [0.5, 1.0]])
+      >>> loss = lambda p: jnp.sum(p**2)
+      >>> state = tx.init(params)
+      >>> for _ in range(50):
+      ...     updates, state = tx.update(jax.grad(loss)(params), state, params)
+      ...     params = optax.apply_updates(params, updates)
+      >>> print(round(float(loss(params)), 3))  # from 6.25
+      0.646
+    """
+    return descend(
+        learning_rate,
+        scale_by_soap(
+            b1, b2, shampoo_beta, eps, weight_decay=weight_decay, mask=mask,
+            precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
+            merge_dims=merge_dims, precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads, correct_bias=correct_bias,
+            mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+        ),
+        maximize=maximize,
+    )  # fmt: skip
