@@ -1,19 +1,28 @@
 """A byte-level language model with the memory-saving settings of issue 23 against AdamW.
 
 The model, corpus, schedule, batches and held-out loss of ``benchmarks.lm_low_precision``
-(4 blocks, d = 64, 4 heads; warm-up and cosine decay from 1e-3; the same init and windows for a
-seed), with AdamW instead of Adam: weight decay 0.01 on the matrices (leaves of two or more
-axes) in every setting. Six settings as in ``benchmarks.mnist_memory``: float32 AdamW;
+(4 blocks, d = 64, 4 heads; warm-up and cosine decay from ``--peak``; the same init and
+windows for a seed), with AdamW instead of Adam: weight decay 0.01 on the matrices (leaves of
+two or more axes) in every setting. Six settings as in ``benchmarks.mnist_memory``: float32 AdamW;
 Adam-mini; 4-bit moments; the second moment factored into row and column means; bfloat16
 params with stochastic rounding, a 4-bit first moment and an Adam-mini or a factored second
-moment. Writes per seed the train-loss curve (the mean over each 50 steps) and the held-out
-loss to JSON, and prints the table of BENCHMARKS.md::
+moment. Writes per run the train-loss curve (the mean over each 50 steps) and the held-out
+loss to JSON, and prints the table of BENCHMARKS.md. The peak learning rate is tuned: a sweep
+on seed 0 for AdamW and Adam-mini, then three seeds of the AdamW settings (its storages) at
+AdamW's best rate and of the Adam-mini ones at Adam-mini's::
 
-    python -m benchmarks.lm_memory --steps 2000 --seeds 0 1 2 \\
+    python -m benchmarks.lm_memory --steps 1000 --seeds 0 --settings "float32 AdamW" Adam-mini \\
+        --peak 1e-3 2e-3 4e-3 6e-3 8e-3 1.2e-2 1.6e-2 2e-2 3.2e-2 \\
+        --out benchmarks/results/lm_memory.json
+    python -m benchmarks.lm_memory --steps 1000 --seeds 0 1 2 --peak 8e-3 \\
+        --settings "float32 AdamW" "4-bit moments" "factored nu" \\
+        "bfloat16 + SR, 4-bit mu, factored nu" --out benchmarks/results/lm_memory.json
+    python -m benchmarks.lm_memory --steps 1000 --seeds 0 1 2 --peak 1.6e-2 \\
+        --settings Adam-mini "bfloat16 + SR, 4-bit mu, Adam-mini nu" \\
         --out benchmarks/results/lm_memory.json
 
-Runs already in ``--out`` are kept (the command resumes); ``--settings`` runs a subset and
-``--peak`` sets the peak learning rate (1e-3), for a sweep in another ``--out`` file.
+Runs already in ``--out`` are kept (the commands resume, and processes may share the file);
+``--settings`` runs a subset.
 """
 
 from __future__ import annotations
