@@ -329,6 +329,9 @@ class SoapRule(MomentRule):
         def initialize(operands: Any) -> Any:
             mu, nu, _ = operands
             bases = [None if f is None else _eigenbasis(f) for f in factors]
+            # The moments are still zeros: in the shape the Adam branch gives them (a reducing
+            # storage passes them reduced), which the core reduces back to the same zeros.
+            mu, nu = (jnp.broadcast_to(m, jnp.broadcast_shapes(m.shape, shape)) for m in (mu, nu))
             return jnp.zeros(shape, g.dtype), mu, nu, _pack(bases, q)
 
         def adam_step(operands: Any) -> Any:
