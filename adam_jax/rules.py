@@ -60,6 +60,7 @@ from adam_jax._src.storage import (
     cast_storage,
     storages_for,
 )
+from adam_jax._src.typed_sharding import reshard, typed_sharding
 from adam_jax._src.validation import (
     check_at_least,
     check_choice,
@@ -127,10 +128,12 @@ __all__ = [
     "moving_average_terms",
     "nesterov_mu_hat",
     "real_dtype",
+    "reshard",
     "scale_by_rule",
     "schedule_state_type",
     "second_moment",
     "static_float",
     "step_scalars",
     "storages_for",
+    "typed_sharding",
 ]

@@ -26,6 +26,7 @@ from adam_jax._src.moving_average import StepScalars, moving_average, step_scala
 from adam_jax._src.numerics import compute_dtype
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import MomentStorage
+from adam_jax._src.typed_sharding import reshard, typed_sharding
 from adam_jax._src.weight_decay import Mask
 
 # The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
@@ -141,7 +142,7 @@ class FactorStorage(MomentStorage):
     def init(self, param: Any) -> jax.Array:
         placement: Any
         if isinstance(param, jax.core.Tracer):
-            placement = _typed_sharding(param)
+            placement = typed_sharding(param)
         elif isinstance(param, jax.Array):
             placement = param.sharding if param.committed else None
         else:
@@ -160,17 +161,9 @@ class FactorStorage(MomentStorage):
         return value.astype(stored.dtype)
 
 
-def _typed_sharding(x: jax.Array) -> NamedSharding | None:
-    """The sharding in ``x``'s type (Explicit mesh axes), or None."""
-    sharding = jax.typeof(x).sharding
-    if isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec):
-        return sharding
-    return None
-
-
 def _replicated(x: jax.Array) -> jax.Array:
     """``x`` replicated where its type is sharded (Explicit mesh axes)."""
-    typed = _typed_sharding(x)
+    typed = typed_sharding(x)
     if typed is None:
         return x
     return jax.sharding.reshard(x, NamedSharding(typed.mesh, PartitionSpec()))
@@ -196,10 +189,7 @@ def _whole(x: jax.Array) -> jax.Array:
 
 def _like(x: jax.Array, other: jax.Array) -> jax.Array:
     """``x`` with ``other``'s typed sharding (if any)."""
-    typed = _typed_sharding(other)
-    if typed is None or _typed_sharding(x) == typed:
-        return x
-    return jax.sharding.reshard(x, typed)
+    return reshard(x, typed_sharding(other))
 
 
 def _pack(matrices: list[jax.Array | None], like: jax.Array) -> jax.Array:
