@@ -21,6 +21,7 @@ from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.storage import MomentStorage, cast_storage, per_leaf
 from adam_jax._src.weight_decay import Mask
 
 MARS_TYPES = ("mars-adamw",)
@@ -30,8 +31,8 @@ EPS_PLACEMENTS = ("standard", "keras")
 
 class ScaleByMarsState(NamedTuple):
     """MARS' state: the step count, the first and second moments (``mu``, ``nu``), the
-    gradient of the last step (``last_grad``; with ``is_approx=False`` the one the caller
-    passes) and, with ``amsgrad=True``, the running maximum of ``nu`` (``nu_max``, else
+    gradient of the last step (``last_grad``, kept in the params' dtype; with
+    ``is_approx=False`` the one the caller passes; zeros for the params trained by AdamW) and, with ``amsgrad=True``, the running maximum of ``nu`` (``nu_max``, else
     ``None``)."""
 
     count: jax.Array  # type: ignore[assignment]  # a field, as optax's states have
@@ -59,6 +60,19 @@ class MarsScalars(NamedTuple):
     wd: jax.Array
     wd_1d: jax.Array
     first: jax.Array
+
+
+def _storage_of(leaf: Any) -> MomentStorage:
+    """The default storage of the second moment: the param's dtype, float32 for float16."""
+    if jnp.result_type(leaf) == jnp.float16:
+        return cast_storage(jnp.float32)
+    return cast_storage()
+
+
+# The clipped correction has entries of order 1/sqrt(size): (1 - b2) c^2 falls below
+# float16's smallest normal (6e-5) in tensors of a few hundred elements, and a second moment
+# rounded to 0 turns m / (sqrt(v) + eps) into m / eps.
+_WIDE_FLOAT16 = per_leaf(lambda tree: jax.tree.map(_storage_of, tree))
 
 
 def _at(value: Any, count: jax.Array, dtype: Any) -> jax.Array:
@@ -93,8 +107,9 @@ class MarsRule(MomentRule):
     state_type = ScaleByMarsState
 
     def moments(self) -> tuple[Moment, ...]:
-        maximum = (second_moment(self.nu_dtype, "nu_max"),) if self.amsgrad else ()
-        return (Moment("mu", self.mu_dtype), second_moment(self.nu_dtype),
+        nu_dtype = _WIDE_FLOAT16 if self.nu_dtype is None else self.nu_dtype
+        maximum = (second_moment(nu_dtype, "nu_max"),) if self.amsgrad else ()
+        return (Moment("mu", self.mu_dtype), second_moment(nu_dtype),
                 Moment("last_grad"), *maximum)  # fmt: skip
 
     def init_fields(self, params: Any) -> dict[str, Any]:
@@ -136,8 +151,10 @@ class MarsRule(MomentRule):
         leaf: Leaf,
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         d = scalars
-        new = {"last_grad": g}
+        # AdamW's params keep theirs as it is (zeros: unused), MARS' keep this gradient.
+        new = {"last_grad": moments["last_grad"]}
         if self._takes_mars(g):
+            new["last_grad"] = g
             b1, w1, c1, w2, c2, lr, wd = self.b1, d.w1, d.c1, d.w2, d.c2, d.lr, d.wd
             last = moments["last_grad"]
             if not self.is_approx:
@@ -310,7 +327,9 @@ def scale_by_mars(
       only_2d: with ``optimize_1d=False``, MARS for 2-D params alone (the authors'); False:
         for every param of 2 dimensions or more (pytorch-optimizer's and timm's).
       mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment and its maximum, likewise.
+      nu_dtype: storage of the second moment and its maximum, likewise (``None``: the params'
+        dtype, float32 for float16 params, whose smallest normal the second moment of the
+        clipped :math:`c_t`, of order :math:`1/\text{size}`, falls below).
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByMarsState` (an
