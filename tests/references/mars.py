@@ -318,15 +318,23 @@ TESTS = (
             },
             "keras_eps": KERAS,
             "keras_decay_mask_amsgrad": {
-                **KERAS, "amsgrad": True, "weight_decay": 0.1, "weight_decay_1d": 0.05,
+                **KERAS,
+                "amsgrad": True,
+                "weight_decay": 0.1,
+                "weight_decay_1d": 0.05,
                 "mask": MASK,
-            },  # fmt: skip
+            },
             "keras_optimize_1d": {**KERAS, "optimize_1d": True, "only_2d": False},
             "timm": TIMM,
             "timm_decay_mask": {
-                **TIMM, "weight_decay": 0.1, "weight_decay_1d": 0.1, "mask": MASK, "lr_1d": 5e-3,
-                "b1_1d": 0.85, "b2_1d": 0.98,
-            },  # fmt: skip
+                **TIMM,
+                "weight_decay": 0.1,
+                "weight_decay_1d": 0.1,
+                "mask": MASK,
+                "lr_1d": 5e-3,
+                "b1_1d": 0.85,
+                "b2_1d": 0.98,
+            },
             "timm_optimize_1d": {**TIMM, "optimize_1d": True, "eps": 1e-13},
             "maximize": {**KERAS, "maximize": True, "weight_decay": 0.1},
         },
@@ -338,9 +346,16 @@ TESTS = (
         flat_params=False,
         per_tensor=True,
         hyperparams={
-            "learning_rate": 1e-2, "b1": 0.95, "b2": 0.99, "eps": 1e-8, "gamma": 0.025,
-            "b1_1d": 0.9, "b2_1d": 0.95, "weight_decay": 0.1, "weight_decay_1d": 0.05,
-        },  # fmt: skip
+            "learning_rate": 1e-2,
+            "b1": 0.95,
+            "b2": 0.99,
+            "eps": 1e-8,
+            "gamma": 0.025,
+            "b1_1d": 0.9,
+            "b2_1d": 0.95,
+            "weight_decay": 0.1,
+            "weight_decay_1d": 0.05,
+        },
         bad=(
             ("b1", 1.0, "[0, 1)"),
             ("eps", -1.0, ">= 0"),

@@ -32,8 +32,8 @@ EPS_PLACEMENTS = ("standard", "keras")
 class ScaleByMarsState(NamedTuple):
     """MARS' state: the step count, the first and second moments (``mu``, ``nu``), the
     gradient of the last step (``last_grad``, kept in the params' dtype; with
-    ``is_approx=False`` the one the caller passes; zeros for the params trained by AdamW) and, with ``amsgrad=True``, the running maximum of ``nu`` (``nu_max``, else
-    ``None``)."""
+    ``is_approx=False`` the one the caller passes; zeros for the params trained by AdamW)
+    and, with ``amsgrad=True``, the running maximum of ``nu`` (``nu_max``, else ``None``)."""
 
     count: jax.Array  # type: ignore[assignment]  # a field, as optax's states have
     mu: optax.Updates
