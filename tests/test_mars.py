@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from reference import import_reference_package, make_problem, run_jax, run_reference, run_torch
 from references.mars import RefMars, pytorch_optimizer_optimizer, timm_optimizer
@@ -170,3 +171,23 @@ def test_lion_and_shampoo_are_refused() -> None:
     for kind in ("mars-lion", "mars-shampoo"):
         with pytest.raises(ValueError, match="not built"):
             adam_jax.mars(1e-2, mars_type=kind)
+
+
+def test_exact_form_under_inject_hyperparams() -> None:
+    """``last_grad`` passes through optax's wrappers (here ``inject_hyperparams``)."""
+    params = {"w": jnp.linspace(-1.0, 1.0, 6).reshape(2, 3), "b": jnp.ones(3)}
+    plain = adam_jax.mars(1e-2, is_approx=False, weight_decay=0.1)
+    injected = optax.inject_hyperparams(adam_jax.mars)(
+        learning_rate=1e-2, is_approx=False, weight_decay=0.1
+    )
+    results = []
+    for tx in (plain, injected):
+        p, state, previous = params, tx.init(params), params
+        for step in range(3):
+            grads = jax.tree.map(lambda x, s=step: jnp.sin((s + 1.0) * x), p)
+            last = jax.tree.map(lambda x, s=step: jnp.sin((s + 1.0) * x), previous)
+            updates, state = tx.update(grads, state, p, last_grad=last)
+            previous, p = p, jax.tree.map(lambda x, u: x + u, p, updates)
+        results.append(p)
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -23,6 +23,10 @@ gradient of this step's batch at the previous params (their ``update_previous_gr
 ``betas_1d=(0.9, 0.95)``, ``weight_decay_1d=0.1``. Here ``lr_1d`` is the 1-D rate itself
 (``None``: the learning rate), equal under a constant rate.
 
+Their approximate form keeps ``state['last_grad'] = grad``, a reference to ``p.grad``: the
+previous gradient only where the training loop frees the gradients between steps
+(``zero_grad(set_to_none=True)``, as ``train_mars.py``); here, as in the ports, a copy.
+
 Options beyond the authors', for the ports: ``eps_placement="keras"`` (``denom = (sqrt(v) +
 eps) / sqrt(1 - b2^t) * (1 - b1^t)``), ``correct_first_step=False`` (``c = g`` at ``t = 1``),
 ``only_2d=False`` (MARS for every param of 2 dimensions or more), ``maximize``.

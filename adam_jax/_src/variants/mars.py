@@ -415,8 +415,8 @@ def mars(
 
     Args:
       learning_rate: :math:`\alpha`, a constant >= 0 or a schedule of the 0-based step.
-      b1, b2, eps, gamma, mars_type, is_approx, amsgrad, optimize_1d, b1_1d, b2_1d,
-        eps_placement, correct_first_step, only_2d: as in :func:`adam_jax.scale_by_mars`.
+      b1, b2, eps, gamma, mars_type, is_approx, amsgrad: as in :func:`adam_jax.scale_by_mars`.
+      optimize_1d, b1_1d, b2_1d, eps_placement, correct_first_step, only_2d: likewise.
       lr_1d: :math:`\alpha_{1d}`, the rate of the AdamW params (a constant >= 0 or a
         schedule; ``None``: the learning rate).
       weight_decay: decoupled decay of the MARS params, scaled by the learning rate.
