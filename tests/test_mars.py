@@ -191,3 +191,18 @@ def test_exact_form_under_inject_hyperparams() -> None:
         results.append(p)
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("correct_first_step", [True, False])
+def test_first_correction(correct_first_step: bool) -> None:
+    """The authors' first correction takes g_0 = 0, c = (1 + gamma b1 / (1 - b1)) g; timm's
+    takes c = g (both below norm 1 here: no clipping)."""
+    g = jnp.array([[0.03, 0.04]])
+    tx = adam_jax.scale_by_mars(weight_decay_1d=0.0, correct_first_step=correct_first_step)
+    _, state = tx.update(g, tx.init(jnp.zeros((1, 2))))
+    factor = 1 + 0.025 * 0.95 / 0.05 if correct_first_step else 1.0
+    np.testing.assert_allclose(state.mu, 0.05 * factor * g, rtol=1e-6)
+    # From the second step on, both take the previous gradient.
+    _, state2 = tx.update(2 * g, state)
+    c2 = 2 * g + 0.025 * 0.95 / 0.05 * g
+    np.testing.assert_allclose(state2.mu, 0.95 * state.mu + 0.05 * c2, rtol=1e-6)
