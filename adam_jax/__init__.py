@@ -68,6 +68,7 @@ from adam_jax._src.variants.cautious import cautious, cautious_adamw
 from adam_jax._src.variants.grams import grams, scale_by_grams
 from adam_jax._src.variants.lamb import lamb, scale_by_trust_ratio
 from adam_jax._src.variants.laprop import ScaleByLapropState, laprop, scale_by_laprop
+from adam_jax._src.variants.mars import ScaleByMarsState, mars, scale_by_mars
 from adam_jax._src.variants.radam import radam, scale_by_radam
 from adam_jax._src.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
 from adam_jax._src.variants.soap import scale_by_soap, soap
@@ -105,6 +106,7 @@ __all__ = [
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectionState",
     "ScaleByLapropState",
+    "ScaleByMarsState",
     "SkipLossSpikesState",
     "StochasticRoundingState",
     "adabelief",
@@ -140,6 +142,7 @@ __all__ = [
     "laprop",
     "linear_warmup",
     "map_tensors",
+    "mars",
     "masked",
     "moving_average_terms",
     "nadam",
@@ -162,6 +165,7 @@ __all__ = [
     "scale_by_grams",
     "scale_by_laprop",
     "scale_by_learning_rate",
+    "scale_by_mars",
     "scale_by_radam",
     "scale_by_rule",
     "scale_by_simplified_ademamix",

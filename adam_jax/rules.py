@@ -77,6 +77,7 @@ from adam_jax._src.variants.ademamix import AdemamixRule, SimplifiedAdemamixRule
 from adam_jax._src.variants.adopt import AdoptRule
 from adam_jax._src.variants.grams import GramsRule
 from adam_jax._src.variants.laprop import LapropRule
+from adam_jax._src.variants.mars import MarsRule
 from adam_jax._src.variants.radam import RadamRule
 from adam_jax._src.variants.schedule_free import ScheduleFreeAdamwRule
 from adam_jax._src.variants.soap import SoapRule
@@ -95,6 +96,7 @@ __all__ = [
     "GramsRule",
     "LapropRule",
     "Leaf",
+    "MarsRule",
     "Mask",
     "Moment",
     "MomentRule",

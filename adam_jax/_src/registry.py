@@ -22,6 +22,7 @@ from adam_jax._src.variants import (
     grams,
     lamb,
     laprop,
+    mars,
     radam,
     schedule_free,
     soap,
@@ -441,6 +442,22 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
         ),
         soap.scale_by_soap,
         soap.SoapRule,
+        learning_rate=3e-3,  # the authors' default, not tuned on the MNIST example
+    ),
+    OptimizerInfo(
+        "mars",
+        mars.mars,
+        "variant",
+        "AdamW on a variance-reduced gradient (a scaled change of the gradient added), "
+        "clipped to norm 1 per tensor",
+        Paper(
+            "Yuan, Liu, Wu, Zhou and Gu",
+            "MARS: Unleashing the Power of Variance Reduction for Training Large Models",
+            "https://arxiv.org/abs/2411.10438",
+            "2024",
+        ),
+        mars.scale_by_mars,
+        mars.MarsRule,
         learning_rate=3e-3,  # the authors' default, not tuned on the MNIST example
     ),
 )
