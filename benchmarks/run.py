@@ -16,6 +16,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``low_precision``: step time of Kahan summation and stochastic rounding on bfloat16 params
 * ``memory``: bytes per parameter of params + state and of the compiled step, per memory setting
 * ``memory_step_time``: step time of each memory setting against the 8-bit moments' step
+* ``soap``: SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share
 
 Every section times its variants interleaved (round robin, rotating start) and reports
 medians; see ``benchmarks.harness``. A re-run section replaces its rows in the JSON file, the
@@ -44,6 +45,7 @@ from benchmarks.sections import (
     memory,
     memory_step_time,
     scaling,
+    soap,
     state_bytes,
     steps,
     train_step,
@@ -97,6 +99,10 @@ SECTIONS: dict[str, Section] = {
     ),
     "memory_step_time": Section(
         memory_step_time.run, "step time of each memory setting against the 8-bit moments' step"
+    ),
+    "soap": Section(
+        soap.run,
+        "SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share",
     ),
 }
 # Sections drawn by benchmarks.plot: the plot is redrawn when one of them ran.

@@ -287,3 +287,54 @@ def test_lm_study_processes_sharing_an_out_file_keep_each_others_runs(
     assert len(runs) == 5 and swept == [0.25]
     table = lm_low_precision.table(runs, settings, "b")
     assert "| vs b at 0.5 |" in table and "| a | 0.25 | 1 | 0.2500 | 0.2500 | -80.00% |" in table
+
+
+def test_soap_section_times_soap_against_adamw_with_the_eigenbasis_share() -> None:
+    from benchmarks.sections import soap
+
+    (row,) = soap.measure((8,), repeats=2)
+    assert row["precondition_frequency"] == soap.FREQUENCY and row["repeats"] == 2
+    assert row["adamw_ms_per_step"] > 0 and row["soap_ms_per_step"] > 0
+    assert row["ratio_vs_adamw"] > 0 and row["eigenbasis_share"] < 1
+
+
+def test_lm_race_crossing_is_linear_between_evaluations() -> None:
+    from benchmarks import lm_race
+
+    losses, steps = [4.0, 3.0, 2.0, 1.0], [0, 50, 100, 150]
+    assert lm_race.crossing(losses, steps, 2.5) == pytest.approx(75.0)
+    assert lm_race.crossing(losses, steps, 2.0) == pytest.approx(100.0)
+    assert lm_race.crossing(losses, steps, 0.5) is None
+
+
+def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
+    import jax
+
+    from benchmarks import lm_race
+
+    labels = lm_race.hidden_matrices(lm_race.transformer_params(jax.random.key(0), layers=1))
+    assert labels["blocks"][0]["attn"]["wq"] and labels["blocks"][0]["mlp"]["w1"]
+    assert not labels["embed"] and not labels["head"] and not labels["blocks"][0]["mlp"]["b1"]
+
+    out, png = tmp_path / "race.json", tmp_path / "race.png"
+    names = ["adamw", "soap", "muon + adamw"]
+    argv = ["--quick", "--optimizers", *names, "--out", str(out), "--plot", str(png)]
+    finals = lm_race.main(argv)
+    record = json.loads(out.read_text())
+    assert record["command"] == "python -m benchmarks.lm_race " + shlex.join(argv)
+    tried = {(r["setting"], r["peak_learning_rate"]) for r in record["runs"]}
+    assert tried == {(name, rate) for name in names for rate in lm_race.GRIDS[name][:2]}
+    assert png.stat().st_size > 0
+
+    adamw = finals["adamw"]
+    assert adamw["final_held_out_loss"] == min(adamw["grid"].values())
+    assert adamw["steps_ratio"] == adamw["seconds_ratio"] == adamw["step_ratio"] == 1.0
+    for name in names:
+        entry = finals[name]
+        assert len(entry["held_out_losses"]) == len(entry["seconds"]) == 2  # steps 0 and 50
+        assert entry["held_out_losses"][-1] < entry["held_out_losses"][0]
+        assert entry["state_bytes_per_param"] > 0 and entry["step_ms"] > 0
+        if entry["steps_to_target"] is not None:
+            assert 0 < entry["steps_to_target"] <= lm_race.EVAL_EVERY
+    assert finals["soap"]["state_bytes_per_param"] > adamw["state_bytes_per_param"]
+    assert lm_race.main(argv) == finals  # resumed: nothing runs again, the same report

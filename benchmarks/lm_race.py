@@ -1,0 +1,382 @@
+"""A language-model race: steps and seconds each optimizer takes to AdamW's held-out loss.
+
+The byte-level transformer of ``benchmarks.lm_memory`` (4 blocks, d = 64, 4 heads, 0.24M
+parameters) on the source of Python's standard library (``benchmarks.lm_low_precision``: the
+same corpus, windows, batches and held-out tenth), every optimizer with warm-up over the first
+twentieth of the steps and cosine decay from its peak rate, weight decay 0.01 on the matrices.
+Tuning: each optimizer's peak rate over its grid (``GRIDS``, at least four rates) on seed 0;
+then ``--seeds`` at the best rate. Every ``EVAL_EVERY`` steps a run records its loss on the
+held-out windows and the seconds its training steps have taken so far (compiled ahead, timed
+between evaluations, evaluations not counted). The report gives, per optimizer at its best
+rate and over the seeds: the final held-out loss; the steps and seconds to reach AdamW's final
+held-out loss (the mean over its seeds; linear between evaluations) and their ratio to AdamW's;
+the step time; the optimizer state's bytes per parameter. It writes JSON (resumable: the runs
+already in ``--out`` are kept, processes may share it) and a plot of the held-out loss against
+steps and against seconds::
+
+    python -m benchmarks.lm_race --steps 1000 --optimizers adamw soap \\
+        --out benchmarks/results/lm_race.json --plot docs/lm_race.png
+
+``--quick`` is a smoke test (a one-block model, a few steps, two rates, one seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adam_jax
+from adam_jax._src.memory import state_bytes
+from benchmarks.lm_low_precision import (
+    BATCH,
+    EVAL_WINDOWS,
+    WINDOW,
+    _merged,
+    _saved_runs,
+    _write_atomically,
+    corpus,
+)
+from benchmarks.lm_memory import WEIGHT_DECAY, matrices
+from benchmarks.models import transformer_loss, transformer_params
+
+EVAL_EVERY = 50
+BASELINE = "adamw"
+# a measure -> the name of its ratio to AdamW's
+RATIOS = {
+    "steps_to_target": "steps_ratio",
+    "seconds_to_target": "seconds_ratio",
+    "step_ms": "step_ratio",
+}
+Racer = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
+
+
+def hidden_matrices(params: Any) -> Any:
+    """The leaves Muon takes: the blocks' matrices (embeddings and the output head stay with
+    AdamW, as in Muon's recipe)."""
+    mask = jax.tree.map(lambda p: False, params)
+    return {**mask, "blocks": jax.tree.map(lambda p: p.ndim == 2, params["blocks"])}
+
+
+def muon_with_adamw(
+    learning_rate: optax.ScalarOrSchedule, weight_decay: float = WEIGHT_DECAY
+) -> optax.GradientTransformation:
+    """Muon (``optax.contrib.muon``) for the hidden matrices, ``adam_jax.adamw`` for the rest.
+
+    Muon's updates are scaled to an RMS of 0.2 per matrix (``consistent_rms``, Liu et al.,
+    2025), about AdamW's, so one learning rate serves both.
+    """
+
+    def labels(params: Any) -> Any:
+        return jax.tree.map(lambda m: "muon" if m else "adamw", hidden_matrices(params))
+
+    return optax.partition(
+        {
+            "muon": optax.contrib.muon(
+                learning_rate, weight_decay=weight_decay, consistent_rms=0.2
+            ),
+            "adamw": adam_jax.adamw(
+                learning_rate, b2=0.95, weight_decay=weight_decay, mask=matrices
+            ),
+        },
+        labels,
+    )
+
+
+# name -> the optimizer at a learning rate (schedule)
+OPTIMIZERS: dict[str, Racer] = {
+    "adamw": lambda lr: adam_jax.adamw(lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices),
+    "soap": lambda lr: adam_jax.soap(lr, weight_decay=WEIGHT_DECAY, mask=matrices),
+    "muon + adamw": muon_with_adamw,
+    "laprop": lambda lr: adam_jax.laprop(lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices),
+    "grams": lambda lr: adam_jax.grams(lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices),
+    "mars": lambda lr: adam_jax.mars(lr, weight_decay=WEIGHT_DECAY, mask=matrices),
+    "adam-mini": lambda lr: adam_jax.adam_mini(
+        lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices, num_heads=4
+    ),
+}
+# name -> the peak rates tried on seed 0 (factors of two around the rates that papers and
+# benchmarks.lm_memory found for models of this size)
+GRIDS: dict[str, tuple[float, ...]] = {
+    "adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "soap": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "muon + adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "laprop": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "grams": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "mars": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "adam-mini": (4e-3, 8e-3, 1.6e-2, 3.2e-2),
+}
+MODEL = {"layers": 4, "d": 64}
+QUICK_MODEL = {"layers": 1, "d": 32}
+
+
+def train(
+    racer: Racer,
+    steps: int,
+    data: np.ndarray,
+    seed: int,
+    peak: float,
+    model: dict[str, int],
+) -> dict[str, Any]:
+    """Trains with ``racer`` at ``peak`` for ``steps`` steps (a multiple of ``EVAL_EVERY``).
+
+    Returns the held-out loss and the training seconds at step 0 and every ``EVAL_EVERY``
+    steps, the seconds of each span of ``EVAL_EVERY`` steps, and the state's bytes per param.
+    """
+    tx = racer(optax.warmup_cosine_decay_schedule(0.0, peak, steps // 20, steps))
+    d = model["d"]
+    params = transformer_params(
+        jax.random.key(seed), layers=model["layers"], d=d, ff=4 * d, seq=WINDOW
+    )
+    state = tx.init(params)
+    num_params = sum(p.size for p in jax.tree.leaves(params))
+    split = len(data) * 9 // 10
+    rng = np.random.default_rng(seed)  # the windows of lm_low_precision for a seed
+    starts = jnp.asarray(rng.integers(0, split - WINDOW - 1, (steps, BATCH)))
+    held_out = np.linspace(split, len(data) - WINDOW - 1, EVAL_WINDOWS).astype(np.int64)
+    text = jnp.asarray(data)
+
+    def batch(begin: jax.Array) -> jax.Array:
+        return text[begin[:, None] + jnp.arange(WINDOW + 1)].astype(jnp.int32)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params: Any, state: Any, begin: jax.Array) -> tuple[Any, Any]:
+        grads = jax.grad(transformer_loss)(params, batch(begin))
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    held_out_tokens = batch(jnp.asarray(held_out))
+    evaluate = jax.jit(transformer_loss).lower(params, held_out_tokens).compile()
+    compiled = step.lower(params, state, starts[0]).compile()
+    losses, seconds, spans = [float(evaluate(params, held_out_tokens))], [0.0], []
+    for first in range(0, steps, EVAL_EVERY):
+        begin = time.perf_counter()
+        for i in range(first, first + EVAL_EVERY):
+            params, state = compiled(params, state, starts[i])
+        jax.block_until_ready(params)
+        spans.append(time.perf_counter() - begin)
+        seconds.append(seconds[-1] + spans[-1])
+        losses.append(float(evaluate(params, held_out_tokens)))
+    return {
+        "held_out_losses": losses,
+        "seconds": seconds,
+        "span_seconds": spans,
+        "state_bytes_per_param": state_bytes(state) / num_params,
+        "num_params": num_params,
+    }
+
+
+def _rate(run_: dict[str, Any]) -> float:
+    return float(run_["peak_learning_rate"])
+
+
+def best_rates(runs: list[dict[str, Any]], tuning_seed: int) -> dict[str, float]:
+    """Per optimizer, the peak rate of the lowest final held-out loss on ``tuning_seed``."""
+    best: dict[str, tuple[float, float]] = {}
+    for r in runs:
+        if r["seed"] == tuning_seed:
+            final = r["held_out_losses"][-1]
+            if r["setting"] not in best or final < best[r["setting"]][0]:
+                best[r["setting"]] = (final, _rate(r))
+    return {name: rate for name, (_, rate) in best.items()}
+
+
+def crossing(losses: list[float], clock: list[float], target: float) -> float | None:
+    """Where ``losses`` (sampled at ``clock``) first reach ``target``, linear between samples;
+    None if they never do."""
+    for i in range(1, len(losses)):
+        if losses[i] <= target:
+            before, after = losses[i - 1], losses[i]
+            share = 1.0 if before == after else (before - target) / (before - after)
+            return clock[i - 1] + min(max(share, 0.0), 1.0) * (clock[i] - clock[i - 1])
+    return None
+
+
+def summary(runs: list[dict[str, Any]], seeds: list[int], tuning_seed: int) -> dict[str, Any]:
+    """Per optimizer at its best rate, over ``seeds``: the mean held-out curve and seconds,
+    the final loss, steps and seconds to AdamW's mean final loss, step time, bytes per param."""
+    rates = best_rates(runs, tuning_seed)
+    finals: dict[str, Any] = {}
+    for name, rate in rates.items():
+        mine = [r for r in runs if r["setting"] == name and _rate(r) == rate and r["seed"] in seeds]
+        if not mine:
+            continue
+        losses = np.mean([r["held_out_losses"] for r in mine], axis=0).tolist()
+        seconds = np.mean([r["seconds"] for r in mine], axis=0).tolist()
+        spans = [s for r in mine for s in r["span_seconds"]]
+        finals[name] = {
+            "peak_learning_rate": rate,
+            "seeds": sorted(r["seed"] for r in mine),
+            "held_out_losses": losses,
+            "seconds": seconds,
+            "final_held_out_loss": losses[-1],
+            "final_per_seed": [r["held_out_losses"][-1] for r in mine],
+            "step_ms": 1e3 * statistics.median(spans) / EVAL_EVERY,
+            "state_bytes_per_param": mine[0]["state_bytes_per_param"],
+            "grid": {
+                f"{_rate(r):g}": r["held_out_losses"][-1]
+                for r in sorted(runs, key=_rate)
+                if r["setting"] == name and r["seed"] == tuning_seed
+            },
+        }
+    if BASELINE not in finals:
+        return finals
+    target = finals[BASELINE]["final_held_out_loss"]
+    for entry in finals.values():
+        steps = list(range(0, EVAL_EVERY * len(entry["held_out_losses"]), EVAL_EVERY))
+        entry["steps_to_target"] = crossing(entry["held_out_losses"], steps, target)
+        entry["seconds_to_target"] = crossing(entry["held_out_losses"], entry["seconds"], target)
+    for entry in finals.values():
+        for key, ratio in RATIOS.items():
+            ours, theirs = entry.get(key), finals[BASELINE].get(key)
+            entry[ratio] = None if ours is None or not theirs else ours / theirs
+    return finals
+
+
+def table(finals: dict[str, Any]) -> str:
+    """The markdown table of BENCHMARKS.md."""
+    target = finals.get(BASELINE, {}).get("final_held_out_loss")
+    lines = [
+        "| optimizer | seed-0 grid: peak rate (held-out loss) | best | seeds | held-out loss "
+        f"| steps to {target or float('nan'):.4f} (vs AdamW) | seconds to it (vs AdamW) "
+        "| step ms (vs AdamW) | state bytes/param |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+
+    def with_ratio(value: float | None, ratio: float | None, fmt: str) -> str:
+        if value is None:
+            return "not reached"
+        return f"{value:{fmt}}" + ("" if ratio is None else f" ({ratio:.2f}x)")
+
+    for name, e in finals.items():
+        grid = ", ".join(f"{rate} ({loss:.4f})" for rate, loss in e["grid"].items())
+        lines.append(
+            f"| {name} | {grid} | {e['peak_learning_rate']:g} | {len(e['seeds'])} "
+            f"| {e['final_held_out_loss']:.4f} "
+            f"| {with_ratio(e.get('steps_to_target'), e.get('steps_ratio'), '.0f')} "
+            f"| {with_ratio(e.get('seconds_to_target'), e.get('seconds_ratio'), '.1f')} "
+            f"| {with_ratio(e['step_ms'], e.get('step_ratio'), '.1f')} "
+            f"| {e['state_bytes_per_param']:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def plot(finals: dict[str, Any], steps: int, path: Path) -> None:
+    """The held-out loss of each optimizer at its best rate (mean over seeds) against steps
+    and against training seconds."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(11, 4.5))
+    by_steps, by_seconds = fig.subplots(1, 2, sharey=True)
+    for name, e in finals.items():
+        label = f"{name} ({e['peak_learning_rate']:g}, {len(e['seeds'])} seeds)"
+        x = np.arange(len(e["held_out_losses"])) * EVAL_EVERY
+        by_steps.plot(x[1:], e["held_out_losses"][1:], label=label)
+        by_seconds.plot(e["seconds"][1:], e["held_out_losses"][1:], label=label)
+    target = finals.get(BASELINE, {}).get("final_held_out_loss")
+    for ax, xlabel in ((by_steps, "step"), (by_seconds, "training seconds (this CPU)")):
+        if target is not None:
+            ax.axhline(target, color="gray", linestyle=":", linewidth=1)
+        ax.set(xlabel=xlabel, yscale="log")
+        ax.grid(alpha=0.3)
+    by_steps.set(ylabel="held-out loss (nats per byte)")
+    by_steps.legend()
+    fig.suptitle(f"byte-level transformer on Python's standard library, {steps} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def race(
+    names: list[str],
+    seeds: list[int],
+    steps: int,
+    out: Path,
+    command: str,
+    model: dict[str, int],
+    grids: dict[str, tuple[float, ...]],
+) -> list[dict[str, Any]]:
+    """Tunes each optimizer of ``names`` over its grid on the first of ``seeds``, then runs the
+    other seeds at its best rate; skips the runs already in ``out`` and rewrites it after each
+    run. Returns all the runs in ``out``."""
+    data = corpus()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+
+    def run_once(name: str, seed: int, peak: float) -> None:
+        nonlocal runs
+        runs = _merged(runs, _saved_runs(out, steps))
+        if any((r["setting"], r["seed"], _rate(r)) == (name, seed, peak) for r in runs):
+            return
+        result = train(OPTIMIZERS[name], steps, data, seed, peak, model)
+        runs.append({"setting": name, "seed": seed, "peak_learning_rate": peak, **result})
+        print(
+            f"{name:14s} peak {peak:<8g} seed {seed} held-out loss "
+            f"{result['held_out_losses'][-1]:.4f} ({sum(result['span_seconds']):.0f} s)",
+            flush=True,
+        )
+        runs = _merged(runs, _saved_runs(out, steps))
+        record = {
+            "command": command,
+            "python": sys.version.split()[0],
+            "model": model,
+            "corpus_bytes": len(data),
+            "steps": steps,
+            "eval_every": EVAL_EVERY,
+            "runs": runs,
+        }
+        _write_atomically(out, record)
+
+    for name in names:
+        for peak in grids[name]:
+            run_once(name, seeds[0], peak)
+        best = best_rates(runs, seeds[0])[name]
+        for seed in seeds[1:]:
+            run_once(name, seed, best)
+    return _merged(runs, _saved_runs(out, steps))
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        choices=list(OPTIMIZERS),
+        default=list(OPTIMIZERS),
+        metavar="NAME",
+        help=f"the optimizers to run (default: all of {', '.join(OPTIMIZERS)})",
+    )
+    parser.add_argument("--out", default="benchmarks/results/lm_race.json")
+    parser.add_argument("--plot", default="docs/lm_race.png")
+    parser.add_argument("--quick", action="store_true", help="a smoke test: tiny and short")
+    args = parser.parse_args(argv)
+    if args.steps < EVAL_EVERY or args.steps % EVAL_EVERY:
+        parser.error(f"--steps must be a positive multiple of {EVAL_EVERY}, got {args.steps}")
+    model, grids = MODEL, GRIDS
+    if args.quick:
+        model = QUICK_MODEL
+        grids = {name: grid[:2] for name, grid in GRIDS.items()}
+        args.steps, args.seeds = EVAL_EVERY, args.seeds[:1]
+    command = "python -m benchmarks.lm_race " + shlex.join(sys.argv[1:] if argv is None else argv)
+    out = Path(args.out)
+    runs = race(args.optimizers, args.seeds, args.steps, out, command, model, grids)
+    finals = summary(runs, args.seeds, args.seeds[0])
+    print(table(finals))
+    plot(finals, args.steps, Path(args.plot))
+    return finals
+
+
+if __name__ == "__main__":
+    main()
