@@ -71,7 +71,13 @@ from adam_jax._src.variants.laprop import ScaleByLapropState, laprop, scale_by_l
 from adam_jax._src.variants.radam import radam, scale_by_radam
 from adam_jax._src.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
 from adam_jax._src.variants.soap import scale_by_soap, soap
+from adam_jax._src.variants.spam import scale_by_spam, spam
 from adam_jax._src.variants.stable_adamw import scale_by_stable_adam, stable_adamw
+from adam_jax._src.variants.stable_spam import (
+    ScaleByStableSpamState,
+    scale_by_stable_spam,
+    stable_spam,
+)
 from adam_jax._src.weight_decay import add_decayed_weights, masked
 from adam_jax.quantization import (
     BlockwiseQuantized,
@@ -105,6 +111,7 @@ __all__ = [
     "ScaleByAmsgradState",
     "ScaleByBiasCorrectionState",
     "ScaleByLapropState",
+    "ScaleByStableSpamState",
     "SkipLossSpikesState",
     "StochasticRoundingState",
     "adabelief",
@@ -166,7 +173,9 @@ __all__ = [
     "scale_by_rule",
     "scale_by_simplified_ademamix",
     "scale_by_soap",
+    "scale_by_spam",
     "scale_by_stable_adam",
+    "scale_by_stable_spam",
     "scale_by_trust_ratio",
     "schedule_free_adamw",
     "schedule_free_eval_params",
@@ -174,7 +183,9 @@ __all__ = [
     "simplified_ademamix",
     "skip_loss_spikes",
     "soap",
+    "spam",
     "stable_adamw",
+    "stable_spam",
     "state_bytes",
     "stochastic_rounding",
     "warmup_stable_decay_schedule",
