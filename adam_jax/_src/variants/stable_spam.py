@@ -372,8 +372,8 @@ def stable_spam(
 
     Args:
       learning_rate: a constant >= 0 or a schedule of the 0-based step.
-      b1, b2, eps, gamma1, gamma2, gamma3, total_t, eta_min, update_proj_gap, amsgrad,
-        restart_norm_count: as in :func:`adam_jax.scale_by_stable_spam`.
+      b1, b2, eps, gamma1, gamma2, gamma3: as in :func:`adam_jax.scale_by_stable_spam`.
+      total_t, eta_min, update_proj_gap, amsgrad, restart_norm_count: likewise.
       weight_decay: decoupled weight decay, times the learning rate (a constant >= 0 or a
         schedule).
       mask: which leaves to decay (a tree of bools or a callable of the params).
