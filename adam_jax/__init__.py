@@ -72,7 +72,13 @@ from adam_jax._src.variants.mars import ScaleByMarsState, mars, scale_by_mars
 from adam_jax._src.variants.radam import radam, scale_by_radam
 from adam_jax._src.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
 from adam_jax._src.variants.soap import scale_by_soap, soap
+from adam_jax._src.variants.spam import scale_by_spam, spam
 from adam_jax._src.variants.stable_adamw import scale_by_stable_adam, stable_adamw
+from adam_jax._src.variants.stable_spam import (
+    ScaleByStableSpamState,
+    scale_by_stable_spam,
+    stable_spam,
+)
 from adam_jax._src.weight_decay import add_decayed_weights, masked
 from adam_jax.quantization import (
     BlockwiseQuantized,
@@ -107,6 +113,7 @@ __all__ = [
     "ScaleByBiasCorrectionState",
     "ScaleByLapropState",
     "ScaleByMarsState",
+    "ScaleByStableSpamState",
     "SkipLossSpikesState",
     "StochasticRoundingState",
     "adabelief",
@@ -170,7 +177,9 @@ __all__ = [
     "scale_by_rule",
     "scale_by_simplified_ademamix",
     "scale_by_soap",
+    "scale_by_spam",
     "scale_by_stable_adam",
+    "scale_by_stable_spam",
     "scale_by_trust_ratio",
     "schedule_free_adamw",
     "schedule_free_eval_params",
@@ -178,7 +187,9 @@ __all__ = [
     "simplified_ademamix",
     "skip_loss_spikes",
     "soap",
+    "spam",
     "stable_adamw",
+    "stable_spam",
     "state_bytes",
     "stochastic_rounding",
     "warmup_stable_decay_schedule",

@@ -81,7 +81,9 @@ from adam_jax._src.variants.mars import MarsRule
 from adam_jax._src.variants.radam import RadamRule
 from adam_jax._src.variants.schedule_free import ScheduleFreeAdamwRule
 from adam_jax._src.variants.soap import SoapRule
+from adam_jax._src.variants.spam import SpamRule
 from adam_jax._src.variants.stable_adamw import StableAdamwRule
+from adam_jax._src.variants.stable_spam import StableSpamRule
 from adam_jax._src.weight_decay import Mask, schedule_state_type
 
 __all__ = [
@@ -107,7 +109,9 @@ __all__ = [
     "SegmentedStorage",
     "SimplifiedAdemamixRule",
     "SoapRule",
+    "SpamRule",
     "StableAdamwRule",
+    "StableSpamRule",
     "StepScalars",
     "abs_sq",
     "adam_moments",

@@ -38,7 +38,6 @@ import numpy as np
 import optax
 
 import adam_jax
-from adam_jax._src.memory import state_bytes
 from benchmarks.lm_low_precision import (
     BATCH,
     EVAL_WINDOWS,
@@ -172,7 +171,7 @@ def train(
         "held_out_losses": losses,
         "seconds": seconds,
         "span_seconds": spans,
-        "state_bytes_per_param": state_bytes(state) / num_params,
+        "state_bytes_per_param": adam_jax.state_bytes(state) / num_params,
         "num_params": num_params,
     }
 

@@ -26,7 +26,9 @@ from adam_jax._src.variants import (
     radam,
     schedule_free,
     soap,
+    spam,
     stable_adamw,
+    stable_spam,
 )
 
 GROUPS = ("adam", "variant")
@@ -459,6 +461,36 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = (
         mars.scale_by_mars,
         mars.MarsRule,
         learning_rate=3e-3,  # the authors' default, not tuned on the MNIST example
+    ),
+    OptimizerInfo(
+        "spam",
+        spam.spam,
+        "variant",
+        "Adam with its moments reset every few hundred steps and gradient spikes clipped",
+        Paper(
+            "Huang, Zhu, Jin, Liu, Wang and Liu",
+            "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training",
+            "https://arxiv.org/abs/2501.06842",
+            "ICLR 2025",
+        ),
+        spam.scale_by_spam,
+        spam.SpamRule,
+        learning_rate=3e-3,  # not tuned on the MNIST example
+    ),
+    OptimizerInfo(
+        "stable_spam",
+        stable_spam.stable_spam,
+        "variant",
+        "SPAM's resets with spikes clipped to their running maximum and norms rescaled per tensor",
+        Paper(
+            "Huang, Zhu, Jin, Liu, Wang and Liu",
+            "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam",
+            "https://arxiv.org/abs/2502.17055",
+            "2025",
+        ),
+        stable_spam.scale_by_stable_spam,
+        stable_spam.StableSpamRule,
+        learning_rate=3e-3,  # not tuned on the MNIST example
     ),
 )
 

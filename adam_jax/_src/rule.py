@@ -168,6 +168,18 @@ class Leaf:
             return jnp.mean(x, dtype=dtype)
         return _per_segment(x if dtype is None else x.astype(dtype), self._segments, mean=True)
 
+    def max(self, x: jax.Array) -> jax.Array:
+        """The maximum of the real ``x`` over each tensor, broadcastable against ``x`` (see
+        :meth:`sum`)."""
+        if self._segments is None:
+            return jnp.max(x)
+        ids = np.repeat(np.arange(len(self._segments)), self._segments)
+        maxima = jax.ops.segment_max(
+            x, ids, num_segments=len(self._segments), indices_are_sorted=True
+        )
+        sizes = np.asarray(self._segments)
+        return jnp.repeat(maxima, sizes, total_repeat_length=x.shape[0])
+
     def add_decay(self, update: jax.Array) -> jax.Array:
         """``update + decay * param``: decoupled weight decay (nothing when the rate is 0)."""
         if validation.static_float(self.decay) == 0.0:
