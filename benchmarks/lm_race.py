@@ -23,14 +23,17 @@ steps and against seconds::
 from __future__ import annotations
 
 import argparse
+import datetime
 import functools
+import json
+import os
 import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +54,9 @@ from benchmarks.lm_memory import WEIGHT_DECAY, matrices
 from benchmarks.models import transformer_loss, transformer_params
 
 EVAL_EVERY = 50
+# Steps per optimizer and round when the steps are timed side by side: SOAP's eigenbases are
+# refreshed once in ten steps at its default precondition_frequency.
+TIMED_STEPS = 10
 BASELINE = "adamw"
 # a measure -> the name of its ratio to AdamW's
 RATIOS = {
@@ -109,7 +115,7 @@ OPTIMIZERS: dict[str, Racer] = {
 # benchmarks.lm_memory found for models of this size)
 GRIDS: dict[str, tuple[float, ...]] = {
     "adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
-    "soap": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "soap": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     "muon + adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
     "laprop": (2e-3, 4e-3, 8e-3, 1.6e-2),
     "grams": (2e-3, 4e-3, 8e-3, 1.6e-2),
@@ -120,26 +126,30 @@ MODEL = {"layers": 4, "d": 64}
 QUICK_MODEL = {"layers": 1, "d": 32}
 
 
-def train(
-    racer: Racer,
-    steps: int,
-    data: np.ndarray,
-    seed: int,
-    peak: float,
-    model: dict[str, int],
-) -> dict[str, Any]:
-    """Trains with ``racer`` at ``peak`` for ``steps`` steps (a multiple of ``EVAL_EVERY``).
+class Trainer(NamedTuple):
+    """A run's compiled step and held-out evaluation, its initial params and state, and the
+    starts of its windows (one row per step)."""
 
-    Returns the held-out loss and the training seconds at step 0 and every ``EVAL_EVERY``
-    steps, the seconds of each span of ``EVAL_EVERY`` steps, and the state's bytes per param.
-    """
+    step: Any
+    evaluate: Any
+    params: Any
+    state: Any
+    starts: jax.Array
+    held_out: jax.Array
+    num_params: int
+
+
+def trainer(
+    racer: Racer, steps: int, data: np.ndarray, seed: int, peak: float, model: dict[str, int]
+) -> Trainer:
+    """The run of ``racer`` at ``peak`` for ``steps`` steps, compiled ahead: warm-up over the
+    first twentieth of the steps, then cosine decay; the windows of ``lm_low_precision``."""
     tx = racer(optax.warmup_cosine_decay_schedule(0.0, peak, steps // 20, steps))
     d = model["d"]
     params = transformer_params(
         jax.random.key(seed), layers=model["layers"], d=d, ff=4 * d, seq=WINDOW
     )
     state = tx.init(params)
-    num_params = sum(p.size for p in jax.tree.leaves(params))
     split = len(data) * 9 // 10
     rng = np.random.default_rng(seed)  # the windows of lm_low_precision for a seed
     starts = jnp.asarray(rng.integers(0, split - WINDOW - 1, (steps, BATCH)))
@@ -156,24 +166,75 @@ def train(
         return optax.apply_updates(params, updates), state
 
     held_out_tokens = batch(jnp.asarray(held_out))
-    evaluate = jax.jit(transformer_loss).lower(params, held_out_tokens).compile()
-    compiled = step.lower(params, state, starts[0]).compile()
-    losses, seconds, spans = [float(evaluate(params, held_out_tokens))], [0.0], []
+    return Trainer(
+        step=step.lower(params, state, starts[0]).compile(),
+        evaluate=jax.jit(transformer_loss).lower(params, held_out_tokens).compile(),
+        params=params,
+        state=state,
+        starts=starts,
+        held_out=held_out_tokens,
+        num_params=sum(p.size for p in jax.tree.leaves(params)),
+    )
+
+
+def train(
+    racer: Racer,
+    steps: int,
+    data: np.ndarray,
+    seed: int,
+    peak: float,
+    model: dict[str, int],
+) -> dict[str, Any]:
+    """Trains with ``racer`` at ``peak`` for ``steps`` steps (a multiple of ``EVAL_EVERY``).
+
+    Returns the held-out loss and the training seconds at step 0 and every ``EVAL_EVERY``
+    steps, the seconds of each span of ``EVAL_EVERY`` steps, and the state's bytes per param.
+    """
+    run_ = trainer(racer, steps, data, seed, peak, model)
+    params, state = run_.params, run_.state
+    losses, seconds, spans = [float(run_.evaluate(params, run_.held_out))], [0.0], []
     for first in range(0, steps, EVAL_EVERY):
         begin = time.perf_counter()
         for i in range(first, first + EVAL_EVERY):
-            params, state = compiled(params, state, starts[i])
+            params, state = run_.step(params, state, run_.starts[i])
         jax.block_until_ready(params)
         spans.append(time.perf_counter() - begin)
         seconds.append(seconds[-1] + spans[-1])
-        losses.append(float(evaluate(params, held_out_tokens)))
+        losses.append(float(run_.evaluate(params, run_.held_out)))
     return {
         "held_out_losses": losses,
         "seconds": seconds,
         "span_seconds": spans,
-        "state_bytes_per_param": adam_jax.state_bytes(state) / num_params,
-        "num_params": num_params,
+        "state_bytes_per_param": adam_jax.state_bytes(state) / run_.num_params,
+        "num_params": run_.num_params,
     }
+
+
+def step_times(
+    rates: dict[str, float], data: np.ndarray, model: dict[str, int], rounds: int
+) -> dict[str, float]:
+    """Milliseconds per training step of each optimizer at its rate in ``rates``, timed in the
+    same rounds (each optimizer ``TIMED_STEPS`` steps a round, the order rotating each round:
+    load on the machine hits them alike); the median over rounds."""
+    runs = {
+        name: trainer(OPTIMIZERS[name], TIMED_STEPS * (rounds + 1), data, 0, rate, model)
+        for name, rate in rates.items()
+    }
+    carried = {name: (r.params, r.state) for name, r in runs.items()}
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for round_ in range(rounds + 1):  # the first round warms up
+        k = round_ % len(names)
+        for name in names[k:] + names[:k]:
+            params, state = carried[name]
+            begin = time.perf_counter()
+            for i in range(round_ * TIMED_STEPS, (round_ + 1) * TIMED_STEPS):
+                params, state = runs[name].step(params, state, runs[name].starts[i])
+            jax.block_until_ready(params)
+            if round_:
+                times[name].append(1e3 * (time.perf_counter() - begin) / TIMED_STEPS)
+            carried[name] = params, state
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def _rate(run_: dict[str, Any]) -> float:
@@ -202,9 +263,18 @@ def crossing(losses: list[float], clock: list[float], target: float) -> float | 
     return None
 
 
-def summary(runs: list[dict[str, Any]], seeds: list[int], tuning_seed: int) -> dict[str, Any]:
+def summary(
+    runs: list[dict[str, Any]],
+    seeds: list[int],
+    tuning_seed: int,
+    timed_ms: dict[str, float] | None = None,
+) -> dict[str, Any]:
     """Per optimizer at its best rate, over ``seeds``: the mean held-out curve and seconds,
-    the final loss, steps and seconds to AdamW's mean final loss, step time, bytes per param."""
+    the final loss, steps and seconds to AdamW's mean final loss, step time, bytes per param.
+
+    With ``timed_ms`` (:func:`step_times`), the step time and the seconds are those of the
+    steps timed side by side; without, the runs' own (each run timed alone, under whatever
+    load the machine had then)."""
     rates = best_rates(runs, tuning_seed)
     finals: dict[str, Any] = {}
     for name, rate in rates.items():
@@ -214,6 +284,10 @@ def summary(runs: list[dict[str, Any]], seeds: list[int], tuning_seed: int) -> d
         losses = np.mean([r["held_out_losses"] for r in mine], axis=0).tolist()
         seconds = np.mean([r["seconds"] for r in mine], axis=0).tolist()
         spans = [s for r in mine for s in r["span_seconds"]]
+        step_ms = 1e3 * statistics.median(spans) / EVAL_EVERY
+        if timed_ms and name in timed_ms:
+            step_ms = timed_ms[name]
+            seconds = [i * EVAL_EVERY * step_ms / 1e3 for i in range(len(losses))]
         finals[name] = {
             "peak_learning_rate": rate,
             "seeds": sorted(r["seed"] for r in mine),
@@ -221,7 +295,8 @@ def summary(runs: list[dict[str, Any]], seeds: list[int], tuning_seed: int) -> d
             "seconds": seconds,
             "final_held_out_loss": losses[-1],
             "final_per_seed": [r["held_out_losses"][-1] for r in mine],
-            "step_ms": 1e3 * statistics.median(spans) / EVAL_EVERY,
+            "step_ms": step_ms,
+            "step_ms_timed_side_by_side": bool(timed_ms and name in timed_ms),
             "state_bytes_per_param": mine[0]["state_bytes_per_param"],
             "grid": {
                 f"{_rate(r):g}": r["held_out_losses"][-1]
@@ -284,7 +359,10 @@ def plot(finals: dict[str, Any], steps: int, path: Path) -> None:
         by_steps.plot(x[1:], e["held_out_losses"][1:], label=label)
         by_seconds.plot(e["seconds"][1:], e["held_out_losses"][1:], label=label)
     target = finals.get(BASELINE, {}).get("final_held_out_loss")
-    for ax, xlabel in ((by_steps, "step"), (by_seconds, "training seconds (this CPU)")):
+    for ax, xlabel in (
+        (by_steps, "step"),
+        (by_seconds, "training seconds (this CPU, steps timed side by side)"),
+    ):
         if target is not None:
             ax.axhline(target, color="gray", linestyle=":", linewidth=1)
         ax.set(xlabel=xlabel, yscale="log")
@@ -326,6 +404,7 @@ def race(
         )
         runs = _merged(runs, _saved_runs(out, steps))
         record = {
+            **(json.loads(out.read_text()) if out.exists() else {}),  # step_times, if any
             "command": command,
             "python": sys.version.split()[0],
             "model": model,
@@ -345,6 +424,29 @@ def race(
     return _merged(runs, _saved_runs(out, steps))
 
 
+def timed(
+    out: Path, rates: dict[str, float], model: dict[str, int], rounds: int
+) -> dict[str, float]:
+    """:func:`step_times` of the optimizers at ``rates``, kept in ``out``: the times saved
+    there for the same rates and rounds are reused, others are measured and saved."""
+    record = json.loads(out.read_text())
+    saved = record.get("step_times", {})
+    if (saved.get("rates"), saved.get("rounds"), record.get("model")) == (rates, rounds, model):
+        return saved["ms"]
+    ms = step_times(rates, corpus(), model, rounds)
+    record["step_times"] = {
+        "rates": rates,
+        "rounds": rounds,
+        "steps_per_round": TIMED_STEPS,
+        "ms": ms,
+        "date_utc": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "load_average_at_start": os.getloadavg(),
+        "environment": {k: os.environ.get(k) for k in ("XLA_FLAGS", "OPENBLAS_NUM_THREADS")},
+    }
+    _write_atomically(out, record)
+    return ms
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000)
@@ -359,8 +461,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument("--out", default="benchmarks/results/lm_race.json")
     parser.add_argument("--plot", default="docs/lm_race.png")
+    parser.add_argument(
+        "--time-rounds",
+        type=int,
+        default=15,
+        help=f"rounds of {TIMED_STEPS} steps per optimizer timed side by side at the end "
+        "(0: report the runs' own seconds)",
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke test: tiny and short")
     args = parser.parse_args(argv)
+    if args.time_rounds < 0:
+        parser.error(f"--time-rounds must be >= 0, got {args.time_rounds}")
     if args.steps < EVAL_EVERY or args.steps % EVAL_EVERY:
         parser.error(f"--steps must be a positive multiple of {EVAL_EVERY}, got {args.steps}")
     model, grids = MODEL, GRIDS
@@ -368,10 +479,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         model = QUICK_MODEL
         grids = {name: grid[:2] for name, grid in GRIDS.items()}
         args.steps, args.seeds = EVAL_EVERY, args.seeds[:1]
+        args.time_rounds = min(args.time_rounds, 2)
     command = "python -m benchmarks.lm_race " + shlex.join(sys.argv[1:] if argv is None else argv)
     out = Path(args.out)
     runs = race(args.optimizers, args.seeds, args.steps, out, command, model, grids)
-    finals = summary(runs, args.seeds, args.seeds[0])
+    timed_ms = None
+    if args.time_rounds:
+        timed_ms = timed(out, best_rates(runs, args.seeds[0]), model, args.time_rounds)
+    finals = summary(runs, args.seeds, args.seeds[0], timed_ms)
     print(table(finals))
     plot(finals, args.steps, Path(args.plot))
     return finals

@@ -325,6 +325,9 @@ def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
     tried = {(r["setting"], r["peak_learning_rate"]) for r in record["runs"]}
     assert tried == {(name, rate) for name in names for rate in lm_race.GRIDS[name][:2]}
     assert png.stat().st_size > 0
+    timing = record["step_times"]
+    assert timing["rates"] == {name: finals[name]["peak_learning_rate"] for name in names}
+    assert timing["ms"] == {name: finals[name]["step_ms"] for name in names}
 
     adamw = finals["adamw"]
     assert adamw["final_held_out_loss"] == min(adamw["grid"].values())
@@ -334,6 +337,7 @@ def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
         assert len(entry["held_out_losses"]) == len(entry["seconds"]) == 2  # steps 0 and 50
         assert entry["held_out_losses"][-1] < entry["held_out_losses"][0]
         assert entry["state_bytes_per_param"] > 0 and entry["step_ms"] > 0
+        assert entry["step_ms_timed_side_by_side"]
         if entry["steps_to_target"] is not None:
             assert 0 < entry["steps_to_target"] <= lm_race.EVAL_EVERY
     assert finals["soap"]["state_bytes_per_param"] > adamw["state_bytes_per_param"]
