@@ -104,7 +104,11 @@ OPTIMIZERS: dict[str, Racer] = {
     "adamw": lambda lr: adam_jax.adamw(lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices),
     "soap": lambda lr: adam_jax.soap(lr, weight_decay=WEIGHT_DECAY, mask=matrices),
     "muon + adamw": muon_with_adamw,
-    "laprop": lambda lr: adam_jax.laprop(lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices),
+    # LaProp's decay is not multiplied by the rate (its authors'): the schedule times AdamW's
+    # coefficient decays the params as AdamW's does.
+    "laprop": lambda lr: adam_jax.laprop(
+        lr, b2=0.95, weight_decay=lambda count: WEIGHT_DECAY * lr(count), mask=matrices
+    ),
     "grams": lambda lr: adam_jax.grams(lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices),
     "mars": lambda lr: adam_jax.mars(lr, weight_decay=WEIGHT_DECAY, mask=matrices),
     "adam-mini": lambda lr: adam_jax.adam_mini(
@@ -116,10 +120,10 @@ OPTIMIZERS: dict[str, Racer] = {
 GRIDS: dict[str, tuple[float, ...]] = {
     "adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
     "soap": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
-    "muon + adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "muon + adamw": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     "laprop": (2e-3, 4e-3, 8e-3, 1.6e-2),
-    "grams": (2e-3, 4e-3, 8e-3, 1.6e-2),
-    "mars": (2e-3, 4e-3, 8e-3, 1.6e-2),
+    "grams": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
+    "mars": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     "adam-mini": (4e-3, 8e-3, 1.6e-2, 3.2e-2),
 }
 MODEL = {"layers": 4, "d": 64}
@@ -295,6 +299,7 @@ def summary(
             "seconds": seconds,
             "final_held_out_loss": losses[-1],
             "final_per_seed": [r["held_out_losses"][-1] for r in mine],
+            "curves_per_seed": {r["seed"]: r["held_out_losses"] for r in mine},
             "step_ms": step_ms,
             "step_ms_timed_side_by_side": bool(timed_ms and name in timed_ms),
             "state_bytes_per_param": mine[0]["state_bytes_per_param"],
@@ -307,9 +312,20 @@ def summary(
     if BASELINE not in finals:
         return finals
     target = finals[BASELINE]["final_held_out_loss"]
+    baseline_finals = {
+        seed: curve[-1] for seed, curve in finals[BASELINE]["curves_per_seed"].items()
+    }
     for entry in finals.values():
         steps = list(range(0, EVAL_EVERY * len(entry["held_out_losses"]), EVAL_EVERY))
         entry["steps_to_target"] = crossing(entry["held_out_losses"], steps, target)
+        # Paired: each seed's steps to AdamW's final loss on that seed (same init and batches).
+        entry["steps_to_target_per_seed"] = [
+            crossing(curve, steps, baseline_finals[seed])
+            for seed, curve in entry["curves_per_seed"].items()
+            if seed in baseline_finals
+        ]
+    for entry in finals.values():
+        del entry["curves_per_seed"]
         entry["seconds_to_target"] = crossing(entry["held_out_losses"], entry["seconds"], target)
     for entry in finals.values():
         for key, ratio in RATIOS.items():
@@ -322,10 +338,11 @@ def table(finals: dict[str, Any]) -> str:
     """The markdown table of BENCHMARKS.md."""
     target = finals.get(BASELINE, {}).get("final_held_out_loss")
     lines = [
-        "| optimizer | seed-0 grid: peak rate (held-out loss) | best | seeds | held-out loss "
-        f"| steps to {target or float('nan'):.4f} (vs AdamW) | seconds to it (vs AdamW) "
-        "| step ms (vs AdamW) | state bytes/param |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| optimizer | seed-0 grid: peak rate (held-out loss) | best | held-out loss, mean "
+        f"(per seed) | steps to {target or float('nan'):.4f} (vs AdamW; per seed, to AdamW's "
+        "loss on that seed) "
+        "| seconds to it (vs AdamW) | step ms (vs AdamW) | state bytes/param |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def with_ratio(value: float | None, ratio: float | None, fmt: str) -> str:
@@ -333,12 +350,18 @@ def table(finals: dict[str, Any]) -> str:
             return "not reached"
         return f"{value:{fmt}}" + ("" if ratio is None else f" ({ratio:.2f}x)")
 
+    def per_seed(values: list[float | None], fmt: str) -> str:
+        return ", ".join("-" if v is None else f"{v:{fmt}}" for v in values)
+
     for name, e in finals.items():
         grid = ", ".join(f"{rate} ({loss:.4f})" for rate, loss in e["grid"].items())
+        steps = with_ratio(e.get("steps_to_target"), e.get("steps_ratio"), ".0f")
+        if "steps_to_target_per_seed" in e:
+            steps += f"; {per_seed(e['steps_to_target_per_seed'], '.0f')}"
         lines.append(
-            f"| {name} | {grid} | {e['peak_learning_rate']:g} | {len(e['seeds'])} "
-            f"| {e['final_held_out_loss']:.4f} "
-            f"| {with_ratio(e.get('steps_to_target'), e.get('steps_ratio'), '.0f')} "
+            f"| {name} | {grid} | {e['peak_learning_rate']:g} "
+            f"| {e['final_held_out_loss']:.4f} ({per_seed(e['final_per_seed'], '.4f')}) "
+            f"| {steps} "
             f"| {with_ratio(e.get('seconds_to_target'), e.get('seconds_ratio'), '.1f')} "
             f"| {with_ratio(e['step_ms'], e.get('step_ratio'), '.1f')} "
             f"| {e['state_bytes_per_param']:.2f} |"
