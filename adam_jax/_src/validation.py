@@ -82,6 +82,17 @@ def check_steps(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
 
 
+def check_integer(name: str, value: Any, lower: int) -> None:
+    """Raises ``ValueError`` unless a concrete ``value`` is a whole number >= ``lower`` (an
+    array of one too: ``optax.inject_hyperparams`` injects numbers as arrays)."""
+    number = static_float(value)
+    if isinstance(value, bool) or (
+        number is not None
+        and not (math.isfinite(number) and number >= lower and number == int(number))
+    ):
+        raise ValueError(f"{name} must be an integer >= {lower}, got {value!r}")
+
+
 def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
     """Raises ``ValueError`` unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -10,13 +10,11 @@ entry's sign.
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
-from jax.sharding import NamedSharding
 
 from adam_jax._src import validation
 from adam_jax._src.chains import ascent
@@ -24,6 +22,7 @@ from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, real_dtype
 from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.typed_sharding import reshard, typed_sharding
 from adam_jax._src.weight_decay import Mask
 
 #: The authors' ``CosineDecay(0.99, warmup_steps)``: the rate right after a reset is 1% of
@@ -136,21 +135,10 @@ def _laid_out_like(g: jax.Array, *moments: jax.Array) -> jax.Array:
     """``g`` with the typed sharding of a full moment (ZeRO-1 shards the state, not the
     gradient), so that it selects against the moments."""
     for moment in moments:
-        sharding = jax.typeof(moment).sharding
-        typed = isinstance(sharding, NamedSharding) and any(e is not None for e in sharding.spec)
-        if moment.shape == g.shape and typed:
-            return jax.sharding.reshard(g, sharding)
+        typed = typed_sharding(moment)
+        if moment.shape == g.shape and typed is not None:
+            return reshard(g, typed)
     return g
-
-
-def _check_integer(name: str, value: Any, lower: int) -> None:
-    """A whole number >= ``lower`` (an array too: optax.inject_hyperparams injects numbers)."""
-    number = validation.static_float(value)
-    if isinstance(value, bool) or (
-        number is not None
-        and not (math.isfinite(number) and number >= lower and number == int(number))
-    ):
-        raise ValueError(f"{name} must be an integer >= {lower}, got {value!r}")
 
 
 def _check(
@@ -159,9 +147,9 @@ def _check(
 ) -> None:  # fmt: skip
     validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
     validation.check_non_negative("threshold", threshold)
-    _check_integer("delta_t", delta_t, 1)
-    _check_integer("warmup_steps", warmup_steps, 0)
-    _check_integer("grad_accu_steps", grad_accu_steps, 0)
+    validation.check_integer("delta_t", delta_t, 1)
+    validation.check_integer("warmup_steps", warmup_steps, 0)
+    validation.check_integer("grad_accu_steps", grad_accu_steps, 0)
 
 
 def scale_by_spam(

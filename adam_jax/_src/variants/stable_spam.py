@@ -10,7 +10,6 @@ and squared norm; and, as SPAM, resets Adam's moments every ``update_proj_gap`` 
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any, NamedTuple
 
 import jax
@@ -215,16 +214,6 @@ class StableSpamRule(MomentRule):
         return {name: value for name, value in state._asdict().items() if value is not None}
 
 
-def _check_integer(name: str, value: Any, lower: int) -> None:
-    """A whole number >= ``lower`` (an array too: optax.inject_hyperparams injects numbers)."""
-    number = validation.static_float(value)
-    if isinstance(value, bool) or (
-        number is not None
-        and not (math.isfinite(number) and number >= lower and number == int(number))
-    ):
-        raise ValueError(f"{name} must be an integer >= {lower}, got {value!r}")
-
-
 def _check(
     b1: Any, b2: Any, eps: Any, gamma1: Any, gamma2: Any, gamma3: Any, total_t: Any,
     eta_min: Any, update_proj_gap: Any,
@@ -237,11 +226,11 @@ def _check(
     validation.check_decay("gamma2", gamma2)
     validation.check_decay("gamma3", gamma3)
     if total_t is not None:
-        _check_integer("total_t", total_t, 1)
+        validation.check_integer("total_t", total_t, 1)
     number = validation.static_float(eta_min)
     if number is not None and not 0.0 <= number <= 1.0:
         raise ValueError(f"eta_min must be in [0, 1], got {eta_min!r}")
-    _check_integer("update_proj_gap", update_proj_gap, 0)
+    validation.check_integer("update_proj_gap", update_proj_gap, 0)
 
 
 def scale_by_stable_spam(
