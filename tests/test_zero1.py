@@ -356,7 +356,20 @@ def test_zero1_state_bytes_per_device(optimizer: str, axis_type: str, mesh_name:
 # not its float32 arithmetic (fed the float64 gradients, LaProp's float32 run is 3.4e-7 from
 # float64 there, Adam's 3.0e-7). Other trajectories (schedules) only move such an element
 # elsewhere. The two layouts agree to 5e-15 in float64, which the tighter tolerance checks.
-FLOAT64_SINGLE_DEVICE = frozenset({"laprop"})
+# SPAM, on the Auto data4_model2 mesh its turn gives it: w1[49, 92] ends 1.9e-6 from the
+# single-device run in float32 (1.7 of the tolerance; every other element within it), and
+# within 1e-10 in float64: the float32 rounding of the summed gradients, carried by its steps
+# (not analysed further: its spike clip is a threshold, where rounding can decide the branch).
+FLOAT64_SINGLE_DEVICE = frozenset({"laprop", "spam"})
+
+# The optimizers whose two layouts are compared to float32 rounding in float32 and to float64
+# rounding (1e-13) in float64. SPAM's step on the Auto data4_model2 mesh differs between the
+# ZeRO-1 and the replicated state by an ulp or two: in float32 in 4 of b1's 128 entries after
+# 10 steps (2e-7 relative; 5e-6 at a near-zero element), in float64 in one second-moment entry
+# (1.8e-16): XLA:CPU rounds the clip and the moments' updates differently in the two fusions it
+# picks (contracted multiply-adds), so the difference scales with the precision; the arithmetic
+# is the same.
+FLOAT64_LAYOUTS = frozenset({"spam"})
 
 # Each optimizer trains with both axis types and on both meshes, the 8-bit one in all four
 # combinations (its stored form has leaves of other shapes than the params).
@@ -397,10 +410,20 @@ def test_zero1_training_matches_replicated_state_and_single_device(
     # per-tensor rules' RMS or norms) adds its slices in another order: float32 rounding.
     same = (
         functools.partial(np.testing.assert_allclose, rtol=1e-5, atol=1e-7)
-        if optimizer in PER_TENSOR
+        if optimizer in PER_TENSOR or optimizer in FLOAT64_LAYOUTS
         else np.testing.assert_array_equal
     )
     jax.tree.map(same, (params, state), (replicated_params, replicated_state))
+    if optimizer in FLOAT64_LAYOUTS:
+        with jax.enable_x64(True):
+            zero1_64 = _train(tx, mesh, param_shardings, zero1_shardings, jnp.float64)[:2]
+            replicated_64 = _train(tx, mesh, param_shardings, replicated, jnp.float64)[:2]
+            assert jax.tree.leaves(zero1_64)[0].dtype == jnp.float64
+            jax.tree.map(
+                functools.partial(np.testing.assert_allclose, rtol=1e-13, atol=0),
+                zero1_64,
+                replicated_64,
+            )
     assert jax.tree.map(lambda x: x.sharding, state) == zero1_shardings
     # The gradients are summed in another order than on one device: float32 rounding (float64
     # rounding, for the optimizers that amplify the rounding of this problem's gradients).

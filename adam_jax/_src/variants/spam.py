@@ -22,7 +22,7 @@ from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, real_dtype
 from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.typed_sharding import reshard, typed_sharding
+from adam_jax._src.typed_sharding import typed_sharding
 from adam_jax._src.weight_decay import Mask
 
 #: The authors' ``CosineDecay(0.99, warmup_steps)``: the rate right after a reset is 1% of
@@ -137,7 +137,7 @@ def _laid_out_like(g: jax.Array, *moments: jax.Array) -> jax.Array:
     for moment in moments:
         typed = typed_sharding(moment)
         if moment.shape == g.shape and typed is not None:
-            return reshard(g, typed)
+            return jax.sharding.reshard(g, typed)
     return g
 
 
