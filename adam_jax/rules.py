@@ -43,10 +43,12 @@ from adam_jax._src.moving_average import (
     step_scalars,
 )
 from adam_jax._src.numerics import abs_sq, cast_scalar, compute_dtype, divide, real_dtype
+from adam_jax._src.rounding import raw_key
 from adam_jax._src.rule import (
     Leaf,
     Moment,
     MomentRule,
+    expand_mask,
     map_tensors,
     scale_by_rule,
     second_moment,
@@ -60,7 +62,12 @@ from adam_jax._src.storage import (
     cast_storage,
     storages_for,
 )
-from adam_jax._src.typed_sharding import reshard, typed_sharding
+from adam_jax._src.typed_sharding import (
+    replicated,
+    replicated_placement,
+    reshard,
+    typed_sharding,
+)
 from adam_jax._src.validation import (
     check_at_least,
     check_choice,
@@ -131,11 +138,15 @@ __all__ = [
     "compute_dtype",
     "descend",
     "divide",
+    "expand_mask",
     "map_tensors",
     "moving_average",
     "moving_average_terms",
     "nesterov_mu_hat",
+    "raw_key",
     "real_dtype",
+    "replicated",
+    "replicated_placement",
     "reshard",
     "scale_by_rule",
     "schedule_state_type",

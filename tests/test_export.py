@@ -45,6 +45,8 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "adamw": lambda: adam_jax.adamw(1e-3, weight_decay=0.1),
     "adamw_8bit": lambda: adam_jax.adamw_8bit(1e-3, weight_decay=0.1),
     **{v.name: functools.partial(v.make_decaying, None) for v in VARIANTS},
+    # SPAM's sparse moments: sorting, gathers and scatters of the sampled entries.
+    "spam_sparse": lambda: adam_jax.spam(1e-3, density=0.25, delta_t=4, weight_decay=0.1),
 }
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 

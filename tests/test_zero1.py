@@ -3,7 +3,8 @@
 On 8 host devices (``XLA_FLAGS`` in conftest): a 1-D ``("data",)`` mesh of 8 with replicated
 params, and a 2-D ``("data", "model")`` mesh of 4 x 2 whose matrices are FSDP-sharded over
 ``"model"`` (gathered for the forward pass), each with ``Explicit`` and with ``Auto`` axes; adam,
-adamw (mask and schedule), amsgrad, and adamw with 8-bit moments.
+adamw (mask and schedule), amsgrad, adamw with 8-bit moments, the modern variants and SPAM
+with sparse moments.
 
 * Per device the state holds 1/8 of its bytes on the 1-D mesh, and on the 2-D mesh 1/8 of the
   matrices' and 1/4 of the vectors' (replicated params: only the data axis splits them); the
@@ -62,6 +63,10 @@ OPTIMIZERS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "adamw_8bit": lambda: adam_jax.adamw_8bit(SCHEDULE, weight_decay=0.1),
     # The modern Adam family, with weight decay on the matrices where the variant has it.
     **{v.name: functools.partial(v.make_decaying, _matrices) for v in VARIANTS},
+    # SPAM's sparse moments: vectors of sampled entries of the matrices, redrawn every 4 steps.
+    "spam_sparse": lambda: adam_jax.spam(
+        1e-2, density=0.25, delta_t=4, warmup_steps=2, weight_decay=0.1, mask=_matrices
+    ),
 }
 AXIS_TYPES = {"explicit": AxisType.Explicit, "auto": AxisType.Auto}
 # Mesh name -> (shape, axis names, the params' specs: replicated, or FSDP over "model").
@@ -384,6 +389,8 @@ TRAINING_CASES = [
         for case in cases
     ],
     *[("adamw_8bit", axis_type, mesh_name) for axis_type in AXIS_TYPES for mesh_name in MESHES],
+    ("spam_sparse", "explicit", "data4_model2"),
+    ("spam_sparse", "auto", "data8"),
     # The variants take turns over the axis types and meshes.
     *[
         (variant.name, *[(a, m) for a in AXIS_TYPES for m in MESHES][i % 4])
@@ -449,7 +456,10 @@ def test_zero1_training_matches_replicated_state_and_single_device(
     for param, sharding in jax.tree.leaves(
         jax.tree.map(lambda p, s: (p, s), _params(), param_shardings), is_leaf=_is_pair
     ):
-        if param.size >= DEVICES:  # the state of the param splits over the data axis
+        # SPAM's sparse matrices are updated whole: their sampled entries lie anywhere in the
+        # param (their stored moments, vectors, still split over the data axis).
+        sparse = optimizer == "spam_sparse" and param.ndim == 2
+        if param.size >= DEVICES and not sparse:  # the state of the param splits over "data"
             assert _gathers_into(hlo, sharding.shard_shape(param.shape)), param.shape
     if mesh_name == "data8":  # replicated params and state: nothing to gather
         assert not _collective_results(replicated_hlo, "all-gather")

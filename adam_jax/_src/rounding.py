@@ -26,6 +26,19 @@ class StochasticRoundingState(NamedTuple):
     key: jax.Array
 
 
+def raw_key(key: jax.Array | int) -> jax.Array:
+    """``key`` (an int seed, a new-style ``jax.random`` key or raw ``uint32`` key data) as raw
+    key data, the form a state keeps (an integer scalar array is a seed too:
+    ``optax.inject_hyperparams`` injects numbers as arrays)."""
+    if isinstance(key, int) or (
+        jnp.ndim(key) == 0 and jnp.issubdtype(jnp.result_type(key), jnp.integer)
+    ):
+        key = jax.random.key(key)
+    if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
+        key = jax.random.key_data(key)
+    return jnp.asarray(key)
+
+
 def round_stochastically(x: jax.Array, dtype: Any, key: jax.Array) -> jax.Array:
     r"""``x`` rounded to ``dtype``, to one of its two neighbours :math:`a \leq x \leq b` in
     ``dtype``, to :math:`b` with probability :math:`(x - a)/(b - a)`: unbiased,
@@ -97,11 +110,7 @@ def stochastic_rounding(
       >>> print(params.dtype, f"{params.astype(jnp.float32).mean():.2f}")  # 1 - 100 * 1e-3
       bfloat16 0.90
     """
-    if isinstance(key, int):
-        key = jax.random.key(key)
-    if jnp.issubdtype(jnp.result_type(key), jax.dtypes.prng_key):
-        key = jax.random.key_data(key)
-    initial_key = jnp.asarray(key)
+    initial_key = raw_key(key)
 
     def init_fn(params: optax.Params) -> StochasticRoundingState:
         return StochasticRoundingState(inner.init(params), initial_key)

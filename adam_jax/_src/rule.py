@@ -84,12 +84,15 @@ class Moment:
         :class:`adam_jax.MomentStorage`, or one per leaf (:func:`adam_jax.per_leaf`).
       real: the moment is real for complex params (a second moment, an average of ``|g|^2``).
       from_params: starts as a copy of the params instead of zeros (schedule-free's ``z``).
+      cast: loaded in the leaf's compute dtype; ``False``: as stored, for integer state of a
+        leaf (SPAM's sampled entries).
     """
 
     name: str
     storage: Any = None
     real: bool = False
     from_params: bool = False
+    cast: bool = True
 
     def storages(self, tree: Any) -> list[MomentStorage]:
         """The storage of each leaf of ``tree`` (the params, or the gradients); a buffer of
@@ -116,9 +119,11 @@ class Leaf:
       param: the param leaf in the compute dtype, or ``None`` when ``update`` got no params.
       decay: the decoupled weight-decay rate of this leaf at this step (``0.0`` where the rule
         has no decay or the mask leaves the leaf out).
+      position: the leaf's place among the flattened updates (``None`` outside
+        :func:`scale_by_rule`), so that a rule can draw random numbers of its own per leaf.
     """
 
-    __slots__ = ("_layout", "_segments", "_settled", "_stored", "decay", "param")
+    __slots__ = ("_layout", "_segments", "_settled", "_stored", "decay", "param", "position")
 
     def __init__(
         self,
@@ -127,9 +132,11 @@ class Leaf:
         segments: tuple[int, ...] | None,
         stored: dict[str, tuple[MomentStorage, Any]] | None = None,
         layout: Any = None,
+        position: int | None = None,
     ):
         self.param = param
         self.decay = decay
+        self.position = position
         self._segments = segments
         self._stored = stored or {}
         self._layout = layout
@@ -265,7 +272,7 @@ class MomentRule(abc.ABC):
         return state._asdict()
 
 
-def _expand_mask(mask: Any, params: Any) -> list[bool]:
+def expand_mask(mask: Any, params: Any) -> list[bool]:
     """The mask (a tree of bools, a prefix of one, or a callable of the params) as one bool per
     leaf of ``params``."""
     tree = mask(params) if callable(mask) else mask
@@ -404,7 +411,7 @@ def scale_by_rule(
             decays: list[Any] = [0.0] * len(grads)
         else:
             rate = weight_decay(rule.step_index(scalar_fields)) if scheduled else weight_decay
-            keep = [True] * len(grads) if mask is None else _expand_mask(mask, params)
+            keep = [True] * len(grads) if mask is None else expand_mask(mask, params)
             decays = [rate if k else 0.0 for k in keep]
         segments = tensor_segments(updates)
         stored = [treedef.flatten_up_to(fields[m.name]) for m in moments]
@@ -422,7 +429,7 @@ def scale_by_rule(
             if decodes:
                 trees = after(previous, trees)
             loaded = {
-                m.name: s.load(t).astype(rdtype if m.real else g.dtype)
+                m.name: s.load(t).astype(rdtype if m.real else g.dtype) if m.cast else s.load(t)
                 for m, s, t in zip(moments, kept, trees, strict=True)
             }
             param = param_leaves[i]
@@ -438,6 +445,7 @@ def scale_by_rule(
                 segments[i],
                 reducing,
                 layout,
+                i,
             )
             update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
             unsettled = sorted(set(reducing) - leaf._settled)

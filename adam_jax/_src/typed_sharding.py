@@ -63,6 +63,23 @@ def placement_of(param: Any) -> Any:
     return getattr(param, "sharding", None)
 
 
+def replicated_placement(param: Any) -> Any:
+    """Where state of another shape than ``param`` goes whole: :func:`placement_of` the param,
+    replicated over its mesh (None for the default device)."""
+    placement = placement_of(param)
+    if isinstance(placement, NamedSharding):
+        return NamedSharding(placement.mesh, PartitionSpec(), memory_kind=placement.memory_kind)
+    return placement
+
+
+def replicated(x: jax.Array) -> jax.Array:
+    """``x`` replicated where its type is sharded (Explicit mesh axes)."""
+    typed = typed_sharding(x)
+    if typed is None:
+        return x
+    return jax.sharding.reshard(x, NamedSharding(typed.mesh, PartitionSpec()))
+
+
 def placement_for_shape(placement: Any, shape: tuple[int, ...]) -> Any:
     """``placement`` (a param's, from :func:`placement_of`) for state of another ``shape`` of
     the same rank (block means, factored rows): the mesh axes of a dimension they no longer

@@ -27,9 +27,21 @@ The authors' defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-6``, ``weig
 ``warmup_steps=150``, ``threshold=5000``, ``DeltaT=500``, ``grad_accu_steps=20``.
 ``learning_rate=None`` gives the bare direction (unit rate, no decay).
 
-Left out: the ``density`` groups (random masks of the entries that keep moments, redrawn at
-each reset). At ``density=1.0`` their arithmetic is this one, but the decay of such a group
-is lost (``p.data[mask].add_(...)`` shrinks a copy).
+Sparse moments (``density``): the authors' param groups with ``density`` keep moments only at a
+random set of each matrix's entries (their ``mask``), update those entries alone, and draw a new
+set at the end of the step before each reset (``update_masks``). Here, for the leaves
+``sparse_leaves`` names (every matrix by default), the arithmetic above runs on ``g[mask]``,
+``p[mask]`` and the moments of those entries (in the params' row-major order, as torch's boolean
+indexing), and the other entries do not move. The masks themselves, being random, are the
+optimizer's: the reference draws them with adam_jax's ``sample_entries`` from the key that the
+authors' bookkeeping gives (``fold_in(fold_in(key, r), i)`` for the ``r``-th draw, 0 at the
+start, of the ``i``-th leaf), ``int(density * size)`` entries each time. The authors' masks
+differ in two ways that only the draws see: their redraws are Bernoulli(``density``) per entry
+(``torch.rand < density``), a count that varies, where these keep the initial count; and the
+moments they carry over to the new mask's shared entries are zeroed by the reset of the very
+next step, so this reference starts the new moments at zero. Their decay of such a group is lost
+(``p.data[mask].add_(...)`` shrinks a copy); this reference decays the masked entries of the
+stepped params, as pytorch-optimizer does and as the authors' line intends.
 
 Where the packages differ:
 
@@ -37,7 +49,8 @@ Where the packages differ:
   ``CosineDecay.get_death_rate(c)`` sets the scheduler's ``last_epoch = c`` and steps it once
   more (``0.99 (1 + cos(pi (c + 1) / (W + 1))) / 2``). The adapter pins its warm-up to the
   authors'. Its ``density`` masks every matrix (all entries at 1.0: the same arithmetic, the
-  decay kept). No complex params.
+  decay kept; below 1.0 a random ``int(density * size)`` entries of each matrix, redrawn as
+  Bernoulli, their decay kept). The adapter gives it the reference's masks. No complex params.
 * optax 0.2.8 and timm 1.0.31 have no SPAM.
 
 Complex params: the authors' code does not take them; ``sign(g)`` becomes ``g / |g|`` and
@@ -50,6 +63,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import jax
 import numpy as np
 from reference import (
     Leaves,
@@ -63,7 +77,20 @@ from reference import (
     import_reference_package,
     param_groups,
 )
-from variant_spec import MASK, Variant, lr_schedule, wd_schedule
+from variant_spec import LEAF_NAMES, MASK, Variant, lr_schedule, wd_schedule
+
+from adam_jax._src.variants.spam import sample_entries
+
+
+def sampled_mask(key: int, draw: int, position: int, shape: tuple, density: float) -> np.ndarray:
+    """The mask of the ``draw``-th set of sampled entries of the leaf at ``position``: the
+    entries that adam_jax's ``sample_entries`` draws from ``fold_in(fold_in(key, draw),
+    position)``, ``int(density * size)`` of them."""
+    size = math.prod(shape)
+    folded = jax.random.fold_in(jax.random.fold_in(jax.random.key(key), draw), position)
+    mask = np.zeros(size, bool)
+    mask[np.asarray(sample_entries(folded, size, int(density * size)))] = True
+    return mask.reshape(shape)
 
 
 def authors_death_rate(current_step: int, warmup_steps: int, death_rate: float = 0.99) -> float:
@@ -82,7 +109,10 @@ class RefSpam(PerLeafReference):
     Fields: ``b1``, ``b2``, ``eps``, ``threshold``, ``delta_t`` (``DeltaT``),
     ``warmup_steps``, ``grad_accu_steps``, ``correct_bias`` as the authors';
     ``weight_decay`` (times the rate, of the stepped params), ``mask`` (per leaf, False: no
-    decay), ``maximize`` (negate ``g`` first). ``clipped`` counts the clipped entries.
+    decay), ``maximize`` (negate ``g`` first); ``density`` (None: dense moments),
+    ``sparse_leaves`` (per leaf, None: the matrices) and ``key`` as the alias's. ``clipped``
+    counts the clipped entries; ``masks`` holds each sparse leaf's current mask (None for the
+    other leaves).
     """
 
     learning_rate: ScalarOrSchedule | None = 1e-3
@@ -95,6 +125,10 @@ class RefSpam(PerLeafReference):
     grad_accu_steps: int = 20
     correct_bias: bool = True
     weight_decay: ScalarOrSchedule = 0.0
+    density: float | None = None
+    sparse_leaves: Sequence[bool] | None = None
+    key: int = 0
+    masks: list = field(default_factory=list)
     m: Leaves = field(default_factory=list)
     v: Leaves = field(default_factory=list)
     total_step: int = 0
@@ -107,6 +141,14 @@ class RefSpam(PerLeafReference):
         self.count, self.total_step, self.clipped, self.resets = 0, 0, 0, 0
         self.current_step = self.warmup_steps + 1
         self.m, self.v = _zeros(params), _real_zeros(params)
+        self.masks = [None] * len(params)
+        if self.density is None:
+            return
+        sparse = self.sparse_leaves or [np.ndim(p) == 2 for p in params]
+        for i, p in enumerate(params):
+            if sparse[i]:
+                self.masks[i] = sampled_mask(self.key, 0, i, np.shape(p), self.density)
+                self.m[i], self.v[i] = self.m[i][self.masks[i]], self.v[i][self.masks[i]]
 
     def update(self, grads: Sequence[np.ndarray], params: Sequence[np.ndarray]) -> Leaves:
         """One step; returns the updates (to be added to ``params``)."""
@@ -128,6 +170,9 @@ class RefSpam(PerLeafReference):
             step_size *= math.sqrt(1 - b2**step) / (1 - b1**step)
         out = []
         for i, g, p, decayed in self.leaves(grads, params):
+            mask = self.masks[i]
+            if mask is not None:  # the authors' grad[mask] and p[mask]
+                g, p_all, p = g[mask], p, p[mask]
             if reset:
                 self.m[i], self.v[i] = np.zeros_like(self.m[i]), np.zeros_like(self.v[i])
             if clip:
@@ -141,21 +186,39 @@ class RefSpam(PerLeafReference):
             stepped = p - step_size * scale * self.m[i] / (np.sqrt(self.v[i]) + self.eps)
             if decayed and wd:
                 stepped = stepped - lr * wd * stepped
-            out.append(stepped - p)
+            if mask is None:
+                out.append(stepped - p)
+            else:
+                update = np.zeros_like(p_all)
+                update[mask] = stepped - p
+                out.append(update)
         self.total_step += 1
         self.current_step += 1
         if self.total_step != 0 and (self.total_step + 1) % self.delta_t == 0:
             self.current_step = 0
+            self.redraw((self.total_step + 1) // self.delta_t)
         self.count += 1
         return out
+
+    def redraw(self, draw: int) -> None:
+        """The authors' ``update_masks``: new masks, their moments zero (the reset of the next
+        step zeroes what the authors carry over)."""
+        for i, mask in enumerate(self.masks):
+            if mask is not None:
+                assert self.density is not None
+                self.masks[i] = sampled_mask(self.key, draw, i, mask.shape, self.density)
+                count = int(self.masks[i].sum())
+                self.m[i] = np.zeros(count, self.m[i].dtype)
+                self.v[i] = np.zeros(count, self.v[i].dtype)
 
 
 def pytorch_optimizer_optimizer(params: list, **options):
     """pytorch-optimizer's ``SPAM`` for the options of :class:`RefSpam`, its warm-up pinned to
-    the authors' (``density=1.0``, ``foreach=False``).
+    the authors' and its masks the reference's (``foreach=False``).
 
-    ``mask`` becomes two param groups. Not expressible: ``correct_bias=False``, complex
-    params, schedules.
+    ``mask`` becomes two param groups; ``density=None`` is the package's 1.0 (every entry).
+    Not expressible: ``correct_bias=False``, complex params, schedules, ``sparse_leaves``
+    (the package masks every matrix).
     """
     pytorch_optimizer = import_reference_package("pytorch-optimizer", "pytorch_optimizer")
     opts, lr, wd = adapter_options(
@@ -164,10 +227,21 @@ def pytorch_optimizer_optimizer(params: list, **options):
     )  # fmt: skip
     mask = opts.pop("mask", None)
     warmup_steps = opts.pop("warmup_steps", 150)
+    density, key = opts.pop("density", None), opts.pop("key", 0)
+    if opts.pop("sparse_leaves", None) is not None:
+        raise NotImplementedError("pytorch_optimizer masks every matrix (no sparse_leaves)")
+    positions = {id(p): i for i, p in enumerate(params)}
+    torch = import_reference_package("torch")
+
+    def mask_of(p: object, draw: int) -> object:
+        if density is None:
+            return torch.ones(p.shape, dtype=torch.bool)
+        return torch.as_tensor(sampled_mask(key, draw, positions[id(p)], tuple(p.shape), density))
+
     kwargs = {
         "lr": lr,
         "betas": (opts.pop("b1", 0.9), opts.pop("b2", 0.999)),
-        "density": 1.0,
+        "density": 1.0 if density is None else density,
         "weight_decay": wd,
         "warmup_epoch": warmup_steps,
         "threshold": opts.pop("threshold", 5000.0),
@@ -197,6 +271,22 @@ def pytorch_optimizer_optimizer(params: list, **options):
         @warmup.setter
         def warmup(self, value: object) -> None:
             del value
+
+        def init_masks(self) -> None:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.dim() == 2 and "mask" not in self.state[p]:
+                        self.state[p]["mask"] = mask_of(p, 0)
+
+        def update_mask_random(self, p: object, old_mask: object) -> object:
+            """The reference's next mask; the moments carried over to it are zeroed by the
+            reset of the next step, so they start at zero here."""
+            del old_mask
+            new_mask = mask_of(p, (self.state["total_step"] + 1) // self.update_proj_gap)
+            count = int(new_mask.sum())
+            self.state[p]["exp_avg"] = torch.zeros(count, dtype=p.dtype)
+            self.state[p]["exp_avg_sq"] = torch.zeros(count, dtype=p.dtype)
+            return new_mask
 
     return SPAM(param_groups(params, mask, wd), **kwargs)
 
@@ -239,8 +329,28 @@ TESTS = (
                 "warmup_steps": 10,
             },  # fmt: skip
             "maximize": {"maximize": True},
+            "density": {"density": 0.5, "delta_t": 40, "warmup_steps": 10},
+            "density_clip_decay": {
+                "density": 0.3,
+                "delta_t": 7,
+                "warmup_steps": 3,
+                "grad_accu_steps": 2,
+                "threshold": 300.0,
+                "weight_decay": 0.1,
+                "mask": MASK,
+                "key": 3,
+            },  # fmt: skip
+            "sparse_leaves": {
+                "density": 0.6,
+                "sparse_leaves": {"b": True, "s": False, "w": True},
+                "delta_t": 25,
+                "warmup_steps": 5,
+            },  # fmt: skip
         },
         packages={"pytorch-optimizer": pytorch_optimizer_optimizer},
+        reference_options={
+            "sparse_leaves": lambda leaves: ("sparse_leaves", [leaves[k] for k in LEAF_NAMES])
+        },
         hyperparams={
             "learning_rate": 1e-2,
             "b1": 0.9,
@@ -258,6 +368,8 @@ TESTS = (
             ("delta_t", 0, ">= 1"),
             ("warmup_steps", -1, ">= 0"),
             ("grad_accu_steps", 2.5, ">= 0"),
+            ("density", 0.0, "(0, 1]"),
+            ("density", 1.5, "(0, 1]"),
             ("weight_decay", -0.1, ">= 0"),
         ),
     ),

@@ -26,7 +26,7 @@ from adam_jax._src.moving_average import StepScalars, moving_average, step_scala
 from adam_jax._src.numerics import compute_dtype
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import MomentStorage
-from adam_jax._src.typed_sharding import reshard, typed_sharding
+from adam_jax._src.typed_sharding import replicated, replicated_placement, reshard, typed_sharding
 from adam_jax._src.weight_decay import Mask
 
 # The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
@@ -140,33 +140,14 @@ class FactorStorage(MomentStorage):
     layout: SoapLayout
 
     def init(self, param: Any) -> jax.Array:
-        placement: Any
-        if isinstance(param, jax.core.Tracer):
-            placement = typed_sharding(param)
-        elif isinstance(param, jax.Array):
-            placement = param.sharding if param.committed else None
-        else:
-            placement = getattr(param, "sharding", None)
-        if isinstance(placement, NamedSharding):
-            placement = NamedSharding(
-                placement.mesh, PartitionSpec(), memory_kind=placement.memory_kind
-            )
         size = self.layout.size(tuple(param.shape))
-        return jnp.zeros((size,), compute_dtype(param.dtype), device=placement)
+        return jnp.zeros((size,), compute_dtype(param.dtype), device=replicated_placement(param))
 
     def load(self, stored: jax.Array) -> jax.Array:
         return stored
 
     def store(self, value: jax.Array, stored: jax.Array) -> jax.Array:
         return value.astype(stored.dtype)
-
-
-def _replicated(x: jax.Array) -> jax.Array:
-    """``x`` replicated where its type is sharded (Explicit mesh axes)."""
-    typed = typed_sharding(x)
-    if typed is None:
-        return x
-    return jax.sharding.reshard(x, NamedSharding(typed.mesh, PartitionSpec()))
 
 
 def _whole(x: jax.Array) -> jax.Array:
@@ -308,9 +289,9 @@ class SoapRule(MomentRule):
         d = scalars.adam
         # On Explicit meshes the leaf is preconditioned replicated: the factors contract every
         # other dimension, which sharded operands would leave ambiguous.
-        gw = _replicated(g).reshape(working)
-        mu, nu = _replicated(moments["mu"]), _replicated(moments["nu"])
-        gg, q = _replicated(moments["gg"]), _replicated(moments["q"])
+        gw = replicated(g).reshape(working)
+        mu, nu = replicated(moments["mu"]), replicated(moments["nu"])
+        gg, q = replicated(moments["gg"]), replicated(moments["q"])
         factors = [
             None if f is None else moving_average(f, _outer(_whole(gw), i), scalars.wg)
             for i, f in enumerate(self.layout.unpack(gg, shape))

@@ -10,6 +10,7 @@ entry's sign.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -18,11 +19,19 @@ import optax
 
 from adam_jax._src import validation
 from adam_jax._src.chains import ascent
+from adam_jax._src.flat import FlatParams
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, real_dtype
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.typed_sharding import typed_sharding
+from adam_jax._src.rounding import raw_key
+from adam_jax._src.rule import Leaf, Moment, expand_mask, scale_by_rule, second_moment
+from adam_jax._src.storage import MomentStorage, per_leaf, storages_for
+from adam_jax._src.typed_sharding import (
+    replicated,
+    replicated_placement,
+    reshard,
+    typed_sharding,
+)
 from adam_jax._src.weight_decay import Mask
 
 #: The authors' ``CosineDecay(0.99, warmup_steps)``: the rate right after a reset is 1% of
@@ -30,16 +39,119 @@ from adam_jax._src.weight_decay import Mask
 _DEATH_RATE = 0.99
 
 
+class ScaleBySpamState(NamedTuple):
+    """State of SPAM with sparse moments (``density`` set).
+
+    Attributes:
+      count: the steps taken.
+      mu, nu: the moments; of a sparse leaf only its sampled entries, as a vector.
+      entries: of each sparse leaf, the flat indices of its sampled entries in increasing
+        order (drawn at the first step and at each reset); ``optax.MaskedNode()`` for the
+        other leaves.
+      key: the raw ``jax.random`` key the entries are drawn from (with the reset's number and
+        the leaf's place folded in).
+    """
+
+    count: jax.Array  # type: ignore[assignment]  # (optax states name it so too)
+    mu: optax.Updates
+    nu: optax.Updates
+    entries: Any
+    key: jax.Array
+
+
 class SpamScalars(NamedTuple):
     """One step's scalars: Adam's weights and bias corrections (at the step count, which the
     resets leave running), whether the moments restart from zero, whether spikes are clipped,
-    the warm-up factor of the step and the learning rate."""
+    the warm-up factor of the step and the learning rate; with sparse moments, whether the
+    sampled entries are drawn anew, the number of the draw and the key (else ``None``)."""
 
     adam: StepScalars
     reset: jax.Array
     clip: jax.Array
     scale: jax.Array
     lr: jax.Array
+    draw: jax.Array | None = None
+    epoch: jax.Array | None = None
+    key: jax.Array | None = None
+
+
+def sampled_count(size: int, density: Any) -> int:
+    """The number of sampled entries of a sparse leaf of ``size`` entries: the authors'
+    ``int(density * size)``; ``density`` must be concrete (it sets the state's shapes)."""
+    number = validation.static_float(density)
+    if number is None:
+        raise ValueError(
+            "density sets the shapes of SPAM's state, so it must be a concrete number when "
+            "the state is made (with optax.inject_hyperparams, pass static_args=('density',))"
+        )
+    return int(number * size)
+
+
+def sample_entries(key: jax.Array, size: int, count: int) -> jax.Array:
+    """``count`` distinct flat indices of ``size`` entries drawn uniformly at random (as the
+    authors' ``torch.randperm(size)[:count]``), in increasing order.
+
+    They are the entries of the ``count`` smallest of ``size`` random 32-bit draws (equal draws
+    go to the lower index), found without sorting: 32 counting passes bisect for the threshold
+    (a random permutation sorts the entries several times over: 4.4 s for 4M entries on CPU).
+    """
+    bits = jax.random.bits(key, (size,), jnp.uint32)
+
+    def halve(_: Any, bounds: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        low, high = bounds  # the threshold lies in [low, high]
+        middle = low + (high - low) // 2
+        enough = jnp.sum(bits <= middle, dtype=jnp.int32) >= count
+        return jnp.where(enough, low, middle + 1), jnp.where(enough, middle, high)
+
+    top = jnp.asarray(jnp.iinfo(jnp.uint32).max, jnp.uint32)
+    _, threshold = jax.lax.fori_loop(0, 32, halve, (jnp.zeros([], jnp.uint32), top))
+    below = jnp.sum(bits < threshold, dtype=jnp.int32)
+    tied = bits == threshold
+    taken = (bits < threshold) | (tied & (jnp.cumsum(tied, dtype=jnp.int32) <= count - below))
+    return jnp.nonzero(taken, size=count)[0].astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SampledStorage(MomentStorage):
+    """A moment of a sparse leaf: the values at its sampled entries, a vector kept by
+    ``inner``, whole (replicated) where the param is sharded."""
+
+    inner: MomentStorage
+    density: Any
+
+    def init(self, param: Any) -> Any:
+        count = sampled_count(math.prod(param.shape), self.density)
+        sampled = jax.ShapeDtypeStruct((count,), param.dtype, sharding=replicated_placement(param))
+        return self.inner.init(sampled)
+
+    def load(self, stored: Any) -> jax.Array:
+        return self.inner.load(stored)
+
+    def store(self, value: jax.Array, stored: Any) -> Any:
+        return self.inner.store(value, stored)
+
+    def decodes(self, stored: Any) -> bool:
+        return self.inner.decodes(stored)
+
+
+@dataclasses.dataclass(frozen=True)
+class EntriesStorage(MomentStorage):
+    """The sampled entries of a sparse leaf: ``int32`` flat indices, whole where the param is
+    sharded; for a dense leaf (``density=None``) nothing, ``optax.MaskedNode()``."""
+
+    density: Any
+
+    def init(self, param: Any) -> Any:
+        if self.density is None:
+            return optax.MaskedNode()
+        count = sampled_count(math.prod(param.shape), self.density)
+        return jnp.zeros((count,), jnp.int32, device=replicated_placement(param))
+
+    def load(self, stored: Any) -> Any:
+        return stored
+
+    def store(self, value: Any, stored: Any) -> Any:
+        return value
 
 
 def warmup_scale(count: Any, delta_t: Any, warmup_steps: Any, dtype: Any = jnp.float32) -> Any:
@@ -73,6 +185,65 @@ class SpamRule(AdamLikeRule):
     correct_bias: bool = True
     mu_dtype: Any = None
     nu_dtype: Any = None
+    density: Any = None
+    sparse_leaves: Any = None
+    key: Any = 0
+
+    @property
+    def state_type(self) -> type:
+        return optax.ScaleByAdamState if self.density is None else ScaleBySpamState
+
+    def moments(self) -> tuple[Moment, ...]:
+        if self.density is None:
+            return super().moments()
+        return (
+            Moment("mu", self._sparse(self.mu_dtype, self._sampled)),
+            second_moment(self._sparse(self.nu_dtype, self._sampled)),
+            Moment("entries", self._sparse(EntriesStorage(None), self._entries), cast=False),
+        )
+
+    def _sampled(self, inner: MomentStorage) -> MomentStorage:
+        if inner.reduces or inner.per_tensor:
+            raise ValueError(
+                f"a sparse leaf of spam (density={self.density!r}) keeps its moments as a "
+                f"vector of sampled entries, which {type(inner).__name__} cannot store "
+                "(it reduces or needs the param's shape): store them by dtype or in 8-bit"
+            )
+        return SampledStorage(inner, self.density)
+
+    def _entries(self, inner: MomentStorage) -> MomentStorage:
+        del inner
+        return EntriesStorage(self.density)
+
+    def _sparse(self, spec: Any, sparse: Any) -> Any:
+        """A per-leaf storage: ``spec``'s for dense leaves, ``sparse(spec's)`` for the sparse
+        ones (every matrix unless ``sparse_leaves`` says which)."""
+
+        def select(tree: Any) -> Any:
+            leaves = jax.tree.leaves(tree)
+            if self.sparse_leaves is None:
+                flags = [len(getattr(x, "shape", ())) == 2 for x in leaves]
+            else:
+                flags = expand_mask(self.sparse_leaves, tree)
+            chosen = [
+                sparse(inner) if flag else inner
+                for inner, flag in zip(storages_for(spec, tree), flags, strict=True)
+            ]
+            return jax.tree.unflatten(jax.tree.structure(tree), chosen)
+
+        return per_leaf(select)
+
+    def init_fields(self, params: Any) -> dict[str, Any]:
+        fields = super().init_fields(params)
+        if self.density is None:
+            return fields
+        if any(isinstance(x, FlatParams) for x in jax.tree.leaves(params, is_leaf=_is_flat)):
+            raise ValueError(
+                "spam with density needs each param in its own shape (its sampled entries): "
+                "FlatParams buffers are not supported"
+            )
+        # A copy: the state must not alias a key array the caller keeps (donation).
+        return {**fields, "key": jnp.array(raw_key(self.key))}
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> SpamScalars:
         count = fields["count"]
@@ -85,17 +256,63 @@ class SpamRule(AdamLikeRule):
             lr = jnp.ones([], dtype)
         else:
             lr = jnp.asarray(rate(count) if callable(rate) else rate).astype(dtype)
-        return SpamScalars(
+        scalars = SpamScalars(
             step_scalars(self.b1, self.b2, t)(dtype),
             since == 0,
             clip,
             warmup_scale(count, self.delta_t, self.warmup_steps, dtype),
             lr,
         )
+        if self.density is None:
+            return scalars
+        # The entries are drawn at the first step and again at each reset of a later step
+        # (the authors redraw their masks at the end of the step before).
+        draw = (t == 1) | ((since == 0) & (t >= 2))
+        epoch = jnp.where(t == 1, 0, t // self.delta_t)
+        return scalars._replace(draw=draw, epoch=epoch, key=replicated(fields["key"]))
 
     def update(
         self, g: jax.Array, moments: dict[str, jax.Array], scalars: SpamScalars, leaf: Leaf
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        entries = moments.get("entries")
+        if entries is None or isinstance(entries, optax.MaskedNode):
+            direction, new = self._direction(g, moments, scalars, leaf)
+            if entries is not None:
+                new["entries"] = entries
+            return self._step(direction, leaf.param, scalars, leaf), new
+        size = math.prod(g.shape)
+
+        def draw() -> jax.Array:
+            assert scalars.key is not None and scalars.epoch is not None
+            assert leaf.position is not None
+            key = jax.random.fold_in(jax.random.wrap_key_data(scalars.key), scalars.epoch)
+            return sample_entries(jax.random.fold_in(key, leaf.position), size, entries.shape[0])
+
+        assert scalars.draw is not None
+        chosen = jax.lax.cond(scalars.draw, draw, lambda: replicated(entries))
+
+        def sampled(x: jax.Array) -> jax.Array:
+            flat = replicated(x).reshape(-1)
+            return jnp.take(flat, chosen, indices_are_sorted=True, unique_indices=True)
+
+        loaded = {name: replicated(moments[name]) for name in ("mu", "nu")}
+        direction, new = self._direction(sampled(g), loaded, scalars, leaf)
+        param = None if leaf.param is None else sampled(leaf.param)
+        step = self._step(direction, param, scalars, leaf)
+        full = (
+            jnp.zeros(size, step.dtype)
+            .at[chosen]
+            .set(step, indices_are_sorted=True, unique_indices=True)
+        )
+        new = {name: reshard(new[name], typed_sharding(moments[name])) for name in new}
+        new["entries"] = reshard(chosen, typed_sharding(entries))
+        return reshard(full.reshape(g.shape), typed_sharding(g)), new
+
+    def _direction(
+        self, g: jax.Array, moments: dict[str, jax.Array], scalars: SpamScalars, leaf: Leaf
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """SPAM's direction :math:`u_t` and new moments from ``g`` and the moments (the whole
+        leaf, or its sampled entries)."""
         d = scalars.adam
         rdtype = real_dtype(g.dtype)
         # The moments restart from zero at a reset: a select of the scalar 0, which XLA fuses
@@ -116,19 +333,28 @@ class SpamRule(AdamLikeRule):
                 g = jnp.where(spike, jnp.copysign(jnp.sqrt(bound), g), g)
         mu = moving_average(mu, g, d.w1)
         nu = moving_average(nu, abs_sq(g), d.w2)
-        new = {"mu": mu, "nu": nu}
         size = scalars.scale * (jnp.sqrt(d.c2) / d.c1 if self.correct_bias else 1.0)
         direction = leaf.settle("mu", mu) / (jnp.sqrt(leaf.settle("nu", nu)) + self.eps)
-        direction = direction * size.astype(rdtype)
+        return direction * size.astype(rdtype), {"mu": mu, "nu": nu}
+
+    def _step(
+        self, direction: jax.Array, param: jax.Array | None, scalars: SpamScalars, leaf: Leaf
+    ) -> jax.Array:
+        """The update from the direction: the bare direction without a learning rate, else
+        the step and the decay of ``param`` (the leaf, or its sampled entries)."""
         if self.learning_rate is None:
-            return direction, new
+            return direction
         step = scalars.lr * direction
         if validation.static_float(leaf.decay) == 0.0:
-            return -step, new
-        if leaf.param is None:
+            return -step
+        if param is None:
             raise ValueError("weight decay needs params: call update(updates, state, params)")
         # The authors' order: the step, then the stepped params shrink by lr * decay.
-        return -step - scalars.lr * leaf.decay * (leaf.param - step), new
+        return -step - scalars.lr * leaf.decay * (param - step)
+
+
+def _is_flat(x: Any) -> bool:
+    return isinstance(x, FlatParams)
 
 
 def _laid_out_like(g: jax.Array, *moments: jax.Array) -> jax.Array:
@@ -143,9 +369,12 @@ def _laid_out_like(g: jax.Array, *moments: jax.Array) -> jax.Array:
 
 def _check(
     b1: Any, b2: Any, eps: Any, threshold: Any, delta_t: Any, warmup_steps: Any,
-    grad_accu_steps: Any,
+    grad_accu_steps: Any, density: Any,
 ) -> None:  # fmt: skip
     validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
+    number = validation.static_float(density)
+    if isinstance(density, bool) or (number is not None and not 0.0 < number <= 1.0):
+        raise ValueError(f"density must be in (0, 1] (or None: dense moments), got {density!r}")
     validation.check_non_negative("threshold", threshold)
     validation.check_integer("delta_t", delta_t, 1)
     validation.check_integer("warmup_steps", warmup_steps, 0)
@@ -162,6 +391,9 @@ def scale_by_spam(
     warmup_steps: int = 150,
     grad_accu_steps: int = 20,
     correct_bias: bool = True,
+    density: float | None = None,
+    sparse_leaves: Mask | None = None,
+    key: jax.Array | int = 0,
     mu_dtype: Any = None,
     nu_dtype: Any = None,
 ) -> optax.GradientTransformation:
@@ -200,11 +432,21 @@ def scale_by_spam(
       grad_accu_steps: :math:`A`, steps after a reset (and after the start) before spikes are
         clipped, an integer >= 0.
       correct_bias: scale by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
+      density: sparse moments (the authors' ``density`` groups): each sparse leaf keeps
+        moments for ``int(density * size)`` of its entries, drawn at random at the first
+        step and anew at each reset, and only those entries move; in (0, 1], or ``None``
+        (dense moments, the default). It sets the state's shapes, so
+        ``optax.inject_hyperparams`` needs it in ``static_args`` under a jitted ``init``.
+      sparse_leaves: which leaves are sparse (a tree of bools or a callable of the params,
+        depending on their structure and shapes only); ``None``: every matrix (2-D leaf).
+      key: the ``jax.random`` key (or an int seed) the sampled entries are drawn from.
+      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``; of a
+        sparse leaf, its vector of sampled entries: not a reducing storage).
       nu_dtype: storage of the second moment, likewise.
 
     Returns:
-      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``, or with
+      ``density`` :class:`adam_jax.ScaleBySpamState`.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -213,10 +455,10 @@ def scale_by_spam(
       >>> print(jnp.round(updates, 3))  # the first step: about the sign of g
       [ 1. -1.]
     """
-    _check(b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps)
+    _check(b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps, density)
     return scale_by_rule(
         SpamRule(None, b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps,
-                 correct_bias, mu_dtype, nu_dtype)
+                 correct_bias, mu_dtype, nu_dtype, density, sparse_leaves, key)
     )  # fmt: skip
 
 
@@ -231,6 +473,9 @@ def spam(
     warmup_steps: int = 150,
     grad_accu_steps: int = 20,
     correct_bias: bool = True,
+    density: float | None = None,
+    sparse_leaves: Mask | None = None,
+    key: jax.Array | int = 0,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask | None = None,
     mu_dtype: Any = None,
@@ -249,10 +494,19 @@ def spam(
     authors' order, and pytorch-optimizer's). The defaults are the authors' (``eps=1e-6``,
     ``threshold=5000``, ``delta_t=500``, ``warmup_steps=150``, ``grad_accu_steps=20``).
 
-    Left out: the authors' sparse momentum (param groups with ``density``: random masks of
-    the entries that keep moments, redrawn at each reset, as in GaLore's projected groups).
-    At ``density=1.0`` (their README) it is this dense rule, except that their decay of such
-    a group is lost (it shrinks a copy, ``p.data[mask]``).
+    With ``density``, the authors' sparse momentum: each sparse leaf (every matrix unless
+    ``sparse_leaves`` says otherwise; the authors' param groups with ``density``, in their
+    training script the attention and MLP matrices) keeps its moments, as vectors, for
+    ``int(density * size)`` random entries, and steps only those (weight decay too). The
+    entries are drawn at the first step and anew at each reset, so the state holds
+    :math:`12 \cdot` ``density`` bytes per parameter of a sparse leaf (two float32 moments and
+    an int32 index per entry). Where the authors' code differs: its redraws keep each entry
+    with probability ``density`` (``torch.rand < density``, a count that varies; here the
+    initial count, drawn as their first mask); the moments it carries over to the new mask are
+    zeroed by the reset of the next step all the same; its decay of such a group is lost
+    (``p.data[mask].add_`` shrinks a copy), where pytorch-optimizer decays the sampled entries
+    as here; and it takes matrices only. Where the params are sharded, a sparse leaf's step
+    runs on the whole leaf (its stored vectors still split under ZeRO-1).
 
     Where pytorch-optimizer 4.1.0's ``SPAM`` differs: its warm-up runs one step ahead,
     :math:`s_k = 1 - 0.99 (1 + \cos(\pi (c + 1) / (W + 1))) / 2` for :math:`c < W` (its
@@ -260,7 +514,8 @@ def spam(
     authors' evaluates it at ``c``), so the step at a reset is
     :math:`1 - 0.99 (1 + \cos(\pi / (W + 1))) / 2` of the full one, not 0.01; the rest
     (clipping, the resets, the running bias corrections, the decay) is the authors'. Its
-    ``density`` masks every matrix (all entries at the default 1.0).
+    ``density`` masks every matrix (all entries at its default 1.0, ``density=None`` here),
+    redrawn as the authors'.
 
     Args:
       learning_rate: :math:`\gamma`, a constant >= 0 or a schedule of the 0-based step.
@@ -269,12 +524,14 @@ def spam(
       weight_decay: :math:`\lambda`, decoupled weight decay (a constant >= 0 or a schedule),
         times the learning rate, of the stepped params.
       mask: which leaves to decay (a tree of bools or a callable of the params).
+      density, sparse_leaves, key: sparse moments, as in :func:`adam_jax.scale_by_spam`.
       mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
       maximize: ascend the objective instead of descending (the decay still shrinks).
 
     Returns:
-      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState`` (in a chain
-      after ``optax.scale(-1)`` with ``maximize=True``); ``update`` needs params with decay.
+      An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState`` (with
+      ``density``, :class:`adam_jax.ScaleBySpamState`; in a chain after ``optax.scale(-1)``
+      with ``maximize=True``); ``update`` needs params with decay.
 
     References:
       Huang, Zhu, Jin, Liu, Wang and Liu, `SPAM: Spike-Aware Adam with Momentum Reset for
@@ -288,10 +545,18 @@ def spam(
       >>> updates, _ = tx.update(jnp.array([3.0, -0.5]), tx.init(params), params)
       >>> print(jnp.round(params + updates, 3))  # (1 - 0.1 * 0.5) * (params - 0.1 sign(g))
       [ 0.855 -1.805]
+
+      Sparse moments: a quarter of the matrix's entries keep moments and move.
+
+      >>> tx = adam_jax.spam(0.1, density=0.25)
+      >>> updates, state = tx.update(jnp.ones((4, 4)), tx.init(jnp.zeros((4, 4))))
+      >>> print(int((updates != 0).sum()), state[-1].mu.shape, state[-1].entries.shape)
+      4 (4,) (4,)
     """
     if not callable(learning_rate):
         validation.check_non_negative("learning_rate", learning_rate)
-    _check(b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps)
+    _check(b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps, density)
     rule = SpamRule(learning_rate, b1, b2, eps, threshold, delta_t, warmup_steps,
-                    grad_accu_steps, correct_bias, mu_dtype, nu_dtype)  # fmt: skip
+                    grad_accu_steps, correct_bias, mu_dtype, nu_dtype, density, sparse_leaves,
+                    key)  # fmt: skip
     return optax.chain(*ascent(maximize), scale_by_rule(rule, weight_decay=weight_decay, mask=mask))
