@@ -28,6 +28,7 @@ Example:
   [-0.1  0.1]
 """
 
+from adam_jax._src.branching import branch
 from adam_jax._src.chains import ascent, descend
 from adam_jax._src.moments import (
     AdamaxRule,
@@ -125,6 +126,7 @@ __all__ = [
     "adam_moments",
     "as_storage",
     "ascent",
+    "branch",
     "cast_scalar",
     "cast_storage",
     "check_at_least",

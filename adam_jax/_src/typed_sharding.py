@@ -75,9 +75,7 @@ def replicated_placement(param: Any) -> Any:
 def replicated(x: jax.Array) -> jax.Array:
     """``x`` replicated where its type is sharded (Explicit mesh axes)."""
     typed = typed_sharding(x)
-    if typed is None:
-        return x
-    return jax.sharding.reshard(x, NamedSharding(typed.mesh, PartitionSpec()))
+    return x if typed is None else reshard(x, NamedSharding(typed.mesh, PartitionSpec()))
 
 
 def placement_for_shape(placement: Any, shape: tuple[int, ...]) -> Any:

@@ -20,6 +20,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from adam_jax._src import validation
+from adam_jax._src.branching import branch
 from adam_jax._src.chains import descend
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
@@ -190,14 +191,6 @@ def _rotate(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Arra
     return x
 
 
-def _cond(pred: jax.Array, true_fn: Any, false_fn: Any, *operands: Any) -> Any:
-    """``jax.lax.cond``; outside ``jit`` (a concrete ``pred``) the taken branch alone, op by op
-    (an eager ``lax.cond`` would compile both branches at every call)."""
-    if isinstance(pred, jax.core.Tracer):
-        return jax.lax.cond(pred, true_fn, false_fn, *operands)
-    return true_fn(*operands) if bool(pred) else false_fn(*operands)
-
-
 def _outer(g: jax.Array, i: int) -> jax.Array:
     """:math:`G_{(i)} G_{(i)}^\\top`: the contraction of ``g`` with itself over every dimension
     but ``i``."""
@@ -317,12 +310,12 @@ class SoapRule(MomentRule):
                 u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
             if self.correct_bias:
                 u = u * (jnp.sqrt(d.c2) / d.c1)
-            mu, nu, bases_flat = _cond(
+            mu, nu, bases_flat = branch(
                 scalars.refresh, self._refresh, lambda *a: a[1:], factors, mu, nu, bases_flat
             )
             return u, mu, nu, bases_flat
 
-        u, new_mu, new_nu, new_q = _cond(scalars.count == 0, initialize, adam_step, (mu, nu, q))
+        u, new_mu, new_nu, new_q = branch(scalars.count == 0, initialize, adam_step, (mu, nu, q))
         u = _like(u, g)
         u = jnp.where(scalars.count == 0, jnp.zeros_like(u), leaf.add_decay(u))
         new = {

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax._src import validation
+from adam_jax._src.branching import branch
 from adam_jax._src.chains import ascent
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moments import AdamLikeRule
@@ -289,7 +290,7 @@ class SpamRule(AdamLikeRule):
             return sample_entries(jax.random.fold_in(key, leaf.position), size, entries.shape[0])
 
         assert scalars.draw is not None
-        chosen = jax.lax.cond(scalars.draw, draw, lambda: replicated(entries))
+        chosen = branch(scalars.draw, draw, lambda: replicated(entries))
 
         def sampled(x: jax.Array) -> jax.Array:
             flat = replicated(x).reshape(-1)
