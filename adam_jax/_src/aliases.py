@@ -13,7 +13,15 @@ from typing import Any
 import optax
 
 from adam_jax._src.chains import descend
-from adam_jax._src.moments import adam_moments, scale_by_adam, scale_by_adamax, scale_by_amsgrad
+from adam_jax._src.moments import (
+    AdamaxRule,
+    AdamRule,
+    adam_moments,
+    scale_by_adam,
+    scale_by_adamax,
+    scale_by_amsgrad,
+)
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.quantization.eight_bit import eight_bit_moments
 from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
@@ -483,3 +491,158 @@ def adamw_8bit(
         nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
         **_eight_bit_moments(block_size, min_size),
     )  # fmt: skip
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="adam",
+        alias=adam,
+        group="adam",
+        summary="bias-corrected first and second moments (Keras' epsilon hat as an option)",
+        paper=Paper(
+            authors="Kingma and Ba",
+            title="Adam: A Method for Stochastic Optimization",
+            url="https://arxiv.org/abs/1412.6980",
+            venue="ICLR 2015",
+        ),
+        transformation=scale_by_adam,
+        rule=AdamRule,
+        optax_name="optax.adam",
+    ),
+    OptimizerInfo(
+        name="adamw",
+        alias=adamw,
+        group="adam",
+        summary="Adam with decoupled weight decay",
+        paper=Paper(
+            authors="Loshchilov and Hutter",
+            title="Decoupled Weight Decay Regularization",
+            url="https://arxiv.org/abs/1711.05101",
+            venue="ICLR 2019",
+        ),
+        transformation=scale_by_adam,
+        rule=AdamRule,
+        optax_name="optax.adamw",
+    ),
+    OptimizerInfo(
+        name="adam_l2",
+        alias=adam_l2,
+        group="adam",
+        summary=(
+            "Adam with L2 regularization added to the gradient (torch.optim.Adam's weight_decay)"
+        ),
+        paper=Paper(
+            authors="Kingma and Ba",
+            title="Adam: A Method for Stochastic Optimization",
+            url="https://arxiv.org/abs/1412.6980",
+            venue="ICLR 2015",
+        ),
+        transformation=scale_by_adam,
+        rule=AdamRule,
+    ),
+    OptimizerInfo(
+        name="nadam",
+        alias=nadam,
+        group="adam",
+        summary="Adam with Nesterov momentum",
+        paper=Paper(
+            authors="Dozat",
+            title="Incorporating Nesterov Momentum into Adam",
+            url="https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ",
+            venue="ICLR workshop 2016",
+        ),
+        transformation=scale_by_adam,
+        rule=AdamRule,
+        optax_name="optax.nadam",
+    ),
+    OptimizerInfo(
+        name="nadamw",
+        alias=nadamw,
+        group="adam",
+        summary="NAdam with decoupled weight decay",
+        paper=Paper(
+            authors="Dozat",
+            title="Incorporating Nesterov Momentum into Adam",
+            url="https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ",
+            venue="ICLR workshop 2016",
+        ),
+        transformation=scale_by_adam,
+        rule=AdamRule,
+        optax_name="optax.nadamw",
+    ),
+    OptimizerInfo(
+        name="amsgrad",
+        alias=amsgrad,
+        group="adam",
+        summary="the running maximum of the second moment (PyTorch's form)",
+        paper=Paper(
+            authors="Reddi, Kale and Kumar",
+            title="On the Convergence of Adam and Beyond",
+            url="https://openreview.net/forum?id=ryQu7f-RZ",
+            venue="ICLR 2018",
+        ),
+        transformation=scale_by_amsgrad,
+        rule=AdamRule,
+        optax_name="optax.amsgrad",
+    ),
+    OptimizerInfo(
+        name="adamax",
+        alias=adamax,
+        group="adam",
+        summary="the infinity norm in place of the second moment",
+        paper=Paper(
+            authors="Kingma and Ba",
+            title="Adam: A Method for Stochastic Optimization",
+            url="https://arxiv.org/abs/1412.6980",
+            venue="ICLR 2015",
+        ),
+        transformation=scale_by_adamax,
+        rule=AdamaxRule,
+        optax_name="optax.adamax",
+        learning_rate=0.006,
+    ),
+    OptimizerInfo(
+        name="adamaxw",
+        alias=adamaxw,
+        group="adam",
+        summary="AdaMax with decoupled weight decay",
+        paper=Paper(
+            authors="Kingma and Ba",
+            title="Adam: A Method for Stochastic Optimization",
+            url="https://arxiv.org/abs/1412.6980",
+            venue="ICLR 2015",
+        ),
+        transformation=scale_by_adamax,
+        rule=AdamaxRule,
+        optax_name="optax.adamaxw",
+        learning_rate=0.006,
+    ),
+    OptimizerInfo(
+        name="adam_8bit",
+        alias=adam_8bit,
+        group="adam",
+        summary="Adam with both moments in 8-bit blocks (about 2 bytes of state per parameter)",
+        paper=Paper(
+            authors="Dettmers, Lewis, Shleifer and Zettlemoyer",
+            title="8-bit Optimizers via Block-wise Quantization",
+            url="https://arxiv.org/abs/2110.02861",
+            venue="ICLR 2022",
+        ),
+        transformation=scale_by_adam,
+        rule=AdamRule,
+    ),
+    OptimizerInfo(
+        name="adamw_8bit",
+        alias=adamw_8bit,
+        group="adam",
+        summary="AdamW with both moments in 8-bit blocks",
+        paper=Paper(
+            authors="Dettmers, Lewis, Shleifer and Zettlemoyer",
+            title="8-bit Optimizers via Block-wise Quantization",
+            url="https://arxiv.org/abs/2110.02861",
+            venue="ICLR 2022",
+        ),
+        transformation=scale_by_adam,
+        rule=AdamRule,
+    ),
+)

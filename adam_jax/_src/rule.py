@@ -61,7 +61,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from adam_jax._src import validation
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.numerics import compute_dtype, real_dtype
 from adam_jax._src.segmented import buffer_storages, packed_tensors
 from adam_jax._src.sequencing import after, scales_of
@@ -217,6 +217,21 @@ class MomentRule(abc.ABC):
     state_type: Any
     #: Whether :meth:`update` reads ``leaf.param`` (besides weight decay, which always does).
     uses_params: bool = False
+
+    def __post_init__(self) -> None:
+        """Checks the hyperparameters (:func:`adam_jax.rules.hyperparam` fields) when the rule
+        is built; a rule with checks across fields extends it."""
+        hyperparams.check_fields(self)
+
+    def rate(self, fields: dict[str, Any], dtype: Any) -> jax.Array:
+        """The learning rate of this step in ``dtype``, for a rule whose rate lives inside its
+        update (a ``learning_rate`` field, see :func:`adam_jax.rules.optimizer`): the field, or
+        its schedule at :meth:`step_index`; 1 where the field is ``None`` (the update is the
+        direction)."""
+        rate = getattr(self, "learning_rate", None)
+        if rate is None:
+            return jnp.ones([], dtype)
+        return jnp.asarray(rate(self.step_index(fields)) if callable(rate) else rate).astype(dtype)
 
     @abc.abstractmethod
     def moments(self) -> tuple[Moment, ...]:

@@ -18,6 +18,7 @@ from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
 from adam_jax._src.moving_average import StepScalars, moving_average
 from adam_jax._src.numerics import abs_sq
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, scale_by_rule
 from adam_jax._src.weight_decay import Mask
 
@@ -162,3 +163,22 @@ def adabelief(
         ),
         maximize=maximize,
     )  # fmt: skip
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="adabelief",
+        alias=adabelief,
+        group="variant",
+        summary="the variance of the gradient around its mean in place of the second moment",
+        paper=Paper(
+            authors="Zhuang, Tang, Ding, Tatikonda, Dvornek, Papademetris and Duncan",
+            title="AdaBelief Optimizer: Adapting Stepsizes by the Belief in Observed Gradients",
+            url="https://arxiv.org/abs/2010.07468",
+            venue="NeurIPS 2020",
+        ),
+        transformation=scale_by_belief,
+        rule=AdabeliefRule,
+        optax_name="optax.adabelief",
+    ),
+)

@@ -18,6 +18,7 @@ from adam_jax._src import validation
 from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, scale_by_rule
 from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
@@ -144,3 +145,24 @@ def adam_atan2(
         add_decayed_weights(weight_decay, mask),
         maximize=maximize,
     )
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="adam_atan2",
+        alias=adam_atan2,
+        group="variant",
+        summary="atan2 of the moments in place of the division (no epsilon)",
+        paper=Paper(
+            authors=(
+                "Everett, Xiao, Wortsman, Alemi, Novak, Liu, Gur, Sohl-Dickstein, Kaelbling, Lee "
+                "and Pennington"
+            ),
+            title="Scaling Exponents Across Parameterizations and Optimizers",
+            url="https://arxiv.org/abs/2407.05872",
+            venue="ICML 2024",
+        ),
+        transformation=scale_by_adam_atan2,
+        rule=AdamAtan2Rule,
+    ),
+)

@@ -22,6 +22,7 @@ from adam_jax._src.block_mean import block_means
 from adam_jax._src.chains import descend
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moments import scale_by_adam
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.storage import MomentStorage, cast_storage, per_leaf
 from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
@@ -332,3 +333,22 @@ def adam_mini(
         add_decayed_weights(weight_decay, mask),
         maximize=maximize,
     )  # fmt: skip
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="adam_mini",
+        alias=adam_mini,
+        group="variant",
+        summary=(
+            "one second moment per Hessian block (output neuron, head, token): half Adam's state"
+        ),
+        paper=Paper(
+            authors="Zhang, Chen, Li, Ding, Chen, Kingma, Ye, Luo and Sun",
+            title="Adam-mini: Use Fewer Learning Rates To Gain More",
+            url="https://arxiv.org/abs/2406.16793",
+            venue="ICLR 2025",
+        ),
+        transformation=scale_by_adam_mini,
+    ),
+)

@@ -26,6 +26,7 @@ from adam_jax._src.moving_average import (
     step_scalars,
 )
 from adam_jax._src.numerics import abs_sq
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
@@ -419,3 +420,46 @@ def simplified_ademamix(
         add_decayed_weights(weight_decay, mask),
         maximize=maximize,
     )
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="ademamix",
+        alias=ademamix,
+        group="variant",
+        summary="a second, slow momentum added to Adam's",
+        paper=Paper(
+            authors="Pagliardini, Ablin and Grangier",
+            title="The AdEMAMix Optimizer: Better, Faster, Older",
+            url="https://arxiv.org/abs/2409.03137",
+            venue="ICLR 2025",
+        ),
+        transformation=scale_by_ademamix,
+        rule=AdemamixRule,
+        optax_name="optax.contrib.ademamix",
+        # A run of a few thousand steps: the paper's b3 for short runs (its appendix C.1.5).
+        example_options={"b3": 0.999},
+    ),
+    OptimizerInfo(
+        name="simplified_ademamix",
+        alias=simplified_ademamix,
+        group="variant",
+        summary="one momentum accumulator plus alpha times the gradient",
+        paper=Paper(
+            authors="Morwani, Shapira, Vyas, Malach, Kakade and Janson",
+            title=(
+                "Connections between Schedule-Free Optimizers, AdEMAMix, and Accelerated SGD "
+                "Variants"
+            ),
+            url="https://arxiv.org/abs/2502.02431",
+            venue="2025",
+        ),
+        transformation=scale_by_simplified_ademamix,
+        rule=SimplifiedAdemamixRule,
+        optax_name="optax.contrib.simplified_ademamix",
+        # An accumulator, not an average: b1 = 0.9 sums ~10 gradients (the lr is ~1/10 of
+        # Adam's).
+        learning_rate=0.0003,
+        example_options={"b1": 0.9},
+    ),
+)

@@ -22,6 +22,7 @@ from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule, divide
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, scale_by_rule
 from adam_jax._src.weight_decay import Mask
 
@@ -226,3 +227,25 @@ def adopt(
         ),
         maximize=maximize,
     )  # fmt: skip
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="adopt",
+        alias=adopt,
+        group="variant",
+        summary="the second moment of earlier steps normalizes the gradient before momentum",
+        paper=Paper(
+            authors=(
+                "Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa "
+                "and Matsuo"
+            ),
+            title="ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate",
+            url="https://arxiv.org/abs/2411.02853",
+            venue="NeurIPS 2024",
+        ),
+        transformation=scale_by_adopt,
+        rule=AdoptRule,
+        optax_name="optax.contrib.adopt",
+    ),
+)

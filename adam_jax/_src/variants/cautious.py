@@ -16,6 +16,7 @@ import optax
 from adam_jax._src.aliases import adam_moments
 from adam_jax._src.chains import descend
 from adam_jax._src.numerics import compute_dtype, real_dtype
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, map_tensors
 from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
@@ -132,3 +133,20 @@ def cautious_adamw(
         add_decayed_weights(weight_decay, mask),
         maximize=maximize,
     )
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="cautious_adamw",
+        alias=cautious_adamw,
+        group="variant",
+        summary="AdamW whose update is zeroed where it disagrees in sign with the gradient",
+        paper=Paper(
+            authors="Liang, Chen, Liu and Liu",
+            title="Cautious Optimizers: Improving Training with One Line of Code",
+            url="https://arxiv.org/abs/2411.16085",
+            venue="2024",
+        ),
+        companions=("cautious",),
+    ),
+)

@@ -12,30 +12,31 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from adam_jax._src import validation
-from adam_jax._src.chains import descend
+from adam_jax._src import hyperparams
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average
 from adam_jax._src.numerics import abs_sq
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
-
-EPS_PLACEMENTS = ("keras", "standard")
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
+from adam_jax._src.rule import Leaf
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class GramsRule(AdamLikeRule):
     """Grams' moment rule: see :func:`scale_by_grams`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-6
-    bias_correction: bool = True
-    eps_placement: str = "keras"
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.b2()
+    eps: Any = hyperparams.eps(1e-6)
+    bias_correction: bool = hyperparams.hyperparam(True, "divide the moments by 1 - b^t.")
+    eps_placement: str = hyperparams.hyperparam(
+        "keras",
+        '``"keras"`` (the authors\': ``eps`` added before the bias corrections) or '
+        '``"standard"`` (the paper\'s).',
+        hyperparams.choice("keras", "standard"),
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.nu_dtype()
 
     def update(
         self,
@@ -58,18 +59,8 @@ class GramsRule(AdamLikeRule):
         return leaf.add_decay(jnp.sign(g) * magnitude), {"mu": mu, "nu": nu}
 
 
-def scale_by_grams(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    *,
-    bias_correction: bool = True,
-    eps_placement: str = "keras",
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(GramsRule, positional=("b1", "b2", "eps"), decay=True)
+def scale_by_grams() -> None:
     r"""Rescales gradients by Grams' moment estimates (Cao, Li and Song, 2024, Algorithm 1).
 
     .. math::
@@ -85,17 +76,6 @@ def scale_by_grams(
     applied. :math:`\operatorname{sign}(0) = 0`; for complex params the sign is
     :math:`g / |g|`.
 
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      bias_correction: divide the moments by :math:`1-\beta^t`.
-      eps_placement: ``"keras"`` (the authors') or ``"standard"`` (the paper's).
-      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment, likewise.
-
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -108,26 +88,10 @@ def scale_by_grams(
       >>> print(jnp.round(updates, 3))  # Adam's step is [1, 0.266]: here g's sign rules
       [ 1.    -0.266]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
-    rule = GramsRule(b1, b2, eps, bias_correction, eps_placement, mu_dtype, nu_dtype)
-    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
-def grams(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    *,
-    bias_correction: bool = True,
-    eps_placement: str = "keras",
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_grams)
+def grams() -> None:
     r"""Grams (Cao, Li and Song, 2024), as the authors' ``Grams``.
 
     .. math::
@@ -140,15 +104,6 @@ def grams(
     the step, as AdamW), and so are the defaults (``eps=1e-6``, the epsilon-hat placement).
     pytorch-optimizer 4.1.0's ``Grams`` is ``eps_placement="standard"`` (the paper's), with
     the same decay and no ``bias_correction`` option.
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, bias_correction, eps_placement: as in :func:`adam_jax.scale_by_grams`.
-      weight_decay: decoupled weight decay, scaled by the learning rate as in
-        :func:`adam_jax.adamw`.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending.
 
     Returns:
       An ``optax.GradientTransformation`` (a chain ending in the learning rate).
@@ -166,11 +121,21 @@ def grams(
       >>> print(jnp.round(updates, 3))  # no step where the gradient is 0, only the decay
       [-0.15  0.1 ]
     """
-    return descend(
-        learning_rate,
-        scale_by_grams(
-            b1, b2, eps, bias_correction=bias_correction, eps_placement=eps_placement,
-            weight_decay=weight_decay, mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="grams",
+        alias=grams,
+        group="variant",
+        summary="Adam's step length with the sign of the current gradient",
+        paper=Paper(
+            authors="Cao, Li and Song",
+            title="Grams: Gradient Descent with Adaptive Momentum Scaling",
+            url="https://arxiv.org/abs/2412.17107",
+            venue="2024",
         ),
-        maximize=maximize,
-    )  # fmt: skip
+        transformation=scale_by_grams,
+        rule=GramsRule,
+    ),
+)

@@ -19,6 +19,7 @@ from adam_jax._src import validation
 from adam_jax._src.chains import ascent
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.weight_decay import Mask
 
@@ -298,3 +299,21 @@ def laprop(
     rule = LapropRule(learning_rate, b1, b2, eps, centered, amsgrad, steps_before_using_centered,
                       mu_dtype, nu_dtype)  # fmt: skip
     return optax.chain(*ascent(maximize), scale_by_rule(rule, weight_decay=weight_decay, mask=mask))
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="laprop",
+        alias=laprop,
+        group="variant",
+        summary="the gradient normalized by the second moment before the momentum average",
+        paper=Paper(
+            authors="Ziyin, Wang and Ueda",
+            title="LaProp: Separating Momentum and Adaptivity in Adam",
+            url="https://arxiv.org/abs/2002.04839",
+            venue="2020",
+        ),
+        transformation=scale_by_laprop,
+        rule=LapropRule,
+    ),
+)

@@ -20,6 +20,7 @@ from adam_jax._src.chains import ascent
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import MomentStorage, cast_storage, per_leaf
 from adam_jax._src.weight_decay import Mask
@@ -457,3 +458,25 @@ def mars(
     if not is_approx:
         tx = _with_last_grad(tx, negate=maximize)
     return optax.chain(*ascent(maximize), tx)
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="mars",
+        alias=mars,
+        group="variant",
+        summary=(
+            "AdamW on a variance-reduced gradient (a scaled change of the gradient added), "
+            "clipped to norm 1 per tensor"
+        ),
+        paper=Paper(
+            authors="Yuan, Liu, Wu, Zhou and Gu",
+            title="MARS: Unleashing the Power of Variance Reduction for Training Large Models",
+            url="https://arxiv.org/abs/2411.10438",
+            venue="2024",
+        ),
+        transformation=scale_by_mars,
+        rule=MarsRule,
+        # The default rate (3e-3): the authors' default, not tuned on the MNIST example.
+    ),
+)

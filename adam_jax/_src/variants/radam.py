@@ -21,6 +21,7 @@ from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, scale_by_rule
 from adam_jax._src.weight_decay import Mask
 
@@ -267,3 +268,27 @@ def radam(
         ),
         maximize=maximize,
     )  # fmt: skip
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="radam",
+        alias=radam,
+        group="variant",
+        summary=(
+            "momentum steps until the second moment's variance is tractable, then rectified Adam"
+        ),
+        paper=Paper(
+            authors="Liu, Jiang, He, Chen, Liu, Gao and Han",
+            title="On the Variance of the Adaptive Learning Rate and Beyond",
+            url="https://arxiv.org/abs/1908.03265",
+            venue="ICLR 2020",
+        ),
+        transformation=scale_by_radam,
+        rule=RadamRule,
+        optax_name="optax.radam",
+        # Momentum steps first, then a small rectifier: it needs more (2 epochs on 12,000
+        # images: 96.4% at 3e-3, 98.3% at 2e-2).
+        learning_rate=0.02,
+    ),
+)

@@ -21,6 +21,7 @@ from adam_jax._src import validation
 from adam_jax._src.chains import ascent
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.weight_decay import Mask, schedule_state_type
 
@@ -351,3 +352,23 @@ def schedule_free_eval_params(state: Any, params: optax.Params) -> optax.Params:
         return (y_c + weight * (z.astype(dtype) - y_c)).astype(y.dtype)
 
     return treedef.unflatten([evaluate(y, z) for y, z in zip(ys, zs, strict=True)])
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="schedule_free_adamw",
+        alias=schedule_free_adamw,
+        group="variant",
+        summary="averaging of the iterates in place of a learning-rate decay",
+        paper=Paper(
+            authors="Defazio, Yang, Mehta, Mishchenko, Khaled and Cutkosky",
+            title="The Road Less Scheduled",
+            url="https://arxiv.org/abs/2405.15682",
+            venue="NeurIPS 2024",
+        ),
+        rule=ScheduleFreeAdamwRule,
+        optax_name="optax.contrib.schedule_free_adamw",
+        schedule_free=True,
+        companions=("schedule_free_eval_params",),
+    ),
+)

@@ -25,6 +25,7 @@ from adam_jax._src.chains import descend
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import compute_dtype
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import MomentStorage
 from adam_jax._src.typed_sharding import replicated, replicated_placement, reshard, typed_sharding
@@ -573,3 +574,22 @@ def soap(
         ),
         maximize=maximize,
     )  # fmt: skip
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="soap",
+        alias=soap,
+        group="variant",
+        summary="Adam in the eigenbasis of Shampoo's Kronecker factors, refreshed every few steps",
+        paper=Paper(
+            authors="Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade",
+            title="SOAP: Improving and Stabilizing Shampoo using Adam",
+            url="https://arxiv.org/abs/2409.11321",
+            venue="ICLR 2025",
+        ),
+        transformation=scale_by_soap,
+        rule=SoapRule,
+        # The default rate (3e-3): the authors' default, not tuned on the MNIST example.
+    ),
+)

@@ -24,6 +24,7 @@ from adam_jax._src.flat import FlatParams
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, real_dtype
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rounding import raw_key
 from adam_jax._src.rule import Leaf, Moment, expand_mask, scale_by_rule, second_moment
 from adam_jax._src.storage import MomentStorage, per_leaf, storages_for
@@ -561,3 +562,22 @@ def spam(
                     grad_accu_steps, correct_bias, mu_dtype, nu_dtype, density, sparse_leaves,
                     key)  # fmt: skip
     return optax.chain(*ascent(maximize), scale_by_rule(rule, weight_decay=weight_decay, mask=mask))
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="spam",
+        alias=spam,
+        group="variant",
+        summary="Adam with its moments reset every few hundred steps and gradient spikes clipped",
+        paper=Paper(
+            authors="Huang, Zhu, Jin, Liu, Wang and Liu",
+            title="SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training",
+            url="https://arxiv.org/abs/2501.06842",
+            venue="ICLR 2025",
+        ),
+        transformation=scale_by_spam,
+        rule=SpamRule,
+        # The default rate (3e-3): not tuned on the MNIST example.
+    ),
+)

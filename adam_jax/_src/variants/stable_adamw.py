@@ -19,6 +19,7 @@ from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, scale_by_rule
 from adam_jax._src.weight_decay import Mask
 
@@ -157,3 +158,21 @@ def stable_adamw(
         ),
         maximize=maximize,
     )  # fmt: skip
+
+
+REGISTRY_ROWS = (
+    OptimizerInfo(
+        name="stable_adamw",
+        alias=stable_adamw,
+        group="variant",
+        summary="AdamW with each tensor's update clipped by its gradient-to-moment RMS",
+        paper=Paper(
+            authors="Wortsman, Dettmers, Zettlemoyer, Morcos, Farhadi and Schmidt",
+            title="Stable and low-precision training for large-scale vision-language models",
+            url="https://arxiv.org/abs/2304.13013",
+            venue="NeurIPS 2023",
+        ),
+        transformation=scale_by_stable_adam,
+        rule=StableAdamwRule,
+    ),
+)
