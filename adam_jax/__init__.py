@@ -6,19 +6,6 @@ aliases (:func:`adam`, :func:`adamw`, ...) are such chains, with optax's state t
 """
 
 from adam_jax import flat, quantization, registry, rules, sharding
-from adam_jax._src import deprecated_paths as _deprecated_paths
-from adam_jax._src.aliases import (
-    adam,
-    adam_8bit,
-    adam_l2,
-    adamax,
-    adamaxw,
-    adamw,
-    adamw_8bit,
-    amsgrad,
-    nadam,
-    nadamw,
-)
 from adam_jax._src.bias_correction import ScaleByBiasCorrectionState, scale_by_bias_correction
 from adam_jax._src.block_mean import BlockMeanStorage, block_means
 from adam_jax._src.cautious_weight_decay import cautious_weight_decay
@@ -28,13 +15,7 @@ from adam_jax._src.kahan import KahanSummationState, kahan_summation
 from adam_jax._src.learning_rate import scale_by_learning_rate
 from adam_jax._src.loss_spikes import SkipLossSpikesState, skip_loss_spikes
 from adam_jax._src.memory import state_bytes
-from adam_jax._src.moments import (
-    ScaleByAdamState,
-    ScaleByAmsgradState,
-    scale_by_adam,
-    scale_by_adamax,
-    scale_by_amsgrad,
-)
+from adam_jax._src.moments import ScaleByAdamState, ScaleByAmsgradState
 from adam_jax._src.moving_average import moving_average_terms
 from adam_jax._src.rounding import (
     StochasticRoundingState,
@@ -49,6 +30,31 @@ from adam_jax._src.schedules import (
 )
 from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage, per_leaf
 from adam_jax._src.update_clipping import clip_update_rms
+from adam_jax._src.weight_decay import add_decayed_weights, masked
+from adam_jax.quantization import (
+    BlockwiseQuantized,
+    FourBitBlockwise,
+    FourBitRank1,
+    QuantizedArray,
+    eight_bit_moments,
+    four_bit_moments,
+)
+
+# isort: split
+# family: imports
+from adam_jax._src.aliases import (
+    adam,
+    adam_8bit,
+    adam_l2,
+    adamax,
+    adamaxw,
+    adamw,
+    adamw_8bit,
+    amsgrad,
+    nadam,
+    nadamw,
+)
+from adam_jax._src.moments import scale_by_adam, scale_by_adamax, scale_by_amsgrad
 from adam_jax._src.variants.adabelief import adabelief, scale_by_belief
 from adam_jax._src.variants.adam_atan2 import adam_atan2, scale_by_adam_atan2
 from adam_jax._src.variants.adam_mini import (
@@ -79,20 +85,12 @@ from adam_jax._src.variants.stable_spam import (
     scale_by_stable_spam,
     stable_spam,
 )
-from adam_jax._src.weight_decay import add_decayed_weights, masked
-from adam_jax.quantization import (
-    BlockwiseQuantized,
-    FourBitBlockwise,
-    FourBitRank1,
-    QuantizedArray,
-    eight_bit_moments,
-    four_bit_moments,
-)
+
+# end of family: imports
 
 __version__ = "0.4.0"
 
-_deprecated_paths.install()
-
+# family: __all__
 __all__ = [
     "BlockMeanStorage",
     "BlockwiseQuantized",
@@ -195,3 +193,4 @@ __all__ = [
     "stochastic_rounding",
     "warmup_stable_decay_schedule",
 ]
+# end of family: __all__

@@ -11,6 +11,7 @@ Example:
   >>> tx = info.create(1e-3)  # adam_jax.adopt(1e-3)
 """
 
-from adam_jax._src.registry import OPTIMIZERS, OptimizerInfo, Paper, create, get, names
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
+from adam_jax._src.registry import OPTIMIZERS, create, get, names
 
 __all__ = ["OPTIMIZERS", "OptimizerInfo", "Paper", "create", "get", "names"]

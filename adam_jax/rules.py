@@ -1,9 +1,12 @@
 """Everything a rule author needs: the moment-rule core, its presets and helpers, and the
-library's own rules to build on.
+statement of hyperparameters (:func:`hyperparam`, :func:`transformation`, :func:`optimizer`).
+The library's own rules are reached through the registry
+(``adam_jax.registry.get("adopt").rule``).
 
 A new member of the Adam family is a :class:`MomentRule` (most subclass :class:`AdamLikeRule`,
 which brings Adam's state, moments and step scalars), made a transformation by
-:func:`scale_by_rule` and an optimizer by :func:`descend`. The helpers are the ones the library's
+:func:`transformation` (or :func:`scale_by_rule`) and an optimizer by :func:`optimizer` (or
+:func:`descend`). The helpers are the ones the library's
 own variants use: the zero-started moving average and its bias correction
 (:func:`moving_average`, :func:`step_scalars`), the hyperparameter checks
 (:func:`check_hyperparams`), the compute-dtype rules and moment storages.
@@ -48,13 +51,7 @@ from adam_jax._src.hyperparams import (
     optimizer,
     transformation,
 )
-from adam_jax._src.moments import (
-    AdamaxRule,
-    AdamLikeRule,
-    AdamRule,
-    adam_moments,
-    nesterov_mu_hat,
-)
+from adam_jax._src.moments import AdamLikeRule, adam_moments, nesterov_mu_hat
 from adam_jax._src.moving_average import (
     StepScalars,
     moving_average,
@@ -98,48 +95,19 @@ from adam_jax._src.validation import (
     check_steps,
     static_float,
 )
-from adam_jax._src.variants.adabelief import AdabeliefRule
-from adam_jax._src.variants.adam_atan2 import AdamAtan2Rule
-from adam_jax._src.variants.ademamix import AdemamixRule, SimplifiedAdemamixRule
-from adam_jax._src.variants.adopt import AdoptRule
-from adam_jax._src.variants.grams import GramsRule
-from adam_jax._src.variants.laprop import LapropRule
-from adam_jax._src.variants.mars import MarsRule
-from adam_jax._src.variants.radam import RadamRule
-from adam_jax._src.variants.schedule_free import ScheduleFreeAdamwRule
-from adam_jax._src.variants.soap import SoapRule
-from adam_jax._src.variants.spam import SpamRule
-from adam_jax._src.variants.stable_adamw import StableAdamwRule
-from adam_jax._src.variants.stable_spam import StableSpamRule
 from adam_jax._src.weight_decay import Mask, schedule_state_type
 
 __all__ = [
-    "AdabeliefRule",
-    "AdamAtan2Rule",
     "AdamLikeRule",
-    "AdamRule",
-    "AdamaxRule",
-    "AdemamixRule",
-    "AdoptRule",
     "CastStorage",
-    "GramsRule",
     "Hyperparam",
-    "LapropRule",
     "Leaf",
-    "MarsRule",
     "Mask",
     "Moment",
     "MomentRule",
     "MomentStorage",
     "PerLeafStorage",
-    "RadamRule",
-    "ScheduleFreeAdamwRule",
     "SegmentedStorage",
-    "SimplifiedAdemamixRule",
-    "SoapRule",
-    "SpamRule",
-    "StableAdamwRule",
-    "StableSpamRule",
     "StepScalars",
     "abs_sq",
     "adam_moments",

@@ -5,8 +5,8 @@
   ``adam_jax._src``.
 * ``adam_jax.rules`` gives a rule author every name the library's own variants import.
 * The docs, README and notebooks import nothing private.
-* The import paths of 0.3 (``adam_jax.moments``, ``adam_jax.variants.adopt``...) work for one
-  release, with a DeprecationWarning that names the new place.
+* The import paths of 0.3 (``adam_jax.moments``, ``adam_jax.variants.adopt``...) are gone: they
+  fail with the normal ImportError (the CHANGELOG lists where each name lives now).
 """
 
 from __future__ import annotations
@@ -16,14 +16,12 @@ import importlib
 import json
 import re
 import types
-import warnings
 from pathlib import Path
 
 import pytest
 
 import adam_jax
 from adam_jax import rules
-from adam_jax._src import deprecated_paths
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUBLIC_MODULES = (
@@ -155,59 +153,8 @@ def test_examples_import_nothing_private() -> None:
 
 
 @pytest.mark.parametrize(
-    ("old", "name", "new"),
-    [
-        ("adam_jax.moments", "scale_by_adam", "adam_jax.scale_by_adam"),
-        ("adam_jax.rule", "MomentRule", "adam_jax.MomentRule"),
-        ("adam_jax.moving_average", "step_scalars", "adam_jax.rules.step_scalars"),
-        ("adam_jax.variants.adopt", "adopt", "adam_jax.adopt"),
-        ("adam_jax.variants.radam", "RadamRule", "adam_jax.rules.RadamRule"),
-        ("adam_jax.aliases", "adamw", "adam_jax.adamw"),
-        ("adam_jax.storage", "MomentStorage", "adam_jax.MomentStorage"),
-    ],
+    "old", ["adam_jax.moments", "adam_jax.rule", "adam_jax.aliases", "adam_jax.variants.adopt"]
 )
-def test_old_paths_work_with_a_warning_naming_the_new_one(old: str, name: str, new: str) -> None:
-    module = importlib.import_module(old)
-    with pytest.warns(DeprecationWarning, match=re.escape(f"{old}.{name} is deprecated")) as seen:
-        value = getattr(module, name)
-    assert f"import {new} instead" in str(seen[0].message)
-    new_module, _, new_name = new.rpartition(".")
-    assert value is getattr(importlib.import_module(new_module), new_name)
-
-
-def test_old_from_import_works_and_names_the_caller() -> None:
-    with pytest.warns(DeprecationWarning) as seen:
-        from adam_jax.variants.lamb import lamb  # noqa: F401  (the 0.3 path under test)
-    assert seen[0].filename == __file__
-
-
-def test_a_private_name_at_an_old_path_says_it_is_private() -> None:
-    module = importlib.import_module("adam_jax.rule")
-    with pytest.warns(DeprecationWarning, match="private now and will be removed"):
-        module.tensor_segments  # noqa: B018
-    moved_within = importlib.import_module("adam_jax.aliases")  # now in the moment estimates
-    with pytest.warns(DeprecationWarning, match="private now"):
-        assert moved_within.EPS_PLACEMENTS == ("standard", "keras")
-
-
-def test_old_paths_cover_every_module_of_0_3() -> None:
-    """Every private module that was public in 0.3 has its old path."""
-    old_modules = {
-        "aliases", "bias_correction", "kahan", "learning_rate", "moments", "moving_average",
-        "rounding", "rule", "schedules", "storage", "weight_decay",
-    }  # fmt: skip
-    assert {f"adam_jax.{m}" for m in old_modules} <= set(deprecated_paths.MOVED)
-    variants = {
-        "adabelief", "adam_atan2", "ademamix", "adopt", "cautious", "lamb", "radam",
-        "schedule_free", "stable_adamw",
-    }  # fmt: skip
-    assert {f"adam_jax.variants.{m}" for m in variants} <= set(deprecated_paths.MOVED)
-    for new in deprecated_paths.MOVED.values():
-        importlib.import_module(new)
-
-
-def test_unknown_names_at_old_paths_raise_attribute_error() -> None:
-    module = importlib.import_module("adam_jax.moments")
-    with warnings.catch_warnings(), pytest.raises(AttributeError):
-        warnings.simplefilter("error")
-        module.no_such_name  # noqa: B018
+def test_a_path_of_0_3_fails_with_the_normal_import_error(old: str) -> None:
+    with pytest.raises(ModuleNotFoundError, match="No module named .adam_jax"):
+        importlib.import_module(old)

@@ -320,14 +320,11 @@ def test_state_bytes_per_parameter():
     assert adam_jax.state_bytes(q8) / kernel.size == pytest.approx(2 * (1 + 4 / 256), abs=1e-3)
 
 
-def test_state_bytes_of_quantization_is_deprecated():
-    with pytest.warns(DeprecationWarning, match="use adam_jax.state_bytes") as record:
-        state_bytes = qz.state_bytes
-    assert state_bytes is adam_jax.state_bytes
-    assert record[0].filename == __file__  # the warning points at the reader
+def test_state_bytes_lives_at_the_top_level_only():
+    """0.3's ``adam_jax.quantization.state_bytes`` is gone (CHANGELOG lists the moves)."""
     assert "state_bytes" not in qz.__all__
     with pytest.raises(AttributeError):
-        qz.no_such_name  # noqa: B018
+        qz.state_bytes  # noqa: B018
 
 
 def test_scales_of_another_rank_are_refused():

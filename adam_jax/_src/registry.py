@@ -10,7 +10,7 @@ from typing import Any
 import optax
 
 from adam_jax._src import aliases
-from adam_jax._src.optimizer_info import GROUPS, OptimizerInfo, Paper
+from adam_jax._src.optimizer_info import GROUPS, OptimizerInfo
 from adam_jax._src.variants import (
     adabelief,
     adam_atan2,

@@ -79,10 +79,6 @@ Example::
 
 from __future__ import annotations
 
-import warnings as _warnings
-from typing import Any as _Any
-
-from adam_jax._src.memory import state_bytes as _state_bytes
 from adam_jax._src.quantization.blocks import (
     QuantizedArray,
     dequantize_blockwise,
@@ -121,15 +117,3 @@ __all__ = [
     "quantize_blockwise",
 ]
 
-
-def __getattr__(name: str) -> _Any:
-    # adam_jax 0.3 had state_bytes here; it measures any state, so it lives at the top level now.
-    if name == "state_bytes":
-        _warnings.warn(
-            "adam_jax.quantization.state_bytes is deprecated since adam_jax 0.4: "
-            "use adam_jax.state_bytes",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-        return _state_bytes
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -350,5 +350,6 @@ REGISTRY_ROWS = (
             venue="ICLR 2025",
         ),
         transformation=scale_by_adam_mini,
+        companions=("adam_mini_block_shape", "adam_mini_partition"),
     ),
 )

@@ -315,5 +315,6 @@ REGISTRY_ROWS = (
         ),
         transformation=scale_by_laprop,
         rule=LapropRule,
+        companions=("ScaleByLapropState",),
     ),
 )

@@ -478,5 +478,6 @@ REGISTRY_ROWS = (
         transformation=scale_by_mars,
         rule=MarsRule,
         # The default rate (3e-3): the authors' default, not tuned on the MNIST example.
+        companions=("ScaleByMarsState",),
     ),
 )

@@ -579,5 +579,6 @@ REGISTRY_ROWS = (
         transformation=scale_by_spam,
         rule=SpamRule,
         # The default rate (3e-3): not tuned on the MNIST example.
+        companions=("ScaleBySpamState",),
     ),
 )

@@ -416,5 +416,6 @@ REGISTRY_ROWS = (
         transformation=scale_by_stable_spam,
         rule=StableSpamRule,
         # The default rate (3e-3): not tuned on the MNIST example.
+        companions=("ScaleByStableSpamState",),
     ),
 )
