@@ -31,11 +31,11 @@ def test_leaf_reductions_per_packed_tensor(reduction: str) -> None:
     tree = _tree()
     flat = adam_jax.flat.flatten(tree)
     (buffer,), (segments,) = flat.buffers, tensor_segments(flat)
-    got = np.asarray(getattr(Leaf(None, 0.0, segments), reduction)(buffer))
+    got = np.asarray(getattr(Leaf(param=None, decay=0.0, segments=segments), reduction)(buffer))
     per_tensor = [getattr(np.asarray(tree[k], np.float64), reduction)() for k in sorted(tree)]
     sizes = [tree[k].size for k in sorted(tree)]
     np.testing.assert_allclose(got, np.repeat(per_tensor, sizes), rtol=1e-6)
-    whole = getattr(Leaf(None, 0.0, None), reduction)(tree["a"])
+    whole = getattr(Leaf(param=None, decay=0.0, segments=None), reduction)(tree["a"])
     assert whole.shape == ()
     np.testing.assert_allclose(
         whole, getattr(np.asarray(tree["a"], np.float64), reduction)(), rtol=1e-6
@@ -45,7 +45,7 @@ def test_leaf_reductions_per_packed_tensor(reduction: str) -> None:
 @pytest.mark.parametrize("segments", [None, (300, 100)])
 def test_leaf_sum_accumulates_in_dtype(segments: tuple[int, ...] | None) -> None:
     ones = jnp.ones(400, jnp.int8)
-    total = Leaf(None, 0.0, segments).sum(ones, dtype=jnp.float32)
+    total = Leaf(param=None, decay=0.0, segments=segments).sum(ones, dtype=jnp.float32)
     assert total.dtype == jnp.float32
     expected = 400.0 if segments is None else np.repeat([300.0, 100.0], [300, 100])
     np.testing.assert_array_equal(total, expected)

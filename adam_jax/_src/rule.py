@@ -127,9 +127,10 @@ class Leaf:
 
     def __init__(
         self,
+        *,
         param: jax.Array | None,
         decay: Any,
-        segments: tuple[int, ...] | None,
+        segments: tuple[int, ...] | None = None,
         stored: dict[str, tuple[MomentStorage, Any]] | None = None,
         layout: Any = None,
         position: int | None = None,
@@ -318,7 +319,7 @@ def map_tensors(fn: Callable[..., jax.Array], tree: Any, *rest: Any) -> Any:
     treedef: Any = jax.tree.structure(tree)  # its methods are untyped in jax's stubs
     others = [treedef.flatten_up_to(other) for other in rest]
     results = [
-        fn(x, *ys, Leaf(None, 0.0, segments))
+        fn(x, *ys, Leaf(param=None, decay=0.0, segments=segments))
         for x, segments, *ys in zip(
             treedef.flatten_up_to(tree), tensor_segments(tree), *others, strict=True
         )
@@ -455,12 +456,12 @@ def scale_by_rule(
             for name in reducing:
                 loaded[name] = _laid_out(loaded[name], layout)
             leaf = Leaf(
-                None if param is None else param.astype(g.dtype),
-                decays[i],
-                segments[i],
-                reducing,
-                layout,
-                i,
+                param=None if param is None else param.astype(g.dtype),
+                decay=decays[i],
+                segments=segments[i],
+                stored=reducing,
+                layout=layout,
+                position=i,
             )
             update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
             unsettled = sorted(set(reducing) - leaf._settled)
