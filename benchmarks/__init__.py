@@ -1,1 +1,1 @@
-"""Benchmarks of adam_jax against optax.adam (see BENCHMARKS.md)."""
+"""Benchmarks of adam_jax against optax.adam (BENCHMARKS.md lists the figures, by topic)."""

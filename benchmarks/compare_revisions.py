@@ -2,7 +2,7 @@
 
     git worktree add /tmp/adam_base 8556ab0
     python -m benchmarks.compare_revisions --baseline /tmp/adam_base --rounds 7 \\
-        --out benchmarks/results/leaves_before_after.json
+        --out /tmp/leaves_before_after.json
 
 Runs ``python -m benchmarks.run --sections leaves`` (this checkout's benchmark code) in a fresh
 process per measurement, alternating between the baseline's ``adam_jax`` package and the

@@ -8,7 +8,7 @@ AdamW; Adam-mini; 4-bit moments; the second moment factored into row and column 
 bfloat16 params with stochastic rounding, a 4-bit first moment and an Adam-mini or a factored
 second moment; and Adam-mini with the position embedding read as an embedding. Writes per run
 the train-loss curve (the mean over each 50 steps) and the held-out loss to JSON, and prints
-the table of BENCHMARKS.md. The peak learning rate is tuned: a sweep on seed 0 for AdamW and
+the table of docs/memory.md. The peak learning rate is tuned: a sweep on seed 0 for AdamW and
 Adam-mini, then three seeds of the AdamW settings (its storages) at
 AdamW's best rate and of the Adam-mini ones at Adam-mini's::
 
@@ -24,7 +24,7 @@ AdamW's best rate and of the Adam-mini ones at Adam-mini's::
 
 A later stop tuned factored nu's own rate (best 1.6e-2) and added Adam-mini with the position
 embedding partitioned per position (``positions_as_embedding``; best 1.2e-2), each on seed 0
-over a grid and then on seeds 1 and 2 at the best rate (the commands in BENCHMARKS.md).
+over a grid and then on seeds 1 and 2 at the best rate (the commands in docs/memory.md).
 
 Runs already in ``--out`` are kept (the commands resume, and processes may share the file);
 ``--settings`` runs a subset.

@@ -335,7 +335,7 @@ def summary(
 
 
 def table(finals: dict[str, Any]) -> str:
-    """The markdown table of BENCHMARKS.md."""
+    """The markdown table of docs/lm_race.md."""
     target = finals.get(BASELINE, {}).get("final_held_out_loss")
     lines = [
         "| optimizer | seed-0 grid: peak rate (held-out loss) | best | held-out loss, mean "

@@ -5,7 +5,7 @@ shifts of 2 pixels, warmup 0.5 epoch + cosine to 0 from a peak of 3e-3) with ``a
 twice per seed: float32 moments and 8-bit block-wise moments
 (``adam_jax.quantization.eight_bit_moments()``), everything else identical (same init, same
 batches). The parameters are an NNX model's ``nnx.Param`` state, updated by a plain optax loop
-(``nnx.Optimizer`` is not used: it rewrites pytree-valued moment leaves, see BENCHMARKS.md).
+(``nnx.Optimizer`` is not used: it rewrites pytree-valued moment leaves, see docs/memory.md).
 
     python -m benchmarks.mnist_8bit --seeds 0 1 2 --out benchmarks/results/mnist_8bit.json
 """

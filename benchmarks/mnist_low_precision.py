@@ -7,7 +7,7 @@ params updated plainly (rounded to nearest); with ``adam_jax.kahan_summation``; 
 ``adam_jax.stochastic_rounding``; and Kahan with 8-bit moments. The forward and backward
 passes compute in float32 throughout; the moments follow the params' dtype (bfloat16 with
 bfloat16 params) unless 8-bit. Records the test accuracy and the bytes of params and optimizer
-state per parameter, and prints the table of BENCHMARKS.md::
+state per parameter, and prints the table of docs/low_precision.md::
 
     python -m benchmarks.mnist_low_precision --seeds 0 1 2 --epochs 3 \\
         --data-dir ../shared/data/mnist --out benchmarks/results/mnist_low_precision.json

@@ -8,7 +8,7 @@ moments (``adam_jax.quantization.four_bit_moments``); the second moment factored
 column means (``adam_jax.factored_second_moment``); and bfloat16 params with stochastic
 rounding, a 4-bit first moment and an Adam-mini or a factored second moment. Records the test
 accuracy and the bytes of params and optimizer state per parameter, and prints the table of
-BENCHMARKS.md::
+docs/memory.md::
 
     python -m benchmarks.mnist_memory --seeds 0 1 2 --epochs 3 \\
         --data-dir ../shared/data/mnist --out benchmarks/results/mnist_memory.json

@@ -20,7 +20,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 
 Every section times its variants interleaved (round robin, rotating start) and reports
 medians; see ``benchmarks.harness``. A re-run section replaces its rows in the JSON file, the
-others are kept. ``benchmarks.summarize`` turns the file into the tables of BENCHMARKS.md.
+others are kept. ``benchmarks.summarize`` turns the file into the tables of docs/speed.md.
 """
 
 from __future__ import annotations

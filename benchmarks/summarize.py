@@ -1,4 +1,4 @@
-"""Markdown tables of a results file of ``benchmarks.run`` (pasted into BENCHMARKS.md).
+"""Markdown tables of a results file of ``benchmarks.run`` (as in docs/speed.md, docs/memory.md).
 
 python -m benchmarks.summarize benchmarks/results/cpu.json
 """

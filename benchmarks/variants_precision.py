@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> None:
     import numpy as np
     import pytest
     import test_variants_reference as tests
-    from reference import make_problem, run_jax, run_reference
+    from references.common import make_problem, run_jax, run_reference
     from variants import VARIANTS
 
     print("| variant | package | case | test seed: adam_jax | package | "

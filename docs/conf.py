@@ -64,7 +64,7 @@ napoleon_use_rtype = False
 
 # -- MyST / myst-nb --------------------------------------------------------------------------
 myst_enable_extensions = ["dollarmath", "amsmath", "colon_fence"]
-myst_heading_anchors = 4  # GitHub-style anchors, as BENCHMARKS.md links to its own headings
+myst_heading_anchors = 4  # GitHub-style anchors, for links to headings (speed.md#the-8-bit-step)
 nb_execution_mode = "off"  # the MNIST notebook trains for minutes: render it, never run it
 
 # -- HTML ------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reference import import_reference_package
+from references.common import import_reference_package
 
 import adam_jax
 

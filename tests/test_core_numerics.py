@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reference import RefAdam, pytorch_adam_float32
+from references.adam import RefAdam, pytorch_adam_float32
 
 import adam_jax
 

@@ -17,7 +17,7 @@ import chex
 import numpy as np
 import optax
 import pytest
-from reference import make_problem, run_jax
+from references.common import make_problem, run_jax
 
 import adam_jax
 

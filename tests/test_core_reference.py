@@ -1,6 +1,6 @@
 """Every variant against an independent float64 NumPy implementation of its published formula.
 
-The references live in ``tests/reference.py`` and were written from the papers and PyTorch's
+The references live in ``tests/references/adam.py`` and were written from the papers and PyTorch's
 documented semantics (AMSGrad's maximum of the raw second moment, L2 decay entering the
 moments, ``maximize`` negating the gradient before weight decay, ``LambdaLR`` applying
 ``lr(0)`` to the first update). Each case runs 300 steps in float64 and compares the per-step
@@ -21,14 +21,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reference import (
-    RefAdam,
-    RefAdamax,
-    RefBiasCorrection,
-    make_problem,
-    run_jax,
-    run_reference,
-)
+from references.adam import RefAdam, RefAdamax, RefBiasCorrection
+from references.common import make_problem, run_jax, run_reference
 
 import adam_jax
 

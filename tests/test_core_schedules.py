@@ -1,9 +1,9 @@
 """Learning-rate schedules.
 
 ``warmup_stable_decay_schedule``, ``inverse_sqrt_schedule`` and ``linear_warmup`` against
-float64 values computed by hand from their definitions (``tests/reference.py``) at the boundary
-steps; every optax schedule works as a learning rate; the first update uses the schedule's
-value at step 0.
+float64 values computed by hand from their definitions (``tests/references/schedules.py``) at
+the boundary steps; every optax schedule works as a learning rate; the first update uses the
+schedule's value at step 0.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import reference
+from references import schedules
 
 import adam_jax
 
@@ -44,7 +44,7 @@ def test_warmup_stable_decay(decay_type: str) -> None:
     )
     schedule = adam_jax.warmup_stable_decay_schedule(**kwargs)
     steps = [0, 1, 5, 9, 10, 11, 29, 30, 31, 37, 45, 59, 60, 61, 100, 10_000]
-    _check(schedule, lambda t: reference.warmup_stable_decay(t, **kwargs), steps)
+    _check(schedule, lambda t: schedules.warmup_stable_decay(t, **kwargs), steps)
 
 
 def test_warmup_stable_decay_hand_values() -> None:
@@ -68,7 +68,7 @@ def test_inverse_sqrt() -> None:
     kwargs = dict(peak_value=1e-2, warmup_steps=100, init_value=1e-4)
     schedule = adam_jax.inverse_sqrt_schedule(**kwargs)
     steps = [0, 1, 50, 99, 100, 101, 400, 2500, 1_000_000]
-    _check(schedule, lambda t: reference.inverse_sqrt(t, **kwargs), steps)
+    _check(schedule, lambda t: schedules.inverse_sqrt(t, **kwargs), steps)
     assert math.isclose(float(schedule(400)), 5e-3, rel_tol=1e-6)
     assert math.isclose(float(schedule(10_000)), 1e-3, rel_tol=1e-6)
 
@@ -83,7 +83,7 @@ def test_linear_warmup_wraps_a_schedule() -> None:
         return 1e-2 * ((1 - 0.1) * 0.5 * (1 + math.cos(math.pi * frac)) + 0.1)
 
     steps = [0, 1, 5, 9, 10, 11, 35, 60, 61, 200]
-    _check(schedule, lambda t: reference.linear_warmup(t, inner_np, 10, 1e-4), steps)
+    _check(schedule, lambda t: schedules.linear_warmup(t, inner_np, 10, 1e-4), steps)
     assert math.isclose(float(schedule(10)), 1e-2, rel_tol=1e-6)
 
 

@@ -21,7 +21,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reference import import_reference_package, make_problem, run_jax, run_reference, run_torch
+from references.common import (
+    import_reference_package,
+    make_problem,
+    run_jax,
+    run_reference,
+    run_torch,
+)
 from references.mars import RefMars, pytorch_optimizer_optimizer, timm_optimizer
 
 import adam_jax

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reference import make_problem, run_jax, run_reference
+from references.common import make_problem, run_jax, run_reference
 from references.soap import RefSoap
 
 import adam_jax

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from reference import make_problem, run_reference
+from references.common import make_problem, run_reference
 from references.spam import RefSpam, authors_death_rate
 from variants import BY_NAME
 

@@ -14,7 +14,7 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import make_problem, run_reference
+from references.common import make_problem, run_reference
 from references.stable_spam import authors_cosine
 from variants import BY_NAME
 

@@ -21,7 +21,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from reference import make_problem, run_jax, run_reference, run_torch
+from references.common import make_problem, run_jax, run_reference, run_torch
 from variants import CASES, VARIANTS, Variant
 
 PACKAGE_CASES = [

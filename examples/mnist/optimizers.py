@@ -22,7 +22,7 @@ import adam_jax
 # 128: the rates customary for MNIST convnets (the Flax example's SGD 0.1, PyTorch's Adadelta
 # 1.0, ...), not the result of a sweep. The Adam family's come from adam_jax's registry: 3x the
 # usual constant 1e-3, since the schedule spends most steps below its peak (measured on the
-# CNN, BENCHMARKS.md), more for RAdam and LAMB (their rows say why).
+# CNN, docs/mnist_results.md), more for RAdam and LAMB (their rows say why).
 _BASELINES: dict[
     str, tuple[float, Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]]
 ] = {

@@ -54,7 +54,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from reference import (
+from variant_spec import DECAY, SCHEDULED, Variant
+
+from references.common import (
     Leaves,
     PerLeafReference,
     ScalarOrSchedule,
@@ -66,7 +68,6 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
-from variant_spec import DECAY, SCHEDULED, Variant
 
 
 @dataclass

@@ -25,8 +25,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from reference import AdamMomentsReference, Leaves, ScalarOrSchedule, _abs_sq
 from variant_spec import LEAF_NAMES, SCHEDULED, Variant
+
+from references.common import AdamMomentsReference, Leaves, ScalarOrSchedule, _abs_sq
 
 
 def default_block(shape: tuple[int, ...]) -> tuple[int, ...]:

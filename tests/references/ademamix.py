@@ -88,7 +88,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from reference import (
+from variant_spec import DECAY, Variant
+
+from references.common import (
     AdamMomentsReference,
     Leaves,
     PerLeafReference,
@@ -101,7 +103,6 @@ from reference import (
     import_reference_package,
     param_groups,
 )
-from variant_spec import DECAY, Variant
 
 
 def linear_warmup(step: int, end: float, start: float = 0.0, warmup: int = 1) -> float:

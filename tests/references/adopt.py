@@ -52,7 +52,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from reference import (
+from variant_spec import DECAY, SCHEDULED, Variant
+
+from references.common import (
     AdamMomentsReference,
     Leaves,
     ScalarOrSchedule,
@@ -62,7 +64,6 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
-from variant_spec import DECAY, SCHEDULED, Variant
 
 
 def default_clip_value(count: float) -> float:

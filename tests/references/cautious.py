@@ -65,7 +65,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from reference import (
+from variant_spec import DECAY, SCHEDULED, Variant
+
+from references.common import (
     AdamMomentsReference,
     Leaves,
     ScalarOrSchedule,
@@ -74,7 +76,6 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
-from variant_spec import DECAY, SCHEDULED, Variant
 
 MASK_SCALE_FLOOR = 1e-3  # timm's mask.mean().clamp_(min=1e-3)
 

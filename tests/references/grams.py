@@ -37,7 +37,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from reference import (
+from variant_spec import DECAY, MASK, SCHEDULED, Variant
+
+from references.common import (
     AdamMomentsReference,
     Leaves,
     ScalarOrSchedule,
@@ -46,7 +48,6 @@ from reference import (
     import_reference_package,
     param_groups,
 )
-from variant_spec import DECAY, MASK, SCHEDULED, Variant
 
 
 def _sgn(g: np.ndarray) -> np.ndarray:

@@ -72,7 +72,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from reference import (
+from variant_spec import DECAY, SCHEDULED, Variant
+
+from references.common import (
     AdamMomentsReference,
     Leaves,
     ScalarOrSchedule,
@@ -83,7 +85,6 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
-from variant_spec import DECAY, SCHEDULED, Variant
 
 
 def trust_ratio(p: np.ndarray, u: np.ndarray) -> float:

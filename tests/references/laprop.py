@@ -54,7 +54,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from reference import (
+from variant_spec import MASK, Variant, lr_schedule
+
+from references.common import (
     Leaves,
     PerLeafReference,
     ScalarOrSchedule,
@@ -67,7 +69,6 @@ from reference import (
     param_groups,
     timm_optimizer_module,
 )
-from variant_spec import MASK, Variant, lr_schedule
 
 
 @dataclass

@@ -53,7 +53,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from reference import (
+from variant_spec import MASK, Variant, lr_schedule, wd_schedule
+
+from references.common import (
     Leaves,
     PerLeafReference,
     ScalarOrSchedule,
@@ -65,7 +67,6 @@ from reference import (
     import_reference_package,
     timm_optimizer_module,
 )
-from variant_spec import MASK, Variant, lr_schedule, wd_schedule
 
 
 @dataclass

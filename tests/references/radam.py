@@ -54,7 +54,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from reference import (
+from variant_spec import DECAY, SCHEDULED, Variant
+
+from references.common import (
     AdamMomentsReference,
     Leaves,
     ScalarOrSchedule,
@@ -63,7 +65,6 @@ from reference import (
     import_reference_package,
     param_groups,
 )
-from variant_spec import DECAY, SCHEDULED, Variant
 
 
 @dataclass

@@ -32,7 +32,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from reference import (
+from variant_spec import DECAY, SCHEDULED, Variant
+
+from references.common import (
     Leaves,
     PerLeafReference,
     ScalarOrSchedule,
@@ -43,7 +45,6 @@ from reference import (
     import_reference_package,
     param_groups,
 )
-from variant_spec import DECAY, SCHEDULED, Variant
 
 
 @dataclass

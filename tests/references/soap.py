@@ -27,8 +27,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from reference import PerLeafReference, ScalarOrSchedule, adapter_options, param_groups
 from variant_spec import DECAY, SCHEDULED, Variant
+
+from references.common import PerLeafReference, ScalarOrSchedule, adapter_options, param_groups
 
 
 def merge_dims(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...]:
@@ -190,7 +191,8 @@ def pytorch_optimizer_optimizer(params: list, **options: Any):
     schedules, complex params.
     """
     import torch
-    from reference import import_reference_package
+
+    from references.common import import_reference_package
 
     pytorch_optimizer = import_reference_package("pytorch-optimizer", "pytorch_optimizer")
     opts, lr, wd = adapter_options(

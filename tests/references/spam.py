@@ -65,7 +65,10 @@ from dataclasses import dataclass, field
 
 import jax
 import numpy as np
-from reference import (
+from variant_spec import LEAF_NAMES, MASK, Variant, lr_schedule, wd_schedule
+
+from adam_jax._src.variants.spam import sample_entries
+from references.common import (
     Leaves,
     PerLeafReference,
     ScalarOrSchedule,
@@ -77,9 +80,6 @@ from reference import (
     import_reference_package,
     param_groups,
 )
-from variant_spec import LEAF_NAMES, MASK, Variant, lr_schedule, wd_schedule
-
-from adam_jax._src.variants.spam import sample_entries
 
 
 def sampled_mask(key: int, draw: int, position: int, shape: tuple, density: float) -> np.ndarray:

@@ -50,7 +50,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-from reference import (
+from variant_spec import MASK, SCHEDULED, Variant
+
+from references.common import (
     AdamMomentsReference,
     Leaves,
     ScalarOrSchedule,
@@ -60,7 +62,6 @@ from reference import (
     import_reference_package,
     param_groups,
 )
-from variant_spec import MASK, SCHEDULED, Variant
 
 
 def debias_beta(beta: float, t: int) -> float:

@@ -59,7 +59,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
-from reference import (
+from variant_spec import MASK, SCHEDULED, Variant
+
+from references.common import (
     Leaves,
     PerLeafReference,
     ScalarOrSchedule,
@@ -71,7 +73,6 @@ from reference import (
     import_reference_package,
     param_groups,
 )
-from variant_spec import MASK, SCHEDULED, Variant
 
 STEPS = 300  # the table's steps (Variant.steps)
 
