@@ -49,6 +49,7 @@ import optax
 
 from adam_jax._src import validation
 from adam_jax._src.chains import ascent, descend
+from adam_jax._src.weight_decay import add_decayed_weights
 
 _KEY = "adam_jax.hyperparam"
 
@@ -285,6 +286,7 @@ def optimizer(
     *,
     positional: tuple[str, ...] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    decayed_weights: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., optax.GradientTransformation]]:
     """Decorates a documented stub into the optimizer of a transformation made by
     :func:`transformation`: ``x(learning_rate, **hyperparams, maximize=False)``.
@@ -299,6 +301,10 @@ def optimizer(
       positional: the hyperparameters that may follow the learning rate by position (default:
         those of ``scale_by``).
       defaults: defaults of the optimizer that differ from the transformation's.
+      decayed_weights: for a transformation without ``decay``: the optimizer takes
+        ``weight_decay`` and ``mask`` all the same, applied by a link of
+        :func:`adam_jax.add_decayed_weights` after the transformation (optax's ``adamw``
+        chain, whose state has that link).
 
     Returns:
       A decorator of a function whose docstring documents the optimizer (the Args section is
@@ -306,10 +312,13 @@ def optimizer(
     """
     rule_type = scale_by.rule_type  # type: ignore[attr-defined]
     decay = scale_by.decay  # type: ignore[attr-defined]
+    rate_inside = any(f.name == "learning_rate" for f in fields_of(rule_type))
+    if decayed_weights and (decay or rate_inside):
+        raise TypeError("decayed_weights is for a transformation without decay or learning_rate")
     defaults = dict(defaults or {})
     arguments = [
         dataclasses.replace(a, default=defaults.pop(a.name, a.default))
-        for a in _arguments(rule_type, decay, 0.0)
+        for a in _arguments(rule_type, decay or decayed_weights, 0.0)
     ]
     if defaults:
         raise TypeError(f"defaults {sorted(defaults)} are not hyperparameters of the rule")
@@ -319,7 +328,6 @@ def optimizer(
             for p in inspect.signature(scale_by).parameters.values()
             if p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
         )
-    rate_inside = any(f.name == "learning_rate" for f in fields_of(rule_type))
     maximize = _Argument("maximize", False, _MAXIMIZE)
     signature = _signature([*arguments, maximize], positional, leading=("learning_rate",))
     documented_arguments = [_Argument("learning_rate", None, _LEARNING_RATE), *arguments, maximize]
@@ -334,6 +342,10 @@ def optimizer(
             if rate_inside:
                 stepped = _build(rule_type, {**values, "learning_rate": rate})
                 return optax.chain(*ascent(ascend), stepped)
+            if decayed_weights:
+                decay_args = {k: values.pop(k) for k in ("weight_decay", "mask")}
+                moments = _build(rule_type, values)
+                return descend(rate, moments, add_decayed_weights(**decay_args), maximize=ascend)
             return descend(rate, _build(rule_type, values), maximize=ascend)
 
         _finish(alias, documented, signature, documented_arguments)

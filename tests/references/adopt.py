@@ -33,10 +33,10 @@ Where the ports differ from the authors:
   ``c(n) = n^e`` are expressible.
 * pytorch-optimizer ``ADOPT`` (4.1.0): ``clip_lambda(step)`` at the post-increment step
   ``n + 1``, so its default clips at ``(n + 1)^0.25`` (``clip_lambda(s) = c(s - 1)`` restores
-  the authors'); and its decoupled decay (``weight_decouple=True``) is applied on every call,
-  also on the first one, which only initializes ``v`` in the authors' code (and here): the
-  params shrink by ``1 - lr wd`` one extra time. Not expressible, so the adapter refuses
-  weight decay.
+  the authors'; adam_jax's ``clip_value_fn=lambda t: (t + 1) ** 0.25`` gives its clip); and
+  its decoupled decay (``weight_decouple=True``) is applied on every call, also on the first
+  one, which only initializes ``v`` in the authors' code (and here): the params shrink by
+  ``1 - lr wd`` one extra time. Not expressible, so the adapter refuses weight decay.
 
 Complex params: the authors, timm and pytorch-optimizer view them as pairs of reals (separate
 second moments and clips of the real and imaginary parts). Here a complex leaf has a real

@@ -13,29 +13,35 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
-from adam_jax._src.chains import descend
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
 from adam_jax._src.moving_average import StepScalars, moving_average
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax._src.rule import Leaf
 
 ScaleByBeliefState = optax.ScaleByBeliefState
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AdabeliefRule(AdamLikeRule):
     """AdaBelief's moment rule: see :func:`scale_by_belief`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-16
-    eps_root: Any = 1e-16
-    nesterov: bool = False
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.hyperparam(
+        0.999, "decay of the second central moment, in [0, 1).", validation.check_decay
+    )
+    eps: Any = hyperparams.eps(1e-16)
+    eps_root: Any = hyperparams.hyperparam(
+        1e-16,
+        "added to the second central moment at every step, >= 0.",
+        validation.check_non_negative,
+    )
+    nesterov: bool = hyperparams.nesterov()
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.hyperparam(
+        None, "storage of the second central moment, as ``mu_dtype``."
+    )
 
     state_type = ScaleByBeliefState
     bias_correction = True  # read by nesterov_mu_hat
@@ -51,18 +57,8 @@ class AdabeliefRule(AdamLikeRule):
         return leaf.add_decay(update), {"mu": mu, "nu": nu}
 
 
-def scale_by_belief(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-16,
-    eps_root: float = 1e-16,
-    *,
-    nesterov: bool = False,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(AdabeliefRule, positional=("b1", "b2", "eps", "eps_root"), decay=True)
+def scale_by_belief() -> None:
     r"""Rescales gradients by AdaBelief's moment estimates (Zhuang et al., 2020, Algorithm 2).
 
     .. math::
@@ -77,17 +73,6 @@ def scale_by_belief(
     ``optax.scale_by_belief`` (same arguments, defaults and state ``optax.ScaleByBeliefState``),
     whose arithmetic this is; the decoupled decay is the authors' ``weight_decouple=True``.
 
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second central moment, in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      eps_root: added to the second central moment at every step, >= 0.
-      nesterov: Nesterov momentum, as ``optax.scale_by_belief``.
-      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second central moment, likewise.
-
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByBeliefState``.
 
@@ -100,25 +85,10 @@ def scale_by_belief(
       >>> print(jnp.round(updates, 2))  # steady: a step above Adam's 1; flipping: a small one
       [ 1.17 -0.06]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    rule = AdabeliefRule(b1, b2, eps, eps_root, nesterov, mu_dtype, nu_dtype)
-    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
-def adabelief(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-16,
-    eps_root: float = 1e-16,
-    *,
-    nesterov: bool = False,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_belief)
+def adabelief() -> None:
     r"""AdaBelief: a drop-in for ``optax.adabelief``, with decoupled weight decay.
 
     .. math::
@@ -126,17 +96,10 @@ def adabelief(
         + \lambda \theta_{t-1}\right)
 
     with :math:`\hat s_t` the bias-corrected average of :math:`(g_t - m_t)^2` from
-    :func:`adam_jax.scale_by_belief`. This is the paper's Algorithm 2, which the authors'
-    package runs with ``rectify=False`` (its default since version 0.2 rectifies as RAdam).
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, eps_root, nesterov: as in :func:`adam_jax.scale_by_belief`.
-      weight_decay: decoupled weight decay, scaled by the learning rate as in
-        :func:`adam_jax.adamw` (the authors' ``weight_decouple=True``).
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending.
+    :func:`adam_jax.scale_by_belief`, and the weight decay scaled by the learning rate as in
+    :func:`adam_jax.adamw` (the authors' ``weight_decouple=True``). This is the paper's
+    Algorithm 2, which the authors' package runs with ``rectify=False`` (its default since
+    version 0.2 rectifies as RAdam).
 
     Returns:
       An ``optax.GradientTransformation`` with optax's state structure.
@@ -144,7 +107,8 @@ def adabelief(
     References:
       Zhuang, Tang, Ding, Tatikonda, Dvornek, Papademetris and Duncan, `AdaBelief Optimizer:
       Adapting Stepsizes by the Belief in Observed Gradients
-      <https://arxiv.org/abs/2010.07468>`_, NeurIPS 2020.
+      <https://arxiv.org/abs/2010.07468>`_, NeurIPS 2020; the authors' code,
+      https://github.com/juntang-zhuang/Adabelief-Optimizer.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -155,14 +119,6 @@ def adabelief(
       >>> print(jnp.round(updates["w"], 4), jnp.round(updates["b"], 4))  # decay on "w" only
       [-0.1611 -0.1611] [-0.1111 -0.1111]
     """
-    return descend(
-        learning_rate,
-        scale_by_belief(
-            b1, b2, eps, eps_root, nesterov=nesterov, weight_decay=weight_decay, mask=mask,
-            mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-        ),
-        maximize=maximize,
-    )  # fmt: skip
 
 
 REGISTRY_ROWS = (

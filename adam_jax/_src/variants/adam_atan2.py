@@ -12,27 +12,26 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from adam_jax._src import validation
-from adam_jax._src.chains import descend
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask, add_decayed_weights
+from adam_jax._src.rule import Leaf
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AdamAtan2Rule(AdamLikeRule):
     """Adam-atan2's moment rule: see :func:`scale_by_adam_atan2`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.99
-    a: Any = 1.27
-    b: Any = 1.0
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.b2(0.99)
+    a: Any = hyperparams.hyperparam(1.27, "scale of the update, > 0.", validation.check_positive)
+    b: Any = hyperparams.hyperparam(
+        1.0, "scale of the second moment inside the arctangent, > 0.", validation.check_positive
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.nu_dtype()
 
     def update(
         self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf
@@ -47,15 +46,8 @@ class AdamAtan2Rule(AdamLikeRule):
         return update, {"mu": mu, "nu": nu}
 
 
-def scale_by_adam_atan2(
-    b1: float = 0.9,
-    b2: float = 0.99,
-    a: float = 1.27,
-    b: float = 1.0,
-    *,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(AdamAtan2Rule, positional=("b1", "b2", "a", "b"))
+def scale_by_adam_atan2() -> None:
     r"""Rescales gradients by Adam-atan2's moment estimates (Everett et al., 2024).
 
     .. math::
@@ -68,14 +60,6 @@ def scale_by_adam_atan2(
     are those of ``adam-atan2-pytorch`` (``a = 1.27``, ``b = 1``, :math:`\beta_2 = 0.99`), whose
     arithmetic this is. Complex params are not supported (``ValueError``).
 
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      a: scale of the update, > 0.
-      b: scale of the second moment inside the arctangent, > 0.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment, likewise.
-
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -86,25 +70,14 @@ def scale_by_adam_atan2(
       >>> print(updates)  # 1.27 * atan2(g, |g|) = 1.27 * pi / 4 for any g != 0; 0 at g = 0
       [ 0.9974558  0.        -0.9974558]
     """
-    validation.check_hyperparams(b1=b1, b2=b2)
-    validation.check_positive("a", a)
-    validation.check_positive("b", b)
-    return scale_by_rule(AdamAtan2Rule(b1, b2, a, b, mu_dtype, nu_dtype))
 
 
-def adam_atan2(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    a: float = 1.27,
-    b: float = 1.0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    *,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(
+    scale_by_adam_atan2,
+    positional=("b1", "b2", "a", "b", "weight_decay", "mask"),
+    decayed_weights=True,
+)
+def adam_atan2() -> None:
     r"""Adam-atan2: Adam with the division by :math:`\sqrt{\hat v} + \epsilon` replaced by
     :math:`a\arctan2(\hat m, b\sqrt{\hat v})`, with decoupled weight decay.
 
@@ -112,16 +85,8 @@ def adam_atan2(
         \theta_t = \theta_{t-1} - \alpha(t) \left( a \arctan2(\hat m_t, b\sqrt{\hat v_t})
         + \lambda(t)\, \theta_{t-1} \right)
 
-    As ``adam_atan2_pytorch.AdamAtan2`` (whose weight decay is scaled by the learning rate, as
-    here, unless ``decoupled_wd=True``).
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, a, b: as in :func:`adam_jax.scale_by_adam_atan2`.
-      weight_decay: :math:`\lambda`, a constant >= 0 or a schedule of the step.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending.
+    As ``adam_atan2_pytorch.AdamAtan2`` (the paper gives no code), whose weight decay is scaled
+    by the learning rate as here.
 
     Returns:
       An ``optax.GradientTransformation``: a chain of the moment estimate,
@@ -130,7 +95,8 @@ def adam_atan2(
     References:
       Everett, Xiao, Wortsman, Alemi, Novak, Liu, Gur, Sohl-Dickstein, Kaelbling, Lee and
       Pennington, `Scaling Exponents Across Parameterizations and Optimizers
-      <https://arxiv.org/abs/2407.05872>`_, ICML 2024.
+      <https://arxiv.org/abs/2407.05872>`_, ICML 2024; the code whose constants this uses,
+      https://github.com/lucidrains/adam-atan2-pytorch.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -139,12 +105,6 @@ def adam_atan2(
       >>> print(updates)  # -0.1 * 1.27 * pi / 4 for both (Adam's eps would stop the second)
       [-0.09974558 -0.09974558]
     """
-    return descend(
-        learning_rate,
-        scale_by_adam_atan2(b1, b2, a, b, mu_dtype=mu_dtype, nu_dtype=nu_dtype),
-        add_decayed_weights(weight_decay, mask),
-        maximize=maximize,
-    )
 
 
 REGISTRY_ROWS = (

@@ -17,8 +17,7 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
-from adam_jax._src import validation
-from adam_jax._src.chains import descend
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.moving_average import (
     StepScalars,
     moving_average,
@@ -27,8 +26,7 @@ from adam_jax._src.moving_average import (
 )
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
-from adam_jax._src.weight_decay import Mask, add_decayed_weights
+from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
 
 ScaleByAdemamixState = optax.contrib.ScaleByAdemamixState
 ScaleBySimplifiedAdEMAMixState = optax.contrib.ScaleBySimplifiedAdEMAMixState
@@ -80,22 +78,52 @@ class AdemamixScalars(NamedTuple):
     alpha: Any
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_warmup(name: str, steps: int | None) -> None:
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"{name} must be None or an integer >= 1, got {steps!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AdemamixRule(MomentRule):
     """AdEMAMix's moment rule: see :func:`scale_by_ademamix`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.999
-    b3: Any = 0.9999
-    alpha: Any = 6.0
-    eps: Any = 1e-8
-    eps_root: Any = 0.0
-    alpha_warmup_steps: int | None = None
-    b3_warmup_steps: int | None = None
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.hyperparam(
+        0.9, "decay of the fast first moment, in [0, 1).", validation.check_decay
+    )
+    b2: Any = hyperparams.b2()
+    b3: Any = hyperparams.hyperparam(
+        0.9999,
+        "decay of the slow first moment, in [0, 1), or a schedule of the 0-based step.",
+        validation.check_decay,
+    )
+    alpha: Any = hyperparams.hyperparam(
+        6.0,
+        "weight of the slow moment, >= 0, or a schedule of the 0-based step.",
+        validation.check_non_negative,
+    )
+    eps: Any = hyperparams.eps()
+    eps_root: Any = hyperparams.eps_root()
+    mu_dtype: Any = hyperparams.hyperparam(
+        None,
+        "storage of both first moments (``None``: the params' dtype; a dtype; or a "
+        ":class:`adam_jax.MomentStorage`).",
+    )
+    alpha_warmup_steps: int | None = hyperparams.hyperparam(
+        None, "steps of the linear warm-up of ``alpha`` (``None``: none).", _check_warmup
+    )
+    b3_warmup_steps: int | None = hyperparams.hyperparam(
+        None,
+        "steps of the half-life warm-up of ``b3`` (``None``: none; a constant ``b3`` only).",
+        _check_warmup,
+    )
+    nu_dtype: Any = hyperparams.nu_dtype()
 
     state_type = ScaleByAdemamixState
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if callable(self.b3) and self.b3_warmup_steps is not None:
+            raise ValueError("b3_warmup_steps needs a constant b3, got a schedule")
 
     def moments(self) -> tuple[Moment, ...]:
         return (
@@ -132,24 +160,10 @@ class AdemamixRule(MomentRule):
         return (m1 / d.c1 + scalars.alpha * m2) / denominator, {"m1": m1, "m2": m2, "nu": nu}
 
 
-def _check_warmup(name: str, steps: int | None) -> None:
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"{name} must be None or an integer >= 1, got {steps!r}")
-
-
-def scale_by_ademamix(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    b3: optax.ScalarOrSchedule = 0.9999,
-    alpha: optax.ScalarOrSchedule = 6.0,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    *,
-    alpha_warmup_steps: int | None = None,
-    b3_warmup_steps: int | None = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(
+    AdemamixRule, positional=("b1", "b2", "b3", "alpha", "eps", "eps_root", "mu_dtype")
+)
+def scale_by_ademamix() -> None:
     r"""Rescales gradients by AdEMAMix's moment estimates (Pagliardini et al., 2024).
 
     .. math::
@@ -163,24 +177,12 @@ def scale_by_ademamix(
     PyTorch code does: ``alpha_warmup_steps`` :math:`T_\alpha` gives
     :math:`\alpha(t) = \alpha \min(t/T_\alpha, 1)`, ``b3_warmup_steps`` the half-life warm-up of
     :func:`slow_weight` from :math:`\beta_1` to :math:`\beta_3`. ``b3`` and ``alpha`` may also
-    be schedules, evaluated at the 0-based step (``count_m2``) as optax does; the authors' own
-    optax port evaluates its schedulers there too, one step earlier than their PyTorch code.
+    be schedules, evaluated at the 0-based step (``count_m2``) as optax does, one step earlier
+    than the authors' PyTorch code.
 
     A drop-in for ``optax.contrib.scale_by_ademamix`` (same arguments, defaults and state
     ``optax.contrib.ScaleByAdemamixState``), except that ``mu_dtype`` stores the two first
     moments only (optax stores the second moment in it too; here ``nu_dtype`` does).
-
-    Args:
-      b1: decay of the fast first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      b3: decay of the slow first moment, in [0, 1), or a schedule of the 0-based step.
-      alpha: weight of the slow moment, >= 0, or a schedule of the 0-based step.
-      eps: added to the denominator outside the square root, >= 0.
-      eps_root: added inside the square root, >= 0.
-      mu_dtype: storage of both first moments (``None``, a dtype or a ``MomentStorage``).
-      alpha_warmup_steps: steps of the linear warm-up of ``alpha`` (``None``: none).
-      b3_warmup_steps: steps of the half-life warm-up of ``b3`` (``None``: none).
-      nu_dtype: storage of the second moment, likewise.
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.contrib.ScaleByAdemamixState``.
@@ -192,35 +194,17 @@ def scale_by_ademamix(
       >>> print(jnp.round(updates, 4))  # (1 + 5 * (1 - b3)) * sign(g) at the first step
       [ 1.0005 -1.0005]
     """
-    if callable(b3) and b3_warmup_steps is not None:
-        raise ValueError("b3_warmup_steps needs a constant b3, got a schedule")
-    validation.check_hyperparams(b1=b1, b2=b2, b3=b3, alpha=alpha, eps=eps, eps_root=eps_root)
-    _check_warmup("alpha_warmup_steps", alpha_warmup_steps)
-    _check_warmup("b3_warmup_steps", b3_warmup_steps)
-    rule = AdemamixRule(
-        b1, b2, b3, alpha, eps, eps_root, alpha_warmup_steps, b3_warmup_steps,
-        mu_dtype, nu_dtype,
-    )  # fmt: skip
-    return scale_by_rule(rule)
 
 
-def ademamix(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    b3: optax.ScalarOrSchedule = 0.9999,
-    alpha: optax.ScalarOrSchedule = 5.0,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    *,
-    alpha_warmup_steps: int | None = None,
-    b3_warmup_steps: int | None = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(
+    scale_by_ademamix,
+    positional=(
+        "b1", "b2", "b3", "alpha", "eps", "eps_root", "mu_dtype", "weight_decay", "mask",
+    ),
+    defaults={"alpha": 5.0},
+    decayed_weights=True,
+)  # fmt: skip
+def ademamix() -> None:
     r"""AdEMAMix: a drop-in for ``optax.contrib.ademamix``, with the paper's warm-ups.
 
     .. math::
@@ -229,26 +213,19 @@ def ademamix(
         \theta_{t-1} \right)
 
     with the moments of :func:`adam_jax.scale_by_ademamix`: the arithmetic of the authors'
-    ``AdEMAMix`` (PyTorch), whose defaults are :math:`\alpha = 2` and no warm-up (the paper
-    uses :math:`\alpha` from 5 to 8 with warm-ups as long as training). The defaults here are
+    ``AdEMAMix`` (PyTorch), with the decoupled weight decay scaled by the learning rate as
+    theirs. Their defaults are :math:`\alpha = 2` and no warm-up (the paper uses
+    :math:`\alpha` from 5 to 8 with warm-ups as long as training); the defaults here are
     optax's.
 
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, b3, alpha, eps, eps_root, mu_dtype: as in :func:`adam_jax.scale_by_ademamix`.
-      weight_decay: decoupled weight decay, scaled by the learning rate as in
-        :func:`adam_jax.adamw` and the authors' code.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      alpha_warmup_steps, b3_warmup_steps, nu_dtype: as in
-        :func:`adam_jax.scale_by_ademamix`.
-      maximize: ascend the objective instead of descending.
-
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformation``: a chain of the moment estimate,
+      :func:`adam_jax.add_decayed_weights` and the learning rate, as optax's.
 
     References:
       Pagliardini, Ablin and Grangier, `The AdEMAMix Optimizer: Better, Faster, Older
-      <https://arxiv.org/abs/2409.03137>`_, ICLR 2025.
+      <https://arxiv.org/abs/2409.03137>`_, ICLR 2025; the authors' code,
+      https://github.com/apple/ml-ademamix.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -259,29 +236,29 @@ def ademamix(
       >>> print(jnp.round(updates, 4))  # -0.1 * (1 + alpha * m2), m2 = 1 - 0.99**3 = 0.0297
       [-0.1149  0.1149]
     """
-    return descend(
-        learning_rate,
-        scale_by_ademamix(
-            b1, b2, b3, alpha, eps, eps_root, mu_dtype,
-            alpha_warmup_steps=alpha_warmup_steps, b3_warmup_steps=b3_warmup_steps,
-            nu_dtype=nu_dtype,
-        ),
-        add_decayed_weights(weight_decay, mask),
-        maximize=maximize,
-    )  # fmt: skip
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SimplifiedAdemamixRule(MomentRule):
     """Simplified AdEMAMix's moment rule: see :func:`scale_by_simplified_ademamix`."""
 
-    b1: Any = 0.99
-    b2: Any = 0.95
-    alpha: Any = 0.0
-    eps: Any = 1e-8
-    eps_root: Any = 0.0
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.hyperparam(
+        0.99, "decay of the accumulator, in [0, 1).", validation.check_decay
+    )
+    b2: Any = hyperparams.b2(0.95)
+    alpha: Any = hyperparams.hyperparam(
+        0.0,
+        "weight of the current gradient, >= 0, or a schedule of the 0-based step.",
+        validation.check_non_negative,
+    )
+    eps: Any = hyperparams.eps()
+    eps_root: Any = hyperparams.eps_root()
+    mu_dtype: Any = hyperparams.hyperparam(
+        None,
+        "storage of the accumulator (``None``: the params' dtype; a dtype; or a "
+        ":class:`adam_jax.MomentStorage`).",
+    )
+    nu_dtype: Any = hyperparams.nu_dtype()
 
     state_type = ScaleBySimplifiedAdEMAMixState
 
@@ -316,16 +293,10 @@ class SimplifiedAdemamixRule(MomentRule):
         return numerator / denominator, {"m": m, "n": n}
 
 
-def scale_by_simplified_ademamix(
-    b1: float = 0.99,
-    b2: float = 0.95,
-    alpha: optax.ScalarOrSchedule = 0.0,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    *,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(
+    SimplifiedAdemamixRule, positional=("b1", "b2", "alpha", "eps", "eps_root")
+)
+def scale_by_simplified_ademamix() -> None:
     r"""Rescales gradients by Simplified AdEMAMix's moment estimates (Morwani et al., 2025).
 
     .. math::
@@ -337,16 +308,7 @@ def scale_by_simplified_ademamix(
     :math:`m_t` is an accumulator (a sum with weights :math:`\beta_1^k`), not an average: with
     :math:`\alpha = 0` this is Adam with :math:`\beta_1` and a learning rate scaled by
     :math:`1/(1-\beta_1)`. A drop-in for ``optax.contrib.scale_by_simplified_ademamix`` (same
-    arguments, defaults and state); ``alpha`` may be a schedule of the 0-based step.
-
-    Args:
-      b1: decay of the accumulator, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      alpha: weight of the current gradient, >= 0, or a schedule.
-      eps: added to the denominator outside the square root, >= 0.
-      eps_root: added inside the square root, >= 0.
-      mu_dtype: storage of the accumulator (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment, likewise.
+    arguments, defaults and state).
 
     Returns:
       An ``optax.GradientTransformation`` with state
@@ -359,49 +321,32 @@ def scale_by_simplified_ademamix(
       >>> print(jnp.round(updates, 4))  # (1 + alpha) * sign(g) at the first step
       [ 3. -3.]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, alpha=alpha, eps=eps, eps_root=eps_root)
-    rule = SimplifiedAdemamixRule(b1, b2, alpha, eps, eps_root, mu_dtype, nu_dtype)
-    return scale_by_rule(rule)
 
 
-def simplified_ademamix(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.99,
-    b2: float = 0.95,
-    alpha: optax.ScalarOrSchedule = 0.0,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    *,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(
+    scale_by_simplified_ademamix,
+    positional=("b1", "b2", "alpha", "eps", "eps_root", "weight_decay", "mask"),
+    decayed_weights=True,
+)
+def simplified_ademamix() -> None:
     r"""Simplified AdEMAMix: a drop-in for ``optax.contrib.simplified_ademamix``.
 
     .. math::
         \theta_t = \theta_{t-1} - \eta(t) \left( \frac{m_t + \alpha\, g_t}{\sqrt{\hat v_t
         + \epsilon_{root}} + \epsilon} + \lambda(t)\, \theta_{t-1} \right)
 
-    with :math:`m_t = \beta_1 m_{t-1} + g_t` from :func:`adam_jax.scale_by_simplified_ademamix`.
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, alpha, eps, eps_root: as in :func:`adam_jax.scale_by_simplified_ademamix`.
-      weight_decay: decoupled weight decay, scaled by the learning rate as in
-        :func:`adam_jax.adamw`.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending.
+    with :math:`m_t = \beta_1 m_{t-1} + g_t` from :func:`adam_jax.scale_by_simplified_ademamix`,
+    and the decoupled weight decay scaled by the learning rate as in :func:`adam_jax.adamw`.
+    The authors' ``beta1_warmup`` and ``bias_correction1=True`` are not offered.
 
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformation``: a chain of the moment estimate,
+      :func:`adam_jax.add_decayed_weights` and the learning rate, as optax's.
 
     References:
       Morwani, Shapira, Vyas, Malach, Kakade and Janson, `Connections between Schedule-Free
       Optimizers, AdEMAMix, and Accelerated SGD Variants <https://arxiv.org/abs/2502.02431>`_,
-      2025.
+      2025; the authors' code, https://github.com/DepenM/Simplified-AdEMAMix.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -412,14 +357,6 @@ def simplified_ademamix(
       >>> print(jnp.round(updates, 4))  # -0.01 * (1 + 0.9 + 0.81): a sum, not an average
       [-0.0271]
     """
-    return descend(
-        learning_rate,
-        scale_by_simplified_ademamix(
-            b1, b2, alpha, eps, eps_root, mu_dtype=mu_dtype, nu_dtype=nu_dtype
-        ),
-        add_decayed_weights(weight_decay, mask),
-        maximize=maximize,
-    )
 
 
 REGISTRY_ROWS = (

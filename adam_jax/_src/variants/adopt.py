@@ -15,16 +15,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 
-from adam_jax._src import validation
-from adam_jax._src.chains import descend
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.moments import AdamLikeRule, divide
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax._src.rule import Leaf
 
 
 def quarter_power(count: jax.Array) -> jax.Array:
@@ -50,24 +47,38 @@ def _clip(x: jax.Array, bound: Any) -> jax.Array:
     return jnp.clip(x, -bound, bound)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AdoptRule(AdamLikeRule):
     """ADOPT's moment rule: see :func:`scale_by_adopt`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.9999
-    eps: Any = 1e-6
-    nesterov: bool = False
-    use_clipping: bool = True
-    clip_value_fn: Callable[[jax.Array], Any] = quarter_power
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.b2(0.9999)
+    eps: Any = hyperparams.hyperparam(
+        1e-6, r"floor of :math:`\sqrt{v_{t-1}}`, >= 0.", validation.check_non_negative
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nesterov: bool = hyperparams.hyperparam(
+        False, "Nesterov momentum, as ``optax.contrib.scale_by_adopt``."
+    )
+    use_clipping: bool = hyperparams.hyperparam(
+        True, "clip the normalized gradient at ``clip_value_fn(t)``."
+    )
+    clip_value_fn: Callable[[jax.Array], Any] | None = hyperparams.hyperparam(
+        None,
+        "the clip value as a function of the number of earlier calls (a float array of the "
+        r"compute dtype); ``None`` is :math:`t^{1/4}`, the authors' ``clip_lambda``. ``None`` "
+        "rather than a function, so that ``optax.inject_hyperparams(adopt)`` works without "
+        "``static_args`` (it takes every callable argument for a schedule of the step); pass "
+        '``static_args="clip_value_fn"`` with a function of your own.',
+    )
+    nu_dtype: Any = hyperparams.nu_dtype()
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> AdoptScalars:
         count = fields["count"]  # earlier calls: 0 on the first
         w1 = moving_average_terms(self.b1, 1, dtype)[0]
         w2 = moving_average_terms(self.b2, 1, dtype)[0]
-        clip = self.clip_value_fn(count.astype(dtype)) if self.use_clipping else None
+        clip_value_fn = quarter_power if self.clip_value_fn is None else self.clip_value_fn
+        clip = clip_value_fn(count.astype(dtype)) if self.use_clipping else None
         return AdoptScalars(w1, w2, clip, count == 0)
 
     def update(
@@ -89,19 +100,8 @@ class AdoptRule(AdamLikeRule):
         return update, {"mu": mu, "nu": nu}
 
 
-def scale_by_adopt(
-    b1: float = 0.9,
-    b2: float = 0.9999,
-    eps: float = 1e-6,
-    mu_dtype: Any = None,
-    *,
-    nesterov: bool = False,
-    use_clipping: bool = True,
-    clip_value_fn: Callable[[jax.Array], Any] | None = None,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(AdoptRule, positional=("b1", "b2", "eps", "mu_dtype"), decay=True)
+def scale_by_adopt() -> None:
     r"""Rescales gradients by ADOPT's moment estimates (Taniguchi et al., 2024).
 
     On the first call :math:`v_0 = |g_0|^2` and the update is zero (no decay either). Then
@@ -115,31 +115,11 @@ def scale_by_adopt(
 
     (with ``nesterov``, :math:`\beta_1 m_t + (1-\beta_1) \tilde g_t` instead of :math:`m_t`), where
     :math:`c(t)` is ``clip_value_fn`` of the number of earlier calls :math:`t`: :math:`t^{1/4}`,
-    the authors' ``clip_lambda``. This is the arithmetic of the authors' ``ADOPT`` (and of timm's
-    ``Adopt``) with ``decouple=True``, and a drop-in for ``optax.contrib.scale_by_adopt`` (same
-    arguments, defaults and state ``optax.ScaleByAdamState``; optax's default
-    ``clip_value_fn``, :math:`t^{1/4}`, is spelled ``None`` here), which has no weight decay.
-    pytorch-optimizer's ``ADOPT`` clips at :math:`(t+1)^{1/4}` (pass
-    ``clip_value_fn=lambda t: (t + 1) ** 0.25``) and decays the weights on the first call too.
-    Complex params use :math:`v = |g|^2` and clip the real and imaginary parts.
-
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: floor of :math:`\sqrt{v_{t-1}}`, >= 0.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nesterov: Nesterov momentum, as ``optax.contrib.scale_by_adopt``.
-      use_clipping: clip the normalized gradient at ``clip_value_fn(t)``.
-      clip_value_fn: the clip value as a function of the number of earlier calls (a float
-        array of the compute dtype); ``None`` (the default) is :math:`t^{1/4}`, the authors'
-        ``clip_lambda``. The default is ``None`` rather than a function so that
-        ``optax.inject_hyperparams(adopt)`` works without ``static_args`` (it takes every
-        callable argument for a schedule of the step); pass ``static_args="clip_value_fn"``
-        with a function of your own.
-      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
-        0-based step (skipped on the first call).
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      nu_dtype: storage of the second moment, likewise.
+    the authors' ``clip_lambda``. This is the arithmetic of the authors' ``ADOPT`` with
+    ``decouple=True``, and a drop-in for ``optax.contrib.scale_by_adopt`` (same arguments,
+    defaults and state ``optax.ScaleByAdamState``; optax's default ``clip_value_fn``,
+    :math:`t^{1/4}`, is spelled ``None`` here), which has no weight decay. Complex params use
+    :math:`v = |g|^2` and clip the real and imaginary parts.
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
@@ -155,48 +135,19 @@ def scale_by_adopt(
       >>> print(updates)  # (1 - b1) * clip(g / sqrt(v), 1)
       [ 0.1 -0.1]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    if clip_value_fn is None:
-        clip_value_fn = quarter_power
-    rule = AdoptRule(
-        b1, b2, eps, nesterov, use_clipping, clip_value_fn,
-        mu_dtype, nu_dtype,
-    )  # fmt: skip
-    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
-def adopt(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.9999,
-    eps: float = 1e-6,
-    mu_dtype: Any = None,
-    *,
-    nesterov: bool = False,
-    use_clipping: bool = True,
-    clip_value_fn: Callable[[jax.Array], Any] | None = None,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_adopt)
+def adopt() -> None:
     r"""ADOPT: a drop-in for ``optax.contrib.adopt``, with the authors' decoupled weight decay.
 
     .. math::
         \theta_t = \theta_{t-1} - \alpha(t) \left(m_t + \lambda(t)\, \theta_{t-1}\right)
 
     with :math:`m_t` from :func:`adam_jax.scale_by_adopt` (the first call leaves the params
-    unchanged). Same state as optax's ``adopt`` whatever the weight decay.
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, mu_dtype, nesterov, use_clipping, clip_value_fn: as in
-        :func:`adam_jax.scale_by_adopt`.
-      weight_decay: decoupled weight decay, scaled by the learning rate as in
-        :func:`adam_jax.adamw` and the authors' ``decouple=True``.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      nu_dtype: storage of the second moment.
-      maximize: ascend the objective instead of descending.
+    unchanged, decay included). The weight decay is scaled by the learning rate, as in
+    :func:`adam_jax.adamw` and the authors' ``decouple=True``. Same state as optax's ``adopt``
+    whatever the weight decay.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -204,7 +155,8 @@ def adopt(
     References:
       Taniguchi, Harada, Minegishi, Oshima, Jeong, Nagahara, Iiyama, Suzuki, Iwasawa and
       Matsuo, `ADOPT: Modified Adam Can Converge with Any beta2 with the Optimal Rate
-      <https://arxiv.org/abs/2411.02853>`_, NeurIPS 2024.
+      <https://arxiv.org/abs/2411.02853>`_, NeurIPS 2024; the authors' code,
+      https://github.com/iShohei220/adopt.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -218,15 +170,6 @@ def adopt(
       >>> print(jnp.round(updates, 4))  # -0.1 * ((1 - b1) * clip(g / sqrt(v), 1) + 0.5 * params)
       [-0.06  0.06]
     """
-    return descend(
-        learning_rate,
-        scale_by_adopt(
-            b1, b2, eps, mu_dtype, nesterov=nesterov, use_clipping=use_clipping,
-            clip_value_fn=clip_value_fn, weight_decay=weight_decay, mask=mask,
-            nu_dtype=nu_dtype,
-        ),
-        maximize=maximize,
-    )  # fmt: skip
 
 
 REGISTRY_ROWS = (

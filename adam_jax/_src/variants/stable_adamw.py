@@ -14,25 +14,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
-from adam_jax._src.chains import descend
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax._src.rule import Leaf
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StableAdamwRule(AdamLikeRule):
     """StableAdamW's moment rule: see :func:`scale_by_stable_adam`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.99
-    eps: Any = 1e-6
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.b2(0.99)
+    eps: Any = hyperparams.hyperparam(
+        1e-6,
+        r"added to the denominator, and its square floors :math:`v_t` in the RMS, >= 0.",
+        validation.check_non_negative,
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.nu_dtype()
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> tuple[jax.Array, jax.Array]:
         # The debiased betas' complements: 1 - b_hat = (1 - b) / (1 - b**t).
@@ -52,16 +54,8 @@ class StableAdamwRule(AdamLikeRule):
         return update / jnp.maximum(1.0, rms), {"mu": mu, "nu": nu}
 
 
-def scale_by_stable_adam(
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-6,
-    *,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(StableAdamwRule, positional=("b1", "b2", "eps"), decay=True)
+def scale_by_stable_adam() -> None:
     r"""Rescales gradients by StableAdamW's clipped moment estimates (Wortsman et al., 2023).
 
     .. math::
@@ -77,15 +71,6 @@ def scale_by_stable_adam(
     :class:`adam_jax.FlatParams`). The clipping divides the decay term too, as torch-optimi's
     ``StableAdamW`` (whose arithmetic and defaults this is) scales its learning rate.
 
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator, and its square floors :math:`v_t` in the RMS, >= 0.
-      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment, likewise.
-
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -98,23 +83,14 @@ def scale_by_stable_adam(
       >>> print(jnp.round(updates, 3).tolist())  # the spike makes RMS 1.117: all steps shrink
       [0.671, 0.895, 0.895, 0.895]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    rule = StableAdamwRule(b1, b2, eps, mu_dtype, nu_dtype)
-    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
-def stable_adamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.99,
-    eps: float = 1e-6,
-    weight_decay: optax.ScalarOrSchedule = 1e-2,
-    mask: Mask | None = None,
-    *,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(
+    scale_by_stable_adam,
+    positional=("b1", "b2", "eps", "weight_decay", "mask"),
+    defaults={"weight_decay": 1e-2},
+)
+def stable_adamw() -> None:
     r"""StableAdamW: AdamW whose step, decay included, is divided per tensor by
     :math:`\max(1, \mathrm{RMS}(g_t/\sqrt{v_t}))`.
 
@@ -123,16 +99,9 @@ def stable_adamw(
         \frac{m_t}{\sqrt{v_t} + \epsilon} + \lambda(t)\, \theta_{t-1} \right)
 
     with :math:`m_t, v_t, \mathrm{RMS}_t` from :func:`adam_jax.scale_by_stable_adam`; the
-    arithmetic and defaults of ``optimi.StableAdamW`` (torch-optimi), whose weight decay is
-    scaled by the learning rate as here (unless ``decouple_lr=True``).
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps: as in :func:`adam_jax.scale_by_stable_adam`.
-      weight_decay: :math:`\lambda`, a constant >= 0 or a schedule of the step.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending.
+    arithmetic and defaults of ``optimi.StableAdamW`` (torch-optimi, the reference
+    implementation: the paper gives no code), whose weight decay is scaled by the learning rate
+    as here.
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -140,7 +109,7 @@ def stable_adamw(
     References:
       Wortsman, Dettmers, Zettlemoyer, Morcos, Farhadi and Schmidt, `Stable and low-precision
       training for large-scale vision-language models <https://arxiv.org/abs/2304.13013>`_,
-      NeurIPS 2023.
+      NeurIPS 2023; the reference implementation, https://github.com/warner-benjamin/optimi.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -150,14 +119,6 @@ def stable_adamw(
       >>> print(jnp.round(updates, 4))  # -0.1 * (sign(g) + 0.5 * 2); RMS = 1: no clipping
       [-0.2  0. ]
     """
-    return descend(
-        learning_rate,
-        scale_by_stable_adam(
-            b1, b2, eps, weight_decay=weight_decay, mask=mask,
-            mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-        ),
-        maximize=maximize,
-    )  # fmt: skip
 
 
 REGISTRY_ROWS = (
