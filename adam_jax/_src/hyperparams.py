@@ -61,17 +61,30 @@ class Hyperparam:
     Attributes:
       doc: the line of the Args section that documents it (its meaning and accepted range).
       check: ``check(name, value)`` raising ``ValueError`` for a value out of range, or None.
+      optimizer_only: an argument of the optimizer alone; the transformation leaves the field
+        at its default.
     """
 
     doc: str
     check: Callable[[str, Any], None] | None = None
+    optimizer_only: bool = False
 
 
-def hyperparam(default: Any, doc: str, check: Callable[[str, Any], None] | None = None) -> Any:
+def hyperparam(
+    default: Any,
+    doc: str,
+    check: Callable[[str, Any], None] | None = None,
+    *,
+    optimizer_only: bool = False,
+) -> Any:
     """A rule's hyperparameter: a dataclass field with its default, its line of documentation
     and the check of its range (run when the rule is built; concrete values only, so traced and
-    scheduled values pass, see :mod:`adam_jax.rules`' checks)."""
-    return dataclasses.field(default=default, metadata={_KEY: Hyperparam(doc, check)})
+    scheduled values pass, see :mod:`adam_jax.rules`' checks). ``optimizer_only``: an argument
+    of the optimizer alone (a second learning rate, as ``learning_rate``), which the
+    transformation leaves at its default."""
+    return dataclasses.field(
+        default=default, metadata={_KEY: Hyperparam(doc, check, optimizer_only)}
+    )
 
 
 def fields_of(rule_type: type) -> list[dataclasses.Field]:
@@ -188,17 +201,20 @@ class _Argument:
     spec: Hyperparam
 
 
-def _arguments(rule_type: type, decay: bool, weight_decay: float) -> list[_Argument]:
+def _arguments(
+    rule_type: type, decay: bool, weight_decay: float, optimizer: bool = False
+) -> list[_Argument]:
+    fields = fields_of(rule_type)
     arguments = [
         _Argument(f.name, f.default, f.metadata[_KEY])
-        for f in fields_of(rule_type)
-        if f.name != "learning_rate"
+        for f in fields
+        if f.name != "learning_rate" and (optimizer or not f.metadata[_KEY].optimizer_only)
     ]
     if decay:
-        arguments += [
-            _Argument("weight_decay", weight_decay, _WEIGHT_DECAY),
-            _Argument("mask", None, _MASK),
-        ]
+        # A rule with a weight_decay field applies its own decay: it takes the mask alone.
+        if not any(f.name == "weight_decay" for f in fields):
+            arguments.append(_Argument("weight_decay", weight_decay, _WEIGHT_DECAY))
+        arguments.append(_Argument("mask", None, _MASK))
     return arguments
 
 
@@ -239,16 +255,30 @@ def _with_args(doc: str | None, arguments: Iterable[_Argument]) -> str:
     return f"{head.rstrip()}\n\n{section}\n{marker}{tail}" if marker else f"{text}\n\n{section}"
 
 
-def _build(rule_type: type, values: dict[str, Any]) -> optax.GradientTransformation:
-    """``scale_by_rule`` of the rule built from ``values`` (weight decay and mask apart)."""
+def _split(rule_type: type, values: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The rule built from the ``values`` that are its fields, and the others."""
+    names = {f.name for f in dataclasses.fields(rule_type) if f.init}
+    rule = rule_type(**{k: v for k, v in values.items() if k in names})
+    return rule, {k: v for k, v in values.items() if k not in names}
+
+
+def _build(
+    rule_type: type, values: dict[str, Any], build: Callable[..., Any] | None = None
+) -> optax.GradientTransformation:
+    """``build`` (default ``scale_by_rule``) of the rule built from ``values`` and of the
+    values that are not its fields (weight decay and mask)."""
     from adam_jax._src.rule import scale_by_rule  # the core builds on this module
 
-    decay_args = {k: values.pop(k) for k in ("weight_decay", "mask") if k in values}
-    return scale_by_rule(rule_type(**values), **decay_args)
+    rule, others = _split(rule_type, values)
+    return (build or scale_by_rule)(rule, **others)
 
 
 def transformation(
-    rule_type: type, *, positional: tuple[str, ...] = (), decay: bool = False
+    rule_type: type,
+    *,
+    positional: tuple[str, ...] = (),
+    decay: bool = False,
+    build: Callable[..., optax.GradientTransformation] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., optax.GradientTransformation]]:
     """Decorates a documented stub into the transformation of ``rule_type``:
     ``scale_by_x(**hyperparams)`` is ``scale_by_rule(rule_type(**hyperparams))``.
@@ -259,7 +289,12 @@ def transformation(
       positional: the hyperparameters that may be passed by position, in order (optax's
         signatures); the others are keyword-only.
       decay: the transformation takes ``weight_decay`` and ``mask``, handed to the rule as
-        :attr:`adam_jax.Leaf.decay`.
+        :attr:`adam_jax.Leaf.decay` (``mask`` alone where the rule has a ``weight_decay``
+        field: it applies its own decays, and ``build`` gets the mask).
+      build: ``build(rule, **others)``, the transformation of the built rule, with the
+        arguments that are not its fields (``weight_decay`` and ``mask``): for a rule whose
+        transformation is more than :func:`adam_jax.rules.scale_by_rule` (a wrapper, a
+        decay of its own). Default :func:`adam_jax.rules.scale_by_rule`.
 
     Returns:
       A decorator of a function whose docstring (summary, math, Returns, Example) documents
@@ -271,11 +306,12 @@ def transformation(
     def decorate(documented: Callable[..., Any]) -> Callable[..., optax.GradientTransformation]:
         @functools.wraps(documented)
         def scale_by(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
-            return _build(rule_type, dict(signature.bind(*args, **kwargs).arguments))
+            return _build(rule_type, dict(signature.bind(*args, **kwargs).arguments), build)
 
         _finish(scale_by, documented, signature, arguments)
         scale_by.rule_type = rule_type  # type: ignore[attr-defined]
         scale_by.decay = decay  # type: ignore[attr-defined]
+        scale_by.build = build  # type: ignore[attr-defined]
         return scale_by
 
     return decorate
@@ -286,6 +322,8 @@ def optimizer(
     *,
     positional: tuple[str, ...] | None = None,
     defaults: Mapping[str, Any] | None = None,
+    decay: bool | None = None,
+    build: Callable[..., optax.GradientTransformation] | None = None,
     decayed_weights: bool = False,
 ) -> Callable[[Callable[..., Any]], Callable[..., optax.GradientTransformation]]:
     """Decorates a documented stub into the optimizer of a transformation made by
@@ -301,6 +339,13 @@ def optimizer(
       positional: the hyperparameters that may follow the learning rate by position (default:
         those of ``scale_by``).
       defaults: defaults of the optimizer that differ from the transformation's.
+      decay: the optimizer takes ``weight_decay`` and ``mask`` (default: where the
+        transformation does); for a rule holding the learning rate that decays the params
+        only when it steps them (LaProp's, SPAM's decay of the stepped params).
+      build: ``build(rule, **others)``, the whole optimizer from the built rule and the
+        arguments that are not its fields (``maximize``, ``mask``, ...; ``learning_rate``
+        where the rule does not hold it): for a chain that is more than the default (a
+        wrapper that must know ``maximize``).
       decayed_weights: for a transformation without ``decay``: the optimizer takes
         ``weight_decay`` and ``mask`` all the same, applied by a link of
         :func:`adam_jax.add_decayed_weights` after the transformation (optax's ``adamw``
@@ -311,14 +356,18 @@ def optimizer(
       written from the fields).
     """
     rule_type = scale_by.rule_type  # type: ignore[attr-defined]
-    decay = scale_by.decay  # type: ignore[attr-defined]
+    scale_build = scale_by.build  # type: ignore[attr-defined]
+    if decay is None:
+        decay = scale_by.decay  # type: ignore[attr-defined]
     rate_inside = any(f.name == "learning_rate" for f in fields_of(rule_type))
-    if decayed_weights and (decay or rate_inside):
-        raise TypeError("decayed_weights is for a transformation without decay or learning_rate")
+    if decayed_weights and (decay or rate_inside or build is not None):
+        raise TypeError(
+            "decayed_weights is for a transformation without decay, learning_rate or build"
+        )
     defaults = dict(defaults or {})
     arguments = [
         dataclasses.replace(a, default=defaults.pop(a.name, a.default))
-        for a in _arguments(rule_type, decay or decayed_weights, 0.0)
+        for a in _arguments(rule_type, bool(decay) or decayed_weights, 0.0, optimizer=True)
     ]
     if defaults:
         raise TypeError(f"defaults {sorted(defaults)} are not hyperparameters of the rule")
@@ -338,15 +387,18 @@ def optimizer(
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             values = dict(bound.arguments)
+            if build is not None:
+                rule, others = _split(rule_type, values)
+                return build(rule, **others)
             rate, ascend = values.pop("learning_rate"), values.pop("maximize")
             if rate_inside:
-                stepped = _build(rule_type, {**values, "learning_rate": rate})
+                stepped = _build(rule_type, {**values, "learning_rate": rate}, scale_build)
                 return optax.chain(*ascent(ascend), stepped)
             if decayed_weights:
                 decay_args = {k: values.pop(k) for k in ("weight_decay", "mask")}
-                moments = _build(rule_type, values)
+                moments = _build(rule_type, values, scale_build)
                 return descend(rate, moments, add_decayed_weights(**decay_args), maximize=ascend)
-            return descend(rate, _build(rule_type, values), maximize=ascend)
+            return descend(rate, _build(rule_type, values, scale_build), maximize=ascend)
 
         _finish(alias, documented, signature, documented_arguments)
         return alias

@@ -22,11 +22,13 @@ defaults: ``lr=4e-4``, ``betas=(0.9, 0.999)``, ``eps=1e-15``, ``weight_decay=0``
 ``amsgrad=False``, ``centered=False``. ``learning_rate=None`` gives the bare direction
 ``m_t / a_t`` with a unit rate (``a_t = 1 - b1^t``), the paper's Algorithm 1.
 
-One departure from the authors' code: their ``step_size = lr / a_t if lr != 0 else 1`` moves
+Departures from the authors' code: their ``step_size = lr / a_t if lr != 0 else 1`` moves
 the params by the whole momentum ``m_t`` at a zero rate that follows non-zero ones (the guard
 is meant for ``a_t = 0``); here, as in timm, ``lr / a_t`` is 0 where ``a_t`` is 0 and a zero
-rate does not move. Their ``transformer/laprop.py`` (fairseq) is an older variant: ``eps``
-scaled by ``sqrt(1 - b2^t)``, decay ``p *= 1 - lr wd`` before the step, eps default 1e-8.
+rate does not move. adam_jax also computes ``1 - b2^t`` directly, not by their recursion
+(equal for a constant ``b2``), and clamps the centered second moment at 0 (rounding only).
+Their ``transformer/laprop.py`` (fairseq) is an older variant: ``eps`` scaled by
+``sqrt(1 - b2^t)``, decay ``p *= 1 - lr wd`` before the step, eps default 1e-8.
 
 Where the packages differ:
 

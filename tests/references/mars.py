@@ -31,16 +31,18 @@ Options beyond the authors', for the ports: ``eps_placement="keras"`` (``denom =
 eps) / sqrt(1 - b2^t) * (1 - b1^t)``), ``correct_first_step=False`` (``c = g`` at ``t = 1``),
 ``only_2d=False`` (MARS for every param of 2 dimensions or more), ``maximize``.
 
-Where the packages differ:
+Where the packages differ (both clip per tensor, as the authors' code):
 
-* pytorch-optimizer 4.1.0 ``MARS``: ``eps_placement="keras"`` with ``sqrt(v + 1e-15)``,
-  ``only_2d=False``, no ``is_approx`` (the approximate form), the decay ``p *= 1 - lr wd``
-  before the step (``weight_decouple=True``, ``fixed_decay=False``: the same product),
-  ``lr_1d_factor = lr_1d / lr``, ``ams_bound`` for ``amsgrad``, ``maximize``. Complex params
-  as pairs of reals (a complex vector becomes 2-D: MARS there).
+* pytorch-optimizer 4.1.0 ``MARS`` (``mars_type="adamw"``): ``eps_placement="keras"`` with
+  ``sqrt(v + 1e-15)``, ``only_2d=False`` (MARS for every param of 2 dimensions or more, where
+  the authors' give 3-D and 4-D params AdamW), no ``is_approx`` (the approximate form), the
+  decay ``p *= 1 - lr wd`` before the step (``weight_decouple=True``, ``fixed_decay=False``:
+  the same product), ``lr_1d_factor = lr_1d / lr``, ``ams_bound`` for ``amsgrad``,
+  ``maximize``, ``cautious`` and ``fixed_decay``. Complex params as pairs of reals (a complex
+  vector becomes 2-D: MARS there).
 * timm 1.0.31 ``Mars``: ``correct_first_step=False``, ``only_2d=False``, one
-  ``weight_decay`` for both kinds of params, ``lr_1d_factor``, ``betas_1d``; no ``amsgrad``,
-  ``is_approx`` or ``maximize``.
+  ``weight_decay`` for both kinds of params, ``lr_1d_factor``, ``betas_1d`` (defaulting to
+  ``betas``); no ``amsgrad``, ``is_approx`` or ``maximize``.
 * optax 0.2.8 has no MARS.
 
 Complex params: the authors' code does not take them; the rule is defined with ``|c|^2`` in

@@ -39,18 +39,23 @@ start, of the ``i``-th leaf), ``int(density * size)`` entries each time. The aut
 differ in two ways that only the draws see: their redraws are Bernoulli(``density``) per entry
 (``torch.rand < density``), a count that varies, where these keep the initial count; and the
 moments they carry over to the new mask's shared entries are zeroed by the reset of the very
-next step, so this reference starts the new moments at zero. Their decay of such a group is lost
+next step, so this reference starts the new moments at zero. Their ``density`` groups take
+matrices only (``sparse_leaves`` here may name any leaf). Their decay of such a group is lost
 (``p.data[mask].add_(...)`` shrinks a copy); this reference decays the masked entries of the
 stepped params, as pytorch-optimizer does and as the authors' line intends.
 
 Where the packages differ:
 
-* pytorch-optimizer 4.1.0 ``SPAM``: this arithmetic, with the warm-up one step ahead: its
-  ``CosineDecay.get_death_rate(c)`` sets the scheduler's ``last_epoch = c`` and steps it once
-  more (``0.99 (1 + cos(pi (c + 1) / (W + 1))) / 2``). The adapter pins its warm-up to the
-  authors'. Its ``density`` masks every matrix (all entries at 1.0: the same arithmetic, the
-  decay kept; below 1.0 a random ``int(density * size)`` entries of each matrix, redrawn as
-  Bernoulli, their decay kept). The adapter gives it the reference's masks. No complex params.
+* pytorch-optimizer 4.1.0 ``SPAM``: this arithmetic (the clipping, the resets, the running
+  bias corrections, the decay of the stepped params, times the rate but not the warm-up), with
+  the warm-up one step ahead: its ``CosineDecay.get_death_rate(c)`` sets the scheduler's
+  ``last_epoch = c`` and steps it once more (``0.99 (1 + cos(pi (c + 1) / (W + 1))) / 2``,
+  where the authors' evaluate it at ``c``), so its step at a reset is ``1 - 0.99 (1 + cos(pi /
+  (W + 1))) / 2`` of the full one, not 0.01. The adapter pins its warm-up to the authors'.
+  Its ``density`` (default 1.0, ``density=None`` here) masks every matrix (all entries at
+  1.0: the same arithmetic, the decay kept; below 1.0 a random ``int(density * size)``
+  entries of each matrix, redrawn as Bernoulli, their decay kept). The adapter gives it the
+  reference's masks. No complex params.
 * optax 0.2.8 and timm 1.0.31 have no SPAM.
 
 Complex params: the authors' code does not take them; ``sign(g)`` becomes ``g / |g|`` and

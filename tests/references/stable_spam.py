@@ -31,7 +31,8 @@ with ``theta`` their ``gamma3`` and ``|g|`` the Frobenius norm of the param's gr
 ``b1``. The authors' defaults: ``lr=1e-3``, ``betas=(0.9, 0.999)``, ``eps=1e-8``,
 ``weight_decay=0``, ``amsgrad=False``, ``gamma1=0.7``, ``gamma2=0.9``, ``gamma3=0.999``,
 ``total_T=None``, ``eta_min=0.5``, ``update_proj_gap=1000``. ``learning_rate=None`` gives the
-bare direction (unit rate; decay ``u + wd p``).
+bare direction (unit rate; decay ``u + wd p``). Nothing of the authors' dense update is left
+out (their GaLore ``rank`` groups are commented out of their ``StableSPAM``).
 
 ``restart_norm_count=False`` counts ``total_steps`` in the bias corrections of ``m_max``,
 ``m_norm`` and ``v_norm`` (pytorch-optimizer's port) instead of the param's ``step``.
@@ -44,8 +45,9 @@ Where the packages differ:
   adapter pins it to the authors'. Its bias corrections of ``m_max``, ``m_norm`` and
   ``v_norm`` count ``total_step`` (``restart_norm_count=False``; the adapter refuses the
   authors' count where a reset happens). A tensor whose clipped gradient has norm 0 is
-  skipped (not in the tests' data). No ``amsgrad``, ``update_proj_gap >= 1``, no complex
-  params.
+  skipped, no moment update and no step (not in the tests' data), where the authors' code
+  (and adam_jax) update the averages and step with the unscaled zero gradient. No
+  ``amsgrad``, ``update_proj_gap >= 1``, no complex params.
 * optax 0.2.8 and timm 1.0.31 have no Stable-SPAM.
 
 Complex params: the authors' code does not take them; ``max|g|`` and the norm are of

@@ -15,13 +15,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
-from adam_jax._src.chains import ascent
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
-from adam_jax._src.weight_decay import Mask
+from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
 
 
 class ScaleByLapropState(NamedTuple):
@@ -53,20 +51,39 @@ class LapropScalars(NamedTuple):
     max_now: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class LapropRule(MomentRule):
     """LaProp's moment rule: see :func:`scale_by_laprop` (``learning_rate=None``: the
     direction) and :func:`laprop` (a learning rate: the whole step, decay included)."""
 
-    learning_rate: optax.ScalarOrSchedule | None = None
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-15
-    centered: bool = False
-    amsgrad: bool = False
-    steps_before_using_centered: int = 10
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    learning_rate: optax.ScalarOrSchedule | None = hyperparams.learning_rate()
+    b1: Any = hyperparams.hyperparam(
+        0.9, "decay of the momentum, in [0, 1).", validation.check_decay
+    )
+    b2: Any = hyperparams.hyperparam(
+        0.999,
+        r"decay of the second moment (and of :math:`\bar g_t`), in [0, 1).",
+        validation.check_decay,
+    )
+    eps: Any = hyperparams.eps(1e-15)
+    centered: bool = hyperparams.hyperparam(
+        False,
+        r"subtract the square of the gradient's :math:`\beta_2`-average from :math:`v_t`.",
+    )
+    amsgrad: bool = hyperparams.hyperparam(
+        False, "use the running maximum of the (centered) second moment."
+    )
+    steps_before_using_centered: int = hyperparams.hyperparam(
+        10, "steps taken non-centered first, an integer >= 0.", hyperparams.integer(0)
+    )
+    mu_dtype: Any = hyperparams.hyperparam(
+        None,
+        r"storage of the momentum and of :math:`\bar g_t` (``None``: the params' dtype; a "
+        "dtype; or a :class:`adam_jax.MomentStorage`).",
+    )
+    nu_dtype: Any = hyperparams.hyperparam(
+        None, "storage of the second moment and its running maximum, as ``mu_dtype``."
+    )
 
     state_type = ScaleByLapropState
 
@@ -81,13 +98,6 @@ class LapropRule(MomentRule):
         dtype = real_dtype(compute_dtype(jnp.result_type(jnp.float32, *dtypes)))
         return {"count": jnp.zeros([], jnp.int32), "lr_avg": jnp.zeros([], dtype)}
 
-    def _rate(self, count: jax.Array, dtype: Any) -> jax.Array:
-        """:math:`\\gamma_t` of the 0-based step ``count`` (1 without a learning rate)."""
-        rate = self.learning_rate
-        if rate is None:
-            return jnp.ones([], dtype)
-        return jnp.asarray(rate(count) if callable(rate) else rate).astype(dtype)
-
     def _lr_avg(self, fields: dict[str, Any]) -> jax.Array:
         """The running average of the learning rate after this step, in the state's dtype
         (without a learning rate, :math:`1-\\beta_1^t` itself)."""
@@ -95,7 +105,7 @@ class LapropRule(MomentRule):
         w1, c1 = moving_average_terms(self.b1, optax.safe_increment(count), old.dtype)
         if self.learning_rate is None:
             return c1
-        return moving_average(old, self._rate(count, old.dtype), w1)
+        return moving_average(old, self.rate(fields, old.dtype), w1)
 
     def next_fields(self, fields: dict[str, Any]) -> dict[str, Any]:
         return {**fields, "count": optax.safe_increment(fields["count"]),
@@ -110,7 +120,7 @@ class LapropRule(MomentRule):
         inv = jnp.where(lr_avg == 0, 0.0, 1 / jnp.where(lr_avg == 0, 1.0, lr_avg)).astype(dtype)
         centered_now = jnp.asarray(self.centered) & (t > self.steps_before_using_centered)
         max_now = jnp.asarray(not self.centered) | centered_now
-        return LapropScalars(w1, w2, c2, self._rate(count, dtype), inv, centered_now, max_now)
+        return LapropScalars(w1, w2, c2, self.rate(fields, dtype), inv, centered_now, max_now)
 
     def update(
         self,
@@ -153,30 +163,8 @@ class LapropRule(MomentRule):
         return {name: value for name, value in state._asdict().items() if value is not None}
 
 
-def _check(b1: Any, b2: Any, eps: Any, steps_before_using_centered: Any) -> None:
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    # An array too: optax.inject_hyperparams injects every number.
-    steps = validation.static_float(steps_before_using_centered)
-    if isinstance(steps_before_using_centered, bool) or (
-        steps is not None and not (steps >= 0 and steps == int(steps))
-    ):
-        raise ValueError(
-            "steps_before_using_centered must be an integer >= 0, "
-            f"got {steps_before_using_centered!r}"
-        )
-
-
-def scale_by_laprop(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-15,
-    *,
-    centered: bool = False,
-    amsgrad: bool = False,
-    steps_before_using_centered: int = 10,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(LapropRule, positional=("b1", "b2", "eps"))
+def scale_by_laprop() -> None:
     r"""Rescales gradients by LaProp's moment estimates (Ziyin, Wang and Ueda, 2020, Algorithm 1).
 
     .. math::
@@ -192,18 +180,6 @@ def scale_by_laprop(
     :func:`adam_jax.laprop` under a constant learning rate and no decay; :func:`adam_jax.laprop`
     holds the learning rate, which the authors' code carries inside the momentum.
 
-    Args:
-      b1: decay of the momentum, in [0, 1).
-      b2: decay of the second moment (and of :math:`\bar g_t`), in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      centered: subtract the square of the gradient's :math:`\beta_2`-average from
-        :math:`v_t`.
-      amsgrad: use the running maximum of the (centered) second moment.
-      steps_before_using_centered: steps taken non-centered first, an integer >= 0.
-      mu_dtype: storage of the momentum and of :math:`\bar g_t` (``None``, a dtype or a
-        ``MomentStorage``).
-      nu_dtype: storage of the second moment and its running maximum, likewise.
-
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByLapropState`.
 
@@ -214,28 +190,10 @@ def scale_by_laprop(
       >>> print(jnp.round(updates, 6))  # the first step is the sign of the gradient
       [ 1. -1.]
     """
-    _check(b1, b2, eps, steps_before_using_centered)
-    return scale_by_rule(
-        LapropRule(None, b1, b2, eps, centered, amsgrad, steps_before_using_centered,
-                   mu_dtype, nu_dtype)
-    )  # fmt: skip
 
 
-def laprop(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-15,
-    *,
-    centered: bool = False,
-    amsgrad: bool = False,
-    steps_before_using_centered: int = 10,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_laprop, decay=True)
+def laprop() -> None:
     r"""LaProp (Ziyin, Wang and Ueda, 2020), as the authors' ``LaProp``.
 
     With :math:`n_t` the normalized gradient of :func:`adam_jax.scale_by_laprop` and
@@ -257,24 +215,7 @@ def laprop(
 
     Where the authors' code differs: at a zero rate after non-zero ones it moves the params by
     the whole momentum (its guard ``step_size = 1`` when ``lr == 0``, meant for
-    :math:`a_t = 0`); here (as in timm) a zero rate moves nothing. :math:`1-\beta_2^t` is
-    computed directly, not by their recursion (equal for a constant :math:`\beta_2`), and the
-    centered second moment is clamped at 0 (rounding only). pytorch-optimizer 4.1.0's
-    ``LaProp`` divides :math:`\sqrt{v_t + 10^{-15}} + \epsilon` by :math:`\sqrt{1-\beta_2^t}`
-    (``eps`` scaled, the same as here for the default ``eps``), takes AMSGrad's maximum during
-    the non-centered steps too, and scales the decay by the rate unless ``fixed_decay=True``;
-    its zero-rate guard is the authors'. timm 1.0.31's ``LaProp`` has this arithmetic with
-    the decay scaled by the rate, and no ``centered`` or ``amsgrad``.
-
-    Args:
-      learning_rate: :math:`\gamma`, a constant >= 0 or a schedule of the 0-based step.
-      b1, b2, eps, centered, amsgrad, steps_before_using_centered: as in
-        :func:`adam_jax.scale_by_laprop`.
-      weight_decay: :math:`\lambda`, the authors' decay of the stepped params (a constant
-        >= 0 or a schedule), not scaled by the learning rate.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending (the decay still shrinks).
+    :math:`a_t = 0`), where here a zero rate moves nothing.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByLapropState` (in a chain
@@ -293,12 +234,6 @@ def laprop(
       >>> print(params + updates)  # (1 - 0.5) * (params - 0.1 * sign(g))
       [ 0.45 -0.95]
     """
-    if not callable(learning_rate):
-        validation.check_non_negative("learning_rate", learning_rate)
-    _check(b1, b2, eps, steps_before_using_centered)
-    rule = LapropRule(learning_rate, b1, b2, eps, centered, amsgrad, steps_before_using_centered,
-                      mu_dtype, nu_dtype)  # fmt: skip
-    return optax.chain(*ascent(maximize), scale_by_rule(rule, weight_decay=weight_decay, mask=mask))
 
 
 REGISTRY_ROWS = (

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.chains import ascent
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import moving_average, moving_average_terms
@@ -27,7 +27,6 @@ from adam_jax._src.weight_decay import Mask
 
 MARS_TYPES = ("mars-adamw",)
 NOT_BUILT = ("mars-lion", "mars-shampoo")
-EPS_PLACEMENTS = ("standard", "keras")
 
 
 class ScaleByMarsState(NamedTuple):
@@ -81,29 +80,93 @@ def _at(value: Any, count: jax.Array, dtype: Any) -> jax.Array:
     return jnp.asarray(value(count) if callable(value) else value).astype(dtype)
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_mars_type(name: str, value: Any) -> None:
+    if value in NOT_BUILT:
+        raise ValueError(
+            f"{name} {value!r} is not built: adam_jax has MARS-AdamW alone "
+            f"({name} must be one of {MARS_TYPES})"
+        )
+    validation.check_choice(name, value, MARS_TYPES)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class MarsRule(MomentRule):
     """MARS' moment rule: see :func:`scale_by_mars` (``learning_rate=None``: the direction,
     decay included) and :func:`mars` (a learning rate: the whole step)."""
 
-    learning_rate: optax.ScalarOrSchedule | None = None
-    b1: Any = 0.95
-    b2: Any = 0.99
-    eps: Any = 1e-8
-    gamma: Any = 0.025
-    amsgrad: bool = False
-    is_approx: bool = True
-    optimize_1d: bool = False
-    lr_1d: optax.ScalarOrSchedule | None = None
-    b1_1d: Any = 0.9
-    b2_1d: Any = 0.95
-    weight_decay: optax.ScalarOrSchedule = 0.0
-    weight_decay_1d: optax.ScalarOrSchedule = 0.1
-    eps_placement: str = "standard"
-    correct_first_step: bool = True
-    only_2d: bool = True
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    learning_rate: optax.ScalarOrSchedule | None = hyperparams.learning_rate()
+    b1: Any = hyperparams.b1(0.95)
+    b2: Any = hyperparams.b2(0.99)
+    eps: Any = hyperparams.eps(1e-8)
+    gamma: Any = hyperparams.hyperparam(
+        0.025,
+        "weight of the gradient correction, >= 0 (0: AdamW on per-tensor clipped gradients).",
+        validation.check_non_negative,
+    )
+    mars_type: str = hyperparams.hyperparam(
+        "mars-adamw",
+        '``"mars-adamw"``; the authors\' ``"mars-lion"`` and ``"mars-shampoo"`` are not built '
+        "and raise a ``ValueError``.",
+        _check_mars_type,
+    )
+    is_approx: bool = hyperparams.hyperparam(
+        True, r":math:`g_{t-1}` from the previous step (True) or passed as ``last_grad``."
+    )
+    amsgrad: bool = hyperparams.hyperparam(False, "use the running maximum of the second moment.")
+    optimize_1d: bool = hyperparams.hyperparam(
+        False, "train every param with MARS (else the params that are not 2-D with AdamW)."
+    )
+    lr_1d: optax.ScalarOrSchedule | None = hyperparams.hyperparam(
+        None,
+        r":math:`\alpha_{1d}`, the rate of the AdamW params (a constant >= 0 or a schedule; "
+        "``None``: the learning rate).",
+        validation.check_non_negative,
+        optimizer_only=True,
+    )
+    b1_1d: Any = hyperparams.hyperparam(
+        0.9, "AdamW's decay of the first moment for the params that are not 2-D, in [0, 1).",
+        validation.check_decay,
+    )  # fmt: skip
+    b2_1d: Any = hyperparams.hyperparam(
+        0.95, "AdamW's decay of the second moment for the params that are not 2-D, in [0, 1).",
+        validation.check_decay,
+    )  # fmt: skip
+    weight_decay: optax.ScalarOrSchedule = hyperparams.hyperparam(
+        0.0,
+        r":math:`\lambda` of the MARS params, a constant >= 0 or a schedule (scaled by the "
+        "learning rate in :func:`adam_jax.mars`).",
+        validation.check_non_negative,
+    )
+    weight_decay_1d: optax.ScalarOrSchedule = hyperparams.hyperparam(
+        0.1,
+        r":math:`\lambda_{1d}` of the AdamW params, likewise (scaled by ``lr_1d`` in "
+        ":func:`adam_jax.mars`; the authors' default 0.1 decays them even when "
+        "``weight_decay`` is 0).",
+        validation.check_non_negative,
+    )
+    eps_placement: str = hyperparams.hyperparam(
+        "standard",
+        '``"standard"`` (the authors\', :math:`\\sqrt{\\hat v_t} + \\epsilon`) or '
+        '``"keras"`` (:math:`(\\sqrt{v_t} + \\epsilon)/\\sqrt{1-\\beta_2^t}`).',
+        hyperparams.choice("standard", "keras"),
+    )
+    correct_first_step: bool = hyperparams.hyperparam(
+        True,
+        r"the first correction uses :math:`g_0 = 0` (the authors'); False: "
+        r":math:`\tilde c_1 = g_1`.",
+    )
+    only_2d: bool = hyperparams.hyperparam(
+        True,
+        "with ``optimize_1d=False``, MARS for 2-D params alone (the authors'); False: for "
+        "every param of 2 dimensions or more.",
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.hyperparam(
+        None,
+        "storage of the second moment and its maximum, as ``mu_dtype`` (``None``: the params' "
+        "dtype, float32 for float16 params, whose smallest normal the second moment of the "
+        r"clipped :math:`c_t`, of order :math:`1/\text{size}`, falls below).",
+    )
 
     state_type = ScaleByMarsState
 
@@ -131,8 +194,7 @@ class MarsRule(MomentRule):
         w2, c2 = moving_average_terms(self.b2, t, dtype)
         w1_1d, c1_1d = moving_average_terms(self.b1_1d, t, dtype)
         w2_1d, c2_1d = moving_average_terms(self.b2_1d, t, dtype)
-        rate = 1.0 if self.learning_rate is None else self.learning_rate
-        lr = _at(rate, count, dtype)
+        lr = self.rate(fields, dtype)
         lr_1d = lr if self.lr_1d is None else _at(self.lr_1d, count, dtype)
         wd = _at(self.weight_decay, count, dtype)
         wd_1d = _at(self.weight_decay_1d, count, dtype)
@@ -199,38 +261,11 @@ class MarsRule(MomentRule):
         return {name: value for name, value in state._asdict().items() if value is not None}
 
 
-def _check(
-    b1: Any,
-    b2: Any,
-    eps: Any,
-    gamma: Any,
-    mars_type: str,
-    b1_1d: Any,
-    b2_1d: Any,
-    weight_decay: Any,
-    weight_decay_1d: Any,
-    eps_placement: str,
-) -> None:
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, weight_decay=weight_decay)
-    validation.check_non_negative("gamma", gamma)
-    validation.check_decay("b1_1d", b1_1d)
-    validation.check_decay("b2_1d", b2_1d)
-    if not callable(weight_decay_1d):
-        validation.check_non_negative("weight_decay_1d", weight_decay_1d)
-    if mars_type in NOT_BUILT:
-        raise ValueError(
-            f"mars_type {mars_type!r} is not built: adam_jax has MARS-AdamW alone "
-            f"(mars_type must be one of {MARS_TYPES})"
-        )
-    validation.check_choice("mars_type", mars_type, MARS_TYPES)
-    validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
-
-
-def _decay_mask_rate(weight_decay: Any, weight_decay_1d: Any, optimize_1d: bool) -> float:
+def _decay_mask_rate(rule: MarsRule) -> float:
     """What ``scale_by_rule`` gets as its decay: 1 (the rule scales it by the leaf kind's
     rate, so that ``mask`` covers both kinds), or 0 where neither kind can decay."""
-    zero = validation.static_float(weight_decay) == 0.0
-    zero_1d = optimize_1d or validation.static_float(weight_decay_1d) == 0.0
+    zero = validation.static_float(rule.weight_decay) == 0.0
+    zero_1d = rule.optimize_1d or validation.static_float(rule.weight_decay_1d) == 0.0
     return 0.0 if zero and zero_1d else 1.0
 
 
@@ -263,27 +298,26 @@ def _with_last_grad(
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 
 
-def scale_by_mars(
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    *,
-    gamma: float = 0.025,
-    mars_type: str = "mars-adamw",
-    is_approx: bool = True,
-    amsgrad: bool = False,
-    optimize_1d: bool = False,
-    b1_1d: float = 0.9,
-    b2_1d: float = 0.95,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay_1d: optax.ScalarOrSchedule = 0.1,
-    mask: Mask | None = None,
-    eps_placement: str = "standard",
-    correct_first_step: bool = True,
-    only_2d: bool = True,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
+def _scale_by_mars(
+    rule: MarsRule, *, mask: Mask | None = None, negate: bool = False
 ) -> optax.GradientTransformation:
+    """The transformation of ``rule``: its decays applied by the rule, under ``mask``, and
+    with ``is_approx=False`` the ``last_grad`` it takes (negated where the gradient is)."""
+    tx = scale_by_rule(rule, weight_decay=_decay_mask_rate(rule), mask=mask)
+    return tx if rule.is_approx else _with_last_grad(tx, negate=negate)
+
+
+def _mars(
+    rule: MarsRule, *, mask: Mask | None = None, maximize: bool = False
+) -> optax.GradientTransformation:
+    """The optimizer of ``rule`` (which holds the learning rate)."""
+    return optax.chain(*ascent(maximize), _scale_by_mars(rule, mask=mask, negate=maximize))
+
+
+@hyperparams.transformation(
+    MarsRule, positional=("b1", "b2", "eps"), decay=True, build=_scale_by_mars
+)
+def scale_by_mars() -> None:
     r"""Rescales gradients by MARS-AdamW's moment estimates (Yuan et al., 2024, Algorithm 2).
 
     For a 2-D param (every param with ``optimize_1d=True``):
@@ -302,35 +336,9 @@ def scale_by_mars(
     ``update`` takes as ``last_grad=`` (the authors' ``update_previous_grad``: one more
     backward pass a step; ignored at the first step). The other params
     (``optimize_1d=False``) take AdamW's :math:`u_t` of :math:`g_t` itself with
-    :math:`\beta_{1,1d}`, :math:`\beta_{2,1d}` and decay :math:`\lambda_{1d}`. With
-    ``amsgrad=True``, :math:`v_t` in :math:`u_t` becomes its running maximum.
-
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator, >= 0.
-      gamma: weight of the gradient correction, >= 0 (0: AdamW on per-tensor clipped
-        gradients).
-      mars_type: ``"mars-adamw"``; the authors' ``"mars-lion"`` and ``"mars-shampoo"`` are
-        not built and raise a ``ValueError``.
-      is_approx: :math:`g_{t-1}` from the previous step (True) or passed as ``last_grad``.
-      amsgrad: use the running maximum of the second moment.
-      optimize_1d: train every param with MARS (else the params that are not 2-D with AdamW).
-      b1_1d, b2_1d: AdamW's decays for the params that are not 2-D, in [0, 1).
-      weight_decay: :math:`\lambda` of the MARS params, a constant >= 0 or a schedule.
-      weight_decay_1d: :math:`\lambda_{1d}` of the AdamW params, likewise (the authors'
-        default 0.1 decays them even when ``weight_decay`` is 0).
-      mask: which leaves to decay, of both kinds (a tree of bools or a callable of the params).
-      eps_placement: ``"standard"`` (the authors', :math:`\sqrt{\hat v_t} + \epsilon`) or
-        ``"keras"`` (pytorch-optimizer's, :math:`(\sqrt{v_t} + \epsilon)/\sqrt{1-\beta_2^t}`).
-      correct_first_step: the first correction uses :math:`g_0 = 0` (the authors'); False:
-        :math:`\tilde c_1 = g_1` (timm's).
-      only_2d: with ``optimize_1d=False``, MARS for 2-D params alone (the authors'); False:
-        for every param of 2 dimensions or more (pytorch-optimizer's and timm's).
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment and its maximum, likewise (``None``: the params'
-        dtype, float32 for float16 params, whose smallest normal the second moment of the
-        clipped :math:`c_t`, of order :math:`1/\text{size}`, falls below).
+    :math:`\beta_{1,1d}`, :math:`\beta_{2,1d}` and decay :math:`\lambda_{1d}`; ``mask``
+    selects the decayed leaves of both kinds. With ``amsgrad=True``, :math:`v_t` in
+    :math:`u_t` becomes its running maximum.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByMarsState` (an
@@ -345,40 +353,10 @@ def scale_by_mars(
       >>> print(jnp.round(state.mu, 4))
       [[0.03 0.04]]
     """
-    _check(b1, b2, eps, gamma, mars_type, b1_1d, b2_1d, weight_decay, weight_decay_1d,
-           eps_placement)  # fmt: skip
-    rule = MarsRule(None, b1, b2, eps, gamma, amsgrad, is_approx, optimize_1d, None, b1_1d,
-                    b2_1d, weight_decay, weight_decay_1d, eps_placement, correct_first_step,
-                    only_2d, mu_dtype, nu_dtype)  # fmt: skip
-    rate = _decay_mask_rate(weight_decay, weight_decay_1d, optimize_1d)
-    tx = scale_by_rule(rule, weight_decay=rate, mask=mask)
-    return tx if is_approx else _with_last_grad(tx, negate=False)
 
 
-def mars(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.95,
-    b2: float = 0.99,
-    eps: float = 1e-8,
-    *,
-    gamma: float = 0.025,
-    mars_type: str = "mars-adamw",
-    is_approx: bool = True,
-    amsgrad: bool = False,
-    optimize_1d: bool = False,
-    lr_1d: optax.ScalarOrSchedule | None = None,
-    b1_1d: float = 0.9,
-    b2_1d: float = 0.95,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_decay_1d: optax.ScalarOrSchedule = 0.1,
-    mask: Mask | None = None,
-    eps_placement: str = "standard",
-    correct_first_step: bool = True,
-    only_2d: bool = True,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_mars, build=_mars)
+def mars() -> None:
     r"""MARS (Yuan et al., 2024), as the authors' ``MARS`` with ``mars_type="mars-adamw"``.
 
     With :math:`u_t` of :func:`adam_jax.scale_by_mars` (decay included) and :math:`\alpha_t`
@@ -394,37 +372,11 @@ def mars(
     0.99)``, ``gamma=0.025``, ``betas_1d=(0.9, 0.95)``, ``weight_decay_1d=0.1``,
     ``is_approx=True``, ``optimize_1d=False``).
 
-    The authors' 1-D rate is ``lr * lr_1d / lr0``, with ``lr0`` the rate given to the
-    constructor and ``lr`` the param group's current (scheduled) rate; here ``lr_1d`` is the
-    1-D rate itself, a constant or a schedule (``None``: the learning rate, the authors'
-    default ``lr_1d == lr``). Under a constant rate the two agree; to follow a schedule as the
-    authors do, pass ``lr_1d=lambda t: schedule(t) * lr_1d / lr0``.
-
-    Where the ports differ from the authors' code (all three clip per tensor):
-
-    * pytorch-optimizer 4.1.0's ``MARS`` (``mars_type="adamw"``) puts ``eps`` before the
-      second moment's bias correction, :math:`(\sqrt{v_t + 10^{-15}} + \epsilon) /
-      \sqrt{1-\beta_2^t}` (``eps_placement="keras"``), gives MARS every param of 2
-      dimensions or more (``only_2d=False``; the authors' give 3-D and 4-D params AdamW, by
-      ``len(grad.shape) == 2``), has no ``is_approx`` (always the approximate form), decays
-      by ``p *= 1 - lr * wd`` before the step (the same product) and adds ``maximize``,
-      ``cautious`` and ``fixed_decay``.
-    * timm 1.0.31's ``Mars`` takes :math:`\tilde c_1 = g_1` at the first step
-      (``correct_first_step=False``), MARS for 2 dimensions or more (``only_2d=False``), one
-      decay for both kinds of params, ``betas_1d`` defaulting to ``betas``, a rate factor
-      ``lr_1d_factor`` and no ``amsgrad``, ``is_approx`` or ``maximize``.
-
-    Args:
-      learning_rate: :math:`\alpha`, a constant >= 0 or a schedule of the 0-based step.
-      b1, b2, eps, gamma, mars_type, is_approx, amsgrad: as in :func:`adam_jax.scale_by_mars`.
-      optimize_1d, b1_1d, b2_1d, eps_placement, correct_first_step, only_2d: likewise.
-      lr_1d: :math:`\alpha_{1d}`, the rate of the AdamW params (a constant >= 0 or a
-        schedule; ``None``: the learning rate).
-      weight_decay: decoupled decay of the MARS params, scaled by the learning rate.
-      weight_decay_1d: decoupled decay of the AdamW params, scaled by ``lr_1d``.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending (the decay still shrinks).
+    Here ``lr_1d`` is the 1-D rate itself, a constant or a schedule (``None``: the learning
+    rate, the authors' default ``lr_1d == lr``). Where the authors' code differs: its 1-D rate
+    is ``lr * lr_1d / lr0`` (``lr0`` the constructor's rate, ``lr`` the scheduled one), the
+    same under a constant rate, and ``lr_1d=lambda t: schedule(t) * lr_1d / lr0`` follows a
+    schedule as theirs does.
 
     Returns:
       An ``optax.GradientTransformation`` (a chain; with ``is_approx=False`` its ``update``
@@ -444,20 +396,6 @@ def mars(
       >>> print(jnp.round(updates["w"][0], 4), jnp.round(updates["b"], 4))
       [-0.1 -0.1] [-0.1 -0.1]
     """
-    if not callable(learning_rate):
-        validation.check_non_negative("learning_rate", learning_rate)
-    if lr_1d is not None and not callable(lr_1d):
-        validation.check_non_negative("lr_1d", lr_1d)
-    _check(b1, b2, eps, gamma, mars_type, b1_1d, b2_1d, weight_decay, weight_decay_1d,
-           eps_placement)  # fmt: skip
-    rule = MarsRule(learning_rate, b1, b2, eps, gamma, amsgrad, is_approx, optimize_1d, lr_1d,
-                    b1_1d, b2_1d, weight_decay, weight_decay_1d, eps_placement,
-                    correct_first_step, only_2d, mu_dtype, nu_dtype)  # fmt: skip
-    rate = _decay_mask_rate(weight_decay, weight_decay_1d, optimize_1d)
-    tx = scale_by_rule(rule, weight_decay=rate, mask=mask)
-    if not is_approx:
-        tx = _with_last_grad(tx, negate=maximize)
-    return optax.chain(*ascent(maximize), tx)
 
 
 REGISTRY_ROWS = (

@@ -17,16 +17,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.branching import branch
-from adam_jax._src.chains import ascent
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, real_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rounding import raw_key
-from adam_jax._src.rule import Leaf, Moment, expand_mask, scale_by_rule, second_moment
+from adam_jax._src.rule import Leaf, Moment, expand_mask, second_moment
 from adam_jax._src.storage import MomentStorage, per_leaf, storages_for
 from adam_jax._src.typed_sharding import (
     replicated,
@@ -34,7 +33,6 @@ from adam_jax._src.typed_sharding import (
     reshard,
     typed_sharding,
 )
-from adam_jax._src.weight_decay import Mask
 
 #: The authors' ``CosineDecay(0.99, warmup_steps)``: the rate right after a reset is 1% of
 #: the full one.
@@ -171,25 +169,76 @@ def warmup_scale(count: Any, delta_t: Any, warmup_steps: Any, dtype: Any = jnp.f
     return jnp.where(warming, 1 - _DEATH_RATE * (1 + jnp.cos(angle)) / 2, 1.0).astype(dtype)
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_density(name: str, value: Any) -> None:
+    number = validation.static_float(value)
+    if isinstance(value, bool) or (number is not None and not 0.0 < number <= 1.0):
+        raise ValueError(f"{name} must be in (0, 1] (or None: dense moments), got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SpamRule(AdamLikeRule):
     """SPAM's moment rule: see :func:`scale_by_spam` (``learning_rate=None``: the direction)
     and :func:`spam` (a learning rate: the whole step, decay included)."""
 
-    learning_rate: optax.ScalarOrSchedule | None = None
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-6
-    threshold: Any = 5000.0
-    delta_t: Any = 500
-    warmup_steps: Any = 150
-    grad_accu_steps: Any = 20
-    correct_bias: bool = True
-    mu_dtype: Any = None
-    nu_dtype: Any = None
-    density: Any = None
-    sparse_leaves: Any = None
-    key: Any = 0
+    learning_rate: optax.ScalarOrSchedule | None = hyperparams.learning_rate()
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.b2()
+    eps: Any = hyperparams.hyperparam(
+        1e-6,
+        r"added to :math:`\sqrt{v_t}`, >= 0 (the authors' default 1e-6).",
+        validation.check_non_negative,
+    )
+    threshold: Any = hyperparams.hyperparam(
+        5000.0,
+        r":math:`\theta`, the spike bound as a multiple of the second moment, >= 0 (0: no "
+        "clipping).",
+        validation.check_non_negative,
+    )
+    delta_t: Any = hyperparams.hyperparam(
+        500,
+        r":math:`\Delta T`, steps between momentum resets, an integer >= 1 (the authors' "
+        "``DeltaT``).",
+        hyperparams.integer(1),
+    )
+    warmup_steps: Any = hyperparams.hyperparam(
+        150,
+        ":math:`W`, steps of the cosine warm-up after a reset, an integer >= 0 (the authors' "
+        "``warmup_steps``, ``--warmup_epoch`` on their command line).",
+        hyperparams.integer(0),
+    )
+    grad_accu_steps: Any = hyperparams.hyperparam(
+        20,
+        ":math:`A`, steps after a reset (and after the start) before spikes are clipped, an "
+        "integer >= 0.",
+        hyperparams.integer(0),
+    )
+    correct_bias: bool = hyperparams.hyperparam(
+        True, r"scale by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`."
+    )
+    mu_dtype: Any = hyperparams.hyperparam(
+        None,
+        "storage of the first moment (``None``: the params' dtype; a dtype; or a "
+        ":class:`adam_jax.MomentStorage`; of a sparse leaf, its vector of sampled entries: "
+        "not a reducing storage).",
+    )
+    nu_dtype: Any = hyperparams.nu_dtype()
+    density: Any = hyperparams.hyperparam(
+        None,
+        "sparse moments (the authors' ``density`` groups): each sparse leaf keeps moments for "
+        "``int(density * size)`` of its entries, drawn at random at the first step and anew "
+        "at each reset, and only those entries move; in (0, 1], or ``None`` (dense moments, "
+        "the default). It sets the state's shapes, so ``optax.inject_hyperparams`` needs it "
+        "in ``static_args`` under a jitted ``init``.",
+        _check_density,
+    )
+    sparse_leaves: Any = hyperparams.hyperparam(
+        None,
+        "which leaves are sparse (a tree of bools or a callable of the params, depending on "
+        "their structure and shapes only); ``None``: every matrix (2-D leaf).",
+    )
+    key: Any = hyperparams.hyperparam(
+        0, "the ``jax.random`` key (or an int seed) the sampled entries are drawn from."
+    )
 
     @property
     def state_type(self) -> type:
@@ -253,11 +302,7 @@ class SpamRule(AdamLikeRule):
         since = t % self.delta_t
         clip = (jnp.asarray(self.threshold) != 0) & (t >= self.grad_accu_steps)
         clip = clip & (since >= self.grad_accu_steps)
-        rate = self.learning_rate
-        if rate is None:
-            lr = jnp.ones([], dtype)
-        else:
-            lr = jnp.asarray(rate(count) if callable(rate) else rate).astype(dtype)
+        lr = self.rate(fields, dtype)
         scalars = SpamScalars(
             step_scalars(self.b1, self.b2, t)(dtype),
             since == 0,
@@ -369,36 +414,8 @@ def _laid_out_like(g: jax.Array, *moments: jax.Array) -> jax.Array:
     return g
 
 
-def _check(
-    b1: Any, b2: Any, eps: Any, threshold: Any, delta_t: Any, warmup_steps: Any,
-    grad_accu_steps: Any, density: Any,
-) -> None:  # fmt: skip
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    number = validation.static_float(density)
-    if isinstance(density, bool) or (number is not None and not 0.0 < number <= 1.0):
-        raise ValueError(f"density must be in (0, 1] (or None: dense moments), got {density!r}")
-    validation.check_non_negative("threshold", threshold)
-    validation.check_integer("delta_t", delta_t, 1)
-    validation.check_integer("warmup_steps", warmup_steps, 0)
-    validation.check_integer("grad_accu_steps", grad_accu_steps, 0)
-
-
-def scale_by_spam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    *,
-    threshold: float = 5000.0,
-    delta_t: int = 500,
-    warmup_steps: int = 150,
-    grad_accu_steps: int = 20,
-    correct_bias: bool = True,
-    density: float | None = None,
-    sparse_leaves: Mask | None = None,
-    key: jax.Array | int = 0,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(SpamRule, positional=("b1", "b2", "eps"))
+def scale_by_spam() -> None:
     r"""Rescales gradients by SPAM's moment estimates (Huang et al., 2025, Algorithm 1).
 
     At the 0-based step :math:`k` (:math:`t = k + 1`), the moments restart from zero where
@@ -421,31 +438,6 @@ def scale_by_spam(
     :math:`s_k = 1 - 0.99 (1 + \cos(\pi c / (W + 1))) / 2` (0.01 at the reset itself), else 1.
     Complex gradients clip to :math:`g/|g|` times the bound.
 
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to :math:`\sqrt{v_t}`, >= 0 (the authors' default 1e-6).
-      threshold: :math:`\theta`, the spike bound as a multiple of the second moment, >= 0
-        (0: no clipping).
-      delta_t: :math:`\Delta T`, steps between momentum resets, an integer >= 1 (the
-        authors' ``DeltaT``).
-      warmup_steps: :math:`W`, steps of the cosine warm-up after a reset, an integer >= 0
-        (the authors' ``warmup_steps``, ``--warmup_epoch`` on their command line).
-      grad_accu_steps: :math:`A`, steps after a reset (and after the start) before spikes are
-        clipped, an integer >= 0.
-      correct_bias: scale by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
-      density: sparse moments (the authors' ``density`` groups): each sparse leaf keeps
-        moments for ``int(density * size)`` of its entries, drawn at random at the first
-        step and anew at each reset, and only those entries move; in (0, 1], or ``None``
-        (dense moments, the default). It sets the state's shapes, so
-        ``optax.inject_hyperparams`` needs it in ``static_args`` under a jitted ``init``.
-      sparse_leaves: which leaves are sparse (a tree of bools or a callable of the params,
-        depending on their structure and shapes only); ``None``: every matrix (2-D leaf).
-      key: the ``jax.random`` key (or an int seed) the sampled entries are drawn from.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``; of a
-        sparse leaf, its vector of sampled entries: not a reducing storage).
-      nu_dtype: storage of the second moment, likewise.
-
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``, or with
       ``density`` :class:`adam_jax.ScaleBySpamState`.
@@ -457,33 +449,10 @@ def scale_by_spam(
       >>> print(jnp.round(updates, 3))  # the first step: about the sign of g
       [ 1. -1.]
     """
-    _check(b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps, density)
-    return scale_by_rule(
-        SpamRule(None, b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps,
-                 correct_bias, mu_dtype, nu_dtype, density, sparse_leaves, key)
-    )  # fmt: skip
 
 
-def spam(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-6,
-    *,
-    threshold: float = 5000.0,
-    delta_t: int = 500,
-    warmup_steps: int = 150,
-    grad_accu_steps: int = 20,
-    correct_bias: bool = True,
-    density: float | None = None,
-    sparse_leaves: Mask | None = None,
-    key: jax.Array | int = 0,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_spam, decay=True)
+def spam() -> None:
     r"""SPAM (Huang et al., 2025), as the authors' ``SPAM`` optimizer on dense params.
 
     With :math:`u_t` the direction of :func:`adam_jax.scale_by_spam` and :math:`\gamma_k`,
@@ -493,7 +462,7 @@ def spam(
         \theta_{k+1} = (1 - \gamma_k \lambda_k)\,(\theta_k - \gamma_k u_t):
 
     the decay shrinks the stepped params, scaled by the rate but not by the warm-up (the
-    authors' order, and pytorch-optimizer's). The defaults are the authors' (``eps=1e-6``,
+    authors' order). The defaults are the authors' (``eps=1e-6``,
     ``threshold=5000``, ``delta_t=500``, ``warmup_steps=150``, ``grad_accu_steps=20``).
 
     With ``density``, the authors' sparse momentum: each sparse leaf (every matrix unless
@@ -502,33 +471,11 @@ def spam(
     ``int(density * size)`` random entries, and steps only those (weight decay too). The
     entries are drawn at the first step and anew at each reset, so the state holds
     :math:`12 \cdot` ``density`` bytes per parameter of a sparse leaf (two float32 moments and
-    an int32 index per entry). Where the authors' code differs: its redraws keep each entry
-    with probability ``density`` (``torch.rand < density``, a count that varies; here the
-    initial count, drawn as their first mask); the moments it carries over to the new mask are
-    zeroed by the reset of the next step all the same; its decay of such a group is lost
-    (``p.data[mask].add_`` shrinks a copy), where pytorch-optimizer decays the sampled entries
-    as here; and it takes matrices only. Where the params are sharded, a sparse leaf's step
-    runs on the whole leaf (its stored vectors still split under ZeRO-1).
-
-    Where pytorch-optimizer 4.1.0's ``SPAM`` differs: its warm-up runs one step ahead,
-    :math:`s_k = 1 - 0.99 (1 + \cos(\pi (c + 1) / (W + 1))) / 2` for :math:`c < W` (its
-    ``CosineDecay`` sets ``last_epoch = c`` and then steps the scheduler once more, where the
-    authors' evaluates it at ``c``), so the step at a reset is
-    :math:`1 - 0.99 (1 + \cos(\pi / (W + 1))) / 2` of the full one, not 0.01; the rest
-    (clipping, the resets, the running bias corrections, the decay) is the authors'. Its
-    ``density`` masks every matrix (all entries at its default 1.0, ``density=None`` here),
-    redrawn as the authors'.
-
-    Args:
-      learning_rate: :math:`\gamma`, a constant >= 0 or a schedule of the 0-based step.
-      b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps, correct_bias: as in
-        :func:`adam_jax.scale_by_spam`.
-      weight_decay: :math:`\lambda`, decoupled weight decay (a constant >= 0 or a schedule),
-        times the learning rate, of the stepped params.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      density, sparse_leaves, key: sparse moments, as in :func:`adam_jax.scale_by_spam`.
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending (the decay still shrinks).
+    an int32 index per entry). Where the params are sharded, a sparse leaf's step runs on the
+    whole leaf (its stored vectors still split under ZeRO-1). Where the authors' code differs:
+    its redraws keep each entry with probability ``density`` (a count that varies; here the
+    initial count), and its decay of a sparse group is lost (``p.data[mask].add_`` shrinks a
+    copy; here the sampled entries decay).
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState`` (with
@@ -555,13 +502,6 @@ def spam(
       >>> print(int((updates != 0).sum()), state[-1].mu.shape, state[-1].entries.shape)
       4 (4,) (4,)
     """
-    if not callable(learning_rate):
-        validation.check_non_negative("learning_rate", learning_rate)
-    _check(b1, b2, eps, threshold, delta_t, warmup_steps, grad_accu_steps, density)
-    rule = SpamRule(learning_rate, b1, b2, eps, threshold, delta_t, warmup_steps,
-                    grad_accu_steps, correct_bias, mu_dtype, nu_dtype, density, sparse_leaves,
-                    key)  # fmt: skip
-    return optax.chain(*ascent(maximize), scale_by_rule(rule, weight_decay=weight_decay, mask=mask))
 
 
 REGISTRY_ROWS = (

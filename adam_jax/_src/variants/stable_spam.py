@@ -16,15 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.block_mean import block_means
-from adam_jax._src.chains import descend
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
 from adam_jax._src.storage import MomentStorage
-from adam_jax._src.weight_decay import Mask
 
 
 class ScaleByStableSpamState(NamedTuple):
@@ -106,23 +104,76 @@ def cosine_scale(t: Any, total_t: Any, eta_min: Any, dtype: Any = jnp.float32) -
     return eta + (1 - eta) * (1 + jnp.cos(angle)) / 2
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_gamma1(name: str, value: Any) -> None:
+    number = validation.static_float(value)
+    if number is not None and number != -1.0 and not 0.0 <= number < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), or -1 for b1, got {value!r}")
+
+
+def _check_total_t(name: str, value: Any) -> None:
+    if value is not None:
+        validation.check_integer(name, value, 1)
+
+
+def _check_eta_min(name: str, value: Any) -> None:
+    number = validation.static_float(value)
+    if number is not None and not 0.0 <= number <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class StableSpamRule(MomentRule):
     """Stable-SPAM's moment rule: see :func:`scale_by_stable_spam`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-8
-    gamma1: Any = 0.7
-    gamma2: Any = 0.9
-    gamma3: Any = 0.999
-    total_t: Any = None
-    eta_min: Any = 0.5
-    update_proj_gap: Any = 1000
-    amsgrad: bool = False
-    restart_norm_count: bool = True
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.b2()
+    eps: Any = hyperparams.hyperparam(
+        1e-8,
+        "added to the denominators (the moments' and the norm scaling's), >= 0.",
+        validation.check_non_negative,
+    )
+    gamma1: Any = hyperparams.hyperparam(
+        0.7,
+        r":math:`\gamma_1`, decay of the norm's average, in [0, 1), or -1 for ``b1``.",
+        _check_gamma1,
+    )
+    gamma2: Any = hyperparams.hyperparam(
+        0.9,
+        r":math:`\gamma_2`, decay of the squared norm's average, in [0, 1).",
+        validation.check_decay,
+    )
+    gamma3: Any = hyperparams.hyperparam(
+        0.999,
+        r":math:`\gamma_3`, decay of the largest entry's average (the authors' ``theta``), "
+        "in [0, 1).",
+        validation.check_decay,
+    )
+    total_t: Any = hyperparams.hyperparam(
+        None,
+        r":math:`T`, the steps of the cosine decay of :math:`\gamma_1` and :math:`\beta_1` "
+        "(the run's length), an integer >= 1, or ``None`` for none.",
+        _check_total_t,
+    )
+    eta_min: Any = hyperparams.hyperparam(
+        0.5, r":math:`\eta`, the cosine's floor, in [0, 1].", _check_eta_min
+    )
+    update_proj_gap: Any = hyperparams.hyperparam(
+        1000,
+        "steps between moment resets, an integer >= 0 (0: no resets).",
+        hyperparams.integer(0),
+    )
+    amsgrad: bool = hyperparams.hyperparam(
+        False, "divide by the running maximum of the second moment."
+    )
+    restart_norm_count: bool = hyperparams.hyperparam(
+        True,
+        r"the bias corrections of :math:`M`, :math:`a` and :math:`b` count from each reset, as "
+        "the authors' code does (``False``: from the start).",
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.hyperparam(
+        None, "storage of the second moment (and its maximum), as ``mu_dtype``."
+    )
 
     state_type = ScaleByStableSpamState
 
@@ -215,43 +266,8 @@ class StableSpamRule(MomentRule):
         return {name: value for name, value in state._asdict().items() if value is not None}
 
 
-def _check(
-    b1: Any, b2: Any, eps: Any, gamma1: Any, gamma2: Any, gamma3: Any, total_t: Any,
-    eta_min: Any, update_proj_gap: Any,
-) -> None:  # fmt: skip
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    if validation.static_float(gamma1) != -1.0:
-        number = validation.static_float(gamma1)
-        if number is not None and not 0.0 <= number < 1.0:
-            raise ValueError(f"gamma1 must be in [0, 1), or -1 for b1, got {gamma1!r}")
-    validation.check_decay("gamma2", gamma2)
-    validation.check_decay("gamma3", gamma3)
-    if total_t is not None:
-        validation.check_integer("total_t", total_t, 1)
-    number = validation.static_float(eta_min)
-    if number is not None and not 0.0 <= number <= 1.0:
-        raise ValueError(f"eta_min must be in [0, 1], got {eta_min!r}")
-    validation.check_integer("update_proj_gap", update_proj_gap, 0)
-
-
-def scale_by_stable_spam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    gamma1: float = 0.7,
-    gamma2: float = 0.9,
-    gamma3: float = 0.999,
-    total_t: int | None = None,
-    eta_min: float = 0.5,
-    update_proj_gap: int = 1000,
-    amsgrad: bool = False,
-    restart_norm_count: bool = True,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(StableSpamRule, positional=("b1", "b2", "eps"), decay=True)
+def scale_by_stable_spam() -> None:
     r"""Rescales gradients by Stable-SPAM's estimates (Huang et al., 2025, Algorithm 1).
 
     Per tensor, at the 1-based step :math:`t`, with :math:`n` the steps since the last
@@ -277,28 +293,6 @@ def scale_by_stable_spam(
     with :math:`T` = ``total_t``, :math:`\eta` = ``eta_min``. ``amsgrad=True`` divides by the
     running maximum of :math:`v` (never reset) instead.
 
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominators (the moments' and the norm scaling's), >= 0.
-      gamma1: :math:`\gamma_1`, decay of the norm's average, in [0, 1), or -1 for ``b1``.
-      gamma2: :math:`\gamma_2`, decay of the squared norm's average, in [0, 1).
-      gamma3: :math:`\gamma_3`, decay of the largest entry's average (the authors' ``theta``),
-        in [0, 1).
-      total_t: :math:`T`, the steps of the cosine decay of :math:`\gamma_1` and
-        :math:`\beta_1` (the run's length), an integer >= 1, or ``None`` for none.
-      eta_min: :math:`\eta`, the cosine's floor, in [0, 1].
-      update_proj_gap: steps between moment resets, an integer >= 0 (0: no resets).
-      amsgrad: divide by the running maximum of the second moment.
-      restart_norm_count: the bias corrections of :math:`M`, :math:`a` and :math:`b` count
-        from each reset as the authors' code does (``False``: every step, as
-        pytorch-optimizer's port).
-      weight_decay: decoupled weight decay (times the learning rate in the alias), a constant
-        >= 0 or a schedule.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment (and its maximum), likewise.
-
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByStableSpamState`.
 
@@ -309,34 +303,10 @@ def scale_by_stable_spam(
       >>> print(jnp.round(updates, 3))  # the first step is the sign of the gradient
       [ 1. -1.]
     """
-    _check(b1, b2, eps, gamma1, gamma2, gamma3, total_t, eta_min, update_proj_gap)
-    rule = StableSpamRule(
-        b1, b2, eps, gamma1, gamma2, gamma3, total_t, eta_min, update_proj_gap, amsgrad,
-        restart_norm_count, mu_dtype, nu_dtype,
-    )  # fmt: skip
-    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
-def stable_spam(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    gamma1: float = 0.7,
-    gamma2: float = 0.9,
-    gamma3: float = 0.999,
-    total_t: int | None = None,
-    eta_min: float = 0.5,
-    update_proj_gap: int = 1000,
-    amsgrad: bool = False,
-    restart_norm_count: bool = True,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_stable_spam)
+def stable_spam() -> None:
     r"""Stable-SPAM (Huang et al., 2025), as the authors' ``StableSPAM``.
 
     With :math:`u_t` the direction of :func:`adam_jax.scale_by_stable_spam` and
@@ -346,29 +316,6 @@ def stable_spam(
     (``eps=1e-8``, ``gamma1=0.7``, ``gamma2=0.9``, ``gamma3=0.999``, ``eta_min=0.5``,
     ``update_proj_gap=1000``); their README sets ``total_t`` to the run's steps for language
     models. The statistics are per tensor, as the authors keep them per param.
-
-    Left out: nothing of the dense update (the authors' GaLore ``rank`` groups are commented
-    out of their ``StableSPAM``). Where pytorch-optimizer 4.1.0's ``StableSPAM`` differs:
-
-    * its cosine (``t_max``) is one scheduler step ahead and normalized by its first value,
-      :math:`\eta + (1-\eta)(1 + \cos(\pi (t+1)/(T+1)))/(1 + \cos(\pi/(T+1)))`, and stays at
-      :math:`\eta` from :math:`t = T` on; the authors' closed form (here) is
-      :math:`\eta + (1-\eta)(1 + \cos(\pi t/(T+1)))/2` at every step;
-    * its bias corrections of :math:`M`, :math:`a` and :math:`b` count every step (here
-      ``restart_norm_count=False``), where the authors' restart with the moments;
-    * a tensor whose clipped gradient has norm 0 is skipped (no moment update, no step); the
-      authors' (and this) update the averages and step with the unscaled zero gradient;
-    * no ``amsgrad``, and ``update_proj_gap`` must be >= 1.
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule of the 0-based step.
-      b1, b2, eps, gamma1, gamma2, gamma3: as in :func:`adam_jax.scale_by_stable_spam`.
-      total_t, eta_min, update_proj_gap, amsgrad, restart_norm_count: likewise.
-      weight_decay: decoupled weight decay, times the learning rate (a constant >= 0 or a
-        schedule).
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending (the decay still shrinks).
 
     Returns:
       An ``optax.GradientTransformation``: the chain of :func:`adam_jax.scale_by_stable_spam`
@@ -387,15 +334,6 @@ def stable_spam(
       >>> print(params + updates)  # (1 - 0.1 * 0.5) * params - 0.1 sign(g)
       [ 0.85 -1.8 ]
     """
-    if not callable(learning_rate):
-        validation.check_non_negative("learning_rate", learning_rate)
-    transformation = scale_by_stable_spam(
-        b1, b2, eps, gamma1=gamma1, gamma2=gamma2, gamma3=gamma3, total_t=total_t,
-        eta_min=eta_min, update_proj_gap=update_proj_gap, amsgrad=amsgrad,
-        restart_norm_count=restart_norm_count, weight_decay=weight_decay, mask=mask,
-        mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-    )  # fmt: skip
-    return descend(learning_rate, transformation, maximize=maximize)
 
 
 REGISTRY_ROWS = (
