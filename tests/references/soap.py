@@ -18,7 +18,19 @@ update as they do) and ``exp_avg_sq``. The ``k``-th call (``k = 0, 1, ...``)::
 
 The decay is decoupled on the params before the step, as adam_jax and optax do (the authors
 multiply the params after the step by ``1 - lr wd``). The casts of the authors' code to float32
-around ``eigh`` and QR are not here (float64 throughout).
+around ``eigh`` and QR are not here (float64 throughout); the authors also create the factors
+in torch's default dtype, where adam_jax keeps them in the compute dtype.
+
+Where adam_jax differs from the authors' code besides: it keeps ``exp_avg`` in the rotated
+basis too, but moves it only when the basis changes (at a refresh), where the authors rotate it
+back and forth around every preconditioner update: the same arithmetic up to rounding.
+
+Where the packages differ: pytorch-optimizer 4.1.0's ``SOAP`` (see
+:func:`pytorch_optimizer_optimizer`) keeps ``exp_avg`` in the original basis (the authors'
+earlier version: the same arithmetic), computes QR in float32 even for float64 params,
+normalizes by the RMS plus ``eps`` instead of 1e-30, and its ``merge_small_dims`` differs from
+the authors' merge (a tensor that merges into one dimension gets shape ``[1]``, which its
+reshape refuses).
 """
 
 from __future__ import annotations

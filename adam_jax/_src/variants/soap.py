@@ -19,21 +19,19 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adam_jax._src import validation
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.branching import branch
-from adam_jax._src.chains import descend
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import compute_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
 from adam_jax._src.storage import MomentStorage
 from adam_jax._src.typed_sharding import replicated, replicated_placement, reshard, typed_sharding
-from adam_jax._src.weight_decay import Mask
 
 # The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
 _TINY = 1e-30
-# The authors' max_precond_dim, which the aliases' None stands for (optax.inject_hyperparams
+# The authors' max_precond_dim, which the rule's None stands for (optax.inject_hyperparams
 # would inject a number as an array, and it fixes the factors' shapes).
 _MAX_PRECOND_DIM = 10000
 
@@ -218,28 +216,67 @@ class SoapScalars(NamedTuple):
     refresh: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_shampoo_beta(name: str, value: Any) -> None:
+    number = validation.static_float(value)
+    if number is not None and not (number < 1.0 and math.isfinite(number)):
+        raise ValueError(f"{name} must be in [0, 1), or negative for b2, got {value!r}")
+
+
+def _check_max_precond_dim(name: str, value: Any) -> None:
+    """None, or a Python integer >= 1 (it fixes the factors' shapes: no array, no float)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class SoapRule(MomentRule):
     """SOAP's moment rule: see :func:`scale_by_soap`."""
 
-    b1: Any = 0.95
-    b2: Any = 0.95
-    shampoo_beta: Any = -1.0
-    eps: Any = 1e-8
-    precondition_frequency: Any = 10
-    max_precond_dim: int = _MAX_PRECOND_DIM
-    merge_dims: bool = False
-    precondition_1d: bool = False
-    normalize_grads: bool = False
-    correct_bias: bool = True
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1(0.95)
+    b2: Any = hyperparams.b2(0.95)
+    shampoo_beta: Any = hyperparams.hyperparam(
+        -1.0,
+        r"decay :math:`\beta_s` of the Kronecker factors, in [0, 1); negative (the authors' "
+        "-1) uses ``b2``.",
+        _check_shampoo_beta,
+    )
+    eps: Any = hyperparams.eps()
+    precondition_frequency: Any = hyperparams.hyperparam(
+        10, "steps between refreshes of the eigenbases, an integer >= 1.", hyperparams.integer(1)
+    )
+    max_precond_dim: int | None = hyperparams.hyperparam(
+        None,
+        "dimensions larger than this get no factor (the identity), an integer >= 1; ``None`` "
+        "is the authors' 10000. ``None`` rather than a number because "
+        "``optax.inject_hyperparams`` would inject a number as an array, and this fixes "
+        'shapes: pass ``static_args=("max_precond_dim",)`` to set it there.',
+        _check_max_precond_dim,
+    )
+    merge_dims: bool = hyperparams.hyperparam(
+        False,
+        "merge consecutive dimensions of tensors of two or more dimensions while their product "
+        "stays at most ``max_precond_dim`` (the authors' ``merge_dims``).",
+    )
+    precondition_1d: bool = hyperparams.hyperparam(False, "give 1-D leaves a factor too.")
+    normalize_grads: bool = hyperparams.hyperparam(
+        False, r"divide each leaf's direction by :math:`10^{-30}` plus its RMS."
+    )
+    correct_bias: bool = hyperparams.hyperparam(
+        True, r"Adam's bias correction, in the step size: :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`."
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.nu_dtype()
 
     state_type = ScaleBySoapState
 
     @property
     def layout(self) -> SoapLayout:
-        return SoapLayout(self.max_precond_dim, self.merge_dims, self.precondition_1d)
+        dim = _MAX_PRECOND_DIM if self.max_precond_dim is None else self.max_precond_dim
+        return SoapLayout(
+            max_precond_dim=dim,
+            merge_dims=self.merge_dims,
+            precondition_1d=self.precondition_1d,
+        )
 
     def moments(self) -> tuple[Moment, ...]:
         factors = FactorStorage(self.layout)
@@ -351,46 +388,10 @@ class SoapRule(MomentRule):
         return mu.reshape(shape), nu.reshape(shape), _pack(new_bases, bases_flat)
 
 
-def _check_options(precondition_frequency: Any, max_precond_dim: Any, shampoo_beta: Any) -> None:
-    if not isinstance(precondition_frequency, jax.Array):
-        if isinstance(precondition_frequency, bool) or not isinstance(precondition_frequency, int):
-            raise ValueError(
-                f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}"
-            )
-        if precondition_frequency < 1:
-            raise ValueError(
-                f"precondition_frequency must be an integer >= 1, got {precondition_frequency!r}"
-            )
-    if isinstance(max_precond_dim, bool) or not isinstance(max_precond_dim, int):
-        raise ValueError(f"max_precond_dim must be an integer >= 1, got {max_precond_dim!r}")
-    if max_precond_dim < 1:
-        raise ValueError(f"max_precond_dim must be an integer >= 1, got {max_precond_dim!r}")
-    number = validation.static_float(shampoo_beta)
-    if number is not None and not (number < 1.0 and math.isfinite(number)):
-        raise ValueError(
-            f"shampoo_beta must be in [0, 1), or negative for b2, got {shampoo_beta!r}"
-        )
-
-
-def scale_by_soap(
-    b1: float = 0.95,
-    b2: float = 0.95,
-    shampoo_beta: float = -1.0,
-    eps: float = 1e-8,
-    *,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    precondition_frequency: int = 10,
-    max_precond_dim: int | None = None,
-    merge_dims: bool = False,
-    precondition_1d: bool = False,
-    normalize_grads: bool = False,
-    correct_bias: bool = True,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(SoapRule, positional=("b1", "b2", "shampoo_beta", "eps"), decay=True)
+def scale_by_soap() -> None:
     r"""Rescales gradients by SOAP: Adam in the eigenbasis of Shampoo's preconditioner
-    (Vyas et al., 2024).
+    (Vyas et al., 2024, Algorithms 2 and 3).
 
     For each leaf :math:`G_t` (viewed in its working shape, see ``merge_dims``) and each of its
     preconditioned dimensions :math:`i` (size at most ``max_precond_dim``; 1-D leaves only with
@@ -417,60 +418,24 @@ def scale_by_soap(
     each basis is refreshed by one power-iteration step: the columns of :math:`Q` sorted by
     :math:`\mathrm{diag}(Q^\top L Q)` decreasing (and :math:`v` permuted alike), then
     :math:`Q \leftarrow \mathrm{qr}(L Q)`, and :math:`m` moved into the new basis. The
-    refresh runs under ``jax.lax.cond``: no host round trip, one compiled step. Without
-    ``correct_bias`` the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with
-    ``normalize_grads`` the rotated-back direction is divided by :math:`10^{-30}` plus its RMS
-    first.
+    refresh is a branch of the compiled step (no host round trip). Without ``correct_bias``
+    the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with ``normalize_grads`` the
+    rotated-back direction is divided by :math:`10^{-30}` plus its RMS first.
 
-    This is the authors' ``soap.py`` (github.com/nikhilvyas/SOAP at a1e5535), with these
-    differences. Weight decay is decoupled as in optax's AdamW,
-    :math:`\theta \leftarrow \theta - \eta(u + \lambda\theta)`, on the params before the step;
-    the authors multiply the params after the step by :math:`1-\eta\lambda`, which scales the
-    step by :math:`1-\eta\lambda` too. They keep :math:`m` in the rotated basis by rotating it
-    back and forth at every step; here it moves only when the basis changes (the same
-    arithmetic up to rounding). They compute ``eigh`` and QR in float32 whatever the params'
-    dtype (and create the factors in torch's default dtype); here in the compute dtype (at
-    least float32; float64 for float64 params). Their ``data_format`` (channels-last
-    convolutions) is not offered: in JAX the layout is the param's. pytorch-optimizer's port
-    (4.1.0) keeps :math:`m` in the original basis (the authors' earlier version, the same
-    arithmetic), computes QR in float32 even for float64 params, normalizes by the RMS plus
-    ``eps`` instead of :math:`10^{-30}`, and its ``merge_small_dims`` differs from the authors'
-    merge (a tensor that merges into one dimension gets shape ``[1]``, which its reshape
-    refuses).
-
-    Factors and bases are kept per leaf in the compute dtype, flattened (state fields ``gg``
-    and ``q``); on Explicit meshes each leaf is preconditioned replicated (ZeRO-1 may shard
-    the stored state). ``FlatParams`` buffers and complex params are refused.
-
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      shampoo_beta: decay :math:`\beta_s` of the Kronecker factors, in [0, 1); negative (the
-        authors' -1) uses ``b2``.
-      eps: added to :math:`\sqrt{v_t}`, >= 0.
-      weight_decay: decoupled weight decay :math:`\lambda_t`, >= 0, or a schedule of the
-        0-based step.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      precondition_frequency: steps between refreshes of the eigenbases, an integer >= 1.
-      max_precond_dim: dimensions larger than this get no factor (identity), an integer >= 1;
-        ``None`` (the default) is 10000, the authors' default. It defaults to ``None`` rather
-        than a number so that ``optax.inject_hyperparams(soap)`` works: it would inject a
-        number as an array, and it fixes shapes (pass ``static_args=("max_precond_dim",)`` to
-        set it).
-      merge_dims: merge consecutive dimensions of tensors of two or more dimensions while
-        their product stays at most ``max_precond_dim`` (the authors' ``merge_dims``).
-      precondition_1d: give 1-D leaves a factor too.
-      normalize_grads: divide each leaf's direction by its RMS.
-      correct_bias: scale by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment, likewise.
+    Factors and bases are kept per leaf in the compute dtype (at least float32), flattened
+    (state fields ``gg`` and ``q``); on Explicit meshes each leaf is preconditioned
+    replicated (ZeRO-1 may shard the stored state). ``FlatParams`` buffers and complex params
+    are refused. Unlike the authors' code, ``eigh`` and QR run in that compute dtype (the
+    authors' in float32 whatever the params'), and their ``data_format`` (channels-last
+    convolutions) is not offered: in JAX the layout is the param's.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
 
     References:
-      Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade, "SOAP: Improving
-      and Stabilizing Shampoo using Adam", ICLR 2025, https://arxiv.org/abs/2409.11321.
+      Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade, `SOAP: Improving
+      and Stabilizing Shampoo using Adam <https://arxiv.org/abs/2409.11321>`_, ICLR 2025; the
+      authors' code, https://github.com/nikhilvyas/SOAP.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -485,36 +450,10 @@ def scale_by_soap(
       [[1. 0.]
        [0. 1.]]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    if max_precond_dim is None:
-        max_precond_dim = _MAX_PRECOND_DIM
-    _check_options(precondition_frequency, max_precond_dim, shampoo_beta)
-    rule = SoapRule(
-        b1, b2, shampoo_beta, eps, precondition_frequency, max_precond_dim, merge_dims,
-        precondition_1d, normalize_grads, correct_bias, mu_dtype, nu_dtype,
-    )  # fmt: skip
-    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
-def soap(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.95,
-    b2: float = 0.95,
-    shampoo_beta: float = -1.0,
-    eps: float = 1e-8,
-    *,
-    weight_decay: optax.ScalarOrSchedule = 0.01,
-    mask: Mask | None = None,
-    precondition_frequency: int = 10,
-    max_precond_dim: int | None = None,
-    merge_dims: bool = False,
-    precondition_1d: bool = False,
-    normalize_grads: bool = False,
-    correct_bias: bool = True,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_soap, defaults={"weight_decay": 0.01})
+def soap() -> None:
     r"""SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's preconditioner, with
     decoupled weight decay.
 
@@ -523,33 +462,17 @@ def soap(
 
     with :math:`u_t` of :func:`scale_by_soap` (zero at the first step, which only builds the
     eigenbases: no decay either). The defaults are the authors' (``lr=3e-3`` aside, which
-    is yours to give).
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule of the 0-based step.
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      shampoo_beta: decay of the Kronecker factors, in [0, 1); negative uses ``b2``.
-      eps: added to the root of the second moment, >= 0.
-      weight_decay: decoupled weight decay, >= 0, or a schedule of the 0-based step.
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      precondition_frequency: steps between refreshes of the eigenbases, an integer >= 1.
-      max_precond_dim: dimensions larger than this get no factor, an integer >= 1; ``None``
-        (the default) is 10000 (see :func:`scale_by_soap`).
-      merge_dims: merge small consecutive dimensions (the authors' ``merge_dims``).
-      precondition_1d: give 1-D leaves a factor too.
-      normalize_grads: divide each leaf's direction by its RMS.
-      correct_bias: Adam's bias correction, in the step size.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment, likewise.
-      maximize: ascend the objective instead of descending it.
+    is yours to give). The decay is optax's AdamW's, on the params before the step, where the
+    authors' code multiplies the params after the step by :math:`1-\eta\lambda`, which scales
+    the step by :math:`1-\eta\lambda` too.
 
     Returns:
-      An ``optax.GradientTransformation``.
+      An ``optax.GradientTransformation`` (a chain ending in the learning rate).
 
     References:
-      Vyas et al., "SOAP: Improving and Stabilizing Shampoo using Adam", ICLR 2025,
-      https://arxiv.org/abs/2409.11321; the authors' code, https://github.com/nikhilvyas/SOAP.
+      Vyas et al., `SOAP: Improving and Stabilizing Shampoo using Adam
+      <https://arxiv.org/abs/2409.11321>`_, ICLR 2025; the authors' code,
+      https://github.com/nikhilvyas/SOAP.
 
     Example:
       >>> import adam_jax, jax, jax.numpy as jnp, optax
@@ -563,17 +486,6 @@ def soap(
       >>> print(round(float(loss(params)), 3))  # from 6.25
       0.646
     """
-    return descend(
-        learning_rate,
-        scale_by_soap(
-            b1, b2, shampoo_beta, eps, weight_decay=weight_decay, mask=mask,
-            precondition_frequency=precondition_frequency, max_precond_dim=max_precond_dim,
-            merge_dims=merge_dims, precondition_1d=precondition_1d,
-            normalize_grads=normalize_grads, correct_bias=correct_bias,
-            mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-        ),
-        maximize=maximize,
-    )  # fmt: skip
 
 
 REGISTRY_ROWS = (
