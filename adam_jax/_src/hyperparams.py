@@ -202,13 +202,18 @@ class _Argument:
 
 
 def _arguments(
-    rule_type: type, decay: bool, weight_decay: float, optimizer: bool = False
+    rule_type: type,
+    decay: bool,
+    weight_decay: float,
+    optimizer: bool = False,
+    fixed: Iterable[str] = (),
 ) -> list[_Argument]:
     fields = fields_of(rule_type)
+    left_out = {"learning_rate", *fixed}
     arguments = [
         _Argument(f.name, f.default, f.metadata[_KEY])
         for f in fields
-        if f.name != "learning_rate" and (optimizer or not f.metadata[_KEY].optimizer_only)
+        if f.name not in left_out and (optimizer or not f.metadata[_KEY].optimizer_only)
     ]
     if decay:
         # A rule with a weight_decay field applies its own decay: it takes the mask alone.
@@ -279,6 +284,7 @@ def transformation(
     positional: tuple[str, ...] = (),
     decay: bool = False,
     build: Callable[..., optax.GradientTransformation] | None = None,
+    fixed: Mapping[str, Any] | None = None,
 ) -> Callable[[Callable[..., Any]], Callable[..., optax.GradientTransformation]]:
     """Decorates a documented stub into the transformation of ``rule_type``:
     ``scale_by_x(**hyperparams)`` is ``scale_by_rule(rule_type(**hyperparams))``.
@@ -295,23 +301,28 @@ def transformation(
         arguments that are not its fields (``weight_decay`` and ``mask``): for a rule whose
         transformation is more than :func:`adam_jax.rules.scale_by_rule` (a wrapper, a
         decay of its own). Default :func:`adam_jax.rules.scale_by_rule`.
+      fixed: fields set to these values and left out of the signature, for one rule behind
+        several transformations (``AdamRule(amsgrad=True)`` is ``scale_by_amsgrad``).
 
     Returns:
       A decorator of a function whose docstring (summary, math, Returns, Example) documents
       the transformation; the Args section is written from the fields.
     """
-    arguments = _arguments(rule_type, decay, 0.0)
+    fixed = dict(fixed or {})
+    arguments = _arguments(rule_type, decay, 0.0, fixed=fixed)
     signature = _signature(arguments, positional)
 
     def decorate(documented: Callable[..., Any]) -> Callable[..., optax.GradientTransformation]:
         @functools.wraps(documented)
         def scale_by(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
-            return _build(rule_type, dict(signature.bind(*args, **kwargs).arguments), build)
+            values = {**fixed, **signature.bind(*args, **kwargs).arguments}
+            return _build(rule_type, values, build)
 
         _finish(scale_by, documented, signature, arguments)
         scale_by.rule_type = rule_type  # type: ignore[attr-defined]
         scale_by.decay = decay  # type: ignore[attr-defined]
         scale_by.build = build  # type: ignore[attr-defined]
+        scale_by.fixed = fixed  # type: ignore[attr-defined]
         return scale_by
 
     return decorate
@@ -357,6 +368,7 @@ def optimizer(
     """
     rule_type = scale_by.rule_type  # type: ignore[attr-defined]
     scale_build = scale_by.build  # type: ignore[attr-defined]
+    fixed = scale_by.fixed  # type: ignore[attr-defined]
     if decay is None:
         decay = scale_by.decay  # type: ignore[attr-defined]
     rate_inside = any(f.name == "learning_rate" for f in fields_of(rule_type))
@@ -367,7 +379,9 @@ def optimizer(
     defaults = dict(defaults or {})
     arguments = [
         dataclasses.replace(a, default=defaults.pop(a.name, a.default))
-        for a in _arguments(rule_type, bool(decay) or decayed_weights, 0.0, optimizer=True)
+        for a in _arguments(
+            rule_type, bool(decay) or decayed_weights, 0.0, optimizer=True, fixed=fixed
+        )
     ]
     if defaults:
         raise TypeError(f"defaults {sorted(defaults)} are not hyperparameters of the rule")
@@ -386,7 +400,7 @@ def optimizer(
         def alias(*args: Any, **kwargs: Any) -> optax.GradientTransformation:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
-            values = dict(bound.arguments)
+            values = {**fixed, **bound.arguments}
             if build is not None:
                 rule, others = _split(rule_type, values)
                 return build(rule, **others)

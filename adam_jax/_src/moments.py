@@ -14,11 +14,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.bias_correction import scale_by_bias_correction
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, cast_scalar, divide, real_dtype
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
 
 ScaleByAdamState = optax.ScaleByAdamState
 ScaleByAmsgradState = optax.ScaleByAmsgradState
@@ -51,27 +51,22 @@ class AdamLikeRule(MomentRule):
         return step_scalars(self.b1, self.b2, optax.safe_increment(fields["count"]))(dtype)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AdamRule(AdamLikeRule):
-    """Adam's moment rule (AMSGrad with ``amsgrad=True``): see :func:`scale_by_adam`.
+    """Adam's moment rule (AMSGrad's with ``amsgrad=True``): see :func:`scale_by_adam`."""
 
-    Attributes:
-      b1, b2, eps, eps_root: as in :func:`scale_by_adam`.
-      mu_dtype, nu_dtype: storage of the first and second moments (``None``, a dtype or a
-        :class:`adam_jax.MomentStorage`).
-      amsgrad: keep the running maximum of the raw second moment (``ScaleByAmsgradState``).
-      nesterov, bias_correction: as in :func:`scale_by_adam`.
-    """
-
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-8
-    eps_root: Any = 0.0
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.b2()
+    eps: Any = hyperparams.eps()
+    eps_root: Any = hyperparams.eps_root()
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.nu_dtype()
+    # Which transformation builds the rule (scale_by_amsgrad), not a hyperparameter of one.
     amsgrad: bool = False
-    nesterov: bool = False
-    bias_correction: bool = True
+    nesterov: bool = hyperparams.nesterov()
+    bias_correction: bool = hyperparams.hyperparam(
+        True, r"divide the moments by :math:`1-\beta^t`."
+    )
 
     @property
     def state_type(self) -> type:
@@ -109,14 +104,19 @@ def nesterov_mu_hat(mu: jax.Array, g: jax.Array, d: StepScalars, rule: Any) -> j
     return mu / d.c1 if rule.bias_correction else mu
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class AdamaxRule(AdamLikeRule):
     """AdaMax's moment rule: see :func:`scale_by_adamax`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-8
-    mu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.hyperparam(
+        0.999, "decay of the infinity norm, in [0, 1).", validation.check_decay
+    )
+    eps: Any = hyperparams.hyperparam(
+        1e-8, "added to :math:`|g_t|`, >= 0.", validation.check_non_negative
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    # The infinity norm is stored as the params (optax's scale_by_adamax has no option).
     nu_dtype: Any = None
 
     def update(
@@ -130,17 +130,10 @@ class AdamaxRule(AdamLikeRule):
         return divide(self.eps)(mu / scalars.c1, leaf.settle("nu", u)), {"mu": mu, "nu": u}
 
 
-def scale_by_adam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    *,
-    nu_dtype: Any = None,
-    nesterov: bool = False,
-    bias_correction: bool = True,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(
+    AdamRule, positional=("b1", "b2", "eps", "eps_root", "mu_dtype"), fixed={"amsgrad": False}
+)
+def scale_by_adam() -> None:
     r"""Rescales gradients by Adam's moment estimates (Kingma and Ba, 2015).
 
     .. math::
@@ -164,17 +157,6 @@ def scale_by_adam(
     array for complex params. Moments can be stored in another dtype or in a compressed
     :class:`adam_jax.MomentStorage`.
 
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      eps_root: added inside the square root, >= 0 (keeps meta-gradients finite).
-      mu_dtype: storage of the first moment: ``None`` (the params' dtype), a dtype, or a
-        :class:`adam_jax.MomentStorage`.
-      nu_dtype: storage of the second moment, likewise.
-      nesterov: use Nesterov momentum (NAdam).
-      bias_correction: divide the moments by :math:`1-\beta^t`.
-
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -188,23 +170,14 @@ def scale_by_adam(
       >>> print(state.count, state.mu)
       1 [ 0.05  -0.025]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    return scale_by_rule(
-        AdamRule(b1, b2, eps, eps_root, mu_dtype, nu_dtype,
-                 nesterov=nesterov, bias_correction=bias_correction)
-    )  # fmt: skip
 
 
-def scale_by_amsgrad(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    *,
-    nu_dtype: Any = None,
-    bias_correction: bool = True,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(
+    AdamRule,
+    positional=("b1", "b2", "eps", "eps_root", "mu_dtype"),
+    fixed={"amsgrad": True, "nesterov": False},
+)
+def scale_by_amsgrad() -> None:
     r"""Rescales gradients by AMSGrad's moment estimates, with PyTorch's semantics.
 
     .. math::
@@ -217,16 +190,7 @@ def scale_by_amsgrad(
     The maximum is taken over the raw second moment and bias-corrected afterwards, as
     ``torch.optim.Adam(amsgrad=True)`` does (Reddi et al., 2018, with bias correction). optax
     takes the maximum of the bias-corrected moment instead, which drifts from PyTorch. The state
-    is ``optax.ScaleByAmsgradState``.
-
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      eps_root: added inside the square root, >= 0.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment and its running maximum, likewise.
-      bias_correction: divide the moments by :math:`1-\beta^t`.
+    is ``optax.ScaleByAmsgradState``; ``nu_dtype`` stores the running maximum too.
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAmsgradState``.
@@ -240,20 +204,10 @@ def scale_by_amsgrad(
       >>> print(state.nu_max)  # the running maximum of the raw second moment
       [0.004 0.   ]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    return scale_by_rule(
-        AdamRule(b1, b2, eps, eps_root, mu_dtype, nu_dtype,
-                 amsgrad=True, bias_correction=bias_correction)
-    )  # fmt: skip
 
 
-def scale_by_adamax(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    mu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(AdamaxRule, positional=("b1", "b2", "eps"))
+def scale_by_adamax() -> None:
     r"""Rescales gradients by AdaMax's moment estimates (Kingma and Ba, 2015, section 7.1).
 
     .. math::
@@ -263,12 +217,6 @@ def scale_by_adamax(
 
     Same arguments, state (``optax.ScaleByAdamState``) and results as ``optax.scale_by_adamax``
     and ``torch.optim.Adamax``.
-
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the infinity norm, in [0, 1).
-      eps: added to :math:`|g_t|`, >= 0.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
@@ -280,8 +228,6 @@ def scale_by_adamax(
       >>> print(jnp.round(updates, 6), state.nu)
       [ 1. -1.] [3.  0.5]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    return scale_by_rule(AdamaxRule(b1, b2, eps, mu_dtype))
 
 
 EPS_PLACEMENTS = ("standard", "keras")
