@@ -12,6 +12,7 @@ against it: a new optimizer that misses any of these places fails here.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import inspect
 import operator
@@ -36,11 +37,13 @@ PIECES = {"scale_by_bias_correction", "scale_by_learning_rate", "scale_by_rule"}
 
 
 def _exported_optimizers() -> set[str]:
-    """Names in ``adam_jax.__all__`` of functions whose first parameter is the learning rate."""
+    """Names in ``adam_jax.__all__`` of functions (or partials of one, as ``nadam``) whose first
+    parameter is the learning rate."""
     names = set()
     for name in adam_jax.__all__:
         value = getattr(adam_jax, name)
-        if inspect.isfunction(value) and not name.startswith("scale_by_"):
+        function = value.func if isinstance(value, functools.partial) else value
+        if inspect.isfunction(function) and not name.startswith("scale_by_"):
             parameters = list(inspect.signature(value).parameters)
             if parameters[:1] == ["learning_rate"]:
                 names.add(name)

@@ -12,6 +12,7 @@ from typing import Any
 
 import optax
 
+from adam_jax._src import hyperparams
 from adam_jax._src.chains import descend
 from adam_jax._src.moments import (
     AdamaxRule,
@@ -195,85 +196,59 @@ def adam_l2(
     )
 
 
-def nadam(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    *,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
-    r"""NAdam in optax's form: :func:`adam` with ``nesterov=True``.
+nadam = hyperparams.partial(
+    adam,
+    r"""NAdam in optax's form: :func:`adam` with ``nesterov=True`` (a partial: it takes the
+arguments of :func:`adam`).
 
-    .. math::
-        \hat m_t = \frac{\beta_1 m_t}{1-\beta_1^{t+1}} + \frac{(1-\beta_1) g_t}{1-\beta_1^t}
+.. math::
+    \hat m_t = \frac{\beta_1 m_t}{1-\beta_1^{t+1}} + \frac{(1-\beta_1) g_t}{1-\beta_1^t}
 
-    Args:
-      learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, maximize: as in :func:`adam`.
+Returns:
+  An ``optax.GradientTransformation``.
 
-    Returns:
-      An ``optax.GradientTransformation``.
+References:
+  Dozat, `Incorporating Nesterov Momentum into Adam
+  <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016.
 
-    References:
-      Dozat, `Incorporating Nesterov Momentum into Adam
-      <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016.
-
-    Example:
-      >>> import adam_jax, jax.numpy as jnp
-      >>> tx = adam_jax.nadam(0.1)
-      >>> updates, state = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
-      >>> print(jnp.round(updates, 6))  # -0.1 * (0.9 * 0.1 / 0.19 + 0.1 / 0.1) at step 1
-      [-0.147368]
-    """
-    return adam(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype,
-        nesterov=True, nu_dtype=nu_dtype, maximize=maximize,
-    )  # fmt: skip
+Example:
+  >>> import adam_jax, jax.numpy as jnp
+  >>> tx = adam_jax.nadam(0.1)
+  >>> updates, state = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
+  >>> print(jnp.round(updates, 6))  # -0.1 * (0.9 * 0.1 / 0.19 + 0.1 / 0.1) at step 1
+  [-0.147368]
+""",
+    nesterov=True,
+)
 
 
-def nadamw(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    mu_dtype: Any = None,
-    weight_decay: optax.ScalarOrSchedule = 1e-4,
-    mask: Mask | None = None,
-    *,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
-    """NAdamW: :func:`adamw` with ``nesterov=True`` (optax's ``nadamw``).
+nadamw = hyperparams.partial(
+    adamw,
+    """NAdamW: :func:`adamw` with ``nesterov=True`` (optax's ``nadamw``; a partial: it takes the
+arguments of :func:`adamw`).
 
-    Args:
-      learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask, nu_dtype, maximize: as
-        in :func:`adamw`.
+Returns:
+  An ``optax.GradientTransformation``.
 
-    Returns:
-      An ``optax.GradientTransformation``.
+References:
+  Dozat, `Incorporating Nesterov Momentum into Adam
+  <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016;
+  Loshchilov and Hutter, `Decoupled Weight Decay Regularization
+  <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
 
-    References:
-      Dozat, `Incorporating Nesterov Momentum into Adam
-      <https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ>`_, ICLR workshop 2016;
-      Loshchilov and Hutter, `Decoupled Weight Decay Regularization
-      <https://arxiv.org/abs/1711.05101>`_, ICLR 2019.
+Example:
+  >>> import adam_jax, jax.numpy as jnp
+  >>> params = jnp.array([10.0])
+  >>> tx = adam_jax.nadamw(0.1, weight_decay=0.01)
+  >>> updates, _ = tx.update(jnp.array([2.0]), tx.init(params), params)
+  >>> print(jnp.round(updates, 6))  # nadam's step plus -0.1 * 0.01 * 10
+  [-0.157368]
+""",
+    nesterov=True,
+)
 
-    Example:
-      >>> import adam_jax, jax.numpy as jnp
-      >>> params = jnp.array([10.0])
-      >>> tx = adam_jax.nadamw(0.1, weight_decay=0.01)
-      >>> updates, _ = tx.update(jnp.array([2.0]), tx.init(params), params)
-      >>> print(jnp.round(updates, 6))  # nadam's step plus -0.1 * 0.01 * 10
-      [-0.157368]
-    """
-    return adamw(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, weight_decay, mask,
-        nesterov=True, nu_dtype=nu_dtype, maximize=maximize,
-    )  # fmt: skip
+# doctest finds the examples of functions and classes only, not of partials.
+__test__ = {"nadam": nadam.__doc__, "nadamw": nadamw.__doc__}
 
 
 def amsgrad(

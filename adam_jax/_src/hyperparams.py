@@ -431,3 +431,13 @@ def _finish(
     function.__signature__ = signature  # type: ignore[attr-defined]
     function.__doc__ = _with_args(documented.__doc__, arguments)
     del function.__wrapped__  # type: ignore[attr-defined]  # the stub's empty signature
+
+
+def partial(function: Callable[..., Any], doc: str, **fixed: Any) -> functools.partial:
+    """A thin alias, as optax writes them (``nadam = functools.partial(adam, nesterov=True)``):
+    ``function`` with the arguments ``fixed``, documented by ``doc`` and placed in
+    ``function``'s module (where the registry and the generated imports look for it)."""
+    alias = functools.partial(function, **fixed)
+    alias.__doc__ = doc
+    alias.__module__ = function.__module__
+    return alias

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -349,6 +350,71 @@ def _as_array(param: Any) -> Any:
     return param if hasattr(param, "dtype") else jnp.asarray(param)
 
 
+def _init_moment(moment: Moment, params: Any) -> Any:
+    """A moment's initial state, stored leaf by leaf; a leaf its storage cannot keep is named
+    in the error."""
+    with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
+    stored = []
+    for storage, (path, p) in zip(moment.storages(params), with_paths, strict=True):
+        try:
+            if moment.from_params:
+                # Outside jit the param is copied: the state must not alias a donated param.
+                stored.append(storage.store(jnp.array(p), storage.init(p)))
+            else:
+                stored.append(storage.init(real_part_of(p) if moment.real else p))
+        except ValueError as error:
+            leaf = jax.tree_util.keystr(path) or "(the params)"
+            raise ValueError(f"moment {moment.name!r} of leaf {leaf}: {error}") from error
+    treedef: Any = jax.tree.structure(params)  # its methods are untyped in jax's stubs
+    return treedef.unflatten(stored)
+
+
+def _update_leaf(
+    rule: MomentRule,
+    moments: tuple[Moment, ...],
+    grad: jax.Array,
+    storages: list[MomentStorage],
+    trees: list[Any],
+    scalars_for: Callable[[Any], Any],
+    *,
+    param: Any,
+    decay: Any,
+    segments: tuple[int, ...] | None,
+    position: int,
+) -> tuple[jax.Array, list[Any]]:
+    """One leaf's step: its moments loaded (a reduced one laid out to broadcast against the
+    param), the rule's update in the compute dtype, the new moments stored."""
+    g = grad.astype(compute_dtype(grad.dtype))
+    rdtype = real_dtype(g.dtype)
+    kept = list(zip(moments, storages, trees, strict=True))
+    loaded = {
+        m.name: s.load(t).astype(rdtype if m.real else g.dtype) if m.cast else s.load(t)
+        for m, s, t in kept
+    }
+    reducing = {m.name: (s, t) for m, s, t in kept if s.reduces}
+    layout = _layout(g, loaded, reducing) if reducing else None
+    for name in reducing:
+        loaded[name] = _laid_out(loaded[name], layout)
+    leaf = Leaf(
+        param=None if param is None else param.astype(g.dtype),
+        decay=decay,
+        segments=segments,
+        stored=reducing,
+        layout=layout,
+        position=position,
+    )
+    update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
+    unsettled = sorted(set(reducing) - leaf._settled)
+    if unsettled:
+        raise ValueError(
+            f"{type(rule).__name__} does not settle moment {unsettled[0]!r} "
+            f"(Leaf.settle), so it cannot keep it in the reducing storage "
+            f"{type(reducing[unsettled[0]][0]).__name__}"
+        )
+    update = update.astype(grad.dtype)
+    return update, [s.store(new[m.name], t) for m, s, t in kept]
+
+
 def scale_by_rule(
     rule: MomentRule,
     *,
@@ -381,54 +447,38 @@ def scale_by_rule(
     def init_fn(params: optax.Params) -> Any:
         params = jax.tree.map(_as_array, params)
         fields = dict(rule.init_fields(params))
-        treedef: Any = jax.tree.structure(params)
-        with_paths = jax.tree_util.tree_flatten_with_path(params)[0]
-        paths, leaves = [path for path, _ in with_paths], [leaf for _, leaf in with_paths]
         for moment in moments:
-            stored = []
-            storages = moment.storages(params)
-            for storage, path, p in zip(storages, paths, leaves, strict=True):
-                try:
-                    if moment.from_params:
-                        # Outside jit the param is copied: the state must not alias a donated
-                        # param.
-                        stored.append(storage.store(jnp.array(p), storage.init(p)))
-                    else:
-                        stored.append(storage.init(real_part_of(p) if moment.real else p))
-                except ValueError as error:
-                    leaf = jax.tree_util.keystr(path) or "(the params)"
-                    raise ValueError(f"moment {moment.name!r} of leaf {leaf}: {error}") from error
-            fields[moment.name] = treedef.unflatten(stored)
+            fields[moment.name] = _init_moment(moment, params)
         return rule.to_state(fields)
+
+    def param_leaves_of(treedef: Any, params: Any, count: int) -> list[Any]:
+        if no_decay and not rule.uses_params:
+            return [None] * count
+        if params is None:
+            raise ValueError(
+                f"{type(rule).__name__} needs params: call update(updates, state, params)"
+            )
+        return [_as_array(p) for p in treedef.flatten_up_to(params)]
+
+    def decays_of(scalar_fields: dict[str, Any], params: Any, count: int) -> list[Any]:
+        if no_decay:
+            return [0.0] * count
+        rate = weight_decay(rule.step_index(scalar_fields)) if scheduled else weight_decay
+        keep = [True] * count if mask is None else expand_mask(mask, params)
+        return [rate if k else 0.0 for k in keep]
 
     def update_fn(
         updates: optax.Updates, state: Any, params: optax.Params | None = None
     ) -> tuple[optax.Updates, Any]:
         fields = rule.from_state(state)
         scalar_fields = {k: v for k, v in fields.items() if k not in {m.name for m in moments}}
-        cache: dict[Any, Any] = {}
-
-        def scalars_for(dtype: Any) -> Any:
-            if dtype not in cache:
-                cache[dtype] = rule.scalars(scalar_fields, dtype)
-            return cache[dtype]
+        # One set of step scalars per compute dtype, built on first use.
+        scalars_for = functools.cache(functools.partial(rule.scalars, scalar_fields))
 
         treedef: Any = jax.tree.structure(updates)  # its methods are untyped in jax's stubs
         grads = [jnp.asarray(g) for g in treedef.flatten_up_to(updates)]
-        if no_decay and not rule.uses_params:
-            param_leaves: list[Any] = [None] * len(grads)
-        elif params is None:
-            raise ValueError(
-                f"{type(rule).__name__} needs params: call update(updates, state, params)"
-            )
-        else:
-            param_leaves = [_as_array(p) for p in treedef.flatten_up_to(params)]
-        if no_decay:
-            decays: list[Any] = [0.0] * len(grads)
-        else:
-            rate = weight_decay(rule.step_index(scalar_fields)) if scheduled else weight_decay
-            keep = [True] * len(grads) if mask is None else expand_mask(mask, params)
-            decays = [rate if k else 0.0 for k in keep]
+        param_leaves = param_leaves_of(treedef, params, len(grads))
+        decays = decays_of(scalar_fields, params, len(grads))
         segments = tensor_segments(updates)
         stored = [treedef.flatten_up_to(fields[m.name]) for m in moments]
         storages = [m.storages(updates) for m in moments]
@@ -437,44 +487,24 @@ def scale_by_rule(
         new_moments: list[list[Any]] = [[] for _ in moments]
         previous: Any = None  # the scales the last leaf whose moments were decoded stored
         for i, grad in enumerate(grads):
-            g = grad.astype(compute_dtype(grad.dtype))
-            rdtype = real_dtype(g.dtype)
             kept = [leaf_storages[i] for leaf_storages in storages]
             trees = [tree[i] for tree in stored]
             decodes = any(s.decodes(t) for s, t in zip(kept, trees, strict=True))
             if decodes:
                 trees = after(previous, trees)
-            loaded = {
-                m.name: s.load(t).astype(rdtype if m.real else g.dtype) if m.cast else s.load(t)
-                for m, s, t in zip(moments, kept, trees, strict=True)
-            }
-            param = param_leaves[i]
-            reducing = {
-                m.name: (s, t) for m, s, t in zip(moments, kept, trees, strict=True) if s.reduces
-            }
-            layout = _layout(g, loaded, reducing) if reducing else None
-            for name in reducing:
-                loaded[name] = _laid_out(loaded[name], layout)
-            leaf = Leaf(
-                param=None if param is None else param.astype(g.dtype),
+            update, new_stored = _update_leaf(
+                rule,
+                moments,
+                grad,
+                kept,
+                trees,
+                scalars_for,
+                param=param_leaves[i],
                 decay=decays[i],
                 segments=segments[i],
-                stored=reducing,
-                layout=layout,
                 position=i,
             )
-            update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
-            unsettled = sorted(set(reducing) - leaf._settled)
-            if unsettled:
-                raise ValueError(
-                    f"{type(rule).__name__} does not settle moment {unsettled[0]!r} "
-                    f"(Leaf.settle), so it cannot keep it in the reducing storage "
-                    f"{type(reducing[unsettled[0]][0]).__name__}"
-                )
-            new_updates.append(update.astype(grad.dtype))
-            new_stored = [
-                s.store(new[m.name], t) for m, s, t in zip(moments, kept, trees, strict=True)
-            ]
+            new_updates.append(update)
             for out, value in zip(new_moments, new_stored, strict=True):
                 out.append(value)
             if decodes:

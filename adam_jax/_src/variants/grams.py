@@ -70,8 +70,8 @@ def scale_by_grams() -> None:
         \frac{|m_t|}{\sqrt{v_t} + \epsilon} + \lambda \theta_{t-1}.
 
     ``eps_placement="keras"`` is the authors' code (``eps`` added to :math:`\sqrt{v_t}` before
-    the bias corrections, Adam's "epsilon hat"); ``"standard"`` is the paper's and
-    pytorch-optimizer's :math:`|\hat m_t| / (\sqrt{\hat v_t} + \epsilon)`. With
+    the bias corrections, Adam's "epsilon hat"); ``"standard"`` is the paper's
+    :math:`|\hat m_t| / (\sqrt{\hat v_t} + \epsilon)`. With
     ``bias_correction=False`` (the authors' ``correct_bias=False``) neither correction is
     applied. :math:`\operatorname{sign}(0) = 0`; for complex params the sign is
     :math:`g / |g|`.
@@ -102,8 +102,6 @@ def grams() -> None:
     with the moments of :func:`adam_jax.scale_by_grams`: Adam's step length in the direction
     of the current gradient. The decay is the authors' (``p -= lr * weight_decay * p`` before
     the step, as AdamW), and so are the defaults (``eps=1e-6``, the epsilon-hat placement).
-    pytorch-optimizer 4.1.0's ``Grams`` is ``eps_placement="standard"`` (the paper's), with
-    the same decay and no ``bias_correction`` option.
 
     Returns:
       An ``optax.GradientTransformation`` (a chain ending in the learning rate).
