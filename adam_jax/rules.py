@@ -6,16 +6,16 @@ The library's own rules are reached through the registry
 A new member of the Adam family is a :class:`MomentRule` (most subclass :class:`AdamLikeRule`,
 which brings Adam's state, moments and step scalars), made a transformation by
 :func:`transformation` (or :func:`scale_by_rule`) and an optimizer by :func:`optimizer` (or
-:func:`descend`). The helpers are the ones the library's
-own variants use: the zero-started moving average and its bias correction
-(:func:`moving_average`, :func:`step_scalars`), the hyperparameter checks
+:func:`descend`); a thin alias of another optimizer is a :func:`partial` of it. The helpers
+are the ones the library's own variants use: the zero-started moving average and its bias
+correction (:func:`moving_average`, :func:`step_scalars`), the hyperparameter checks
 (:func:`check_hyperparams`), the compute-dtype rules and moment storages.
 ``docs/adding_a_variant.md`` walks through a complete variant written with nothing else.
 
 Example:
   >>> import dataclasses, jax.numpy as jnp
   >>> from adam_jax import rules
-  >>> @dataclasses.dataclass(frozen=True)
+  >>> @dataclasses.dataclass(frozen=True, kw_only=True)
   ... class SignAdamRule(rules.AdamLikeRule):  # Adam's state and scalars; its own step
   ...     b1: float = 0.9
   ...     b2: float = 0.999
@@ -49,6 +49,7 @@ from adam_jax._src.hyperparams import (
     nesterov,
     nu_dtype,
     optimizer,
+    partial,
     transformation,
 )
 from adam_jax._src.moments import AdamLikeRule, adam_moments, nesterov_mu_hat
@@ -146,6 +147,7 @@ __all__ = [
     "nesterov_mu_hat",
     "nu_dtype",
     "optimizer",
+    "partial",
     "raw_key",
     "real_dtype",
     "replicated",

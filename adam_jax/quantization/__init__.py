@@ -116,4 +116,3 @@ __all__ = [
     "moment_sharding",
     "quantize_blockwise",
 ]
-
