@@ -93,7 +93,9 @@ def fields_of(rule_type: type) -> list[dataclasses.Field]:
 
 
 def check_fields(rule: Any) -> None:
-    """Runs the check of each hyperparameter field of ``rule``."""
+    """Runs the check of each hyperparameter field of ``rule``: :class:`adam_jax.MomentRule`
+    does in ``__post_init__``, and so must a dataclass of hyperparameters that is not a rule
+    (an optimizer built on another's rule, as Adam-mini on Adam's)."""
     for field in fields_of(type(rule)):
         spec: Hyperparam = field.metadata[_KEY]
         if spec.check is not None:
@@ -329,7 +331,7 @@ def transformation(
 
 
 def optimizer(
-    scale_by: Callable[..., optax.GradientTransformation],
+    scale_by: Callable[..., optax.GradientTransformation] | type,
     *,
     positional: tuple[str, ...] | None = None,
     defaults: Mapping[str, Any] | None = None,
@@ -346,10 +348,13 @@ def optimizer(
     Schedule-Free's averaging), in which case the rule gets it and its update is the step.
 
     Args:
-      scale_by: the transformation.
+      scale_by: the transformation; or the rule type, for an optimizer without a public
+        transformation (then ``positional`` and ``decay`` default to none).
       positional: the hyperparameters that may follow the learning rate by position (default:
         those of ``scale_by``).
-      defaults: defaults of the optimizer that differ from the transformation's.
+      defaults: defaults of the optimizer that differ from the transformation's; among them
+        ``learning_rate``'s (default: the ``learning_rate`` field's where not ``None``, else
+        none: the learning rate is required).
       decay: the optimizer takes ``weight_decay`` and ``mask`` (default: where the
         transformation does); for a rule holding the learning rate that decays the params
         only when it steps them (LaProp's, SPAM's decay of the stepped params).
@@ -366,17 +371,29 @@ def optimizer(
       A decorator of a function whose docstring documents the optimizer (the Args section is
       written from the fields).
     """
-    rule_type = scale_by.rule_type  # type: ignore[attr-defined]
-    scale_build = scale_by.build  # type: ignore[attr-defined]
-    fixed = scale_by.fixed  # type: ignore[attr-defined]
+    if isinstance(scale_by, type):  # a rule without a public transformation
+        rule_type, scale_build, positional = scale_by, None, positional or ()
+        fixed: dict[str, Any] = {}
+        decay = bool(decay)
+    else:
+        rule_type = scale_by.rule_type  # type: ignore[attr-defined]
+        scale_build = scale_by.build  # type: ignore[attr-defined]
+        fixed = scale_by.fixed  # type: ignore[attr-defined]
     if decay is None:
-        decay = scale_by.decay  # type: ignore[attr-defined]
-    rate_inside = any(f.name == "learning_rate" for f in fields_of(rule_type))
+        decay = scale_by.decay  # type: ignore[union-attr]
+    rate_field = {f.name: f for f in fields_of(rule_type)}.get("learning_rate")
+    rate_inside = rate_field is not None
     if decayed_weights and (decay or rate_inside or build is not None):
         raise TypeError(
             "decayed_weights is for a transformation without decay, learning_rate or build"
         )
     defaults = dict(defaults or {})
+    rate_default = defaults.pop(
+        "learning_rate",
+        inspect.Parameter.empty
+        if rate_field is None or rate_field.default is None
+        else rate_field.default,
+    )
     arguments = [
         dataclasses.replace(a, default=defaults.pop(a.name, a.default))
         for a in _arguments(
@@ -393,6 +410,8 @@ def optimizer(
         )
     maximize = _Argument("maximize", False, _MAXIMIZE)
     signature = _signature([*arguments, maximize], positional, leading=("learning_rate",))
+    rate, *rest = signature.parameters.values()
+    signature = signature.replace(parameters=[rate.replace(default=rate_default), *rest])
     documented_arguments = [_Argument("learning_rate", None, _LEARNING_RATE), *arguments, maximize]
 
     def decorate(documented: Callable[..., Any]) -> Callable[..., optax.GradientTransformation]:

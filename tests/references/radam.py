@@ -25,7 +25,8 @@ natural place in that form. Before rectification both use the bias-corrected mom
 
 Thresholds: the paper rectifies for ``rho_t > 4`` (where ``r_t`` is real); torch for
 ``rho_t > 5``; optax and the authors' code (LiyuanLucasLiu/RAdam ``radam/radam.py``) for
-``rho_t >= 5``. The comparison only matters where ``rho_t`` equals the threshold exactly.
+``rho_t >= 5``. The comparison only matters where ``rho_t`` equals the threshold exactly,
+which it never does at 5: torch's and optax's decisions agree.
 ``threshold`` below 4 makes ``r_t`` undefined (NaN) for some steps.
 
 Where the implementations differ:

@@ -9,6 +9,7 @@ about half (the second moment is a few values per layer).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
 from typing import Any
@@ -17,7 +18,7 @@ import jax
 import numpy as np
 import optax
 
-from adam_jax._src import validation
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.block_mean import block_means
 from adam_jax._src.chains import descend
 from adam_jax._src.flat import FlatParams
@@ -208,15 +209,50 @@ def _no_decay_mask(params: Any, mixed: bool | None = None) -> Any:
     )
 
 
-def scale_by_adam_mini(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    *,
-    num_heads: int | None = None,
-    partition: Partition | Any | None = None,
-    mu_dtype: Any = None,
-) -> optax.GradientTransformation:
+def _check_num_heads(name: str, value: Any) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ValueError(f"{name} must be None or an integer >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AdamMiniHyperparams:
+    """Adam-mini's hyperparameters: see :func:`scale_by_adam_mini` (Adam's rule, with a
+    second moment in block-mean storage: no rule of its own)."""
+
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.hyperparam(
+        0.999, "decay of the block second moments, in [0, 1).", validation.check_decay
+    )
+    eps: Any = hyperparams.eps()
+    num_heads: int | None = hyperparams.hyperparam(
+        None,
+        "attention heads, for query and key kernels with merged heads, ``None`` or an integer "
+        ">= 1 (see :func:`adam_jax.adam_mini_block_shape`).",
+        _check_num_heads,
+    )
+    partition: Partition | Any | None = hyperparams.hyperparam(
+        None,
+        "the blocks: ``None`` (the authors' partition by layer names, "
+        ":func:`adam_jax.adam_mini_partition`), a function ``params -> tree of storages``, or a "
+        "tree like the params of block shapes (a tuple per leaf, ``None`` for one value per "
+        "parameter) or storages, which may stop at a subtree.",
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+
+    def __post_init__(self) -> None:
+        hyperparams.check_fields(self)
+
+
+def _scale_by_adam_mini(config: AdamMiniHyperparams) -> optax.GradientTransformation:
+    storages = per_leaf(_as_partition(config.partition, config.num_heads))
+    return scale_by_adam(config.b1, config.b2, config.eps, 0.0, config.mu_dtype,
+                         nu_dtype=storages)  # fmt: skip
+
+
+@hyperparams.transformation(
+    AdamMiniHyperparams, positional=("b1", "b2", "eps"), build=_scale_by_adam_mini
+)
+def scale_by_adam_mini() -> None:
     r"""Rescales gradients by Adam-mini's moment estimates (Zhang et al., 2025, Algorithm 1).
 
     .. math::
@@ -228,18 +264,6 @@ def scale_by_adam_mini(
     second moment in a :class:`adam_jax.BlockMeanStorage` per leaf, so it brings everything
     the core does (sharded params, ZeRO-1, bfloat16 or 8-bit first moments); the state is
     ``optax.ScaleByAdamState`` with ``nu`` holding the block means.
-
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the block second moments, in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      num_heads: attention heads, for query and key kernels with merged heads (see
-        :func:`adam_jax.adam_mini_block_shape`).
-      partition: the blocks: ``None`` (the authors' partition by layer names,
-        :func:`adam_jax.adam_mini_partition`), a function ``params -> tree of storages``, or a
-        tree like the params of block shapes (a tuple per leaf, ``None`` for one value per
-        parameter) or storages, which may stop at a subtree.
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
@@ -255,70 +279,16 @@ def scale_by_adam_mini(
       >>> print(jnp.round(updates["dense"]["kernel"][:, 1], 4))  # g / RMS of its column
       [0.4082 0.4082 1.633 ]
     """
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps)
-    if num_heads is not None and (isinstance(num_heads, bool) or not isinstance(num_heads, int)
-                                  or num_heads < 1):  # fmt: skip
-        raise ValueError(f"num_heads must be None or an integer >= 1, got {num_heads!r}")
-    storages = per_leaf(_as_partition(partition, num_heads))
-    return scale_by_adam(b1, b2, eps, 0.0, mu_dtype, nu_dtype=storages)
 
 
-def adam_mini(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = DEFAULT_MASK,
+def _adam_mini(
+    config: AdamMiniHyperparams,
     *,
-    num_heads: int | None = None,
-    partition: Partition | Any | None = None,
-    mu_dtype: Any = None,
-    maximize: bool = False,
+    learning_rate: optax.ScalarOrSchedule,
+    weight_decay: optax.ScalarOrSchedule,
+    mask: Mask | str | None,
+    maximize: bool,
 ) -> optax.GradientTransformation:
-    r"""Adam-mini: AdamW with one second moment per Hessian block (Zhang et al., 2025).
-
-    .. math::
-        \theta_t = \theta_{t-1} - \alpha(t) \left( u_t + \lambda \theta_{t-1} \right)
-
-    with :math:`u_t` from :func:`adam_jax.scale_by_adam_mini`. The arithmetic, defaults and
-    decay are the authors' ``adam_mini.Adam_mini`` (version 1.1.1): decoupled weight decay
-    scaled by the learning rate, none for parameters whose name has ``norm``, ``ln`` or
-    ``bias`` (the default ``mask``). Their partition is by PyTorch layer names and layouts;
-    :func:`adam_jax.adam_mini_partition` gives the same blocks for Flax's names and layouts
-    (kernels ``(in, out)``: one value per output neuron), and also gives convolution kernels
-    one value per output channel, where the authors' code keeps one per tensor for layers it
-    does not recognize. Their embeddings and output layer keep one value per token, as here.
-    On :class:`adam_jax.FlatParams` the partition and the default mask read the tree the
-    buffers pack, and the block means are kept per packed tensor; with weight decay, a buffer
-    must not mix decayed and spared tensors (flatten with the mask as labels, and pass
-    ``mask=flat.labels``).
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, num_heads, partition, mu_dtype: as in :func:`adam_jax.scale_by_adam_mini`.
-      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule.
-      mask: which leaves to decay (a tree of bools or a callable of the params); by default,
-        ``"by_name"``, all but norms and biases, by name. The default is a string rather
-        than a function so that ``optax.inject_hyperparams(adam_mini)`` keeps it (it takes
-        every callable argument for a schedule of the step).
-      maximize: ascend the objective instead of descending.
-
-    Returns:
-      An ``optax.GradientTransformation`` with optax's ``adamw`` state structure.
-
-    References:
-      Zhang, Chen, Li, Ding, Chen, Kingma, Ye, Luo and Sun, `Adam-mini: Use Fewer Learning
-      Rates To Gain More <https://arxiv.org/abs/2406.16793>`_, ICLR 2025.
-
-    Example:
-      >>> import adam_jax, jax.numpy as jnp
-      >>> params = {"dense": {"kernel": jnp.ones((256, 64)), "bias": jnp.zeros(64)}}
-      >>> tx = adam_jax.adam_mini(1e-3, weight_decay=0.1)
-      >>> state = tx.init(params)
-      >>> print(state[0].mu["dense"]["kernel"].size, state[0].nu["dense"]["kernel"].size)
-      16384 64
-    """
     never_decays = not callable(weight_decay) and validation.static_float(weight_decay) == 0.0
     if isinstance(mask, str):
         validation.check_choice("mask", mask, (DEFAULT_MASK,))
@@ -328,11 +298,56 @@ def adam_mini(
         mask = functools.partial(_no_decay_mask, mixed=True)
     return descend(
         learning_rate,
-        scale_by_adam_mini(b1, b2, eps, num_heads=num_heads, partition=partition,
-                           mu_dtype=mu_dtype),
+        _scale_by_adam_mini(config),
         add_decayed_weights(weight_decay, mask),
         maximize=maximize,
-    )  # fmt: skip
+    )
+
+
+@hyperparams.optimizer(
+    scale_by_adam_mini,
+    positional=("b1", "b2", "eps", "weight_decay", "mask"),
+    defaults={"mask": DEFAULT_MASK},
+    decay=True,
+    build=_adam_mini,
+)
+def adam_mini() -> None:
+    r"""Adam-mini: AdamW with one second moment per Hessian block (Zhang et al., 2025).
+
+    .. math::
+        \theta_t = \theta_{t-1} - \alpha(t) \left( u_t + \lambda \theta_{t-1} \right)
+
+    with :math:`u_t` from :func:`adam_jax.scale_by_adam_mini`. The arithmetic, defaults and
+    decay are the authors' ``adam_mini.Adam_mini`` (version 1.1.1): decoupled weight decay
+    scaled by the learning rate, none for parameters whose name has ``norm``, ``ln`` or
+    ``bias`` (the default ``mask``, ``"by_name"``: a string rather than a function, so that
+    ``optax.inject_hyperparams(adam_mini)``, which takes every callable argument for a
+    schedule of the step, keeps it). Their partition is by PyTorch layer names and layouts;
+    :func:`adam_jax.adam_mini_partition` gives the same blocks for Flax's names and layouts
+    (kernels ``(in, out)``: one value per output neuron), and also gives convolution kernels
+    one value per output channel, where the authors' code keeps one per tensor for layers it
+    does not recognize. Their embeddings and output layer keep one value per token, as here.
+    On :class:`adam_jax.FlatParams` the partition and the default mask read the tree the
+    buffers pack, and the block means are kept per packed tensor; with weight decay, a buffer
+    must not mix decayed and spared tensors (flatten with the mask as labels, and pass
+    ``mask=flat.labels``).
+
+    Returns:
+      An ``optax.GradientTransformation`` with optax's ``adamw`` state structure.
+
+    References:
+      Zhang, Chen, Li, Ding, Chen, Kingma, Ye, Luo and Sun, `Adam-mini: Use Fewer Learning
+      Rates To Gain More <https://arxiv.org/abs/2406.16793>`_, ICLR 2025; the authors' code,
+      https://github.com/zyushun/Adam-mini.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> params = {"dense": {"kernel": jnp.ones((256, 64)), "bias": jnp.zeros(64)}}
+      >>> tx = adam_jax.adam_mini(1e-3, weight_decay=0.1)
+      >>> state = tx.init(params)
+      >>> print(state[0].mu["dense"]["kernel"].size, state[0].nu["dense"]["kernel"].size)
+      16384 64
+    """
 
 
 REGISTRY_ROWS = (

@@ -16,16 +16,13 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
-from adam_jax._src.chains import descend
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax._src.rule import Leaf
 
-EPS_PLACEMENTS = ("standard", "torch")
 # Below this, 1 - y / expm1(y) loses digits to cancellation; its Taylor series does not.
 _SERIES_BELOW = 0.5
 
@@ -95,19 +92,29 @@ def rectifier_terms(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, j
     return rho_t, jnp.where(saturated, 0.0, rectifier_sq)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class RadamRule(AdamLikeRule):
     """RAdam's moment rule: see :func:`scale_by_radam`."""
 
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-8
-    eps_root: Any = 0.0
-    threshold: Any = 5.0
-    nesterov: bool = False
-    eps_placement: str = "standard"
-    mu_dtype: Any = None
-    nu_dtype: Any = None
+    b1: Any = hyperparams.b1()
+    b2: Any = hyperparams.b2()
+    eps: Any = hyperparams.eps()
+    eps_root: Any = hyperparams.eps_root()
+    threshold: Any = hyperparams.hyperparam(
+        5.0,
+        r":math:`\rho_t` from which the adaptive step is taken, >= 4 (the rectifier is defined "
+        r"for :math:`\rho_t \geq 4`).",
+        hyperparams.at_least(4.0),
+    )
+    nesterov: bool = hyperparams.nesterov()
+    eps_placement: str = hyperparams.hyperparam(
+        "standard",
+        '``"standard"`` (optax\'s) or ``"torch"`` (``torch.optim.RAdam``\'s: ``eps`` added to '
+        r":math:`\sqrt{v_t}` before the bias correction).",
+        hyperparams.choice("standard", "torch"),
+    )
+    mu_dtype: Any = hyperparams.mu_dtype()
+    nu_dtype: Any = hyperparams.nu_dtype()
 
     bias_correction = True  # read by nesterov_mu_hat
 
@@ -135,20 +142,10 @@ class RadamRule(AdamLikeRule):
         return leaf.add_decay(update), new
 
 
-def scale_by_radam(
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    threshold: float = 5.0,
-    *,
-    nesterov: bool = False,
-    eps_placement: str = "standard",
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-) -> optax.GradientTransformation:
+@hyperparams.transformation(
+    RadamRule, positional=("b1", "b2", "eps", "eps_root", "threshold"), decay=True
+)
+def scale_by_radam() -> None:
     r"""Rescales gradients by RAdam's rectified moment estimates (Liu et al., 2020).
 
     .. math::
@@ -163,27 +160,9 @@ def scale_by_radam(
 
     A drop-in for ``optax.scale_by_radam`` (same arguments, defaults and state
     ``optax.ScaleByAdamState``). With ``eps_placement="torch"`` the adaptive step is
-    ``torch.optim.RAdam``'s, with :math:`\epsilon` added to :math:`\sqrt{v_t}` before the bias
-    correction: :math:`r_t \hat m_t \sqrt{1-\beta_2^t} / (\sqrt{v_t + \epsilon_{root}} +
-    \epsilon)`. PyTorch rectifies when :math:`\rho_t > 5`, optax when :math:`\rho_t \geq 5`; the
-    two agree, since :math:`\rho_t` is never exactly 5. :math:`\rho_t` is computed without the
-    cancellation of its textbook form (see :func:`rectifier_terms`), so float32 runs decide and
-    rectify as float64 ones do.
-
-    Args:
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      eps_root: added inside the square root, >= 0.
-      threshold: :math:`\rho_t` from which the adaptive step is taken, >= 4 (the rectifier is
-        defined for :math:`\rho_t \geq 4`).
-      nesterov: Nesterov momentum, as ``optax.scale_by_radam``.
-      eps_placement: ``"standard"`` (optax) or ``"torch"`` (``torch.optim.RAdam``).
-      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule
-        (``torch.optim.RAdam(decoupled_weight_decay=True)`` once scaled by the learning rate).
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype: storage of the first moment (``None``, a dtype or a ``MomentStorage``).
-      nu_dtype: storage of the second moment, likewise.
+    :math:`r_t \hat m_t \sqrt{1-\beta_2^t} / (\sqrt{v_t + \epsilon_{root}} + \epsilon)`.
+    :math:`\rho_t` is computed without the cancellation of its textbook form (see
+    :func:`rectifier_terms`), so float32 runs decide and rectify as float64 ones do.
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
@@ -195,55 +174,20 @@ def scale_by_radam(
       >>> print(updates)  # rho_1 = 1 < 5: the bias-corrected momentum alone
       [ 0.5  -0.25]
     """
-    _check_radam_args(b1, b2, eps, eps_root, threshold, eps_placement)
-    rule = RadamRule(
-        b1, b2, eps, eps_root, threshold, nesterov, eps_placement,
-        mu_dtype, nu_dtype,
-    )  # fmt: skip
-    return scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
 
 
-def _check_radam_args(
-    b1: Any, b2: Any, eps: Any, eps_root: Any, threshold: Any, eps_placement: str
-) -> None:
-    validation.check_hyperparams(b1=b1, b2=b2, eps=eps, eps_root=eps_root)
-    validation.check_at_least("threshold", threshold, 4.0)
-    validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
-
-
-def radam(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
-    threshold: float = 5.0,
-    *,
-    nesterov: bool = False,
-    eps_placement: str = "standard",
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    mask: Mask | None = None,
-    mu_dtype: Any = None,
-    nu_dtype: Any = None,
-    maximize: bool = False,
-) -> optax.GradientTransformation:
+@hyperparams.optimizer(scale_by_radam)
+def radam() -> None:
     r"""RAdam: a drop-in for ``optax.radam``, with ``torch.optim.RAdam``'s semantics available.
 
     .. math::
         \theta_t = \theta_{t-1} - \alpha(t)\, \left(u_t + \lambda \theta_{t-1}\right)
 
-    with :math:`u_t` from :func:`adam_jax.scale_by_radam`. ``eps_placement="torch"`` with
-    ``weight_decay`` gives ``torch.optim.RAdam(decoupled_weight_decay=True)``.
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, eps_root, threshold, nesterov, eps_placement: as in
-        :func:`adam_jax.scale_by_radam`.
-      weight_decay: decoupled weight decay, scaled by the learning rate as in
-        :func:`adam_jax.adamw` (a constant >= 0 or a schedule).
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      mu_dtype, nu_dtype: storage of the moments (``None``, a dtype or a ``MomentStorage``).
-      maximize: ascend the objective instead of descending.
+    with :math:`u_t` from :func:`adam_jax.scale_by_radam`: the decay is scaled by the learning
+    rate, as :func:`adam_jax.adamw`. ``eps_placement="torch"`` with ``weight_decay`` gives
+    ``torch.optim.RAdam(decoupled_weight_decay=True)``. The authors' code (its default
+    ``degenerated_to_sgd=False``) leaves the params still before the rectification, and adds
+    ``eps`` as ``eps_placement="torch"``.
 
     Returns:
       An ``optax.GradientTransformation`` with optax's state structure (the moment estimate's
@@ -251,7 +195,8 @@ def radam(
 
     References:
       Liu, Jiang, He, Chen, Liu, Gao and Han, `On the Variance of the Adaptive Learning Rate
-      and Beyond <https://arxiv.org/abs/1908.03265>`_, ICLR 2020.
+      and Beyond <https://arxiv.org/abs/1908.03265>`_, ICLR 2020; the authors' code,
+      https://github.com/LiyuanLucasLiu/RAdam.
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -260,14 +205,6 @@ def radam(
       >>> print(jnp.round(updates, 4))  # rho_1 = 1 < 5: momentum, -0.1 * g (Adam: -0.1 sign(g))
       [-0.05   0.025]
     """
-    return descend(
-        learning_rate,
-        scale_by_radam(
-            b1, b2, eps, eps_root, threshold, nesterov=nesterov, eps_placement=eps_placement,
-            weight_decay=weight_decay, mask=mask, mu_dtype=mu_dtype, nu_dtype=nu_dtype,
-        ),
-        maximize=maximize,
-    )  # fmt: skip
 
 
 REGISTRY_ROWS = (

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
-from adam_jax._src import validation
+from adam_jax._src import hyperparams, validation
 from adam_jax._src.chains import ascent
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
@@ -26,7 +26,6 @@ from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_m
 from adam_jax._src.weight_decay import Mask, schedule_state_type
 
 ScheduleFreeState = optax.contrib.ScheduleFreeState
-FORMS = ("recommended", "paper")
 
 
 @functools.cache
@@ -54,27 +53,60 @@ class ScheduleFreeScalars(NamedTuple):
     c2: jax.Array
 
 
-@dataclasses.dataclass(frozen=True)
+def _check_warmup(name: str, value: Any) -> None:
+    if value is not None:
+        validation.check_steps(name, value)
+
+
+def _check_interpolation(name: str, value: Any) -> None:
+    number = validation.static_float(value)
+    if number is not None and not 0.0 < number < 1.0:
+        raise ValueError(f"{name} must be in (0, 1) (x = y + (1 - 1/b1)(z - y)), got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ScheduleFreeAdamwRule(MomentRule):
     """Schedule-Free AdamW's rule: see :func:`schedule_free_adamw`."""
 
-    learning_rate: optax.ScalarOrSchedule = 0.0025
-    warmup_steps: int | None = None
-    b1: Any = 0.9
-    b2: Any = 0.999
-    eps: Any = 1e-8
-    weight_lr_power: Any = 2.0
-    r: Any = 0.0
-    form: str = "recommended"
-    scheduled_decay: bool = False
-    z_dtype: Any = None
-    nu_dtype: Any = None
+    learning_rate: optax.ScalarOrSchedule = hyperparams.learning_rate(0.0025)
+    warmup_steps: int | None = hyperparams.hyperparam(
+        None, "length of the linear warm-up, an integer >= 0 (``None`` or 0: none).", _check_warmup
+    )
+    b1: Any = hyperparams.hyperparam(
+        0.9,
+        r"interpolation of :math:`y` between :math:`z` and :math:`x`, in (0, 1).",
+        _check_interpolation,
+    )
+    b2: Any = hyperparams.b2()
+    eps: Any = hyperparams.eps()
+    weight_lr_power: Any = hyperparams.hyperparam(
+        2.0,
+        ":math:`p`, the power of the largest learning rate so far in the averaging weights, >= 0.",
+        validation.check_non_negative,
+    )
+    r: Any = hyperparams.hyperparam(
+        0.0,
+        ":math:`r`, the power of the step in the averaging weights (0: uniform), >= 0.",
+        validation.check_non_negative,
+    )
+    form: str = hyperparams.hyperparam(
+        "recommended",
+        '``"recommended"`` (the authors\' ``AdamWScheduleFree``) or ``"paper"`` (Algorithm 1).',
+        hyperparams.choice("recommended", "paper"),
+    )
+    state_dtype: Any = hyperparams.hyperparam(
+        None,
+        r"storage of :math:`z` (``None``: the params' dtype; a dtype; or a "
+        ":class:`adam_jax.MomentStorage`).",
+    )
+    nu_dtype: Any = hyperparams.nu_dtype()
+    scheduled_decay: bool = False  # the weight decay is a schedule: the state counts its steps
 
     state_type = ScheduleFreeState
     uses_params = True
 
     def moments(self) -> tuple[Moment, ...]:
-        return (Moment("z", self.z_dtype, from_params=True), second_moment(self.nu_dtype))
+        return (Moment("z", self.state_dtype, from_params=True), second_moment(self.nu_dtype))
 
     def _lr_is_scheduled(self) -> bool:
         return self.warmup_steps is not None or callable(self.learning_rate)
@@ -109,8 +141,7 @@ class ScheduleFreeAdamwRule(MomentRule):
         """The warmed-up learning rate of this step (the paper's form: times
         :math:`\\sqrt{1 - \\beta_2^{k+1}}`)."""
         k = self.step_index(fields)
-        base = self.learning_rate(k) if callable(self.learning_rate) else self.learning_rate
-        lr = jnp.asarray(base).astype(dtype)
+        lr = self.rate(fields, dtype)
         if self.warmup_steps:
             lr = lr * jnp.minimum((k + 1).astype(dtype) / self.warmup_steps, 1.0)
         if self.form == "paper":
@@ -187,22 +218,25 @@ class ScheduleFreeAdamwRule(MomentRule):
         return fields
 
 
-def schedule_free_adamw(
-    learning_rate: optax.ScalarOrSchedule = 0.0025,
-    warmup_steps: int | None = None,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    weight_decay: optax.ScalarOrSchedule = 0.0,
-    weight_lr_power: float = 2.0,
-    state_dtype: Any = None,
-    *,
-    r: float = 0.0,
-    mask: Mask | None = None,
-    form: str = "recommended",
-    nu_dtype: Any = None,
-    maximize: bool = False,
+def _schedule_free_adamw(
+    rule: ScheduleFreeAdamwRule, *, weight_decay: Any, mask: Mask | None, maximize: bool
 ) -> optax.GradientTransformation:
+    rule = dataclasses.replace(rule, scheduled_decay=callable(weight_decay))
+    transform = scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
+    if maximize:
+        return optax.chain(*ascent(maximize), transform)
+    return optax.with_extra_args_support(transform)  # as optax's, which is not a chain
+
+
+@hyperparams.optimizer(
+    ScheduleFreeAdamwRule,
+    positional=(
+        "warmup_steps", "b1", "b2", "eps", "weight_decay", "weight_lr_power", "state_dtype",
+    ),
+    decay=True,
+    build=_schedule_free_adamw,
+)  # fmt: skip
+def schedule_free_adamw() -> None:
     r"""Schedule-Free AdamW (Defazio et al., 2024), as the authors' ``AdamWScheduleFree``.
 
     The params hold :math:`y`; with :math:`k` the 0-based step, :math:`\gamma_k` the learning
@@ -225,32 +259,11 @@ def schedule_free_adamw(
     bias correction of :math:`v_k`, whose factor :math:`\sqrt{1-\beta_2^{k+1}}` multiplies the
     learning rate instead (and so the decay, the averaging weights and :math:`y`'s step).
 
+    The decay :math:`\lambda` is evaluated at :math:`y`. A schedule as ``learning_rate`` is
+    evaluated at :math:`k` (as PyTorch's ``LambdaLR`` on the authors' optimizer would set it).
     A drop-in for ``optax.contrib.schedule_free_adamw`` (same arguments, defaults and state
     ``optax.contrib.ScheduleFreeState``, nesting included, except that its scalars are at least
-    float32), with these differences, where optax departs from the authors: the warm-up is
-    :math:`(k+1)/T` at step :math:`k` (optax's base optimizer reads its schedule one step
-    behind, so its first step is a no-op), ``warmup_steps=0`` means no warm-up (in optax it
-    freezes training), :math:`w_k` has the :math:`(k+1)^r` factor, and :math:`y` is updated
-    directly (optax recovers :math:`x` by dividing by :math:`\beta_1` every step). A schedule
-    as ``learning_rate`` is evaluated at :math:`k` (like PyTorch's ``LambdaLR`` on the authors'
-    optimizer).
-
-    Args:
-      learning_rate: :math:`\gamma`, a constant >= 0 or a schedule of the 0-based step.
-      warmup_steps: length of the linear warm-up (``None`` or 0: none).
-      b1: interpolation of :math:`y` between :math:`z` and :math:`x`, in (0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      weight_decay: :math:`\lambda`, evaluated at :math:`y` (a constant >= 0 or a schedule).
-      weight_lr_power: :math:`p`, the power of the largest learning rate so far in the
-        averaging weights.
-      state_dtype: storage of :math:`z` (``None``: the params' dtype; a dtype; or a
-        ``MomentStorage``).
-      r: :math:`r`, the power of the step in the averaging weights (0: uniform).
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      form: ``"recommended"`` (``AdamWScheduleFree``) or ``"paper"`` (Algorithm 1).
-      nu_dtype: storage of the second moment.
-      maximize: ascend the objective instead of descending.
+    float32) that follows the authors where optax departs from them.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
@@ -259,7 +272,8 @@ def schedule_free_adamw(
 
     References:
       Defazio, Yang, Mehta, Mishchenko, Khaled and Cutkosky, `The Road Less Scheduled
-      <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024.
+      <https://arxiv.org/abs/2405.15682>`_, NeurIPS 2024; the authors' code,
+      https://github.com/facebookresearch/schedule_free.
 
     Example:
       >>> import adam_jax, jax, jax.numpy as jnp, optax
@@ -274,26 +288,6 @@ def schedule_free_adamw(
       >>> print(jnp.round(x["w"], 2))
       [1. 1. 1.]
     """
-    if not callable(learning_rate):
-        validation.check_non_negative("learning_rate", learning_rate)
-    if warmup_steps is not None:
-        validation.check_steps("warmup_steps", warmup_steps)
-    b1_value = validation.static_float(b1)
-    if b1_value is not None and not 0.0 < b1_value < 1.0:
-        raise ValueError(f"b1 must be in (0, 1) (x = y + (1 - 1/b1)(z - y)), got {b1!r}")
-    validation.check_hyperparams(b2=b2, eps=eps)
-    validation.check_non_negative("weight_lr_power", weight_lr_power)
-    validation.check_non_negative("r", r)
-    validation.check_choice("form", form, FORMS)
-    rule = ScheduleFreeAdamwRule(
-        learning_rate, warmup_steps, b1, b2, eps, weight_lr_power, r, form,
-        scheduled_decay=callable(weight_decay),
-        z_dtype=state_dtype, nu_dtype=nu_dtype,
-    )  # fmt: skip
-    transform = scale_by_rule(rule, weight_decay=weight_decay, mask=mask)
-    if maximize:
-        return optax.chain(*ascent(maximize), transform)
-    return optax.with_extra_args_support(transform)  # as optax's, which is not a chain
 
 
 def _find_state(state: Any) -> Any:
