@@ -270,6 +270,29 @@ def test_state_shardings_of_wrapped_optimizers_shard_every_params_like_tree() ->
     assert [s.spec for s in jax.tree.leaves(shardings[0].mu)] == [P("data")]
 
 
+def test_zero1_takes_stochastic_rounding_on_explicit_axes() -> None:
+    """ZeRO-1 splits stochastic rounding's raw key data like any vector; the step draws from
+    the whole key and keeps the state's shardings."""
+    eight, _ = _mesh("data8", "explicit")
+    params = {"w": jnp.ones((16, 8), jnp.bfloat16), "b": jnp.zeros(8, jnp.bfloat16)}
+    tx = adam_jax.stochastic_rounding(adam_jax.adamw(1e-3), key=jax.random.key(0))
+    small = jax.tree.map(lambda p: jnp.full(p.shape, 1e-3, p.dtype), params)
+    want, _ = tx.update(small, tx.init(params), params)
+    shardings = state_shardings(tx, params, eight)
+    assert shardings.key.is_fully_replicated  # 2 words, which 8 devices do not divide
+    two = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Explicit,), devices=jax.devices()[:2])
+    for mesh in (eight, two):
+        shardings = state_shardings(tx, params, mesh)
+        with jax.set_mesh(mesh):
+            state = jax.jit(tx.init, out_shardings=shardings)(params)
+            updates, state = jax.jit(tx.update, out_shardings=(None, shardings))(
+                small, state, params
+            )
+        assert jax.tree.map(lambda x: x.sharding, state) == shardings
+        jax.tree.map(np.testing.assert_array_equal, updates, want)
+    assert shardings.key.spec == P("data")
+
+
 def test_state_shardings_keeps_only_the_param_axes_that_divide_and_exist() -> None:
     mesh, _ = _mesh("data4_model2", "auto")
     uneven = jax.ShapeDtypeStruct((3, 8), jnp.float32, sharding=NamedSharding(mesh, P("model")))

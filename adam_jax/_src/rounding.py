@@ -16,6 +16,7 @@ import optax
 
 from adam_jax._src.low_precision import landing_update, map_low_precision, require_params
 from adam_jax._src.sequencing import after
+from adam_jax._src.typed_sharding import replicated, reshard, typed_sharding
 
 
 class StochasticRoundingState(NamedTuple):
@@ -125,7 +126,8 @@ def stochastic_rounding(
         updates, inner_state = optax.with_extra_args_support(inner).update(
             updates, state.inner_state, params, **extra
         )
-        key, step_key = jax.random.split(jax.random.wrap_key_data(state.key))
+        # A key's words go whole into the draw (ZeRO-1 may have split them over devices).
+        key, step_key = jax.random.split(jax.random.wrap_key_data(replicated(state.key)))
         split = jax.random.split(step_key, len(jax.tree.leaves(params)))
         leaf_keys = iter(jax.random.key_data(split))
         previous: jax.Array | None = None  # the last leaf's rounded param
@@ -140,6 +142,7 @@ def stochastic_rounding(
             return landing_update(param, rounded, update.dtype)[0], None
 
         updates, _ = map_low_precision(round_leaf, updates, params)
-        return updates, StochasticRoundingState(inner_state, jax.random.key_data(key))
+        next_key = reshard(jax.random.key_data(key), typed_sharding(state.key))
+        return updates, StochasticRoundingState(inner_state, next_key)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -41,6 +41,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train on N devices (over all processes), each taking 1/N of every batch "
         "(None: 1 device, or with several processes every device of every process)",
     )
+    add_process_arguments(parser)
+
+
+def add_process_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options that make the program one of several processes of a run."""
     parser.add_argument(
         "--num-processes",
         type=int,
@@ -61,6 +66,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def check_arguments(args: argparse.Namespace) -> str | None:
     """What is wrong with the options of :func:`add_arguments`, if anything."""
+    if problem := check_process_arguments(args):
+        return problem
+    processes = args.num_processes
+    if args.devices is not None:
+        if args.devices < 1:
+            return f"--devices must be an integer >= 1, got {args.devices}"
+        if args.devices % processes:
+            return (
+                f"--devices {args.devices} must be a multiple of --num-processes {processes}: "
+                "every process brings the same number of devices"
+            )
+    return None
+
+
+def check_process_arguments(args: argparse.Namespace) -> str | None:
+    """What is wrong with the options of :func:`add_process_arguments`, if anything."""
     processes = args.num_processes
     if processes < 1:
         return f"--num-processes must be an integer >= 1, got {processes}"
@@ -71,14 +92,6 @@ def check_arguments(args: argparse.Namespace) -> str | None:
         )
     if processes > 1 and not args.coordinator:
         return f"--coordinator HOST:PORT is required with --num-processes {processes}"
-    if args.devices is not None:
-        if args.devices < 1:
-            return f"--devices must be an integer >= 1, got {args.devices}"
-        if args.devices % processes:
-            return (
-                f"--devices {args.devices} must be a multiple of --num-processes {processes}: "
-                "every process brings the same number of devices"
-            )
     return None
 
 
@@ -95,6 +108,12 @@ def prepare(argv: Sequence[str]) -> None:
         parser.error(problem)
     if args.devices is not None and args.devices > args.num_processes:
         request_host_devices(args.devices // args.num_processes)
+    join(args)
+
+
+def join(args: argparse.Namespace) -> None:
+    """Joins the other processes of the run (options of :func:`add_process_arguments`), if
+    there are any; must run before JAX creates its backend."""
     if args.num_processes > 1:
         # The CPU backend has no cross-process collectives of its own; gloo is JAX's.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")

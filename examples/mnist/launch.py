@@ -37,9 +37,11 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
-def commands(num_processes: int, program_args: Sequence[str], port: int) -> list[list[str]]:
-    """The command line of each process."""
-    run = [sys.executable, "-m", "examples.mnist", "--num-processes", str(num_processes)]
+def commands(
+    num_processes: int, program_args: Sequence[str], port: int, program: str = "examples.mnist"
+) -> list[list[str]]:
+    """The command line of each process of ``python -m program``."""
+    run = [sys.executable, "-m", program, "--num-processes", str(num_processes)]
     run += ["--coordinator", f"127.0.0.1:{port}"]
     return [[*run, "--process-id", str(i), *program_args] for i in range(num_processes)]
 
@@ -88,10 +90,10 @@ def run(commands: list[list[str]], grace_seconds: float) -> int:
             signal.signal(signum, handler)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def main(argv: Sequence[str] | None = None, program: str = "examples.mnist") -> None:
     parser = ArgumentParser(
-        prog="python -m examples.mnist.launch",
-        description="Start the processes of one run of python -m examples.mnist on this "
+        prog=f"python -m {program}.launch",
+        description=f"Start the processes of one run of python -m {program} on this "
         "machine; every other option goes to each of them.",
         allow_abbrev=False,
     )
@@ -111,7 +113,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if given:
         parser.error(f"{', '.join(given)}: the launcher sets these for each process")
     port = free_port()
-    raise SystemExit(run(commands(args.num_processes, program_args, port), args.grace_seconds))
+    raise SystemExit(
+        run(commands(args.num_processes, program_args, port, program), args.grace_seconds)
+    )
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""The run: steps, held-out evaluations, ``metrics.jsonl``, checkpoints, stops and resume.
+
+Every ``eval_every`` steps (and at the last) a record goes to the progress bar and to
+``WORKDIR/metrics.jsonl``: the mean training loss since the last record, the held-out loss,
+tokens per second (training steps only) and the learning rate. Every ``checkpoint_every`` steps,
+at the last step and when SIGTERM or SIGINT asks the run to stop, a checkpoint is written
+(:class:`examples.mnist.checkpoints.Checkpoints`: atomic, checked by sha256 when read back,
+a damaged one moved aside). ``resume`` continues from the newest intact checkpoint of a run
+with the same settings; the windows of every step come from the seed, so a resumed run, even
+after ``kill -9``, gives the records and params of an unbroken one bit for bit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+import adam_jax
+from examples.lm.data import Corpus
+from examples.lm.train import Trainer
+from examples.mnist import distributed
+from examples.mnist import metrics as metrics_lib
+from examples.mnist.checkpoints import Checkpoints
+from examples.mnist.errors import CheckpointError, Interrupted, NonFiniteError, TrainingError
+from examples.mnist.interrupts import StopRequests
+from examples.mnist.metrics import Metrics
+
+# Steps between the processes' comparisons of the signals they received (a collective).
+SIGNAL_CHECK_EVERY = 10
+KEEP_CHECKPOINTS = 2
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunOptions:
+    """Where a run keeps its files and how it reports; none of it changes the results."""
+
+    workdir: Path | None = None  # None: no files, no checkpoints
+    checkpoint_every: int = 500
+    resume: bool = False
+    report: Callable[[Metrics], None] = lambda record: None
+    warn: Callable[[str], None] = print
+
+
+class Run:
+    """One training run of ``trainer`` on ``corpus``; :meth:`train` returns its records."""
+
+    def __init__(self, trainer: Trainer, corpus: Corpus, options: RunOptions):
+        self.trainer, self.corpus, self.options = trainer, corpus, options
+        config = trainer.config
+        # What a resume must match; the mesh may change (each array is read into this run's
+        # layout, whatever the layout it was written from).
+        settings = dataclasses.asdict(config)
+        del settings["mesh"], settings["zero1"]
+        self.settings = json_safe(settings)
+        self.session_start = time.perf_counter()
+        self.elapsed_before = 0.0
+        eval_count = -(-config.eval_windows // trainer.mesh.size) * trainer.mesh.size
+        self.held_out = corpus.windows(corpus.held_out_starts(eval_count), held_out=True)
+        self.starts = corpus.batches(config.seed, config.steps, config.batch_size)
+        self.records: list[Metrics] = []
+        self.step = 0
+        self.saved_step: int | None = None
+        self.checkpoints: Checkpoints | None = None
+        self.metrics_path: Path | None = None
+        if options.workdir is not None:
+            self._prepare(options.workdir)
+            self.metrics_path = options.workdir / "metrics.jsonl"
+            self.checkpoints = Checkpoints(
+                options.workdir / "checkpoints", KEEP_CHECKPOINTS, options.warn
+            )
+
+    def _prepare(self, workdir: Path) -> None:
+        """A fresh run replaces a previous one's files (by the first process)."""
+        if distributed.is_primary():
+            try:
+                if not self.options.resume:
+                    for name in ("checkpoints", "damaged_checkpoints"):
+                        shutil.rmtree(workdir / name, ignore_errors=True)
+                    for name in ("metrics.jsonl", "curves.png"):
+                        (workdir / name).unlink(missing_ok=True)
+                workdir.mkdir(parents=True, exist_ok=True)
+                metrics_lib.remove_partial_writes(workdir / "metrics.jsonl")
+            except OSError as error:
+                raise TrainingError(f"cannot prepare --workdir {workdir}: {error}") from error
+        distributed.barrier("workdir prepared")
+
+    def resume(self) -> None:
+        """Continues from the newest intact checkpoint, if there is one."""
+        if self.checkpoints is None or self.metrics_path is None:
+            raise CheckpointError("--resume needs --workdir, where the checkpoints are")
+        restored = self.checkpoints.restore_latest(self.trainer.checkpoint_tree(), self.settings)
+        if restored is None:
+            self.options.warn("no checkpoint to resume from: training from the start")
+            return
+        self.trainer.restore(restored.tree)
+        self.step = self.saved_step = restored.step
+        self.elapsed_before = restored.run["elapsed_seconds"]
+        records = metrics_lib.read(self.metrics_path, self.options.warn)
+        self.records = [record for record in records if record["step"] <= self.step]
+        if len(self.records) < restored.run["records"]:
+            self.options.warn(
+                f"{self.metrics_path} holds {len(self.records)} of the "
+                f"{restored.run['records']} records up to step {self.step}: the curves have a gap"
+            )
+
+    def train(self) -> list[Metrics]:
+        config, trainer = self.trainer.config, self.trainer
+        if self.options.resume:
+            self.resume()
+        seconds, steps_timed = 0.0, 0
+        with StopRequests() as stop:
+            while self.step < config.steps:
+                if (signum := self._stop_request(stop)) is not None:
+                    self._stop(signum)
+                begin = time.perf_counter()
+                trainer.step(self.corpus.windows(self.starts[self.step]))
+                self.step += 1
+                steps_timed += 1
+                last = self.step == config.steps
+                if self.step % config.eval_every and not last:
+                    seconds += time.perf_counter() - begin
+                    continue
+                loss_sum = trainer.take_loss_sum()  # waits for the steps
+                seconds += time.perf_counter() - begin
+                self._record(loss_sum, steps_timed, seconds)
+                seconds, steps_timed = 0.0, 0
+                if self.step % self.options.checkpoint_every == 0 or last:
+                    self._checkpoint()
+        return self.records
+
+    def _record(self, loss_sum: float, steps_timed: int, seconds: float) -> None:
+        config = self.trainer.config
+        since = self.records[-1]["step"] if self.records else 0
+        train_loss = loss_sum / (self.step - since)
+        if not np.isfinite(train_loss):
+            raise NonFiniteError(
+                f"the training loss stopped being finite between steps {since} and {self.step}; "
+                "rerun with a lower --learning-rate"
+            )
+        record: Metrics = {
+            "step": self.step,
+            "train_loss": train_loss,
+            "held_out_loss": self.trainer.loss(self.held_out),
+            "tokens_per_second": steps_timed * config.batch_size * config.model.seq_len / seconds,
+            "learning_rate": float(self.trainer.schedule(self.step - 1)),
+        }
+        self.records.append(record)
+        self._write_metrics()
+        self.options.report(record)
+
+    def _write_metrics(self) -> None:
+        if self.metrics_path is None or not distributed.is_primary():
+            return
+        try:
+            metrics_lib.write(self.metrics_path, self.records)
+        except OSError as error:  # the old file is intact; the next write has these records
+            self.options.warn(f"could not write {self.metrics_path} ({error})")
+
+    def _checkpoint(self) -> None:
+        if self.checkpoints is None or self.step == self.saved_step:
+            return
+        run = {
+            "settings": self.settings,
+            "records": len(self.records),
+            "logged_step": self.step,
+            "elapsed_seconds": self.elapsed_before + time.perf_counter() - self.session_start,
+        }
+        if self.checkpoints.save(self.step, self.trainer.checkpoint_tree(), run):
+            self.saved_step = self.step
+
+    def _stop_request(self, stop: StopRequests) -> int | None:
+        """The signal that stops the run before its next step, if any: with several
+        processes, the first any of them received, compared every ``SIGNAL_CHECK_EVERY``
+        steps so that all stop after the same step."""
+        if jax.process_count() == 1:
+            return stop.signum
+        if self.step % SIGNAL_CHECK_EVERY:
+            return None
+        return distributed.first_signal(stop.signum)
+
+    def _stop(self, signum: int) -> None:
+        self._checkpoint()
+        saved = self.saved_step
+        checkpoint = (
+            None if self.checkpoints is None or saved is None else self.checkpoints.path(saved)
+        )
+        raise Interrupted(signum, self.step, f"of {self.trainer.config.steps}", checkpoint, saved)
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` as the JSON a checkpoint keeps, for comparing settings."""
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return repr(value)
+
+
+def state_bytes_per_param(trainer: Trainer) -> float:
+    return adam_jax.state_bytes(trainer.opt_state) / trainer.param_count

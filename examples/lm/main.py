@@ -1,0 +1,255 @@
+"""Command line of the language-model example: ``python -m examples.lm --help``.
+
+``--mesh``, ``--num-processes``, ``--process-id`` and ``--coordinator`` take effect before JAX
+starts (:func:`prepare`, which ``python -m examples.lm`` calls first): on CPU the program asks
+XLA for as many host devices as the mesh needs in each process. A bad setting ends the program
+with one line that names the flag and what it accepts, and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import math
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from examples.lm.data import DataError
+from examples.mnist import distributed
+from examples.mnist.errors import ArgumentParser
+
+PROG = "python -m examples.lm"
+
+
+def add_placement_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--mesh",
+        default=None,
+        metavar="data=D,fsdp=F",
+        help="the device mesh: the batch split over data x fsdp, params and optimizer state "
+        "over fsdp (default: every device on data)",
+    )
+    distributed.add_process_arguments(parser)
+
+
+def prepare(argv: Sequence[str]) -> None:
+    """Asks for the host devices ``--mesh`` needs and joins the other processes; must run
+    before JAX creates its backend. Exits with status 2 on bad options."""
+    parser = ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
+    add_placement_options(parser)
+    args, _ = parser.parse_known_args(argv)
+    from examples.lm.train import ConfigError, parse_mesh  # JAX is imported, not started.
+
+    if problem := distributed.check_process_arguments(args):
+        parser.error(problem)
+    if args.mesh is not None:
+        try:
+            devices = math.prod(parse_mesh(args.mesh).values())
+        except ConfigError as error:
+            parser.error(str(error))
+        if devices % args.num_processes:
+            parser.error(
+                f"--mesh {args.mesh} has {devices} devices, which --num-processes "
+                f"{args.num_processes} does not divide: every process brings as many"
+            )
+        distributed.request_host_devices(devices // args.num_processes)
+    distributed.join(args)
+
+
+def option_value(text: str) -> Any:
+    """A Python literal (``0.9``, ``True``, ``None``, ``(0.9, 0.95)``), else the string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parser() -> argparse.ArgumentParser:
+    from examples.lm.model import ModelConfig
+    from examples.lm.train import SCHEDULES, Config
+    from examples.mnist.optimizers import MOMENTS, SECOND_MOMENTS
+
+    model, config = ModelConfig(), Config()
+    p = ArgumentParser(
+        prog=PROG,
+        description="Train a GPT-style byte-level language model with adam_jax.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        allow_abbrev=False,
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help="a text file or a folder of them (default: Python's standard-library source)",
+    )
+    p.add_argument("--steps", type=int, default=config.steps)
+    p.add_argument("--batch-size", type=int, default=config.batch_size, help="windows a step")
+    p.add_argument("--seq-len", type=int, default=model.seq_len, help="bytes a window")
+    p.add_argument("--layers", type=int, default=model.layers)
+    p.add_argument("--d-model", type=int, default=model.d_model)
+    p.add_argument("--heads", type=int, default=model.heads)
+    p.add_argument("--optimizer", default=config.optimizer, help="a name of adam_jax.registry")
+    p.add_argument(
+        "--opt",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="an option of the optimizer (repeatable), e.g. --opt b2=0.99",
+    )
+    p.add_argument("--learning-rate", type=float, default=config.learning_rate, help="peak")
+    p.add_argument("--schedule", choices=SCHEDULES, default=config.schedule)
+    p.add_argument("--zero1", action="store_true", help="split the optimizer state over data too")
+    p.add_argument(
+        "--moments", choices=tuple(MOMENTS), default=config.moments, help="how moments are stored"
+    )
+    p.add_argument(
+        "--second-moment",
+        choices=tuple(SECOND_MOMENTS),
+        default=config.second_moment,
+        help="factored: Adafactor's row and column means in place of the second moment",
+    )
+    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=model.param_dtype)
+    p.add_argument(
+        "--low-precision",
+        choices=("none", "kahan", "stochastic"),
+        default=config.low_precision,
+        help="how bfloat16 params take their updates",
+    )
+    p.add_argument("--seed", type=int, default=config.seed)
+    p.add_argument("--eval-every", type=int, default=config.eval_every, metavar="STEPS")
+    p.add_argument("--eval-windows", type=int, default=config.eval_windows)
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where metrics.jsonl, the checkpoints and curves.png go (default: no files)",
+    )
+    p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from the newest intact checkpoint in --workdir (else a run replaces "
+        "the files there)",
+    )
+    add_placement_options(p)
+    return p
+
+
+def config_from(args: argparse.Namespace) -> Any:
+    """The run's :class:`~examples.lm.train.Config`; raises ConfigError naming a bad flag."""
+    from examples.lm.model import ModelConfig
+    from examples.lm.train import Config, ConfigError, parse_mesh
+
+    for flag in (
+        "steps",
+        "batch_size",
+        "seq_len",
+        "layers",
+        "d_model",
+        "heads",
+        "eval_every",
+        "eval_windows",
+    ):
+        if getattr(args, flag) < 1:
+            raise ConfigError(
+                f"--{flag.replace('_', '-')} must be an integer >= 1, got {getattr(args, flag)}"
+            )
+    if not args.learning_rate > 0:
+        raise ConfigError(f"--learning-rate must be > 0, got {args.learning_rate}")
+    options = {}
+    for item in args.opt:
+        name, equals, value = item.partition("=")
+        if not equals or not name.isidentifier():
+            raise ConfigError(f"--opt {item}: expected NAME=VALUE, e.g. --opt b2=0.99")
+        options[name] = option_value(value)
+    if args.d_model % args.heads:
+        raise ConfigError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    return Config(
+        model=ModelConfig(
+            layers=args.layers,
+            d_model=args.d_model,
+            heads=args.heads,
+            seq_len=args.seq_len,
+            param_dtype=args.param_dtype,
+        ),
+        optimizer=args.optimizer,
+        options=options,
+        learning_rate=args.learning_rate,
+        schedule=args.schedule,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        eval_every=args.eval_every,
+        eval_windows=args.eval_windows,
+        mesh=None if args.mesh is None else parse_mesh(args.mesh),
+        zero1=args.zero1,
+        moments=args.moments,
+        second_moment=args.second_moment,
+        low_precision=args.low_precision,
+        seed=args.seed,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    import jax
+    from rich.console import Console
+
+    from examples.lm import data, loop, plots
+    from examples.lm.train import ConfigError, Trainer, make_mesh
+    from examples.mnist.console import progress_bar
+    from examples.mnist.errors import Interrupted, TrainingError
+
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        config = config_from(args)
+        if args.resume and args.workdir is None:
+            raise ConfigError("--resume needs --workdir, where the checkpoints are")
+        corpus = data.Corpus(data.load(args.data), config.model.seq_len)
+        mesh = make_mesh(config.mesh)
+        trainer = Trainer(config, mesh)
+    except (ConfigError, DataError) as error:
+        p.error(str(error))
+    primary = jax.process_index() == 0
+    console = Console(quiet=not primary, soft_wrap=True)
+    console.print(
+        f"{trainer.param_count / 1e6:.2f}M params, {config.optimizer}, mesh "
+        f"{dict(mesh.shape)} over {jax.process_count()} process(es), "
+        f"{len(corpus.train):,} training bytes"
+    )
+    with progress_bar(primary, console) as progress:
+        task = progress.add_task("training", total=config.steps, status="")
+
+        def report(record: dict[str, Any]) -> None:
+            status = (
+                f"train {record['train_loss']:.4f}  held-out {record['held_out_loss']:.4f}  "
+                f"{record['tokens_per_second']:,.0f} tokens/s"
+            )
+            progress.update(task, completed=record["step"], status=status)
+            progress.console.print(f"step {record['step']:>6}/{config.steps}  {status}")
+
+        def warn(message: str) -> None:
+            progress.console.print(f"[yellow]warning:[/yellow] {message}")
+
+        options = loop.RunOptions(
+            workdir=args.workdir,
+            checkpoint_every=args.checkpoint_every,
+            resume=args.resume,
+            report=report,
+            warn=warn,
+        )
+        try:
+            records = loop.Run(trainer, corpus, options).train()
+        except Interrupted as error:
+            print(f"{PROG}: {error}", file=sys.stderr)
+            raise SystemExit(error.exit_status) from error
+        except TrainingError as error:
+            print(f"{PROG}: error: {error}", file=sys.stderr)
+            raise SystemExit(error.exit_status) from error
+    state_bytes = loop.state_bytes_per_param(trainer)
+    console.print(f"optimizer state: {state_bytes:.2f} bytes per parameter")
+    if args.workdir is not None and primary:
+        path = args.workdir / "curves.png"
+        plots.curves_figure(records, config, state_bytes).savefig(path, dpi=100)
+        console.print(f"curves: {path}")

@@ -1,0 +1,283 @@
+"""Training the decoder on a mesh of devices: the placement of params, optimizer state and
+batches, the compiled step, and the loop.
+
+The mesh has two axes (:func:`parse_mesh`): ``data`` and ``fsdp``. Every batch is split over
+both (each device sees its own windows). The params and the optimizer state are split over
+``fsdp`` (FSDP: each weight on the first dimension that ``fsdp`` divides, as
+:func:`adam_jax.sharding.with_data_axis` places it, so a device keeps ``1 / fsdp`` of them) and
+kept whole along ``data``; with ``zero1`` the optimizer state is split over ``data`` as well
+(:func:`adam_jax.sharding.state_shardings`). The model gathers each weight as it uses it
+(:func:`examples.lm.model.gathered`); XLA's partitioner writes the rest of the communication.
+With several processes (``jax.distributed``) the mesh spans the devices of all of them and
+every process runs the same code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+import adam_jax
+from adam_jax.sharding import state_shardings, with_data_axis
+from examples.lm import model as model_lib
+from examples.mnist import optimizers
+
+AXES = ("data", "fsdp")
+SCHEDULES = ("warmup_cosine", "constant")
+# The options every optimizer gets unless --opt says otherwise: the usual language-model
+# settings (GPT-3's b2 and decay), the decay on matrices only.
+LM_OPTIONS: dict[str, Any] = {"b2": 0.95, "weight_decay": 0.1}
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the message names its flag and what it accepts."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Config:
+    """Everything a run depends on."""
+
+    model: model_lib.ModelConfig = model_lib.ModelConfig()
+    optimizer: str = "adamw"
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
+    learning_rate: float = 3e-3  # the peak of the schedule
+    schedule: str = "warmup_cosine"
+    warmup_fraction: float = 0.05
+    steps: int = 600
+    batch_size: int = 32
+    eval_every: int = 100
+    eval_windows: int = 256
+    mesh: dict[str, int] | None = None  # None: every device on ``data``
+    zero1: bool = False
+    moments: str = "default"  # a key of examples.mnist.optimizers.MOMENTS: 8bit, 4bit
+    second_moment: str = "default"  # or factored
+    low_precision: str = "none"  # for bfloat16 params: kahan or stochastic
+    seed: int = 0
+
+
+def parse_mesh(text: str) -> dict[str, int]:
+    """``"data=2,fsdp=4"`` as ``{"data": 2, "fsdp": 4}``; an axis left out has size 1."""
+    sizes = dict.fromkeys(AXES, 1)
+    for item in filter(None, text.split(",")):
+        name, _, size = item.partition("=")
+        if name not in AXES or not size.isdigit() or int(size) < 1:
+            raise ConfigError(
+                f"--mesh {text}: expected AXIS=SIZE pairs separated by commas, AXIS one of "
+                f"{', '.join(AXES)} and SIZE an integer >= 1 (e.g. data=2,fsdp=4)"
+            )
+        sizes[name] = int(size)
+    return sizes
+
+
+def format_mesh(sizes: dict[str, int]) -> str:
+    return ",".join(f"{axis}={sizes[axis]}" for axis in AXES)
+
+
+def make_mesh(sizes: dict[str, int] | None, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """The ``(data, fsdp)`` mesh over ``devices`` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
+    count = len(devices)
+    sizes = sizes or {"data": count, "fsdp": 1}
+    if math.prod(sizes.values()) != count:
+        raise ConfigError(
+            f"--mesh {format_mesh(sizes)} has {math.prod(sizes.values())} devices, but the run "
+            f"has {count} ({devices[0].platform}): the sizes must multiply to {count}"
+        )
+    shape = tuple(sizes[axis] for axis in AXES)
+    return jax.make_mesh(shape, AXES, axis_types=(AxisType.Explicit,) * len(AXES), devices=devices)
+
+
+def optimizer_info(config: Config) -> adam_jax.registry.OptimizerInfo:
+    """The registry's row of ``config.optimizer``."""
+    if config.optimizer not in adam_jax.registry.names():
+        raise ConfigError(
+            f"--optimizer {config.optimizer}: not in the registry; choose from "
+            f"{', '.join(adam_jax.registry.names())}"
+        )
+    return adam_jax.registry.get(config.optimizer)
+
+
+def schedule(config: Config) -> optax.Schedule:
+    """The learning rate: linear warm-up, then cosine decay to a tenth of the peak, or constant
+    (schedule-free optimizers average instead of decaying: warm-up, then constant)."""
+    warmup = max(1, int(config.warmup_fraction * config.steps))
+    if config.schedule == "constant":
+        return optax.constant_schedule(config.learning_rate)
+    if optimizer_info(config).schedule_free:
+        return optax.join_schedules(
+            [
+                optax.linear_schedule(0.0, config.learning_rate, warmup),
+                optax.constant_schedule(config.learning_rate),
+            ],
+            [warmup],
+        )
+    return optax.warmup_cosine_decay_schedule(
+        0.0, config.learning_rate, warmup, max(config.steps, warmup + 1), config.learning_rate / 10
+    )
+
+
+def matrices(params: Any) -> Any:
+    """The decay mask: the weight matrices, not the biases, norms or position table."""
+    return jax.tree.map(lambda p: p.ndim == 2, params)
+
+
+def create_optimizer(config: Config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+    """The registry's ``config.optimizer`` with :data:`LM_OPTIONS` and ``config.options``."""
+    info = optimizer_info(config)
+    accepted = inspect.signature(info.alias).parameters
+    options = {k: v for k, v in LM_OPTIONS.items() if k in accepted} | dict(config.options)
+    try:
+        options |= optimizers.moment_storages(
+            config.optimizer, config.moments, config.second_moment
+        )
+    except ValueError as error:
+        raise ConfigError(f"--moments, --second-moment: {error}") from error
+    if "mask" in accepted and "weight_decay" in options:
+        options.setdefault("mask", matrices)
+    unknown = sorted(set(options) - set(accepted))
+    if unknown:
+        raise ConfigError(
+            f"--opt {unknown[0]}: {config.optimizer} has no such option; it takes "
+            f"{', '.join(name for name in accepted if name != 'learning_rate')}"
+        )
+    try:
+        tx = info.alias(learning_rate, **options)
+    except (TypeError, ValueError) as error:
+        raise ConfigError(f"--opt: {error}") from error
+    return optimizers.with_low_precision(tx, config.low_precision, config.seed)
+
+
+class Trainer:
+    """The model's params and optimizer state placed on ``mesh``, and its compiled steps."""
+
+    def __init__(self, config: Config, mesh: Mesh):
+        if config.batch_size % mesh.size:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} does not split over the {mesh.size} devices "
+                f"of --mesh {format_mesh(dict(mesh.shape))}: give a multiple of {mesh.size}"
+            )
+        self.config, self.mesh = config, mesh
+        self.schedule = schedule(config)
+        self.tx = create_optimizer(config, self.schedule)
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec(AXES))
+
+        def create() -> nnx.Module:
+            return model_lib.GPT(config.model, rngs=nnx.Rngs(config.seed))
+
+        self.graphdef, abstract = nnx.split(nnx.eval_shape(create))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        self.param_shardings = jax.tree.map(
+            lambda leaf: with_data_axis(replicated, leaf.shape, "fsdp"), abstract
+        )
+        with jax.set_mesh(mesh):
+            self.params = jax.jit(lambda: nnx.state(create()), out_shardings=self.param_shardings)()
+            shardings = (
+                state_shardings(self.tx, self.params, mesh, "data") if config.zero1 else None
+            )
+            self.opt_state = jax.jit(self.tx.init, out_shardings=shardings)(self.params)
+            self.loss_sum = self._zero()
+        self.state_shardings = jax.tree.map(lambda leaf: leaf.sharding, self.opt_state)
+        self.param_count = sum(leaf.size for leaf in jax.tree.leaves(abstract))
+        batch = jax.ShapeDtypeStruct(
+            (config.batch_size, config.model.seq_len + 1), jnp.int32, sharding=self.batch_sharding
+        )
+        with jax.set_mesh(mesh):  # compiled ahead, so that no step's time includes it
+            self._step = (
+                jax.jit(self._train_step, donate_argnums=(0, 1, 2))
+                .lower(self.params, self.opt_state, self.loss_sum, batch)
+                .compile()
+            )
+        self._loss = jax.jit(self._loss_of)
+
+    def _loss_of(self, params: Any, tokens: jax.Array) -> jax.Array:
+        return model_lib.loss_fn(nnx.merge(self.graphdef, params), tokens)
+
+    def _zero(self) -> jax.Array:
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        return jax.jit(lambda: jnp.zeros((), jnp.float32), out_shardings=replicated)()
+
+    def _train_step(
+        self, params: Any, opt_state: Any, loss_sum: jax.Array, tokens: jax.Array
+    ) -> tuple[Any, Any, jax.Array]:
+        loss, grads = jax.value_and_grad(self._loss_of)(params, tokens)
+        if self.config.zero1:
+            # The gradients split as the moments are (a reduce-scatter over data), the
+            # updates gathered back to the params' layout.
+            grads = jax.sharding.reshard(grads, self._like_moments(grads))
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        updates = jax.sharding.reshard(updates, self.param_shardings)
+        return optax.apply_updates(params, updates), opt_state, loss_sum + loss
+
+    def _like_moments(self, tree: Any) -> Any:
+        return jax.tree.map(
+            lambda leaf: with_data_axis(jax.typeof(leaf).sharding, leaf.shape, "data"), tree
+        )
+
+    def put(self, windows: np.ndarray) -> jax.Array:
+        """The global batch of ``windows``, which every process holds whole; each process
+        copies only the rows its own devices take."""
+        return jax.make_array_from_callback(
+            windows.shape, self.batch_sharding, lambda index: windows[index]
+        )
+
+    def step(self, windows: np.ndarray) -> None:
+        """One step on ``windows`` (``(batch, seq_len + 1)`` bytes), queued on the devices;
+        its loss joins :attr:`loss_sum`."""
+        with jax.set_mesh(self.mesh):
+            self.params, self.opt_state, self.loss_sum = self._step(
+                self.params, self.opt_state, self.loss_sum, self.put(windows)
+            )
+
+    def take_loss_sum(self) -> float:
+        """The sum of the losses since the last call (waits for the steps)."""
+        total = float(self.loss_sum)
+        self.loss_sum = self._zero()
+        return total
+
+    def checkpoint_tree(self) -> dict[str, Any]:
+        """What a checkpoint keeps: the params, the optimizer state and the losses summed
+        since the last record, so that a resumed run reports what an unbroken one does."""
+        return {
+            "params": nnx.to_pure_dict(self.params),
+            "opt_state": by_path(self.opt_state),
+            "loss_sum": self.loss_sum,
+        }
+
+    def restore(self, tree: dict[str, Any]) -> None:
+        """Takes up the arrays of a :meth:`checkpoint_tree` read back."""
+        nnx.replace_by_pure_dict(self.params, tree["params"])
+        leaves = tree["opt_state"]
+        self.opt_state = jax.tree.unflatten(
+            jax.tree.structure(self.opt_state), [leaves[path] for path in by_path(self.opt_state)]
+        )
+        self.loss_sum = tree["loss_sum"]
+
+    def evaluation_params(self) -> Any:
+        """The params to evaluate: the schedule-free average for schedule-free optimizers."""
+        if adam_jax.registry.get(self.config.optimizer).schedule_free:
+            return adam_jax.schedule_free_eval_params(self.opt_state, self.params)
+        return self.params
+
+    def loss(self, windows: np.ndarray) -> float:
+        with jax.set_mesh(self.mesh):
+            return float(self._loss(self.evaluation_params(), self.put(windows)))
+
+
+def by_path(tree: Any) -> dict[str, Any]:
+    """The leaves of ``tree`` by their paths (``"0/mu/blocks/0/up/kernel"``), in leaf order: a
+    form that checkpoints keep whatever containers the optimizer's state uses (named tuples
+    become dicts there, which would not match the tree read back into)."""
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf
+        for path, leaf in jax.tree_util.tree_leaves_with_path(tree)
+    }

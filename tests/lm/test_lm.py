@@ -1,0 +1,254 @@
+"""The language-model example end to end on a tiny model: every mesh of 8 CPU devices and two
+processes train as one device does, within float32 rounding; bad flags are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from examples.lm import data, loop, main, train
+from examples.lm.model import ModelConfig
+from examples.mnist.errors import Interrupted
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+TINY = ModelConfig(layers=1, d_model=32, heads=2, seq_len=16)
+CONFIG = train.Config(
+    model=TINY, steps=4, batch_size=8, eval_every=2, eval_windows=8, learning_rate=1e-2
+)
+# The float32 roundings that differ between meshes: sums over the batch and the gathers, split
+# differently over the devices.
+RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_bytes(data.load()[:100_000].tobytes())
+    return path
+
+
+@pytest.fixture(scope="module")
+def corpus(text: Path) -> data.Corpus:
+    return data.Corpus(data.load(text), TINY.seq_len)
+
+
+def trainer_on(mesh: str, config: train.Config = CONFIG) -> train.Trainer:
+    sizes = train.parse_mesh(mesh)
+    devices = jax.devices()[: int(np.prod(list(sizes.values())))]
+    return train.Trainer(config, train.make_mesh(sizes, devices))
+
+
+def trained(
+    config: train.Config, corpus: data.Corpus, mesh: str, **options
+) -> tuple[list, train.Trainer]:
+    trainer = trainer_on(mesh, config)
+    return loop.Run(trainer, corpus, loop.RunOptions(**options)).train(), trainer
+
+
+def losses(records: list) -> np.ndarray:
+    return np.array([(r["train_loss"], r["held_out_loss"]) for r in records])
+
+
+@pytest.fixture(scope="module")
+def one_device(corpus: data.Corpus) -> tuple[list, train.Trainer]:
+    return trained(CONFIG, corpus, "data=1")
+
+
+def host_params(params) -> dict[str, np.ndarray]:
+    """The params by path, as NumPy arrays. The keys' bias has a zero gradient in exact
+    arithmetic (it shifts every score of a query alike), so Adam steps on rounding noise there:
+    its third of the qkv bias is left out."""
+    leaves = {
+        jax.tree_util.keystr(path): np.asarray(leaf)
+        for path, leaf in jax.tree_util.tree_leaves_with_path(params)
+    }
+    d = TINY.d_model
+    qkv_bias = "['blocks'][0]['qkv']['bias'].value"
+    leaves[qkv_bias] = leaves[qkv_bias][np.r_[0:d, 2 * d : 3 * d]]
+    return leaves
+
+
+def shard_fraction(leaf: jax.Array) -> float:
+    return leaf.addressable_shards[0].data.size / leaf.size
+
+
+@pytest.mark.parametrize(
+    ("mesh", "zero1"),
+    [("data=8", False), ("fsdp=8", False), ("data=2,fsdp=4", False), ("data=2,fsdp=4", True)],
+)
+def test_mesh_trains_as_one_device(corpus, one_device, mesh: str, zero1: bool) -> None:
+    records, trainer = trained(train.Config(**{**vars(CONFIG), "zero1": zero1}), corpus, mesh)
+    reference_records, reference = one_device
+    np.testing.assert_allclose(losses(records), losses(reference_records), rtol=RTOL)
+    got, want = host_params(trainer.params), host_params(reference.params)
+    for path in want:
+        difference = np.linalg.norm(got[path] - want[path])
+        assert difference <= RTOL * np.linalg.norm(want[path]), path
+    sizes = train.parse_mesh(mesh)
+    # FSDP: every matrix (all of them have a dimension that 8 divides) keeps 1/fsdp per
+    # device, and so do its moments; ZeRO-1 splits the moments over data as well.
+    kernel = trainer.params["blocks"][0]["up"]["kernel"][...]
+    assert shard_fraction(kernel) == 1 / sizes["fsdp"]
+    moments = [leaf for leaf in jax.tree.leaves(trainer.opt_state) if leaf.shape == kernel.shape]
+    assert moments
+    for moment in moments:
+        assert shard_fraction(moment) == 1 / (sizes["fsdp"] * (sizes["data"] if zero1 else 1))
+
+
+def test_loss_falls(one_device) -> None:
+    records, _ = one_device
+    assert records[-1]["held_out_loss"] < records[0]["held_out_loss"] < np.log(256)
+
+
+def test_two_processes_train_as_one(text: Path, one_device, tmp_path: Path) -> None:
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
+    env.pop("XLA_FLAGS")  # each process asks for the 2 devices it brings
+    command = [sys.executable, "-m", "examples.lm.launch", "--num-processes", "2",
+               "--mesh", "data=2,fsdp=2", "--data", str(text), "--workdir", str(tmp_path),
+               "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--eval-windows", "8",
+               "--learning-rate", "1e-2", "--layers", "1", "--d-model", "32", "--heads", "2",
+               "--seq-len", "16"]  # fmt: skip
+    finished = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    np.testing.assert_allclose(losses(records), losses(one_device[0]), rtol=RTOL)
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["4"]
+
+
+def test_command_line_trains_on_a_mesh(text: Path, tmp_path: Path, capsys) -> None:
+    main.main(["--data", str(text), "--mesh", "data=2,fsdp=4", "--zero1", "--steps", "2",
+               "--batch-size", "8", "--eval-every", "1", "--eval-windows", "8", "--layers", "1",
+               "--d-model", "32", "--heads", "2", "--seq-len", "16", "--optimizer", "laprop",
+               "--opt", "b2=0.99", "--workdir", str(tmp_path), "--moments", "8bit",
+               "--param-dtype", "bfloat16", "--low-precision", "stochastic"])  # fmt: skip
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    out = capsys.readouterr().out
+    assert "step      2/2" in out
+    # 8-bit moments of the large matrices (the rest float32) and a key: under 8 bytes.
+    assert float(out.split("optimizer state: ")[1].split()[0]) < 4
+
+
+def stopped_after(trainer: train.Trainer, steps: int, how: str) -> None:
+    """Makes ``trainer`` end the run once ``steps`` steps are done: SIGTERM (which the run
+    answers with a checkpoint) or a crash (an exception that leaves the files as kill -9
+    would, the last checkpoint being the newest)."""
+    step, done = trainer.step, []
+
+    def counted(windows: np.ndarray) -> None:
+        if len(done) == steps and how == "crash":
+            raise RuntimeError("killed")
+        step(windows)
+        done.append(1)
+        if len(done) == steps and how == "sigterm":
+            signal.raise_signal(signal.SIGTERM)
+
+    trainer.step = counted  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize(("how", "checkpoint"), [("sigterm", 3), ("crash", 2)])
+def test_resume_is_bit_identical(corpus, one_device, tmp_path: Path, how, checkpoint) -> None:
+    options = {"workdir": tmp_path, "checkpoint_every": 2}
+    interrupted = trainer_on("data=1")
+    stopped_after(interrupted, 3, how)
+    with pytest.raises(Interrupted if how == "sigterm" else RuntimeError) as stop:
+        loop.Run(interrupted, corpus, loop.RunOptions(**options)).train()
+    if how == "sigterm":
+        assert stop.value.checkpoint_step == checkpoint
+    assert max(int(path.name) for path in (tmp_path / "checkpoints").iterdir()) == checkpoint
+    records, resumed = trained(CONFIG, corpus, "data=1", **options, resume=True)
+    reference_records, reference = one_device
+    assert records == [
+        {**record, "tokens_per_second": mine["tokens_per_second"]}
+        for record, mine in zip(reference_records, records, strict=True)
+    ]
+    for leaf, want in zip(
+        jax.tree.leaves(resumed.params), jax.tree.leaves(reference.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+
+
+def test_damaged_checkpoint_is_moved_aside(corpus, one_device, tmp_path: Path) -> None:
+    options = {"workdir": tmp_path, "checkpoint_every": 2}
+    interrupted = trainer_on("data=1")
+    stopped_after(interrupted, 3, "sigterm")
+    with pytest.raises(Interrupted):
+        loop.Run(interrupted, corpus, loop.RunOptions(**options)).train()
+    (tmp_path / "checkpoints" / "3" / "run" / "metadata").write_text('{"settings": {')
+    warnings: list[str] = []
+    # On another mesh: each array is read into the new layout.
+    records, _ = trained(CONFIG, corpus, "fsdp=4", **options, resume=True, warn=warnings.append)
+    assert any("checkpoint 3 is damaged" in warning for warning in warnings)
+    assert (tmp_path / "damaged_checkpoints").is_dir()
+    np.testing.assert_allclose(losses(records), losses(one_device[0]), rtol=RTOL)
+
+
+def test_resume_refuses_other_settings(corpus, tmp_path: Path) -> None:
+    options = {"workdir": tmp_path, "checkpoint_every": 2}
+    trained(CONFIG, corpus, "data=1", **options)
+    other = train.Config(**{**vars(CONFIG), "learning_rate": 2e-2})
+    with pytest.raises(loop.CheckpointError, match="learning-rate"):
+        trained(other, corpus, "data=1", **options, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mesh", "data=2"], "--mesh data=2,fsdp=1 has 2 devices, but the run has 8"),
+        (["--mesh", "data=2,tp=4"], "--mesh data=2,tp=4: expected AXIS=SIZE pairs"),
+        (["--mesh", "fsdp=8", "--batch-size", "12"], "--batch-size 12 does not split over"),
+        (["--data", "/no/such/corpus"], "--data /no/such/corpus: no such file or folder"),
+        (["--optimizer", "adamq"], "--optimizer adamq: not in the registry"),
+        (["--opt", "b3=0.9"], "--opt b3: adamw has no such option"),
+        (["--opt", "b2=1.5"], "--opt: "),
+        (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
+        (["--optimizer", "adamax", "--moments", "8bit"], "--moments, --second-moment: "),
+        (["--resume"], "--resume needs --workdir"),
+        (["--seq-len", "4000", "--data", "SMALL"], "too short for --seq-len 4000"),
+    ],
+)
+def test_bad_flags_are_one_line(flags, message, text: Path, tmp_path: Path, capsys) -> None:
+    small = tmp_path / "small.txt"
+    small.write_text("x" * 1000)
+    flags = [str(small) if flag == "SMALL" else flag for flag in flags]
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["--data", str(text), "--steps", "1", *flags])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.splitlines()
+    assert error[0].startswith("python -m examples.lm: error: ")
+    assert message in error[0]
+
+
+def test_processes_must_divide_the_mesh(capsys) -> None:
+    with pytest.raises(SystemExit):
+        main.prepare(["--mesh", "data=3", "--num-processes", "2", "--process-id", "0",
+                      "--coordinator", "127.0.0.1:1"])  # fmt: skip
+    assert "--num-processes 2 does not divide" in capsys.readouterr().err
+
+
+def test_folder_corpus_skips_hidden_files(tmp_path: Path) -> None:
+    (tmp_path / "b.txt").write_text("bb")
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "a.txt").write_text("aa")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "c").write_text("cc")
+    assert bytes(data.load(tmp_path)) == b"bb\naa"
+
+
+def test_held_out_windows_stay_in_the_last_tenth() -> None:
+    stream = np.arange(1000, dtype=np.int64) % 251
+    corpus = data.Corpus(stream.astype(np.uint8), seq_len=9)
+    windows = corpus.windows(corpus.held_out_starts(5), held_out=True)
+    assert windows.shape == (5, 10)
+    assert windows[0, 0] == stream[900] and windows[-1, -1] == stream[-1]
+    train_windows = corpus.windows(corpus.batches(0, 50, 4))
+    assert train_windows.max() <= stream[:900].max() and train_windows.shape == (50, 4, 10)
