@@ -151,6 +151,8 @@ class Run:
             "tokens_per_second": steps_timed * config.batch_size * config.model.seq_len / seconds,
             "learning_rate": float(self.trainer.schedule(self.step - 1)),
         }
+        if (mfu := self.trainer.model_flops_utilization(record["tokens_per_second"])) is not None:
+            record["model_flops_utilization"] = mfu
         self.records.append(record)
         self._write_metrics()
         self.options.report(record)

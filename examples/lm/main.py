@@ -32,6 +32,12 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
         "over fsdp (default: every device on data)",
     )
     distributed.add_process_arguments(parser)
+    parser.add_argument(
+        "--cluster",
+        action="store_true",
+        help="join the other processes as the cluster says (jax.distributed.initialize() "
+        "with no arguments: Cloud TPU, Slurm, Open MPI), in place of the three options above",
+    )
 
 
 def prepare(argv: Sequence[str]) -> None:
@@ -42,6 +48,10 @@ def prepare(argv: Sequence[str]) -> None:
     args, _ = parser.parse_known_args(argv)
     from examples.lm.train import ConfigError, parse_mesh  # JAX is imported, not started.
 
+    if args.cluster and (args.num_processes > 1 or args.coordinator):
+        parser.error(
+            "--cluster finds the processes itself: leave out --num-processes and --coordinator"
+        )
     if problem := distributed.check_process_arguments(args):
         parser.error(problem)
     if args.mesh is not None:
@@ -54,7 +64,12 @@ def prepare(argv: Sequence[str]) -> None:
                 f"--mesh {args.mesh} has {devices} devices, which --num-processes "
                 f"{args.num_processes} does not divide: every process brings as many"
             )
-        distributed.request_host_devices(devices // args.num_processes)
+        if not args.cluster:  # a cluster's processes bring the devices they have
+            distributed.request_host_devices(devices // args.num_processes)
+    if args.cluster:
+        import jax
+
+        jax.distributed.initialize()
     distributed.join(args)
 
 
@@ -226,6 +241,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"train {record['train_loss']:.4f}  held-out {record['held_out_loss']:.4f}  "
                 f"{record['tokens_per_second']:,.0f} tokens/s"
             )
+            if "model_flops_utilization" in record:
+                status += f"  MFU {record['model_flops_utilization']:.1%}"
             progress.update(task, completed=record["step"], status=status)
             progress.console.print(f"step {record['step']:>6}/{config.steps}  {status}")
 

@@ -39,6 +39,19 @@ SCHEDULES = ("warmup_cosine", "constant")
 LM_OPTIONS: dict[str, Any] = {"b2": 0.95, "weight_decay": 0.1}
 
 
+# Peak dense bfloat16 FLOP/s of one device, by a name in its ``device_kind`` (the vendors'
+# figures; H100 and H200: the SXM parts).
+PEAK_FLOPS = {
+    "H100": 989e12,
+    "H200": 989e12,
+    "A100": 312e12,
+    "TPU v4": 275e12,
+    "TPU v5 lite": 197e12,
+    "TPU v5p": 459e12,
+    "TPU v6 lite": 918e12,
+}
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the message names its flag and what it accepts."""
 
@@ -53,7 +66,7 @@ class Config:
     learning_rate: float = 3e-3  # the peak of the schedule
     schedule: str = "warmup_cosine"
     warmup_fraction: float = 0.05
-    steps: int = 600
+    steps: int = 1000
     batch_size: int = 32
     eval_every: int = 100
     eval_windows: int = 256
@@ -193,11 +206,23 @@ class Trainer:
         )
         with jax.set_mesh(mesh):  # compiled ahead, so that no step's time includes it
             self._step = (
-                jax.jit(self._train_step, donate_argnums=(0, 1, 2))
+                jax.jit(self.train_step, donate_argnums=(0, 1, 2))
                 .lower(self.params, self.opt_state, self.loss_sum, batch)
                 .compile()
             )
         self._loss = jax.jit(self._loss_of)
+
+    def model_flops_utilization(self, tokens_per_second: float) -> float | None:
+        """The share of the devices' peak FLOP/s that the model's arithmetic takes at this
+        speed: 6 N + 12 L T d FLOPs per token (PaLM's appendix B: N params, L blocks, windows
+        of T, width d); None where the devices' peak is unknown (CPUs)."""
+        kind = self.mesh.devices.flat[0].device_kind
+        peak = next((flops for name, flops in PEAK_FLOPS.items() if name in kind), None)
+        if peak is None:
+            return None
+        model = self.config.model
+        per_token = 6 * self.param_count + 12 * model.layers * model.seq_len * model.d_model
+        return per_token * tokens_per_second / (peak * self.mesh.size)
 
     def _loss_of(self, params: Any, tokens: jax.Array) -> jax.Array:
         return model_lib.loss_fn(nnx.merge(self.graphdef, params), tokens)
@@ -206,9 +231,11 @@ class Trainer:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         return jax.jit(lambda: jnp.zeros((), jnp.float32), out_shardings=replicated)()
 
-    def _train_step(
+    def train_step(
         self, params: Any, opt_state: Any, loss_sum: jax.Array, tokens: jax.Array
     ) -> tuple[Any, Any, jax.Array]:
+        """The step as a pure function: new params and state, ``loss_sum`` plus the loss of
+        ``tokens`` (``(batch, seq_len + 1)``); :meth:`step` runs it compiled, in place."""
         loss, grads = jax.value_and_grad(self._loss_of)(params, tokens)
         if self.config.zero1:
             # The gradients split as the moments are (a reduce-scatter over data), the

@@ -103,6 +103,30 @@ def test_mesh_trains_as_one_device(corpus, one_device, mesh: str, zero1: bool) -
         assert shard_fraction(moment) == 1 / (sizes["fsdp"] * (sizes["data"] if zero1 else 1))
 
 
+def test_model_flops_utilization_where_the_peak_is_known(corpus, monkeypatch) -> None:
+    trainer = trainer_on("data=2")
+    assert trainer.model_flops_utilization(1e5) is None  # a CPU's peak is not in the table
+    monkeypatch.setitem(train.PEAK_FLOPS, "cpu", 1e9)
+    records = loop.Run(trainer, corpus, loop.RunOptions()).train()
+    flops_per_token = 6 * trainer.param_count + 12 * TINY.layers * TINY.seq_len * TINY.d_model
+    for record in records:
+        want = flops_per_token * record["tokens_per_second"] / 2e9
+        assert record["model_flops_utilization"] == pytest.approx(want)
+
+
+def test_step_exports_for_gpu_and_tpu() -> None:
+    """The sharded step lowers for the accelerators (where this machine cannot run it)."""
+    trainer = trainer_on("data=2,fsdp=4", train.Config(**{**vars(CONFIG), "zero1": True}))
+    tokens = jax.ShapeDtypeStruct(
+        (CONFIG.batch_size, TINY.seq_len + 1), np.int32, sharding=trainer.batch_sharding
+    )
+    with jax.set_mesh(trainer.mesh):
+        exported = jax.export.export(jax.jit(trainer.train_step), platforms=["cuda", "tpu"])(
+            trainer.params, trainer.opt_state, trainer.loss_sum, tokens
+        )
+    assert exported.platforms == ("cuda", "tpu")
+
+
 def test_loss_falls(one_device) -> None:
     records, _ = one_device
     assert records[-1]["held_out_loss"] < records[0]["held_out_loss"] < np.log(256)
@@ -228,11 +252,17 @@ def test_bad_flags_are_one_line(flags, message, text: Path, tmp_path: Path, caps
     assert message in error[0]
 
 
-def test_processes_must_divide_the_mesh(capsys) -> None:
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--mesh", "data=3", "--num-processes", "2"], "--num-processes 2 does not divide"),
+        (["--cluster", "--num-processes", "2"], "--cluster finds the processes itself"),
+    ],
+)
+def test_process_flags_are_checked_before_jax_starts(flags, message, capsys) -> None:
     with pytest.raises(SystemExit):
-        main.prepare(["--mesh", "data=3", "--num-processes", "2", "--process-id", "0",
-                      "--coordinator", "127.0.0.1:1"])  # fmt: skip
-    assert "--num-processes 2 does not divide" in capsys.readouterr().err
+        main.prepare([*flags, "--process-id", "0", "--coordinator", "127.0.0.1:1"])
+    assert message in capsys.readouterr().err
 
 
 def test_folder_corpus_skips_hidden_files(tmp_path: Path) -> None:
