@@ -2,10 +2,10 @@
 
     python -m examples.lm.launch --num-processes 2 --mesh data=2,fsdp=4 --steps 100
 
-(see :mod:`examples.mnist.launch`, which this is with the program changed).
+(see :mod:`examples.common.launch`, which this is with the program changed).
 """
 
-from examples.mnist import launch
+from examples.common import launch
 
 if __name__ == "__main__":
     launch.main(program="examples.lm")

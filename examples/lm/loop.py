@@ -4,7 +4,7 @@ Every ``eval_every`` steps (and at the last) a record goes to the progress bar a
 ``WORKDIR/metrics.jsonl``: the mean training loss since the last record, the held-out loss,
 tokens per second (training steps only) and the learning rate. Every ``checkpoint_every`` steps,
 at the last step and when SIGTERM or SIGINT asks the run to stop, a checkpoint is written
-(:class:`examples.mnist.checkpoints.Checkpoints`: atomic, checked by sha256 when read back,
+(:class:`examples.common.checkpoints.Checkpoints`: atomic, checked by sha256 when read back,
 a damaged one moved aside). ``resume`` continues from the newest intact checkpoint of a run
 with the same settings; the windows of every step come from the seed, so a resumed run, even
 after ``kill -9``, gives the records and params of an unbroken one bit for bit.
@@ -13,7 +13,6 @@ after ``kill -9``, gives the records and params of an unbroken one bit for bit.
 from __future__ import annotations
 
 import dataclasses
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -23,14 +22,15 @@ import jax
 import numpy as np
 
 import adam_jax
+from examples.common import distributed
+from examples.common import metrics as metrics_lib
+from examples.common import workdir as workdir_lib
+from examples.common.checkpoints import Checkpoints
+from examples.common.errors import CheckpointError, Interrupted, NonFiniteError
+from examples.common.interrupts import StopRequests
+from examples.common.metrics import Metrics
 from examples.lm.data import Corpus
 from examples.lm.train import Trainer
-from examples.mnist import distributed
-from examples.mnist import metrics as metrics_lib
-from examples.mnist.checkpoints import Checkpoints
-from examples.mnist.errors import CheckpointError, Interrupted, NonFiniteError, TrainingError
-from examples.mnist.interrupts import StopRequests
-from examples.mnist.metrics import Metrics
 
 # Steps between the processes' comparisons of the signals they received (a collective).
 SIGNAL_CHECK_EVERY = 10
@@ -70,26 +70,11 @@ class Run:
         self.checkpoints: Checkpoints | None = None
         self.metrics_path: Path | None = None
         if options.workdir is not None:
-            self._prepare(options.workdir)
-            self.metrics_path = options.workdir / "metrics.jsonl"
+            workdir_lib.prepare(options.workdir, options.resume)
+            self.metrics_path = options.workdir / workdir_lib.METRICS
             self.checkpoints = Checkpoints(
                 options.workdir / "checkpoints", KEEP_CHECKPOINTS, options.warn
             )
-
-    def _prepare(self, workdir: Path) -> None:
-        """A fresh run replaces a previous one's files (by the first process)."""
-        if distributed.is_primary():
-            try:
-                if not self.options.resume:
-                    for name in ("checkpoints", "damaged_checkpoints"):
-                        shutil.rmtree(workdir / name, ignore_errors=True)
-                    for name in ("metrics.jsonl", "curves.png"):
-                        (workdir / name).unlink(missing_ok=True)
-                workdir.mkdir(parents=True, exist_ok=True)
-                metrics_lib.remove_partial_writes(workdir / "metrics.jsonl")
-            except OSError as error:
-                raise TrainingError(f"cannot prepare --workdir {workdir}: {error}") from error
-        distributed.barrier("workdir prepared")
 
     def resume(self) -> None:
         """Continues from the newest intact checkpoint, if there is one."""

@@ -16,9 +16,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from examples.common import distributed
+from examples.common.errors import ArgumentParser
 from examples.lm.data import DataError
-from examples.mnist import distributed
-from examples.mnist.errors import ArgumentParser
 
 PROG = "python -m examples.lm"
 
@@ -210,10 +210,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     import jax
     from rich.console import Console
 
+    from examples.common.errors import Interrupted, TrainingError
     from examples.lm import data, loop, plots
     from examples.lm.train import ConfigError, Trainer, make_mesh
     from examples.mnist.console import progress_bar
-    from examples.mnist.errors import Interrupted, TrainingError
 
     p = parser()
     args = p.parse_args(argv)

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from examples.common.metrics import Metrics
 from examples.lm.train import Config
-from examples.mnist.metrics import Metrics
 
 
 def curves_figure(records: list[Metrics], config: Config, state_bytes: float) -> Any:

@@ -9,10 +9,10 @@ are the command line's options too), :mod:`~examples.mnist.data` (IDX loader and
 :mod:`~examples.mnist.trainer` (the steps compiled for speed), :mod:`~examples.mnist.loop`
 (the run: records, checkpoints, stops, resumes), :mod:`~examples.mnist.console` and
 :mod:`~examples.mnist.plots` (what a run prints and draws), :mod:`~examples.mnist.train` (the
-names the notebook and tests import), :mod:`~examples.mnist.checkpoints`,
-:mod:`~examples.mnist.metrics` and :mod:`~examples.mnist.interrupts` (what the loop survives:
+names the notebook and tests import), :mod:`~examples.common.checkpoints`,
+:mod:`~examples.common.metrics` and :mod:`~examples.common.interrupts` (what the loop survives:
 damaged checkpoints, full disks, torn metrics files, SIGTERM and SIGINT),
-:mod:`~examples.mnist.errors`, :mod:`~examples.mnist.compare` (optimizer comparison),
+:mod:`~examples.common.errors`, :mod:`~examples.mnist.compare` (optimizer comparison),
 :mod:`~examples.mnist.main` (the CLI) and :mod:`~examples.mnist.baseline` (epoch time against
 a naive optax + ``nnx.jit`` loop).
 """

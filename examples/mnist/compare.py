@@ -19,11 +19,12 @@ from pathlib import Path
 
 from rich.console import Console
 
+from examples.common import distributed
+from examples.common.metrics import Metrics
 from examples.mnist import data as data_lib
-from examples.mnist import distributed, optimizers
+from examples.mnist import optimizers
 from examples.mnist.config import Config
 from examples.mnist.loop import train_and_evaluate
-from examples.mnist.metrics import Metrics
 
 
 def first_reaching(history: list[Metrics], threshold: float) -> Metrics | None:

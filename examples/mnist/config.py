@@ -51,7 +51,7 @@ class Config:
 
     Every setting but ``checkpoints`` is an option of ``python -m examples.mnist``, in this
     order in ``--help``: an :func:`option`, or for ``devices`` one of
-    :mod:`examples.mnist.distributed`.
+    :mod:`examples.common.distributed`.
     """
 
     model: str = option("cnn", "network", choices=sorted(models.MODELS))
@@ -95,7 +95,7 @@ class Config:
     max_consecutive_skips: int = option(
         10, "with --skip-nonfinite: stop after this many skipped steps in a row"
     )
-    # Its option, --devices, is examples.mnist.distributed's, which reads it before JAX starts
+    # Its option, --devices, is examples.common.distributed's, which reads it before JAX starts
     # (importing this module starts JAX).
     devices: int | None = None
     param_dtype: str = option(

@@ -9,9 +9,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from examples.mnist import metrics as metrics_lib
+from examples.common import metrics as metrics_lib
+from examples.common.metrics import Metrics
 from examples.mnist.config import Config
-from examples.mnist.metrics import Metrics
 from examples.mnist.trainer import Trainer
 
 

@@ -34,7 +34,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from examples.mnist.metrics import default_file_mode
+from examples.common.metrics import default_file_mode
 
 ENV_DATA_DIR = "ADAM_JAX_DATA_DIR"
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions

@@ -8,8 +8,8 @@ and the batches and random keys of a step depend only on the seed, the epoch and
 epoch or at its end, replays exactly the computation of an uninterrupted one.
 
 Faults: SIGTERM or SIGINT stops the run after the current step with a checkpoint
-(:mod:`~examples.mnist.interrupts`); damaged checkpoints and full disks are handled in
-:mod:`~examples.mnist.checkpoints`; ``Config.skip_nonfinite`` skips steps whose gradient is
+(:mod:`~examples.common.interrupts`); damaged checkpoints and full disks are handled in
+:mod:`~examples.common.checkpoints`; ``Config.skip_nonfinite`` skips steps whose gradient is
 not finite, and a run never writes a checkpoint whose parameters are not finite.
 """
 
@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -28,15 +27,16 @@ from flax import nnx
 from rich.console import Console
 from rich.progress import Progress
 
+from examples.common import distributed
+from examples.common import metrics as metrics_lib
+from examples.common import workdir as workdir_lib
+from examples.common.checkpoints import Checkpoints
+from examples.common.errors import CheckpointError, Interrupted, NonFiniteError, TrainingError
+from examples.common.interrupts import StopRequests
+from examples.common.metrics import Metrics
 from examples.mnist import console as console_lib
 from examples.mnist import data as data_lib
-from examples.mnist import distributed
-from examples.mnist import metrics as metrics_lib
-from examples.mnist.checkpoints import Checkpoints
 from examples.mnist.config import Config
-from examples.mnist.errors import CheckpointError, Interrupted, NonFiniteError, TrainingError
-from examples.mnist.interrupts import StopRequests
-from examples.mnist.metrics import Metrics
 from examples.mnist.plots import plot_curves
 from examples.mnist.trainer import Trainer, epoch_means
 
@@ -50,8 +50,8 @@ def train_and_evaluate(
     ends) and at the end, and ``curves.png``.
 
     Returns the trainer (for its final state) and the per-epoch records. Raises
-    :class:`~examples.mnist.errors.Interrupted` after a checkpoint when SIGTERM or SIGINT
-    arrives, and other :class:`~examples.mnist.errors.TrainingError` when the run cannot go
+    :class:`~examples.common.errors.Interrupted` after a checkpoint when SIGTERM or SIGINT
+    arrives, and other :class:`~examples.common.errors.TrainingError` when the run cannot go
     on (no intact checkpoint, settings that differ from the checkpoint's, non-finite values).
     """
     if not distributed.is_primary():
@@ -60,7 +60,7 @@ def train_and_evaluate(
     console = console or Console()
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
     workdir = Path(config.workdir)
-    _prepare_workdir(config, workdir)
+    workdir_lib.prepare(workdir, config.resume)
     with StopRequests() as stop:
         trainer = Trainer(config, dataset)
         console_lib.print_size(console, trainer)
@@ -87,26 +87,6 @@ def train_and_evaluate(
             if checkpoints is not None:
                 checkpoints.close()
     return trainer, [m for m in run.records if m["kind"] == "epoch"]
-
-
-def _prepare_workdir(config: Config, workdir: Path) -> None:
-    """Clears a previous run's outputs unless resuming (by the first process; the others wait
-    for it)."""
-    if not distributed.is_primary():
-        distributed.barrier("workdir prepared")
-        return
-    try:
-        if not config.resume:
-            # A fresh run replaces the previous one rather than mixing their records.
-            for name in ("checkpoints", "damaged_checkpoints"):
-                shutil.rmtree(workdir / name, ignore_errors=True)
-            for name in ("metrics.jsonl", "curves.png"):
-                (workdir / name).unlink(missing_ok=True)
-        workdir.mkdir(parents=True, exist_ok=True)
-        metrics_lib.remove_partial_writes(workdir / "metrics.jsonl")
-    except OSError as err:
-        raise TrainingError(f"cannot prepare the work directory {workdir}: {err}") from err
-    distributed.barrier("workdir prepared")
 
 
 def _plot(records: list[Metrics], path: Path, config: Config, warn: Callable[[str], None]) -> None:

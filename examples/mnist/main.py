@@ -5,7 +5,7 @@ from the checkpoint's, missing devices, non-finite values, a stop by SIGTERM or 
 with one message on stderr and a non-zero exit status, not a traceback.
 
 ``--devices``, ``--num-processes``, ``--process-id`` and ``--coordinator`` take effect before
-JAX starts (:func:`examples.mnist.distributed.prepare`, which ``python -m examples.mnist``
+JAX starts (:func:`examples.common.distributed.prepare`, which ``python -m examples.mnist``
 calls first); :func:`main` called in a running program checks that they match it.
 """
 
@@ -22,11 +22,12 @@ from typing import Any
 import jax
 from rich.console import Console
 
-from examples.mnist import compare, data, distributed, optimizers
+from examples.common import distributed
+from examples.common.errors import ArgumentParser, DeviceError, Interrupted, TrainingError
+from examples.common.launch import PROCESS_OPTIONS
+from examples.mnist import compare, data, optimizers
 from examples.mnist.config import Config
 from examples.mnist.console import summary
-from examples.mnist.errors import ArgumentParser, DeviceError, Interrupted, TrainingError
-from examples.mnist.launch import PROCESS_OPTIONS
 from examples.mnist.loop import train_and_evaluate
 
 

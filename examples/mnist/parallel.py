@@ -25,7 +25,8 @@ from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 from adam_jax.sharding import state_shardings, with_data_axis
-from examples.mnist import distributed, step
+from examples.common import distributed
+from examples.mnist import step
 
 DATA = "data"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from examples.mnist.metrics import Metrics
+from examples.common.metrics import Metrics
 
 
 def curves_figure(records: list[Metrics], title: str) -> Any:

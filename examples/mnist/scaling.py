@@ -16,7 +16,7 @@ import dataclasses
 import statistics
 from collections.abc import Sequence
 
-from examples.mnist import distributed
+from examples.common import distributed
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

@@ -8,10 +8,10 @@ standardization), :mod:`~examples.mnist.trainer` (the steps compiled for speed),
 :mod:`~examples.mnist.console` and :mod:`~examples.mnist.plots` (what a run prints and draws).
 """
 
+from examples.common.metrics import Metrics
 from examples.mnist.augment import normalize, random_shift
 from examples.mnist.console import read_metrics, summary
 from examples.mnist.loop import train_and_evaluate
-from examples.mnist.metrics import Metrics
 from examples.mnist.plots import curves_figure, plot_curves
 from examples.mnist.step import cross_entropy
 from examples.mnist.trainer import MAX_IN_FLIGHT, SUMS, Trainer, epoch_means

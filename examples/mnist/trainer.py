@@ -33,12 +33,12 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from examples.common.errors import DeviceError
+from examples.common.metrics import Metrics
 from examples.mnist import data as data_lib
 from examples.mnist import optimizers, parallel
 from examples.mnist.augment import normalize, random_shift
 from examples.mnist.config import Config, check_batch_split
-from examples.mnist.errors import DeviceError
-from examples.mnist.metrics import Metrics
 from examples.mnist.step import create_model_and_optimizer, eval_step, train_step
 
 # Per-epoch sums carried from step to step on the device: summed loss, correct predictions and
@@ -64,7 +64,7 @@ class Trainer:
     checkpoints hold. They live on ``mesh`` (default: :func:`parallel.data_mesh` of
     ``config.devices``), laid out by :attr:`layout`.
 
-    Raises :class:`~examples.mnist.errors.DeviceError` if the devices asked for are not
+    Raises :class:`~examples.common.errors.DeviceError` if the devices asked for are not
     there or cannot split a batch evenly.
     """
 

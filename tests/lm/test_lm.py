@@ -14,9 +14,9 @@ import jax
 import numpy as np
 import pytest
 
+from examples.common.errors import Interrupted
 from examples.lm import data, loop, main, train
 from examples.lm.model import ModelConfig
-from examples.mnist.errors import Interrupted
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelConfig(layers=1, d_model=32, heads=2, seq_len=16)

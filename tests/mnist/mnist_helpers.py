@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from examples.mnist import data, metrics
+from examples.common import metrics
+from examples.mnist import data
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # Where README.md's main command reads MNIST (--data-dir ../shared/data/mnist).

@@ -228,7 +228,7 @@ def test_second_signal_stops_at_once() -> None:
     script = textwrap.dedent(
         """
         import os, signal, time
-        from examples.mnist.interrupts import StopRequests
+        from examples.common.interrupts import StopRequests
 
         with StopRequests() as stop:
             os.kill(os.getpid(), signal.SIGTERM)

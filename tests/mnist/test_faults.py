@@ -31,9 +31,10 @@ from mnist_helpers import (
 )
 from rich.console import Console
 
-from examples.mnist import checkpoints, data, metrics, models, train
+from examples.common import checkpoints, metrics
+from examples.common.errors import CheckpointError, Interrupted, NonFiniteError
+from examples.mnist import data, models, train
 from examples.mnist.config import Config
-from examples.mnist.errors import CheckpointError, Interrupted, NonFiniteError
 
 DATASET = synthetic_dataset(n_train=256, n_test=50)
 STEPS = 16  # 2 epochs of 8 steps; a checkpoint every 2 steps.

@@ -27,7 +27,8 @@ from mnist_helpers import (
     synthetic_dataset,
 )
 
-from examples.mnist import compare, data, main, metrics, models, optimizers, train
+from examples.common import metrics
+from examples.mnist import compare, data, main, models, optimizers, train
 from examples.mnist.config import Config
 
 

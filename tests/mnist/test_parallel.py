@@ -19,9 +19,9 @@ from flax import nnx
 from jax.sharding import AxisType
 from mnist_helpers import Tiny, records_without_timing, state_arrays, synthetic_dataset
 
+from examples.common.errors import DeviceError
 from examples.mnist import main, models, parallel, scaling, train
 from examples.mnist.config import Config
-from examples.mnist.errors import DeviceError
 
 DEVICES = 8
 if jax.device_count() < DEVICES:

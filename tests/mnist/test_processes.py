@@ -24,7 +24,8 @@ import orbax.checkpoint as ocp
 import pytest
 from mnist_helpers import REPO_ROOT, state_arrays
 
-from examples.mnist import data, launch, train
+from examples.common import launch
+from examples.mnist import data, train
 from examples.mnist.config import Config
 
 # 2 epochs of 8 steps of the MLP with ZeRO-1; a checkpoint at the end of each epoch, a chance
@@ -211,7 +212,7 @@ def test_launcher_passes_signals_on_and_ends_the_others_when_one_fails() -> None
 
     # A SIGTERM to the launcher reaches each process once.
     run = f"launch.run({[waits_for_sigterm] * 2!r}, 5)"
-    script = f"from examples.mnist import launch\nraise SystemExit({run})"
+    script = f"from examples.common import launch\nraise SystemExit({run})"
     env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
     with started([[sys.executable, "-c", script]], env) as (launcher,):
         assert launcher.stdout is not None
@@ -234,10 +235,10 @@ def test_launcher_refuses_what_it_sets_itself(capsys: pytest.CaptureFixture[str]
         ),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            launch.main(argv)
+            launch.main(argv, program="examples.mnist")
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
-    commands = launch.commands(2, ["--devices", "8"], 1234)
+    commands = launch.commands(2, ["--devices", "8"], 1234, "examples.mnist")
     assert [command[3:] for command in commands] == [
         ["--num-processes", "2", "--coordinator", "127.0.0.1:1234", "--process-id", str(i)]
         + ["--devices", "8"]

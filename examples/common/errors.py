@@ -1,7 +1,8 @@
 """Why a run stopped: the exceptions the command line turns into a message and an exit status.
 
-Each carries a complete, user-facing message; ``python -m examples.mnist`` prints it without a
-traceback and exits with :attr:`TrainingError.exit_status`.
+Each carries a complete, user-facing message; the programs (``python -m examples.mnist``,
+``python -m examples.lm``) print it without a traceback and exit with
+:attr:`TrainingError.exit_status`.
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ leaves either a whole checkpoint or a temporary directory that the next run dele
 * **Damage.** Restoring checks each checkpoint, newest first: its JSON, its arrays' structure,
   shapes and dtypes against this model, and the sha256 of what was read. A checkpoint that
   fails is reported in one line, moved to ``damaged_checkpoints/`` and the next older one is
-  tried; :class:`~examples.mnist.errors.CheckpointError` if none is intact.
-* **Another run's checkpoints.** Settings that fix the state's structure or the batches
-  (:data:`examples.mnist.config.RESUME_SETTINGS`) must match; a resume with a different
-  value is refused with a message naming the setting.
+  tried; :class:`~examples.common.errors.CheckpointError` if none is intact.
+* **Another run's checkpoints.** Settings that fix the state's structure or the batches (the
+  program's, such as :data:`examples.mnist.config.RESUME_SETTINGS`) must match; a resume with
+  a different value is refused with a message naming the setting.
 * **Full disk.** A checkpoint is not attempted when the disk has less free space than its
   arrays take in memory, and a write that fails with a storage error (``ENOSPC`` and the
   like) is removed; both are reported, the older checkpoints stay intact, and
@@ -43,8 +43,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from examples.mnist import distributed
-from examples.mnist.errors import CheckpointError
+from examples.common import distributed
+from examples.common.errors import CheckpointError
 
 STATE, RUN = "state", "run"
 # Status codes with which TensorStore (orbax's array storage) reports failed I/O, as the
@@ -218,7 +218,7 @@ class Checkpoints:
         Damaged checkpoints newer than the intact one are reported and moved to
         ``damaged_checkpoints/`` (a later save reuses their step numbers). Raises
         :class:`CheckpointError` if no checkpoint is intact (then nothing is moved) or if the
-        checkpoints were written with other :data:`~examples.mnist.config.RESUME_SETTINGS`.
+        checkpoints were written with other ``settings``.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         damaged: list[tuple[int, str]] = []

@@ -1,13 +1,14 @@
 """Devices and processes: what must happen before JAX touches a device, and how the processes
 of one run agree.
 
-``python -m examples.mnist --devices N`` trains on ``N`` devices; on CPU it asks XLA for that
-many host devices (``XLA_FLAGS=--xla_force_host_platform_device_count``) unless ``XLA_FLAGS``
-already sets the count. ``--num-processes P --process-id I --coordinator HOST:PORT`` makes the
-program one of ``P`` processes that train together through ``jax.distributed`` (on CPU with
-JAX's gloo collectives), each with ``N / P`` of the devices. Both must be settled before JAX
-creates its backend, which importing ``adam_jax`` already does: ``python -m examples.mnist``
-calls :func:`prepare` before it imports anything else.
+``--devices N`` (the MNIST program's; the language model's ``--mesh`` sets it likewise) trains
+on ``N`` devices; on CPU the program asks XLA for that many host devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count``) unless ``XLA_FLAGS`` already sets the
+count. ``--num-processes P --process-id I --coordinator HOST:PORT`` makes the program one of
+``P`` processes that train together through ``jax.distributed`` (on CPU with JAX's gloo
+collectives), each with ``N / P`` of the devices. Both must be settled before JAX creates its
+backend, which importing ``adam_jax`` already does: ``python -m examples.mnist`` calls
+:func:`prepare` before it imports anything else.
 
 Every process runs the same loop; decisions that rest on what one process sees alone (a signal,
 free disk space, a damaged checkpoint) go through :func:`everywhere` so that all of them take
@@ -26,7 +27,7 @@ import jax
 import numpy as np
 from jax.experimental import multihost_utils
 
-from examples.mnist.errors import DeviceError
+from examples.common.errors import DeviceError
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 
@@ -51,7 +52,7 @@ def add_process_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         metavar="P",
-        help="processes that train together through jax.distributed (see examples.mnist.launch)",
+        help="processes that train together through jax.distributed (see examples.common.launch)",
     )
     parser.add_argument(
         "--process-id", type=int, default=0, metavar="I", help="this process: 0 to P - 1"
@@ -95,13 +96,11 @@ def check_process_arguments(args: argparse.Namespace) -> str | None:
     return None
 
 
-def prepare(argv: Sequence[str]) -> None:
+def prepare(argv: Sequence[str], prog: str) -> None:
     """Asks for the host devices and joins the other processes, from the command line
     ``argv``; must run before JAX creates its backend. Exits with status 2 on bad options."""
     # The other options (--help among them) are main's, which parses them all again.
-    parser = argparse.ArgumentParser(
-        prog="python -m examples.mnist", add_help=False, allow_abbrev=False
-    )
+    parser = argparse.ArgumentParser(prog=prog, add_help=False, allow_abbrev=False)
     add_arguments(parser)
     args, _ = parser.parse_known_args(argv)
     if problem := check_arguments(args):
@@ -150,7 +149,7 @@ def mesh_devices(devices: int | None) -> list[jax.Device]:
         where = "" if processes == 1 else f" in each of the {processes} processes"
         hint = (
             f" (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} fixes the CPU device count; "
-            f"drop {DEVICE_COUNT_FLAG} from it and python -m examples.mnist sets it)"
+            f"drop {DEVICE_COUNT_FLAG} from it and the program sets it)"
             if platform == "cpu" and DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "")
             else ""
         )

@@ -1,0 +1,116 @@
+"""Starts the processes of one run of a program on this machine: ``python -m
+examples.mnist.launch --num-processes 2 --devices 8 --epochs 1`` runs ``python -m
+examples.mnist --num-processes 2 --process-id I --coordinator 127.0.0.1:PORT --devices 8
+--epochs 1`` for I = 0 and 1, with PORT a free port (``examples.lm.launch`` likewise): every
+option but ``--num-processes`` goes to each process unchanged. The first process prints the
+progress and the results; each prints its own errors.
+
+SIGINT (Ctrl-C) and SIGTERM are passed on to every process, once per signal received: the
+processes stop together after the same step with a checkpoint, as one process does, and a
+second signal ends them at once. If a process fails, the others (which may wait for it in a
+collective for ever) are killed after ``--grace-seconds``. The exit status is that of the
+first process to fail, or 0.
+"""
+
+from __future__ import annotations
+
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from types import FrameType
+
+from examples.common.errors import ArgumentParser
+
+# The options the launcher sets for each process.
+PROCESS_OPTIONS = ("--num-processes", "--process-id", "--coordinator")
+
+
+def free_port() -> int:
+    """A TCP port that is free on 127.0.0.1 now (the coordinator binds it a moment later)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def commands(
+    num_processes: int, program_args: Sequence[str], port: int, program: str
+) -> list[list[str]]:
+    """The command line of each process of ``python -m program``."""
+    run = [sys.executable, "-m", program, "--num-processes", str(num_processes)]
+    run += ["--coordinator", f"127.0.0.1:{port}"]
+    return [[*run, "--process-id", str(i), *program_args] for i in range(num_processes)]
+
+
+def exit_status(returncode: int) -> int:
+    """A child's status as a shell reports it (128 + N for a process ended by signal N)."""
+    return 128 - returncode if returncode < 0 else returncode
+
+
+def run(commands: list[list[str]], grace_seconds: float) -> int:
+    """Runs the processes to their end; returns the launcher's exit status."""
+    # Each in a process group of its own: the terminal's Ctrl-C reaches only the launcher,
+    # which passes it on once (a second signal would stop the processes at once).
+    processes = [subprocess.Popen(command, process_group=0) for command in commands]
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        del frame
+        for process in processes:
+            if process.poll() is None:
+                process.send_signal(signum)
+
+    previous = {
+        signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)
+    }
+    try:
+        failed: int | None = None  # The status of the first process that failed.
+        deadline = float("inf")
+        while running := [process for process in processes if process.poll() is None]:
+            failures = [p.returncode for p in processes if p.returncode not in (None, 0)]
+            if failed is None and failures:
+                failed = exit_status(failures[0])
+                deadline = time.monotonic() + grace_seconds
+            if time.monotonic() > deadline:
+                for process in running:
+                    process.kill()
+            time.sleep(0.05)
+        if failed is None:
+            failed = next((exit_status(p.returncode) for p in processes if p.returncode), 0)
+        return failed
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def main(argv: Sequence[str] | None = None, *, program: str) -> None:
+    parser = ArgumentParser(
+        prog=f"python -m {program}.launch",
+        description=f"Start the processes of one run of python -m {program} on this "
+        "machine; every other option goes to each of them.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--num-processes", type=int, required=True, metavar="P")
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=10.0,
+        help="when a process fails, how long the others may take to end before they are killed",
+    )
+    args, program_args = parser.parse_known_args(argv)
+    if args.num_processes < 1:
+        parser.error(f"--num-processes must be an integer >= 1, got {args.num_processes}")
+    if args.grace_seconds < 0:
+        parser.error(f"--grace-seconds must be >= 0, got {args.grace_seconds}")
+    given = [arg for arg in program_args if arg.split("=", 1)[0] in PROCESS_OPTIONS]
+    if given:
+        parser.error(f"{', '.join(given)}: the launcher sets these for each process")
+    port = free_port()
+    raise SystemExit(
+        run(commands(args.num_processes, program_args, port, program), args.grace_seconds)
+    )
