@@ -17,6 +17,7 @@ from adam_jax._src.loss_spikes import SkipLossSpikesState, skip_loss_spikes
 from adam_jax._src.memory import state_bytes
 from adam_jax._src.moments import ScaleByAdamState, ScaleByAmsgradState
 from adam_jax._src.moving_average import moving_average_terms
+from adam_jax._src.offload import offload_state
 from adam_jax._src.rounding import (
     StochasticRoundingState,
     round_stochastically,
@@ -153,6 +154,7 @@ __all__ = [
     "moving_average_terms",
     "nadam",
     "nadamw",
+    "offload_state",
     "per_leaf",
     "quantization",
     "radam",

@@ -61,6 +61,7 @@ from adam_jax._src.moving_average import (
     step_scalars,
 )
 from adam_jax._src.numerics import abs_sq, cast_scalar, compute_dtype, divide, real_dtype
+from adam_jax._src.offload import on_device
 from adam_jax._src.rounding import raw_key
 from adam_jax._src.rule import (
     Leaf,
@@ -148,6 +149,7 @@ __all__ = [
     "nesterov",
     "nesterov_mu_hat",
     "nu_dtype",
+    "on_device",
     "optimizer",
     "partial",
     "raw_key",

@@ -158,16 +158,21 @@ def state_shardings(
         return jax.ShapeDtypeStruct(np.shape(param), dtype, sharding=sharding)
 
     with jax.sharding.use_abstract_mesh(explicit):
-        typed_state = jax.eval_shape(tx.init, jax.tree.map(abstract_param, params))
+        # Traced rather than eval_shape'd: the types tell the memory too (host memory for
+        # adam_jax.offload_state's state).
+        typed_state = jax.jit(tx.init).trace(jax.tree.map(abstract_param, params)).out_avals
     # The shapes of the state that init makes from these params on this mesh: a stored form
     # may lay itself out by the params' shardings on Explicit axes only (the 8-bit scales).
     state = jax.eval_shape(tx.init, params)
 
-    def leaf_sharding(leaf: jax.ShapeDtypeStruct, typed: jax.ShapeDtypeStruct) -> NamedSharding:
+    def leaf_sharding(leaf: jax.ShapeDtypeStruct, typed: Any) -> NamedSharding:
         spec = typed.sharding.spec if isinstance(typed.sharding, NamedSharding) else None
         if spec is None or len(typed.shape) != len(leaf.shape):
             spec = PartitionSpec()
         spec = _dividing(spec, leaf.shape, mesh)
-        return with_data_axis(NamedSharding(mesh, spec), leaf.shape, data_axis)
+        sharding = with_data_axis(NamedSharding(mesh, spec), leaf.shape, data_axis)
+        if typed.memory_space == jax.memory.Space.Host:
+            return sharding.with_memory_kind("pinned_host")
+        return sharding
 
     return jax.tree.map(leaf_sharding, state, typed_state)

@@ -125,6 +125,11 @@ def parser() -> argparse.ArgumentParser:
         default=config.second_moment,
         help="factored: Adafactor's row and column means in place of the second moment",
     )
+    p.add_argument(
+        "--offload-state",
+        action="store_true",
+        help="keep the optimizer state in host memory between steps (adam_jax.offload_state)",
+    )
     p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=model.param_dtype)
     p.add_argument(
         "--low-precision",
@@ -202,6 +207,7 @@ def config_from(args: argparse.Namespace) -> Any:
         moments=args.moments,
         second_moment=args.second_moment,
         low_precision=args.low_precision,
+        offload_state=args.offload_state,
         seed=args.seed,
     )
 
@@ -265,7 +271,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             raise SystemExit(error.exit_status) from error
     state_bytes = loop.state_bytes_per_param(trainer)
-    console.print(f"optimizer state: {state_bytes:.2f} bytes per parameter")
+    where = "in host memory, off the device between steps" if config.offload_state else ""
+    console.print(f"optimizer state: {state_bytes:.2f} bytes per parameter {where}".strip())
     if args.workdir is not None and primary:
         path = args.workdir / "curves.png"
         plots.curves_figure(records, config, state_bytes).savefig(path, dpi=100)

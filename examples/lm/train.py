@@ -75,6 +75,7 @@ class Config:
     moments: str = "default"  # a key of examples.mnist.optimizers.MOMENTS: 8bit, 4bit
     second_moment: str = "default"  # or factored
     low_precision: str = "none"  # for bfloat16 params: kahan or stochastic
+    offload_state: bool = False  # the optimizer state in host memory between steps
     seed: int = 0
 
 
@@ -167,7 +168,13 @@ def create_optimizer(config: Config, learning_rate: optax.Schedule) -> optax.Gra
         tx = info.alias(learning_rate, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"--opt: {error}") from error
-    return optimizers.with_low_precision(tx, config.low_precision, config.seed)
+    tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
+    if config.offload_state:
+        try:
+            tx = adam_jax.offload_state(tx)
+        except ValueError as error:
+            raise ConfigError(f"--offload-state: {error}") from error
+    return tx
 
 
 class Trainer:

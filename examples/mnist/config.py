@@ -125,6 +125,10 @@ class Config:
     shard_optimizer: bool = option(
         False, "split the optimizer state over the devices instead of replicating it (ZeRO-1)"
     )
+    offload_state: bool = option(
+        False,
+        "keep the optimizer state in host memory between steps (adam_jax.offload_state)",
+    )
     progress: bool = option(True, "no progress bar")
 
     def __post_init__(self) -> None:

@@ -62,6 +62,12 @@ def print_size(console: Console, trainer: Trainer) -> None:
         f"= {(param_bytes + state_bytes) / n:.2f}",
         soft_wrap=True,
     )
+    if config.offload_state:
+        console.print(
+            f"optimizer state in host memory: {state_bytes / n:.2f} bytes per parameter off "
+            "the device between steps",
+            soft_wrap=True,
+        )
 
 
 def bar_status(means: Metrics, images_per_second: float, skipped: int | None) -> str:

@@ -79,7 +79,7 @@ class DataParallel:
         replicated, but with ``shard_optimizer`` the optimizer state's arrays (``state[1]
         ["opt_state"]``, initialized by ``tx`` from ``params``) get their ZeRO-1 shardings."""
         if not shard_optimizer:
-            return jax.tree.map(lambda _: self.replicated, state)
+            return jax.tree.map(self._replicated_like, state)
         zero = state_shardings(tx, params, self.mesh, DATA)
         # nnx keeps optax's state as nested dicts: a namedtuple field or a tuple position
         # becomes a dict key of the same name, so the two trees match by key names.
@@ -88,13 +88,21 @@ class DataParallel:
             for path, sharding in jax.tree_util.tree_leaves_with_path(zero)
         }
 
-        def leaf_sharding(path: tuple[Any, ...], _: Any) -> NamedSharding:
+        def leaf_sharding(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
             names = tuple(map(_key_name, path[:-1]))  # The last key is the Variable's value.
             if names[:2] == (1, "opt_state"):
                 return by_names[names[2:]]
-            return self.replicated
+            return self._replicated_like(leaf)
 
         return jax.tree_util.tree_map_with_path(leaf_sharding, state)
+
+    def _replicated_like(self, leaf: Any) -> NamedSharding:
+        """Replicated, in the memory ``leaf`` is in (host memory for adam_jax.offload_state's
+        state)."""
+        kind = getattr(getattr(leaf, "sharding", None), "memory_kind", None)
+        return (
+            self.replicated if kind in (None, "device") else self.replicated.with_memory_kind(kind)
+        )
 
     def gather(self, array: jax.Array, indices: jax.Array) -> jax.Array:
         """``array[indices]`` split over the data axis, as ``indices`` is: each device gathers

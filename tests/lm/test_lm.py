@@ -152,12 +152,13 @@ def test_command_line_trains_on_a_mesh(text: Path, tmp_path: Path, capsys) -> No
                "--batch-size", "8", "--eval-every", "1", "--eval-windows", "8", "--layers", "1",
                "--d-model", "32", "--heads", "2", "--seq-len", "16", "--optimizer", "laprop",
                "--opt", "b2=0.99", "--workdir", str(tmp_path), "--moments", "8bit",
-               "--param-dtype", "bfloat16", "--low-precision", "stochastic"])  # fmt: skip
+               "--param-dtype", "bfloat16", "--low-precision", "stochastic",
+               "--offload-state"])  # fmt: skip
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [1, 2]
     assert (tmp_path / "curves.png").stat().st_size > 0
     out = capsys.readouterr().out
-    assert "step      2/2" in out
+    assert "step      2/2" in out and "in host memory" in out
     # 8-bit moments of the large matrices (the rest float32) and a key: under 8 bytes.
     assert float(out.split("optimizer state: ")[1].split()[0]) < 4
 

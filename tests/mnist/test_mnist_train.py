@@ -285,6 +285,37 @@ def test_4bit_and_factored_moments_resume_exactly(
     jax.tree.map(np.testing.assert_array_equal, state_arrays(resumed.state), full_state)
 
 
+def test_offloaded_state_trains_and_resumes_as_on_the_device(
+    tiny32: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--offload-state: the optimizer state in host memory, the records, params and state of
+    the run on the device bit for bit, and a resume from its checkpoint exact."""
+    dataset = synthetic_dataset(n_train=128, n_test=50)
+    config = Config(
+        model=tiny32, epochs=2, batch_size=32, workdir=str(tmp_path / "device"), progress=False
+    )
+    on_device, _ = train.train_and_evaluate(config, dataset)
+    offloaded_config = dataclasses.replace(
+        config, offload_state=True, workdir=str(tmp_path / "host")
+    )
+    offloaded, _ = train.train_and_evaluate(offloaded_config, dataset)
+    assert "optimizer state in host memory: " in capsys.readouterr().out
+    opt_state = nnx.to_pure_dict(offloaded.state)[1]["opt_state"]
+    assert {leaf.sharding.memory_kind for leaf in jax.tree.leaves(opt_state)} == {"pinned_host"}
+    assert records_without_timing(tmp_path / "host" / "metrics.jsonl") == records_without_timing(
+        tmp_path / "device" / "metrics.jsonl"
+    )
+    jax.tree.map(np.testing.assert_array_equal, offloaded.params(), on_device.params())
+    shutil.rmtree(tmp_path / "host" / "checkpoints" / "8")
+    resumed, _ = train.train_and_evaluate(
+        dataclasses.replace(offloaded_config, resume=True), dataset
+    )
+    jax.tree.map(np.testing.assert_array_equal, resumed.params(), on_device.params())
+    jax.tree.map(
+        np.testing.assert_array_equal, state_arrays(resumed.state), state_arrays(on_device.state)
+    )
+
+
 def test_fresh_run_replaces_previous(tmp_path: Path) -> None:
     dataset = synthetic_dataset(n_train=128, n_test=20)
     config = Config(model="mlp", epochs=2, batch_size=64, workdir=str(tmp_path), progress=False)

@@ -21,6 +21,7 @@ from adam_jax._src import hyperparams, validation
 from adam_jax._src.chains import ascent
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
+from adam_jax._src.offload import on_device
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.weight_decay import Mask, schedule_state_type
@@ -333,13 +334,14 @@ def schedule_free_eval_params(state: Any, params: optax.Params) -> optax.Params:
     found = _find_state(state)
     # Leaf by leaf: params and z may come wrapped differently (flax.nnx keeps params in Param
     # and the optimizer state in OptVariable containers), their leaves are the arrays.
-    b1 = jnp.asarray(jax.tree.leaves(found.b1)[0])
+    b1 = on_device(jnp.asarray(jax.tree.leaves(found.b1)[0]))
     treedef: Any = jax.tree.structure(params)  # its methods are untyped in jax's stubs
     ys, zs = jax.tree.leaves(params), jax.tree.leaves(found.z)
     if len(ys) != len(zs):
         raise ValueError(f"params have {len(ys)} leaves, the state's z has {len(zs)}")
 
     def evaluate(y: jax.Array, z: jax.Array) -> jax.Array:
+        z = on_device(z)  # adam_jax.offload_state keeps it in host memory
         dtype = compute_dtype(jnp.result_type(y, z))
         weight = 1 - 1 / b1.astype(real_dtype(dtype))
         y_c = y.astype(dtype)

@@ -1,0 +1,205 @@
+"""``adam_jax.offload_state``: the state in host memory, the params and state of the wrapped
+optimizer bit for bit, for the whole registry, the storages and wrappers, optax's combinators,
+``flax.nnx.Optimizer``, donation, sharded params, ZeRO-1 and orbax."""
+
+from __future__ import annotations
+
+import operator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import pytest
+from flax import nnx
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+import adam_jax
+from adam_jax import registry
+from adam_jax.sharding import state_shardings
+
+STEPS = 3
+
+
+def _params(dtype: Any = jnp.float32) -> dict[str, Any]:
+    # A kernel of 4096 elements (the 8-bit and 4-bit storages quantize it), full rank for SOAP.
+    kernel = jnp.linspace(-1.0, 1.0, 4096).reshape(64, 64) + jnp.diag(jnp.linspace(0.2, 0.6, 64))
+    params = {"kernel": kernel, "bias": jnp.linspace(0.5, -0.5, 64)}
+    return jax.tree.map(lambda p: p.astype(dtype), params)
+
+
+def _grads(params: Any, step: int) -> Any:
+    return jax.tree.map(lambda p: jnp.sin((step + 1.0) * p) + 0.1 * p - 0.05, params)
+
+
+def _run(tx: optax.GradientTransformation, params: Any, **extra: Any) -> tuple[Any, Any]:
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for step in range(STEPS):
+        updates, state = update(_grads(params, step), state, params, **extra)
+        params = optax.apply_updates(params, updates)
+    return params, state
+
+
+def _arrays(tree: Any) -> list[jax.Array]:
+    return [leaf for leaf in jax.tree.leaves(tree) if isinstance(leaf, jax.Array)]
+
+
+def _assert_same(offloaded: tuple[Any, Any], plain: tuple[Any, Any]) -> None:
+    assert jax.tree.structure(offloaded) == jax.tree.structure(plain)
+    for ours, theirs in zip(jax.tree.leaves(offloaded), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(np.asarray(ours), np.asarray(theirs))
+    kinds = {leaf.sharding.memory_kind for leaf in _arrays(offloaded[1])}
+    assert kinds == {"pinned_host"}
+    assert {leaf.sharding.memory_kind for leaf in _arrays(offloaded[0])} == {"device"}
+
+
+@pytest.mark.parametrize("info", registry.OPTIMIZERS, ids=operator.attrgetter("name"))
+def test_every_optimizer_of_the_registry_steps_bit_for_bit(info: registry.OptimizerInfo) -> None:
+    plain = registry.create(info.name, 1e-2)
+    _assert_same(_run(adam_jax.offload_state(plain), _params()), _run(plain, _params()))
+
+
+WRAPPED = {
+    "4-bit moments": (lambda: adam_jax.adamw(1e-2, **adam_jax.four_bit_moments()), jnp.float32),
+    "Kahan summation": (lambda: adam_jax.kahan_summation(adam_jax.adamw(1e-2)), jnp.bfloat16),
+    "stochastic rounding": (
+        lambda: adam_jax.stochastic_rounding(adam_jax.adamw(1e-2), key=0),
+        jnp.bfloat16,
+    ),
+    "optax.chain": (
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), adam_jax.adamw(1e-2)),
+        jnp.float32,
+    ),
+    "optax.MultiSteps": (lambda: optax.MultiSteps(adam_jax.adam(1e-2), 2), jnp.float32),
+    "optax.apply_if_finite": (lambda: optax.apply_if_finite(adam_jax.adam(1e-2), 3), jnp.float32),
+    "inject_hyperparams": (
+        lambda: optax.inject_hyperparams(adam_jax.adamw)(learning_rate=1e-2, weight_decay=0.1),
+        jnp.float32,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", WRAPPED)
+def test_storages_wrappers_and_combinators_step_bit_for_bit(name: str) -> None:
+    factory, dtype = WRAPPED[name]
+    offloaded = _run(adam_jax.offload_state(factory()), _params(dtype))
+    _assert_same(offloaded, _run(factory(), _params(dtype)))
+    if name == "inject_hyperparams":  # what reads the state reads it as before
+        assert offloaded[1].hyperparams["learning_rate"] == jnp.float32(1e-2)
+
+
+def test_schedule_free_evaluates_from_the_offloaded_state() -> None:
+    plain = adam_jax.schedule_free_adamw(1e-2)
+    params, state = _run(adam_jax.offload_state(plain), _params())
+    want_params, want_state = _run(plain, _params())
+    got = adam_jax.schedule_free_eval_params(state, params)
+    want = adam_jax.schedule_free_eval_params(want_state, want_params)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_a_state_already_in_host_memory_is_not_copied() -> None:
+    class Recorded:
+        state: Any = None
+
+    inner = adam_jax.offload_state(adam_jax.adamw(1e-2))
+
+    def init(params: Any) -> Any:
+        Recorded.state = inner.init(params)
+        return Recorded.state
+
+    outer = adam_jax.offload_state(optax.GradientTransformation(init, inner.update))
+    state = outer.init(_params())
+    for before, after in zip(jax.tree.leaves(Recorded.state), jax.tree.leaves(state), strict=True):
+        assert after is before
+
+
+class _Model(nnx.Module):
+    def __init__(self, rngs: nnx.Rngs):
+        self.dense = nnx.Linear(8, 4, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return self.dense(x)
+
+
+def _nnx_run(tx: optax.GradientTransformation) -> tuple[nnx.Module, nnx.Optimizer]:
+    model = _Model(nnx.Rngs(0))
+    optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    @nnx.jit(donate_argnums=(0, 1))
+    def step(model: nnx.Module, optimizer: nnx.Optimizer, x: jax.Array) -> None:
+        grads = nnx.grad(lambda m: jnp.mean(m(x) ** 2))(model)
+        optimizer.update(model, grads)
+
+    for i in range(STEPS):
+        step(model, optimizer, jnp.full((2, 8), i + 1.0))
+    return model, optimizer
+
+
+def test_flax_nnx_optimizer_with_donation() -> None:
+    model, optimizer = _nnx_run(adam_jax.offload_state(adam_jax.adamw(1e-2)))
+    want_model, want_optimizer = _nnx_run(adam_jax.adamw(1e-2))
+    jax.tree.map(np.testing.assert_array_equal, nnx.state(model), nnx.state(want_model))
+    jax.tree.map(
+        np.testing.assert_array_equal,
+        nnx.state(optimizer, nnx.OptState),
+        nnx.state(want_optimizer, nnx.OptState),
+    )
+    # The optimizer's own step counter stays on the device; the optax state is in host memory.
+    kinds = {x.sharding.memory_kind for x in _arrays(nnx.state(optimizer.opt_state))}
+    assert kinds == {"pinned_host"}
+
+
+@pytest.mark.parametrize("zero1", [False, True])
+def test_sharded_params_and_zero1_keep_each_shard_in_host_memory(zero1: bool) -> None:
+    mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Explicit,) * 2)
+    params = jax.device_put(_params(), NamedSharding(mesh, P("fsdp")))
+    tx = adam_jax.offload_state(adam_jax.adamw(1e-2))
+    shardings = state_shardings(tx, params, mesh) if zero1 else None
+    plain = adam_jax.adamw(1e-2)
+    plain_shardings = state_shardings(plain, params, mesh) if zero1 else None
+    with jax.set_mesh(mesh):
+        state = jax.jit(tx.init, out_shardings=shardings)(params)
+        update = jax.jit(tx.update, out_shardings=(None, shardings))
+        updates, state = update(_grads(params, 0), state, params)
+        plain_state = jax.jit(plain.init, out_shardings=plain_shardings)(params)
+        want, want_state = jax.jit(plain.update, out_shardings=(None, plain_shardings))(
+            _grads(params, 0), plain_state, params
+        )
+    mu = state[0].mu["kernel"]
+    assert mu.sharding.memory_kind == "pinned_host"
+    assert mu.addressable_shards[0].data.size == mu.size // (8 if zero1 else 4)
+    assert mu.sharding.spec == want_state[0].mu["kernel"].sharding.spec
+    jax.tree.map(np.testing.assert_array_equal, (updates, state), (want, want_state))
+
+
+def test_orbax_saves_and_restores_into_host_memory(tmp_path) -> None:
+    tx = adam_jax.offload_state(adam_jax.adamw(1e-2))
+    _, state = _run(tx, _params())
+    checkpointer = ocp.StandardCheckpointer()
+    tree = {"leaves": jax.tree.leaves(state)}
+    checkpointer.save(tmp_path / "state", tree)
+    checkpointer.wait_until_finished()
+    target = jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
+    restored = checkpointer.restore(tmp_path / "state", target)
+    for leaf, want in zip(restored["leaves"], tree["leaves"], strict=True):
+        assert leaf.sharding.memory_kind == "pinned_host"
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+
+
+def test_a_backend_without_host_memory_is_refused_at_construction(monkeypatch) -> None:
+    class Memory:
+        kind = "device"
+
+    class Device:
+        platform = "imaginary"
+
+        def addressable_memories(self) -> list[Memory]:
+            return [Memory()]
+
+    monkeypatch.setattr(jax, "devices", lambda: [Device()])
+    with pytest.raises(ValueError, match="the imaginary backend has no 'pinned_host' memory"):
+        adam_jax.offload_state(adam_jax.adamw(1e-2))
