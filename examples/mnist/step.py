@@ -30,8 +30,7 @@ def create_model_and_optimizer(
     if config.skip_nonfinite:
         # A step whose gradient has a NaN or an Inf leaves params and optimizer state alone.
         tx = optax.apply_if_finite(tx, config.max_consecutive_skips)
-    if config.offload_state:
-        # Outermost: apply_if_finite's counters go to host memory with the rest.
+    if config.offload_state:  # outermost: all of the state in host memory between steps
         tx = adam_jax.offload_state(tx)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
 
