@@ -17,6 +17,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``memory``: bytes per parameter of params + state and of the compiled step, per memory setting
 * ``memory_step_time``: step time of each memory setting against the 8-bit moments' step
 * ``soap``: SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share
+* ``offload``: device bytes and step time with the optimizer state in host memory
 
 Every section times its variants interleaved (round robin, rotating start) and reports
 medians; see ``benchmarks.harness``. A re-run section replaces its rows in the JSON file, the
@@ -44,6 +45,7 @@ from benchmarks.sections import (
     low_precision,
     memory,
     memory_step_time,
+    offload,
     scaling,
     soap,
     state_bytes,
@@ -103,6 +105,9 @@ SECTIONS: dict[str, Section] = {
     "soap": Section(
         soap.run,
         "SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share",
+    ),
+    "offload": Section(
+        offload.run, "device bytes and step time with the optimizer state in host memory"
     ),
 }
 # Sections drawn by benchmarks.plot: the plot is redrawn when one of them ran.

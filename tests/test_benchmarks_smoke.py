@@ -342,3 +342,13 @@ def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
             assert 0 < entry["steps_to_target"] <= lm_race.EVAL_EVERY
     assert finals["soap"]["state_bytes_per_param"] > adamw["state_bytes_per_param"]
     assert lm_race.main(argv) == finals  # resumed: nothing runs again, the same report
+
+
+def test_offload_section_times_each_setting_offloaded_against_on_the_device() -> None:
+    from benchmarks.sections import offload
+
+    rows = offload.time_rows(repeats=2, layers=1)
+    assert [row["setting"] for row in rows] == list(offload.TIMED)
+    for row in rows:
+        assert row["device_median_ms"] > 0 and row["offloaded_median_ms"] > 0
+        assert row["ratio_vs_device"] > 0 and row["repeats"] == 2

@@ -5,7 +5,8 @@ sharding the partitioner cannot express) shows up here without one: the sharded 
 an 8-device mesh, with float32 and 8-bit moments and the ZeRO-1 state shardings of
 ``adam_jax.sharding.state_shardings``, is exported for ``("cuda", "tpu")`` from abstract
 arguments, serialized and read back; exported for CPU as well, the read-back module runs here
-and gives the jitted step's results.
+and gives the jitted step's results. The same step with the state in host memory
+(``adam_jax.offload_state``) exports with the host memory kind on the state.
 
 Serialization needs the ``flatbuffers`` package (without it the serialization tests skip, or
 fail under ``CI=true``). The exported function takes and returns flat lists of arrays, since
@@ -198,3 +199,24 @@ def test_exported_zero1_train_step_runs_on_cpu_as_jitted() -> None:
     for a, b in zip(got, expected, strict=True):
         assert a.sharding.is_equivalent_to(b.sharding, a.ndim)
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adamw_8bit"])
+def test_offloaded_train_step_exports_for_cuda_and_tpu(optimizer: str) -> None:
+    """``adam_jax.offload_state`` on the ZeRO-1 step: the state goes in and comes out in host
+    memory (``pinned_host`` on every state argument and result of the module), the params and
+    the batch in device memory."""
+    mesh = _mesh("explicit")
+    tx = adam_jax.offload_state(OPTIMIZERS[optimizer]())
+    args = _abstract_args(mesh, tx)
+    with jax.set_mesh(mesh):
+        exported = jax.export.export(_flat_train_step(tx, args), platforms=ACCELERATORS)(
+            *jax.tree.leaves(args)
+        )
+    main = next(
+        line for line in exported.mlir_module().splitlines() if "func.func public @main" in line
+    )
+    num_state = len(jax.tree.leaves(args[1]))
+    assert main.count('mhlo.memory_kind = "pinned_host"') == 2 * num_state  # in and out
+    num_device = 2 * len(jax.tree.leaves(args[0])) + len(jax.tree.leaves(args[2]))
+    assert main.count('mhlo.memory_kind = "device"') == num_device

@@ -20,6 +20,8 @@ from jax.sharding import PartitionSpec as P
 import adam_jax
 from adam_jax import registry
 from adam_jax.sharding import state_shardings
+from benchmarks.models import transformer_params
+from benchmarks.sections import offload
 
 STEPS = 3
 
@@ -203,3 +205,20 @@ def test_a_backend_without_host_memory_is_refused_at_construction(monkeypatch) -
     monkeypatch.setattr(jax, "devices", lambda: [Device()])
     with pytest.raises(ValueError, match="the imaginary backend has no 'pinned_host' memory"):
         adam_jax.offload_state(adam_jax.adamw(1e-2))
+
+
+def test_the_compiled_step_keeps_no_state_on_the_device() -> None:
+    """The device bytes of the donating step (arguments, outputs, temporaries, as the compiled
+    program states them): with the state offloaded, at most params + gradients + 1.5x the
+    largest leaf's state + 5%; on the device, at least params + gradients + the whole state."""
+    params = jax.eval_shape(lambda: transformer_params(jax.random.key(0), layers=2))
+    params_bytes = adam_jax.state_bytes(params)
+    make = offload.SETTINGS["float32 AdamW"]
+    on_device, offloaded, state = offload.compiled_steps(make, params)
+    largest = offload.largest_leaf_state(make, params)
+    assert 1.5 * largest < adam_jax.state_bytes(state) / 4  # the bound is a real one
+    assert offload.device_bytes(offloaded)["total"] <= 1.05 * (2 * params_bytes + 1.5 * largest)
+    whole = offload.device_bytes(on_device)
+    assert whole["total"] >= 2 * params_bytes + adam_jax.state_bytes(state)
+    # The donated params come back in their own buffers, counted once.
+    assert whole["outputs"] < params_bytes

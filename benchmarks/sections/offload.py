@@ -1,0 +1,215 @@
+"""``offload``: the device bytes and the time of a step whose state is in host memory.
+
+For each setting, the jitted, donating step (update + apply) with the state on the device
+and wrapped in :func:`adam_jax.offload_state`, on two trees: the transformer-like tree of
+:mod:`benchmarks.models` (16 blocks, d = 64) and GPT-2 small's shapes (12 blocks, d = 768,
+vocabulary 50257, an untied head: 163M params), both from abstract shapes (nothing is
+allocated). :func:`device_bytes` reads from the compiled program what it keeps in device
+memory: its arguments and outputs by memory kind, the outputs that reuse a donated argument's
+buffer (the module's ``input_output_alias``) counted once, and every temporary. XLA:CPU does
+not split temporaries by memory space (``memory_analysis()``'s ``host_*`` fields are 0 on
+jax 0.10), so all of them are counted as device bytes: an upper bound.
+
+The time rows run both steps of each setting on real arrays of the transformer-like tree in
+the same rounds (interleaved); ``ratio_vs_device`` is the median over rounds of the offloaded
+step's time over the on-device step's. On CPU both memory kinds are the same RAM, so the ratio
+says only what the extra copies in the program cost, not what a PCIe transfer costs.
+"""
+
+from __future__ import annotations
+
+import re
+import statistics
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adam_jax
+from benchmarks.harness import LR, Row, Runner, Settings, adam_step, copy_tree, interleaved
+from benchmarks.models import transformer_params
+
+REPEATS = 20
+HEADS = 4
+HOST = "pinned_host"
+_ALIAS = re.compile(r"\{(\d*)\}: \(\d+, \{\d*\}")
+
+#: name -> optimizer, each run on the device and offloaded.
+SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
+    "float32 AdamW": lambda: adam_jax.adamw(LR),
+    "8-bit moments": lambda: adam_jax.adamw_8bit(LR),
+    "4-bit moments": lambda: adam_jax.adamw(LR, **adam_jax.four_bit_moments()),
+    "Adam-mini": lambda: adam_jax.adam_mini(LR, num_heads=HEADS),
+}
+#: The settings timed on real arrays (the others' copies are the same kind of program).
+TIMED = ("float32 AdamW", "8-bit moments")
+
+
+def gpt2_small() -> Any:
+    """GPT-2 small's parameter shapes (the transformer-like tree's layout at d = 768): 163M."""
+    return jax.eval_shape(
+        lambda: transformer_params(
+            jax.random.key(0), layers=12, d=768, ff=3072, vocab=50257, seq=1024
+        )
+    )
+
+
+def transformer_like() -> Any:
+    """The transformer-like tree of the memory section (16 blocks, d = 64)."""
+    return jax.eval_shape(lambda: transformer_params(jax.random.key(0), layers=16))
+
+
+TREES: dict[str, Callable[[], Any]] = {
+    "transformer-like": transformer_like,
+    "GPT-2 small": gpt2_small,
+}
+
+
+def _nbytes(shape: tuple[int, ...], dtype: Any, sharding: Any) -> int:
+    """Bytes of one device's shard of an array."""
+    local = sharding.shard_shape(shape) if sharding is not None else shape
+    return int(np.prod(local, dtype=np.int64)) * np.dtype(dtype).itemsize
+
+
+def device_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """What one device of ``compiled`` keeps in device memory, by what the program says.
+
+    Returns ``arguments`` (the bytes of the arguments in device memory), ``outputs`` (those of
+    the outputs in device memory that do not reuse a donated argument's buffer), ``temporaries``
+    (XLA's temporaries, of any memory space: XLA:CPU does not tell them apart) and ``total``.
+    """
+    args = [info for info in jax.tree.leaves(compiled.args_info) if info is not None]
+    in_shardings = jax.tree.leaves(compiled.input_shardings[0])
+    outs = jax.tree.leaves(compiled.out_info)
+    in_device = [s.memory_kind != HOST for s in in_shardings]
+    arguments = sum(
+        _nbytes(info.shape, info.dtype, sharding)
+        for info, sharding, device in zip(args, in_shardings, in_device, strict=True)
+        if device
+    )
+    # The module's header line: input_output_alias={ {output}: (argument, {}, may-alias), ...}
+    header = compiled.as_text().split("\n", 1)[0]
+    aliased = {int(out or 0) for out in _ALIAS.findall(header)}
+    outputs = sum(
+        _nbytes(out.shape, out.dtype, out.sharding)
+        for i, out in enumerate(outs)
+        if out.sharding.memory_kind != HOST and i not in aliased
+    )
+    analysis = compiled.memory_analysis()
+    temporaries = int(analysis.temp_size_in_bytes)
+    return {
+        "arguments": arguments,
+        "outputs": outputs,
+        "temporaries": temporaries,
+        "total": arguments + outputs + temporaries,
+    }
+
+
+def in_host_memory(tree: Any) -> Any:
+    """Abstract arrays of ``tree`` placed in host memory, as ``offload_state``'s ``init``."""
+    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=HOST)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), tree)
+
+
+def compiled_steps(
+    make: Callable[[], optax.GradientTransformation], params: Any
+) -> tuple[jax.stages.Compiled, jax.stages.Compiled, Any]:
+    """The donating step of ``make()`` compiled on the device and offloaded, and its state's
+    abstract arrays."""
+    tx = make()
+    state = jax.eval_shape(tx.init, params)
+    on_device = jax.jit(adam_step(tx), donate_argnums=(0, 2))
+    offloaded = jax.jit(adam_step(adam_jax.offload_state(tx)), donate_argnums=(0, 2))
+    return (
+        on_device.lower(params, params, state).compile(),
+        offloaded.lower(params, params, in_host_memory(state)).compile(),
+        state,
+    )
+
+
+def memory_rows(trees: tuple[str, ...] = tuple(TREES)) -> list[Row]:
+    rows = []
+    for tree_name in trees:
+        params = TREES[tree_name]()
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
+        params_bytes = adam_jax.state_bytes(params)
+        for name, make in SETTINGS.items():
+            on_device, offloaded, state = compiled_steps(make, params)
+            largest = largest_leaf_state(make, params)
+            bound = 1.05 * (2 * params_bytes + 1.5 * largest)
+            ours, theirs = device_bytes(offloaded), device_bytes(on_device)
+            rows.append(
+                {
+                    "tree": tree_name,
+                    "num_params": n,
+                    "setting": name,
+                    "state_bytes_per_param": adam_jax.state_bytes(state) / n,
+                    "largest_leaf_state_bytes_per_param": largest / n,
+                    "device_bytes_per_param": theirs["total"] / n,
+                    "offloaded_device_bytes_per_param": ours["total"] / n,
+                    "offloaded_temporaries_per_param": ours["temporaries"] / n,
+                    "bound_bytes_per_param": bound / n,
+                    "within_bound": ours["total"] <= bound,
+                }
+            )
+            print(
+                f"  {tree_name:16s} {name:16s} device {theirs['total'] / n:6.2f} B/param, "
+                f"offloaded {ours['total'] / n:6.2f} (bound {bound / n:.2f})",
+                flush=True,
+            )
+    return rows
+
+
+def largest_leaf_state(make: Callable[[], optax.GradientTransformation], params: Any) -> int:
+    """The bytes of the state of the param leaf whose state is largest (its state alone)."""
+    tx = make()
+    return max(
+        adam_jax.state_bytes(jax.eval_shape(tx.init, {"leaf": leaf}))
+        for leaf in jax.tree.leaves(params)
+    )
+
+
+def time_rows(repeats: int, layers: int) -> list[Row]:
+    base = transformer_params(jax.random.key(0), layers=layers)
+    n = sum(x.size for x in jax.tree.leaves(base))
+    grads = jax.tree.map(lambda x: jnp.cos(x) * 1e-2, base)
+    runners = []
+    for name in TIMED:
+        for offload in (False, True):
+            tx = SETTINGS[name]()
+            tx = adam_jax.offload_state(tx) if offload else tx
+            label = f"{name}, offloaded" if offload else name
+            runners.append(
+                Runner(label, adam_step(tx), copy_tree(base), grads, tx.init(copy_tree(base)))
+            )
+    interleaved(runners, repeats)
+    rows = []
+    for device, offloaded in zip(runners[::2], runners[1::2], strict=True):
+        ratio = statistics.median(o / d for o, d in zip(offloaded.times, device.times, strict=True))
+        rows.append(
+            {
+                "tree": "transformer-like",
+                "num_params": n,
+                "setting": device.name,
+                "device_median_ms": 1e3 * device.median,
+                "offloaded_median_ms": 1e3 * offloaded.median,
+                "ratio_vs_device": ratio,
+                "repeats": len(device.times),
+            }
+        )
+        print(
+            f"  {device.name:16s} {1e3 * device.median:8.3f} ms, offloaded "
+            f"{1e3 * offloaded.median:8.3f} ms  x{ratio:.3f}",
+            flush=True,
+        )
+    for runner in runners:
+        runner.release()
+    return rows
+
+
+def run(settings: Settings) -> list[Row]:
+    trees = ("transformer-like",) if settings.quick else tuple(TREES)
+    return memory_rows(trees) + time_rows(settings.repeats_or(REPEATS), 2 if settings.quick else 16)
