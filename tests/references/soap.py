@@ -329,7 +329,8 @@ def pytorch_optimizer_optimizer(params: list, **options: Any):
 
     Not expressible: ``normalize_grads`` (it divides by the RMS plus ``eps``, the authors by
     the RMS plus 1e-30), ``merge_dims`` (its ``merge_small_dims`` is not the authors'),
-    schedules, complex params.
+    ``block_size`` and ``stagger_refresh`` (neither the authors' nor its), schedules, complex
+    params.
     """
     import torch
 
@@ -341,7 +342,7 @@ def pytorch_optimizer_optimizer(params: list, **options: Any):
         options,
         "pytorch_optimizer",
         complex_params="has no complex params for SOAP",
-        refuse=("normalize_grads", "merge_dims"),
+        refuse=("normalize_grads", "merge_dims", "block_size", "stagger_refresh"),
         learning_rate=3e-3,
         weight_decay=0.01,
     )
@@ -438,12 +439,13 @@ TESTS = (
         flat_params=False,
         per_tensor=True,
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.95, "weight_decay": 0.01},
-        static_args=("max_precond_dim",),
+        static_args=("max_precond_dim", "block_size"),
         bad=(
             ("b2", 1.0, "[0, 1)"),
             ("shampoo_beta", 1.5, "[0, 1)"),
             ("precondition_frequency", 0, ">= 1"),
             ("max_precond_dim", 0, ">= 1"),
+            ("block_size", 0, ">= 1"),
         ),
     ),
 )

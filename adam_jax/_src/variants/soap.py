@@ -45,7 +45,10 @@ class ScaleBySoapState(NamedTuple):
       mu: the first moment, in the rotated basis (as the authors keep ``exp_avg``).
       nu: the second moment of the rotated gradient.
       gg: per leaf, the Kronecker factors (Shampoo's :math:`L`, :math:`R`), flattened and
-        concatenated in dimension order (empty for a leaf with none).
+        concatenated in dimension order (empty for a leaf with none); with ``block_size``,
+        block after block in the order of :class:`SoapLayout` (the groups of blocks of one
+        shape, full blocks first; row-major within a group), each block's factors in
+        dimension order.
       q: per leaf, their eigenbases, stored alike.
     """
 
@@ -870,6 +873,29 @@ def scale_by_soap() -> None:
     refresh is a branch of the compiled step (no host round trip). Without ``correct_bias``
     the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with ``normalize_grads`` the
     rotated-back direction is divided by :math:`10^{-30}` plus its RMS first.
+
+    With ``block_size`` :math:`b`, each preconditioned dimension of the working shape is cut
+    into blocks of :math:`b` values (the last one smaller where :math:`b` does not divide it;
+    a dimension without factor stays whole), and each block :math:`G^{[j]}` of the tensor (a
+    product of one cut per dimension) is preconditioned as its own SOAP: its own factors
+    :math:`L^{[j](i)}`, bases :math:`Q^{[j](i)}` and refreshes, so no ``eigh`` or QR is
+    larger than :math:`b \times b`. Adam's moments stay elementwise, and ``normalize_grads``
+    takes the RMS of the whole leaf's direction (levanter's SOAP and Distributed Shampoo cut
+    matrices alike). Blocks of one shape are batched (one ``eigh``, QR or product per group
+    of blocks, not per block).
+
+    With ``stagger_refresh``, the blocks that have a factor are numbered across the tree
+    (:math:`j = 0, 1, \dots`, leaf after leaf in flattening order, a leaf without blocks one
+    block) and block :math:`j` is refreshed after the steps :math:`t > 0` with
+
+    .. math::
+        t \equiv j \pmod{f}, \qquad f = \texttt{precondition\_frequency},
+
+    so every step refreshes about :math:`1/f` of the blocks, where without it every basis is
+    refreshed after the steps :math:`t \equiv 0 \pmod f` and that step carries the whole
+    refresh. The default is ``False``: the authors' schedule, which keeps the updates of
+    earlier versions bit for bit; staggering changes when each basis turns (a block may
+    refresh as early as :math:`t = 1`), not how.
 
     Factors and bases are kept per leaf in the compute dtype (at least float32), flattened
     (state fields ``gg`` and ``q``); on Explicit meshes each leaf is preconditioned
