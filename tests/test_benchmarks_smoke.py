@@ -296,6 +296,7 @@ def test_soap_section_times_soap_against_adamw_with_the_eigenbasis_share() -> No
     assert row["precondition_frequency"] == soap.FREQUENCY and row["repeats"] == 2
     assert row["adamw_ms_per_step"] > 0 and row["soap_ms_per_step"] > 0
     assert row["ratio_vs_adamw"] > 0 and row["eigenbasis_share"] < 1
+    assert row["block_soap_ms_per_step"] > 0 and row["block_ratio_vs_adamw"] > 0
 
 
 def test_lm_race_crossing_is_linear_between_evaluations() -> None:

@@ -133,3 +133,166 @@ def test_first_step_is_zero_even_with_weight_decay() -> None:
 def test_complex_params_are_refused() -> None:
     with pytest.raises(ValueError, match="complex"):
         adam_jax.soap(1e-2).init({"w": jnp.ones((2, 2), jnp.complex64)})
+
+
+# Blocks (block_size) and staggered refreshes (stagger_refresh).
+
+
+def _assert_trees_equal(actual: Any, expected: Any) -> None:
+    assert jax.tree.structure(actual) == jax.tree.structure(expected)
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def test_a_block_size_of_every_dimension_is_unblocked_soap_bit_for_bit() -> None:
+    """float32, 25 steps with refreshes at 5, 10, ...: params, updates and state equal."""
+    problem = make_problem(seed=6, steps=25, shapes={"w": (12, 10), "t": (3, 4, 5)})
+    options = {"precondition_frequency": 5, "weight_decay": 0.1}
+    runs = []
+    for block_size in (None, 12):
+        tx = adam_jax.soap(1e-2, block_size=block_size, **options)
+        params = {k: jnp.asarray(v, jnp.float32) for k, v in problem.params.items()}
+        state, update = tx.init(params), jax.jit(tx.update)
+        history = []
+        for step in range(25):
+            updates, state = update(problem.grad(params, step, xp=jnp), state, params)
+            params = optax.apply_updates(params, updates)
+            history.append(updates)
+        runs.append((params, history, state))
+    _assert_trees_equal(runs[0], runs[1])
+
+
+@pytest.mark.parametrize(
+    ("shapes", "options", "mask"),
+    [
+        (
+            # 12 = 3 x 4 and 10 = 2 x 4 + 2; (6, 5, 4): 4 + 2, 4 + 1, 4; a vector 4 + 4 + 1.
+            {"w": (12, 10), "t": (6, 5, 4), "b": (9,), "s": ()},
+            {
+                "block_size": 4,
+                "precondition_frequency": 5,
+                "precondition_1d": True,
+                "normalize_grads": True,
+            },
+            {"w": True, "t": True, "b": False, "s": False},
+        ),
+        (
+            # The 12 rows of w get no factor (max_precond_dim), its 10 columns 4 + 4 + 2;
+            # (2, 3, 8) merges into (6, 8): 4 + 2 by 4 + 4; (4, 3) is one block. Staggered,
+            # a block refreshes as early as after the second gradient: no block here is so
+            # thin that its factors then lack more rank than one.
+            {"w": (12, 10), "u": (2, 3, 8), "c": (4, 3), "s": ()},
+            {
+                "block_size": 4,
+                "merge_dims": True,
+                "max_precond_dim": 10,
+                "precondition_frequency": 3,
+                "stagger_refresh": True,
+            },
+            None,
+        ),
+    ],
+    ids=["blocks", "blocks_merged_staggered"],
+)
+def test_blocks_and_staggered_refreshes_against_the_reference(
+    shapes: dict, options: dict, mask: dict | None, x64: None
+) -> None:
+    """Float64 trajectories of ours and of the reference (independent SOAP per block), the
+    reference's bases pinned to ours after the first step: blocks at a ragged edge
+    (``(4, 2)`` of a ``(12, 10)`` matrix by 4) have rank-deficient first factors, whose
+    eigenbasis is arbitrary (see the module). The pinning checks the order of the blocks in
+    the state too."""
+    steps = 13
+    problem = make_problem(seed=5, steps=steps, shapes=shapes)
+    keys = problem.keys
+    tx = adam_jax.soap(1e-2, weight_decay=0.05, mask=mask, **options)
+    ref = RefSoap(
+        learning_rate=1e-2,
+        weight_decay=0.05,
+        mask=None if mask is None else [mask[k] for k in keys],
+        **options,
+    )
+    layout = _rule(**options).layout
+    ours = {k: jnp.asarray(problem.params[k], jnp.float64) for k in keys}
+    theirs = {k: np.asarray(problem.params[k], np.float64) for k in keys}
+    state, update = tx.init(ours), jax.jit(tx.update)
+    ref.init([theirs[k] for k in keys])
+    for step in range(steps):
+        updates, state = update(problem.grad(ours, step, xp=jnp), state, ours)
+        ours = optax.apply_updates(ours, updates)
+        grads = problem.grad(theirs, step)
+        ref_updates = ref.update([grads[k] for k in keys], [theirs[k] for k in keys])
+        theirs = {k: theirs[k] + u for k, u in zip(keys, ref_updates, strict=True)}
+        if step == 0:
+            for i, k in enumerate(keys):
+                ours_q = layout.unpack_blocks(np.asarray(state[0].q[k]), problem.params[k].shape)
+                for block, bases in zip(ref.state[i]["blocks"], ours_q, strict=True):
+                    block["Q"] = bases
+    assert _relative_error({k: np.asarray(v) for k, v in ours.items()}, theirs) < 1e-8
+
+
+def _rule(**options: Any) -> Any:
+    rule = adam_jax.registry.get("soap").rule
+    assert rule is not None
+    return rule(**options)
+
+
+def _refreshed_blocks(layout: SoapLayout, before: Any, after: Any, params: Any) -> int:
+    """The number of blocks whose bases differ between two states' ``q``."""
+    count = 0
+    for k, p in params.items():
+        old = layout.unpack_blocks(np.asarray(before[k]), p.shape)
+        new = layout.unpack_blocks(np.asarray(after[k]), p.shape)
+        for o, n in zip(old, new, strict=True):
+            count += any(
+                a is not None and not np.array_equal(a, b) for a, b in zip(o, n, strict=True)
+            )
+    return count
+
+
+def test_staggered_refreshes_spread_the_blocks_over_the_window() -> None:
+    """``precondition_frequency`` 4 and 4 + 8 + 4 blocks over three leaves (numbered across
+    the tree; the vector has no factor): from the second step, every step refreshes the bases
+    of 4 of the 16 blocks (a block's bases change only when it refreshes), where without
+    staggering all 16 refresh every fourth step. An injected (traced)
+    ``precondition_frequency``, with no static offset classes, computes a group's refreshes
+    and keeps the due blocks': the same blocks, the same state to float32 rounding."""
+    params = {"a": jnp.ones((2, 8)), "b": jnp.ones((8, 4)), "c": jnp.ones((4, 3)), "d": jnp.ones(3)}
+    rng = np.random.default_rng(0)
+    grads = [
+        jax.tree.map(lambda p: jnp.asarray(rng.standard_normal(p.shape), jnp.float32), params)
+        for _ in range(6)
+    ]
+    options = {"block_size": 2, "precondition_frequency": 4, "stagger_refresh": True}
+    layout = _rule(**options).layout
+    injected = optax.inject_hyperparams(adam_jax.scale_by_soap, static_args=("block_size",))
+    states = []
+    for tx in (adam_jax.scale_by_soap(**options), injected(**options)):
+        state, update = tx.init(params), jax.jit(tx.update)
+        _, state = update(grads[0], state, params)
+        changed = []
+        for g in grads[1:]:
+            before = state
+            _, state = update(g, state, params)
+            changed.append(_refreshed_blocks(layout, _inner(before).q, _inner(state).q, params))
+        assert changed == [4] * 5
+        states.append(_inner(state))
+    for a, e in zip(jax.tree.leaves(states[1]), jax.tree.leaves(states[0]), strict=True):
+        np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def _inner(state: Any) -> Any:
+    """SOAP's state, inside ``inject_hyperparams``' or not."""
+    return state.inner_state if hasattr(state, "inner_state") else state
+
+
+@pytest.mark.parametrize("value", [0, -3, 2.5, True, "4"])
+def test_bad_block_sizes_are_refused_by_name(value: Any) -> None:
+    with pytest.raises(ValueError, match=r"block_size must be None or an integer >= 1"):
+        adam_jax.soap(1e-2, block_size=value)
+
+
+def test_an_injected_block_size_is_refused_with_its_remedy() -> None:
+    tx = optax.inject_hyperparams(adam_jax.soap)(1e-2, block_size=4)
+    with pytest.raises(ValueError, match=r"block_size.*static_args"):
+        tx.init({"w": jnp.ones((8, 8))})

@@ -7,9 +7,12 @@ donating cycle of ``FREQUENCY`` optimizer steps (update + apply, a ``fori_loop``
 transformer-like tree of ``benchmarks.models`` (4 blocks; d x d attention, d x 4d MLP and
 256 x d embedding matrices, all preconditioned): ``adam_jax.adamw``, ``adam_jax.soap`` at
 ``precondition_frequency=FREQUENCY`` (one refresh per cycle) and ``adam_jax.soap`` that never
-refreshes after its first step, timed in the same rounds (interleaved). ``ratio_vs_adamw`` is
-the median over rounds of SOAP's cycle time over AdamW's; ``eigenbasis_share``, the median of
-1 - (never refreshing) / (refreshing): the share of SOAP's time that the refreshes take.
+refreshes after its first step, and ``adam_jax.soap`` with ``block_size=BLOCK_SIZE`` (each
+matrix cut into blocks of at most 128 x 128, each its own SOAP: no factor wider than 128),
+timed in the same rounds (interleaved). ``ratio_vs_adamw`` is the median over rounds of SOAP's
+cycle time over AdamW's (``block_ratio_vs_adamw`` alike for the blocked SOAP);
+``eigenbasis_share``, the median of 1 - (never refreshing) / (refreshing): the share of SOAP's
+time that the refreshes take.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from benchmarks.harness import LR, Row, Runner, Settings, copy_tree, interleaved
 from benchmarks.models import transformer_params
 
 FREQUENCY = 10
+BLOCK_SIZE = 128
 NEVER = 2**30  # a precondition_frequency no run reaches: the bases of the first step stay
 WIDTHS = (64, 256)
 QUICK_WIDTHS = (16,)
@@ -56,13 +60,16 @@ def measure(widths: tuple[int, ...], repeats: int) -> list[Row]:
             "adam_jax.adamw": adam_jax.adamw(LR),
             "adam_jax.soap": adam_jax.soap(LR, precondition_frequency=FREQUENCY),
             "soap, never refreshing": adam_jax.soap(LR, precondition_frequency=NEVER),
+            f"soap, block_size={BLOCK_SIZE}": adam_jax.soap(
+                LR, precondition_frequency=FREQUENCY, block_size=BLOCK_SIZE
+            ),
         }
         runners = {
             name: Runner(name, cycle(tx), copy_tree(params), grads, tx.init(params))
             for name, tx in candidates.items()
         }
         interleaved(list(runners.values()), repeats)
-        adamw, soap, never = runners.values()
+        adamw, soap, never, blocked = runners.values()
         row = {
             "tree": f"transformer-like, d = {d}",
             "num_params": num_params,
@@ -75,13 +82,19 @@ def measure(widths: tuple[int, ...], repeats: int) -> list[Row]:
             "eigenbasis_share": statistics.median(
                 1 - n / s for n, s in zip(never.times, soap.times, strict=True)
             ),
+            "block_size": BLOCK_SIZE,
+            "block_soap_ms_per_step": 1e3 * blocked.median / FREQUENCY,
+            "block_ratio_vs_adamw": statistics.median(
+                b / a for b, a in zip(blocked.times, adamw.times, strict=True)
+            ),
             "repeats": repeats,
         }
         rows.append(row)
         print(
             f"  d = {d:4d} ({num_params} params): adamw {row['adamw_ms_per_step']:.2f} ms, "
             f"soap {row['soap_ms_per_step']:.2f} ms (x{row['ratio_vs_adamw']:.2f}), "
-            f"eigenbasis updates {100 * row['eigenbasis_share']:.0f}%",
+            f"eigenbasis updates {100 * row['eigenbasis_share']:.0f}%; block_size={BLOCK_SIZE} "
+            f"{row['block_soap_ms_per_step']:.2f} ms (x{row['block_ratio_vs_adamw']:.2f})",
             flush=True,
         )
         for runner in runners.values():

@@ -16,6 +16,20 @@ update as they do) and ``exp_avg_sq``. The ``k``-th call (``k = 0, 1, ...``)::
         GG_i updated as above; every t % precondition_frequency == 0: Q_i sorted by
         diag(Q^T GG Q) decreasing (exp_avg_sq permuted alike), Q_i = qr(GG_i Q_i)
 
+Blocks (``block_size``, as levanter's SOAP and Distributed Shampoo cut a matrix): the param's
+working shape (merged as above) is cut, along each dimension that has a factor, into blocks of
+``block_size`` values (the last one the remainder); a dimension without factor stays whole.
+Each block of the tensor is an independent SOAP: the per-param logic above run on the block
+(its own ``GG``, ``Q``, ``exp_avg``, ``exp_avg_sq``); the blocks' directions are put back in
+place and ``normalize_grads`` divides the whole param's direction by its RMS. The blocks are
+numbered in adam_jax's documented order: by their choice, per dimension, of the full blocks or
+the last one (row-major, full first), then row-major by coordinates. With ``stagger_refresh``
+the blocks with a factor are numbered across all params (in order), and block ``j`` refreshes
+after the steps ``t > 0`` with ``(t - j % precondition_frequency) % precondition_frequency ==
+0`` (without it, ``t % precondition_frequency == 0``, the authors'); a param without blocks is
+one block. (A scalar, which the authors' ``merge_dims`` reshapes to ``(1,)`` with a 1 x 1
+factor whose basis is +-1, has no factor here: the same updates.)
+
 The decay is decoupled on the params before the step, as adam_jax and optax do (the authors
 multiply the params after the step by ``1 - lr wd``). The casts of the authors' code to float32
 around ``eigh`` and QR are not here (float64 throughout); the authors also create the factors
@@ -35,6 +49,7 @@ reshape refuses).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -80,11 +95,22 @@ class RefSoap(PerLeafReference):
     precondition_1d: bool = False
     normalize_grads: bool = False
     correct_bias: bool = True
+    block_size: int | None = None
+    stagger_refresh: bool = False
     state: list = field(default_factory=list)
 
     def init(self, params: list[np.ndarray]) -> None:
         self.count = 0
         self.state = [{} for _ in params]
+        self.blocked = self.block_size is not None or self.stagger_refresh
+        if self.blocked:  # the numbering of the blocks with a factor, across the params
+            first = 0
+            for st, p in zip(self.state, params, strict=True):
+                working, factored = self._working(np.shape(p))
+                st["working"], st["factored"] = working, factored
+                st["slices"] = self._block_slices(working, factored)
+                st["first"] = first
+                first += len(st["slices"]) if any(factored) else 0
 
     # The authors' methods, on one param's state ``st``.
     def _merged(self, x: np.ndarray) -> np.ndarray:
@@ -102,9 +128,9 @@ class RefSoap(PerLeafReference):
                 st["GG"].append(None if sh > self.max_precond_dim else np.zeros((sh, sh)))
         st["Q"] = None
 
-    def _project(self, x: np.ndarray, st: dict, back: bool) -> np.ndarray:
+    def _project(self, x: np.ndarray, st: dict, back: bool, merged: bool = True) -> np.ndarray:
         original_shape = x.shape
-        x = self._merged(x)
+        x = self._merged(x) if merged else x
         for mat in st["Q"]:
             if mat is not None:
                 x = np.tensordot(x, mat, axes=([0], [1 if back else 0]))
@@ -141,9 +167,9 @@ class RefSoap(PerLeafReference):
         _, q = np.linalg.eigh(m + 1e-30 * np.eye(m.shape[0]))
         return np.flip(q, axis=1)
 
-    def _qr(self, st: dict) -> list:
+    def _qr(self, st: dict, merged: bool = True) -> list:
         orig_shape = st["exp_avg_sq"].shape
-        exp_avg_sq = self._merged(st["exp_avg_sq"])
+        exp_avg_sq = self._merged(st["exp_avg_sq"]) if merged else st["exp_avg_sq"]
         final: list = []
         for ind, (m, o) in enumerate(zip(st["GG"], st["Q"], strict=True)):
             if m is None:
@@ -158,7 +184,110 @@ class RefSoap(PerLeafReference):
         st["exp_avg_sq"] = exp_avg_sq.reshape(orig_shape)
         return final
 
+    # Blocks: each an independent SOAP on its part of the working shape.
+    def _working(self, shape: tuple[int, ...]) -> tuple[tuple[int, ...], list[bool]]:
+        """The working shape and, per dimension, whether it has a factor (as
+        :meth:`_init_preconditioner` decides)."""
+        working = merge_dims(shape, self.max_precond_dim) if self.merge_dims else shape
+        if len(shape) < 2:
+            working = tuple(shape)
+        if len(shape) == 1:
+            return working, [self.precondition_1d and shape[0] <= self.max_precond_dim]
+        return working, [sh <= self.max_precond_dim for sh in working]
+
+    def _block_slices(self, working: tuple[int, ...], factored: list[bool]) -> list[tuple]:
+        """The blocks' places in the working shape, in adam_jax's order (see the module)."""
+        per_dim = []
+        for size, f in zip(working, factored, strict=True):
+            b = max(1, self.block_size if f and self.block_size is not None else size)
+            per_dim.append(
+                [(start, min(start + b, size)) for start in range(0, size, b)] or [(0, 0)]
+            )
+
+        def key(cuts: tuple) -> tuple:
+            last = tuple(
+                b - a < (self.block_size or 0) and b - a != size
+                for (a, b), size in zip(cuts, working, strict=True)
+            )
+            return last, tuple(a for a, _ in cuts)
+
+        return [
+            tuple(slice(a, b) for a, b in cuts)
+            for cuts in sorted(itertools.product(*per_dim), key=key)
+        ]
+
+    def _due(self, t: int, offset: int) -> bool:
+        return t > 0 and (t - offset) % self.precondition_frequency == 0
+
+    def _update_block_preconditioner(self, g: np.ndarray, st: dict) -> None:
+        """:meth:`_update_preconditioner` on a block (already in the working shape)."""
+        w = 1 - (self.shampoo_beta if self.shampoo_beta >= 0 else self.b2)
+        if st["Q"] is not None:
+            st["exp_avg"] = self._project(st["exp_avg"], st, back=True, merged=False)
+        for idx, m in enumerate(st["GG"]):
+            if m is not None:
+                others = [k for k in range(g.ndim) if k != idx]
+                outer = np.tensordot(g, g, axes=(others, others))
+                st["GG"][idx] = m + w * (outer - m)
+        if st["Q"] is None:
+            st["Q"] = [self._eigh(m) for m in st["GG"]]
+        if self._due(st["step"], st["offset"]):
+            st["Q"] = self._qr(st, merged=False)
+        if st["step"] > 0:
+            st["exp_avg"] = self._project(st["exp_avg"], st, back=False, merged=False)
+
+    def _update_blocks(self, grads: list[np.ndarray], params: list[np.ndarray]) -> list:
+        k = self.count
+        out = []
+        for i, g, p, decayed in self.leaves(grads, params):
+            st = self.state[i]
+            gw = g.reshape(st["working"])
+            if "blocks" not in st:
+                st["blocks"] = []
+                for j, where in enumerate(st["slices"]):
+                    gb = gw[where]
+                    offset = 0
+                    if self.stagger_refresh:
+                        offset = (st["first"] + j) % self.precondition_frequency
+                    bst = {
+                        "step": 0,
+                        "offset": offset,
+                        "exp_avg": np.zeros_like(gb),
+                        "exp_avg_sq": np.zeros_like(gb),
+                        "GG": [
+                            np.zeros((sh, sh)) if f else None
+                            for sh, f in zip(gb.shape, st["factored"], strict=True)
+                        ],
+                        "Q": None,
+                    }
+                    self._update_block_preconditioner(gb, bst)
+                    st["blocks"].append(bst)
+                out.append(np.zeros_like(p))
+                continue
+            n = np.zeros(st["working"])
+            for where, bst in zip(st["slices"], st["blocks"], strict=True):
+                g_proj = self._project(gw[where], bst, back=False, merged=False)
+                bst["step"] += 1
+                bst["exp_avg"] = self.b1 * bst["exp_avg"] + (1 - self.b1) * g_proj
+                bst["exp_avg_sq"] = self.b2 * bst["exp_avg_sq"] + (1 - self.b2) * g_proj**2
+                denom = np.sqrt(bst["exp_avg_sq"]) + self.eps
+                n[where] = self._project(bst["exp_avg"] / denom, bst, back=True, merged=False)
+            t = st["blocks"][0]["step"]
+            scale = 1.0
+            if self.correct_bias:
+                scale = np.sqrt(1 - self.b2**t) / (1 - self.b1**t)
+            n = n.reshape(g.shape)
+            if self.normalize_grads:
+                n = n / (1e-30 + np.mean(n**2) ** 0.5)
+            out.append(self.decay_and_step(scale * n, p, k, decayed))
+            for where, bst in zip(st["slices"], st["blocks"], strict=True):
+                self._update_block_preconditioner(gw[where], bst)
+        self.count += 1
+        return out
+
     def update(self, grads: list[np.ndarray], params: list[np.ndarray]) -> list[np.ndarray]:
+        if self.blocked:
+            return self._update_blocks(grads, params)
         k = self.count
         out = []
         for i, g, p, decayed in self.leaves(grads, params):
@@ -200,7 +329,8 @@ def pytorch_optimizer_optimizer(params: list, **options: Any):
 
     Not expressible: ``normalize_grads`` (it divides by the RMS plus ``eps``, the authors by
     the RMS plus 1e-30), ``merge_dims`` (its ``merge_small_dims`` is not the authors'),
-    schedules, complex params.
+    ``block_size`` and ``stagger_refresh`` (neither the authors' nor its), schedules, complex
+    params.
     """
     import torch
 
@@ -212,7 +342,7 @@ def pytorch_optimizer_optimizer(params: list, **options: Any):
         options,
         "pytorch_optimizer",
         complex_params="has no complex params for SOAP",
-        refuse=("normalize_grads", "merge_dims"),
+        refuse=("normalize_grads", "merge_dims", "block_size", "stagger_refresh"),
         learning_rate=3e-3,
         weight_decay=0.01,
     )
@@ -309,12 +439,13 @@ TESTS = (
         flat_params=False,
         per_tensor=True,
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b2": 0.95, "weight_decay": 0.01},
-        static_args=("max_precond_dim",),
+        static_args=("max_precond_dim", "block_size"),
         bad=(
             ("b2", 1.0, "[0, 1)"),
             ("shampoo_beta", 1.5, "[0, 1)"),
             ("precondition_frequency", 0, ">= 1"),
             ("max_precond_dim", 0, ">= 1"),
+            ("block_size", 0, ">= 1"),
         ),
     ),
 )

@@ -11,6 +11,7 @@ rotated basis tolerate well.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Any, NamedTuple
 
@@ -25,7 +26,7 @@ from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import compute_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import MomentStorage
 from adam_jax._src.typed_sharding import replicated, replicated_placement, reshard, typed_sharding
 
@@ -44,7 +45,10 @@ class ScaleBySoapState(NamedTuple):
       mu: the first moment, in the rotated basis (as the authors keep ``exp_avg``).
       nu: the second moment of the rotated gradient.
       gg: per leaf, the Kronecker factors (Shampoo's :math:`L`, :math:`R`), flattened and
-        concatenated in dimension order (empty for a leaf with none).
+        concatenated in dimension order (empty for a leaf with none); with ``block_size``,
+        block after block in the order of :class:`SoapLayout` (the groups of blocks of one
+        shape, full blocks first; row-major within a group), each block's factors in
+        dimension order.
       q: per leaf, their eigenbases, stored alike.
     """
 
@@ -84,12 +88,70 @@ def merged_shape(shape: tuple[int, ...], max_precond_dim: int) -> tuple[int, ...
 
 
 @dataclasses.dataclass(frozen=True)
+class BlockGroup:
+    """Blocks of a leaf that share one shape, as one batch.
+
+    Along each dimension of the leaf's working shape the group covers the range
+    ``[start, stop)`` of ``spans``, cut into ``counts`` blocks of ``sizes`` values; its
+    blocks are the cartesian product of those cuts, in row-major order of their block
+    coordinates (the last dimension's fastest).
+    """
+
+    spans: tuple[tuple[int, int], ...]
+    counts: tuple[int, ...]
+    sizes: tuple[int, ...]
+    factored: tuple[bool, ...]
+
+    @property
+    def n(self) -> int:
+        """The number of blocks."""
+        return math.prod(self.counts)
+
+    @property
+    def factors(self) -> tuple[int | None, ...]:
+        """Per dimension: the size of each block's factor, or None (identity)."""
+        return tuple(s if f else None for s, f in zip(self.sizes, self.factored, strict=True))
+
+    @property
+    def stride(self) -> int:
+        """The number of values of one block's flattened factors."""
+        return sum(d * d for d in self.factors if d is not None)
+
+    def split(self, x: jax.Array) -> jax.Array:
+        """The group's blocks of ``x`` (in the working shape), as ``(n, *sizes)``."""
+        k = len(self.sizes)
+        part = x[tuple(slice(a, b) for a, b in self.spans)]
+        interleaved = [v for pair in zip(self.counts, self.sizes, strict=True) for v in pair]
+        part = part.reshape(interleaved).transpose([*range(0, 2 * k, 2), *range(1, 2 * k, 2)])
+        return part.reshape(self.n, *self.sizes)
+
+    def merge(self, blocks: jax.Array) -> jax.Array:
+        """The inverse of :meth:`split`: the group's range of the working shape."""
+        k = len(self.sizes)
+        x = blocks.reshape(*self.counts, *self.sizes)
+        x = x.transpose([i for d in range(k) for i in (d, k + d)])
+        return x.reshape([b - a for a, b in self.spans])
+
+
+@dataclasses.dataclass(frozen=True)
 class SoapLayout:
-    """Which dimensions of a leaf SOAP preconditions, as the authors decide it."""
+    """Which dimensions of a leaf SOAP preconditions, as the authors decide it, and how they
+    are cut into blocks (``block_size``).
+
+    Blocks and the order of their state: along each dimension with a factor (of at most
+    ``max_precond_dim`` values) the working shape is cut into ``n = size // block_size`` full
+    blocks and, where ``block_size`` does not divide it, one last block of the remainder; a
+    dimension without factor stays whole. The blocks of equal shape form a
+    :class:`BlockGroup`; the groups come in row-major order of their choice, per dimension, of
+    the full blocks before the last one (the group of full blocks first), the blocks of a
+    group in row-major order of their coordinates, and each block's factors in dimension
+    order, flattened: without blocks (or with one block), the unblocked layout.
+    """
 
     max_precond_dim: int
     merge_dims: bool
     precondition_1d: bool
+    block_size: int | None = None
 
     def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape the leaf is preconditioned in (merged for ``merge_dims``, tensors of two
@@ -105,14 +167,84 @@ class SoapLayout:
             return (None,)
         return tuple(d if d <= self.max_precond_dim else None for d in working)
 
+    def groups(self, shape: tuple[int, ...]) -> tuple[BlockGroup, ...]:
+        """The leaf's blocks, by group, in the order of the state (see the class)."""
+        per_dim = []
+        for w, f in zip(self.shape(shape), self.factors(shape), strict=True):
+            b = self.block_size
+            if f is None or b is None or w <= b:
+                per_dim.append([((0, w), 1, w, f is not None)])
+                continue
+            n, r = divmod(w, b)
+            cuts = [((0, n * b), n, b, True)]
+            if r:
+                cuts.append(((n * b, w), 1, r, True))
+            per_dim.append(cuts)
+        return tuple(
+            BlockGroup(
+                spans=tuple(c[0] for c in choice),
+                counts=tuple(c[1] for c in choice),
+                sizes=tuple(c[2] for c in choice),
+                factored=tuple(c[3] for c in choice),
+            )
+            for choice in itertools.product(*per_dim)
+        )
+
+    def num_blocks(self, shape: tuple[int, ...]) -> int:
+        """The number of blocks of the leaf (1 without blocks)."""
+        return sum(g.n for g in self.groups(shape))
+
+    def refreshed_blocks(self, shape: tuple[int, ...]) -> int:
+        """The number of blocks with a factor: those whose bases a refresh updates."""
+        has_factor = any(f is not None for f in self.factors(shape))
+        return self.num_blocks(shape) if has_factor else 0
+
     def size(self, shape: tuple[int, ...]) -> int:
         """The number of values of the leaf's flattened factors."""
-        return sum(d * d for d in self.factors(shape) if d is not None)
+        return sum(g.n * g.stride for g in self.groups(shape))
+
+    def blocks(self, shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
+        """Each block's place in the working shape, in the order of the state.
+
+        Example:
+          >>> from adam_jax._src.variants.soap import SoapLayout
+          >>> layout = SoapLayout(10000, merge_dims=False, precondition_1d=False, block_size=2)
+          >>> [(r.start, r.stop, c.start, c.stop) for r, c in layout.blocks((3, 4))]
+          [(0, 2, 0, 2), (0, 2, 2, 4), (2, 3, 0, 2), (2, 3, 2, 4)]
+        """
+        out = []
+        for g in self.groups(shape):
+            for index in itertools.product(*(range(c) for c in g.counts)):
+                out.append(
+                    tuple(
+                        slice(a + i * s, a + (i + 1) * s)
+                        for (a, _), i, s in zip(g.spans, index, g.sizes, strict=True)
+                    )
+                )
+        return out
+
+    def unpack_blocks(self, flat: Any, shape: tuple[int, ...]) -> list[list[Any]]:
+        """Per block (in the order of :meth:`blocks`), its factors (or eigenbases) from the
+        state's flattened ``gg`` (or ``q``) of a leaf of ``shape``: per dimension of
+        :meth:`shape`, a matrix, or None."""
+        out: list[list[Any]] = []
+        start = 0
+        for g in self.groups(shape):
+            for _ in range(g.n):
+                block: list[Any] = []
+                for d in g.factors:
+                    if d is None:
+                        block.append(None)
+                    else:
+                        block.append(flat[start : start + d * d].reshape(d, d))
+                        start += d * d
+                out.append(block)
+        return out
 
     def unpack(self, flat: Any, shape: tuple[int, ...]) -> list[Any]:
         """A leaf's factors (or eigenbases) from their flattened concatenation (the state's
-        ``gg`` or ``q`` of a leaf of ``shape``): per dimension of :meth:`shape`, a ``d x d``
-        matrix, or None.
+        ``gg`` or ``q`` of a leaf of ``shape``, not cut into blocks): per dimension of
+        :meth:`shape`, a ``d x d`` matrix, or None.
 
         Example:
           >>> import numpy as np
@@ -121,15 +253,10 @@ class SoapLayout:
           >>> [None if q is None else q.shape for q in layout.unpack(np.arange(9), (4, 3))]
           [None, (3, 3)]
         """
-        out: list[Any] = []
-        start = 0
-        for d in self.factors(shape):
-            if d is None:
-                out.append(None)
-            else:
-                out.append(flat[start : start + d * d].reshape(d, d))
-                start += d * d
-        return out
+        blocks = self.unpack_blocks(flat, shape)
+        if len(blocks) != 1:
+            raise ValueError(f"a leaf of shape {shape} has {len(blocks)} blocks: unpack_blocks")
+        return blocks[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,10 +326,87 @@ def _outer(g: jax.Array, i: int) -> jax.Array:
 
 def _eigenbasis(factor: jax.Array) -> jax.Array:
     """The eigenvectors of a factor by decreasing eigenvalue (the authors' ``eigh`` of
-    ``factor + 1e-30 I``, reading its lower triangle as torch does)."""
-    shifted = factor + _TINY * jnp.eye(factor.shape[0], dtype=factor.dtype)
+    ``factor + 1e-30 I``, reading its lower triangle as torch does; a batch of them alike)."""
+    shifted = factor + _TINY * jnp.eye(factor.shape[-1], dtype=factor.dtype)
     _, vectors = jnp.linalg.eigh(shifted, UPLO="L", symmetrize_input=False)
-    return vectors[:, ::-1]
+    return vectors[..., ::-1]
+
+
+def _rotate_blocks(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Array:
+    """:func:`_rotate` of each block of a batch ``(n, *sizes)`` by its own bases ``(n, d, d)``."""
+    for q in bases:
+        if q is None:
+            x = jnp.moveaxis(x, 1, -1)
+        else:
+            x = jax.lax.dot_general(x, q, (((1,), (2 if back else 1,)), ((0,), (0,))))
+    return x
+
+
+def _outer_blocks(x: jax.Array, i: int) -> jax.Array:
+    """:func:`_outer` of each block of a batch ``(n, *sizes)``, along its dimension ``i``."""
+    others = tuple(k for k in range(1, x.ndim) if k != i + 1)
+    return jax.lax.dot_general(x, x, ((others, others), ((0,), (0,))))
+
+
+def _refresh_blocks(
+    factors: list[jax.Array | None],
+    bases: list[jax.Array | None],
+    mu: jax.Array,
+    nu: jax.Array,
+) -> tuple[list[jax.Array | None], jax.Array, jax.Array]:
+    """:meth:`SoapRule._refresh` of each block of a batch (moments ``(n, *sizes)``)."""
+    original = _rotate_blocks(mu, bases, back=True)
+    new_bases: list[jax.Array | None] = []
+    for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
+        if f is None or basis is None:
+            new_bases.append(None)
+            continue
+        power = f @ basis
+        estimated = jnp.sum(basis * power, axis=-2)
+        order = jnp.argsort(estimated, axis=-1, descending=True)
+        along = [1] * nu.ndim
+        along[0], along[i + 1] = order.shape
+        nu = jnp.take_along_axis(nu, order.reshape(along), axis=i + 1)
+        new_bases.append(jnp.linalg.qr(jnp.take_along_axis(power, order[:, None, :], axis=2))[0])
+    return new_bases, _rotate_blocks(original, new_bases, back=False), nu
+
+
+def _unpack_group(flat: jax.Array, group: BlockGroup) -> list[jax.Array | None]:
+    """A group's factors (or bases) from its part ``(n * stride,)`` of a leaf's state: per
+    dimension, ``(n, d, d)`` or None."""
+    rows = flat.reshape(group.n, group.stride)
+    out: list[jax.Array | None] = []
+    start = 0
+    for d in group.factors:
+        if d is None:
+            out.append(None)
+        else:
+            out.append(rows[:, start : start + d * d].reshape(group.n, d, d))
+            start += d * d
+    return out
+
+
+def _pack_groups(groups: list[list[jax.Array | None]], like: jax.Array) -> jax.Array:
+    """The inverse of :func:`_unpack_group` over a leaf's groups: its state's vector."""
+    parts = []
+    for matrices in groups:
+        rows = [m.reshape(m.shape[0], -1) for m in matrices if m is not None]
+        if rows:
+            parts.append(jnp.concatenate(rows, axis=1).reshape(-1))
+    return jnp.concatenate(parts) if parts else like
+
+
+def _assemble(groups: tuple[BlockGroup, ...], parts: list[jax.Array]) -> jax.Array:
+    """The working-shape tensor from its groups' ranges (:meth:`BlockGroup.merge`), which
+    come in row-major order of their cuts."""
+    arrays = list(parts)
+    for axis in reversed(range(len(groups[0].spans))):
+        cuts = len({g.spans[axis] for g in groups})
+        arrays = [
+            jnp.concatenate(arrays[j : j + cuts], axis=axis) if cuts > 1 else arrays[j]
+            for j in range(0, len(arrays), cuts)
+        ]
+    return arrays[0]
 
 
 class SoapScalars(NamedTuple):
@@ -228,6 +432,17 @@ def _check_max_precond_dim(name: str, value: Any) -> None:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
+def _check_block_size(name: str, value: Any) -> None:
+    """None, or a Python integer >= 1 (it fixes the state's shapes: no array, no float)."""
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        hint = (
+            " (it fixes shapes: give optax.inject_hyperparams static_args=('block_size',))"
+            if hasattr(value, "shape")
+            else ""
+        )
+        raise ValueError(f"{name} must be None or an integer >= 1{hint}, got {value!r}")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class SoapRule(MomentRule):
     """SOAP's moment rule: see :func:`scale_by_soap`."""
@@ -244,6 +459,13 @@ class SoapRule(MomentRule):
     precondition_frequency: Any = hyperparams.hyperparam(
         10, "steps between refreshes of the eigenbases, an integer >= 1.", hyperparams.integer(1)
     )
+    stagger_refresh: bool = hyperparams.hyperparam(
+        False,
+        "refresh each block (each leaf, without ``block_size``) at its own offset within "
+        "the ``precondition_frequency`` window, so that every step carries about "
+        "``1/precondition_frequency`` of the refresh work; ``False`` (the authors' "
+        "schedule, and this library's before the option): every basis at the same step.",
+    )
     max_precond_dim: int | None = hyperparams.hyperparam(
         None,
         "dimensions larger than this get no factor (the identity), an integer >= 1; ``None`` "
@@ -251,6 +473,15 @@ class SoapRule(MomentRule):
         "``optax.inject_hyperparams`` would inject a number as an array, and this fixes "
         'shapes: pass ``static_args=("max_precond_dim",)`` to set it there.',
         _check_max_precond_dim,
+    )
+    block_size: int | None = hyperparams.hyperparam(
+        None,
+        "cut each preconditioned dimension of a leaf's working shape into blocks of at most "
+        "this many values (the last one smaller where it does not divide), each block of the "
+        "tensor preconditioned as its own SOAP, so that no ``eigh`` or QR is larger; an "
+        "integer >= 1, or ``None``: no blocks. It fixes shapes: pass "
+        '``static_args=("block_size",)`` to ``optax.inject_hyperparams``.',
+        _check_block_size,
     )
     merge_dims: bool = hyperparams.hyperparam(
         False,
@@ -267,6 +498,14 @@ class SoapRule(MomentRule):
     mu_dtype: Any = hyperparams.mu_dtype()
     nu_dtype: Any = hyperparams.nu_dtype()
 
+    # With stagger_refresh, per leaf of the updates (in flattening order), the index of its
+    # first refreshed block among those of the whole tree: set by scale_by_soap at each step
+    # (see _scale_by_soap); without it (the rule given to scale_by_rule directly), a leaf's
+    # blocks are numbered from the leaf's position.
+    leaf_starts: tuple[int, ...] | None = dataclasses.field(
+        default=None, init=False, repr=False, compare=False
+    )
+
     state_type = ScaleBySoapState
 
     @property
@@ -276,7 +515,38 @@ class SoapRule(MomentRule):
             max_precond_dim=dim,
             merge_dims=self.merge_dims,
             precondition_1d=self.precondition_1d,
+            block_size=self.block_size,
         )
+
+    def with_leaf_starts(self, updates: Any) -> SoapRule:
+        """This rule, numbering the blocks of ``updates``' leaves across the whole tree (for
+        ``stagger_refresh``): a leaf's first block follows the last of the leaves before it,
+        counting blocks with a factor only."""
+        starts, total = [], 0
+        for leaf in jax.tree.leaves(updates):
+            starts.append(total)
+            total += self.layout.refreshed_blocks(tuple(jnp.shape(leaf)))
+        rule = dataclasses.replace(self)
+        object.__setattr__(rule, "leaf_starts", tuple(starts))
+        return rule
+
+    def _leaf_start(self, leaf: Leaf) -> int:
+        position = leaf.position or 0
+        if self.leaf_starts is None or position >= len(self.leaf_starts):
+            return position
+        return self.leaf_starts[position]
+
+    def _frequency(self) -> int | None:
+        """``precondition_frequency`` as a Python integer, or None where it is traced."""
+        number = validation.static_float(self.precondition_frequency)
+        return None if number is None else int(number)
+
+    def _due(self, scalars: SoapScalars, offset: Any) -> jax.Array:
+        """Whether the bases of blocks at refresh ``offset`` are refreshed after this step."""
+        if not self.stagger_refresh:
+            return scalars.refresh
+        count = scalars.count
+        return (count > 0) & (jnp.remainder(count - offset, self.precondition_frequency) == 0)
 
     def moments(self) -> tuple[Moment, ...]:
         factors = FactorStorage(self.layout)
@@ -317,6 +587,12 @@ class SoapRule(MomentRule):
         if jnp.issubdtype(g.dtype, jnp.complexfloating):
             raise ValueError("soap has no complex params")
         shape, working = g.shape, self.layout.shape(g.shape)
+        groups = self.layout.groups(shape)
+        if sum(group.n for group in groups) > 1:
+            return self._update_blocks(g, moments, scalars, leaf, groups)
+        frequency = self._frequency()
+        start = self._leaf_start(leaf)
+        refresh = self._due(scalars, start if frequency is None else start % frequency)
         d = scalars.adam
         # On Explicit meshes the leaf is preconditioned replicated: the factors contract every
         # other dimension, which sharded operands would leave ambiguous.
@@ -349,7 +625,7 @@ class SoapRule(MomentRule):
             if self.correct_bias:
                 u = u * (jnp.sqrt(d.c2) / d.c1)
             mu, nu, bases_flat = branch(
-                scalars.refresh, self._refresh, lambda *a: a[1:], factors, mu, nu, bases_flat
+                refresh, self._refresh, lambda *a: a[1:], factors, mu, nu, bases_flat
             )
             return u, mu, nu, bases_flat
 
@@ -363,6 +639,163 @@ class SoapRule(MomentRule):
             "q": _like(new_q, moments["q"]),
         }
         return u, new
+
+    def _update_blocks(
+        self,
+        g: jax.Array,
+        moments: dict[str, jax.Array],
+        scalars: SoapScalars,
+        leaf: Leaf,
+        groups: tuple[BlockGroup, ...],
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """:meth:`update` of a leaf cut into several blocks: each group of blocks of one shape
+        as a batch (its factors and bases ``(n, d, d)``), the moments elementwise."""
+        shape, working = g.shape, self.layout.shape(g.shape)
+        d = scalars.adam
+        gw = replicated(g).reshape(working)
+        mu, nu = replicated(moments["mu"]), replicated(moments["nu"])
+        gg, q = replicated(moments["gg"]), replicated(moments["q"])
+        bounds = list(itertools.accumulate((gr.n * gr.stride for gr in groups), initial=0))
+
+        def parts(flat: jax.Array) -> list[list[jax.Array | None]]:
+            return [
+                _unpack_group(flat[a:b], gr)
+                for gr, a, b in zip(groups, bounds[:-1], bounds[1:], strict=True)
+            ]
+
+        whole = _whole(gw)
+        factors = []
+        for gr, old in zip(groups, parts(gg), strict=True):
+            blocks = gr.split(whole)
+            factors.append(
+                [
+                    None if f is None else moving_average(f, _outer_blocks(blocks, i), scalars.wg)
+                    for i, f in enumerate(old)
+                ]
+            )
+
+        def split(x: jax.Array) -> list[jax.Array]:
+            xw = x.reshape(working)
+            return [gr.split(xw) for gr in groups]
+
+        def merge(blocks: list[jax.Array]) -> jax.Array:
+            return _assemble(groups, [gr.merge(b) for gr, b in zip(groups, blocks, strict=True)])
+
+        def initialize(operands: Any) -> Any:
+            mu, nu, _ = operands
+            bases = [[None if f is None else _eigenbasis(f) for f in fs] for fs in factors]
+            mu, nu = (jnp.broadcast_to(m, jnp.broadcast_shapes(m.shape, shape)) for m in (mu, nu))
+            return jnp.zeros(shape, g.dtype), mu, nu, _pack_groups(bases, q)
+
+        def adam_step(operands: Any) -> Any:
+            mu, nu, bases_flat = operands
+            bases = parts(bases_flat)
+            projected = merge(
+                [_rotate_blocks(x, b, back=False) for x, b in zip(split(gw), bases, strict=True)]
+            ).reshape(shape)
+            mu = moving_average(mu, projected, d.w1)
+            nu = moving_average(nu, jnp.square(projected), d.w2)
+            direction = mu / (jnp.sqrt(leaf.settle("nu", nu)) + self.eps)
+            u = merge(
+                [
+                    _rotate_blocks(x, b, back=True)
+                    for x, b in zip(split(direction), bases, strict=True)
+                ]
+            ).reshape(shape)
+            if self.normalize_grads:
+                u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
+            if self.correct_bias:
+                u = u * (jnp.sqrt(d.c2) / d.c1)
+            mus, nus, bases = self._refresh_groups(
+                factors, split(mu), split(nu), bases, scalars, leaf, groups
+            )
+            return (
+                u,
+                merge(mus).reshape(shape),
+                merge(nus).reshape(shape),
+                _pack_groups(bases, bases_flat),
+            )
+
+        u, new_mu, new_nu, new_q = branch(scalars.count == 0, initialize, adam_step, (mu, nu, q))
+        u = _like(u, g)
+        u = jnp.where(scalars.count == 0, jnp.zeros_like(u), leaf.add_decay(u))
+        new = {
+            "mu": _like(new_mu, moments["mu"]),
+            "nu": _like(new_nu, moments["nu"]),
+            "gg": _like(_pack_groups(factors, gg), moments["gg"]),
+            "q": _like(new_q, moments["q"]),
+        }
+        return u, new
+
+    def _refresh_groups(
+        self,
+        factors: list[list[jax.Array | None]],
+        mus: list[jax.Array],
+        nus: list[jax.Array],
+        bases: list[list[jax.Array | None]],
+        scalars: SoapScalars,
+        leaf: Leaf,
+        groups: tuple[BlockGroup, ...],
+    ) -> tuple[list[jax.Array], list[jax.Array], list[list[jax.Array | None]]]:
+        """The refresh (:func:`_refresh_blocks`) of the blocks due after this step, per group
+        of blocks: the moments ``(n, *sizes)``, the factors and bases ``(n, d, d)``.
+
+        Without ``stagger_refresh``, one branch for all the leaf's groups. With it, the
+        blocks of a group due at a step are every ``precondition_frequency``-th from the one
+        whose offset is the step's: gathered (as many every step, ``ceil(n / frequency)``,
+        an index past the group's end dropped), refreshed as a batch and put back, so every
+        step carries the same work and the compiled step one refresh per group; a group of
+        fewer blocks than ``frequency`` has at most one due, refreshed in a branch. With a
+        traced ``precondition_frequency`` (no static count), each group's refresh is
+        computed in a branch taken when any of its blocks is due, and kept for those."""
+        start = self._leaf_start(leaf)
+        frequency = self._frequency()
+        count = scalars.count
+        firsts = list(itertools.accumulate((gr.n for gr in groups), initial=0))
+        operands = list(zip(factors, bases, mus, nus, strict=True))
+
+        def computed(ops: Any) -> Any:
+            return [_refresh_blocks(*op) for op in ops]
+
+        def kept(ops: Any) -> Any:
+            return [(bs, m, v) for _, bs, m, v in ops]
+
+        if not self.stagger_refresh:
+            outs = branch(scalars.refresh, computed, kept, operands)
+        elif frequency is None:
+            outs = []
+            for gr, first, op in zip(groups, firsts[:-1], operands, strict=True):
+                offsets = start + first + jnp.arange(gr.n)
+                due = jnp.remainder(count - offsets, self.precondition_frequency) == 0
+                new, old = branch(jnp.any(due), computed, kept, [op])[0], kept([op])[0]
+
+                def select(a: jax.Array, b: jax.Array, due: jax.Array = due) -> jax.Array:
+                    return jnp.where(due.reshape(-1, *[1] * (a.ndim - 1)), a, b)
+
+                outs.append(jax.tree.map(select, new, old))
+        else:
+            outs = []
+            for gr, first, op in zip(groups, firsts[:-1], operands, strict=True):
+                n, m = gr.n, -(-gr.n // frequency)
+                # Block k is due when start + first + k = count (mod frequency).
+                index = jnp.remainder(count - start - first, frequency) + frequency * jnp.arange(m)
+                valid = index < n
+                clipped = jnp.minimum(index, n - 1)
+                picked = jax.tree.map(lambda x, i=clipped: x[i], op)
+                if m == 1:
+                    new = branch(valid[0], computed, kept, [picked])[0]
+                else:
+                    new = computed([picked])[0]
+                dropped = jnp.where(valid, index, n)
+                outs.append(
+                    jax.tree.map(
+                        lambda x, y, i=dropped: x.at[i].set(y, mode="drop"),
+                        kept([op])[0],
+                        new,
+                    )
+                )
+        new_bases = [list(bs) for bs, _, _ in outs]
+        return [m for _, m, _ in outs], [v for _, _, v in outs], new_bases
 
     def _refresh(
         self, factors: list[jax.Array | None], mu: jax.Array, nu: jax.Array, bases_flat: jax.Array
@@ -388,7 +821,26 @@ class SoapRule(MomentRule):
         return mu.reshape(shape), nu.reshape(shape), _pack(new_bases, bases_flat)
 
 
-@hyperparams.transformation(SoapRule, positional=("b1", "b2", "shampoo_beta", "eps"), decay=True)
+def _scale_by_soap(rule: SoapRule, **others: Any) -> optax.GradientTransformation:
+    """The transformation of ``rule``; with ``stagger_refresh``, the blocks numbered across
+    the whole tree of each step's updates (their shapes are static, so the numbering is too)."""
+    tx = scale_by_rule(rule, **others)
+    if not rule.stagger_refresh:
+        return tx
+
+    def update_fn(
+        updates: optax.Updates, state: Any, params: optax.Params | None = None
+    ) -> tuple[optax.Updates, Any]:
+        return scale_by_rule(rule.with_leaf_starts(updates), **others).update(
+            updates, state, params
+        )
+
+    return optax.GradientTransformation(tx.init, update_fn)
+
+
+@hyperparams.transformation(
+    SoapRule, positional=("b1", "b2", "shampoo_beta", "eps"), decay=True, build=_scale_by_soap
+)
 def scale_by_soap() -> None:
     r"""Rescales gradients by SOAP: Adam in the eigenbasis of Shampoo's preconditioner
     (Vyas et al., 2024, Algorithms 2 and 3).
@@ -421,6 +873,29 @@ def scale_by_soap() -> None:
     refresh is a branch of the compiled step (no host round trip). Without ``correct_bias``
     the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with ``normalize_grads`` the
     rotated-back direction is divided by :math:`10^{-30}` plus its RMS first.
+
+    With ``block_size`` :math:`b`, each preconditioned dimension of the working shape is cut
+    into blocks of :math:`b` values (the last one smaller where :math:`b` does not divide it;
+    a dimension without factor stays whole), and each block :math:`G^{[j]}` of the tensor (a
+    product of one cut per dimension) is preconditioned as its own SOAP: its own factors
+    :math:`L^{[j](i)}`, bases :math:`Q^{[j](i)}` and refreshes, so no ``eigh`` or QR is
+    larger than :math:`b \times b`. Adam's moments stay elementwise, and ``normalize_grads``
+    takes the RMS of the whole leaf's direction (levanter's SOAP and Distributed Shampoo cut
+    matrices alike). Blocks of one shape are batched (one ``eigh``, QR or product per group
+    of blocks, not per block).
+
+    With ``stagger_refresh``, the blocks that have a factor are numbered across the tree
+    (:math:`j = 0, 1, \dots`, leaf after leaf in flattening order, a leaf without blocks one
+    block) and block :math:`j` is refreshed after the steps :math:`t > 0` with
+
+    .. math::
+        t \equiv j \pmod{f}, \qquad f = \texttt{precondition\_frequency},
+
+    so every step refreshes about :math:`1/f` of the blocks, where without it every basis is
+    refreshed after the steps :math:`t \equiv 0 \pmod f` and that step carries the whole
+    refresh. The default is ``False``: the authors' schedule, which keeps the updates of
+    earlier versions bit for bit; staggering changes when each basis turns (a block may
+    refresh as early as :math:`t = 1`), not how.
 
     Factors and bases are kept per leaf in the compute dtype (at least float32), flattened
     (state fields ``gg`` and ``q``); on Explicit meshes each leaf is preconditioned
