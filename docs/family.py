@@ -8,7 +8,9 @@ from the registry:
   companions, and ``__all__`` (every public name the module imports);
 * ``docs/api.rst``: the autosummary and autodoc entries of the optimizers and their moment
   estimates;
-* ``README.md`` and ``docs/index.md``: the names of the modern family.
+* ``README.md`` and ``docs/index.md``: the names of the modern family;
+* ``README.md``: the family table, a row per optimizer (its summary, paper and optax
+  namesake).
 
 ``python docs/family.py`` rewrites them after a new optimizer's module is added to
 ``adam_jax._src.registry.MODULES``; ``tests/test_registry.py`` fails while any is stale.
@@ -22,6 +24,7 @@ import re
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,6 +108,25 @@ def family_names() -> str:
     return ", ".join(names[:-1]) + f" and {names[-1]}"
 
 
+def _citation(paper: Any) -> str:
+    """``[First et al., Venue](url)``; two authors are named both."""
+    names = re.split(r", | and ", paper.authors)
+    who = paper.authors if len(names) <= 2 else f"{names[0]} et al."
+    return f"[{who}, {paper.venue}]({paper.url})"
+
+
+def family_table() -> str:
+    """README's table of the family: one row per optimizer, in the registry's order."""
+    lines = [
+        "| optimizer | what it changes in Adam | paper | optax namesake |",
+        "|---|---|---|---|",
+    ]
+    for row in _rows():
+        namesake = f"`{row.optax_name}`" if row.optax_name else "—"
+        lines.append(f"| `{row.name}` | {row.summary} | {_citation(row.paper)} | {namesake} |")
+    return "\n".join(lines)
+
+
 def _blocks() -> dict[str, tuple[str, str, dict[str, Callable[[str], str]]]]:
     """file -> (its start marker, its end marker, {block name: the block's text from the
     file's text})."""
@@ -126,7 +148,7 @@ def _blocks() -> dict[str, tuple[str, str, dict[str, Callable[[str], str]]]]:
         "README.md": (
             "<!-- family {} -->",
             "<!-- end of family {} -->",
-            {"list": lambda _: family_names()},
+            {"list": lambda _: family_names(), "table": lambda _: family_table()},
         ),
         "docs/index.md": (
             "<!-- family {} -->",

@@ -140,7 +140,7 @@ def test_the_optax_namesake_exists_with_the_same_name(info: registry.OptimizerIn
 
 def _readme_table_rows() -> list[list[str]]:
     text = (REPO_ROOT / "README.md").read_text()
-    block = text.split("<!-- registry table:", 1)[1].split("<!-- end of registry table -->")[0]
+    block = text.split("<!-- family table -->", 1)[1].split("<!-- end of family table -->")[0]
     lines = [line for line in block.splitlines() if line.startswith("| `")]
     return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
