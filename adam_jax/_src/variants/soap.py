@@ -26,15 +26,13 @@ from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import compute_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.quantization.four_bit import FourBitRank1
+from adam_jax._src.quantization.four_bit import FourBitBlockwise, FourBitRank1
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage
 from adam_jax._src.typed_sharding import replicated, replicated_placement, reshard, typed_sharding
 
 # The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
 _TINY = 1e-30
-# Björck iterations on a decoded basis (basis_dtype): see scale_by_soap.
-BJORCK_ITERATIONS = 2
 # The authors' max_precond_dim, which the rule's None stands for (optax.inject_hyperparams
 # would inject a number as an array, and it fixes the factors' shapes).
 _MAX_PRECOND_DIM = 10000
@@ -311,6 +309,14 @@ def _rectify(q: jax.Array, iterations: int) -> jax.Array:
     return q
 
 
+def bjorck_iterations(basis_dtype: Any) -> int:
+    """The Björck iterations that rectify a basis decoded from ``basis_dtype`` (see
+    :func:`scale_by_soap`): none without it, three for 4-bit codes, else two."""
+    if basis_dtype is None:
+        return 0
+    return 3 if isinstance(basis_dtype, FourBitBlockwise) else 2
+
+
 def _factor_storage(value: Any) -> MomentStorage | None:
     """``factor_dtype`` or ``basis_dtype`` as the storage of the flat vector (None: as
     today, the compute dtype)."""
@@ -427,8 +433,11 @@ def _refresh_blocks(
     bases: list[jax.Array | None],
     mu: jax.Array,
     nu: jax.Array,
+    settle: Any = None,
 ) -> tuple[list[jax.Array | None], jax.Array, jax.Array]:
-    """:meth:`SoapRule._refresh` of each block of a batch (moments ``(n, *sizes)``)."""
+    """:meth:`SoapRule._refresh` of each block of a batch (moments ``(n, *sizes)``);
+    ``settle`` maps the new bases to ``(stored, used)``: as the state keeps them and as the
+    steps rotate by them (the first moment is moved into the latter)."""
     original = _rotate_blocks(mu, bases, back=True)
     new_bases: list[jax.Array | None] = []
     for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
@@ -442,7 +451,8 @@ def _refresh_blocks(
         along[0], along[i + 1] = order.shape
         nu = jnp.take_along_axis(nu, order.reshape(along), axis=i + 1)
         new_bases.append(jnp.linalg.qr(jnp.take_along_axis(power, order[:, None, :], axis=2))[0])
-    return new_bases, _rotate_blocks(original, new_bases, back=False), nu
+    stored, used = (new_bases, new_bases) if settle is None else settle(new_bases)
+    return stored, _rotate_blocks(original, used, back=False), nu
 
 
 def _unpack_group(flat: jax.Array, group: BlockGroup) -> list[jax.Array | None]:
@@ -576,7 +586,9 @@ class SoapRule(MomentRule):
         "storage of the Kronecker factors ``gg``: ``None`` (the compute dtype, at least "
         "float32), a floating dtype such as ``jnp.bfloat16``, or a "
         ":class:`adam_jax.MomentStorage` that keeps every value of a signed vector; loaded "
-        "back in the compute dtype for the step.",
+        "back in the compute dtype for the step. A dtype is callable, which "
+        "``optax.inject_hyperparams`` would take for a schedule: pass "
+        '``static_args=("factor_dtype", "basis_dtype")`` there.',
         _check_factor_dtype,
     )
     basis_dtype: Any = hyperparams.hyperparam(
@@ -648,11 +660,12 @@ class SoapRule(MomentRule):
 
     def _decoded(self, bases: list[jax.Array | None]) -> list[jax.Array | None]:
         """Bases as the step uses them: as loaded, or, with ``basis_dtype``, rectified by
-        :data:`BJORCK_ITERATIONS` of Björck orthonormalization (each matrix, or each block's
+        :func:`bjorck_iterations` of Björck orthonormalization (each matrix, or each block's
         of a batch ``(n, d, d)``)."""
         if self.basis_dtype is None:
             return bases
-        return [None if q is None else _rectify(q, BJORCK_ITERATIONS) for q in bases]
+        iterations = bjorck_iterations(self.basis_dtype)
+        return [None if q is None else _rectify(q, iterations) for q in bases]
 
     def init_fields(self, params: Any) -> dict[str, Any]:
         leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, FlatParams))
@@ -855,8 +868,10 @@ class SoapRule(MomentRule):
         firsts = list(itertools.accumulate((gr.n for gr in groups), initial=0))
         operands = list(zip(factors, bases, mus, nus, strict=True))
 
+        settle = None if self.basis_dtype is None else self._settle_blocks
+
         def computed(ops: Any) -> Any:
-            return [_refresh_blocks(f, self._decoded(bs), m, v) for f, bs, m, v in ops]
+            return [_refresh_blocks(f, self._decoded(bs), m, v, settle) for f, bs, m, v in ops]
 
         def kept(ops: Any) -> Any:
             return [(bs, m, v) for _, bs, m, v in ops]
@@ -918,8 +933,39 @@ class SoapRule(MomentRule):
             order = jnp.argsort(estimated, descending=True)
             nu = jnp.take(nu, order, axis=i)
             new_bases.append(jnp.linalg.qr(f @ basis[:, order])[0])
-        mu = _rotate(original, new_bases, back=False)
-        return mu.reshape(shape), nu.reshape(shape), _pack(new_bases, bases_flat)
+        new_flat = self._as_stored(_pack(new_bases, bases_flat))
+        mu = _rotate(original, self._decoded(self.layout.unpack(new_flat, shape)), back=False)
+        return mu.reshape(shape), nu.reshape(shape), new_flat
+
+    def _settle_blocks(
+        self, bases: list[jax.Array | None]
+    ) -> tuple[list[jax.Array | None], list[jax.Array | None]]:
+        """New bases of a batch of blocks ``(n, d, d)`` as stored (rounded by
+        ``basis_dtype``, each block's bases one row of a ``(n, stride)`` array: the rounding
+        of the state's vector where its blocks of codes align with the rows) and as used
+        (rectified)."""
+        present = [b for b in bases if b is not None]
+        n = present[0].shape[0]
+        rows = self._as_stored(jnp.concatenate([b.reshape(n, -1) for b in present], axis=1))
+        stored: list[jax.Array | None] = []
+        start = 0
+        for b in bases:
+            if b is None:
+                stored.append(None)
+                continue
+            stored.append(rows[:, start : start + b[0].size].reshape(b.shape))
+            start += b[0].size
+        return stored, self._decoded(stored)
+
+    def _as_stored(self, flat: jax.Array) -> jax.Array:
+        """New bases ``flat`` (a leaf's vector) as the next step will load them: rounded by
+        ``basis_dtype`` (stored and loaded back), so that the first moment is moved into the
+        basis the steps use; unchanged without ``basis_dtype``."""
+        storage = _factor_storage(self.basis_dtype)
+        if storage is None or flat.size == 0:
+            return flat
+        vector = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
+        return storage.load(storage.store(flat, storage.init(vector))).astype(flat.dtype)
 
 
 def _scale_by_soap(rule: SoapRule, **others: Any) -> optax.GradientTransformation:
@@ -1011,12 +1057,18 @@ def scale_by_soap() -> None:
         \hat Q \leftarrow \tfrac12\, \hat Q \big(3I - \hat Q^\top \hat Q\big),
 
     which takes :math:`\|\hat Q^\top \hat Q - I\| = \varepsilon` to about
-    :math:`\tfrac34 \varepsilon^2`. Two iterations (:data:`BJORCK_ITERATIONS`): one leaves
-    4-bit bases (:math:`\varepsilon \approx 0.1`) at ~4e-2, two at ~2e-3, and 8-bit and
-    bfloat16 bases (:math:`\varepsilon \approx` 7e-3, 2e-3) at float32 rounding; each costs
-    two :math:`d \times d` products per basis and step. ``eigh`` and QR produce a new basis in
-    the compute dtype, then it is stored compressed; between refreshes the stored codes are
-    kept as they are (the rectified basis is not re-rounded). The defaults (``None``) keep
+    :math:`\tfrac34 \varepsilon^2` (:func:`bjorck_iterations`): two iterations take 8-bit
+    and bfloat16 bases (:math:`\varepsilon \approx` 1e-2, 1.5e-3 at :math:`d = 48, 64`) to
+    float32 rounding (~4e-7), where one leaves 8-bit ones at ~3e-4; 4-bit bases
+    (:math:`\varepsilon` 0.16 to 0.2) get three, which take them to ~1e-4 where two leave
+    5e-3 to 8e-3. Each iteration
+    costs two :math:`d \times d` products per basis and step. ``eigh`` and QR produce a new basis in
+    the compute dtype, then it is stored compressed, and the refresh moves :math:`m` into
+    the basis as the steps will decode and rectify it (exactly for a leaf without blocks; with
+    blocks, each block's bases rounded as one row, which is the state's rounding where the
+    storage's blocks of codes align with the blocks', as for ``block_size`` 128 and 8-bit or
+    4-bit codes of 256 or 128 values); between refreshes the stored codes are kept as they are
+    (the rectified basis is not re-rounded). The defaults (``None``) keep
     earlier versions' state and updates bit for bit. On Explicit meshes each leaf is
     preconditioned replicated (ZeRO-1 may shard the stored state). ``FlatParams`` buffers and
     complex params are refused. Unlike the authors' code, ``eigh`` and QR run in that compute
