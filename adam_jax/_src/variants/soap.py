@@ -26,8 +26,9 @@ from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import compute_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
+from adam_jax._src.quantization.four_bit import FourBitBlockwise, FourBitRank1
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
-from adam_jax._src.storage import MomentStorage
+from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage
 from adam_jax._src.typed_sharding import replicated, replicated_placement, reshard, typed_sharding
 
 # The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
@@ -261,20 +262,99 @@ class SoapLayout:
 
 @dataclasses.dataclass(frozen=True)
 class FactorStorage(MomentStorage):
-    """The Kronecker factors (or their eigenbases) of each leaf, flattened into one vector in
-    the compute dtype (at least float32), replicated where the param is sharded."""
+    """The Kronecker factors (or their eigenbases) of each leaf, flattened into one vector,
+    replicated where the param is sharded: in the compute dtype (at least float32) when
+    ``storage`` is None, else in ``storage``'s form of that vector (a cast to ``bfloat16``,
+    8-bit or 4-bit block-wise codes), loaded back in the compute dtype for the step."""
 
     layout: SoapLayout
+    storage: MomentStorage | None = None
 
-    def init(self, param: Any) -> jax.Array:
+    def vector(self, param: Any) -> jax.ShapeDtypeStruct:
+        """The flat vector of a leaf like ``param``, as the inner storage sees it."""
         size = self.layout.size(tuple(param.shape))
+        return jax.ShapeDtypeStruct(
+            (size,), compute_dtype(param.dtype), sharding=replicated_placement(param)
+        )
+
+    def _inner(self, stored: Any) -> MomentStorage | None:
+        """The storage of ``stored``: None for a leaf without factors (an empty vector)."""
+        return None if isinstance(stored, jax.Array) and stored.size == 0 else self.storage
+
+    def init(self, param: Any) -> Any:
+        size = self.layout.size(tuple(param.shape))
+        if self.storage is not None and size > 0:
+            return self.storage.init(self.vector(param))
         return jnp.zeros((size,), compute_dtype(param.dtype), device=replicated_placement(param))
 
-    def load(self, stored: jax.Array) -> jax.Array:
-        return stored
+    def load(self, stored: Any) -> jax.Array:
+        inner = self._inner(stored)
+        return stored if inner is None else inner.load(stored)
 
-    def store(self, value: jax.Array, stored: jax.Array) -> jax.Array:
-        return value.astype(stored.dtype)
+    def store(self, value: jax.Array, stored: Any) -> Any:
+        inner = self._inner(stored)
+        return value.astype(stored.dtype) if inner is None else inner.store(value, stored)
+
+    def decodes(self, stored: Any) -> bool:
+        inner = self._inner(stored)
+        return False if inner is None else inner.decodes(stored)
+
+
+def _rectify(q: jax.Array, iterations: int) -> jax.Array:
+    r"""Björck orthonormalization of a basis (or a batch ``(n, d, d)`` of them):
+    ``iterations`` times :math:`Q \leftarrow Q (3I - Q^\top Q) / 2`."""
+    for _ in range(iterations):
+        gram = jnp.swapaxes(q, -1, -2) @ q
+        q = 1.5 * q - 0.5 * (q @ gram)
+    return q
+
+
+def bjorck_iterations(basis_dtype: Any) -> int:
+    """The Björck iterations that rectify a basis decoded from ``basis_dtype`` (see
+    :func:`scale_by_soap`): none without it, three for 4-bit codes, else two."""
+    if basis_dtype is None:
+        return 0
+    return 3 if isinstance(basis_dtype, FourBitBlockwise) else 2
+
+
+def _factor_storage(value: Any) -> MomentStorage | None:
+    """``factor_dtype`` or ``basis_dtype`` as the storage of the flat vector (None: as
+    today, the compute dtype)."""
+    if value is None:
+        return None
+    return value if isinstance(value, MomentStorage) else cast_storage(value)
+
+
+def _check_factor_dtype(name: str, value: Any) -> None:
+    """None, a floating dtype, or a storage that keeps every value of a signed vector."""
+    accepted = (
+        "None, a floating dtype (e.g. jnp.bfloat16) or a MomentStorage that keeps every "
+        "value of a signed vector (quantization.BlockwiseQuantized(signed=True), "
+        "quantization.FourBitBlockwise)"
+    )
+    if value is None:
+        return
+    if isinstance(value, MomentStorage):
+        why = None
+        if value.reduces or value.per_tensor:
+            why = "it reduces or depends on the param's shape"
+        elif getattr(value, "signed", True) is False or isinstance(value, FourBitRank1):
+            why = "it keeps non-negative values only"
+        elif (
+            isinstance(value, CastStorage)
+            and value.dtype is not None
+            and not jnp.issubdtype(value.dtype, jnp.floating)
+        ):
+            why = f"its dtype {jnp.dtype(value.dtype).name} is not floating"
+        if why is not None:
+            raise ValueError(f"{name} must be {accepted}; {type(value).__name__}: {why}")
+        return
+    try:
+        dtype = jnp.dtype(value)
+    except TypeError:
+        raise ValueError(f"{name} must be {accepted}, got {value!r}") from None
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise ValueError(f"{name} must be {accepted}, got the dtype {dtype.name}")
 
 
 def _whole(x: jax.Array) -> jax.Array:
@@ -353,8 +433,11 @@ def _refresh_blocks(
     bases: list[jax.Array | None],
     mu: jax.Array,
     nu: jax.Array,
+    settle: Any = None,
 ) -> tuple[list[jax.Array | None], jax.Array, jax.Array]:
-    """:meth:`SoapRule._refresh` of each block of a batch (moments ``(n, *sizes)``)."""
+    """:meth:`SoapRule._refresh` of each block of a batch (moments ``(n, *sizes)``);
+    ``settle`` maps the new bases to ``(stored, used)``: as the state keeps them and as the
+    steps rotate by them (the first moment is moved into the latter)."""
     original = _rotate_blocks(mu, bases, back=True)
     new_bases: list[jax.Array | None] = []
     for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
@@ -368,7 +451,8 @@ def _refresh_blocks(
         along[0], along[i + 1] = order.shape
         nu = jnp.take_along_axis(nu, order.reshape(along), axis=i + 1)
         new_bases.append(jnp.linalg.qr(jnp.take_along_axis(power, order[:, None, :], axis=2))[0])
-    return new_bases, _rotate_blocks(original, new_bases, back=False), nu
+    stored, used = (new_bases, new_bases) if settle is None else settle(new_bases)
+    return stored, _rotate_blocks(original, used, back=False), nu
 
 
 def _unpack_group(flat: jax.Array, group: BlockGroup) -> list[jax.Array | None]:
@@ -497,6 +581,24 @@ class SoapRule(MomentRule):
     )
     mu_dtype: Any = hyperparams.mu_dtype()
     nu_dtype: Any = hyperparams.nu_dtype()
+    factor_dtype: Any = hyperparams.hyperparam(
+        None,
+        "storage of the Kronecker factors ``gg``: ``None`` (the compute dtype, at least "
+        "float32), a floating dtype such as ``jnp.bfloat16``, or a "
+        ":class:`adam_jax.MomentStorage` that keeps every value of a signed vector; loaded "
+        "back in the compute dtype for the step. A dtype is callable, which "
+        "``optax.inject_hyperparams`` would take for a schedule: pass "
+        '``static_args=("factor_dtype", "basis_dtype")`` there.',
+        _check_factor_dtype,
+    )
+    basis_dtype: Any = hyperparams.hyperparam(
+        None,
+        "storage of the eigenbases ``q``, as ``factor_dtype`` (e.g. ``jnp.bfloat16``, "
+        "``quantization.BlockwiseQuantized()`` for 8 bits, ``quantization.FourBitBlockwise()`` "
+        "for 4); a stored basis is decoded and rectified (Björck orthonormalization) before "
+        "use.",
+        _check_factor_dtype,
+    )
 
     # With stagger_refresh, per leaf of the updates (in flattening order), the index of its
     # first refreshed block among those of the whole tree: set by scale_by_soap at each step
@@ -549,13 +651,21 @@ class SoapRule(MomentRule):
         return (count > 0) & (jnp.remainder(count - offset, self.precondition_frequency) == 0)
 
     def moments(self) -> tuple[Moment, ...]:
-        factors = FactorStorage(self.layout)
         return (
             Moment("mu", self.mu_dtype),
             second_moment(self.nu_dtype),
-            Moment("gg", factors),
-            Moment("q", factors),
+            Moment("gg", FactorStorage(self.layout, _factor_storage(self.factor_dtype))),
+            Moment("q", FactorStorage(self.layout, _factor_storage(self.basis_dtype))),
         )
+
+    def _decoded(self, bases: list[jax.Array | None]) -> list[jax.Array | None]:
+        """Bases as the step uses them: as loaded, or, with ``basis_dtype``, rectified by
+        :func:`bjorck_iterations` of Björck orthonormalization (each matrix, or each block's
+        of a batch ``(n, d, d)``)."""
+        if self.basis_dtype is None:
+            return bases
+        iterations = bjorck_iterations(self.basis_dtype)
+        return [None if q is None else _rectify(q, iterations) for q in bases]
 
     def init_fields(self, params: Any) -> dict[str, Any]:
         leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, FlatParams))
@@ -614,7 +724,7 @@ class SoapRule(MomentRule):
 
         def adam_step(operands: Any) -> Any:
             mu, nu, bases_flat = operands
-            bases = self.layout.unpack(bases_flat, shape)
+            bases = self._decoded(self.layout.unpack(bases_flat, shape))
             projected = _rotate(gw, bases, back=False).reshape(shape)
             mu = moving_average(mu, projected, d.w1)
             nu = moving_average(nu, jnp.square(projected), d.w2)
@@ -689,7 +799,11 @@ class SoapRule(MomentRule):
 
         def adam_step(operands: Any) -> Any:
             mu, nu, bases_flat = operands
-            bases = parts(bases_flat)
+            # The stored bases go on unchanged where no refresh replaces them (so that a
+            # compressed basis is not re-rounded after each rectification); the step rotates
+            # by their rectified form.
+            stored_bases = parts(bases_flat)
+            bases = [self._decoded(b) for b in stored_bases]
             projected = merge(
                 [_rotate_blocks(x, b, back=False) for x, b in zip(split(gw), bases, strict=True)]
             ).reshape(shape)
@@ -707,7 +821,7 @@ class SoapRule(MomentRule):
             if self.correct_bias:
                 u = u * (jnp.sqrt(d.c2) / d.c1)
             mus, nus, bases = self._refresh_groups(
-                factors, split(mu), split(nu), bases, scalars, leaf, groups
+                factors, split(mu), split(nu), stored_bases, scalars, leaf, groups
             )
             return (
                 u,
@@ -754,8 +868,10 @@ class SoapRule(MomentRule):
         firsts = list(itertools.accumulate((gr.n for gr in groups), initial=0))
         operands = list(zip(factors, bases, mus, nus, strict=True))
 
+        settle = None if self.basis_dtype is None else self._settle_blocks
+
         def computed(ops: Any) -> Any:
-            return [_refresh_blocks(*op) for op in ops]
+            return [_refresh_blocks(f, self._decoded(bs), m, v, settle) for f, bs, m, v in ops]
 
         def kept(ops: Any) -> Any:
             return [(bs, m, v) for _, bs, m, v in ops]
@@ -805,7 +921,7 @@ class SoapRule(MomentRule):
         one power-iteration step :math:`F Q` and a QR decomposition; the first moment moved
         from the old basis into the new one."""
         shape, working = mu.shape, self.layout.shape(mu.shape)
-        bases = self.layout.unpack(bases_flat, shape)
+        bases = self._decoded(self.layout.unpack(bases_flat, shape))
         original = _rotate(mu.reshape(working), bases, back=True)
         nu = nu.reshape(working)
         new_bases: list[jax.Array | None] = []
@@ -817,8 +933,39 @@ class SoapRule(MomentRule):
             order = jnp.argsort(estimated, descending=True)
             nu = jnp.take(nu, order, axis=i)
             new_bases.append(jnp.linalg.qr(f @ basis[:, order])[0])
-        mu = _rotate(original, new_bases, back=False)
-        return mu.reshape(shape), nu.reshape(shape), _pack(new_bases, bases_flat)
+        new_flat = self._as_stored(_pack(new_bases, bases_flat))
+        mu = _rotate(original, self._decoded(self.layout.unpack(new_flat, shape)), back=False)
+        return mu.reshape(shape), nu.reshape(shape), new_flat
+
+    def _settle_blocks(
+        self, bases: list[jax.Array | None]
+    ) -> tuple[list[jax.Array | None], list[jax.Array | None]]:
+        """New bases of a batch of blocks ``(n, d, d)`` as stored (rounded by
+        ``basis_dtype``, each block's bases one row of a ``(n, stride)`` array: the rounding
+        of the state's vector where its blocks of codes align with the rows) and as used
+        (rectified)."""
+        present = [b for b in bases if b is not None]
+        n = present[0].shape[0]
+        rows = self._as_stored(jnp.concatenate([b.reshape(n, -1) for b in present], axis=1))
+        stored: list[jax.Array | None] = []
+        start = 0
+        for b in bases:
+            if b is None:
+                stored.append(None)
+                continue
+            stored.append(rows[:, start : start + b[0].size].reshape(b.shape))
+            start += b[0].size
+        return stored, self._decoded(stored)
+
+    def _as_stored(self, flat: jax.Array) -> jax.Array:
+        """New bases ``flat`` (a leaf's vector) as the next step will load them: rounded by
+        ``basis_dtype`` (stored and loaded back), so that the first moment is moved into the
+        basis the steps use; unchanged without ``basis_dtype``."""
+        storage = _factor_storage(self.basis_dtype)
+        if storage is None or flat.size == 0:
+            return flat
+        vector = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
+        return storage.load(storage.store(flat, storage.init(vector))).astype(flat.dtype)
 
 
 def _scale_by_soap(rule: SoapRule, **others: Any) -> optax.GradientTransformation:
@@ -897,12 +1044,36 @@ def scale_by_soap() -> None:
     earlier versions bit for bit; staggering changes when each basis turns (a block may
     refresh as early as :math:`t = 1`), not how.
 
-    Factors and bases are kept per leaf in the compute dtype (at least float32), flattened
-    (state fields ``gg`` and ``q``); on Explicit meshes each leaf is preconditioned
-    replicated (ZeRO-1 may shard the stored state). ``FlatParams`` buffers and complex params
-    are refused. Unlike the authors' code, ``eigh`` and QR run in that compute dtype (the
-    authors' in float32 whatever the params'), and their ``data_format`` (channels-last
-    convolutions) is not offered: in JAX the layout is the param's.
+    Factors and bases are kept per leaf, flattened (state fields ``gg`` and ``q``), in the
+    compute dtype (at least float32) by default. ``factor_dtype`` stores the factors in another
+    form (``jnp.bfloat16`` halves them), loaded back in the compute dtype for the step.
+    ``basis_dtype`` stores the bases so (``jnp.bfloat16``; 8-bit block-wise codes,
+    ``quantization.BlockwiseQuantized()``, about 1.02 bytes a value; 4-bit,
+    ``quantization.FourBitBlockwise()``, about 0.53), the flat vector quantized in blocks. As
+    in 4-bit Shampoo (Wang et al., 2024), a decoded basis :math:`\hat Q` is rectified before
+    use by Björck orthonormalization, per matrix (per block with ``block_size``):
+
+    .. math::
+        \hat Q \leftarrow \tfrac12\, \hat Q \big(3I - \hat Q^\top \hat Q\big),
+
+    which takes :math:`\|\hat Q^\top \hat Q - I\| = \varepsilon` to about
+    :math:`\tfrac34 \varepsilon^2` (:func:`bjorck_iterations`): two iterations take 8-bit
+    and bfloat16 bases (:math:`\varepsilon \approx` 1e-2, 1.5e-3 at :math:`d = 48, 64`) to
+    float32 rounding (~4e-7), where one leaves 8-bit ones at ~3e-4; 4-bit bases
+    (:math:`\varepsilon` 0.16 to 0.2) get three, which take them to ~1e-4 where two leave
+    5e-3 to 8e-3. Each iteration
+    costs two :math:`d \times d` products per basis and step. ``eigh`` and QR produce a new basis in
+    the compute dtype, then it is stored compressed, and the refresh moves :math:`m` into
+    the basis as the steps will decode and rectify it (exactly for a leaf without blocks; with
+    blocks, each block's bases rounded as one row, which is the state's rounding where the
+    storage's blocks of codes align with the blocks', as for ``block_size`` 128 and 8-bit or
+    4-bit codes of 256 or 128 values); between refreshes the stored codes are kept as they are
+    (the rectified basis is not re-rounded). The defaults (``None``) keep
+    earlier versions' state and updates bit for bit. On Explicit meshes each leaf is
+    preconditioned replicated (ZeRO-1 may shard the stored state). ``FlatParams`` buffers and
+    complex params are refused. Unlike the authors' code, ``eigh`` and QR run in that compute
+    dtype (the authors' in float32 whatever the params'), and their ``data_format``
+    (channels-last convolutions) is not offered: in JAX the layout is the param's.
 
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
@@ -910,7 +1081,9 @@ def scale_by_soap() -> None:
     References:
       Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade, `SOAP: Improving
       and Stabilizing Shampoo using Adam <https://arxiv.org/abs/2409.11321>`_, ICLR 2025; the
-      authors' code, https://github.com/nikhilvyas/SOAP.
+      authors' code, https://github.com/nikhilvyas/SOAP. Wang, Li, Zhou and Huang, `4-bit
+      Shampoo for Memory-Efficient Network Training <https://arxiv.org/abs/2405.18144>`_,
+      NeurIPS 2024 (the rectification of decoded bases).
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
