@@ -2,6 +2,11 @@
 
 * Eight host CPU devices (``XLA_FLAGS``) so that sharding tests can build a mesh; this must be
   set before jax is imported anywhere, hence at the very top of this file.
+* One compilation per distinct program for the whole run: JAX's persistent compilation cache
+  in a temporary folder that the xdist workers and the programs the tests start share (many
+  tests build the same step: a trainer per test, a process per command-line test). An
+  executable is keyed by its whole program, compile options and versions, so a cached one is
+  the one a compilation would give; ``JAX_COMPILATION_CACHE_DIR`` set by hand wins.
 * float64 is *not* enabled globally (``tests/mnist`` must run with jax's float32 defaults).
   Tests that need it use the ``x64`` fixture, which enables it with the thread-local
   ``jax.enable_x64`` context manager for the duration of one test only, or use that context
@@ -12,10 +17,20 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+# The first process to import this file (xdist's controller, which starts the workers after
+# it) makes the folder; the workers and the subprocesses inherit the variables.
+CREATED_CACHE_DIR = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    CREATED_CACHE_DIR = tempfile.mkdtemp(prefix="adam_jax_tests_compilation_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = CREATED_CACHE_DIR
+    # Every program, however quick to compile: most of the suite's are small.
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
 
 from collections.abc import Iterator  # noqa: E402
 
@@ -39,3 +54,11 @@ def _no_x64_leak() -> Iterator[None]:
     if after != before:
         jax.config.update("jax_enable_x64", before)
         pytest.fail("a test changed jax_enable_x64 without restoring it")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    """Removes the compilation cache that this process made (the controller's, once the
+    workers are done)."""
+    del config
+    if CREATED_CACHE_DIR is not None:
+        shutil.rmtree(CREATED_CACHE_DIR, ignore_errors=True)

@@ -96,6 +96,16 @@ class Run:
             )
 
     def train(self) -> list[Metrics]:
+        """Trains to the last step (resuming first with ``resume``); then, or when anything
+        stops it, closes the checkpoints: a run trains once."""
+        try:
+            return self._train()
+        finally:
+            # Nothing of orbax's may still talk to the other processes when they shut down.
+            if self.checkpoints is not None:
+                self.checkpoints.close()
+
+    def _train(self) -> list[Metrics]:
         config, trainer = self.trainer.config, self.trainer
         if self.options.resume:
             self.resume()

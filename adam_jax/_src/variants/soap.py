@@ -726,27 +726,60 @@ class SoapRule(MomentRule):
             mu, nu, bases_flat = operands
             bases = self._decoded(self.layout.unpack(bases_flat, shape))
             projected = _rotate(gw, bases, back=False).reshape(shape)
-            mu = moving_average(mu, projected, d.w1)
-            nu = moving_average(nu, jnp.square(projected), d.w2)
-            direction = mu / (jnp.sqrt(leaf.settle("nu", nu)) + self.eps)
+            mu, nu, direction = self._adam(projected, mu, nu, d, leaf)
             u = _rotate(direction.reshape(working), bases, back=True).reshape(shape)
-            if self.normalize_grads:
-                u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
-            if self.correct_bias:
-                u = u * (jnp.sqrt(d.c2) / d.c1)
+            u = self._scaled(u, d)
             mu, nu, bases_flat = branch(
                 refresh, self._refresh, lambda *a: a[1:], factors, mu, nu, bases_flat
             )
             return u, mu, nu, bases_flat
 
-        u, new_mu, new_nu, new_q = branch(scalars.count == 0, initialize, adam_step, (mu, nu, q))
+        return self._finish(
+            g,
+            moments,
+            scalars,
+            leaf,
+            branch(scalars.count == 0, initialize, adam_step, (mu, nu, q)),
+            _pack(factors, gg),
+        )
+
+    def _adam(
+        self, projected: jax.Array, mu: jax.Array, nu: jax.Array, d: StepScalars, leaf: Leaf
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Adam's moments of the gradient ``projected`` into the eigenbasis, and their
+        direction there."""
+        mu = moving_average(mu, projected, d.w1)
+        nu = moving_average(nu, jnp.square(projected), d.w2)
+        return mu, nu, mu / (jnp.sqrt(leaf.settle("nu", nu)) + self.eps)
+
+    def _scaled(self, u: jax.Array, d: StepScalars) -> jax.Array:
+        """The update rotated back, normalized (``normalize_grads``) and bias-corrected."""
+        if self.normalize_grads:
+            u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
+        if self.correct_bias:
+            u = u * (jnp.sqrt(d.c2) / d.c1)
+        return u
+
+    def _finish(
+        self,
+        g: jax.Array,
+        moments: dict[str, jax.Array],
+        scalars: SoapScalars,
+        leaf: Leaf,
+        stepped: tuple[jax.Array, jax.Array, jax.Array, jax.Array],
+        factors: jax.Array,
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The update (none at the first step, which only initializes; weight decay added)
+        and the new moments, each in its stored form, from the branch's ``stepped`` (update,
+        mu, nu, bases) and the packed ``factors``."""
+        u, mu, nu, q = stepped
         u = _like(u, g)
         u = jnp.where(scalars.count == 0, jnp.zeros_like(u), leaf.add_decay(u))
         new = {
-            "mu": _like(new_mu, moments["mu"]),
-            "nu": _like(new_nu, moments["nu"]),
-            "gg": _like(_pack(factors, gg), moments["gg"]),
-            "q": _like(new_q, moments["q"]),
+            "mu": _like(mu, moments["mu"]),
+            "nu": _like(nu, moments["nu"]),
+            "gg": _like(factors, moments["gg"]),
+            "q": _like(q, moments["q"]),
         }
         return u, new
 
@@ -807,19 +840,14 @@ class SoapRule(MomentRule):
             projected = merge(
                 [_rotate_blocks(x, b, back=False) for x, b in zip(split(gw), bases, strict=True)]
             ).reshape(shape)
-            mu = moving_average(mu, projected, d.w1)
-            nu = moving_average(nu, jnp.square(projected), d.w2)
-            direction = mu / (jnp.sqrt(leaf.settle("nu", nu)) + self.eps)
+            mu, nu, direction = self._adam(projected, mu, nu, d, leaf)
             u = merge(
                 [
                     _rotate_blocks(x, b, back=True)
                     for x, b in zip(split(direction), bases, strict=True)
                 ]
             ).reshape(shape)
-            if self.normalize_grads:
-                u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
-            if self.correct_bias:
-                u = u * (jnp.sqrt(d.c2) / d.c1)
+            u = self._scaled(u, d)
             mus, nus, bases = self._refresh_groups(
                 factors, split(mu), split(nu), stored_bases, scalars, leaf, groups
             )
@@ -830,16 +858,14 @@ class SoapRule(MomentRule):
                 _pack_groups(bases, bases_flat),
             )
 
-        u, new_mu, new_nu, new_q = branch(scalars.count == 0, initialize, adam_step, (mu, nu, q))
-        u = _like(u, g)
-        u = jnp.where(scalars.count == 0, jnp.zeros_like(u), leaf.add_decay(u))
-        new = {
-            "mu": _like(new_mu, moments["mu"]),
-            "nu": _like(new_nu, moments["nu"]),
-            "gg": _like(_pack_groups(factors, gg), moments["gg"]),
-            "q": _like(new_q, moments["q"]),
-        }
-        return u, new
+        return self._finish(
+            g,
+            moments,
+            scalars,
+            leaf,
+            branch(scalars.count == 0, initialize, adam_step, (mu, nu, q)),
+            _pack_groups(factors, gg),
+        )
 
     def _refresh_groups(
         self,
