@@ -56,6 +56,12 @@ def _no_x64_leak() -> Iterator[None]:
         pytest.fail("a test changed jax_enable_x64 without restoring it")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Runs the tests marked slow first. xdist hands the tests out in this order, so the
+    workers finish together, not one of them alone on a minute-long test at the end."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     """Removes the compilation cache that this process made (the controller's, once the
     workers are done)."""

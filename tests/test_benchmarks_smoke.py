@@ -153,6 +153,7 @@ def test_program_hashes_tell_programs_apart_and_repeat() -> None:
     assert adam != program_hashes.program_hash(adam_jax.nadam(1e-2))
 
 
+@pytest.mark.slow
 def test_memory_section_measures_params_state_and_step() -> None:
     from benchmarks.sections import memory
 
@@ -289,6 +290,7 @@ def test_lm_study_processes_sharing_an_out_file_keep_each_others_runs(
     assert "| vs b at 0.5 |" in table and "| a | 0.25 | 1 | 0.2500 | 0.2500 | -80.00% |" in table
 
 
+@pytest.mark.slow
 def test_soap_section_times_soap_against_adamw_with_the_eigenbasis_share() -> None:
     from benchmarks.sections import soap
 
@@ -308,6 +310,7 @@ def test_lm_race_crossing_is_linear_between_evaluations() -> None:
     assert lm_race.crossing(losses, steps, 0.5) is None
 
 
+@pytest.mark.slow
 def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
     import jax
 

@@ -148,6 +148,7 @@ def test_two_processes_train_as_one(text: Path, one_device, tmp_path: Path) -> N
     assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["4"]
 
 
+@pytest.mark.slow
 def test_command_line_trains_on_a_mesh(text: Path, tmp_path: Path, capsys) -> None:
     main.main(["--data", str(text), "--mesh", "data=2,fsdp=4", "--zero1", "--steps", "2",
                "--batch-size", "8", "--eval-every", "1", "--eval-windows", "8", "--layers", "1",
