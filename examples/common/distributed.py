@@ -116,15 +116,20 @@ def join(args: argparse.Namespace) -> None:
     if args.num_processes > 1:
         # The CPU backend has no cross-process collectives of its own; gloo is JAX's.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        # The runs stop together on their own (first_signal); JAX's preemption service would
-        # only keep a request pending with the coordinator until the processes shut down, a
-        # request still in flight when the first process stops the coordination service.
-        jax.config.update("jax_enable_preemption_service", False)
-        jax.distributed.initialize(
+        initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
+
+
+def initialize(**where: Any) -> None:
+    """``jax.distributed.initialize(**where)`` (no arguments: as the cluster says), with JAX's
+    preemption service off. The runs stop together on their own (:func:`first_signal`); that
+    service would only keep a request pending with the coordinator until the processes shut
+    down, still in flight when the first process stops the coordination service."""
+    jax.config.update("jax_enable_preemption_service", False)
+    jax.distributed.initialize(**where)
 
 
 def request_host_devices(count: int) -> None:

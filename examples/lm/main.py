@@ -67,9 +67,7 @@ def prepare(argv: Sequence[str]) -> None:
         if not args.cluster:  # a cluster's processes bring the devices they have
             distributed.request_host_devices(devices // args.num_processes)
     if args.cluster:
-        import jax
-
-        jax.distributed.initialize()
+        distributed.initialize()
     distributed.join(args)
 
 
