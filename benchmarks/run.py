@@ -17,6 +17,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``memory``: bytes per parameter of params + state and of the compiled step, per memory setting
 * ``memory_step_time``: step time of each memory setting against the 8-bit moments' step
 * ``soap``: SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share
+* ``soap_state``: SOAP's state bytes per parameter at GPT-2 small's shapes, per setting
 * ``offload``: device bytes and step time with the optimizer state in host memory
 
 Every section times its variants interleaved (round robin, rotating start) and reports
@@ -48,6 +49,7 @@ from benchmarks.sections import (
     offload,
     scaling,
     soap,
+    soap_state,
     state_bytes,
     steps,
     train_step,
@@ -105,6 +107,9 @@ SECTIONS: dict[str, Section] = {
     "soap": Section(
         soap.run,
         "SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share",
+    ),
+    "soap_state": Section(
+        soap_state.run, "SOAP's state bytes per parameter at GPT-2 small's shapes, per setting"
     ),
     "offload": Section(
         offload.run, "device bytes and step time with the optimizer state in host memory"

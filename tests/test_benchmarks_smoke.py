@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shlex
@@ -294,11 +295,29 @@ def test_lm_study_processes_sharing_an_out_file_keep_each_others_runs(
 def test_soap_section_times_soap_against_adamw_with_the_eigenbasis_share() -> None:
     from benchmarks.sections import soap
 
-    (row,) = soap.measure((8,), repeats=2)
+    (row,) = soap.measure((8,), repeats=2, layers=1)
     assert row["precondition_frequency"] == soap.FREQUENCY and row["repeats"] == 2
     assert row["adamw_ms_per_step"] > 0 and row["soap_ms_per_step"] > 0
     assert row["ratio_vs_adamw"] > 0 and row["eigenbasis_share"] < 1
     assert row["block_soap_ms_per_step"] > 0 and row["block_ratio_vs_adamw"] > 0
+    assert row["block_eigenbasis_share"] < 1
+    # The compressed storages keep less state; the products cover the tree's matrices.
+    assert row["compressed_state_bytes_per_param"] < row["block_state_bytes_per_param"]
+    assert row["compressed_ratio_vs_adamw"] > 0 and row["unrectified_ratio_vs_adamw"] > 0
+    assert row["block_products_ratio_vs_adamw"] > 0
+    assert 0 < row["block_products_params"] < row["num_params"]
+
+
+def test_soap_state_section_shrinks_the_state_with_each_option() -> None:
+    from benchmarks.harness import Settings
+    from benchmarks.sections import soap_state
+
+    rows = soap_state.run(Settings(quick=True))
+    assert [r["setting"] for r in rows] == ["AdamW", *soap_state.SETTINGS]
+    assert 8 <= rows[0]["state_bytes_per_param"] < 8.01  # two floats a param, and a count
+    for column in ("state_bytes_per_param", "both_sides_state_bytes_per_param"):
+        soap = [r[column] for r in rows[1:]]
+        assert all(after < before for before, after in itertools.pairwise(soap)), column
 
 
 def test_lm_race_crossing_is_linear_between_evaluations() -> None:

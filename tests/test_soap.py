@@ -15,6 +15,7 @@ the standard problem, whose factors are full rank or short of it by one. Here:
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import jax
@@ -281,18 +282,52 @@ def test_staggered_refreshes_spread_the_blocks_over_the_window() -> None:
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
+def _linear_algebra_operands(text: str) -> dict[str, set[str]]:
+    """The operand types of each ``eigh`` or QR kernel (a custom call) in a program's text."""
+    found: dict[str, set[str]] = {}
+    for name, types in re.findall(r"custom_call @(\w+)\([^)]*\)[^\n]*?: \(([^)]*)\)", text):
+        if any(kernel in name for kernel in ("geqrf", "orgqr", "syevd", "syevj", "eigh")):
+            found.setdefault(name, set()).add(types.split(", ")[0])
+    return found
+
+
+@pytest.mark.parametrize("stagger_refresh", [False, True])
+def test_blocked_bases_are_computed_one_matrix_at_a_time_on_cpu(stagger_refresh: bool) -> None:
+    """jaxlib 0.10's batched CPU kernels for ``eigh`` and QR share a batch out over XLA:CPU's
+    thread pool and wait for it on a pool thread: as many at once as the pool has threads
+    (groups of 128-blocks on a 2-core machine) deadlocked the step. The CPU program calls
+    them on single matrices; the GPU program keeps them batched."""
+    params = {"a": jnp.ones((16, 24)), "b": jnp.ones((24, 8, 4)), "c": jnp.ones(4)}
+    tx = adam_jax.scale_by_soap(
+        block_size=8, precondition_frequency=2, stagger_refresh=stagger_refresh
+    )
+    state = tx.init(params)
+    on_cpu = _linear_algebra_operands(jax.jit(tx.update).lower(params, state, params).as_text())
+    assert {name.split("_")[1][1:] for name in on_cpu} == {"geqrf", "orgqr", "syevd"}
+    assert all(re.fullmatch(r"tensor<\d+x\d+xf32>", t) for ts in on_cpu.values() for t in ts)
+    exported = jax.export.export(jax.jit(tx.update), platforms=["cuda"])(params, state, params)
+    on_gpu = _linear_algebra_operands(exported.mlir_module())
+    assert any(re.fullmatch(r"tensor<\d+x8x8xf32>", t) for ts in on_gpu.values() for t in ts)
+
+
 def _inner(state: Any) -> Any:
     """SOAP's state, inside ``inject_hyperparams``' or not."""
     return state.inner_state if hasattr(state, "inner_state") else state
 
 
-@pytest.mark.parametrize("value", [0, -3, 2.5, True, "4"])
-def test_bad_block_sizes_are_refused_by_name(value: Any) -> None:
-    with pytest.raises(ValueError, match=r"block_size must be None or an integer >= 1"):
-        adam_jax.soap(1e-2, block_size=value)
+STATIC_COUNTS = [("block_size", 1), ("basis_rectification", 0)]
 
 
-def test_an_injected_block_size_is_refused_with_its_remedy() -> None:
-    tx = optax.inject_hyperparams(adam_jax.soap)(1e-2, block_size=4)
-    with pytest.raises(ValueError, match=r"block_size.*static_args"):
+@pytest.mark.parametrize(("name", "minimum"), STATIC_COUNTS)
+@pytest.mark.parametrize("value", ["below", -3, 2.5, True, "4"])
+def test_bad_static_counts_are_refused_by_name(name: str, minimum: int, value: Any) -> None:
+    value = minimum - 1 if value == "below" else value
+    with pytest.raises(ValueError, match=rf"{name} must be None or an integer >= {minimum}"):
+        adam_jax.soap(1e-2, **{name: value})
+
+
+@pytest.mark.parametrize(("name", "minimum"), STATIC_COUNTS)
+def test_an_injected_static_count_is_refused_with_its_remedy(name: str, minimum: int) -> None:
+    tx = optax.inject_hyperparams(adam_jax.soap)(1e-2, **{name: minimum + 1})
+    with pytest.raises(ValueError, match=rf"{name}.*static_args"):
         tx.init({"w": jnp.ones((8, 8))})

@@ -201,3 +201,18 @@ def test_compressed_storages_under_inject_hyperparams() -> None:
     inner = state.inner_state[0]
     assert inner.gg.dtype == jnp.bfloat16 and inner.q.codes.dtype == jnp.uint8
     assert bool(jnp.isfinite(updates).all())
+
+
+def test_basis_rectification_sets_the_bjorck_iterations() -> None:
+    """``basis_rectification=None`` is the storage's count (two for bfloat16 bases) bit for
+    bit; ``0`` rotates by the decoded bases and one iteration lands between: the update after
+    refreshes (frequency 2, blocks of 32) against two iterations', relative to its size."""
+    options = {"precondition_frequency": 2, "block_size": 32, "basis_dtype": jnp.bfloat16}
+    updates = {
+        k: _run(adam_jax.soap(3e-3, **options, basis_rectification=k), _params())[0]["w"]
+        for k in (None, 0, 1, 2)
+    }
+    np.testing.assert_array_equal(updates[None], updates[2])
+    size = float(jnp.abs(updates[2]).max())
+    gap = {k: float(jnp.abs(updates[k] - updates[2]).max()) / size for k in (0, 1)}
+    assert 0 < gap[1] < gap[0] < 5e-2

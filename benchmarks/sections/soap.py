@@ -12,7 +12,18 @@ matrix cut into blocks of at most 128 x 128, each its own SOAP: no factor wider 
 timed in the same rounds (interleaved). ``ratio_vs_adamw`` is the median over rounds of SOAP's
 cycle time over AdamW's (``block_ratio_vs_adamw`` alike for the blocked SOAP);
 ``eigenbasis_share``, the median of 1 - (never refreshing) / (refreshing): the share of SOAP's
-time that the refreshes take.
+time that the refreshes take (``block_eigenbasis_share`` alike for the blocked SOAP, against
+one that never refreshes either).
+
+More runners, in the same rounds: ``compressed_*``, SOAP at ``block_size=BLOCK_SIZE`` with
+the compressed storages that fit GPT-2 small's state in 12 bytes a parameter (bfloat16 factors
+and bases, whose decoded bases are rectified at every step, and 8-bit moments); and
+``block_products_*``, the six products alone that blocked SOAP computes per block at every
+step (two factor updates, two rotations into the eigenbasis and two back), as batched
+``dot_general``s over the tree's matrices cut into blocks of at most ``BLOCK_SIZE`` (what
+those products cost on this machine, timed apart from the rest of the step).
+``unrectified_*`` is the compressed SOAP with ``basis_rectification=0`` (its bases used as
+decoded: no Björck products).
 """
 
 from __future__ import annotations
@@ -29,11 +40,19 @@ from benchmarks.harness import LR, Row, Runner, Settings, copy_tree, interleaved
 from benchmarks.models import transformer_params
 
 FREQUENCY = 10
+LAYERS = 4
 BLOCK_SIZE = 128
 NEVER = 2**30  # a precondition_frequency no run reaches: the bases of the first step stay
 WIDTHS = (64, 256)
 QUICK_WIDTHS = (16,)
 REPEATS = 10
+#: Blocks and the storages that keep GPT-2 small's SOAP state under 12 bytes a parameter.
+COMPRESSED: dict[str, Any] = {
+    "block_size": BLOCK_SIZE,
+    "factor_dtype": jnp.bfloat16,
+    "basis_dtype": jnp.bfloat16,
+    **adam_jax.eight_bit_moments(),
+}
 
 
 def cycle(tx: optax.GradientTransformation) -> Any:
@@ -50,10 +69,46 @@ def cycle(tx: optax.GradientTransformation) -> Any:
     return steps
 
 
-def measure(widths: tuple[int, ...], repeats: int) -> list[Row]:
+def matrix_blocks(params: Any) -> dict[tuple[int, int], jax.Array]:
+    """The tree's matrices cut into blocks of at most ``BLOCK_SIZE`` a side, batched by shape
+    (matrices that the size does not divide are left out)."""
+    batches: dict[tuple[int, int], list[jax.Array]] = {}
+    for p in jax.tree.leaves(params):
+        if p.ndim != 2:
+            continue
+        (r, c), (br, bc) = p.shape, (min(BLOCK_SIZE, p.shape[0]), min(BLOCK_SIZE, p.shape[1]))
+        if r % br or c % bc:
+            continue
+        cut = p.reshape(r // br, br, c // bc, bc).transpose(0, 2, 1, 3).reshape(-1, br, bc)
+        batches.setdefault((br, bc), []).append(cut)
+    return {shape: jnp.concatenate(parts) for shape, parts in batches.items()}
+
+
+def block_products(blocks: Any, _: Any, bases: Any) -> tuple[Any, Any]:
+    """``FREQUENCY`` times, per batch of blocks ``G`` (bases ``L``, ``R``): the factor products
+    ``G G^T`` and ``G^T G``, and ``L^T G R`` rotated back by ``L . R^T``."""
+
+    def batched(a: jax.Array, b: jax.Array, ca: int, cb: int) -> jax.Array:
+        return jax.lax.dot_general(a, b, (((ca,), (cb,)), ((0,), (0,))))
+
+    def body(_: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+        blocks, bases = carry
+        new_blocks, new_bases = {}, {}
+        for shape, g in blocks.items():
+            left, right = bases[shape]
+            rotated = batched(batched(g, left, 1, 1), right, 1, 1)
+            back = batched(batched(rotated, left, 1, 2), right, 1, 2)
+            new_blocks[shape] = back
+            new_bases[shape] = (batched(g, g, 2, 2), batched(g, g, 1, 1))
+        return new_blocks, new_bases
+
+    return jax.lax.fori_loop(0, FREQUENCY, body, (blocks, bases))
+
+
+def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list[Row]:
     rows = []
     for d in widths:
-        params = transformer_params(jax.random.key(0), layers=4, d=d, ff=4 * d, seq=64)
+        params = transformer_params(jax.random.key(0), layers=layers, d=d, ff=4 * d, seq=64)
         grads = jax.tree.map(lambda p: jnp.cos(3.0 * p) * 1e-2, params)
         num_params = sum(p.size for p in jax.tree.leaves(params))
         candidates = {
@@ -63,13 +118,34 @@ def measure(widths: tuple[int, ...], repeats: int) -> list[Row]:
             f"soap, block_size={BLOCK_SIZE}": adam_jax.soap(
                 LR, precondition_frequency=FREQUENCY, block_size=BLOCK_SIZE
             ),
+            f"soap, block_size={BLOCK_SIZE}, never refreshing": adam_jax.soap(
+                LR, precondition_frequency=NEVER, block_size=BLOCK_SIZE
+            ),
+            f"soap, block_size={BLOCK_SIZE}, compressed": adam_jax.soap(
+                LR, precondition_frequency=FREQUENCY, **COMPRESSED
+            ),
+            f"soap, block_size={BLOCK_SIZE}, compressed, basis_rectification=0": adam_jax.soap(
+                LR, precondition_frequency=FREQUENCY, basis_rectification=0, **COMPRESSED
+            ),
         }
         runners = {
             name: Runner(name, cycle(tx), copy_tree(params), grads, tx.init(params))
             for name, tx in candidates.items()
         }
+        blocks = matrix_blocks(params)
+        bases = {
+            (r, c): (jnp.tile(jnp.eye(r), (len(b), 1, 1)), jnp.tile(jnp.eye(c), (len(b), 1, 1)))
+            for (r, c), b in blocks.items()
+        }
+        runners["block products"] = Runner("block products", block_products, blocks, None, bases)
         interleaved(list(runners.values()), repeats)
-        adamw, soap, never, blocked = runners.values()
+        adamw, soap, never, blocked, blocked_never, compressed, unrectified, products = (
+            runners.values()
+        )
+        state_bytes = {
+            name: sum(x.nbytes for x in jax.tree.leaves(runners[name].state)) / num_params
+            for name in candidates
+        }
         row = {
             "tree": f"transformer-like, d = {d}",
             "num_params": num_params,
@@ -87,6 +163,24 @@ def measure(widths: tuple[int, ...], repeats: int) -> list[Row]:
             "block_ratio_vs_adamw": statistics.median(
                 b / a for b, a in zip(blocked.times, adamw.times, strict=True)
             ),
+            "block_eigenbasis_share": statistics.median(
+                1 - n / b for n, b in zip(blocked_never.times, blocked.times, strict=True)
+            ),
+            "block_state_bytes_per_param": state_bytes[blocked.name],
+            "compressed_soap_ms_per_step": 1e3 * compressed.median / FREQUENCY,
+            "compressed_ratio_vs_adamw": statistics.median(
+                c / a for c, a in zip(compressed.times, adamw.times, strict=True)
+            ),
+            "compressed_state_bytes_per_param": state_bytes[compressed.name],
+            "unrectified_soap_ms_per_step": 1e3 * unrectified.median / FREQUENCY,
+            "unrectified_ratio_vs_adamw": statistics.median(
+                u / a for u, a in zip(unrectified.times, adamw.times, strict=True)
+            ),
+            "block_products_ms_per_step": 1e3 * products.median / FREQUENCY,
+            "block_products_ratio_vs_adamw": statistics.median(
+                p / a for p, a in zip(products.times, adamw.times, strict=True)
+            ),
+            "block_products_params": sum(b.size for b in blocks.values()),
             "repeats": repeats,
         }
         rows.append(row)
@@ -94,7 +188,15 @@ def measure(widths: tuple[int, ...], repeats: int) -> list[Row]:
             f"  d = {d:4d} ({num_params} params): adamw {row['adamw_ms_per_step']:.2f} ms, "
             f"soap {row['soap_ms_per_step']:.2f} ms (x{row['ratio_vs_adamw']:.2f}), "
             f"eigenbasis updates {100 * row['eigenbasis_share']:.0f}%; block_size={BLOCK_SIZE} "
-            f"{row['block_soap_ms_per_step']:.2f} ms (x{row['block_ratio_vs_adamw']:.2f})",
+            f"{row['block_soap_ms_per_step']:.2f} ms (x{row['block_ratio_vs_adamw']:.2f}, "
+            f"refreshes {100 * row['block_eigenbasis_share']:.0f}%), "
+            f"compressed {row['compressed_soap_ms_per_step']:.2f} ms "
+            f"(x{row['compressed_ratio_vs_adamw']:.2f}, "
+            f"{row['compressed_state_bytes_per_param']:.2f} B/param), without rectification "
+            f"{row['unrectified_soap_ms_per_step']:.2f} ms "
+            f"(x{row['unrectified_ratio_vs_adamw']:.2f}); the products alone "
+            f"{row['block_products_ms_per_step']:.2f} ms "
+            f"(x{row['block_products_ratio_vs_adamw']:.2f})",
             flush=True,
         )
         for runner in runners.values():
