@@ -11,6 +11,7 @@ preconditioned (``max_precond_dim=60000``). AdamW's 8 bytes for scale.
 
 from __future__ import annotations
 
+import itertools
 from typing import Any
 
 import jax
@@ -22,29 +23,19 @@ from benchmarks.sections.offload import gpt2_small, transformer_like
 
 BOTH_SIDES = 60000  # above GPT-2's vocabulary: every dimension of every matrix preconditioned
 
-#: name -> SOAP's options, each setting the one before plus one option.
-SETTINGS: dict[str, dict[str, Any]] = {
+#: Each setting's one option, added to those of the settings before it.
+STEPS: dict[str, dict[str, Any]] = {
     "float32": {},
     "block_size=128": {"block_size": 128},
-    "+ bfloat16 factors": {"block_size": 128, "factor_dtype": jnp.bfloat16},
-    "+ 8-bit mu and nu": {
-        "block_size": 128,
-        "factor_dtype": jnp.bfloat16,
-        **adam_jax.eight_bit_moments(),
-    },
-    "+ bfloat16 bases": {
-        "block_size": 128,
-        "factor_dtype": jnp.bfloat16,
-        "basis_dtype": jnp.bfloat16,
-        **adam_jax.eight_bit_moments(),
-    },
-    "+ 8-bit bases instead": {
-        "block_size": 128,
-        "factor_dtype": jnp.bfloat16,
-        "basis_dtype": adam_jax.quantization.BlockwiseQuantized(),
-        **adam_jax.eight_bit_moments(),
-    },
+    "+ bfloat16 factors": {"factor_dtype": jnp.bfloat16},
+    "+ 8-bit mu and nu": adam_jax.eight_bit_moments(),
+    "+ bfloat16 bases": {"basis_dtype": jnp.bfloat16},
+    "+ 8-bit bases instead": {"basis_dtype": adam_jax.quantization.BlockwiseQuantized()},
 }
+#: name -> SOAP's options.
+SETTINGS: dict[str, dict[str, Any]] = dict(
+    zip(STEPS, itertools.accumulate(STEPS.values(), lambda a, b: {**a, **b}), strict=True)
+)
 
 
 def bytes_per_param(tx: Any, params: Any) -> float:

@@ -534,8 +534,7 @@ class _LeafBlocks:
 
     def parts(self, flat: jax.Array) -> list[list[jax.Array | None]]:
         """Each group's matrices (:func:`_unpack_group`) from the leaf's state vector."""
-        bounds = itertools.accumulate((g.n * g.stride for g in self.groups), initial=0)
-        edges = list(bounds)
+        edges = list(itertools.accumulate((g.n * g.stride for g in self.groups), initial=0))
         return [
             _unpack_group(flat[a:b], group)
             for group, a, b in zip(self.groups, edges[:-1], edges[1:], strict=True)
@@ -557,12 +556,6 @@ def _check_shampoo_beta(name: str, value: Any) -> None:
     number = validation.static_float(value)
     if number is not None and not (number < 1.0 and math.isfinite(number)):
         raise ValueError(f"{name} must be in [0, 1), or negative for b2, got {value!r}")
-
-
-def _check_max_precond_dim(name: str, value: Any) -> None:
-    """None, or a Python integer >= 1 (it fixes the factors' shapes: no array, no float)."""
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 def _static_count(minimum: int) -> Any:
@@ -613,7 +606,7 @@ class SoapRule(MomentRule):
         "is the authors' 10000. ``None`` rather than a number because "
         "``optax.inject_hyperparams`` would inject a number as an array, and this fixes "
         'shapes: pass ``static_args=("max_precond_dim",)`` to set it there.',
-        _check_max_precond_dim,
+        _static_count(1),
     )
     block_size: int | None = hyperparams.hyperparam(
         None,
