@@ -14,7 +14,7 @@ from adam_jax._src.flat import FlatParams
 from adam_jax._src.kahan import KahanSummationState, kahan_summation
 from adam_jax._src.learning_rate import scale_by_learning_rate
 from adam_jax._src.loss_spikes import SkipLossSpikesState, skip_loss_spikes
-from adam_jax._src.memory import state_bytes
+from adam_jax._src.memory import device_state_bytes, state_bytes
 from adam_jax._src.moments import ScaleByAdamState, ScaleByAmsgradState
 from adam_jax._src.moving_average import moving_average_terms
 from adam_jax._src.offload import offload_state
@@ -138,6 +138,7 @@ __all__ = [
     "cautious_adamw",
     "cautious_weight_decay",
     "clip_update_rms",
+    "device_state_bytes",
     "eight_bit_moments",
     "factored_second_moment",
     "flat",

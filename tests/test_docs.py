@@ -241,14 +241,15 @@ def test_page_code_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
 
 def test_zero1_example_runs_as_written() -> None:
     """The ZeRO-1 example of docs/sharding.md, alone in a fresh interpreter (it sets up the 8
-    CPU devices itself, before jax starts): each device keeps 1/8 of a moment."""
-    (code,) = _python_blocks(DOCS / "sharding.md")
+    CPU devices itself, before jax starts): each device keeps 1/8 of a moment, and of SOAP's
+    factors and bases with ``block_axis``."""
+    code = "\n".join(_python_blocks(DOCS / "sharding.md"))
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout == "(64, 16) stored as (8, 16) per device\n"
+    assert result.stdout == "(64, 16) stored as (8, 16) per device\n8 devices share them\n"
 
 
 # -- docstring conventions -------------------------------------------------------------------

@@ -24,3 +24,25 @@ def state_bytes(state: Any) -> int:
             if hasattr(x, "dtype")
         )
     )
+
+
+def device_state_bytes(state: Any) -> int:
+    """The most bytes of an optimizer state's arrays (or any pytree's) that one device of this
+    process holds: the memory a sharded state (ZeRO-1, SOAP's ``block_axis``) costs a device.
+    Leaves that are not ``jax.Array`` s count whole on every device.
+
+    Example:
+      >>> import adam_jax, jax.numpy as jnp
+      >>> state = adam_jax.adam(1e-3).init(jnp.zeros(2**16))
+      >>> print(adam_jax.device_state_bytes(state) == adam_jax.state_bytes(state))  # one device
+      True
+    """
+    held: dict[Any, int] = {}
+    whole = 0
+    for leaf in jax.tree.leaves(state):
+        if isinstance(leaf, jax.Array):
+            for shard in leaf.addressable_shards:
+                held[shard.device] = held.get(shard.device, 0) + shard.data.nbytes
+        elif hasattr(leaf, "dtype"):
+            whole += int(np.prod(leaf.shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+    return max(held.values(), default=0) + whole

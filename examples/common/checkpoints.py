@@ -177,7 +177,7 @@ class Checkpoints:
             return False
         run = dict(run, digest=digest(tree))
         args = ocp.args.Composite(
-            **{STATE: ocp.args.StandardSave(tree), RUN: ocp.args.JsonSave(run)}
+            **{STATE: ocp.args.StandardSave(_without_empty(tree)), RUN: ocp.args.JsonSave(run)}
         )
         # Also those of a failed write whose other items were still being written when it
         # was cleaned up (orbax writes the items in parallel).
@@ -280,23 +280,28 @@ class Checkpoints:
             raise _Damaged(f"its array metadata cannot be read: {_one_line(err)}") from err
         if stored is None:
             raise _Damaged("its array metadata is missing")
-        if mismatch := _structure_mismatch(stored.tree, target):
+        if mismatch := _structure_mismatch(stored.tree, _without_empty(target)):
             raise _Damaged(mismatch)
         return run
 
     def _read_arrays(self, step: int, target: Any) -> Any:
         """The arrays of checkpoint ``step``, laid out as ``target``'s whatever the layout
         they were written from (each process reads the parts that its devices hold)."""
-        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty(target))
         try:
             with _quiet_abandoned_reads():
-                return self.manager.restore(
+                restored = self.manager.restore(
                     step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(abstract)})
                 )[STATE]
         except Exception as err:
             if not _is_restore_error(err):
                 raise
             raise _Damaged(f"its arrays cannot be read: {_one_line(err)}") from err
+        leaves, treedef = jax.tree.flatten(target)
+        read = treedef.flatten_up_to(restored)
+        return treedef.unflatten(
+            [t if t.size == 0 else r for t, r in zip(leaves, read, strict=True)]
+        )
 
     def _move_aside(self, step: int) -> Path:
         """Moves checkpoint ``step`` into ``damaged_checkpoints/`` (in the first process; the
@@ -339,6 +344,12 @@ def _one_line(err: BaseException) -> str:
         err = err.__cause__  # Orbax wraps TensorStore's error, which says what is wrong.
     text = " ".join(str(err).split())
     return f"{type(err).__name__}: {text[:200]}{'...' if len(text) > 200 else ''}"
+
+
+def _without_empty(tree: Any) -> Any:
+    """``tree`` with None for its arrays of no values (SOAP's factors of a leaf that has
+    none), which orbax refuses to write; a restore takes them from its target."""
+    return jax.tree.map(lambda x: None if x.size == 0 else x, tree)
 
 
 def _path_name(path: tuple[Any, ...]) -> str:

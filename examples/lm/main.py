@@ -214,6 +214,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import jax
     from rich.console import Console
 
+    import adam_jax
     from examples.common.errors import Interrupted, TrainingError
     from examples.lm import data, loop, plots
     from examples.lm.train import ConfigError, Trainer, make_mesh
@@ -269,8 +270,12 @@ def main(argv: Sequence[str] | None = None) -> None:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             raise SystemExit(error.exit_status) from error
     state_bytes = loop.state_bytes_per_param(trainer)
+    fullest = adam_jax.device_state_bytes(trainer.opt_state) / trainer.param_count
     where = "in host memory, off the device between steps" if config.offload_state else ""
-    console.print(f"optimizer state: {state_bytes:.2f} bytes per parameter {where}".strip())
+    console.print(
+        f"optimizer state: {state_bytes:.2f} bytes per parameter, {fullest:.2f} on the "
+        f"fullest device {where}".strip()
+    )
     if args.workdir is not None and primary:
         path = args.workdir / "curves.png"
         plots.curves_figure(records, config, state_bytes).savefig(path, dpi=100)

@@ -153,6 +153,23 @@ class SoapLayout:
     merge_dims: bool
     precondition_1d: bool
     block_size: int | None = None
+    block_axis: str | None = None
+
+    @property
+    def devices(self) -> int:
+        """The size of ``block_axis`` on the mesh set by ``jax.set_mesh`` (1 without it)."""
+        if self.block_axis is None:
+            return 1
+        return _axis_size(self.block_axis)
+
+    def placement(self, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+        """The devices a leaf's blocks are spread over (1: kept whole), and per group the
+        blocks each device owns (its slots): ``ceil(n / devices)``, the last devices' last
+        slots empty where ``devices`` does not divide ``n``. A leaf of one block is kept
+        whole on every device."""
+        groups = self.groups(shape)
+        devices = self.devices if sum(g.n for g in groups) > 1 else 1
+        return devices, tuple(-(-g.n // devices) for g in groups)
 
     def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape the leaf is preconditioned in (merged for ``merge_dims``, tensors of two
@@ -201,8 +218,10 @@ class SoapLayout:
         return self.num_blocks(shape) if has_factor else 0
 
     def size(self, shape: tuple[int, ...]) -> int:
-        """The number of values of the leaf's flattened factors."""
-        return sum(g.n * g.stride for g in self.groups(shape))
+        """The number of values of the leaf's flattened factors (with the empty slots of
+        :meth:`placement`)."""
+        devices, slots = self.placement(shape)
+        return devices * sum(s * g.stride for s, g in zip(slots, self.groups(shape), strict=True))
 
     def blocks(self, shape: tuple[int, ...]) -> list[tuple[slice, ...]]:
         """Each block's place in the working shape, in the order of the state.
@@ -227,11 +246,18 @@ class SoapLayout:
     def unpack_blocks(self, flat: Any, shape: tuple[int, ...]) -> list[list[Any]]:
         """Per block (in the order of :meth:`blocks`), its factors (or eigenbases) from the
         state's flattened ``gg`` (or ``q``) of a leaf of ``shape``: per dimension of
-        :meth:`shape`, a matrix, or None."""
+        :meth:`shape`, a matrix, or None. Spread over devices (:meth:`placement`), the vector
+        is each device's part in turn, the groups' slots in each, block ``k`` of a group in
+        slot ``k % slots`` of device ``k // slots``."""
+        groups = self.groups(shape)
+        _, slots = self.placement(shape)
+        sizes = [s * g.stride for s, g in zip(slots, groups, strict=True)]
+        part, offsets = sum(sizes), itertools.accumulate(sizes, initial=0)
         out: list[list[Any]] = []
-        start = 0
-        for g in self.groups(shape):
-            for _ in range(g.n):
+        for g, s, offset in zip(groups, slots, offsets, strict=False):
+            for k in range(g.n):
+                device, slot = divmod(k, s)
+                start = device * part + offset + slot * g.stride
                 block: list[Any] = []
                 for d in g.factors:
                     if d is None:
@@ -282,10 +308,22 @@ class FactorStorage(MomentStorage):
         return None if isinstance(stored, jax.Array) and stored.size == 0 else self.storage
 
     def init(self, param: Any) -> Any:
-        size = self.layout.size(tuple(param.shape))
+        shape = tuple(param.shape)
+        size = self.layout.size(shape)
         if self.storage is not None and size > 0:
-            return self.storage.init(self.vector(param))
-        return jnp.zeros((size,), compute_dtype(param.dtype), device=replicated_placement(param))
+            stored = self.storage.init(self.vector(param))
+        else:
+            placement = replicated_placement(param)
+            stored = jnp.zeros((size,), compute_dtype(param.dtype), device=placement)
+        devices, _ = self.layout.placement(shape)
+        if devices == 1 or self.layout.block_axis is None:
+            return stored
+        # Each device's part of the vector (its blocks) on it; the stored form's other leaves
+        # (the 8-bit scales) likewise where they split evenly.
+        axis = self.layout.block_axis
+        return jax.tree.map(
+            lambda x: _spread(x, axis) if x.ndim and x.shape[0] % devices == 0 else x, stored
+        )
 
     def load(self, stored: Any) -> jax.Array:
         inner = self._inner(stored)
@@ -474,17 +512,17 @@ def _refresh_blocks(
     return stored, _rotate_blocks(original, used, back=False), nu
 
 
-def _unpack_group(flat: jax.Array, group: BlockGroup) -> list[jax.Array | None]:
-    """A group's factors (or bases) from its part ``(n * stride,)`` of a leaf's state: per
-    dimension, ``(n, d, d)`` or None."""
-    rows = flat.reshape(group.n, group.stride)
+def _unpack_group(flat: jax.Array, group: BlockGroup, n: int) -> list[jax.Array | None]:
+    """``n`` blocks' factors (or bases) of a group from their part ``(n * stride,)`` of a
+    leaf's state: per dimension, ``(n, d, d)`` or None."""
+    rows = flat.reshape(n, group.stride)
     out: list[jax.Array | None] = []
     start = 0
     for d in group.factors:
         if d is None:
             out.append(None)
         else:
-            out.append(rows[:, start : start + d * d].reshape(group.n, d, d))
+            out.append(rows[:, start : start + d * d].reshape(n, d, d))
             start += d * d
     return out
 
@@ -512,33 +550,95 @@ def _assemble(groups: tuple[BlockGroup, ...], parts: list[jax.Array]) -> jax.Arr
     return arrays[0]
 
 
+def _axis_size(axis: str) -> int:
+    """The size of mesh axis ``axis`` of the mesh set by ``jax.set_mesh``."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if axis not in mesh.axis_names:
+        raise ValueError(
+            f"block_axis {axis!r} must be an axis of the mesh set by jax.set_mesh(mesh) "
+            f"around init and update, got a mesh with axes {mesh.axis_names}"
+        )
+    return mesh.shape[axis]
+
+
+def _spread(x: jax.Array, axis: str) -> jax.Array:
+    """``x`` with its first dimension split over mesh ``axis`` (of the mesh set by
+    ``jax.set_mesh``): in its type on an Explicit axis, constrained so on an Auto one, moved
+    so eagerly."""
+    spec = PartitionSpec(axis)
+    if not isinstance(x, jax.core.Tracer):
+        return jax.device_put(x, NamedSharding(jax.sharding.get_mesh(), spec))
+    mesh = jax.sharding.get_abstract_mesh()
+    sharding = NamedSharding(mesh, spec)
+    if mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit:
+        return reshard(x, sharding)
+    return jax.lax.with_sharding_constraint(x, sharding)
+
+
 @dataclasses.dataclass(frozen=True)
 class _LeafBlocks:
     """A leaf's groups of blocks: the moves between the leaf (``shape``, viewed in its
     ``working`` shape) and its groups' batches of blocks, and its state's vector of factors
-    or bases cut by group."""
+    or bases cut by group. Spread over mesh ``axis`` (:meth:`SoapLayout.placement`), each
+    group's batch has ``devices * slots`` blocks (the last empty ones zeros), split over the
+    axis, and :meth:`blockwise` computes each device's own blocks on that device."""
 
     groups: tuple[BlockGroup, ...]
     working: tuple[int, ...]
     shape: tuple[int, ...]
+    slots: tuple[int, ...]
+    axis: str | None = None
+    devices: int = 1
 
     def split(self, x: jax.Array) -> list[jax.Array]:
         """Each group's blocks of ``x`` (in the leaf's or the working shape)."""
         xw = x.reshape(self.working)
-        return [group.split(xw) for group in self.groups]
+        batches = [group.split(xw) for group in self.groups]
+        if self.axis is None:
+            return batches
+        return [
+            _spread(
+                jnp.pad(_whole(b), [(0, self.devices * s - b.shape[0])] + [(0, 0)] * (b.ndim - 1)),
+                self.axis,
+            )
+            for b, s in zip(batches, self.slots, strict=True)
+        ]
 
     def merge(self, blocks: list[jax.Array]) -> jax.Array:
         """The inverse of :meth:`split`, in the leaf's shape."""
+        if self.axis is not None:
+            # Gathered before the leaf's moves, which the partitioner cannot split by blocks.
+            blocks = [
+                _whole(replicated(b))[: g.n] for g, b in zip(self.groups, blocks, strict=True)
+            ]
         parts = [group.merge(b) for group, b in zip(self.groups, blocks, strict=True)]
         return _assemble(self.groups, parts).reshape(self.shape)
 
     def parts(self, flat: jax.Array) -> list[list[jax.Array | None]]:
-        """Each group's matrices (:func:`_unpack_group`) from the leaf's state vector."""
-        edges = list(itertools.accumulate((g.n * g.stride for g in self.groups), initial=0))
+        """Each group's matrices (:func:`_unpack_group`) from the leaf's state vector (one
+        device's part of it, inside :meth:`blockwise`)."""
+        sizes = (s * g.stride for s, g in zip(self.slots, self.groups, strict=True))
+        edges = list(itertools.accumulate(sizes, initial=0))
         return [
-            _unpack_group(flat[a:b], group)
-            for group, a, b in zip(self.groups, edges[:-1], edges[1:], strict=True)
+            _unpack_group(flat[a:b], group, s)
+            for group, s, a, b in zip(self.groups, self.slots, edges[:-1], edges[1:], strict=True)
         ]
+
+    def blockwise(self, fn: Any, *args: Any, shared: tuple[Any, ...] = ()) -> Any:
+        """``fn(*args, *shared)``, ``args`` arrays whose first dimension runs over the blocks
+        (the groups' batches, the state's vectors), ``shared`` the same on every device;
+        spread, each device's blocks on it alone (``jax.shard_map`` over the axis), so that
+        no device holds or computes another's."""
+        axis = self.axis
+        if axis is None:
+            return fn(*args, *shared)
+        args = jax.tree.map(lambda x: _spread(x, axis), args)
+        specs = jax.tree.map(lambda _: PartitionSpec(axis), args)
+        shared = jax.tree.map(replicated, shared)
+        whole = jax.tree.map(lambda _: PartitionSpec(), shared)
+        return jax.shard_map(fn, in_specs=(*specs, *whole), out_specs=PartitionSpec(axis))(
+            *args, *shared
+        )
 
 
 class SoapScalars(NamedTuple):
@@ -556,6 +656,11 @@ def _check_shampoo_beta(name: str, value: Any) -> None:
     number = validation.static_float(value)
     if number is not None and not (number < 1.0 and math.isfinite(number)):
         raise ValueError(f"{name} must be in [0, 1), or negative for b2, got {value!r}")
+
+
+def _check_axis_name(name: str, value: Any) -> None:
+    if value is not None and not (isinstance(value, str) and value):
+        raise ValueError(f"{name} must be None or the name of a mesh axis, got {value!r}")
 
 
 def _static_count(minimum: int) -> Any:
@@ -617,6 +722,15 @@ class SoapRule(MomentRule):
         '``static_args=("block_size",)`` to ``optax.inject_hyperparams``.',
         _static_count(1),
     )
+    block_axis: str | None = hyperparams.hyperparam(
+        None,
+        "the name of a mesh axis (of the mesh set by ``jax.set_mesh`` around ``init`` and "
+        "``update``) to spread each leaf's blocks over: a device keeps, accumulates, rotates "
+        "by and refreshes the factors and bases of its own blocks only (``ceil(n / devices)`` "
+        "of a leaf's ``n``); ``None``: every device all of them. Needs ``block_size``; not "
+        "with ``stagger_refresh``.",
+        _check_axis_name,
+    )
     merge_dims: bool = hyperparams.hyperparam(
         False,
         "merge consecutive dimensions of tensors of two or more dimensions while their product "
@@ -670,6 +784,19 @@ class SoapRule(MomentRule):
 
     state_type = ScaleBySoapState
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.block_axis is not None and self.block_size is None:
+            raise ValueError(
+                f"block_axis={self.block_axis!r} spreads a leaf's blocks over devices: give "
+                "block_size too (an integer >= 1)"
+            )
+        if self.block_axis is not None and self.stagger_refresh:
+            raise ValueError(
+                "stagger_refresh cannot be combined with block_axis: give one of them "
+                "(block_axis already splits each refresh over the devices)"
+            )
+
     @property
     def layout(self) -> SoapLayout:
         dim = _MAX_PRECOND_DIM if self.max_precond_dim is None else self.max_precond_dim
@@ -678,6 +805,7 @@ class SoapRule(MomentRule):
             merge_dims=self.merge_dims,
             precondition_1d=self.precondition_1d,
             block_size=self.block_size,
+            block_axis=self.block_axis,
         )
 
     def with_leaf_starts(self, updates: Any) -> SoapRule:
@@ -857,41 +985,57 @@ class SoapRule(MomentRule):
         groups: tuple[BlockGroup, ...],
     ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """:meth:`update` of a leaf cut into several blocks: each group of blocks of one shape
-        as a batch (its factors and bases ``(n, d, d)``), the moments elementwise."""
+        as a batch (its factors and bases ``(n, d, d)``), the moments elementwise; spread over
+        ``block_axis``, the blocks' products and refreshes each on its own device, the
+        moments in the leaf's shape (rotated there, their blocks gathered)."""
         shape = g.shape
-        blocks = _LeafBlocks(groups, self.layout.shape(shape), shape)
+        devices, slots = self.layout.placement(shape)
+        axis = self.block_axis if devices > 1 else None
+        blocks = _LeafBlocks(groups, self.layout.shape(shape), shape, slots, axis, devices)
         d = scalars.adam
         gw = replicated(g).reshape(blocks.working)
         mu, nu = replicated(moments["mu"]), replicated(moments["nu"])
-        gg, q = replicated(moments["gg"]), replicated(moments["q"])
+        gg, q = moments["gg"], moments["q"]
+        if axis is None:
+            gg, q = replicated(gg), replicated(q)
         grads = blocks.split(_whole(gw))
-        factors = [
-            [
-                None if f is None else moving_average(f, _outer_blocks(x, i), scalars.wg)
-                for i, f in enumerate(old)
+
+        def accumulate(grads: list[jax.Array], gg: jax.Array, wg: jax.Array) -> jax.Array:
+            factors = [
+                [
+                    None if f is None else moving_average(f, _outer_blocks(x, i), wg)
+                    for i, f in enumerate(old)
+                ]
+                for x, old in zip(grads, blocks.parts(gg), strict=True)
             ]
-            for x, old in zip(grads, blocks.parts(gg), strict=True)
-        ]
+            return _pack_groups(factors, gg)
+
+        factors = blocks.blockwise(accumulate, grads, gg, shared=(scalars.wg,))
+
+        def eigenbases(factors: jax.Array, q: jax.Array) -> jax.Array:
+            bases = [
+                [None if f is None else _eigenbasis(f) for f in fs] for fs in blocks.parts(factors)
+            ]
+            return _pack_groups(bases, q)
+
+        def project(grads: list[jax.Array], bases_flat: jax.Array) -> Any:
+            bases = [self._decoded(b) for b in blocks.parts(bases_flat)]
+            rotated = [_rotate_blocks(x, b, back=False) for x, b in zip(grads, bases, strict=True)]
+            return rotated, bases
+
+        def project_back(directions: list[jax.Array], bases: Any) -> list[jax.Array]:
+            return [_rotate_blocks(x, b, back=True) for x, b in zip(directions, bases, strict=True)]
 
         def initialize(operands: Any) -> Any:
-            mu, nu, _ = operands
-            bases = [[None if f is None else _eigenbasis(f) for f in fs] for fs in factors]
+            mu, nu, q = operands
             mu, nu = (jnp.broadcast_to(m, jnp.broadcast_shapes(m.shape, shape)) for m in (mu, nu))
-            return jnp.zeros(shape, g.dtype), mu, nu, _pack_groups(bases, q)
+            return jnp.zeros(shape, g.dtype), mu, nu, blocks.blockwise(eigenbases, factors, q)
 
         def adam_step(operands: Any) -> Any:
             mu, nu, bases_flat = operands
-            bases = [self._decoded(b) for b in blocks.parts(bases_flat)]
-            projected = blocks.merge(
-                [_rotate_blocks(x, b, back=False) for x, b in zip(grads, bases, strict=True)]
-            )
-            mu, nu, direction = self._adam(projected, mu, nu, d, leaf)
-            u = blocks.merge(
-                [
-                    _rotate_blocks(x, b, back=True)
-                    for x, b in zip(blocks.split(direction), bases, strict=True)
-                ]
-            )
+            projected, bases = blocks.blockwise(project, grads, bases_flat)
+            mu, nu, direction = self._adam(blocks.merge(projected), mu, nu, d, leaf)
+            u = blocks.merge(blocks.blockwise(project_back, blocks.split(direction), bases))
             u = self._scaled(u, d)
             mu, nu, bases_flat = self._refresh_groups(
                 factors, mu, nu, bases_flat, scalars, leaf, blocks
@@ -904,12 +1048,12 @@ class SoapRule(MomentRule):
             scalars,
             leaf,
             branch(scalars.count == 0, initialize, adam_step, (mu, nu, q)),
-            _pack_groups(factors, gg),
+            factors,
         )
 
     def _refresh_groups(
         self,
-        factors: list[list[jax.Array | None]],
+        factors: jax.Array,
         mu: jax.Array,
         nu: jax.Array,
         bases_flat: jax.Array,
@@ -940,12 +1084,28 @@ class SoapRule(MomentRule):
         unchanged = self.basis_dtype is None and self._rectifications() == 0
         settle = None if unchanged else self._settle_blocks
 
-        def cut(mu: jax.Array, nu: jax.Array, bases_flat: jax.Array) -> list[Any]:
-            parts = (blocks.parts(bases_flat), blocks.split(mu), blocks.split(nu))
-            return list(zip(factors, *parts, strict=True))
-
         def computed(ops: Any) -> Any:
             return [_refresh_blocks(f, self._decoded(bs), m, v, settle) for f, bs, m, v in ops]
+
+        def refreshed(factors: jax.Array, bases_flat: jax.Array, mus: Any, nus: Any) -> Any:
+            parts = (blocks.parts(factors), blocks.parts(bases_flat), mus, nus)
+            outs = computed(zip(*parts, strict=True))
+            new_flat = _pack_groups([list(bs) for bs, _, _ in outs], bases_flat)
+            return [m for _, m, _ in outs], [v for _, _, v in outs], new_flat
+
+        def all_due(mu: jax.Array, nu: jax.Array, bases_flat: Any) -> Any:
+            mus, nus, new_flat = blocks.blockwise(
+                refreshed, factors, bases_flat, blocks.split(mu), blocks.split(nu)
+            )
+            return blocks.merge(mus), blocks.merge(nus), new_flat
+
+        if not self.stagger_refresh:
+            return branch(scalars.refresh, all_due, lambda *ops: ops, mu, nu, bases_flat)
+
+        # Staggered, the leaf's blocks are whole on every device (block_axis is refused).
+        def cut(mu: jax.Array, nu: jax.Array, bases_flat: jax.Array) -> list[Any]:
+            parts = (blocks.parts(factors), blocks.parts(bases_flat))
+            return list(zip(*parts, blocks.split(mu), blocks.split(nu), strict=True))
 
         def kept(ops: Any) -> Any:
             return [(bs, m, v) for _, bs, m, v in ops]
@@ -957,15 +1117,6 @@ class SoapRule(MomentRule):
                 _pack_groups([list(bs) for bs, _, _ in outs], bases_flat),
             )
 
-        if not self.stagger_refresh:
-            return branch(
-                scalars.refresh,
-                lambda *ops: joined(computed(cut(*ops))),
-                lambda *ops: ops,
-                mu,
-                nu,
-                bases_flat,
-            )
         outs = []
         if frequency is None:
             for gr, first, op in zip(groups, firsts[:-1], cut(mu, nu, bases_flat), strict=True):
@@ -1116,6 +1267,12 @@ def scale_by_soap() -> None:
     takes the RMS of the whole leaf's direction (levanter's SOAP and Distributed Shampoo cut
     matrices alike). Blocks of one shape are batched (one ``eigh``, QR or product per group
     of blocks, not per block).
+
+    With ``block_axis`` (a mesh axis of the mesh set by ``jax.set_mesh``), each leaf's blocks
+    of one shape are dealt out in order over the axis's devices, ``ceil(n / devices)`` each:
+    a device keeps, accumulates, rotates by and refreshes its own blocks' factors and bases
+    only (``jax.shard_map``), and the rotated gradient and the update are gathered into the
+    leaf's shape for Adam's moments; the updates are those of one device.
 
     With ``stagger_refresh``, the blocks that have a factor are numbered across the tree
     (:math:`j = 0, 1, \dots`, leaf after leaf in flattening order, a leaf without blocks one
