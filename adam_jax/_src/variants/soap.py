@@ -316,11 +316,11 @@ class FactorStorage(MomentStorage):
             placement = replicated_placement(param)
             stored = jnp.zeros((size,), compute_dtype(param.dtype), device=placement)
         devices, _ = self.layout.placement(shape)
-        if devices == 1 or self.layout.block_axis is None:
+        if devices == 1:  # no block_axis, or a leaf of one block
             return stored
         # Each device's part of the vector (its blocks) on it; the stored form's other leaves
         # (the 8-bit scales) likewise where they split evenly.
-        axis = self.layout.block_axis
+        axis = str(self.layout.block_axis)
         return jax.tree.map(
             lambda x: _spread(x, axis) if x.ndim and x.shape[0] % devices == 0 else x, stored
         )
