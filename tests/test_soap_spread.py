@@ -25,6 +25,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import optax
 import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
@@ -53,14 +54,26 @@ def _tree(shapes: dict[str, tuple[int, ...]], seed: int) -> dict[str, np.ndarray
 
 
 def _train(
-    shapes: dict[str, tuple[int, ...]], mesh: Any = None, fsdp: bool = False, zero1: bool = False
+    shapes: dict[str, tuple[int, ...]],
+    mesh: Any = None,
+    fsdp: bool = False,
+    zero1: bool = False,
+    traced_frequency: bool = False,
+    **options: Any,
 ) -> tuple[list[dict[str, np.ndarray]], Any, Any]:
-    """STEPS updates of soap on fixed gradients: on one device, or spread over ``mesh``."""
+    """STEPS updates of soap on fixed gradients (``options`` over :data:`OPTIONS`; with
+    ``traced_frequency``, ``precondition_frequency`` injected as an array): on one device, or
+    spread over ``mesh``."""
     params = _tree(shapes, 0)
     grads = [_tree(shapes, 1 + i) for i in range(STEPS)]
     context = contextlib.nullcontext() if mesh is None else jax.set_mesh(mesh)
     with context:
-        tx = adam_jax.soap(1e-2, block_axis=None if mesh is None else "data", **OPTIONS)
+        options = OPTIONS | {"block_axis": None if mesh is None else "data"} | options
+        if traced_frequency:
+            static = tuple(k for k in options if k != "precondition_frequency")
+            tx = optax.inject_hyperparams(adam_jax.soap, static_args=static)(1e-2, **options)
+        else:
+            tx = adam_jax.soap(1e-2, **options)
         if mesh is not None:
             specs = {k: P(None, "data") if fsdp and len(s) == 2 else P() for k, s in shapes.items()}
             params = {
@@ -131,6 +144,21 @@ def test_a_device_holds_and_computes_an_eighth_of_the_blocks() -> None:
     assert compiled.cost_analysis()["flops"] <= single_flops / 6
 
 
+@pytest.mark.parametrize(
+    ("shapes", "traced_frequency"),
+    [(EVEN, False), (UNEVEN, False), (UNEVEN, True)],
+    ids=["even", "uneven", "uneven_traced_frequency"],
+)
+def test_staggered_spread_blocks_refresh_as_on_one_device(
+    shapes: dict, traced_frequency: bool
+) -> None:
+    # Every third step a block's turn: the devices' first blocks fall at different offsets.
+    options = {"stagger_refresh": True, "precondition_frequency": 3}
+    want, _, _ = _train(shapes, traced_frequency=traced_frequency, **options)
+    ours, _, _ = _train(shapes, _mesh("explicit"), traced_frequency=traced_frequency, **options)
+    _assert_close(ours, want)
+
+
 def test_blocks_that_do_not_split_evenly_are_placed() -> None:
     want, _, _ = _train(UNEVEN)
     mesh = _mesh("explicit")
@@ -148,7 +176,6 @@ def test_blocks_that_do_not_split_evenly_are_placed() -> None:
     ("options", "message"),
     [
         ({"block_axis": "data"}, "give block_size too"),
-        ({"block_axis": "data", "block_size": 4, "stagger_refresh": True}, "stagger_refresh"),
         ({"block_axis": "", "block_size": 4}, "block_axis must be None or the name"),
         ({"block_axis": 0, "block_size": 4}, "block_axis must be None or the name"),
     ],

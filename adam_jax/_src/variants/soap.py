@@ -727,8 +727,8 @@ class SoapRule(MomentRule):
         "the name of a mesh axis (of the mesh set by ``jax.set_mesh`` around ``init`` and "
         "``update``) to spread each leaf's blocks over: a device keeps, accumulates, rotates "
         "by and refreshes the factors and bases of its own blocks only (``ceil(n / devices)`` "
-        "of a leaf's ``n``); ``None``: every device all of them. Needs ``block_size``; not "
-        "with ``stagger_refresh``.",
+        "of a leaf's ``n``); ``None``: every device all of them. Needs ``block_size``. With "
+        "``stagger_refresh``, each device refreshes its own blocks at their offsets.",
         _check_axis_name,
     )
     merge_dims: bool = hyperparams.hyperparam(
@@ -790,11 +790,6 @@ class SoapRule(MomentRule):
             raise ValueError(
                 f"block_axis={self.block_axis!r} spreads a leaf's blocks over devices: give "
                 "block_size too (an integer >= 1)"
-            )
-        if self.block_axis is not None and self.stagger_refresh:
-            raise ValueError(
-                "stagger_refresh cannot be combined with block_axis: give one of them "
-                "(block_axis already splits each refresh over the devices)"
             )
 
     @property
@@ -1068,17 +1063,11 @@ class SoapRule(MomentRule):
         rectification.
 
         Without ``stagger_refresh``, one branch for all the leaf's groups (the steps without
-        refresh move nothing between the leaf and its blocks). With it, the
-        blocks of a group due at a step are every ``precondition_frequency``-th from the one
-        whose offset is the step's: gathered (as many every step, ``ceil(n / frequency)``,
-        an index past the group's end dropped), refreshed as a batch and put back, so every
-        step carries the same work and the compiled step one refresh per group; a group of
-        fewer blocks than ``frequency`` has at most one due, refreshed in a branch. With a
-        traced ``precondition_frequency`` (no static count), each group's refresh is
-        computed in a branch taken when any of its blocks is due, and kept for those."""
+        refresh move nothing between the leaf and its blocks). With it, each group's blocks
+        due at the step (:meth:`_refresh_due`; spread, each device's among its own), so every
+        step carries about the same work."""
         groups = blocks.groups
         start = self._leaf_start(leaf)
-        frequency = self._frequency()
         count = scalars.count
         firsts = list(itertools.accumulate((gr.n for gr in groups), initial=0))
         unchanged = self.basis_dtype is None and self._rectifications() == 0
@@ -1102,53 +1091,89 @@ class SoapRule(MomentRule):
         if not self.stagger_refresh:
             return branch(scalars.refresh, all_due, lambda *ops: ops, mu, nu, bases_flat)
 
-        # Staggered, the leaf's blocks are whole on every device (block_axis is refused).
-        def cut(mu: jax.Array, nu: jax.Array, bases_flat: jax.Array) -> list[Any]:
-            parts = (blocks.parts(factors), blocks.parts(bases_flat))
-            return list(zip(*parts, blocks.split(mu), blocks.split(nu), strict=True))
-
-        def kept(ops: Any) -> Any:
-            return [(bs, m, v) for _, bs, m, v in ops]
-
-        def joined(outs: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+        def staggered(
+            factors: jax.Array,
+            bases_flat: jax.Array,
+            mus: Any,
+            nus: Any,
+            count: jax.Array,
+            period: jax.Array,
+        ) -> Any:
+            # Spread, slot k of device i holds block i * slots + k of its group
+            # (SoapLayout.placement): each device picks the due blocks among its own.
+            device = 0 if blocks.axis is None else jax.lax.axis_index(blocks.axis)
+            ops = zip(blocks.parts(factors), blocks.parts(bases_flat), mus, nus, strict=True)
+            outs = []
+            for gr, slots, first, op in zip(groups, blocks.slots, firsts[:-1], ops, strict=True):
+                offset = start + first + device * slots
+                owned = jnp.minimum(slots, gr.n - device * slots)  # the rest: empty slots
+                outs.append(self._refresh_due(op, count, period, offset, slots, owned, computed))
             return (
-                blocks.merge([m for _, m, _ in outs]),
-                blocks.merge([v for _, _, v in outs]),
+                [m for _, m, _ in outs],
+                [v for _, _, v in outs],
                 _pack_groups([list(bs) for bs, _, _ in outs], bases_flat),
             )
 
-        outs = []
+        # The period passed in, not closed over: shard_map refuses a traced one from outside.
+        period = jnp.asarray(self.precondition_frequency)
+        mus, nus, new_flat = blocks.blockwise(
+            staggered,
+            factors,
+            bases_flat,
+            blocks.split(mu),
+            blocks.split(nu),
+            shared=(count, period),
+        )
+        return blocks.merge(mus), blocks.merge(nus), new_flat
+
+    def _refresh_due(
+        self,
+        op: tuple[Any, Any, jax.Array, jax.Array],
+        count: jax.Array,
+        period: jax.Array,
+        offset: Any,
+        slots: int,
+        owned: Any,
+        computed: Any,
+    ) -> tuple[Any, jax.Array, jax.Array]:
+        """The bases and moments of a batch of ``slots`` blocks (factors, bases, mu, nu) after
+        the refresh of those due at ``count`` (every ``period`` steps): block ``k`` (of the
+        first ``owned``, the others empty) at refresh offset ``offset + k``. With a static
+        ``precondition_frequency`` the due ones are gathered (``ceil(slots / frequency)``
+        every step), refreshed as a batch by ``computed`` and put back; a batch of at most
+        one due block is refreshed in a branch; a traced frequency refreshes the batch in a
+        branch taken when any is due."""
+        frequency = self._frequency()
+        kept = (op[1], op[2], op[3])
         if frequency is None:
-            for gr, first, op in zip(groups, firsts[:-1], cut(mu, nu, bases_flat), strict=True):
-                offsets = start + first + jnp.arange(gr.n)
-                due = jnp.remainder(count - offsets, self.precondition_frequency) == 0
-                new, old = branch(jnp.any(due), computed, kept, [op])[0], kept([op])[0]
+            k = jnp.arange(slots)
+            due = (jnp.remainder(count - offset - k, period) == 0) & (k < owned)
+            new = branch(jnp.any(due), computed, lambda ops: [ops[0][1:]], [op])[0]
 
-                def select(a: jax.Array, b: jax.Array, due: jax.Array = due) -> jax.Array:
-                    return jnp.where(due.reshape(-1, *[1] * (a.ndim - 1)), a, b)
+            def select(a: jax.Array, b: jax.Array) -> jax.Array:
+                return jnp.where(due.reshape(-1, *[1] * (a.ndim - 1)), a, b)
 
-                outs.append(jax.tree.map(select, new, old))
+            return jax.tree.map(select, new, kept)
+        m = -(-slots // frequency)
+        # Block k is due when offset + k = count (mod frequency).
+        index = jnp.remainder(count - offset, frequency) + frequency * jnp.arange(m)
+        valid = index < owned
+        clipped = jnp.minimum(index, slots - 1)
+        picked = jax.tree.map(lambda x: x[clipped], op)
+        if m == 1:
+            new = branch(valid[0], computed, lambda ops: [ops[0][1:]], [picked])[0]
         else:
-            for gr, first, op in zip(groups, firsts[:-1], cut(mu, nu, bases_flat), strict=True):
-                n, m = gr.n, -(-gr.n // frequency)
-                # Block k is due when start + first + k = count (mod frequency).
-                index = jnp.remainder(count - start - first, frequency) + frequency * jnp.arange(m)
-                valid = index < n
-                clipped = jnp.minimum(index, n - 1)
-                picked = jax.tree.map(lambda x, i=clipped: x[i], op)
-                if m == 1:
-                    new = branch(valid[0], computed, kept, [picked])[0]
-                else:
-                    new = computed([picked])[0]
-                dropped = jnp.where(valid, index, n)
-                outs.append(
-                    jax.tree.map(
-                        lambda x, y, i=dropped: x.at[i].set(y, mode="drop"),
-                        kept([op])[0],
-                        new,
-                    )
-                )
-        return joined(outs)
+            new = computed([picked])[0]
+        # Put back by selection, not by a scatter that drops the invalid indices: inside
+        # shard_map, XLA:CPU (jaxlib 0.10.2) wrote such a scatter's updates into the blocks of
+        # the devices that had none due.
+        hit = (jnp.arange(slots)[:, None] == index[None, :]) & valid[None, :]
+        source, taken = jnp.argmax(hit, axis=1), hit.any(axis=1)
+
+        def put(x: jax.Array, y: jax.Array) -> jax.Array:
+            return jnp.where(taken.reshape(-1, *[1] * (x.ndim - 1)), y[source], x)
+
+        return jax.tree.map(put, kept, new)
 
     def _refresh(
         self, factors: list[jax.Array | None], mu: jax.Array, nu: jax.Array, bases_flat: jax.Array
