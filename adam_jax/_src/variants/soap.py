@@ -1076,11 +1076,14 @@ class SoapRule(MomentRule):
         def computed(ops: Any) -> Any:
             return [_refresh_blocks(f, self._decoded(bs), m, v, settle) for f, bs, m, v in ops]
 
-        def refreshed(factors: jax.Array, bases_flat: jax.Array, mus: Any, nus: Any) -> Any:
-            parts = (blocks.parts(factors), blocks.parts(bases_flat), mus, nus)
-            outs = computed(zip(*parts, strict=True))
+        def unzipped(outs: Any, bases_flat: jax.Array) -> Any:
+            """Each group's (bases, mu, nu) as the groups' mus, nus and the bases' vector."""
             new_flat = _pack_groups([list(bs) for bs, _, _ in outs], bases_flat)
             return [m for _, m, _ in outs], [v for _, _, v in outs], new_flat
+
+        def refreshed(factors: jax.Array, bases_flat: jax.Array, mus: Any, nus: Any) -> Any:
+            parts = (blocks.parts(factors), blocks.parts(bases_flat), mus, nus)
+            return unzipped(computed(zip(*parts, strict=True)), bases_flat)
 
         def all_due(mu: jax.Array, nu: jax.Array, bases_flat: Any) -> Any:
             mus, nus, new_flat = blocks.blockwise(
@@ -1108,11 +1111,7 @@ class SoapRule(MomentRule):
                 offset = start + first + device * slots
                 owned = jnp.minimum(slots, gr.n - device * slots)  # the rest: empty slots
                 outs.append(self._refresh_due(op, count, period, offset, slots, owned, computed))
-            return (
-                [m for _, m, _ in outs],
-                [v for _, _, v in outs],
-                _pack_groups([list(bs) for bs, _, _ in outs], bases_flat),
-            )
+            return unzipped(outs, bases_flat)
 
         # The period passed in, not closed over: shard_map refuses a traced one from outside.
         period = jnp.asarray(self.precondition_frequency)
@@ -1144,36 +1143,35 @@ class SoapRule(MomentRule):
         one due block is refreshed in a branch; a traced frequency refreshes the batch in a
         branch taken when any is due."""
         frequency = self._frequency()
-        kept = (op[1], op[2], op[3])
+
+        def unrefreshed(ops: Any) -> Any:
+            return [ops[0][1:]]
+
         if frequency is None:
             k = jnp.arange(slots)
             due = (jnp.remainder(count - offset - k, period) == 0) & (k < owned)
-            new = branch(jnp.any(due), computed, lambda ops: [ops[0][1:]], [op])[0]
-
-            def select(a: jax.Array, b: jax.Array) -> jax.Array:
-                return jnp.where(due.reshape(-1, *[1] * (a.ndim - 1)), a, b)
-
-            return jax.tree.map(select, new, kept)
-        m = -(-slots // frequency)
-        # Block k is due when offset + k = count (mod frequency).
-        index = jnp.remainder(count - offset, frequency) + frequency * jnp.arange(m)
-        valid = index < owned
-        clipped = jnp.minimum(index, slots - 1)
-        picked = jax.tree.map(lambda x: x[clipped], op)
-        if m == 1:
-            new = branch(valid[0], computed, lambda ops: [ops[0][1:]], [picked])[0]
+            new = branch(jnp.any(due), computed, unrefreshed, [op])[0]
         else:
-            new = computed([picked])[0]
-        # Put back by selection, not by a scatter that drops the invalid indices: inside
-        # shard_map, XLA:CPU (jaxlib 0.10.2) wrote such a scatter's updates into the blocks of
-        # the devices that had none due.
-        hit = (jnp.arange(slots)[:, None] == index[None, :]) & valid[None, :]
-        source, taken = jnp.argmax(hit, axis=1), hit.any(axis=1)
+            m = -(-slots // frequency)
+            # Block k is due when offset + k = count (mod frequency).
+            index = jnp.remainder(count - offset, frequency) + frequency * jnp.arange(m)
+            valid = index < owned
+            picked = jax.tree.map(lambda x: x[jnp.minimum(index, slots - 1)], op)
+            if m == 1:
+                new = branch(valid[0], computed, unrefreshed, [picked])[0]
+            else:
+                new = computed([picked])[0]
+            # Put back by selection, not by a scatter that drops the invalid indices: inside
+            # shard_map, XLA:CPU (jaxlib 0.10.2) wrote such a scatter's updates into the
+            # blocks of the devices that had none due.
+            hit = (jnp.arange(slots)[:, None] == index[None, :]) & valid[None, :]
+            due = hit.any(axis=1)
+            new = jax.tree.map(lambda y: y[jnp.argmax(hit, axis=1)], new)
 
-        def put(x: jax.Array, y: jax.Array) -> jax.Array:
-            return jnp.where(taken.reshape(-1, *[1] * (x.ndim - 1)), y[source], x)
+        def select(a: jax.Array, b: jax.Array) -> jax.Array:
+            return jnp.where(due.reshape(-1, *[1] * (a.ndim - 1)), a, b)
 
-        return jax.tree.map(put, kept, new)
+        return jax.tree.map(select, new, op[1:])
 
     def _refresh(
         self, factors: list[jax.Array | None], mu: jax.Array, nu: jax.Array, bases_flat: jax.Array
