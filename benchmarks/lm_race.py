@@ -1,9 +1,10 @@
 """A language-model race: steps and seconds each optimizer takes to AdamW's held-out loss.
 
-The byte-level transformer of ``benchmarks.lm_memory`` (4 blocks, d = 64, 4 heads, 0.24M
-parameters) on the source of Python's standard library (``benchmarks.lm_low_precision``: the
-same corpus, windows, batches and held-out tenth), every optimizer with warm-up over the first
-twentieth of the steps and cosine decay from its peak rate, weight decay 0.01 on the matrices.
+The language-model example's decoder, corpus and training loop (``examples.lm``: ``--model
+small``, 4 blocks, d = 64, 4 heads, 0.24M parameters; ``medium``, 6 blocks, d = 256, 4.9M) on
+the source of Python's standard library, windows of 64 bytes, batches of 32, the held-out last
+tenth; every optimizer with warm-up over the first twentieth of the steps and cosine decay from
+its peak rate to a tenth of it, weight decay 0.01 on the matrices, on one device.
 Tuning: each optimizer's peak rate over its grid (``GRIDS``, at least four rates) on seed 0;
 then ``--seeds`` at the best rate. Every ``EVAL_EVERY`` steps a run records its loss on the
 held-out windows and the seconds its training steps have taken so far (compiled ahead, timed
@@ -14,8 +15,8 @@ the step time; the optimizer state's bytes per parameter. It writes JSON (resuma
 already in ``--out`` are kept, processes may share it) and a plot of the held-out loss against
 steps and against seconds::
 
-    python -m benchmarks.lm_race --steps 1000 --optimizers adamw soap \\
-        --out benchmarks/results/lm_race.json --plot docs/lm_race.png
+    python -m benchmarks.lm_race --steps 1000 --optimizers adamw soap --model small \\
+        --out benchmarks/results/lm_race_small.json --plot docs/lm_race_small.png
 
 ``--quick`` is a smoke test (a one-block model, a few steps, two rates, one seed).
 """
@@ -24,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import functools
 import json
 import os
 import shlex
@@ -33,27 +33,23 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import adam_jax
-from benchmarks.lm_low_precision import (
-    BATCH,
-    EVAL_WINDOWS,
-    WINDOW,
-    _merged,
-    _saved_runs,
-    _write_atomically,
-    corpus,
-)
+from benchmarks.lm_low_precision import _merged, _saved_runs, _write_atomically
 from benchmarks.lm_memory import WEIGHT_DECAY, matrices
-from benchmarks.models import transformer_loss, transformer_params
+from examples.lm import data as data_lib
+from examples.lm.data import Corpus
+from examples.lm.loop import Run, RunOptions, state_bytes_per_param
+from examples.lm.model import ModelConfig
+from examples.lm.train import Config, Trainer, make_mesh
 
 EVAL_EVERY = 50
+WINDOW, BATCH, EVAL_WINDOWS = 64, 32, 512
 # Steps per optimizer and round when the steps are timed side by side: SOAP's eigenbases are
 # refreshed once in ten steps at its default precondition_frequency.
 TIMED_STEPS = 10
@@ -70,8 +66,9 @@ Racer = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
 def hidden_matrices(params: Any) -> Any:
     """The leaves Muon takes: the blocks' matrices (embeddings and the output head stay with
     AdamW, as in Muon's recipe)."""
-    mask = jax.tree.map(lambda p: False, params)
-    return {**mask, "blocks": jax.tree.map(lambda p: p.ndim == 2, params["blocks"])}
+    return jax.tree_util.tree_map_with_path(
+        lambda path, p: path[0] == jax.tree_util.DictKey("blocks") and p.ndim == 2, params
+    )
 
 
 def muon_with_adamw(
@@ -126,118 +123,81 @@ GRIDS: dict[str, tuple[float, ...]] = {
     "mars": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     "adam-mini": (4e-3, 8e-3, 1.6e-2, 3.2e-2),
 }
-MODEL = {"layers": 4, "d": 64}
-QUICK_MODEL = {"layers": 1, "d": 32}
+# --model: the example's ModelConfig settings (windows of WINDOW bytes)
+MODELS: dict[str, dict[str, int]] = {
+    "small": {"layers": 4, "d_model": 64, "heads": 4, "seq_len": WINDOW},  # 0.24M params
+    "medium": {"layers": 6, "d_model": 256, "heads": 8, "seq_len": WINDOW},  # 4.9M params
+}
+QUICK_MODEL = {"layers": 1, "d_model": 32, "heads": 2, "seq_len": WINDOW}
 
 
-class Trainer(NamedTuple):
-    """A run's compiled step and held-out evaluation, its initial params and state, and the
-    starts of its windows (one row per step)."""
-
-    step: Any
-    evaluate: Any
-    params: Any
-    state: Any
-    starts: jax.Array
-    held_out: jax.Array
-    num_params: int
-
-
-def trainer(
-    racer: Racer, steps: int, data: np.ndarray, seed: int, peak: float, model: dict[str, int]
-) -> Trainer:
-    """The run of ``racer`` at ``peak`` for ``steps`` steps, compiled ahead: warm-up over the
-    first twentieth of the steps, then cosine decay; the windows of ``lm_low_precision``."""
-    tx = racer(optax.warmup_cosine_decay_schedule(0.0, peak, steps // 20, steps))
-    d = model["d"]
-    params = transformer_params(
-        jax.random.key(seed), layers=model["layers"], d=d, ff=4 * d, seq=WINDOW
+def run_config(name: str, steps: int, seed: int, peak: float, model: dict[str, int]) -> Config:
+    """The language-model example's settings for a run of ``name`` at ``peak``: the model of
+    ``model`` (:data:`MODELS`), warm-up over the first twentieth of the steps then cosine decay
+    to a tenth of the peak, one device."""
+    return Config(
+        model=ModelConfig(**model),
+        optimizer=name,
+        learning_rate=peak,
+        steps=steps,
+        batch_size=BATCH,
+        eval_every=EVAL_EVERY,
+        eval_windows=EVAL_WINDOWS,
+        seed=seed,
     )
-    state = tx.init(params)
-    split = len(data) * 9 // 10
-    rng = np.random.default_rng(seed)  # the windows of lm_low_precision for a seed
-    starts = jnp.asarray(rng.integers(0, split - WINDOW - 1, (steps, BATCH)))
-    held_out = np.linspace(split, len(data) - WINDOW - 1, EVAL_WINDOWS).astype(np.int64)
-    text = jnp.asarray(data)
 
-    def batch(begin: jax.Array) -> jax.Array:
-        return text[begin[:, None] + jnp.arange(WINDOW + 1)].astype(jnp.int32)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params: Any, state: Any, begin: jax.Array) -> tuple[Any, Any]:
-        grads = jax.grad(transformer_loss)(params, batch(begin))
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state
-
-    held_out_tokens = batch(jnp.asarray(held_out))
-    return Trainer(
-        step=step.lower(params, state, starts[0]).compile(),
-        evaluate=jax.jit(transformer_loss).lower(params, held_out_tokens).compile(),
-        params=params,
-        state=state,
-        starts=starts,
-        held_out=held_out_tokens,
-        num_params=sum(p.size for p in jax.tree.leaves(params)),
-    )
+def trainer(name: str, config: Config) -> Trainer:
+    """The example's trainer of ``config`` with the racer ``name`` of :data:`OPTIMIZERS`, on
+    the first device."""
+    return Trainer(config, make_mesh(None, jax.devices()[:1]), OPTIMIZERS[name])
 
 
 def train(
-    racer: Racer,
-    steps: int,
-    data: np.ndarray,
-    seed: int,
-    peak: float,
-    model: dict[str, int],
+    name: str, steps: int, corpus: Corpus, seed: int, peak: float, model: dict[str, int]
 ) -> dict[str, Any]:
-    """Trains with ``racer`` at ``peak`` for ``steps`` steps (a multiple of ``EVAL_EVERY``).
+    """Trains with ``name`` at ``peak`` for ``steps`` steps (a multiple of ``EVAL_EVERY``): the
+    example's run (:class:`examples.lm.loop.Run`) without files.
 
     Returns the held-out loss and the training seconds at step 0 and every ``EVAL_EVERY``
     steps, the seconds of each span of ``EVAL_EVERY`` steps, and the state's bytes per param.
     """
-    run_ = trainer(racer, steps, data, seed, peak, model)
-    params, state = run_.params, run_.state
-    losses, seconds, spans = [float(run_.evaluate(params, run_.held_out))], [0.0], []
-    for first in range(0, steps, EVAL_EVERY):
-        begin = time.perf_counter()
-        for i in range(first, first + EVAL_EVERY):
-            params, state = run_.step(params, state, run_.starts[i])
-        jax.block_until_ready(params)
-        spans.append(time.perf_counter() - begin)
-        seconds.append(seconds[-1] + spans[-1])
-        losses.append(float(run_.evaluate(params, run_.held_out)))
+    run_ = Run(trainer(name, run_config(name, steps, seed, peak, model)), corpus, RunOptions())
+    first = run_.trainer.loss(run_.held_out)
+    records = run_.train()
+    tokens = EVAL_EVERY * BATCH * WINDOW
+    spans = [tokens / record["tokens_per_second"] for record in records]
     return {
-        "held_out_losses": losses,
-        "seconds": seconds,
+        "held_out_losses": [first] + [record["held_out_loss"] for record in records],
+        "seconds": np.cumsum([0.0, *spans]).tolist(),
         "span_seconds": spans,
-        "state_bytes_per_param": adam_jax.state_bytes(state) / run_.num_params,
-        "num_params": run_.num_params,
+        "state_bytes_per_param": state_bytes_per_param(run_.trainer),
+        "num_params": run_.trainer.param_count,
     }
 
 
 def step_times(
-    rates: dict[str, float], data: np.ndarray, model: dict[str, int], rounds: int
+    rates: dict[str, float], corpus: Corpus, model: dict[str, int], rounds: int
 ) -> dict[str, float]:
     """Milliseconds per training step of each optimizer at its rate in ``rates``, timed in the
     same rounds (each optimizer ``TIMED_STEPS`` steps a round, the order rotating each round:
     load on the machine hits them alike); the median over rounds."""
+    steps = TIMED_STEPS * (rounds + 1)
     runs = {
-        name: trainer(OPTIMIZERS[name], TIMED_STEPS * (rounds + 1), data, 0, rate, model)
-        for name, rate in rates.items()
+        name: trainer(name, run_config(name, steps, 0, rate, model)) for name, rate in rates.items()
     }
-    carried = {name: (r.params, r.state) for name, r in runs.items()}
+    starts = corpus.batches(0, steps, BATCH)
     times: dict[str, list[float]] = {name: [] for name in runs}
     names = list(runs)
     for round_ in range(rounds + 1):  # the first round warms up
         k = round_ % len(names)
         for name in names[k:] + names[:k]:
-            params, state = carried[name]
             begin = time.perf_counter()
             for i in range(round_ * TIMED_STEPS, (round_ + 1) * TIMED_STEPS):
-                params, state = runs[name].step(params, state, runs[name].starts[i])
-            jax.block_until_ready(params)
+                runs[name].step(corpus.windows(starts[i]))
+            runs[name].take_loss_sum()  # waits for the steps
             if round_:
                 times[name].append(1e3 * (time.perf_counter() - begin) / TIMED_STEPS)
-            carried[name] = params, state
     return {name: statistics.median(t) for name, t in times.items()}
 
 
@@ -409,7 +369,12 @@ def race(
     """Tunes each optimizer of ``names`` over its grid on the first of ``seeds``, then runs the
     other seeds at its best rate; skips the runs already in ``out`` and rewrites it after each
     run. Returns all the runs in ``out``."""
-    data = corpus()
+    corpus = Corpus(data_lib.load(), WINDOW)
+    if out.exists() and (saved := json.loads(out.read_text()).get("model")) != model:
+        raise SystemExit(
+            f"--out {out} holds the runs of another model ({saved}); this race trains {model}: "
+            "give another --out"
+        )
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
 
@@ -418,7 +383,7 @@ def race(
         runs = _merged(runs, _saved_runs(out, steps))
         if any((r["setting"], r["seed"], _rate(r)) == (name, seed, peak) for r in runs):
             return
-        result = train(OPTIMIZERS[name], steps, data, seed, peak, model)
+        result = train(name, steps, corpus, seed, peak, model)
         runs.append({"setting": name, "seed": seed, "peak_learning_rate": peak, **result})
         print(
             f"{name:14s} peak {peak:<8g} seed {seed} held-out loss "
@@ -431,7 +396,7 @@ def race(
             "command": command,
             "python": sys.version.split()[0],
             "model": model,
-            "corpus_bytes": len(data),
+            "corpus_bytes": len(corpus.train) + len(corpus.held_out),
             "steps": steps,
             "eval_every": EVAL_EVERY,
             "runs": runs,
@@ -456,7 +421,7 @@ def timed(
     saved = record.get("step_times", {})
     if (saved.get("rates"), saved.get("rounds"), record.get("model")) == (rates, rounds, model):
         return saved["ms"]
-    ms = step_times(rates, corpus(), model, rounds)
+    ms = step_times(rates, Corpus(data_lib.load(), WINDOW), model, rounds)
     record["step_times"] = {
         "rates": rates,
         "rounds": rounds,
@@ -482,8 +447,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         metavar="NAME",
         help=f"the optimizers to run (default: all of {', '.join(OPTIMIZERS)})",
     )
-    parser.add_argument("--out", default="benchmarks/results/lm_race.json")
-    parser.add_argument("--plot", default="docs/lm_race.png")
+    parser.add_argument(
+        "--model",
+        choices=list(MODELS),
+        default="small",
+        help="the example's model: small (4 blocks, d = 64) or medium (6 blocks, d = 256)",
+    )
+    parser.add_argument("--out", help="default: benchmarks/results/lm_race_MODEL.json")
+    parser.add_argument("--plot", help="default: docs/lm_race_MODEL.png")
     parser.add_argument(
         "--time-rounds",
         type=int,
@@ -497,21 +468,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         parser.error(f"--time-rounds must be >= 0, got {args.time_rounds}")
     if args.steps < EVAL_EVERY or args.steps % EVAL_EVERY:
         parser.error(f"--steps must be a positive multiple of {EVAL_EVERY}, got {args.steps}")
-    model, grids = MODEL, GRIDS
+    model, grids = MODELS[args.model], GRIDS
     if args.quick:
         model = QUICK_MODEL
         grids = {name: grid[:2] for name, grid in GRIDS.items()}
         args.steps, args.seeds = EVAL_EVERY, args.seeds[:1]
         args.time_rounds = min(args.time_rounds, 2)
     command = "python -m benchmarks.lm_race " + shlex.join(sys.argv[1:] if argv is None else argv)
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results/lm_race_{args.model}.json")
     runs = race(args.optimizers, args.seeds, args.steps, out, command, model, grids)
+    # The report covers the optimizers asked for; the file keeps every process's runs.
+    runs = [r for r in runs if r["setting"] in args.optimizers]
     timed_ms = None
     if args.time_rounds:
         timed_ms = timed(out, best_rates(runs, args.seeds[0]), model, args.time_rounds)
     finals = summary(runs, args.seeds, args.seeds[0], timed_ms)
     print(table(finals))
-    plot(finals, args.steps, Path(args.plot))
+    plot(finals, args.steps, Path(args.plot or f"docs/lm_race_{args.model}.png"))
     return finals
 
 

@@ -331,16 +331,19 @@ def test_lm_race_crossing_is_linear_between_evaluations() -> None:
 
 @pytest.mark.slow
 def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
-    import jax
+    from flax import nnx
 
     from benchmarks import lm_race
+    from examples.lm.model import GPT, ModelConfig
 
-    labels = lm_race.hidden_matrices(lm_race.transformer_params(jax.random.key(0), layers=1))
-    assert labels["blocks"][0]["attn"]["wq"] and labels["blocks"][0]["mlp"]["w1"]
-    assert not labels["embed"] and not labels["head"] and not labels["blocks"][0]["mlp"]["b1"]
+    model = GPT(ModelConfig(**lm_race.QUICK_MODEL), rngs=nnx.Rngs(0))
+    labels = nnx.to_pure_dict(lm_race.hidden_matrices(nnx.state(model, nnx.Param)))
+    assert labels["blocks"][0]["qkv"]["kernel"] and labels["blocks"][0]["down"]["kernel"]
+    assert not labels["embed"] and not labels["head"]["kernel"]
+    assert not labels["blocks"][0]["qkv"]["bias"] and not labels["blocks"][0]["norm1"]["scale"]
 
     out, png = tmp_path / "race.json", tmp_path / "race.png"
-    names = ["adamw", "soap", "muon + adamw"]
+    names = ["adamw", "muon + adamw"]
     argv = ["--quick", "--optimizers", *names, "--out", str(out), "--plot", str(png)]
     finals = lm_race.main(argv)
     record = json.loads(out.read_text())
@@ -363,8 +366,13 @@ def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
         assert entry["step_ms_timed_side_by_side"]
         if entry["steps_to_target"] is not None:
             assert 0 < entry["steps_to_target"] <= lm_race.EVAL_EVERY
-    assert finals["soap"]["state_bytes_per_param"] > adamw["state_bytes_per_param"]
+    # Muon keeps one moment for the hidden matrices, AdamW two for the rest.
+    assert 4 < finals["muon + adamw"]["state_bytes_per_param"] < adamw["state_bytes_per_param"]
     assert lm_race.main(argv) == finals  # resumed: nothing runs again, the same report
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"model": lm_race.MODELS["small"], "runs": []}))
+    with pytest.raises(SystemExit, match="holds the runs of another model"):
+        lm_race.main(["--quick", "--optimizers", "adamw", "--out", str(other), "--plot", str(png)])
 
 
 def test_offload_section_times_each_setting_offloaded_against_on_the_device() -> None:

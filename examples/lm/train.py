@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -50,6 +50,10 @@ PEAK_FLOPS = {
     "TPU v5p": 459e12,
     "TPU v6 lite": 918e12,
 }
+
+
+#: Builds a run's optimizer from its learning-rate schedule.
+OptimizerFactory = Callable[[optax.Schedule], optax.GradientTransformation]
 
 
 class ConfigError(ValueError):
@@ -121,13 +125,13 @@ def optimizer_info(config: Config) -> adam_jax.registry.OptimizerInfo:
     return adam_jax.registry.get(config.optimizer)
 
 
-def schedule(config: Config) -> optax.Schedule:
+def schedule(config: Config, schedule_free: bool) -> optax.Schedule:
     """The learning rate: linear warm-up, then cosine decay to a tenth of the peak, or constant
-    (schedule-free optimizers average instead of decaying: warm-up, then constant)."""
+    (``schedule_free`` optimizers average instead of decaying: warm-up, then constant)."""
     warmup = max(1, int(config.warmup_fraction * config.steps))
     if config.schedule == "constant":
         return optax.constant_schedule(config.learning_rate)
-    if optimizer_info(config).schedule_free:
+    if schedule_free:
         return optax.join_schedules(
             [
                 optax.linear_schedule(0.0, config.learning_rate, warmup),
@@ -145,7 +149,27 @@ def matrices(params: Any) -> Any:
     return jax.tree.map(lambda p: p.ndim == 2, params)
 
 
-def create_optimizer(config: Config, learning_rate: optax.Schedule) -> optax.GradientTransformation:
+def create_optimizer(
+    config: Config, learning_rate: optax.Schedule, optimizer: OptimizerFactory | None = None
+) -> optax.GradientTransformation:
+    """``optimizer`` at ``learning_rate`` (default: :func:`registry_optimizer`), wrapped as
+    ``config.low_precision`` and ``config.offload_state`` ask."""
+    if optimizer is None:
+        tx = registry_optimizer(config, learning_rate)
+    else:
+        tx = optimizer(learning_rate)
+    tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
+    if config.offload_state:
+        try:
+            tx = adam_jax.offload_state(tx)
+        except ValueError as error:
+            raise ConfigError(f"--offload-state: {error}") from error
+    return tx
+
+
+def registry_optimizer(
+    config: Config, learning_rate: optax.Schedule
+) -> optax.GradientTransformation:
     """The registry's ``config.optimizer`` with :data:`LM_OPTIONS` and ``config.options``."""
     info = optimizer_info(config)
     accepted = inspect.signature(info.alias).parameters
@@ -165,30 +189,29 @@ def create_optimizer(config: Config, learning_rate: optax.Schedule) -> optax.Gra
             f"{', '.join(name for name in accepted if name != 'learning_rate')}"
         )
     try:
-        tx = info.alias(learning_rate, **options)
+        return info.alias(learning_rate, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"--opt: {error}") from error
-    tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
-    if config.offload_state:
-        try:
-            tx = adam_jax.offload_state(tx)
-        except ValueError as error:
-            raise ConfigError(f"--offload-state: {error}") from error
-    return tx
 
 
 class Trainer:
-    """The model's params and optimizer state placed on ``mesh``, and its compiled steps."""
+    """The model's params and optimizer state placed on ``mesh``, and its compiled steps.
 
-    def __init__(self, config: Config, mesh: Mesh):
+    ``optimizer`` builds, from the run's schedule, a transformation that the registry has no
+    name for (Muon on the hidden matrices and AdamW on the rest, say); ``config.optimizer`` then
+    only names it, and ``config.options``, ``moments`` and ``second_moment`` are not read.
+    """
+
+    def __init__(self, config: Config, mesh: Mesh, optimizer: OptimizerFactory | None = None):
         if config.batch_size % mesh.size:
             raise ConfigError(
                 f"--batch-size {config.batch_size} does not split over the {mesh.size} devices "
                 f"of --mesh {format_mesh(dict(mesh.shape))}: give a multiple of {mesh.size}"
             )
         self.config, self.mesh = config, mesh
-        self.schedule = schedule(config)
-        self.tx = create_optimizer(config, self.schedule)
+        self.schedule_free = optimizer is None and optimizer_info(config).schedule_free
+        self.schedule = schedule(config, self.schedule_free)
+        self.tx = create_optimizer(config, self.schedule, optimizer)
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(AXES))
 
         def create() -> nnx.Module:
@@ -196,8 +219,13 @@ class Trainer:
 
         self.graphdef, abstract = nnx.split(nnx.eval_shape(create))
         replicated = NamedSharding(mesh, PartitionSpec())
+        # Without FSDP the params stay replicated, not typed as split over an axis of one
+        # device: transformations that contract a weight with itself (Muon's Newton-Schulz)
+        # need no output sharding then.
+        fsdp = mesh.shape["fsdp"] > 1
         self.param_shardings = jax.tree.map(
-            lambda leaf: with_data_axis(replicated, leaf.shape, "fsdp"), abstract
+            lambda leaf: with_data_axis(replicated, leaf.shape, "fsdp") if fsdp else replicated,
+            abstract,
         )
         with jax.set_mesh(mesh):
             self.params = jax.jit(lambda: nnx.state(create()), out_shardings=self.param_shardings)()
@@ -298,7 +326,7 @@ class Trainer:
 
     def evaluation_params(self) -> Any:
         """The params to evaluate: the schedule-free average for schedule-free optimizers."""
-        if adam_jax.registry.get(self.config.optimizer).schedule_free:
+        if self.schedule_free:
             return adam_jax.schedule_free_eval_params(self.opt_state, self.params)
         return self.params
 
