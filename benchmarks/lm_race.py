@@ -31,7 +31,6 @@ import shlex
 import statistics
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -42,11 +41,10 @@ import optax
 import adam_jax
 from benchmarks.lm_low_precision import _merged, _saved_runs, _write_atomically
 from benchmarks.lm_memory import WEIGHT_DECAY, matrices
-from examples.lm import data as data_lib
-from examples.lm.data import Corpus
+from examples.lm.data import Corpus, load
 from examples.lm.loop import Run, RunOptions, state_bytes_per_param
 from examples.lm.model import ModelConfig
-from examples.lm.train import Config, Trainer, make_mesh
+from examples.lm.train import Config, OptimizerFactory, Trainer, make_mesh
 
 EVAL_EVERY = 50
 WINDOW, BATCH, EVAL_WINDOWS = 64, 32, 512
@@ -60,7 +58,6 @@ RATIOS = {
     "seconds_to_target": "seconds_ratio",
     "step_ms": "step_ratio",
 }
-Racer = Callable[[optax.ScalarOrSchedule], optax.GradientTransformation]
 
 
 def hidden_matrices(params: Any) -> Any:
@@ -97,7 +94,7 @@ def muon_with_adamw(
 
 
 # name -> the optimizer at a learning rate (schedule)
-OPTIMIZERS: dict[str, Racer] = {
+OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw": lambda lr: adam_jax.adamw(lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices),
     "soap": lambda lr: adam_jax.soap(lr, weight_decay=WEIGHT_DECAY, mask=matrices),
     "muon + adamw": muon_with_adamw,
@@ -369,7 +366,7 @@ def race(
     """Tunes each optimizer of ``names`` over its grid on the first of ``seeds``, then runs the
     other seeds at its best rate; skips the runs already in ``out`` and rewrites it after each
     run. Returns all the runs in ``out``."""
-    corpus = Corpus(data_lib.load(), WINDOW)
+    corpus = Corpus(load(), WINDOW)
     if out.exists() and (saved := json.loads(out.read_text()).get("model")) != model:
         raise SystemExit(
             f"--out {out} holds the runs of another model ({saved}); this race trains {model}: "
@@ -421,7 +418,7 @@ def timed(
     saved = record.get("step_times", {})
     if (saved.get("rates"), saved.get("rounds"), record.get("model")) == (rates, rounds, model):
         return saved["ms"]
-    ms = step_times(rates, Corpus(data_lib.load(), WINDOW), model, rounds)
+    ms = step_times(rates, Corpus(load(), WINDOW), model, rounds)
     record["step_times"] = {
         "rates": rates,
         "rounds": rounds,
