@@ -1,28 +1,28 @@
 """A byte-level language model with bfloat16 params: where the rounding of updates shows.
 
-The benchmarks' transformer-like model (``benchmarks.models.transformer_params``, 4 blocks,
-d = 64, vocabulary of the 256 byte values) learns to predict the next byte of text that ships
-with Python: the source of the standard library modules in ``MODULES`` (the same bytes for a
-given Python version, no download). Adam with warm-up and cosine decay from 1e-3, batch 32 of
-64-byte windows; five settings as in ``benchmarks.mnist_low_precision`` (float32 params;
-bfloat16 plain, with Kahan summation, with stochastic rounding, Kahan with 8-bit moments), the
-same init (rounded) and windows for a seed; the forward and backward passes compute in float32.
+The language-model example's decoder (``examples.lm``: its model, corpus and training loop, on
+one device; :data:`MODEL`, 4 blocks, d = 64, 0.24M params, the model of ``benchmarks.lm_race``)
+learns to predict the next byte of Python's standard-library source (shipped with Python, no
+download). Adam with warm-up over the first twentieth of the steps, then cosine decay from 1e-3
+to a tenth of it (the example's schedule), batch 32 of 64-byte windows; five settings as in
+``benchmarks.mnist_low_precision`` (float32 params; bfloat16 plain, with Kahan summation, with
+stochastic rounding, Kahan with 8-bit moments), the same windows for a seed. As in the example
+with ``--param-dtype bfloat16``, the model is initialized and computes in its params' dtype.
 The last tenth of the text is held out: the final loss is the mean loss on ``EVAL_WINDOWS``
-fixed windows of it, which (unlike the last train batches) does not depend on which windows
-the last steps drew. Writes per seed the train-loss curve (the mean over each 50 steps) and the
-held-out loss to JSON, and plots the curves averaged over seeds::
+windows evenly spaced over it, which (unlike the last train batches) does not depend on which
+windows the last steps drew. Writes per seed the train-loss curve (the mean over each 50 steps)
+and the held-out loss to JSON, and plots the curves averaged over seeds::
 
-    python -m benchmarks.lm_low_precision --steps 2000 --seeds 0 1 2 \\
-        --out benchmarks/results/lm_low_precision.json --plot docs/low_precision_lm.png
+    python -m benchmarks.lm_low_precision --steps 1000 --seeds 0 1 2 \\
+        --out benchmarks/results/lm_low_precision_small.json --plot docs/low_precision_lm_small.png
 
-Runs already in ``--out`` are kept (the command resumes); ``--peak`` sets the peak rate.
+Runs already in ``--out`` are kept (the command resumes); a file of another model's runs is
+refused. ``--peak`` sets the peak rate.
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
-import inspect
 import json
 import os
 import shlex
@@ -35,63 +35,49 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from benchmarks.mnist_low_precision import SETTINGS, Setting
-from benchmarks.models import transformer_loss, transformer_params
+from examples.lm.data import Corpus, load
+from examples.lm.loop import Run, RunOptions
+from examples.lm.model import ModelConfig
+from examples.lm.train import Config, Trainer, make_mesh
 
-MODULES = ("argparse", "inspect", "typing", "dataclasses", "pathlib", "json.decoder", "textwrap")
 WINDOW, BATCH, PEAK, AVERAGE_OVER, EVAL_WINDOWS = 64, 32, 1e-3, 50, 512
+# The example's ModelConfig settings: 4 blocks, d = 64, 4 heads, 0.24M params.
+MODEL: dict[str, int] = {"layers": 4, "d_model": 64, "heads": 4, "seq_len": WINDOW}
 
 
-def corpus() -> np.ndarray:
-    """The bytes of the standard library modules ``MODULES``, concatenated."""
-    import importlib
-
-    text = "\n".join(inspect.getsource(importlib.import_module(name)) for name in MODULES)
-    return np.frombuffer(text.encode(), np.uint8)
+def refuse_another_model(out: Path, model: dict[str, int]) -> None:
+    """Exits with a message that names ``out`` when it holds the runs of another model."""
+    if out.exists() and (saved := json.loads(out.read_text()).get("model")) != model:
+        raise SystemExit(
+            f"--out {out} holds the runs of another model ({saved}); this study trains "
+            f"{model}: give another --out"
+        )
 
 
 def train(
-    setting: Setting, steps: int, data: np.ndarray, seed: int = 0, peak: float = PEAK
+    setting: Setting, steps: int, corpus: Corpus, seed: int = 0, peak: float = PEAK
 ) -> tuple[list[float], float]:
-    """Train ``setting`` for ``steps`` steps on the first nine tenths of ``data``, the
-    learning rate warming up to ``peak`` over the first twentieth of the steps.
+    """Trains the example's :data:`MODEL` with ``setting`` for ``steps`` steps (a multiple of
+    ``AVERAGE_OVER``), its rate peaking at ``peak``: the example's run without files.
 
     Returns the train loss averaged over each ``AVERAGE_OVER`` steps, and the final loss on
     ``EVAL_WINDOWS`` evenly spaced windows of the held-out last tenth.
     """
     factory, dtype = setting
-    schedule = optax.warmup_cosine_decay_schedule(0.0, peak, steps // 20, steps)
-    tx = factory(schedule, seed)
-    params = transformer_params(jax.random.key(seed), layers=4, seq=WINDOW)
-    params = jax.tree.map(lambda p: p.astype(dtype), params)
-    state = tx.init(params)
-    split = len(data) * 9 // 10
-    rng = np.random.default_rng(seed)
-    starts = rng.integers(0, split - WINDOW - 1, (steps, BATCH))
-    held_out = np.linspace(split, len(data) - WINDOW - 1, EVAL_WINDOWS).astype(np.int64)
-    windows = jnp.asarray(data)
-
-    def batch(begin: jax.Array) -> jax.Array:
-        return windows[begin[:, None] + jnp.arange(WINDOW + 1)].astype(jnp.int32)
-
-    def loss_fn(params: Any, tokens: jax.Array) -> jax.Array:
-        return transformer_loss(jax.tree.map(lambda p: p.astype(jnp.float32), params), tokens)
-
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
-    def step(params: Any, state: Any, begin: jax.Array) -> tuple[Any, Any, jax.Array]:
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch(begin))
-        updates, state = tx.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    losses = []
-    for begin in starts:
-        params, state, loss = step(params, state, jnp.asarray(begin))
-        losses.append(loss)
-    per_step = np.asarray(jax.device_get(losses), np.float64)
-    final = float(jax.jit(loss_fn)(params, batch(jnp.asarray(held_out))))
-    return per_step.reshape(-1, AVERAGE_OVER).mean(axis=1).tolist(), final
+    config = Config(
+        model=ModelConfig(**MODEL, param_dtype=jnp.dtype(dtype).name),
+        learning_rate=peak,
+        steps=steps,
+        batch_size=BATCH,
+        eval_every=AVERAGE_OVER,
+        eval_windows=EVAL_WINDOWS,
+        seed=seed,
+    )
+    trainer = Trainer(config, make_mesh(None, jax.devices()[:1]), lambda lr: factory(lr, seed))
+    records = Run(trainer, corpus, RunOptions()).train()
+    return [record["train_loss"] for record in records], records[-1]["held_out_loss"]
 
 
 def plot(runs: list[dict[str, Any]], steps: int, path: Path) -> None:
@@ -194,7 +180,8 @@ def run(
     """Trains each setting for each seed and peak rate, skipping the runs of ``steps`` steps
     already in ``out``, and writes ``out`` (with ``command``) after each run; returns all of
     its runs. Processes that share ``out`` (one per seed, say) keep each other's runs."""
-    data = corpus()
+    corpus = Corpus(load(), WINDOW)
+    refuse_another_model(out, MODEL)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
     for peak in peaks:
@@ -204,7 +191,7 @@ def run(
                 if (name, seed, peak) in {_key(r) for r in runs}:
                     continue
                 start = time.perf_counter()
-                curve, held_out_loss = train(setting, steps, data, seed, peak)
+                curve, held_out_loss = train(setting, steps, corpus, seed, peak)
                 runs.append(
                     {
                         "setting": name,
@@ -223,7 +210,8 @@ def run(
                 record = {
                     "command": command,
                     "python": sys.version.split()[0],
-                    "corpus_bytes": len(data),
+                    "model": MODEL,
+                    "corpus_bytes": len(corpus.train) + len(corpus.held_out),
                     "steps": steps,
                     "runs": runs,
                 }
@@ -236,7 +224,7 @@ def arguments(
 ) -> argparse.ArgumentParser:
     """The options of a language-model study of ``settings``."""
     parser = argparse.ArgumentParser(description=description)
-    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument(
         "--peak",
         type=float,
@@ -280,8 +268,8 @@ def study(
 
 def main(argv: list[str] | None = None) -> None:
     description = __doc__.splitlines()[0]
-    parser = arguments(SETTINGS, description, "benchmarks/results/lm_low_precision.json")
-    parser.add_argument("--plot", default="docs/low_precision_lm.png")
+    parser = arguments(SETTINGS, description, "benchmarks/results/lm_low_precision_small.json")
+    parser.add_argument("--plot", default="docs/low_precision_lm_small.png")
     args, runs = study(SETTINGS, "float32", parser, argv, "benchmarks.lm_low_precision")
     plot(runs, args.steps, Path(args.plot))
 

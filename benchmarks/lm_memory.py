@@ -1,38 +1,29 @@
 """A byte-level language model with the memory-saving settings of issue 23 against AdamW.
 
-The model, corpus, schedule, batches and held-out loss of ``benchmarks.lm_low_precision``
-(4 blocks, d = 64, 4 heads; warm-up and cosine decay from ``--peak``; the same init and
-windows for a seed), with AdamW instead of Adam: weight decay 0.01 on the matrices (leaves of
-two or more axes) in every setting. The six settings of ``benchmarks.mnist_memory``: float32
-AdamW; Adam-mini; 4-bit moments; the second moment factored into row and column means;
-bfloat16 params with stochastic rounding, a 4-bit first moment and an Adam-mini or a factored
-second moment; and Adam-mini with the position embedding read as an embedding. Writes per run
-the train-loss curve (the mean over each 50 steps) and the held-out loss to JSON, and prints
-the table of docs/memory.md. The peak learning rate is tuned: a sweep on seed 0 for AdamW and
-Adam-mini, then three seeds of the AdamW settings (its storages) at
-AdamW's best rate and of the Adam-mini ones at Adam-mini's::
+The model, corpus, schedule, batches and held-out loss of ``benchmarks.lm_low_precision`` (the
+language-model example's decoder, 4 blocks, d = 64, 4 heads; warm-up and cosine decay from
+``--peak``; the same init and windows for a seed), with AdamW instead of Adam: weight decay
+0.01 on the matrices (leaves of two or more axes) in every setting. The settings of
+``benchmarks.mnist_memory``: float32 AdamW; Adam-mini; 4-bit moments; the second moment
+factored into row and column means; bfloat16 params with stochastic rounding, a 4-bit first
+moment and an Adam-mini or a factored second moment; and Adam-mini with the position table
+read as an embedding. Writes per run the train-loss curve (the mean over each 50 steps) and
+the held-out loss to JSON, and prints the table of docs/memory.md. The peak learning rate is
+tuned on seed 0, then seeds 1 and 2 run at the best rate: AdamW's for the settings of its
+storages, Adam-mini's for the Adam-mini ones, and their own for factored nu and Adam-mini with
+the positions per position::
 
     python -m benchmarks.lm_memory --steps 1000 --seeds 0 --settings "float32 AdamW" Adam-mini \\
-        --peak 1e-3 2e-3 4e-3 6e-3 8e-3 1.2e-2 1.6e-2 2e-2 3.2e-2 \\
-        --out benchmarks/results/lm_memory.json
-    python -m benchmarks.lm_memory --steps 1000 --seeds 0 1 2 --peak 8e-3 \\
-        --settings "float32 AdamW" "4-bit moments" "factored nu" \\
-        "bfloat16 + SR, 4-bit mu, factored nu" --out benchmarks/results/lm_memory.json
-    python -m benchmarks.lm_memory --steps 1000 --seeds 0 1 2 --peak 1.6e-2 \\
-        --settings Adam-mini "bfloat16 + SR, 4-bit mu, Adam-mini nu" \\
-        --out benchmarks/results/lm_memory.json
+        "factored nu" "Adam-mini, pos per position" --peak 2e-3 4e-3 8e-3 1.2e-2 1.6e-2 3.2e-2
+    python -m benchmarks.lm_memory --steps 1000 --seeds 0 1 2 --peak RATE --settings NAME ...
 
-A later stop tuned factored nu's own rate (best 1.6e-2) and added Adam-mini with the position
-embedding partitioned per position (``positions_as_embedding``; best 1.2e-2), each on seed 0
-over a grid and then on seeds 1 and 2 at the best rate (the commands in docs/memory.md).
-
-Runs already in ``--out`` are kept (the commands resume, and processes may share the file);
+Runs already in ``--out`` (default ``benchmarks/results/lm_memory_small.json``) are kept (the
+commands resume, and processes may share the file); a file of another model's runs is refused.
 ``--settings`` runs a subset.
 """
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import jax
@@ -41,13 +32,12 @@ import optax
 
 import adam_jax
 from adam_jax import quantization
-from benchmarks.lm_low_precision import arguments, study
+from benchmarks.lm_low_precision import MODEL, arguments, study
 from benchmarks.mnist_low_precision import Setting
-from benchmarks.models import transformer_loss
 
 WEIGHT_DECAY = 0.01
-# The attention heads the model splits its query and key kernels in, for Adam-mini's blocks.
-HEADS: int = inspect.signature(transformer_loss).parameters["heads"].default
+# The attention heads of the model, for Adam-mini's blocks.
+HEADS = MODEL["heads"]
 # Every matrix of the model is at least 64 x 64 (embeddings, attention, MLP, output): all are
 # factored, as in the memory section (benchmarks/sections/memory.py).
 FACTOR_MIN_DIM = 64
@@ -76,12 +66,22 @@ def _adam_mini(
 
 
 def positions_as_embedding(params: Any) -> Any:
-    """The authors' partition with the position embedding ``pos`` (positions x features) read
+    """The authors' partition with the position table ``position`` (positions x features) read
     as an embedding, one block per position, as their code reads a table named like one
-    (``embed_positions``). By its name ``pos`` is a kernel to the default partition: one
+    (``embed_positions``). By its name ``position`` is a kernel to the default partition: one
     block per feature, across positions."""
+
     storages = adam_jax.adam_mini_partition(HEADS)(params)
-    return {**storages, "pos": adam_jax.block_means((1, params["pos"].shape[1]))}
+    per_position = adam_jax.block_means((1, MODEL["d_model"]))
+
+    def position_as_embedding(path: tuple[Any, ...], storage: Any) -> Any:
+        return per_position if path[0] == jax.tree_util.DictKey("position") else storage
+
+    return jax.tree_util.tree_map_with_path(
+        position_as_embedding,
+        storages,
+        is_leaf=lambda node: isinstance(node, adam_jax.MomentStorage),
+    )
 
 
 def _four_bit_mu() -> Any:
@@ -124,7 +124,7 @@ SETTINGS: dict[str, Setting] = {
 
 def main(argv: list[str] | None = None) -> None:
     description = __doc__.splitlines()[0]
-    parser = arguments(SETTINGS, description, "benchmarks/results/lm_memory.json")
+    parser = arguments(SETTINGS, description, "benchmarks/results/lm_memory_small.json")
     study(SETTINGS, BASELINE, parser, argv, "benchmarks.lm_memory")
 
 

@@ -1,19 +1,19 @@
 """A language-model race: steps and seconds each optimizer takes to AdamW's held-out loss.
 
-The language-model example's decoder, corpus and training loop (``examples.lm``: ``--model
-small``, 4 blocks, d = 64, 4 heads, 0.24M parameters; ``medium``, 6 blocks, d = 256, 4.9M) on
-the source of Python's standard library, windows of 64 bytes, batches of 32, the held-out last
-tenth; every optimizer with warm-up over the first twentieth of the steps and cosine decay from
-its peak rate to a tenth of it, weight decay 0.01 on the matrices, on one device.
-Tuning: each optimizer's peak rate over its grid (``GRIDS``, at least four rates) on seed 0;
-then ``--seeds`` at the best rate. Every ``EVAL_EVERY`` steps a run records its loss on the
-held-out windows and the seconds its training steps have taken so far (compiled ahead, timed
-between evaluations, evaluations not counted). The report gives, per optimizer at its best
-rate and over the seeds: the final held-out loss; the steps and seconds to reach AdamW's final
-held-out loss (the mean over its seeds; linear between evaluations) and their ratio to AdamW's;
-the step time; the optimizer state's bytes per parameter. It writes JSON (resumable: the runs
-already in ``--out`` are kept, processes may share it) and a plot of the held-out loss against
-steps and against seconds::
+The language-model example's decoder, corpus and training loop (``examples.lm``: ``--model small``,
+4 blocks, d = 64, 4 heads, 0.24M parameters; ``medium``, 6 blocks, d = 256, 4.9M) on the source of
+Python's standard library, windows of 64 bytes, batches of 32, the held-out last tenth; every
+optimizer with warm-up over the first twentieth of the steps and cosine decay from its peak rate to
+a tenth of it, weight decay 0.01 on the matrices, on one device. Tuning: each optimizer's peak rate
+over its grid (``GRIDS``, at least four rates) on seed 0; then ``--seeds`` at the best rate (the
+compressed SOAP settings at float32 SOAP's best rate alone: they measure what the storages cost in
+loss). Every ``EVAL_EVERY`` steps a run records its loss on the held-out windows and the seconds its
+training steps have taken so far (compiled ahead, timed between evaluations, evaluations not
+counted). The report gives, per optimizer at its best rate and over the seeds: the final held-out
+loss; the steps and seconds to reach AdamW's final held-out loss (the mean over its seeds; linear
+between evaluations) and their ratio to AdamW's; the step time; the optimizer state's bytes per
+parameter. It writes JSON (resumable: the runs already in ``--out`` are kept, processes may share
+it) and a plot of the held-out loss against steps and against seconds::
 
     python -m benchmarks.lm_race --steps 1000 --optimizers adamw soap --model small \\
         --out benchmarks/results/lm_race_small.json --plot docs/lm_race_small.png
@@ -39,15 +39,24 @@ import numpy as np
 import optax
 
 import adam_jax
-from benchmarks.lm_low_precision import _merged, _saved_runs, _write_atomically
+from benchmarks.lm_low_precision import (
+    BATCH,
+    EVAL_WINDOWS,
+    MODEL,
+    WINDOW,
+    _merged,
+    _saved_runs,
+    _write_atomically,
+    refuse_another_model,
+)
 from benchmarks.lm_memory import WEIGHT_DECAY, matrices
+from benchmarks.sections.soap import COMPRESSED
 from examples.lm.data import Corpus, load
 from examples.lm.loop import Run, RunOptions, state_bytes_per_param
 from examples.lm.model import ModelConfig
 from examples.lm.train import Config, OptimizerFactory, Trainer, make_mesh
 
 EVAL_EVERY = 50
-WINDOW, BATCH, EVAL_WINDOWS = 64, 32, 512
 # Steps per optimizer and round when the steps are timed side by side: SOAP's eigenbases are
 # refreshed once in ten steps at its default precondition_frequency.
 TIMED_STEPS = 10
@@ -97,6 +106,14 @@ def muon_with_adamw(
 OPTIMIZERS: dict[str, OptimizerFactory] = {
     "adamw": lambda lr: adam_jax.adamw(lr, b2=0.95, weight_decay=WEIGHT_DECAY, mask=matrices),
     "soap": lambda lr: adam_jax.soap(lr, weight_decay=WEIGHT_DECAY, mask=matrices),
+    # The setting that keeps GPT-2 small's SOAP state under 12 bytes a parameter (blocks of
+    # 128, bfloat16 factors and bases, 8-bit moments), its bases rectified and not.
+    "soap, compressed": lambda lr: adam_jax.soap(
+        lr, weight_decay=WEIGHT_DECAY, mask=matrices, **COMPRESSED
+    ),
+    "soap, compressed, unrectified": lambda lr: adam_jax.soap(
+        lr, weight_decay=WEIGHT_DECAY, mask=matrices, basis_rectification=0, **COMPRESSED
+    ),
     "muon + adamw": muon_with_adamw,
     # LaProp's decay is not multiplied by the rate (its authors'): the schedule times AdamW's
     # coefficient decays the params as AdamW's does.
@@ -114,15 +131,19 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
 GRIDS: dict[str, tuple[float, ...]] = {
     "adamw": (2e-3, 4e-3, 8e-3, 1.6e-2),
     "soap": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
+    # At float32 SOAP's best rate: the storages' cost in loss, not their own tuning.
+    "soap, compressed": (1.6e-2,),
+    "soap, compressed, unrectified": (1.6e-2,),
     "muon + adamw": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     "laprop": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
-    "grams": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
+    # Grams was best at 3.2e-2, the top of the others' grid, on both models: one more above.
+    "grams": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2, 6.4e-2),
     "mars": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     "adam-mini": (4e-3, 8e-3, 1.6e-2, 3.2e-2),
 }
 # --model: the example's ModelConfig settings (windows of WINDOW bytes)
 MODELS: dict[str, dict[str, int]] = {
-    "small": {"layers": 4, "d_model": 64, "heads": 4, "seq_len": WINDOW},  # 0.24M params
+    "small": MODEL,  # 0.24M params, the model of the other language-model studies
     "medium": {"layers": 6, "d_model": 256, "heads": 8, "seq_len": WINDOW},  # 4.9M params
 }
 QUICK_MODEL = {"layers": 1, "d_model": 32, "heads": 2, "seq_len": WINDOW}
@@ -367,11 +388,7 @@ def race(
     other seeds at its best rate; skips the runs already in ``out`` and rewrites it after each
     run. Returns all the runs in ``out``."""
     corpus = Corpus(load(), WINDOW)
-    if out.exists() and (saved := json.loads(out.read_text()).get("model")) != model:
-        raise SystemExit(
-            f"--out {out} holds the runs of another model ({saved}); this race trains {model}: "
-            "give another --out"
-        )
+    refuse_another_model(out, model)
     out.parent.mkdir(parents=True, exist_ok=True)
     runs: list[dict[str, Any]] = []
 

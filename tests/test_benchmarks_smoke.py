@@ -234,17 +234,21 @@ def test_mnist_memory_settings_train_resume_and_tabulate(tmp_path: Path) -> None
 def test_lm_memory_settings_train_resume_and_tabulate(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import jax
+    from flax import nnx
 
     from benchmarks import lm_low_precision, lm_memory
-    from benchmarks.models import transformer_params
+    from examples.lm.model import GPT, ModelConfig
 
-    _bytes_per_param_of_each_setting(
-        lm_memory.SETTINGS, transformer_params(jax.random.key(0), layers=1, seq=8)
-    )
-    # Short windows and batches, curve points of 5 steps: the model is the study's, its steps
-    # cheap. Compiling it takes seconds, so only the baseline trains.
-    for constant, value in (("WINDOW", 8), ("BATCH", 4), ("EVAL_WINDOWS", 4), ("AVERAGE_OVER", 5)):
+    # The example's model, one block of it, with short windows and batches, curve points of 5
+    # steps. Compiling a step takes seconds, so only the baseline trains.
+    model = {**lm_low_precision.MODEL, "layers": 1, "seq_len": 8}
+    params = nnx.state(GPT(ModelConfig(**model), rngs=nnx.Rngs(0)), nnx.Param)
+    _bytes_per_param_of_each_setting(lm_memory.SETTINGS, params)
+    storages = lm_memory.positions_as_embedding(params)
+    assert storages["position"].block_shape == (1, model["d_model"])  # one block per position
+    assert storages["embed"].block_shape == (1, model["d_model"])  # one per token, by its name
+    constants = {"MODEL": model, "WINDOW": 8, "BATCH": 4, "EVAL_WINDOWS": 4, "AVERAGE_OVER": 5}
+    for constant, value in constants.items():
         monkeypatch.setattr(lm_low_precision, constant, value)
     out = tmp_path / "lm_memory.json"
     argv = ["--steps", "10", "--peak", "2e-3", "--seeds", "0", "--out", str(out)]
@@ -259,6 +263,10 @@ def test_lm_memory_settings_train_resume_and_tabulate(
     lm_memory.main(argv)  # resumes: nothing left to run
     assert json.loads(out.read_text())["runs"] == record["runs"]
     assert "| vs float32 AdamW at 0.002 |" in capsys.readouterr().out
+    other = {**record, "model": lm_low_precision.MODEL | {"layers": 2}}
+    out.write_text(json.dumps(other))
+    with pytest.raises(SystemExit, match="holds the runs of another model"):
+        lm_memory.main(argv)
 
 
 def test_lm_study_processes_sharing_an_out_file_keep_each_others_runs(
