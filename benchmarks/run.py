@@ -18,6 +18,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``memory_step_time``: step time of each memory setting against the 8-bit moments' step
 * ``soap``: SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share
 * ``soap_state``: SOAP's state bytes per parameter at GPT-2 small's shapes, per setting
+* ``soap_steps``: how evenly blocked SOAP's refreshes fall over its steps, staggered and not
 * ``offload``: device bytes and step time with the optimizer state in host memory
 
 Every section times its variants interleaved (round robin, rotating start) and reports
@@ -50,6 +51,7 @@ from benchmarks.sections import (
     scaling,
     soap,
     soap_state,
+    soap_steps,
     state_bytes,
     steps,
     train_step,
@@ -110,6 +112,10 @@ SECTIONS: dict[str, Section] = {
     ),
     "soap_state": Section(
         soap_state.run, "SOAP's state bytes per parameter at GPT-2 small's shapes, per setting"
+    ),
+    "soap_steps": Section(
+        soap_steps.run,
+        "how evenly blocked SOAP's refreshes fall over its steps, staggered and not",
     ),
     "offload": Section(
         offload.run, "device bytes and step time with the optimizer state in host memory"

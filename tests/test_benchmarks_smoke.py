@@ -312,8 +312,36 @@ def test_soap_section_times_soap_against_adamw_with_the_eigenbasis_share() -> No
     # The compressed storages keep less state; the products cover the tree's matrices.
     assert row["compressed_state_bytes_per_param"] < row["block_state_bytes_per_param"]
     assert row["compressed_ratio_vs_adamw"] > 0 and row["unrectified_ratio_vs_adamw"] > 0
+    assert row["practical_ratio_vs_adamw"] > 0
+    assert row["practical_state_bytes_per_param"] < row["block_state_bytes_per_param"]
     assert row["block_products_ratio_vs_adamw"] > 0
     assert 0 < row["block_products_params"] < row["num_params"]
+
+
+def test_soap_steps_window_ratio_finds_the_slowest_window() -> None:
+    from benchmarks.sections.soap_steps import worst_window_ratio
+
+    # A refresh every 4th step, 3x as slow: every window of 4 holds one.
+    times = [1.0, 1.0, 1.0, 3.0] * 3
+    assert worst_window_ratio(times, 4) == 3.0
+    assert worst_window_ratio([1.0, 1.1, 0.9, 1.0, 1.2], 3) == 1.2 / 1.0
+
+
+@pytest.mark.slow
+def test_soap_steps_section_times_each_setting_staggered_and_not() -> None:
+    from benchmarks.harness import Settings
+    from benchmarks.sections import soap_steps
+
+    rows = soap_steps.run(Settings(quick=True))
+    assert [(r["setting"], r["stagger_refresh"]) for r in rows] == [
+        ("float32", False),
+        ("float32", True),
+        ("compressed", False),
+        ("compressed", True),
+    ]
+    for row in rows:
+        assert row["steps"] == soap_steps.FREQUENCY and row["worst_window_ratio"] >= 1
+        assert row["median_ms"] > 0 and row["mean_ms"] > 0
 
 
 def test_soap_state_section_shrinks_the_state_with_each_option() -> None:
@@ -323,9 +351,13 @@ def test_soap_state_section_shrinks_the_state_with_each_option() -> None:
     rows = soap_state.run(Settings(quick=True))
     assert [r["setting"] for r in rows] == ["AdamW", *soap_state.SETTINGS]
     assert 8 <= rows[0]["state_bytes_per_param"] < 8.01  # two floats a param, and a count
+    chain = rows[1:-1]  # each adds one option; the last row is the practical setting apart
+    assert rows[-1]["setting"] == soap_state.PRACTICAL_NAME
     for column in ("state_bytes_per_param", "both_sides_state_bytes_per_param"):
-        soap = [r[column] for r in rows[1:]]
+        soap = [r[column] for r in chain]
         assert all(after < before for before, after in itertools.pairwise(soap)), column
+        bases_in_bfloat16 = next(r for r in chain if r["setting"] == "+ bfloat16 bases")
+        assert bases_in_bfloat16[column] <= rows[-1][column] < chain[2][column], column
 
 
 def test_lm_race_crossing_is_linear_between_evaluations() -> None:

@@ -424,9 +424,24 @@ def _pack(matrices: list[jax.Array | None], like: jax.Array) -> jax.Array:
     return jnp.concatenate(parts) if parts else like
 
 
+def _rotate_matrices(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Array:
+    """:func:`_rotate` of a matrix (or of a batch of them, each by its own bases) as plain
+    matrix products, :math:`L^\\top X R` into the eigenbasis and :math:`L X R^\\top` back:
+    XLA:CPU runs them about 1.4x as fast as the contractions over leading dimensions that
+    :func:`_rotate` writes for any rank (measured on batches of 128 x 128 blocks)."""
+    left, right = bases
+    if left is not None:
+        x = (left if back else jnp.swapaxes(left, -1, -2)) @ x
+    if right is not None:
+        x = x @ (jnp.swapaxes(right, -1, -2) if back else right)
+    return x
+
+
 def _rotate(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Array:
     """``x`` (in the working shape) times each basis on its dimension: :math:`Q^\\top` into the
     eigenbasis, :math:`Q` back (the authors' ``project`` and ``project_back``)."""
+    if x.ndim == 2:
+        return _rotate_matrices(x, bases, back)
     for q in bases:
         if q is None:
             x = jnp.moveaxis(x, 0, -1)
@@ -471,6 +486,8 @@ def _eigenbasis(factor: jax.Array) -> jax.Array:
 
 def _rotate_blocks(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Array:
     """:func:`_rotate` of each block of a batch ``(n, *sizes)`` by its own bases ``(n, d, d)``."""
+    if x.ndim == 3:
+        return _rotate_matrices(x, bases, back)
     for q in bases:
         if q is None:
             x = jnp.moveaxis(x, 1, -1)
