@@ -172,6 +172,12 @@ GRIDS: dict[str, tuple[float, ...]] = {
     "mars": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     "adam-mini": (4e-3, 8e-3, 1.6e-2, 3.2e-2),
 }
+# --model medium: grids of its own where the small model's do not fit it (20x the params:
+# lower rates for AdamW; the setting to use for SOAP tuned, not run at float32 SOAP's rate).
+MEDIUM_GRIDS: dict[str, tuple[float, ...]] = {
+    "adamw": (1e-3, 2e-3, 4e-3, 8e-3),
+    "soap, compressed, bfloat16 nu, unrectified": (2e-3, 4e-3, 8e-3, 1.6e-2),
+}
 # --model: the example's ModelConfig settings (windows of WINDOW bytes)
 MODELS: dict[str, dict[str, int]] = {
     "small": MODEL,  # 0.24M params, the model of the other language-model studies
@@ -514,6 +520,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if args.steps < EVAL_EVERY or args.steps % EVAL_EVERY:
         parser.error(f"--steps must be a positive multiple of {EVAL_EVERY}, got {args.steps}")
     model, grids = MODELS[args.model], GRIDS
+    if args.model == "medium":
+        grids = {**GRIDS, **MEDIUM_GRIDS}
     if args.quick:
         model = QUICK_MODEL
         grids = {name: grid[:2] for name, grid in GRIDS.items()}
