@@ -51,7 +51,7 @@ from benchmarks.lm_low_precision import (
     refuse_another_model,
 )
 from benchmarks.lm_memory import WEIGHT_DECAY, matrices
-from benchmarks.sections.soap import COMPRESSED
+from benchmarks.sections.soap import COMPRESSED, PRACTICAL
 from examples.lm.data import Corpus, load
 from examples.lm.loop import Run, RunOptions, state_bytes_per_param
 from examples.lm.model import ModelConfig
@@ -124,11 +124,7 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
         lr, weight_decay=WEIGHT_DECAY, mask=matrices, **{**COMPRESSED, "nu_dtype": jnp.bfloat16}
     ),
     "soap, compressed, bfloat16 nu, unrectified": lambda lr: adam_jax.soap(
-        lr,
-        weight_decay=WEIGHT_DECAY,
-        mask=matrices,
-        basis_rectification=0,
-        **{**COMPRESSED, "nu_dtype": jnp.bfloat16},
+        lr, weight_decay=WEIGHT_DECAY, mask=matrices, **PRACTICAL
     ),
     # The compressed setting's parts apart: blocks alone, then bfloat16 factors and bases.
     "soap, blocks": lambda lr: adam_jax.soap(

@@ -21,6 +21,7 @@ import jax.numpy as jnp
 import adam_jax
 from benchmarks.harness import LR, Row, Settings
 from benchmarks.sections.offload import gpt2_small, transformer_like
+from benchmarks.sections.soap import PRACTICAL
 
 BOTH_SIDES = 60000  # above GPT-2's vocabulary: every dimension of every matrix preconditioned
 
@@ -40,7 +41,7 @@ SETTINGS: dict[str, dict[str, Any]] = dict(
 #: Apart from the chain: the compressed setting with its second moment in bfloat16, whose
 #: race loss stays within 1% of float32 SOAP's (benchmarks.sections.soap.PRACTICAL).
 PRACTICAL_NAME = "bfloat16 bases, 8-bit mu, bfloat16 nu"
-SETTINGS[PRACTICAL_NAME] = {**SETTINGS["+ bfloat16 bases"], "nu_dtype": jnp.bfloat16}
+SETTINGS[PRACTICAL_NAME] = PRACTICAL
 
 
 def bytes_per_param(tx: Any, params: Any) -> float:

@@ -47,19 +47,18 @@ def measure(d: int, windows: int, layers: int = LAYERS) -> list[Row]:
         "float32": {"block_size": BLOCK_SIZE},
         "compressed": COMPRESSED,
     }
-    runners = []
+    runs = []
     for setting, options in settings.items():
         for stagger in (False, True):
             tx = adam_jax.soap(
                 LR, precondition_frequency=FREQUENCY, stagger_refresh=stagger, **options
             )
             name = f"{setting}, stagger_refresh={stagger}"
-            runners.append(Runner(name, adam_step(tx), copy_tree(params), grads, tx.init(params)))
-    interleaved(runners, windows * FREQUENCY)
+            runner = Runner(name, adam_step(tx), copy_tree(params), grads, tx.init(params))
+            runs.append((setting, stagger, runner))
+    interleaved([runner for _, _, runner in runs], windows * FREQUENCY)
     rows = []
-    for runner, (setting, stagger) in zip(
-        runners, [(s, t) for s in settings for t in (False, True)], strict=True
-    ):
+    for setting, stagger, runner in runs:
         row = {
             "tree": f"transformer-like, d = {d}",
             "num_params": num_params,
