@@ -2,9 +2,10 @@
 
 * Eight host CPU devices (``XLA_FLAGS``) so that sharding tests can build a mesh; this must be
   set before jax is imported anywhere, hence at the very top of this file.
-* XLA:CPU's older fusion code generator (``--xla_cpu_use_fusion_emitters=false``): the suite
-  is compile-bound (thousands of small programs run for a few steps), and the default emitters
-  take about 2.3 times as long to compile them. Both generators are XLA:CPU's, for the same
+* XLA:CPU's older fusion code generator (``--xla_cpu_use_fusion_emitters=false``; jaxlib 0.11
+  has only the new one and aborts on the flag): the suite is compile-bound (thousands of small
+  programs run for a few steps), and the default emitters take about 2.3 times as long to
+  compile them. Both generators are XLA:CPU's, for the same
   HLO; a program's float results may differ between them in the last bits, which no test
   depends on: the references are compared with tolerances, and the bit-for-bit tests compare
   programs compiled alike. The example programs that the tests start as processes inherit
@@ -23,13 +24,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import os
 import shutil
 import tempfile
 
-os.environ.setdefault(
-    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_use_fusion_emitters=false"
+OLD_EMITTERS = (
+    " --xla_cpu_use_fusion_emitters=false"
+    if tuple(int(part) for part in importlib.metadata.version("jaxlib").split(".")[:2]) < (0, 11)
+    else ""
 )
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8" + OLD_EMITTERS)
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
 # The first process to import this file (xdist's controller, which starts the workers after

@@ -5,6 +5,7 @@ optimizer bit for bit, for the whole registry, the storages and wrappers, optax'
 from __future__ import annotations
 
 import operator
+import re
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from jax.sharding import PartitionSpec as P
 import adam_jax
 from adam_jax import registry
 from adam_jax.sharding import state_shardings
+from benchmarks.harness import adam_step
 from benchmarks.models import transformer_params
 from benchmarks.sections import offload
 
@@ -222,3 +224,62 @@ def test_the_compiled_step_keeps_no_state_on_the_device() -> None:
     assert whole["total"] >= 2 * params_bytes + adam_jax.state_bytes(state)
     # The donated params come back in their own buffers, counted once.
     assert whole["outputs"] < params_bytes
+
+
+def _main_of_cuda_step(tx: optax.GradientTransformation, params: Any) -> tuple[list[str], int]:
+    """The lines of the offloaded donating step's main function as exported for CUDA (the
+    lowering that keeps the copies between memories, which XLA:CPU drops), and the index of
+    its first state argument."""
+    state = offload.in_host_memory(jax.eval_shape(tx.init, params))
+    step = jax.jit(adam_step(adam_jax.offload_state(tx)), donate_argnums=(0, 2))
+    module = jax.export.export(step, platforms=["cuda"])(params, params, state).mlir_module()
+    main = module.split("func.func public @main", 1)[1].split("\n  }", 1)[0]
+    return main.splitlines(), 2 * len(jax.tree.leaves(params))
+
+
+def _uses(lines: list[str], name: str) -> list[str]:
+    """The lines that read value ``name`` (e.g. ``%arg7``)."""
+    pattern = re.compile(re.escape(name) + r"(?![\w#])")
+    return [line for line in lines[1:] if pattern.search(line.split("=", 1)[-1])]
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "optax.adam"])
+def test_every_state_array_is_copied_to_the_device_before_it_is_computed_on(name: str) -> None:
+    """The update never computes on host memory (XLA:GPU refuses to compile a program whose
+    result comes from a computation in host memory): each state argument is read only by a
+    copy to the device or by an ordering barrier, and each new state array is copied back."""
+    params = jax.eval_shape(_params)
+    tx = optax.adam(1e-2) if name == "optax.adam" else getattr(adam_jax, name)(1e-2)
+    lines, first = _main_of_cuda_step(tx, params)
+    num_state = len(jax.tree.leaves(jax.eval_shape(tx.init, params)))
+    for k in range(first, first + num_state):
+        uses = _uses(lines, f"%arg{k}")
+        assert uses, k
+        for use in uses:
+            assert ('_xla_buffer_placement = "device"' in use) or "optimization_barrier" in use
+    body = "\n".join(lines)
+    assert body.count('_xla_buffer_placement = "device"') == num_state
+    assert body.count('_xla_buffer_placement = "pinned_host"') == num_state
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "adam_mini"])
+def test_the_core_brings_its_moments_over_leaf_by_leaf(name: str) -> None:
+    """Each leaf's host moments pass through a barrier with the previous leaf's new moments in
+    host memory before they are copied over: one barrier per leaf after the first, each holding
+    the previous leaf's copies back to the host. A transformation outside the core (optax.adam)
+    brings its state over as a whole, with no barrier."""
+    params = jax.eval_shape(lambda: transformer_params(jax.random.key(0), layers=1))
+    tx = getattr(adam_jax, name)(1e-2, **({"num_heads": 4} if name == "adam_mini" else {}))
+    lines, _ = _main_of_cuda_step(tx, params)
+    barriers = [line for line in lines if "stablehlo.optimization_barrier" in line]
+    assert len(barriers) == len(jax.tree.leaves(params)) - 1
+    to_host = {
+        line.split("=", 1)[0].strip()
+        for line in lines
+        if '_xla_buffer_placement = "pinned_host"' in line
+    }
+    for barrier in barriers:
+        operands = re.findall(r"%[\w#]+", barrier.split("optimization_barrier", 1)[1])
+        assert to_host & set(operands), barrier
+    lines, _ = _main_of_cuda_step(optax.adam(1e-2), params)
+    assert not any("stablehlo.optimization_barrier" in line for line in lines)

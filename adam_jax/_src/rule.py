@@ -64,6 +64,7 @@ import optax
 
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.numerics import compute_dtype, real_dtype
+from adam_jax._src.offload import from_host_in_turn, to_host
 from adam_jax._src.segmented import buffer_storages, packed_tensors
 from adam_jax._src.sequencing import after, scales_of
 from adam_jax._src.storage import (
@@ -486,9 +487,10 @@ def scale_by_rule(
         new_updates = []
         new_moments: list[list[Any]] = [[] for _ in moments]
         previous: Any = None  # the scales the last leaf whose moments were decoded stored
+        previous_on_host: Any = None  # the last offloaded leaf's new moments, in host memory
         for i, grad in enumerate(grads):
             kept = [leaf_storages[i] for leaf_storages in storages]
-            trees = [tree[i] for tree in stored]
+            trees, on_host = from_host_in_turn([tree[i] for tree in stored], previous_on_host)
             decodes = any(s.decodes(t) for s, t in zip(kept, trees, strict=True))
             if decodes:
                 trees = after(previous, trees)
@@ -505,6 +507,8 @@ def scale_by_rule(
                 position=i,
             )
             new_updates.append(update)
+            if on_host is not None:
+                previous_on_host = to_host(new_stored)
             for out, value in zip(new_moments, new_stored, strict=True):
                 out.append(value)
             if decodes:

@@ -10,14 +10,23 @@ buffer (the module's ``input_output_alias``) counted once, and every temporary. 
 not split temporaries by memory space (``memory_analysis()``'s ``host_*`` fields are 0 on
 jax 0.10), so all of them are counted as device bytes: an upper bound.
 
-The time rows run both steps of each setting on real arrays of the transformer-like tree in
-the same rounds (interleaved); ``ratio_vs_device`` is the median over rounds of the offloaded
-step's time over the on-device step's. On CPU both memory kinds are the same RAM, so the ratio
-says only what the extra copies in the program cost, not what a PCIe transfer costs.
+Each memory row also keeps ``memory_analysis()`` of both programs as XLA reports it: on a GPU
+its ``host_*`` fields split host from device buffers, and ``temp_size_in_bytes`` counts the
+device's temporaries alone.
+
+The time rows run both steps of each setting on real arrays in the same rounds (interleaved);
+``ratio_vs_device`` is the median over rounds of the offloaded step's time over the on-device
+step's. The optimizer step runs on the transformer-like tree; on a GPU, on a 98M-param tree of
+the same layout (12 blocks, d = 768, vocabulary 8192, 1024 positions), and so does a whole
+train step (forward, backward and float32 AdamW on 8 x 1024 tokens), the step that torchao's
+``CPUOffloadOptimizer`` reports (1.2x on a 1.1B model). On CPU both memory kinds are the same
+RAM, so the ratio says only what the extra copies in the program cost, not what a PCIe
+transfer costs.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import statistics
 from collections.abc import Callable
@@ -30,7 +39,8 @@ import optax
 
 import adam_jax
 from benchmarks.harness import LR, Row, Runner, Settings, adam_step, copy_tree, interleaved
-from benchmarks.models import transformer_params
+from benchmarks.models import transformer_loss, transformer_params
+from benchmarks.sections.train_step import tree_train_step
 
 REPEATS = 20
 HEADS = 4
@@ -46,6 +56,9 @@ SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
 }
 #: The settings timed on real arrays (the others' copies are the same kind of program).
 TIMED = ("float32 AdamW", "8-bit moments")
+#: The timed tree's size on a GPU: the scaling section's 98M-param transformer.
+GPU_TREE = {"layers": 12, "d": 768, "ff": 3072, "vocab": 8192, "seq": 1024}
+GPU_BATCH = (8, 1025)
 
 
 def gpt2_small() -> Any:
@@ -153,6 +166,8 @@ def memory_rows(trees: tuple[str, ...] = tuple(TREES)) -> list[Row]:
                     "offloaded_temporaries_per_param": ours["temporaries"] / n,
                     "bound_bytes_per_param": bound / n,
                     "within_bound": ours["total"] <= bound,
+                    "memory_analysis": analysis(on_device),
+                    "offloaded_memory_analysis": analysis(offloaded),
                 }
             )
             print(
@@ -161,6 +176,16 @@ def memory_rows(trees: tuple[str, ...] = tuple(TREES)) -> list[Row]:
                 flush=True,
             )
     return rows
+
+
+def analysis(compiled: jax.stages.Compiled) -> dict[str, int]:
+    """``compiled.memory_analysis()``'s byte counts, by field name."""
+    stats = compiled.memory_analysis()
+    return {
+        name: int(getattr(stats, name))
+        for name in dir(stats)
+        if name.endswith("_in_bytes") and isinstance(getattr(stats, name), int)
+    }
 
 
 def largest_leaf_state(make: Callable[[], optax.GradientTransformation], params: Any) -> int:
@@ -173,27 +198,37 @@ def largest_leaf_state(make: Callable[[], optax.GradientTransformation], params:
 
 
 def time_rows(repeats: int, layers: int) -> list[Row]:
-    base = transformer_params(jax.random.key(0), layers=layers)
-    n = sum(x.size for x in jax.tree.leaves(base))
+    """The optimizer step of each :data:`TIMED` setting on the device and offloaded, on the
+    transformer-like tree of ``layers`` blocks (on a GPU, :data:`GPU_TREE`), and on a GPU the
+    whole train step of float32 AdamW."""
+    on_gpu = jax.default_backend() == "gpu"
+    sizes = GPU_TREE if on_gpu else {"layers": layers}
+    base = transformer_params(jax.random.key(0), **sizes)
+    tree = "transformer, 98M" if on_gpu else "transformer-like"
     grads = jax.tree.map(lambda x: jnp.cos(x) * 1e-2, base)
-    runners = []
-    for name in TIMED:
-        for offload in (False, True):
-            tx = SETTINGS[name]()
-            tx = adam_jax.offload_state(tx) if offload else tx
-            label = f"{name}, offloaded" if offload else name
-            runners.append(
-                Runner(label, adam_step(tx), copy_tree(base), grads, tx.init(copy_tree(base)))
-            )
-    interleaved(runners, repeats)
+    pairs = [(tree, name, SETTINGS[name], adam_step, grads) for name in TIMED]
+    if on_gpu:
+        tokens = jax.random.randint(jax.random.key(1), GPU_BATCH, 0, GPU_TREE["vocab"])
+        train = functools.partial(tree_train_step, loss=transformer_loss)
+        pairs.append(
+            (f"{tree}, train step", "float32 AdamW", SETTINGS["float32 AdamW"], train, tokens)
+        )
     rows = []
-    for device, offloaded in zip(runners[::2], runners[1::2], strict=True):
+    for tree_name, name, make, make_step, batch in pairs:
+        runners = []
+        for offload in (False, True):
+            tx = adam_jax.offload_state(make()) if offload else make()
+            label = f"{name}, offloaded" if offload else name
+            params = copy_tree(base)
+            runners.append(Runner(label, make_step(tx), params, batch, tx.init(params)))
+        interleaved(runners, repeats)
+        device, offloaded = runners
         ratio = statistics.median(o / d for o, d in zip(offloaded.times, device.times, strict=True))
         rows.append(
             {
-                "tree": "transformer-like",
-                "num_params": n,
-                "setting": device.name,
+                "tree": tree_name,
+                "num_params": sum(x.size for x in jax.tree.leaves(base)),
+                "setting": name,
                 "device_median_ms": 1e3 * device.median,
                 "offloaded_median_ms": 1e3 * offloaded.median,
                 "ratio_vs_device": ratio,
@@ -201,12 +236,12 @@ def time_rows(repeats: int, layers: int) -> list[Row]:
             }
         )
         print(
-            f"  {device.name:16s} {1e3 * device.median:8.3f} ms, offloaded "
+            f"  {tree_name:28s} {name:16s} {1e3 * device.median:8.3f} ms, offloaded "
             f"{1e3 * offloaded.median:8.3f} ms  x{ratio:.3f}",
             flush=True,
         )
-    for runner in runners:
-        runner.release()
+        for runner in runners:
+            runner.release()
     return rows
 
 
