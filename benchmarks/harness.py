@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,10 @@ class Settings:
     repeats: int | None = None
     quick: bool = False
     compile_leaves: tuple[int, ...] = (100, 1000, 3000)
+    #: The rows a section has finished so far: a long section appends each row as it makes it,
+    #: so that a run stopped mid-section (``timeout``, a lent device's time running out) keeps
+    #: them; ``benchmarks.run`` empties it before each section.
+    finished: list[Row] = field(default_factory=list)
 
     def repeats_or(self, default: int, quick: int = 3) -> int:
         if self.repeats is not None:
@@ -153,13 +157,21 @@ class ResultsFile:
         self.machine = machine_info()
         self.data["machine"] = self.machine
 
-    def record(self, section: str, rows: list[Row], seconds: float) -> None:
+    def record(
+        self, section: str, rows: list[Row], seconds: float, stopped_early: bool = False
+    ) -> None:
+        """Writes ``rows`` as ``section``'s (``stopped_early``: the rows a run stopped before the
+        section's end had finished). The file is replaced whole: a run stopped while it writes
+        leaves the previous one."""
         self.data[section] = rows
         self.data.setdefault("section_seconds", {})[section] = seconds
         self.data.setdefault("section_runs", {})[section] = {
             "command": self.command,
             "date_utc": self.machine["date_utc"],
             "load_average_at_start": self.machine["load_average_at_start"],
+            **({"stopped_early": True} if stopped_early else {}),
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text(json.dumps(self.data, indent=2) + "\n")
+        partial = self.path.with_name(self.path.name + ".partial")
+        partial.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(partial, self.path)

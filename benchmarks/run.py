@@ -30,11 +30,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import signal
 import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 
@@ -125,6 +126,14 @@ SECTIONS: dict[str, Section] = {
 PLOTTED = {"steps", "compile", "state_bytes"}
 
 
+class Stopped(Exception):
+    """The run got SIGTERM (``timeout``, a lent device's time running out)."""
+
+
+def _stop(signum: int, frame: Any) -> None:
+    raise Stopped
+
+
 def default_sections() -> list[str]:
     on_gpu = jax.default_backend() == "gpu"
     return [name for name, section in SECTIONS.items() if on_gpu or not section.gpu_only]
@@ -164,10 +173,23 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
     results = ResultsFile(Path(args.out), command)
     print(json.dumps(results.machine), flush=True)
+    signal.signal(signal.SIGTERM, _stop)
     for name in sections:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
-        rows = SECTIONS[name].run(settings)
+        settings.finished.clear()
+        try:
+            rows = SECTIONS[name].run(settings)
+        except Stopped:
+            if settings.finished:
+                seconds = time.perf_counter() - start
+                results.record(name, list(settings.finished), seconds, stopped_early=True)
+            print(
+                f"stopped in {name}: its {len(settings.finished)} finished rows written to "
+                f"{results.path}",
+                flush=True,
+            )
+            raise SystemExit(128 + signal.SIGTERM) from None
         results.record(name, rows, time.perf_counter() - start)
     print(f"results written to {results.path}")
     if PLOTTED.intersection(sections):

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import json
 import math
+import os
 import shlex
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +64,39 @@ def test_leaves_and_state_bytes_sections_write_their_rows(tmp_path: Path) -> Non
     tables = summarize.summarize(results)
     assert "time / optax.adam" in tables and "bytes per parameter" in tables
     assert (tmp_path / "plot.png").exists()
+
+
+def test_a_run_stopped_mid_section_keeps_the_rows_it_finished(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM (``timeout``, a lent device's time running out) in the middle of a section: the
+    rows the section had finished are written, marked as stopped early; the sections recorded
+    before are kept; the run exits with 143."""
+
+    def stopped_section(settings: run.Settings) -> list[dict[str, Any]]:
+        settings.finished.append({"row": 1})
+        os.kill(os.getpid(), signal.SIGTERM)
+        settings.finished.append({"row": 2})  # never reached: the signal stops the section
+        return list(settings.finished)
+
+    sections = {
+        "state_bytes": run.SECTIONS["state_bytes"],
+        "stopped": run.Section(stopped_section, "a section stopped half way"),
+    }
+    monkeypatch.setattr(run, "SECTIONS", sections)
+    out = tmp_path / "results.json"
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(SystemExit) as stop:
+            run.main(["--sections", "state_bytes", "stopped", "--quick", "--out", str(out)])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert stop.value.code == 143
+    results = json.loads(out.read_text())
+    assert results["stopped"] == [{"row": 1}]
+    assert results["section_runs"]["stopped"]["stopped_early"] is True
+    assert results["state_bytes"] and "stopped_early" not in results["section_runs"]["state_bytes"]
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_revision_comparison_takes_medians_over_processes() -> None:

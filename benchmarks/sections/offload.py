@@ -143,8 +143,9 @@ def compiled_steps(
     )
 
 
-def memory_rows(trees: tuple[str, ...] = tuple(TREES)) -> list[Row]:
-    rows = []
+def memory_rows(trees: tuple[str, ...] = tuple(TREES), rows: list[Row] | None = None) -> list[Row]:
+    """The device bytes of each setting on each tree, appended to ``rows`` as each is made."""
+    rows = [] if rows is None else rows
     for tree_name in trees:
         params = TREES[tree_name]()
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
@@ -197,10 +198,11 @@ def largest_leaf_state(make: Callable[[], optax.GradientTransformation], params:
     )
 
 
-def time_rows(repeats: int, layers: int) -> list[Row]:
+def time_rows(repeats: int, layers: int, rows: list[Row] | None = None) -> list[Row]:
     """The optimizer step of each :data:`TIMED` setting on the device and offloaded, on the
     transformer-like tree of ``layers`` blocks (on a GPU, :data:`GPU_TREE`), and on a GPU the
-    whole train step of float32 AdamW."""
+    whole train step of float32 AdamW; appended to ``rows`` as each is made."""
+    rows = [] if rows is None else rows
     on_gpu = jax.default_backend() == "gpu"
     sizes = GPU_TREE if on_gpu else {"layers": layers}
     base = transformer_params(jax.random.key(0), **sizes)
@@ -213,7 +215,6 @@ def time_rows(repeats: int, layers: int) -> list[Row]:
         pairs.append(
             (f"{tree}, train step", "float32 AdamW", SETTINGS["float32 AdamW"], train, tokens)
         )
-    rows = []
     for tree_name, name, make, make_step, batch in pairs:
         runners = []
         for offload in (False, True):
@@ -247,4 +248,6 @@ def time_rows(repeats: int, layers: int) -> list[Row]:
 
 def run(settings: Settings) -> list[Row]:
     trees = ("transformer-like",) if settings.quick else tuple(TREES)
-    return memory_rows(trees) + time_rows(settings.repeats_or(REPEATS), 2 if settings.quick else 16)
+    memory_rows(trees, settings.finished)
+    time_rows(settings.repeats_or(REPEATS), 2 if settings.quick else 16, settings.finished)
+    return list(settings.finished)
