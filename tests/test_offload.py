@@ -226,12 +226,14 @@ def test_the_compiled_step_keeps_no_state_on_the_device() -> None:
     assert whole["outputs"] < params_bytes
 
 
-def _main_of_cuda_step(tx: optax.GradientTransformation, params: Any) -> tuple[list[str], int]:
+def _main_of_cuda_step(
+    tx: optax.GradientTransformation, params: Any, **options: Any
+) -> tuple[list[str], int]:
     """The lines of the offloaded donating step's main function as exported for CUDA (the
     lowering that keeps the copies between memories, which XLA:CPU drops), and the index of
     its first state argument."""
     state = offload.in_host_memory(jax.eval_shape(tx.init, params))
-    step = jax.jit(adam_step(adam_jax.offload_state(tx)), donate_argnums=(0, 2))
+    step = jax.jit(adam_step(adam_jax.offload_state(tx, **options)), donate_argnums=(0, 2))
     module = jax.export.export(step, platforms=["cuda"])(params, params, state).mlir_module()
     main = module.split("func.func public @main", 1)[1].split("\n  }", 1)[0]
     return main.splitlines(), 2 * len(jax.tree.leaves(params))
@@ -283,3 +285,22 @@ def test_the_core_brings_its_moments_over_leaf_by_leaf(name: str) -> None:
         assert to_host & set(operands), barrier
     lines, _ = _main_of_cuda_step(optax.adam(1e-2), params)
     assert not any("stablehlo.optimization_barrier" in line for line in lines)
+
+
+def test_leaf_by_leaf_off_copies_each_state_array_once_beside_apply_if_finite() -> None:
+    """``optax.apply_if_finite`` keeps its old state beside the new one, so the whole state
+    comes over anyway: leaf by leaf, the core's moments come over a second time; with
+    ``leaf_by_leaf=False`` every state array is copied in at most once and out once, with no
+    barrier."""
+    params = jax.eval_shape(_params)
+    tx = optax.apply_if_finite(adam_jax.adamw(1e-2), 3)
+    num_state = len(jax.tree.leaves(jax.eval_shape(tx.init, params)))
+    body = "\n".join(_main_of_cuda_step(tx, params)[0])
+    assert body.count('_xla_buffer_placement = "device"') > num_state
+    body = "\n".join(_main_of_cuda_step(tx, params, leaf_by_leaf=False)[0])
+    # At most once: a field the update overwrites unread (its last finite flag) is not copied.
+    assert body.count('_xla_buffer_placement = "device"') <= num_state
+    assert body.count('_xla_buffer_placement = "pinned_host"') == num_state
+    assert "stablehlo.optimization_barrier" not in body
+    plain = _run(tx, _params())
+    _assert_same(_run(adam_jax.offload_state(tx, leaf_by_leaf=False), _params()), plain)

@@ -127,16 +127,18 @@ def check_host_memory(what: str) -> None:
         )
 
 
-def offload_state(inner: optax.GradientTransformation) -> optax.GradientTransformationExtraArgs:
+def offload_state(
+    inner: optax.GradientTransformation, *, leaf_by_leaf: bool = True
+) -> optax.GradientTransformationExtraArgs:
     r"""Keeps ``inner``'s state in host memory between steps.
 
     ``init`` places every array of ``inner``'s state in host memory (the ``pinned_host``
     memory kind, each device's shard in its own host's memory); ``update`` brings the state to
     the device, runs ``inner``'s update and sends the new state back, in the same compiled
     program when it runs under ``jax.jit`` (an array already in the memory it goes to stays as
-    it is). The rules of the core (every optimizer of the registry built on
-    :func:`adam_jax.rules.scale_by_rule`) move their moments leaf by leaf, so the device holds
-    about one leaf's state at a time; any other state comes over as a whole:
+    it is). With ``leaf_by_leaf``, the rules of the core (every optimizer of the registry built
+    on :func:`adam_jax.rules.scale_by_rule`) move their moments leaf by leaf, so the device
+    holds about one leaf's state at a time; any other state comes over as a whole:
 
     .. math::
         (u, s') = \mathrm{inner.update}(g, \mathrm{to\_device}(s), \theta), \qquad
@@ -151,8 +153,15 @@ def offload_state(inner: optax.GradientTransformation) -> optax.GradientTransfor
     with one on the device). This is torchao's ``CPUOffloadOptimizer`` and
     DeepSpeed's ZeRO-Offload in JAX's terms, with the step itself on the device.
 
+    A wrapper that keeps the old state beside the new one (``optax.apply_if_finite``, which
+    returns the old state when the gradients are not finite) needs the whole state on the
+    device anyway: there ``leaf_by_leaf=False`` saves the second, leaf-by-leaf copy of the
+    moments.
+
     Args:
       inner: the optimizer, e.g. :func:`adam_jax.adamw`; any ``GradientTransformation``.
+      leaf_by_leaf: whether the core's moments come over one leaf at a time (True, the
+        default), or with the rest of the state, as XLA schedules the copies.
 
     Returns:
       A ``GradientTransformationExtraArgs`` whose state is ``inner``'s, in host memory.
@@ -178,7 +187,7 @@ def offload_state(inner: optax.GradientTransformation) -> optax.GradientTransfor
         on_device = _place(state, jax.memory.Space.Device)
         pairs = zip(jax.tree.leaves(on_device), jax.tree.leaves(state), strict=True)
         transfers = _Transfers({id(moved): (moved, x) for moved, x in pairs if moved is not x})
-        with _tracing(transfers):
+        with _tracing(transfers) if leaf_by_leaf else contextlib.nullcontext():
             updates, new_state = optax.with_extra_args_support(inner).update(
                 updates, on_device, params, **extra
             )
