@@ -164,16 +164,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> None:
-    args = parse_args(argv)
-    settings = Settings(
-        repeats=args.repeats, quick=args.quick, compile_leaves=tuple(args.compile_leaves)
-    )
-    sections = args.sections or default_sections()
-    command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
-    results = ResultsFile(Path(args.out), command)
-    print(json.dumps(results.machine), flush=True)
-    signal.signal(signal.SIGTERM, _stop)
+def run_sections(sections: list[str], settings: Settings, results: ResultsFile) -> None:
+    """Runs and records each section; on SIGTERM, records the rows the section had finished
+    and exits with 143."""
     for name in sections:
         print(f"== {name}", flush=True)
         start = time.perf_counter()
@@ -191,6 +184,22 @@ def main(argv: list[str] | None = None) -> None:
             )
             raise SystemExit(128 + signal.SIGTERM) from None
         results.record(name, rows, time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    settings = Settings(
+        repeats=args.repeats, quick=args.quick, compile_leaves=tuple(args.compile_leaves)
+    )
+    sections = args.sections or default_sections()
+    command = " ".join(["python -m benchmarks.run", *(sys.argv[1:] if argv is None else argv)])
+    results = ResultsFile(Path(args.out), command)
+    print(json.dumps(results.machine), flush=True)
+    previous_handler = signal.signal(signal.SIGTERM, _stop)
+    try:
+        run_sections(sections, settings, results)
+    finally:
+        signal.signal(signal.SIGTERM, previous_handler)
     print(f"results written to {results.path}")
     if PLOTTED.intersection(sections):
         from benchmarks import plot

@@ -86,12 +86,10 @@ def test_a_run_stopped_mid_section_keeps_the_rows_it_finished(
     monkeypatch.setattr(run, "SECTIONS", sections)
     out = tmp_path / "results.json"
     previous = signal.getsignal(signal.SIGTERM)
-    try:
-        with pytest.raises(SystemExit) as stop:
-            run.main(["--sections", "state_bytes", "stopped", "--quick", "--out", str(out)])
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    with pytest.raises(SystemExit) as stop:
+        run.main(["--sections", "state_bytes", "stopped", "--quick", "--out", str(out)])
     assert stop.value.code == 143
+    assert signal.getsignal(signal.SIGTERM) == previous  # main put the handler back
     results = json.loads(out.read_text())
     assert results["stopped"] == [{"row": 1}]
     assert results["section_runs"]["stopped"]["stopped_early"] is True
