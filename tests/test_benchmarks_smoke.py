@@ -448,6 +448,28 @@ def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
         lm_race.main(["--quick", "--optimizers", "adamw", "--out", str(other), "--plot", str(png)])
 
 
+def test_offload_section_on_a_gpu_also_times_a_whole_train_step(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The section's GPU branch (a larger tree and a whole train step), run here on CPU arrays
+    with the backend's name faked and the tree made small."""
+    from benchmarks.sections import offload
+
+    monkeypatch.setattr(
+        offload, "GPU_TREE", {"layers": 1, "d": 16, "ff": 32, "vocab": 64, "seq": 8}
+    )
+    monkeypatch.setattr(offload, "GPU_BATCH", (2, 9))
+    monkeypatch.setattr(offload.jax, "default_backend", lambda: "gpu")
+    rows = offload.time_rows(repeats=2, layers=1)
+    assert [(row["tree"], row["setting"]) for row in rows] == [
+        ("transformer, 98M", "float32 AdamW"),
+        ("transformer, 98M", "8-bit moments"),
+        ("transformer, 98M, train step", "float32 AdamW"),
+    ]
+    for row in rows:
+        assert row["offloaded_median_ms"] > 0 and row["ratio_vs_device"] > 0
+
+
 def test_offload_section_times_each_setting_offloaded_against_on_the_device() -> None:
     from benchmarks.sections import offload
 
