@@ -206,6 +206,7 @@ def time_rows(repeats: int, layers: int, rows: list[Row] | None = None) -> list[
     on_gpu = jax.default_backend() == "gpu"
     sizes = GPU_TREE if on_gpu else {"layers": layers}
     base = transformer_params(jax.random.key(0), **sizes)
+    n = sum(x.size for x in jax.tree.leaves(base))
     tree = "transformer, 98M" if on_gpu else "transformer-like"
     grads = jax.tree.map(lambda x: jnp.cos(x) * 1e-2, base)
     pairs = [(tree, name, SETTINGS[name], adam_step, grads) for name in TIMED]
@@ -228,7 +229,7 @@ def time_rows(repeats: int, layers: int, rows: list[Row] | None = None) -> list[
         rows.append(
             {
                 "tree": tree_name,
-                "num_params": sum(x.size for x in jax.tree.leaves(base)),
+                "num_params": n,
                 "setting": name,
                 "device_median_ms": 1e3 * device.median,
                 "offloaded_median_ms": 1e3 * offloaded.median,
