@@ -9,16 +9,18 @@ it back, inside the same compiled program.
 Leaf by leaf: XLA places the copies between memories where its scheduler likes, and on a GPU it
 brings every leaf's state over before the first leaf is stepped, so that the device holds the
 whole state at once. The core (:func:`adam_jax.rules.scale_by_rule`, the rules of the registry)
-moves its own moments in turn instead: a leaf's host state goes through
-``jax.lax.optimization_barrier`` with the host copy of the previous leaf's new state before it
-is copied over, so no copy to the device starts before the previous leaf is back in host
-memory. While :func:`offload_state` traces its inner update, a :class:`_Transfers` in a
-context variable maps each array it copied to the device to its host original, and each new
-array the core copied back to that copy. The core returns its new moments typed as device
-arrays, so that whatever combines them with the old state (``optax.apply_if_finite``'s
-``lax.cond``) sees one memory, and :func:`offload_state` takes the host copy already made
-instead of copying again. The copies it made of the state up front and that nothing read are
-dropped by JAX.
+moves its own moments in turn instead (:func:`update_in_turn`): a leaf's host state goes through
+``jax.lax.optimization_barrier`` with the host copy of the last new state before it is copied
+over, so no copy to the device starts before the previous one is back in host memory. Within a
+leaf, a moment computed from its own old value alone (Adam's ``mu``) comes over and goes back
+before the next: the device holds a moment's old and new arrays and the new ones before it, 1.5x
+the leaf's state for Adam, not 2x. While :func:`offload_state` traces its inner update, a
+:class:`_Transfers` in a context variable maps each array it copied to the device to its host
+original, and each new array the core copied back to that copy. The core returns its new moments
+typed as device arrays, so that whatever combines them with the old state
+(``optax.apply_if_finite``'s ``lax.cond``) sees one memory, and :func:`offload_state` takes the
+host copy already made instead of copying again. The copies it made of the state up front and
+that nothing read are dropped by JAX.
 """
 
 from __future__ import annotations
@@ -26,11 +28,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
 import optax
+from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, Literal, jaxpr_as_fun
 
 HOST = "pinned_host"
 
@@ -85,35 +88,141 @@ def _tracing(transfers: _Transfers) -> Iterator[None]:
         _TRANSFERS.reset(token)
 
 
-def from_host_in_turn(stored: Any, previous: Any) -> tuple[Any, Any]:
-    """One leaf's stored moments on the device, copied over only once ``previous`` (the host
-    copy of the last leaf's new moments, or ``None``) exists.
+def _moment_sources(
+    jaxpr: Any, inputs: list[list[Any]], outputs: list[list[Any]]
+) -> list[set[int]]:
+    """Which moments' stored arrays (``inputs[j]``, invars of ``jaxpr``) each moment's new
+    arrays (``outputs[k]``, its outvars) are computed from. An equation's outputs are taken to
+    read every input of it (a call, a loop), so the answer errs towards more."""
+    sources: dict[Any, frozenset[int]] = {
+        var: frozenset({j}) for j, group in enumerate(inputs) for var in group
+    }
+    for eqn in jaxpr.eqns:
+        read = frozenset().union(
+            *(sources.get(v, frozenset()) for v in eqn.invars if not isinstance(v, Literal))
+        )
+        for var in eqn.outvars:
+            sources[var] = read
+    return [
+        set().union(*(sources.get(v, ()) for v in group if not isinstance(v, Literal)))
+        for group in outputs
+    ]
 
-    Returns ``(stored on the device, its host original)``; the original is ``None``, and
-    ``stored`` comes back as it was, unless :func:`offload_state` is tracing and copied every
-    array of ``stored`` from host memory."""
+
+def _needed(eqns: list[Any], targets: list[Any]) -> list[Any]:
+    """The equations of ``eqns`` (in their order) that ``targets`` are computed from."""
+    wanted = {v for v in targets if not isinstance(v, Literal)}
+    kept = []
+    for eqn in reversed(eqns):
+        if any(v in wanted for v in eqn.outvars):
+            kept.append(eqn)
+            wanted.update(v for v in eqn.invars if not isinstance(v, Literal))
+    return kept[::-1]
+
+
+def _reads(eqns: list[Any], targets: list[Any]) -> list[Any]:
+    """The variables that ``eqns`` read or ``targets`` name and that ``eqns`` do not define."""
+    own = {v for eqn in eqns for v in eqn.outvars}
+    read = [v for eqn in eqns for v in eqn.invars] + list(targets)
+    return list(dict.fromkeys(v for v in read if not isinstance(v, Literal) and v not in own))
+
+
+def _evaluate(eqns: list[Any], env: dict[Any, Any], debug_info: Any) -> None:
+    """Binds in ``env`` every variable that ``eqns`` define, computed from those of ``env``."""
+    defined = [v for eqn in eqns for v in eqn.outvars if not isinstance(v, DropVar)]
+    read = _reads(eqns, [])
+    effects = frozenset().union(*(eqn.effects for eqn in eqns))
+    jaxpr = Jaxpr([], read, defined, eqns, effects, debug_info)
+    values = jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*(env[v] for v in read))
+    env.update(zip(defined, values, strict=True))
+
+
+def update_in_turn(
+    step: Callable[[list[Any]], tuple[jax.Array, list[Any]]],
+    stored: list[Any],
+    previous: Any,
+    *,
+    in_parts: bool = True,
+) -> tuple[jax.Array, list[Any], Any] | None:
+    """One leaf's ``step`` (its stored moments -> its update and new stored moments), its
+    moments brought from host memory one at a time; ``None`` unless :func:`offload_state` is
+    tracing and copied every array of ``stored`` from host memory.
+
+    A moment whose new value is computed from its own old value alone (Adam's ``mu`` and
+    ``nu``) comes over by itself, is stepped and goes back; the next comes over only once it
+    is back (an ``optimization_barrier`` joins its host arrays with the last host copy,
+    ``previous`` for the first: the previous leaf's). The rest come over together, last. So
+    the device holds a moment's old and new arrays and the new ones of the moments before it,
+    not every moment's old and new arrays at once. ``step`` is traced once to a jaxpr, whose
+    equations are then run in that order; the values a later part reads from an earlier one
+    pass through a barrier, so that XLA does not compute them again from the old arrays.
+
+    With ``in_parts`` false, every moment comes over at once (the core's choice for decoded and
+    reduced stored forms: apart, a decoded moment's new value in the compute dtype would wait
+    on the device for the update).
+
+    Returns ``(update, new stored moments on the device, host copy of the last part's new
+    moments)``; :func:`offload_state` returns the host copies in place of the new moments.
+    """
     transfers = _TRANSFERS.get()
     arrays = jax.tree.leaves(stored)
     if transfers is None or not arrays or any(id(x) not in transfers.originals for x in arrays):
-        return stored, None
-    host = jax.tree.map(lambda x: transfers.originals[id(x)][1], stored)
-    if previous is not None:
-        host, _ = jax.lax.optimization_barrier((host, previous))
-    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), host), host
+        return None
+    host = [[transfers.originals[id(x)][1] for x in jax.tree.leaves(tree)] for tree in stored]
+    closed, shapes = jax.make_jaxpr(step, return_shape=True)(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stored)
+    )
+    jaxpr = closed.jaxpr
+    inputs, outputs = [], []
+    invars, outvars = iter(jaxpr.invars), iter(jaxpr.outvars)
+    num_update = len(jax.tree.leaves(shapes[0]))
+    update_vars = [next(outvars) for _ in range(num_update)]
+    for tree, new in zip(host, shapes[1], strict=True):
+        inputs.append([next(invars) for _ in tree])
+        outputs.append([next(outvars) for _ in jax.tree.leaves(new)])
+    alone = []
+    if in_parts:
+        sources = _moment_sources(jaxpr, inputs, outputs)
+        alone = [k for k, read in enumerate(sources) if read <= {k}]
+    if len(alone) == len(stored):
+        alone.pop()  # the last comes over with the update
+    parts = [[k] for k in alone] + [[k for k in range(len(stored)) if k not in alone]]
 
+    env: dict[Any, Any] = dict(zip(jaxpr.constvars, closed.consts, strict=True))
+    given = {*jaxpr.constvars, *jaxpr.invars}
+    pending = list(jaxpr.eqns)
+    host_copies: dict[Any, jax.Array] = {}
+    for number, part in enumerate(parts):
+        last = number == len(parts) - 1
+        on_host = [x for k in part for x in host[k]]
+        if previous is not None:
+            on_host, _ = jax.lax.optimization_barrier((on_host, previous))
+        moved = [jax.device_put(x, jax.memory.Space.Device) for x in on_host]
+        targets = list(jaxpr.outvars) if last else [v for k in part for v in outputs[k]]
+        eqns = _needed(pending, targets)
+        carried = [v for v in _reads(eqns, targets) if v in env and v not in given]
+        if carried:
+            moved, values = jax.lax.optimization_barrier((moved, [env[v] for v in carried]))
+            env.update(zip(carried, values, strict=True))
+        env.update(zip([v for k in part for v in inputs[k]], moved, strict=True))
+        _evaluate(eqns, env, jaxpr.debug_info)
+        done = {id(eqn) for eqn in eqns}
+        pending = [eqn for eqn in pending if id(eqn) not in done]
+        new = [v for k in part for v in outputs[k] if not isinstance(v, Literal)]
+        previous = [jax.device_put(env[v], jax.memory.Space.Host) for v in new]
+        host_copies.update(zip(new, previous, strict=True))
 
-def to_host(new_stored: Any) -> Any:
-    """The host copy of a leaf's new stored moments (see :func:`from_host_in_turn`), which
-    :func:`offload_state` returns in their place."""
-    transfers = _TRANSFERS.get()
-    assert transfers is not None, "to_host follows from_host_in_turn"
+    def value(var: Any) -> Any:
+        return var.val if isinstance(var, Literal) else env[var]
 
-    def copy(x: jax.Array) -> jax.Array:
-        on_host = jax.device_put(x, jax.memory.Space.Host)
-        transfers.copies[id(x)] = (x, on_host)
-        return on_host
-
-    return jax.tree.map(copy, new_stored)
+    for var, copy in host_copies.items():
+        transfers.copies[id(env[var])] = (env[var], copy)
+    update = jax.tree.unflatten(jax.tree.structure(shapes[0]), [value(v) for v in update_vars])
+    new_stored = [
+        jax.tree.unflatten(jax.tree.structure(new), [value(v) for v in group])
+        for new, group in zip(shapes[1], outputs, strict=True)
+    ]
+    return update, new_stored, previous
 
 
 def check_host_memory(what: str) -> None:
@@ -137,8 +246,9 @@ def offload_state(
     the device, runs ``inner``'s update and sends the new state back, in the same compiled
     program when it runs under ``jax.jit`` (an array already in the memory it goes to stays as
     it is). With ``leaf_by_leaf``, the rules of the core (every optimizer of the registry built
-    on :func:`adam_jax.rules.scale_by_rule`) move their moments leaf by leaf, so the device
-    holds about one leaf's state at a time; any other state comes over as a whole:
+    on :func:`adam_jax.rules.scale_by_rule`) move their moments leaf by leaf, and a leaf's
+    full-precision moments one at a time, so the device holds about one leaf's state at a time;
+    any other state comes over as a whole:
 
     .. math::
         (u, s') = \mathrm{inner.update}(g, \mathrm{to\_device}(s), \theta), \qquad

@@ -64,7 +64,7 @@ import optax
 
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.numerics import compute_dtype, real_dtype
-from adam_jax._src.offload import from_host_in_turn, to_host
+from adam_jax._src.offload import update_in_turn
 from adam_jax._src.segmented import buffer_storages, packed_tensors
 from adam_jax._src.sequencing import after, scales_of
 from adam_jax._src.storage import (
@@ -382,9 +382,12 @@ def _update_leaf(
     decay: Any,
     segments: tuple[int, ...] | None,
     position: int,
+    wait_for: Any = None,
 ) -> tuple[jax.Array, list[Any]]:
     """One leaf's step: its moments loaded (a reduced one laid out to broadcast against the
-    param), the rule's update in the compute dtype, the new moments stored."""
+    param) once the arrays of ``wait_for`` exist, the rule's update in the compute dtype, the
+    new moments stored."""
+    trees = after(wait_for, trees)
     g = grad.astype(compute_dtype(grad.dtype))
     rdtype = real_dtype(g.dtype)
     kept = list(zip(moments, storages, trees, strict=True))
@@ -490,31 +493,41 @@ def scale_by_rule(
         previous_on_host: Any = None  # the last offloaded leaf's new moments, in host memory
         for i, grad in enumerate(grads):
             kept = [leaf_storages[i] for leaf_storages in storages]
-            trees, on_host = from_host_in_turn([tree[i] for tree in stored], previous_on_host)
+            trees = [tree[i] for tree in stored]
             decodes = any(s.decodes(t) for s, t in zip(kept, trees, strict=True))
-            if decodes:
-                trees = after(previous, trees)
-            update, new_stored = _update_leaf(
+            step = functools.partial(
+                _update_leaf,
                 rule,
                 moments,
                 grad,
                 kept,
-                trees,
-                scalars_for,
+                scalars_for=scalars_for,
                 param=param_leaves[i],
                 decay=decays[i],
                 segments=segments[i],
                 position=i,
+                wait_for=previous if decodes else None,
             )
-            new_updates.append(update)
-            if on_host is not None:
-                previous_on_host = to_host(new_stored)
-            for out, value in zip(new_moments, new_stored, strict=True):
-                out.append(value)
+            # Built here, not while update_in_turn traces the step on its own.
+            scalars_for(real_dtype(compute_dtype(grad.dtype)))
+            # Moments in their own dtype and shape come over one at a time. Decoded or reduced
+            # ones come over together: apart, a decoded one keeps its new moments in the
+            # compute dtype on the device until the update, and on an H200 apart cost more
+            # device bytes for Adam-mini (12.6 against 8.5 B/param on the transformer-like
+            # tree).
+            plain = not decodes and not any(s.reduces for s in kept)
+            moved = update_in_turn(step, trees, previous_on_host, in_parts=plain)
+            if moved is None:
+                update, new_stored = step(trees)
+            else:
+                update, new_stored, previous_on_host = moved
             if decodes:
                 previous = scales_of(
                     [t for s, t in zip(kept, new_stored, strict=True) if s.decodes(t)]
                 )
+            new_updates.append(update)
+            for out, value in zip(new_moments, new_stored, strict=True):
+                out.append(value)
 
         new_fields = dict(rule.next_fields(scalar_fields))
         for m, leaves in zip(moments, new_moments, strict=True):
