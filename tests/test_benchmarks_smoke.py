@@ -349,6 +349,37 @@ def test_soap_section_times_soap_against_adamw_with_the_eigenbasis_share() -> No
     assert row["practical_state_bytes_per_param"] < row["block_state_bytes_per_param"]
     assert row["block_products_ratio_vs_adamw"] > 0
     assert 0 < row["block_products_params"] < row["num_params"]
+    assert row["block_products_bfloat16_ratio_vs_adamw"] > 0 and row["block_qr_ratio_vs_adamw"] > 0
+    assert row["block_qr_count"] > 0
+
+
+def test_soap_section_floors_compute_the_products_and_qrs_they_time() -> None:
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.sections import soap
+
+    rng = np.random.default_rng(0)
+    a, b = (jnp.asarray(rng.standard_normal((3, 8, 6)), jnp.float32) for _ in range(2))
+    # Each block transposed.
+    np.testing.assert_array_equal(soap._transposed(a), np.swapaxes(np.asarray(a), 1, 2))
+    # Products of the bfloat16-rounded operands, summed in float32.
+    rounded = [np.asarray(x.astype(jnp.bfloat16), np.float64) for x in (a, b)]
+    for cb, expected in (
+        (2, np.einsum("nik,njk->nij", *rounded)),
+        (1, np.einsum("nik,nkj->nij", rounded[0], np.swapaxes(rounded[1], 1, 2))),
+    ):
+        got = soap._bfloat16_product(a, b if cb == 2 else jnp.swapaxes(b, 1, 2), cb)
+        assert got.dtype == jnp.float32
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    # The QRs' Q: orthonormal columns whose span reproduces each matrix (Q Q^T F = F).
+    f = jnp.asarray(rng.standard_normal((4, 16, 16)), jnp.float32)
+    (q,), unused = soap.block_qrs((f,), None, jnp.zeros(()))
+    assert unused.shape == ()
+    np.testing.assert_allclose(
+        np.swapaxes(q, 1, 2) @ q, np.broadcast_to(np.eye(16), q.shape), atol=1e-5
+    )
+    np.testing.assert_allclose(q @ (np.swapaxes(q, 1, 2) @ f), f, atol=1e-4)
 
 
 def test_soap_steps_window_ratio_finds_the_slowest_window() -> None:

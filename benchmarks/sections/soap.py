@@ -22,6 +22,13 @@ and bases, whose decoded bases are rectified at every step, and 8-bit moments); 
 step (two factor updates, two rotations into the eigenbasis and two back), as batched
 ``dot_general``s over the tree's matrices cut into blocks of at most ``BLOCK_SIZE`` (what
 those products cost on this machine, timed apart from the rest of the step).
+``block_products_bfloat16_*`` is the same with every operand rounded to bfloat16 and float32
+sums (XLA:CPU's bfloat16 dot runs about twice as fast as its float32 one where the left operand
+is contracted on its last dimension, so the transposes that the other forms need are made
+first); ``block_qr_*``, the QR decompositions of one refresh of every block's bases (one matrix
+at a time, as the step runs them on CPU), per step of a ``precondition_frequency=FREQUENCY``
+cycle. Together, a floor under blocked SOAP's step on this machine that owes nothing to the
+rest of the step.
 ``unrectified_*`` is the compressed SOAP with ``basis_rectification=0`` (its bases used as
 decoded: no Björck products); ``practical_*``, that with its second moment in bfloat16
 (``PRACTICAL``: the setting whose race loss stays within 1% of float32 SOAP's).
@@ -29,6 +36,7 @@ decoded: no Björck products); ``practical_*``, that with its second moment in b
 
 from __future__ import annotations
 
+import functools
 import statistics
 from typing import Any
 
@@ -110,6 +118,48 @@ def block_products(blocks: Any, _: Any, bases: Any) -> tuple[Any, Any]:
     return jax.lax.fori_loop(0, FREQUENCY, body, (blocks, bases))
 
 
+def _bfloat16_product(a: jax.Array, b: jax.Array, cb: int) -> jax.Array:
+    """``a`` contracted on its last dimension with ``b`` on ``cb``, per block, from bfloat16
+    operands into float32 sums."""
+    dims = (((2,), (cb,)), ((0,), (0,)))
+    bf16 = jnp.bfloat16
+    return jax.lax.dot_general(
+        a.astype(bf16), b.astype(bf16), dims, preferred_element_type=jnp.float32
+    )
+
+
+def _transposed(x: jax.Array) -> jax.Array:
+    """Each block of ``x`` transposed, as a copy: XLA folds a plain swap of the two axes into
+    the product, which then runs in float32."""
+    n, r, c = x.shape
+    return x.reshape(n, r, 2, c // 2).transpose(0, 2, 3, 1).reshape(n, c, r)
+
+
+def block_products_bfloat16(blocks: Any, _: Any, bases: Any) -> tuple[Any, Any]:
+    """:func:`block_products` with bfloat16 operands: ``G R``, then ``L^T (G R)``; ``X R^T``
+    then ``L (X R^T)``; ``G G^T`` and ``G^T G``."""
+
+    def body(_: Any, carry: tuple[Any, Any]) -> tuple[Any, Any]:
+        blocks, bases = carry
+        new_blocks, new_bases = {}, {}
+        for shape, g in blocks.items():
+            left, right = bases[shape]
+            rotated = _bfloat16_product(_transposed(left), _bfloat16_product(g, right, 1), 1)
+            back = _bfloat16_product(left, _bfloat16_product(rotated, right, 2), 1)
+            gt = _transposed(g)
+            new_blocks[shape] = back
+            new_bases[shape] = (_bfloat16_product(g, g, 2), _bfloat16_product(gt, gt, 2))
+        return new_blocks, new_bases
+
+    return jax.lax.fori_loop(0, FREQUENCY, body, (blocks, bases))
+
+
+def block_qrs(factors: Any, _: Any, unused: Any) -> tuple[Any, Any]:
+    """The Q of every block's bases' power-iteration products, one matrix at a time."""
+    each = functools.partial(jax.lax.map, lambda m: jnp.linalg.qr(m)[0])
+    return jax.tree.map(each, factors), unused
+
+
 def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list[Row]:
     rows = []
     for d in widths:
@@ -145,11 +195,31 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             (r, c): (jnp.tile(jnp.eye(r), (len(b), 1, 1)), jnp.tile(jnp.eye(c), (len(b), 1, 1)))
             for (r, c), b in blocks.items()
         }
-        runners["block products"] = Runner("block products", block_products, blocks, None, bases)
-        interleaved(list(runners.values()), repeats)
-        adamw, soap, never, blocked, blocked_never, compressed, unrectified, practical, products = (
-            runners.values()
+        runners["block products"] = Runner(
+            "block products", block_products, copy_tree(blocks), None, copy_tree(bases)
         )
+        runners["block products, bfloat16"] = Runner(
+            "block products, bfloat16", block_products_bfloat16, blocks, None, bases
+        )
+        factors = {
+            shape: (jnp.einsum("nij,nkj->nik", g, g), jnp.einsum("nji,njk->nik", g, g))
+            for shape, g in matrix_blocks(params).items()
+        }
+        runners["block QRs"] = Runner("block QRs", block_qrs, factors, None, jnp.zeros(()))
+        interleaved(list(runners.values()), repeats)
+        (
+            adamw,
+            soap,
+            never,
+            blocked,
+            blocked_never,
+            compressed,
+            unrectified,
+            practical,
+            products,
+            products_bf16,
+            qrs,
+        ) = runners.values()
         state_bytes = {
             name: sum(x.nbytes for x in jax.tree.leaves(runners[name].state)) / num_params
             for name in candidates
@@ -194,6 +264,15 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
                 p / a for p, a in zip(products.times, adamw.times, strict=True)
             ),
             "block_products_params": sum(b.size for b in blocks.values()),
+            "block_products_bfloat16_ms_per_step": 1e3 * products_bf16.median / FREQUENCY,
+            "block_products_bfloat16_ratio_vs_adamw": statistics.median(
+                p / a for p, a in zip(products_bf16.times, adamw.times, strict=True)
+            ),
+            "block_qr_ms_per_step": 1e3 * qrs.median / FREQUENCY,
+            "block_qr_ratio_vs_adamw": statistics.median(
+                q / a for q, a in zip(qrs.times, adamw.times, strict=True)
+            ),
+            "block_qr_count": sum(2 * len(g) for g in blocks.values()),
             "repeats": repeats,
         }
         rows.append(row)
@@ -212,7 +291,11 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             f"(x{row['practical_ratio_vs_adamw']:.2f}, "
             f"{row['practical_state_bytes_per_param']:.2f} B/param); the products alone "
             f"{row['block_products_ms_per_step']:.2f} ms "
-            f"(x{row['block_products_ratio_vs_adamw']:.2f})",
+            f"(x{row['block_products_ratio_vs_adamw']:.2f}), in bfloat16 "
+            f"{row['block_products_bfloat16_ms_per_step']:.2f} ms "
+            f"(x{row['block_products_bfloat16_ratio_vs_adamw']:.2f}); the refreshes' "
+            f"{row['block_qr_count']} QRs {row['block_qr_ms_per_step']:.2f} ms a step "
+            f"(x{row['block_qr_ratio_vs_adamw']:.2f})",
             flush=True,
         )
         for runner in runners.values():
