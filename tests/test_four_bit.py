@@ -90,16 +90,18 @@ def test_codes_are_the_nearest_entries(signed: bool) -> None:
 
 
 def _blocks_reference(x: np.ndarray, tile: tuple[int, int], signed: bool) -> tuple:
-    """Float64 reference of the first moment's codec on a matrix cut in ``tile`` blocks:
-    absmax per block, the float32 quotient, the nearest entry; codes and the decoded values."""
+    """Float64 reference of the first moment's codec on a matrix cut in ``tile`` blocks (the
+    last block of a row shorter where the tile overruns it): absmax per block, the float32
+    quotient, the nearest entry; codes and the decoded values."""
     rows, cols = x.shape
     entries = qz.create_four_bit_map(signed)
-    blocks = x.reshape(rows // tile[0], tile[0], cols // tile[1], tile[1])
+    padded = np.pad(x, [(0, 0), (0, -cols % tile[1])])
+    blocks = padded.reshape(rows // tile[0], tile[0], -1, tile[1])
     absmax = np.abs(blocks).max(axis=(1, 3), keepdims=True).astype(np.float32)
     normalized = (blocks / np.where(absmax > 0, absmax, np.float32(1))).astype(np.float32)
     codes = _nearest(normalized, entries)
     decoded = (entries[codes] * absmax).astype(np.float32)
-    return codes.reshape(x.shape), decoded.reshape(x.shape), absmax
+    return tuple(a.reshape(padded.shape)[:, :cols] for a in (codes, decoded)) + (absmax,)
 
 
 def _unpacked(stored: qz.PackedQuantizedArray | qz.Rank1QuantizedArray, n: int) -> np.ndarray:
@@ -107,7 +109,10 @@ def _unpacked(stored: qz.PackedQuantizedArray | qz.Rank1QuantizedArray, n: int) 
     return np.stack([packed & 15, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)[..., :n]
 
 
-@pytest.mark.parametrize(("shape", "tile"), [((8, 512), (1, 128)), ((64, 32), (4, 32))])
+@pytest.mark.parametrize(
+    ("shape", "tile"),
+    [((8, 512), (1, 128)), ((64, 32), (4, 32)), ((8, 301), (1, 101))],  # the last: ragged, odd
+)
 def test_first_moment_codec_matches_the_float64_reference(shape, tile) -> None:
     x = np.asarray(jax.random.normal(jax.random.key(0), shape)) * np.logspace(-6, 0, shape[1])
     x[0, :5] = 0.0

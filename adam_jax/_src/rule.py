@@ -416,6 +416,14 @@ def _update_leaf(
             f"{type(reducing[unsettled[0]][0]).__name__}"
         )
     update = update.astype(grad.dtype)
+    if any(s.decodes(t) and not s.reduces for _, s, t in kept):
+        # On CPU, codes of the param's size (8-bit, 4-bit) are encoded once the update exists,
+        # so that no later fusion decodes the old codes again (to recompute the update where
+        # the params take it) after the new ones overwrite them: else XLA:CPU copies every
+        # such leaf's old codes before the step and decodes each leaf two or three times
+        # (docs/memory.md, "What the figures show"). A reducing storage's few values are not
+        # worth the update's buffer; elsewhere the step fuses into one kernel, left as it was.
+        new = jax.lax.platform_dependent(update, new, cpu=after, default=lambda _, moments: moments)
     return update, [s.store(new[m.name], t) for m, s, t in kept]
 
 

@@ -6,7 +6,8 @@ or 4-bit codes, factored rows and columns) is alive as a whole float32 copy duri
 :func:`after` makes a leaf's stored moments depend on the scales that the previous such leaf
 stored (:func:`scales_of`: block scales, row and column maxima, factored rows and columns:
 small arrays that exist only once that leaf's new moments do), so that the decoded moments of
-one leaf at a time are alive.
+one leaf at a time are alive. On CPU the core also makes a leaf's new codes depend on its
+update, so that no fusion reads the old codes after the new ones overwrite them in place.
 
 ``jax.lax.optimization_barrier`` would say the same, but XLA:CPU removes barriers before it
 schedules. The dependency here is arithmetic that XLA cannot fold away and that leaves every

@@ -160,6 +160,11 @@ def block_qrs(factors: Any, _: Any, unused: Any) -> tuple[Any, Any]:
     return jax.tree.map(each, factors), unused
 
 
+def _median_ratio(runner: Runner, reference: Runner) -> float:
+    """The median over rounds of ``runner``'s time over ``reference``'s in the same round."""
+    return statistics.median(r / a for r, a in zip(runner.times, reference.times, strict=True))
+
+
 def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list[Row]:
     rows = []
     for d in widths:
@@ -224,54 +229,39 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             name: sum(x.nbytes for x in jax.tree.leaves(runners[name].state)) / num_params
             for name in candidates
         }
+
         row = {
             "tree": f"transformer-like, d = {d}",
             "num_params": num_params,
             "precondition_frequency": FREQUENCY,
             "adamw_ms_per_step": 1e3 * adamw.median / FREQUENCY,
             "soap_ms_per_step": 1e3 * soap.median / FREQUENCY,
-            "ratio_vs_adamw": statistics.median(
-                s / a for s, a in zip(soap.times, adamw.times, strict=True)
-            ),
+            "ratio_vs_adamw": _median_ratio(soap, adamw),
             "eigenbasis_share": statistics.median(
                 1 - n / s for n, s in zip(never.times, soap.times, strict=True)
             ),
             "block_size": BLOCK_SIZE,
             "block_soap_ms_per_step": 1e3 * blocked.median / FREQUENCY,
-            "block_ratio_vs_adamw": statistics.median(
-                b / a for b, a in zip(blocked.times, adamw.times, strict=True)
-            ),
+            "block_ratio_vs_adamw": _median_ratio(blocked, adamw),
             "block_eigenbasis_share": statistics.median(
                 1 - n / b for n, b in zip(blocked_never.times, blocked.times, strict=True)
             ),
             "block_state_bytes_per_param": state_bytes[blocked.name],
             "compressed_soap_ms_per_step": 1e3 * compressed.median / FREQUENCY,
-            "compressed_ratio_vs_adamw": statistics.median(
-                c / a for c, a in zip(compressed.times, adamw.times, strict=True)
-            ),
+            "compressed_ratio_vs_adamw": _median_ratio(compressed, adamw),
             "compressed_state_bytes_per_param": state_bytes[compressed.name],
             "unrectified_soap_ms_per_step": 1e3 * unrectified.median / FREQUENCY,
-            "unrectified_ratio_vs_adamw": statistics.median(
-                u / a for u, a in zip(unrectified.times, adamw.times, strict=True)
-            ),
+            "unrectified_ratio_vs_adamw": _median_ratio(unrectified, adamw),
             "practical_soap_ms_per_step": 1e3 * practical.median / FREQUENCY,
-            "practical_ratio_vs_adamw": statistics.median(
-                p / a for p, a in zip(practical.times, adamw.times, strict=True)
-            ),
+            "practical_ratio_vs_adamw": _median_ratio(practical, adamw),
             "practical_state_bytes_per_param": state_bytes[practical.name],
             "block_products_ms_per_step": 1e3 * products.median / FREQUENCY,
-            "block_products_ratio_vs_adamw": statistics.median(
-                p / a for p, a in zip(products.times, adamw.times, strict=True)
-            ),
+            "block_products_ratio_vs_adamw": _median_ratio(products, adamw),
             "block_products_params": sum(b.size for b in blocks.values()),
             "block_products_bfloat16_ms_per_step": 1e3 * products_bf16.median / FREQUENCY,
-            "block_products_bfloat16_ratio_vs_adamw": statistics.median(
-                p / a for p, a in zip(products_bf16.times, adamw.times, strict=True)
-            ),
+            "block_products_bfloat16_ratio_vs_adamw": _median_ratio(products_bf16, adamw),
             "block_qr_ms_per_step": 1e3 * qrs.median / FREQUENCY,
-            "block_qr_ratio_vs_adamw": statistics.median(
-                q / a for q, a in zip(qrs.times, adamw.times, strict=True)
-            ),
+            "block_qr_ratio_vs_adamw": _median_ratio(qrs, adamw),
             "block_qr_count": sum(2 * len(g) for g in blocks.values()),
             "repeats": repeats,
         }

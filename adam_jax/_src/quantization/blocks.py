@@ -163,6 +163,47 @@ def _to_blocks(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
     return jax.lax.reshape(x, lead + split, out_sharding=out_sharding)
 
 
+def _ragged(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> bool:
+    """Whether the blocks of the last axis overrun it (its last block is shorter), so that
+    :func:`_to_blocks` pads: then the scales have the tensor's rank and its other axes."""
+    count = scale_shape[-1]
+    return len(scale_shape) == len(shape) and count * _tile(shape[-1], count) != shape[-1]
+
+
+def _ragged_absmax(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
+    """The largest magnitude in each block of ``x``, whose last axis's last block is shorter
+    (:func:`_ragged`): one windowed maximum over ``x``, padded inside the reduction, with no
+    padded or sliced copy of ``x``."""
+    count = scale_shape[-1]
+    tile = _tile(x.shape[-1], count)
+    window = (1,) * (x.ndim - 1) + (tile,)
+    pads = [(0, 0)] * (x.ndim - 1) + [(0, count * tile - x.shape[-1])]
+    return jax.lax.reduce_window(jnp.abs(x), 0.0, jax.lax.max, window, window, pads)
+
+
+def _ragged_scales(scales: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Each element's block scale for a tensor of ``shape`` whose last axis's last block is
+    shorter (:func:`_ragged`)."""
+    tile = _tile(shape[-1], scales.shape[-1])
+    return jnp.repeat(scales, tile, axis=-1)[..., : shape[-1]]
+
+
+def _normalized_in_place(x: jax.Array, scale_shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """``x`` over its blocks' largest magnitudes (1 for a block of zeros), and those, for a
+    tensor whose last axis's last block is shorter (:func:`_ragged`)."""
+    x = x.astype(jnp.float32)
+    absmax = _ragged_absmax(x, scale_shape)
+    safe = jnp.where(absmax > 0, absmax, 1.0)
+    return x / _ragged_scales(safe, x.shape), absmax
+
+
+def _in_place(x: jax.Array, scale_shape: tuple[int, ...]) -> bool:
+    """Whether blocks of ``x`` are scaled where they lie, not in a padded block layout:
+    ragged blocks (a padded copy of a large moment is a large temporary) off Explicit meshes
+    (where the block layout keeps the sharding)."""
+    return _ragged(x.shape, scale_shape) and typed_sharding(x) is None
+
+
 def _block_axes(ndim: int) -> tuple[int, ...]:
     """The within-block axes of ``_to_blocks``' output for an ``ndim`` array."""
     return (-1,) if _blocked_axes(ndim) == 1 else (-3, -1)
@@ -201,6 +242,9 @@ def _broadcast_scales(scales: jax.Array, blocks: jax.Array) -> jax.Array:
 # Jitted so that an eager update runs each codec as one compiled call (inlined under jit).
 @functools.partial(jax.jit, static_argnames=("scale_shape", "signed"))
 def quantize(x: jax.Array, scale_shape: tuple[int, ...], signed: bool) -> QuantizedArray:
+    if _in_place(x, scale_shape):
+        normalized, absmax = _normalized_in_place(x, scale_shape)
+        return QuantizedArray(codes=encode(normalized, signed), absmax=absmax)
     blocks = _to_blocks(x.astype(jnp.float32), scale_shape)
     absmax = jnp.max(jnp.abs(blocks), axis=_block_axes(x.ndim), initial=0.0)
     safe = jnp.where(absmax > 0, absmax, 1.0)
@@ -266,6 +310,9 @@ def dequantize_blockwise(
 
 @functools.partial(jax.jit, static_argnames=("signed",))
 def _dequantize(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
-    blocks = _to_blocks(decode(codes, signed), absmax.shape)
+    values = decode(codes, signed)
+    if _in_place(values, absmax.shape):
+        return values * _ragged_scales(absmax.astype(jnp.float32), values.shape)
+    blocks = _to_blocks(values, absmax.shape)
     scales = _broadcast_scales(absmax.astype(jnp.float32), blocks)
     return _from_blocks(blocks * scales, codes)

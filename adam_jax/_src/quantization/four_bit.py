@@ -30,6 +30,9 @@ from adam_jax._src.quantization.blocks import (
     _block_axes,
     _broadcast_scales,
     _from_blocks,
+    _in_place,
+    _normalized_in_place,
+    _ragged_scales,
     _to_blocks,
     is_quantized,
     scale_shape_for,
@@ -159,6 +162,8 @@ def packed_shape(shape: tuple[int, ...]) -> tuple[int, ...]:
 
 def pack(codes: jax.Array) -> jax.Array:
     """Codes (integers in ``[0, 16)``, any shape with one axis at least) two per ``uint8``."""
+    # Narrowed first, so that padding and pairing move bytes, not int32 codes.
+    codes = codes.astype(jnp.uint8)
     shape = codes.shape
     typed = typed_sharding(codes)
     out_sharding = None
@@ -169,15 +174,13 @@ def pack(codes: jax.Array) -> jax.Array:
         out_sharding = NamedSharding(typed.mesh, PartitionSpec(*entries, None))
     if shape[-1] % 2:
         codes = jnp.pad(codes, [(0, 0)] * (len(shape) - 1) + [(0, 1)])
-    pairs = jax.lax.reshape(
-        codes.astype(jnp.uint8), packed_shape(shape) + (2,), out_sharding=out_sharding
-    )
+    pairs = jax.lax.reshape(codes, packed_shape(shape) + (2,), out_sharding=out_sharding)
     return pairs[..., 0] | (pairs[..., 1] << 4)
 
 
 def unpack(packed: jax.Array, length: int) -> jax.Array:
-    """Inverse of :func:`pack` for a last axis of ``length``: int32 codes."""
-    nibbles = packed.astype(jnp.int32)
+    """Inverse of :func:`pack` for a last axis of ``length``: ``uint8`` codes."""
+    nibbles = packed.astype(jnp.uint8)
     pairs = jnp.stack([nibbles & 15, nibbles >> 4], axis=-1)
     typed = typed_sharding(packed)
     out_sharding = None
@@ -244,6 +247,9 @@ def quantize_blocks(
     x: jax.Array, scale_shape: tuple[int, ...], signed: bool
 ) -> tuple[jax.Array, jax.Array]:
     """Packed 4-bit codes and block scales of ``x`` (blocks as the 8-bit layout)."""
+    if _in_place(x, scale_shape):
+        normalized, absmax = _normalized_in_place(x, scale_shape)
+        return pack(encode_four_bit(normalized, signed)), absmax
     blocks = _to_blocks(x.astype(jnp.float32), scale_shape)
     axes = _block_axes(x.ndim)
     absmax = jnp.max(jnp.abs(blocks), axis=axes, initial=0.0)
@@ -257,6 +263,8 @@ def dequantize_blocks(codes: jax.Array, absmax: jax.Array, length: int, signed: 
     """The float32 tensor of last axis ``length`` held in packed codes and block scales (of
     the tensor's rank: without the odd marker)."""
     values = decode_four_bit(unpack(codes, length), signed)
+    if _in_place(values, tuple(absmax.shape)):
+        return values * _ragged_scales(absmax.astype(jnp.float32), values.shape)
     blocks = _to_blocks(values, tuple(absmax.shape))
     return _from_blocks(blocks * _broadcast_scales(absmax.astype(jnp.float32), blocks), values)
 
