@@ -129,8 +129,8 @@ def _bfloat16_product(a: jax.Array, b: jax.Array, cb: int) -> jax.Array:
 
 
 def _transposed(x: jax.Array) -> jax.Array:
-    """Each block of ``x`` transposed, as a copy: XLA folds a plain swap of the two axes into
-    the product, which then runs in float32."""
+    """Each block of ``x`` (of an even width) transposed, as a copy: XLA folds a plain swap of
+    the two axes into the product, which then runs in float32."""
     n, r, c = x.shape
     return x.reshape(n, r, 2, c // 2).transpose(0, 2, 3, 1).reshape(n, c, r)
 
@@ -200,16 +200,17 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             (r, c): (jnp.tile(jnp.eye(r), (len(b), 1, 1)), jnp.tile(jnp.eye(c), (len(b), 1, 1)))
             for (r, c), b in blocks.items()
         }
+        # Each block's two factors (G G^T, G^T G): the matrices a refresh orthonormalizes.
+        factors = {
+            shape: (jnp.einsum("nij,nkj->nik", g, g), jnp.einsum("nji,njk->nik", g, g))
+            for shape, g in blocks.items()
+        }
         runners["block products"] = Runner(
             "block products", block_products, copy_tree(blocks), None, copy_tree(bases)
         )
         runners["block products, bfloat16"] = Runner(
             "block products, bfloat16", block_products_bfloat16, blocks, None, bases
         )
-        factors = {
-            shape: (jnp.einsum("nij,nkj->nik", g, g), jnp.einsum("nji,njk->nik", g, g))
-            for shape, g in matrix_blocks(params).items()
-        }
         runners["block QRs"] = Runner("block QRs", block_qrs, factors, None, jnp.zeros(()))
         interleaved(list(runners.values()), repeats)
         (
