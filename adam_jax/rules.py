@@ -63,6 +63,7 @@ from adam_jax._src.moving_average import (
 from adam_jax._src.numerics import abs_sq, cast_scalar, compute_dtype, divide, real_dtype
 from adam_jax._src.offload import on_device
 from adam_jax._src.rounding import raw_key
+from adam_jax._src.row_slices import in_row_slices, is_elementwise
 from adam_jax._src.rule import (
     Leaf,
     Moment,
@@ -140,7 +141,9 @@ __all__ = [
     "expand_mask",
     "fields_of",
     "hyperparam",
+    "in_row_slices",
     "integer",
+    "is_elementwise",
     "learning_rate",
     "map_tensors",
     "moving_average",

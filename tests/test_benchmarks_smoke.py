@@ -509,3 +509,12 @@ def test_offload_section_times_each_setting_offloaded_against_on_the_device() ->
     for row in rows:
         assert row["device_median_ms"] > 0 and row["offloaded_median_ms"] > 0
         assert row["ratio_vs_device"] > 0 and row["repeats"] == 2
+
+
+def test_offload_section_times_a_leaf_whole_and_in_slices() -> None:
+    from benchmarks.sections import offload
+
+    rows = offload.slice_time_rows(repeats=2, shape=(3 * offload.SLICE_ELEMENTS // 1000, 1000))
+    (row,) = rows
+    assert row["whole_median_ms"] > 0 and row["sliced_median_ms"] > 0
+    assert row["ratio_vs_whole"] > 0 and row["repeats"] == 2

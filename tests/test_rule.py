@@ -72,3 +72,46 @@ def test_map_tensors_rejects_mismatched_trees() -> None:
     tree = _tree()
     with pytest.raises(ValueError):
         adam_jax.map_tensors(lambda x, y, leaf: x, tree, {"a": tree["a"]})
+
+
+SHAPE = (6, 5)
+
+
+@pytest.mark.parametrize(
+    ("fn", "elementwise"),
+    [
+        (lambda g, m: (m + 0.1 * (g - m), g / (jnp.sqrt(jnp.square(m)) + 1e-8)), True),
+        (lambda g, m: (jnp.where(g > 0, g, m * 2.0), jnp.clip(m, -1.0, 1.0)), True),
+        (lambda g, m: g / jnp.sum(m), False),  # a per-tensor reduction
+        (lambda g, m: jnp.exp(g) + m, False),  # a transcendental: rounds per vector lane
+        (lambda g, m: g[::-1] + m, False),  # another element's value
+        (lambda g, m: g + jnp.mean(m, axis=0, keepdims=True), False),  # a broadcast row
+        (lambda g, m: g + jax.random.normal(jax.random.key(0), g.shape), False),
+    ],
+)
+def test_is_elementwise_accepts_only_steps_of_each_element_alone(fn, elementwise: bool) -> None:
+    g = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
+    assert adam_jax.rules.is_elementwise(fn, SHAPE, g, g) == elementwise
+
+
+def test_in_row_slices_gives_the_whole_leafs_results() -> None:
+    """A step with one stored value per two rows (as an 8-bit scale spanning rows), in slices
+    of at most 20 elements of 5 per row: four rows a slice, then a tail of one pair; each slice
+    sees its own rows of the gradient, param and stored arrays."""
+    grad = jnp.arange(50.0).reshape(10, 5)
+    param = -grad
+    stored = {"codes": jnp.arange(50).reshape(10, 5), "scale": jnp.arange(5.0)[:, None]}
+
+    def step(g, p, s):
+        scale = jnp.repeat(s["scale"], 2, axis=0)
+        new = {"codes": s["codes"] + 1, "scale": s["scale"] + jnp.max(g[::2], axis=1)[:, None]}
+        return g * scale + p, new
+
+    update, new = adam_jax.rules.in_row_slices(step, grad, param, stored, max_elements=20)
+    want_update, want_new = step(grad, param, stored)
+    np.testing.assert_array_equal(update, want_update)
+    jax.tree.map(np.testing.assert_array_equal, new, want_new)
+    # Rows the stored arrays do not cut evenly, or a leaf of one slice: not sliced.
+    odd = {"scale": jnp.zeros((3, 1))}
+    assert adam_jax.rules.in_row_slices(step, grad, param, odd, max_elements=12) is None
+    assert adam_jax.rules.in_row_slices(step, grad, param, stored, max_elements=50) is None

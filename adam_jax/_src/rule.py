@@ -64,7 +64,8 @@ import optax
 
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.numerics import compute_dtype, real_dtype
-from adam_jax._src.offload import update_in_turn
+from adam_jax._src.offload import slice_elements, update_in_turn
+from adam_jax._src.row_slices import in_row_slices, is_elementwise, row_unit
 from adam_jax._src.segmented import buffer_storages, packed_tensors
 from adam_jax._src.sequencing import after, scales_of
 from adam_jax._src.storage import (
@@ -373,11 +374,11 @@ def _init_moment(moment: Moment, params: Any) -> Any:
 def _update_leaf(
     rule: MomentRule,
     moments: tuple[Moment, ...],
-    grad: jax.Array,
     storages: list[MomentStorage],
-    trees: list[Any],
     scalars_for: Callable[[Any], Any],
+    trees: list[Any],
     *,
+    grad: jax.Array,
     param: Any,
     decay: Any,
     segments: tuple[int, ...] | None,
@@ -425,6 +426,62 @@ def _update_leaf(
         # worth the update's buffer; elsewhere the step fuses into one kernel, left as it was.
         new = jax.lax.platform_dependent(update, new, cpu=after, default=lambda _, moments: moments)
     return update, [s.store(new[m.name], t) for m, s, t in kept]
+
+
+def _update_in_row_slices(
+    step: Callable[..., tuple[jax.Array, list[Any]]],
+    grad: jax.Array,
+    param: Any,
+    most_at_once: int,
+    wait_for: Any,
+    trees: list[Any],
+) -> tuple[jax.Array, list[Any]]:
+    """``step`` (:func:`_update_leaf` with its leaf's arguments) run on slices of the leaf's
+    rows (:func:`adam_jax.rules.in_row_slices`), once the arrays of ``wait_for`` exist."""
+
+    def part(g: jax.Array, p: Any, stored: list[Any]) -> tuple[jax.Array, list[Any]]:
+        return step(list(stored), grad=g, param=p, wait_for=None)
+
+    # The loop takes every stored array at once: waiting on the float ones is enough.
+    waited = after(wait_for, trees, integers=False)
+    sliced = in_row_slices(part, grad, param, waited, most_at_once)
+    assert sliced is not None  # the caller checked the leaf's size and rows
+    return sliced
+
+
+def _sliceable(
+    rule: MomentRule,
+    moments: tuple[Moment, ...],
+    storages: list[MomentStorage],
+    trees: list[Any],
+    grad: jax.Array,
+    scalars: Any,
+    param: Any,
+    decay: Any,
+    position: int,
+) -> bool:
+    """Whether a leaf's step can run on slices of its rows with the same results: its storages
+    keep rows apart and cut them evenly, it is not sharded (seen on Explicit meshes only: a
+    slice would cut its shards), and ``rule.update`` computes each element from that element's
+    gradient, moments and param alone (no per-tensor sum, no random numbers)."""
+    if (
+        not grad.ndim
+        or not all(s.row_slices for s in storages)
+        or not all(m.cast for m in moments)
+        or row_unit(grad.shape[0], trees) is None
+        or any(typed_sharding(x) is not None for x in jax.tree.leaves((grad, trees)))
+    ):
+        return False
+    g = jax.ShapeDtypeStruct(grad.shape, compute_dtype(grad.dtype))
+    rdtype = real_dtype(g.dtype)
+    loaded = {m.name: jax.ShapeDtypeStruct(g.shape, rdtype if m.real else g.dtype) for m in moments}
+    p = None if param is None else jax.ShapeDtypeStruct(grad.shape, param.dtype)
+
+    def update(g: jax.Array, loaded: dict[str, jax.Array], p: Any) -> Any:
+        leaf = Leaf(param=None if p is None else p.astype(g.dtype), decay=decay, position=position)
+        return rule.update(g, loaded, scalars, leaf)
+
+    return is_elementwise(update, grad.shape, g, loaded, p)
 
 
 def scale_by_rule(
@@ -495,6 +552,7 @@ def scale_by_rule(
         stored = [treedef.flatten_up_to(fields[m.name]) for m in moments]
         storages = [m.storages(updates) for m in moments]
 
+        most_at_once = slice_elements()
         new_updates = []
         new_moments: list[list[Any]] = [[] for _ in moments]
         previous: Any = None  # the scales the last leaf whose moments were decoded stored
@@ -507,9 +565,9 @@ def scale_by_rule(
                 _update_leaf,
                 rule,
                 moments,
-                grad,
                 kept,
-                scalars_for=scalars_for,
+                scalars_for,
+                grad=grad,
                 param=param_leaves[i],
                 decay=decays[i],
                 segments=segments[i],
@@ -517,7 +575,19 @@ def scale_by_rule(
                 wait_for=previous if decodes else None,
             )
             # Built here, not while update_in_turn traces the step on its own.
-            scalars_for(real_dtype(compute_dtype(grad.dtype)))
+            scalars = scalars_for(real_dtype(compute_dtype(grad.dtype)))
+            if (
+                most_at_once is not None
+                and decodes
+                and grad.size > most_at_once
+                and segments[i] is None
+                and _sliceable(
+                    rule, moments, kept, trees, grad, scalars, param_leaves[i], decays[i], i
+                )
+            ):
+                step = functools.partial(
+                    _update_in_row_slices, step, grad, param_leaves[i], most_at_once, previous
+                )
             # Moments in their own dtype and shape come over one at a time. Decoded or reduced
             # ones come over together: apart, a decoded one keeps its new moments in the
             # compute dtype on the device until the update, and on an H200 apart cost more

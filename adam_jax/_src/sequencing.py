@@ -48,10 +48,11 @@ def scales_of(stored: Any) -> list[jax.Array]:
     return [x for x in arrays if jnp.issubdtype(x.dtype, jnp.floating)] or arrays
 
 
-def after(previous: Any, inputs: T) -> T:
+def after(previous: Any, inputs: T, *, integers: bool = True) -> T:
     """``inputs``, unchanged, computed on only once every array of ``previous`` is (nothing
     to wait for when ``previous`` is ``None``): each float and integer array of ``inputs`` gets
-    a data dependency on them."""
+    a data dependency on them; with ``integers`` false, float arrays only (for inputs that a
+    loop takes together: a shifted copy of large codes would be a copy)."""
     if previous is None:
         return inputs
     floor = _minus_inf_after(previous)
@@ -63,7 +64,7 @@ def after(previous: Any, inputs: T) -> T:
         dtype = jnp.result_type(x)
         if jnp.issubdtype(dtype, jnp.floating):
             return jnp.maximum(x, floor.astype(dtype))
-        if jnp.issubdtype(dtype, jnp.integer):
+        if integers and jnp.issubdtype(dtype, jnp.integer):
             return jax.lax.shift_right_logical(x, no_shift.astype(dtype))
         return x
 

@@ -67,6 +67,13 @@ class MomentStorage(abc.ABC):
     #: state; other storages keep the whole buffer as one vector.
     per_tensor: bool = False
 
+    #: Whether a slice of the leaf's rows (its first axis) is stored as the same slice of each
+    #: array of the stored form (cut along its own first axis, which may give one entry to
+    #: several rows, as a block scale does): so a large leaf can be stepped a slice of rows at a
+    #: time (:func:`adam_jax.rules.in_row_slices`) with the same results. True for plain casts
+    #: and 8-bit blocks; not for a storage with column statistics (factored, 4-bit rank-1).
+    row_slices: bool = False
+
     def decodes(self, stored: Any) -> bool:
         """Whether :meth:`load` rebuilds ``stored`` into a new array of the param's size (8-bit
         and 4-bit codes, factored rows and columns). The step then finishes such a leaf (its
@@ -106,6 +113,7 @@ class CastStorage(MomentStorage):
     """
 
     dtype: Any = None
+    row_slices = True
 
     def init(self, param: Any) -> jax.Array:
         dtype = param.dtype if self.dtype is None else self.dtype

@@ -22,6 +22,10 @@ train step (forward, backward and float32 AdamW on 8 x 1024 tokens), the step th
 ``CPUOffloadOptimizer`` reports (1.2x on a 1.1B model). On CPU both memory kinds are the same
 RAM, so the ratio says only what the extra copies in the program cost, not what a PCIe
 transfer costs.
+
+"8-bit, in slices" is the 8-bit step offloaded with ``slice_elements`` (:data:`SLICE_ELEMENTS`):
+a large leaf stepped a slice of rows at a time. :func:`slice_time_rows` times it against the
+same step whole on one leaf of GPT-2's embedding shape, in the same rounds.
 """
 
 from __future__ import annotations
@@ -53,7 +57,16 @@ SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "Adam-mini": lambda: adam_jax.adam_mini(LR, num_heads=HEADS),
     "8-bit moments": lambda: adam_jax.adamw_8bit(LR),
     "4-bit moments": lambda: adam_jax.adamw(LR, **adam_jax.four_bit_moments()),
+    "8-bit, in slices": lambda: adam_jax.adamw_8bit(LR),
 }
+#: The most elements of a leaf stepped at once (``offload_state``'s ``slice_elements``).
+SLICE_ELEMENTS = 1 << 20
+#: ``offload_state``'s options for a setting (none for the others).
+OFFLOAD_OPTIONS: dict[str, dict[str, Any]] = {
+    "8-bit, in slices": {"slice_elements": SLICE_ELEMENTS}
+}
+#: The leaf whose offloaded 8-bit step is timed whole and in slices: GPT-2's embedding.
+SLICED_LEAF = (50257, 768)
 #: The settings timed on real arrays (the others' copies are the same kind of program).
 TIMED = ("float32 AdamW", "8-bit moments")
 #: The timed tree's size on a GPU: the scaling section's 98M-param transformer.
@@ -128,14 +141,14 @@ def in_host_memory(tree: Any) -> Any:
 
 
 def compiled_steps(
-    make: Callable[[], optax.GradientTransformation], params: Any
+    make: Callable[[], optax.GradientTransformation], params: Any, **options: Any
 ) -> tuple[jax.stages.Compiled, jax.stages.Compiled, Any]:
-    """The donating step of ``make()`` compiled on the device and offloaded, and its state's
-    abstract arrays."""
+    """The donating step of ``make()`` compiled on the device and offloaded (with
+    ``offload_state``'s ``options``), and its state's abstract arrays."""
     tx = make()
     state = jax.eval_shape(tx.init, params)
     on_device = jax.jit(adam_step(tx), donate_argnums=(0, 2))
-    offloaded = jax.jit(adam_step(adam_jax.offload_state(tx)), donate_argnums=(0, 2))
+    offloaded = jax.jit(adam_step(adam_jax.offload_state(tx, **options)), donate_argnums=(0, 2))
     return (
         on_device.lower(params, params, state).compile(),
         offloaded.lower(params, params, in_host_memory(state)).compile(),
@@ -151,7 +164,9 @@ def memory_rows(trees: tuple[str, ...] = tuple(TREES), rows: list[Row] | None = 
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
         params_bytes = adam_jax.state_bytes(params)
         for name, make in SETTINGS.items():
-            on_device, offloaded, state = compiled_steps(make, params)
+            on_device, offloaded, state = compiled_steps(
+                make, params, **OFFLOAD_OPTIONS.get(name, {})
+            )
             largest = largest_leaf_state(make, params)
             bound = 1.05 * (2 * params_bytes + 1.5 * largest)
             ours, theirs = device_bytes(offloaded), device_bytes(on_device)
@@ -247,10 +262,50 @@ def time_rows(repeats: int, layers: int, rows: list[Row] | None = None) -> list[
     return rows
 
 
+def slice_time_rows(
+    repeats: int, shape: tuple[int, ...] = SLICED_LEAF, rows: list[Row] | None = None
+) -> list[Row]:
+    """The offloaded 8-bit step of one leaf of ``shape`` (GPT-2's embedding) whole and in
+    slices of :data:`SLICE_ELEMENTS`, in the same rounds; appended to ``rows``."""
+    rows = [] if rows is None else rows
+    base = {"embedding": jax.random.normal(jax.random.key(0), shape) * 0.02}
+    grads = jax.tree.map(lambda x: jnp.cos(x) * 1e-2, base)
+    runners = []
+    for label, options in (("whole", {}), ("in slices", OFFLOAD_OPTIONS["8-bit, in slices"])):
+        tx = adam_jax.offload_state(adam_jax.adamw_8bit(LR), **options)
+        params = copy_tree(base)
+        runners.append(Runner(label, adam_step(tx), params, grads, tx.init(params)))
+    interleaved(runners, repeats)
+    whole, sliced = runners
+    ratio = statistics.median(s / w for s, w in zip(sliced.times, whole.times, strict=True))
+    rows.append(
+        {
+            "tree": f"one {shape[0]} x {shape[1]} leaf",
+            "num_params": int(np.prod(shape)),
+            "setting": "8-bit moments, offloaded, in slices",
+            "slice_elements": SLICE_ELEMENTS,
+            "whole_median_ms": 1e3 * whole.median,
+            "sliced_median_ms": 1e3 * sliced.median,
+            "ratio_vs_whole": ratio,
+            "repeats": len(whole.times),
+        }
+    )
+    print(
+        f"  one {shape} leaf, 8-bit offloaded: whole {1e3 * whole.median:8.3f} ms, in slices "
+        f"{1e3 * sliced.median:8.3f} ms  x{ratio:.3f}",
+        flush=True,
+    )
+    for runner in runners:
+        runner.release()
+    return rows
+
+
 def run(settings: Settings) -> list[Row]:
     trees = ("transformer-like",) if settings.quick else tuple(TREES)
     # The step times first, then the device bytes, the compressed settings last: on a lent
     # GPU the compressed steps at GPT-2 small's shapes take minutes to compile.
     time_rows(settings.repeats_or(REPEATS), 2 if settings.quick else 16, settings.finished)
+    shape = (3 * SLICE_ELEMENTS // 1000, 1000) if settings.quick else SLICED_LEAF
+    slice_time_rows(settings.repeats_or(REPEATS), shape, settings.finished)
     memory_rows(trees, settings.finished)
     return list(settings.finished)

@@ -69,6 +69,9 @@ class BlockwiseQuantized(MomentStorage):
     block_size: int = 256
     min_size: int = 4096
     signed: bool = True
+    # Blocks tile whole rows (the last two axes of a matrix), so a slice of whole blocks' rows
+    # is stored as that slice of the codes and the scales.
+    row_slices = True
 
     def __post_init__(self) -> None:
         if self.block_size < 1:
