@@ -425,3 +425,33 @@ def test_gpt2_small_8bit_offloaded_in_slices_is_within_the_bound() -> None:
         step = jax.jit(adam_step(adam_jax.offload_state(make(), **options)), donate_argnums=(0, 2))
         totals.append(offload.device_bytes(step.lower(params, params, state).compile())["total"])
     assert totals[1] <= bound < totals[0]
+
+
+@pytest.mark.parametrize("spec", [P("data"), P(None, "data")])
+def test_slices_of_a_leaf_sharded_on_an_auto_mesh_are_bit_for_bit(spec: P) -> None:
+    """Under automatic sharding the core cannot see a leaf's shards: its slices are cut anyway,
+    and the partitioner moves what they need (along a sharded first axis, collectives in each
+    pass: the docstring's caveat); the params and state stay the device step's, and with the
+    state's shardings given, its shards those of the leaf stepped whole."""
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
+    params = jax.device_put(
+        {"kernel": _params()["kernel"], "wide": jnp.linspace(-2.0, 2.0, 304 * 40).reshape(304, 40)},
+        NamedSharding(mesh, spec),
+    )
+
+    def run(tx: optax.GradientTransformation) -> tuple[Any, Any]:
+        # The state's shardings given: the partitioner cannot carry them through the slices.
+        shardings = state_shardings(tx, params, mesh)
+        p, state = params, jax.jit(tx.init, out_shardings=shardings)(params)
+        update = jax.jit(tx.update, out_shardings=(None, shardings))
+        for step in range(STEPS):
+            updates, state = update(_grads(p, step), state, p)
+            p = optax.apply_updates(p, updates)
+        return p, state
+
+    with jax.set_mesh(mesh):
+        got = run(adam_jax.offload_state(adam_jax.adamw_8bit(1e-2), slice_elements=1000))
+        whole = run(adam_jax.offload_state(adam_jax.adamw_8bit(1e-2)))
+    _assert_same(got, run(adam_jax.adamw_8bit(1e-2)))
+    shardings = [x.sharding for x in jax.tree.leaves(got)]
+    assert shardings == [x.sharding for x in jax.tree.leaves(whole)]

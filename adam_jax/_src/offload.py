@@ -282,9 +282,12 @@ def offload_state(
     4-bit's rank-1 second moment, not block means): a leaf's 8-bit moments are decoded into
     float32 one slice at a time, not whole. At GPT-2 small's shapes this keeps the device
     bytes of the offloaded 8-bit step within params + gradients + 1.5x the largest leaf's
-    state (docs/memory.md). The slices are cut along the first axis; a leaf sharded along it
-    (under ``jax.jit``'s automatic sharding the core cannot see how a leaf is sharded) would
-    be gathered for each slice, so leave it ``None`` for such params.
+    state (docs/memory.md). The slices are cut along the first axis. A leaf sharded on an
+    Explicit mesh is stepped whole; under automatic sharding the core cannot see a leaf's
+    shards and cuts it anyway, with the same values, but the partitioner then moves data
+    between devices in each pass where the first axis is sharded, and does not carry the
+    state's shardings through the loop (give them: :func:`adam_jax.sharding.state_shardings`).
+    It is meant for params on one device, or sharded on an Explicit mesh.
 
     A wrapper that keeps the old state beside the new one (``optax.apply_if_finite``, which
     returns the old state when the gradients are not finite) needs the whole state on the
