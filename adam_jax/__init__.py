@@ -23,6 +23,7 @@ from adam_jax._src.rounding import (
     round_stochastically,
     stochastic_rounding,
 )
+from adam_jax._src.row_slices import step_in_slices
 from adam_jax._src.rule import Leaf, Moment, MomentRule, map_tensors, scale_by_rule
 from adam_jax._src.schedules import (
     inverse_sqrt_schedule,
@@ -193,6 +194,7 @@ __all__ = [
     "stable_adamw",
     "stable_spam",
     "state_bytes",
+    "step_in_slices",
     "stochastic_rounding",
     "warmup_stable_decay_schedule",
 ]

@@ -122,11 +122,16 @@ def test_revision_comparison_takes_medians_over_processes() -> None:
     assert "| 1 x 4 | 1.000 (0.800-1.200) | 0.600 (0.500-0.700) | 0.600 |" in table
 
 
-def test_eight_bit_section_times_three_variants_with_page_faults(tmp_path: Path) -> None:
+def test_eight_bit_section_times_four_variants_with_page_faults(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     run.main(["--sections", "eight_bit", "--quick", "--repeats", "3", "--out", str(out)])
     rows = {row["variant"]: row for row in json.loads(out.read_text())["eight_bit"]}
-    assert set(rows) == {OURS, "adam_jax.adam_8bit", "linear int8 blocks"}
+    assert set(rows) == {
+        OURS,
+        "adam_jax.adam_8bit",
+        "adam_8bit, in slices",
+        "linear int8 blocks",
+    }
     assert rows[OURS]["ratio_vs_float32"] == 1.0
     for row in rows.values():
         assert math.isfinite(row["ratio_vs_float32"]) and row["ratio_vs_float32"] > 0

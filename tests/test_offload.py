@@ -160,13 +160,13 @@ def test_flax_nnx_optimizer_with_donation() -> None:
 @pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("zero1", [False, True])
 def test_sharded_params_and_zero1_keep_each_shard_in_host_memory(zero1: bool, sliced: bool) -> None:
-    """Sliced: 8-bit moments with ``slice_elements``, which a leaf sharded on an Explicit mesh
-    ignores (its slices would cut the shards): the same step as on the device."""
+    """Sliced: 8-bit moments in ``step_in_slices``, which steps a leaf sharded on an Explicit
+    mesh whole (its slices would cut the shards): the same step as on the device."""
     mesh = jax.make_mesh((2, 4), ("data", "fsdp"), axis_types=(AxisType.Explicit,) * 2)
     params = jax.device_put(_params(), NamedSharding(mesh, P("fsdp")))
     alias = adam_jax.adamw_8bit if sliced else adam_jax.adamw
-    options = {"slice_elements": 1000} if sliced else {}
-    tx = adam_jax.offload_state(alias(1e-2), **options)
+    inner = adam_jax.step_in_slices(alias(1e-2), 1000) if sliced else alias(1e-2)
+    tx = adam_jax.offload_state(inner)
     shardings = state_shardings(tx, params, mesh) if zero1 else None
     plain = alias(1e-2)
     plain_shardings = state_shardings(plain, params, mesh) if zero1 else None
@@ -258,9 +258,9 @@ def test_every_state_array_is_copied_to_the_device_before_it_is_computed_on(name
     In slices, the loop steps the codes once they are on the device."""
     params = jax.eval_shape(_params)
     tx = optax.adam(1e-2) if name == "optax.adam" else getattr(adam_jax, name.split(",")[0])(1e-2)
-    options = {"slice_elements": 1000} if name.endswith("in slices") else {}
-    lines, first = _main_of_cuda_step(tx, params, **options)
-    assert ("stablehlo.while" in "\n".join(lines)) == bool(options)
+    sliced = name.endswith("in slices")
+    lines, first = _main_of_cuda_step(adam_jax.step_in_slices(tx, 1000) if sliced else tx, params)
+    assert ("stablehlo.while" in "\n".join(lines)) == sliced
     num_state = len(jax.tree.leaves(jax.eval_shape(tx.init, params)))
     for k in range(first, first + num_state):
         uses = _uses(lines, f"%arg{k}")
@@ -329,87 +329,6 @@ def test_leaf_by_leaf_off_copies_each_state_array_once_beside_apply_if_finite() 
     _assert_same(_run(adam_jax.offload_state(tx, leaf_by_leaf=False), _params()), plain)
 
 
-SLICED = {
-    # Elementwise steps with 8-bit codes: stepped in slices.
-    "adamw_8bit": (lambda: adam_jax.adamw_8bit(1e-2, weight_decay=0.1), True),
-    "nadamw, 8-bit": (lambda: adam_jax.nadamw(1e-2, **adam_jax.eight_bit_moments()), True),
-    "lamb, 8-bit": (lambda: adam_jax.lamb(1e-2, **adam_jax.eight_bit_moments()), True),
-    # A transcendental function in the rule (atan2): stepped whole.
-    "adam_atan2, 8-bit": (
-        lambda: adam_jax.adam_atan2(1e-2, **adam_jax.eight_bit_moments()),
-        False,
-    ),
-    # A per-tensor statistic in the rule (update clipping's RMS): stepped whole.
-    "stable_adamw, 8-bit": (
-        lambda: adam_jax.stable_adamw(1e-2, **adam_jax.eight_bit_moments()),
-        False,
-    ),
-    # A storage with column statistics (4-bit rank-1 nu): stepped whole.
-    "4-bit moments": (lambda: adam_jax.adamw(1e-2, **adam_jax.four_bit_moments()), False),
-}
-
-
-def _sliced_params() -> dict[str, Any]:
-    """Leaves of 301 rows (not a whole number of 128-element slices: a tail slice) and of 7
-    rows of 4-row blocks (8-bit blocks spanning rows), and a bias."""
-    params = _params()
-    params["wide"] = jnp.linspace(-2.0, 2.0, 301 * 40).reshape(301, 40)
-    params["short_rows"] = jnp.cos(jnp.arange(28 * 64.0)).reshape(28, 64)
-    return params
-
-
-@pytest.mark.parametrize("name", SLICED)
-def test_a_leaf_stepped_in_slices_of_rows_is_bit_for_bit(name: str) -> None:
-    """``slice_elements``: an elementwise step of a leaf with row-sliceable storages runs in a
-    loop over slices of its rows (other leaves and steps whole), with the same params and state
-    bit for bit as the step on the device."""
-    factory, sliced = SLICED[name]
-    tx = adam_jax.offload_state(factory(), slice_elements=1000)
-    _assert_same(_run(tx, _sliced_params()), _run(factory(), _sliced_params()))
-    params = _sliced_params()
-    jaxpr = jax.make_jaxpr(tx.update)(params, tx.init(params), params)
-    assert any(loop in str(jaxpr) for loop in ("while[", "scan[")) == sliced
-
-
-def test_slice_elements_is_checked_at_construction() -> None:
-    for bad in (0, -3, 2.5, True, "1024"):
-        with pytest.raises(ValueError, match="slice_elements must be an integer >= 1"):
-            adam_jax.offload_state(adam_jax.adamw_8bit(1e-2), slice_elements=bad)
-    with pytest.raises(ValueError, match="slice_elements needs leaf_by_leaf=True"):
-        adam_jax.offload_state(adam_jax.adamw_8bit(1e-2), leaf_by_leaf=False, slice_elements=64)
-
-
-def test_a_leaf_in_slices_holds_one_slice_of_float32_temporaries() -> None:
-    """The 8-bit step of one 4M-entry leaf, offloaded, compiled from abstract shapes. Whole, it
-    holds at least two float32 arrays of the leaf's size besides its arguments (new moments,
-    update); in slices of 64K entries, the update and less than a quarter of a leaf more. In a
-    train step, whose gradient dies at the update, the update takes the gradient's buffer: the
-    gradient and a quarter of a leaf, where whole holds three leaves more."""
-    params = {"w": jax.ShapeDtypeStruct((4096, 1024), jnp.float32)}
-    leaf = 4 * 4096 * 1024
-    make = offload.SETTINGS["8-bit moments"]
-    sliced = {"slice_elements": 1 << 16}
-    _, whole_step, _ = offload.compiled_steps(make, params)
-    _, sliced_step, _ = offload.compiled_steps(make, params, **sliced)
-    assert offload.device_bytes(whole_step)["temporaries"] >= 2 * leaf
-    assert offload.device_bytes(sliced_step)["temporaries"] <= 1.25 * leaf
-
-    def train_temporaries(**options: Any) -> int:
-        tx = adam_jax.offload_state(make(), **options)
-        state = offload.in_host_memory(jax.eval_shape(tx.init, params))
-
-        def step(params: Any, x: jax.Array, state: Any) -> tuple[Any, Any]:
-            grads = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) * x))(params)
-            updates, state = tx.update(grads, state, params)
-            return optax.apply_updates(params, updates), state
-
-        compiled = jax.jit(step, donate_argnums=(0, 2)).lower(params, params["w"], state).compile()
-        return offload.device_bytes(compiled)["temporaries"]
-
-    assert train_temporaries() >= 3 * leaf
-    assert train_temporaries(**sliced) <= 1.25 * leaf
-
-
 def test_gpt2_small_8bit_offloaded_in_slices_is_within_the_bound() -> None:
     """Issue 34's bound at GPT-2 small's shapes (163M params, abstract): params + gradients +
     1.5x the largest leaf's state + 5%, met by the 8-bit step in slices of 1M entries, and not
@@ -421,37 +340,8 @@ def test_gpt2_small_8bit_offloaded_in_slices_is_within_the_bound() -> None:
     )
     state = offload.in_host_memory(jax.eval_shape(make().init, params))
     totals = []
-    for options in ({}, offload.OFFLOAD_OPTIONS["8-bit, in slices"]):
-        step = jax.jit(adam_step(adam_jax.offload_state(make(), **options)), donate_argnums=(0, 2))
+    for setting in ("8-bit moments", "8-bit, in slices"):
+        tx = adam_jax.offload_state(offload.SETTINGS[setting]())
+        step = jax.jit(adam_step(tx), donate_argnums=(0, 2))
         totals.append(offload.device_bytes(step.lower(params, params, state).compile())["total"])
     assert totals[1] <= bound < totals[0]
-
-
-@pytest.mark.parametrize("spec", [P("data"), P(None, "data")])
-def test_slices_of_a_leaf_sharded_on_an_auto_mesh_are_bit_for_bit(spec: P) -> None:
-    """Under automatic sharding the core cannot see a leaf's shards: its slices are cut anyway,
-    and the partitioner moves what they need (along a sharded first axis, collectives in each
-    pass: the docstring's caveat); the params and state stay the device step's, and with the
-    state's shardings given, its shards those of the leaf stepped whole."""
-    mesh = jax.make_mesh((8,), ("data",), axis_types=(AxisType.Auto,))
-    params = jax.device_put(
-        {"kernel": _params()["kernel"], "wide": jnp.linspace(-2.0, 2.0, 304 * 40).reshape(304, 40)},
-        NamedSharding(mesh, spec),
-    )
-
-    def run(tx: optax.GradientTransformation) -> tuple[Any, Any]:
-        # The state's shardings given: the partitioner cannot carry them through the slices.
-        shardings = state_shardings(tx, params, mesh)
-        p, state = params, jax.jit(tx.init, out_shardings=shardings)(params)
-        update = jax.jit(tx.update, out_shardings=(None, shardings))
-        for step in range(STEPS):
-            updates, state = update(_grads(p, step), state, p)
-            p = optax.apply_updates(p, updates)
-        return p, state
-
-    with jax.set_mesh(mesh):
-        got = run(adam_jax.offload_state(adam_jax.adamw_8bit(1e-2), slice_elements=1000))
-        whole = run(adam_jax.offload_state(adam_jax.adamw_8bit(1e-2)))
-    _assert_same(got, run(adam_jax.adamw_8bit(1e-2)))
-    shardings = [x.sharding for x in jax.tree.leaves(got)]
-    assert shardings == [x.sharding for x in jax.tree.leaves(whole)]

@@ -35,8 +35,6 @@ import jax
 import optax
 from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, Literal, jaxpr_as_fun
 
-from adam_jax._src.validation import check_integer
-
 HOST = "pinned_host"
 
 
@@ -48,7 +46,6 @@ class _Transfers:
 
     originals: dict[int, tuple[Any, Any]]
     copies: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
-    slice_elements: int | None = None
 
 
 _TRANSFERS: contextvars.ContextVar[_Transfers | None] = contextvars.ContextVar(
@@ -138,13 +135,6 @@ def _evaluate(eqns: list[Any], env: dict[Any, Any], debug_info: Any) -> None:
     jaxpr = Jaxpr([], read, defined, eqns, effects, debug_info)
     values = jaxpr_as_fun(ClosedJaxpr(jaxpr, []))(*(env[v] for v in read))
     env.update(zip(defined, values, strict=True))
-
-
-def slice_elements() -> int | None:
-    """The most elements of a leaf that :func:`offload_state` (tracing) lets the core step at
-    once (its ``slice_elements``), or ``None``."""
-    transfers = _TRANSFERS.get()
-    return None if transfers is None else transfers.slice_elements
 
 
 def update_in_turn(
@@ -247,10 +237,7 @@ def check_host_memory(what: str) -> None:
 
 
 def offload_state(
-    inner: optax.GradientTransformation,
-    *,
-    leaf_by_leaf: bool = True,
-    slice_elements: int | None = None,
+    inner: optax.GradientTransformation, *, leaf_by_leaf: bool = True
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keeps ``inner``'s state in host memory between steps.
 
@@ -276,19 +263,6 @@ def offload_state(
     with one on the device). This is torchao's ``CPUOffloadOptimizer`` and
     DeepSpeed's ZeRO-Offload in JAX's terms, with the step itself on the device.
 
-    With ``slice_elements``, the core also steps a leaf larger than that a slice of its rows at
-    a time (:func:`adam_jax.rules.in_row_slices`), where the rule's step is elementwise and
-    every moment's storage keeps whole rows apart (float32, bfloat16, 8-bit codes: not
-    4-bit's rank-1 second moment, not block means): a leaf's 8-bit moments are decoded into
-    float32 one slice at a time, not whole. At GPT-2 small's shapes this keeps the device
-    bytes of the offloaded 8-bit step within params + gradients + 1.5x the largest leaf's
-    state (docs/memory.md). The slices are cut along the first axis. A leaf sharded on an
-    Explicit mesh is stepped whole; under automatic sharding the core cannot see a leaf's
-    shards and cuts it anyway, with the same values, but the partitioner then moves data
-    between devices in each pass where the first axis is sharded, and does not carry the
-    state's shardings through the loop (give them: :func:`adam_jax.sharding.state_shardings`).
-    It is meant for params on one device, or sharded on an Explicit mesh.
-
     A wrapper that keeps the old state beside the new one (``optax.apply_if_finite``, which
     returns the old state when the gradients are not finite) needs the whole state on the
     device anyway: there ``leaf_by_leaf=False`` saves the second, leaf-by-leaf copy of the
@@ -298,15 +272,12 @@ def offload_state(
       inner: the optimizer, e.g. :func:`adam_jax.adamw`; any ``GradientTransformation``.
       leaf_by_leaf: whether the core's moments come over one leaf at a time (True, the
         default), or with the rest of the state, as XLA schedules the copies.
-      slice_elements: the most elements of a leaf the core steps at once (an integer >= 1,
-        with ``leaf_by_leaf``), or ``None`` (the default): each leaf whole.
 
     Returns:
       A ``GradientTransformationExtraArgs`` whose state is ``inner``'s, in host memory.
 
     Raises:
-      ValueError: at construction, where the backend has no host memory kind, or
-        ``slice_elements`` is not an integer >= 1 (or is given without ``leaf_by_leaf``).
+      ValueError: at construction, where the backend has no host memory kind.
 
     Example:
       >>> import jax, jax.numpy as jnp, adam_jax
@@ -316,12 +287,6 @@ def offload_state(
       pinned_host
     """
     check_host_memory("offload_state")
-    if slice_elements is not None:
-        if not isinstance(slice_elements, int):
-            raise ValueError(f"slice_elements must be an integer >= 1, got {slice_elements!r}")
-        check_integer("slice_elements", slice_elements, 1)
-        if not leaf_by_leaf:
-            raise ValueError("slice_elements needs leaf_by_leaf=True: slices are cut leaf by leaf")
 
     def init_fn(params: optax.Params) -> Any:
         return _place(inner.init(params), jax.memory.Space.Host)
@@ -331,9 +296,7 @@ def offload_state(
     ) -> tuple[optax.Updates, Any]:
         on_device = _place(state, jax.memory.Space.Device)
         pairs = zip(jax.tree.leaves(on_device), jax.tree.leaves(state), strict=True)
-        transfers = _Transfers(
-            {id(moved): (moved, x) for moved, x in pairs if moved is not x}, {}, slice_elements
-        )
+        transfers = _Transfers({id(moved): (moved, x) for moved, x in pairs if moved is not x})
         with _tracing(transfers) if leaf_by_leaf else contextlib.nullcontext():
             updates, new_state = optax.with_extra_args_support(inner).update(
                 updates, on_device, params, **extra

@@ -8,11 +8,13 @@ every stored array, steps it, and writes the update and the new stored arrays in
 ones in place, so the step's temporaries are one slice's. The values are those of the whole
 leaf bit for bit where the step is the same function of each element's own values
 (:func:`is_elementwise`) and each stored form keeps whole rows apart
-(:attr:`adam_jax.MomentStorage.row_slices`).
+(:attr:`adam_jax.MomentStorage.row_slices`). :func:`step_in_slices` turns it on for the
+core's rules inside any optimizer.
 """
 
 from __future__ import annotations
 
+import contextvars
 import math
 from collections.abc import Callable
 from typing import Any
@@ -20,8 +22,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from adam_jax._src.sequencing import after, scales_of
+from adam_jax._src.validation import check_integer
+
+#: The most elements of a leaf the core steps at once, while :func:`step_in_slices` traces.
+_MOST_AT_ONCE: contextvars.ContextVar[int | None] = contextvars.ContextVar(
+    "most_at_once", default=None
+)
 
 #: Primitives whose every output element is a function of the same element of each input, and
 #: whose result is the same however XLA lays out the loop that computes it: correctly rounded
@@ -175,3 +184,79 @@ def in_row_slices(
         carry = one_slice(whole * slice_rows, tail, carry)
     update, new = carry
     return update, jax.tree.unflatten(treedef, new)
+
+
+def slice_elements() -> int | None:
+    """The most elements of a leaf the core may step at once (:func:`step_in_slices`'s
+    ``max_elements`` while it traces its inner update), or ``None``: each leaf whole."""
+    return _MOST_AT_ONCE.get()
+
+
+def step_in_slices(
+    inner: optax.GradientTransformation, max_elements: int = 1 << 20
+) -> optax.GradientTransformationExtraArgs:
+    r"""Steps each large leaf of ``inner`` a slice of its rows at a time, with the same results.
+
+    The rules of the core (every optimizer of the registry built on
+    :func:`adam_jax.rules.scale_by_rule`) inside ``inner`` step a leaf of more than
+    ``max_elements`` entries in a ``jax.lax.fori_loop`` over slices of its first axis
+    (:func:`adam_jax.rules.in_row_slices`) where the leaf's moments are decoded (8-bit codes),
+    every storage keeps whole rows apart (:attr:`adam_jax.MomentStorage.row_slices`: float32,
+    bfloat16, 8-bit codes; not 4-bit's rank-1 second moment, not block means) and the rule's
+    step is elementwise (:func:`adam_jax.rules.is_elementwise`: no per-tensor statistic, no
+    random numbers, no transcendental function). Each pass decodes a slice's codes, steps it,
+    and writes its new codes and its update in place, so the step holds one slice of float32
+    moments, not the whole leaf's, and the update is written over the gradient (a train step's
+    gradient, which dies at the update, gives it its buffer). Other leaves and steps are as
+    ``inner`` runs them; the params and state are ``inner``'s bit for bit:
+
+    .. math::
+        (u, s')_{[r_0, r_1)} = \mathrm{step}(g_{[r_0, r_1)}, s_{[r_0, r_1)},
+        \theta_{[r_0, r_1)}) \quad \text{for each slice of rows } [r_0, r_1).
+
+    At GPT-2 small's shapes the 8-bit step's temporaries go from four float32 copies of the
+    embedding to its update and a few slices (docs/memory.md); with
+    :func:`adam_jax.offload_state` outside, the offloaded step is within params + gradients +
+    1.5x the largest leaf's state.
+
+    The slices are cut along the first axis. A leaf sharded on an Explicit mesh is stepped
+    whole. Under automatic sharding the core cannot see a leaf's shards and cuts it anyway,
+    with the same values; but the partitioner then moves data between devices in each pass
+    where the first axis is sharded, and does not carry the state's shardings through the loop
+    (give them: :func:`adam_jax.sharding.state_shardings`). It is meant for params on one
+    device, or sharded on an Explicit mesh.
+
+    Args:
+      inner: the optimizer, e.g. :func:`adam_jax.adamw_8bit`; any ``GradientTransformation``.
+      max_elements: the most entries of a leaf stepped at once, an integer >= 1 (a slice is a
+        whole number of rows, and of the rows an 8-bit block spans: at least one of those).
+
+    Returns:
+      A ``GradientTransformationExtraArgs`` with ``inner``'s state.
+
+    Raises:
+      ValueError: ``max_elements`` is not an integer >= 1.
+
+    Example:
+      >>> import jax, jax.numpy as jnp, adam_jax
+      >>> params = {"w": jnp.ones((512, 64))}
+      >>> tx = adam_jax.step_in_slices(adam_jax.adamw_8bit(1e-3), max_elements=4096)
+      >>> updates, state = tx.update(params, tx.init(params), params)
+      >>> want, _ = adam_jax.adamw_8bit(1e-3).update(params, tx.init(params), params)
+      >>> print(bool((updates["w"] == want["w"]).all()))
+      True
+    """
+    if isinstance(max_elements, bool) or not isinstance(max_elements, int):
+        raise ValueError(f"max_elements must be an integer >= 1, got {max_elements!r}")
+    check_integer("max_elements", max_elements, 1)
+
+    def update_fn(
+        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
+    ) -> tuple[optax.Updates, Any]:
+        token = _MOST_AT_ONCE.set(max_elements)
+        try:
+            return optax.with_extra_args_support(inner).update(updates, state, params, **extra)
+        finally:
+            _MOST_AT_ONCE.reset(token)
+
+    return optax.GradientTransformationExtraArgs(inner.init, update_fn)

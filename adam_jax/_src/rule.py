@@ -64,8 +64,8 @@ import optax
 
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.numerics import compute_dtype, real_dtype
-from adam_jax._src.offload import slice_elements, update_in_turn
-from adam_jax._src.row_slices import in_row_slices, is_elementwise, row_unit
+from adam_jax._src.offload import update_in_turn
+from adam_jax._src.row_slices import in_row_slices, is_elementwise, row_unit, slice_elements
 from adam_jax._src.segmented import buffer_storages, packed_tensors
 from adam_jax._src.sequencing import after, scales_of
 from adam_jax._src.storage import (

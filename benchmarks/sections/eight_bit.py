@@ -5,6 +5,8 @@ timed in the same rounds (interleaved), for:
 
 - ``adam_jax.adam(1e-3)``: float32 moments, the reference;
 - ``adam_jax.adam_8bit(1e-3)``: block-wise 8-bit moments with the dynamic map;
+- ``adam_8bit, in slices``: the same in ``adam_jax.step_in_slices`` (slices of 2^20 entries:
+  the leaf decoded, stepped and encoded a quarter at a time, in place);
 - ``linear int8 blocks``: the same dataflow as the 8-bit moments (a block maximum, a scale, an
   encode and a decode per element, blocks of 256) with the cheapest codec there is, a rounded
   linear int8 code. Not a usable optimizer (the second moment loses its small values); its
@@ -35,6 +37,7 @@ TREES = ((1, 4 * 1024 * 1024),)
 QUICK_TREES = ((1, 64 * 1024),)
 REPEATS = 40
 BLOCK = 256
+SLICE_ELEMENTS = 1 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +68,7 @@ def _variants() -> Sequence[tuple[str, optax.GradientTransformation]]:
     return (
         ("adam_jax.adam", adam_jax.adam(LR)),
         ("adam_jax.adam_8bit", adam_jax.adam_8bit(LR)),
+        ("adam_8bit, in slices", adam_jax.step_in_slices(adam_jax.adam_8bit(LR), SLICE_ELEMENTS)),
         ("linear int8 blocks", adam_jax.adam(LR, mu_dtype=linear, nu_dtype=linear)),
     )
 

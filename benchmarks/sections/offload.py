@@ -23,8 +23,9 @@ train step (forward, backward and float32 AdamW on 8 x 1024 tokens), the step th
 RAM, so the ratio says only what the extra copies in the program cost, not what a PCIe
 transfer costs.
 
-"8-bit, in slices" is the 8-bit step offloaded with ``slice_elements`` (:data:`SLICE_ELEMENTS`):
-a large leaf stepped a slice of rows at a time. :func:`slice_time_rows` times it against the
+"8-bit, in slices" is the 8-bit step in :func:`adam_jax.step_in_slices`
+(:data:`SLICE_ELEMENTS`): a large leaf stepped a slice of rows at a time, on the device and
+offloaded. :func:`slice_time_rows` times it offloaded against the
 same step whole on one leaf of GPT-2's embedding shape, in the same rounds.
 """
 
@@ -47,6 +48,8 @@ from benchmarks.models import transformer_loss, transformer_params
 from benchmarks.sections.train_step import tree_train_step
 
 REPEATS = 20
+#: The most elements of a leaf stepped at once (``step_in_slices``'s ``max_elements``).
+SLICE_ELEMENTS = 1 << 20
 HEADS = 4
 HOST = "pinned_host"
 _ALIAS = re.compile(r"\{(\d*)\}: \(\d+, \{\d*\}")
@@ -57,13 +60,7 @@ SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
     "Adam-mini": lambda: adam_jax.adam_mini(LR, num_heads=HEADS),
     "8-bit moments": lambda: adam_jax.adamw_8bit(LR),
     "4-bit moments": lambda: adam_jax.adamw(LR, **adam_jax.four_bit_moments()),
-    "8-bit, in slices": lambda: adam_jax.adamw_8bit(LR),
-}
-#: The most elements of a leaf stepped at once (``offload_state``'s ``slice_elements``).
-SLICE_ELEMENTS = 1 << 20
-#: ``offload_state``'s options for a setting (none for the others).
-OFFLOAD_OPTIONS: dict[str, dict[str, Any]] = {
-    "8-bit, in slices": {"slice_elements": SLICE_ELEMENTS}
+    "8-bit, in slices": lambda: adam_jax.step_in_slices(adam_jax.adamw_8bit(LR), SLICE_ELEMENTS),
 }
 #: The leaf whose offloaded 8-bit step is timed whole and in slices: GPT-2's embedding.
 SLICED_LEAF = (50257, 768)
@@ -141,14 +138,14 @@ def in_host_memory(tree: Any) -> Any:
 
 
 def compiled_steps(
-    make: Callable[[], optax.GradientTransformation], params: Any, **options: Any
+    make: Callable[[], optax.GradientTransformation], params: Any
 ) -> tuple[jax.stages.Compiled, jax.stages.Compiled, Any]:
-    """The donating step of ``make()`` compiled on the device and offloaded (with
-    ``offload_state``'s ``options``), and its state's abstract arrays."""
+    """The donating step of ``make()`` compiled on the device and offloaded, and its state's
+    abstract arrays."""
     tx = make()
     state = jax.eval_shape(tx.init, params)
     on_device = jax.jit(adam_step(tx), donate_argnums=(0, 2))
-    offloaded = jax.jit(adam_step(adam_jax.offload_state(tx, **options)), donate_argnums=(0, 2))
+    offloaded = jax.jit(adam_step(adam_jax.offload_state(tx)), donate_argnums=(0, 2))
     return (
         on_device.lower(params, params, state).compile(),
         offloaded.lower(params, params, in_host_memory(state)).compile(),
@@ -164,9 +161,7 @@ def memory_rows(trees: tuple[str, ...] = tuple(TREES), rows: list[Row] | None = 
         n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(params))
         params_bytes = adam_jax.state_bytes(params)
         for name, make in SETTINGS.items():
-            on_device, offloaded, state = compiled_steps(
-                make, params, **OFFLOAD_OPTIONS.get(name, {})
-            )
+            on_device, offloaded, state = compiled_steps(make, params)
             largest = largest_leaf_state(make, params)
             bound = 1.05 * (2 * params_bytes + 1.5 * largest)
             ours, theirs = device_bytes(offloaded), device_bytes(on_device)
@@ -271,8 +266,9 @@ def slice_time_rows(
     base = {"embedding": jax.random.normal(jax.random.key(0), shape) * 0.02}
     grads = jax.tree.map(lambda x: jnp.cos(x) * 1e-2, base)
     runners = []
-    for label, options in (("whole", {}), ("in slices", OFFLOAD_OPTIONS["8-bit, in slices"])):
-        tx = adam_jax.offload_state(adam_jax.adamw_8bit(LR), **options)
+    for label in ("whole", "in slices"):
+        setting = "8-bit moments" if label == "whole" else "8-bit, in slices"
+        tx = adam_jax.offload_state(SETTINGS[setting]())
         params = copy_tree(base)
         runners.append(Runner(label, adam_step(tx), params, grads, tx.init(params)))
     interleaved(runners, repeats)
