@@ -227,34 +227,49 @@ def time_rows(repeats: int, layers: int, rows: list[Row] | None = None) -> list[
             (f"{tree}, train step", "float32 AdamW", SETTINGS["float32 AdamW"], train, tokens)
         )
     for tree_name, name, make, make_step, batch in pairs:
-        runners = []
-        for offload in (False, True):
-            tx = adam_jax.offload_state(make()) if offload else make()
-            label = f"{name}, offloaded" if offload else name
-            params = copy_tree(base)
-            runners.append(Runner(label, make_step(tx), params, batch, tx.init(params)))
-        interleaved(runners, repeats)
-        device, offloaded = runners
-        ratio = statistics.median(o / d for o, d in zip(offloaded.times, device.times, strict=True))
+        device, offloaded, ratio, repeated = _timed_pair(
+            [make(), adam_jax.offload_state(make())], make_step, base, batch, repeats
+        )
         rows.append(
             {
                 "tree": tree_name,
                 "num_params": n,
                 "setting": name,
-                "device_median_ms": 1e3 * device.median,
-                "offloaded_median_ms": 1e3 * offloaded.median,
+                "device_median_ms": device,
+                "offloaded_median_ms": offloaded,
                 "ratio_vs_device": ratio,
-                "repeats": len(device.times),
+                "repeats": repeated,
             }
         )
         print(
-            f"  {tree_name:28s} {name:16s} {1e3 * device.median:8.3f} ms, offloaded "
-            f"{1e3 * offloaded.median:8.3f} ms  x{ratio:.3f}",
+            f"  {tree_name:28s} {name:16s} {device:8.3f} ms, offloaded {offloaded:8.3f} ms  "
+            f"x{ratio:.3f}",
             flush=True,
         )
-        for runner in runners:
-            runner.release()
     return rows
+
+
+def _timed_pair(
+    pair: list[optax.GradientTransformation],
+    make_step: Callable[[optax.GradientTransformation], Any],
+    base: Any,
+    batch: Any,
+    repeats: int,
+) -> tuple[float, float, float, int]:
+    """The steps of two optimizers on copies of ``base``, timed in the same rounds: their
+    medians in ms, the median over rounds of the second's time over the first's, and the
+    rounds."""
+    runners = []
+    for k, tx in enumerate(pair):
+        params = copy_tree(base)
+        runners.append(Runner(str(k), make_step(tx), params, batch, tx.init(params)))
+    interleaved(runners, repeats)
+    first, second = runners
+    ratio = statistics.median(b / a for a, b in zip(first.times, second.times, strict=True))
+    medians = 1e3 * first.median, 1e3 * second.median, ratio, len(first.times)
+    for runner in runners:
+        runner.release()
+    return medians
 
 
 def slice_time_rows(
@@ -265,34 +280,27 @@ def slice_time_rows(
     rows = [] if rows is None else rows
     base = {"embedding": jax.random.normal(jax.random.key(0), shape) * 0.02}
     grads = jax.tree.map(lambda x: jnp.cos(x) * 1e-2, base)
-    runners = []
-    for label in ("whole", "in slices"):
-        setting = "8-bit moments" if label == "whole" else "8-bit, in slices"
-        tx = adam_jax.offload_state(SETTINGS[setting]())
-        params = copy_tree(base)
-        runners.append(Runner(label, adam_step(tx), params, grads, tx.init(params)))
-    interleaved(runners, repeats)
-    whole, sliced = runners
-    ratio = statistics.median(s / w for s, w in zip(sliced.times, whole.times, strict=True))
+    pair = [
+        adam_jax.offload_state(SETTINGS[name]()) for name in ("8-bit moments", "8-bit, in slices")
+    ]
+    whole, sliced, ratio, repeated = _timed_pair(pair, adam_step, base, grads, repeats)
     rows.append(
         {
             "tree": f"one {shape[0]} x {shape[1]} leaf",
             "num_params": int(np.prod(shape)),
             "setting": "8-bit moments, offloaded, in slices",
             "slice_elements": SLICE_ELEMENTS,
-            "whole_median_ms": 1e3 * whole.median,
-            "sliced_median_ms": 1e3 * sliced.median,
+            "whole_median_ms": whole,
+            "sliced_median_ms": sliced,
             "ratio_vs_whole": ratio,
-            "repeats": len(whole.times),
+            "repeats": repeated,
         }
     )
     print(
-        f"  one {shape} leaf, 8-bit offloaded: whole {1e3 * whole.median:8.3f} ms, in slices "
-        f"{1e3 * sliced.median:8.3f} ms  x{ratio:.3f}",
+        f"  one {shape} leaf, 8-bit offloaded: whole {whole:8.3f} ms, in slices {sliced:8.3f} ms "
+        f" x{ratio:.3f}",
         flush=True,
     )
-    for runner in runners:
-        runner.release()
     return rows
 
 
