@@ -356,6 +356,9 @@ def test_soap_section_times_soap_against_adamw_with_the_eigenbasis_share() -> No
     assert 0 < row["block_products_params"] < row["num_params"]
     assert row["block_products_bfloat16_ratio_vs_adamw"] > 0 and row["block_qr_ratio_vs_adamw"] > 0
     assert row["block_qr_count"] > 0
+    assert row["other_orthogonalization"] == "cholesky_qr"  # the CPU's default is QR
+    assert row["other_soap_ratio_vs_adamw"] > 0 and row["other_practical_ratio_vs_adamw"] > 0
+    assert row["block_cholesky_qr_over_qr"] > 0 and row["block_eigh_ms"] > 0
 
 
 def test_soap_section_floors_compute_the_products_and_qrs_they_time() -> None:
@@ -385,6 +388,15 @@ def test_soap_section_floors_compute_the_products_and_qrs_they_time() -> None:
         np.swapaxes(q, 1, 2) @ q, np.broadcast_to(np.eye(16), q.shape), atol=1e-5
     )
     np.testing.assert_allclose(q @ (np.swapaxes(q, 1, 2) @ f), f, atol=1e-4)
+    # Cholesky QR's: the same Q up to its columns' signs; the eigh's: eigenvectors of each.
+    (chol,), _ = soap.block_cholesky_qrs((f,), None, jnp.zeros(()))
+    aligned = chol * np.sign(np.sum(np.asarray(chol) * np.asarray(q), axis=1, keepdims=True))
+    np.testing.assert_allclose(aligned, q, atol=1e-4)
+    s = f + jnp.swapaxes(f, 1, 2)
+    (v,), _ = soap.block_eighs((s,), None, jnp.zeros(()))
+    rotated = np.swapaxes(v, 1, 2) @ np.asarray(s) @ v
+    off_diagonal = rotated - np.einsum("nii->ni", rotated)[:, :, None] * np.eye(16)
+    np.testing.assert_allclose(off_diagonal, 0, atol=1e-4)
 
 
 def test_soap_steps_window_ratio_finds_the_slowest_window() -> None:

@@ -32,6 +32,13 @@ rest of the step.
 ``unrectified_*`` is the compressed SOAP with ``basis_rectification=0`` (its bases used as
 decoded: no Björck products); ``practical_*``, that with its second moment in bfloat16
 (``PRACTICAL``: the setting whose race loss stays within 1% of float32 SOAP's).
+
+The refresh's orthonormalization (issue 50): the default, ``"auto"``, is Householder QR on the
+CPU and Cholesky QR elsewhere; ``other_soap_*`` and ``other_practical_*`` are SOAP and the
+setting to use with the method the default does not take on the backend
+(``other_orthogonalization``); ``block_cholesky_qr_*``, every block's refresh by Cholesky QR,
+as ``block_qr_*`` (``block_cholesky_qr_over_qr``: its time over the QRs'); ``block_eigh_ms``,
+the first step's eigendecompositions of every block's factors, paid once a run.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ import jax.numpy as jnp
 import optax
 
 import adam_jax
+from adam_jax._src.orthonormalization import each_matrix, orthonormal
 from benchmarks.harness import LR, Row, Runner, Settings, copy_tree, interleaved
 from benchmarks.models import transformer_params
 
@@ -160,6 +168,27 @@ def block_qrs(factors: Any, _: Any, unused: Any) -> tuple[Any, Any]:
     return jax.tree.map(each, factors), unused
 
 
+def block_cholesky_qrs(factors: Any, _: Any, unused: Any) -> tuple[Any, Any]:
+    """The Q of every block's bases' power-iteration products by Cholesky QR (batched where
+    the step batches it: off the CPU), their previous bases the identity."""
+
+    def each(m: jax.Array) -> jax.Array:
+        eye = jnp.broadcast_to(jnp.eye(m.shape[-1], dtype=m.dtype), m.shape)
+        return orthonormal(m, eye, "cholesky_qr")
+
+    return jax.tree.map(each, factors), unused
+
+
+def block_eighs(factors: Any, _: Any, unused: Any) -> tuple[Any, Any]:
+    """The eigenvectors of every block's factors, as SOAP's first step computes them (one
+    matrix at a time on the CPU, batched elsewhere)."""
+
+    def each(m: jax.Array) -> jax.Array:
+        return each_matrix(lambda x: jnp.linalg.eigh(x)[1], m)
+
+    return jax.tree.map(each, factors), unused
+
+
 def _median_ratio(runner: Runner, reference: Runner) -> float:
     """The median over rounds of ``runner``'s time over ``reference``'s in the same round."""
     return statistics.median(r / a for r, a in zip(runner.times, reference.times, strict=True))
@@ -167,6 +196,8 @@ def _median_ratio(runner: Runner, reference: Runner) -> float:
 
 def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list[Row]:
     rows = []
+    # The orthogonalization that the default ("auto") does not take on this backend.
+    other = "cholesky_qr" if jax.default_backend() == "cpu" else "qr"
     for d in widths:
         params = transformer_params(jax.random.key(0), layers=layers, d=d, ff=4 * d, seq=64)
         grads = jax.tree.map(lambda p: jnp.cos(3.0 * p) * 1e-2, params)
@@ -190,6 +221,12 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             f"soap, block_size={BLOCK_SIZE}, compressed, bfloat16 nu, unrectified": adam_jax.soap(
                 LR, precondition_frequency=FREQUENCY, **PRACTICAL
             ),
+            f"adam_jax.soap, {other}": adam_jax.soap(
+                LR, precondition_frequency=FREQUENCY, orthogonalization=other
+            ),
+            f"the setting to use, {other}": adam_jax.soap(
+                LR, precondition_frequency=FREQUENCY, orthogonalization=other, **PRACTICAL
+            ),
         }
         runners = {
             name: Runner(name, cycle(tx), copy_tree(params), grads, tx.init(params))
@@ -211,7 +248,14 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
         runners["block products, bfloat16"] = Runner(
             "block products, bfloat16", block_products_bfloat16, blocks, None, bases
         )
-        runners["block QRs"] = Runner("block QRs", block_qrs, factors, None, jnp.zeros(()))
+        # Each runner donates its factors: a copy each.
+        runners["block QRs"] = Runner(
+            "block QRs", block_qrs, copy_tree(factors), None, jnp.zeros(())
+        )
+        runners["block Cholesky QRs"] = Runner(
+            "block Cholesky QRs", block_cholesky_qrs, copy_tree(factors), None, jnp.zeros(())
+        )
+        runners["block eighs"] = Runner("block eighs", block_eighs, factors, None, jnp.zeros(()))
         interleaved(list(runners.values()), repeats)
         (
             adamw,
@@ -222,9 +266,13 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             compressed,
             unrectified,
             practical,
+            soap_other,
+            practical_other,
             products,
             products_bf16,
             qrs,
+            cholesky_qrs,
+            eighs,
         ) = runners.values()
         state_bytes = {
             name: sum(x.nbytes for x in jax.tree.leaves(runners[name].state)) / num_params
@@ -264,6 +312,14 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             "block_qr_ms_per_step": 1e3 * qrs.median / FREQUENCY,
             "block_qr_ratio_vs_adamw": _median_ratio(qrs, adamw),
             "block_qr_count": sum(2 * len(g) for g in blocks.values()),
+            "other_orthogonalization": other,
+            "other_soap_ratio_vs_adamw": _median_ratio(soap_other, adamw),
+            "other_practical_ratio_vs_adamw": _median_ratio(practical_other, adamw),
+            "block_cholesky_qr_ms_per_step": 1e3 * cholesky_qrs.median / FREQUENCY,
+            "block_cholesky_qr_ratio_vs_adamw": _median_ratio(cholesky_qrs, adamw),
+            "block_cholesky_qr_over_qr": _median_ratio(cholesky_qrs, qrs),
+            # The first step's eigendecompositions, once a run (not per step).
+            "block_eigh_ms": 1e3 * eighs.median,
             "repeats": repeats,
         }
         rows.append(row)
@@ -286,7 +342,12 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             f"{row['block_products_bfloat16_ms_per_step']:.2f} ms "
             f"(x{row['block_products_bfloat16_ratio_vs_adamw']:.2f}); the refreshes' "
             f"{row['block_qr_count']} QRs {row['block_qr_ms_per_step']:.2f} ms a step "
-            f"(x{row['block_qr_ratio_vs_adamw']:.2f})",
+            f"(x{row['block_qr_ratio_vs_adamw']:.2f}), by Cholesky QR "
+            f"{row['block_cholesky_qr_ms_per_step']:.2f} ms "
+            f"({row['block_cholesky_qr_over_qr']:.2f}x the QRs'); the first step's eighs "
+            f"{row['block_eigh_ms']:.1f} ms once. With orthogonalization={other!r}: soap "
+            f"x{row['other_soap_ratio_vs_adamw']:.2f}, the setting to use "
+            f"x{row['other_practical_ratio_vs_adamw']:.2f}",
             flush=True,
         )
         for runner in runners.values():

@@ -26,6 +26,7 @@ from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import compute_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
+from adam_jax._src.orthonormalization import METHODS, each_matrix, orthonormal
 from adam_jax._src.quantization.four_bit import FourBitBlockwise, FourBitRank1
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage
@@ -458,22 +459,6 @@ def _outer(g: jax.Array, i: int) -> jax.Array:
     return jnp.tensordot(g, g, axes=(others, others))
 
 
-def _each_matrix(fn: Any, x: jax.Array) -> jax.Array:
-    """``fn`` of a matrix, or of each matrix of a batch ``(n, d, d)``: on CPU one after
-    another, elsewhere as a batch. jaxlib 0.10's batched CPU kernels (``eigh``, QR) share a
-    large batch out over XLA:CPU's thread pool and wait for it on a thread of that pool, so
-    as many of them at once as the pool has threads (a tree's groups of blocks, on 2 cores)
-    wait for each other forever; one matrix at a time never shares out."""
-    if x.ndim == 2:
-        return fn(x)
-    return jax.lax.platform_dependent(x, cpu=lambda x: jax.lax.map(fn, x), default=fn)
-
-
-def _orthonormal(x: jax.Array) -> jax.Array:
-    """The Q of the QR decomposition of a matrix, or of each of a batch."""
-    return _each_matrix(lambda m: jnp.linalg.qr(m)[0], x)
-
-
 def _eigenbasis(factor: jax.Array) -> jax.Array:
     """The eigenvectors of a factor by decreasing eigenvalue (the authors' ``eigh`` of
     ``factor + 1e-30 I``, reading its lower triangle as torch does; a batch of them alike)."""
@@ -482,7 +467,7 @@ def _eigenbasis(factor: jax.Array) -> jax.Array:
     def vectors(m: jax.Array) -> jax.Array:
         return jnp.linalg.eigh(m, UPLO="L", symmetrize_input=False)[1]
 
-    return _each_matrix(vectors, shifted)[..., ::-1]
+    return each_matrix(vectors, shifted)[..., ::-1]
 
 
 def _rotate_blocks(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Array:
@@ -507,25 +492,36 @@ def _refresh_blocks(
     mu: jax.Array,
     nu: jax.Array,
     settle: Any = None,
+    orthogonalization: str = "auto",
 ) -> tuple[list[jax.Array | None], jax.Array, jax.Array]:
     """:meth:`SoapRule._refresh` of each block of a batch (moments ``(n, *sizes)``);
     ``settle`` maps the new bases to ``(stored, used)``: as the state keeps them and as the
     steps rotate by them (the first moment is moved into the latter)."""
-    original = _rotate_blocks(mu, bases, back=True)
-    new_bases: list[jax.Array | None] = []
-    for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
-        if f is None or basis is None:
-            new_bases.append(None)
-            continue
-        power = f @ basis
-        estimated = jnp.sum(basis * power, axis=-2)
-        order = jnp.argsort(estimated, axis=-1, descending=True)
-        along = [1] * nu.ndim
-        along[0], along[i + 1] = order.shape
-        nu = jnp.take_along_axis(nu, order.reshape(along), axis=i + 1)
-        new_bases.append(_orthonormal(jnp.take_along_axis(power, order[:, None, :], axis=2)))
-    stored, used = (new_bases, new_bases) if settle is None else settle(new_bases)
-    return stored, _rotate_blocks(original, used, back=False), nu
+    # At full float32 precision on accelerators too (TF32 products corrupt the estimated
+    # eigenvalues, NVIDIA Emerging-Optimizers), as the authors' torch computes them.
+    with jax.default_matmul_precision("highest"):
+        original = _rotate_blocks(mu, bases, back=True)
+        new_bases: list[jax.Array | None] = []
+        for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
+            if f is None or basis is None:
+                new_bases.append(None)
+                continue
+            power = f @ basis
+            estimated = jnp.sum(basis * power, axis=-2)
+            order = jnp.argsort(estimated, axis=-1, descending=True)
+            along = [1] * nu.ndim
+            along[0], along[i + 1] = order.shape
+            nu = jnp.take_along_axis(nu, order.reshape(along), axis=i + 1)
+            sort = order[:, None, :]
+            new_bases.append(
+                orthonormal(
+                    jnp.take_along_axis(power, sort, axis=2),
+                    jnp.take_along_axis(basis, sort, axis=2),
+                    orthogonalization,
+                )
+            )
+        stored, used = (new_bases, new_bases) if settle is None else settle(new_bases)
+        return stored, _rotate_blocks(original, used, back=False), nu
 
 
 def _unpack_group(flat: jax.Array, group: BlockGroup, n: int) -> list[jax.Array | None]:
@@ -788,6 +784,16 @@ class SoapRule(MomentRule):
         'fixes the compiled step: pass ``static_args=("basis_rectification",)`` to '
         "``optax.inject_hyperparams``.",
         _static_count(0),
+    )
+    orthogonalization: str = hyperparams.hyperparam(
+        "auto",
+        'how a refresh orthonormalizes the power iterate :math:`LQ`: ``"qr"``, the '
+        'authors\' Householder QR; ``"cholesky_qr"``, Cholesky QR repeated until '
+        "orthonormal, made of batched products, Cholesky factorizations and triangular "
+        "solves (the same Q up to its columns' signs, which the update does not see); "
+        '``"auto"``: QR on the CPU, Cholesky QR on GPU and TPU, the faster on each '
+        "(docs/speed.md).",
+        hyperparams.choice(*METHODS),
     )
 
     # With stagger_refresh, per leaf of the updates (in flattening order), the index of its
@@ -1090,7 +1096,10 @@ class SoapRule(MomentRule):
         settle = None if unchanged else self._settle_blocks
 
         def computed(ops: Any) -> Any:
-            return [_refresh_blocks(f, self._decoded(bs), m, v, settle) for f, bs, m, v in ops]
+            return [
+                _refresh_blocks(f, self._decoded(bs), m, v, settle, self.orthogonalization)
+                for f, bs, m, v in ops
+            ]
 
         def unzipped(outs: Any, bases_flat: jax.Array) -> Any:
             """Each group's (bases, mu, nu) as the groups' mus, nus and the bases' vector."""
@@ -1194,23 +1203,28 @@ class SoapRule(MomentRule):
     ) -> tuple[jax.Array, jax.Array, jax.Array]:
         """The authors' ``get_orthogonal_matrix_QR``: each basis sorted by the estimated
         eigenvalues :math:`\\mathrm{diag}(Q^\\top F Q)` (the second moment permuted alike),
-        one power-iteration step :math:`F Q` and a QR decomposition; the first moment moved
-        from the old basis into the new one."""
+        one power-iteration step :math:`F Q` and the Q of its QR decomposition
+        (``orthogonalization``); the first moment moved from the old basis into the new one.
+        Its products at full precision, as :func:`_refresh_blocks`'."""
         shape, working = mu.shape, self.layout.shape(mu.shape)
-        bases = self._decoded(self.layout.unpack(bases_flat, shape))
-        original = _rotate(mu.reshape(working), bases, back=True)
-        nu = nu.reshape(working)
-        new_bases: list[jax.Array | None] = []
-        for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
-            if f is None or basis is None:
-                new_bases.append(None)
-                continue
-            estimated = jnp.sum(basis * (f @ basis), axis=0)
-            order = jnp.argsort(estimated, descending=True)
-            nu = jnp.take(nu, order, axis=i)
-            new_bases.append(_orthonormal(f @ basis[:, order]))
-        new_flat = self._as_stored(_pack(new_bases, bases_flat))
-        mu = _rotate(original, self._decoded(self.layout.unpack(new_flat, shape)), back=False)
+        with jax.default_matmul_precision("highest"):
+            bases = self._decoded(self.layout.unpack(bases_flat, shape))
+            original = _rotate(mu.reshape(working), bases, back=True)
+            nu = nu.reshape(working)
+            new_bases: list[jax.Array | None] = []
+            for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
+                if f is None or basis is None:
+                    new_bases.append(None)
+                    continue
+                estimated = jnp.sum(basis * (f @ basis), axis=0)
+                order = jnp.argsort(estimated, descending=True)
+                nu = jnp.take(nu, order, axis=i)
+                sorted_basis = basis[:, order]
+                new_bases.append(
+                    orthonormal(f @ sorted_basis, sorted_basis, self.orthogonalization)
+                )
+            new_flat = self._as_stored(_pack(new_bases, bases_flat))
+            mu = _rotate(original, self._decoded(self.layout.unpack(new_flat, shape)), back=False)
         return mu.reshape(shape), nu.reshape(shape), new_flat
 
     def _settle_blocks(

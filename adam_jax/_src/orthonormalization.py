@@ -1,0 +1,138 @@
+r"""The orthonormalization of SOAP's refresh: the Q of a QR decomposition of the power iterate.
+
+Two methods compute the same Q (up to the signs of its columns, which SOAP's update does not
+see):
+
+* ``"qr"``: Householder QR (``jnp.linalg.qr``), the authors' ``torch.linalg.qr``. On a GPU,
+  jaxlib calls cuSOLVER's ``geqrf`` and forms Q with ``orgqr`` one matrix at a time in a loop
+  over a batch of blocks (JAX issue 8542).
+* ``"cholesky_qr"``: Cholesky QR, made of batched products, a batched Cholesky factorization
+  and a batched triangular solve, repeated until the columns are orthonormal:
+
+  .. math::
+
+     X \leftarrow X R^{-1}, \qquad R^\top R = X^\top X + s I,
+
+  each pass a right-multiplication by an upper triangular matrix with a positive diagonal, so
+  the columns span the same nested subspaces as the power iterate's and the result is its QR's
+  Q. The columns are first scaled to unit norm (which changes no Q but makes the power
+  iterate, whose columns are nearly orthogonal once the bases have settled, well conditioned),
+  and a column lost in rounding (a factor's null space: the first steps, small batches,
+  embedding blocks) is replaced by the previous basis's column, which any orthonormal
+  completion of that null space may be. While a Gram matrix is far from the identity the
+  pass is shifted by :math:`s` of the order of its rounding (shifted Cholesky QR, Fukaya et
+  al. 2020), so that its factorization cannot fail; the last passes are not shifted.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+#: The accepted values of SOAP's ``orthogonalization``.
+METHODS = ("auto", "qr", "cholesky_qr")
+
+# Passes of Cholesky QR at most: a column-scaled power iterate of condition number up to
+# 1/eps needs about four (two shifted, two plain); the loop stops as soon as the columns are
+# orthonormal, after two passes for a settled basis.
+_MAX_PASSES = 8
+# A Gram matrix further than this from the identity is factorized with a shift: below it,
+# plain Cholesky QR is stable (the condition number of the columns is at most sqrt(3)).
+_SHIFTED_ABOVE = 0.5
+
+
+def _householder(x: jax.Array) -> jax.Array:
+    return jnp.linalg.qr(x)[0]
+
+
+def _gram(q: jax.Array) -> jax.Array:
+    return jnp.matmul(jnp.swapaxes(q, -1, -2), q, precision=jax.lax.Precision.HIGHEST)
+
+
+def _distance_from_identity(gram: jax.Array) -> jax.Array:
+    """The largest entry of :math:`|X^\\top X - I|`, per matrix."""
+    eye = jnp.eye(gram.shape[-1], dtype=gram.dtype)
+    return jnp.max(jnp.abs(gram - eye), axis=(-2, -1))
+
+
+def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
+    """The Q of the QR decomposition of each ``(d, d)`` matrix of ``x`` by repeated Cholesky
+    QR (see the module), its R's diagonal positive.
+
+    Args:
+      x: a matrix ``(d, d)``, or a batch of them ``(..., d, d)``, float32 or float64.
+      fallback: orthonormal matrices of ``x``'s shape whose columns stand in for the columns
+        of ``x`` lost in rounding (SOAP's previous basis, its columns in ``x``'s order).
+
+    Returns:
+      The orthonormal matrices, ``x``'s shape and dtype.
+    """
+    d = x.shape[-1]
+    eps = jnp.finfo(x.dtype).eps
+    norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=-2, keepdims=True))
+    largest = jnp.max(norms, axis=-1, keepdims=True)
+    lost = norms <= d * eps * largest
+    q = jnp.where(lost, fallback, x / jnp.where(lost, 1, norms))
+    eye = jnp.eye(d, dtype=x.dtype)
+    # Stop when no entry of Q^T Q - I is above a few times the rounding of one more pass
+    # (3e-7 to 7e-7 in float32 for d = 32 to 256).
+    tolerance = 4 * d**0.5 * eps
+
+    def orthonormalize(carry: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
+        q, gram, passes = carry
+        far = _distance_from_identity(gram)[..., None, None]
+        # Of the order of the Gram matrix's rounding, relative to its largest eigenvalue
+        # (at most its trace, d for unit columns).
+        trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
+        shift = jnp.where(far > _SHIFTED_ABOVE, (d + 1) * eps * trace, 0)
+        lower = jnp.linalg.cholesky(gram + shift * eye)
+        # q L^{-T}: the right division by R = L^T.
+        q = jax.lax.linalg.triangular_solve(lower, q, left_side=False, lower=True, transpose_a=True)
+        return q, _gram(q), passes + 1
+
+    def unfinished(carry: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        _, gram, passes = carry
+        return (jnp.max(_distance_from_identity(gram)) > tolerance) & (passes < _MAX_PASSES)
+
+    q, _, _ = jax.lax.while_loop(unfinished, orthonormalize, (q, _gram(q), jnp.asarray(0)))
+    return q
+
+
+def _one_at_a_time(fn: Any, *xs: jax.Array) -> jax.Array:
+    """``fn`` of each matrix of a batch ``(n, d, d)`` in turn (of a matrix, itself)."""
+    if xs[0].ndim == 2:
+        return fn(*xs)
+    return jax.lax.map(lambda args: fn(*args), xs)
+
+
+def each_matrix(fn: Any, *xs: jax.Array) -> jax.Array:
+    """``fn`` of a matrix, or of each matrix of a batch ``(n, d, d)``: on CPU one after
+    another, elsewhere as a batch. jaxlib 0.10's batched CPU kernels (``eigh``, QR, Cholesky)
+    share a large batch out over XLA:CPU's thread pool and wait for it on a thread of that
+    pool, so as many of them at once as the pool has threads (a tree's groups of blocks, on 2
+    cores) wait for each other forever; one matrix at a time never shares out."""
+    if xs[0].ndim == 2:
+        return fn(*xs)
+    return jax.lax.platform_dependent(*xs, cpu=lambda *xs: _one_at_a_time(fn, *xs), default=fn)
+
+
+def orthonormal(x: jax.Array, fallback: jax.Array, method: str) -> jax.Array:
+    """The Q of the QR decomposition of a matrix ``(d, d)``, or of each of a batch, by
+    ``method``: ``"qr"``, ``"cholesky_qr"``, or ``"auto"``: Householder QR on the CPU, where
+    it is the faster, and Cholesky QR on the accelerators (cuSOLVER's QR loops over a batch
+    of blocks on a GPU); docs/speed.md has the figures. ``fallback``: see
+    :func:`cholesky_qr`."""
+    if method == "qr":
+        return each_matrix(_householder, x)
+    if method == "cholesky_qr":
+        return each_matrix(cholesky_qr, x, fallback)
+    if method != "auto":
+        raise ValueError(f"orthogonalization must be one of {METHODS}, got {method!r}")
+    return jax.lax.platform_dependent(
+        x,
+        fallback,
+        cpu=lambda x, fallback: _one_at_a_time(_householder, x),
+        default=cholesky_qr,
+    )
