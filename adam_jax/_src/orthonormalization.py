@@ -17,9 +17,10 @@ see):
   the columns span the same nested subspaces as the power iterate's and the result is its QR's
   Q. The columns are first scaled to unit norm (which changes no Q but makes the power
   iterate, whose columns are nearly orthogonal once the bases have settled, well conditioned),
-  and a column lost in rounding (a factor's null space: the first steps, small batches,
-  embedding blocks) is replaced by the previous basis's column, which any orthonormal
-  completion of that null space may be. While a Gram matrix is far from the identity the
+  and the previous basis is added at the scale of the power iterate's rounding, so that a
+  column that depends on the others (a rank-deficient factor's: the first steps, small
+  batches, embedding blocks) takes the previous basis's direction, orthogonalized against the
+  others: an orthonormal completion of the factor's range, as any is. While a Gram matrix is far from the identity the
   pass is shifted by :math:`s` of the order of its rounding (shifted Cholesky QR, Fukaya et
   al. 2020), so that its factorization cannot fail; the last passes are not shifted.
 """
@@ -63,18 +64,21 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
 
     Args:
       x: a matrix ``(d, d)``, or a batch of them ``(..., d, d)``, float32 or float64.
-      fallback: orthonormal matrices of ``x``'s shape whose columns stand in for the columns
-        of ``x`` lost in rounding (SOAP's previous basis, its columns in ``x``'s order).
+      fallback: orthonormal matrices of ``x``'s shape that complete the columns of ``x`` where
+        they depend on each other (SOAP's previous basis, its columns in ``x``'s order).
 
     Returns:
       The orthonormal matrices, ``x``'s shape and dtype.
     """
     d = x.shape[-1]
     eps = jnp.finfo(x.dtype).eps
-    norms = jnp.sqrt(jnp.sum(jnp.square(x), axis=-2, keepdims=True))
-    largest = jnp.max(norms, axis=-1, keepdims=True)
-    lost = norms <= d * eps * largest
-    q = jnp.where(lost, fallback, x / jnp.where(lost, 1, norms))
+    largest = jnp.max(jnp.sqrt(jnp.sum(jnp.square(x), axis=-2)), axis=-1)[..., None, None]
+    # The previous basis at the scale of the product's rounding: a full-rank matrix whose QR
+    # differs from the power iterate's by no more than its rounding does, where a column
+    # that depends on the others (a rank-deficient factor's) gets the previous basis's
+    # direction, orthogonalized against them. A zero power iterate keeps the previous basis.
+    x = x + jnp.where(largest > 0, d**0.5 * eps * largest, 1) * fallback
+    q = x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-2, keepdims=True))
     eye = jnp.eye(d, dtype=x.dtype)
     # Stop when no entry of Q^T Q - I is above a few times the rounding of one more pass
     # (3e-7 to 7e-7 in float32 for d = 32 to 256).

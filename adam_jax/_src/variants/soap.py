@@ -1307,7 +1307,19 @@ def scale_by_soap() -> None:
     each basis is refreshed by one power-iteration step: the columns of :math:`Q` sorted by
     :math:`\mathrm{diag}(Q^\top L Q)` decreasing (and :math:`v` permuted alike), then
     :math:`Q \leftarrow \mathrm{qr}(L Q)`, and :math:`m` moved into the new basis. The
-    refresh is a branch of the compiled step (no host round trip). Without ``correct_bias``
+    refresh is a branch of the compiled step (no host round trip), its products at
+    ``Precision.HIGHEST`` on every backend (TF32 products would corrupt the estimated
+    eigenvalues on a GPU).
+
+    ``orthogonalization`` chooses how :math:`\mathrm{qr}(LQ)` is computed: ``"qr"``, the
+    authors' Householder QR; ``"cholesky_qr"``, Cholesky QR (:math:`X \leftarrow X R^{-1}`,
+    :math:`R^\top R = X^\top X`) repeated until the columns are orthonormal, made of batched
+    products, Cholesky factorizations and triangular solves only, after scaling the columns to
+    unit norm, with a shift while the Gram matrix is far from the identity, and with a column
+    that depends on the others (a rank-deficient factor's) completed by the previous basis; its
+    Q is QR's up to the columns' signs, which leave the update unchanged. ``"auto"`` (the
+    default) takes QR on the CPU, where it is the faster, and Cholesky QR on GPU and TPU, where
+    jaxlib's QR loops over a batch of blocks (docs/speed.md, "SOAP on a GPU"). Without ``correct_bias``
     the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with ``normalize_grads`` the
     rotated-back direction is divided by :math:`10^{-30}` plus its RMS first.
 
