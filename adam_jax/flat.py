@@ -46,9 +46,13 @@ Weight-decay masks and any other per-leaf labels (for ``optax.multi_transform``)
 grouping leaves by label as well as dtype: every buffer holds leaves of one label only, so a
 label tree over the buffers (:func:`labels`) is exact. The labels are part of the static layout.
 
-Flax NNX: ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``;
+Flax NNX: ``nnx.Optimizer(flat.FlatModel(model), tx, wrt=nnx.Param)``; the model's params
+live in the buffers, and calling the :class:`FlatModel` calls the model on views of them. By
+hand: ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``;
 ``fp = flat.flatten(params)``; in the loss, ``nnx.merge(graphdef, fp.to_tree(), rest)``.
 """
+
+import typing as _typing
 
 from adam_jax._src.flat import (
     FlatLayout,
@@ -60,8 +64,12 @@ from adam_jax._src.flat import (
     layout_of,
 )
 
+if _typing.TYPE_CHECKING:
+    from adam_jax._src.flat_nnx import FlatModel
+
 __all__ = [
     "FlatLayout",
+    "FlatModel",
     "FlatParams",
     "FlatState",
     "flat",
@@ -69,3 +77,12 @@ __all__ = [
     "labels",
     "layout_of",
 ]
+
+
+def __getattr__(name: str) -> _typing.Any:
+    # FlatModel needs Flax, which adam_jax does not depend on: imported when first read.
+    if name == "FlatModel":
+        from adam_jax._src.flat_nnx import FlatModel
+
+        return FlatModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

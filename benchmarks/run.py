@@ -7,6 +7,7 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``state_bytes``: optimizer state bytes per parameter for each moment storage option
 * ``steps``: Adam step time and GB/s on 16M float32 params in 1 to 1000 leaves, vs floor kernels
 * ``leaves``: step time of adam_jax.adam over optax.adam on 1 x 4M, 64 x 64k and 64 x 1k leaves
+* ``leaf_cost``: kernels, the host's per-argument cost and step time on 1, 100 and 1000 leaves
 * ``eight_bit``: step time of 8-bit moments over float32 moments on 1 x 4M params
 * ``compile``: tracing and XLA compile time of the jitted step for 100 to 3000 leaves
 * ``train_step``: full train step (forward, backward, optimizer) of the MNIST CNN and a transformer
@@ -44,6 +45,7 @@ from benchmarks.sections import (
     billion,
     compile_time,
     eight_bit,
+    leaf_cost,
     leaves,
     low_precision,
     memory,
@@ -77,6 +79,10 @@ SECTIONS: dict[str, Section] = {
     "leaves": Section(
         leaves.run,
         "step time of adam_jax.adam over optax.adam on 1 x 4M, 64 x 64k and 64 x 1k leaves",
+    ),
+    "leaf_cost": Section(
+        leaf_cost.run,
+        "kernels, the host's per-argument cost and step time on 1, 100 and 1000 leaves",
     ),
     "eight_bit": Section(
         eight_bit.run, "step time of 8-bit moments over float32 moments on 1 x 4M params"

@@ -74,6 +74,35 @@ def summarize(results: dict, mnist: dict | None = None) -> str:
         ]
         out.append("\n### Step time on 1 and 64 leaves, relative to optax.adam (median)\n")
         out.append(_table(["tree", "variant", "ms", "time / optax.adam"], rows))
+    leaf_cost = results.get("leaf_cost", [])
+    if leaf_cost:
+        rows = [
+            [
+                r["tree"],
+                r["variant"],
+                f"{r['kernels']} ({r['fusions']}, {r['custom_calls']})",
+                str(r["num_args"]),
+                f"{r['median_ms']:.3f}",
+                f"{r['dispatch_ms']:.3f}",
+                f"{r['us_per_leaf']:.1f}",
+                f"{r['noop_share']:.2f}" if "noop_share" in r else "",
+                f"{r['us_per_kernel']:.1f}" if "us_per_kernel" in r else "",
+            ]
+            for r in leaf_cost
+        ]
+        out.append("\n### Where a tree's per-leaf cost goes (median)\n")
+        header = [
+            "tree",
+            "variant",
+            "kernels (fusions, custom calls)",
+            "arguments",
+            "ms",
+            "dispatch ms",
+            "us / leaf",
+            "no-op / step",
+            "us / kernel beyond the no-op",
+        ]
+        out.append(_table(header, rows))
     comp = results.get("compile", [])
     if comp:
         ref = {r["num_leaves"]: r["total_s"] for r in comp if r["variant"] == "optax.adam"}

@@ -140,6 +140,99 @@ def test_eight_bit_section_times_four_variants_with_page_faults(tmp_path: Path) 
     assert "time / float32" in tables and "linear int8 blocks" in tables
 
 
+def test_leaf_cost_section_counts_kernels_and_times_the_no_op(tmp_path: Path) -> None:
+    """``leaf_cost``: every tree has the three steps and the two no-ops; the no-ops launch
+    nothing and take the same arguments as their steps; on a tree, Adam launches more kernels
+    as the leaves grow and takes 4 buffers a leaf and the count, on flat params the same
+    program whatever the leaves."""
+    from benchmarks.sections import leaf_cost
+
+    out = tmp_path / "results.json"
+    run.main(["--sections", "leaf_cost", "--quick", "--repeats", "3", "--out", str(out)])
+    rows = json.loads(out.read_text())["leaf_cost"]
+    trees = list(dict.fromkeys(row["num_leaves"] for row in rows))
+    assert len(trees) >= 2 and len(rows) == 5 * len(trees)
+    by = {(row["num_leaves"], row["variant"]): row for row in rows}
+    for n in trees:
+        for name in (leaf_cost.NOOP_TREE, leaf_cost.NOOP_FLAT):
+            assert by[n, name]["kernels"] == 0 and "noop_share" not in by[n, name]
+        for name in (REFERENCE, OURS):
+            assert by[n, name]["num_args"] == by[n, leaf_cost.NOOP_TREE]["num_args"] == 4 * n + 1
+        assert by[n, leaf_cost.FLAT]["num_args"] == by[n, leaf_cost.NOOP_FLAT]["num_args"] == 5
+        for name in (REFERENCE, OURS, leaf_cost.FLAT):
+            row = by[n, name]
+            assert row["kernels"] >= row["fusions"] + row["custom_calls"] > 0
+            assert row["kernels"] == sum(row["opcodes"].values())
+            assert row["noop_share"] > 0 and math.isfinite(row["noop_share"])
+            assert math.isclose(
+                row["us_per_kernel"] * row["kernels"], 1e3 * (row["median_ms"] - row["noop_ms"])
+            )
+            assert row["dispatch_ms"] > 0 and 0 < row["min_ms"] <= row["median_ms"]
+            assert row["repeats"] == 3 and row["compile_s"] > 0
+    few, many = min(trees), max(trees)
+    assert by[many, OURS]["kernels"] > by[few, OURS]["kernels"]
+    assert by[many, leaf_cost.FLAT]["opcodes"] == by[few, leaf_cost.FLAT]["opcodes"]
+    assert "per-leaf cost" in summarize.summarize(json.loads(out.read_text()))
+
+
+def test_kernel_counts_follow_command_buffers_and_loops_not_fusions() -> None:
+    """The counter reads an optimized module as XLA:GPU writes one: fusions inside a command
+    buffer (a ``call``) and a loop body count, a fusion's own instructions and a reducer's do
+    not."""
+    from benchmarks.sections.leaf_cost import kernel_counts
+
+    hlo = """HloModule jit_step, entry_computation_layout={(f32[16]{0})->f32[16]{0}}
+
+%fused_add (param_0: f32[16]) -> f32[16] {
+  %param_0 = f32[16]{0} parameter(0)
+  ROOT %add.1 = f32[16]{0} add(%param_0, %param_0)
+}
+
+%sum (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %add.2 = f32[] add(%a, %b)
+}
+
+%command_buffer (p: f32[16]) -> (f32[16], f32[16]) {
+  %p = f32[16]{0} parameter(0)
+  %f.1 = f32[16]{0} fusion(%p), kind=kLoop, calls=%fused_add
+  %f.2 = f32[16]{0} fusion(%f.1), kind=kLoop, calls=%fused_add
+  ROOT %t = (f32[16]{0}, f32[16]{0}) tuple(%f.1, %f.2)
+}
+
+%body (s: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %s = (s32[], f32[16]{0}) parameter(0)
+  %x = f32[16]{0} get-tuple-element(%s), index=1
+  %i = s32[] get-tuple-element(%s), index=0
+  %f.3 = f32[16]{0} fusion(%x), kind=kLoop, calls=%fused_add
+  ROOT %r = (s32[], f32[16]{0}) tuple(%i, %f.3)
+}
+
+%cond (s.1: (s32[], f32[16])) -> pred[] {
+  %s.1 = (s32[], f32[16]{0}) parameter(0)
+  %i.1 = s32[] get-tuple-element(%s.1), index=0
+  %c = s32[] constant(4)
+  ROOT %lt = pred[] compare(%i.1, %c), direction=LT
+}
+
+ENTRY %main.9 (x.1: f32[16]) -> f32[16] {
+  %x.1 = f32[16]{0} parameter(0)
+  %call = (f32[16]{0}, f32[16]{0}) call(%x.1), to_apply=%command_buffer
+  %g = f32[16]{0} get-tuple-element(%call), index=1
+  %total = f32[] reduce(%g, %zero), dimensions={0}, to_apply=%sum
+  %cc = f32[16]{0} custom-call(%g), custom_call_target="kernel"
+  %z = s32[] constant(0)
+  %init = (s32[], f32[16]{0}) tuple(%z, %cc)
+  %while = (s32[], f32[16]{0}) while(%init), condition=%cond, body=%body
+  ROOT %out = f32[16]{0} get-tuple-element(%while), index=1
+}
+"""
+    counts = kernel_counts(hlo)
+    assert counts["opcodes"] == {"compare": 1, "custom-call": 1, "fusion": 3, "reduce": 1}
+    assert (counts["kernels"], counts["fusions"], counts["custom_calls"]) == (6, 3, 1)
+
+
 def test_linear_int8_blocks_round_trip_within_half_a_step() -> None:
     """The benchmark's codec-free storage is a real block-wise code: every value comes back
     within half a step (max |x| / 254) of its block."""

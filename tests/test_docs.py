@@ -52,7 +52,7 @@ CODE_PAGES = {
     "low_precision.md": CodePage(),
     "memory.md": CodePage(),
     "sharding.md": CodePage(own_test="test_zero1_example_runs_as_written"),
-    "speed.md": CodePage(),
+    "speed.md": CodePage(needs=("flax",)),
     "which_adam.md": CodePage(),
 }
 

@@ -185,6 +185,74 @@ def test_sharded_params_and_zero1_keep_each_shard_in_host_memory(zero1: bool, sl
     jax.tree.map(np.testing.assert_array_equal, (updates, state), (want, want_state))
 
 
+def _plain_jit_run(
+    tx: optax.GradientTransformation, params: Any, init_from: Any = None
+) -> tuple[Any, Any]:
+    """``STEPS`` steps through a plain ``jax.jit`` (no shardings given, no mesh set), with the
+    state made eagerly by ``init`` (from ``init_from``, the params by default)."""
+
+    @jax.jit
+    def step(params: Any, state: Any, grads: Any) -> tuple[Any, Any]:
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    state = tx.init(params if init_from is None else init_from)
+    for number in range(STEPS):
+        params, state = step(params, state, _grads(params, number))
+    return params, state
+
+
+@pytest.mark.parametrize(
+    ("alias", "axis_type", "abstract"),
+    [
+        ("adamw", AxisType.Explicit, False),
+        ("adamw", AxisType.Auto, True),
+        ("adamw_8bit", AxisType.Explicit, True),
+        ("adamw_8bit", AxisType.Auto, False),
+    ],
+    ids=[
+        "adamw-Explicit",
+        "adamw-Auto-ShapeDtypeStruct",
+        "8bit-Explicit-ShapeDtypeStruct",
+        "8bit-Auto",
+    ],
+)
+def test_offloaded_state_of_sharded_params_steps_through_a_plain_jit(
+    alias: str, axis_type: AxisType, abstract: bool
+) -> None:
+    """Issue 51's defect: ``init`` committed the scalar count to device 0's host memory, and
+    a plain ``jax.jit`` of the step refused it beside params on a 4-device mesh. The state's
+    arrays that are not laid out like a param now go replicated on the params' mesh; the
+    offloaded steps give the on-device steps' params and state bit for bit. ``init`` takes the
+    params' ``ShapeDtypeStruct`` too, as on the device."""
+    mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,), devices=jax.devices()[:4])
+    params = jax.device_put(_params(), NamedSharding(mesh, P("data")))
+    init_from = params
+    if abstract:
+        init_from = jax.tree.map(
+            lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params
+        )
+    make = getattr(adam_jax, alias)
+    tx = adam_jax.offload_state(make(1e-2))
+    count = tx.init(init_from)[0].count
+    assert count.sharding == NamedSharding(mesh, P(), memory_kind="pinned_host")
+    offloaded = _plain_jit_run(tx, params, init_from)
+    _assert_same(offloaded, _plain_jit_run(make(1e-2), params))
+    for leaf in _arrays(offloaded):
+        assert leaf.sharding.device_set == set(mesh.devices.flat)
+
+
+def test_offloaded_state_of_params_committed_to_one_device_stays_on_it() -> None:
+    """Params committed to a device other than the default one: the count goes to that
+    device's host memory, so a plain ``jax.jit`` takes the state beside the params."""
+    device = jax.devices()[1]
+    params = jax.device_put(_params(), device)
+    tx = adam_jax.offload_state(adam_jax.adamw(1e-2))
+    offloaded = _plain_jit_run(tx, params)
+    _assert_same(offloaded, _plain_jit_run(adam_jax.adamw(1e-2), params))
+    assert all(leaf.sharding.device_set == {device} for leaf in _arrays(offloaded))
+
+
 def test_orbax_saves_and_restores_into_host_memory(tmp_path) -> None:
     tx = adam_jax.offload_state(adam_jax.adamw(1e-2))
     _, state = _run(tx, _params())

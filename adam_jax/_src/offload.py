@@ -34,6 +34,7 @@ from typing import Any
 import jax
 import optax
 from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, Literal, jaxpr_as_fun
+from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
 HOST = "pinned_host"
 
@@ -72,6 +73,42 @@ def _place(tree: Any, space: Any) -> Any:
         return jax.device_put(leaf, space)
 
     return jax.tree.map(place, tree)
+
+
+def _home(params: Any) -> jax.sharding.Sharding | None:
+    """Where an array of the state that is not laid out like a param goes (a scalar count, or
+    any array ``init`` makes afresh, which JAX leaves uncommitted on the default device):
+    replicated on the params' mesh, or on their one device where they are committed to it, in
+    host memory. ``None`` where the params say nothing (uncommitted, or traced: under ``jit``
+    the compiled program places its outputs on its own devices)."""
+    for leaf in jax.tree.leaves(params):
+        if isinstance(leaf, jax.core.Tracer):
+            return None
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, NamedSharding) and isinstance(sharding.mesh, Mesh):
+            return NamedSharding(sharding.mesh, PartitionSpec(), memory_kind=HOST)
+        if isinstance(sharding, SingleDeviceSharding) and getattr(leaf, "committed", False):
+            (device,) = sharding.device_set
+            return SingleDeviceSharding(device, memory_kind=HOST)
+    return None
+
+
+def _to_host(state: Any, params: Any) -> Any:
+    """``state``'s arrays in host memory: those on the params' devices in their own layouts,
+    the others (committed to one device as they go to its host memory) on the params' home."""
+    home = _home(params)
+
+    def place(leaf: Any) -> Any:
+        if (
+            home is not None
+            and isinstance(leaf, jax.Array)
+            and not isinstance(leaf, jax.core.Tracer)
+            and leaf.sharding.device_set != home.device_set
+        ):
+            return jax.device_put(leaf, home)
+        return _place(leaf, jax.memory.Space.Host)
+
+    return jax.tree.map(place, state)
 
 
 def on_device(x: jax.Array) -> jax.Array:
@@ -242,13 +279,16 @@ def offload_state(
     r"""Keeps ``inner``'s state in host memory between steps.
 
     ``init`` places every array of ``inner``'s state in host memory (the ``pinned_host``
-    memory kind, each device's shard in its own host's memory); ``update`` brings the state to
-    the device, runs ``inner``'s update and sends the new state back, in the same compiled
-    program when it runs under ``jax.jit`` (an array already in the memory it goes to stays as
-    it is). With ``leaf_by_leaf``, the rules of the core (every optimizer of the registry built
-    on :func:`adam_jax.rules.scale_by_rule`) move their moments leaf by leaf, and a leaf's
-    full-precision moments one at a time, so the device holds about one leaf's state at a time;
-    any other state comes over as a whole:
+    memory kind, each device's shard in its own host's memory). An array not laid out like a
+    param (a step count, any array ``inner.init`` makes afresh) goes replicated over the
+    params' mesh (a ``NamedSharding``), or to the one device they are committed to, so that a
+    plain ``jax.jit`` of the step takes the state beside the params. ``update`` brings the
+    state to the device, runs ``inner``'s update and sends the new state back, in the same
+    compiled program when it runs under ``jax.jit`` (an array already in the memory it goes to
+    stays as it is). With ``leaf_by_leaf``, the rules of the core (every optimizer of the
+    registry built on :func:`adam_jax.rules.scale_by_rule`) move their moments leaf by leaf,
+    and a leaf's full-precision moments one at a time, so the device holds about one leaf's
+    state at a time; any other state comes over as a whole:
 
     .. math::
         (u, s') = \mathrm{inner.update}(g, \mathrm{to\_device}(s), \theta), \qquad
@@ -289,7 +329,7 @@ def offload_state(
     check_host_memory("offload_state")
 
     def init_fn(params: optax.Params) -> Any:
-        return _place(inner.init(params), jax.memory.Space.Host)
+        return _to_host(inner.init(params), params)
 
     def update_fn(
         updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
