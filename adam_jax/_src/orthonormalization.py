@@ -20,9 +20,10 @@ see):
   and the previous basis is added at the scale of the power iterate's rounding, so that a
   column that depends on the others (a rank-deficient factor's: the first steps, small
   batches, embedding blocks) takes the previous basis's direction, orthogonalized against the
-  others: an orthonormal completion of the factor's range, as any is. While a Gram matrix is far from the identity the
-  pass is shifted by :math:`s` of the order of its rounding (shifted Cholesky QR, Fukaya et
-  al. 2020), so that its factorization cannot fail; the last passes are not shifted.
+  others: an orthonormal completion of the factor's range, as any is. While a Gram matrix is
+  far from the identity the pass is shifted by :math:`s` of the order of its rounding (shifted
+  Cholesky QR, Fukaya et al. 2020), so that its factorization cannot fail; the last passes are
+  not shifted.
 """
 
 from __future__ import annotations

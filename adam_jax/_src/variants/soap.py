@@ -1319,9 +1319,11 @@ def scale_by_soap() -> None:
     that depends on the others (a rank-deficient factor's) completed by the previous basis; its
     Q is QR's up to the columns' signs, which leave the update unchanged. ``"auto"`` (the
     default) takes QR on the CPU, where it is the faster, and Cholesky QR on GPU and TPU, where
-    jaxlib's QR loops over a batch of blocks (docs/speed.md, "SOAP on a GPU"). Without ``correct_bias``
-    the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with ``normalize_grads`` the
-    rotated-back direction is divided by :math:`10^{-30}` plus its RMS first.
+    jaxlib's QR loops over a batch of blocks (docs/speed.md, "SOAP on a GPU").
+
+    Without ``correct_bias`` the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with
+    ``normalize_grads`` the rotated-back direction is divided by :math:`10^{-30}` plus its RMS
+    first.
 
     With ``block_size`` :math:`b`, each preconditioned dimension of the working shape is cut
     into blocks of :math:`b` values (the last one smaller where :math:`b` does not divide it;
