@@ -1,0 +1,150 @@
+"""Checks of the fused 8-bit Adam kernel on a GPU against the XLA path (issue 51).
+
+For a few leaves (one vector of 16M, a ragged vector of 1M, a matrix of column blocks, a matrix
+of row blocks) the state is brought to a few steps of random gradients of varied sizes by the
+XLA path; then one step from that state by the XLA path and by the kernel
+(``BlockwiseQuantized(kernel="pallas")``) is compared: the largest code difference of each
+moment and how many codes differ, the largest relative difference of the block scales, and the
+largest difference of the updates in ulps. Then ``DRIFT_STEPS`` steps of each from the start,
+apart: how far the params drift apart. Also whether the compiled step holds the kernel's Triton
+call. Expected: codes within one step (Triton may contract a multiply and an add into an FMA,
+and divides approximately, where XLA does not).
+
+    python -m benchmarks.gpu_checks --out benchmarks/results/gpu_checks.json
+
+Off a GPU it runs the kernel interpreted, on small leaves (a check of the script itself).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import adam_jax
+from adam_jax.quantization import BlockwiseQuantized
+
+GPU_SHAPES = ((16_000_000,), (1_000_000,), (4096, 1024), (1000, 64))
+CPU_SHAPES = ((256 * 300 + 10,), (64, 64))  # a ragged vector, a matrix of row blocks
+WARM_STEPS = 3
+DRIFT_STEPS = 20
+TRITON_CALL = "__gpu$xla.gpu.triton"
+
+
+def _tx(kernel: str) -> optax.GradientTransformation:
+    storages = {
+        "mu_dtype": BlockwiseQuantized(signed=True, kernel=kernel),
+        "nu_dtype": BlockwiseQuantized(signed=False, kernel=kernel),
+    }
+    return adam_jax.adamw(1e-3, weight_decay=0.01, **storages)
+
+
+def _grad(shape: tuple[int, ...], i: int) -> jax.Array:
+    g = jax.random.normal(jax.random.key(100 + i), shape)
+    return g * (10.0 ** -(i % 4)) * jnp.exp(jax.random.normal(jax.random.key(200 + i), shape))
+
+
+def _step_fn(tx: optax.GradientTransformation) -> Any:
+    def step(p: jax.Array, s: Any, g: jax.Array) -> tuple[jax.Array, Any, jax.Array]:
+        u, s = tx.update(g, s, p)
+        return optax.apply_updates(p, u), s, u
+
+    return jax.jit(step)
+
+
+def _ulps(a: jax.Array, b: jax.Array) -> int:
+    ia = np.asarray(a, np.float32).view(np.int32).astype(np.int64)
+    ib = np.asarray(b, np.float32).view(np.int32).astype(np.int64)
+    # Order the bit patterns of negative floats like their values.
+    ia = np.where(ia < 0, np.int64(-(2**31)) - ia, ia)
+    ib = np.where(ib < 0, np.int64(-(2**31)) - ib, ib)
+    return int(np.max(np.abs(ia - ib))) if ia.size else 0
+
+
+def check_shape(shape: tuple[int, ...], kernel: str) -> dict[str, Any]:
+    xla_tx, fused_tx = _tx("xla"), _tx(kernel)
+    xla_step, fused_step = _step_fn(xla_tx), _step_fn(fused_tx)
+    params = jax.random.normal(jax.random.key(0), shape)
+    lowered = jax.jit(lambda p, s, g: fused_tx.update(g, s, p)).lower(
+        params, fused_tx.init(params), params
+    )
+    row: dict[str, Any] = {"shape": list(shape), "kernel": kernel}
+    row["triton_call_in_program"] = TRITON_CALL in lowered.as_text()
+    jaxpr = jax.make_jaxpr(lambda p, s, g: fused_tx.update(g, s, p))
+    row["kernel_calls"] = str(jaxpr(params, fused_tx.init(params), params)).count("pallas_call")
+    p, s = params, xla_tx.init(params)
+    for i in range(WARM_STEPS):
+        p, s, _ = xla_step(p, s, _grad(shape, i))
+    g = _grad(shape, WARM_STEPS)
+    start = time.perf_counter()
+    p_x, s_x, u_x = jax.block_until_ready(xla_step(p, s, g))
+    p_k, s_k, u_k = jax.block_until_ready(fused_step(p, s, g))
+    row["one_step_seconds_both"] = time.perf_counter() - start
+    mx, mk = s_x[0].mu, s_k[0].mu
+    nx, nk = s_x[0].nu, s_k[0].nu
+    for name, a, b in (("mu", mx, mk), ("nu", nx, nk)):
+        codes_a = np.asarray(a.codes, np.int32)
+        codes_b = np.asarray(b.codes, np.int32)
+        row[f"{name}_max_code_difference"] = int(np.max(np.abs(codes_a - codes_b)))
+        row[f"{name}_codes_differing"] = int(np.sum(codes_a != codes_b))
+        scale_a, scale_b = np.asarray(a.absmax), np.asarray(b.absmax)
+        denominator = np.where(scale_a == 0, 1.0, np.abs(scale_a))
+        row[f"{name}_scales_max_relative_difference"] = float(
+            np.max(np.abs(scale_a - scale_b) / denominator)
+        )
+        row[f"{name}_scales_differing"] = int(np.sum(scale_a != scale_b))
+    row["update_max_ulps"] = _ulps(u_x, u_k)
+    row["updates_differing"] = int(np.sum(np.asarray(u_x) != np.asarray(u_k)))
+    row["params_max_ulps"] = _ulps(p_x, p_k)
+    row["elements"] = int(np.prod(shape))
+    # Apart for DRIFT_STEPS steps from the same start.
+    px, sx = params, xla_tx.init(params)
+    pk, sk = params, fused_tx.init(params)
+    for i in range(DRIFT_STEPS):
+        gi = _grad(shape, i)
+        px, sx, _ = xla_step(px, sx, gi)
+        pk, sk, _ = fused_step(pk, sk, gi)
+    moved = np.abs(np.asarray(px) - np.asarray(params))
+    row[f"drift_after_{DRIFT_STEPS}_steps_max_abs"] = float(np.max(np.abs(px - pk)))
+    row[f"drift_after_{DRIFT_STEPS}_steps_over_max_move"] = float(
+        np.max(np.abs(px - pk)) / max(float(np.max(moved)), 1e-30)
+    )
+    row["drift_mu_codes_differing"] = int(np.sum(np.asarray(sx[0].mu.codes != sk[0].mu.codes)))
+    return row
+
+
+def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    args = parser.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    kernel = "pallas" if on_gpu else "interpret"
+    shapes = GPU_SHAPES if on_gpu else CPU_SHAPES
+    device = jax.devices()[0]
+    print(f"{device.platform}: {device.device_kind}, jax {jax.__version__}", flush=True)
+    rows = []
+    for shape in shapes:
+        try:
+            row = check_shape(shape, kernel)
+        except Exception as error:  # report every shape, whatever one of them raises
+            row = {"shape": list(shape), "kernel": kernel, "error": repr(error)[:2000]}
+            traceback.print_exc()
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        info = {"device": f"{device.platform}: {device.device_kind}", "jax": jax.__version__}
+        args.out.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
