@@ -33,8 +33,11 @@ STEPS = 3
 AS_WRITTEN = {"xla_disable_hlo_passes": "algsimp"}
 
 
-def _storages(kernel: str, block_size: int = 16) -> dict[str, BlockwiseQuantized]:
-    return adam_jax.eight_bit_moments(block_size, min_size=0, kernel=kernel)
+def _storages(kernel: str, block_size: int = 16, min_size: int = 0) -> dict[str, Any]:
+    return {
+        "mu_dtype": BlockwiseQuantized(block_size, min_size, signed=True, kernel=kernel),
+        "nu_dtype": BlockwiseQuantized(block_size, min_size, signed=False, kernel=kernel),
+    }
 
 
 OPTIMIZERS = {
@@ -120,7 +123,7 @@ def test_leaves_the_kernel_does_not_cover_keep_the_xla_path() -> None:
     }
 
     def tx(kernel: str) -> optax.GradientTransformation:
-        return adam_jax.adam(1e-2, **adam_jax.eight_bit_moments(256, min_size=8, kernel=kernel))
+        return adam_jax.adam(1e-2, **_storages(kernel, 256, min_size=8))
 
     assert _pallas_calls(tx("interpret"), params) == 0
     g = jax.tree.map(lambda x: jnp.cos(x * 3.0).astype(x.dtype), params)
@@ -131,15 +134,30 @@ def test_leaves_the_kernel_does_not_cover_keep_the_xla_path() -> None:
     _assert_identical(*results)
 
 
-def test_flat_params_and_slices_take_the_kernel() -> None:
+def test_flat_params_take_the_kernel() -> None:
     params = _params()
     flat = adam_jax.flat.flatten(params)
     grads = flat.layout.flatten(jax.tree.map(jnp.sin, params))
     results = []
     for kernel in ("interpret", "xla"):
-        tx = adam_jax.step_in_slices(adam_jax.adam(1e-2, **_storages(kernel)), 128)
+        tx = adam_jax.adam(1e-2, **_storages(kernel))
         assert _pallas_calls(tx, flat) == (1 if kernel == "interpret" else 0)
         results.append(jax.jit(tx.update, compiler_options=AS_WRITTEN)(grads, tx.init(flat), flat))
+    _assert_identical(*results)
+
+
+def test_slices_take_the_kernel() -> None:
+    """``step_in_slices``: the kernel steps each slice of 16 rows, in the loop over them."""
+    params = {"w": jnp.cos(jnp.arange(64 * 64.0)).reshape(64, 64)}
+    results = []
+    for kernel in ("interpret", "xla"):
+        tx = adam_jax.step_in_slices(adam_jax.adam(1e-2, **_storages(kernel)), 16 * 64)
+        state = tx.init(params)
+        jaxpr = str(jax.make_jaxpr(tx.update)(params, state, params))
+        assert "scan" in jaxpr and jaxpr.count("pallas_call") == (kernel == "interpret")
+        step = jax.jit(tx.update, compiler_options=AS_WRITTEN)
+        updates, state = step(params, state, params)
+        results.append(step(jax.tree.map(jnp.sin, params), state, params))
     _assert_identical(*results)
 
 
@@ -153,7 +171,7 @@ def test_forcing_the_kernel_off_a_gpu_fails_in_one_line() -> None:
 
 
 def test_forcing_the_kernel_on_a_leaf_it_does_not_cover_fails() -> None:
-    tx = adam_jax.adam(1e-2, **adam_jax.eight_bit_moments(256, min_size=0, kernel="pallas"))
+    tx = adam_jax.adam(1e-2, **_storages("pallas", 256))
     params = jnp.ones(1000)  # blocks of 250
     with pytest.raises(ValueError, match="250 elements, not a power of two"):
         tx.update(params, tx.init(params))

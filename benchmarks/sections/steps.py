@@ -22,6 +22,7 @@ import adam_jax
 from adam_jax import flat
 from benchmarks.harness import LR, Row, Runner, Settings, adam_step, copy_tree, interleaved
 from benchmarks.models import params_and_grads
+from benchmarks.sections import eight_bit
 
 BYTES_PER_PARAM = 28  # read p, g, m, v; write p, m, v (float32)
 STREAM_BYTES_PER_PARAM = 8  # read p, write p
@@ -87,7 +88,7 @@ def tree_runners(num_leaves: int, leaf_size: int) -> list[Runner]:
         q8 = adam_jax.adam_8bit(LR)
         runners.append(optimizer_runner("adam_jax.adam 8-bit moments", q8, params, grads))
         if jax.default_backend() == "gpu":  # the fused kernel (issue 51) runs on a GPU only
-            fused = adam_jax.adam(LR, **adam_jax.eight_bit_moments(kernel="pallas"))
+            fused = adam_jax.adam(LR, **eight_bit.fused_moments("pallas"))
             runners.append(
                 optimizer_runner("adam_jax.adam 8-bit fused kernel", fused, params, grads)
             )

@@ -126,16 +126,12 @@ class BlockwiseQuantized(MomentStorage):
         return same_container(stored, quantized)
 
 
-def eight_bit_moments(
-    block_size: int = 256, min_size: int = 4096, *, kernel: str = "xla"
-) -> dict[str, BlockwiseQuantized]:
+def eight_bit_moments(block_size: int = 256, min_size: int = 4096) -> dict[str, BlockwiseQuantized]:
     """``{"mu_dtype": signed storage, "nu_dtype": unsigned storage}`` to splat into an alias.
 
     Args:
       block_size: the most elements that share one scale, >= 1.
       min_size: leaves with fewer elements keep float32 moments, >= 0.
-      kernel: ``"xla"``, ``"auto"`` (the fused kernel on a CUDA GPU), ``"pallas"`` or
-        ``"interpret"``: see :class:`BlockwiseQuantized`.
 
     Returns:
       The two :class:`BlockwiseQuantized` storages, keyed by the aliases' argument names.
@@ -148,6 +144,6 @@ def eight_bit_moments(
       uint8 (40,)
     """
     return {
-        "mu_dtype": BlockwiseQuantized(block_size, min_size, signed=True, kernel=kernel),
-        "nu_dtype": BlockwiseQuantized(block_size, min_size, signed=False, kernel=kernel),
+        "mu_dtype": BlockwiseQuantized(block_size, min_size, signed=True),
+        "nu_dtype": BlockwiseQuantized(block_size, min_size, signed=False),
     }

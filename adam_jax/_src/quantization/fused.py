@@ -43,6 +43,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from adam_jax._src.numerics import compute_dtype, real_dtype
 from adam_jax._src.quantization.blocks import QuantizedArray, is_quantized
 from adam_jax._src.quantization.dynamic_map import decode, encode, map_constants
 from adam_jax._src.storage import same_container
@@ -234,6 +235,9 @@ def fused_adam_leaf(
         kernel,
         out_shape=out_shape,
         grid=(pl.cdiv(count, rows),),
+        # The new codes and scales overwrite the old (a donated state is updated in place;
+        # each program reads its blocks before it writes them).
+        input_output_aliases={len(arrays) + i: i for i in range(1, 5)},
         interpret=interpret,
         compiler_params=plgpu.CompilerParams(num_warps=4),
         name="adam_8bit_leaf",
@@ -273,7 +277,9 @@ def leaf_step(
         if mode == "pallas":
             raise ValueError(f"BlockwiseQuantized(kernel='pallas') cannot step the leaf: {why_not}")
         return xla_step(trees)
-    scalars = scalars_for(jnp.float32)
+    # The key the core computes the step scalars under before the step (a slice's step runs
+    # inside a loop: scalars made there would leak from it into the cache).
+    scalars = scalars_for(real_dtype(compute_dtype(grad.dtype)))
     mu, nu = trees
     if mode == "interpret":
         return fused_adam_leaf(rule, scalars, grad, mu, nu, block, interpret=True)
