@@ -10,6 +10,10 @@ apart: how far the params drift apart. Also whether the compiled step holds the 
 call. Expected: codes within one step (Triton may contract a multiply and an add into an FMA,
 and divides approximately, where XLA does not).
 
+On a GPU it then times the kernel's step on one 16M leaf for a few tilings (elements a program
+steps, warps a program), interleaved with float32 Adam and the XLA 8-bit step, so that
+``fused.CHUNK_ELEMENTS`` and ``fused.NUM_WARPS`` can be set from a measurement.
+
     python -m benchmarks.gpu_checks --out benchmarks/results/gpu_checks.json
 
 Off a GPU it runs the kernel interpreted, on small leaves (a check of the script itself).
@@ -30,13 +34,19 @@ import numpy as np
 import optax
 
 import adam_jax
+from adam_jax._src.quantization import fused
 from adam_jax.quantization import BlockwiseQuantized
+from benchmarks.harness import LR, Runner, adam_step, copy_tree, interleaved
+from benchmarks.models import params_and_grads
 
 GPU_SHAPES = ((16_000_000,), (1_000_000,), (4096, 1024), (1000, 64))
 CPU_SHAPES = ((256 * 300 + 10,), (64, 64))  # a ragged vector, a matrix of row blocks
 WARM_STEPS = 3
 DRIFT_STEPS = 20
 TRITON_CALL = "__gpu$xla.gpu.triton"
+TUNE_SIZE = 16_000_000
+TUNE_TILINGS = tuple((chunk, warps) for chunk in (1024, 2048, 4096, 8192) for warps in (4, 8))
+TUNE_REPEATS = 30
 
 
 def _tx(kernel: str) -> optax.GradientTransformation:
@@ -121,9 +131,58 @@ def check_shape(shape: tuple[int, ...], kernel: str) -> dict[str, Any]:
     return row
 
 
+def _tiled_step(tx: optax.GradientTransformation, chunk: int, warps: int) -> Any:
+    """The donating step of ``tx``, traced with the kernel's tiling set to ``(chunk, warps)``."""
+    step = adam_step(tx)
+
+    def tiled(params: Any, grads: Any, state: Any) -> Any:
+        saved = fused.CHUNK_ELEMENTS, fused.NUM_WARPS
+        fused.CHUNK_ELEMENTS, fused.NUM_WARPS = chunk, warps
+        try:
+            return step(params, grads, state)
+        finally:
+            fused.CHUNK_ELEMENTS, fused.NUM_WARPS = saved
+
+    return tiled
+
+
+def tune(kernel: str = "pallas") -> list[dict[str, Any]]:
+    """The kernel's step on one 16M leaf for each tiling, against float32 Adam and the XLA
+    8-bit step, in the same rounds (medians in ms, and over float32's)."""
+    params, grads = params_and_grads(1, TUNE_SIZE)
+    runners = []
+    for name, tx in (
+        ("adam_jax.adam", adam_jax.adam(LR)),
+        ("adam_8bit xla", adam_jax.adam_8bit(LR)),
+    ):
+        runners.append(Runner(name, adam_step(tx), copy_tree(params), grads, tx.init(params)))
+    storages = [BlockwiseQuantized(signed=signed, kernel=kernel) for signed in (True, False)]
+    fused_tx = adam_jax.adam(LR, mu_dtype=storages[0], nu_dtype=storages[1])
+    for chunk, warps in TUNE_TILINGS:
+        step = _tiled_step(fused_tx, chunk, warps)
+        name = f"kernel chunk={chunk} warps={warps}"
+        runners.append(Runner(name, step, copy_tree(params), grads, fused_tx.init(params)))
+    interleaved(runners, TUNE_REPEATS)
+    reference = runners[0]
+    rows = []
+    for runner in runners:
+        ratios = sorted(a / b for a, b in zip(runner.times, reference.times, strict=True))
+        row = {
+            "variant": runner.name,
+            "median_ms": 1e3 * runner.median,
+            "min_ms": 1e3 * min(runner.times),
+            "ratio_vs_float32": ratios[len(ratios) // 2],
+        }
+        print(json.dumps(row), flush=True)
+        rows.append(row)
+        runner.release()
+    return rows
+
+
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
+    parser.add_argument("--no-tune", action="store_true", help="skip timing the tilings")
     args = parser.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     kernel = "pallas" if on_gpu else "interpret"
@@ -139,10 +198,18 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
             traceback.print_exc()
         print(json.dumps(row), flush=True)
         rows.append(row)
+    tuning: list[dict[str, Any]] = []
+    if on_gpu and not args.no_tune:
+        try:
+            tuning = tune()
+        except Exception as error:
+            tuning = [{"error": repr(error)[:2000]}]
+            traceback.print_exc()
     if args.out is not None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         info = {"device": f"{device.platform}: {device.device_kind}", "jax": jax.__version__}
-        args.out.write_text(json.dumps({"machine": info, "rows": rows}, indent=2) + "\n")
+        result = {"machine": info, "rows": rows, "tuning": tuning}
+        args.out.write_text(json.dumps(result, indent=2) + "\n")
     return rows
 
 

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from jax.sharding import AxisType, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 import adam_jax
 from adam_jax.quantization import BlockwiseQuantized
@@ -159,6 +161,33 @@ def test_slices_take_the_kernel() -> None:
         updates, state = step(params, state, params)
         results.append(step(jax.tree.map(jnp.sin, params), state, params))
     _assert_identical(*results)
+
+
+def test_offloaded_state_takes_the_kernel() -> None:
+    params = _params()
+    results = []
+    for kernel in ("interpret", "xla"):
+        tx = adam_jax.offload_state(adam_jax.adam(1e-2, **_storages(kernel)))
+        state = tx.init(params)
+        assert _pallas_calls(tx, params) == (len(params) if kernel == "interpret" else 0)
+        step = jax.jit(tx.update, compiler_options=AS_WRITTEN)
+        _, state = step(params, state, params)
+        results.append(step(jax.tree.map(jnp.sin, params), state, params))
+    _assert_identical(*results)
+
+
+@pytest.mark.parametrize("axis_type", [AxisType.Explicit, AxisType.Auto])
+def test_sharded_leaves_keep_the_xla_path(axis_type: AxisType) -> None:
+    """A leaf sharded on an Explicit mesh, or any step under a mesh of several devices: the
+    kernel is one custom call, which the partitioner would not split."""
+    if jax.device_count() < 2:
+        pytest.skip("needs 2 devices")
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(axis_type,))
+    tx = adam_jax.adam(1e-2, **_storages("interpret"))
+    with jax.set_mesh(mesh):
+        params = jax.device_put(_params(), NamedSharding(mesh, P()))
+        params["columns"] = jax.device_put(params["columns"], NamedSharding(mesh, P("data")))
+        assert _pallas_calls(tx, params) == 0
 
 
 def test_forcing_the_kernel_off_a_gpu_fails_in_one_line() -> None:

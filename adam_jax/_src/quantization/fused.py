@@ -50,8 +50,11 @@ from adam_jax._src.storage import same_container
 from adam_jax._src.typed_sharding import typed_sharding
 
 KERNEL_MODES = ("auto", "xla", "pallas", "interpret")
-#: Elements one program of the kernel steps (whole blocks; fewer when a block is longer).
+#: Elements one program of the kernel steps (whole blocks; fewer when a block is longer), and
+#: the warps that run it (read when a step is traced: ``benchmarks/gpu_checks.py`` tries
+#: others).
 CHUNK_ELEMENTS = 4096
+NUM_WARPS = 4
 
 
 def check_kernel_mode(kernel: str) -> None:
@@ -239,7 +242,7 @@ def fused_adam_leaf(
         # each program reads its blocks before it writes them).
         input_output_aliases={len(arrays) + i: i for i in range(1, 5)},
         interpret=interpret,
-        compiler_params=plgpu.CompilerParams(num_warps=4),
+        compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS),
         name="adam_8bit_leaf",
     )(*arrays, *flat)
     new_mu = QuantizedArray(mu_codes.reshape(shape), mu_scales.reshape(scale_shape))
