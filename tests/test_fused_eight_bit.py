@@ -127,6 +127,10 @@ def test_leaves_the_kernel_does_not_cover_keep_the_xla_path() -> None:
     def tx(kernel: str) -> optax.GradientTransformation:
         return adam_jax.adam(1e-2, **_storages(kernel, 256, min_size=8))
 
+    # Blocks of a whole row of 16384, longer than a program holds (fused.MAX_BLOCK).
+    long_rows = adam_jax.adam(1e-2, **_storages("interpret", 16384))
+    assert _pallas_calls(long_rows, jnp.ones((2, 16384))) == 0
+
     assert _pallas_calls(tx("interpret"), params) == 0
     g = jax.tree.map(lambda x: jnp.cos(x * 3.0).astype(x.dtype), params)
     results = [

@@ -28,8 +28,12 @@ call, which the partitioner would not split). Everything else keeps today's path
 The kernel's arithmetic is today's, operation for operation: the moments decoded as
 ``decode(code) * scale``, the rule's own ``update``, the new scale the block's largest
 magnitude (zero blocks divide by 1), the codes :func:`dynamic_map.encode` of the moment over
-its scale. On a GPU the Triton compiler may contract a multiply and an add into an FMA and
-divides approximately, where XLA may not: a code may then differ by one step from XLA's.
+its scale. In interpret mode on CPU it is bit for bit the XLA path with XLA's algebraic
+simplifier off; with it on, XLA:CPU turns some divisions by a broadcast scalar into products by
+its reciprocal, differently in the two programs (up to 2 ulps of an update, one code). On a GPU
+the Triton compiler may contract a multiply and an add into an FMA and divides approximately
+(``div.full.f32``), where XLA may not: a code may then differ by one step from XLA's
+(``benchmarks/gpu_checks.py`` measures it).
 """
 
 from __future__ import annotations
@@ -55,6 +59,8 @@ KERNEL_MODES = ("auto", "xla", "pallas", "interpret")
 #: others).
 CHUNK_ELEMENTS = 4096
 NUM_WARPS = 4
+#: The longest block a program holds at once (a longer one takes the XLA path).
+MAX_BLOCK = 8192
 
 
 def check_kernel_mode(kernel: str) -> None:
@@ -122,6 +128,8 @@ def kernel_layout(
         return None, f"the blocks of a {tuple(grad.shape)} leaf are not runs of its elements"
     if block & (block - 1):
         return None, f"the blocks have {block} elements, not a power of two"
+    if block > MAX_BLOCK:
+        return None, f"the blocks have {block} elements, more than {MAX_BLOCK}"
     return block, ""
 
 
