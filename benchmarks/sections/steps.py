@@ -89,9 +89,9 @@ def tree_runners(num_leaves: int, leaf_size: int) -> list[Runner]:
         runners.append(optimizer_runner("adam_jax.adam 8-bit moments", q8, params, grads))
         if jax.default_backend() == "gpu":  # the fused kernel (issue 51) runs on a GPU only
             fused = adam_jax.adam(LR, **eight_bit.fused_moments("pallas"))
-            runners.append(
-                optimizer_runner("adam_jax.adam 8-bit fused kernel", fused, params, grads)
-            )
+            if eight_bit.kernel_compiles(fused, params, grads):
+                name = "adam_jax.adam 8-bit fused kernel"
+                runners.append(optimizer_runner(name, fused, params, grads))
     return runners
 
 
