@@ -122,10 +122,18 @@ def test_revision_comparison_takes_medians_over_processes() -> None:
     assert "| 1 x 4 | 1.000 (0.800-1.200) | 0.600 (0.500-0.700) | 0.600 |" in table
 
 
-def test_eight_bit_section_times_four_variants_with_page_faults(tmp_path: Path) -> None:
+def test_eight_bit_section_times_four_variants_and_the_fused_kernel(tmp_path: Path) -> None:
     out = tmp_path / "results.json"
     run.main(["--sections", "eight_bit", "--quick", "--repeats", "3", "--out", str(out)])
-    rows = {row["variant"]: row for row in json.loads(out.read_text())["eight_bit"]}
+    all_rows = json.loads(out.read_text())["eight_bit"]
+    kernel_rows = [row for row in all_rows if row.get("comparison") == "fused kernel"]
+    rows = {row["variant"]: row for row in all_rows if row not in kernel_rows}
+    # The fused kernel's rows, interpreted on CPU under --quick.
+    assert [(row["variant"], row["kernel"]) for row in kernel_rows] == [
+        (OURS, "interpret"),
+        ("adam_jax.adam_8bit", "interpret"),
+        ("adam_8bit, fused kernel", "interpret"),
+    ]
     assert set(rows) == {
         OURS,
         "adam_jax.adam_8bit",
@@ -133,11 +141,12 @@ def test_eight_bit_section_times_four_variants_with_page_faults(tmp_path: Path) 
         "linear int8 blocks",
     }
     assert rows[OURS]["ratio_vs_float32"] == 1.0
-    for row in rows.values():
+    for row in [*rows.values(), *kernel_rows]:
         assert math.isfinite(row["ratio_vs_float32"]) and row["ratio_vs_float32"] > 0
         assert row["page_faults_per_step"] >= 0 and row["repeats"] == 3
     tables = summarize.summarize(json.loads(out.read_text()))
     assert "time / float32" in tables and "linear int8 blocks" in tables
+    assert "adam_8bit, fused kernel" in tables
 
 
 def test_leaf_cost_section_counts_kernels_and_times_the_no_op(tmp_path: Path) -> None:

@@ -65,6 +65,7 @@ import optax
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.numerics import compute_dtype, real_dtype
 from adam_jax._src.offload import update_in_turn
+from adam_jax._src.quantization import fused
 from adam_jax._src.row_slices import in_row_slices, is_elementwise, row_unit, slice_elements
 from adam_jax._src.segmented import buffer_storages, packed_tensors
 from adam_jax._src.sequencing import after, scales_of
@@ -384,11 +385,19 @@ def _update_leaf(
     segments: tuple[int, ...] | None,
     position: int,
     wait_for: Any = None,
+    kernel: bool = True,
 ) -> tuple[jax.Array, list[Any]]:
     """One leaf's step: its moments loaded (a reduced one laid out to broadcast against the
     param) once the arrays of ``wait_for`` exist, the rule's update in the compute dtype, the
-    new moments stored."""
+    new moments stored; by the fused 8-bit kernel where the storages choose it
+    (:mod:`adam_jax._src.quantization.fused`) unless ``kernel`` is false."""
     trees = after(wait_for, trees)
+    if kernel and fused.wanted(storages):
+        xla_step = functools.partial(
+            _update_leaf, rule, moments, storages, scalars_for, grad=grad, param=param,
+            decay=decay, segments=segments, position=position, kernel=False,
+        )  # fmt: skip
+        return fused.leaf_step(xla_step, rule, moments, storages, scalars_for, trees, grad)
     g = grad.astype(compute_dtype(grad.dtype))
     rdtype = real_dtype(g.dtype)
     kept = list(zip(moments, storages, trees, strict=True))

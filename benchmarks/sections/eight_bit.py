@@ -12,6 +12,12 @@ timed in the same rounds (interleaved), for:
   linear int8 code. Not a usable optimizer (the second moment loses its small values); its
   step time is what the dataflow alone costs on this compiler, a floor for any codec.
 
+Then the fused kernel (``BlockwiseQuantized(kernel="auto")``: one Pallas kernel a leaf, issue
+51) on 16M params as one leaf and as 16 leaves of 1M, the `steps` trees: ``adam_jax.adam``,
+``adam_jax.adam_8bit`` (the XLA operations) and ``adam_8bit, fused kernel``, timed in the same
+rounds. On a GPU only: elsewhere ``"auto"`` is the XLA path, and the kernel runs there only in
+Pallas' interpret mode, which ``--quick`` times on a tiny tree as a smoke test of the rows.
+
 ``ratio_vs_float32`` is the median over rounds of a variant's time over the float32 time in
 that round (issue 8 targets at most 3 for the 8-bit step on CPU, 1.2 on GPU);
 ``page_faults_per_step`` the minor page faults of the process during a step (temporaries that
@@ -21,6 +27,7 @@ XLA:CPU allocates and touches anew).
 from __future__ import annotations
 
 import dataclasses
+import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,12 +36,15 @@ import jax.numpy as jnp
 import optax
 
 import adam_jax
-from adam_jax.quantization import QuantizedArray
-from benchmarks.harness import LR, Row, Settings
+from adam_jax.quantization import BlockwiseQuantized, QuantizedArray
+from benchmarks.harness import LR, Row, Settings, adam_step
 from benchmarks.sections import leaves
 
 TREES = ((1, 4 * 1024 * 1024),)
 QUICK_TREES = ((1, 64 * 1024),)
+KERNEL_TREES = ((1, 16_000_000), (16, 1_000_000))
+QUICK_KERNEL_TREES = ((2, 4096),)
+KERNEL = "adam_8bit, fused kernel"
 REPEATS = 40
 BLOCK = 256
 SLICE_ELEMENTS = 1 << 20
@@ -73,8 +83,63 @@ def _variants() -> Sequence[tuple[str, optax.GradientTransformation]]:
     )
 
 
+def fused_moments(kernel: str) -> dict[str, Any]:
+    """8-bit moments at their defaults, stepped by the fused kernel in mode ``kernel``."""
+    return {
+        "mu_dtype": BlockwiseQuantized(signed=True, kernel=kernel),
+        "nu_dtype": BlockwiseQuantized(signed=False, kernel=kernel),
+    }
+
+
+def _kernel_variants(kernel: str) -> Sequence[tuple[str, optax.GradientTransformation]]:
+    fused = adam_jax.adam(LR, **fused_moments(kernel))
+    return (
+        ("adam_jax.adam", adam_jax.adam(LR)),
+        ("adam_jax.adam_8bit", adam_jax.adam_8bit(LR)),
+        (KERNEL, fused),
+    )
+
+
+def kernel_rows(settings: Settings) -> list[Row]:
+    """The fused kernel against the XLA path and float32 (on a GPU; interpreted and tiny with
+    ``--quick`` elsewhere; nothing otherwise)."""
+    on_gpu = jax.default_backend() == "gpu"
+    if not (on_gpu or settings.quick):
+        print("  fused kernel: not on a GPU, skipped", flush=True)
+        return []
+    kernel = "pallas" if on_gpu else "interpret"
+    rows = []
+    for tree in KERNEL_TREES if on_gpu else QUICK_KERNEL_TREES:
+        try:
+            measured = leaves.measure(
+                (tree,),
+                settings.repeats_or(REPEATS, quick=3),
+                lambda: _kernel_variants(kernel),
+                ratio_key="ratio_vs_float32",
+            )
+        except Exception:  # a kernel that fails on this device must not stop the whole run
+            print(f"  fused kernel on {tree}: failed, skipped", flush=True)
+            traceback.print_exc()
+            continue
+        rows += [{**row, "comparison": "fused kernel", "kernel": kernel} for row in measured]
+    return rows
+
+
+def kernel_compiles(tx: optax.GradientTransformation, params: Any, grads: Any) -> bool:
+    """Whether the donating step of ``tx`` compiles here (printing why not)."""
+    try:
+        step = jax.jit(adam_step(tx), donate_argnums=(0, 2))
+        step.lower(params, grads, jax.eval_shape(tx.init, params)).compile()
+    except Exception:
+        traceback.print_exc()
+        return False
+    return True
+
+
 def run(settings: Settings) -> list[Row]:
     trees = QUICK_TREES if settings.quick else TREES
-    return leaves.measure(
+    rows = leaves.measure(
         trees, settings.repeats_or(REPEATS, quick=5), _variants, ratio_key="ratio_vs_float32"
     )
+    settings.finished.extend(rows)
+    return rows + kernel_rows(settings)

@@ -4,10 +4,10 @@ Trees of 1 x 16M, 16 x 1M, 256 x 62.5k and 1000 x 16k elements; variants: ``opta
 ``adam_jax.adam`` on the tree, ``adam_jax.adam`` on flat params (``adam_jax.flat``; the
 gradient arrives flat, as ``jax.grad`` w.r.t. a ``FlatParams`` returns it),
 ``adam_jax.flat.flat(adam)`` on the tree (concatenation inside the update), the bfloat16 /
-8-bit moment options on the 1-leaf tree, and two references: a "floor" kernel that streams
-the same seven arrays as Adam (reads p, g, m, v; writes p, m, v) with no Adam math, and
-``p + 1`` on one buffer, the machine's streaming bandwidth. GB/s counts the nominal 28 bytes
-per parameter.
+8-bit moment options on the 1-leaf tree (on a GPU also the fused 8-bit kernel), and two
+references: a "floor" kernel that streams the same seven arrays as Adam (reads p, g, m, v;
+writes p, m, v) with no Adam math, and ``p + 1`` on one buffer, the machine's streaming
+bandwidth. GB/s counts the nominal 28 bytes per parameter.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import adam_jax
 from adam_jax import flat
 from benchmarks.harness import LR, Row, Runner, Settings, adam_step, copy_tree, interleaved
 from benchmarks.models import params_and_grads
+from benchmarks.sections import eight_bit
 
 BYTES_PER_PARAM = 28  # read p, g, m, v; write p, m, v (float32)
 STREAM_BYTES_PER_PARAM = 8  # read p, write p
@@ -86,6 +87,11 @@ def tree_runners(num_leaves: int, leaf_size: int) -> list[Runner]:
         runners.append(optimizer_runner("adam_jax.adam bf16 moments", bf16, params, grads))
         q8 = adam_jax.adam_8bit(LR)
         runners.append(optimizer_runner("adam_jax.adam 8-bit moments", q8, params, grads))
+        if jax.default_backend() == "gpu":  # the fused kernel (issue 51) runs on a GPU only
+            fused = adam_jax.adam(LR, **eight_bit.fused_moments("pallas"))
+            if eight_bit.kernel_compiles(fused, params, grads):
+                name = "adam_jax.adam 8-bit fused kernel"
+                runners.append(optimizer_runner(name, fused, params, grads))
     return runners
 
 

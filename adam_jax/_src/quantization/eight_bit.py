@@ -20,6 +20,7 @@ from adam_jax._src.quantization.blocks import (
     scale_sharding_for,
 )
 from adam_jax._src.quantization.dynamic_map import map_constants
+from adam_jax._src.quantization.fused import check_kernel_mode
 from adam_jax._src.storage import MomentStorage, same_container
 from adam_jax._src.typed_sharding import place_like, placement_of
 
@@ -55,6 +56,13 @@ class BlockwiseQuantized(MomentStorage):
       min_size: tensors with fewer elements stay unquantized (4096 in the paper), >= 0.
       signed: ``True`` for the first moment (values of both signs), ``False`` for the second
         moment (non-negative; one more bit of precision).
+      kernel: how Adam steps a leaf whose two moments are both stored so: ``"xla"`` (the
+        XLA operations, the default), ``"auto"`` (the fused Pallas kernel, one pass per leaf,
+        on a CUDA GPU; the XLA operations elsewhere), ``"pallas"`` (the kernel; an error where
+        it cannot run) or ``"interpret"`` (the kernel in Pallas' interpret mode, any backend).
+        The kernel covers Adam and AdamW with float32 gradients and blocks of a power-of-two
+        length that follow one another in the leaf; other leaves take the XLA operations
+        (``adam_jax._src.quantization.fused``).
 
     Example:
       >>> import adam_jax, jax.numpy as jnp
@@ -69,6 +77,7 @@ class BlockwiseQuantized(MomentStorage):
     block_size: int = 256
     min_size: int = 4096
     signed: bool = True
+    kernel: str = "xla"
     # Blocks tile whole rows (the last two axes of a matrix), so a slice of whole blocks' rows
     # is stored as that slice of the codes and the scales.
     row_slices = True
@@ -78,6 +87,7 @@ class BlockwiseQuantized(MomentStorage):
             raise ValueError(f"block_size must be an integer >= 1, got {self.block_size}")
         if self.min_size < 0:
             raise ValueError(f"min_size must be an integer >= 0, got {self.min_size}")
+        check_kernel_mode(self.kernel)
 
     def quantizes(self, param: Any) -> bool:
         """Whether a leaf like ``param`` is stored quantized (else float32)."""
