@@ -74,20 +74,21 @@ def test_full_rank_power_iterates_get_the_q_of_householder_qr(d: int, x64: None)
 def test_rank_deficient_power_iterates_give_orthonormal_bases(
     dtype: Any, rank: int, settled: bool, x64: None
 ) -> None:
-    """Factors of rank 0 (a block no gradient reached), 1, 3 and 16 of 64, the old basis
-    settled or arbitrary (whose power iterate's columns are all nearly parallel to the top
-    eigenvector): orthonormal to 1e-12 (float64) and 1e-5 (float32), no NaN; the columns the
-    factor's range determines are QR's."""
+    """A batch of 4 power iterates of factors of rank 0 (a block no gradient reached), 1, 3
+    and 16 of 64, the old basis settled or arbitrary (a rank-one factor's iterate has all its
+    columns parallel). Orthonormal to 1e-12 (float64) and 1e-5 (float32), no NaN; the
+    columns the factor's range determines are QR's."""
     rng = np.random.default_rng(rank)
     d = 64
-    x, old = _power_iterate(rng, d, max(rank, 1), settled)
-    x = x * (rank > 0)
+    pairs = [_power_iterate(rng, d, max(rank, 1), settled) for _ in range(4)]
+    x = np.stack([p[0] for p in pairs]) * (rank > 0)
+    old = np.stack([p[1] for p in pairs])
     q = np.asarray(jax.jit(cholesky_qr)(jnp.asarray(x, dtype), jnp.asarray(old, dtype)))
     assert np.all(np.isfinite(q))
     assert _orthonormality(q) < (1e-12 if dtype == jnp.float64 else 1e-5)
     if rank and settled and dtype == jnp.float64:
-        expected = np.linalg.qr(x)[0][:, :rank]
-        aligned = _signs_aligned(q[:, :rank], expected)
+        expected = np.linalg.qr(x)[0][..., :rank]
+        aligned = _signs_aligned(q[..., :rank], expected)
         np.testing.assert_allclose(aligned, expected, rtol=0, atol=1e-8)
 
 
