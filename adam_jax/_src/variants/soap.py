@@ -791,8 +791,8 @@ class SoapRule(MomentRule):
         'authors\' Householder QR; ``"cholesky_qr"``, Cholesky QR repeated until '
         "orthonormal, made of batched products, Cholesky factorizations and triangular "
         "solves (the same Q up to its columns' signs, which the update does not see); "
-        '``"auto"``: QR on the CPU, Cholesky QR on GPU and TPU, the faster on each '
-        "(docs/speed.md).",
+        '``"auto"``: QR on the CPU (earlier versions\' results bit for bit), Cholesky QR on '
+        "GPU and TPU, where QR loops over a batch of blocks (docs/speed.md).",
         hyperparams.choice(*METHODS),
     )
 
@@ -1318,8 +1318,10 @@ def scale_by_soap() -> None:
     unit norm, with a shift while the Gram matrix is far from the identity, and with a column
     that depends on the others (a rank-deficient factor's) completed by the previous basis; its
     Q is QR's up to the columns' signs, which leave the update unchanged. ``"auto"`` (the
-    default) takes QR on the CPU, where it is the faster, and Cholesky QR on GPU and TPU, where
-    jaxlib's QR loops over a batch of blocks (docs/speed.md, "SOAP on a GPU").
+    default) takes QR on the CPU (earlier versions' results bit for bit; on the 2-core machine
+    neither method was faster on both settings measured) and Cholesky QR on GPU and TPU, where
+    jaxlib's QR loops over a batch of blocks (on an H100 the blocks' Cholesky QRs took 1/34 of
+    their QRs' time; docs/speed.md, "SOAP on a GPU").
 
     Without ``correct_bias`` the factor :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)` is 1; with
     ``normalize_grads`` the rotated-back direction is divided by :math:`10^{-30}` plus its RMS
