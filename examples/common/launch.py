@@ -14,6 +14,7 @@ first process to fail, or 0.
 
 from __future__ import annotations
 
+import shlex
 import signal
 import socket
 import subprocess
@@ -26,6 +27,33 @@ from examples.common.errors import ArgumentParser
 
 # The options the launcher sets for each process.
 PROCESS_OPTIONS = ("--num-processes", "--process-id", "--coordinator")
+
+
+def resume_command(program: str, argv: Sequence[str], num_processes: int = 1) -> str:
+    """The command line that continues the run of ``python -m program argv``: the same, less
+    ``--restart``, with ``--resume`` (the default, said aloud); with several processes, the
+    launcher's, which starts them all."""
+    kept = [arg for arg in argv if arg != "--restart"]
+    resume = [] if "--resume" in kept else ["--resume"]
+    if num_processes == 1:
+        return shlex.join(["python", "-m", program, *kept, *resume])
+    kept = _without_options(kept, PROCESS_OPTIONS)
+    launcher = ["python", "-m", f"{program}.launch", "--num-processes", str(num_processes)]
+    return shlex.join([*launcher, *kept, *resume])
+
+
+def _without_options(argv: Sequence[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` less the ``options`` (each with its value)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in options:
+            skip_value = True
+        elif not arg.startswith(tuple(option + "=" for option in options)):
+            kept.append(arg)
+    return kept
 
 
 def free_port() -> int:
