@@ -189,7 +189,8 @@ def registry_optimizer(
             f"{', '.join(name for name in accepted if name != 'learning_rate')}"
         )
     for name, value in config.options.items():
-        if problem := option_type_problem(value, accepted[name].default):
+        default = LM_OPTIONS.get(name, accepted[name].default)
+        if problem := option_type_problem(value, default):
             raise ConfigError(f"--opt {name}={value}: {problem}")
     try:
         return info.alias(learning_rate, **options)

@@ -41,29 +41,37 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
     return config, compared
 
 
-def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.Namespace]:
-    parser = ArgumentParser(
+def parser() -> ArgumentParser:
+    """The program's command line (``--help`` gives each default once)."""
+    options = ArgumentParser(
         prog="python -m examples.mnist",
         description="Train a Flax NNX model on MNIST with adam_jax.",
         formatter_class=DefaultsHelpFormatter,
     )
-    add_options(parser)
-    args = parser.parse_args(argv)
+    add_options(options)
+    return options
+
+
+def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.Namespace]:
+    command_line = parser()
+    args = command_line.parse_args(argv)
     if problem := distributed.check_arguments(args):
-        parser.error(problem)
+        command_line.error(problem)
     if args.seeds < 1:
-        parser.error(f"--seeds must be an integer >= 1, got {args.seeds}")
+        command_line.error(f"--seeds must be an integer >= 1, got {args.seeds}")
     if args.compare is not None:
         unknown = sorted(set(args.compare) - set(optimizers.NAMES))
         if unknown or not args.compare:
-            parser.error(f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}")
+            command_line.error(
+                f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}"
+            )
     try:
         config = config_from(args)
         for name in args.compare or ():
             # Every compared optimizer must take the run's settings (--moments, ...).
             dataclasses.replace(config, optimizer=name)
     except ValueError as err:
-        parser.error(str(err))
+        command_line.error(str(err))
     return config, args.compare, args
 
 
