@@ -123,13 +123,19 @@ def join(args: argparse.Namespace) -> None:
         )
 
 
+# Seconds without a heartbeat after which the coordination service declares a process dead
+# and ends the others (JAX's default, 100, left a survivor waiting over a minute).
+HEARTBEAT_TIMEOUT_SECONDS = 10
+
+
 def initialize(**where: Any) -> None:
     """``jax.distributed.initialize(**where)`` (no arguments: as the cluster says), with JAX's
-    preemption service off. The runs stop together on their own (:func:`first_signal`); that
-    service would only keep a request pending with the coordinator until the processes shut
-    down, still in flight when the first process stops the coordination service."""
+    preemption service off and a heartbeat timeout of :data:`HEARTBEAT_TIMEOUT_SECONDS`. The
+    runs stop together on their own (:func:`first_signal`); that service would only keep a
+    request pending with the coordinator until the processes shut down, still in flight when
+    the first process stops the coordination service."""
     jax.config.update("jax_enable_preemption_service", False)
-    jax.distributed.initialize(**where)
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS, **where)
 
 
 def request_host_devices(count: int) -> None:

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 import pytest
 
+from examples.common import launch
 from examples.common.checkpoints import SettingsMismatch
 from examples.common.errors import Interrupted
 from examples.lm import data, loop, main, train
@@ -469,3 +470,28 @@ def test_help_gives_each_default_once(program: str) -> None:
             (entry,) = [e for e in entries if e.startswith(action.option_strings[0] + " ")]
             assert "(default" in entry, entry
     assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("dies", [0, 1])
+def test_a_dead_process_is_named_and_the_others_end_within_15_s(
+    dies: int, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """Two processes that wait for each other in collectives; one is killed (the first holds
+    the coordination service). The launcher names it, how it ended and the resume command;
+    the survivor ends on its own (the heartbeat timeout the programs set), not at the
+    launcher's hand."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.delenv("XLA_FLAGS")  # one device each
+    record = tmp_path / "died"
+    port = launch.free_port()
+    worker = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "dying_worker.py"), "--dies",
+              str(dies), "--record", str(record), "--num-processes", "2", "--coordinator",
+              f"127.0.0.1:{port}"]  # fmt: skip
+    commands = [[*worker, "--process-id", str(i)] for i in range(2)]
+    status = launch.run(commands, grace_seconds=60, resume="RESUME COMMAND", prog="launch")
+    ended = time.monotonic()
+    assert status == 128 + signal.SIGKILL
+    assert ended - float(record.read_text()) < 15
+    err = capfd.readouterr().err
+    assert f"launch: process {dies} of 2 ended (killed by SIGKILL (exit status 137))" in err
+    assert err.endswith("launch: resume with: RESUME COMMAND\n")
