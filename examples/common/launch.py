@@ -26,6 +26,8 @@ from types import FrameType
 
 from examples.common.errors import ArgumentParser
 
+# Seconds the launcher waits, once a process has failed, before it says which one did.
+SETTLE_SECONDS = 0.5
 # The options the launcher sets for each process.
 PROCESS_OPTIONS = ("--num-processes", "--process-id", "--coordinator")
 
@@ -119,32 +121,46 @@ def run(
     }
     try:
         failed: int | None = None  # The status of the first process that failed.
+        reported = False  # whether that process failed (not stopped when asked)
         deadline = float("inf")
-        while running := [process for process in processes if process.poll() is None]:
+        while True:
+            running = [process for process in processes if process.poll() is None]
             failures = [
                 (i, p.returncode) for i, p in enumerate(processes) if p.returncode not in (None, 0)
             ]
             if failed is None and failures:
-                index, returncode = failures[0]
+                # The processes that a death leaves behind fail in turn, some of them before
+                # the dead one is reaped: a moment's wait, then the one a signal killed, if any.
+                time.sleep(SETTLE_SECONDS)
+                for process in processes:
+                    process.poll()
+                failures = [
+                    (i, p.returncode)
+                    for i, p in enumerate(processes)
+                    if p.returncode not in (None, 0)
+                ]
+                index, returncode = min(failures, key=lambda failure: failure[1] >= 0)
                 failed = exit_status(returncode)
                 deadline = time.monotonic() + grace_seconds
                 if not (signalled or stopped_by_request(returncode)):
+                    reported = True
+                    others = any(process.returncode is None for process in processes)
+                    stopping = f"; the others are stopped within {grace_seconds:g} s"
                     print(
                         f"{prog}: process {index} of {len(processes)} ended "
-                        f"({describe(returncode)}); the others are stopped within "
-                        f"{grace_seconds:g} s",
+                        f"({describe(returncode)}){stopping if others else ''}",
                         file=sys.stderr,
                         flush=True,
                     )
+            if not running:
+                break
             if time.monotonic() > deadline:
                 for process in running:
                     process.kill()
             time.sleep(0.05)
-        if failed is None:
-            failed = next((exit_status(p.returncode) for p in processes if p.returncode), 0)
-        if failed and resume is not None and not signalled:
+        if reported and resume is not None:
             print(f"{prog}: resume with: {resume}", file=sys.stderr, flush=True)
-        return failed
+        return failed or 0
     finally:
         for process in processes:
             if process.poll() is None:

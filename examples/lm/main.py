@@ -320,6 +320,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         except TrainingError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             raise SystemExit(error.exit_status) from error
+        except (RuntimeError, ValueError) as error:
+            if not distributed.lost_peer(error):
+                raise
+            resume = launch.resume_command("examples.lm", argv, args.num_processes)
+            distributed.end_for_lost_peer(PROG, error, resume)
     state_bytes = loop.state_bytes_per_param(trainer)
     fullest = adam_jax.device_state_bytes(trainer.opt_state) / trainer.param_count
     where = "in host memory, off the device between steps" if config.offload_state else ""

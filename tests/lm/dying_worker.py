@@ -1,6 +1,7 @@
 """One of several processes that wait for each other in collectives, as a training run's do;
 process ``--dies`` ends itself with SIGKILL after a few of them, writing the moment
-(``time.monotonic()``, the same clock in every process) to ``--record``.
+(``time.monotonic()``, the same clock in every process) to ``--record``; a survivor whose
+collective fails for it says so, as the programs do (:func:`distributed.end_for_lost_peer`).
 
 ``python tests/lm/dying_worker.py --dies I --record PATH --num-processes P --process-id J
 --coordinator HOST:PORT``; the repository root must be on PYTHONPATH.
@@ -28,5 +29,10 @@ if __name__ == "__main__":
         if count == 20 and args.process_id == args.dies:
             args.record.write_text(str(time.monotonic()))
             os.kill(os.getpid(), signal.SIGKILL)
-        distributed.barrier(f"step {count}")
+        try:
+            distributed.barrier(f"step {count}")
+        except (RuntimeError, ValueError) as error:
+            if not distributed.lost_peer(error):
+                raise
+            distributed.end_for_lost_peer("worker", error, "RESUME COMMAND")
     sys.exit("the collectives went on without the dead process")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -138,19 +139,37 @@ def test_loss_falls(one_device) -> None:
     assert records[-1]["held_out_loss"] < records[0]["held_out_loss"] < np.log(256)
 
 
-def test_two_processes_train_as_one(text: Path, one_device, tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    env.pop("XLA_FLAGS")  # each process asks for the 2 devices it brings
-    command = [sys.executable, "-m", "examples.lm.launch", "--num-processes", "2",
-               "--mesh", "data=2,fsdp=2", "--data", str(text), "--workdir", str(tmp_path),
-               "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--eval-windows", "8",
-               "--learning-rate", "1e-2", "--layers", "1", "--d-model", "32", "--heads", "2",
-               "--seq-len", "16"]  # fmt: skip
-    finished = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, timeout=300)
+def test_two_processes_train_as_one_and_stop_together(
+    text: Path, one_device, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """Two processes of 2 devices train as one device does. SIGTERM that reaches only the
+    second after its step 3 stops both after that step, with one checkpoint and one stop line
+    (the first process's), and the command it prints resumes them."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.delenv("XLA_FLAGS")  # each process asks for the 2 devices it brings
+    flags = ["--mesh", "data=2,fsdp=2", "--data", str(text), "--workdir", str(tmp_path),
+             "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--eval-windows", "8",
+             "--learning-rate", "1e-2", "--layers", "1", "--d-model", "32", "--heads", "2",
+             "--seq-len", "16"]  # fmt: skip
+    signalled = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "signalled_process.py"), "1", "3"]
+    processes = launch.commands(2, flags, launch.free_port(), "examples.lm")
+    processes = [[*signalled, *command[3:]] for command in processes]  # less python -m PROGRAM
+    assert launch.run(processes, grace_seconds=60, resume="RESUME") == 128 + signal.SIGTERM
+    assert checkpoint_steps(tmp_path) == [3]
+    err = capfd.readouterr().err
+    assert err.count("stopped by SIGTERM") == 1 and "RESUME" not in err, err
+    assert "stopped by SIGTERM after step 3 (of 4)" in err
+    resume = err.split("Resume with: ")[1].splitlines()[0]
+    assert resume.startswith("python -m examples.lm.launch --num-processes 2 --mesh data=2,fsdp=2")
+    assert "--process-id" not in resume and resume.endswith(" --resume")
+    finished = subprocess.run(
+        [sys.executable, *shlex.split(resume)[1:]], cwd=REPO_ROOT, capture_output=True, timeout=300
+    )
     assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    assert "resuming from step 3 of 4" in finished.stdout.decode()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(losses(records), losses(one_device[0]), rtol=RTOL)
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["4"]
+    assert checkpoint_steps(tmp_path) == [3, 4]
 
 
 @pytest.mark.slow
@@ -495,3 +514,7 @@ def test_a_dead_process_is_named_and_the_others_end_within_15_s(
     err = capfd.readouterr().err
     assert f"launch: process {dies} of 2 ended (killed by SIGKILL (exit status 137))" in err
     assert err.endswith("launch: resume with: RESUME COMMAND\n")
+    if dies == 1:  # the first process, whose collective fails, says so (the second, when the
+        # first dies, is ended by JAX at once, having lost the coordination service)
+        assert "worker: process 0: another process stopped answering (a collective failed: " in err
+        assert "Resume with: RESUME COMMAND" in err
