@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -350,12 +351,21 @@ def digest_of(workdir: Path, step: int) -> str:
     ]
 
 
-def test_the_same_command_resumes_after_a_kill(text: Path, tmp_path: Path, capsys) -> None:
+@pytest.fixture(scope="module")
+def unbroken(text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The work directory of the command line's run of TINY_FLAGS, not interrupted."""
+    workdir = tmp_path_factory.mktemp("unbroken")
+    main.main(["--data", str(text), *TINY_FLAGS, "--workdir", str(workdir)])
+    return workdir
+
+
+def test_the_same_command_resumes_after_a_kill(
+    text: Path, unbroken: Path, tmp_path: Path, capsys
+) -> None:
     """What a requeued job does: the command that was killed, run again, continues from the
     newest checkpoint and ends as the unbroken run does, bit for bit."""
     argv = ["--data", str(text), *TINY_FLAGS]
-    unbroken, requeued = tmp_path / "unbroken", tmp_path / "requeued"
-    main.main([*argv, "--workdir", str(unbroken)])
+    requeued = tmp_path / "requeued"
     with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
         crash_after(patch, 5)
         main.main([*argv, "--workdir", str(requeued)])
@@ -369,10 +379,10 @@ def test_the_same_command_resumes_after_a_kill(text: Path, tmp_path: Path, capsy
 
 
 def test_restart_keeps_the_previous_run_until_its_first_checkpoint(
-    text: Path, tmp_path: Path, capsys
+    text: Path, unbroken: Path, tmp_path: Path, capsys
 ) -> None:
+    shutil.copytree(unbroken, tmp_path, dirs_exist_ok=True)
     argv = ["--data", str(text), *TINY_FLAGS, "--workdir", str(tmp_path)]
-    main.main(argv)
     previous = (tmp_path / "metrics.jsonl").read_text()
     assert checkpoint_steps(tmp_path) == [3, 6]
     # Other settings are refused as any bad flag is (one line, exit status 2)...
