@@ -199,4 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(err.exit_status) from err
     except data.DataError as err:
         raise SystemExit(f"{who}error: {err}") from err
+    except (RuntimeError, ValueError) as err:
+        if not distributed.lost_peer(err):
+            raise
+        resume = resume_command(argv, args.num_processes)
+        distributed.end_for_lost_peer("python -m examples.mnist", err, resume)
     console.print(summary(config, history))
