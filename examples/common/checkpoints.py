@@ -12,7 +12,8 @@ leaves either a whole checkpoint or a temporary directory that the next run dele
   tried; :class:`~examples.common.errors.CheckpointError` if none is intact.
 * **Another run's checkpoints.** Settings that fix the state's structure or the batches (the
   program's, such as :data:`examples.mnist.config.RESUME_SETTINGS`) must match; a resume with
-  a different value is refused with a message naming the setting.
+  a different value is refused with a message naming the setting
+  (:class:`SettingsMismatch`, exit status 2).
 * **Full disk.** A checkpoint is not attempted when the disk has less free space than its
   arrays take in memory, and a write that fails with a storage error (``ENOSPC`` and the
   like) is removed; both are reported, the older checkpoints stay intact, and
@@ -65,6 +66,13 @@ _STORAGE_STATUS = (
 # unreadable array data a plain Exception ("Encountered error while reading array index").
 _RESTORE_ERRORS = (OSError, ValueError, KeyError)
 _T = TypeVar("_T")
+
+
+class SettingsMismatch(CheckpointError):
+    """The checkpoints belong to a run with other settings: a bad setting, exit status 2 (as
+    for any other bad option)."""
+
+    exit_status = 2
 
 
 class _Damaged(Exception):
@@ -124,10 +132,8 @@ class Checkpoints:
     """
 
     def __init__(self, directory: Path, keep: int, warn: Callable[[str], None]):
-        self.directory = directory.absolute()
-        self.damaged_directory = self.directory.parent / "damaged_checkpoints"
         self.warn = warn
-        options = ocp.CheckpointManagerOptions(
+        self.options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             # A save returns once the checkpoint is complete on disk: "saved" means saved, and
             # a failed write is reported at the step it belongs to.
@@ -135,10 +141,15 @@ class Checkpoints:
             # Temporary directories of writes that a crash interrupted.
             cleanup_tmp_directories=True,
         )
+        self._open(directory)
+
+    def _open(self, directory: Path) -> None:
+        self.directory = directory.absolute()
+        self.damaged_directory = self.directory.parent / "damaged_checkpoints"
         try:
             self.manager = ocp.CheckpointManager(
                 self.directory,
-                options=options,
+                options=self.options,
                 item_handlers={
                     STATE: ocp.StandardCheckpointHandler(),
                     RUN: ocp.JsonCheckpointHandler(),
@@ -146,6 +157,13 @@ class Checkpoints:
             )
         except OSError as err:
             raise CheckpointError(f"cannot keep checkpoints in {self.directory}: {err}") from err
+
+    def move(self, directory: Path, move: Callable[[], None]) -> None:
+        """Closes the checkpoints, calls ``move`` (in every process), which moves them to
+        ``directory``, and opens them there."""
+        self.manager.close()
+        move()
+        self._open(directory)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -239,8 +257,8 @@ class Checkpoints:
         if damaged:
             reasons = "; ".join(f"step {step}: {reason}" for step, reason in damaged)
             raise CheckpointError(
-                f"no intact checkpoint in {self.directory} ({reasons}). Start a new run "
-                "without --resume, which replaces them"
+                f"no intact checkpoint in {self.directory} ({reasons}). Add --restart to "
+                "start over (they stay until the new run's first checkpoint)"
             )
         return None
 
@@ -380,10 +398,10 @@ def _check_settings(step: int, stored: dict[str, Any], settings: dict[str, Any])
         # JSON has no tuples and turns every key into a string; compare through it.
         if name not in stored or json.loads(json.dumps(value)) != stored[name]:
             was = _as_flag(name, stored.get(name))
-            raise CheckpointError(
-                f"--resume: the checkpoint of step {step} was written with {was}, this run has "
-                f"{_as_flag(name, value)}. Resume with the same setting, or start a new run "
-                "without --resume (which replaces the checkpoints)"
+            raise SettingsMismatch(
+                f"cannot resume: the checkpoint of step {step} was written with {was}, this run "
+                f"has {_as_flag(name, value)}. Resume with the same setting, or add --restart "
+                "to start over (the checkpoints stay until the new run's first checkpoint)"
             )
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import jax
 import numpy as np
@@ -123,13 +124,48 @@ def join(args: argparse.Namespace) -> None:
         )
 
 
+# Seconds without a heartbeat after which the coordination service declares a process dead
+# and ends the others (JAX's default, 100, left a survivor waiting over a minute).
+HEARTBEAT_TIMEOUT_SECONDS = 10
+
+
 def initialize(**where: Any) -> None:
     """``jax.distributed.initialize(**where)`` (no arguments: as the cluster says), with JAX's
-    preemption service off. The runs stop together on their own (:func:`first_signal`); that
-    service would only keep a request pending with the coordinator until the processes shut
-    down, still in flight when the first process stops the coordination service."""
+    preemption service off and a heartbeat timeout of :data:`HEARTBEAT_TIMEOUT_SECONDS`. The
+    runs stop together on their own (:func:`first_signal`); that service would only keep a
+    request pending with the coordinator until the processes shut down, still in flight when
+    the first process stops the coordination service."""
     jax.config.update("jax_enable_preemption_service", False)
-    jax.distributed.initialize(**where)
+    jax.distributed.initialize(heartbeat_timeout_seconds=HEARTBEAT_TIMEOUT_SECONDS, **where)
+
+
+# How a collective fails when another process has gone (gloo's TCP transport on CPU).
+LOST_PEER_MESSAGES = ("Connection reset by peer", "Connection closed by peer", "Broken pipe")
+
+
+def lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because another process has gone."""
+    return (
+        jax.process_count() > 1
+        and isinstance(error, (RuntimeError, ValueError))
+        and any(message in str(error) for message in LOST_PEER_MESSAGES)
+    )
+
+
+def end_for_lost_peer(prog: str, error: BaseException, resume: str) -> NoReturn:
+    """Ends this process at once with one line: a collective failed because another process
+    has gone, and the command that resumes the run. JAX's own shutdown would wait for the dead
+    process until the heartbeat timeout and then abort with a C++ stack trace; nothing is left
+    to save (the checkpoints on disk are whole or absent), so the process exits without it."""
+    reason = " ".join(str(error).split())[:200]
+    print(
+        f"{prog}: process {jax.process_index()}: another process stopped answering (a "
+        f"collective failed: {reason}). Resume with: {resume}",
+        file=sys.stderr,
+        flush=True,
+    )
+    sys.stdout.flush()
+    os._exit(1)
 
 
 def request_host_devices(count: int) -> None:

@@ -21,6 +21,28 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\nSee '{self.prog} --help' for the options.\n")
 
 
+class DefaultsHelpFormatter(argparse.HelpFormatter):
+    """``--help`` that gives each option's default once: ``(default: X)`` after the help of an
+    option whose default is a value, unless the help already says what its default means
+    (``(default: ...)``, ``(None: ...)``); nothing for a default of None or a switch's."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "%(default)" in text
+            or "(default" in text
+            or "(None" in text
+            or default is None
+            or default is argparse.SUPPRESS
+            or isinstance(default, bool)
+            or default == []
+            or action.nargs == 0
+        ):
+            return text
+        return f"{text} (default: %(default)s)".strip()
+
+
 class TrainingError(RuntimeError):
     """The run cannot go on; the message says why and what to do."""
 

@@ -8,12 +8,14 @@ progress and the results; each prints its own errors.
 SIGINT (Ctrl-C) and SIGTERM are passed on to every process, once per signal received: the
 processes stop together after the same step with a checkpoint, as one process does, and a
 second signal ends them at once. If a process fails, the others (which may wait for it in a
-collective for ever) are killed after ``--grace-seconds``. The exit status is that of the
-first process to fail, or 0.
+collective for ever) are killed after ``--grace-seconds``, and the launcher says which process
+failed, how (its exit status, or the signal that killed it) and the command that resumes the
+run. The exit status is that of the first process to fail, or 0.
 """
 
 from __future__ import annotations
 
+import shlex
 import signal
 import socket
 import subprocess
@@ -24,8 +26,37 @@ from types import FrameType
 
 from examples.common.errors import ArgumentParser
 
+# Seconds the launcher waits, once a process has failed, before it says which one did.
+SETTLE_SECONDS = 0.5
 # The options the launcher sets for each process.
 PROCESS_OPTIONS = ("--num-processes", "--process-id", "--coordinator")
+
+
+def resume_command(program: str, argv: Sequence[str], num_processes: int = 1) -> str:
+    """The command line that continues the run of ``python -m program argv``: the same, less
+    ``--restart``, with ``--resume`` (the default, said aloud); with several processes, the
+    launcher's, which starts them all."""
+    kept = [arg for arg in argv if arg != "--restart"]
+    resume = [] if "--resume" in kept else ["--resume"]
+    if num_processes == 1:
+        return shlex.join(["python", "-m", program, *kept, *resume])
+    kept = _without_options(kept, PROCESS_OPTIONS)
+    launcher = ["python", "-m", f"{program}.launch", "--num-processes", str(num_processes)]
+    return shlex.join([*launcher, *kept, *resume])
+
+
+def _without_options(argv: Sequence[str], options: tuple[str, ...]) -> list[str]:
+    """``argv`` less the ``options`` (each with its value)."""
+    kept: list[str] = []
+    skip_value = False
+    for arg in argv:
+        if skip_value:
+            skip_value = False
+        elif arg in options:
+            skip_value = True
+        elif not arg.startswith(tuple(option + "=" for option in options)):
+            kept.append(arg)
+    return kept
 
 
 def free_port() -> int:
@@ -49,14 +80,38 @@ def exit_status(returncode: int) -> int:
     return 128 - returncode if returncode < 0 else returncode
 
 
-def run(commands: list[list[str]], grace_seconds: float) -> int:
-    """Runs the processes to their end; returns the launcher's exit status."""
+def describe(returncode: int) -> str:
+    """How a child ended, in words: ``exit status 1``, ``killed by SIGKILL (exit status 137)``."""
+    if returncode < 0:
+        return (
+            f"killed by {signal.Signals(-returncode).name} (exit status {exit_status(returncode)})"
+        )
+    return f"exit status {returncode}"
+
+
+def stopped_by_request(returncode: int) -> bool:
+    """Whether a child ended as a program does that a signal asked to stop (it saves a
+    checkpoint and exits with 128 + the signal's number): not a failure to report."""
+    return returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+def run(
+    commands: list[list[str]],
+    grace_seconds: float,
+    resume: str | None = None,
+    prog: str = "launch",
+) -> int:
+    """Runs the processes to their end; returns the launcher's exit status. When a process
+    fails (and no signal asked the run to stop), says which one, how it ended, and the
+    command ``resume`` that continues the run."""
     # Each in a process group of its own: the terminal's Ctrl-C reaches only the launcher,
     # which passes it on once (a second signal would stop the processes at once).
     processes = [subprocess.Popen(command, process_group=0) for command in commands]
+    signalled: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
         del frame
+        signalled.append(signum)
         for process in processes:
             if process.poll() is None:
                 process.send_signal(signum)
@@ -66,19 +121,46 @@ def run(commands: list[list[str]], grace_seconds: float) -> int:
     }
     try:
         failed: int | None = None  # The status of the first process that failed.
+        reported = False  # whether that process failed (not stopped when asked)
         deadline = float("inf")
-        while running := [process for process in processes if process.poll() is None]:
-            failures = [p.returncode for p in processes if p.returncode not in (None, 0)]
+        while True:
+            running = [process for process in processes if process.poll() is None]
+            failures = [
+                (i, p.returncode) for i, p in enumerate(processes) if p.returncode not in (None, 0)
+            ]
             if failed is None and failures:
-                failed = exit_status(failures[0])
+                # The processes that a death leaves behind fail in turn, some of them before
+                # the dead one is reaped: a moment's wait, then the one a signal killed, if any.
+                time.sleep(SETTLE_SECONDS)
+                for process in processes:
+                    process.poll()
+                failures = [
+                    (i, p.returncode)
+                    for i, p in enumerate(processes)
+                    if p.returncode not in (None, 0)
+                ]
+                index, returncode = min(failures, key=lambda failure: failure[1] >= 0)
+                failed = exit_status(returncode)
                 deadline = time.monotonic() + grace_seconds
+                if not (signalled or stopped_by_request(returncode)):
+                    reported = True
+                    others = any(process.returncode is None for process in processes)
+                    stopping = f"; the others are stopped within {grace_seconds:g} s"
+                    print(
+                        f"{prog}: process {index} of {len(processes)} ended "
+                        f"({describe(returncode)}){stopping if others else ''}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
+            if not running:
+                break
             if time.monotonic() > deadline:
                 for process in running:
                     process.kill()
             time.sleep(0.05)
-        if failed is None:
-            failed = next((exit_status(p.returncode) for p in processes if p.returncode), 0)
-        return failed
+        if reported and resume is not None:
+            print(f"{prog}: resume with: {resume}", file=sys.stderr, flush=True)
+        return failed or 0
     finally:
         for process in processes:
             if process.poll() is None:
@@ -111,6 +193,6 @@ def main(argv: Sequence[str] | None = None, *, program: str) -> None:
     if given:
         parser.error(f"{', '.join(given)}: the launcher sets these for each process")
     port = free_port()
-    raise SystemExit(
-        run(commands(args.num_processes, program_args, port, program), args.grace_seconds)
-    )
+    resume = resume_command(program, program_args, args.num_processes)
+    processes = commands(args.num_processes, program_args, port, program)
+    raise SystemExit(run(processes, args.grace_seconds, resume, parser.prog))

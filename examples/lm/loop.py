@@ -2,12 +2,20 @@
 
 Every ``eval_every`` steps (and at the last) a record goes to the progress bar and to
 ``WORKDIR/metrics.jsonl``: the mean training loss since the last record, the held-out loss,
-tokens per second (training steps only) and the learning rate. Every ``checkpoint_every`` steps,
-at the last step and when SIGTERM or SIGINT asks the run to stop, a checkpoint is written
-(:class:`examples.common.checkpoints.Checkpoints`: atomic, checked by sha256 when read back,
-a damaged one moved aside). ``resume`` continues from the newest intact checkpoint of a run
-with the same settings; the windows of every step come from the seed, so a resumed run, even
-after ``kill -9``, gives the records and params of an unbroken one bit for bit.
+tokens per second (training steps only) and the learning rate. Every ``checkpoint_every`` steps
+(whatever ``eval_every`` is), at the last step and when SIGTERM or SIGINT asks the run to stop,
+a checkpoint is written (:class:`examples.common.checkpoints.Checkpoints`: atomic, checked by
+sha256 when read back, a damaged one moved aside).
+
+A run on a work directory that holds checkpoints continues from the newest intact one (the
+settings must be the same), as a requeued job's same command should; ``restart`` starts over,
+and the previous run's files stay until the new run's first checkpoint
+(:class:`examples.common.workdir.Workdir`). The windows of every step come from the seed, so a
+resumed run, even after ``kill -9``, gives the records and params of an unbroken one bit for bit.
+
+One step is in flight at a time: the loop waits for a step before it dispatches the next, so a
+signal stops the run after the step running when it came (with several processes, all stop
+after the same step: they compare the signals they received before every step).
 """
 
 from __future__ import annotations
@@ -18,22 +26,19 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jax
 import numpy as np
 
 import adam_jax
 from examples.common import distributed
 from examples.common import metrics as metrics_lib
-from examples.common import workdir as workdir_lib
 from examples.common.checkpoints import Checkpoints
-from examples.common.errors import CheckpointError, Interrupted, NonFiniteError
+from examples.common.errors import Interrupted, NonFiniteError
 from examples.common.interrupts import StopRequests
 from examples.common.metrics import Metrics
+from examples.common.workdir import Workdir
 from examples.lm.data import Corpus
 from examples.lm.train import Trainer
 
-# Steps between the processes' comparisons of the signals they received (a collective).
-SIGNAL_CHECK_EVERY = 10
 KEEP_CHECKPOINTS = 2
 
 
@@ -43,13 +48,16 @@ class RunOptions:
 
     workdir: Path | None = None  # None: no files, no checkpoints
     checkpoint_every: int = 500
-    resume: bool = False
+    # Start over even if workdir holds checkpoints (else the run continues from them).
+    restart: bool = False
     report: Callable[[Metrics], None] = lambda record: None
     warn: Callable[[str], None] = print
+    note: Callable[[str], None] = print  # what the run does with the work directory
 
 
 class Run:
-    """One training run of ``trainer`` on ``corpus``; :meth:`train` returns its records."""
+    """One training run of ``trainer`` on ``corpus``; :meth:`train` returns its records, and
+    :attr:`records` holds them however the run ended."""
 
     def __init__(self, trainer: Trainer, corpus: Corpus, options: RunOptions):
         self.trainer, self.corpus, self.options = trainer, corpus, options
@@ -68,36 +76,51 @@ class Run:
         self.step = 0
         self.saved_step: int | None = None
         self.checkpoints: Checkpoints | None = None
-        self.metrics_path: Path | None = None
+        self.workdir: Workdir | None = None
         if options.workdir is not None:
-            workdir_lib.prepare(options.workdir, options.resume)
-            self.metrics_path = options.workdir / workdir_lib.METRICS
+            self.workdir = Workdir(options.workdir)
             self.checkpoints = Checkpoints(
-                options.workdir / "checkpoints", KEEP_CHECKPOINTS, options.warn
+                self.workdir.checkpoints_path, KEEP_CHECKPOINTS, options.warn
             )
 
-    def resume(self) -> None:
-        """Continues from the newest intact checkpoint, if there is one."""
-        if self.checkpoints is None or self.metrics_path is None:
-            raise CheckpointError("--resume needs --workdir, where the checkpoints are")
-        restored = self.checkpoints.restore_latest(self.trainer.checkpoint_tree(), self.settings)
-        if restored is None:
-            self.options.warn("no checkpoint to resume from: training from the start")
+    def begin(self) -> None:
+        """Continues from the newest intact checkpoint of the work directory, unless
+        ``restart``; a run that starts over where a previous run left files writes aside until
+        its first checkpoint."""
+        if self.workdir is None or self.checkpoints is None:
             return
-        self.trainer.restore(restored.tree)
-        self.step = self.saved_step = restored.step
-        self.elapsed_before = restored.run["elapsed_seconds"]
-        records = metrics_lib.read(self.metrics_path, self.options.warn)
-        self.records = [record for record in records if record["step"] <= self.step]
-        if len(self.records) < restored.run["records"]:
-            self.options.warn(
-                f"{self.metrics_path} holds {len(self.records)} of the "
-                f"{restored.run['records']} records up to step {self.step}: the curves have a gap"
+        config = self.trainer.config
+        restored = None
+        if not self.options.restart:
+            tree = self.trainer.checkpoint_tree()
+            restored = self.checkpoints.restore_latest(tree, self.settings)
+        if restored is not None:
+            self.trainer.restore(restored.tree)
+            self.step = self.saved_step = restored.step
+            self.elapsed_before = restored.run["elapsed_seconds"]
+            records = metrics_lib.read(self.workdir.metrics_path, self.options.warn)
+            self.records = [record for record in records if record["step"] <= self.step]
+            if len(self.records) < restored.run["records"]:
+                self.options.warn(
+                    f"{self.workdir.metrics_path} holds {len(self.records)} of the "
+                    f"{restored.run['records']} records up to step {self.step}: the curves have "
+                    "a gap"
+                )
+            self.options.note(f"resuming from step {self.step} of {config.steps}")
+        elif not distributed.everywhere(not self.workdir.holds_a_run()):
+            workdir = self.workdir
+            self.checkpoints.move(workdir.staging / "checkpoints", workdir.stage)
+            first = min(self.options.checkpoint_every, config.steps)
+            self.options.note(
+                f"starting over: the previous run's files in {workdir.path} stay until this "
+                f"run's first checkpoint (step {first})"
             )
+        self._write_metrics()
 
     def train(self) -> list[Metrics]:
-        """Trains to the last step (resuming first with ``resume``); then, or when anything
-        stops it, closes the checkpoints: a run trains once."""
+        """Trains to the last step (continuing first from the work directory's checkpoints, as
+        :meth:`begin` does); then, or when anything stops it, closes the checkpoints: a run
+        trains once."""
         try:
             return self._train()
         finally:
@@ -107,25 +130,27 @@ class Run:
 
     def _train(self) -> list[Metrics]:
         config, trainer = self.trainer.config, self.trainer
-        if self.options.resume:
-            self.resume()
+        self.begin()
         seconds, steps_timed = 0.0, 0
         with StopRequests() as stop:
             while self.step < config.steps:
+                begin = time.perf_counter()
+                windows = self.corpus.windows(self.starts[self.step])
+                # The step in flight; a signal that came while it ran is seen now.
+                trainer.wait()
                 if (signum := self._stop_request(stop)) is not None:
                     self._stop(signum)
-                begin = time.perf_counter()
-                trainer.step(self.corpus.windows(self.starts[self.step]))
+                trainer.step(windows)
                 self.step += 1
                 steps_timed += 1
                 last = self.step == config.steps
-                if self.step % config.eval_every and not last:
+                if self.step % config.eval_every == 0 or last:
+                    loss_sum = trainer.take_loss_sum()  # waits for the step
                     seconds += time.perf_counter() - begin
-                    continue
-                loss_sum = trainer.take_loss_sum()  # waits for the steps
-                seconds += time.perf_counter() - begin
-                self._record(loss_sum, steps_timed, seconds)
-                seconds, steps_timed = 0.0, 0
+                    self._record(loss_sum, steps_timed, seconds)
+                    seconds, steps_timed = 0.0, 0
+                else:
+                    seconds += time.perf_counter() - begin
                 if self.step % self.options.checkpoint_every == 0 or last:
                     self._checkpoint()
         return self.records
@@ -153,33 +178,31 @@ class Run:
         self.options.report(record)
 
     def _write_metrics(self) -> None:
-        if self.metrics_path is None or not distributed.is_primary():
+        if self.workdir is None or not distributed.is_primary():
             return
         try:
-            metrics_lib.write(self.metrics_path, self.records)
+            metrics_lib.write(self.workdir.metrics_path, self.records)
         except OSError as error:  # the old file is intact; the next write has these records
-            self.options.warn(f"could not write {self.metrics_path} ({error})")
+            self.options.warn(f"could not write {self.workdir.metrics_path} ({error})")
 
     def _checkpoint(self) -> None:
-        if self.checkpoints is None or self.step == self.saved_step:
+        if self.checkpoints is None or self.workdir is None or self.step == self.saved_step:
             return
         run = {
             "settings": self.settings,
             "records": len(self.records),
-            "logged_step": self.step,
+            "logged_step": self.records[-1]["step"] if self.records else 0,
             "elapsed_seconds": self.elapsed_before + time.perf_counter() - self.session_start,
         }
         if self.checkpoints.save(self.step, self.trainer.checkpoint_tree(), run):
             self.saved_step = self.step
+            if self.workdir.staged:  # the first checkpoint of a run that started over
+                self.checkpoints.move(self.workdir.path / "checkpoints", self.workdir.commit)
 
     def _stop_request(self, stop: StopRequests) -> int | None:
         """The signal that stops the run before its next step, if any: with several
-        processes, the first any of them received, compared every ``SIGNAL_CHECK_EVERY``
-        steps so that all stop after the same step."""
-        if jax.process_count() == 1:
-            return stop.signum
-        if self.step % SIGNAL_CHECK_EVERY:
-            return None
+        processes, the first any of them received (a collective, before every step, so that
+        all stop after the same step)."""
         return distributed.first_signal(stop.signum)
 
     def _stop(self, signum: int) -> None:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from examples.common import distributed
-from examples.common.errors import ArgumentParser
+from examples.common.errors import ArgumentParser, DefaultsHelpFormatter
 from examples.lm.data import DataError
 
 PROG = "python -m examples.lm"
@@ -88,7 +88,7 @@ def parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
         prog=PROG,
         description="Train a GPT-style byte-level language model with adam_jax.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
         allow_abbrev=False,
     )
     p.add_argument(
@@ -97,12 +97,12 @@ def parser() -> argparse.ArgumentParser:
         default=None,
         help="a text file or a folder of them (default: Python's standard-library source)",
     )
-    p.add_argument("--steps", type=int, default=config.steps)
+    p.add_argument("--steps", type=int, default=config.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=config.batch_size, help="windows a step")
     p.add_argument("--seq-len", type=int, default=model.seq_len, help="bytes a window")
-    p.add_argument("--layers", type=int, default=model.layers)
-    p.add_argument("--d-model", type=int, default=model.d_model)
-    p.add_argument("--heads", type=int, default=model.heads)
+    p.add_argument("--layers", type=int, default=model.layers, help="transformer blocks")
+    p.add_argument("--d-model", type=int, default=model.d_model, help="width")
+    p.add_argument("--heads", type=int, default=model.heads, help="attention heads")
     p.add_argument("--optimizer", default=config.optimizer, help="a name of adam_jax.registry")
     p.add_argument(
         "--opt",
@@ -112,7 +112,9 @@ def parser() -> argparse.ArgumentParser:
         help="an option of the optimizer (repeatable), e.g. --opt b2=0.99",
     )
     p.add_argument("--learning-rate", type=float, default=config.learning_rate, help="peak")
-    p.add_argument("--schedule", choices=SCHEDULES, default=config.schedule)
+    p.add_argument(
+        "--schedule", choices=SCHEDULES, default=config.schedule, help="of the learning rate"
+    )
     p.add_argument("--zero1", action="store_true", help="split the optimizer state over data too")
     p.add_argument(
         "--moments", choices=tuple(MOMENTS), default=config.moments, help="how moments are stored"
@@ -128,28 +130,59 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the optimizer state in host memory between steps (adam_jax.offload_state)",
     )
-    p.add_argument("--param-dtype", choices=("float32", "bfloat16"), default=model.param_dtype)
+    p.add_argument(
+        "--param-dtype",
+        choices=("float32", "bfloat16"),
+        default=model.param_dtype,
+        help="storage of the params",
+    )
     p.add_argument(
         "--low-precision",
         choices=("none", "kahan", "stochastic"),
         default=config.low_precision,
         help="how bfloat16 params take their updates",
     )
-    p.add_argument("--seed", type=int, default=config.seed)
-    p.add_argument("--eval-every", type=int, default=config.eval_every, metavar="STEPS")
-    p.add_argument("--eval-windows", type=int, default=config.eval_windows)
+    p.add_argument(
+        "--seed", type=int, default=config.seed, help="initialization and training windows"
+    )
+    p.add_argument(
+        "--eval-every",
+        type=int,
+        default=config.eval_every,
+        metavar="STEPS",
+        help="steps between records (training and held-out loss)",
+    )
+    p.add_argument(
+        "--eval-windows",
+        type=int,
+        default=config.eval_windows,
+        help="held-out windows of each evaluation",
+    )
     p.add_argument(
         "--workdir",
         type=Path,
         default=None,
         help="where metrics.jsonl, the checkpoints and curves.png go (default: no files)",
     )
-    p.add_argument("--checkpoint-every", type=int, default=500, metavar="STEPS")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=500,
+        metavar="STEPS",
+        help="steps between checkpoints, whatever --eval-every is (and one at the end and on "
+        "SIGTERM)",
+    )
     p.add_argument(
         "--resume",
         action="store_true",
-        help="continue from the newest intact checkpoint in --workdir (else a run replaces "
-        "the files there)",
+        help="continue from the newest intact checkpoint in --workdir: what a run does "
+        "without --restart (a requeued job's same command continues)",
+    )
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start over, although --workdir holds checkpoints; the previous run's files stay "
+        "until this run's first checkpoint",
     )
     add_placement_options(p)
     return p
@@ -169,6 +202,7 @@ def config_from(args: argparse.Namespace) -> Any:
         "heads",
         "eval_every",
         "eval_windows",
+        "checkpoint_every",
     ):
         if getattr(args, flag) < 1:
             raise ConfigError(
@@ -215,17 +249,22 @@ def main(argv: Sequence[str] | None = None) -> None:
     from rich.console import Console
 
     import adam_jax
+    from examples.common import launch
     from examples.common.errors import Interrupted, TrainingError
-    from examples.lm import data, loop, plots
+    from examples.lm import data, loop
     from examples.lm.train import ConfigError, Trainer, make_mesh
     from examples.mnist.console import progress_bar
 
+    argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     args = p.parse_args(argv)
     try:
         config = config_from(args)
-        if args.resume and args.workdir is None:
-            raise ConfigError("--resume needs --workdir, where the checkpoints are")
+        for flag in ("resume", "restart"):
+            if getattr(args, flag) and args.workdir is None:
+                raise ConfigError(f"--{flag} needs --workdir, where the checkpoints are")
+        if args.resume and args.restart:
+            raise ConfigError("--resume and --restart: choose one")
         corpus = data.Corpus(data.load(args.data), config.model.seq_len)
         mesh = make_mesh(config.mesh)
         trainer = Trainer(config, mesh)
@@ -254,21 +293,38 @@ def main(argv: Sequence[str] | None = None) -> None:
         def warn(message: str) -> None:
             progress.console.print(f"[yellow]warning:[/yellow] {message}")
 
+        def note(message: str) -> None:
+            progress.console.print(message)
+            if message.startswith("resuming from step "):
+                progress.update(task, completed=int(message.split()[3]))
+
         options = loop.RunOptions(
             workdir=args.workdir,
             checkpoint_every=args.checkpoint_every,
-            resume=args.resume,
+            restart=args.restart,
             report=report,
             warn=warn,
+            note=note,
         )
+        run = None
         try:
-            records = loop.Run(trainer, corpus, options).train()
+            run = loop.Run(trainer, corpus, options)
+            run.train()
         except Interrupted as error:
-            print(f"{PROG}: {error}", file=sys.stderr)
+            # Every process stops after the same step; the first one says so.
+            if primary:
+                draw_curves(run, trainer, console)
+                command = launch.resume_command("examples.lm", argv, args.num_processes)
+                print(f"{PROG}: {error}\nResume with: {command}", file=sys.stderr)
             raise SystemExit(error.exit_status) from error
         except TrainingError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
             raise SystemExit(error.exit_status) from error
+        except (RuntimeError, ValueError) as error:
+            if not distributed.lost_peer(error):
+                raise
+            resume = launch.resume_command("examples.lm", argv, args.num_processes)
+            distributed.end_for_lost_peer(PROG, error, resume)
     state_bytes = loop.state_bytes_per_param(trainer)
     fullest = adam_jax.device_state_bytes(trainer.opt_state) / trainer.param_count
     where = "in host memory, off the device between steps" if config.offload_state else ""
@@ -276,7 +332,23 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"optimizer state: {state_bytes:.2f} bytes per parameter, {fullest:.2f} on the "
         f"fullest device {where}".strip()
     )
-    if args.workdir is not None and primary:
-        path = args.workdir / "curves.png"
-        plots.curves_figure(records, config, state_bytes).savefig(path, dpi=100)
-        console.print(f"curves: {path}")
+    if primary:
+        draw_curves(run, trainer, console)
+
+
+def draw_curves(run: Any, trainer: Any, console: Any) -> None:
+    """``curves.png`` of the records of ``run`` so far, beside its ``metrics.jsonl`` (none
+    without a work directory or a record)."""
+    from examples.lm import loop, plots
+
+    if run is None or run.workdir is None or not run.records:
+        return
+    path = run.workdir.metrics_path.parent / "curves.png"
+    state_bytes = loop.state_bytes_per_param(trainer)
+    figure = plots.curves_figure(run.records, trainer.config, state_bytes)
+    try:
+        figure.savefig(path, dpi=100)
+    except OSError as error:
+        console.print(f"[yellow]warning:[/yellow] could not write {path} ({error})")
+        return
+    console.print(f"curves: {path}")

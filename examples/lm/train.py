@@ -188,10 +188,25 @@ def registry_optimizer(
             f"--opt {unknown[0]}: {config.optimizer} has no such option; it takes "
             f"{', '.join(name for name in accepted if name != 'learning_rate')}"
         )
+    for name, value in config.options.items():
+        default = LM_OPTIONS.get(name, accepted[name].default)
+        if problem := option_type_problem(value, default):
+            raise ConfigError(f"--opt {name}={value}: {problem}")
     try:
         return info.alias(learning_rate, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"--opt: {error}") from error
+
+
+def option_type_problem(value: Any, default: Any) -> str | None:
+    """What is wrong with ``value`` for an option whose default is ``default``: a number or a
+    switch given as text (``--opt b2=abc``), which the optimizer would only reject as a
+    traceback from inside the compiled step."""
+    if isinstance(value, str) and isinstance(default, bool):
+        return f"expected True or False (the default is {default})"
+    if isinstance(value, str) and isinstance(default, (int, float)):
+        return f"expected a number (the default is {default})"
+    return None
 
 
 class Trainer:
@@ -299,6 +314,10 @@ class Trainer:
             self.params, self.opt_state, self.loss_sum = self._step(
                 self.params, self.opt_state, self.loss_sum, self.put(windows)
             )
+
+    def wait(self) -> None:
+        """Waits for the step in flight (its outputs become ready together)."""
+        self.loss_sum.block_until_ready()
 
     def take_loss_sum(self) -> float:
         """The sum of the losses since the last call (waits for the steps)."""

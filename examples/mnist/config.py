@@ -76,7 +76,16 @@ class Config:
     train_limit: int | None = option(None, "train on the first N images")
     eval_batch_size: int = option(1000, "batch size of the evaluation on the full test set")
     workdir: str = option("runs/mnist", "metrics, checkpoints and plots go here")
-    resume: bool = option(False, "continue from the newest intact checkpoint in --workdir")
+    resume: bool = option(
+        False,
+        "continue from the newest intact checkpoint in --workdir: what a run does without "
+        "--restart (a requeued job's same command continues)",
+    )
+    restart: bool = option(
+        False,
+        "start over, although --workdir holds checkpoints; the previous run's files stay until "
+        "this run's first checkpoint",
+    )
     # Not an option: runs without checkpoints are for tests and notebooks.
     checkpoints: bool = True
     checkpoint_every: int | None = option(
@@ -162,6 +171,8 @@ class Config:
                 f"checkpoint_every must be an integer >= 1 (or None: at epoch ends), "
                 f"got {self.checkpoint_every}"
             )
+        if self.resume and self.restart:
+            raise ValueError("resume and restart: choose one")
         if self.devices is not None:
             if self.devices < 1:
                 raise ValueError(f"devices must be an integer >= 1, got {self.devices}")

@@ -2,6 +2,10 @@
 Config` with a :class:`~examples.mnist.trainer.Trainer`, keeps its records, writes its
 checkpoints, stops when asked and resumes.
 
+A run on a work directory that holds checkpoints continues from the newest intact one, as a
+requeued job's same command should; ``Config.restart`` starts over, and the previous run's files
+stay until the new run's first checkpoint (:class:`examples.common.workdir.Workdir`).
+
 Reproducibility: a checkpoint holds the epoch's running sums next to the model and optimizer,
 and the batches and random keys of a step depend only on the seed, the epoch and the step
 (:mod:`~examples.mnist.trainer`), so a run resumed from any checkpoint, in the middle of an
@@ -29,11 +33,11 @@ from rich.progress import Progress
 
 from examples.common import distributed
 from examples.common import metrics as metrics_lib
-from examples.common import workdir as workdir_lib
 from examples.common.checkpoints import Checkpoints
 from examples.common.errors import CheckpointError, Interrupted, NonFiniteError, TrainingError
 from examples.common.interrupts import StopRequests
 from examples.common.metrics import Metrics
+from examples.common.workdir import Workdir
 from examples.mnist import console as console_lib
 from examples.mnist import data as data_lib
 from examples.mnist.config import Config
@@ -44,10 +48,11 @@ from examples.mnist.trainer import Trainer, epoch_means
 def train_and_evaluate(
     config: Config, dataset: data_lib.Dataset | None = None, console: Console | None = None
 ) -> tuple[Trainer, list[Metrics]]:
-    """Trains ``config.epochs`` epochs (continuing from the newest intact checkpoint with
-    ``config.resume``), with step records every ``config.log_every`` steps, an evaluation
-    after each epoch, checkpoints every ``config.checkpoint_every`` steps (default: at epoch
-    ends) and at the end, and ``curves.png``.
+    """Trains ``config.epochs`` epochs (continuing from the newest intact checkpoint in
+    ``config.workdir`` unless ``config.restart``), with step records every
+    ``config.log_every`` steps, an evaluation after each epoch, checkpoints every
+    ``config.checkpoint_every`` steps (default: at epoch ends) and at the end, and
+    ``curves.png``.
 
     Returns the trainer (for its final state) and the per-epoch records. Raises
     :class:`~examples.common.errors.Interrupted` after a checkpoint when SIGTERM or SIGINT
@@ -59,33 +64,33 @@ def train_and_evaluate(
         console, config = Console(quiet=True), dataclasses.replace(config, progress=False)
     console = console or Console()
     dataset = dataset or data_lib.load(config.dataset, config.data_dir)
-    workdir = Path(config.workdir)
-    workdir_lib.prepare(workdir, config.resume)
+    workdir = Workdir(Path(config.workdir))
     with StopRequests() as stop:
         trainer = Trainer(config, dataset)
         console_lib.print_size(console, trainer)
         checkpoints = None
         if config.checkpoints:
             checkpoints = Checkpoints(
-                workdir / "checkpoints", config.keep_checkpoints, console_lib.warner(console)
+                workdir.checkpoints_path, config.keep_checkpoints, console_lib.warner(console)
             )
+        run: _Run | None = None
         try:
             with console_lib.progress_bar(config.progress, console) as progress:
-                metrics_path = workdir / "metrics.jsonl"
-                run = _Run(config, trainer, checkpoints, metrics_path, console, progress)
-                if config.resume:
-                    run.resume()  # Changes nothing on disk if it fails.
-                else:
-                    run.write_metrics()
+                run = _Run(config, trainer, checkpoints, workdir, console, progress)
+                run.begin()  # Changes nothing on disk if it fails.
                 try:
                     run.train(stop)
                 finally:
                     # Whatever stopped the run, the records so far and their curves.
                     run.write_metrics()
-                    _plot(run.records, workdir / "curves.png", config, run.warn)
+                    curves = workdir.metrics_path.parent / "curves.png"
+                    _plot(run.records, curves, config, run.warn)
+                # A run without checkpoints replaces the previous run's files when complete.
+                workdir.commit()
         finally:
-            if checkpoints is not None:
-                checkpoints.close()
+            if run is not None:
+                run.checkpoints_close()
+    assert run is not None
     return trainer, [m for m in run.records if m["kind"] == "epoch"]
 
 
@@ -112,14 +117,14 @@ class _Run:
         config: Config,
         trainer: Trainer,
         checkpoints: Checkpoints | None,
-        metrics_path: Path,
+        workdir: Workdir,
         console: Console,
         progress: Progress,
     ):
         self.config = config
         self.trainer = trainer
         self.checkpoints = checkpoints
-        self.metrics_path = metrics_path
+        self.workdir = workdir
         self.console = console
         self.warn = console_lib.warner(console)
         self.progress = progress
@@ -146,17 +151,17 @@ class _Run:
             "logged": self.logged,
         }
 
-    def resume(self) -> None:
-        """Continues from the newest intact checkpoint, if there is one."""
+    def begin(self) -> None:
+        """Continues from the newest intact checkpoint, unless ``config.restart``; a run that
+        starts over where a previous run left files writes aside until its first checkpoint
+        (without checkpoints, until it ends)."""
         expected_records = 0
         restored = None
-        if self.checkpoints is not None:
+        if self.checkpoints is not None and not self.config.restart:
             restored = self.checkpoints.restore_latest(
                 self._checkpoint_tree(), self.config.resume_settings()
             )
-        if restored is None:
-            self.console.print("No checkpoint to resume from: training from the start.")
-        else:
+        if restored is not None:
             nnx.replace_by_pure_dict(self.trainer.state, restored.tree["train_state"])
             self.trainer.running = restored.tree["running"]
             self.logged = jax.device_get(restored.tree["logged"])
@@ -164,18 +169,39 @@ class _Run:
             self.logged_step = restored.run["logged_step"]
             self.elapsed_before = restored.run["elapsed_seconds"]
             expected_records = restored.run["records"]
-            self.console.print(f"Resumed from the checkpoint of step {self.step} ({self.where()}).")
-        try:
-            records = metrics_lib.read(self.metrics_path, self.warn)
-        except OSError as err:
-            raise TrainingError(f"cannot read {self.metrics_path}: {err}") from err
-        self.records = [m for m in records if m["step"] <= self.step]
-        if len(self.records) < expected_records:
-            self.warn(
-                f"{self.metrics_path} holds {len(self.records)} of the {expected_records} "
-                f"records written up to step {self.step} (a write failed): the curves have a gap"
+            self.console.print(
+                f"Resuming from step {self.step} of {self.trainer.total_steps} ({self.where()})."
             )
+            try:
+                records = metrics_lib.read(self.workdir.metrics_path, self.warn)
+            except OSError as err:
+                raise TrainingError(f"cannot read {self.workdir.metrics_path}: {err}") from err
+            self.records = [m for m in records if m["step"] <= self.step]
+            if len(self.records) < expected_records:
+                self.warn(
+                    f"{self.workdir.metrics_path} holds {len(self.records)} of the "
+                    f"{expected_records} records written up to step {self.step} (a write "
+                    "failed): the curves have a gap"
+                )
+        elif not distributed.everywhere(not self.workdir.holds_a_run()):
+            if self.checkpoints is None:
+                self.workdir.stage()
+                until = "this run's end"
+            else:
+                self.checkpoints.move(self.workdir.staging / "checkpoints", self.workdir.stage)
+                first = min(self.checkpoint_every, self.trainer.total_steps)
+                until = f"this run's first checkpoint (step {first})"
+            self.console.print(
+                f"Starting over: the previous run's files in {self.workdir.path} stay until "
+                f"{until}."
+            )
+        elif self.config.resume:
+            self.console.print("No checkpoint to resume from: training from the start.")
         self.write_metrics()
+
+    def checkpoints_close(self) -> None:
+        if self.checkpoints is not None:
+            self.checkpoints.close()
 
     def where(self) -> str:
         epoch, offset = divmod(self.step, self.trainer.steps_per_epoch)
@@ -335,6 +361,8 @@ class _Run:
         }
         if self.checkpoints.save(self.step, self._checkpoint_tree(), run):
             self.saved_step = self.step
+            if self.workdir.staged:  # the first checkpoint of a run that started over
+                self.checkpoints.move(self.workdir.path / "checkpoints", self.workdir.commit)
 
     def _stop(self, signum: int) -> None:
         """Checkpoints the step reached and raises :class:`Interrupted`."""
@@ -348,8 +376,9 @@ class _Run:
     def write_metrics(self) -> None:
         if not distributed.is_primary():
             return
+        path = self.workdir.metrics_path
         try:
-            metrics_lib.write(self.metrics_path, self.records)
+            metrics_lib.write(path, self.records)
         except OSError as err:
             # The old file is intact, and the next write includes these records again.
-            self.warn(f"could not write {self.metrics_path} ({err}); it is rewritten later")
+            self.warn(f"could not write {path} ({err}); it is rewritten later")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
 import sys
 import typing
 from typing import Any
@@ -22,9 +21,14 @@ from typing import Any
 import jax
 from rich.console import Console
 
-from examples.common import distributed
-from examples.common.errors import ArgumentParser, DeviceError, Interrupted, TrainingError
-from examples.common.launch import PROCESS_OPTIONS
+from examples.common import distributed, launch
+from examples.common.errors import (
+    ArgumentParser,
+    DefaultsHelpFormatter,
+    DeviceError,
+    Interrupted,
+    TrainingError,
+)
 from examples.mnist import compare, data, optimizers
 from examples.mnist.config import Config
 from examples.mnist.console import summary
@@ -37,29 +41,37 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]
     return config, compared
 
 
-def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.Namespace]:
-    parser = ArgumentParser(
+def parser() -> ArgumentParser:
+    """The program's command line (``--help`` gives each default once)."""
+    options = ArgumentParser(
         prog="python -m examples.mnist",
         description="Train a Flax NNX model on MNIST with adam_jax.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
-    add_options(parser)
-    args = parser.parse_args(argv)
+    add_options(options)
+    return options
+
+
+def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.Namespace]:
+    command_line = parser()
+    args = command_line.parse_args(argv)
     if problem := distributed.check_arguments(args):
-        parser.error(problem)
+        command_line.error(problem)
     if args.seeds < 1:
-        parser.error(f"--seeds must be an integer >= 1, got {args.seeds}")
+        command_line.error(f"--seeds must be an integer >= 1, got {args.seeds}")
     if args.compare is not None:
         unknown = sorted(set(args.compare) - set(optimizers.NAMES))
         if unknown or not args.compare:
-            parser.error(f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}")
+            command_line.error(
+                f"--compare: unknown optimizers {unknown}; choose from {optimizers.NAMES}"
+            )
     try:
         config = config_from(args)
         for name in args.compare or ():
             # Every compared optimizer must take the run's settings (--moments, ...).
             dataclasses.replace(config, optimizer=name)
     except ValueError as err:
-        parser.error(str(err))
+        command_line.error(str(err))
     return config, args.compare, args
 
 
@@ -132,26 +144,7 @@ def _add_compare_options(parser: argparse.ArgumentParser) -> None:
 def resume_command(argv: list[str], num_processes: int = 1) -> str:
     """The command line that continues the run of ``argv``: with several processes, the
     launcher's, which starts them all."""
-    resume = [] if "--resume" in argv else ["--resume"]
-    if num_processes == 1:
-        return shlex.join(["python", "-m", "examples.mnist", *argv, *resume])
-    kept = _without_options(argv, PROCESS_OPTIONS)
-    launcher = ["python", "-m", "examples.mnist.launch", "--num-processes", str(num_processes)]
-    return shlex.join([*launcher, *kept, *resume])
-
-
-def _without_options(argv: list[str], options: tuple[str, ...]) -> list[str]:
-    """``argv`` less the ``options`` (each with its value)."""
-    kept: list[str] = []
-    skip_value = False
-    for arg in argv:
-        if skip_value:
-            skip_value = False
-        elif arg in options:
-            skip_value = True
-        elif not arg.startswith(tuple(option + "=" for option in options)):
-            kept.append(arg)
-    return kept
+    return launch.resume_command("examples.mnist", argv, num_processes)
 
 
 def quiet_leftovers_of_failed_writes() -> None:
@@ -206,4 +199,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(err.exit_status) from err
     except data.DataError as err:
         raise SystemExit(f"{who}error: {err}") from err
+    except (RuntimeError, ValueError) as err:
+        if not distributed.lost_peer(err):
+            raise
+        resume = resume_command(argv, args.num_processes)
+        distributed.end_for_lost_peer("python -m examples.mnist", err, resume)
     console.print(summary(config, history))

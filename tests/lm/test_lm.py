@@ -5,15 +5,22 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from examples.common import launch
+from examples.common.checkpoints import SettingsMismatch
 from examples.common.errors import Interrupted
 from examples.lm import data, loop, main, train
 from examples.lm.model import ModelConfig
@@ -133,19 +140,37 @@ def test_loss_falls(one_device) -> None:
     assert records[-1]["held_out_loss"] < records[0]["held_out_loss"] < np.log(256)
 
 
-def test_two_processes_train_as_one(text: Path, one_device, tmp_path: Path) -> None:
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT))
-    env.pop("XLA_FLAGS")  # each process asks for the 2 devices it brings
-    command = [sys.executable, "-m", "examples.lm.launch", "--num-processes", "2",
-               "--mesh", "data=2,fsdp=2", "--data", str(text), "--workdir", str(tmp_path),
-               "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--eval-windows", "8",
-               "--learning-rate", "1e-2", "--layers", "1", "--d-model", "32", "--heads", "2",
-               "--seq-len", "16"]  # fmt: skip
-    finished = subprocess.run(command, env=env, cwd=REPO_ROOT, capture_output=True, timeout=300)
+def test_two_processes_train_as_one_and_stop_together(
+    text: Path, one_device, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """Two processes of 2 devices train as one device does. SIGTERM that reaches only the
+    second after its step 3 stops both after that step, with one checkpoint and one stop line
+    (the first process's), and the command it prints resumes them."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.delenv("XLA_FLAGS")  # each process asks for the 2 devices it brings
+    flags = ["--mesh", "data=2,fsdp=2", "--data", str(text), "--workdir", str(tmp_path),
+             "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--eval-windows", "8",
+             "--learning-rate", "1e-2", "--layers", "1", "--d-model", "32", "--heads", "2",
+             "--seq-len", "16"]  # fmt: skip
+    signalled = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "signalled_process.py"), "1", "3"]
+    processes = launch.commands(2, flags, launch.free_port(), "examples.lm")
+    processes = [[*signalled, *command[3:]] for command in processes]  # less python -m PROGRAM
+    assert launch.run(processes, grace_seconds=60, resume="RESUME") == 128 + signal.SIGTERM
+    assert checkpoint_steps(tmp_path) == [3]
+    err = capfd.readouterr().err
+    assert err.count("stopped by SIGTERM") == 1 and "RESUME" not in err, err
+    assert "stopped by SIGTERM after step 3 (of 4)" in err
+    resume = err.split("Resume with: ")[1].splitlines()[0]
+    assert resume.startswith("python -m examples.lm.launch --num-processes 2 --mesh data=2,fsdp=2")
+    assert "--process-id" not in resume and resume.endswith(" --resume")
+    finished = subprocess.run(
+        [sys.executable, *shlex.split(resume)[1:]], cwd=REPO_ROOT, capture_output=True, timeout=300
+    )
     assert finished.returncode == 0, finished.stderr.decode()[-2000:]
+    assert "resuming from step 3 of 4" in finished.stdout.decode()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     np.testing.assert_allclose(losses(records), losses(one_device[0]), rtol=RTOL)
-    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == ["4"]
+    assert checkpoint_steps(tmp_path) == [3, 4]
 
 
 @pytest.mark.slow
@@ -192,7 +217,7 @@ def test_resume_is_bit_identical(corpus, one_device, tmp_path: Path, how, checkp
     if how == "sigterm":
         assert stop.value.checkpoint_step == checkpoint
     assert max(int(path.name) for path in (tmp_path / "checkpoints").iterdir()) == checkpoint
-    records, resumed = trained(CONFIG, corpus, "data=1", **options, resume=True)
+    records, resumed = trained(CONFIG, corpus, "data=1", **options)
     reference_records, reference = one_device
     assert records == [
         {**record, "tokens_per_second": mine["tokens_per_second"]}
@@ -213,7 +238,7 @@ def test_damaged_checkpoint_is_moved_aside(corpus, one_device, tmp_path: Path) -
     (tmp_path / "checkpoints" / "3" / "run" / "metadata").write_text('{"settings": {')
     warnings: list[str] = []
     # On another mesh: each array is read into the new layout.
-    records, _ = trained(CONFIG, corpus, "fsdp=4", **options, resume=True, warn=warnings.append)
+    records, _ = trained(CONFIG, corpus, "fsdp=4", **options, warn=warnings.append)
     assert any("checkpoint 3 is damaged" in warning for warning in warnings)
     assert (tmp_path / "damaged_checkpoints").is_dir()
     np.testing.assert_allclose(losses(records), losses(one_device[0]), rtol=RTOL)
@@ -223,8 +248,8 @@ def test_resume_refuses_other_settings(corpus, tmp_path: Path) -> None:
     options = {"workdir": tmp_path, "checkpoint_every": 2}
     trained(CONFIG, corpus, "data=1", **options)
     other = train.Config(**{**vars(CONFIG), "learning_rate": 2e-2})
-    with pytest.raises(loop.CheckpointError, match="learning-rate"):
-        trained(other, corpus, "data=1", **options, resume=True)
+    with pytest.raises(SettingsMismatch, match="learning-rate"):
+        trained(other, corpus, "data=1", **options)
 
 
 @pytest.mark.parametrize(
@@ -240,6 +265,9 @@ def test_resume_refuses_other_settings(corpus, tmp_path: Path) -> None:
         (["--steps", "0"], "--steps must be an integer >= 1, got 0"),
         (["--optimizer", "adamax", "--moments", "8bit"], "--moments, --second-moment: "),
         (["--resume"], "--resume needs --workdir"),
+        (["--restart"], "--restart needs --workdir"),
+        (["--opt", "b2=abc"], "--opt b2=abc: expected a number (the default is 0.95)"),
+        (["--checkpoint-every", "0"], "--checkpoint-every must be an integer >= 1, got 0"),
         (["--seq-len", "4000", "--data", "SMALL"], "too short for --seq-len 4000"),
     ],
 )
@@ -285,3 +313,218 @@ def test_held_out_windows_stay_in_the_last_tenth() -> None:
     assert windows[0, 0] == stream[900] and windows[-1, -1] == stream[-1]
     train_windows = corpus.windows(corpus.batches(0, 50, 4))
     assert train_windows.max() <= stream[:900].max() and train_windows.shape == (50, 4, 10)
+
+
+# The command line in this process (its mesh: the 8 devices as data), for the long-run tests:
+# all of them the same program, compiled once.
+TINY_FLAGS = ["--batch-size", "8", "--eval-every", "2", "--eval-windows", "8", "--layers", "1",
+              "--d-model", "32", "--heads", "2", "--seq-len", "16", "--learning-rate", "1e-2",
+              "--steps", "6", "--checkpoint-every", "3"]  # fmt: skip
+
+
+def crash_after(monkeypatch: pytest.MonkeyPatch, steps: int) -> None:
+    """Makes every trainer raise once ``steps`` steps are done, leaving the files as
+    ``kill -9`` would (the last checkpoint being the newest)."""
+    step, done = train.Trainer.step, []
+
+    def counted(self: train.Trainer, windows: np.ndarray) -> None:
+        if len(done) == steps:
+            raise RuntimeError("killed")
+        step(self, windows)
+        done.append(1)
+
+    monkeypatch.setattr(train.Trainer, "step", counted)
+
+
+def checkpoint_steps(workdir: Path) -> list[int]:
+    return sorted(int(path.name) for path in (workdir / "checkpoints").iterdir())
+
+
+def records_of(workdir: Path) -> list[dict]:
+    lines = (workdir / "metrics.jsonl").read_text().splitlines()
+    return [{**json.loads(line), "tokens_per_second": None} for line in lines]
+
+
+def digest_of(workdir: Path, step: int) -> str:
+    return json.loads((workdir / "checkpoints" / str(step) / "run" / "metadata").read_text())[
+        "digest"
+    ]
+
+
+@pytest.fixture(scope="module")
+def unbroken(text: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The work directory of the command line's run of TINY_FLAGS, not interrupted."""
+    workdir = tmp_path_factory.mktemp("unbroken")
+    main.main(["--data", str(text), *TINY_FLAGS, "--workdir", str(workdir)])
+    return workdir
+
+
+def test_the_same_command_resumes_after_a_kill(
+    text: Path, unbroken: Path, tmp_path: Path, capsys
+) -> None:
+    """What a requeued job does: the command that was killed, run again, continues from the
+    newest checkpoint and ends as the unbroken run does, bit for bit."""
+    argv = ["--data", str(text), *TINY_FLAGS]
+    requeued = tmp_path / "requeued"
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        crash_after(patch, 5)
+        main.main([*argv, "--workdir", str(requeued)])
+    assert checkpoint_steps(requeued) == [3]
+    capsys.readouterr()
+    main.main([*argv, "--workdir", str(requeued)])
+    assert "resuming from step 3 of 6" in capsys.readouterr().out
+    assert records_of(requeued) == records_of(unbroken)
+    assert [record["step"] for record in records_of(requeued)] == [2, 4, 6]
+    assert digest_of(requeued, 6) == digest_of(unbroken, 6)
+
+
+def test_restart_keeps_the_previous_run_until_its_first_checkpoint(
+    text: Path, unbroken: Path, tmp_path: Path, capsys
+) -> None:
+    shutil.copytree(unbroken, tmp_path, dirs_exist_ok=True)
+    argv = ["--data", str(text), *TINY_FLAGS, "--workdir", str(tmp_path)]
+    previous = (tmp_path / "metrics.jsonl").read_text()
+    assert checkpoint_steps(tmp_path) == [3, 6]
+    # Other settings are refused as any bad flag is (one line, exit status 2)...
+    capsys.readouterr()
+    other = [*argv, "--seed", "1"]
+    with pytest.raises(SystemExit) as refused:
+        main.main(other)
+    assert refused.value.code == 2
+    (error,) = capsys.readouterr().err.splitlines()
+    assert "cannot resume: the checkpoint of step 6 was written with --seed 0" in error
+    assert "add --restart to start over" in error
+    # ...and taken with --restart, which keeps the previous run's files until its first save:
+    # killed before it, nothing has changed (the next run deletes what it wrote aside).
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        crash_after(patch, 2)
+        main.main([*other, "--restart"])
+    assert checkpoint_steps(tmp_path) == [3, 6]
+    assert (tmp_path / "metrics.jsonl").read_text() == previous
+    assert "stay until this run's first checkpoint (step 3)" in capsys.readouterr().out
+    # Killed after it: the new run's files alone, from which its command continues.
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        crash_after(patch, 3)
+        main.main([*other, "--restart"])
+    assert checkpoint_steps(tmp_path) == [3]
+    (new,) = records_of(tmp_path)
+    assert new["step"] == 2  # a record of the new run (another seed):
+    assert new["train_loss"] != json.loads(previous.splitlines()[0])["train_loss"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["checkpoints", "metrics.jsonl"]
+    capsys.readouterr()
+    main.main(other)
+    assert "resuming from step 3 of 6" in capsys.readouterr().out
+    assert checkpoint_steps(tmp_path) == [3, 6]
+
+
+def test_an_interrupted_run_draws_its_curves_and_names_the_resume_command(
+    text: Path, tmp_path: Path, capsys, monkeypatch
+) -> None:
+    argv = ["--data", str(text), *TINY_FLAGS, "--workdir", str(tmp_path), "--restart"]
+    step, done = train.Trainer.step, []
+
+    def signalled(self: train.Trainer, windows: np.ndarray) -> None:
+        step(self, windows)
+        done.append(1)
+        if len(done) == 3:
+            signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(train.Trainer, "step", signalled)
+    with pytest.raises(SystemExit) as stopped:
+        main.main(argv)
+    assert stopped.value.code == 128 + signal.SIGTERM
+    stop, resume = capsys.readouterr().err.splitlines()
+    assert stop.startswith("python -m examples.lm: stopped by SIGTERM after step 3 (of 6)")
+    assert resume.startswith("Resume with: python -m examples.lm --data")
+    assert resume.endswith("--workdir " + str(tmp_path) + " --resume")  # not --restart
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    assert checkpoint_steps(tmp_path) == [3]
+
+
+def test_checkpoints_every_n_steps_whatever_eval_every(corpus, tmp_path: Path, monkeypatch):
+    saved: list[int] = []
+    save = loop.Checkpoints.save
+
+    def spied(self, step: int, tree, run) -> bool:
+        saved.append(step)
+        return save(self, step, tree, run)
+
+    monkeypatch.setattr(loop.Checkpoints, "save", spied)
+    config = train.Config(**{**vars(CONFIG), "eval_every": 4})  # the same step as CONFIG's
+    records, _ = trained(config, corpus, "data=1", workdir=tmp_path, checkpoint_every=1)
+    assert saved == [1, 2, 3, 4]
+    assert [record["step"] for record in records] == [4]
+
+
+def test_sigterm_stops_after_the_step_in_flight(corpus, tmp_path: Path) -> None:
+    """A signal from elsewhere, at a moment the program does not choose: the checkpoint is
+    of the step that was running then (at most one past the steps done)."""
+    config = train.Config(**{**vars(CONFIG), "steps": 400, "eval_every": 100})
+    trainer = trainer_on("data=1", config)
+    run = loop.Run(trainer, corpus, loop.RunOptions(workdir=tmp_path, checkpoint_every=1000))
+    done: list[tuple[float, int]] = []  # (when, steps done), as the loop learns it
+    sent: list[float] = []
+    wait = trainer.wait
+
+    def send() -> None:
+        sent.append(time.monotonic())
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def timed_wait() -> None:
+        wait()
+        done.append((time.monotonic(), run.step))
+        if run.step == 20:
+            threading.Thread(target=send).start()
+
+    trainer.wait = timed_wait  # type: ignore[method-assign]
+    with pytest.raises(Interrupted) as stop:
+        run.train()
+    steps_done = max(steps for when, steps in done if when <= sent[0])
+    assert stop.value.checkpoint_step == stop.value.step <= steps_done + 1
+    assert checkpoint_steps(tmp_path) == [stop.value.step]
+
+
+@pytest.mark.parametrize("program", ["lm", "mnist"])
+def test_help_gives_each_default_once(program: str) -> None:
+    from examples.mnist import main as mnist_main
+
+    parser = main.parser() if program == "lm" else mnist_main.parser()
+    text = parser.format_help()
+    # The help of each option: its line (two spaces, then its flags) and the lines under it.
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", text)[1:]]
+    for entry in entries:
+        assert entry.count("(default") + entry.count("(None") <= 1, entry
+    for action in parser._actions:
+        if action.option_strings and action.nargs != 0 and action.default not in (None, []):
+            (entry,) = [e for e in entries if e.startswith(action.option_strings[0] + " ")]
+            assert "(default" in entry, entry
+    assert "(default: None)" not in text and "(default: False)" not in text
+
+
+@pytest.mark.parametrize("dies", [0, 1])
+def test_a_dead_process_is_named_and_the_others_end_within_15_s(
+    dies: int, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """Two processes that wait for each other in collectives; one is killed (the first holds
+    the coordination service). The launcher names it, how it ended and the resume command;
+    the survivor ends on its own (the heartbeat timeout the programs set), not at the
+    launcher's hand."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.delenv("XLA_FLAGS")  # one device each
+    record = tmp_path / "died"
+    port = launch.free_port()
+    worker = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "dying_worker.py"), "--dies",
+              str(dies), "--record", str(record), "--num-processes", "2", "--coordinator",
+              f"127.0.0.1:{port}"]  # fmt: skip
+    commands = [[*worker, "--process-id", str(i)] for i in range(2)]
+    status = launch.run(commands, grace_seconds=60, resume="RESUME COMMAND", prog="launch")
+    ended = time.monotonic()
+    assert status == 128 + signal.SIGKILL
+    assert ended - float(record.read_text()) < 15
+    err = capfd.readouterr().err
+    assert f"launch: process {dies} of 2 ended (killed by SIGKILL (exit status 137))" in err
+    assert err.endswith("launch: resume with: RESUME COMMAND\n")
+    if dies == 1:  # the first process, whose collective fails, says so (the second, when the
+        # first dies, is ended by JAX at once, having lost the coordination service)
+        assert "worker: process 0: another process stopped answering (a collective failed: " in err
+        assert "Resume with: RESUME COMMAND" in err

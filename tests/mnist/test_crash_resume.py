@@ -218,7 +218,7 @@ def test_sigterm_stops_with_a_checkpoint_and_the_printed_command_resumes(
         text=True, timeout=300,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
-    assert f"Resumed from the checkpoint of step {step} (epoch 2, " in result.stdout
+    assert f"Resuming from step {step} of {STEPS} (epoch 2, " in result.stdout
     assert_same_as(reference, workdir)
 
 

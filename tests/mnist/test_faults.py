@@ -33,6 +33,7 @@ from rich.console import Console
 
 from examples.common import checkpoints, metrics
 from examples.common.errors import CheckpointError, Interrupted, NonFiniteError
+from examples.common.workdir import Workdir
 from examples.mnist import data, models, train
 from examples.mnist.config import Config
 
@@ -118,8 +119,9 @@ def test_resume_in_the_middle_of_an_epoch_is_bit_identical(
     workdir = pristine.copy(tmp_path / "run", keep_through=10)
     with (workdir / "metrics.jsonl").open("a") as f:
         f.write('{"kind": "step", "step": 2')
-    trainer, history, out = run(make_config(workdir, resume=True))
-    assert "Resumed from the checkpoint of step 10 (epoch 2, 2 of 8 steps done)." in out
+    # The same settings again (a requeued job's command): the run continues.
+    trainer, history, out = run(make_config(workdir))
+    assert "Resuming from step 10 of 16 (epoch 2, 2 of 8 steps done)." in out
     assert "(the last one is cut short)" in out
     assert_same_state(trainer, pristine.state)
     assert records_without_timing(workdir / "metrics.jsonl") == pristine.records
@@ -217,7 +219,7 @@ def test_damaged_checkpoints_are_reported_and_the_newest_intact_one_used(
         assert line.startswith(f"warning: checkpoint {step} is damaged (its ")
         assert line.endswith(f"); moved to {damaged_dir / str(step)}")
     assert "resuming from the newest intact checkpoint, step 4" in out
-    assert "Resumed from the checkpoint of step 4 (epoch 1, 4 of 8 steps done)." in out
+    assert "Resuming from step 4 of 16 (epoch 1, 4 of 8 steps done)." in out
     assert "Traceback" not in out
     assert_same_state(trainer, pristine.state)
     assert records_without_timing(workdir / "metrics.jsonl") == pristine.records
@@ -278,7 +280,7 @@ def test_resume_with_other_settings_is_refused(
     with pytest.raises(CheckpointError) as info:
         run(make_config(workdir, resume=True, **change))
     assert str(info.value).startswith(
-        f"--resume: the checkpoint of step 16 was written with {was}, this run has {now}."
+        f"cannot resume: the checkpoint of step 16 was written with {was}, this run has {now}."
     )
     assert checkpoint_steps(workdir) == list(range(2, STEPS + 1, 2))
 
@@ -356,7 +358,7 @@ def test_full_disk_skips_checkpoints_and_training_goes_on(
     monkeypatch.undo()
 
     trainer, _, out = run(make_config(workdir, resume=True))
-    assert "Resumed from the checkpoint of step 14" in out
+    assert "Resuming from step 14 of 16" in out
     assert_same_state(trainer, pristine.state)
     assert records_without_timing(workdir / "metrics.jsonl") == pristine.records
 
@@ -453,3 +455,56 @@ def test_too_many_skips_in_a_row_stop_the_run(tmp_path: Path) -> None:
     ):
         run(config, dataset)
     assert checkpoint_steps(tmp_path / "run") == []
+
+
+def _previous_and_staged_runs(workdir: Path) -> Workdir:
+    """A work directory with a previous run's files, and a new run's written aside."""
+    for name in ("checkpoints/10", "damaged_checkpoints/12"):
+        (workdir / name).mkdir(parents=True)
+    (workdir / "metrics.jsonl").write_text("old\n")
+    (workdir / "curves.png").write_text("old")
+    directory = Workdir(workdir)
+    assert directory.holds_a_run()
+    directory.stage()
+    (directory.checkpoints_path / "2").mkdir(parents=True)
+    directory.metrics_path.write_text("new\n")
+    return directory
+
+
+def _listing(workdir: Path) -> list[str]:
+    return sorted(str(path.relative_to(workdir)) for path in workdir.rglob("*"))
+
+
+OLD_RUN = ["checkpoints", "checkpoints/10", "curves.png", "damaged_checkpoints",
+           "damaged_checkpoints/12", "metrics.jsonl"]  # fmt: skip
+
+
+@pytest.mark.parametrize("done", range(4))
+def test_a_commit_interrupted_anywhere_is_finished_by_the_next_run(tmp_path: Path, done: int):
+    """A run that started over replaces the previous run's files at its first checkpoint; a
+    crash after ``done`` of the commit's steps leaves what the next run (whichever its flags)
+    takes as committed."""
+    staged = _previous_and_staged_runs(tmp_path)
+    steps = [
+        lambda: (staged.staging / "COMMITTING").touch(),
+        lambda: (tmp_path / "checkpoints").rename(staged.staging / "replaced_checkpoints"),
+        lambda: staged.checkpoints_path.rename(tmp_path / "checkpoints"),
+    ]
+    for step in steps[:done]:
+        step()
+    Workdir(tmp_path)
+    if done == 0:  # not marked: the new run never saved, and the previous one is whole
+        assert _listing(tmp_path) == OLD_RUN
+        assert (tmp_path / "metrics.jsonl").read_text() == "old\n"
+    else:
+        assert _listing(tmp_path) == ["checkpoints", "checkpoints/2", "metrics.jsonl"]
+        assert (tmp_path / "metrics.jsonl").read_text() == "new\n"
+
+
+def test_a_commit_replaces_the_previous_run(tmp_path: Path) -> None:
+    staged = _previous_and_staged_runs(tmp_path)
+    # Untouched while the new run writes aside.
+    assert [name for name in _listing(tmp_path) if not name.startswith(".restart")] == OLD_RUN
+    staged.commit()
+    assert _listing(tmp_path) == ["checkpoints", "checkpoints/2", "metrics.jsonl"]
+    assert staged.metrics_path == tmp_path / "metrics.jsonl"

@@ -54,8 +54,9 @@ def test_every_setting_but_checkpoints_is_an_option() -> None:
         for f in dataclasses.fields(Config)
         if getattr(config, f.name) == getattr(default, f.name)
     ]
-    # --second-moment factored does not go with --shard-optimizer (Config says why).
-    assert unchanged == ["checkpoints", "second_moment"]
+    # --second-moment factored does not go with --shard-optimizer (Config says why), nor
+    # --restart with --resume.
+    assert unchanged == ["restart", "checkpoints", "second_moment"]
     assert config == Config(
         model="mlp", optimizer="adamw", epochs=2, batch_size=64, learning_rate=0.01,
         schedule="constant", warmup_epochs=0.25, max_shift=1, seed=3, dataset="fashion_mnist",

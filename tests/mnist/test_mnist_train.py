@@ -316,14 +316,40 @@ def test_offloaded_state_trains_and_resumes_as_on_the_device(
     )
 
 
-def test_fresh_run_replaces_previous(tmp_path: Path) -> None:
+def test_restart_replaces_the_previous_run_at_its_first_checkpoint(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     dataset = synthetic_dataset(n_train=128, n_test=20)
     config = Config(model="mlp", epochs=2, batch_size=64, workdir=str(tmp_path), progress=False)
     train.train_and_evaluate(config, dataset)
-    _, history = train.train_and_evaluate(dataclasses.replace(config, epochs=1), dataset)
+    previous = (tmp_path / "metrics.jsonl").read_text()
+    restart = dataclasses.replace(config, epochs=1, restart=True)
+    # Killed before its first checkpoint (step 2): the previous run is intact.
+    step = train.Trainer.step
+
+    def killed(self: train.Trainer, indices: jax.Array, step_number: int) -> None:
+        if step_number == 1:
+            raise RuntimeError("killed")
+        step(self, indices, step_number)
+
+    with monkeypatch.context() as patch, pytest.raises(RuntimeError, match="killed"):
+        patch.setattr(train.Trainer, "step", killed)
+        train.train_and_evaluate(restart, dataset)
+    assert (tmp_path / "metrics.jsonl").read_text() == previous
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2", "4"]
+    # Run to its end, it replaces them.
+    _, history = train.train_and_evaluate(restart, dataset)
     assert len(history) == 1
     assert [m["kind"] for m in metrics.read(tmp_path / "metrics.jsonl")] == ["step", "epoch"]
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["2"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "checkpoints",
+        "curves.png",
+        "metrics.jsonl",
+    ]
+    # The same command without --restart continues (here: is done).
+    _, history = train.train_and_evaluate(dataclasses.replace(restart, restart=False), dataset)
+    assert len(history) == 1
 
 
 @pytest.mark.parametrize("terminal", [True, False])
@@ -598,18 +624,19 @@ def test_cli_silences_only_the_debris_of_failed_checkpoint_writes(
 def test_cli_reports_training_errors_without_traceback(
     mnist_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """A resume with another optimizer than the checkpoint's: one line, exit status 1."""
+    """A resume with another optimizer than the checkpoint's: one line, exit status 2 (a bad
+    setting)."""
     argv = ["--data-dir", str(mnist_dir), "--model", "mlp", "--epochs", "1"]
     argv += ["--train-limit", "64", "--batch-size", "32", "--workdir", str(tmp_path)]
     main.main([*argv, "--no-progress"])
     capsys.readouterr()
     with pytest.raises(SystemExit) as exit_info:
         main.main([*argv, "--no-progress", "--resume", "--optimizer", "adamw"])
-    assert exit_info.value.code == 1
+    assert exit_info.value.code == 2
     assert capsys.readouterr().err == (
-        "error: --resume: the checkpoint of step 2 was written with --optimizer adam, this run "
-        "has --optimizer adamw. Resume with the same setting, or start a new run without "
-        "--resume (which replaces the checkpoints)\n"
+        "error: cannot resume: the checkpoint of step 2 was written with --optimizer adam, this "
+        "run has --optimizer adamw. Resume with the same setting, or add --restart to start "
+        "over (the checkpoints stay until the new run's first checkpoint)\n"
     )
 
 

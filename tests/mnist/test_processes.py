@@ -173,7 +173,7 @@ def test_two_processes_of_4_devices_train_as_one_of_8_and_stop_and_resume_togeth
     with started([[sys.executable, *resume[1:]]], environment) as (launcher,):
         status, stdout, stderr = finish(launcher)
     assert status == 0, stderr
-    assert f"Resumed from the checkpoint of step {step} " in stdout
+    assert f"Resuming from step {step} of " in stdout
     assert stdout.count("Final test accuracy") == 1  # Only process 0 reports.
 
     # One process of 8 devices, replicated optimizer state, the same run uninterrupted.
