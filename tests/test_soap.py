@@ -38,6 +38,37 @@ def _relative_error(actual: dict[str, np.ndarray], expected: dict[str, np.ndarra
     )
 
 
+def run_with_bases_pinned(
+    tx: optax.GradientTransformation, ref: RefSoap, problem: Any, steps: int, layout: SoapLayout
+) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Float64 runs of ``tx`` and the reference ``ref`` on ``problem``, the reference's bases
+    (each block's, with ``layout.block_size``) set to ours after the first step: a
+    rank-deficient first factor's eigenbasis is arbitrary. Returns both final params."""
+    keys = problem.keys
+    ours = {k: jnp.asarray(problem.params[k], jnp.float64) for k in keys}
+    theirs = {k: np.asarray(problem.params[k], np.float64) for k in keys}
+    state, update = tx.init(ours), jax.jit(tx.update)
+    ref.init([theirs[k] for k in keys])
+    for step in range(steps):
+        updates, state = update(problem.grad(ours, step, xp=jnp), state, ours)
+        ours = optax.apply_updates(ours, updates)
+        grads = problem.grad(theirs, step)
+        ref_updates = ref.update([grads[k] for k in keys], [theirs[k] for k in keys])
+        theirs = {k: theirs[k] + u for k, u in zip(keys, ref_updates, strict=True)}
+        if step > 0:
+            continue
+        for i, k in enumerate(keys):
+            q, shape = np.asarray(state[0].q[k]), problem.params[k].shape
+            if layout.block_size is not None:
+                for block, bases in zip(
+                    ref.state[i]["blocks"], layout.unpack_blocks(q, shape), strict=True
+                ):
+                    block["Q"] = bases
+            elif any(b is not None for b in layout.unpack(q, shape)):  # a scalar's basis is 1
+                ref.state[i]["Q"] = layout.unpack(q, shape)
+    return {k: np.asarray(v) for k, v in ours.items()}, theirs
+
+
 @pytest.mark.parametrize(
     "options",
     [{"precondition_1d": True}, {"merge_dims": True, "precondition_frequency": 15}],
@@ -50,28 +81,11 @@ def test_rank_deficient_factors_with_the_basis_pinned(options: dict, x64: None) 
     factor, one power-iteration step, leaves the null space's basis arbitrary again)."""
     steps = 40
     problem = make_problem(seed=3, steps=steps)
-    keys = problem.keys
     tx = adam_jax.soap(1e-2, weight_decay=0.05, **options)
     ref = RefSoap(learning_rate=1e-2, weight_decay=0.05, **options)
-    ours = {k: jnp.asarray(problem.params[k], jnp.float64) for k in keys}
-    theirs = {k: np.asarray(problem.params[k], np.float64) for k in keys}
-    state, update = tx.init(ours), jax.jit(tx.update)
-    ref.init([theirs[k] for k in keys])
-    layout = SoapLayout(
-        10000, options.get("merge_dims", False), options.get("precondition_1d", False)
-    )
-    for step in range(steps):
-        updates, state = update(problem.grad(ours, step, xp=jnp), state, ours)
-        ours = optax.apply_updates(ours, updates)
-        grads = problem.grad(theirs, step)
-        ref_updates = ref.update([grads[k] for k in keys], [theirs[k] for k in keys])
-        theirs = {k: theirs[k] + u for k, u in zip(keys, ref_updates, strict=True)}
-        if step == 0:
-            for i, k in enumerate(keys):
-                pinned = layout.unpack(np.asarray(state[0].q[k]), problem.params[k].shape)
-                if any(q is not None for q in pinned):  # (a scalar's 1 x 1 basis is 1)
-                    ref.state[i]["Q"] = pinned
-    assert _relative_error({k: np.asarray(v) for k, v in ours.items()}, theirs) < 1e-8
+    layout = _rule(**options).layout
+    ours, theirs = run_with_bases_pinned(tx, ref, problem, steps, layout)
+    assert _relative_error(ours, theirs) < 1e-8
 
 
 @pytest.mark.parametrize(
@@ -213,23 +227,8 @@ def test_blocks_and_staggered_refreshes_against_the_reference(
         mask=None if mask is None else [mask[k] for k in keys],
         **options,
     )
-    layout = _rule(**options).layout
-    ours = {k: jnp.asarray(problem.params[k], jnp.float64) for k in keys}
-    theirs = {k: np.asarray(problem.params[k], np.float64) for k in keys}
-    state, update = tx.init(ours), jax.jit(tx.update)
-    ref.init([theirs[k] for k in keys])
-    for step in range(steps):
-        updates, state = update(problem.grad(ours, step, xp=jnp), state, ours)
-        ours = optax.apply_updates(ours, updates)
-        grads = problem.grad(theirs, step)
-        ref_updates = ref.update([grads[k] for k in keys], [theirs[k] for k in keys])
-        theirs = {k: theirs[k] + u for k, u in zip(keys, ref_updates, strict=True)}
-        if step == 0:
-            for i, k in enumerate(keys):
-                ours_q = layout.unpack_blocks(np.asarray(state[0].q[k]), problem.params[k].shape)
-                for block, bases in zip(ref.state[i]["blocks"], ours_q, strict=True):
-                    block["Q"] = bases
-    assert _relative_error({k: np.asarray(v) for k, v in ours.items()}, theirs) < 1e-8
+    ours, theirs = run_with_bases_pinned(tx, ref, problem, steps, _rule(**options).layout)
+    assert _relative_error(ours, theirs) < 1e-8
 
 
 def _rule(**options: Any) -> Any:

@@ -20,11 +20,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from references.common import make_problem, run_jax, run_reference
 from references.soap import RefSoap
-from test_soap import _relative_error, _rule
+from test_soap import _relative_error, _rule, run_with_bases_pinned
 from variants import BY_NAME
 
 import adam_jax
@@ -120,30 +119,10 @@ def test_tensors_and_blocks_against_the_float64_reference(
     factor is rank-deficient, its eigenbasis arbitrary: see tests/test_soap.py)."""
     steps = 13
     problem = make_problem(seed=12, steps=steps, shapes=shapes)
-    keys = problem.keys
     tx = adam_jax.soap(1e-2, weight_decay=0.05, **options, **CHOLESKY)
     ref = RefSoap(learning_rate=1e-2, weight_decay=0.05, **options)
-    layout = _rule(**options).layout
-    ours = {k: jnp.asarray(problem.params[k], jnp.float64) for k in keys}
-    theirs = {k: np.asarray(problem.params[k], np.float64) for k in keys}
-    state, update = tx.init(ours), jax.jit(tx.update)
-    ref.init([theirs[k] for k in keys])
-    for step in range(steps):
-        updates, state = update(problem.grad(ours, step, xp=jnp), state, ours)
-        ours = optax.apply_updates(ours, updates)
-        grads = problem.grad(theirs, step)
-        ref_updates = ref.update([grads[k] for k in keys], [theirs[k] for k in keys])
-        theirs = {k: theirs[k] + u for k, u in zip(keys, ref_updates, strict=True)}
-        if step == 0:
-            for i, k in enumerate(keys):
-                shape = problem.params[k].shape
-                if "block_size" in options:
-                    ours_q = layout.unpack_blocks(np.asarray(state[0].q[k]), shape)
-                    for block, bases in zip(ref.state[i]["blocks"], ours_q, strict=True):
-                        block["Q"] = bases
-                elif any(q is not None for q in layout.unpack(np.asarray(state[0].q[k]), shape)):
-                    ref.state[i]["Q"] = layout.unpack(np.asarray(state[0].q[k]), shape)
-    assert _relative_error({k: np.asarray(v) for k, v in ours.items()}, theirs) < 1e-10
+    ours, theirs = run_with_bases_pinned(tx, ref, problem, steps, _rule(**options).layout)
+    assert _relative_error(ours, theirs) < 1e-10
 
 
 @pytest.mark.parametrize(
