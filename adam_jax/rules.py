@@ -32,6 +32,7 @@ Example:
   [-0.1  0.1]
 """
 
+from adam_jax._src.aliases import adam_chain
 from adam_jax._src.branching import branch
 from adam_jax._src.chains import ascent, descend
 from adam_jax._src.hyperparams import (
@@ -113,6 +114,7 @@ __all__ = [
     "SegmentedStorage",
     "StepScalars",
     "abs_sq",
+    "adam_chain",
     "adam_moments",
     "as_storage",
     "ascent",

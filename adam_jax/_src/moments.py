@@ -312,10 +312,10 @@ EPS_PLACEMENTS = ("standard", "keras")
 
 
 def adam_moments(
-    b1: float,
-    b2: float,
-    eps: float,
-    eps_root: float,
+    b1: float | jax.Array,
+    b2: float | jax.Array,
+    eps: float | jax.Array,
+    eps_root: float | jax.Array,
     mu_dtype: Any,
     nu_dtype: Any,
     nesterov: bool,
