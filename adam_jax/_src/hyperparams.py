@@ -1,5 +1,4 @@
-r"""Hyperparameters stated once, as fields of a rule: a field's default, the line that
-documents it and the check of its range.
+r"""Hyperparameters stated once, as fields of a rule.
 
 A rule's hyperparameter is a dataclass field made by :func:`hyperparam` (its default, the line
 that documents it and the check of its range), or by one of the conventional ones below
@@ -7,7 +6,8 @@ that documents it and the check of its range), or by one of the conventional one
 (:func:`check_fields`). The transformation and the optimizer of a rule are ordinary functions
 that repeat the fields as parameters, with their annotations, defaults and Args, as optax
 writes its aliases; ``tests/test_hyperparams.py`` checks, for every optimizer of the registry,
-that the parameters are the rule's fields with the same defaults and that the Args name each.
+that the parameters are the rule's fields with the same defaults and that each Args line is
+the field's.
 
 Example:
   >>> import dataclasses, jax.numpy as jnp, optax
