@@ -1,12 +1,13 @@
 """Everything a rule author needs: the moment-rule core, its presets and helpers, and the
-statement of hyperparameters (:func:`hyperparam`, :func:`transformation`, :func:`optimizer`).
-The library's own rules are reached through the registry
-(``adam_jax.registry.get("adopt").rule``).
+statement of hyperparameters (:func:`hyperparam` and its presets). The library's own rules are
+reached through the registry (``adam_jax.registry.get("adopt").rule``).
 
 A new member of the Adam family is a :class:`MomentRule` (most subclass :class:`AdamLikeRule`,
-which brings Adam's state, moments and step scalars), made a transformation by
-:func:`transformation` (or :func:`scale_by_rule`) and an optimizer by :func:`optimizer` (or
-:func:`descend`); a thin alias of another optimizer is a :func:`partial` of it. The helpers
+which brings Adam's state, moments and step scalars) whose hyperparameters are
+:func:`hyperparam` fields; its transformation is a typed function that builds the rule and
+returns :func:`scale_by_rule` of it, and its optimizer one that returns :func:`descend` of the
+transformation (both written out, as optax writes its aliases); a thin alias of another
+optimizer is a :func:`partial` of it. The helpers
 are the ones the library's own variants use: the zero-started moving average and its bias
 correction (:func:`moving_average`, :func:`step_scalars`), the hyperparameter checks
 (:func:`check_hyperparams`), the compute-dtype rules and moment storages.
@@ -31,6 +32,7 @@ Example:
   [-0.1  0.1]
 """
 
+from adam_jax._src.aliases import adam_chain
 from adam_jax._src.branching import branch
 from adam_jax._src.chains import ascent, descend
 from adam_jax._src.hyperparams import (
@@ -49,9 +51,7 @@ from adam_jax._src.hyperparams import (
     mu_dtype,
     nesterov,
     nu_dtype,
-    optimizer,
     partial,
-    transformation,
 )
 from adam_jax._src.moments import AdamLikeRule, adam_moments, nesterov_mu_hat
 from adam_jax._src.moving_average import (
@@ -114,6 +114,7 @@ __all__ = [
     "SegmentedStorage",
     "StepScalars",
     "abs_sq",
+    "adam_chain",
     "adam_moments",
     "as_storage",
     "ascent",
@@ -153,7 +154,6 @@ __all__ = [
     "nesterov_mu_hat",
     "nu_dtype",
     "on_device",
-    "optimizer",
     "partial",
     "raw_key",
     "real_dtype",
@@ -166,6 +166,5 @@ __all__ = [
     "static_float",
     "step_scalars",
     "storages_for",
-    "transformation",
     "typed_sharding",
 ]

@@ -8,8 +8,10 @@ aliases of the same names, so a state can move between the two libraries.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
+import jax
 import optax
 
 from adam_jax._src import hyperparams
@@ -27,12 +29,87 @@ from adam_jax._src.quantization.eight_bit import eight_bit_moments
 from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 
+def adam_chain(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array,
+    b2: float | jax.Array,
+    eps: float | jax.Array,
+    eps_root: float | jax.Array,
+    mu_dtype: Any,
+    nu_dtype: Any,
+    *,
+    nesterov: bool = False,
+    eps_placement: str = "standard",
+    amsgrad: bool = False,
+    maximize: bool = False,
+    weight_decay: optax.ScalarOrSchedule | None = None,
+    mask: Mask | None = None,
+    l2: bool = False,
+    caution: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None,
+) -> optax.GradientTransformation:
+    r"""The one chain of the Adam optimizers (:func:`adam_jax.adam`, :func:`adam_jax.adamw`,
+    :func:`adam_jax.adam_l2`, :func:`adam_jax.amsgrad`, :func:`adam_jax.cautious_adamw`), for
+    an optimizer built around it. In order: the gradient negated where ``maximize``; with
+    ``l2``, the decay term added to the gradient; Adam's moment estimate
+    (:func:`adam_moments`, or :func:`adam_jax.scale_by_amsgrad`), its step wrapped by
+    ``caution``; without ``l2``, the decoupled decay; the step of ``-learning_rate``.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      nesterov: Nesterov momentum (as NAdam).
+      eps_placement: ``"standard"`` (PyTorch, optax) or ``"keras"`` (``eps`` added before the
+        bias corrections, Keras' "epsilon hat").
+      amsgrad: the running maximum of the second moment (:func:`adam_jax.scale_by_amsgrad`;
+        with neither ``nesterov`` nor ``eps_placement="keras"``).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
+      weight_decay: the decay :math:`\lambda`, a constant >= 0 or a schedule of the step;
+        ``None``: no link of decay (Adam's chain, whose state has none).
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      l2: the decay added to the gradient before the moments (PyTorch's ``Adam``), not
+        decoupled after them.
+      caution: wraps the transformation of Adam's step (:func:`adam_jax.cautious`), placed
+        before Keras' bias correction (a positive factor).
+
+    Returns:
+      An ``optax.chain``, with the links and states of optax's alias of the same name.
+
+    Example:
+      >>> import adam_jax, jax, jax.numpy as jnp
+      >>> from adam_jax import rules
+      >>> params = jnp.zeros(3)
+      >>> tx = rules.adam_chain(0.1, 0.9, 0.999, 1e-8, 0.0, None, None, weight_decay=1e-4)
+      >>> same = jax.tree.structure(adam_jax.adamw(0.1).init(params))
+      >>> print(jax.tree.structure(tx.init(params)) == same)  # adamw's chain
+      True
+    """
+    if amsgrad:
+        if nesterov or eps_placement != "standard":
+            raise ValueError("amsgrad=True needs nesterov=False and eps_placement='standard'")
+        moments: tuple[optax.GradientTransformation, ...] = (
+            scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
+        )
+    else:
+        moments = adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement)
+    if caution is not None:
+        moments = (caution(moments[0]), *moments[1:])
+    decay = () if weight_decay is None else (add_decayed_weights(weight_decay, mask),)
+    links = (*decay, *moments) if l2 else (*moments, *decay)
+    return descend(learning_rate, *links, maximize=maximize)
+
+
 def adam(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
     mu_dtype: Any = None,
     *,
     nesterov: bool = False,
@@ -51,16 +128,17 @@ def adam(
     :math:`\alpha(t) \frac{\sqrt{1-\beta_2^t}}{1-\beta_1^t} \frac{m_t}{\sqrt{v_t}+\hat\epsilon}`.
 
     Args:
-      learning_rate: a constant >= 0 or a schedule.
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
       b1: decay of the first moment, in [0, 1).
       b2: decay of the second moment, in [0, 1).
       eps: added to the denominator outside the square root, >= 0.
       eps_root: added inside the square root, >= 0.
       mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
         :class:`adam_jax.MomentStorage`).
-      nesterov: Nesterov momentum (NAdam).
-      nu_dtype: storage of the second moment, likewise.
-      eps_placement: ``"standard"`` (PyTorch, optax) or ``"keras"``.
+      nesterov: Nesterov momentum (as NAdam).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      eps_placement: ``"standard"`` (PyTorch, optax) or ``"keras"`` (``eps`` added before the
+        bias corrections, Keras' "epsilon hat").
       maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
@@ -82,19 +160,18 @@ def adam(
       >>> print(jnp.round(params["w"], 2))
       [1. 1. 1.]
     """
-    return descend(
-        learning_rate,
-        *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
-        maximize=maximize,
-    )
+    return adam_chain(
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype,
+        nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
+    )  # fmt: skip
 
 
 def adamw(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
     mu_dtype: Any = None,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Mask | None = None,
@@ -112,11 +189,21 @@ def adamw(
         \epsilon_{root}} + \epsilon} + \lambda(t)\, \theta_{t-1} \right)
 
     Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, eps_root, mu_dtype: as in :func:`adam`.
-      weight_decay: :math:`\lambda`, a constant >= 0 or a schedule of the step.
-      mask: which leaves to decay (pytree of bools or a callable of the params).
-      nesterov, nu_dtype, eps_placement, maximize: as in :func:`adam`.
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      nesterov: Nesterov momentum (as NAdam).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      eps_placement: ``"standard"`` (PyTorch, optax) or ``"keras"`` (``eps`` added before the
+        bias corrections, Keras' "epsilon hat").
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -135,20 +222,19 @@ def adamw(
       >>> print(jnp.round(updates["w"][0], 6), jnp.round(updates["b"], 6))  # -0.1 * (1 + 0.5 * 2)
       [-0.2 -0.2] [-0.1 -0.1]
     """
-    return descend(
-        learning_rate,
-        *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
-        add_decayed_weights(weight_decay, mask),
-        maximize=maximize,
-    )
+    return adam_chain(
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype,
+        nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
+        weight_decay=weight_decay, mask=mask,
+    )  # fmt: skip
 
 
 def adam_l2(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
     mu_dtype: Any = None,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask | None = None,
@@ -163,13 +249,20 @@ def adam_l2(
     \theta_{t-1}`, and is therefore rescaled by the second moment (unlike :func:`adamw`).
 
     Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, eps_root, mu_dtype, nu_dtype: as in :func:`adam`.
-      weight_decay: :math:`\lambda`, a constant >= 0 or a schedule of the step.
-      mask: which leaves to decay (pytree of bools or a callable of the params).
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      weight_decay: L2 weight decay :math:`\lambda`, a constant >= 0 or a schedule of the step,
+        added to the gradient.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
       amsgrad: use :func:`adam_jax.scale_by_amsgrad` (PyTorch's ``amsgrad=True``).
-      maximize: ascend instead of descending (the gradient is negated before the decay term is
-        added, as in PyTorch).
+      maximize: ascend the objective instead of descending (the gradient is negated before
+        the decay term is added, as in PyTorch).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -187,13 +280,10 @@ def adam_l2(
       >>> print(updates)  # the decay term alone gives the gradient's sign
       [-0.01  0.01]
     """
-    moments = scale_by_amsgrad if amsgrad else scale_by_adam
-    return descend(
-        learning_rate,
-        add_decayed_weights(weight_decay, mask),
-        moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
-        maximize=maximize,
-    )
+    return adam_chain(
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype,
+        amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay, mask=mask, l2=True,
+    )  # fmt: skip
 
 
 nadam = hyperparams.partial(
@@ -253,10 +343,10 @@ __test__ = {"nadam": nadam.__doc__, "nadamw": nadamw.__doc__}
 
 def amsgrad(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
     mu_dtype: Any = None,
     *,
     nu_dtype: Any = None,
@@ -266,7 +356,15 @@ def amsgrad(
     of the raw second moment, bias-corrected afterwards (see :func:`adam_jax.scale_by_amsgrad`).
 
     Args:
-      learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, maximize: as in :func:`adam`.
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -284,18 +382,16 @@ def amsgrad(
       >>> print(jnp.round(updates, 4))  # the first gradient's square still sets the denominator
       [-0.0677]
     """
-    return descend(
-        learning_rate,
-        scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
-        maximize=maximize,
+    return adam_chain(
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, amsgrad=True, maximize=maximize
     )
 
 
 def adamax(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
     *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
@@ -305,9 +401,11 @@ def adamax(
         \theta_t = \theta_{t-1} - \alpha(t) \frac{m_t}{(1-\beta_1^t)\, u^\infty_t}
 
     Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps: as in :func:`adam_jax.scale_by_adamax`.
-      maximize: ascend instead of descending.
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the infinity norm, in [0, 1).
+      eps: added to :math:`|g_t|`, >= 0.
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -328,19 +426,25 @@ def adamax(
 
 def adamaxw(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Mask | None = None,
     *,
     maximize: bool = False,
 ) -> optax.GradientTransformation:
-    """AdaMax with decoupled weight decay, a drop-in for ``optax.adamaxw``.
+    r"""AdaMax with decoupled weight decay, a drop-in for ``optax.adamaxw``.
 
     Args:
-      learning_rate, b1, b2, eps, maximize: as in :func:`adamax`.
-      weight_decay, mask: as in :func:`adamw`.
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the infinity norm, in [0, 1).
+      eps: added to :math:`|g_t|`, >= 0.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -375,10 +479,10 @@ def _eight_bit_moments(block_size: int | None, min_size: int | None) -> dict[str
 def adam_8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
     nesterov: bool = False,
     eps_placement: str = "standard",
     maximize: bool = False,
@@ -392,8 +496,15 @@ def adam_8bit(
     smaller leaves keep float32 moments.
 
     Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, eps_root, nesterov, eps_placement, maximize: as in :func:`adam`.
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      nesterov: Nesterov momentum (as NAdam).
+      eps_placement: ``"standard"`` (PyTorch, optax) or ``"keras"`` (``eps`` added before the
+        bias corrections, Keras' "epsilon hat").
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
       block_size: elements that share one scale; ``None`` (the default) is 256.
       min_size: leaves with fewer elements keep float32 moments; ``None`` (the default) is
         4096. Both default to ``None`` rather than a number so that
@@ -425,10 +536,10 @@ def adam_8bit(
 def adamw_8bit(
     learning_rate: optax.ScalarOrSchedule,
     *,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Mask | None = None,
     nesterov: bool = False,
@@ -437,13 +548,26 @@ def adamw_8bit(
     block_size: int | None = None,
     min_size: int | None = None,
 ) -> optax.GradientTransformation:
-    """:func:`adamw` with both moments in 8-bit block-wise quantized storage.
+    r""":func:`adamw` with both moments in 8-bit block-wise quantized storage.
 
     Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, eps_root, weight_decay, mask, nesterov, eps_placement, maximize: as in
-        :func:`adamw`.
-      block_size, min_size: as in :func:`adam_8bit`.
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      nesterov: Nesterov momentum (as NAdam).
+      eps_placement: ``"standard"`` (PyTorch, optax) or ``"keras"`` (``eps`` added before the
+        bias corrections, Keras' "epsilon hat").
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
+      block_size: elements that share one scale; ``None`` (the default) is 256.
+      min_size: leaves with fewer elements keep float32 moments; ``None`` (the default) is
+        4096. Both default to ``None`` rather than a number so that
+        ``optax.inject_hyperparams(adam_8bit)`` works: it would inject a number as an array,
+        and they fix shapes (pass ``static_args=("block_size", "min_size")`` to set them).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -468,18 +592,45 @@ def adamw_8bit(
     )  # fmt: skip
 
 
+# The papers of the Adam family, each named once.
+_ADAM = Paper(
+    authors="Kingma and Ba",
+    title="Adam: A Method for Stochastic Optimization",
+    url="https://arxiv.org/abs/1412.6980",
+    venue="ICLR 2015",
+)
+_ADAMW = Paper(
+    authors="Loshchilov and Hutter",
+    title="Decoupled Weight Decay Regularization",
+    url="https://arxiv.org/abs/1711.05101",
+    venue="ICLR 2019",
+)
+_NADAM = Paper(
+    authors="Dozat",
+    title="Incorporating Nesterov Momentum into Adam",
+    url="https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ",
+    venue="ICLR workshop 2016",
+)
+_AMSGRAD = Paper(
+    authors="Reddi, Kale and Kumar",
+    title="On the Convergence of Adam and Beyond",
+    url="https://openreview.net/forum?id=ryQu7f-RZ",
+    venue="ICLR 2018",
+)
+_EIGHT_BIT = Paper(
+    authors="Dettmers, Lewis, Shleifer and Zettlemoyer",
+    title="8-bit Optimizers via Block-wise Quantization",
+    url="https://arxiv.org/abs/2110.02861",
+    venue="ICLR 2022",
+)
+
 REGISTRY_ROWS = (
     OptimizerInfo(
         name="adam",
         alias=adam,
         group="adam",
         summary="bias-corrected first and second moments (Keras' epsilon hat as an option)",
-        paper=Paper(
-            authors="Kingma and Ba",
-            title="Adam: A Method for Stochastic Optimization",
-            url="https://arxiv.org/abs/1412.6980",
-            venue="ICLR 2015",
-        ),
+        paper=_ADAM,
         transformation=scale_by_adam,
         rule=AdamRule,
         optax_name="optax.adam",
@@ -489,12 +640,7 @@ REGISTRY_ROWS = (
         alias=adamw,
         group="adam",
         summary="Adam with decoupled weight decay",
-        paper=Paper(
-            authors="Loshchilov and Hutter",
-            title="Decoupled Weight Decay Regularization",
-            url="https://arxiv.org/abs/1711.05101",
-            venue="ICLR 2019",
-        ),
+        paper=_ADAMW,
         transformation=scale_by_adam,
         rule=AdamRule,
         optax_name="optax.adamw",
@@ -506,12 +652,7 @@ REGISTRY_ROWS = (
         summary=(
             "Adam with L2 regularization added to the gradient (torch.optim.Adam's weight_decay)"
         ),
-        paper=Paper(
-            authors="Kingma and Ba",
-            title="Adam: A Method for Stochastic Optimization",
-            url="https://arxiv.org/abs/1412.6980",
-            venue="ICLR 2015",
-        ),
+        paper=_ADAM,
         transformation=scale_by_adam,
         rule=AdamRule,
     ),
@@ -520,12 +661,7 @@ REGISTRY_ROWS = (
         alias=nadam,
         group="adam",
         summary="Adam with Nesterov momentum",
-        paper=Paper(
-            authors="Dozat",
-            title="Incorporating Nesterov Momentum into Adam",
-            url="https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ",
-            venue="ICLR workshop 2016",
-        ),
+        paper=_NADAM,
         transformation=scale_by_adam,
         rule=AdamRule,
         optax_name="optax.nadam",
@@ -535,12 +671,7 @@ REGISTRY_ROWS = (
         alias=nadamw,
         group="adam",
         summary="NAdam with decoupled weight decay",
-        paper=Paper(
-            authors="Dozat",
-            title="Incorporating Nesterov Momentum into Adam",
-            url="https://openreview.net/forum?id=OM0jvwB8jIp57ZJjtNEZ",
-            venue="ICLR workshop 2016",
-        ),
+        paper=_NADAM,
         transformation=scale_by_adam,
         rule=AdamRule,
         optax_name="optax.nadamw",
@@ -550,12 +681,7 @@ REGISTRY_ROWS = (
         alias=amsgrad,
         group="adam",
         summary="the running maximum of the second moment (PyTorch's form)",
-        paper=Paper(
-            authors="Reddi, Kale and Kumar",
-            title="On the Convergence of Adam and Beyond",
-            url="https://openreview.net/forum?id=ryQu7f-RZ",
-            venue="ICLR 2018",
-        ),
+        paper=_AMSGRAD,
         transformation=scale_by_amsgrad,
         rule=AdamRule,
         optax_name="optax.amsgrad",
@@ -565,12 +691,7 @@ REGISTRY_ROWS = (
         alias=adamax,
         group="adam",
         summary="the infinity norm in place of the second moment",
-        paper=Paper(
-            authors="Kingma and Ba",
-            title="Adam: A Method for Stochastic Optimization",
-            url="https://arxiv.org/abs/1412.6980",
-            venue="ICLR 2015",
-        ),
+        paper=_ADAM,
         transformation=scale_by_adamax,
         rule=AdamaxRule,
         optax_name="optax.adamax",
@@ -581,12 +702,7 @@ REGISTRY_ROWS = (
         alias=adamaxw,
         group="adam",
         summary="AdaMax with decoupled weight decay",
-        paper=Paper(
-            authors="Kingma and Ba",
-            title="Adam: A Method for Stochastic Optimization",
-            url="https://arxiv.org/abs/1412.6980",
-            venue="ICLR 2015",
-        ),
+        paper=_ADAM,
         transformation=scale_by_adamax,
         rule=AdamaxRule,
         optax_name="optax.adamaxw",
@@ -597,12 +713,7 @@ REGISTRY_ROWS = (
         alias=adam_8bit,
         group="adam",
         summary="Adam with both moments in 8-bit blocks (about 2 bytes of state per parameter)",
-        paper=Paper(
-            authors="Dettmers, Lewis, Shleifer and Zettlemoyer",
-            title="8-bit Optimizers via Block-wise Quantization",
-            url="https://arxiv.org/abs/2110.02861",
-            venue="ICLR 2022",
-        ),
+        paper=_EIGHT_BIT,
         transformation=scale_by_adam,
         rule=AdamRule,
     ),
@@ -611,12 +722,7 @@ REGISTRY_ROWS = (
         alias=adamw_8bit,
         group="adam",
         summary="AdamW with both moments in 8-bit blocks",
-        paper=Paper(
-            authors="Dettmers, Lewis, Shleifer and Zettlemoyer",
-            title="8-bit Optimizers via Block-wise Quantization",
-            url="https://arxiv.org/abs/2110.02861",
-            venue="ICLR 2022",
-        ),
+        paper=_EIGHT_BIT,
         transformation=scale_by_adam,
         rule=AdamRule,
     ),

@@ -16,7 +16,9 @@ from adam_jax._src.numerics import compute_dtype, scalar_dtype
 ScaleByBiasCorrectionState = optax.ScaleByScheduleState
 
 
-def scale_by_bias_correction(b1: float = 0.9, b2: float = 0.999) -> optax.GradientTransformation:
+def scale_by_bias_correction(
+    b1: float | jax.Array = 0.9, b2: float | jax.Array = 0.999
+) -> optax.GradientTransformation:
     r"""Rescales updates by the Adam bias correction of uncorrected moments.
 
     .. math::

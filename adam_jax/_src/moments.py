@@ -18,7 +18,7 @@ from adam_jax._src import hyperparams, validation
 from adam_jax._src.bias_correction import scale_by_bias_correction
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, cast_scalar, divide, real_dtype
-from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 
 ScaleByAdamState = optax.ScaleByAdamState
 ScaleByAmsgradState = optax.ScaleByAmsgradState
@@ -130,10 +130,17 @@ class AdamaxRule(AdamLikeRule):
         return divide(self.eps)(mu / scalars.c1, leaf.settle("nu", u)), {"mu": mu, "nu": u}
 
 
-@hyperparams.transformation(
-    AdamRule, positional=("b1", "b2", "eps", "eps_root", "mu_dtype"), fixed={"amsgrad": False}
-)
-def scale_by_adam() -> None:
+def scale_by_adam(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+    nesterov: bool = False,
+    bias_correction: bool = True,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by Adam's moment estimates (Kingma and Ba, 2015).
 
     .. math::
@@ -157,6 +164,17 @@ def scale_by_adam() -> None:
     array for complex params. Moments can be stored in another dtype or in a compressed
     :class:`adam_jax.MomentStorage`.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      nesterov: Nesterov momentum (as NAdam).
+      bias_correction: divide the moments by :math:`1-\beta^t`.
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -170,14 +188,31 @@ def scale_by_adam() -> None:
       >>> print(state.count, state.mu)
       1 [ 0.05  -0.025]
     """
+    return scale_by_rule(
+        AdamRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            nesterov=nesterov,
+            bias_correction=bias_correction,
+            amsgrad=False,
+        ),
+    )
 
 
-@hyperparams.transformation(
-    AdamRule,
-    positional=("b1", "b2", "eps", "eps_root", "mu_dtype"),
-    fixed={"amsgrad": True, "nesterov": False},
-)
-def scale_by_amsgrad() -> None:
+def scale_by_amsgrad(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any = None,
+    *,
+    nu_dtype: Any = None,
+    bias_correction: bool = True,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by AMSGrad's moment estimates, with PyTorch's semantics.
 
     .. math::
@@ -192,6 +227,16 @@ def scale_by_amsgrad() -> None:
     takes the maximum of the bias-corrected moment instead, which drifts from PyTorch. The state
     is ``optax.ScaleByAmsgradState``; ``nu_dtype`` stores the running maximum too.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      bias_correction: divide the moments by :math:`1-\beta^t`.
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAmsgradState``.
 
@@ -204,10 +249,28 @@ def scale_by_amsgrad() -> None:
       >>> print(state.nu_max)  # the running maximum of the raw second moment
       [0.004 0.   ]
     """
+    return scale_by_rule(
+        AdamRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            bias_correction=bias_correction,
+            amsgrad=True,
+            nesterov=False,
+        ),
+    )
 
 
-@hyperparams.transformation(AdamaxRule, positional=("b1", "b2", "eps"))
-def scale_by_adamax() -> None:
+def scale_by_adamax(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    *,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by AdaMax's moment estimates (Kingma and Ba, 2015, section 7.1).
 
     .. math::
@@ -217,6 +280,13 @@ def scale_by_adamax() -> None:
 
     Same arguments, state (``optax.ScaleByAdamState``) and results as ``optax.scale_by_adamax``
     and ``torch.optim.Adamax``.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the infinity norm, in [0, 1).
+      eps: added to :math:`|g_t|`, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
@@ -228,16 +298,24 @@ def scale_by_adamax() -> None:
       >>> print(jnp.round(updates, 6), state.nu)
       [ 1. -1.] [3.  0.5]
     """
+    return scale_by_rule(
+        AdamaxRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            mu_dtype=mu_dtype,
+        ),
+    )
 
 
 EPS_PLACEMENTS = ("standard", "keras")
 
 
 def adam_moments(
-    b1: float,
-    b2: float,
-    eps: float,
-    eps_root: float,
+    b1: float | jax.Array,
+    b2: float | jax.Array,
+    eps: float | jax.Array,
+    eps_root: float | jax.Array,
     mu_dtype: Any,
     nu_dtype: Any,
     nesterov: bool,

@@ -230,7 +230,7 @@ class MomentRule(abc.ABC):
 
     def rate(self, fields: dict[str, Any], dtype: Any) -> jax.Array:
         """The learning rate of this step in ``dtype``, for a rule whose rate lives inside its
-        update (a ``learning_rate`` field, see :func:`adam_jax.rules.optimizer`): the field, or
+        update (a ``learning_rate`` field, see :func:`adam_jax.rules.learning_rate`): the field, or
         its schedule at :meth:`step_index`; 1 where the field is ``None`` (the update is the
         direction)."""
         rate = getattr(self, "learning_rate", None)

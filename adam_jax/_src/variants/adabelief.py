@@ -14,11 +14,13 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax._src import hyperparams, validation
+from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
 from adam_jax._src.moving_average import StepScalars, moving_average
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 ScaleByBeliefState = optax.ScaleByBeliefState
 
@@ -57,8 +59,18 @@ class AdabeliefRule(AdamLikeRule):
         return leaf.add_decay(update), {"mu": mu, "nu": nu}
 
 
-@hyperparams.transformation(AdabeliefRule, positional=("b1", "b2", "eps", "eps_root"), decay=True)
-def scale_by_belief() -> None:
+def scale_by_belief(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-16,
+    eps_root: float | jax.Array = 1e-16,
+    *,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by AdaBelief's moment estimates (Zhuang et al., 2020, Algorithm 2).
 
     .. math::
@@ -73,6 +85,19 @@ def scale_by_belief() -> None:
     ``optax.scale_by_belief`` (same arguments, defaults and state ``optax.ScaleByBeliefState``),
     whose arithmetic this is; the decoupled decay is the authors' ``weight_decouple=True``.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second central moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added to the second central moment at every step, >= 0.
+      nesterov: Nesterov momentum (as NAdam).
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second central moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByBeliefState``.
 
@@ -85,10 +110,35 @@ def scale_by_belief() -> None:
       >>> print(jnp.round(updates, 2))  # steady: a step above Adam's 1; flipping: a small one
       [ 1.17 -0.06]
     """
+    return scale_by_rule(
+        AdabeliefRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            nesterov=nesterov,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        weight_decay=weight_decay,
+        mask=mask,
+    )
 
 
-@hyperparams.optimizer(scale_by_belief)
-def adabelief() -> None:
+def adabelief(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-16,
+    eps_root: float | jax.Array = 1e-16,
+    *,
+    nesterov: bool = False,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""AdaBelief: a drop-in for ``optax.adabelief``, with decoupled weight decay.
 
     .. math::
@@ -100,6 +150,21 @@ def adabelief() -> None:
     :func:`adam_jax.adamw` (the authors' ``weight_decouple=True``). This is the paper's
     Algorithm 2, which the authors' package runs with ``rectify=False`` (its default since
     version 0.2 rectifies as RAdam).
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second central moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added to the second central moment at every step, >= 0.
+      nesterov: Nesterov momentum (as NAdam).
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second central moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation`` with optax's state structure.
@@ -119,6 +184,21 @@ def adabelief() -> None:
       >>> print(jnp.round(updates["w"], 4), jnp.round(updates["b"], 4))  # decay on "w" only
       [-0.1611 -0.1611] [-0.1111 -0.1111]
     """
+    return descend(
+        learning_rate,
+        scale_by_belief(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            nesterov=nesterov,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            weight_decay=weight_decay,
+            mask=mask,
+        ),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

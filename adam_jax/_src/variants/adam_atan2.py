@@ -12,12 +12,15 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from adam_jax._src import hyperparams, validation
+from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -46,8 +49,15 @@ class AdamAtan2Rule(AdamLikeRule):
         return update, {"mu": mu, "nu": nu}
 
 
-@hyperparams.transformation(AdamAtan2Rule, positional=("b1", "b2", "a", "b"))
-def scale_by_adam_atan2() -> None:
+def scale_by_adam_atan2(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.99,
+    a: float | jax.Array = 1.27,
+    b: float | jax.Array = 1.0,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by Adam-atan2's moment estimates (Everett et al., 2024).
 
     .. math::
@@ -60,6 +70,15 @@ def scale_by_adam_atan2() -> None:
     are those of ``adam-atan2-pytorch`` (``a = 1.27``, ``b = 1``, :math:`\beta_2 = 0.99`), whose
     arithmetic this is. Complex params are not supported (``ValueError``).
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      a: scale of the update, > 0.
+      b: scale of the second moment inside the arctangent, > 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -70,14 +89,31 @@ def scale_by_adam_atan2() -> None:
       >>> print(updates)  # 1.27 * atan2(g, |g|) = 1.27 * pi / 4 for any g != 0; 0 at g = 0
       [ 0.9974558  0.        -0.9974558]
     """
+    return scale_by_rule(
+        AdamAtan2Rule(
+            b1=b1,
+            b2=b2,
+            a=a,
+            b=b,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+    )
 
 
-@hyperparams.optimizer(
-    scale_by_adam_atan2,
-    positional=("b1", "b2", "a", "b", "weight_decay", "mask"),
-    decayed_weights=True,
-)
-def adam_atan2() -> None:
+def adam_atan2(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.99,
+    a: float | jax.Array = 1.27,
+    b: float | jax.Array = 1.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""Adam-atan2: Adam with the division by :math:`\sqrt{\hat v} + \epsilon` replaced by
     :math:`a\arctan2(\hat m, b\sqrt{\hat v})`, with decoupled weight decay.
 
@@ -87,6 +123,20 @@ def adam_atan2() -> None:
 
     As ``adam_atan2_pytorch.AdamAtan2`` (the paper gives no code), whose weight decay is scaled
     by the learning rate as here.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      a: scale of the update, > 0.
+      b: scale of the second moment inside the arctangent, > 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``: a chain of the moment estimate,
@@ -105,6 +155,19 @@ def adam_atan2() -> None:
       >>> print(updates)  # -0.1 * 1.27 * pi / 4 for both (Adam's eps would stop the second)
       [-0.09974558 -0.09974558]
     """
+    return descend(
+        learning_rate,
+        scale_by_adam_atan2(
+            b1=b1,
+            b2=b2,
+            a=a,
+            b=b,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        add_decayed_weights(weight_decay=weight_decay, mask=mask),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

@@ -249,10 +249,15 @@ def _scale_by_adam_mini(config: AdamMiniHyperparams) -> optax.GradientTransforma
                          nu_dtype=storages)  # fmt: skip
 
 
-@hyperparams.transformation(
-    AdamMiniHyperparams, positional=("b1", "b2", "eps"), build=_scale_by_adam_mini
-)
-def scale_by_adam_mini() -> None:
+def scale_by_adam_mini(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    *,
+    num_heads: int | None = None,
+    partition: Partition | Any | None = None,
+    mu_dtype: Any = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by Adam-mini's moment estimates (Zhang et al., 2025, Algorithm 1).
 
     .. math::
@@ -264,6 +269,19 @@ def scale_by_adam_mini() -> None:
     second moment in a :class:`adam_jax.BlockMeanStorage` per leaf, so it brings everything
     the core does (sharded params, ZeRO-1, bfloat16 or 8-bit first moments); the state is
     ``optax.ScaleByAdamState`` with ``nu`` holding the block means.
+
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the block second moments, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      num_heads: attention heads, for query and key kernels with merged heads, ``None`` or an
+        integer >= 1 (see :func:`adam_jax.adam_mini_block_shape`).
+      partition: the blocks: ``None`` (the authors' partition by layer names,
+        :func:`adam_jax.adam_mini_partition`), a function ``params -> tree of storages``, or a tree
+        like the params of block shapes (a tuple per leaf, ``None`` for one value per parameter) or
+        storages, which may stop at a subtree.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
@@ -279,6 +297,16 @@ def scale_by_adam_mini() -> None:
       >>> print(jnp.round(updates["dense"]["kernel"][:, 1], 4))  # g / RMS of its column
       [0.4082 0.4082 1.633 ]
     """
+    return _scale_by_adam_mini(
+        AdamMiniHyperparams(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            num_heads=num_heads,
+            partition=partition,
+            mu_dtype=mu_dtype,
+        ),
+    )
 
 
 def _adam_mini(
@@ -304,14 +332,19 @@ def _adam_mini(
     )
 
 
-@hyperparams.optimizer(
-    scale_by_adam_mini,
-    positional=("b1", "b2", "eps", "weight_decay", "mask"),
-    defaults={"mask": DEFAULT_MASK},
-    decay=True,
-    build=_adam_mini,
-)
-def adam_mini() -> None:
+def adam_mini(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | str | None = DEFAULT_MASK,
+    *,
+    num_heads: int | None = None,
+    partition: Partition | Any | None = None,
+    mu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""Adam-mini: AdamW with one second moment per Hessian block (Zhang et al., 2025).
 
     .. math::
@@ -332,6 +365,24 @@ def adam_mini() -> None:
     must not mix decayed and spared tensors (flatten with the mask as labels, and pass
     ``mask=flat.labels``).
 
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the block second moments, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      num_heads: attention heads, for query and key kernels with merged heads, ``None`` or an
+        integer >= 1 (see :func:`adam_jax.adam_mini_block_shape`).
+      partition: the blocks: ``None`` (the authors' partition by layer names,
+        :func:`adam_jax.adam_mini_partition`), a function ``params -> tree of storages``, or a tree
+        like the params of block shapes (a tuple per leaf, ``None`` for one value per parameter) or
+        storages, which may stop at a subtree.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
+
     Returns:
       An ``optax.GradientTransformation`` with optax's ``adamw`` state structure.
 
@@ -348,6 +399,20 @@ def adam_mini() -> None:
       >>> print(state[0].mu["dense"]["kernel"].size, state[0].nu["dense"]["kernel"].size)
       16384 64
     """
+    return _adam_mini(
+        AdamMiniHyperparams(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            num_heads=num_heads,
+            partition=partition,
+            mu_dtype=mu_dtype,
+        ),
+        learning_rate=learning_rate,
+        weight_decay=weight_decay,
+        mask=mask,
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

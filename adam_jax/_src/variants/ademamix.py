@@ -18,6 +18,7 @@ import optax
 import optax.contrib
 
 from adam_jax._src import hyperparams, validation
+from adam_jax._src.chains import descend
 from adam_jax._src.moving_average import (
     StepScalars,
     moving_average,
@@ -26,7 +27,8 @@ from adam_jax._src.moving_average import (
 )
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 ScaleByAdemamixState = optax.contrib.ScaleByAdemamixState
 ScaleBySimplifiedAdEMAMixState = optax.contrib.ScaleBySimplifiedAdEMAMixState
@@ -160,10 +162,19 @@ class AdemamixRule(MomentRule):
         return (m1 / d.c1 + scalars.alpha * m2) / denominator, {"m1": m1, "m2": m2, "nu": nu}
 
 
-@hyperparams.transformation(
-    AdemamixRule, positional=("b1", "b2", "b3", "alpha", "eps", "eps_root", "mu_dtype")
-)
-def scale_by_ademamix() -> None:
+def scale_by_ademamix(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    b3: float | jax.Array = 0.9999,
+    alpha: float | jax.Array = 6.0,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any = None,
+    *,
+    alpha_warmup_steps: int | None = None,
+    b3_warmup_steps: int | None = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by AdEMAMix's moment estimates (Pagliardini et al., 2024).
 
     .. math::
@@ -184,6 +195,20 @@ def scale_by_ademamix() -> None:
     ``optax.contrib.ScaleByAdemamixState``), except that ``mu_dtype`` stores the two first
     moments only (optax stores the second moment in it too; here ``nu_dtype`` does).
 
+    Args:
+      b1: decay of the fast first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      b3: decay of the slow first moment, in [0, 1), or a schedule of the 0-based step.
+      alpha: weight of the slow moment, >= 0, or a schedule of the 0-based step.
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of both first moments (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      alpha_warmup_steps: steps of the linear warm-up of ``alpha`` (``None``: none).
+      b3_warmup_steps: steps of the half-life warm-up of ``b3`` (``None``: none; a constant ``b3``
+        only).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.contrib.ScaleByAdemamixState``.
 
@@ -194,17 +219,39 @@ def scale_by_ademamix() -> None:
       >>> print(jnp.round(updates, 4))  # (1 + 5 * (1 - b3)) * sign(g) at the first step
       [ 1.0005 -1.0005]
     """
+    return scale_by_rule(
+        AdemamixRule(
+            b1=b1,
+            b2=b2,
+            b3=b3,
+            alpha=alpha,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            alpha_warmup_steps=alpha_warmup_steps,
+            b3_warmup_steps=b3_warmup_steps,
+            nu_dtype=nu_dtype,
+        ),
+    )
 
 
-@hyperparams.optimizer(
-    scale_by_ademamix,
-    positional=(
-        "b1", "b2", "b3", "alpha", "eps", "eps_root", "mu_dtype", "weight_decay", "mask",
-    ),
-    defaults={"alpha": 5.0},
-    decayed_weights=True,
-)  # fmt: skip
-def ademamix() -> None:
+def ademamix(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    b3: float | jax.Array = 0.9999,
+    alpha: float | jax.Array = 5.0,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    mu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    *,
+    alpha_warmup_steps: int | None = None,
+    b3_warmup_steps: int | None = None,
+    nu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""AdEMAMix: a drop-in for ``optax.contrib.ademamix``, with the paper's warm-ups.
 
     .. math::
@@ -217,6 +264,25 @@ def ademamix() -> None:
     theirs. Their defaults are :math:`\alpha = 2` and no warm-up (the paper uses
     :math:`\alpha` from 5 to 8 with warm-ups as long as training); the defaults here are
     optax's.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the fast first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      b3: decay of the slow first moment, in [0, 1), or a schedule of the 0-based step.
+      alpha: weight of the slow moment, >= 0, or a schedule of the 0-based step.
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of both first moments (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      alpha_warmup_steps: steps of the linear warm-up of ``alpha`` (``None``: none).
+      b3_warmup_steps: steps of the half-life warm-up of ``b3`` (``None``: none; a constant ``b3``
+        only).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``: a chain of the moment estimate,
@@ -236,6 +302,23 @@ def ademamix() -> None:
       >>> print(jnp.round(updates, 4))  # -0.1 * (1 + alpha * m2), m2 = 1 - 0.99**3 = 0.0297
       [-0.1149  0.1149]
     """
+    return descend(
+        learning_rate,
+        scale_by_ademamix(
+            b1=b1,
+            b2=b2,
+            b3=b3,
+            alpha=alpha,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            alpha_warmup_steps=alpha_warmup_steps,
+            b3_warmup_steps=b3_warmup_steps,
+            nu_dtype=nu_dtype,
+        ),
+        add_decayed_weights(weight_decay=weight_decay, mask=mask),
+        maximize=maximize,
+    )
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -293,10 +376,16 @@ class SimplifiedAdemamixRule(MomentRule):
         return numerator / denominator, {"m": m, "n": n}
 
 
-@hyperparams.transformation(
-    SimplifiedAdemamixRule, positional=("b1", "b2", "alpha", "eps", "eps_root")
-)
-def scale_by_simplified_ademamix() -> None:
+def scale_by_simplified_ademamix(
+    b1: float | jax.Array = 0.99,
+    b2: float | jax.Array = 0.95,
+    alpha: float | jax.Array = 0.0,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by Simplified AdEMAMix's moment estimates (Morwani et al., 2025).
 
     .. math::
@@ -310,6 +399,16 @@ def scale_by_simplified_ademamix() -> None:
     :math:`1/(1-\beta_1)`. A drop-in for ``optax.contrib.scale_by_simplified_ademamix`` (same
     arguments, defaults and state).
 
+    Args:
+      b1: decay of the accumulator, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      alpha: weight of the current gradient, >= 0, or a schedule of the 0-based step.
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the accumulator (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+
     Returns:
       An ``optax.GradientTransformation`` with state
       ``optax.contrib.ScaleBySimplifiedAdEMAMixState``.
@@ -321,14 +420,33 @@ def scale_by_simplified_ademamix() -> None:
       >>> print(jnp.round(updates, 4))  # (1 + alpha) * sign(g) at the first step
       [ 3. -3.]
     """
+    return scale_by_rule(
+        SimplifiedAdemamixRule(
+            b1=b1,
+            b2=b2,
+            alpha=alpha,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+    )
 
 
-@hyperparams.optimizer(
-    scale_by_simplified_ademamix,
-    positional=("b1", "b2", "alpha", "eps", "eps_root", "weight_decay", "mask"),
-    decayed_weights=True,
-)
-def simplified_ademamix() -> None:
+def simplified_ademamix(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.99,
+    b2: float | jax.Array = 0.95,
+    alpha: float | jax.Array = 0.0,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""Simplified AdEMAMix: a drop-in for ``optax.contrib.simplified_ademamix``.
 
     .. math::
@@ -338,6 +456,21 @@ def simplified_ademamix() -> None:
     with :math:`m_t = \beta_1 m_{t-1} + g_t` from :func:`adam_jax.scale_by_simplified_ademamix`,
     and the decoupled weight decay scaled by the learning rate as in :func:`adam_jax.adamw`.
     The authors' ``beta1_warmup`` and ``bias_correction1=True`` are not offered.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the accumulator, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      alpha: weight of the current gradient, >= 0, or a schedule of the 0-based step.
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the accumulator (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``: a chain of the moment estimate,
@@ -357,6 +490,20 @@ def simplified_ademamix() -> None:
       >>> print(jnp.round(updates, 4))  # -0.01 * (1 + 0.9 + 0.81): a sum, not an average
       [-0.0271]
     """
+    return descend(
+        learning_rate,
+        scale_by_simplified_ademamix(
+            b1=b1,
+            b2=b2,
+            alpha=alpha,
+            eps=eps,
+            eps_root=eps_root,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        add_decayed_weights(weight_decay=weight_decay, mask=mask),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

@@ -15,13 +15,16 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from adam_jax._src import hyperparams, validation
+from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule, divide
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 
 def quarter_power(count: jax.Array) -> jax.Array:
@@ -100,8 +103,19 @@ class AdoptRule(AdamLikeRule):
         return update, {"mu": mu, "nu": nu}
 
 
-@hyperparams.transformation(AdoptRule, positional=("b1", "b2", "eps", "mu_dtype"), decay=True)
-def scale_by_adopt() -> None:
+def scale_by_adopt(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.9999,
+    eps: float | jax.Array = 1e-6,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+    clip_value_fn: Callable[[jax.Array], Any] | None = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by ADOPT's moment estimates (Taniguchi et al., 2024).
 
     On the first call :math:`v_0 = |g_0|^2` and the update is zero (no decay either). Then
@@ -121,6 +135,24 @@ def scale_by_adopt() -> None:
     :math:`t^{1/4}`, is spelled ``None`` here), which has no weight decay. Complex params use
     :math:`v = |g|^2` and clip the real and imaginary parts.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: floor of :math:`\sqrt{v_{t-1}}`, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nesterov: Nesterov momentum, as ``optax.contrib.scale_by_adopt``.
+      use_clipping: clip the normalized gradient at ``clip_value_fn(t)``.
+      clip_value_fn: the clip value as a function of the number of earlier calls (a float array of
+        the compute dtype); ``None`` is :math:`t^{1/4}`, the authors' ``clip_lambda``. ``None``
+        rather than a function, so that ``optax.inject_hyperparams(adopt)`` works without
+        ``static_args`` (it takes every callable argument for a schedule of the step); pass
+        ``static_args="clip_value_fn"`` with a function of your own.
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -135,10 +167,37 @@ def scale_by_adopt() -> None:
       >>> print(updates)  # (1 - b1) * clip(g / sqrt(v), 1)
       [ 0.1 -0.1]
     """
+    return scale_by_rule(
+        AdoptRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            mu_dtype=mu_dtype,
+            nesterov=nesterov,
+            use_clipping=use_clipping,
+            clip_value_fn=clip_value_fn,
+            nu_dtype=nu_dtype,
+        ),
+        weight_decay=weight_decay,
+        mask=mask,
+    )
 
 
-@hyperparams.optimizer(scale_by_adopt)
-def adopt() -> None:
+def adopt(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.9999,
+    eps: float | jax.Array = 1e-6,
+    mu_dtype: Any = None,
+    *,
+    nesterov: bool = False,
+    use_clipping: bool = True,
+    clip_value_fn: Callable[[jax.Array], Any] | None = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""ADOPT: a drop-in for ``optax.contrib.adopt``, with the authors' decoupled weight decay.
 
     .. math::
@@ -148,6 +207,26 @@ def adopt() -> None:
     unchanged, decay included). The weight decay is scaled by the learning rate, as in
     :func:`adam_jax.adamw` and the authors' ``decouple=True``. Same state as optax's ``adopt``
     whatever the weight decay.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: floor of :math:`\sqrt{v_{t-1}}`, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nesterov: Nesterov momentum, as ``optax.contrib.scale_by_adopt``.
+      use_clipping: clip the normalized gradient at ``clip_value_fn(t)``.
+      clip_value_fn: the clip value as a function of the number of earlier calls (a float array of
+        the compute dtype); ``None`` is :math:`t^{1/4}`, the authors' ``clip_lambda``. ``None``
+        rather than a function, so that ``optax.inject_hyperparams(adopt)`` works without
+        ``static_args`` (it takes every callable argument for a schedule of the step); pass
+        ``static_args="clip_value_fn"`` with a function of your own.
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -170,6 +249,22 @@ def adopt() -> None:
       >>> print(jnp.round(updates, 4))  # -0.1 * ((1 - b1) * clip(g / sqrt(v), 1) + 0.5 * params)
       [-0.06  0.06]
     """
+    return descend(
+        learning_rate,
+        scale_by_adopt(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            mu_dtype=mu_dtype,
+            nesterov=nesterov,
+            use_clipping=use_clipping,
+            clip_value_fn=clip_value_fn,
+            nu_dtype=nu_dtype,
+            weight_decay=weight_decay,
+            mask=mask,
+        ),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

@@ -13,12 +13,11 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src.aliases import adam_moments
-from adam_jax._src.chains import descend
+from adam_jax._src.aliases import adam_chain
 from adam_jax._src.numerics import compute_dtype, real_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import Leaf, map_tensors
-from adam_jax._src.weight_decay import Mask, add_decayed_weights
+from adam_jax._src.weight_decay import Mask
 
 # The smallest fraction of agreeing coordinates the rescaling divides by (timm, C-Optim).
 MIN_AGREEING_FRACTION = 1e-3
@@ -81,10 +80,10 @@ def cautious(inner: optax.GradientTransformation) -> optax.GradientTransformatio
 
 def cautious_adamw(
     learning_rate: optax.ScalarOrSchedule,
-    b1: float = 0.9,
-    b2: float = 0.999,
-    eps: float = 1e-8,
-    eps_root: float = 0.0,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
     mu_dtype: Any = None,
     weight_decay: optax.ScalarOrSchedule = 1e-4,
     mask: Mask | None = None,
@@ -106,9 +105,22 @@ def cautious_adamw(
     and state as :func:`adam_jax.adamw`: a checkpoint of one restores into the other.
 
     Args:
-      learning_rate: a constant >= 0 or a schedule.
-      b1, b2, eps, eps_root, mu_dtype, weight_decay, mask: as in :func:`adam_jax.adamw`.
-      nesterov, nu_dtype, eps_placement, maximize: as in :func:`adam_jax.adamw`.
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step (not masked by the caution).
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      nesterov: Nesterov momentum (as NAdam).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      eps_placement: ``"standard"`` (PyTorch, optax) or ``"keras"`` (``eps`` added before the
+        bias corrections, Keras' "epsilon hat"; the caution comes before the corrections, a
+        positive factor).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -125,14 +137,11 @@ def cautious_adamw(
       >>> print(jax.tree.structure(tx.init(params)) == same)  # adamw's state
       True
     """
-    moments = adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement)
-    return descend(
-        learning_rate,
-        cautious(moments[0]),
-        *moments[1:],  # Keras's bias correction: a positive factor, after the caution
-        add_decayed_weights(weight_decay, mask),
-        maximize=maximize,
-    )
+    return adam_chain(
+        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype,
+        nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
+        weight_decay=weight_decay, mask=mask, caution=cautious,
+    )  # fmt: skip
 
 
 REGISTRY_ROWS = (

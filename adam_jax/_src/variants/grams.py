@@ -12,13 +12,16 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from adam_jax._src import hyperparams
+from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -59,8 +62,18 @@ class GramsRule(AdamLikeRule):
         return leaf.add_decay(jnp.sign(g) * magnitude), {"mu": mu, "nu": nu}
 
 
-@hyperparams.transformation(GramsRule, positional=("b1", "b2", "eps"), decay=True)
-def scale_by_grams() -> None:
+def scale_by_grams(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-6,
+    *,
+    bias_correction: bool = True,
+    eps_placement: str = "keras",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by Grams' moment estimates (Cao, Li and Song, 2024, Algorithm 1).
 
     .. math::
@@ -76,6 +89,20 @@ def scale_by_grams() -> None:
     applied. :math:`\operatorname{sign}(0) = 0`; for complex params the sign is
     :math:`g / |g|`.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      bias_correction: divide the moments by 1 - b^t.
+      eps_placement: ``"keras"`` (the authors': ``eps`` added before the bias corrections) or
+        ``"standard"`` (the paper's).
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -88,10 +115,35 @@ def scale_by_grams() -> None:
       >>> print(jnp.round(updates, 3))  # Adam's step is [1, 0.266]: here g's sign rules
       [ 1.    -0.266]
     """
+    return scale_by_rule(
+        GramsRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            bias_correction=bias_correction,
+            eps_placement=eps_placement,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        weight_decay=weight_decay,
+        mask=mask,
+    )
 
 
-@hyperparams.optimizer(scale_by_grams)
-def grams() -> None:
+def grams(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-6,
+    *,
+    bias_correction: bool = True,
+    eps_placement: str = "keras",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""Grams (Cao, Li and Song, 2024), as the authors' ``Grams``.
 
     .. math::
@@ -102,6 +154,22 @@ def grams() -> None:
     with the moments of :func:`adam_jax.scale_by_grams`: Adam's step length in the direction
     of the current gradient. The decay is the authors' (``p -= lr * weight_decay * p`` before
     the step, as AdamW), and so are the defaults (``eps=1e-6``, the epsilon-hat placement).
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      bias_correction: divide the moments by 1 - b^t.
+      eps_placement: ``"keras"`` (the authors': ``eps`` added before the bias corrections) or
+        ``"standard"`` (the paper's).
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation`` (a chain ending in the learning rate).
@@ -119,6 +187,21 @@ def grams() -> None:
       >>> print(jnp.round(updates, 3))  # no step where the gradient is 0, only the decay
       [-0.15  0.1 ]
     """
+    return descend(
+        learning_rate,
+        scale_by_grams(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            bias_correction=bias_correction,
+            eps_placement=eps_placement,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            weight_decay=weight_decay,
+            mask=mask,
+        ),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

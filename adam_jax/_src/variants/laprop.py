@@ -16,10 +16,12 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax._src import hyperparams, validation
+from adam_jax._src.chains import ascent
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.weight_decay import Mask
 
 
 class ScaleByLapropState(NamedTuple):
@@ -163,8 +165,17 @@ class LapropRule(MomentRule):
         return {name: value for name, value in state._asdict().items() if value is not None}
 
 
-@hyperparams.transformation(LapropRule, positional=("b1", "b2", "eps"))
-def scale_by_laprop() -> None:
+def scale_by_laprop(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-15,
+    *,
+    centered: bool = False,
+    amsgrad: bool = False,
+    steps_before_using_centered: int = 10,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by LaProp's moment estimates (Ziyin, Wang and Ueda, 2020, Algorithm 1).
 
     .. math::
@@ -180,6 +191,17 @@ def scale_by_laprop() -> None:
     :func:`adam_jax.laprop` under a constant learning rate and no decay; :func:`adam_jax.laprop`
     holds the learning rate, which the authors' code carries inside the momentum.
 
+    Args:
+      b1: decay of the momentum, in [0, 1).
+      b2: decay of the second moment (and of :math:`\bar g_t`), in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      centered: subtract the square of the gradient's :math:`\beta_2`-average from :math:`v_t`.
+      amsgrad: use the running maximum of the (centered) second moment.
+      steps_before_using_centered: steps taken non-centered first, an integer >= 0.
+      mu_dtype: storage of the momentum and of :math:`\bar g_t` (``None``: the params' dtype; a
+        dtype; or a :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment and its running maximum, as ``mu_dtype``.
+
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByLapropState`.
 
@@ -190,10 +212,35 @@ def scale_by_laprop() -> None:
       >>> print(jnp.round(updates, 6))  # the first step is the sign of the gradient
       [ 1. -1.]
     """
+    return scale_by_rule(
+        LapropRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            centered=centered,
+            amsgrad=amsgrad,
+            steps_before_using_centered=steps_before_using_centered,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+    )
 
 
-@hyperparams.optimizer(scale_by_laprop, decay=True)
-def laprop() -> None:
+def laprop(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-15,
+    *,
+    centered: bool = False,
+    amsgrad: bool = False,
+    steps_before_using_centered: int = 10,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""LaProp (Ziyin, Wang and Ueda, 2020), as the authors' ``LaProp``.
 
     With :math:`n_t` the normalized gradient of :func:`adam_jax.scale_by_laprop` and
@@ -217,6 +264,22 @@ def laprop() -> None:
     the whole momentum (its guard ``step_size = 1`` when ``lr == 0``, meant for
     :math:`a_t = 0`), where here a zero rate moves nothing.
 
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the momentum, in [0, 1).
+      b2: decay of the second moment (and of :math:`\bar g_t`), in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      centered: subtract the square of the gradient's :math:`\beta_2`-average from :math:`v_t`.
+      amsgrad: use the running maximum of the (centered) second moment.
+      steps_before_using_centered: steps taken non-centered first, an integer >= 0.
+      mu_dtype: storage of the momentum and of :math:`\bar g_t` (``None``: the params' dtype; a
+        dtype; or a :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment and its running maximum, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
+
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByLapropState` (in a chain
       after ``optax.scale(-1)`` with ``maximize=True``); ``update`` needs params with decay.
@@ -234,6 +297,24 @@ def laprop() -> None:
       >>> print(params + updates)  # (1 - 0.5) * (params - 0.1 * sign(g))
       [ 0.45 -0.95]
     """
+    return optax.chain(
+        *ascent(maximize),
+        scale_by_rule(
+            LapropRule(
+                learning_rate=learning_rate,
+                b1=b1,
+                b2=b2,
+                eps=eps,
+                centered=centered,
+                amsgrad=amsgrad,
+                steps_before_using_centered=steps_before_using_centered,
+                mu_dtype=mu_dtype,
+                nu_dtype=nu_dtype,
+            ),
+            weight_decay=weight_decay,
+            mask=mask,
+        ),
+    )
 
 
 REGISTRY_ROWS = (

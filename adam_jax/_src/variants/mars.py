@@ -314,10 +314,27 @@ def _mars(
     return optax.chain(*ascent(maximize), _scale_by_mars(rule, mask=mask, negate=maximize))
 
 
-@hyperparams.transformation(
-    MarsRule, positional=("b1", "b2", "eps"), decay=True, build=_scale_by_mars
-)
-def scale_by_mars() -> None:
+def scale_by_mars(
+    b1: float | jax.Array = 0.95,
+    b2: float | jax.Array = 0.99,
+    eps: float | jax.Array = 1e-8,
+    *,
+    gamma: float | jax.Array = 0.025,
+    mars_type: str = "mars-adamw",
+    is_approx: bool = True,
+    amsgrad: bool = False,
+    optimize_1d: bool = False,
+    b1_1d: float | jax.Array = 0.9,
+    b2_1d: float | jax.Array = 0.95,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_1d: optax.ScalarOrSchedule = 0.1,
+    eps_placement: str = "standard",
+    correct_first_step: bool = True,
+    only_2d: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    mask: Mask | None = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by MARS-AdamW's moment estimates (Yuan et al., 2024, Algorithm 2).
 
     For a 2-D param (every param with ``optimize_1d=True``):
@@ -340,6 +357,36 @@ def scale_by_mars() -> None:
     selects the decayed leaves of both kinds. With ``amsgrad=True``, :math:`v_t` in
     :math:`u_t` becomes its running maximum.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      gamma: weight of the gradient correction, >= 0 (0: AdamW on per-tensor clipped gradients).
+      mars_type: ``"mars-adamw"``; the authors' ``"mars-lion"`` and ``"mars-shampoo"`` are not built
+        and raise a ``ValueError``.
+      is_approx: :math:`g_{t-1}` from the previous step (True) or passed as ``last_grad``.
+      amsgrad: use the running maximum of the second moment.
+      optimize_1d: train every param with MARS (else the params that are not 2-D with AdamW).
+      b1_1d: AdamW's decay of the first moment for the params that are not 2-D, in [0, 1).
+      b2_1d: AdamW's decay of the second moment for the params that are not 2-D, in [0, 1).
+      weight_decay: :math:`\lambda` of the MARS params, a constant >= 0 or a schedule (scaled by the
+        learning rate in :func:`adam_jax.mars`).
+      weight_decay_1d: :math:`\lambda_{1d}` of the AdamW params, likewise (scaled by ``lr_1d`` in
+        :func:`adam_jax.mars`; the authors' default 0.1 decays them even when ``weight_decay`` is
+        0).
+      eps_placement: ``"standard"`` (the authors', :math:`\sqrt{\hat v_t} + \epsilon`) or
+        ``"keras"`` (:math:`(\sqrt{v_t} + \epsilon)/\sqrt{1-\beta_2^t}`).
+      correct_first_step: the first correction uses :math:`g_0 = 0` (the authors'); False:
+        :math:`\tilde c_1 = g_1`.
+      only_2d: with ``optimize_1d=False``, MARS for 2-D params alone (the authors'); False: for
+        every param of 2 dimensions or more.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment and its maximum, as ``mu_dtype`` (``None``: the params'
+        dtype, float32 for float16 params, whose smallest normal the second moment of the clipped
+        :math:`c_t`, of order :math:`1/\text{size}`, falls below).
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByMarsState` (an
       ``optax.GradientTransformationExtraArgs`` taking ``last_grad`` with
@@ -353,10 +400,54 @@ def scale_by_mars() -> None:
       >>> print(jnp.round(state.mu, 4))
       [[0.03 0.04]]
     """
+    return _scale_by_mars(
+        MarsRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            gamma=gamma,
+            mars_type=mars_type,
+            is_approx=is_approx,
+            amsgrad=amsgrad,
+            optimize_1d=optimize_1d,
+            b1_1d=b1_1d,
+            b2_1d=b2_1d,
+            weight_decay=weight_decay,
+            weight_decay_1d=weight_decay_1d,
+            eps_placement=eps_placement,
+            correct_first_step=correct_first_step,
+            only_2d=only_2d,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        mask=mask,
+    )
 
 
-@hyperparams.optimizer(scale_by_mars, build=_mars)
-def mars() -> None:
+def mars(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.95,
+    b2: float | jax.Array = 0.99,
+    eps: float | jax.Array = 1e-8,
+    *,
+    gamma: float | jax.Array = 0.025,
+    mars_type: str = "mars-adamw",
+    is_approx: bool = True,
+    amsgrad: bool = False,
+    optimize_1d: bool = False,
+    lr_1d: optax.ScalarOrSchedule | None = None,
+    b1_1d: float | jax.Array = 0.9,
+    b2_1d: float | jax.Array = 0.95,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_decay_1d: optax.ScalarOrSchedule = 0.1,
+    eps_placement: str = "standard",
+    correct_first_step: bool = True,
+    only_2d: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""MARS (Yuan et al., 2024), as the authors' ``MARS`` with ``mars_type="mars-adamw"``.
 
     With :math:`u_t` of :func:`adam_jax.scale_by_mars` (decay included) and :math:`\alpha_t`
@@ -378,6 +469,40 @@ def mars() -> None:
     same under a constant rate, and ``lr_1d=lambda t: schedule(t) * lr_1d / lr0`` follows a
     schedule as theirs does.
 
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      gamma: weight of the gradient correction, >= 0 (0: AdamW on per-tensor clipped gradients).
+      mars_type: ``"mars-adamw"``; the authors' ``"mars-lion"`` and ``"mars-shampoo"`` are not built
+        and raise a ``ValueError``.
+      is_approx: :math:`g_{t-1}` from the previous step (True) or passed as ``last_grad``.
+      amsgrad: use the running maximum of the second moment.
+      optimize_1d: train every param with MARS (else the params that are not 2-D with AdamW).
+      lr_1d: :math:`\alpha_{1d}`, the rate of the AdamW params (a constant >= 0 or a schedule;
+        ``None``: the learning rate).
+      b1_1d: AdamW's decay of the first moment for the params that are not 2-D, in [0, 1).
+      b2_1d: AdamW's decay of the second moment for the params that are not 2-D, in [0, 1).
+      weight_decay: :math:`\lambda` of the MARS params, a constant >= 0 or a schedule (scaled by the
+        learning rate in :func:`adam_jax.mars`).
+      weight_decay_1d: :math:`\lambda_{1d}` of the AdamW params, likewise (scaled by ``lr_1d`` in
+        :func:`adam_jax.mars`; the authors' default 0.1 decays them even when ``weight_decay`` is
+        0).
+      eps_placement: ``"standard"`` (the authors', :math:`\sqrt{\hat v_t} + \epsilon`) or
+        ``"keras"`` (:math:`(\sqrt{v_t} + \epsilon)/\sqrt{1-\beta_2^t}`).
+      correct_first_step: the first correction uses :math:`g_0 = 0` (the authors'); False:
+        :math:`\tilde c_1 = g_1`.
+      only_2d: with ``optimize_1d=False``, MARS for 2-D params alone (the authors'); False: for
+        every param of 2 dimensions or more.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment and its maximum, as ``mu_dtype`` (``None``: the params'
+        dtype, float32 for float16 params, whose smallest normal the second moment of the clipped
+        :math:`c_t`, of order :math:`1/\text{size}`, falls below).
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
+
     Returns:
       An ``optax.GradientTransformation`` (a chain; with ``is_approx=False`` its ``update``
       takes ``last_grad=``, the gradient of this step's batch at the previous params).
@@ -396,6 +521,31 @@ def mars() -> None:
       >>> print(jnp.round(updates["w"][0], 4), jnp.round(updates["b"], 4))
       [-0.1 -0.1] [-0.1 -0.1]
     """
+    return _mars(
+        MarsRule(
+            learning_rate=learning_rate,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            gamma=gamma,
+            mars_type=mars_type,
+            is_approx=is_approx,
+            amsgrad=amsgrad,
+            optimize_1d=optimize_1d,
+            lr_1d=lr_1d,
+            b1_1d=b1_1d,
+            b2_1d=b2_1d,
+            weight_decay=weight_decay,
+            weight_decay_1d=weight_decay_1d,
+            eps_placement=eps_placement,
+            correct_first_step=correct_first_step,
+            only_2d=only_2d,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        mask=mask,
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

@@ -17,11 +17,13 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax._src import hyperparams, validation
+from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 # Below this, 1 - y / expm1(y) loses digits to cancellation; its Taylor series does not.
 _SERIES_BELOW = 0.5
@@ -142,10 +144,20 @@ class RadamRule(AdamLikeRule):
         return leaf.add_decay(update), new
 
 
-@hyperparams.transformation(
-    RadamRule, positional=("b1", "b2", "eps", "eps_root", "threshold"), decay=True
-)
-def scale_by_radam() -> None:
+def scale_by_radam(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    threshold: float | jax.Array = 5.0,
+    *,
+    nesterov: bool = False,
+    eps_placement: str = "standard",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by RAdam's rectified moment estimates (Liu et al., 2020).
 
     .. math::
@@ -164,6 +176,23 @@ def scale_by_radam() -> None:
     :math:`\rho_t` is computed without the cancellation of its textbook form (see
     :func:`rectifier_terms`), so float32 runs decide and rectify as float64 ones do.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      threshold: :math:`\rho_t` from which the adaptive step is taken, >= 4 (the rectifier is
+        defined for :math:`\rho_t \geq 4`).
+      nesterov: Nesterov momentum (as NAdam).
+      eps_placement: ``"standard"`` (optax's) or ``"torch"`` (``torch.optim.RAdam``'s: ``eps`` added
+        to :math:`\sqrt{v_t}` before the bias correction).
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -174,10 +203,39 @@ def scale_by_radam() -> None:
       >>> print(updates)  # rho_1 = 1 < 5: the bias-corrected momentum alone
       [ 0.5  -0.25]
     """
+    return scale_by_rule(
+        RadamRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            threshold=threshold,
+            nesterov=nesterov,
+            eps_placement=eps_placement,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        weight_decay=weight_decay,
+        mask=mask,
+    )
 
 
-@hyperparams.optimizer(scale_by_radam)
-def radam() -> None:
+def radam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    eps_root: float | jax.Array = 0.0,
+    threshold: float | jax.Array = 5.0,
+    *,
+    nesterov: bool = False,
+    eps_placement: str = "standard",
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""RAdam: a drop-in for ``optax.radam``, with ``torch.optim.RAdam``'s semantics available.
 
     .. math::
@@ -188,6 +246,25 @@ def radam() -> None:
     ``torch.optim.RAdam(decoupled_weight_decay=True)``. The authors' code (its default
     ``degenerated_to_sgd=False``) leaves the params still before the rectification, and adds
     ``eps`` as ``eps_placement="torch"``.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      eps_root: added inside the square root, >= 0.
+      threshold: :math:`\rho_t` from which the adaptive step is taken, >= 4 (the rectifier is
+        defined for :math:`\rho_t \geq 4`).
+      nesterov: Nesterov momentum (as NAdam).
+      eps_placement: ``"standard"`` (optax's) or ``"torch"`` (``torch.optim.RAdam``'s: ``eps`` added
+        to :math:`\sqrt{v_t}` before the bias correction).
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation`` with optax's state structure (the moment estimate's
@@ -205,6 +282,23 @@ def radam() -> None:
       >>> print(jnp.round(updates, 4))  # rho_1 = 1 < 5: momentum, -0.1 * g (Adam: -0.1 sign(g))
       [-0.05   0.025]
     """
+    return descend(
+        learning_rate,
+        scale_by_radam(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            eps_root=eps_root,
+            threshold=threshold,
+            nesterov=nesterov,
+            eps_placement=eps_placement,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            weight_decay=weight_decay,
+            mask=mask,
+        ),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

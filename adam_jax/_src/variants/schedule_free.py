@@ -229,15 +229,22 @@ def _schedule_free_adamw(
     return optax.with_extra_args_support(transform)  # as optax's, which is not a chain
 
 
-@hyperparams.optimizer(
-    ScheduleFreeAdamwRule,
-    positional=(
-        "warmup_steps", "b1", "b2", "eps", "weight_decay", "weight_lr_power", "state_dtype",
-    ),
-    decay=True,
-    build=_schedule_free_adamw,
-)  # fmt: skip
-def schedule_free_adamw() -> None:
+def schedule_free_adamw(
+    learning_rate: optax.ScalarOrSchedule = 0.0025,
+    warmup_steps: int | None = None,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    weight_lr_power: float | jax.Array = 2.0,
+    state_dtype: Any = None,
+    *,
+    r: float | jax.Array = 0.0,
+    form: str = "recommended",
+    nu_dtype: Any = None,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""Schedule-Free AdamW (Defazio et al., 2024), as the authors' ``AdamWScheduleFree``.
 
     The params hold :math:`y`; with :math:`k` the 0-based step, :math:`\gamma_k` the learning
@@ -266,6 +273,24 @@ def schedule_free_adamw() -> None:
     ``optax.contrib.ScheduleFreeState``, nesting included, except that its scalars are at least
     float32) that follows the authors where optax departs from them.
 
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      warmup_steps: length of the linear warm-up, an integer >= 0 (``None`` or 0: none).
+      b1: interpolation of :math:`y` between :math:`z` and :math:`x`, in (0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator outside the square root, >= 0.
+      weight_lr_power: :math:`p`, the power of the largest learning rate so far in the averaging
+        weights, >= 0.
+      r: :math:`r`, the power of the step in the averaging weights (0: uniform), >= 0.
+      form: ``"recommended"`` (the authors' ``AdamWScheduleFree``) or ``"paper"`` (Algorithm 1).
+      state_dtype: storage of :math:`z` (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
+
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state
       ``optax.contrib.ScheduleFreeState`` (in a chain after ``optax.scale(-1)`` with
@@ -289,6 +314,23 @@ def schedule_free_adamw() -> None:
       >>> print(jnp.round(x["w"], 2))
       [1. 1. 1.]
     """
+    return _schedule_free_adamw(
+        ScheduleFreeAdamwRule(
+            learning_rate=learning_rate,
+            warmup_steps=warmup_steps,
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_lr_power=weight_lr_power,
+            state_dtype=state_dtype,
+            r=r,
+            form=form,
+            nu_dtype=nu_dtype,
+        ),
+        weight_decay=weight_decay,
+        mask=mask,
+        maximize=maximize,
+    )
 
 
 def _find_state(state: Any) -> Any:

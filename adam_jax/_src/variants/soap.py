@@ -22,6 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.branching import branch
+from adam_jax._src.chains import descend
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import compute_dtype
@@ -31,6 +32,7 @@ from adam_jax._src.quantization.four_bit import FourBitBlockwise, FourBitRank1
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage
 from adam_jax._src.typed_sharding import replicated, replicated_placement, reshard, typed_sharding
+from adam_jax._src.weight_decay import Mask
 
 # The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
 _TINY = 1e-30
@@ -1275,10 +1277,29 @@ def _scale_by_soap(rule: SoapRule, **others: Any) -> optax.GradientTransformatio
     return optax.GradientTransformation(tx.init, update_fn)
 
 
-@hyperparams.transformation(
-    SoapRule, positional=("b1", "b2", "shampoo_beta", "eps"), decay=True, build=_scale_by_soap
-)
-def scale_by_soap() -> None:
+def scale_by_soap(
+    b1: float | jax.Array = 0.95,
+    b2: float | jax.Array = 0.95,
+    shampoo_beta: float | jax.Array = -1.0,
+    eps: float | jax.Array = 1e-8,
+    *,
+    precondition_frequency: int = 10,
+    stagger_refresh: bool = False,
+    max_precond_dim: int | None = None,
+    block_size: int | None = None,
+    block_axis: str | None = None,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    correct_bias: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    factor_dtype: Any = None,
+    basis_dtype: Any = None,
+    basis_rectification: int | None = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by SOAP: Adam in the eigenbasis of Shampoo's preconditioner
     (Vyas et al., 2024, Algorithms 2 and 3).
 
@@ -1390,6 +1411,58 @@ def scale_by_soap() -> None:
     their ``data_format`` (channels-last convolutions) is not offered: in JAX the layout is the
     param's.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      shampoo_beta: decay :math:`\beta_s` of the Kronecker factors, in [0, 1); negative (the
+        authors' -1) uses ``b2``.
+      eps: added to the denominator outside the square root, >= 0.
+      precondition_frequency: steps between refreshes of the eigenbases, an integer >= 1.
+      stagger_refresh: refresh each block (each leaf, without ``block_size``) at its own offset
+        within the ``precondition_frequency`` window, so that every step carries about
+        ``1/precondition_frequency`` of the refresh work; ``False`` (the authors' schedule, and this
+        library's before the option): every basis at the same step.
+      max_precond_dim: dimensions larger than this get no factor (the identity), an integer >= 1;
+        ``None`` is the authors' 10000. ``None`` rather than a number because
+        ``optax.inject_hyperparams`` would inject a number as an array, and this fixes shapes: pass
+        ``static_args=("max_precond_dim",)`` to set it there.
+      block_size: cut each preconditioned dimension of a leaf's working shape into blocks of at most
+        this many values (the last one smaller where it does not divide), each block of the tensor
+        preconditioned as its own SOAP, so that no ``eigh`` or QR is larger; an integer >= 1, or
+        ``None``: no blocks. It fixes shapes: pass ``static_args=("block_size",)`` to
+        ``optax.inject_hyperparams``.
+      block_axis: the name of a mesh axis (of the mesh set by ``jax.set_mesh`` around ``init`` and
+        ``update``) to spread each leaf's blocks over: a device keeps, accumulates, rotates by and
+        refreshes the factors and bases of its own blocks only (``ceil(n / devices)`` of a leaf's
+        ``n``); ``None``: every device all of them. Needs ``block_size``. With ``stagger_refresh``,
+        each device refreshes its own blocks at their offsets.
+      merge_dims: merge consecutive dimensions of tensors of two or more dimensions while their
+        product stays at most ``max_precond_dim`` (the authors' ``merge_dims``).
+      precondition_1d: give 1-D leaves a factor too.
+      normalize_grads: divide each leaf's direction by :math:`10^{-30}` plus its RMS.
+      correct_bias: Adam's bias correction, in the step size:
+        :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      factor_dtype: storage of the Kronecker factors ``gg``: ``None`` (the compute dtype, at least
+        float32), a floating dtype such as ``jnp.bfloat16``, or a :class:`adam_jax.MomentStorage`
+        that keeps every value of a signed vector; loaded back in the compute dtype for the step. A
+        dtype is callable, which ``optax.inject_hyperparams`` would take for a schedule: pass
+        ``static_args=("factor_dtype", "basis_dtype")`` there.
+      basis_dtype: storage of the eigenbases ``q``, as ``factor_dtype`` (e.g. ``jnp.bfloat16``,
+        ``quantization.BlockwiseQuantized()`` for 8 bits, ``quantization.FourBitBlockwise()`` for
+        4); a stored basis is decoded and rectified (Björck orthonormalization) before use.
+      basis_rectification: Björck iterations that rectify each basis before use, an integer >= 0;
+        ``None``: :func:`bjorck_iterations` of ``basis_dtype`` (none for float bases, two for
+        bfloat16 and 8-bit ones, three for 4-bit). Each iteration costs as many products as the
+        step's rotations of the gradient; ``0`` rotates by the decoded basis as it is. It fixes the
+        compiled step: pass ``static_args=("basis_rectification",)`` to
+        ``optax.inject_hyperparams``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
 
@@ -1413,10 +1486,57 @@ def scale_by_soap() -> None:
       [[1. 0.]
        [0. 1.]]
     """
+    return _scale_by_soap(
+        SoapRule(
+            b1=b1,
+            b2=b2,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            precondition_frequency=precondition_frequency,
+            stagger_refresh=stagger_refresh,
+            max_precond_dim=max_precond_dim,
+            block_size=block_size,
+            block_axis=block_axis,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads,
+            correct_bias=correct_bias,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            factor_dtype=factor_dtype,
+            basis_dtype=basis_dtype,
+            basis_rectification=basis_rectification,
+        ),
+        weight_decay=weight_decay,
+        mask=mask,
+    )
 
 
-@hyperparams.optimizer(scale_by_soap, defaults={"weight_decay": 0.01})
-def soap() -> None:
+def soap(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.95,
+    b2: float | jax.Array = 0.95,
+    shampoo_beta: float | jax.Array = -1.0,
+    eps: float | jax.Array = 1e-8,
+    *,
+    precondition_frequency: int = 10,
+    stagger_refresh: bool = False,
+    max_precond_dim: int | None = None,
+    block_size: int | None = None,
+    block_axis: str | None = None,
+    merge_dims: bool = False,
+    precondition_1d: bool = False,
+    normalize_grads: bool = False,
+    correct_bias: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    factor_dtype: Any = None,
+    basis_dtype: Any = None,
+    basis_rectification: int | None = None,
+    weight_decay: optax.ScalarOrSchedule = 0.01,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""SOAP (Vyas et al., 2024): Adam in the eigenbasis of Shampoo's preconditioner, with
     decoupled weight decay.
 
@@ -1428,6 +1548,60 @@ def soap() -> None:
     is yours to give). The decay is optax's AdamW's, on the params before the step, where the
     authors' code multiplies the params after the step by :math:`1-\eta\lambda`, which scales
     the step by :math:`1-\eta\lambda` too.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      shampoo_beta: decay :math:`\beta_s` of the Kronecker factors, in [0, 1); negative (the
+        authors' -1) uses ``b2``.
+      eps: added to the denominator outside the square root, >= 0.
+      precondition_frequency: steps between refreshes of the eigenbases, an integer >= 1.
+      stagger_refresh: refresh each block (each leaf, without ``block_size``) at its own offset
+        within the ``precondition_frequency`` window, so that every step carries about
+        ``1/precondition_frequency`` of the refresh work; ``False`` (the authors' schedule, and this
+        library's before the option): every basis at the same step.
+      max_precond_dim: dimensions larger than this get no factor (the identity), an integer >= 1;
+        ``None`` is the authors' 10000. ``None`` rather than a number because
+        ``optax.inject_hyperparams`` would inject a number as an array, and this fixes shapes: pass
+        ``static_args=("max_precond_dim",)`` to set it there.
+      block_size: cut each preconditioned dimension of a leaf's working shape into blocks of at most
+        this many values (the last one smaller where it does not divide), each block of the tensor
+        preconditioned as its own SOAP, so that no ``eigh`` or QR is larger; an integer >= 1, or
+        ``None``: no blocks. It fixes shapes: pass ``static_args=("block_size",)`` to
+        ``optax.inject_hyperparams``.
+      block_axis: the name of a mesh axis (of the mesh set by ``jax.set_mesh`` around ``init`` and
+        ``update``) to spread each leaf's blocks over: a device keeps, accumulates, rotates by and
+        refreshes the factors and bases of its own blocks only (``ceil(n / devices)`` of a leaf's
+        ``n``); ``None``: every device all of them. Needs ``block_size``. With ``stagger_refresh``,
+        each device refreshes its own blocks at their offsets.
+      merge_dims: merge consecutive dimensions of tensors of two or more dimensions while their
+        product stays at most ``max_precond_dim`` (the authors' ``merge_dims``).
+      precondition_1d: give 1-D leaves a factor too.
+      normalize_grads: divide each leaf's direction by :math:`10^{-30}` plus its RMS.
+      correct_bias: Adam's bias correction, in the step size:
+        :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      factor_dtype: storage of the Kronecker factors ``gg``: ``None`` (the compute dtype, at least
+        float32), a floating dtype such as ``jnp.bfloat16``, or a :class:`adam_jax.MomentStorage`
+        that keeps every value of a signed vector; loaded back in the compute dtype for the step. A
+        dtype is callable, which ``optax.inject_hyperparams`` would take for a schedule: pass
+        ``static_args=("factor_dtype", "basis_dtype")`` there.
+      basis_dtype: storage of the eigenbases ``q``, as ``factor_dtype`` (e.g. ``jnp.bfloat16``,
+        ``quantization.BlockwiseQuantized()`` for 8 bits, ``quantization.FourBitBlockwise()`` for
+        4); a stored basis is decoded and rectified (Björck orthonormalization) before use.
+      basis_rectification: Björck iterations that rectify each basis before use, an integer >= 0;
+        ``None``: :func:`bjorck_iterations` of ``basis_dtype`` (none for float bases, two for
+        bfloat16 and 8-bit ones, three for 4-bit). Each iteration costs as many products as the
+        step's rotations of the gradient; ``0`` rotates by the decoded basis as it is. It fixes the
+        compiled step: pass ``static_args=("basis_rectification",)`` to
+        ``optax.inject_hyperparams``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation`` (a chain ending in the learning rate).
@@ -1449,6 +1623,32 @@ def soap() -> None:
       >>> print(round(float(loss(params)), 3))  # from 6.25
       0.646
     """
+    return descend(
+        learning_rate,
+        scale_by_soap(
+            b1=b1,
+            b2=b2,
+            shampoo_beta=shampoo_beta,
+            eps=eps,
+            precondition_frequency=precondition_frequency,
+            stagger_refresh=stagger_refresh,
+            max_precond_dim=max_precond_dim,
+            block_size=block_size,
+            block_axis=block_axis,
+            merge_dims=merge_dims,
+            precondition_1d=precondition_1d,
+            normalize_grads=normalize_grads,
+            correct_bias=correct_bias,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            factor_dtype=factor_dtype,
+            basis_dtype=basis_dtype,
+            basis_rectification=basis_rectification,
+            weight_decay=weight_decay,
+            mask=mask,
+        ),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

@@ -19,13 +19,14 @@ import optax
 
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.branching import branch
+from adam_jax._src.chains import ascent
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, real_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rounding import raw_key
-from adam_jax._src.rule import Leaf, Moment, expand_mask, second_moment
+from adam_jax._src.rule import Leaf, Moment, expand_mask, scale_by_rule, second_moment
 from adam_jax._src.storage import MomentStorage, per_leaf, storages_for
 from adam_jax._src.typed_sharding import (
     replicated,
@@ -33,6 +34,7 @@ from adam_jax._src.typed_sharding import (
     reshard,
     typed_sharding,
 )
+from adam_jax._src.weight_decay import Mask
 
 #: The authors' ``CosineDecay(0.99, warmup_steps)``: the rate right after a reset is 1% of
 #: the full one.
@@ -414,8 +416,22 @@ def _laid_out_like(g: jax.Array, *moments: jax.Array) -> jax.Array:
     return g
 
 
-@hyperparams.transformation(SpamRule, positional=("b1", "b2", "eps"))
-def scale_by_spam() -> None:
+def scale_by_spam(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-6,
+    *,
+    threshold: float | jax.Array = 5000.0,
+    delta_t: int = 500,
+    warmup_steps: int = 150,
+    grad_accu_steps: int = 20,
+    correct_bias: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    density: float | None = None,
+    sparse_leaves: Mask | None = None,
+    key: int | jax.Array = 0,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by SPAM's moment estimates (Huang et al., 2025, Algorithm 1).
 
     At the 0-based step :math:`k` (:math:`t = k + 1`), the moments restart from zero where
@@ -438,6 +454,32 @@ def scale_by_spam() -> None:
     :math:`s_k = 1 - 0.99 (1 + \cos(\pi c / (W + 1))) / 2` (0.01 at the reset itself), else 1.
     Complex gradients clip to :math:`g/|g|` times the bound.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to :math:`\sqrt{v_t}`, >= 0 (the authors' default 1e-6).
+      threshold: :math:`\theta`, the spike bound as a multiple of the second moment, >= 0 (0: no
+        clipping).
+      delta_t: :math:`\Delta T`, steps between momentum resets, an integer >= 1 (the authors'
+        ``DeltaT``).
+      warmup_steps: :math:`W`, steps of the cosine warm-up after a reset, an integer >= 0 (the
+        authors' ``warmup_steps``, ``--warmup_epoch`` on their command line).
+      grad_accu_steps: :math:`A`, steps after a reset (and after the start) before spikes are
+        clipped, an integer >= 0.
+      correct_bias: scale by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`; of a sparse leaf, its vector of sampled entries: not a
+        reducing storage).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      density: sparse moments (the authors' ``density`` groups): each sparse leaf keeps moments for
+        ``int(density * size)`` of its entries, drawn at random at the first step and anew at each
+        reset, and only those entries move; in (0, 1], or ``None`` (dense moments, the default). It
+        sets the state's shapes, so ``optax.inject_hyperparams`` needs it in ``static_args`` under a
+        jitted ``init``.
+      sparse_leaves: which leaves are sparse (a tree of bools or a callable of the params, depending
+        on their structure and shapes only); ``None``: every matrix (2-D leaf).
+      key: the ``jax.random`` key (or an int seed) the sampled entries are drawn from.
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``, or with
       ``density`` :class:`adam_jax.ScaleBySpamState`.
@@ -449,10 +491,45 @@ def scale_by_spam() -> None:
       >>> print(jnp.round(updates, 3))  # the first step: about the sign of g
       [ 1. -1.]
     """
+    return scale_by_rule(
+        SpamRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            threshold=threshold,
+            delta_t=delta_t,
+            warmup_steps=warmup_steps,
+            grad_accu_steps=grad_accu_steps,
+            correct_bias=correct_bias,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            density=density,
+            sparse_leaves=sparse_leaves,
+            key=key,
+        ),
+    )
 
 
-@hyperparams.optimizer(scale_by_spam, decay=True)
-def spam() -> None:
+def spam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-6,
+    *,
+    threshold: float | jax.Array = 5000.0,
+    delta_t: int = 500,
+    warmup_steps: int = 150,
+    grad_accu_steps: int = 20,
+    correct_bias: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    density: float | None = None,
+    sparse_leaves: Mask | None = None,
+    key: int | jax.Array = 0,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""SPAM (Huang et al., 2025), as the authors' ``SPAM`` optimizer on dense params.
 
     With :math:`u_t` the direction of :func:`adam_jax.scale_by_spam` and :math:`\gamma_k`,
@@ -476,6 +553,37 @@ def spam() -> None:
     its redraws keep each entry with probability ``density`` (a count that varies; here the
     initial count), and its decay of a sparse group is lost (``p.data[mask].add_`` shrinks a
     copy; here the sampled entries decay).
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to :math:`\sqrt{v_t}`, >= 0 (the authors' default 1e-6).
+      threshold: :math:`\theta`, the spike bound as a multiple of the second moment, >= 0 (0: no
+        clipping).
+      delta_t: :math:`\Delta T`, steps between momentum resets, an integer >= 1 (the authors'
+        ``DeltaT``).
+      warmup_steps: :math:`W`, steps of the cosine warm-up after a reset, an integer >= 0 (the
+        authors' ``warmup_steps``, ``--warmup_epoch`` on their command line).
+      grad_accu_steps: :math:`A`, steps after a reset (and after the start) before spikes are
+        clipped, an integer >= 0.
+      correct_bias: scale by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`; of a sparse leaf, its vector of sampled entries: not a
+        reducing storage).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      density: sparse moments (the authors' ``density`` groups): each sparse leaf keeps moments for
+        ``int(density * size)`` of its entries, drawn at random at the first step and anew at each
+        reset, and only those entries move; in (0, 1], or ``None`` (dense moments, the default). It
+        sets the state's shapes, so ``optax.inject_hyperparams`` needs it in ``static_args`` under a
+        jitted ``init``.
+      sparse_leaves: which leaves are sparse (a tree of bools or a callable of the params, depending
+        on their structure and shapes only); ``None``: every matrix (2-D leaf).
+      key: the ``jax.random`` key (or an int seed) the sampled entries are drawn from.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState`` (with
@@ -502,6 +610,29 @@ def spam() -> None:
       >>> print(int((updates != 0).sum()), state[-1].mu.shape, state[-1].entries.shape)
       4 (4,) (4,)
     """
+    return optax.chain(
+        *ascent(maximize),
+        scale_by_rule(
+            SpamRule(
+                learning_rate=learning_rate,
+                b1=b1,
+                b2=b2,
+                eps=eps,
+                threshold=threshold,
+                delta_t=delta_t,
+                warmup_steps=warmup_steps,
+                grad_accu_steps=grad_accu_steps,
+                correct_bias=correct_bias,
+                mu_dtype=mu_dtype,
+                nu_dtype=nu_dtype,
+                density=density,
+                sparse_leaves=sparse_leaves,
+                key=key,
+            ),
+            weight_decay=weight_decay,
+            mask=mask,
+        ),
+    )
 
 
 REGISTRY_ROWS = (

@@ -15,11 +15,13 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax._src import hyperparams, validation
+from adam_jax._src.chains import descend
 from adam_jax._src.moments import AdamLikeRule
 from adam_jax._src.moving_average import moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf
+from adam_jax._src.rule import Leaf, scale_by_rule
+from adam_jax._src.weight_decay import Mask
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,8 +56,16 @@ class StableAdamwRule(AdamLikeRule):
         return update / jnp.maximum(1.0, rms), {"mu": mu, "nu": nu}
 
 
-@hyperparams.transformation(StableAdamwRule, positional=("b1", "b2", "eps"), decay=True)
-def scale_by_stable_adam() -> None:
+def scale_by_stable_adam(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.99,
+    eps: float | jax.Array = 1e-6,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by StableAdamW's clipped moment estimates (Wortsman et al., 2023).
 
     .. math::
@@ -71,6 +81,17 @@ def scale_by_stable_adam() -> None:
     :class:`adam_jax.FlatParams`). The clipping divides the decay term too, as torch-optimi's
     ``StableAdamW`` (whose arithmetic and defaults this is) scales its learning rate.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator, and its square floors :math:`v_t` in the RMS, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+
     Returns:
       An ``optax.GradientTransformation`` with state ``optax.ScaleByAdamState``.
 
@@ -83,14 +104,31 @@ def scale_by_stable_adam() -> None:
       >>> print(jnp.round(updates, 3).tolist())  # the spike makes RMS 1.117: all steps shrink
       [0.671, 0.895, 0.895, 0.895]
     """
+    return scale_by_rule(
+        StableAdamwRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        weight_decay=weight_decay,
+        mask=mask,
+    )
 
 
-@hyperparams.optimizer(
-    scale_by_stable_adam,
-    positional=("b1", "b2", "eps", "weight_decay", "mask"),
-    defaults={"weight_decay": 1e-2},
-)
-def stable_adamw() -> None:
+def stable_adamw(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.99,
+    eps: float | jax.Array = 1e-6,
+    weight_decay: optax.ScalarOrSchedule = 0.01,
+    mask: Mask | None = None,
+    *,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""StableAdamW: AdamW whose step, decay included, is divided per tensor by
     :math:`\max(1, \mathrm{RMS}(g_t/\sqrt{v_t}))`.
 
@@ -102,6 +140,19 @@ def stable_adamw() -> None:
     arithmetic and defaults of ``optimi.StableAdamW`` (torch-optimi, the reference
     implementation: the paper gives no code), whose weight decay is scaled by the learning rate
     as here.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominator, and its square floors :math:`v_t` in the RMS, >= 0.
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment, as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``.
@@ -119,6 +170,19 @@ def stable_adamw() -> None:
       >>> print(jnp.round(updates, 4))  # -0.1 * (sign(g) + 0.5 * 2); RMS = 1: no clipping
       [-0.2  0. ]
     """
+    return descend(
+        learning_rate,
+        scale_by_stable_adam(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            weight_decay=weight_decay,
+            mask=mask,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

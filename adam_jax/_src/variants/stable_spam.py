@@ -18,11 +18,13 @@ import optax
 
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.block_mean import block_means
+from adam_jax._src.chains import descend
 from adam_jax._src.moving_average import moving_average, moving_average_terms
 from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
+from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import MomentStorage
+from adam_jax._src.weight_decay import Mask
 
 
 class ScaleByStableSpamState(NamedTuple):
@@ -266,8 +268,24 @@ class StableSpamRule(MomentRule):
         return {name: value for name, value in state._asdict().items() if value is not None}
 
 
-@hyperparams.transformation(StableSpamRule, positional=("b1", "b2", "eps"), decay=True)
-def scale_by_stable_spam() -> None:
+def scale_by_stable_spam(
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    *,
+    gamma1: float | jax.Array = 0.7,
+    gamma2: float | jax.Array = 0.9,
+    gamma3: float | jax.Array = 0.999,
+    total_t: int | None = None,
+    eta_min: float | jax.Array = 0.5,
+    update_proj_gap: int = 1000,
+    amsgrad: bool = False,
+    restart_norm_count: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+) -> optax.GradientTransformation:
     r"""Rescales gradients by Stable-SPAM's estimates (Huang et al., 2025, Algorithm 1).
 
     Per tensor, at the 1-based step :math:`t`, with :math:`n` the steps since the last
@@ -293,6 +311,28 @@ def scale_by_stable_spam() -> None:
     with :math:`T` = ``total_t``, :math:`\eta` = ``eta_min``. ``amsgrad=True`` divides by the
     running maximum of :math:`v` (never reset) instead.
 
+    Args:
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominators (the moments' and the norm scaling's), >= 0.
+      gamma1: :math:`\gamma_1`, decay of the norm's average, in [0, 1), or -1 for ``b1``.
+      gamma2: :math:`\gamma_2`, decay of the squared norm's average, in [0, 1).
+      gamma3: :math:`\gamma_3`, decay of the largest entry's average (the authors' ``theta``), in
+        [0, 1).
+      total_t: :math:`T`, the steps of the cosine decay of :math:`\gamma_1` and :math:`\beta_1` (the
+        run's length), an integer >= 1, or ``None`` for none.
+      eta_min: :math:`\eta`, the cosine's floor, in [0, 1].
+      update_proj_gap: steps between moment resets, an integer >= 0 (0: no resets).
+      amsgrad: divide by the running maximum of the second moment.
+      restart_norm_count: the bias corrections of :math:`M`, :math:`a` and :math:`b` count from each
+        reset, as the authors' code does (``False``: from the start).
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment (and its maximum), as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+
     Returns:
       An ``optax.GradientTransformation`` with state :class:`ScaleByStableSpamState`.
 
@@ -303,10 +343,47 @@ def scale_by_stable_spam() -> None:
       >>> print(jnp.round(updates, 3))  # the first step is the sign of the gradient
       [ 1. -1.]
     """
+    return scale_by_rule(
+        StableSpamRule(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            gamma1=gamma1,
+            gamma2=gamma2,
+            gamma3=gamma3,
+            total_t=total_t,
+            eta_min=eta_min,
+            update_proj_gap=update_proj_gap,
+            amsgrad=amsgrad,
+            restart_norm_count=restart_norm_count,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+        ),
+        weight_decay=weight_decay,
+        mask=mask,
+    )
 
 
-@hyperparams.optimizer(scale_by_stable_spam)
-def stable_spam() -> None:
+def stable_spam(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float | jax.Array = 0.9,
+    b2: float | jax.Array = 0.999,
+    eps: float | jax.Array = 1e-8,
+    *,
+    gamma1: float | jax.Array = 0.7,
+    gamma2: float | jax.Array = 0.9,
+    gamma3: float | jax.Array = 0.999,
+    total_t: int | None = None,
+    eta_min: float | jax.Array = 0.5,
+    update_proj_gap: int = 1000,
+    amsgrad: bool = False,
+    restart_norm_count: bool = True,
+    mu_dtype: Any = None,
+    nu_dtype: Any = None,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+    maximize: bool = False,
+) -> optax.GradientTransformation:
     r"""Stable-SPAM (Huang et al., 2025), as the authors' ``StableSPAM``.
 
     With :math:`u_t` the direction of :func:`adam_jax.scale_by_stable_spam` and
@@ -316,6 +393,30 @@ def stable_spam() -> None:
     (``eps=1e-8``, ``gamma1=0.7``, ``gamma2=0.9``, ``gamma3=0.999``, ``eta_min=0.5``,
     ``update_proj_gap=1000``); their README sets ``total_t`` to the run's steps for language
     models. The statistics are per tensor, as the authors keep them per param.
+
+    Args:
+      learning_rate: a constant >= 0 or a schedule of the 0-based step.
+      b1: decay of the first moment, in [0, 1).
+      b2: decay of the second moment, in [0, 1).
+      eps: added to the denominators (the moments' and the norm scaling's), >= 0.
+      gamma1: :math:`\gamma_1`, decay of the norm's average, in [0, 1), or -1 for ``b1``.
+      gamma2: :math:`\gamma_2`, decay of the squared norm's average, in [0, 1).
+      gamma3: :math:`\gamma_3`, decay of the largest entry's average (the authors' ``theta``), in
+        [0, 1).
+      total_t: :math:`T`, the steps of the cosine decay of :math:`\gamma_1` and :math:`\beta_1` (the
+        run's length), an integer >= 1, or ``None`` for none.
+      eta_min: :math:`\eta`, the cosine's floor, in [0, 1].
+      update_proj_gap: steps between moment resets, an integer >= 0 (0: no resets).
+      amsgrad: divide by the running maximum of the second moment.
+      restart_norm_count: the bias corrections of :math:`M`, :math:`a` and :math:`b` count from each
+        reset, as the authors' code does (``False``: from the start).
+      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
+        :class:`adam_jax.MomentStorage`).
+      nu_dtype: storage of the second moment (and its maximum), as ``mu_dtype``.
+      weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
+        step.
+      mask: which leaves to decay (a tree of bools or a callable of the params).
+      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
 
     Returns:
       An ``optax.GradientTransformation``: the chain of :func:`adam_jax.scale_by_stable_spam`
@@ -334,6 +435,27 @@ def stable_spam() -> None:
       >>> print(params + updates)  # (1 - 0.1 * 0.5) * params - 0.1 sign(g)
       [ 0.85 -1.8 ]
     """
+    return descend(
+        learning_rate,
+        scale_by_stable_spam(
+            b1=b1,
+            b2=b2,
+            eps=eps,
+            gamma1=gamma1,
+            gamma2=gamma2,
+            gamma3=gamma3,
+            total_t=total_t,
+            eta_min=eta_min,
+            update_proj_gap=update_proj_gap,
+            amsgrad=amsgrad,
+            restart_norm_count=restart_norm_count,
+            mu_dtype=mu_dtype,
+            nu_dtype=nu_dtype,
+            weight_decay=weight_decay,
+            mask=mask,
+        ),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (
