@@ -1297,6 +1297,7 @@ def scale_by_soap(
     factor_dtype: Any = None,
     basis_dtype: Any = None,
     basis_rectification: int | None = None,
+    orthogonalization: str = "auto",
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask | None = None,
 ) -> optax.GradientTransformation:
@@ -1459,6 +1460,12 @@ def scale_by_soap(
         step's rotations of the gradient; ``0`` rotates by the decoded basis as it is. It fixes the
         compiled step: pass ``static_args=("basis_rectification",)`` to
         ``optax.inject_hyperparams``.
+      orthogonalization: how a refresh orthonormalizes the power iterate :math:`LQ`: ``"qr"``, the
+        authors' Householder QR; ``"cholesky_qr"``, Cholesky QR repeated until orthonormal, made of
+        batched products, Cholesky factorizations and triangular solves (the same Q up to its
+        columns' signs, which the update does not see); ``"auto"``: QR on the CPU (earlier versions'
+        results bit for bit), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
+        (docs/speed.md).
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
@@ -1506,6 +1513,7 @@ def scale_by_soap(
             factor_dtype=factor_dtype,
             basis_dtype=basis_dtype,
             basis_rectification=basis_rectification,
+            orthogonalization=orthogonalization,
         ),
         weight_decay=weight_decay,
         mask=mask,
@@ -1533,6 +1541,7 @@ def soap(
     factor_dtype: Any = None,
     basis_dtype: Any = None,
     basis_rectification: int | None = None,
+    orthogonalization: str = "auto",
     weight_decay: optax.ScalarOrSchedule = 0.01,
     mask: Mask | None = None,
     maximize: bool = False,
@@ -1598,6 +1607,12 @@ def soap(
         step's rotations of the gradient; ``0`` rotates by the decoded basis as it is. It fixes the
         compiled step: pass ``static_args=("basis_rectification",)`` to
         ``optax.inject_hyperparams``.
+      orthogonalization: how a refresh orthonormalizes the power iterate :math:`LQ`: ``"qr"``, the
+        authors' Householder QR; ``"cholesky_qr"``, Cholesky QR repeated until orthonormal, made of
+        batched products, Cholesky factorizations and triangular solves (the same Q up to its
+        columns' signs, which the update does not see); ``"auto"``: QR on the CPU (earlier versions'
+        results bit for bit), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
+        (docs/speed.md).
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
@@ -1644,6 +1659,7 @@ def soap(
             factor_dtype=factor_dtype,
             basis_dtype=basis_dtype,
             basis_rectification=basis_rectification,
+            orthogonalization=orthogonalization,
             weight_decay=weight_decay,
             mask=mask,
         ),
