@@ -62,6 +62,12 @@ from adam_jax._src.moving_average import (
 )
 from adam_jax._src.numerics import abs_sq, cast_scalar, compute_dtype, divide, real_dtype
 from adam_jax._src.offload import on_device
+from adam_jax._src.orthonormalization import (
+    ORTHOGONALIZATIONS,
+    cholesky_qr,
+    each_matrix,
+    orthonormal,
+)
 from adam_jax._src.rounding import raw_key
 from adam_jax._src.row_slices import in_row_slices, is_elementwise
 from adam_jax._src.rule import (
@@ -110,6 +116,7 @@ __all__ = [
     "Moment",
     "MomentRule",
     "MomentStorage",
+    "ORTHOGONALIZATIONS",
     "PerLeafStorage",
     "SegmentedStorage",
     "StepScalars",
@@ -134,9 +141,11 @@ __all__ = [
     "check_positive",
     "check_steps",
     "choice",
+    "cholesky_qr",
     "compute_dtype",
     "descend",
     "divide",
+    "each_matrix",
     "eps",
     "eps_root",
     "expand_mask",
@@ -154,6 +163,7 @@ __all__ = [
     "nesterov_mu_hat",
     "nu_dtype",
     "on_device",
+    "orthonormal",
     "partial",
     "raw_key",
     "real_dtype",

@@ -10,9 +10,9 @@ apart: how far the params drift apart. Also whether the compiled step holds the 
 call. Expected: codes within one step (Triton may contract a multiply and an add into an FMA,
 and divides approximately, where XLA does not).
 
-On a GPU it then times the kernel's step on one 16M leaf for a few tilings (elements a program
-steps, warps a program), interleaved with float32 Adam and the XLA 8-bit step, so that
-``fused.CHUNK_ELEMENTS`` and ``fused.NUM_WARPS`` can be set from a measurement.
+On a GPU it then times the kernel's step on one 16M leaf, interleaved with float32 Adam and the
+XLA 8-bit step. (A sweep of the kernel's tilings on an H100, 2026-11-26,
+``benchmarks/results/gpu_checks_h100.json``, found none faster than the XLA path.)
 
     python -m benchmarks.gpu_checks --out benchmarks/results/gpu_checks.json
 
@@ -34,7 +34,6 @@ import numpy as np
 import optax
 
 import adam_jax
-from adam_jax._src.quantization import fused
 from adam_jax.quantization import BlockwiseQuantized
 from benchmarks.harness import LR, Runner, adam_step, copy_tree, interleaved
 from benchmarks.models import params_and_grads
@@ -45,7 +44,6 @@ WARM_STEPS = 3
 DRIFT_STEPS = 20
 TRITON_CALL = "__gpu$xla.gpu.triton"
 TUNE_SIZE = 16_000_000
-TUNE_TILINGS = tuple((chunk, warps) for chunk in (1024, 2048, 4096, 8192) for warps in (4, 8))
 TUNE_REPEATS = 30
 
 
@@ -131,24 +129,9 @@ def check_shape(shape: tuple[int, ...], kernel: str) -> dict[str, Any]:
     return row
 
 
-def _tiled_step(tx: optax.GradientTransformation, chunk: int, warps: int) -> Any:
-    """The donating step of ``tx``, traced with the kernel's tiling set to ``(chunk, warps)``."""
-    step = adam_step(tx)
-
-    def tiled(params: Any, grads: Any, state: Any) -> Any:
-        saved = fused.CHUNK_ELEMENTS, fused.NUM_WARPS
-        fused.CHUNK_ELEMENTS, fused.NUM_WARPS = chunk, warps
-        try:
-            return step(params, grads, state)
-        finally:
-            fused.CHUNK_ELEMENTS, fused.NUM_WARPS = saved
-
-    return tiled
-
-
 def tune(kernel: str = "pallas") -> list[dict[str, Any]]:
-    """The kernel's step on one 16M leaf for each tiling, against float32 Adam and the XLA
-    8-bit step, in the same rounds (medians in ms, and over float32's)."""
+    """The kernel's step on one 16M leaf against float32 Adam and the XLA 8-bit step, in the
+    same rounds (medians in ms, and over float32's)."""
     params, grads = params_and_grads(1, TUNE_SIZE)
     runners = []
     for name, tx in (
@@ -158,10 +141,8 @@ def tune(kernel: str = "pallas") -> list[dict[str, Any]]:
         runners.append(Runner(name, adam_step(tx), copy_tree(params), grads, tx.init(params)))
     storages = [BlockwiseQuantized(signed=signed, kernel=kernel) for signed in (True, False)]
     fused_tx = adam_jax.adam(LR, mu_dtype=storages[0], nu_dtype=storages[1])
-    for chunk, warps in TUNE_TILINGS:
-        step = _tiled_step(fused_tx, chunk, warps)
-        name = f"kernel chunk={chunk} warps={warps}"
-        runners.append(Runner(name, step, copy_tree(params), grads, fused_tx.init(params)))
+    step = adam_step(fused_tx)
+    runners.append(Runner("kernel", step, copy_tree(params), grads, fused_tx.init(params)))
     interleaved(runners, TUNE_REPEATS)
     reference = runners[0]
     rows = []
@@ -182,7 +163,7 @@ def tune(kernel: str = "pallas") -> list[dict[str, Any]]:
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="write the rows as JSON here")
-    parser.add_argument("--no-tune", action="store_true", help="skip timing the tilings")
+    parser.add_argument("--no-tune", action="store_true", help="skip timing the kernel")
     args = parser.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     kernel = "pallas" if on_gpu else "interpret"

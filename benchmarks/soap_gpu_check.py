@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from adam_jax._src.orthonormalization import orthonormal
+from adam_jax.rules import orthonormal
 
 
 def _iterates(rng: np.random.Generator, n: int, d: int, rank: int, settled: bool) -> tuple:

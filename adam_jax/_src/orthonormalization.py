@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 #: The accepted values of SOAP's ``orthogonalization``.
-METHODS = ("auto", "qr", "cholesky_qr")
+ORTHOGONALIZATIONS = ("auto", "qr", "cholesky_qr")
 
 # Passes of Cholesky QR at most: a column-scaled power iterate of condition number up to
 # 1/eps needs about four (two shifted, two plain); the loop stops as soon as the columns are
@@ -135,7 +135,7 @@ def orthonormal(x: jax.Array, fallback: jax.Array, method: str) -> jax.Array:
     if method == "cholesky_qr":
         return each_matrix(cholesky_qr, x, fallback)
     if method != "auto":
-        raise ValueError(f"orthogonalization must be one of {METHODS}, got {method!r}")
+        raise ValueError(f"orthogonalization must be one of {ORTHOGONALIZATIONS}, got {method!r}")
     return jax.lax.platform_dependent(
         x,
         fallback,

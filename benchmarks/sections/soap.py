@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import optax
 
 import adam_jax
-from adam_jax._src.orthonormalization import each_matrix, orthonormal
+from adam_jax.rules import each_matrix, orthonormal
 from benchmarks.harness import LR, Row, Runner, Settings, copy_tree, interleaved
 from benchmarks.models import transformer_params
 

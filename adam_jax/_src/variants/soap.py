@@ -27,7 +27,7 @@ from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import compute_dtype
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.orthonormalization import METHODS, each_matrix, orthonormal
+from adam_jax._src.orthonormalization import ORTHOGONALIZATIONS, each_matrix, orthonormal
 from adam_jax._src.quantization.four_bit import FourBitBlockwise, FourBitRank1
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
 from adam_jax._src.storage import CastStorage, MomentStorage, cast_storage
@@ -795,7 +795,7 @@ class SoapRule(MomentRule):
         "solves (the same Q up to its columns' signs, which the update does not see); "
         '``"auto"``: QR on the CPU (earlier versions\' results bit for bit), Cholesky QR on '
         "GPU and TPU, where QR loops over a batch of blocks (docs/speed.md).",
-        hyperparams.choice(*METHODS),
+        hyperparams.choice(*ORTHOGONALIZATIONS),
     )
 
     # With stagger_refresh, per leaf of the updates (in flattening order), the index of its
