@@ -31,6 +31,7 @@ import adam_jax
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCS = REPO_ROOT / "docs"
+README = REPO_ROOT / "README.md"
 API_PAGE = DOCS / "api.rst"
 
 ALIASES = adam_jax.registry.names()
@@ -237,6 +238,16 @@ def test_page_code_runs(page: str, tmp_path: Path, monkeypatch: pytest.MonkeyPat
         # dont_inherit: the page runs as written, not under this module's __future__ imports.
         code = compile(block, f"docs/{page} [python block {index + 1}]", "exec", dont_inherit=True)
         exec(code, namespace)  # the page's own example code
+
+
+README_BLOCKS = [code for lang, _, code in _FENCE.findall(README.read_text()) if lang == "python"]
+
+
+@pytest.mark.parametrize("index", range(len(README_BLOCKS)))
+def test_each_readme_block_runs_alone(index: int) -> None:
+    """Each python block of README.md in a fresh namespace, as a reader pastes it alone."""
+    name = f"README.md [python block {index + 1}]"
+    exec(compile(README_BLOCKS[index], name, "exec", dont_inherit=True), {"__name__": "readme"})
 
 
 def test_zero1_example_runs_as_written() -> None:
