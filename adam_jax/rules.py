@@ -33,7 +33,7 @@ Example:
 """
 
 from adam_jax._src.aliases import adam_chain
-from adam_jax._src.branching import branch
+from adam_jax._src.branching import branch, switch
 from adam_jax._src.chains import ascent, descend
 from adam_jax._src.hyperparams import (
     Hyperparam,
@@ -176,5 +176,6 @@ __all__ = [
     "static_float",
     "step_scalars",
     "storages_for",
+    "switch",
     "typed_sharding",
 ]

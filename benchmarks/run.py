@@ -18,6 +18,8 @@ Sections (``--sections``; by default all, ``billion`` only on a GPU):
 * ``memory``: bytes per parameter of params + state and of the compiled step, per memory setting
 * ``memory_step_time``: step time of each memory setting against the 8-bit moments' step
 * ``soap``: SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share
+* ``soap_branches``: what a branch of the step costs, and SOAP's step with its phase chosen
+  once for the whole tree
 * ``soap_state``: SOAP's state bytes per parameter at GPT-2 small's shapes, per setting
 * ``soap_steps``: how evenly blocked SOAP's refreshes fall over its steps, staggered and not
 * ``offload``: device bytes and step time with the optimizer state in host memory
@@ -53,6 +55,7 @@ from benchmarks.sections import (
     offload,
     scaling,
     soap,
+    soap_branches,
     soap_state,
     soap_steps,
     state_bytes,
@@ -116,6 +119,10 @@ SECTIONS: dict[str, Section] = {
     "soap": Section(
         soap.run,
         "SOAP's step against adamw's on transformer matrices, the eigenbasis updates' share",
+    ),
+    "soap_branches": Section(
+        soap_branches.run,
+        "what a branch of the step costs, and SOAP's step with its phase chosen for the tree",
     ),
     "soap_state": Section(
         soap_state.run, "SOAP's state bytes per parameter at GPT-2 small's shapes, per setting"

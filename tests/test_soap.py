@@ -27,7 +27,7 @@ from references.common import make_problem, run_jax, run_reference
 from references.soap import RefSoap
 
 import adam_jax
-from adam_jax._src.variants.soap import SoapLayout
+from adam_jax._src.variants.soap import SoapLayout, SoapRule
 
 
 def _relative_error(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> float:
@@ -307,6 +307,60 @@ def test_blocked_bases_are_computed_one_matrix_at_a_time_on_cpu(stagger_refresh:
     exported = jax.export.export(jax.jit(tx.update), platforms=["cuda"])(params, state, params)
     on_gpu = _linear_algebra_operands(exported.mlir_module())
     assert any(re.fullmatch(r"tensor<\d+x8x8xf32>", t) for ts in on_gpu.values() for t in ts)
+
+
+def _branches(jaxpr: Any, depth: int = 0) -> list[tuple[int, int]]:
+    """(depth, branches) of each ``cond`` of ``jaxpr`` and the jaxprs inside it, but those of
+    ``lax.platform_dependent`` (resolved when the program is lowered for a platform)."""
+    found, producers = [], {}
+    for eqn in jaxpr.eqns:
+        producers.update({v: eqn.primitive.name for v in eqn.outvars})
+        if eqn.primitive.name == "cond" and producers.get(eqn.invars[0]) != "platform_index":
+            found.append((depth, len(eqn.params["branches"])))
+        for inner in jax.extend.core.jaxprs_in_params(eqn.params):
+            found += _branches(inner, depth + 1)
+    return found
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"block_size": 4}, {"stagger_refresh": True}, {"block_size": 4, "stagger_refresh": True}],
+    ids=["unblocked", "blocks", "staggered leaves", "staggered blocks"],
+)
+def test_one_branch_a_step_computes_what_a_branch_per_leaf_does(options: dict, x64: None) -> None:
+    """scale_by_soap chooses the step's phase once for the tree (one ``lax.switch``: the first
+    step, a step, a step then every refresh; the first two with ``stagger_refresh``, whose
+    leaves refresh at their own offsets); the rule given to ``scale_by_rule`` branches in each
+    leaf. Same updates and state to float64 rounding over a first step, refreshes and steps
+    between them, and no branch on the count left inside the tree's switch."""
+    params = {"a": jnp.ones((6, 4)), "b": jnp.ones((4, 3, 2)), "c": jnp.ones(4)}
+    tree = adam_jax.scale_by_soap(precondition_frequency=2, **options)
+    rule = SoapRule(precondition_frequency=2, **options)
+    if rule.stagger_refresh:
+        rule = rule.with_leaf_starts(params)
+    per_leaf = adam_jax.scale_by_rule(rule)
+    states = [tx.init(params) for tx in (tree, per_leaf)]
+    steps = [jax.jit(tx.update) for tx in (tree, per_leaf)]
+    for t in range(6):
+        grads = jax.tree.map(
+            lambda p, t=t: jnp.sin((t + 1.0) * jnp.cumsum(p).reshape(p.shape)), params
+        )
+        (u_tree, states[0]), (u_leaf, states[1]) = (
+            step(grads, state, params) for step, state in zip(steps, states, strict=True)
+        )
+        for ours, theirs in zip(
+            jax.tree.leaves((u_tree, states[0])), jax.tree.leaves((u_leaf, states[1])), strict=True
+        ):
+            np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    found = [
+        _branches(jax.make_jaxpr(tx.update)(params, state, params).jaxpr)
+        for tx, state in zip((tree, per_leaf), states, strict=True)
+    ]
+    if rule.stagger_refresh:  # the leaves' refreshes branch inside the step's phase
+        assert found[0][0] == (0, 2) and all(depth > 0 for depth, _ in found[0][1:])
+        assert len(found[0]) < len(found[1])
+    else:
+        assert found[0] == [(0, 3)]
 
 
 def _inner(state: Any) -> Any:

@@ -126,7 +126,7 @@ def each_matrix(fn: Any, *xs: jax.Array) -> jax.Array:
 def orthonormal(x: jax.Array, fallback: jax.Array, method: str) -> jax.Array:
     """The Q of the QR decomposition of a matrix ``(d, d)``, or of each of a batch, by
     ``method``: ``"qr"``, ``"cholesky_qr"``, or ``"auto"``: Householder QR on the CPU (the
-    authors' arithmetic and earlier versions' results bit for bit; neither method is faster
+    authors' arithmetic; neither method is faster
     there on both settings measured) and Cholesky QR on the accelerators (cuSOLVER's QR loops
     over a batch of blocks on a GPU: 34x slower there); docs/speed.md has the figures.
     ``fallback``: see :func:`cholesky_qr`."""

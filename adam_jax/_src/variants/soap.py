@@ -21,7 +21,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from adam_jax._src import hyperparams, validation
-from adam_jax._src.branching import branch
+from adam_jax._src.branching import branch, switch
 from adam_jax._src.chains import descend
 from adam_jax._src.flat import FlatParams
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
@@ -657,13 +657,20 @@ class _LeafBlocks:
 
 class SoapScalars(NamedTuple):
     """Per-step scalars of SOAP: the step count, Adam's weights and corrections at
-    :math:`t` = ``count``, the factors' weight :math:`1-\\beta_s` and whether the bases are
-    refreshed after this step."""
+    :math:`t` = ``count``, the factors' weight :math:`1-\\beta_s`, whether this step is the
+    first (which only initializes) and whether the bases are refreshed after it (Python
+    bools where the tree's phase is chosen before the leaves step)."""
 
     count: jax.Array  # type: ignore[assignment]  # (optax states name it so too)
     adam: StepScalars
     wg: Any
-    refresh: jax.Array
+    first: jax.Array | bool
+    refresh: jax.Array | bool
+
+
+#: The phases of a SOAP step, which :func:`scale_by_soap` chooses for the whole tree: the first
+#: step (which only initializes the bases), a step, a step after which every basis is refreshed.
+PHASES = ("first", "step", "refresh")
 
 
 def _check_shampoo_beta(name: str, value: Any) -> None:
@@ -793,7 +800,7 @@ class SoapRule(MomentRule):
         'authors\' Householder QR; ``"cholesky_qr"``, Cholesky QR repeated until '
         "orthonormal, made of batched products, Cholesky factorizations and triangular "
         "solves (the same Q up to its columns' signs, which the update does not see); "
-        '``"auto"``: QR on the CPU (earlier versions\' results bit for bit), Cholesky QR on '
+        '``"auto"``: QR on the CPU (the authors\' arithmetic), Cholesky QR on '
         "GPU and TPU, where QR loops over a batch of blocks (docs/speed.md).",
         hyperparams.choice(*ORTHOGONALIZATIONS),
     )
@@ -802,9 +809,11 @@ class SoapRule(MomentRule):
     # first refreshed block among those of the whole tree: set by scale_by_soap at each step
     # (see _scale_by_soap); without it (the rule given to scale_by_rule directly), a leaf's
     # blocks are numbered from the leaf's position.
-    leaf_starts: tuple[int, ...] | None = dataclasses.field(
-        default=None, init=False, repr=False, compare=False
-    )
+    leaf_starts: tuple[int, ...] | None = dataclasses.field(default=None, repr=False, compare=False)
+    # The step's phase where scale_by_soap has chosen it for the whole tree (one of PHASES):
+    # every leaf then takes that phase's branch as traced, with no branch of its own. None
+    # (the rule given to scale_by_rule directly): each leaf branches on the count.
+    phase: str | None = dataclasses.field(default=None, repr=False, compare=False)
 
     state_type = ScaleBySoapState
 
@@ -835,9 +844,7 @@ class SoapRule(MomentRule):
         for leaf in jax.tree.leaves(updates):
             starts.append(total)
             total += self.layout.refreshed_blocks(tuple(jnp.shape(leaf)))
-        rule = dataclasses.replace(self)
-        object.__setattr__(rule, "leaf_starts", tuple(starts))
-        return rule
+        return dataclasses.replace(self, leaf_starts=tuple(starts))
 
     def _leaf_start(self, leaf: Leaf) -> int:
         position = leaf.position or 0
@@ -850,7 +857,7 @@ class SoapRule(MomentRule):
         number = validation.static_float(self.precondition_frequency)
         return None if number is None else int(number)
 
-    def _due(self, scalars: SoapScalars, offset: Any) -> jax.Array:
+    def _due(self, scalars: SoapScalars, offset: Any) -> jax.Array | bool:
         """Whether the bases of blocks at refresh ``offset`` are refreshed after this step."""
         if not self.stagger_refresh:
             return scalars.refresh
@@ -900,8 +907,25 @@ class SoapRule(MomentRule):
         else:
             shampoo_beta = self.b2 if number < 0 else self.shampoo_beta
         wg = 1 - jnp.asarray(shampoo_beta, dtype)
-        refresh = (count > 0) & (count % self.precondition_frequency == 0)
-        return SoapScalars(count, step_scalars(self.b1, self.b2, t)(dtype), wg, refresh)
+        first: jax.Array | bool
+        refresh: jax.Array | bool
+        if self.phase is None:
+            first, refresh = count == 0, self.refreshes(count)
+        else:
+            first, refresh = self.phase == "first", self.phase == "refresh"
+        return SoapScalars(count, step_scalars(self.b1, self.b2, t)(dtype), wg, first, refresh)
+
+    def refreshes(self, count: jax.Array) -> jax.Array:
+        """Whether every basis is refreshed after step ``count`` (without ``stagger_refresh``)."""
+        return (count > 0) & (count % self.precondition_frequency == 0)
+
+    def phase_of(self, count: jax.Array) -> jax.Array:
+        """The index in :data:`PHASES` of step ``count``'s phase: the first step (which only
+        initializes), a step, a step that refreshes every basis after it (never with
+        ``stagger_refresh``, whose leaves and blocks refresh at their own offsets)."""
+        if self.stagger_refresh:
+            return jnp.where(count == 0, 0, 1)
+        return jnp.where(count == 0, 0, jnp.where(self.refreshes(count), 2, 1))
 
     def update(
         self, g: jax.Array, moments: dict[str, jax.Array], scalars: SoapScalars, leaf: Leaf
@@ -951,7 +975,7 @@ class SoapRule(MomentRule):
             moments,
             scalars,
             leaf,
-            branch(scalars.count == 0, initialize, adam_step, (mu, nu, q)),
+            branch(scalars.first, initialize, adam_step, (mu, nu, q)),
             _pack(factors, gg),
         )
 
@@ -986,7 +1010,7 @@ class SoapRule(MomentRule):
         mu, nu, bases) and the packed ``factors``."""
         u, mu, nu, q = stepped
         u = _like(u, g)
-        u = jnp.where(scalars.count == 0, jnp.zeros_like(u), leaf.add_decay(u))
+        u = jnp.where(scalars.first, jnp.zeros_like(u), leaf.add_decay(u))
         new = {
             "mu": _like(mu, moments["mu"]),
             "nu": _like(nu, moments["nu"]),
@@ -1066,7 +1090,7 @@ class SoapRule(MomentRule):
             moments,
             scalars,
             leaf,
-            branch(scalars.count == 0, initialize, adam_step, (mu, nu, q)),
+            branch(scalars.first, initialize, adam_step, (mu, nu, q)),
             factors,
         )
 
@@ -1261,20 +1285,23 @@ class SoapRule(MomentRule):
 
 
 def _scale_by_soap(rule: SoapRule, **others: Any) -> optax.GradientTransformation:
-    """The transformation of ``rule``; with ``stagger_refresh``, the blocks numbered across
-    the whole tree of each step's updates (their shapes are static, so the numbering is too)."""
-    tx = scale_by_rule(rule, **others)
-    if not rule.stagger_refresh:
-        return tx
+    """The transformation of ``rule``, its step's phase (:meth:`SoapRule.phase_of`) chosen
+    once for the whole tree: one branch a step, in which every leaf takes that phase's
+    arithmetic, where a branch per leaf would cost a GPU one synchronization with the host
+    each (docs/speed.md). With ``stagger_refresh``, the blocks numbered across the whole tree
+    of each step's updates (their shapes are static, so the numbering is too)."""
 
     def update_fn(
         updates: optax.Updates, state: Any, params: optax.Params | None = None
     ) -> tuple[optax.Updates, Any]:
-        return scale_by_rule(rule.with_leaf_starts(updates), **others).update(
-            updates, state, params
-        )
+        numbered = rule.with_leaf_starts(updates) if rule.stagger_refresh else rule
+        phases = [
+            scale_by_rule(dataclasses.replace(numbered, phase=phase), **others).update
+            for phase in PHASES[: 2 if rule.stagger_refresh else 3]
+        ]
+        return switch(rule.phase_of(state.count), phases, updates, state, params)
 
-    return optax.GradientTransformation(tx.init, update_fn)
+    return optax.GradientTransformation(scale_by_rule(rule, **others).init, update_fn)
 
 
 def scale_by_soap(
@@ -1340,7 +1367,7 @@ def scale_by_soap(
     unit norm, with a shift while the Gram matrix is far from the identity, and with a column
     that depends on the others (a rank-deficient factor's) completed by the previous basis; its
     Q is QR's up to the columns' signs, which leave the update unchanged. ``"auto"`` (the
-    default) takes QR on the CPU (earlier versions' results bit for bit; on the 2-core machine
+    default) takes QR on the CPU (the authors' arithmetic; on the 2-core machine
     neither method was faster on both settings measured) and Cholesky QR on GPU and TPU, where
     jaxlib's QR loops over a batch of blocks (on an H100 the blocks' Cholesky QRs took 1/34 of
     their QRs' time; docs/speed.md, "SOAP on a GPU").
@@ -1374,9 +1401,13 @@ def scale_by_soap(
 
     so every step refreshes about :math:`1/f` of the blocks, where without it every basis is
     refreshed after the steps :math:`t \equiv 0 \pmod f` and that step carries the whole
-    refresh. The default is ``False``: the authors' schedule, which keeps the updates of
-    earlier versions bit for bit; staggering changes when each basis turns (a block may
-    refresh as early as :math:`t = 1`), not how.
+    refresh. The default is ``False``: the authors' schedule; staggering changes when each
+    basis turns (a block may refresh as early as :math:`t = 1`), not how.
+
+    The step's phase (the first step, which only builds the bases; a step; a step after which
+    every basis is refreshed) is chosen once for the whole tree: one ``jax.lax.switch`` a step,
+    in whose branch every leaf takes that phase's arithmetic (a branch per leaf made the step
+    between refreshes twice as long on an H100: docs/speed.md, "One branch a step").
 
     Factors and bases are kept per leaf, flattened (state fields ``gg`` and ``q``), in the
     compute dtype (at least float32) by default. ``factor_dtype`` stores the factors in another
@@ -1405,10 +1436,10 @@ def scale_by_soap(
     blocks, each block's bases rounded as one row, which is the state's rounding where the storage's
     blocks of codes align with the blocks', as for ``block_size`` 128 and 8-bit or 4-bit codes of
     256 or 128 values); between refreshes the stored codes are kept as they are (the rectified basis
-    is not re-rounded). The defaults (``None``) keep earlier versions' state and updates bit for
-    bit. On Explicit meshes each leaf is preconditioned replicated (ZeRO-1 may shard the stored
-    state). ``FlatParams`` buffers and complex params are refused. Unlike the authors' code,
-    ``eigh`` and QR run in that compute dtype (the authors' in float32 whatever the params'), and
+    is not re-rounded). The defaults (``None``) store the factors and bases as computed. On
+    Explicit meshes each leaf is preconditioned replicated (ZeRO-1 may shard the stored state).
+    ``FlatParams`` buffers and complex params are refused. Unlike the authors' code, ``eigh``
+    and QR run in that compute dtype (the authors' in float32 whatever the params'), and
     their ``data_format`` (channels-last convolutions) is not offered: in JAX the layout is the
     param's.
 
@@ -1463,8 +1494,8 @@ def scale_by_soap(
       orthogonalization: how a refresh orthonormalizes the power iterate :math:`LQ`: ``"qr"``, the
         authors' Householder QR; ``"cholesky_qr"``, Cholesky QR repeated until orthonormal, made of
         batched products, Cholesky factorizations and triangular solves (the same Q up to its
-        columns' signs, which the update does not see); ``"auto"``: QR on the CPU (earlier versions'
-        results bit for bit), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
+        columns' signs, which the update does not see); ``"auto"``: QR on the CPU (the authors'
+        arithmetic), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
         (docs/speed.md).
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
@@ -1610,8 +1641,8 @@ def soap(
       orthogonalization: how a refresh orthonormalizes the power iterate :math:`LQ`: ``"qr"``, the
         authors' Householder QR; ``"cholesky_qr"``, Cholesky QR repeated until orthonormal, made of
         batched products, Cholesky factorizations and triangular solves (the same Q up to its
-        columns' signs, which the update does not see); ``"auto"``: QR on the CPU (earlier versions'
-        results bit for bit), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
+        columns' signs, which the update does not see); ``"auto"``: QR on the CPU (the authors'
+        arithmetic), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
         (docs/speed.md).
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
