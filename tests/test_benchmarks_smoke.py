@@ -637,3 +637,21 @@ def test_offload_section_times_a_leaf_whole_and_in_slices() -> None:
     (row,) = rows
     assert row["whole_median_ms"] > 0 and row["sliced_median_ms"] > 0
     assert row["ratio_vs_whole"] > 0 and row["repeats"] == 2
+
+
+def test_soap_branches_compares_programs_that_compute_the_same() -> None:
+    """The cond cycle and the selection cycle whose times give ``cond_us`` agree, and the row
+    has its figures."""
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from benchmarks.sections import soap_branches
+
+    arrays = [jnp.full((8,), float(i % 3) - 1.0) for i in range(5)]
+    by_cond, _ = jax.jit(soap_branches.branches)(arrays, None, jnp.zeros(()))
+    by_selection, _ = jax.jit(soap_branches.selections)(arrays, None, jnp.zeros(()))
+    np.testing.assert_array_equal(np.stack(by_cond), np.stack(by_selection))
+    assert not np.array_equal(np.stack(by_cond), np.stack(arrays))
+    row = soap_branches.measure_branch(repeats=2)
+    assert row["cycle_with_conds_ms"] > 0 and row["cycle_with_selections_ms"] > 0
