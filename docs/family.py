@@ -37,10 +37,13 @@ def _rows() -> tuple:
 
 def _public_objects(row) -> list[tuple[str, object]]:
     """The names a row adds to ``adam_jax`` and their objects: the optimizer, its moment
-    estimate and its companions (looked up in the optimizer's module)."""
+    estimate and its companions (looked up in the optimizer's module, or the package of a
+    variant written as one)."""
     import importlib
 
-    module = importlib.import_module(row.alias.__module__)
+    from adam_jax._src.registry import declaring_module
+
+    module = importlib.import_module(declaring_module(row.alias.__module__))
     named = [(row.name, row.alias)]
     if row.transformation is not None:
         named.append((row.transformation.__name__, row.transformation))
@@ -49,11 +52,15 @@ def _public_objects(row) -> list[tuple[str, object]]:
 
 
 def init_imports() -> str:
-    """``from <module> import <names>`` lines for every row's public names."""
+    """``from <module> import <names>`` lines for every row's public names (from the package of
+    a variant written as one, which re-exports them)."""
+    from adam_jax._src.registry import declaring_module
+
     by_module: dict[str, set[str]] = defaultdict(set)
     for row in _rows():
         for name, value in _public_objects(row):
-            by_module[getattr(value, "__module__", row.alias.__module__)].add(name)
+            module = getattr(value, "__module__", row.alias.__module__)
+            by_module[declaring_module(module)].add(name)
     lines = []
     for module in sorted(by_module):
         names = sorted(by_module[module])

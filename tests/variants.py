@@ -15,11 +15,14 @@ import importlib
 from variant_spec import Variant
 
 import adam_jax
+from adam_jax._src.registry import declaring_module
 
 
 def reference_module_name(name: str) -> str:
-    """The reference module of optimizer ``name``: ``references.<its adam_jax module>``."""
-    return "references." + adam_jax.registry.get(name).alias.__module__.rpartition(".")[2]
+    """The reference module of optimizer ``name``: ``references.<its adam_jax module>`` (of a
+    variant written as a package, the package's name)."""
+    module = declaring_module(adam_jax.registry.get(name).alias.__module__)
+    return "references." + module.rpartition(".")[2]
 
 
 def _collect() -> tuple[Variant, ...]:

@@ -40,6 +40,18 @@ OPTIMIZERS: tuple[OptimizerInfo, ...] = tuple(
 
 _BY_NAME = {info.name: info for info in OPTIMIZERS}
 
+_VARIANTS = "adam_jax._src.variants."
+
+
+def declaring_module(name: str) -> str:
+    """The module of :data:`MODULES` that an object of module ``name`` (its ``__module__``)
+    belongs to: ``name`` itself, or for a module of a variant written as a package
+    (``adam_jax._src.variants.soap.rule``) the package (``adam_jax._src.variants.soap``), which
+    re-exports its optimizer, moment estimate and ``REGISTRY_ROWS``."""
+    if name.startswith(_VARIANTS):
+        return _VARIANTS + name.removeprefix(_VARIANTS).split(".")[0]
+    return name
+
 
 def get(name: str) -> OptimizerInfo:
     """The row of optimizer ``name``.
