@@ -252,7 +252,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     from examples.common import launch
     from examples.common.errors import Interrupted, TrainingError
     from examples.lm import data, loop
-    from examples.lm.train import ConfigError, Trainer, make_mesh
+    from examples.lm.train import ConfigError, Trainer, make_mesh, placement_note
     from examples.mnist.console import progress_bar
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -277,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{dict(mesh.shape)} over {jax.process_count()} process(es), "
         f"{len(corpus.train):,} training bytes"
     )
+    if note := placement_note(config, dict(mesh.shape)):
+        console.print(note)
     with progress_bar(primary, console) as progress:
         task = progress.add_task("training", total=config.steps, status="")
 

@@ -6,7 +6,9 @@ both (each device sees its own windows). The params and the optimizer state are 
 ``fsdp`` (FSDP: each weight on the first dimension that ``fsdp`` divides, as
 :func:`adam_jax.sharding.with_data_axis` places it, so a device keeps ``1 / fsdp`` of them) and
 kept whole along ``data``; with ``zero1`` the optimizer state is split over ``data`` as well
-(:func:`adam_jax.sharding.state_shardings`). The model gathers each weight as it uses it
+(:func:`adam_jax.sharding.state_shardings`). SOAP with ``block_size`` spreads its blocks'
+factors and bases over the mesh axis of the most devices (:func:`spread_blocks`): each device
+keeps and refreshes its own. The model gathers each weight as it uses it
 (:func:`examples.lm.model.gathered`); XLA's partitioner writes the rest of the communication.
 With several processes (``jax.distributed``) the mesh spans the devices of all of them and
 every process runs the same code.
@@ -150,12 +152,15 @@ def matrices(params: Any) -> Any:
 
 
 def create_optimizer(
-    config: Config, learning_rate: optax.Schedule, optimizer: OptimizerFactory | None = None
+    config: Config,
+    learning_rate: optax.Schedule,
+    optimizer: OptimizerFactory | None = None,
+    mesh_shape: dict[str, int] | None = None,
 ) -> optax.GradientTransformation:
-    """``optimizer`` at ``learning_rate`` (default: :func:`registry_optimizer`), wrapped as
-    ``config.low_precision`` and ``config.offload_state`` ask."""
+    """``optimizer`` at ``learning_rate`` (default: :func:`registry_optimizer` on a mesh of
+    ``mesh_shape``), wrapped as ``config.low_precision`` and ``config.offload_state`` ask."""
     if optimizer is None:
-        tx = registry_optimizer(config, learning_rate)
+        tx = registry_optimizer(config, learning_rate, mesh_shape)
     else:
         tx = optimizer(learning_rate)
     tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
@@ -168,12 +173,16 @@ def create_optimizer(
 
 
 def registry_optimizer(
-    config: Config, learning_rate: optax.Schedule
+    config: Config, learning_rate: optax.Schedule, mesh_shape: dict[str, int] | None = None
 ) -> optax.GradientTransformation:
-    """The registry's ``config.optimizer`` with :data:`LM_OPTIONS` and ``config.options``."""
+    """The registry's ``config.optimizer`` with :data:`LM_OPTIONS` and ``config.options``; on
+    a mesh of ``mesh_shape`` (the sizes of :data:`AXES`), an optimizer that spreads its blocks
+    over a mesh axis (SOAP with ``block_size``) spreads them over :func:`block_axis`'s."""
     info = optimizer_info(config)
     accepted = inspect.signature(info.alias).parameters
     options = {k: v for k, v in LM_OPTIONS.items() if k in accepted} | dict(config.options)
+    if "block_axis" in accepted:
+        options = spread_blocks(options, mesh_shape)
     try:
         options |= optimizers.moment_storages(
             config.optimizer, config.moments, config.second_moment
@@ -196,6 +205,49 @@ def registry_optimizer(
         return info.alias(learning_rate, **options)
     except (TypeError, ValueError) as error:
         raise ConfigError(f"--opt: {error}") from error
+
+
+def block_axis(mesh_shape: dict[str, int]) -> str | None:
+    """The mesh axis that an optimizer's blocks are spread over (SOAP's ``block_axis``): the
+    axis of the most devices, ``fsdp`` on a tie; None on one device. The library spreads
+    blocks over one axis, so on ``data=D,fsdp=F`` each device keeps the factors and bases of
+    ``1 / max(D, F)`` of the blocks and the axis left out holds copies of them."""
+    axis = max(reversed(AXES), key=lambda name: mesh_shape.get(name, 1))
+    return axis if mesh_shape.get(axis, 1) > 1 else None
+
+
+def spread_blocks(options: dict[str, Any], mesh_shape: dict[str, int] | None) -> dict[str, Any]:
+    """``options`` of an optimizer that takes ``block_axis``, with the axis of
+    :func:`block_axis` where they give ``block_size`` and none: each device keeps and refreshes
+    its own blocks' factors and bases. ``--opt block_axis=AXIS`` (or ``None``: every device all
+    of them) is kept, checked against the mesh's axes."""
+    if "block_axis" in options:
+        axis = options["block_axis"]
+        if axis is not None and axis not in AXES:
+            raise ConfigError(
+                f"--opt block_axis={axis}: expected an axis of the mesh ({', '.join(AXES)}) or "
+                f"None (default: the axis of the most devices, with --opt block_size)"
+            )
+        return options
+    if options.get("block_size") is None or mesh_shape is None:
+        return options
+    axis = block_axis(mesh_shape)
+    return options if axis is None else options | {"block_axis": axis}
+
+
+def placement_note(config: Config, mesh_shape: dict[str, int]) -> str | None:
+    """One line for a run whose optimizer could split its factors over the mesh but will
+    not: SOAP without ``block_size`` on several devices keeps them whole on every device."""
+    if math.prod(mesh_shape.values()) == 1 or "block_size" in config.options:
+        return None
+    accepted = inspect.signature(optimizer_info(config).alias).parameters
+    if "block_axis" not in accepted:
+        return None
+    return (
+        f"note: {config.optimizer} keeps its factors and bases whole on every device; "
+        f"--opt block_size=N (blocks of N x N, e.g. 64) splits them over the mesh, each device "
+        f"keeping its own blocks"
+    )
 
 
 def option_type_problem(value: Any, default: Any) -> str | None:
@@ -226,7 +278,7 @@ class Trainer:
         self.config, self.mesh = config, mesh
         self.schedule_free = optimizer is None and optimizer_info(config).schedule_free
         self.schedule = schedule(config, self.schedule_free)
-        self.tx = create_optimizer(config, self.schedule, optimizer)
+        self.tx = create_optimizer(config, self.schedule, optimizer, dict(mesh.shape))
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(AXES))
 
         def create() -> nnx.Module:
