@@ -13,7 +13,8 @@ from the registry:
   namesake).
 
 ``python docs/family.py`` rewrites them after a new optimizer's module is added to
-``adam_jax._src.registry.MODULES``; ``tests/test_registry.py`` fails while any is stale.
+``adam_jax/_src/variants/`` (the registry finds it); ``tests/test_registry.py`` fails while any
+is stale.
 """
 
 from __future__ import annotations
