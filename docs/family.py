@@ -7,13 +7,14 @@ from the registry:
 * ``adam_jax/__init__.py``: the imports of every optimizer, its moment estimate and its
   companions, and ``__all__`` (every public name the module imports);
 * ``docs/api.rst``: the autosummary and autodoc entries of the optimizers and their moment
-  estimates;
+  estimates, and of the variants' states (with their fields);
 * ``README.md`` and ``docs/index.md``: the names of the modern family;
 * ``README.md``: the family table, a row per optimizer (its summary, paper and optax
   namesake).
 
 ``python docs/family.py`` rewrites them after a new optimizer's module is added to
-``adam_jax._src.registry.MODULES``; ``tests/test_registry.py`` fails while any is stale.
+``adam_jax/_src/variants/`` (the registry finds it); ``tests/test_registry.py`` fails while any
+is stale.
 """
 
 from __future__ import annotations
@@ -109,6 +110,21 @@ def api_moment_estimates() -> str:
     )
 
 
+def api_states() -> str:
+    """The variants' state types (the companions that are classes), each with its fields."""
+    states = [
+        (name, value)
+        for row in _rows()
+        if row.group == "variant"
+        for name, value in _public_objects(row)
+        if isinstance(value, type)
+    ]
+    summary = ".. autosummary::\n   :nosignatures:\n\n" + "".join(f"   {n}\n" for n, _ in states)
+    return summary + "\n" + "\n".join(
+        f".. autoclass:: {name}({', '.join(value._fields)})" for name, value in states
+    )
+
+
 def family_names() -> str:
     """The modern family by name, as prose."""
     names = [f"`{row.name}`" for row in _rows() if row.group == "variant"]
@@ -150,6 +166,7 @@ def _blocks() -> dict[str, tuple[str, str, dict[str, Callable[[str], str]]]]:
                 "adam": lambda _: api_adam(),
                 "variants": lambda _: api_variants(),
                 "moment estimates": lambda _: api_moment_estimates(),
+                "states": lambda _: api_states(),
             },
         ),
         "README.md": (

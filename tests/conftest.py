@@ -10,6 +10,10 @@
   depends on: the references are compared with tolerances, and the bit-for-bit tests compare
   programs compiled alike. The example programs that the tests start as processes inherit
   it; ``XLA_FLAGS`` set by hand wins.
+* One thread for OpenBLAS (``OPENBLAS_NUM_THREADS=1``), which runs jaxlib's CPU LAPACK kernels
+  (``eigh``, QR, Cholesky): its threads spin while they wait, so with the xdist workers and the
+  programs the tests start already on every core, a 256 x 256 QR took 1 s where one thread
+  takes 3 ms (SOAP's refreshes, on the 2-core machine under load).
 * One compilation per distinct program for the whole run: JAX's persistent compilation cache
   in a temporary folder that the xdist workers and the programs the tests start share (many
   tests build the same step: a trainer per test, a process per command-line test). An
@@ -37,6 +41,7 @@ OLD_EMITTERS = (
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8" + OLD_EMITTERS)
 if "xla_force_host_platform_device_count" not in os.environ["XLA_FLAGS"]:
     os.environ["XLA_FLAGS"] += " --xla_force_host_platform_device_count=8"
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 # The first process to import this file (xdist's controller, which starts the workers after
 # it) makes the folder; the workers and the subprocesses inherit the variables.
 CREATED_CACHE_DIR = None

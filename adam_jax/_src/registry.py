@@ -1,38 +1,36 @@
 """The registry of the Adam family: one row per optimizer, declared as ``REGISTRY_ROWS`` in the
-module that defines it and collected here, in the order of :data:`MODULES`. The tests' table,
+module that defines it and collected here, in the order of :data:`MODULES` (the variant modules
+found by name). The tests' table,
 the docs, the benchmarks and the example's ``--optimizer`` choices are derived from it or
 checked against it."""
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
+from types import ModuleType
 from typing import Any
 
 import optax
 
-from adam_jax._src import aliases
+from adam_jax._src import aliases, variants
 from adam_jax._src.optimizer_info import GROUPS, OptimizerInfo
-from adam_jax._src.variants import (
-    adabelief,
-    adam_atan2,
-    adam_mini,
-    ademamix,
-    adopt,
-    cautious,
-    grams,
-    lamb,
-    laprop,
-    mars,
-    radam,
-    schedule_free,
-    soap,
-    spam,
-    stable_adamw,
-    stable_spam,
-)
 
-#: The modules that declare optimizers, in registry order: a new optimizer's module is added here.
-MODULES = (aliases, adopt, ademamix, cautious, stable_adamw, adam_atan2, schedule_free, radam,
-           adabelief, lamb, adam_mini, laprop, grams, soap, mars, spam, stable_spam)  # fmt: skip
+
+def _variant_modules() -> tuple[ModuleType, ...]:
+    """The modules (or packages) of :mod:`adam_jax._src.variants` that declare
+    ``REGISTRY_ROWS``, by name: a new variant's module is found, not listed."""
+    found = []
+    for module_info in sorted(pkgutil.iter_modules(variants.__path__), key=lambda m: m.name):
+        module = importlib.import_module(f"{variants.__name__}.{module_info.name}")
+        if hasattr(module, "REGISTRY_ROWS"):
+            found.append(module)
+    return tuple(found)
+
+
+#: The modules that declare optimizers, in registry order: Adam's aliases, then every variant
+#: module in the order of their names.
+MODULES = (aliases, *_variant_modules())
 
 OPTIMIZERS: tuple[OptimizerInfo, ...] = tuple(
     row for module in MODULES for row in module.REGISTRY_ROWS

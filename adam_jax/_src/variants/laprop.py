@@ -88,6 +88,7 @@ class LapropRule(MomentRule):
     )
 
     state_type = ScaleByLapropState
+    rate_in_momentum = True
 
     def moments(self) -> tuple[Moment, ...]:
         mean = (Moment("mean", self.mu_dtype),) if self.centered else ()
