@@ -128,6 +128,19 @@ def test_spread_blocks_train_as_one_device(axis_type: str, placement: str) -> No
                         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
+def test_blocks_spread_over_two_axes_train_as_one_device(axis_type: str) -> None:
+    """``block_axis=("data", "fsdp")`` on a 2 x 4 mesh: the blocks dealt out over all 8
+    devices, an eighth of the factors and bases on each, the updates one device's."""
+    want, single, _ = _train(EVEN)
+    types = (AXIS_TYPES[axis_type],) * 2
+    mesh = jax.make_mesh((2, DEVICES // 2), ("data", "fsdp"), axis_types=types)
+    ours, state, _ = _train(EVEN, mesh, block_axis=("data", "fsdp"))
+    _assert_close(ours, want)
+    whole = sum(leaf.nbytes for leaf in jax.tree.leaves((single.gg, single.q)))
+    assert adam_jax.device_state_bytes((state.gg, state.q)) * DEVICES == whole
+
+
 def test_a_device_holds_and_computes_an_eighth_of_the_blocks() -> None:
     _, single, tx_single = _train(EVEN)
     mesh = _mesh("explicit")
@@ -176,8 +189,10 @@ def test_blocks_that_do_not_split_evenly_are_placed() -> None:
     ("options", "message"),
     [
         ({"block_axis": "data"}, "give block_size too"),
-        ({"block_axis": "", "block_size": 4}, "block_axis must be None or the name"),
-        ({"block_axis": 0, "block_size": 4}, "block_axis must be None or the name"),
+        ({"block_axis": "", "block_size": 4}, "block_axis must be None, the name"),
+        ({"block_axis": 0, "block_size": 4}, "block_axis must be None, the name"),
+        ({"block_axis": (), "block_size": 4}, "or a tuple of distinct names"),
+        ({"block_axis": ("data", "data"), "block_size": 4}, "or a tuple of distinct names"),
     ],
 )
 def test_bad_block_axis_is_refused_by_name(options: dict, message: str) -> None:
@@ -187,7 +202,7 @@ def test_bad_block_axis_is_refused_by_name(options: dict, message: str) -> None:
 
 def test_a_block_axis_the_mesh_lacks_is_refused_at_init() -> None:
     tx = adam_jax.soap(1e-2, block_size=16, block_axis="model")
-    with pytest.raises(ValueError, match="block_axis 'model' must be an axis of the mesh"):
+    with pytest.raises(ValueError, match="block_axis 'model' must name axes of the mesh"):
         tx.init(_tree(EVEN, 0))
     with jax.set_mesh(_mesh("explicit")), pytest.raises(ValueError, match="axes \\('data',\\)"):
         tx.init(_tree(EVEN, 0))

@@ -7,8 +7,8 @@ both (each device sees its own windows). The params and the optimizer state are 
 :func:`adam_jax.sharding.with_data_axis` places it, so a device keeps ``1 / fsdp`` of them) and
 kept whole along ``data``; with ``zero1`` the optimizer state is split over ``data`` as well
 (:func:`adam_jax.sharding.state_shardings`). SOAP with ``block_size`` spreads its blocks'
-factors and bases over the mesh axis of the most devices (:func:`spread_blocks`): each device
-keeps and refreshes its own. The model gathers each weight as it uses it
+factors and bases over every device of the mesh (:func:`spread_blocks`): each device keeps
+and refreshes its own. The model gathers each weight as it uses it
 (:func:`examples.lm.model.gathered`); XLA's partitioner writes the rest of the communication.
 With several processes (``jax.distributed``) the mesh spans the devices of all of them and
 every process runs the same code.
@@ -207,26 +207,29 @@ def registry_optimizer(
         raise ConfigError(f"--opt: {error}") from error
 
 
-def block_axis(mesh_shape: dict[str, int]) -> str | None:
-    """The mesh axis that an optimizer's blocks are spread over (SOAP's ``block_axis``): the
-    axis of the most devices, ``fsdp`` on a tie; None on one device. The library spreads
-    blocks over one axis, so on ``data=D,fsdp=F`` each device keeps the factors and bases of
-    ``1 / max(D, F)`` of the blocks and the axis left out holds copies of them."""
-    axis = max(reversed(AXES), key=lambda name: mesh_shape.get(name, 1))
-    return axis if mesh_shape.get(axis, 1) > 1 else None
+def block_axis(mesh_shape: dict[str, int]) -> str | tuple[str, ...] | None:
+    """The mesh axes that an optimizer's blocks are spread over (SOAP's ``block_axis``): every
+    axis of more than one device (a name for one, a tuple for both), so that on
+    ``data=D,fsdp=F`` each device keeps the factors and bases of ``1 / (D F)`` of the blocks;
+    None on one device."""
+    axes = tuple(name for name in AXES if mesh_shape.get(name, 1) > 1)
+    if not axes:
+        return None
+    return axes[0] if len(axes) == 1 else axes
 
 
 def spread_blocks(options: dict[str, Any], mesh_shape: dict[str, int] | None) -> dict[str, Any]:
-    """``options`` of an optimizer that takes ``block_axis``, with the axis of
+    """``options`` of an optimizer that takes ``block_axis``, with the axes of
     :func:`block_axis` where they give ``block_size`` and none: each device keeps and refreshes
-    its own blocks' factors and bases. ``--opt block_axis=AXIS`` (or ``None``: every device all
-    of them) is kept, checked against the mesh's axes."""
+    its own blocks' factors and bases. ``--opt block_axis=AXIS`` (one axis, the other's devices
+    holding copies; or ``None``: every device all of them) is kept, checked against the mesh's
+    axes."""
     if "block_axis" in options:
         axis = options["block_axis"]
         if axis is not None and axis not in AXES:
             raise ConfigError(
                 f"--opt block_axis={axis}: expected an axis of the mesh ({', '.join(AXES)}) or "
-                f"None (default: the axis of the most devices, with --opt block_size)"
+                f"None (default: every axis of the mesh, with --opt block_size)"
             )
         return options
     if options.get("block_size") is None or mesh_shape is None:

@@ -43,7 +43,7 @@ class _LeafBlocks:
     working: tuple[int, ...]
     shape: tuple[int, ...]
     slots: tuple[int, ...]
-    axis: str | None = None
+    axis: str | tuple[str, ...] | None = None
     devices: int = 1
 
     def split(self, x: jax.Array) -> list[jax.Array]:

@@ -58,7 +58,8 @@ class FactorStorage(MomentStorage):
             return stored
         # Each device's part of the vector (its blocks) on it; the stored form's other leaves
         # (the 8-bit scales) likewise where they split evenly.
-        axis = str(self.layout.block_axis)
+        axis = self.layout.block_axis
+        assert axis is not None  # devices > 1
         return jax.tree.map(
             lambda x: _spread(x, axis) if x.ndim and x.shape[0] % devices == 0 else x, stored
         )

@@ -108,7 +108,7 @@ class SoapLayout:
     merge_dims: bool
     precondition_1d: bool
     block_size: int | None = None
-    block_axis: str | None = None
+    block_axis: str | tuple[str, ...] | None = None
 
     @property
     def devices(self) -> int:

@@ -4,6 +4,8 @@ first dimension (:func:`_spread`), and the size of that axis (:func:`_axis_size`
 
 from __future__ import annotations
 
+import math
+
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
@@ -33,26 +35,30 @@ def _like(x: jax.Array, other: jax.Array) -> jax.Array:
     return reshard(x, typed_sharding(other))
 
 
-def _axis_size(axis: str) -> int:
-    """The size of mesh axis ``axis`` of the mesh set by ``jax.set_mesh``."""
+def _axis_size(axis: str | tuple[str, ...]) -> int:
+    """The devices of mesh axis ``axis`` (of each of a tuple of axes) of the mesh set by
+    ``jax.set_mesh``."""
     mesh = jax.sharding.get_abstract_mesh()
-    if axis not in mesh.axis_names:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    if not set(names) <= set(mesh.axis_names):
         raise ValueError(
-            f"block_axis {axis!r} must be an axis of the mesh set by jax.set_mesh(mesh) "
+            f"block_axis {axis!r} must name axes of the mesh set by jax.set_mesh(mesh) "
             f"around init and update, got a mesh with axes {mesh.axis_names}"
         )
-    return mesh.shape[axis]
+    return math.prod(mesh.shape[name] for name in names)
 
 
-def _spread(x: jax.Array, axis: str) -> jax.Array:
-    """``x`` with its first dimension split over mesh ``axis`` (of the mesh set by
-    ``jax.set_mesh``): in its type on an Explicit axis, constrained so on an Auto one, moved
+def _spread(x: jax.Array, axis: str | tuple[str, ...]) -> jax.Array:
+    """``x`` with its first dimension split over mesh ``axis`` (or a tuple of axes, of the mesh
+    set by ``jax.set_mesh``): in its type on Explicit axes, constrained so on Auto ones, moved
     so eagerly."""
     spec = PartitionSpec(axis)
     if not isinstance(x, jax.core.Tracer):
         return jax.device_put(x, NamedSharding(jax.sharding.get_mesh(), spec))
     mesh = jax.sharding.get_abstract_mesh()
     sharding = NamedSharding(mesh, spec)
-    if mesh.axis_types[mesh.axis_names.index(axis)] == jax.sharding.AxisType.Explicit:
+    names = axis if isinstance(axis, tuple) else (axis,)
+    explicit = jax.sharding.AxisType.Explicit
+    if all(mesh.axis_types[mesh.axis_names.index(name)] == explicit for name in names):
         return reshard(x, sharding)
     return jax.lax.with_sharding_constraint(x, sharding)

@@ -126,8 +126,14 @@ def _check_shampoo_beta(name: str, value: Any) -> None:
 
 
 def _check_axis_name(name: str, value: Any) -> None:
-    if value is not None and not (isinstance(value, str) and value):
-        raise ValueError(f"{name} must be None or the name of a mesh axis, got {value!r}")
+    names = value if isinstance(value, tuple) else (value,)
+    if value is not None and not (
+        names and all(isinstance(n, str) and n for n in names) and len(set(names)) == len(names)
+    ):
+        raise ValueError(
+            f"{name} must be None, the name of a mesh axis or a tuple of distinct names, "
+            f"got {value!r}"
+        )
 
 
 def _static_count(minimum: int) -> Any:
@@ -189,13 +195,14 @@ class SoapRule(MomentRule):
         '``static_args=("block_size",)`` to ``optax.inject_hyperparams``.',
         _static_count(1),
     )
-    block_axis: str | None = hyperparams.hyperparam(
+    block_axis: str | tuple[str, ...] | None = hyperparams.hyperparam(
         None,
         "the name of a mesh axis (of the mesh set by ``jax.set_mesh`` around ``init`` and "
-        "``update``) to spread each leaf's blocks over: a device keeps, accumulates, rotates "
-        "by and refreshes the factors and bases of its own blocks only (``ceil(n / devices)`` "
-        "of a leaf's ``n``); ``None``: every device all of them. Needs ``block_size``. With "
-        "``stagger_refresh``, each device refreshes its own blocks at their offsets.",
+        "``update``), or a tuple of names (their devices in row-major order), to spread each "
+        "leaf's blocks over: a device keeps, accumulates, rotates by and refreshes the factors "
+        "and bases of its own blocks only (``ceil(n / devices)`` of a leaf's ``n``); ``None``: "
+        "every device all of them. Needs ``block_size``. With ``stagger_refresh``, each device "
+        "refreshes its own blocks at their offsets.",
         _check_axis_name,
     )
     merge_dims: bool = hyperparams.hyperparam(

@@ -47,7 +47,7 @@ def scale_by_soap(
     stagger_refresh: bool = False,
     max_precond_dim: int | None = None,
     block_size: int | None = None,
-    block_axis: str | None = None,
+    block_axis: str | tuple[str, ...] | None = None,
     merge_dims: bool = False,
     precondition_1d: bool = False,
     normalize_grads: bool = False,
@@ -119,8 +119,9 @@ def scale_by_soap(
     matrices alike). Blocks of one shape are batched (one ``eigh``, QR or product per group
     of blocks, not per block).
 
-    With ``block_axis`` (a mesh axis of the mesh set by ``jax.set_mesh``), each leaf's blocks
-    of one shape are dealt out in order over the axis's devices, ``ceil(n / devices)`` each:
+    With ``block_axis`` (a mesh axis of the mesh set by ``jax.set_mesh``, or a tuple of axes:
+    ``("data", "fsdp")`` spreads over all the devices of a 2-D mesh), each leaf's blocks of one
+    shape are dealt out in order over the axis's devices, ``ceil(n / devices)`` each:
     a device keeps, accumulates, rotates by and refreshes its own blocks' factors and bases
     only (``jax.shard_map``), and the rotated gradient and the update are gathered into the
     leaf's shape for Adam's moments; the updates are those of one device.
@@ -197,10 +198,11 @@ def scale_by_soap(
         ``None``: no blocks. It fixes shapes: pass ``static_args=("block_size",)`` to
         ``optax.inject_hyperparams``.
       block_axis: the name of a mesh axis (of the mesh set by ``jax.set_mesh`` around ``init`` and
-        ``update``) to spread each leaf's blocks over: a device keeps, accumulates, rotates by and
-        refreshes the factors and bases of its own blocks only (``ceil(n / devices)`` of a leaf's
-        ``n``); ``None``: every device all of them. Needs ``block_size``. With ``stagger_refresh``,
-        each device refreshes its own blocks at their offsets.
+        ``update``), or a tuple of names (their devices in row-major order), to spread each leaf's
+        blocks over: a device keeps, accumulates, rotates by and refreshes the factors and bases of
+        its own blocks only (``ceil(n / devices)`` of a leaf's ``n``); ``None``: every device all
+        of them. Needs ``block_size``. With ``stagger_refresh``, each device refreshes its own
+        blocks at their offsets.
       merge_dims: merge consecutive dimensions of tensors of two or more dimensions while their
         product stays at most ``max_precond_dim`` (the authors' ``merge_dims``).
       precondition_1d: give 1-D leaves a factor too.
@@ -295,7 +297,7 @@ def soap(
     stagger_refresh: bool = False,
     max_precond_dim: int | None = None,
     block_size: int | None = None,
-    block_axis: str | None = None,
+    block_axis: str | tuple[str, ...] | None = None,
     merge_dims: bool = False,
     precondition_1d: bool = False,
     normalize_grads: bool = False,
@@ -344,10 +346,11 @@ def soap(
         ``None``: no blocks. It fixes shapes: pass ``static_args=("block_size",)`` to
         ``optax.inject_hyperparams``.
       block_axis: the name of a mesh axis (of the mesh set by ``jax.set_mesh`` around ``init`` and
-        ``update``) to spread each leaf's blocks over: a device keeps, accumulates, rotates by and
-        refreshes the factors and bases of its own blocks only (``ceil(n / devices)`` of a leaf's
-        ``n``); ``None``: every device all of them. Needs ``block_size``. With ``stagger_refresh``,
-        each device refreshes its own blocks at their offsets.
+        ``update``), or a tuple of names (their devices in row-major order), to spread each leaf's
+        blocks over: a device keeps, accumulates, rotates by and refreshes the factors and bases of
+        its own blocks only (``ceil(n / devices)`` of a leaf's ``n``); ``None``: every device all
+        of them. Needs ``block_size``. With ``stagger_refresh``, each device refreshes its own
+        blocks at their offsets.
       merge_dims: merge consecutive dimensions of tensors of two or more dimensions while their
         product stays at most ``max_precond_dim`` (the authors' ``merge_dims``).
       precondition_1d: give 1-D leaves a factor too.
