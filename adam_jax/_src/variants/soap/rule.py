@@ -462,6 +462,11 @@ class SoapRule(MomentRule):
         and the new moments, each in its stored form, from the branch's ``stepped`` (update,
         mu, nu, bases) and the packed ``factors``."""
         u, mu, nu, q = stepped
+        if scalars.first is True:
+            # The first step keeps nu's zeros, which a reducing storage keeps as the same zeros:
+            # settled as the later steps settle it (the core refuses a storage that reduces a
+            # moment the step does not settle).
+            leaf.settle("nu", nu)
         u = _like(u, g)
         u = jnp.where(scalars.first, jnp.zeros_like(u), leaf.add_decay(u))
         new = {
