@@ -4,7 +4,7 @@ optax namesake and the settings of the MNIST example), as ``timm.optim`` lists i
 Example:
   >>> import adam_jax
   >>> print(adam_jax.registry.names("variant")[:3])
-  ('adopt', 'ademamix', 'simplified_ademamix')
+  ('adabelief', 'adam_atan2', 'adam_mini')
   >>> info = adam_jax.registry.get("adopt")
   >>> print(info.paper.venue, info.optax_name)
   NeurIPS 2024 optax.contrib.adopt
