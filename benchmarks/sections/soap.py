@@ -189,7 +189,7 @@ def block_eighs(factors: Any, _: Any, unused: Any) -> tuple[Any, Any]:
     return jax.tree.map(each, factors), unused
 
 
-def _median_ratio(runner: Runner, reference: Runner) -> float:
+def median_ratio(runner: Runner, reference: Runner) -> float:
     """The median over rounds of ``runner``'s time over ``reference``'s in the same round."""
     return statistics.median(r / a for r, a in zip(runner.times, reference.times, strict=True))
 
@@ -285,39 +285,39 @@ def measure(widths: tuple[int, ...], repeats: int, layers: int = LAYERS) -> list
             "precondition_frequency": FREQUENCY,
             "adamw_ms_per_step": 1e3 * adamw.median / FREQUENCY,
             "soap_ms_per_step": 1e3 * soap.median / FREQUENCY,
-            "ratio_vs_adamw": _median_ratio(soap, adamw),
+            "ratio_vs_adamw": median_ratio(soap, adamw),
             "eigenbasis_share": statistics.median(
                 1 - n / s for n, s in zip(never.times, soap.times, strict=True)
             ),
             "block_size": BLOCK_SIZE,
             "block_soap_ms_per_step": 1e3 * blocked.median / FREQUENCY,
-            "block_ratio_vs_adamw": _median_ratio(blocked, adamw),
+            "block_ratio_vs_adamw": median_ratio(blocked, adamw),
             "block_eigenbasis_share": statistics.median(
                 1 - n / b for n, b in zip(blocked_never.times, blocked.times, strict=True)
             ),
             "block_state_bytes_per_param": state_bytes[blocked.name],
             "compressed_soap_ms_per_step": 1e3 * compressed.median / FREQUENCY,
-            "compressed_ratio_vs_adamw": _median_ratio(compressed, adamw),
+            "compressed_ratio_vs_adamw": median_ratio(compressed, adamw),
             "compressed_state_bytes_per_param": state_bytes[compressed.name],
             "unrectified_soap_ms_per_step": 1e3 * unrectified.median / FREQUENCY,
-            "unrectified_ratio_vs_adamw": _median_ratio(unrectified, adamw),
+            "unrectified_ratio_vs_adamw": median_ratio(unrectified, adamw),
             "practical_soap_ms_per_step": 1e3 * practical.median / FREQUENCY,
-            "practical_ratio_vs_adamw": _median_ratio(practical, adamw),
+            "practical_ratio_vs_adamw": median_ratio(practical, adamw),
             "practical_state_bytes_per_param": state_bytes[practical.name],
             "block_products_ms_per_step": 1e3 * products.median / FREQUENCY,
-            "block_products_ratio_vs_adamw": _median_ratio(products, adamw),
+            "block_products_ratio_vs_adamw": median_ratio(products, adamw),
             "block_products_params": sum(b.size for b in blocks.values()),
             "block_products_bfloat16_ms_per_step": 1e3 * products_bf16.median / FREQUENCY,
-            "block_products_bfloat16_ratio_vs_adamw": _median_ratio(products_bf16, adamw),
+            "block_products_bfloat16_ratio_vs_adamw": median_ratio(products_bf16, adamw),
             "block_qr_ms_per_step": 1e3 * qrs.median / FREQUENCY,
-            "block_qr_ratio_vs_adamw": _median_ratio(qrs, adamw),
+            "block_qr_ratio_vs_adamw": median_ratio(qrs, adamw),
             "block_qr_count": sum(2 * len(g) for g in blocks.values()),
             "other_orthogonalization": other,
-            "other_soap_ratio_vs_adamw": _median_ratio(soap_other, adamw),
-            "other_practical_ratio_vs_adamw": _median_ratio(practical_other, adamw),
+            "other_soap_ratio_vs_adamw": median_ratio(soap_other, adamw),
+            "other_practical_ratio_vs_adamw": median_ratio(practical_other, adamw),
             "block_cholesky_qr_ms_per_step": 1e3 * cholesky_qrs.median / FREQUENCY,
-            "block_cholesky_qr_ratio_vs_adamw": _median_ratio(cholesky_qrs, adamw),
-            "block_cholesky_qr_over_qr": _median_ratio(cholesky_qrs, qrs),
+            "block_cholesky_qr_ratio_vs_adamw": median_ratio(cholesky_qrs, adamw),
+            "block_cholesky_qr_over_qr": median_ratio(cholesky_qrs, qrs),
             # The first step's eigendecompositions, once a run (not per step).
             "block_eigh_ms": 1e3 * eighs.median,
             "repeats": repeats,

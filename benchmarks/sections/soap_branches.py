@@ -34,7 +34,15 @@ import jax.numpy as jnp
 import adam_jax
 from benchmarks.harness import LR, Row, Runner, Settings, copy_tree, interleaved
 from benchmarks.models import transformer_params
-from benchmarks.sections.soap import BLOCK_SIZE, FREQUENCY, LAYERS, NEVER, PRACTICAL, cycle
+from benchmarks.sections.soap import (
+    BLOCK_SIZE,
+    FREQUENCY,
+    LAYERS,
+    NEVER,
+    PRACTICAL,
+    cycle,
+    median_ratio,
+)
 
 WIDTHS = (64, 256)
 QUICK_WIDTHS = (16,)
@@ -68,10 +76,6 @@ def selections(arrays: Any, _: Any, state: jax.Array) -> tuple[Any, jax.Array]:
         return [jnp.where(x[0] > 0, _halved(x), _grown(x)) for x in arrays]
 
     return jax.lax.fori_loop(0, FREQUENCY, body, arrays), state
-
-
-def _median_ratio(runner: Runner, reference: Runner) -> float:
-    return statistics.median(r / a for r, a in zip(runner.times, reference.times, strict=True))
 
 
 def _share(never: Runner, refreshing: Runner) -> float:
@@ -137,7 +141,7 @@ def measure_soap(
     timed = [name for name in runners if name != "adamw"]
     for name in timed:
         row[f"{name}_ms_per_step"] = 1e3 * runners[name].median / FREQUENCY
-        row[f"{name}_ratio_vs_adamw"] = _median_ratio(runners[name], adamw)
+        row[f"{name}_ratio_vs_adamw"] = median_ratio(runners[name], adamw)
     if {"never", "soap"} <= set(runners):
         row["eigenbasis_share"] = _share(runners["never"], runners["soap"])
     if {"practical_never", "practical"} <= set(runners):
