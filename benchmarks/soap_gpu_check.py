@@ -3,7 +3,9 @@
     python -m benchmarks.soap_gpu_check
 
 Prints, for batches of power iterates as SOAP's blocks produce them (full rank, rank-deficient,
-rank one, and nearly parallel columns from an unsettled basis), in float32 on the default
+rank one, nearly parallel columns from an unsettled basis, and columns each nearly orthogonal
+to the others that span one dimension less, whose Gram matrix is singular though near the
+identity entry by entry), in float32 on the default
 device: how far each method's Q is from orthonormal, and how far Cholesky QR's Q is from
 Householder QR's (signs aligned); then 40 steps of SOAP (blocked, on a small tree) with each
 method, the largest difference between their params beside how far the params moved.
@@ -32,6 +34,13 @@ def _iterates(rng: np.random.Generator, n: int, d: int, rank: int, settled: bool
     return np.stack(xs), np.stack(olds)
 
 
+def _spanning_one_less(rng: np.random.Generator, n: int, d: int) -> tuple:
+    """Rotated columns of ``I - 1/d`` (inner products -1/(d - 1) at unit norm; rank d - 1)."""
+    rotations = [np.linalg.qr(rng.standard_normal((d, d)))[0] for _ in range(2 * n)]
+    x = np.stack([r @ (np.eye(d) - 1.0 / d) for r in rotations[:n]])
+    return x, np.stack(rotations[n:])
+
+
 def _orthonormality(q: np.ndarray) -> float:
     q = q.astype(np.float64)
     return float(np.max(np.abs(np.swapaxes(q, -1, -2) @ q - np.eye(q.shape[-1]))))
@@ -42,13 +51,17 @@ def main() -> None:
     print(f"device: {device.device_kind} ({jax.default_backend()}), jax {jax.__version__}")
     rng = np.random.default_rng(0)
     d, n = 128, 16
-    for name, rank, settled in [
-        ("full rank, settled", 2 * d, True),
-        ("rank 16, settled", 16, True),
-        ("rank one, settled", 1, True),
-        ("full rank, unsettled", 2 * d, False),
-    ]:
-        x, old = _iterates(rng, n, d, rank, settled)
+    cases = [
+        (name, *_iterates(rng, n, d, rank, settled))
+        for name, rank, settled in [
+            ("full rank, settled", 2 * d, True),
+            ("rank 16, settled", 16, True),
+            ("rank one, settled", 1, True),
+            ("full rank, unsettled", 2 * d, False),
+        ]
+    ]
+    cases.append(("spanning one less", *_spanning_one_less(rng, n, d)))
+    for name, x, old in cases:
         xj, oldj = jnp.asarray(x, jnp.float32), jnp.asarray(old, jnp.float32)
         qr = np.asarray(jax.jit(lambda a, b: orthonormal(a, b, "qr"))(xj, oldj))
         chol = np.asarray(jax.jit(lambda a, b: orthonormal(a, b, "cholesky_qr"))(xj, oldj))

@@ -91,6 +91,53 @@ def test_rank_deficient_power_iterates_give_orthonormal_bases(
         np.testing.assert_allclose(aligned, expected, rtol=0, atol=1e-8)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float64, jnp.float32])
+@pytest.mark.parametrize("d", [16, 64, 128])
+def test_columns_near_orthogonal_pairwise_that_span_one_dimension_less(
+    dtype: Any, d: int, x64: None
+) -> None:
+    """Power iterates whose columns are each nearly orthogonal to every other (inner products
+    -1/(d - 1) once scaled to unit norm) but span d - 1 dimensions: their Gram matrix is
+    singular though no entry of it is far from the identity's, as a 64 x 64 factor's was in the
+    language-model race (the setting to use with Cholesky QR went NaN at step 831). Scaled
+    columns, rotated, three to a batch: no NaN, orthonormal to 1e-12 (float64) and 1e-5
+    (float32), and the columns of ``x`` in the span of Q's."""
+    rng = np.random.default_rng(d)
+    centered = np.eye(d) - 1.0 / d  # every column orthogonal to the all-ones vector
+    x = np.stack(
+        [
+            np.linalg.qr(rng.standard_normal((d, d)))[0] @ centered * scales
+            for scales in (np.ones(d), rng.uniform(0.5, 2.0, d), np.logspace(0, -3, d))
+        ]
+    )
+    old = np.stack([np.linalg.qr(rng.standard_normal((d, d)))[0] for _ in range(3)])
+    q = np.asarray(jax.jit(cholesky_qr)(jnp.asarray(x, dtype), jnp.asarray(old, dtype)))
+    assert np.all(np.isfinite(q))
+    assert _orthonormality(q) < (1e-12 if dtype == jnp.float64 else 1e-5)
+    projected = q @ (np.swapaxes(q, -1, -2) @ x)
+    scale = np.max(np.abs(x))
+    np.testing.assert_allclose(
+        projected, x, rtol=0, atol=(1e-12 if dtype == jnp.float64 else 1e-5) * scale
+    )
+
+
+@pytest.mark.parametrize("scale", [2.0**-70, 2.0**70])
+def test_tiny_and_huge_power_iterates_get_the_same_bases(scale: float) -> None:
+    """A block that no gradient reaches (the embedding's rows of bytes a corpus never holds)
+    has factors of 1e-14 and less; their power iterate's squares underflow in float32 (the
+    setting to use with Cholesky QR went NaN at step 681 of a language-model race there), and
+    a huge one's overflow. Scaled by 2^-70 or 2^70, a batch of float32 power iterates (full
+    rank, rank 3, rank one) gets the bases of the unscaled ones, bit for bit."""
+    rng = np.random.default_rng(7)
+    pairs = [_power_iterate(rng, 64, rank, True) for rank in (128, 3, 1)]
+    x = jnp.asarray(np.stack([p[0] for p in pairs]), jnp.float32)
+    old = jnp.asarray(np.stack([p[1] for p in pairs]), jnp.float32)
+    orthonormalize = jax.jit(cholesky_qr)
+    expected = np.asarray(orthonormalize(x, old))
+    assert _orthonormality(expected) < 1e-5
+    np.testing.assert_array_equal(np.asarray(orthonormalize(x * scale, old)), expected)
+
+
 @pytest.mark.parametrize("case", list(SOAP.cases))
 def test_every_case_against_the_float64_reference(case: str, x64: None) -> None:
     options = SOAP.cases[case]

@@ -23,7 +23,11 @@ see):
   others: an orthonormal completion of the factor's range, as any is. While a Gram matrix is
   far from the identity the pass is shifted by :math:`s` of the order of its rounding (shifted
   Cholesky QR, Fukaya et al. 2020), so that its factorization cannot fail; the last passes are
-  not shifted.
+  not shifted. A Gram matrix whose entries are all near the identity's can still be singular
+  (64 unit columns, none more than 0.44 from orthogonal to another, that span 63 dimensions:
+  a factor of SOAP's in a language model, whose unshifted factorization failed): a pass also
+  takes the shifted factorization where the unshifted one is not finite or has a pivot below
+  1/2, the mark of a nearly dependent column.
 """
 
 from __future__ import annotations
@@ -40,8 +44,8 @@ ORTHOGONALIZATIONS = ("auto", "qr", "cholesky_qr")
 # 1/eps needs about four (two shifted, two plain); the loop stops as soon as the columns are
 # orthonormal, after two passes for a settled basis.
 _MAX_PASSES = 8
-# A Gram matrix further than this from the identity is factorized with a shift: below it,
-# plain Cholesky QR is stable (the condition number of the columns is at most sqrt(3)).
+# A Gram matrix with an entry further than this from the identity's is factorized with a
+# shift, and so is one whose unshifted Cholesky factor has a pivot below it.
 _SHIFTED_ABOVE = 0.5
 
 
@@ -73,6 +77,11 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
     """
     d = x.shape[-1]
     eps = jnp.finfo(x.dtype).eps
+    # Scaled by a power of two (exactly) to a largest entry between 1/2 and 1, so that the
+    # squares below neither underflow (a block that no gradient reaches has factors of 1e-14
+    # and less, whose power iterate's squares are flushed to zero) nor overflow.
+    _, exponent = jnp.frexp(jnp.max(jnp.abs(x), axis=(-2, -1), keepdims=True))
+    x = jnp.ldexp(x, -exponent)
     largest = jnp.max(jnp.sqrt(jnp.sum(jnp.square(x), axis=-2)), axis=-1)[..., None, None]
     # The previous basis at the scale of the product's rounding: a full-rank matrix whose QR
     # differs from the power iterate's by no more than its rounding does, where a column
@@ -91,8 +100,22 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
         # Of the order of the Gram matrix's rounding, relative to its largest eigenvalue
         # (at most its trace, d for unit columns).
         trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
-        shift = jnp.where(far > _SHIFTED_ABOVE, (d + 1) * eps * trace, 0)
-        lower = jnp.linalg.cholesky(gram + shift * eye)
+        shift = (d + 1) * eps * trace
+        unshifted = far <= _SHIFTED_ABOVE
+        lower = jnp.linalg.cholesky(gram + jnp.where(unshifted, 0, shift) * eye)
+        # A singular Gram matrix can have every entry near the identity's: its unshifted
+        # factor is then not finite, or has a small pivot.
+        pivots = jnp.diagonal(lower, axis1=-2, axis2=-1)
+        dependent = unshifted[..., 0, 0] & (
+            ~jnp.all(jnp.isfinite(lower), axis=(-2, -1)) | jnp.any(pivots < _SHIFTED_ABOVE, -1)
+        )
+        lower = jax.lax.cond(
+            jnp.any(dependent),
+            lambda: jnp.where(
+                dependent[..., None, None], jnp.linalg.cholesky(gram + shift * eye), lower
+            ),
+            lambda: lower,
+        )
         # q L^{-T}: the right division by R = L^T.
         q = jax.lax.linalg.triangular_solve(lower, q, left_side=False, lower=True, transpose_a=True)
         return q, _gram(q), passes + 1

@@ -97,7 +97,8 @@ def scale_by_soap(
     authors' Householder QR; ``"cholesky_qr"``, Cholesky QR (:math:`X \leftarrow X R^{-1}`,
     :math:`R^\top R = X^\top X`) repeated until the columns are orthonormal, made of batched
     products, Cholesky factorizations and triangular solves only, after scaling the columns to
-    unit norm, with a shift while the Gram matrix is far from the identity, and with a column
+    unit norm, with a shift while the Gram matrix is far from the identity or its unshifted
+    factorization fails or has a small pivot (a singular Gram matrix), and with a column
     that depends on the others (a rank-deficient factor's) completed by the previous basis; its
     Q is QR's up to the columns' signs, which leave the update unchanged. ``"auto"`` (the
     default) takes QR on the CPU (the authors' arithmetic; on the 2-core machine
