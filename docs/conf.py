@@ -7,6 +7,7 @@ Build (about ten seconds; the notebook is rendered, not executed):
 
 from __future__ import annotations
 
+import logging as std_logging
 import sys
 from pathlib import Path
 
@@ -86,6 +87,16 @@ def _check_api_coverage(app: Sphinx, env) -> None:
         )
 
 
+class _WithoutParserConfigurations(std_logging.Filter):
+    """Leaves out the lines in which myst and myst-nb print their whole parser configuration
+    (hundreds of characters each, at every build)."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        return "ParserConfig(" not in record.getMessage()
+
+
 def setup(app: Sphinx) -> dict[str, bool]:
     app.connect("env-check-consistency", _check_api_coverage)
+    for handler in std_logging.getLogger("sphinx").handlers:
+        handler.addFilter(_WithoutParserConfigurations())
     return {"parallel_read_safe": True}

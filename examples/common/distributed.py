@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -117,11 +118,42 @@ def join(args: argparse.Namespace) -> None:
     if args.num_processes > 1:
         # The CPU backend has no cross-process collectives of its own; gloo is JAX's.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        drop_native_lines(GLOO_LINE)
         initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
             process_id=args.process_id,
         )
+
+
+# The start of the line gloo prints on standard output, from its C++ code, for each group of
+# devices it connects ("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of
+# connected peer ranks is : 1"): several per process, interleaved with the program's output.
+GLOO_LINE = b"[Gloo] "
+
+
+def drop_native_lines(start: bytes) -> None:
+    """Leaves out of this process's standard output the lines that native code (C++) writes
+    there starting with ``start``. Python's output (``sys.stdout``, reopened on a copy of the
+    file descriptor) goes on to the same file as before, a terminal where it was one, so
+    progress bars behave as before; what native code writes to file descriptor 1 passes
+    through a pipe that a thread copies to that file, less those lines."""
+    sys.stdout.flush()
+    target = os.dup(1)
+    read, write = os.pipe()
+    os.dup2(write, 1)
+    os.close(write)
+    sys.stdout = open(  # noqa: SIM115 (the process's standard output, open until it ends)
+        target, "w", buffering=1, encoding=sys.stdout.encoding, errors=sys.stdout.errors
+    )
+
+    def copy() -> None:
+        with open(read, "rb") as native:
+            for line in native:
+                if not line.startswith(start):
+                    os.write(target, line)
+
+    threading.Thread(target=copy, name="native-stdout", daemon=True).start()
 
 
 # Seconds without a heartbeat after which the coordination service declares a process dead
