@@ -27,7 +27,7 @@ see):
   (64 unit columns, none more than 0.44 from orthogonal to another, that span 63 dimensions:
   a factor of SOAP's in a language model, whose unshifted factorization failed): a pass also
   takes the shifted factorization where the unshifted one is not finite or has a pivot below
-  1/2, the mark of a nearly dependent column.
+  1/2, the mark of a nearly dependent column (both are computed, and one selected).
 """
 
 from __future__ import annotations
@@ -109,12 +109,10 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
         dependent = unshifted[..., 0, 0] & (
             ~jnp.all(jnp.isfinite(lower), axis=(-2, -1)) | jnp.any(pivots < _SHIFTED_ABOVE, -1)
         )
-        lower = jax.lax.cond(
-            jnp.any(dependent),
-            lambda: jnp.where(
-                dependent[..., None, None], jnp.linalg.cholesky(gram + shift * eye), lower
-            ),
-            lambda: lower,
+        # Both factorizations, then a selection: a branch would cost a GPU a synchronization
+        # with the host in every pass.
+        lower = jnp.where(
+            dependent[..., None, None], jnp.linalg.cholesky(gram + shift * eye), lower
         )
         # q L^{-T}: the right division by R = L^T.
         q = jax.lax.linalg.triangular_solve(lower, q, left_side=False, lower=True, transpose_a=True)
