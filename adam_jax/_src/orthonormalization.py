@@ -101,19 +101,17 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
         # (at most its trace, d for unit columns).
         trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
         shift = (d + 1) * eps * trace
-        unshifted = far <= _SHIFTED_ABOVE
-        lower = jnp.linalg.cholesky(gram + jnp.where(unshifted, 0, shift) * eye)
+        plain = jnp.linalg.cholesky(gram)
+        shifted = jnp.linalg.cholesky(gram + shift * eye)
         # A singular Gram matrix can have every entry near the identity's: its unshifted
-        # factor is then not finite, or has a small pivot.
-        pivots = jnp.diagonal(lower, axis1=-2, axis2=-1)
-        dependent = unshifted[..., 0, 0] & (
-            ~jnp.all(jnp.isfinite(lower), axis=(-2, -1)) | jnp.any(pivots < _SHIFTED_ABOVE, -1)
+        # factor is then not finite, or has a small pivot. Both factorizations, then a
+        # selection: a branch would cost a GPU a synchronization with the host in every pass.
+        pivots = jnp.diagonal(plain, axis1=-2, axis2=-1)
+        dependent = ~jnp.all(jnp.isfinite(plain), axis=(-2, -1)) | jnp.any(
+            pivots < _SHIFTED_ABOVE, axis=-1
         )
-        # Both factorizations, then a selection: a branch would cost a GPU a synchronization
-        # with the host in every pass.
-        lower = jnp.where(
-            dependent[..., None, None], jnp.linalg.cholesky(gram + shift * eye), lower
-        )
+        use_shift = (far > _SHIFTED_ABOVE) | dependent[..., None, None]
+        lower = jnp.where(use_shift, shifted, plain)
         # q L^{-T}: the right division by R = L^T.
         q = jax.lax.linalg.triangular_solve(lower, q, left_side=False, lower=True, transpose_a=True)
         return q, _gram(q), passes + 1
