@@ -128,11 +128,19 @@ def is_storage_error(err: BaseException) -> bool:
 class Checkpoints:
     """The checkpoints in ``directory``, numbered by steps done; the newest ``keep`` are kept.
 
-    ``warn`` receives one line for each problem that the run survives.
+    ``warn`` receives one line for each problem that the run survives; ``describe`` names a
+    setting's value in the message of a resume whose settings differ (default: as its flag).
     """
 
-    def __init__(self, directory: Path, keep: int, warn: Callable[[str], None]):
+    def __init__(
+        self,
+        directory: Path,
+        keep: int,
+        warn: Callable[[str], None],
+        describe: Callable[[str, Any], str] | None = None,
+    ):
         self.warn = warn
+        self.describe = describe or as_flag
         self.options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             # A save returns once the checkpoint is complete on disk: "saved" means saved, and
@@ -289,7 +297,7 @@ class Checkpoints:
             and isinstance(run["settings"], dict)
         ):
             raise _Damaged(f"its {RUN} record lacks some of {', '.join(fields)}")
-        _check_settings(step, run["settings"], settings)
+        _check_settings(step, run["settings"], settings, self.describe)
         try:
             stored = self.manager.item_metadata(step)[STATE]
         except Exception as err:
@@ -393,19 +401,25 @@ def _structure_mismatch(stored: Any, target: Any) -> str | None:
     return None
 
 
-def _check_settings(step: int, stored: dict[str, Any], settings: dict[str, Any]) -> None:
+def _check_settings(
+    step: int,
+    stored: dict[str, Any],
+    settings: dict[str, Any],
+    describe: Callable[[str, Any], str],
+) -> None:
     for name, value in settings.items():
         # JSON has no tuples and turns every key into a string; compare through it.
         if name not in stored or json.loads(json.dumps(value)) != stored[name]:
-            was = _as_flag(name, stored.get(name))
+            was = describe(name, stored.get(name))
             raise SettingsMismatch(
                 f"cannot resume: the checkpoint of step {step} was written with {was}, this run "
-                f"has {_as_flag(name, value)}. Resume with the same setting, or add --restart "
+                f"has {describe(name, value)}. Resume with the same setting, or add --restart "
                 "to start over (the checkpoints stay until the new run's first checkpoint)"
             )
 
 
-def _as_flag(name: str, value: Any) -> str:
+def as_flag(name: str, value: Any) -> str:
+    """A setting as the flag that gives it: ``--name value``, ``--name`` or ``no --name``."""
     flag = "--" + name.replace("_", "-")
     if value is None or value is False:
         return f"no {flag}"

@@ -31,7 +31,7 @@ import numpy as np
 import adam_jax
 from examples.common import distributed
 from examples.common import metrics as metrics_lib
-from examples.common.checkpoints import Checkpoints
+from examples.common.checkpoints import Checkpoints, as_flag
 from examples.common.errors import Interrupted, NonFiniteError
 from examples.common.interrupts import StopRequests
 from examples.common.metrics import Metrics
@@ -63,9 +63,12 @@ class Run:
         self.trainer, self.corpus, self.options = trainer, corpus, options
         config = trainer.config
         # What a resume must match; the mesh may change (each array is read into this run's
-        # layout, whatever the layout it was written from).
+        # layout, whatever the layout it was written from), but not the number of devices that
+        # an optimizer's blocks are spread over: its vectors are laid out by device.
         settings = dataclasses.asdict(config)
         del settings["mesh"], settings["zero1"]
+        if trainer.block_devices is not None:
+            settings["block_devices"] = trainer.block_devices
         self.settings = json_safe(settings)
         self.session_start = time.perf_counter()
         self.elapsed_before = 0.0
@@ -80,7 +83,7 @@ class Run:
         if options.workdir is not None:
             self.workdir = Workdir(options.workdir)
             self.checkpoints = Checkpoints(
-                self.workdir.checkpoints_path, KEEP_CHECKPOINTS, options.warn
+                self.workdir.checkpoints_path, KEEP_CHECKPOINTS, options.warn, describe_setting
             )
 
     def begin(self) -> None:
@@ -212,6 +215,16 @@ class Run:
             None if self.checkpoints is None or saved is None else self.checkpoints.path(saved)
         )
         raise Interrupted(signum, self.step, f"of {self.trainer.config.steps}", checkpoint, saved)
+
+
+def describe_setting(name: str, value: Any) -> str:
+    """A setting as a resume's mismatch names it: as its flag, and the devices of the blocks
+    as the mesh sets them."""
+    if name != "block_devices":
+        return as_flag(name, value)
+    if value is None:
+        return "no record of the devices SOAP's blocks are spread over"
+    return f"SOAP's blocks spread over {value} device{'s' * (value != 1)} (--mesh)"
 
 
 def json_safe(value: Any) -> Any:

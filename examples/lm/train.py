@@ -238,6 +238,22 @@ def spread_blocks(options: dict[str, Any], mesh_shape: dict[str, int] | None) ->
     return options if axis is None else options | {"block_axis": axis}
 
 
+def block_devices(config: Config, mesh_shape: dict[str, int]) -> int | None:
+    """The devices the registry optimizer spreads its blocks over on a mesh of ``mesh_shape``
+    (SOAP with ``block_size``, :func:`spread_blocks`; 1: whole on every device), on which the
+    length and order of its factor and basis vectors depend; None for an optimizer without
+    blocks."""
+    accepted = inspect.signature(optimizer_info(config).alias).parameters
+    if "block_axis" not in accepted:
+        return None
+    options = spread_blocks(dict(config.options), mesh_shape)
+    if options.get("block_size") is None:
+        return None
+    axis = options.get("block_axis")
+    names = () if axis is None else (axis,) if isinstance(axis, str) else tuple(axis)
+    return math.prod(mesh_shape[name] for name in names)
+
+
 def placement_note(config: Config, mesh_shape: dict[str, int]) -> str | None:
     """One line for a run whose optimizer could split its factors over the mesh but will
     not: SOAP without ``block_size`` on several devices keeps them whole on every device."""
@@ -282,6 +298,7 @@ class Trainer:
         self.schedule_free = optimizer is None and optimizer_info(config).schedule_free
         self.schedule = schedule(config, self.schedule_free)
         self.tx = create_optimizer(config, self.schedule, optimizer, dict(mesh.shape))
+        self.block_devices = None if optimizer else block_devices(config, dict(mesh.shape))
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(AXES))
 
         def create() -> nnx.Module:

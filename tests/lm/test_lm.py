@@ -121,16 +121,32 @@ def factors_and_bases(opt_state) -> list[jax.Array]:
     ]
 
 
+def resumed(config: train.Config, corpus: data.Corpus, mesh: str, workdir: Path) -> loop.Run:
+    """A run of ``config`` on ``mesh`` that has continued from ``workdir``'s checkpoints."""
+    run = loop.Run(trainer_on(mesh, config), corpus, loop.RunOptions(workdir=workdir))
+    try:
+        run.begin()
+    finally:
+        assert run.checkpoints is not None
+        run.checkpoints.close()
+    return run
+
+
 @pytest.mark.slow
-def test_soap_blocks_split_over_the_mesh(corpus) -> None:
+def test_soap_blocks_split_over_the_mesh(corpus, tmp_path) -> None:
     """SOAP with --opt block_size on data=2,fsdp=4 --zero1: each device keeps its own blocks'
     factors and bases (over both axes: an eighth of them), the fullest device within 1.25x an
     even split, and the run trains as the same blocks kept whole on every device do (data=8,
     block_axis None). SOAP on a mesh differs from one device by more than float32 rounding, with its
     factors split or not (docs/language_model.md): the mesh's other rounding of the gradient
-    moves the eigenbases."""
+    moves the eigenbases. The run resumes on another mesh of 8 devices (data=8: the same
+    vectors); on 4 devices, whose vectors are laid out otherwise, it is refused as a setting
+    that differs, the checkpoint kept."""
     soap = {**vars(CONFIG), "optimizer": "soap", "options": {"block_size": 16}}
-    records, trainer = trained(train.Config(**{**soap, "zero1": True}), corpus, "data=2,fsdp=4")
+    workdir = tmp_path / "run"
+    records, trainer = trained(
+        train.Config(**{**soap, "zero1": True}), corpus, "data=2,fsdp=4", workdir=workdir
+    )
     whole_options = {"block_size": 16, "block_axis": None}
     reference, _ = trained(train.Config(**{**soap, "options": whole_options}), corpus, "data=8")
     np.testing.assert_allclose(losses(records), losses(reference), rtol=RTOL)
@@ -141,6 +157,13 @@ def test_soap_blocks_split_over_the_mesh(corpus) -> None:
         assert shard_fraction(leaf) == 1 / 8
     total = adam_jax.state_bytes(trainer.opt_state)
     assert adam_jax.device_state_bytes(trainer.opt_state) <= 1.25 * total / 8
+    config = train.Config(**soap)
+    with pytest.raises(SettingsMismatch, match="spread over 8 devices .*spread over 4 devices"):
+        resumed(config, corpus, "data=4", workdir)
+    run = resumed(config, corpus, "data=8", workdir)
+    assert run.step == CONFIG.steps
+    for got, want in zip(factors_and_bases(run.trainer.opt_state), spread, strict=True):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
 
 
 def test_soap_without_block_size_says_its_factors_stay_whole() -> None:
