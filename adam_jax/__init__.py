@@ -2,8 +2,12 @@
 
 The pieces (:func:`scale_by_adam`, :func:`scale_by_bias_correction`,
 :func:`scale_by_learning_rate`, :func:`add_decayed_weights`) chain with ``optax.chain``; the
-aliases (:func:`adam`, :func:`adamw`, ...) are such chains, with optax's state types.
+aliases (:func:`adam`, :func:`adamw`, ...) are such chains, with optax's state types. This
+module holds the optimizers, the wrappers and the storages; the toolkit for writing a rule of
+one's own is :mod:`adam_jax.rules`.
 """
+
+from typing import TYPE_CHECKING as _TYPE_CHECKING
 
 from adam_jax import flat, quantization, registry, rules, sharding
 from adam_jax._src.bias_correction import ScaleByBiasCorrectionState, scale_by_bias_correction
@@ -16,7 +20,6 @@ from adam_jax._src.learning_rate import scale_by_learning_rate
 from adam_jax._src.loss_spikes import SkipLossSpikesState, skip_loss_spikes
 from adam_jax._src.memory import device_state_bytes, state_bytes
 from adam_jax._src.moments import ScaleByAdamState, ScaleByAmsgradState
-from adam_jax._src.moving_average import moving_average_terms
 from adam_jax._src.offload import offload_state
 from adam_jax._src.rounding import (
     StochasticRoundingState,
@@ -24,7 +27,6 @@ from adam_jax._src.rounding import (
     stochastic_rounding,
 )
 from adam_jax._src.row_slices import step_in_slices
-from adam_jax._src.rule import Leaf, Moment, MomentRule, map_tensors, scale_by_rule
 from adam_jax._src.schedules import (
     inverse_sqrt_schedule,
     linear_warmup,
@@ -92,6 +94,29 @@ from adam_jax._src.variants.stable_spam import (
 
 __version__ = "0.4.0"
 
+# The rule toolkit's names that this module exported until 0.4, now in adam_jax.rules alone.
+_MOVED_TO_RULES = frozenset(
+    ("Leaf", "Moment", "MomentRule", "map_tensors", "moving_average_terms", "scale_by_rule")
+)
+
+if not _TYPE_CHECKING:  # a type checker keeps flagging unknown names, these included
+
+    def __getattr__(name: str) -> object:
+        """The names of :data:`_MOVED_TO_RULES` still resolve here, with a warning that names
+        where they live."""
+        if name in _MOVED_TO_RULES:
+            import warnings
+
+            warnings.warn(
+                f"adam_jax.{name} is adam_jax.rules.{name}: the rule toolkit left the top "
+                "level in 0.4, and the old name goes in 0.5",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            return getattr(rules, name)
+        raise AttributeError(f"module 'adam_jax' has no attribute {name!r}")
+
+
 # family: __all__
 __all__ = [
     "BlockMeanStorage",
@@ -103,9 +128,6 @@ __all__ = [
     "FourBitBlockwise",
     "FourBitRank1",
     "KahanSummationState",
-    "Leaf",
-    "Moment",
-    "MomentRule",
     "MomentStorage",
     "QuantizedArray",
     "ScaleByAdamState",
@@ -150,10 +172,8 @@ __all__ = [
     "lamb",
     "laprop",
     "linear_warmup",
-    "map_tensors",
     "mars",
     "masked",
-    "moving_average_terms",
     "nadam",
     "nadamw",
     "offload_state",
@@ -177,7 +197,6 @@ __all__ = [
     "scale_by_learning_rate",
     "scale_by_mars",
     "scale_by_radam",
-    "scale_by_rule",
     "scale_by_simplified_ademamix",
     "scale_by_soap",
     "scale_by_spam",

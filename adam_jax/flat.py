@@ -39,7 +39,7 @@ Two ways to use it:
 
 Moments stay per tensor where it matters: reduced and shape-aware moment storages (Adam-mini's
 block means, factored second moments, the 4-bit rank-1 second moment) act on each packed
-tensor in its own shape, and per-tensor reductions (:meth:`adam_jax.Leaf.sum`) on each tensor,
+tensor in its own shape, and per-tensor reductions (:meth:`adam_jax.rules.Leaf.sum`) on each tensor,
 so an optimizer's state and steps on :class:`FlatParams` are those on the tree.
 
 Weight-decay masks and any other per-leaf labels (for ``optax.multi_transform``) are honoured by

@@ -163,8 +163,8 @@ def test_registry_rows_and_leaves_are_keyword_only() -> None:
     with pytest.raises(TypeError):
         registry.Paper("a", "b", "c", "d")  # type: ignore[misc]
     with pytest.raises(TypeError):
-        adam_jax.Leaf(None, 0.0)  # type: ignore[misc]
-    leaf = adam_jax.Leaf(param=None, decay=0.0, segments=(2, 3))
+        adam_jax.rules.Leaf(None, 0.0)  # type: ignore[misc]
+    leaf = adam_jax.rules.Leaf(param=None, decay=0.0, segments=(2, 3))
     np.testing.assert_allclose(leaf.sum(jnp.arange(5.0)), [1, 1, 9, 9, 9])
 
 

@@ -5,6 +5,8 @@
   ``adam_jax._src``.
 * ``adam_jax.rules`` gives a rule author every name the library's own variants import.
 * The docs, README and notebooks import nothing private.
+* The rule toolkit's names of the top level (``adam_jax.MomentRule``...) resolve until 0.5,
+  with a ``DeprecationWarning`` naming ``adam_jax.rules``.
 * The import paths of 0.3 (``adam_jax.moments``, ``adam_jax.variants.adopt``...) are gone: they
   fail with the normal ImportError (the CHANGELOG lists where each name lives now).
 """
@@ -158,3 +160,20 @@ def test_examples_import_nothing_private() -> None:
 def test_a_path_of_0_3_fails_with_the_normal_import_error(old: str) -> None:
     with pytest.raises(ModuleNotFoundError, match="No module named .adam_jax"):
         importlib.import_module(old)
+
+
+@pytest.mark.parametrize(
+    "name", ["Leaf", "Moment", "MomentRule", "map_tensors", "moving_average_terms", "scale_by_rule"]
+)
+def test_the_rule_toolkit_left_the_top_level_with_a_warning(name: str) -> None:
+    """The core's names of 0.3's top level are in ``adam_jax.rules`` alone; the old spelling
+    still gives the same object, with a warning that names where it lives."""
+    assert name not in adam_jax.__all__ and name not in vars(adam_jax)
+    with pytest.warns(DeprecationWarning, match=rf"adam_jax\.rules\.{name}\b.* 0\.5"):
+        moved = getattr(adam_jax, name)
+    assert moved is getattr(rules, name)
+
+
+def test_an_unknown_top_level_name_is_the_normal_attribute_error() -> None:
+    with pytest.raises(AttributeError, match="module 'adam_jax' has no attribute 'adamw_9bit'"):
+        _ = adam_jax.adamw_9bit  # type: ignore[attr-defined]  # mypy sees no __getattr__

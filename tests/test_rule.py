@@ -58,8 +58,8 @@ def test_map_tensors_same_on_flat_params_as_on_tree() -> None:
     def normalized(x: jax.Array, y: jax.Array, leaf: Leaf) -> jax.Array:
         return x * y / leaf.sum(jnp.abs(x))
 
-    on_tree = adam_jax.map_tensors(normalized, tree, scale)
-    flat = adam_jax.map_tensors(
+    on_tree = adam_jax.rules.map_tensors(normalized, tree, scale)
+    flat = adam_jax.rules.map_tensors(
         normalized, adam_jax.flat.flatten(tree), adam_jax.flat.flatten(scale)
     ).to_tree()
     for key, x in tree.items():
@@ -71,4 +71,4 @@ def test_map_tensors_same_on_flat_params_as_on_tree() -> None:
 def test_map_tensors_rejects_mismatched_trees() -> None:
     tree = _tree()
     with pytest.raises(ValueError):
-        adam_jax.map_tensors(lambda x, y, leaf: x, tree, {"a": tree["a"]})
+        adam_jax.rules.map_tensors(lambda x, y, leaf: x, tree, {"a": tree["a"]})

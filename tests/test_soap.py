@@ -338,7 +338,7 @@ def test_one_branch_a_step_computes_what_a_branch_per_leaf_does(options: dict, x
     rule = SoapRule(precondition_frequency=2, **options)
     if rule.stagger_refresh:
         rule = rule.with_leaf_starts(params)
-    per_leaf = adam_jax.scale_by_rule(rule)
+    per_leaf = adam_jax.rules.scale_by_rule(rule)
     states = [tx.init(params) for tx in (tree, per_leaf)]
     steps = [jax.jit(tx.update) for tx in (tree, per_leaf)]
     for t in range(6):

@@ -58,7 +58,7 @@ def test_the_statistics_are_one_value_per_tensor() -> None:
 
 def test_leaf_max_is_per_packed_tensor() -> None:
     x = jnp.array([1.0, 5.0, 2.0, -1.0, 3.0])
-    whole = adam_jax.Leaf(param=None, decay=0.0, segments=None)
-    packed = adam_jax.Leaf(param=None, decay=0.0, segments=(2, 3))
+    whole = adam_jax.rules.Leaf(param=None, decay=0.0, segments=None)
+    packed = adam_jax.rules.Leaf(param=None, decay=0.0, segments=(2, 3))
     assert float(whole.max(x)) == 5.0
     np.testing.assert_array_equal(packed.max(x), [5.0, 5.0, 3.0, 3.0, 3.0])

@@ -23,7 +23,7 @@ class BlockMeanStorage(MomentStorage):
     one value per output neuron, an embedding ``(vocab, d)`` with ``(1, d)`` one per token, a
     query kernel ``(d, heads * head_dim)`` with ``(d, head_dim)`` one per head, and blocks of
     the param's own shape one value per tensor. A reducing storage: the rule's step uses the
-    block mean of the new moment (:meth:`adam_jax.Leaf.settle`), which is Adam-mini's update
+    block mean of the new moment (:meth:`adam_jax.rules.Leaf.settle`), which is Adam-mini's update
     (Zhang et al., 2025) when the moment is Adam's second moment. On
     :class:`adam_jax.FlatParams` the core applies it to each packed tensor in its shape.
 

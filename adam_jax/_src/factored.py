@@ -58,7 +58,7 @@ class FactoredStorage(MomentStorage):
     factored average :math:`\beta_2 \hat V + (1-\beta_2) g^2` has the factors
     :math:`\beta_2 R + (1-\beta_2) \operatorname{mean}_{d_1} g^2`: Adafactor's accumulators. A
     reducing storage: the step uses the reconstruction of the new factors
-    (:meth:`adam_jax.Leaf.settle`). An ``(n, m)`` matrix keeps ``n + m`` values instead of
+    (:meth:`adam_jax.rules.Leaf.settle`). An ``(n, m)`` matrix keeps ``n + m`` values instead of
     ``n m``. On :class:`adam_jax.FlatParams` the core applies it to each packed tensor in its
     shape, so the matrices of a buffer are factored as on the tree.
 

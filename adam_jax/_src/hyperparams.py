@@ -84,7 +84,7 @@ def fields_of(rule_type: type) -> list[dataclasses.Field]:
 
 
 def check_fields(rule: Any) -> None:
-    """Runs the check of each hyperparameter field of ``rule``: :class:`adam_jax.MomentRule`
+    """Runs the check of each hyperparameter field of ``rule``: :class:`adam_jax.rules.MomentRule`
     does in ``__post_init__``, and so must a dataclass of hyperparameters that is not a rule
     (an optimizer built on another's rule, as Adam-mini on Adam's)."""
     for field in fields_of(type(rule)):

@@ -1,7 +1,7 @@
 """Moment estimates: Adam's, AMSGrad's and AdaMax's scaling of gradients by running moments.
 
-Each is a :class:`adam_jax.MomentRule` (:class:`AdamRule`, :class:`AdamaxRule`) turned into a
-transformation by :func:`adam_jax.scale_by_rule`; their states are optax's own
+Each is a :class:`adam_jax.rules.MomentRule` (:class:`AdamRule`, :class:`AdamaxRule`) turned into a
+transformation by :func:`adam_jax.rules.scale_by_rule`; their states are optax's own
 ``ScaleByAdamState`` and ``ScaleByAmsgradState``.
 """
 
@@ -159,9 +159,9 @@ def scale_by_adam(
     (``optax.ScaleByAdamState``), with these differences. Arithmetic runs in at least float32 and
     updates come back in the gradients' dtype. Each moment is updated as
     :math:`m + (1-\beta)(g - m)` with one rounded weight, and :math:`1-\beta^t` is computed for
-    that weight without cancellation (:func:`adam_jax.moving_average_terms`), which brings float32
-    updates closer to float64 than optax's and PyTorch's. A second moment is stored as a real
-    array for complex params. Moments can be stored in another dtype or in a compressed
+    that weight without cancellation (:func:`adam_jax.rules.moving_average_terms`), which brings
+    float32 updates closer to float64 than optax's and PyTorch's. A second moment is stored as a
+    real array for complex params. Moments can be stored in another dtype or in a compressed
     :class:`adam_jax.MomentStorage`.
 
     Args:

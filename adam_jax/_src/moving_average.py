@@ -48,7 +48,7 @@ def moving_average_terms(
 
     Example:
       >>> import adam_jax
-      >>> weight, correction = adam_jax.moving_average_terms(0.9, 2)
+      >>> weight, correction = adam_jax.rules.moving_average_terms(0.9, 2)
       >>> print(f"{weight:.6f} {float(correction):.6f}")
       0.100000 0.190000
     """

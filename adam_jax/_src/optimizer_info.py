@@ -43,7 +43,7 @@ class OptimizerInfo:
       summary: what it changes in Adam, in one line.
       paper: where it was published.
       transformation: its moment estimate (``scale_by_*``), or None for a chain of others.
-      rule: the :class:`adam_jax.MomentRule` of that moment estimate, or None.
+      rule: the :class:`adam_jax.rules.MomentRule` of that moment estimate, or None.
       optax_name: the dotted name of its optax namesake ("optax.contrib.adopt"), or None.
       learning_rate: the peak learning rate of the MNIST example (warm-up + cosine, batch 128).
       example_options: options the example and the benchmarks pass besides the rate.

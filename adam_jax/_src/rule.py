@@ -29,11 +29,11 @@ Example: RMSProp with bias correction written as a rule.
 
   >>> import dataclasses, adam_jax, jax.numpy as jnp, optax
   >>> @dataclasses.dataclass(frozen=True)
-  ... class RMSRule(adam_jax.MomentRule):
+  ... class RMSRule(adam_jax.rules.MomentRule):
   ...     decay: float = 0.9
   ...     state_type = optax.ScaleByRmsState
   ...     def moments(self):
-  ...         return (adam_jax.Moment("nu", real=True),)
+  ...         return (adam_jax.rules.Moment("nu", real=True),)
   ...     def init_fields(self, params):
   ...         return {}  # ScaleByRmsState keeps no step count
   ...     def next_fields(self, fields):
@@ -43,7 +43,7 @@ Example: RMSProp with bias correction written as a rule.
   ...     def update(self, g, moments, weight, leaf):
   ...         nu = moments["nu"] + weight * (jnp.square(g) - moments["nu"])
   ...         return g / (jnp.sqrt(nu) + 1e-8), {"nu": nu}
-  >>> tx = adam_jax.scale_by_rule(RMSRule())
+  >>> tx = adam_jax.rules.scale_by_rule(RMSRule())
   >>> updates, state = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
   >>> print(jnp.round(updates, 4), state.nu)
   [3.1623] [0.4]

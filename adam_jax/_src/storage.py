@@ -57,7 +57,7 @@ class MomentStorage(abc.ABC):
 
     #: Whether the stored form keeps fewer values than the param has elements (block means,
     #: factored rows and columns). The step must then use the moment as it will be stored, so
-    #: a rule keeps such a moment only if it :meth:`~adam_jax.Leaf.settle` s it.
+    #: a rule keeps such a moment only if it :meth:`~adam_jax.rules.Leaf.settle` s it.
     reduces: bool = False
 
     #: Whether the stored form depends on the param's shape, not only on its elements in

@@ -1,7 +1,7 @@
 """The fused 8-bit Adam leaf step: one Pallas kernel that decodes both moments, steps them and
 encodes them again.
 
-Today's step (:func:`adam_jax.scale_by_rule` with :class:`BlockwiseQuantized` moments) decodes
+Today's step (:func:`adam_jax.rules.scale_by_rule` with :class:`BlockwiseQuantized` moments) decodes
 the codes, runs the rule and re-encodes as separate XLA operations; on a GPU XLA does not fuse
 the block maxima with the encode, so the step moves more bytes than its arrays hold. The kernel
 here is one pass per leaf: it reads the gradient and the two moments' codes and block scales,
@@ -205,7 +205,7 @@ def fused_adam_leaf(
     interpret: bool = False,
 ) -> tuple[jax.Array, list[Any]]:
     """One leaf's Adam step in one kernel: ``(update, [new mu, new nu])`` as
-    :func:`adam_jax.scale_by_rule` returns them, for a leaf that :func:`kernel_layout` accepts
+    :func:`adam_jax.rules.scale_by_rule` returns them, for a leaf that :func:`kernel_layout` accepts
     (its ``block``)."""
     from adam_jax._src.rule import Leaf
 
