@@ -46,8 +46,10 @@ Weight-decay masks and any other per-leaf labels (for ``optax.multi_transform``)
 grouping leaves by label as well as dtype: every buffer holds leaves of one label only, so a
 label tree over the buffers (:func:`labels`) is exact. The labels are part of the static layout.
 
-Flax NNX: ``nnx.Optimizer(flat.FlatModel(model), tx, wrt=nnx.Param)``; the model's params
-live in the buffers, and calling the :class:`FlatModel` calls the model on views of them. By
+Flax NNX: ``flat_model = flat.FlatModel(model)``, then ``nnx.Optimizer(flat_model,
+flat_model.transformation(tx), wrt=nnx.Param)``; the model's params live in the buffers,
+calling the :class:`FlatModel` calls the model on views of them, and the transformation hands
+``tx`` the buffers with their layout (per-tensor rules see each tensor). By
 hand: ``graphdef, params, rest = nnx.split(model, nnx.Param, ...)``;
 ``fp = flat.flatten(params)``; in the loss, ``nnx.merge(graphdef, fp.to_tree(), rest)``.
 """
