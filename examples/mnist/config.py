@@ -29,6 +29,9 @@ RESUME_SETTINGS = (
 # adam_jax.stochastic_rounding; "none": rounded to nearest, where small updates vanish).
 PARAM_DTYPES = ("float32", "bfloat16", "float16")
 LOW_PRECISION = ("none", "kahan", "stochastic")
+# The params in one buffer per dtype (adam_jax.flat.FlatModel): "auto" packs them on a GPU or
+# TPU, whose host handles every buffer of a step's call (examples.mnist.step.packs_params).
+FLAT_PARAMS = ("auto", "on", "off")
 
 
 def option(default: Any, help: str, **argparse: Any) -> Any:
@@ -138,6 +141,13 @@ class Config:
         False,
         "keep the optimizer state in host memory between steps (adam_jax.offload_state)",
     )
+    flat_params: str = option(
+        "auto",
+        "the params in one buffer per dtype (adam_jax.flat.FlatModel): one buffer for the "
+        "host to hand each step instead of one per param; auto: on a GPU or TPU, with an "
+        "optimizer that steps packed params",
+        choices=FLAT_PARAMS,
+    )
     progress: bool = option(True, "no progress bar")
 
     def __post_init__(self) -> None:
@@ -150,6 +160,7 @@ class Config:
             ("low_precision", LOW_PRECISION),
             ("moments", tuple(optimizers.MOMENTS)),
             ("second_moment", tuple(optimizers.SECOND_MOMENTS)),
+            ("flat_params", FLAT_PARAMS),
         ):
             if getattr(self, name) not in choices:
                 raise ValueError(

@@ -151,6 +151,12 @@ class _Run:
             "logged": self.logged,
         }
 
+    def _resume_settings(self) -> dict[str, object]:
+        """The config's resume settings and whether the params are packed, which fixes the
+        state's structure (``--flat-params auto`` packs them on a GPU or TPU only)."""
+        packed = "on" if self.trainer.flat_params else "off"
+        return self.config.resume_settings() | {"flat_params": packed}
+
     def begin(self) -> None:
         """Continues from the newest intact checkpoint, unless ``config.restart``; a run that
         starts over where a previous run left files writes aside until its first checkpoint
@@ -159,7 +165,7 @@ class _Run:
         restored = None
         if self.checkpoints is not None and not self.config.restart:
             restored = self.checkpoints.restore_latest(
-                self._checkpoint_tree(), self.config.resume_settings()
+                self._checkpoint_tree(), self._resume_settings()
             )
         if restored is not None:
             nnx.replace_by_pure_dict(self.trainer.state, restored.tree["train_state"])
@@ -354,7 +360,7 @@ class _Run:
                 "with a lower --learning-rate"
             )
         run = {
-            "settings": self.config.resume_settings(),
+            "settings": self._resume_settings(),
             "records": len(self.records),
             "logged_step": self.logged_step,
             "elapsed_seconds": self.elapsed(),

@@ -33,6 +33,7 @@ from examples.mnist import compare, data, optimizers
 from examples.mnist.config import Config
 from examples.mnist.console import summary
 from examples.mnist.loop import train_and_evaluate
+from examples.mnist.trainer import packing_problem
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[Config, list[str] | None]:
@@ -72,6 +73,9 @@ def _parse(argv: list[str] | None) -> tuple[Config, list[str] | None, argparse.N
             dataclasses.replace(config, optimizer=name)
     except ValueError as err:
         command_line.error(str(err))
+    for name in [config.optimizer, *(args.compare or ())] if config.flat_params == "on" else []:
+        if problem := packing_problem(dataclasses.replace(config, optimizer=name)):
+            command_line.error(f"--flat-params on: {problem}; use --flat-params off (or auto)")
     return config, args.compare, args
 
 

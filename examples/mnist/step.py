@@ -15,9 +15,10 @@ from examples.mnist.config import Config
 
 
 def create_model_and_optimizer(
-    config: Config, learning_rate: optax.Schedule
+    config: Config, learning_rate: optax.Schedule, flat: bool = False
 ) -> tuple[nnx.Module, nnx.Optimizer]:
-    """The network of ``config``, initialized from its seed, and the optimizer of its params."""
+    """The network of ``config`` from its seed (``flat``: its params in one buffer per dtype),
+    and the optimizer of its params."""
     model = models.create(config.model, config.seed, config.param_dtype)
     # How the moments are stored (--moments, --second-moment); {}: as the optimizer does.
     storages = optimizers.moment_storages(config.optimizer, config.moments, config.second_moment)
@@ -25,6 +26,9 @@ def create_model_and_optimizer(
         tx = adam_jax.adam(learning_rate, **storages)
     else:  # Any other of optimizers.NAMES: the Adam family, or a baseline from optax.
         tx = optimizers.create(config.optimizer, learning_rate, **storages)
+    if flat:  # The optimizer sees the buffer's layout: per-tensor rules see each param.
+        model = adam_jax.flat.FlatModel(model)
+        tx = model.transformation(tx)
     # bfloat16 or float16 params: Kahan summation or stochastic rounding of their updates.
     tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
     if config.skip_nonfinite:
@@ -33,10 +37,6 @@ def create_model_and_optimizer(
     if config.offload_state:  # outermost: all of the state in host memory between steps
         tx = adam_jax.offload_state(tx)
     return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def loss_fn(
@@ -59,6 +59,10 @@ def train_step(
     (loss, logits), grads = grad_fn(model, images, labels, rngs)
     optimizer.update(model, grads)
     return loss, logits
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
 def eval_step(

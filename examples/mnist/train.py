@@ -14,7 +14,7 @@ from examples.mnist.console import read_metrics, summary
 from examples.mnist.loop import train_and_evaluate
 from examples.mnist.plots import curves_figure, plot_curves
 from examples.mnist.step import cross_entropy
-from examples.mnist.trainer import MAX_IN_FLIGHT, SUMS, Trainer, epoch_means
+from examples.mnist.trainer import MAX_IN_FLIGHT, SUMS, Trainer, epoch_means, packs_params
 
 __all__ = [
     "MAX_IN_FLIGHT",
@@ -25,6 +25,7 @@ __all__ = [
     "curves_figure",
     "epoch_means",
     "normalize",
+    "packs_params",
     "plot_curves",
     "random_shift",
     "read_metrics",

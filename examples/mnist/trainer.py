@@ -30,6 +30,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -54,6 +55,49 @@ def _all_finite(state: nnx.State) -> jax.Array:
     leaves = jax.tree.leaves(nnx.to_pure_dict(state))
     floats = [x for x in leaves if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in floats]))
+
+
+def packs_params(config: Config, platform: str) -> bool:
+    """Whether a run of ``config`` on ``platform`` packs its params in one buffer per dtype
+    (:class:`adam_jax.flat.FlatModel`): ``--flat-params on``, or ``auto`` on a GPU or TPU,
+    where the host's handling of each buffer of a step's call costs more than the step of a
+    small param (docs/speed.md, "Many leaves"), for an optimizer that steps packed params as it
+    steps the model's own (not with 8-bit or 4-bit codes, which a buffer takes in blocks across
+    params, nor for the small params that keep float32 moments alone). Raises ValueError for
+    ``on`` with an optimizer that cannot step packed params."""
+    if config.flat_params == "off" or (config.flat_params == "auto" and platform == "cpu"):
+        return False
+    problem = packing_problem(config)
+    if config.flat_params == "on":
+        if problem:
+            raise ValueError(f"flat_params on: {problem}; use flat_params off (or auto)")
+        return True
+    return problem is None and _state_bytes(config, flat=True) == _state_bytes(config, flat=False)
+
+
+def packing_problem(config: Config) -> str | None:
+    """Why ``config``'s optimizer cannot step packed params, or None: it needs each param in
+    its shape (SOAP's factors, MARS's choice by dimensions), or its evaluation reads its
+    state per param (schedule-free averages)."""
+    if config.optimizer in optimizers.SCHEDULE_FREE:
+        return f"{config.optimizer} evaluates its average, which it keeps per param"
+    try:  # what refuses packed params does so as it initializes its state
+        _state_bytes(config, flat=True)
+    except ValueError as error:
+        if "FlatParams" not in str(error):
+            raise
+        return str(error).split(":")[0]
+    return None
+
+
+def _state_bytes(config: Config, flat: bool) -> int:
+    """The bytes of the optimizer state of ``config``, its params packed or not (abstract)."""
+
+    def create() -> nnx.Optimizer:
+        return create_model_and_optimizer(config, optax.constant_schedule(0.0), flat)[1]
+
+    state = nnx.state(nnx.eval_shape(create))
+    return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(state))
 
 
 class Trainer:
@@ -96,7 +140,8 @@ class Trainer:
         self.learning_rates = np.asarray(
             jax.jit(jax.vmap(self.learning_rate))(jnp.arange(self.total_steps))
         )
-        model, optimizer = create_model_and_optimizer(config, self.learning_rate)
+        self.flat_params = packs_params(config, self.layout.mesh.devices.flat[0].platform)
+        model, optimizer = create_model_and_optimizer(config, self.learning_rate, self.flat_params)
         # A moment kept in several arrays (adam_jax's 8-bit, 4-bit and factored storages) is
         # one Variable in nnx.Optimizer's state, whose value, a NamedTuple at first, becomes a
         # mapping of its fields at the first update: the structure of the state would change
@@ -260,8 +305,11 @@ class Trainer:
         return bool(self._all_finite(self.state))
 
     def params(self) -> dict[str, Any]:
-        """The model's parameters as a nested dict of NumPy arrays."""
+        """The model's parameters as a nested dict of NumPy arrays (in their own shapes with
+        :attr:`flat_params`)."""
         model, _ = nnx.merge(self.graphdef, self.state)
+        if self.flat_params:
+            model = model.to_module()
         return jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
 
 

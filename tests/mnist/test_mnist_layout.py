@@ -45,6 +45,7 @@ def test_every_setting_but_checkpoints_is_an_option() -> None:
         *("--param-dtype", "bfloat16", "--low-precision", "kahan", "--moments", "8bit"),
         "--shard-optimizer",
         "--offload-state",
+        *("--flat-params", "on"),
         "--no-progress",
     ]
     config, _ = main.parse_args(argv)
@@ -63,7 +64,8 @@ def test_every_setting_but_checkpoints_is_an_option() -> None:
         data_dir="d", train_limit=640, eval_batch_size=50, workdir="w", resume=True,
         checkpoint_every=7, keep_checkpoints=2, log_every=5, skip_nonfinite=True,
         max_consecutive_skips=4, devices=2, param_dtype="bfloat16", low_precision="kahan",
-        moments="8bit", shard_optimizer=True, offload_state=True, progress=False,
+        moments="8bit", shard_optimizer=True, offload_state=True, flat_params="on",
+        progress=False,
     )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from mnist_helpers import (
 )
 
 from examples.common import metrics
+from examples.common.checkpoints import SettingsMismatch
 from examples.mnist import compare, data, main, models, optimizers, train
 from examples.mnist.config import Config
 
@@ -314,6 +315,75 @@ def test_offloaded_state_trains_and_resumes_as_on_the_device(
     jax.tree.map(
         np.testing.assert_array_equal, state_arrays(resumed.state), state_arrays(on_device.state)
     )
+
+
+def test_flat_params_train_and_resume_as_the_models_own(tiny32: str, tmp_path: Path) -> None:
+    """--flat-params on (what auto does on a GPU or TPU): the params in one buffer, trained by
+    LAMB (per-tensor trust ratios) to the model's own params' records and params, to the
+    rounding of the passes; a resume from its checkpoint exact, one with the params unpacked
+    refused as a setting."""
+    dataset = synthetic_dataset(n_train=128, n_test=50)
+    config = Config(
+        model=tiny32,
+        optimizer="lamb",
+        epochs=2,
+        batch_size=32,
+        workdir=str(tmp_path / "tree"),
+        progress=False,
+    )
+    tree, _ = train.train_and_evaluate(config, dataset)
+    flat_config = dataclasses.replace(config, flat_params="on", workdir=str(tmp_path / "flat"))
+    packed, _ = train.train_and_evaluate(flat_config, dataset)
+    assert packed.flat_params and not tree.flat_params  # auto: off on the CPU
+    model, _ = nnx.merge(packed.graphdef, packed.state)
+    assert len(jax.tree.leaves(nnx.state(model, nnx.Param))) == 1
+    for ours, theirs in zip(
+        jax.tree.leaves(packed.params()), jax.tree.leaves(tree.params()), strict=True
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+    for ours, theirs in zip(
+        records_without_timing(tmp_path / "flat" / "metrics.jsonl"),
+        records_without_timing(tmp_path / "tree" / "metrics.jsonl"),
+        strict=True,
+    ):
+        assert ours.keys() == theirs.keys()
+        for key, value in theirs.items():
+            if isinstance(value, float):
+                assert ours[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+            else:
+                assert ours[key] == value, key
+    shutil.rmtree(tmp_path / "flat" / "checkpoints" / "8")
+    resumed, _ = train.train_and_evaluate(dataclasses.replace(flat_config, resume=True), dataset)
+    jax.tree.map(np.testing.assert_array_equal, resumed.params(), packed.params())
+    unpacked = dataclasses.replace(flat_config, flat_params="off", resume=True)
+    with pytest.raises(SettingsMismatch, match="--flat-params on, this run has --flat-params off"):
+        train.train_and_evaluate(unpacked, dataset)
+
+
+def test_flat_params_are_packed_where_they_can_be(capsys: pytest.CaptureFixture[str]) -> None:
+    """auto packs on a GPU or TPU, not on the CPU, and not where packing changes the run:
+    for an optimizer that needs each param in its shape or evaluates per-param averages, nor
+    with moments in 8-bit or 4-bit codes (taken over a buffer, in blocks across params); on
+    with the first kind is one line, exit status 2."""
+    assert train.packs_params(Config(), "gpu") and train.packs_params(Config(), "tpu")
+    assert not train.packs_params(Config(), "cpu")
+    for codes in (Config(moments="8bit"), Config(moments="4bit"), Config(optimizer="adam_8bit")):
+        assert not train.packs_params(codes, "gpu")
+        assert train.packs_params(dataclasses.replace(codes, flat_params="on"), "cpu")
+    assert train.packs_params(Config(second_moment="factored"), "gpu")  # per param, packed
+    assert train.packs_params(Config(flat_params="on"), "cpu")
+    assert not train.packs_params(Config(flat_params="off"), "gpu")
+    for name in ("soap", "schedule_free_adamw"):
+        assert not train.packs_params(Config(optimizer=name), "gpu")
+        with pytest.raises(ValueError, match=f"flat_params on: {name}"):
+            train.packs_params(Config(optimizer=name, flat_params="on"), "cpu")
+    with pytest.raises(SystemExit) as exit_info:
+        main.parse_args(["--flat-params", "on", "--optimizer", "soap"])
+    assert exit_info.value.code == 2
+    assert (
+        "error: --flat-params on: soap needs each param in its own shape (a Kronecker factor "
+        "per dimension); use --flat-params off (or auto)\n"
+    ) in capsys.readouterr().err
 
 
 def test_restart_replaces_the_previous_run_at_its_first_checkpoint(
