@@ -36,6 +36,7 @@ def public_symbols() -> set[str]:
                 and getattr(obj, "__module__", None) == module.__name__
             ]
         for member in members:
-            if getattr(adam_jax, member, None) is not getattr(module, member):
+            # vars, not getattr: the names that left the top level still resolve there.
+            if vars(adam_jax).get(member) is not getattr(module, member):
                 names.add(f"{module.__name__}.{member}")
     return names
