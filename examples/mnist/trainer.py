@@ -6,7 +6,9 @@ state donated, which avoids ``nnx.jit``'s per-call graph traversal and reuses th
 buffers in place. Batches are gathered on device, by index, from a dataset copied to the device
 once. Metrics are summed on device and read back one step late, so reading them never stalls
 the pipeline. (Steps are not fused with ``lax.scan``: XLA:CPU runs convolutions inside a loop
-an order of magnitude slower than at the top level, and dispatch is cheap next to a step.)
+an order of magnitude slower than at the top level, and dispatch is cheap next to a step.) On
+a GPU or TPU the params are packed in one buffer per dtype (:func:`packs_params`): the host
+then hands a step a few buffers instead of four a param.
 
 Reproducibility: the shuffle of epoch ``e`` is drawn from ``(seed, e)`` and the augmentation
 and dropout keys from ``(seed, step)``, so that a run resumed from a checkpoint
