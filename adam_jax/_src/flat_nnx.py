@@ -86,7 +86,9 @@ class FlatModel(nnx.Module):
         packs them (gradients and params) with the layout before ``tx`` sees them and returns
         the updates as it got them. Its state is the leaves of ``tx``'s state, in order (a
         ``FlatParams`` in a state would not survive ``nnx.Optimizer``, which keeps the state as
-        mappings of variables).
+        mappings of variables): a wrapper whose state a program reads by name goes around it,
+        ``optax.inject_hyperparams(lambda learning_rate:
+        model.transformation(adam_jax.lamb(learning_rate)))(learning_rate=1e-3)``.
 
         Args:
           tx: any transformation (``adam_jax.lamb(1e-3)``, an ``optax.chain``...).
