@@ -143,6 +143,27 @@ def test_per_tensor_optimizers_step_each_packed_tensor_through_the_transformatio
         np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
 
 
+def test_a_wrapper_read_by_name_goes_around_the_transformation() -> None:
+    """``optax.inject_hyperparams`` around the transformation: its rate is read and set by
+    name in ``nnx.Optimizer``'s state, and the steps are the model's under the same wrapper."""
+    want, wanted = _train(
+        _Model(nnx.Rngs(0), "layer"), optax.inject_hyperparams(adam_jax.lamb)(learning_rate=1e-2)
+    )
+    model = flat.FlatModel(_Model(nnx.Rngs(0), "layer"))
+    injected = optax.inject_hyperparams(
+        lambda learning_rate: model.transformation(adam_jax.lamb(learning_rate))
+    )
+    got, optimizer = _train(model, injected(learning_rate=1e-2))
+    for opt in (optimizer, wanted):
+        assert float(opt.opt_state.hyperparams["learning_rate"][...]) == pytest.approx(1e-2)
+    for ours, theirs in zip(
+        _values(nnx.state(got.to_module(), nnx.Param)),
+        _values(nnx.state(want, nnx.Param)),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-6)
+
+
 def test_an_optimizer_that_needs_each_param_in_its_shape_refuses_the_buffers() -> None:
     """SOAP's factors need each tensor's shape: through the transformation it refuses the
     packed buffers in one line, where the buffers alone would have been stepped as vectors."""
