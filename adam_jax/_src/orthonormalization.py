@@ -94,9 +94,9 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
     # (3e-7 to 7e-7 in float32 for d = 32 to 256).
     tolerance = 4 * d**0.5 * eps
 
-    def orthonormalize(carry: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
-        q, gram, passes = carry
-        far = _distance_from_identity(gram)[..., None, None]
+    def orthonormalize(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> Any:
+        q, gram, distance, passes = carry
+        far = distance[..., None, None]
         # Of the order of the Gram matrix's rounding, relative to its largest eigenvalue
         # (at most its trace, d for unit columns).
         trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
@@ -114,13 +114,18 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
         lower = jnp.where(use_shift, shifted, plain)
         # q L^{-T}: the right division by R = L^T.
         q = jax.lax.linalg.triangular_solve(lower, q, left_side=False, lower=True, transpose_a=True)
-        return q, _gram(q), passes + 1
+        gram = _gram(q)
+        return q, gram, _distance_from_identity(gram), passes + 1
 
-    def unfinished(carry: tuple[jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        _, gram, passes = carry
-        return (jnp.max(_distance_from_identity(gram)) > tolerance) & (passes < _MAX_PASSES)
+    def unfinished(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
+        _, _, distance, passes = carry
+        return (jnp.max(distance) > tolerance) & (passes < _MAX_PASSES)
 
-    q, _, _ = jax.lax.while_loop(unfinished, orthonormalize, (q, _gram(q), jnp.asarray(0)))
+    # Each Gram matrix's distance from the identity is computed once, where the Gram matrix is,
+    # for the test of the loop and the choice of shift of the next pass.
+    gram = _gram(q)
+    start = (q, gram, _distance_from_identity(gram), jnp.asarray(0))
+    q, _, _, _ = jax.lax.while_loop(unfinished, orthonormalize, start)
     return q
 
 

@@ -69,27 +69,32 @@ def packs_params(config: Config, platform: str) -> bool:
     ``on`` with an optimizer that cannot step packed params."""
     if config.flat_params == "off" or (config.flat_params == "auto" and platform == "cpu"):
         return False
-    problem = packing_problem(config)
+    problem, packed_bytes = _packed_state_bytes(config)
     if config.flat_params == "on":
         if problem:
             raise ValueError(f"flat_params on: {problem}; use flat_params off (or auto)")
         return True
-    return problem is None and _state_bytes(config, flat=True) == _state_bytes(config, flat=False)
+    return problem is None and packed_bytes == _state_bytes(config, flat=False)
 
 
 def packing_problem(config: Config) -> str | None:
     """Why ``config``'s optimizer cannot step packed params, or None: it needs each param in
     its shape (SOAP's factors, MARS's choice by dimensions), or its evaluation reads its
     state per param (schedule-free averages)."""
+    return _packed_state_bytes(config)[0]
+
+
+def _packed_state_bytes(config: Config) -> tuple[str | None, int | None]:
+    """Why ``config``'s optimizer cannot step packed params (:func:`packing_problem`) and
+    None, or None and the bytes of its state on them."""
     if config.optimizer in optimizers.SCHEDULE_FREE:
-        return f"{config.optimizer} evaluates its average, which it keeps per param"
+        return f"{config.optimizer} evaluates its average, which it keeps per param", None
     try:  # what refuses packed params does so as it initializes its state
-        _state_bytes(config, flat=True)
+        return None, _state_bytes(config, flat=True)
     except ValueError as error:
         if "FlatParams" not in str(error):
             raise
-        return str(error).split(":")[0]
-    return None
+        return str(error).split(":")[0], None
 
 
 def _state_bytes(config: Config, flat: bool) -> int:
