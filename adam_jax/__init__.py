@@ -81,7 +81,7 @@ from adam_jax._src.variants.laprop import ScaleByLapropState, laprop, scale_by_l
 from adam_jax._src.variants.mars import ScaleByMarsState, mars, scale_by_mars
 from adam_jax._src.variants.radam import radam, scale_by_radam
 from adam_jax._src.variants.schedule_free import schedule_free_adamw, schedule_free_eval_params
-from adam_jax._src.variants.soap import scale_by_soap, soap
+from adam_jax._src.variants.soap import relayout_soap_state, scale_by_soap, soap
 from adam_jax._src.variants.spam import ScaleBySpamState, scale_by_spam, spam
 from adam_jax._src.variants.stable_adamw import scale_by_stable_adam, stable_adamw
 from adam_jax._src.variants.stable_spam import (
@@ -181,6 +181,7 @@ __all__ = [
     "quantization",
     "radam",
     "registry",
+    "relayout_soap_state",
     "round_stochastically",
     "rules",
     "scale_by_adam",

@@ -13,7 +13,11 @@ leaves either a whole checkpoint or a temporary directory that the next run dele
 * **Another run's checkpoints.** Settings that fix the state's structure or the batches (the
   program's, such as :data:`examples.mnist.config.RESUME_SETTINGS`) must match; a resume with
   a different value is refused with a message naming the setting
-  (:class:`SettingsMismatch`, exit status 2).
+  (:class:`SettingsMismatch`, exit status 2), unless the program gives a :data:`Conversion` for
+  it: the arrays are then read as they were written (those whose shapes differ from this
+  run's, replicated, to the host), checked against their sha256, and converted into this run's
+  shapes and shardings (the language-model example re-lays SOAP's blocks for another number of
+  devices so).
 * **Full disk.** A checkpoint is not attempted when the disk has less free space than its
   arrays take in memory, and a write that fails with a storage error (``ENOSPC`` and the
   like) is removed; both are reported, the older checkpoints stay intact, and
@@ -36,7 +40,7 @@ import hashlib
 import json
 import shutil
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -66,6 +70,13 @@ _STORAGE_STATUS = (
 # unreadable array data a plain Exception ("Encountered error while reading array index").
 _RESTORE_ERRORS = (OSError, ValueError, KeyError)
 _T = TypeVar("_T")
+
+#: Takes up a checkpoint written with another value of a setting: called with the checkpoint's
+#: value and this run's, it returns the function that turns the tree as read (the arrays whose
+#: shapes differ from this run's as host NumPy arrays in the shapes written) into one of this
+#: run's shapes (the arrays it changes as host arrays; they are placed as this run's), or
+#: raises ``ValueError`` saying why it cannot (the resume is refused, naming the setting).
+Conversion = Callable[[Any, Any], Callable[[Any], Any]]
 
 
 class SettingsMismatch(CheckpointError):
@@ -237,20 +248,26 @@ class Checkpoints:
                 shutil.rmtree(partial.get(), ignore_errors=True)
         distributed.barrier("partial checkpoint writes removed")
 
-    def restore_latest(self, target: Any, settings: dict[str, Any]) -> Restored | None:
+    def restore_latest(
+        self,
+        target: Any,
+        settings: dict[str, Any],
+        conversions: Mapping[str, Conversion] | None = None,
+    ) -> Restored | None:
         """The newest intact checkpoint, read into the structure and shardings of ``target``;
         ``None`` if there is no checkpoint at all.
 
         Damaged checkpoints newer than the intact one are reported and moved to
         ``damaged_checkpoints/`` (a later save reuses their step numbers). Raises
         :class:`CheckpointError` if no checkpoint is intact (then nothing is moved) or if the
-        checkpoints were written with other ``settings``.
+        checkpoints were written with other ``settings``, except those that ``conversions``
+        (by setting name) takes up.
         """
         steps = sorted(self.manager.all_steps(), reverse=True)
         damaged: list[tuple[int, str]] = []
         for step in steps:
             try:
-                restored = self._restore(step, target, settings)
+                restored = self._restore(step, target, settings, conversions or {})
             except _Damaged as err:
                 damaged.append((step, str(err)))
                 continue
@@ -270,18 +287,38 @@ class Checkpoints:
             )
         return None
 
-    def _restore(self, step: int, target: Any, settings: dict[str, Any]) -> Restored:
+    def _restore(
+        self,
+        step: int,
+        target: Any,
+        settings: dict[str, Any],
+        conversions: Mapping[str, Conversion],
+    ) -> Restored:
         """Checkpoint ``step``, read into the structure and shardings of ``target``, or
-        :class:`_Damaged`. Every process reaches the same verdict at each stage."""
-        run = _agreed(lambda: self._read_record(step, target, settings))
-        tree = _agreed(lambda: self._read_arrays(step, target))
+        :class:`_Damaged`. Every process reaches the same verdict at each stage. A checkpoint
+        of settings that ``conversions`` takes up is read as written, checked, then
+        converted."""
+        run, stored, convert = _agreed(
+            lambda: self._read_record(step, target, settings, conversions)
+        )
+        tree = _agreed(lambda: self._read_arrays(step, target, None if convert is None else stored))
         if digest(tree) != run["digest"]:
             raise _Damaged("its arrays do not match the checksum written with them")
+        if convert is not None:
+            tree = _converted(step, tree, target, convert)
         return Restored(step, tree, run)
 
-    def _read_record(self, step: int, target: Any, settings: dict[str, Any]) -> dict[str, Any]:
+    def _read_record(
+        self,
+        step: int,
+        target: Any,
+        settings: dict[str, Any],
+        conversions: Mapping[str, Conversion],
+    ) -> tuple[dict[str, Any], Any, Callable[[Any], Any] | None]:
         """The JSON record of checkpoint ``step``, checked against ``settings``, after a check
-        of its array metadata against ``target``."""
+        of its array metadata against ``target``; that metadata; and the conversion of its
+        arrays where a setting differs that ``conversions`` takes up (None: read as they
+        are). With a conversion, the arrays' shapes may differ from ``target``'s."""
         try:
             run_args = ocp.args.Composite(**{RUN: ocp.args.JsonRestore()})
             with _quiet_abandoned_reads():
@@ -297,7 +334,7 @@ class Checkpoints:
             and isinstance(run["settings"], dict)
         ):
             raise _Damaged(f"its {RUN} record lacks some of {', '.join(fields)}")
-        _check_settings(step, run["settings"], settings, self.describe)
+        convert = _check_settings(step, run["settings"], settings, self.describe, conversions)
         try:
             stored = self.manager.item_metadata(step)[STATE]
         except Exception as err:
@@ -306,14 +343,32 @@ class Checkpoints:
             raise _Damaged(f"its array metadata cannot be read: {_one_line(err)}") from err
         if stored is None:
             raise _Damaged("its array metadata is missing")
-        if mismatch := _structure_mismatch(stored.tree, _without_empty(target)):
+        shapes = convert is None
+        if mismatch := _structure_mismatch(stored.tree, _without_empty(target), shapes):
             raise _Damaged(mismatch)
-        return run
+        return run, stored.tree, convert
 
-    def _read_arrays(self, step: int, target: Any) -> Any:
+    def _read_arrays(self, step: int, target: Any, stored: Any = None) -> Any:
         """The arrays of checkpoint ``step``, laid out as ``target``'s whatever the layout
-        they were written from (each process reads the parts that its devices hold)."""
+        they were written from (each process reads the parts that its devices hold). With
+        ``stored`` (the checkpoint's array metadata), those whose shapes there differ from
+        ``target``'s are read in their stored shapes, whole, as host NumPy arrays."""
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _without_empty(target))
+        as_stored: set[str] = set()
+        if stored is not None:
+            shapes = {
+                _path_name(p): tuple(m.shape)
+                for p, m in jax.tree_util.tree_leaves_with_path(stored)
+            }
+
+            def read_as(path: tuple[Any, ...], leaf: jax.ShapeDtypeStruct) -> Any:
+                name = _path_name(path)
+                if shapes[name] == tuple(leaf.shape):
+                    return leaf
+                as_stored.add(name)
+                return jax.ShapeDtypeStruct(shapes[name], leaf.dtype, sharding=_whole(leaf))
+
+            abstract = jax.tree_util.tree_map_with_path(read_as, abstract)
         try:
             with _quiet_abandoned_reads():
                 restored = self.manager.restore(
@@ -325,8 +380,11 @@ class Checkpoints:
             raise _Damaged(f"its arrays cannot be read: {_one_line(err)}") from err
         leaves, treedef = jax.tree.flatten(target)
         read = treedef.flatten_up_to(restored)
-        return treedef.unflatten(
+        tree = treedef.unflatten(
             [t if t.size == 0 else r for t, r in zip(leaves, read, strict=True)]
+        )
+        return jax.tree_util.tree_map_with_path(
+            lambda path, x: jax.device_get(x) if _path_name(path) in as_stored else x, tree
         )
 
     def _move_aside(self, step: int) -> Path:
@@ -365,6 +423,55 @@ def _agreed(read: Callable[[], _T]) -> _T:
     return result
 
 
+def _whole(leaf: jax.ShapeDtypeStruct) -> Any:
+    """Where to read an array whole: replicated on ``leaf``'s mesh (every process holds it),
+    in its memory."""
+    sharding = leaf.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        return jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec(), memory_kind=sharding.memory_kind
+        )
+    return sharding
+
+
+def _converted(step: int, tree: Any, target: Any, convert: Callable[[Any], Any]) -> Any:
+    """``convert(tree)`` in ``target``'s structure, shapes, dtypes and shardings (the arrays
+    it returns on the host placed as ``target``'s, each process copying its devices' parts).
+    An intact checkpoint that does not convert is refused as one of other settings
+    (:class:`SettingsMismatch`), not taken for damaged: the conversion is the same in every
+    process, and so is the verdict."""
+
+    def refused(reason: str) -> SettingsMismatch:
+        return SettingsMismatch(
+            f"cannot resume from the checkpoint of step {step}: {reason}. Resume with the "
+            "settings it was written with, or add --restart to start over (the checkpoints "
+            "stay until the new run's first checkpoint)"
+        )
+
+    try:
+        converted = convert(tree)
+    except ValueError as err:
+        raise refused(f"its arrays cannot be converted ({_one_line(err)})") from err
+    if jax.tree.structure(converted) != jax.tree.structure(target):
+        raise refused("its arrays, converted, are not this model's")
+
+    def place(path: tuple[Any, ...], like: Any, leaf: Any) -> Any:
+        shape, dtype = tuple(np.shape(leaf)), np.dtype(leaf.dtype)
+        if shape != tuple(like.shape) or dtype != like.dtype:
+            raise refused(
+                f"{_path_name(path)} is {dtype.name}{list(shape)} once converted, "
+                f"{like.dtype.name}{list(like.shape)} in this model"
+            )
+        if like.size == 0:
+            return like
+        if isinstance(leaf, jax.Array) and leaf.sharding == like.sharding:
+            return leaf
+        host = np.asarray(leaf)
+        return jax.make_array_from_callback(like.shape, like.sharding, lambda i: host[i])
+
+    return jax.tree_util.tree_map_with_path(place, target, converted)
+
+
 def _one_line(err: BaseException) -> str:
     if type(err) is Exception and err.__cause__ is not None:
         err = err.__cause__  # Orbax wraps TensorStore's error, which says what is wrong.
@@ -383,8 +490,9 @@ def _path_name(path: tuple[Any, ...]) -> str:
     return "/".join(str(getattr(key, "key", getattr(key, "idx", key))) for key in path)
 
 
-def _structure_mismatch(stored: Any, target: Any) -> str | None:
-    """What differs between the checkpoint's array metadata and this model's arrays."""
+def _structure_mismatch(stored: Any, target: Any, shapes: bool = True) -> str | None:
+    """What differs between the checkpoint's array metadata and this model's arrays (their
+    shapes too, unless ``shapes`` is False)."""
     stored_leaves = {_path_name(p): m for p, m in jax.tree_util.tree_leaves_with_path(stored)}
     target_leaves = {_path_name(p): x for p, x in jax.tree_util.tree_leaves_with_path(target)}
     if missing := sorted(target_leaves.keys() - stored_leaves.keys()):
@@ -393,7 +501,8 @@ def _structure_mismatch(stored: Any, target: Any) -> str | None:
         return f"it has {len(extra)} array(s) this model lacks, such as {extra[0]}"
     for name, array in target_leaves.items():
         meta = stored_leaves[name]
-        if tuple(meta.shape) != tuple(array.shape) or np.dtype(meta.dtype) != array.dtype:
+        same_shape = tuple(meta.shape) == tuple(array.shape) or not shapes
+        if not same_shape or np.dtype(meta.dtype) != array.dtype:
             return (
                 f"{name} is {np.dtype(meta.dtype).name}{list(meta.shape)} in the checkpoint, "
                 f"{array.dtype.name}{list(array.shape)} in this model"
@@ -406,16 +515,45 @@ def _check_settings(
     stored: dict[str, Any],
     settings: dict[str, Any],
     describe: Callable[[str, Any], str],
-) -> None:
-    for name, value in settings.items():
-        # JSON has no tuples and turns every key into a string; compare through it.
-        if name not in stored or json.loads(json.dumps(value)) != stored[name]:
-            was = describe(name, stored.get(name))
-            raise SettingsMismatch(
-                f"cannot resume: the checkpoint of step {step} was written with {was}, this run "
-                f"has {describe(name, value)}. Resume with the same setting, or add --restart "
-                "to start over (the checkpoints stay until the new run's first checkpoint)"
-            )
+    conversions: Mapping[str, Conversion],
+) -> Callable[[Any], Any] | None:
+    """Refuses ``settings`` that differ from the checkpoint's (:class:`SettingsMismatch`)
+    unless ``conversions`` takes them up; returns the conversion of the arrays (None where
+    every setting is the same)."""
+
+    def refused(name: str, reason: str = "") -> SettingsMismatch:
+        was = describe(name, stored.get(name))
+        return SettingsMismatch(
+            f"cannot resume: the checkpoint of step {step} was written with {was}, this run "
+            f"has {describe(name, settings[name])}{reason}. Resume with the same setting, or "
+            "add --restart to start over (the checkpoints stay until the new run's first "
+            "checkpoint)"
+        )
+
+    # JSON has no tuples and turns every key into a string; compare through it.
+    differing = [
+        name
+        for name, value in settings.items()
+        if name not in stored or json.loads(json.dumps(value)) != stored[name]
+    ]
+    for name in differing:
+        if name not in conversions or name not in stored:
+            raise refused(name)
+    converts = []
+    for name in differing:
+        try:
+            converts.append(conversions[name](stored[name], settings[name]))
+        except ValueError as err:
+            raise refused(name, f": {err}") from err
+    if not converts:
+        return None
+
+    def convert(tree: Any) -> Any:
+        for step_of_conversion in converts:
+            tree = step_of_conversion(tree)
+        return tree
+
+    return convert
 
 
 def as_flag(name: str, value: Any) -> str:

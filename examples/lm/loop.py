@@ -8,7 +8,8 @@ a checkpoint is written (:class:`examples.common.checkpoints.Checkpoints`: atomi
 sha256 when read back, a damaged one moved aside).
 
 A run on a work directory that holds checkpoints continues from the newest intact one (the
-settings must be the same), as a requeued job's same command should; ``restart`` starts over,
+settings must be the same; SOAP's blocks are re-laid where the mesh spreads them over another
+number of devices), as a requeued job's same command should; ``restart`` starts over,
 and the previous run's files stay until the new run's first checkpoint
 (:class:`examples.common.workdir.Workdir`). The windows of every step come from the seed, so a
 resumed run, even after ``kill -9``, gives the records and params of an unbroken one bit for bit.
@@ -37,7 +38,7 @@ from examples.common.interrupts import StopRequests
 from examples.common.metrics import Metrics
 from examples.common.workdir import Workdir
 from examples.lm.data import Corpus
-from examples.lm.train import Trainer
+from examples.lm.train import Trainer, relayout_blocks
 
 KEEP_CHECKPOINTS = 2
 
@@ -63,8 +64,9 @@ class Run:
         self.trainer, self.corpus, self.options = trainer, corpus, options
         config = trainer.config
         # What a resume must match; the mesh may change (each array is read into this run's
-        # layout, whatever the layout it was written from), but not the number of devices that
-        # an optimizer's blocks are spread over: its vectors are laid out by device.
+        # layout, whatever the layout it was written from), and so may the number of devices
+        # that an optimizer's blocks are spread over, whose vectors are laid out by device: they
+        # are re-laid (_relaying).
         settings = dataclasses.asdict(config)
         del settings["mesh"], settings["zero1"]
         if trainer.block_devices is not None:
@@ -96,7 +98,10 @@ class Run:
         restored = None
         if not self.options.restart:
             tree = self.trainer.checkpoint_tree()
-            restored = self.checkpoints.restore_latest(tree, self.settings)
+            conversions = (
+                {"block_devices": self._relaying} if "block_devices" in self.settings else {}
+            )
+            restored = self.checkpoints.restore_latest(tree, self.settings, conversions)
         if restored is not None:
             self.trainer.restore(restored.tree)
             self.step = self.saved_step = restored.step
@@ -119,6 +124,20 @@ class Run:
                 f"run's first checkpoint (step {first})"
             )
         self._write_metrics()
+
+    def _relaying(self, was: Any, now: Any) -> Callable[[Any], Any]:
+        """The conversion of a checkpoint whose optimizer spread its blocks over ``was``
+        devices, this run over ``now``: its factors and bases re-laid (one line says so).
+        Raises ValueError where they cannot be (8-bit or 4-bit codes)."""
+        if not isinstance(was, int) or isinstance(was, bool) or was < 1:
+            raise ValueError(f"the checkpoint records {was!r} devices")
+        relayout_blocks(self.trainer.config, was, now)  # refuses before any array is read
+
+        def relay(tree: Any) -> Any:
+            self.options.note(f"re-laying SOAP's blocks from {was} devices to {now}")
+            return self.trainer.relaid(tree, was)
+
+        return relay
 
     def train(self) -> list[Metrics]:
         """Trains to the last step (continuing first from the work directory's checkpoints, as

@@ -31,6 +31,7 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
 import adam_jax
 from adam_jax.sharding import state_shardings, with_data_axis
+from examples.common import distributed
 from examples.lm import model as model_lib
 from examples.mnist import optimizers
 
@@ -254,6 +255,48 @@ def block_devices(config: Config, mesh_shape: dict[str, int]) -> int | None:
     return math.prod(mesh_shape[name] for name in names)
 
 
+# SOAP's options whose storages keep its factors and bases as codes in blocks that span its
+# blocks (8-bit, 4-bit) where they are a storage other than a cast.
+FACTOR_STORAGES = ("factor_dtype", "basis_dtype")
+
+
+def relayout_blocks(
+    config: Config, devices_from: int, devices_to: int
+) -> Callable[[Any, Any], Any]:
+    """How the registry optimizer's state (SOAP with ``block_size``), its blocks spread over
+    ``devices_from`` devices, is re-laid for ``devices_to``: a function of the state and the
+    params (:func:`adam_jax.relayout_soap_state` with the run's options), returning the factor
+    and basis vectors re-laid as host arrays.
+
+    Raises:
+      ValueError: for factors or bases stored as 8-bit or 4-bit codes (``--opt factor_dtype``,
+        ``basis_dtype``), which cannot be re-laid exactly, naming the option.
+    """
+    for name in FACTOR_STORAGES:
+        value = config.options.get(name)
+        if isinstance(value, adam_jax.MomentStorage) and not isinstance(
+            value, adam_jax.CastStorage
+        ):
+            raise ValueError(
+                f"--opt {name}={value!r} stores SOAP's factors or bases as codes in blocks that "
+                "span its blocks, which cannot be re-laid exactly for another number of devices"
+            )
+    accepted = inspect.signature(optimizer_info(config).alias).parameters
+    layout = [
+        name
+        for name in inspect.signature(adam_jax.relayout_soap_state).parameters
+        if name not in ("state", "params", "devices_from", "devices_to")
+    ]
+    options = {name: config.options.get(name, accepted[name].default) for name in layout}
+
+    def relaid(state: Any, params: Any) -> Any:
+        return adam_jax.relayout_soap_state(
+            state, params, devices_from=devices_from, devices_to=devices_to, **options
+        )
+
+    return relaid
+
+
 def placement_note(config: Config, mesh_shape: dict[str, int]) -> str | None:
     """One line for a run whose optimizer could split its factors over the mesh but will
     not: SOAP without ``block_size`` on several devices keeps them whole on every device."""
@@ -405,6 +448,26 @@ class Trainer:
             "opt_state": by_path(self.opt_state),
             "loss_sum": self.loss_sum,
         }
+
+    def relaid(self, tree: dict[str, Any], devices_from: int) -> dict[str, Any]:
+        """A :meth:`checkpoint_tree` read back from a run whose optimizer spread its blocks over
+        ``devices_from`` devices (its factor and basis vectors in their written shapes, on the
+        host), with them re-laid for this run's :attr:`block_devices` (host arrays)."""
+        assert self.block_devices is not None
+        relaid = relayout_blocks(self.config, devices_from, self.block_devices)
+        stored = tree["opt_state"]
+        state = jax.tree.unflatten(
+            jax.tree.structure(self.opt_state), [stored[path] for path in by_path(self.opt_state)]
+        )
+
+        # The vectors on the host, whole (a collective with several processes): a vector whose
+        # length is the same for both counts was read in this run's layout, and may be split.
+        def on_host(path: tuple[Any, ...], leaf: Any) -> Any:
+            vector = any(getattr(key, "name", None) in ("gg", "q") for key in path)
+            return distributed.host_copy(leaf) if vector else leaf
+
+        state = jax.tree_util.tree_map_with_path(on_host, state)
+        return tree | {"opt_state": by_path(relaid(state, self.params))}
 
     def restore(self, tree: dict[str, Any]) -> None:
         """Takes up the arrays of a :meth:`checkpoint_tree` read back."""

@@ -20,8 +20,10 @@ import numpy as np
 import pytest
 
 import adam_jax
+from adam_jax._src.variants.soap import SoapLayout
+from adam_jax._src.variants.soap.rule import ScaleBySoapState
 from examples.common import launch
-from examples.common.checkpoints import SettingsMismatch
+from examples.common.checkpoints import Checkpoints, SettingsMismatch
 from examples.common.errors import Interrupted
 from examples.lm import data, loop, main, train
 from examples.lm.model import ModelConfig
@@ -132,16 +134,35 @@ def resumed(config: train.Config, corpus: data.Corpus, mesh: str, workdir: Path)
     return run
 
 
+def soap_vectors_by_param(trainer: train.Trainer) -> list[tuple[tuple[int, ...], np.ndarray]]:
+    """SOAP's factor and basis vectors (``gg``, then ``q``) with their params' shapes, on the
+    host."""
+    (state,) = [
+        node
+        for node in jax.tree.leaves(
+            trainer.opt_state, is_leaf=lambda x: isinstance(x, ScaleBySoapState)
+        )
+        if isinstance(node, ScaleBySoapState)
+    ]
+    shapes = [tuple(leaf.shape) for leaf in jax.tree.leaves(trainer.params)]
+    return [
+        (shape, np.asarray(vector))
+        for field in (state.gg, state.q)
+        for shape, vector in zip(shapes, jax.tree.leaves(field), strict=True)
+    ]
+
+
 @pytest.mark.slow
-def test_soap_blocks_split_over_the_mesh(corpus, tmp_path) -> None:
+def test_soap_blocks_split_over_the_mesh(corpus, tmp_path, capsys) -> None:
     """SOAP with --opt block_size on data=2,fsdp=4 --zero1: each device keeps its own blocks'
     factors and bases (over both axes: an eighth of them), the fullest device within 1.25x an
     even split, and the run trains as the same blocks kept whole on every device do (data=8,
     block_axis None). SOAP on a mesh differs from one device by more than float32 rounding, with its
     factors split or not (docs/language_model.md): the mesh's other rounding of the gradient
     moves the eigenbases. The run resumes on another mesh of 8 devices (data=8: the same
-    vectors); on 4 devices, whose vectors are laid out otherwise, it is refused as a setting
-    that differs, the checkpoint kept."""
+    vectors), and on 4 devices, whose vectors are laid out otherwise, with its blocks re-laid
+    (one line says so): every block's factors and bases those the 8 devices saved, bit for bit,
+    and the run steps on from them."""
     soap = {**vars(CONFIG), "optimizer": "soap", "options": {"block_size": 16}}
     workdir = tmp_path / "run"
     records, trainer = trained(
@@ -158,12 +179,99 @@ def test_soap_blocks_split_over_the_mesh(corpus, tmp_path) -> None:
     total = adam_jax.state_bytes(trainer.opt_state)
     assert adam_jax.device_state_bytes(trainer.opt_state) <= 1.25 * total / 8
     config = train.Config(**soap)
-    with pytest.raises(SettingsMismatch, match="spread over 8 devices .*spread over 4 devices"):
-        resumed(config, corpus, "data=4", workdir)
+    capsys.readouterr()
+    run = resumed(config, corpus, "data=4", workdir)
+    assert "re-laying SOAP's blocks from 8 devices to 4" in capsys.readouterr().out
+    assert run.step == CONFIG.steps
+    layout = SoapLayout(10000, merge_dims=False, precondition_1d=False, block_size=16)
+    saved, relaid = soap_vectors_by_param(trainer), soap_vectors_by_param(run.trainer)
+    assert any(layout.on_devices(4).size(shape) != vector.size for shape, vector in saved)
+    for (shape, want), (_, got) in zip(saved, relaid, strict=True):
+        assert got.shape == (layout.on_devices(4).size(shape),)
+        for a, b in zip(
+            layout.on_devices(4).unpack_blocks(got, shape),
+            layout.on_devices(8).unpack_blocks(want, shape),
+            strict=True,
+        ):
+            for x, y in zip(a, b, strict=True):
+                assert (x is None) == (y is None)
+                if x is not None:
+                    np.testing.assert_array_equal(x, y)
+    for leaf in factors_and_bases(run.trainer.opt_state):
+        assert leaf.sharding.spec == jax.sharding.PartitionSpec("data")
+    # It steps on from the re-laid state (a step past the run's last, outside the loop).
+    run.trainer.step(corpus.windows(run.starts[-1]))
+    assert np.isfinite(run.trainer.take_loss_sum())
     run = resumed(config, corpus, "data=8", workdir)
     assert run.step == CONFIG.steps
     for got, want in zip(factors_and_bases(run.trainer.opt_state), spread, strict=True):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+def test_soap_storage_in_codes_is_not_relaid() -> None:
+    """Factors or bases stored as 8-bit or 4-bit codes cannot be re-laid for another count: the
+    resume is refused naming the option (checked before any array is read)."""
+    quantized = adam_jax.BlockwiseQuantized(signed=True)
+    config = train.Config(optimizer="soap", options={"block_size": 16, "basis_dtype": quantized})
+    with pytest.raises(ValueError, match="--opt basis_dtype=BlockwiseQuantized.*cannot be re-laid"):
+        train.relayout_blocks(config, 8, 4)
+    bfloat16 = train.Config(
+        optimizer="soap", options={"block_size": 16, "factor_dtype": "bfloat16"}
+    )
+    train.relayout_blocks(bfloat16, 8, 4)
+
+
+def test_a_conversion_takes_up_a_setting_that_differs(tmp_path: Path) -> None:
+    """The checkpoints' hook for a setting whose arrays can be converted: the array whose shape
+    differs is read as written (to the host), the checksum checked on it, the converted array
+    placed as this run's; a conversion that refuses, or a setting it does not take, is refused
+    by name."""
+    mesh = train.make_mesh({"data": 2, "fsdp": 1}, jax.devices()[:2])
+    split = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+    whole = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    written = {
+        "v": jax.device_put(np.arange(8.0, dtype=np.float32), split),
+        "w": jax.device_put(np.float32(3), whole),
+    }
+    checkpoints = Checkpoints(tmp_path, 2, print)
+    assert checkpoints.save(1, written, {"settings": {"n": 8, "lr": 1}, **RUN_RECORD})
+    target = {"v": jax.device_put(np.zeros(4, np.float32), split), "w": written["w"]}
+    seen = []
+
+    def halves(was, now):
+        def convert(tree):
+            seen.append((was, now, type(tree["v"]), tree["v"].shape))
+            return tree | {"v": tree["v"][::2]}
+
+        return convert
+
+    restored = checkpoints.restore_latest(target, {"n": 4, "lr": 1}, {"n": halves})
+    assert restored is not None and seen == [(8, 4, np.ndarray, (8,))]
+    np.testing.assert_array_equal(np.asarray(restored.tree["v"]), [0.0, 2.0, 4.0, 6.0])
+    assert restored.tree["v"].sharding == split
+
+    def refuses(was, now):
+        raise ValueError("it cannot be done")
+
+    with pytest.raises(SettingsMismatch, match="with --n 8, this run has --n 4: it cannot be done"):
+        checkpoints.restore_latest(target, {"n": 4, "lr": 1}, {"n": refuses})
+
+    def fails(was, now):
+        def convert(tree):
+            raise ValueError("the arrays do not fit")
+
+        return convert
+
+    # Refused, not taken for damage: the checkpoint stays where it is.
+    with pytest.raises(SettingsMismatch, match="step 1: its arrays cannot be converted"):
+        checkpoints.restore_latest(target, {"n": 4, "lr": 1}, {"n": fails})
+    assert checkpoints.manager.all_steps() == [1]
+    with pytest.raises(SettingsMismatch, match="--lr 1, this run has --lr 2. Resume"):
+        checkpoints.restore_latest(target, {"n": 4, "lr": 2}, {"n": halves})
+    checkpoints.close()
+
+
+RUN_RECORD = {"records": 0, "logged_step": 0, "elapsed_seconds": 0.0}
 
 
 def test_soap_without_block_size_says_its_factors_stay_whole() -> None:

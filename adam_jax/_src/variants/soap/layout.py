@@ -8,9 +8,11 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from adam_jax._src.variants.soap.mesh import _axis_size
 
@@ -102,6 +104,10 @@ class SoapLayout:
     the full blocks before the last one (the group of full blocks first), the blocks of a
     group in row-major order of their coordinates, and each block's factors in dimension
     order, flattened: without blocks (or with one block), the unblocked layout.
+
+    The devices the blocks are spread over are those of ``block_axis`` on the mesh set by
+    ``jax.set_mesh``, or a count given explicitly (``device_count``, :meth:`on_devices`: the
+    layout of a state written on another mesh, say).
     """
 
     max_precond_dim: int
@@ -109,13 +115,32 @@ class SoapLayout:
     precondition_1d: bool
     block_size: int | None = None
     block_axis: str | tuple[str, ...] | None = None
+    device_count: int | None = None
 
     @property
     def devices(self) -> int:
-        """The size of ``block_axis`` on the mesh set by ``jax.set_mesh`` (1 without it)."""
+        """``device_count`` where given, else the size of ``block_axis`` on the mesh set by
+        ``jax.set_mesh`` (1 without it)."""
+        if self.device_count is not None:
+            return self.device_count
         if self.block_axis is None:
             return 1
         return _axis_size(self.block_axis)
+
+    def on_devices(self, devices: int) -> SoapLayout:
+        """This layout with its blocks spread over ``devices`` devices (an integer >= 1),
+        whatever the mesh: the placement, size and order of the vectors of a state spread over
+        that many.
+
+        Example:
+          >>> from adam_jax._src.variants.soap import SoapLayout
+          >>> layout = SoapLayout(10000, merge_dims=False, precondition_1d=False, block_size=8)
+          >>> [layout.on_devices(n).size((24, 16)) for n in (1, 4, 8)]  # 6 blocks of 128 values
+          [768, 1024, 1024]
+        """
+        if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
+            raise ValueError(f"devices must be an integer >= 1, got {devices!r}")
+        return dataclasses.replace(self, device_count=devices)
 
     def placement(self, shape: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
         """The devices a leaf's blocks are spread over (1: kept whole), and per group the
@@ -198,30 +223,88 @@ class SoapLayout:
                 )
         return out
 
+    def _block_starts(self, shape: tuple[int, ...]) -> list[tuple[int, tuple[int | None, ...]]]:
+        """Per block (in the order of :meth:`blocks`), where its factors start in the state's
+        vector and their sizes (per dimension, or None): see :meth:`unpack_blocks`."""
+        groups = self.groups(shape)
+        _, slots = self.placement(shape)
+        sizes = [s * g.stride for s, g in zip(slots, groups, strict=True)]
+        part, offsets = sum(sizes), itertools.accumulate(sizes, initial=0)
+        out = []
+        for g, s, offset in zip(groups, slots, offsets, strict=False):
+            for k in range(g.n):
+                device, slot = divmod(k, s)
+                out.append((device * part + offset + slot * g.stride, g.factors))
+        return out
+
     def unpack_blocks(self, flat: Any, shape: tuple[int, ...]) -> list[list[Any]]:
         """Per block (in the order of :meth:`blocks`), its factors (or eigenbases) from the
         state's flattened ``gg`` (or ``q``) of a leaf of ``shape``: per dimension of
         :meth:`shape`, a matrix, or None. Spread over devices (:meth:`placement`), the vector
         is each device's part in turn, the groups' slots in each, block ``k`` of a group in
         slot ``k % slots`` of device ``k // slots``."""
-        groups = self.groups(shape)
-        _, slots = self.placement(shape)
-        sizes = [s * g.stride for s, g in zip(slots, groups, strict=True)]
-        part, offsets = sum(sizes), itertools.accumulate(sizes, initial=0)
         out: list[list[Any]] = []
-        for g, s, offset in zip(groups, slots, offsets, strict=False):
-            for k in range(g.n):
-                device, slot = divmod(k, s)
-                start = device * part + offset + slot * g.stride
-                block: list[Any] = []
-                for d in g.factors:
-                    if d is None:
-                        block.append(None)
-                    else:
-                        block.append(flat[start : start + d * d].reshape(d, d))
-                        start += d * d
-                out.append(block)
+        for start, factors in self._block_starts(shape):
+            block: list[Any] = []
+            for d in factors:
+                if d is None:
+                    block.append(None)
+                else:
+                    block.append(flat[start : start + d * d].reshape(d, d))
+                    start += d * d
+            out.append(block)
         return out
+
+    def pack_blocks(
+        self, blocks: Sequence[Sequence[Any]], shape: tuple[int, ...], dtype: Any = None
+    ) -> np.ndarray:
+        """The inverse of :meth:`unpack_blocks`: the state's flat vector (a NumPy array of
+        :meth:`size` values, on the host) of a leaf of ``shape`` from each block's factors (or
+        eigenbases), per dimension a ``d x d`` matrix or None as :meth:`unpack_blocks` gives
+        them; the empty slots of :meth:`placement` zero. ``dtype``: the vector's (default: the
+        matrices', float32 for a leaf without factors).
+
+        Example:
+          >>> import numpy as np
+          >>> from adam_jax._src.variants.soap import SoapLayout
+          >>> layout = SoapLayout(10000, merge_dims=False, precondition_1d=False, block_size=2)
+          >>> flat = np.arange(layout.size((4, 2)), dtype=np.float32)
+          >>> blocks = layout.unpack_blocks(flat, (4, 2))
+          >>> spread = layout.on_devices(3)  # 2 blocks: the third device's slot empty
+          >>> print(spread.pack_blocks(blocks, (4, 2)).reshape(3, -1)[:, ::4])
+          [[ 0.  4.]
+           [ 8. 12.]
+           [ 0.  0.]]
+        """
+        starts = self._block_starts(shape)
+        if len(blocks) != len(starts):
+            raise ValueError(
+                f"a leaf of shape {shape} has {len(starts)} blocks, got the factors of "
+                f"{len(blocks)}"
+            )
+        present = [np.asarray(m) for block in blocks for m in block if m is not None]
+        if dtype is None:
+            dtype = present[0].dtype if present else np.float32
+        flat = np.zeros((self.size(shape),), dtype)
+        for index, ((start, factors), block) in enumerate(zip(starts, blocks, strict=True)):
+            if len(block) != len(factors):
+                raise ValueError(
+                    f"block {index} of a leaf of shape {shape} has {len(factors)} dimensions, "
+                    f"got {len(block)} matrices"
+                )
+            for d, matrix in zip(factors, block, strict=True):
+                if (d is None) != (matrix is None) or (
+                    d is not None and tuple(np.shape(matrix)) != (d, d)
+                ):
+                    want = "None" if d is None else f"a {d} x {d} matrix"
+                    got = "None" if matrix is None else f"shape {tuple(np.shape(matrix))}"
+                    raise ValueError(
+                        f"block {index} of a leaf of shape {shape}: expected {want}, got {got}"
+                    )
+                if d is not None:
+                    flat[start : start + d * d] = np.asarray(matrix).reshape(-1)
+                    start += d * d
+        return flat
 
     def unpack(self, flat: Any, shape: tuple[int, ...]) -> list[Any]:
         """A leaf's factors (or eigenbases) from their flattened concatenation (the state's

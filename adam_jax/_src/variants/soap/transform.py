@@ -449,6 +449,7 @@ REGISTRY_ROWS = (
         ),
         transformation=scale_by_soap,
         rule=SoapRule,
+        companions=("relayout_soap_state",),
         # The default rate (3e-3): the authors' default, not tuned on the MNIST example.
     ),
 )
