@@ -131,11 +131,12 @@ class Run:
         Raises ValueError where they cannot be (8-bit or 4-bit codes)."""
         if not isinstance(was, int) or isinstance(was, bool) or was < 1:
             raise ValueError(f"the checkpoint records {was!r} devices")
-        relayout_blocks(self.trainer.config, was, now)  # refuses before any array is read
+        # Refuses before any array is read.
+        relaid_state = relayout_blocks(self.trainer.config, was, now)
 
         def relay(tree: Any) -> Any:
             self.options.note(f"re-laying SOAP's blocks from {was} devices to {now}")
-            return self.trainer.relaid(tree, was)
+            return self.trainer.relaid(tree, relaid_state)
 
         return relay
 

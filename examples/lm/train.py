@@ -449,12 +449,13 @@ class Trainer:
             "loss_sum": self.loss_sum,
         }
 
-    def relaid(self, tree: dict[str, Any], devices_from: int) -> dict[str, Any]:
+    def relaid(
+        self, tree: dict[str, Any], relaid_state: Callable[[Any, Any], Any]
+    ) -> dict[str, Any]:
         """A :meth:`checkpoint_tree` read back from a run whose optimizer spread its blocks over
-        ``devices_from`` devices (its factor and basis vectors in their written shapes, on the
-        host), with them re-laid for this run's :attr:`block_devices` (host arrays)."""
-        assert self.block_devices is not None
-        relaid = relayout_blocks(self.config, devices_from, self.block_devices)
+        another number of devices (its factor and basis vectors in their written shapes, on the
+        host), with them re-laid for this run's :attr:`block_devices` (host arrays) by
+        ``relaid_state`` (:func:`relayout_blocks`)."""
         stored = tree["opt_state"]
         state = jax.tree.unflatten(
             jax.tree.structure(self.opt_state), [stored[path] for path in by_path(self.opt_state)]
@@ -467,7 +468,7 @@ class Trainer:
             return distributed.host_copy(leaf) if vector else leaf
 
         state = jax.tree_util.tree_map_with_path(on_host, state)
-        return tree | {"opt_state": by_path(relaid(state, self.params))}
+        return tree | {"opt_state": by_path(relaid_state(state, self.params))}
 
     def restore(self, tree: dict[str, Any]) -> None:
         """Takes up the arrays of a :meth:`checkpoint_tree` read back."""
