@@ -6,9 +6,15 @@ XLA path; then one step from that state by the XLA path and by the kernel
 (``BlockwiseQuantized(kernel="pallas")``) is compared: the largest code difference of each
 moment and how many codes differ, the largest relative difference of the block scales, and the
 largest difference of the updates in ulps. Then ``DRIFT_STEPS`` steps of each from the start,
-apart: how far the params drift apart. Also whether the compiled step holds the kernel's Triton
-call. Expected: codes within one step (Triton may contract a multiply and an add into an FMA,
-and divides approximately, where XLA does not).
+apart, and of float32 AdamW: how far the two 8-bit paths' params drift apart, how far each
+path moved them, its largest update over the learning rate and its elements whose second
+moment decodes to zero where the first does not (zero points), which tell which path left
+the float32 trajectory. Also whether the compiled step holds the kernel's Triton call.
+Expected: codes within one step (Triton may contract a multiply and an add into an FMA, and
+divides approximately, where XLA does not). The gradients are hard on purpose (their scale
+changes a thousandfold between steps, their entries heavy-tailed): an element whose second
+moment rounds to zero takes, at its next small gradient, an update of its first moment over
+that gradient's share alone, on either path, so which elements do is decided by rounding.
 
 On a GPU it then times the kernel's step on one 16M leaf, interleaved with float32 Adam and the
 XLA 8-bit step. (A sweep of the kernel's tilings on an H100, 2026-11-26,
@@ -16,7 +22,8 @@ XLA 8-bit step. (A sweep of the kernel's tilings on an H100, 2026-11-26,
 
     python -m benchmarks.gpu_checks --out benchmarks/results/gpu_checks.json
 
-Off a GPU it runs the kernel interpreted, on small leaves (a check of the script itself).
+Off a GPU it runs the kernel interpreted, on small leaves and the 1000 x 64 one (about a
+minute on 2 cores).
 """
 
 from __future__ import annotations
@@ -34,14 +41,16 @@ import numpy as np
 import optax
 
 import adam_jax
-from adam_jax.quantization import BlockwiseQuantized
+from adam_jax.quantization import BlockwiseQuantized, dequantize_blockwise
 from benchmarks.harness import LR, Runner, adam_step, copy_tree, interleaved
 from benchmarks.models import params_and_grads
 
 GPU_SHAPES = ((16_000_000,), (1_000_000,), (4096, 1024), (1000, 64))
-CPU_SHAPES = ((256 * 300 + 10,), (64, 64))  # a ragged vector, a matrix of row blocks
+# A ragged vector, a matrix of row blocks, and the leaf whose paths drifted apart on an H100.
+CPU_SHAPES = ((256 * 300 + 10,), (64, 64), (1000, 64))
 WARM_STEPS = 3
 DRIFT_STEPS = 20
+RATE = 1e-3
 TRITON_CALL = "__gpu$xla.gpu.triton"
 TUNE_SIZE = 16_000_000
 TUNE_REPEATS = 30
@@ -52,7 +61,7 @@ def _tx(kernel: str) -> optax.GradientTransformation:
         "mu_dtype": BlockwiseQuantized(signed=True, kernel=kernel),
         "nu_dtype": BlockwiseQuantized(signed=False, kernel=kernel),
     }
-    return adam_jax.adamw(1e-3, weight_decay=0.01, **storages)
+    return adam_jax.adamw(RATE, weight_decay=0.01, **storages)
 
 
 def _grad(shape: tuple[int, ...], i: int) -> jax.Array:
@@ -113,19 +122,50 @@ def check_shape(shape: tuple[int, ...], kernel: str) -> dict[str, Any]:
     row["updates_differing"] = int(np.sum(np.asarray(u_x) != np.asarray(u_k)))
     row["params_max_ulps"] = _ulps(p_x, p_k)
     row["elements"] = int(np.prod(shape))
-    # Apart for DRIFT_STEPS steps from the same start.
-    px, sx = params, xla_tx.init(params)
-    pk, sk = params, fused_tx.init(params)
-    for i in range(DRIFT_STEPS):
-        gi = _grad(shape, i)
-        px, sx, _ = xla_step(px, sx, gi)
-        pk, sk, _ = fused_step(pk, sk, gi)
-    moved = np.abs(np.asarray(px) - np.asarray(params))
-    row[f"drift_after_{DRIFT_STEPS}_steps_max_abs"] = float(np.max(np.abs(px - pk)))
-    row[f"drift_after_{DRIFT_STEPS}_steps_over_max_move"] = float(
-        np.max(np.abs(px - pk)) / max(float(np.max(moved)), 1e-30)
+    row.update(_drift(shape, params, xla_step, fused_step, xla_tx, fused_tx))
+    return row
+
+
+def _zero_points(state: Any) -> int:
+    """Elements whose second moment decodes to zero where the first does not: the next update
+    of such an element is its first moment over the new gradient's share alone (the 8-bit
+    map's zero point, which a second moment below about 1e-7 of its block's largest rounds to)."""
+    mu = np.asarray(dequantize_blockwise(state[0].mu, signed=True))
+    nu = np.asarray(dequantize_blockwise(state[0].nu, signed=False))
+    return int(np.sum((nu == 0) & (mu != 0)))
+
+
+def _drift(
+    shape: tuple[int, ...],
+    params: jax.Array,
+    xla_step: Any,
+    fused_step: Any,
+    xla_tx: optax.GradientTransformation,
+    fused_tx: optax.GradientTransformation,
+) -> dict[str, Any]:
+    """``DRIFT_STEPS`` steps of each path from the same start, apart, and of float32 AdamW:
+    how far the two 8-bit paths' params end apart, how far each path moved them, its largest
+    update over the learning rate (float32 Adam's stays near 1) and its zero points at the
+    end, so that a drift tells which path left the float32 trajectory."""
+    f32_tx = adam_jax.adamw(RATE, weight_decay=0.01)
+    runs = {"xla": (xla_step, xla_tx), "kernel": (fused_step, fused_tx)}
+    runs["float32"] = (_step_fn(f32_tx), f32_tx)
+    ends, row = {}, {}
+    for name, (step, tx) in runs.items():
+        p, s, largest = params, tx.init(params), 0.0
+        for i in range(DRIFT_STEPS):
+            p, s, u = step(p, s, _grad(shape, i))
+            largest = max(largest, float(jnp.max(jnp.abs(u))) / RATE)
+        ends[name] = np.asarray(p)
+        row[f"{name}_moved_max_abs"] = float(np.max(np.abs(ends[name] - np.asarray(params))))
+        row[f"{name}_largest_update_over_lr"] = largest
+        if name != "float32":
+            row[f"{name}_zero_points_at_end"] = _zero_points(s)
+    apart = float(np.max(np.abs(ends["xla"] - ends["kernel"])))
+    row[f"drift_after_{DRIFT_STEPS}_steps_max_abs"] = apart
+    row[f"drift_after_{DRIFT_STEPS}_steps_over_max_move"] = apart / max(
+        row["xla_moved_max_abs"], 1e-30
     )
-    row["drift_mu_codes_differing"] = int(np.sum(np.asarray(sx[0].mu.codes != sk[0].mu.codes)))
     return row
 
 
