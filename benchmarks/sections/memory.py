@@ -106,11 +106,13 @@ def _step(tx: optax.GradientTransformation) -> Callable[..., Any]:
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def measure(layers: int = 16) -> list[Row]:
+def measure(layers: int = 16, names: tuple[str, ...] | None = None) -> list[Row]:
+    """A row per setting of ``names`` (``None``: every setting), in that order."""
     tree = jax.eval_shape(lambda: transformer_params(jax.random.key(0), layers=layers))
     n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
     rows = []
-    for name, (dtype, make) in SETTINGS.items():
+    for name in SETTINGS if names is None else names:
+        dtype, make = SETTINGS[name]
         params = jax.tree.map(lambda x, d=dtype: jax.ShapeDtypeStruct(x.shape, d), tree)
         tx = make()
         state = jax.eval_shape(tx.init, params)
