@@ -28,6 +28,7 @@ from references.soap import RefSoap
 
 import adam_jax
 from adam_jax._src.variants.soap import SoapLayout, SoapRule
+from adam_jax._src.variants.soap.transform import _scale_by_soap
 
 
 def _relative_error(actual: dict[str, np.ndarray], expected: dict[str, np.ndarray]) -> float:
@@ -328,13 +329,14 @@ def _branches(jaxpr: Any, depth: int = 0) -> list[tuple[int, int]]:
     ids=["unblocked", "blocks", "staggered leaves", "staggered blocks"],
 )
 def test_one_branch_a_step_computes_what_a_branch_per_leaf_does(options: dict, x64: None) -> None:
-    """scale_by_soap chooses the step's phase once for the tree (one ``lax.switch``: the first
-    step, a step, a step then every refresh; the first two with ``stagger_refresh``, whose
-    leaves refresh at their own offsets); the rule given to ``scale_by_rule`` branches in each
-    leaf. Same updates and state to float64 rounding over a first step, refreshes and steps
-    between them, and no branch on the count left inside the tree's switch."""
+    """With ``branching="tree"`` (the default off the CPU) SOAP chooses the step's phase once
+    for the tree (one ``lax.switch``: the first step, a step, a step then every refresh; the
+    first two with ``stagger_refresh``, whose leaves refresh at their own offsets); the rule
+    given to ``scale_by_rule`` (the CPU's) branches in each leaf. Same updates and state to
+    float64 rounding over a first step, refreshes and steps between them, and no branch on the
+    count left inside the tree's switch."""
     params = {"a": jnp.ones((6, 4)), "b": jnp.ones((4, 3, 2)), "c": jnp.ones(4)}
-    tree = adam_jax.scale_by_soap(precondition_frequency=2, **options)
+    tree = _scale_by_soap(SoapRule(precondition_frequency=2, **options), branching="tree")
     rule = SoapRule(precondition_frequency=2, **options)
     if rule.stagger_refresh:
         rule = rule.with_leaf_starts(params)
@@ -361,6 +363,41 @@ def test_one_branch_a_step_computes_what_a_branch_per_leaf_does(options: dict, x
         assert len(found[0]) < len(found[1])
     else:
         assert found[0] == [(0, 3)]
+
+
+def _stripped(module: str) -> str:
+    """A StableHLO module's text without its source locations."""
+    return re.sub(r"#loc\d*|loc\([^)]*\)", "", module)
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_the_default_branches_per_leaf_for_blocks_on_the_cpu_and_once_for_the_tree_elsewhere(
+    block_size: int | None,
+) -> None:
+    """``scale_by_soap``'s program exported for CUDA is the tree's switch, and for the CPU the
+    per-leaf branching's with blocks (the other traced but not lowered), the tree's without:
+    as large as the chosen one's but for the selection (within 10%), far from the other's."""
+    params = {"a": jnp.ones((6, 4)), "b": jnp.ones((4, 3, 2)), "c": jnp.ones(4)}
+    options = {"precondition_frequency": 2, "block_size": block_size}
+    state = adam_jax.scale_by_soap(**options).init(params)
+
+    def size(tx: optax.GradientTransformation, platform: str) -> int:
+        exported = jax.export.export(jax.jit(tx.update), platforms=[platform])
+        return len(_stripped(exported(params, state, params).mlir_module()))
+
+    on_cpu = ("leaf", "tree") if block_size else ("tree", "leaf")
+    for platform, (chosen, other) in (("cpu", on_cpu), ("cuda", ("tree", "leaf"))):
+        default = size(adam_jax.scale_by_soap(**options), platform)
+        structures = {
+            b: size(_scale_by_soap(SoapRule(**options), b), platform) for b in (chosen, other)
+        }
+        assert abs(default - structures[chosen]) < 0.1 * structures[chosen], platform
+        assert abs(default - structures[other]) > abs(default - structures[chosen]), platform
+
+
+def test_an_unknown_branching_is_refused_by_name() -> None:
+    with pytest.raises(ValueError, match=r"branching must be one of \('auto', 'tree', 'leaf'\)"):
+        _scale_by_soap(SoapRule(), branching="both")
 
 
 def _inner(state: Any) -> Any:

@@ -38,3 +38,13 @@ def switch(index: jax.Array, branches: Sequence[Any], *operands: Any) -> Any:
     if isinstance(index, jax.core.Tracer):
         return jax.lax.switch(index, branches, *operands)
     return branches[int(index)](*operands)
+
+
+def on_platform(*operands: Any, cpu: Any, default: Any) -> Any:
+    """``cpu(*operands)`` on the CPU, ``default(*operands)`` on every other backend: under
+    ``jit`` (any traced operand) ``jax.lax.platform_dependent``, which traces both and keeps the
+    one of the platform the program is lowered for (so a program exported for CUDA from a CPU
+    host takes ``default``); outside it, the default backend's alone."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(operands)):
+        return jax.lax.platform_dependent(*operands, cpu=cpu, default=default)
+    return (cpu if jax.default_backend() == "cpu" else default)(*operands)

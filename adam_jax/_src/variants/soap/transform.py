@@ -1,5 +1,6 @@
 """SOAP as optax transformations: its moment estimate :func:`scale_by_soap` (the step's phase
-chosen once for the whole tree), its optimizer :func:`soap`, and its registry row."""
+chosen once for the whole tree, or in each leaf for blocks on the CPU), its optimizer
+:func:`soap`, and its registry row."""
 
 from __future__ import annotations
 
@@ -7,32 +8,62 @@ import dataclasses
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 
-from adam_jax._src.branching import switch
+from adam_jax._src.branching import on_platform, switch
 from adam_jax._src.chains import descend
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.rule import scale_by_rule
 from adam_jax._src.variants.soap.rule import PHASES, SoapRule
 from adam_jax._src.weight_decay import Mask
 
+#: How SOAP's step branches on its phase: ``"tree"``, one ``lax.switch`` a step for the whole
+#: tree; ``"leaf"``, each leaf's own ``lax.cond``; ``"auto"``, the leaves' on the CPU where a
+#: leaf is cut into blocks and the tree's otherwise (docs/speed.md, "One branch a step").
+BRANCHINGS = ("auto", "tree", "leaf")
 
-def _scale_by_soap(rule: SoapRule, **others: Any) -> optax.GradientTransformation:
+
+def _scale_by_soap(
+    rule: SoapRule, branching: str = "auto", **others: Any
+) -> optax.GradientTransformation:
     """The transformation of ``rule``, its step's phase (:meth:`SoapRule.phase_of`) chosen
-    once for the whole tree: one branch a step, in which every leaf takes that phase's
-    arithmetic, where a branch per leaf would cost a GPU one synchronization with the host
-    each (docs/speed.md). With ``stagger_refresh``, the blocks numbered across the whole tree
-    of each step's updates (their shapes are static, so the numbering is too)."""
+    once for the whole tree (``branching="tree"``): one branch a step, in which every leaf
+    takes that phase's arithmetic, where a branch per leaf cost a GPU twice the step between
+    refreshes; or in each leaf (``"leaf"``, the rule's own branches), which XLA:CPU runs faster
+    where the leaves have blocks (at d = 256 the blocked step between refreshes about 0.75x
+    the tree's branch's) and slower without (unblocked SOAP's mean step at d = 64 about 1.3x);
+    ``"auto"`` takes the leaves' on the CPU where a leaf is cut into blocks, the tree's
+    otherwise (with blocks both traced: ``jax.lax.platform_dependent`` keeps the backend's when
+    the step is lowered). With
+    ``stagger_refresh``, the blocks numbered across the whole tree of each step's updates
+    (their shapes are static, so the numbering is too)."""
+    if branching not in BRANCHINGS:
+        raise ValueError(f"branching must be one of {BRANCHINGS}, got {branching!r}")
 
     def update_fn(
         updates: optax.Updates, state: Any, params: optax.Params | None = None
     ) -> tuple[optax.Updates, Any]:
         numbered = rule.with_leaf_starts(updates) if rule.stagger_refresh else rule
-        phases = [
-            scale_by_rule(dataclasses.replace(numbered, phase=phase), **others).update
-            for phase in PHASES[: 2 if rule.stagger_refresh else 3]
-        ]
-        return switch(rule.phase_of(state.count), phases, updates, state, params)
+
+        def per_leaf(updates: Any, state: Any, params: Any) -> Any:
+            return scale_by_rule(numbered, **others).update(updates, state, params)
+
+        def per_tree(updates: Any, state: Any, params: Any) -> Any:
+            phases = [
+                scale_by_rule(dataclasses.replace(numbered, phase=phase), **others).update
+                for phase in PHASES[: 2 if rule.stagger_refresh else 3]
+            ]
+            return switch(rule.phase_of(state.count), phases, updates, state, params)
+
+        if branching == "leaf":
+            return per_leaf(updates, state, params)
+        if branching == "tree":
+            return per_tree(updates, state, params)
+        shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(updates)]
+        if all(sum(group.n for group in rule.layout.groups(shape)) <= 1 for shape in shapes):
+            return per_tree(updates, state, params)
+        return on_platform(updates, state, params, cpu=per_leaf, default=per_tree)
 
     return optax.GradientTransformation(scale_by_rule(rule, **others).init, update_fn)
 
@@ -140,9 +171,12 @@ def scale_by_soap(
     basis turns (a block may refresh as early as :math:`t = 1`), not how.
 
     The step's phase (the first step, which only builds the bases; a step; a step after which
-    every basis is refreshed) is chosen once for the whole tree: one ``jax.lax.switch`` a step,
-    in whose branch every leaf takes that phase's arithmetic (a branch per leaf made the step
-    between refreshes twice as long on an H100: docs/speed.md, "One branch a step").
+    every basis is refreshed) is chosen once for the whole tree on GPU and TPU: one
+    ``jax.lax.switch`` a step, in whose branch every leaf takes that phase's arithmetic (a branch
+    per leaf made the step between refreshes twice as long on an H100), and on the CPU where no
+    leaf is cut into blocks; where one is, on the CPU each leaf branches on its own, which
+    XLA:CPU runs faster (docs/speed.md, "One branch a step"). The same arithmetic either way;
+    the program lowered for a backend holds its branching alone.
 
     Factors and bases are kept per leaf, flattened (state fields ``gg`` and ``q``), in the
     compute dtype (at least float32) by default. ``factor_dtype`` stores the factors in another
