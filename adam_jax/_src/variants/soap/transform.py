@@ -35,9 +35,8 @@ def _scale_by_soap(
     the tree's branch's) and slower without (unblocked SOAP's mean step at d = 64 about 1.3x);
     ``"auto"`` takes the leaves' on the CPU where a leaf is cut into blocks, the tree's
     otherwise (with blocks both traced: ``jax.lax.platform_dependent`` keeps the backend's when
-    the step is lowered). With
-    ``stagger_refresh``, the blocks numbered across the whole tree of each step's updates
-    (their shapes are static, so the numbering is too)."""
+    the step is lowered). With ``stagger_refresh``, the blocks numbered across the whole tree
+    of each step's updates (their shapes are static, so the numbering is too)."""
     if branching not in BRANCHINGS:
         raise ValueError(f"branching must be one of {BRANCHINGS}, got {branching!r}")
 
