@@ -386,9 +386,8 @@ class SoapRule(MomentRule):
         if jnp.issubdtype(g.dtype, jnp.complexfloating):
             raise ValueError("soap has no complex params")
         shape, working = g.shape, self.layout.shape(g.shape)
-        groups = self.layout.groups(shape)
-        if sum(group.n for group in groups) > 1:
-            return self._update_blocks(g, moments, scalars, leaf, groups)
+        if self.layout.num_blocks(shape) > 1:
+            return self._update_blocks(g, moments, scalars, leaf, self.layout.groups(shape))
         frequency = self._frequency()
         start = self._leaf_start(leaf)
         refresh = self._due(scalars, start if frequency is None else start % frequency)

@@ -60,7 +60,7 @@ def _scale_by_soap(
         if branching == "tree":
             return per_tree(updates, state, params)
         shapes = [tuple(jnp.shape(leaf)) for leaf in jax.tree.leaves(updates)]
-        if all(sum(group.n for group in rule.layout.groups(shape)) <= 1 for shape in shapes):
+        if all(rule.layout.num_blocks(shape) <= 1 for shape in shapes):
             return per_tree(updates, state, params)
         return on_platform(updates, state, params, cpu=per_leaf, default=per_tree)
 
