@@ -28,6 +28,7 @@ from references.soap import RefSoap
 
 import adam_jax
 from adam_jax._src.variants.soap import SoapLayout, SoapRule
+from adam_jax._src.variants.soap import rule as soap_rule
 from adam_jax._src.variants.soap.transform import _scale_by_soap
 
 
@@ -280,6 +281,28 @@ def test_staggered_refreshes_spread_the_blocks_over_the_window() -> None:
         states.append(_inner(state))
     for a, e in zip(jax.tree.leaves(states[1]), jax.tree.leaves(states[0]), strict=True):
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
+
+
+def test_staggered_blocks_are_computed_once_a_window(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A leaf of 6 blocks refreshing every 4 steps, staggered: 2 blocks due at some steps, 1
+    at the others. Over two windows the refreshes compute 12 blocks' bases, each block's
+    twice: the step's last pick, due at some steps only, waits on a branch (run eagerly,
+    only the branch taken computes), not 2 blocks every step (16)."""
+    computed: list[int] = []
+
+    def counting(factors: list[jax.Array | None], *args: Any) -> Any:
+        computed.append(next(f.shape[0] for f in factors if f is not None))
+        return refresh_blocks(factors, *args)
+
+    refresh_blocks = soap_rule._refresh_blocks
+    monkeypatch.setattr(soap_rule, "_refresh_blocks", counting)
+    params = {"a": jnp.ones((12, 2))}
+    tx = adam_jax.scale_by_soap(block_size=2, precondition_frequency=4, stagger_refresh=True)
+    state = tx.init(params)
+    for t in range(9):  # the first step only initializes the factors and bases
+        grads = {"a": jnp.sin((t + 1.0) * jnp.arange(24.0).reshape(12, 2))}
+        _, state = tx.update(grads, state, params)
+    assert sum(computed) == 12
 
 
 def _linear_algebra_operands(text: str) -> dict[str, set[str]]:

@@ -601,6 +601,10 @@ class SoapRule(MomentRule):
 
         if not self.stagger_refresh:
             return branch(scalars.refresh, all_due, lambda *ops: ops, mu, nu, bases_flat)
+        if blocks.axis is None and self._frequency() is not None:
+            return self._refresh_in_place(
+                factors, mu, nu, bases_flat, count, start, blocks, computed
+            )
 
         def staggered(
             factors: jax.Array,
@@ -647,28 +651,17 @@ class SoapRule(MomentRule):
         the refresh of those due at ``count`` (every ``period`` steps): block ``k`` (of the
         first ``owned``, the others empty) at refresh offset ``offset + k``. With a static
         ``precondition_frequency`` the due ones are gathered (``ceil(slots / frequency)``
-        every step), refreshed as a batch by ``computed`` and put back; a batch of at most
-        one due block is refreshed in a branch; a traced frequency refreshes the batch in a
-        branch taken when any is due."""
-        frequency = self._frequency()
-
-        def unrefreshed(ops: Any) -> Any:
-            return [ops[0][1:]]
-
-        if frequency is None:
+        every step), refreshed by ``computed`` and put back: all but the last as a batch,
+        the last (due at some steps only) in a branch; a traced frequency refreshes the
+        batch in a branch taken when any is due."""
+        if self._frequency() is None:
             k = jnp.arange(slots)
             due = (jnp.remainder(count - offset - k, period) == 0) & (k < owned)
-            new = branch(jnp.any(due), computed, unrefreshed, [op])[0]
+            new = branch(jnp.any(due), computed, _unrefreshed, [op])[0]
         else:
-            m = -(-slots // frequency)
-            # Block k is due when offset + k = count (mod frequency).
-            index = jnp.remainder(count - offset, frequency) + frequency * jnp.arange(m)
-            valid = index < owned
+            index, valid = self._picks(count, offset, slots, owned)
             picked = jax.tree.map(lambda x: x[jnp.minimum(index, slots - 1)], op)
-            if m == 1:
-                new = branch(valid[0], computed, unrefreshed, [picked])[0]
-            else:
-                new = computed([picked])[0]
+            new = _refresh_picked(picked, valid, computed)
             # Put back by selection, not by a scatter that drops the invalid indices: inside
             # shard_map, XLA:CPU (jaxlib 0.10.2) wrote such a scatter's updates into the
             # blocks of the devices that had none due.
@@ -680,6 +673,63 @@ class SoapRule(MomentRule):
             return jnp.where(due.reshape(-1, *[1] * (a.ndim - 1)), a, b)
 
         return jax.tree.map(select, new, op[1:])
+
+    def _picks(
+        self, count: jax.Array, offset: Any, slots: int, owned: Any
+    ) -> tuple[jax.Array, jax.Array]:
+        """The slots of the blocks due at ``count`` among ``slots`` (block ``k`` at refresh
+        offset ``offset + k``, due when ``offset + k = count`` modulo the static
+        ``precondition_frequency``): ``ceil(slots / frequency)`` indices, and whether each
+        holds one of the first ``owned`` blocks."""
+        frequency = self._frequency()
+        assert frequency is not None
+        m = -(-slots // frequency)
+        index = jnp.remainder(count - offset, frequency) + frequency * jnp.arange(m)
+        return index, index < owned
+
+    def _refresh_in_place(
+        self,
+        factors: jax.Array,
+        mu: jax.Array,
+        nu: jax.Array,
+        bases_flat: jax.Array,
+        count: jax.Array,
+        start: int,
+        blocks: _LeafBlocks,
+        computed: Any,
+    ) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """Staggered refreshes on one device with a static ``precondition_frequency``: each
+        group's due blocks sliced out of the leaf's moments and state vectors, refreshed
+        (:func:`_refresh_picked`) and written back in place, so that a step moves its due
+        blocks alone, not the leaf's whole moments into blocks and back."""
+        working = blocks.working
+        mu_w, nu_w = mu.reshape(working), nu.reshape(working)
+        edge, first = 0, 0
+        for gr, factor_part, basis_part in zip(
+            blocks.groups, blocks.parts(factors), blocks.parts(bases_flat), strict=True
+        ):
+            index, valid = self._picks(count, start + first, gr.n, gr.n)
+            first += gr.n
+            if not gr.stride:  # no factor: the refresh would leave the moments as they are
+                continue
+            k = jnp.minimum(index, gr.n - 1)
+            corners = [_corner(gr, kj) for kj in k]
+            picked = (
+                [None if x is None else x[k] for x in factor_part],
+                [None if x is None else x[k] for x in basis_part],
+                jnp.stack([jax.lax.dynamic_slice(mu_w, c, gr.sizes) for c in corners]),
+                jnp.stack([jax.lax.dynamic_slice(nu_w, c, gr.sizes) for c in corners]),
+            )
+            new_bases, new_mu, new_nu = _refresh_picked(picked, valid, computed)
+            for j, corner in enumerate(corners):
+                mu_w = jax.lax.dynamic_update_slice(mu_w, new_mu[j], corner)
+                nu_w = jax.lax.dynamic_update_slice(nu_w, new_nu[j], corner)
+                row = jnp.concatenate([b[j].reshape(-1) for b in new_bases if b is not None])
+                bases_flat = jax.lax.dynamic_update_slice(
+                    bases_flat, row.astype(bases_flat.dtype), (edge + k[j] * gr.stride,)
+                )
+            edge += gr.n * gr.stride
+        return mu_w.reshape(mu.shape), nu_w.reshape(nu.shape), bases_flat
 
     def _refresh(
         self, factors: list[jax.Array | None], mu: jax.Array, nu: jax.Array, bases_flat: jax.Array
@@ -739,3 +789,33 @@ class SoapRule(MomentRule):
             return flat
         vector = jax.ShapeDtypeStruct(flat.shape, flat.dtype)
         return storage.load(storage.store(flat, storage.init(vector))).astype(flat.dtype)
+
+
+def _unrefreshed(ops: Any) -> Any:
+    """The bases and moments of a batch of blocks ``[(factors, bases, mu, nu)]`` as they are."""
+    return [ops[0][1:]]
+
+
+def _refresh_picked(picked: Any, valid: jax.Array, computed: Any) -> Any:
+    """``computed`` of the ``m`` gathered blocks ``picked`` (factors, bases, mu, nu): all but
+    the last as a batch, the last in a branch taken where it is ``valid``. Where every slot
+    holds a block only the last pick can fall past them, so a window refreshes each block
+    once, not ``m * precondition_frequency`` blocks."""
+    m = valid.shape[0]
+    last = jax.tree.map(lambda x: x[m - 1 :], picked)
+    new = branch(valid[m - 1], computed, _unrefreshed, [last])[0]
+    if m == 1:
+        return new
+    first = jax.tree.map(lambda x: x[: m - 1], picked)
+    return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), computed([first])[0], new)
+
+
+def _corner(group: BlockGroup, k: jax.Array) -> list[jax.Array]:
+    """Where block ``k`` of ``group`` (row-major over its ``counts``, as
+    :meth:`BlockGroup.split` orders them) starts in the working shape."""
+    corner = []
+    dims = zip(group.spans, group.counts, group.sizes, strict=True)
+    for (a, _), count, size in reversed(list(dims)):
+        corner.append(a + (k % count) * size)
+        k = k // count
+    return corner[::-1]
