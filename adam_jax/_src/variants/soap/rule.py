@@ -569,8 +569,10 @@ class SoapRule(MomentRule):
 
         Without ``stagger_refresh``, one branch for all the leaf's groups (the steps without
         refresh move nothing between the leaf and its blocks). With it, each group's blocks
-        due at the step (:meth:`_refresh_due`; spread, each device's among its own), so every
-        step carries about the same work."""
+        due at the step, so every step carries about the same work: on one device with a
+        static ``precondition_frequency`` sliced out of the leaf and written back in place
+        (:meth:`_refresh_in_place`), otherwise picked from the groups' batches
+        (:meth:`_refresh_due`; spread, each device's among its own)."""
         groups = blocks.groups
         start = self._leaf_start(leaf)
         count = scalars.count
