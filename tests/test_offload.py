@@ -411,5 +411,8 @@ def test_gpt2_small_8bit_offloaded_in_slices_is_within_the_bound() -> None:
     for setting in ("8-bit moments", "8-bit, in slices"):
         tx = adam_jax.offload_state(offload.SETTINGS[setting]())
         step = jax.jit(adam_step(tx), donate_argnums=(0, 2))
-        totals.append(offload.device_bytes(step.lower(params, params, state).compile())["total"])
+        # The buffers are assigned before LLVM compiles the program: unoptimized LLVM gives
+        # the same figures in half the compile time (the same bytes at -O0 and -O1, checked).
+        compiled = step.lower(params, params, state).compile({"xla_backend_optimization_level": 0})
+        totals.append(offload.device_bytes(compiled)["total"])
     assert totals[1] <= bound < totals[0]
