@@ -119,3 +119,35 @@ def cnn_model() -> tuple[Any, Loss]:
         return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
 
     return params, loss
+
+
+def gpt2_small_shapes() -> dict[str, Any]:
+    """GPT-2 small's parameters as Hugging Face's ``GPT2Model`` names and shapes them: token and
+    position embeddings, 12 blocks of 12 leaves (fused QKV), the final layer norm; 148 float32
+    leaves, 124,439,808 params (the output head is the token embedding, tied)."""
+    d, ff, vocab, context = 768, 3072, 50257, 1024
+
+    def array(*shape: int) -> jax.ShapeDtypeStruct:
+        return jax.ShapeDtypeStruct(shape, jnp.float32)
+
+    def layer_norm() -> dict[str, Any]:
+        return {"scale": array(d), "bias": array(d)}
+
+    block = {
+        "ln_1": layer_norm(),
+        "attn": {
+            "c_attn": {"w": array(d, 3 * d), "b": array(3 * d)},
+            "c_proj": {"w": array(d, d), "b": array(d)},
+        },
+        "ln_2": layer_norm(),
+        "mlp": {
+            "c_fc": {"w": array(d, ff), "b": array(ff)},
+            "c_proj": {"w": array(ff, d), "b": array(d)},
+        },
+    }
+    return {
+        "wte": array(vocab, d),
+        "wpe": array(context, d),
+        "h": [block] * 12,
+        "ln_f": layer_norm(),
+    }

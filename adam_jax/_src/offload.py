@@ -174,6 +174,16 @@ def _evaluate(eqns: list[Any], env: dict[Any, Any], debug_info: Any) -> None:
     env.update(zip(defined, values, strict=True))
 
 
+def brought_from_host(stored: Any) -> bool:
+    """Whether :func:`offload_state` is tracing and copied every array of ``stored`` from host
+    memory (its new form then goes back there)."""
+    transfers = _TRANSFERS.get()
+    arrays = jax.tree.leaves(stored)
+    return (
+        transfers is not None and bool(arrays) and all(id(x) in transfers.originals for x in arrays)
+    )
+
+
 def update_in_turn(
     step: Callable[[list[Any]], tuple[jax.Array, list[Any]]],
     stored: list[Any],
@@ -202,8 +212,7 @@ def update_in_turn(
     moments)``; :func:`offload_state` returns the host copies in place of the new moments.
     """
     transfers = _TRANSFERS.get()
-    arrays = jax.tree.leaves(stored)
-    if transfers is None or not arrays or any(id(x) not in transfers.originals for x in arrays):
+    if transfers is None or not brought_from_host(stored):
         return None
     host = [[transfers.originals[id(x)][1] for x in jax.tree.leaves(tree)] for tree in stored]
     closed, shapes = jax.make_jaxpr(step, return_shape=True)(

@@ -111,11 +111,20 @@ def in_row_slices(
     param: Any,
     stored: Any,
     max_elements: int,
+    *,
+    from_host: bool = False,
 ) -> tuple[jax.Array, Any] | None:
     """``step(grad, param, stored)`` (the leaf's update and new stored form) run on slices of
     the leaf's rows of at most ``max_elements`` elements, each written in place into the whole
     update and stored form; ``None`` where the stored arrays do not cut the rows evenly
     (:func:`row_unit`) or the leaf is no larger than one slice.
+
+    ``from_host`` says that ``stored`` was brought from host memory and its new form goes back
+    there, into the donated buffers (:func:`adam_jax.offload_state`). Off the CPU the slices
+    are then written into new arrays, not into the ones they are read from: XLA:GPU places a
+    loop that updates such an array in place in host memory and then fails to compile the copy
+    back (``copy-start ... doesn't have correct host memory space color S(5)``). The values
+    are the same; the device holds one more copy of the leaf's stored form.
 
     ``step`` must be elementwise in the rows: its result for a slice of rows is that slice of
     its result for the whole leaf. The update is written over a copy of ``grad`` where their
@@ -170,19 +179,33 @@ def in_row_slices(
     start_from = grad if in_place else jnp.zeros(grad.shape, update_type.dtype)
     update = after(scales_of(stored), start_from)
 
-    # Each pass reads its slices from the carry it then writes (the slices are apart), so that
-    # the loop updates the stored arrays in place instead of beside a copy.
-    def one_slice(start: Any, size: int, carry: tuple[jax.Array, list[jax.Array]]) -> Any:
-        update, arrays = carry
-        part = step(*cut(start, size, update if in_place else grad, arrays))
-        return write(start, update, arrays, part)
+    def run(update: jax.Array, arrays: list[jax.Array], apart: bool) -> Any:
+        # Each pass reads its slices from the carry it then writes (the slices are apart), so
+        # that the loop updates the stored arrays in place instead of beside a copy; ``apart``
+        # reads them from the old arrays and writes new ones.
+        def one_slice(start: Any, size: int, carry: tuple[jax.Array, list[jax.Array]]) -> Any:
+            update, new = carry
+            source = arrays if apart else new
+            part = step(*cut(start, size, update if in_place else grad, source))
+            return write(start, update, new, part)
 
-    carry = jax.lax.fori_loop(
-        0, whole, lambda k, carry: one_slice(k * slice_rows, slice_rows, carry), (update, arrays)
-    )
-    if tail:
-        carry = one_slice(whole * slice_rows, tail, carry)
-    update, new = carry
+        new = [jnp.empty_like(x) for x in arrays] if apart else arrays
+        carry = jax.lax.fori_loop(
+            0, whole, lambda k, carry: one_slice(k * slice_rows, slice_rows, carry), (update, new)
+        )
+        if tail:
+            carry = one_slice(whole * slice_rows, tail, carry)
+        return carry
+
+    if from_host:
+        update, new = jax.lax.platform_dependent(
+            update,
+            arrays,
+            cpu=lambda u, a: run(u, a, apart=False),
+            default=lambda u, a: run(u, a, apart=True),
+        )
+    else:
+        update, new = run(update, arrays, apart=False)
     return update, jax.tree.unflatten(treedef, new)
 
 

@@ -64,7 +64,7 @@ import optax
 
 from adam_jax._src import hyperparams, validation
 from adam_jax._src.numerics import compute_dtype, real_dtype
-from adam_jax._src.offload import update_in_turn
+from adam_jax._src.offload import brought_from_host, update_in_turn
 from adam_jax._src.quantization import fused
 from adam_jax._src.row_slices import in_row_slices, is_elementwise, row_unit, slice_elements
 from adam_jax._src.segmented import buffer_storages, packed_tensors
@@ -448,16 +448,19 @@ def _update_in_row_slices(
     most_at_once: int,
     wait_for: Any,
     trees: list[Any],
+    *,
+    from_host: bool,
 ) -> tuple[jax.Array, list[Any]]:
     """``step`` (:func:`_update_leaf` with its leaf's arguments) run on slices of the leaf's
-    rows (:func:`adam_jax.rules.in_row_slices`), once the arrays of ``wait_for`` exist."""
+    rows (:func:`adam_jax.rules.in_row_slices`), once the arrays of ``wait_for`` exist;
+    ``from_host``: the stored arrays came from host memory (:func:`adam_jax.offload_state`)."""
 
     def part(g: jax.Array, p: Any, stored: list[Any]) -> tuple[jax.Array, list[Any]]:
         return step(list(stored), grad=g, param=p, wait_for=None)
 
     # The loop takes every stored array at once: waiting on the float ones is enough.
     waited = after(wait_for, trees, integers=False)
-    sliced = in_row_slices(part, grad, param, waited, most_at_once)
+    sliced = in_row_slices(part, grad, param, waited, most_at_once, from_host=from_host)
     assert sliced is not None  # the caller checked the leaf's size and rows
     return sliced
 
@@ -599,7 +602,13 @@ def scale_by_rule(
                 )
             ):
                 step = functools.partial(
-                    _update_in_row_slices, step, grad, param_leaves[i], most_at_once, previous
+                    _update_in_row_slices,
+                    step,
+                    grad,
+                    param_leaves[i],
+                    most_at_once,
+                    previous,
+                    from_host=brought_from_host(trees),
                 )
             # Moments in their own dtype and shape come over one at a time. Decoded or reduced
             # ones come over together: apart, a decoded one keeps its new moments in the

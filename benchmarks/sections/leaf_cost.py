@@ -27,11 +27,9 @@ no-op takes most of its time is bound by the host's handling of its arguments.
 
 from __future__ import annotations
 
-import re
 import resource
 import statistics
 import time
-from collections import Counter
 from collections.abc import Sequence
 from typing import Any
 
@@ -41,6 +39,7 @@ import optax
 import adam_jax
 from adam_jax import flat
 from benchmarks.harness import LR, Row, Runner, Settings, Step, adam_step, copy_tree, interleaved
+from benchmarks.hlo_program import kernel_counts
 from benchmarks.models import params_and_grads
 
 TREES = ((1, 16_000_000), (100, 160_000), (1000, 16_000))
@@ -50,102 +49,6 @@ WARMUP = 2
 NOOP_TREE = "no-op, tree"
 NOOP_FLAT = "no-op, flat params"
 FLAT = "adam_jax.adam flat params"
-
-#: Instructions that launch nothing: they name, group, order or forward buffers, or run the
-#: computations they call (whose instructions are counted instead), or end an async pair.
-_NO_KERNEL = frozenset(
-    {
-        "parameter",
-        "constant",
-        "get-tuple-element",
-        "tuple",
-        "bitcast",
-        "after-all",
-        "opt-barrier",
-        "add-dependency",
-        "partition-id",
-        "replica-id",
-        "domain",
-        "call",
-        "while",
-        "conditional",
-        "async-start",
-        "async-update",
-        "async-done",
-        "copy-done",
-        "send-done",
-        "recv-done",
-        "all-reduce-done",
-        "all-gather-done",
-        "collective-permute-done",
-    }
-)
-#: Instructions whose called computations run as the program's own steps.
-_DESCEND = frozenset({"call", "while", "conditional", "async-start"})
-_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
-_CALLED = re.compile(
-    r"\b(?:calls|to_apply|body|condition|true_computation|false_computation|"
-    r"branch_computations|called_computations)=(\{[^}]*\}|%?[\w.\-]+)"
-)
-
-
-def _opcode(rhs: str) -> str:
-    """The opcode of an instruction's right-hand side (its type, then ``opcode(``)."""
-    rhs = rhs.lstrip()
-    if rhs.startswith("("):  # a tuple type: skip to its closing parenthesis
-        depth = 0
-        for k, char in enumerate(rhs):
-            depth += {"(": 1, ")": -1}.get(char, 0)
-            if depth == 0:
-                rhs = rhs[k + 1 :]
-                break
-    else:
-        rhs = rhs.split(" ", 1)[1] if " " in rhs else ""
-    return rhs.lstrip().split("(", 1)[0].strip()
-
-
-def _computations(hlo: str) -> tuple[dict[str, list[str]], str]:
-    """The instruction lines of each computation of an HLO module's text, and the entry's name."""
-    computations: dict[str, list[str]] = {}
-    entry, current = "", None
-    for line in hlo.splitlines():
-        if current is None:
-            header = _HEADER.match(line)
-            if header and not line.startswith("HloModule"):
-                current = header.group(2)
-                computations[current] = []
-                entry = current if header.group(1) else entry
-        elif line.strip() == "}":
-            current = None
-        elif "=" in line:
-            computations[current].append(line)
-    return computations, entry
-
-
-def kernel_counts(hlo: str) -> Row:
-    """What the compiled program launches, from its optimized HLO text: see the module's
-    docstring (``kernels``, ``fusions``, ``custom_calls``, ``opcodes``)."""
-    computations, entry = _computations(hlo)
-    opcodes: Counter[str] = Counter()
-    pending, seen = [entry], {entry}
-    while pending:
-        for line in computations.get(pending.pop(), []):
-            opcode = _opcode(line.split("=", 1)[1])
-            if opcode not in _NO_KERNEL:
-                opcodes[opcode] += 1
-            if opcode in _DESCEND:
-                for group in _CALLED.findall(line):
-                    for name in re.findall(r"[\w.\-]+", group):
-                        if name not in seen:
-                            seen.add(name)
-                            pending.append(name)
-    return {
-        "kernels": sum(opcodes.values()),
-        "fusions": opcodes["fusion"],
-        "custom_calls": opcodes["custom-call"],
-        "opcodes": dict(sorted(opcodes.items())),
-    }
-
 
 def noop_step(params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
     """Takes a step's arguments and returns its params and state as they are."""

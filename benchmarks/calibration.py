@@ -1,0 +1,215 @@
+"""The GPU time model (:mod:`benchmarks.time_model`) against every step time recorded on an
+H100 and an H200 in ``benchmarks/results/``: each recorded row's program compiled anew for its
+card (deviceless), predicted, and set beside the measured median.
+
+    python -m benchmarks.calibration                  # the table (Markdown), docs/speed.md's
+    python -m benchmarks.calibration --fit            # also fit the model's constants
+
+A row whose program this module cannot build again (a whole train step, SOAP's trees, the
+reference kernels of ``steps``, the Pallas kernel, the offload section's 98M transformer) is
+listed with the reason. The programs are compiled with the installed jax (0.10.2 here); the
+rows were measured with jax 0.11.2 on the lent machines, whose programs may differ a little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from benchmarks import accelerators
+
+RESULTS = Path(__file__).resolve().parent / "results"
+#: Recorded files and their card.
+FILES = {"gpu_h100.json": "h100", "gpu.json": "h200"}
+SECTIONS = ("leaf_cost", "eight_bit", "steps", "leaves", "variants", "low_precision", "billion")
+#: Recorded sections whose programs are not an optimizer step on a tree of vectors.
+OTHER_SECTIONS = ("train_step", "soap", "soap_steps", "soap_branches", "offload")
+
+
+@dataclasses.dataclass
+class Recorded:
+    file: str
+    card: str
+    section: str
+    tree: str
+    variant: str
+    measured_ms: float
+
+
+def recorded_rows() -> list[Recorded]:
+    rows = []
+    for name, card in FILES.items():
+        data = json.loads((RESULTS / name).read_text())
+        for section in SECTIONS:
+            for row in data.get(section, []):
+                tree = row.get("tree") or f"1 x {row['num_params']}"
+                rows.append(Recorded(name, card, section, tree, row["variant"], row["median_ms"]))
+    return rows
+
+
+def _builder(row: Recorded) -> tuple[Callable[[], Any], Any, str] | str:
+    """(optimizer factory, params dtype, layout) of a row, or why it cannot be built."""
+    import jax.numpy as jnp
+    import optax
+
+    import adam_jax
+    from benchmarks.harness import LR
+    from benchmarks.sections import eight_bit
+
+    name = row.variant.removeprefix("adam_jax.")
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    table: dict[str, tuple[Callable[[], Any], Any, str]] = {
+        "optax.adam": (lambda: optax.adam(LR), f32, "tree"),
+        "adam": (lambda: adam_jax.adam(LR), f32, "tree"),
+        "adam flat params": (lambda: adam_jax.adam(LR), f32, "flat"),
+        "flat(adam_jax.adam) tree params": (
+            lambda: adam_jax.flat.flat(adam_jax.adam(LR)),
+            f32,
+            "tree",
+        ),
+        "adam bf16 moments": (
+            lambda: adam_jax.adam(LR, mu_dtype=bf16, nu_dtype=bf16),
+            f32,
+            "tree",
+        ),
+        "adam 8-bit moments": (lambda: adam_jax.adam_8bit(LR), f32, "tree"),
+        "adam_8bit": (lambda: adam_jax.adam_8bit(LR), f32, "tree"),
+        "adam_8bit, in slices": (
+            lambda: adam_jax.step_in_slices(adam_jax.adam_8bit(LR), eight_bit.SLICE_ELEMENTS),
+            f32,
+            "tree",
+        ),
+        "no-op, tree": (lambda: adam_jax.adam(LR), f32, "noop"),
+        "no-op, flat params": (lambda: adam_jax.adam(LR), f32, "noop flat"),
+        "bfloat16 plain": (lambda: adam_jax.adam(LR), bf16, "tree"),
+        "bfloat16 kahan": (lambda: adam_jax.kahan_summation(adam_jax.adam(LR)), bf16, "tree"),
+        "bfloat16 stochastic": (
+            lambda: adam_jax.stochastic_rounding(adam_jax.adam(LR), key=0),
+            bf16,
+            "tree",
+        ),
+        "float32": (lambda: adam_jax.adam(LR), f32, "tree"),
+    }
+    if name in table:
+        return table[name]
+    if row.section == "variants" and name in adam_jax.registry.names():
+        info = adam_jax.registry.get(name)
+        return (lambda: info.alias(LR)), f32, "tree"
+    if name in ("stream (p + 1)", "floor"):
+        return "a reference kernel of the section, not an optimizer step"
+    if "fused kernel" in name:
+        return "the Pallas kernel (Triton) does not compile without a GPU"
+    return "a storage of the section's own"
+
+
+def _program(row: Recorded) -> Any:
+    """The compiled program of a row (a :class:`benchmarks.hlo_program.Program`), or why it
+    cannot be built (a string)."""
+    import jax
+    from jax.sharding import SingleDeviceSharding
+
+    from benchmarks.harness import adam_step
+    from benchmarks.hlo_program import read_program
+    from benchmarks.models import abstract_flat_params
+    from benchmarks.sections.leaf_cost import noop_step
+
+    built = _builder(row)
+    if isinstance(built, str):
+        return built
+    make, dtype, layout = built
+    match = re.fullmatch(r"(\d+) x (\d+)", row.tree)
+    if match is None:
+        return "not a tree of vectors"
+    count, size = int(match.group(1)), int(match.group(2))
+    params: Any = {f"p{i:04d}": jax.ShapeDtypeStruct((size,), dtype) for i in range(count)}
+    if "flat" in layout:
+        params = abstract_flat_params(params)
+    tx = make()
+    state = jax.eval_shape(tx.init, params)
+    device = SingleDeviceSharding(accelerators.devices(accelerators.TARGETS[row.card])[0])
+    args = tuple(accelerators.placed(t, device) for t in (params, params, state))
+    step = noop_step if layout.startswith("noop") else adam_step(tx)
+    compiled = accelerators.compile_for(step, args, (0, 2), keep_unused=True)
+    return read_program(compiled.text)
+
+
+def table(fit: bool) -> str:
+    from benchmarks import time_model
+
+    built: list[tuple[Recorded, Any]] = []
+    skipped: list[tuple[Recorded, str]] = []
+    for row in recorded_rows():
+        program = _program(row)
+        if isinstance(program, str):
+            skipped.append((row, program))
+        else:
+            built.append((row, program))
+    constants = time_model.CALIBRATED
+    if fit:
+        constants = time_model.fit(
+            [(p, r.card, r.measured_ms / 1e3) for r, p in built],
+            {
+                "host_fixed": [40e-6, 60e-6, 80e-6, 100e-6],
+                "host_per_argument": [2e-6, 3e-6, 4e-6, 5e-6],
+                "host_per_argument_squared": [0.5e-9, 1e-9, 1.5e-9],
+                "launch": [1e-6, 2e-6, 4e-6],
+                "bandwidth_fraction": [0.6, 0.7, 0.8, 0.9],
+            },
+        )
+        print(constants)
+    lines = [
+        "| card | section | tree | variant | kernels | measured ms | model ms | error |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    errors = []
+    for row, program in built:
+        predicted = 1e3 * time_model.predict(program, row.card, constants)
+        error = predicted / row.measured_ms - 1
+        errors.append(abs(math.log(predicted / row.measured_ms)))
+        lines.append(
+            f"| {row.card} | {row.section} | {row.tree} | {row.variant} | "
+            f"{program.kernel_count} | {row.measured_ms:.4g} | {predicted:.4g} | {error:+.0%} |"
+        )
+    errors.sort()
+    lines.append("")
+    lines.append(
+        f"{len(built)} rows modelled: median error {math.exp(errors[len(errors) // 2]) - 1:.0%}, "
+        f"90th percentile {math.exp(errors[int(0.9 * (len(errors) - 1))]) - 1:.0%} (as a ratio)."
+    )
+    lines.append("")
+    lines.append("Not modelled:")
+    reasons: dict[str, list[str]] = {}
+    for row, reason in skipped:
+        reasons.setdefault(reason, []).append(f"{row.card} {row.section} {row.variant}")
+    for name, card in FILES.items():
+        data = json.loads((RESULTS / name).read_text())
+        for section in OTHER_SECTIONS:
+            if data.get(section):
+                reasons.setdefault("a train step or SOAP's or the offload section's trees", [])
+                reasons["a train step or SOAP's or the offload section's trees"] += [
+                    f"{card} {section}"
+                ] * len(data[section])
+    for reason, which in reasons.items():
+        lines.append(f"- {reason}: {len(which)} rows ({', '.join(sorted(set(which))[:6])}...)")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.calibration")
+    parser.add_argument("--fit", action="store_true", help="fit the constants, then tabulate")
+    args = parser.parse_args()
+    try:
+        accelerators.enable()
+    except RuntimeError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+    print(table(args.fit))
+
+
+if __name__ == "__main__":
+    main()

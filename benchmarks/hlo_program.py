@@ -1,0 +1,493 @@
+"""What a compiled program does, read from its optimized HLO text.
+
+``jax.jit(f).lower(...).compile().as_text()`` is the program XLA scheduled for its target after
+all its passes: fusions, library calls, loops, branches, copies between memory spaces. This
+module parses that text (no jax needed) and reports what a reader checks a step for:
+
+* **kernels**: every instruction that launches work (a fusion, a custom call, a copy, any
+  unfused op) in the entry computation and in what it runs in turn (loop bodies and conditions,
+  branches, called computations), none inside a fusion; counted once each, as written;
+* **fusions by kind** (``kLoop``, ``kInput``, ``kOutput``, ``kCustom`` with its backend kind
+  such as ``__triton_nested_gemm_fusion``) and **custom calls by target** (cuBLAS, cuSOLVER,
+  LAPACK, host-offload markers);
+* **while loops** with their trip counts (known to XLA, or ``None``: a GPU then waits on the
+  host at every pass to read the condition) and **conditionals** with what each branch holds;
+* **copies** (``copy`` kernels), **host transfers** (asynchronous copies to or from host
+  memory, XLA's memory space ``S(5)``) and **kernels on host memory** (a kernel that reads or
+  writes an ``S(5)`` buffer in place, over the bus);
+* each kernel's **bytes** (what it reads and writes of device or host memory: its operands and
+  results, a slice where it reads one, only the update where it writes one in place) and its
+  **dot FLOPs**, for :mod:`benchmarks.time_model`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections import Counter
+from typing import Any
+
+#: Bytes of an element of each HLO primitive type (sub-byte types as fractions).
+_ITEMSIZE = {
+    "pred": 1.0,
+    "s2": 0.25,
+    "u2": 0.25,
+    "s4": 0.5,
+    "u4": 0.5,
+    "s8": 1.0,
+    "u8": 1.0,
+    "s16": 2.0,
+    "u16": 2.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "s32": 4.0,
+    "u32": 4.0,
+    "f32": 4.0,
+    "s64": 8.0,
+    "u64": 8.0,
+    "f64": 8.0,
+    "c64": 8.0,
+    "c128": 16.0,
+    "token": 0.0,
+}
+#: Instructions that launch nothing: they name, group, order or forward buffers, run the
+#: computations they call (whose instructions are counted instead), or end an async pair.
+NO_KERNEL = frozenset(
+    {
+        "parameter",
+        "constant",
+        "get-tuple-element",
+        "tuple",
+        "bitcast",
+        "after-all",
+        "opt-barrier",
+        "add-dependency",
+        "partition-id",
+        "replica-id",
+        "domain",
+        "call",
+        "while",
+        "conditional",
+        "async-start",
+        "async-update",
+        "async-done",
+        "copy-done",
+        "send-done",
+        "recv-done",
+        "all-reduce-done",
+        "all-gather-done",
+        "collective-permute-done",
+    }
+)
+#: Instructions whose called computations run as the program's own steps.
+_DESCEND = frozenset({"call", "while", "conditional", "async-start"})
+#: Host memory in an optimized program's layouts (``f32[64]{0:S(5)}``).
+HOST_MEMORY_SPACE = "S(5)"
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*)$")
+_ARRAY = re.compile(r"\b([a-z]+\d*(?:e\d+m\d+\w*)?)\[([\d,]*)\](\{[^}]*\})?")
+_CALLED = re.compile(
+    r"\b(calls|to_apply|body|condition|true_computation|false_computation|"
+    r"branch_computations|called_computations)=(\{[^}]*\}|%?[\w.\-]+)"
+)
+_CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
+_BATCH = re.compile(r"lhs_batch_dims=\{([\d,]*)\}")
+_TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_TARGET = re.compile(r'custom_call_target="([^"]+)"')
+_KIND = re.compile(r"\bkind=(k\w+)")
+
+
+@dataclasses.dataclass(frozen=True)
+class Array:
+    """One array of an instruction's result type."""
+
+    dtype: str
+    dims: tuple[int, ...]
+    host: bool  # in host memory (memory space S(5))
+
+    @property
+    def nbytes(self) -> float:
+        return math.prod(self.dims) * _ITEMSIZE.get(self.dtype, 1.0)
+
+
+def arrays(type_text: str) -> list[Array]:
+    """The arrays of an HLO type (an array type or a tuple of them), in order."""
+    found = []
+    for dtype, dims, layout in _ARRAY.findall(type_text):
+        if dtype not in _ITEMSIZE and not dtype.startswith("f8"):
+            continue
+        shape = tuple(int(d) for d in dims.split(",") if d)
+        found.append(Array(dtype, shape, HOST_MEMORY_SPACE in (layout or "")))
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+    name: str
+    opcode: str
+    result: str  # the result type's text
+    operands: tuple[str, ...]
+    attributes: str  # everything after the operand list
+
+    @property
+    def arrays(self) -> list[Array]:
+        return arrays(self.result)
+
+    @property
+    def nbytes(self) -> float:
+        return sum(a.nbytes for a in self.arrays)
+
+    def called(self) -> dict[str, tuple[str, ...]]:
+        """The computations it calls, by attribute (``calls``, ``body``, ...)."""
+        return {
+            key: tuple(re.findall(r"[\w.\-]+", group.replace("%", "")))
+            for key, group in _CALLED.findall(self.attributes)
+        }
+
+    def backend_config(self) -> dict[str, Any]:
+        """Its ``backend_config`` when written as JSON (empty otherwise)."""
+        start = self.attributes.find("backend_config={")
+        if start < 0:
+            return {}
+        text, depth = self.attributes[start + len("backend_config=") :], 0
+        for end, char in enumerate(text):
+            depth += {"{": 1, "}": -1}.get(char, 0)
+            if depth == 0:
+                try:
+                    parsed = json.loads(text[: end + 1])
+                except json.JSONDecodeError:
+                    return {}
+                return parsed if isinstance(parsed, dict) else {}
+        return {}
+
+
+def _split_balanced(text: str) -> tuple[str, str]:
+    """``text`` that starts with an opening parenthesis, split after its closing one."""
+    depth = 0
+    for k, char in enumerate(text):
+        depth += {"(": 1, ")": -1}.get(char, 0)
+        if depth == 0:
+            return text[: k + 1], text[k + 1 :]
+    return text, ""
+
+
+def parse_instruction(line: str) -> Instruction | None:
+    match = _INSTRUCTION.match(line)
+    if match is None:
+        return None
+    name, rhs = match.group(1), match.group(2).lstrip()
+    if rhs.startswith("("):
+        result, rest = _split_balanced(rhs)
+    else:
+        result, _, rest = rhs.partition(" ")
+    rest = rest.lstrip()
+    opcode, paren, rest = rest.partition("(")
+    if not paren:
+        return None
+    operand_text, attributes = _split_balanced("(" + rest)
+    operands = tuple(re.findall(r"%([\w.\-]+)", operand_text))
+    return Instruction(name, opcode.strip(), result, operands, attributes)
+
+
+@dataclasses.dataclass
+class Module:
+    computations: dict[str, list[Instruction]]
+    entry: str
+
+    def by_name(self, computation: str) -> dict[str, Instruction]:
+        return {i.name: i for i in self.computations.get(computation, [])}
+
+
+def parse_module(text: str) -> Module:
+    """The computations of an HLO module's text, their instructions in order, and the entry."""
+    computations: dict[str, list[Instruction]] = {}
+    entry, current = "", None
+    for line in text.splitlines():
+        if current is None:
+            header = _HEADER.match(line)
+            if header and not line.startswith("HloModule"):
+                current = header.group(2)
+                computations[current] = []
+                entry = current if header.group(1) else entry
+        elif line.strip() == "}":
+            current = None
+        else:
+            instruction = parse_instruction(line)
+            if instruction is not None:
+                computations[current].append(instruction)
+    return Module(computations, entry)
+
+
+def _dims(text: str) -> tuple[int, ...]:
+    return tuple(int(d) for d in text.split(",") if d)
+
+
+def dot_flops(dot: Instruction, shapes: dict[str, Instruction]) -> float:
+    """2 x the output's elements x the contracted size, for a ``dot`` (or a gemm custom call
+    whose backend config states its dimension numbers)."""
+    out = dot.arrays[0] if dot.arrays else None
+    lhs = shapes.get(dot.operands[0]) if dot.operands else None
+    if out is None or lhs is None or not lhs.arrays:
+        return 0.0
+    match = _CONTRACTING.search(dot.attributes)
+    if match:
+        contracting = _dims(match.group(1))
+    else:
+        numbers = dot.backend_config().get("gemm_backend_config", {}).get("dot_dimension_numbers")
+        if not numbers:
+            return 0.0
+        contracting = tuple(int(d) for d in numbers.get("lhs_contracting_dimensions", []))
+    lhs_dims = lhs.arrays[0].dims
+    size = math.prod(lhs_dims[d] for d in contracting if d < len(lhs_dims))
+    return 2.0 * math.prod(out.dims) * size
+
+
+@dataclasses.dataclass
+class Kernel:
+    """One launch of the program: its instruction, where it runs and what it costs."""
+
+    name: str
+    opcode: str
+    kind: str  # a fusion's kind (``kLoop``, ``kCustom:__triton_gemm``...), a custom call's target
+    computation: str
+    bytes: float  # read and written
+    flops: float  # of its dots
+    touches_host: bool  # reads or writes host memory in place
+    loop_depth: int  # how many while loops it sits in
+
+
+def _fused_traffic(fused: list[Instruction], call: Instruction, module: Module) -> float:
+    """Bytes a fusion reads and writes: each parameter whole unless only sliced (then the
+    slices) or only updated in place (then nothing), and its result unless written by an
+    in-place update (then the updates)."""
+    by_name = {i.name: i for i in fused}
+    users: dict[str, list[Instruction]] = {}
+    for instruction in fused:
+        for operand in instruction.operands:
+            users.setdefault(operand, []).append(instruction)
+    total = 0.0
+    for instruction in fused:
+        if instruction.opcode != "parameter":
+            continue
+        uses = users.get(instruction.name, [])
+        if uses and all(u.opcode in ("slice", "dynamic-slice") for u in uses):
+            total += sum(u.nbytes for u in uses)
+        elif uses and all(
+            u.opcode == "dynamic-update-slice" and u.operands[0] == instruction.name for u in uses
+        ):
+            continue
+        else:
+            total += instruction.nbytes
+    roots = [fused[-1]] if fused else []
+    if roots and roots[0].opcode == "tuple":
+        roots = [by_name[o] for o in roots[0].operands if o in by_name]
+    for root in roots:
+        if root.opcode == "dynamic-update-slice" and len(root.operands) > 1:
+            update = by_name.get(root.operands[1])
+            total += update.nbytes if update else root.nbytes
+        else:
+            total += root.nbytes
+    return total
+
+
+def _kernel(instruction: Instruction, computation: str, module: Module, depth: int) -> Kernel:
+    shapes = module.by_name(computation)
+    operands = [shapes[o] for o in instruction.operands if o in shapes]
+    touches_host = any(a.host for a in instruction.arrays) or any(
+        a.host for o in operands for a in o.arrays
+    )
+    flops = 0.0
+    kind = instruction.opcode
+    if instruction.opcode == "fusion":
+        match = _KIND.search(instruction.attributes)
+        kind = match.group(1) if match else "fusion"
+        backend = instruction.backend_config().get("fusion_backend_config", {}).get("kind")
+        if kind == "kCustom" and backend:
+            kind = f"kCustom:{backend}"
+        called = instruction.called().get("calls", ())
+        fused = module.computations.get(called[0], []) if called else []
+        fused_shapes = {i.name: i for i in fused}
+        flops = sum(dot_flops(i, fused_shapes) for i in fused if i.opcode in ("dot", "convolution"))
+        traffic = _fused_traffic(fused, instruction, module)
+    else:
+        if instruction.opcode == "custom-call":
+            target = _TARGET.search(instruction.attributes)
+            kind = target.group(1) if target else "custom-call"
+        if instruction.opcode in ("dot", "custom-call"):
+            flops = dot_flops(instruction, shapes)
+        traffic = instruction.nbytes + sum(o.nbytes for o in operands)
+    return Kernel(
+        instruction.name,
+        instruction.opcode,
+        kind,
+        computation,
+        traffic,
+        flops,
+        touches_host and instruction.opcode != "copy-start",
+        depth,
+    )
+
+
+@dataclasses.dataclass
+class Loop:
+    name: str
+    trip_count: int | None  # None: unknown to XLA, read by the host at every pass
+    kernels: int  # launched by one pass (body and condition)
+
+
+@dataclasses.dataclass
+class Branching:
+    name: str
+    branches: list[dict[str, Any]]  # per branch: kernels and custom calls by target
+    members: list[list[Kernel]]  # per branch: its kernels
+
+
+@dataclasses.dataclass
+class Program:
+    """What one compiled program launches (see the module's docstring)."""
+
+    kernels: list[Kernel]
+    loops: list[Loop]
+    conditionals: list[Branching]
+    host_transfers: int  # asynchronous copies to or from host memory
+    host_transfer_bytes: float
+    num_arguments: int  # the buffers a call hands over
+
+    @property
+    def kernel_count(self) -> int:
+        return len(self.kernels)
+
+    def fusions_by_kind(self) -> dict[str, int]:
+        return dict(sorted(Counter(k.kind for k in self.kernels if k.opcode == "fusion").items()))
+
+    def custom_calls(self) -> dict[str, int]:
+        return dict(
+            sorted(Counter(k.kind for k in self.kernels if k.opcode == "custom-call").items())
+        )
+
+    def opcodes(self) -> dict[str, int]:
+        return dict(sorted(Counter(k.opcode for k in self.kernels).items()))
+
+    @property
+    def copies(self) -> int:
+        return sum(k.opcode == "copy" for k in self.kernels)
+
+    @property
+    def host_kernels(self) -> int:
+        return sum(k.touches_host for k in self.kernels)
+
+    @property
+    def unknown_trip_loops(self) -> int:
+        return sum(loop.trip_count is None for loop in self.loops)
+
+    def summary(self) -> dict[str, Any]:
+        """The report as plain data (JSON)."""
+        return {
+            "kernels": self.kernel_count,
+            "fusions": self.fusions_by_kind(),
+            "custom_calls": self.custom_calls(),
+            "opcodes": self.opcodes(),
+            "while_loops": [dataclasses.asdict(loop) for loop in self.loops],
+            "conditionals": [{"name": c.name, "branches": c.branches} for c in self.conditionals],
+            "copies": self.copies,
+            "host_transfers": self.host_transfers,
+            "host_transfer_bytes": self.host_transfer_bytes,
+            "host_kernels": self.host_kernels,
+            "kernel_bytes": sum(k.bytes for k in self.kernels),
+            "dot_flops": sum(k.flops for k in self.kernels),
+        }
+
+
+def _launches(
+    module: Module, computation: str, depth: int, seen: set[str]
+) -> tuple[list[Kernel], list[Loop], list[Branching], list[Instruction]]:
+    """The kernels, loops, conditionals and host copies that running ``computation`` reaches."""
+    kernels: list[Kernel] = []
+    loops: list[Loop] = []
+    branchings: list[Branching] = []
+    transfers: list[Instruction] = []
+    shapes = module.by_name(computation)
+    for instruction in module.computations.get(computation, []):
+        if instruction.opcode == "copy-start":
+            source = shapes.get(instruction.operands[0]) if instruction.operands else None
+            if any(a.host for a in instruction.arrays) or (
+                source is not None and any(a.host for a in source.arrays)
+            ):
+                transfers.append(instruction)
+        if instruction.opcode not in NO_KERNEL:
+            kernels.append(_kernel(instruction, computation, module, depth))
+        if instruction.opcode not in _DESCEND:
+            continue
+        called = instruction.called()
+        inner_depth = depth + (instruction.opcode == "while")
+        parts = []
+        for group in called.values():
+            for name in group:
+                if name in seen:
+                    continue
+                seen.add(name)
+                parts.append((name, _launches(module, name, inner_depth, seen)))
+        for _, (k, lo, br, tr) in parts:
+            kernels += k
+            loops += lo
+            branchings += br
+            transfers += tr
+        if instruction.opcode == "while":
+            match = _TRIP_COUNT.search(instruction.attributes)
+            loops.append(
+                Loop(
+                    instruction.name,
+                    int(match.group(1)) if match else None,
+                    sum(len(k) for _, (k, *_rest) in parts),
+                )
+            )
+        elif instruction.opcode == "conditional":
+            branches, members = [], []
+            for _, (k, *_rest) in parts:
+                targets = Counter(x.kind for x in k if x.opcode == "custom-call")
+                branches.append({"kernels": len(k), "custom_calls": dict(sorted(targets.items()))})
+                members.append(k)
+            branchings.append(Branching(instruction.name, branches, members))
+    return kernels, loops, branchings, transfers
+
+
+def read_program(text: str) -> Program:
+    """The report of an optimized HLO module's text (``Compiled.as_text()``)."""
+    module = parse_module(text)
+    kernels, loops, branchings, transfers = _launches(module, module.entry, 0, {module.entry})
+    transfer_bytes = sum(max(a.nbytes for a in t.arrays) for t in transfers if t.arrays)
+    arguments = sum(
+        len(i.arrays) for i in module.computations.get(module.entry, []) if i.opcode == "parameter"
+    )
+    return Program(kernels, loops, branchings, len(transfers), transfer_bytes, arguments)
+
+
+def kernel_counts(text: str) -> dict[str, Any]:
+    """The launches of a program by kind: ``kernels``, ``fusions``, ``custom_calls`` and
+    ``opcodes`` (by name), as the ``leaf_cost`` section records them."""
+    program = read_program(text)
+    opcodes = program.opcodes()
+    return {
+        "kernels": program.kernel_count,
+        "fusions": opcodes.get("fusion", 0),
+        "custom_calls": opcodes.get("custom-call", 0),
+        "opcodes": opcodes,
+    }
+
+
+_ALIAS = re.compile(r"\{([\d,]*)\}: \((\d+), \{[\d,]*\}")
+
+
+def aliased_buffers(text: str) -> list[tuple[int, int]]:
+    """The (output, argument) pairs of a compiled program whose buffers it shares (a donated
+    argument's buffer reused for an output), by flat index, from its module's header."""
+    header = text.split("\n", 1)[0]
+    start = header.find("input_output_alias={")
+    if start < 0:
+        return []
+    pairs = []
+    for output, argument in _ALIAS.findall(header[start:]):
+        pairs.append((int(output.split(",")[0] or 0), int(argument)))
+    return pairs

@@ -1,0 +1,200 @@
+"""The steps :mod:`benchmarks.accelerators` compiles: every optimizer of the registry, the
+moment storages, flat params, state in host memory, stepping in slices and ZeRO-1, on a small
+transformer-like tree or at GPT-2 small's shapes.
+
+Each program is the jitted optimizer step ``(params, grads, state) -> (params, state)``
+(:func:`benchmarks.harness.adam_step`) with its params and state donated, as a training step
+holds them. Import it after :func:`benchmarks.accelerators.enable`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
+
+import adam_jax
+from benchmarks import accelerators, time_model
+from benchmarks.harness import LR, adam_step
+from benchmarks.hlo_program import read_program
+from benchmarks.models import abstract_flat_params, gpt2_small_shapes, transformer_params
+
+HOST = "pinned_host"
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """How one program is built: its optimizer, its params' dtype and where things live."""
+
+    make: Callable[[], optax.GradientTransformation]
+    param_dtype: Any = jnp.float32
+    layout: str = "tree"  # "tree", "flat" (FlatParams), "zero1" (2 devices)
+    in_slices: bool = False  # step_in_slices, at the tree's slice size
+    offload: bool = False  # offload_state, the state in host memory
+
+
+#: Options a registry optimizer needs on these trees (their attention kernels merge the heads).
+REGISTRY_OPTIONS: dict[str, dict[str, Any]] = {"adam_mini": {"num_heads": 4}}
+
+
+def _registry_settings() -> dict[str, Setting]:
+    return {
+        name: Setting(
+            lambda name=name: adam_jax.registry.create(name, **REGISTRY_OPTIONS.get(name, {}))
+        )
+        for name in adam_jax.registry.names()
+    }
+
+
+def _adamw() -> optax.GradientTransformation:
+    return adam_jax.adamw(LR)
+
+
+def _adamw_8bit() -> optax.GradientTransformation:
+    return adam_jax.adamw_8bit(LR)
+
+
+SETTINGS: dict[str, Setting] = {
+    "optax.adamw": Setting(lambda: optax.adamw(LR)),
+    **_registry_settings(),
+    "4-bit moments": Setting(lambda: adam_jax.adamw(LR, **adam_jax.four_bit_moments())),
+    "bfloat16 + Kahan": Setting(
+        lambda: adam_jax.kahan_summation(_adamw()), param_dtype=jnp.bfloat16
+    ),
+    "bfloat16 + stochastic rounding": Setting(
+        lambda: adam_jax.stochastic_rounding(_adamw(), key=0), param_dtype=jnp.bfloat16
+    ),
+    "adamw, FlatParams": Setting(_adamw, layout="flat"),
+    "step_in_slices(adamw_8bit)": Setting(_adamw_8bit, in_slices=True),
+    "offload_state(adamw)": Setting(_adamw, offload=True),
+    "offload_state(adamw_8bit)": Setting(_adamw_8bit, offload=True),
+    "offload_state(step_in_slices(adamw_8bit))": Setting(_adamw_8bit, in_slices=True, offload=True),
+    "ZeRO-1 adamw, 2 devices": Setting(_adamw, layout="zero1"),
+    "ZeRO-1 adamw_8bit, 2 devices": Setting(_adamw_8bit, layout="zero1"),
+}
+
+
+def small_tree() -> Any:
+    """A one-block transformer-like tree (d = 64, 17 leaves, 59k params)."""
+    return jax.eval_shape(lambda: transformer_params(jax.random.key(0), layers=1))
+
+
+TREES: dict[str, Callable[[], Any]] = {"small": small_tree, "gpt2": gpt2_small_shapes}
+#: ``step_in_slices``' most elements at once on each tree: its largest leaves take 4 slices
+#: (small) or one slice a million elements (GPT-2's, as the memory figures are taken).
+SLICE_ELEMENTS = {"small": 4096, "gpt2": 1 << 20}
+
+
+def names() -> list[str]:
+    return list(SETTINGS)
+
+
+def step_args(
+    setting: Setting, tree: str, target: accelerators.Target
+) -> tuple[Callable[..., Any], tuple[Any, ...], Any]:
+    """The step of ``setting`` on ``tree`` for ``target``: the function, its placed arguments
+    ``(params, grads, state)`` and its output shardings (or None)."""
+    tx = setting.make()
+    if setting.in_slices:
+        tx = adam_jax.step_in_slices(tx, SLICE_ELEMENTS[tree])
+    if setting.offload:
+        tx = adam_jax.offload_state(tx)
+    params = TREES[tree]()
+    params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setting.param_dtype), params)
+    if setting.layout == "flat":
+        params = abstract_flat_params(params)
+    if setting.layout == "zero1":
+        mesh = jax.sharding.Mesh(np.array(accelerators.devices(target, 2)), ("data",))
+        replicated = NamedSharding(mesh, PartitionSpec())
+        params = accelerators.placed(params, replicated)
+        state_shardings = adam_jax.sharding.state_shardings(tx, params, mesh)
+        state = accelerators.placed(jax.eval_shape(tx.init, params), state_shardings)
+        param_shardings = jax.tree.map(lambda _: replicated, params)
+        return adam_step(tx), (params, params, state), (param_shardings, state_shardings)
+    device = SingleDeviceSharding(accelerators.devices(target)[0])
+    params = accelerators.placed(params, device)
+    state = jax.eval_shape(tx.init, params)
+    state_home = device.with_memory_kind(HOST) if setting.offload else device
+    return adam_step(tx), (params, params, accelerators.placed(state, state_home)), None
+
+
+def report(name: str, tree: str, target: accelerators.Target) -> dict[str, Any]:
+    """One row: what the program of ``name`` on ``tree`` compiled for ``target`` launches."""
+    params = TREES[tree]()
+    row: dict[str, Any] = {
+        "program": name,
+        "tree": tree,
+        "target": target.name,
+        "num_leaves": len(jax.tree.leaves(params)),
+        "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
+    }
+    try:
+        fn, args, out_shardings = step_args(SETTINGS[name], tree, target)
+        compiled = accelerators.compile_for(fn, args, (0, 2), out_shardings)
+    except Exception as error:  # noqa: BLE001  (a program that does not compile is a finding)
+        row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
+        return row
+    program = read_program(compiled.text)
+    summary = program.summary()
+    row.update(
+        kernels=summary["kernels"],
+        fusions=summary["fusions"],
+        custom_calls=summary["custom_calls"],
+        while_loops=len(program.loops),
+        unknown_trip_loops=program.unknown_trip_loops,
+        conditionals=[[b["kernels"] for b in c["branches"]] for c in summary["conditionals"]],
+        copies=summary["copies"],
+        host_transfers=summary["host_transfers"],
+        host_kernels=summary["host_kernels"],
+        memory=compiled.memory,
+        compile_s=round(compiled.compile_s, 3),
+    )
+    if target.name in time_model.CARDS:
+        row["predicted_ms"] = round(1e3 * time_model.predict(program, target.name), 4)
+    return row
+
+
+def row_line(row: dict[str, Any]) -> str:
+    head = f"{row['target']:5} {row['tree']:5} {row['program']:42}"
+    if "error" in row:
+        return f"{head} does not compile: {row['error']}"
+    memory = row["memory"]
+    return (
+        f"{head} {row['kernels']:5} kernels {sum(row['custom_calls'].values()):3} calls "
+        f"{row['while_loops']:2} loops ({row['unknown_trip_loops']} unknown) "
+        f"{len(row['conditionals'])} conds {row['copies']:4} copies "
+        f"{row['host_transfers']:4} host transfers {row['host_kernels']:4} host kernels "
+        f"temp {memory['temporaries'] / 2**20:8.1f} MiB  {row['compile_s']:6.1f} s"
+    )
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = [
+        "| target | tree | program | kernels | custom calls | loops (unknown trips) | "
+        "branches' kernels | copies | host transfers / kernels on host | temporaries MiB | "
+        "compile s | model ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        if "error" in row:
+            lines.append(
+                f"| {row['target']} | {row['tree']} | {row['program']} | does not compile: "
+                f"{row['error'][:80]} |||||||||"
+            )
+            continue
+        calls = ", ".join(f"{k} {v}" for k, v in row["custom_calls"].items()) or "-"
+        branches = "; ".join("/".join(map(str, c)) for c in row["conditionals"]) or "-"
+        lines.append(
+            f"| {row['target']} | {row['tree']} | {row['program']} | {row['kernels']} | {calls} "
+            f"| {row['while_loops']} ({row['unknown_trip_loops']}) | {branches} | "
+            f"{row['copies']} | {row['host_transfers']} / {row['host_kernels']} | "
+            f"{row['memory']['temporaries'] / 2**20:.1f} | {row['compile_s']:.1f} | "
+            f"{row.get('predicted_ms', '-')} |"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,168 @@
+"""A GPU time model of a compiled step, for choosing between designs when no GPU is lent.
+
+A prediction, never a measurement: the docs say which figures are which. From the optimized
+program (:mod:`benchmarks.hlo_program`) and the card's datasheet:
+
+.. math::
+    t = t_{\\mathrm{host}}(n) + \\sum_{k \\in \\mathrm{kernels}}
+        \\max\\Big(\\frac{\\mathrm{bytes}_k}{\\eta B}, \\frac{\\mathrm{flops}_k}{\\eta_f F},
+        t_{\\mathrm{launch}}\\Big)
+      + n_{\\mathrm{solver}} t_{\\mathrm{solver}}
+      + (n_{\\mathrm{cond}} + n_{\\mathrm{loop}} p) t_{\\mathrm{sync}}
+
+* :math:`t_{\\mathrm{host}}(n) = a + b n + c n^2`: the host's handling of a call of ``n``
+  argument buffers before the device starts (the ``leaf_cost`` section's no-ops measure it:
+  on an H100, 0.095 ms for 4 buffers, 1.55 ms for 400, 33.7 ms for 4,000);
+* each kernel at least a launch's time, else its bytes at a fraction :math:`\\eta` of the HBM
+  bandwidth :math:`B` or its dot FLOPs at a fraction of the peak :math:`F`; a kernel that
+  reads or writes host memory in place at the PCIe bandwidth instead;
+* each cuSOLVER/cuBLAS solver call a fixed cost, and each conditional and each pass of a while
+  loop whose trip count XLA does not know a host synchronization (``p`` passes assumed);
+* a conditional's branches are costed apart: :func:`predict` takes the branch to count
+  (``"cheapest"``, the step between refreshes; ``"dearest"``; or weights).
+
+:data:`CALIBRATED` holds the constants fitted (:func:`fit`) to the rows recorded on an H100
+and an H200 in ``benchmarks/results/``; ``python -m benchmarks.calibration`` prints the table
+of predicted against measured for every row, with its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from benchmarks.hlo_program import Program
+
+#: Solver and triangular-solve library calls, costed apart from gemms.
+SOLVER_MARKERS = ("cusolver", "syevd", "potrf", "getrf", "geqrf", "orgqr", "triangularSolve")
+
+
+@dataclasses.dataclass(frozen=True)
+class Card:
+    """A GPU's datasheet facts."""
+
+    name: str
+    hbm_bytes_per_s: float
+    pcie_bytes_per_s: float
+    dense_tf32_flops: float  # float32 dots at JAX's default precision run on TF32 tensor cores
+
+
+CARDS: dict[str, Card] = {
+    # H100 SXM5 80GB: 3.35 TB/s HBM3, PCIe Gen5 x16, 494.7 TFLOPS TF32 dense.
+    "h100": Card("NVIDIA H100 SXM 80GB", 3.35e12, 64e9, 494.7e12),
+    # H200 141GB: 4.8 TB/s HBM3e, the H100's compute.
+    "h200": Card("NVIDIA H200 141GB", 4.8e12, 64e9, 494.7e12),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Constants:
+    """The model's fitted constants (seconds, or fractions of a peak)."""
+
+    host_fixed: float
+    host_per_argument: float
+    host_per_argument_squared: float
+    launch: float
+    bandwidth_fraction: float
+    flops_fraction: float
+    solver_call: float
+    sync: float
+    unknown_loop_passes: int = 4
+
+
+#: Fitted by ``python -m benchmarks.calibration --fit`` (least squared log error over a grid) to
+#: the 90 rows recorded on an H100 and an H200 that it can build again. The solver, sync and
+#: loop constants are not fitted (no recorded row separates them): they are typical figures of
+#: a cuSOLVER call on a small matrix and of a read from the device by the host.
+CALIBRATED = Constants(
+    host_fixed=100e-6,
+    host_per_argument=3e-6,
+    host_per_argument_squared=1e-9,
+    launch=2e-6,
+    bandwidth_fraction=0.7,
+    flops_fraction=0.5,
+    solver_call=50e-6,
+    sync=20e-6,
+)
+
+
+def host_seconds(num_arguments: int, constants: Constants = CALIBRATED) -> float:
+    n = num_arguments
+    return (
+        constants.host_fixed
+        + constants.host_per_argument * n
+        + constants.host_per_argument_squared * n * n
+    )
+
+
+def _kernel_seconds(kernel: Any, card: Card, constants: Constants) -> float:
+    if any(marker in kernel.kind for marker in SOLVER_MARKERS):
+        return constants.solver_call
+    bandwidth = card.pcie_bytes_per_s if kernel.touches_host else card.hbm_bytes_per_s
+    return max(
+        kernel.bytes / (constants.bandwidth_fraction * bandwidth),
+        kernel.flops / (constants.flops_fraction * card.dense_tf32_flops),
+        constants.launch,
+    )
+
+
+def _branch_weights(count: int, branch: str | Sequence[float], costs: list[float]) -> list[float]:
+    if isinstance(branch, str):
+        if branch not in ("cheapest", "dearest"):
+            raise ValueError(f"branch must be 'cheapest', 'dearest' or weights, got {branch!r}")
+        pick = min if branch == "cheapest" else max
+        chosen = costs.index(pick(costs))
+        return [float(i == chosen) for i in range(count)]
+    weights = list(branch)
+    if len(weights) != count or not math.isclose(sum(weights), 1.0):
+        raise ValueError(f"branch weights must be {count} numbers that sum to 1, got {weights}")
+    return weights
+
+
+def predict(
+    program: Program,
+    card: str,
+    constants: Constants = CALIBRATED,
+    branch: str | Sequence[float] = "cheapest",
+) -> float:
+    """Seconds of one call of ``program`` on ``card`` ("h100" or "h200"), by the model above."""
+    spec = CARDS[card]
+
+    def cost(kernel: Any) -> float:
+        return _kernel_seconds(kernel, spec, constants)
+
+    in_branch = {id(k) for c in program.conditionals for member in c.members for k in member}
+    device = sum(cost(k) for k in program.kernels if id(k) not in in_branch)
+    for branching in program.conditionals:
+        costs = [sum(cost(k) for k in member) for member in branching.members]
+        weights = _branch_weights(len(costs), branch, costs)
+        device += sum(w * c for w, c in zip(weights, costs, strict=True)) + constants.sync
+    passes = constants.unknown_loop_passes
+    device += sum(passes * constants.sync for loop in program.loops if loop.trip_count is None)
+    return host_seconds(program.num_arguments, constants) + device
+
+
+def fit(rows: Sequence[tuple[Program, str, float]], grid: dict[str, Sequence[float]]) -> Constants:
+    """The constants of ``grid`` (a few values each, the others from :data:`CALIBRATED`) whose
+    predictions of ``rows`` (program, card, measured seconds) have the least mean squared log
+    error."""
+    names = list(grid)
+    best, best_error = CALIBRATED, math.inf
+
+    def search(index: int, chosen: dict[str, float]) -> None:
+        nonlocal best, best_error
+        if index == len(names):
+            constants = dataclasses.replace(CALIBRATED, **chosen)
+            error = sum(
+                math.log(predict(p, card, constants) / measured) ** 2 for p, card, measured in rows
+            ) / len(rows)
+            if error < best_error:
+                best, best_error = constants, error
+            return
+        for value in grid[names[index]]:
+            search(index + 1, {**chosen, names[index]: value})
+
+    search(0, {})
+    return best
