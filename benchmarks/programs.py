@@ -183,9 +183,10 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     ]
     for row in rows:
         if "error" in row:
+            error = row["error"].split("INTERNAL: ")[-1].split("]: ")[-1]
             lines.append(
                 f"| {row['target']} | {row['tree']} | {row['program']} | does not compile: "
-                f"{row['error'][:80]} |||||||||"
+                f"`{error[:90]}` |||||||||"
             )
             continue
         calls = ", ".join(f"{k} {v}" for k, v in row["custom_calls"].items()) or "-"

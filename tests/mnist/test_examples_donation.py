@@ -41,7 +41,9 @@ def test_language_model_step_donates_in_place():
         steps=2,
         batch_size=8,
     )
-    trainer = lm_train.Trainer(config, lm_train.make_mesh(lm_train.parse_mesh("data=1"), jax.devices()[:1]))
+    trainer = lm_train.Trainer(
+        config, lm_train.make_mesh(lm_train.parse_mesh("data=1"), jax.devices()[:1])
+    )
     wrong, reused = _misrouted(trainer._step)
     donated = len(jax.tree.leaves((trainer.params, trainer.opt_state, trainer.loss_sum)))
     assert not wrong
