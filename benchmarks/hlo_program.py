@@ -255,7 +255,11 @@ class Kernel:
     bytes: float  # read and written
     flops: float  # of its dots
     touches_host: bool  # reads or writes host memory in place
-    loop_depth: int  # how many while loops it sits in
+    trips: tuple[int | None, ...]  # the trip counts of the loops it sits in (None: unknown)
+
+    @property
+    def loop_depth(self) -> int:
+        return len(self.trips)
 
 
 def _fused_traffic(fused: list[Instruction], call: Instruction, module: Module) -> float:
@@ -292,7 +296,9 @@ def _fused_traffic(fused: list[Instruction], call: Instruction, module: Module) 
     return total
 
 
-def _kernel(instruction: Instruction, computation: str, module: Module, depth: int) -> Kernel:
+def _kernel(
+    instruction: Instruction, computation: str, module: Module, trips: tuple[int | None, ...]
+) -> Kernel:
     shapes = module.by_name(computation)
     operands = [shapes[o] for o in instruction.operands if o in shapes]
     touches_host = any(a.host for a in instruction.arrays) or any(
@@ -326,7 +332,7 @@ def _kernel(instruction: Instruction, computation: str, module: Module, depth: i
         traffic,
         flops,
         touches_host and instruction.opcode != "copy-start",
-        depth,
+        trips,
     )
 
 
@@ -342,6 +348,7 @@ class Branching:
     name: str
     branches: list[dict[str, Any]]  # per branch: kernels and custom calls by target
     members: list[list[Kernel]]  # per branch: its kernels
+    trips: tuple[int | None, ...]  # the trip counts of the loops it sits in
 
 
 @dataclasses.dataclass
@@ -401,7 +408,7 @@ class Program:
 
 
 def _launches(
-    module: Module, computation: str, depth: int, seen: set[str]
+    module: Module, computation: str, trips: tuple[int | None, ...], seen: set[str]
 ) -> tuple[list[Kernel], list[Loop], list[Branching], list[Instruction]]:
     """The kernels, loops, conditionals and host copies that running ``computation`` reaches."""
     kernels: list[Kernel] = []
@@ -417,31 +424,30 @@ def _launches(
             ):
                 transfers.append(instruction)
         if instruction.opcode not in NO_KERNEL:
-            kernels.append(_kernel(instruction, computation, module, depth))
+            kernels.append(_kernel(instruction, computation, module, trips))
         if instruction.opcode not in _DESCEND:
             continue
         called = instruction.called()
-        inner_depth = depth + (instruction.opcode == "while")
+        trip_count = None
+        if instruction.opcode == "while":
+            match = _TRIP_COUNT.search(instruction.attributes)
+            trip_count = int(match.group(1)) if match else None
+        inner = (*trips, trip_count) if instruction.opcode == "while" else trips
         parts = []
         for group in called.values():
             for name in group:
                 if name in seen:
                     continue
                 seen.add(name)
-                parts.append((name, _launches(module, name, inner_depth, seen)))
+                parts.append((name, _launches(module, name, inner, seen)))
         for _, (k, lo, br, tr) in parts:
             kernels += k
             loops += lo
             branchings += br
             transfers += tr
         if instruction.opcode == "while":
-            match = _TRIP_COUNT.search(instruction.attributes)
             loops.append(
-                Loop(
-                    instruction.name,
-                    int(match.group(1)) if match else None,
-                    sum(len(k) for _, (k, *_rest) in parts),
-                )
+                Loop(instruction.name, trip_count, sum(len(k) for _, (k, *_rest) in parts))
             )
         elif instruction.opcode == "conditional":
             branches, members = [], []
@@ -449,14 +455,14 @@ def _launches(
                 targets = Counter(x.kind for x in k if x.opcode == "custom-call")
                 branches.append({"kernels": len(k), "custom_calls": dict(sorted(targets.items()))})
                 members.append(k)
-            branchings.append(Branching(instruction.name, branches, members))
+            branchings.append(Branching(instruction.name, branches, members, trips))
     return kernels, loops, branchings, transfers
 
 
 def read_program(text: str) -> Program:
     """The report of an optimized HLO module's text (``Compiled.as_text()``)."""
     module = parse_module(text)
-    kernels, loops, branchings, transfers = _launches(module, module.entry, 0, {module.entry})
+    kernels, loops, branchings, transfers = _launches(module, module.entry, (), {module.entry})
     transfer_bytes = sum(max(a.nbytes for a in t.arrays) for t in transfers if t.arrays)
     arguments = sum(
         len(i.arrays) for i in module.computations.get(module.entry, []) if i.opcode == "parameter"
