@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -118,7 +119,7 @@ def join(args: argparse.Namespace) -> None:
     if args.num_processes > 1:
         # The CPU backend has no cross-process collectives of its own; gloo is JAX's.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        drop_native_lines(GLOO_LINE)
+        drop_native_lines(GLOO_PIECES)
         initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
@@ -126,18 +127,22 @@ def join(args: argparse.Namespace) -> None:
         )
 
 
-# The start of the line gloo prints on standard output, from its C++ code, for each group of
-# devices it connects ("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of
-# connected peer ranks is : 1"): several per process, interleaved with the program's output.
-GLOO_LINE = b"[Gloo] "
+# The line gloo prints on standard output, from its C++ code, for each group of devices it
+# connects ("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks
+# is : 1"): several per process. The device threads write theirs at once, a piece at a time, so
+# the pieces interleave into lines made of nothing else.
+GLOO_PIECES = re.compile(
+    rb"(\[Gloo\] Rank |\d+| is connected to | peer ranks\. "
+    rb"|Expected number of connected peer ranks is : )*\n?"
+)
 
 
-def drop_native_lines(start: bytes) -> None:
+def drop_native_lines(pattern: re.Pattern[bytes]) -> None:
     """Leaves out of this process's standard output the lines that native code (C++) writes
-    there starting with ``start``. Python's output (``sys.stdout``, reopened on a copy of the
-    file descriptor) goes on to the same file as before, a terminal where it was one, so
-    progress bars behave as before; what native code writes to file descriptor 1 passes
-    through a pipe that a thread copies to that file, less those lines."""
+    there and that ``pattern`` matches whole. Python's output (``sys.stdout``, reopened on a
+    copy of the file descriptor) goes on to the same file as before, a terminal where it was
+    one, so progress bars behave as before; what native code writes to file descriptor 1
+    passes through a pipe that a thread copies to that file, less those lines."""
     sys.stdout.flush()
     target = os.dup(1)
     read, write = os.pipe()
@@ -150,7 +155,7 @@ def drop_native_lines(start: bytes) -> None:
     def copy() -> None:
         with open(read, "rb") as native:
             for line in native:
-                if not line.startswith(start):
+                if not pattern.fullmatch(line):
                     os.write(target, line)
 
     threading.Thread(target=copy, name="native-stdout", daemon=True).start()

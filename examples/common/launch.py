@@ -10,19 +10,24 @@ processes stop together after the same step with a checkpoint, as one process do
 second signal ends them at once. If a process fails, the others (which may wait for it in a
 collective for ever) are killed after ``--grace-seconds``, and the launcher says which process
 failed, how (its exit status, or the signal that killed it) and the command that resumes the
-run. The exit status is that of the first process to fail, or 0.
+run. A process that JAX's distributed runtime ends because another has gone (it aborts with C++
+log lines and a stack trace) is named in one line instead of that report. The exit status is
+that of the first process to fail, or 0.
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from types import FrameType
+from typing import IO
 
 from examples.common.errors import ArgumentParser
 
@@ -95,6 +100,49 @@ def stopped_by_request(returncode: int) -> bool:
     return returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM)
 
 
+# An error that JAX's distributed runtime logs (absl's format: severity, date, time, thread,
+# file:line) when a process has gone: the start of the report with which it ends the others.
+RUNTIME_ERROR_LOG = re.compile(
+    rb"[EF]\d{4} [\d:.]+ +\d+ (coordination_service\w*\.cc|client\.h):\d+\] "
+)
+
+
+class ErrorRelay:
+    """Copies a process's standard error to the launcher's as it comes, but for what follows
+    an error logged by JAX's distributed runtime (:data:`RUNTIME_ERROR_LOG`), which it holds:
+    where the process then fails, that is the runtime's abort (C++ log lines, a stack trace),
+    which :meth:`finish` replaces with one line."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.held: list[bytes] = []
+        self.thread = threading.Thread(target=self._copy, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _copy(self, stream: IO[bytes]) -> None:
+        with stream:
+            for line in stream:
+                if self.held or RUNTIME_ERROR_LOG.match(line):
+                    self.held.append(line)
+                else:
+                    sys.stderr.write(line.decode(errors="replace"))
+                    sys.stderr.flush()
+
+    def ended_by_runtime(self, returncode: int) -> bool:
+        """Whether the process, which ended with ``returncode``, failed after the runtime
+        logged an error (waits for the rest of its output)."""
+        self.thread.join(timeout=5)
+        return returncode != 0 and bool(self.held)
+
+    def finish(self, returncode: int, replacement: str | None) -> None:
+        """Prints what was held: ``replacement``, if any, where the runtime ended the process
+        (for another's death: the report of a runtime that failed on its own is kept)."""
+        if replacement is not None and self.ended_by_runtime(returncode):
+            print(replacement, file=sys.stderr, flush=True)
+        else:
+            sys.stderr.write(b"".join(self.held).decode(errors="replace"))
+            sys.stderr.flush()
+
+
 def run(
     commands: list[list[str]],
     grace_seconds: float,
@@ -106,7 +154,10 @@ def run(
     command ``resume`` that continues the run."""
     # Each in a process group of its own: the terminal's Ctrl-C reaches only the launcher,
     # which passes it on once (a second signal would stop the processes at once).
-    processes = [subprocess.Popen(command, process_group=0) for command in commands]
+    processes = [
+        subprocess.Popen(command, process_group=0, stderr=subprocess.PIPE) for command in commands
+    ]
+    relays = [ErrorRelay(process.stderr) for process in processes if process.stderr is not None]
     signalled: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -120,7 +171,8 @@ def run(
         signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        failed: int | None = None  # The status of the first process that failed.
+        failed: int | None = None  # The status of the first process that failed,
+        index: int | None = None  # and its index.
         reported = False  # whether that process failed (not stopped when asked)
         deadline = float("inf")
         while True:
@@ -139,7 +191,15 @@ def run(
                     for i, p in enumerate(processes)
                     if p.returncode not in (None, 0)
                 ]
-                index, returncode = min(failures, key=lambda failure: failure[1] >= 0)
+                # The first to fail: not one that the runtime ended for another's death, and
+                # one that a signal killed where there is one.
+                index, returncode = min(
+                    failures,
+                    key=lambda failure: (
+                        relays[failure[0]].ended_by_runtime(failure[1]),
+                        failure[1] >= 0,
+                    ),
+                )
                 failed = exit_status(returncode)
                 deadline = time.monotonic() + grace_seconds
                 if not (signalled or stopped_by_request(returncode)):
@@ -158,6 +218,15 @@ def run(
                 for process in running:
                     process.kill()
             time.sleep(0.05)
+        for i, (process, relay) in enumerate(zip(processes, relays, strict=True)):
+            lost = index is not None and index != i
+            relay.finish(
+                process.returncode,
+                f"{prog}: process {i} of {len(processes)} stopped: JAX's distributed runtime "
+                f"reported process {index} gone (its C++ log left out)"
+                if lost
+                else None,
+            )
         if reported and resume is not None:
             print(f"{prog}: resume with: {resume}", file=sys.stderr, flush=True)
         return failed or 0

@@ -22,7 +22,7 @@ import pytest
 import adam_jax
 from adam_jax._src.variants.soap import SoapLayout
 from adam_jax._src.variants.soap.rule import ScaleBySoapState
-from examples.common import launch
+from examples.common import distributed, launch
 from examples.common.checkpoints import Checkpoints, SettingsMismatch
 from examples.common.errors import Interrupted
 from examples.lm import data, loop, main, train
@@ -329,7 +329,8 @@ def test_two_processes_train_as_one_and_stop_together(
              "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--eval-windows", "8",
              "--learning-rate", "1e-2", "--layers", "1", "--d-model", "32", "--heads", "2",
              "--seq-len", "16"]  # fmt: skip
-    signalled = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "signalled_process.py"), "1", "3"]
+    signalled = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "signalled_process.py"), "1", "3",
+                 "SIGTERM", str(tmp_path / "signalled_at")]  # fmt: skip
     processes = launch.commands(2, flags, launch.free_port(), "examples.lm")
     processes = [[*signalled, *command[3:]] for command in processes]  # less python -m PROGRAM
     assert launch.run(processes, grace_seconds=60, resume="RESUME") == 128 + signal.SIGTERM
@@ -710,3 +711,83 @@ def test_a_dead_process_is_named_and_the_others_end_within_15_s(
         # first dies, is ended by JAX at once, having lost the coordination service)
         assert "worker: process 0: another process stopped answering (a collective failed: " in err
         assert "Resume with: RESUME COMMAND" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dies", [0, 1])
+def test_a_process_killed_on_the_documented_mesh_leaves_one_line_for_the_survivor(
+    dies: int, text: Path, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """The launcher's run on ``--mesh data=2,fsdp=4`` (4 host devices a process), one process
+    killed with ``kill -9`` after its step 2 (process 0 holds the coordination service). JAX's
+    distributed runtime ends the survivor with C++ log lines and a stack trace; the output
+    instead names the dead process, the survivor and the resume command in one line each,
+    within 15 s, and holds no piece of gloo's connection lines."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.delenv("XLA_FLAGS")  # each process asks for the 4 devices it brings
+    record = tmp_path / "killed_at"
+    flags = ["--mesh", "data=2,fsdp=4", "--data", str(text), "--steps", "1000", "--batch-size",
+             "8", "--eval-every", "1000", "--layers", "1", "--d-model", "32", "--heads", "2",
+             "--seq-len", "16"]  # fmt: skip
+    signalled = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "signalled_process.py"),
+                 str(dies), "2", "SIGKILL", str(record)]  # fmt: skip
+    processes = launch.commands(2, flags, launch.free_port(), "examples.lm")
+    processes = [[*signalled, *command[3:]] for command in processes]  # less python -m PROGRAM
+    assert launch.run(processes, grace_seconds=10, resume="RESUME", prog="launch") == 137
+    assert time.monotonic() - float(record.read_text()) < 15
+    out, err = capfd.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert lines[0].startswith(f"launch: process {dies} of 2 ended (killed by SIGKILL (exit ")
+    survivor = 1 - dies
+    assert lines[1] == (
+        f"launch: process {survivor} of 2 stopped: JAX's distributed runtime reported process "
+        f"{dies} gone (its C++ log left out)"
+    ) or lines[1].startswith(  # where the survivor's collective fails first, it says so itself
+        f"python -m examples.lm: process {survivor}: another process stopped answering"
+    ), err
+    assert lines[2] == "launch: resume with: RESUME"
+    assert "[Gloo]" not in out and "peer ranks" not in out, out
+
+
+def test_gloos_interleaved_connection_lines_are_recognized() -> None:
+    """Pieces of gloo's lines, as device threads writing at once leave them, and nothing
+    else."""
+    for line in [
+        b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer "
+        b"ranks is : 1\n",
+        b"[Gloo] Rank [Gloo] Rank 1 is connected to 3 peer ranks. \n",
+        b"1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n",
+        b" peer ranks. Expected number of connected peer ranks is : 7\n",
+    ]:
+        assert distributed.GLOO_PIECES.fullmatch(line), line
+    for line in [b"step 10/100\n", b"[Gloo] Rank 0 failed: Connection reset by peer\n"]:
+        assert not distributed.GLOO_PIECES.fullmatch(line), line
+
+
+def test_the_launcher_names_a_survivor_that_jaxs_runtime_aborts(capfd) -> None:
+    """A process that dies, and one that JAX's distributed runtime then aborts with its C++
+    report (logged errors, a stack trace, SIGABRT): the report is one line naming both; the
+    report of a runtime error that no other process's death explains is kept."""
+    report = (
+        "import os, sys, time; time.sleep(0.5); sys.stderr.write('before\\n'); sys.stderr.write("
+        "'E1127 18:54:40.516486    4139 coordination_service_agent.cc:289] Polled an error\\n"
+        "F1127 18:54:40.516751    4139 client.h:80] Terminating process\\n"
+        "*** Check failure stack trace: ***\\n    @     0x7f348f020634  absl::SendToLog()\\n'); "
+        "sys.stderr.flush(); os.abort()"
+    )
+    dies = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    aborted = [sys.executable, "-c", report]
+    assert launch.run([aborted, dies], grace_seconds=10, resume="RESUME", prog="launch") == 137
+    lines = capfd.readouterr().err.splitlines()
+    assert lines.count("before") == 1  # what came before the runtime's error, as it came
+    ended, *rest = [line for line in lines if line != "before"]
+    assert ended.startswith("launch: process 1 of 2 ended (killed by SIGKILL (exit status 137))")
+    assert rest == [
+        "launch: process 0 of 2 stopped: JAX's distributed runtime reported process 1 gone "
+        "(its C++ log left out)",
+        "launch: resume with: RESUME",
+    ]
+    assert launch.run([aborted], grace_seconds=10, prog="launch") == 128 + signal.SIGABRT
+    err = capfd.readouterr().err
+    assert "Terminating process" in err and "Check failure stack trace" in err
