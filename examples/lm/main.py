@@ -305,6 +305,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             checkpoint_every=args.checkpoint_every,
             restart=args.restart,
             report=report,
+            stepped=lambda step: progress.update(task, completed=step),
             warn=warn,
             note=note,
         )

@@ -624,6 +624,25 @@ def test_an_interrupted_run_draws_its_curves_and_names_the_resume_command(
     assert checkpoint_steps(tmp_path) == [3]
 
 
+def test_the_progress_bar_moves_every_step(text: Path, monkeypatch) -> None:
+    """Between records (here only at the last step) the bar counts the steps, one by one."""
+    from rich.progress import Progress
+
+    from examples.mnist import console
+
+    counts: list[int] = []
+
+    class Bar(Progress):
+        def update(self, task_id, **fields) -> None:  # type: ignore[override]
+            if "completed" in fields:
+                counts.append(fields["completed"])
+            super().update(task_id, **fields)
+
+    monkeypatch.setattr(console, "progress_bar", lambda enabled, where: Bar(console=where))
+    main.main(["--data", str(text), *TINY_FLAGS, "--eval-every", "6"])
+    assert counts[:6] == [1, 2, 3, 4, 5, 6]
+
+
 def test_checkpoints_every_n_steps_whatever_eval_every(corpus, tmp_path: Path, monkeypatch):
     saved: list[int] = []
     save = loop.Checkpoints.save
