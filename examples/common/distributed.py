@@ -189,15 +189,16 @@ def lost_peer(error: BaseException) -> bool:
     )
 
 
-def end_for_lost_peer(prog: str, error: BaseException, resume: str) -> NoReturn:
+def end_for_lost_peer(prog: str, error: BaseException, next_step: str) -> NoReturn:
     """Ends this process at once with one line: a collective failed because another process
-    has gone, and the command that resumes the run. JAX's own shutdown would wait for the dead
-    process until the heartbeat timeout and then abort with a C++ stack trace; nothing is left
-    to save (the checkpoints on disk are whole or absent), so the process exits without it."""
+    has gone, and ``next_step`` (``Resume with: COMMAND``). JAX's own shutdown would wait for
+    the dead process until the heartbeat timeout and then abort with a C++ stack trace; nothing
+    is left to save (the checkpoints on disk are whole or absent), so the process exits
+    without it."""
     reason = " ".join(str(error).split())[:200]
     print(
         f"{prog}: process {jax.process_index()}: another process stopped answering (a "
-        f"collective failed: {reason}). Resume with: {resume}",
+        f"collective failed: {reason}). {next_step}",
         file=sys.stderr,
         flush=True,
     )
@@ -211,6 +212,18 @@ def request_host_devices(count: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if DEVICE_COUNT_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
+
+
+def host_device_count_note(platform: str) -> str:
+    """The end of an error about the number of devices where ``XLA_FLAGS`` fixes it (CPU
+    devices, ``--xla_force_host_platform_device_count``): that it does; else nothing."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if platform != "cpu" or DEVICE_COUNT_FLAG not in flags:
+        return ""
+    return (
+        f" (XLA_FLAGS={flags!r} fixes the CPU device count of each process; drop "
+        f"{DEVICE_COUNT_FLAG} from it and the program sets it)"
+    )
 
 
 def mesh_devices(devices: int | None) -> list[jax.Device]:
@@ -229,15 +242,10 @@ def mesh_devices(devices: int | None) -> list[jax.Device]:
     if per_process > local:
         platform = jax.devices()[0].platform
         where = "" if processes == 1 else f" in each of the {processes} processes"
-        hint = (
-            f" (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} fixes the CPU device count; "
-            f"drop {DEVICE_COUNT_FLAG} from it and the program sets it)"
-            if platform == "cpu" and DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "")
-            else ""
-        )
         raise DeviceError(
             f"--devices {devices} needs {per_process} devices{where}, but there are {local} "
-            f"({platform}): choose --devices from 1 to {local * processes}{hint}"
+            f"({platform}): choose --devices from 1 to {local * processes}"
+            f"{host_device_count_note(platform)}"
         )
     by_process: dict[int, list[jax.Device]] = {}
     for device in jax.devices():

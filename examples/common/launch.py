@@ -17,19 +17,21 @@ that of the first process to fail, or 0.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import IO
 
-from examples.common.errors import ArgumentParser
+from examples.common.errors import ArgumentParser, DefaultsHelpFormatter
 
 # Seconds the launcher waits, once a process has failed, before it says which one did.
 SETTLE_SECONDS = 0.5
@@ -37,16 +39,28 @@ SETTLE_SECONDS = 0.5
 PROCESS_OPTIONS = ("--num-processes", "--process-id", "--coordinator")
 
 
+def interpreter() -> str:
+    """This Python as a printed command names it, to run as printed from the working
+    directory: ``python`` where that is the one on PATH (an activated environment), else its
+    path, relative where it lies under the working directory (``.venv/bin/python``)."""
+    path = os.path.abspath(sys.executable)
+    found = shutil.which("python")
+    if found is not None and os.path.abspath(found) == path:
+        return "python"
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
 def resume_command(program: str, argv: Sequence[str], num_processes: int = 1) -> str:
-    """The command line that continues the run of ``python -m program argv``: the same, less
-    ``--restart``, with ``--resume`` (the default, said aloud); with several processes, the
-    launcher's, which starts them all."""
+    """The command line that continues the run of ``python -m program argv`` (with this
+    :func:`interpreter`): the same, less ``--restart``, with ``--resume`` (the default, said
+    aloud); with several processes, the launcher's, which starts them all."""
     kept = [arg for arg in argv if arg != "--restart"]
     resume = [] if "--resume" in kept else ["--resume"]
     if num_processes == 1:
-        return shlex.join(["python", "-m", program, *kept, *resume])
+        return shlex.join([interpreter(), "-m", program, *kept, *resume])
     kept = _without_options(kept, PROCESS_OPTIONS)
-    launcher = ["python", "-m", f"{program}.launch", "--num-processes", str(num_processes)]
+    launcher = [interpreter(), "-m", f"{program}.launch", "--num-processes", str(num_processes)]
     return shlex.join([*launcher, *kept, *resume])
 
 
@@ -92,6 +106,10 @@ def describe(returncode: int) -> str:
             f"killed by {signal.Signals(-returncode).name} (exit status {exit_status(returncode)})"
         )
     return f"exit status {returncode}"
+
+
+# The exit status of a program that refused its command line: the run never started.
+USAGE_ERROR = 2
 
 
 def stopped_by_request(returncode: int) -> bool:
@@ -227,7 +245,7 @@ def run(
                 if lost
                 else None,
             )
-        if reported and resume is not None:
+        if reported and resume is not None and failed != USAGE_ERROR:
             print(f"{prog}: resume with: {resume}", file=sys.stderr, flush=True)
         return failed or 0
     finally:
@@ -239,14 +257,31 @@ def run(
             signal.signal(signum, handler)
 
 
-def main(argv: Sequence[str] | None = None, *, program: str) -> None:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    program: str,
+    check: Callable[[list[str]], bool] = lambda argv: True,
+) -> None:
+    """The launcher of ``python -m program``. ``check`` takes the command line of a process
+    (the options of all of them, with ``--num-processes`` and ``--coordinator``) and exits,
+    as the program would, on a bad option, so that it is said once and before anything
+    starts; it returns whether the run keeps checkpoints that a resume command continues."""
     parser = ArgumentParser(
         prog=f"python -m {program}.launch",
         description=f"Start the processes of one run of python -m {program} on this "
         "machine; every other option goes to each of them.",
+        formatter_class=DefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--num-processes", type=int, required=True, metavar="P")
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        required=True,
+        metavar="P",
+        help="processes to start, each with --process-id 0 to P - 1 and an equal share of the "
+        "devices",
+    )
     parser.add_argument(
         "--grace-seconds",
         type=float,
@@ -262,6 +297,7 @@ def main(argv: Sequence[str] | None = None, *, program: str) -> None:
     if given:
         parser.error(f"{', '.join(given)}: the launcher sets these for each process")
     port = free_port()
-    resume = resume_command(program, program_args, args.num_processes)
     processes = commands(args.num_processes, program_args, port, program)
+    resumable = check(processes[0][3:])  # less python -m PROGRAM
+    resume = resume_command(program, program_args, args.num_processes) if resumable else None
     raise SystemExit(run(processes, args.grace_seconds, resume, parser.prog))

@@ -30,6 +30,20 @@ COMMITTING = "COMMITTING"
 REPLACED = "replaced_checkpoints"
 
 
+def workdir_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a run's folder, if anything: a file there, or a folder
+    that cannot be made (it is made here, with its parents) or written in."""
+    if path.exists() and not path.is_dir():
+        return f"--workdir {path} is a file, not a folder"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        return f"--workdir {path}: cannot make the folder ({error.strerror or error})"
+    if not os.access(path, os.W_OK | os.X_OK):
+        return f"--workdir {path}: cannot write in the folder"
+    return None
+
+
 class Workdir:
     """The folder ``path`` of a run; the first process changes files, the others wait for it.
 

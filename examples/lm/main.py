@@ -18,6 +18,7 @@ from typing import Any
 
 from examples.common import distributed
 from examples.common.errors import ArgumentParser, DefaultsHelpFormatter
+from examples.common.workdir import workdir_problem
 from examples.lm.data import DataError
 
 PROG = "python -m examples.lm"
@@ -43,11 +44,26 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
 def prepare(argv: Sequence[str]) -> None:
     """Asks for the host devices ``--mesh`` needs and joins the other processes; must run
     before JAX creates its backend. Exits with status 2 on bad options."""
+    from examples.lm.train import parse_mesh  # JAX is imported, not started.
+
+    args = placement(argv)
+    if args.mesh is not None and not args.cluster:
+        # a cluster's processes bring the devices they have
+        devices = math.prod(parse_mesh(args.mesh).values())
+        distributed.request_host_devices(devices // args.num_processes)
+    if args.cluster:
+        distributed.initialize()
+    distributed.join(args)
+
+
+def placement(argv: Sequence[str]) -> argparse.Namespace:
+    """The options of :func:`add_placement_options` in ``argv``; exits with status 2 on a bad
+    one."""
+    from examples.lm.train import ConfigError, parse_mesh
+
     parser = ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
     add_placement_options(parser)
     args, _ = parser.parse_known_args(argv)
-    from examples.lm.train import ConfigError, parse_mesh  # JAX is imported, not started.
-
     if args.cluster and (args.num_processes > 1 or args.coordinator):
         parser.error(
             "--cluster finds the processes itself: leave out --num-processes and --coordinator"
@@ -64,11 +80,7 @@ def prepare(argv: Sequence[str]) -> None:
                 f"--mesh {args.mesh} has {devices} devices, which --num-processes "
                 f"{args.num_processes} does not divide: every process brings as many"
             )
-        if not args.cluster:  # a cluster's processes bring the devices they have
-            distributed.request_host_devices(devices // args.num_processes)
-    if args.cluster:
-        distributed.initialize()
-    distributed.join(args)
+    return args
 
 
 def option_value(text: str) -> Any:
@@ -244,30 +256,60 @@ def config_from(args: argparse.Namespace) -> Any:
     )
 
 
+def checked_config(args: argparse.Namespace) -> Any:
+    """The run's :class:`~examples.lm.train.Config` once every option is known good, the
+    work directory among them (made here); raises ConfigError naming a bad one."""
+    from examples.lm.train import ConfigError
+
+    config = config_from(args)
+    for flag in ("resume", "restart"):
+        if getattr(args, flag) and args.workdir is None:
+            raise ConfigError(f"--{flag} needs --workdir, where the checkpoints are")
+    if args.resume and args.restart:
+        raise ConfigError("--resume and --restart: choose one")
+    if args.workdir is not None and (problem := workdir_problem(args.workdir)):
+        raise ConfigError(problem)
+    return config
+
+
+def check_launch(argv: list[str]) -> bool:
+    """What ``python -m examples.lm.launch`` checks before it starts the processes of
+    ``argv`` (:func:`examples.common.launch.main`): exits with status 2 on a bad option;
+    returns whether the run keeps checkpoints (``--workdir``)."""
+    from examples.lm.train import ConfigError
+
+    placement(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        checked_config(args)
+    except ConfigError as error:
+        p.error(str(error))
+    return args.workdir is not None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import jax
     from rich.console import Console
 
     import adam_jax
-    from examples.common import launch
     from examples.common.errors import Interrupted, TrainingError
     from examples.lm import data, loop
-    from examples.lm.train import ConfigError, Trainer, make_mesh, placement_note
+    from examples.lm.train import ConfigError, MeshError, Trainer, make_mesh, placement_note
     from examples.mnist.console import progress_bar
 
     argv = list(sys.argv[1:] if argv is None else argv)
     p = parser()
     args = p.parse_args(argv)
     try:
-        config = config_from(args)
-        for flag in ("resume", "restart"):
-            if getattr(args, flag) and args.workdir is None:
-                raise ConfigError(f"--{flag} needs --workdir, where the checkpoints are")
-        if args.resume and args.restart:
-            raise ConfigError("--resume and --restart: choose one")
+        config = checked_config(args)
         corpus = data.Corpus(data.load(args.data), config.model.seq_len)
         mesh = make_mesh(config.mesh)
         trainer = Trainer(config, mesh)
+    except MeshError as error:
+        if jax.process_index() == 0:  # every process finds it; the first says so
+            p.error(str(error))
+        raise SystemExit(2) from error
     except (ConfigError, DataError) as error:
         p.error(str(error))
     primary = jax.process_index() == 0
@@ -317,8 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             # Every process stops after the same step; the first one says so.
             if primary:
                 draw_curves(run, trainer, console)
-                command = launch.resume_command("examples.lm", argv, args.num_processes)
-                print(f"{PROG}: {error}\nResume with: {command}", file=sys.stderr)
+                print(f"{PROG}: {error}\n{next_step(argv, args)}", file=sys.stderr)
             raise SystemExit(error.exit_status) from error
         except TrainingError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -326,8 +367,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (RuntimeError, ValueError) as error:
             if not distributed.lost_peer(error):
                 raise
-            resume = launch.resume_command("examples.lm", argv, args.num_processes)
-            distributed.end_for_lost_peer(PROG, error, resume)
+            distributed.end_for_lost_peer(PROG, error, next_step(argv, args))
     state_bytes = loop.state_bytes_per_param(trainer)
     fullest = adam_jax.device_state_bytes(trainer.opt_state) / trainer.param_count
     where = "in host memory, off the device between steps" if config.offload_state else ""
@@ -337,6 +377,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if primary:
         draw_curves(run, trainer, console)
+
+
+def next_step(argv: list[str], args: argparse.Namespace) -> str:
+    """What continues a run of ``argv`` that stopped: the command that resumes it from its
+    checkpoints, or without ``--workdir`` that there are none."""
+    from examples.common import launch
+
+    if args.workdir is None:
+        return (
+            "Without --workdir there is no checkpoint to resume from; add --workdir DIR to "
+            "keep them"
+        )
+    return f"Resume with: {launch.resume_command('examples.lm', argv, args.num_processes)}"
 
 
 def draw_curves(run: Any, trainer: Any, console: Any) -> None:

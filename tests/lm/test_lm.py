@@ -3,6 +3,7 @@ processes train as one device does, within float32 rounding; bad flags are one l
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -340,11 +343,10 @@ def test_two_processes_train_as_one_and_stop_together(
     assert err.count("stopped by SIGTERM") == 1 and "RESUME" not in err, err
     assert "stopped by SIGTERM after step 3 (of 4)" in err
     resume = err.split("Resume with: ")[1].splitlines()[0]
-    assert resume.startswith("python -m examples.lm.launch --num-processes 2 --mesh data=2,fsdp=2")
+    launcher = f"{launch.interpreter()} -m examples.lm.launch --num-processes 2 --mesh data=2"
+    assert resume.startswith(launcher + ",fsdp=2")
     assert "--process-id" not in resume and resume.endswith(" --resume")
-    finished = subprocess.run(
-        [sys.executable, *shlex.split(resume)[1:]], cwd=REPO_ROOT, capture_output=True, timeout=300
-    )
+    finished = subprocess.run(shlex.split(resume), capture_output=True, timeout=300)  # as printed
     assert finished.returncode == 0, finished.stderr.decode()[-2000:]
     assert "resuming from step 3 of 4" in finished.stdout.decode()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -435,6 +437,7 @@ def test_resume_refuses_other_settings(corpus, tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--mesh", "data=2"], "--mesh data=2,fsdp=1 has 2 devices, but the run has 8"),
+        (["--mesh", "data=2"], "(XLA_FLAGS='--xla_force_host_platform_device_count=8"),
         (["--mesh", "data=2,tp=4"], "--mesh data=2,tp=4: expected AXIS=SIZE pairs"),
         (["--mesh", "fsdp=8", "--batch-size", "12"], "--batch-size 12 does not split over"),
         (["--data", "/no/such/corpus"], "--data /no/such/corpus: no such file or folder"),
@@ -464,6 +467,53 @@ def test_bad_flags_are_one_line(flags, message, text: Path, tmp_path: Path, caps
     error = capsys.readouterr().err.splitlines()
     assert error[0].startswith("python -m examples.lm: error: ")
     assert message in error[0]
+
+
+@pytest.mark.parametrize("workdir", ["FILE", "FILE/run"])
+def test_a_bad_workdir_is_refused_before_set_up(workdir, tmp_path: Path, capsys, monkeypatch):
+    """A file, or a folder that cannot be made: one line and exit status 2, as for a bad flag,
+    before the corpus is read."""
+    file = tmp_path / "file"
+    file.write_text("")
+    monkeypatch.setattr(data, "load", lambda path: pytest.fail("the set-up began"))
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["--workdir", workdir.replace("FILE", str(file))])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error in (
+        f"python -m examples.lm: error: --workdir {file} is a file, not a folder",
+        f"python -m examples.lm: error: --workdir {file}/run: cannot make the folder (Not a "
+        "directory)",
+    )
+
+
+def test_the_launcher_refuses_a_bad_option_once_and_prints_no_resume_command(
+    tmp_path: Path,
+) -> None:
+    """A bad workdir is refused before any process starts; a mesh that the device count that
+    XLA_FLAGS fixes does not fit, once the processes have started, is said by the first."""
+    file = tmp_path / "file"
+    file.write_text("")
+    launcher = [sys.executable, "-m", "examples.lm.launch", "--num-processes", "2"]
+    for flags, environment in [
+        (["--mesh", "data=2,fsdp=4", "--workdir", str(file)], {}),
+        (
+            ["--mesh", "data=2,fsdp=4", "--workdir", str(tmp_path / "run")],
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        ),
+    ]:
+        ended = subprocess.run(
+            [*launcher, *flags],
+            cwd=REPO_ROOT,
+            env={**os.environ, **environment},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert ended.returncode == 2, ended.stderr
+        assert ended.stderr.count("error: ") == 1, ended.stderr
+        assert "resume" not in ended.stderr.lower(), ended.stderr
+    assert "(XLA_FLAGS='--xla_force_host_platform_device_count=8' fixes" in ended.stderr
 
 
 @pytest.mark.parametrize(
@@ -618,7 +668,7 @@ def test_an_interrupted_run_draws_its_curves_and_names_the_resume_command(
     assert stopped.value.code == 128 + signal.SIGTERM
     stop, resume = capsys.readouterr().err.splitlines()
     assert stop.startswith("python -m examples.lm: stopped by SIGTERM after step 3 (of 6)")
-    assert resume.startswith("Resume with: python -m examples.lm --data")
+    assert resume.startswith(f"Resume with: {launch.interpreter()} -m examples.lm --data")
     assert resume.endswith("--workdir " + str(tmp_path) + " --resume")  # not --restart
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert checkpoint_steps(tmp_path) == [3]
@@ -641,6 +691,38 @@ def test_the_progress_bar_moves_every_step(text: Path, monkeypatch) -> None:
     monkeypatch.setattr(console, "progress_bar", lambda enabled, where: Bar(console=where))
     main.main(["--data", str(text), *TINY_FLAGS, "--eval-every", "6"])
     assert counts[:6] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stopped_run_without_workdir_prints_no_resume_command(
+    text: Path, capsys, monkeypatch
+) -> None:
+    step = train.Trainer.step
+
+    def signalled(self: train.Trainer, windows: np.ndarray) -> None:
+        step(self, windows)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(train.Trainer, "step", signalled)
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["--data", str(text), *TINY_FLAGS])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m examples.lm: stopped by SIGTERM after step 1 (of 6); there is no checkpoint",
+        "Without --workdir there is no checkpoint to resume from; add --workdir DIR to keep them",
+    ]
+
+
+def test_printed_commands_name_this_python_as_it_runs(monkeypatch) -> None:
+    """``python`` where that is this interpreter on PATH, else a path that runs as printed."""
+    monkeypatch.setenv("PATH", "")
+    alone = launch.interpreter()
+    assert alone != "python"
+    ran = subprocess.run([alone, "-c", "import jax, sys; print(sys.executable)"], text=True,
+                         capture_output=True, timeout=60)  # fmt: skip
+    assert ran.returncode == 0 and ran.stdout.strip() == sys.executable, ran.stderr
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
+    if os.path.basename(sys.executable) == "python":
+        assert launch.interpreter() == "python"
 
 
 def test_checkpoints_every_n_steps_whatever_eval_every(corpus, tmp_path: Path, monkeypatch):
@@ -686,21 +768,49 @@ def test_sigterm_stops_after_the_step_in_flight(corpus, tmp_path: Path) -> None:
     assert checkpoint_steps(tmp_path) == [stop.value.step]
 
 
-@pytest.mark.parametrize("program", ["lm", "mnist"])
-def test_help_gives_each_default_once(program: str) -> None:
+def parser_of(program: Callable[[], object]) -> argparse.ArgumentParser:
+    """The parser that ``program()`` builds, stopped where it would parse."""
+
+    class Built(Exception):
+        pass
+
+    def built(self: argparse.ArgumentParser, *args, **kwargs) -> NoReturn:
+        raise Built(self)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Built) as stopped:
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", built)
+        program()
+    return stopped.value.args[0]
+
+
+@pytest.mark.parametrize("program", ["lm", "lm.launch", "mnist", "mnist.launch", "mnist_minimal"])
+def test_help_explains_each_option_and_gives_each_default_once(program: str) -> None:
+    from examples import mnist_minimal
     from examples.mnist import main as mnist_main
 
-    parser = main.parser() if program == "lm" else mnist_main.parser()
+    parser = parser_of(
+        {
+            "lm": main.main,
+            "lm.launch": lambda: launch.main([], program="examples.lm"),
+            "mnist": mnist_main.main,
+            "mnist.launch": lambda: launch.main([], program="examples.mnist"),
+            "mnist_minimal": mnist_minimal.main,
+        }[program]
+    )
+    assert parser.prog == f"python -m examples.{program}"
     text = parser.format_help()
     # The help of each option: its line (two spaces, then its flags) and the lines under it.
     entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", text)[1:]]
     for entry in entries:
         assert entry.count("(default") + entry.count("(None") <= 1, entry
     for action in parser._actions:
+        assert action.help, action.option_strings
         if action.option_strings and action.nargs != 0 and action.default not in (None, []):
             (entry,) = [e for e in entries if e.startswith(action.option_strings[0] + " ")]
             assert "(default" in entry, entry
     assert "(default: None)" not in text and "(default: False)" not in text
+    if program == "mnist":
+        assert "--train-limit N train on the first N images (None: all of them)" in entries
 
 
 @pytest.mark.parametrize("dies", [0, 1])

@@ -27,7 +27,7 @@ from mnist_helpers import (
     synthetic_dataset,
 )
 
-from examples.common import metrics
+from examples.common import launch, metrics
 from examples.common.checkpoints import SettingsMismatch
 from examples.mnist import compare, data, main, models, optimizers, train
 from examples.mnist.config import Config
@@ -668,7 +668,7 @@ def test_cli_arguments() -> None:
     assert (config.checkpoint_every, config.keep_checkpoints, config.log_every) == (50, 2, 5)
     assert config.skip_nonfinite and config.max_consecutive_skips == 4
     assert main.resume_command(["--epochs", "3", "--workdir", "runs/my run"]) == (
-        "python -m examples.mnist --epochs 3 --workdir 'runs/my run' --resume"
+        f"{launch.interpreter()} -m examples.mnist --epochs 3 --workdir 'runs/my run' --resume"
     )
 
 
