@@ -257,18 +257,22 @@ def config_from(args: argparse.Namespace) -> Any:
 
 
 def checked_config(args: argparse.Namespace) -> Any:
-    """The run's :class:`~examples.lm.train.Config` once every option is known good, the
-    work directory among them (made here); raises ConfigError naming a bad one."""
-    from examples.lm.train import ConfigError
+    """The run's :class:`~examples.lm.train.Config` once every option that the devices do
+    not decide is known good: the optimizer and its options, ``--data`` (found, not read)
+    and the work directory (made here). Raises ConfigError or DataError naming a bad one."""
+    from examples.lm import data, train
 
     config = config_from(args)
     for flag in ("resume", "restart"):
         if getattr(args, flag) and args.workdir is None:
-            raise ConfigError(f"--{flag} needs --workdir, where the checkpoints are")
+            raise train.ConfigError(f"--{flag} needs --workdir, where the checkpoints are")
     if args.resume and args.restart:
-        raise ConfigError("--resume and --restart: choose one")
+        raise train.ConfigError("--resume and --restart: choose one")
+    train.registry_optimizer(config, config.learning_rate, config.mesh)
+    if args.data is not None:
+        data.text_files(args.data)
     if args.workdir is not None and (problem := workdir_problem(args.workdir)):
-        raise ConfigError(problem)
+        raise train.ConfigError(problem)
     return config
 
 
@@ -283,7 +287,7 @@ def check_launch(argv: list[str]) -> bool:
     args = p.parse_args(argv)
     try:
         checked_config(args)
-    except ConfigError as error:
+    except (ConfigError, DataError) as error:
         p.error(str(error))
     return args.workdir is not None
 
@@ -295,7 +299,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import adam_jax
     from examples.common.errors import Interrupted, TrainingError
     from examples.lm import data, loop
-    from examples.lm.train import ConfigError, MeshError, Trainer, make_mesh, placement_note
+    from examples.lm.train import ConfigError, Trainer, make_mesh, placement_note
     from examples.mnist.console import progress_bar
 
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -304,14 +308,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         config = checked_config(args)
         corpus = data.Corpus(data.load(args.data), config.model.seq_len)
-        mesh = make_mesh(config.mesh)
-        trainer = Trainer(config, mesh)
-    except MeshError as error:
-        if jax.process_index() == 0:  # every process finds it; the first says so
-            p.error(str(error))
-        raise SystemExit(2) from error
     except (ConfigError, DataError) as error:
         p.error(str(error))
+    try:
+        mesh = make_mesh(config.mesh)
+        trainer = Trainer(config, mesh)
+    except ConfigError as error:
+        # What the options make of the devices, the same in every process: the first says so.
+        if jax.process_index() == 0:
+            p.error(str(error))
+        raise SystemExit(2) from error
     primary = jax.process_index() == 0
     console = Console(quiet=not primary, soft_wrap=True)
     console.print(

@@ -63,11 +63,6 @@ class ConfigError(ValueError):
     """A setting that cannot work; the message names its flag and what it accepts."""
 
 
-class MeshError(ConfigError):
-    """A mesh whose size is not the number of devices of the run (the same in every
-    process)."""
-
-
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Config:
     """Everything a run depends on."""
@@ -116,7 +111,7 @@ def make_mesh(sizes: dict[str, int] | None, devices: Sequence[jax.Device] | None
     sizes = sizes or {"data": count, "fsdp": 1}
     if math.prod(sizes.values()) != count:
         platform = devices[0].platform
-        raise MeshError(
+        raise ConfigError(
             f"--mesh {format_mesh(sizes)} has {math.prod(sizes.values())} devices, but the run "
             f"has {count} ({platform}): the sizes must multiply to {count}"
             f"{distributed.host_device_count_note(platform)}"

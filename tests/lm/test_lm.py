@@ -490,13 +490,15 @@ def test_a_bad_workdir_is_refused_before_set_up(workdir, tmp_path: Path, capsys,
 def test_the_launcher_refuses_a_bad_option_once_and_prints_no_resume_command(
     tmp_path: Path,
 ) -> None:
-    """A bad workdir is refused before any process starts; a mesh that the device count that
-    XLA_FLAGS fixes does not fit, once the processes have started, is said by the first."""
+    """A bad option or workdir is refused before any process starts; a mesh that the device
+    count that XLA_FLAGS fixes does not fit, once the processes have started, is said by the
+    first."""
     file = tmp_path / "file"
     file.write_text("")
     launcher = [sys.executable, "-m", "examples.lm.launch", "--num-processes", "2"]
     for flags, environment in [
         (["--mesh", "data=2,fsdp=4", "--workdir", str(file)], {}),
+        (["--optimizer", "adamq", "--workdir", str(tmp_path / "run")], {}),
         (
             ["--mesh", "data=2,fsdp=4", "--workdir", str(tmp_path / "run")],
             {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
