@@ -774,6 +774,22 @@ def test_cli_reports_bad_values_in_two_lines(
     assert second == "See 'python -m examples.mnist --help' for the options."
 
 
+def test_cli_refuses_a_bad_workdir_before_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file, or a folder under one: two lines and exit status 2, as a bad value."""
+    file = tmp_path / "file"
+    file.write_text("")
+    monkeypatch.setattr(data, "load", lambda *args: pytest.fail("the data was read"))
+    for workdir, message in [(file, "is a file, not a folder"), (file / "run", "cannot make")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(["--workdir", str(workdir)])
+        assert exit_info.value.code == 2
+        first, _ = capsys.readouterr().err.splitlines()
+        assert first.startswith(f"python -m examples.mnist: error: --workdir {workdir}")
+        assert message in first
+
+
 def test_cli_names_a_data_dir_that_does_not_exist(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
