@@ -259,7 +259,8 @@ def config_from(args: argparse.Namespace) -> Any:
 def checked_config(args: argparse.Namespace) -> Any:
     """The run's :class:`~examples.lm.train.Config` once every option that the devices do
     not decide is known good: the optimizer and its options, ``--data`` (found, not read)
-    and the work directory (made here). Raises ConfigError or DataError naming a bad one."""
+    and the work directory (that it can be made). Raises ConfigError or DataError naming a bad
+    one."""
     from examples.lm import data, train
 
     config = config_from(args)

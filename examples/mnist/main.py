@@ -184,7 +184,8 @@ def check_launch(argv: list[str]) -> bool:
 
 
 def _parse_with_workdir(argv: list[str]) -> tuple[Config, list[str] | None, argparse.Namespace]:
-    """:func:`_parse`, and the work directory made (exits with status 2 where it cannot be)."""
+    """:func:`_parse`, and the work directory checked (exits with status 2 where it cannot be
+    made)."""
     parsed = _parse(argv)
     if problem := workdir_problem(Path(parsed[0].workdir)):
         parser().error(problem)

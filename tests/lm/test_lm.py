@@ -482,8 +482,8 @@ def test_a_bad_workdir_is_refused_before_set_up(workdir, tmp_path: Path, capsys,
     error = capsys.readouterr().err.splitlines()[0]
     assert error in (
         f"python -m examples.lm: error: --workdir {file} is a file, not a folder",
-        f"python -m examples.lm: error: --workdir {file}/run: cannot make the folder (Not a "
-        "directory)",
+        f"python -m examples.lm: error: --workdir {file}/run: cannot make the folder ({file} is "
+        "a file)",
     )
 
 
