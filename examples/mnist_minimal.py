@@ -21,6 +21,7 @@ import optax
 from flax import nnx
 
 import adam_jax
+from examples.common.errors import DefaultsHelpFormatter
 from examples.mnist import data
 
 
@@ -125,16 +126,20 @@ def train(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Trains a small CNN on MNIST with adam_jax.")
+    parser = argparse.ArgumentParser(
+        prog="python -m examples.mnist_minimal",
+        description="Trains a small CNN on MNIST with adam_jax.",
+        formatter_class=DefaultsHelpFormatter,
+    )
     parser.add_argument(
         "--data-dir",
         help="folder of the four MNIST .gz files (default: "
         f"${data.ENV_DATA_DIR}, else downloaded into ~/.cache/adam_jax/mnist)",
     )
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--epochs", type=int, default=2, help="passes over the training images")
+    parser.add_argument("--batch-size", type=int, default=64, help="images a step")
     parser.add_argument("--learning-rate", type=float, default=3e-3, help="the peak rate")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the initialization and shuffling")
     args = parser.parse_args(argv)
     train(args.data_dir, args.epochs, args.batch_size, args.learning_rate, args.seed)
 

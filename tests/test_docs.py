@@ -252,6 +252,25 @@ def test_each_readme_block_runs_alone(index: int) -> None:
     exec(compile(README_BLOCKS[index], name, "exec", dont_inherit=True), {"__name__": "readme"})
 
 
+def test_readme_commands_run_without_activating_the_environment() -> None:
+    """The README's commands make ``.venv`` and never activate it: each command of the shell
+    blocks of "The commands" and "Quick start" runs ``.venv/bin/python`` (a bare ``python``
+    there finds no jax)."""
+    sections = re.split(r"^## ", README.read_text(), flags=re.M)
+    text = "".join(s for s in sections if s.startswith(("The commands\n", "Quick start\n")))
+    blocks = [code for lang, _, code in _FENCE.findall(text) if lang == "bash"]
+    commands = [part.split() for block in blocks for part in re.split(r"&&|\n", block)]
+    programs = {command[0] for command in commands if command}
+    assert programs <= {"python3", ".venv/bin/pip", ".venv/bin/python", "bash"}, programs
+    assert ["python3", "-m", "venv", ".venv"] in commands
+
+
+def test_language_model_page_links_read_on_github() -> None:
+    """MyST's ``[](page.md)`` takes the page's title in Sphinx, but GitHub shows an empty
+    link."""
+    assert "[](" not in (REPO_ROOT / "docs" / "language_model.md").read_text()
+
+
 def test_zero1_example_runs_as_written() -> None:
     """The ZeRO-1 example of docs/sharding.md, alone in a fresh interpreter (it sets up the 8
     CPU devices itself, before jax starts): each device keeps 1/8 of a moment, and of SOAP's

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import threading
 from collections.abc import Sequence
@@ -118,7 +119,7 @@ def join(args: argparse.Namespace) -> None:
     if args.num_processes > 1:
         # The CPU backend has no cross-process collectives of its own; gloo is JAX's.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-        drop_native_lines(GLOO_LINE)
+        drop_native_lines(GLOO_PIECES)
         initialize(
             coordinator_address=args.coordinator,
             num_processes=args.num_processes,
@@ -126,18 +127,22 @@ def join(args: argparse.Namespace) -> None:
         )
 
 
-# The start of the line gloo prints on standard output, from its C++ code, for each group of
-# devices it connects ("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of
-# connected peer ranks is : 1"): several per process, interleaved with the program's output.
-GLOO_LINE = b"[Gloo] "
+# The line gloo prints on standard output, from its C++ code, for each group of devices it
+# connects ("[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer ranks
+# is : 1"): several per process. The device threads write theirs at once, a piece at a time, so
+# the pieces interleave into lines made of nothing else.
+GLOO_PIECES = re.compile(
+    rb"(\[Gloo\] Rank |\d+| is connected to | peer ranks\. "
+    rb"|Expected number of connected peer ranks is : )*\n?"
+)
 
 
-def drop_native_lines(start: bytes) -> None:
+def drop_native_lines(pattern: re.Pattern[bytes]) -> None:
     """Leaves out of this process's standard output the lines that native code (C++) writes
-    there starting with ``start``. Python's output (``sys.stdout``, reopened on a copy of the
-    file descriptor) goes on to the same file as before, a terminal where it was one, so
-    progress bars behave as before; what native code writes to file descriptor 1 passes
-    through a pipe that a thread copies to that file, less those lines."""
+    there and that ``pattern`` matches whole. Python's output (``sys.stdout``, reopened on a
+    copy of the file descriptor) goes on to the same file as before, a terminal where it was
+    one, so progress bars behave as before; what native code writes to file descriptor 1
+    passes through a pipe that a thread copies to that file, less those lines."""
     sys.stdout.flush()
     target = os.dup(1)
     read, write = os.pipe()
@@ -150,7 +155,7 @@ def drop_native_lines(start: bytes) -> None:
     def copy() -> None:
         with open(read, "rb") as native:
             for line in native:
-                if not line.startswith(start):
+                if not pattern.fullmatch(line):
                     os.write(target, line)
 
     threading.Thread(target=copy, name="native-stdout", daemon=True).start()
@@ -184,15 +189,16 @@ def lost_peer(error: BaseException) -> bool:
     )
 
 
-def end_for_lost_peer(prog: str, error: BaseException, resume: str) -> NoReturn:
+def end_for_lost_peer(prog: str, error: BaseException, next_step: str) -> NoReturn:
     """Ends this process at once with one line: a collective failed because another process
-    has gone, and the command that resumes the run. JAX's own shutdown would wait for the dead
-    process until the heartbeat timeout and then abort with a C++ stack trace; nothing is left
-    to save (the checkpoints on disk are whole or absent), so the process exits without it."""
+    has gone, and ``next_step`` (``Resume with: COMMAND``). JAX's own shutdown would wait for
+    the dead process until the heartbeat timeout and then abort with a C++ stack trace; nothing
+    is left to save (the checkpoints on disk are whole or absent), so the process exits
+    without it."""
     reason = " ".join(str(error).split())[:200]
     print(
         f"{prog}: process {jax.process_index()}: another process stopped answering (a "
-        f"collective failed: {reason}). Resume with: {resume}",
+        f"collective failed: {reason}). {next_step}",
         file=sys.stderr,
         flush=True,
     )
@@ -206,6 +212,18 @@ def request_host_devices(count: int) -> None:
     flags = os.environ.get("XLA_FLAGS", "")
     if DEVICE_COUNT_FLAG not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} {DEVICE_COUNT_FLAG}={count}".strip()
+
+
+def host_device_count_note(platform: str) -> str:
+    """The end of an error about the number of devices where ``XLA_FLAGS`` fixes it (CPU
+    devices, ``--xla_force_host_platform_device_count``): that it does; else nothing."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if platform != "cpu" or DEVICE_COUNT_FLAG not in flags:
+        return ""
+    return (
+        f" (XLA_FLAGS={flags!r} fixes the CPU device count of each process; drop "
+        f"{DEVICE_COUNT_FLAG} from it and the program sets it)"
+    )
 
 
 def mesh_devices(devices: int | None) -> list[jax.Device]:
@@ -224,15 +242,10 @@ def mesh_devices(devices: int | None) -> list[jax.Device]:
     if per_process > local:
         platform = jax.devices()[0].platform
         where = "" if processes == 1 else f" in each of the {processes} processes"
-        hint = (
-            f" (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r} fixes the CPU device count; "
-            f"drop {DEVICE_COUNT_FLAG} from it and the program sets it)"
-            if platform == "cpu" and DEVICE_COUNT_FLAG in os.environ.get("XLA_FLAGS", "")
-            else ""
-        )
         raise DeviceError(
             f"--devices {devices} needs {per_process} devices{where}, but there are {local} "
-            f"({platform}): choose --devices from 1 to {local * processes}{hint}"
+            f"({platform}): choose --devices from 1 to {local * processes}"
+            f"{host_device_count_note(platform)}"
         )
     by_process: dict[int, list[jax.Device]] = {}
     for device in jax.devices():

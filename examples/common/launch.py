@@ -10,21 +10,28 @@ processes stop together after the same step with a checkpoint, as one process do
 second signal ends them at once. If a process fails, the others (which may wait for it in a
 collective for ever) are killed after ``--grace-seconds``, and the launcher says which process
 failed, how (its exit status, or the signal that killed it) and the command that resumes the
-run. The exit status is that of the first process to fail, or 0.
+run. A process that JAX's distributed runtime ends because another has gone (it aborts with C++
+log lines and a stack trace) is named in one line instead of that report. The exit status is
+that of the first process to fail, or 0.
 """
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
+from typing import IO
 
-from examples.common.errors import ArgumentParser
+from examples.common.errors import ArgumentParser, DefaultsHelpFormatter
 
 # Seconds the launcher waits, once a process has failed, before it says which one did.
 SETTLE_SECONDS = 0.5
@@ -32,16 +39,28 @@ SETTLE_SECONDS = 0.5
 PROCESS_OPTIONS = ("--num-processes", "--process-id", "--coordinator")
 
 
+def interpreter() -> str:
+    """This Python as a printed command names it, to run as printed from the working
+    directory: ``python`` where that is the one on PATH (an activated environment), else its
+    path, relative where it lies under the working directory (``.venv/bin/python``)."""
+    path = os.path.abspath(sys.executable)
+    found = shutil.which("python")
+    if found is not None and os.path.abspath(found) == path:
+        return "python"
+    relative = os.path.relpath(path)
+    return path if relative.startswith(os.pardir) else relative
+
+
 def resume_command(program: str, argv: Sequence[str], num_processes: int = 1) -> str:
-    """The command line that continues the run of ``python -m program argv``: the same, less
-    ``--restart``, with ``--resume`` (the default, said aloud); with several processes, the
-    launcher's, which starts them all."""
+    """The command line that continues the run of ``python -m program argv`` (with this
+    :func:`interpreter`): the same, less ``--restart``, with ``--resume`` (the default, said
+    aloud); with several processes, the launcher's, which starts them all."""
     kept = [arg for arg in argv if arg != "--restart"]
     resume = [] if "--resume" in kept else ["--resume"]
     if num_processes == 1:
-        return shlex.join(["python", "-m", program, *kept, *resume])
+        return shlex.join([interpreter(), "-m", program, *kept, *resume])
     kept = _without_options(kept, PROCESS_OPTIONS)
-    launcher = ["python", "-m", f"{program}.launch", "--num-processes", str(num_processes)]
+    launcher = [interpreter(), "-m", f"{program}.launch", "--num-processes", str(num_processes)]
     return shlex.join([*launcher, *kept, *resume])
 
 
@@ -89,10 +108,57 @@ def describe(returncode: int) -> str:
     return f"exit status {returncode}"
 
 
+# The exit status of a program that refused its command line: the run never started.
+USAGE_ERROR = 2
+
+
 def stopped_by_request(returncode: int) -> bool:
     """Whether a child ended as a program does that a signal asked to stop (it saves a
     checkpoint and exits with 128 + the signal's number): not a failure to report."""
     return returncode in (128 + signal.SIGINT, 128 + signal.SIGTERM)
+
+
+# An error that JAX's distributed runtime logs (absl's format: severity, date, time, thread,
+# file:line) when a process has gone: the start of the report with which it ends the others.
+RUNTIME_ERROR_LOG = re.compile(
+    rb"[EF]\d{4} [\d:.]+ +\d+ (coordination_service\w*\.cc|client\.h):\d+\] "
+)
+
+
+class ErrorRelay:
+    """Copies a process's standard error to the launcher's as it comes, but for what follows
+    an error logged by JAX's distributed runtime (:data:`RUNTIME_ERROR_LOG`), which it holds:
+    where the process then fails, that is the runtime's abort (C++ log lines, a stack trace),
+    which :meth:`finish` replaces with one line."""
+
+    def __init__(self, stream: IO[bytes]):
+        self.held: list[bytes] = []
+        self.thread = threading.Thread(target=self._copy, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _copy(self, stream: IO[bytes]) -> None:
+        with stream:
+            for line in stream:
+                if self.held or RUNTIME_ERROR_LOG.match(line):
+                    self.held.append(line)
+                else:
+                    sys.stderr.write(line.decode(errors="replace"))
+                    sys.stderr.flush()
+
+    def ended_by_runtime(self, returncode: int) -> bool:
+        """Whether the process, which ended with ``returncode``, failed after the runtime
+        logged an error (waits for the rest of its output)."""
+        self.thread.join(timeout=5)
+        return returncode != 0 and bool(self.held)
+
+    def finish(self, returncode: int, replacement: str | None) -> None:
+        """Prints what was held: ``replacement``, if any, where the runtime ended the process
+        (for another's death: the report of a runtime that failed on its own is kept)."""
+        if replacement is not None and self.ended_by_runtime(returncode):
+            print(replacement, file=sys.stderr, flush=True)
+        else:
+            sys.stderr.write(b"".join(self.held).decode(errors="replace"))
+            sys.stderr.flush()
 
 
 def run(
@@ -106,7 +172,10 @@ def run(
     command ``resume`` that continues the run."""
     # Each in a process group of its own: the terminal's Ctrl-C reaches only the launcher,
     # which passes it on once (a second signal would stop the processes at once).
-    processes = [subprocess.Popen(command, process_group=0) for command in commands]
+    processes = [
+        subprocess.Popen(command, process_group=0, stderr=subprocess.PIPE) for command in commands
+    ]
+    relays = [ErrorRelay(process.stderr) for process in processes if process.stderr is not None]
     signalled: list[int] = []
 
     def forward(signum: int, frame: FrameType | None) -> None:
@@ -120,7 +189,8 @@ def run(
         signum: signal.signal(signum, forward) for signum in (signal.SIGINT, signal.SIGTERM)
     }
     try:
-        failed: int | None = None  # The status of the first process that failed.
+        failed: int | None = None  # The status of the first process that failed,
+        index: int | None = None  # and its index.
         reported = False  # whether that process failed (not stopped when asked)
         deadline = float("inf")
         while True:
@@ -139,7 +209,15 @@ def run(
                     for i, p in enumerate(processes)
                     if p.returncode not in (None, 0)
                 ]
-                index, returncode = min(failures, key=lambda failure: failure[1] >= 0)
+                # The first to fail: not one that the runtime ended for another's death, and
+                # one that a signal killed where there is one.
+                index, returncode = min(
+                    failures,
+                    key=lambda failure: (
+                        relays[failure[0]].ended_by_runtime(failure[1]),
+                        failure[1] >= 0,
+                    ),
+                )
                 failed = exit_status(returncode)
                 deadline = time.monotonic() + grace_seconds
                 if not (signalled or stopped_by_request(returncode)):
@@ -158,7 +236,16 @@ def run(
                 for process in running:
                     process.kill()
             time.sleep(0.05)
-        if reported and resume is not None:
+        for i, (process, relay) in enumerate(zip(processes, relays, strict=True)):
+            lost = index is not None and index != i
+            relay.finish(
+                process.returncode,
+                f"{prog}: process {i} of {len(processes)} stopped: JAX's distributed runtime "
+                f"reported process {index} gone (its C++ log left out)"
+                if lost
+                else None,
+            )
+        if reported and resume is not None and failed != USAGE_ERROR:
             print(f"{prog}: resume with: {resume}", file=sys.stderr, flush=True)
         return failed or 0
     finally:
@@ -170,14 +257,31 @@ def run(
             signal.signal(signum, handler)
 
 
-def main(argv: Sequence[str] | None = None, *, program: str) -> None:
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    program: str,
+    check: Callable[[list[str]], bool] = lambda argv: True,
+) -> None:
+    """The launcher of ``python -m program``. ``check`` takes the command line of a process
+    (the options of all of them, with ``--num-processes`` and ``--coordinator``) and exits,
+    as the program would, on a bad option, so that it is said once and before anything
+    starts; it returns whether the run keeps checkpoints that a resume command continues."""
     parser = ArgumentParser(
         prog=f"python -m {program}.launch",
         description=f"Start the processes of one run of python -m {program} on this "
         "machine; every other option goes to each of them.",
+        formatter_class=DefaultsHelpFormatter,
         allow_abbrev=False,
     )
-    parser.add_argument("--num-processes", type=int, required=True, metavar="P")
+    parser.add_argument(
+        "--num-processes",
+        type=int,
+        required=True,
+        metavar="P",
+        help="processes to start, each with --process-id 0 to P - 1 and an equal share of the "
+        "devices",
+    )
     parser.add_argument(
         "--grace-seconds",
         type=float,
@@ -193,6 +297,7 @@ def main(argv: Sequence[str] | None = None, *, program: str) -> None:
     if given:
         parser.error(f"{', '.join(given)}: the launcher sets these for each process")
     port = free_port()
-    resume = resume_command(program, program_args, args.num_processes)
     processes = commands(args.num_processes, program_args, port, program)
+    resumable = check(processes[0][3:])  # less python -m PROGRAM
+    resume = resume_command(program, program_args, args.num_processes) if resumable else None
     raise SystemExit(run(processes, args.grace_seconds, resume, parser.prog))

@@ -30,6 +30,19 @@ COMMITTING = "COMMITTING"
 REPLACED = "replaced_checkpoints"
 
 
+def workdir_problem(path: Path) -> str | None:
+    """What keeps ``path`` from being a run's folder, if anything: a file there, or, where the
+    folder is not there yet, a file or an unwritable folder where it would be made."""
+    if path.exists() and not path.is_dir():
+        return f"--workdir {path} is a file, not a folder"
+    existing = next(folder for folder in (path, *path.absolute().parents) if folder.exists())
+    if not existing.is_dir():
+        return f"--workdir {path}: cannot make the folder ({existing} is a file)"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"--workdir {path}: cannot write in {existing}"
+    return None
+
+
 class Workdir:
     """The folder ``path`` of a run; the first process changes files, the others wait for it.
 

@@ -6,6 +6,7 @@
 """
 
 from examples.common import launch
+from examples.lm.main import check_launch
 
 if __name__ == "__main__":
-    launch.main(program="examples.lm")
+    launch.main(program="examples.lm", check=check_launch)

@@ -52,6 +52,7 @@ class RunOptions:
     # Start over even if workdir holds checkpoints (else the run continues from them).
     restart: bool = False
     report: Callable[[Metrics], None] = lambda record: None
+    stepped: Callable[[int], None] = lambda step: None  # each step's number once dispatched
     warn: Callable[[str], None] = print
     note: Callable[[str], None] = print  # what the run does with the work directory
 
@@ -165,6 +166,7 @@ class Run:
                     self._stop(signum)
                 trainer.step(windows)
                 self.step += 1
+                self.options.stepped(self.step)
                 steps_timed += 1
                 last = self.step == config.steps
                 if self.step % config.eval_every == 0 or last:

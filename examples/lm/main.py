@@ -18,6 +18,7 @@ from typing import Any
 
 from examples.common import distributed
 from examples.common.errors import ArgumentParser, DefaultsHelpFormatter
+from examples.common.workdir import workdir_problem
 from examples.lm.data import DataError
 
 PROG = "python -m examples.lm"
@@ -43,11 +44,26 @@ def add_placement_options(parser: argparse.ArgumentParser) -> None:
 def prepare(argv: Sequence[str]) -> None:
     """Asks for the host devices ``--mesh`` needs and joins the other processes; must run
     before JAX creates its backend. Exits with status 2 on bad options."""
+    from examples.lm.train import parse_mesh  # JAX is imported, not started.
+
+    args = placement(argv)
+    if args.mesh is not None and not args.cluster:
+        # a cluster's processes bring the devices they have
+        devices = math.prod(parse_mesh(args.mesh).values())
+        distributed.request_host_devices(devices // args.num_processes)
+    if args.cluster:
+        distributed.initialize()
+    distributed.join(args)
+
+
+def placement(argv: Sequence[str]) -> argparse.Namespace:
+    """The options of :func:`add_placement_options` in ``argv``; exits with status 2 on a bad
+    one."""
+    from examples.lm.train import ConfigError, parse_mesh
+
     parser = ArgumentParser(prog=PROG, add_help=False, allow_abbrev=False)
     add_placement_options(parser)
     args, _ = parser.parse_known_args(argv)
-    from examples.lm.train import ConfigError, parse_mesh  # JAX is imported, not started.
-
     if args.cluster and (args.num_processes > 1 or args.coordinator):
         parser.error(
             "--cluster finds the processes itself: leave out --num-processes and --coordinator"
@@ -64,11 +80,7 @@ def prepare(argv: Sequence[str]) -> None:
                 f"--mesh {args.mesh} has {devices} devices, which --num-processes "
                 f"{args.num_processes} does not divide: every process brings as many"
             )
-        if not args.cluster:  # a cluster's processes bring the devices they have
-            distributed.request_host_devices(devices // args.num_processes)
-    if args.cluster:
-        distributed.initialize()
-    distributed.join(args)
+    return args
 
 
 def option_value(text: str) -> Any:
@@ -244,12 +256,48 @@ def config_from(args: argparse.Namespace) -> Any:
     )
 
 
+def checked_config(args: argparse.Namespace) -> Any:
+    """The run's :class:`~examples.lm.train.Config` once every option that the devices do
+    not decide is known good: the optimizer and its options, ``--data`` (found, not read)
+    and the work directory (that it can be made). Raises ConfigError or DataError naming a bad
+    one."""
+    from examples.lm import data, train
+
+    config = config_from(args)
+    for flag in ("resume", "restart"):
+        if getattr(args, flag) and args.workdir is None:
+            raise train.ConfigError(f"--{flag} needs --workdir, where the checkpoints are")
+    if args.resume and args.restart:
+        raise train.ConfigError("--resume and --restart: choose one")
+    train.registry_optimizer(config, config.learning_rate, config.mesh)
+    if args.data is not None:
+        data.text_files(args.data)
+    if args.workdir is not None and (problem := workdir_problem(args.workdir)):
+        raise train.ConfigError(problem)
+    return config
+
+
+def check_launch(argv: list[str]) -> bool:
+    """What ``python -m examples.lm.launch`` checks before it starts the processes of
+    ``argv`` (:func:`examples.common.launch.main`): exits with status 2 on a bad option;
+    returns whether the run keeps checkpoints (``--workdir``)."""
+    from examples.lm.train import ConfigError
+
+    placement(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    try:
+        checked_config(args)
+    except (ConfigError, DataError) as error:
+        p.error(str(error))
+    return args.workdir is not None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     import jax
     from rich.console import Console
 
     import adam_jax
-    from examples.common import launch
     from examples.common.errors import Interrupted, TrainingError
     from examples.lm import data, loop
     from examples.lm.train import ConfigError, Trainer, make_mesh, placement_note
@@ -259,17 +307,18 @@ def main(argv: Sequence[str] | None = None) -> None:
     p = parser()
     args = p.parse_args(argv)
     try:
-        config = config_from(args)
-        for flag in ("resume", "restart"):
-            if getattr(args, flag) and args.workdir is None:
-                raise ConfigError(f"--{flag} needs --workdir, where the checkpoints are")
-        if args.resume and args.restart:
-            raise ConfigError("--resume and --restart: choose one")
+        config = checked_config(args)
         corpus = data.Corpus(data.load(args.data), config.model.seq_len)
-        mesh = make_mesh(config.mesh)
-        trainer = Trainer(config, mesh)
     except (ConfigError, DataError) as error:
         p.error(str(error))
+    try:
+        mesh = make_mesh(config.mesh)
+        trainer = Trainer(config, mesh)
+    except ConfigError as error:
+        # What the options make of the devices, the same in every process: the first says so.
+        if jax.process_index() == 0:
+            p.error(str(error))
+        raise SystemExit(2) from error
     primary = jax.process_index() == 0
     console = Console(quiet=not primary, soft_wrap=True)
     console.print(
@@ -305,6 +354,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             checkpoint_every=args.checkpoint_every,
             restart=args.restart,
             report=report,
+            stepped=lambda step: progress.update(task, completed=step),
             warn=warn,
             note=note,
         )
@@ -316,8 +366,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             # Every process stops after the same step; the first one says so.
             if primary:
                 draw_curves(run, trainer, console)
-                command = launch.resume_command("examples.lm", argv, args.num_processes)
-                print(f"{PROG}: {error}\nResume with: {command}", file=sys.stderr)
+                print(f"{PROG}: {error}\n{next_step(argv, args)}", file=sys.stderr)
             raise SystemExit(error.exit_status) from error
         except TrainingError as error:
             print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -325,8 +374,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         except (RuntimeError, ValueError) as error:
             if not distributed.lost_peer(error):
                 raise
-            resume = launch.resume_command("examples.lm", argv, args.num_processes)
-            distributed.end_for_lost_peer(PROG, error, resume)
+            distributed.end_for_lost_peer(PROG, error, next_step(argv, args))
     state_bytes = loop.state_bytes_per_param(trainer)
     fullest = adam_jax.device_state_bytes(trainer.opt_state) / trainer.param_count
     where = "in host memory, off the device between steps" if config.offload_state else ""
@@ -336,6 +384,19 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     if primary:
         draw_curves(run, trainer, console)
+
+
+def next_step(argv: list[str], args: argparse.Namespace) -> str:
+    """What continues a run of ``argv`` that stopped: the command that resumes it from its
+    checkpoints, or without ``--workdir`` that there are none."""
+    from examples.common import launch
+
+    if args.workdir is None:
+        return (
+            "Without --workdir there is no checkpoint to resume from; add --workdir DIR to "
+            "keep them"
+        )
+    return f"Resume with: {launch.resume_command('examples.lm', argv, args.num_processes)}"
 
 
 def draw_curves(run: Any, trainer: Any, console: Any) -> None:

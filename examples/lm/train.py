@@ -110,9 +110,11 @@ def make_mesh(sizes: dict[str, int] | None, devices: Sequence[jax.Device] | None
     count = len(devices)
     sizes = sizes or {"data": count, "fsdp": 1}
     if math.prod(sizes.values()) != count:
+        platform = devices[0].platform
         raise ConfigError(
             f"--mesh {format_mesh(sizes)} has {math.prod(sizes.values())} devices, but the run "
-            f"has {count} ({devices[0].platform}): the sizes must multiply to {count}"
+            f"has {count} ({platform}): the sizes must multiply to {count}"
+            f"{distributed.host_device_count_note(platform)}"
         )
     shape = tuple(sizes[axis] for axis in AXES)
     return jax.make_mesh(shape, AXES, axis_types=(AxisType.Explicit,) * len(AXES), devices=devices)

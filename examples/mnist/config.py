@@ -76,7 +76,9 @@ class Config:
         f"the folder holding the four files (None: ${data.ENV_DATA_DIR}, then "
         "~/.cache/adam_jax/<dataset>, downloading there)",
     )
-    train_limit: int | None = option(None, "train on the first N images")
+    train_limit: int | None = option(
+        None, "train on the first N images (None: all of them)", metavar="N"
+    )
     eval_batch_size: int = option(1000, "batch size of the evaluation on the full test set")
     workdir: str = option("runs/mnist", "metrics, checkpoints and plots go here")
     resume: bool = option(

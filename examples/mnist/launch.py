@@ -6,6 +6,7 @@
 """
 
 from examples.common import launch
+from examples.mnist.main import check_launch
 
 if __name__ == "__main__":
-    launch.main(program="examples.mnist")
+    launch.main(program="examples.mnist", check=check_launch)

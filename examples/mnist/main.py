@@ -16,6 +16,7 @@ import dataclasses
 import logging
 import sys
 import typing
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -29,6 +30,7 @@ from examples.common.errors import (
     Interrupted,
     TrainingError,
 )
+from examples.common.workdir import workdir_problem
 from examples.mnist import compare, data, optimizers
 from examples.mnist.config import Config
 from examples.mnist.console import summary
@@ -173,9 +175,26 @@ def quiet_leftovers_of_failed_writes() -> None:
     sys.unraisablehook = hook
 
 
+def check_launch(argv: list[str]) -> bool:
+    """What ``python -m examples.mnist.launch`` checks before it starts the processes of
+    ``argv`` (:func:`examples.common.launch.main`): exits with status 2 on a bad option or
+    work directory; the run keeps checkpoints (in ``--workdir``)."""
+    _parse_with_workdir(argv)
+    return True
+
+
+def _parse_with_workdir(argv: list[str]) -> tuple[Config, list[str] | None, argparse.Namespace]:
+    """:func:`_parse`, and the work directory checked (exits with status 2 where it cannot be
+    made)."""
+    parsed = _parse(argv)
+    if problem := workdir_problem(Path(parsed[0].workdir)):
+        parser().error(problem)
+    return parsed
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
-    config, compared, args = _parse(argv)
+    config, compared, args = _parse_with_workdir(argv)
     console = Console(quiet=not distributed.is_primary())
     # With several processes each reports its own failures, naming itself.
     who = f"process {args.process_id}: " if args.num_processes > 1 else ""
@@ -207,5 +226,5 @@ def main(argv: list[str] | None = None) -> None:
         if not distributed.lost_peer(err):
             raise
         resume = resume_command(argv, args.num_processes)
-        distributed.end_for_lost_peer("python -m examples.mnist", err, resume)
+        distributed.end_for_lost_peer("python -m examples.mnist", err, f"Resume with: {resume}")
     console.print(summary(config, history))

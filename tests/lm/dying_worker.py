@@ -34,5 +34,5 @@ if __name__ == "__main__":
         except (RuntimeError, ValueError) as error:
             if not distributed.lost_peer(error):
                 raise
-            distributed.end_for_lost_peer("worker", error, "RESUME COMMAND")
+            distributed.end_for_lost_peer("worker", error, "Resume with: RESUME COMMAND")
     sys.exit("the collectives went on without the dead process")

@@ -3,6 +3,7 @@ processes train as one device does, within float32 rounding; bad flags are one l
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import re
@@ -13,7 +14,9 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import jax
 import numpy as np
@@ -22,7 +25,7 @@ import pytest
 import adam_jax
 from adam_jax._src.variants.soap import SoapLayout
 from adam_jax._src.variants.soap.rule import ScaleBySoapState
-from examples.common import launch
+from examples.common import distributed, launch
 from examples.common.checkpoints import Checkpoints, SettingsMismatch
 from examples.common.errors import Interrupted
 from examples.lm import data, loop, main, train
@@ -329,7 +332,8 @@ def test_two_processes_train_as_one_and_stop_together(
              "--steps", "4", "--batch-size", "8", "--eval-every", "2", "--eval-windows", "8",
              "--learning-rate", "1e-2", "--layers", "1", "--d-model", "32", "--heads", "2",
              "--seq-len", "16"]  # fmt: skip
-    signalled = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "signalled_process.py"), "1", "3"]
+    signalled = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "signalled_process.py"), "1", "3",
+                 "SIGTERM", str(tmp_path / "signalled_at")]  # fmt: skip
     processes = launch.commands(2, flags, launch.free_port(), "examples.lm")
     processes = [[*signalled, *command[3:]] for command in processes]  # less python -m PROGRAM
     assert launch.run(processes, grace_seconds=60, resume="RESUME") == 128 + signal.SIGTERM
@@ -339,11 +343,10 @@ def test_two_processes_train_as_one_and_stop_together(
     assert err.count("stopped by SIGTERM") == 1 and "RESUME" not in err, err
     assert "stopped by SIGTERM after step 3 (of 4)" in err
     resume = err.split("Resume with: ")[1].splitlines()[0]
-    assert resume.startswith("python -m examples.lm.launch --num-processes 2 --mesh data=2,fsdp=2")
+    launcher = f"{launch.interpreter()} -m examples.lm.launch --num-processes 2 --mesh data=2"
+    assert resume.startswith(launcher + ",fsdp=2")
     assert "--process-id" not in resume and resume.endswith(" --resume")
-    finished = subprocess.run(
-        [sys.executable, *shlex.split(resume)[1:]], cwd=REPO_ROOT, capture_output=True, timeout=300
-    )
+    finished = subprocess.run(shlex.split(resume), capture_output=True, timeout=300)  # as printed
     assert finished.returncode == 0, finished.stderr.decode()[-2000:]
     assert "resuming from step 3 of 4" in finished.stdout.decode()
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -434,6 +437,7 @@ def test_resume_refuses_other_settings(corpus, tmp_path: Path) -> None:
     ("flags", "message"),
     [
         (["--mesh", "data=2"], "--mesh data=2,fsdp=1 has 2 devices, but the run has 8"),
+        (["--mesh", "data=2"], "(XLA_FLAGS='--xla_force_host_platform_device_count=8"),
         (["--mesh", "data=2,tp=4"], "--mesh data=2,tp=4: expected AXIS=SIZE pairs"),
         (["--mesh", "fsdp=8", "--batch-size", "12"], "--batch-size 12 does not split over"),
         (["--data", "/no/such/corpus"], "--data /no/such/corpus: no such file or folder"),
@@ -463,6 +467,55 @@ def test_bad_flags_are_one_line(flags, message, text: Path, tmp_path: Path, caps
     error = capsys.readouterr().err.splitlines()
     assert error[0].startswith("python -m examples.lm: error: ")
     assert message in error[0]
+
+
+@pytest.mark.parametrize("workdir", ["FILE", "FILE/run"])
+def test_a_bad_workdir_is_refused_before_set_up(workdir, tmp_path: Path, capsys, monkeypatch):
+    """A file, or a folder that cannot be made: one line and exit status 2, as for a bad flag,
+    before the corpus is read."""
+    file = tmp_path / "file"
+    file.write_text("")
+    monkeypatch.setattr(data, "load", lambda path: pytest.fail("the set-up began"))
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["--workdir", workdir.replace("FILE", str(file))])
+    assert stopped.value.code == 2
+    error = capsys.readouterr().err.splitlines()[0]
+    assert error in (
+        f"python -m examples.lm: error: --workdir {file} is a file, not a folder",
+        f"python -m examples.lm: error: --workdir {file}/run: cannot make the folder ({file} is "
+        "a file)",
+    )
+
+
+def test_the_launcher_refuses_a_bad_option_once_and_prints_no_resume_command(
+    tmp_path: Path,
+) -> None:
+    """A bad option or workdir is refused before any process starts; a mesh that the device
+    count that XLA_FLAGS fixes does not fit, once the processes have started, is said by the
+    first."""
+    file = tmp_path / "file"
+    file.write_text("")
+    launcher = [sys.executable, "-m", "examples.lm.launch", "--num-processes", "2"]
+    for flags, environment in [
+        (["--mesh", "data=2,fsdp=4", "--workdir", str(file)], {}),
+        (["--optimizer", "adamq", "--workdir", str(tmp_path / "run")], {}),
+        (
+            ["--mesh", "data=2,fsdp=4", "--workdir", str(tmp_path / "run")],
+            {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"},
+        ),
+    ]:
+        ended = subprocess.run(
+            [*launcher, *flags],
+            cwd=REPO_ROOT,
+            env={**os.environ, **environment},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert ended.returncode == 2, ended.stderr
+        assert ended.stderr.count("error: ") == 1, ended.stderr
+        assert "resume" not in ended.stderr.lower(), ended.stderr
+    assert "(XLA_FLAGS='--xla_force_host_platform_device_count=8' fixes" in ended.stderr
 
 
 @pytest.mark.parametrize(
@@ -617,10 +670,61 @@ def test_an_interrupted_run_draws_its_curves_and_names_the_resume_command(
     assert stopped.value.code == 128 + signal.SIGTERM
     stop, resume = capsys.readouterr().err.splitlines()
     assert stop.startswith("python -m examples.lm: stopped by SIGTERM after step 3 (of 6)")
-    assert resume.startswith("Resume with: python -m examples.lm --data")
+    assert resume.startswith(f"Resume with: {launch.interpreter()} -m examples.lm --data")
     assert resume.endswith("--workdir " + str(tmp_path) + " --resume")  # not --restart
     assert (tmp_path / "curves.png").stat().st_size > 0
     assert checkpoint_steps(tmp_path) == [3]
+
+
+def test_the_progress_bar_moves_every_step(text: Path, monkeypatch) -> None:
+    """Between records (here only at the last step) the bar counts the steps, one by one."""
+    from rich.progress import Progress
+
+    from examples.mnist import console
+
+    counts: list[int] = []
+
+    class Bar(Progress):
+        def update(self, task_id, **fields) -> None:  # type: ignore[override]
+            if "completed" in fields:
+                counts.append(fields["completed"])
+            super().update(task_id, **fields)
+
+    monkeypatch.setattr(console, "progress_bar", lambda enabled, where: Bar(console=where))
+    main.main(["--data", str(text), *TINY_FLAGS, "--eval-every", "6"])
+    assert counts[:6] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_stopped_run_without_workdir_prints_no_resume_command(
+    text: Path, capsys, monkeypatch
+) -> None:
+    step = train.Trainer.step
+
+    def signalled(self: train.Trainer, windows: np.ndarray) -> None:
+        step(self, windows)
+        signal.raise_signal(signal.SIGTERM)
+
+    monkeypatch.setattr(train.Trainer, "step", signalled)
+    with pytest.raises(SystemExit) as stopped:
+        main.main(["--data", str(text), *TINY_FLAGS])
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.splitlines() == [
+        "python -m examples.lm: stopped by SIGTERM after step 1 (of 6); there is no checkpoint",
+        "Without --workdir there is no checkpoint to resume from; add --workdir DIR to keep them",
+    ]
+
+
+def test_printed_commands_name_this_python_as_it_runs(monkeypatch) -> None:
+    """``python`` where that is this interpreter on PATH, else a path that runs as printed."""
+    monkeypatch.setenv("PATH", "")
+    alone = launch.interpreter()
+    assert alone != "python"
+    ran = subprocess.run([alone, "-c", "import jax, sys; print(sys.executable)"], text=True,
+                         capture_output=True, timeout=60)  # fmt: skip
+    assert ran.returncode == 0 and ran.stdout.strip() == sys.executable, ran.stderr
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable))
+    if os.path.basename(sys.executable) == "python":
+        assert launch.interpreter() == "python"
 
 
 def test_checkpoints_every_n_steps_whatever_eval_every(corpus, tmp_path: Path, monkeypatch):
@@ -666,21 +770,49 @@ def test_sigterm_stops_after_the_step_in_flight(corpus, tmp_path: Path) -> None:
     assert checkpoint_steps(tmp_path) == [stop.value.step]
 
 
-@pytest.mark.parametrize("program", ["lm", "mnist"])
-def test_help_gives_each_default_once(program: str) -> None:
+def parser_of(program: Callable[[], object]) -> argparse.ArgumentParser:
+    """The parser that ``program()`` builds, stopped where it would parse."""
+
+    class Built(Exception):
+        pass
+
+    def built(self: argparse.ArgumentParser, *args, **kwargs) -> NoReturn:
+        raise Built(self)
+
+    with pytest.MonkeyPatch.context() as patch, pytest.raises(Built) as stopped:
+        patch.setattr(argparse.ArgumentParser, "parse_known_args", built)
+        program()
+    return stopped.value.args[0]
+
+
+@pytest.mark.parametrize("program", ["lm", "lm.launch", "mnist", "mnist.launch", "mnist_minimal"])
+def test_help_explains_each_option_and_gives_each_default_once(program: str) -> None:
+    from examples import mnist_minimal
     from examples.mnist import main as mnist_main
 
-    parser = main.parser() if program == "lm" else mnist_main.parser()
+    parser = parser_of(
+        {
+            "lm": main.main,
+            "lm.launch": lambda: launch.main([], program="examples.lm"),
+            "mnist": mnist_main.main,
+            "mnist.launch": lambda: launch.main([], program="examples.mnist"),
+            "mnist_minimal": mnist_minimal.main,
+        }[program]
+    )
+    assert parser.prog == f"python -m examples.{program}"
     text = parser.format_help()
     # The help of each option: its line (two spaces, then its flags) and the lines under it.
     entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", text)[1:]]
     for entry in entries:
         assert entry.count("(default") + entry.count("(None") <= 1, entry
     for action in parser._actions:
+        assert action.help, action.option_strings
         if action.option_strings and action.nargs != 0 and action.default not in (None, []):
             (entry,) = [e for e in entries if e.startswith(action.option_strings[0] + " ")]
             assert "(default" in entry, entry
     assert "(default: None)" not in text and "(default: False)" not in text
+    if program == "mnist":
+        assert "--train-limit N train on the first N images (None: all of them)" in entries
 
 
 @pytest.mark.parametrize("dies", [0, 1])
@@ -710,3 +842,83 @@ def test_a_dead_process_is_named_and_the_others_end_within_15_s(
         # first dies, is ended by JAX at once, having lost the coordination service)
         assert "worker: process 0: another process stopped answering (a collective failed: " in err
         assert "Resume with: RESUME COMMAND" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dies", [0, 1])
+def test_a_process_killed_on_the_documented_mesh_leaves_one_line_for_the_survivor(
+    dies: int, text: Path, tmp_path: Path, capfd, monkeypatch
+) -> None:
+    """The launcher's run on ``--mesh data=2,fsdp=4`` (4 host devices a process), one process
+    killed with ``kill -9`` after its step 2 (process 0 holds the coordination service). JAX's
+    distributed runtime ends the survivor with C++ log lines and a stack trace; the output
+    instead names the dead process, the survivor and the resume command in one line each,
+    within 15 s, and holds no piece of gloo's connection lines."""
+    monkeypatch.setenv("PYTHONPATH", str(REPO_ROOT))
+    monkeypatch.delenv("XLA_FLAGS")  # each process asks for the 4 devices it brings
+    record = tmp_path / "killed_at"
+    flags = ["--mesh", "data=2,fsdp=4", "--data", str(text), "--steps", "1000", "--batch-size",
+             "8", "--eval-every", "1000", "--layers", "1", "--d-model", "32", "--heads", "2",
+             "--seq-len", "16"]  # fmt: skip
+    signalled = [sys.executable, str(REPO_ROOT / "tests" / "lm" / "signalled_process.py"),
+                 str(dies), "2", "SIGKILL", str(record)]  # fmt: skip
+    processes = launch.commands(2, flags, launch.free_port(), "examples.lm")
+    processes = [[*signalled, *command[3:]] for command in processes]  # less python -m PROGRAM
+    assert launch.run(processes, grace_seconds=10, resume="RESUME", prog="launch") == 137
+    assert time.monotonic() - float(record.read_text()) < 15
+    out, err = capfd.readouterr()
+    lines = err.splitlines()
+    assert len(lines) == 3, err
+    assert lines[0].startswith(f"launch: process {dies} of 2 ended (killed by SIGKILL (exit ")
+    survivor = 1 - dies
+    assert lines[1] == (
+        f"launch: process {survivor} of 2 stopped: JAX's distributed runtime reported process "
+        f"{dies} gone (its C++ log left out)"
+    ) or lines[1].startswith(  # where the survivor's collective fails first, it says so itself
+        f"python -m examples.lm: process {survivor}: another process stopped answering"
+    ), err
+    assert lines[2] == "launch: resume with: RESUME"
+    assert "[Gloo]" not in out and "peer ranks" not in out, out
+
+
+def test_gloos_interleaved_connection_lines_are_recognized() -> None:
+    """Pieces of gloo's lines, as device threads writing at once leave them, and nothing
+    else."""
+    for line in [
+        b"[Gloo] Rank 0 is connected to 1 peer ranks. Expected number of connected peer "
+        b"ranks is : 1\n",
+        b"[Gloo] Rank [Gloo] Rank 1 is connected to 3 peer ranks. \n",
+        b"1 is connected to 1 peer ranks. Expected number of connected peer ranks is : 1\n",
+        b" peer ranks. Expected number of connected peer ranks is : 7\n",
+    ]:
+        assert distributed.GLOO_PIECES.fullmatch(line), line
+    for line in [b"step 10/100\n", b"[Gloo] Rank 0 failed: Connection reset by peer\n"]:
+        assert not distributed.GLOO_PIECES.fullmatch(line), line
+
+
+def test_the_launcher_names_a_survivor_that_jaxs_runtime_aborts(capfd) -> None:
+    """A process that dies, and one that JAX's distributed runtime then aborts with its C++
+    report (logged errors, a stack trace, SIGABRT): the report is one line naming both; the
+    report of a runtime error that no other process's death explains is kept."""
+    report = (
+        "import os, sys, time; time.sleep(0.5); sys.stderr.write('before\\n'); sys.stderr.write("
+        "'E1127 18:54:40.516486    4139 coordination_service_agent.cc:289] Polled an error\\n"
+        "F1127 18:54:40.516751    4139 client.h:80] Terminating process\\n"
+        "*** Check failure stack trace: ***\\n    @     0x7f348f020634  absl::SendToLog()\\n'); "
+        "sys.stderr.flush(); os.abort()"
+    )
+    dies = [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"]
+    aborted = [sys.executable, "-c", report]
+    assert launch.run([aborted, dies], grace_seconds=10, resume="RESUME", prog="launch") == 137
+    lines = capfd.readouterr().err.splitlines()
+    assert lines.count("before") == 1  # what came before the runtime's error, as it came
+    ended, *rest = [line for line in lines if line != "before"]
+    assert ended.startswith("launch: process 1 of 2 ended (killed by SIGKILL (exit status 137))")
+    assert rest == [
+        "launch: process 0 of 2 stopped: JAX's distributed runtime reported process 1 gone "
+        "(its C++ log left out)",
+        "launch: resume with: RESUME",
+    ]
+    assert launch.run([aborted], grace_seconds=10, prog="launch") == 128 + signal.SIGABRT
+    err = capfd.readouterr().err
+    assert "Terminating process" in err and "Check failure stack trace" in err

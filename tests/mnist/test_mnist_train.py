@@ -27,7 +27,7 @@ from mnist_helpers import (
     synthetic_dataset,
 )
 
-from examples.common import metrics
+from examples.common import launch, metrics
 from examples.common.checkpoints import SettingsMismatch
 from examples.mnist import compare, data, main, models, optimizers, train
 from examples.mnist.config import Config
@@ -668,7 +668,7 @@ def test_cli_arguments() -> None:
     assert (config.checkpoint_every, config.keep_checkpoints, config.log_every) == (50, 2, 5)
     assert config.skip_nonfinite and config.max_consecutive_skips == 4
     assert main.resume_command(["--epochs", "3", "--workdir", "runs/my run"]) == (
-        "python -m examples.mnist --epochs 3 --workdir 'runs/my run' --resume"
+        f"{launch.interpreter()} -m examples.mnist --epochs 3 --workdir 'runs/my run' --resume"
     )
 
 
@@ -772,6 +772,22 @@ def test_cli_reports_bad_values_in_two_lines(
     assert first.startswith("python -m examples.mnist: error: ")
     assert message in first
     assert second == "See 'python -m examples.mnist --help' for the options."
+
+
+def test_cli_refuses_a_bad_workdir_before_the_data(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A file, or a folder under one: two lines and exit status 2, as a bad value."""
+    file = tmp_path / "file"
+    file.write_text("")
+    monkeypatch.setattr(data, "load", lambda *args: pytest.fail("the data was read"))
+    for workdir, message in [(file, "is a file, not a folder"), (file / "run", "cannot make")]:
+        with pytest.raises(SystemExit) as exit_info:
+            main.main(["--workdir", str(workdir)])
+        assert exit_info.value.code == 2
+        first, _ = capsys.readouterr().err.splitlines()
+        assert first.startswith(f"python -m examples.mnist: error: --workdir {workdir}")
+        assert message in first
 
 
 def test_cli_names_a_data_dir_that_does_not_exist(

@@ -19,6 +19,7 @@ from flax import nnx
 from jax.sharding import AxisType
 from mnist_helpers import Tiny, records_without_timing, state_arrays, synthetic_dataset
 
+from examples.common import launch
 from examples.common.errors import DeviceError
 from examples.mnist import main, models, parallel, scaling, train
 from examples.mnist.config import Config
@@ -261,7 +262,8 @@ def test_cli_run_as_one_of_several_processes_must_be_started_as_such(
 def test_resume_command_of_several_processes_starts_them_all() -> None:
     argv = ["--num-processes", "2", "--process-id", "1", "--coordinator=127.0.0.1:5", "--devices"]
     assert main.resume_command([*argv, "8", "--epochs", "3"], num_processes=2) == (
-        "python -m examples.mnist.launch --num-processes 2 --devices 8 --epochs 3 --resume"
+        f"{launch.interpreter()} -m examples.mnist.launch --num-processes 2 --devices 8 "
+        "--epochs 3 --resume"
     )
 
 
