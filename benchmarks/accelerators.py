@@ -12,7 +12,7 @@ kernels; fusions, solver calls, loops and copies do not depend on that.
 The plugins are kept out of the project's environment (installed, they make every jax
 program try a CUDA and a TPU backend at start-up and log that they failed): ``bash
 .ci/install_accelerators`` installs them into ``.accelerators/`` for the installed jaxlib,
-and :func:`enable` puts that folder on ``sys.path`` before jax starts a backend. So the
+and :func:`enable` puts that folder on ``sys.path`` before jax is imported. So the
 command runs in a process of its own::
 
     python -m benchmarks.accelerators                       # every program, small tree, H100
@@ -74,8 +74,9 @@ def available() -> bool:
 def enable() -> None:
     """Makes the CUDA plugin and libtpu importable and keeps jax's own backend the CPU's.
 
-    Call it before jax starts a backend (before the first array or ``jax.devices()``): the
-    plugins register when the backends start.
+    Call it before jax is imported: jaxlib registers the CUDA plugin's library kernels
+    (cuSOLVER's ``syevd``, ``potrf``) as it is imported, and the plugins' backends when the
+    backends start. So this module and its callers import jax inside their functions.
 
     Raises:
       RuntimeError: where the plugins are not installed (the message says how to).

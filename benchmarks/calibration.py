@@ -5,10 +5,12 @@ card (deviceless), predicted, and set beside the measured median.
     python -m benchmarks.calibration                  # the table (Markdown), docs/speed.md's
     python -m benchmarks.calibration --fit            # also fit the model's constants
 
-A row whose program this module cannot build again (a whole train step, SOAP's trees, the
-reference kernels of ``steps``, the Pallas kernel, the offload section's 98M transformer) is
-listed with the reason. The programs are compiled with the installed jax (0.10.2 here); the
-rows were measured with jax 0.11.2 on the lent machines, whose programs may differ a little.
+A row whose program this module cannot build again (a whole train step, SOAP's settings other
+than its plain cycle, the reference kernels of ``steps``, the Pallas kernel, the offload
+section's 98M transformer) is listed with the reason. The programs are compiled with the
+installed jax (0.10.2 here); the rows were measured with jax 0.11.2 on the lent machines, whose
+programs may differ a little. jax is imported inside the functions: after
+:func:`benchmarks.accelerators.enable`, which must come first.
 """
 
 from __future__ import annotations

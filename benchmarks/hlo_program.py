@@ -262,7 +262,7 @@ class Kernel:
         return len(self.trips)
 
 
-def _fused_traffic(fused: list[Instruction], call: Instruction, module: Module) -> float:
+def _fused_traffic(fused: list[Instruction]) -> float:
     """Bytes a fusion reads and writes: each parameter whole unless only sliced (then the
     slices) or only updated in place (then nothing), and its result unless written by an
     in-place update (then the updates)."""
@@ -316,7 +316,7 @@ def _kernel(
         fused = module.computations.get(called[0], []) if called else []
         fused_shapes = {i.name: i for i in fused}
         flops = sum(dot_flops(i, fused_shapes) for i in fused if i.opcode in ("dot", "convolution"))
-        traffic = _fused_traffic(fused, instruction, module)
+        traffic = _fused_traffic(fused)
     else:
         if instruction.opcode == "custom-call":
             target = _TARGET.search(instruction.attributes)

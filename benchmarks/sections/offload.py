@@ -32,7 +32,6 @@ same step whole on one leaf of GPT-2's embedding shape, in the same rounds.
 from __future__ import annotations
 
 import functools
-import re
 import statistics
 from collections.abc import Callable
 from typing import Any
@@ -44,6 +43,7 @@ import optax
 
 import adam_jax
 from benchmarks.harness import LR, Row, Runner, Settings, adam_step, copy_tree, interleaved
+from benchmarks.hlo_program import aliased_buffers
 from benchmarks.models import transformer_loss, transformer_params
 from benchmarks.sections.train_step import tree_train_step
 
@@ -52,7 +52,6 @@ REPEATS = 20
 SLICE_ELEMENTS = 1 << 20
 HEADS = 4
 HOST = "pinned_host"
-_ALIAS = re.compile(r"\{(\d*)\}: \(\d+, \{\d*\}")
 
 #: name -> optimizer, each run on the device and offloaded.
 SETTINGS: dict[str, Callable[[], optax.GradientTransformation]] = {
@@ -113,9 +112,7 @@ def device_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
         for info, sharding, device in zip(args, in_shardings, in_device, strict=True)
         if device
     )
-    # The module's header line: input_output_alias={ {output}: (argument, {}, may-alias), ...}
-    header = compiled.as_text().split("\n", 1)[0]
-    aliased = {int(out or 0) for out in _ALIAS.findall(header)}
+    aliased = {output for output, _ in aliased_buffers(compiled.as_text())}
     outputs = sum(
         _nbytes(out.shape, out.dtype, out.sharding)
         for i, out in enumerate(outs)
