@@ -35,6 +35,7 @@ Example:
 from adam_jax._src.aliases import adam_chain
 from adam_jax._src.branching import branch, switch
 from adam_jax._src.chains import ascent, descend
+from adam_jax._src.elementwise import is_elementwise
 from adam_jax._src.hyperparams import (
     Hyperparam,
     at_least,
@@ -53,6 +54,7 @@ from adam_jax._src.hyperparams import (
     nu_dtype,
     partial,
 )
+from adam_jax._src.leaf_schedule import LeafSchedule, LeafStep, WholeLeaves
 from adam_jax._src.moments import AdamLikeRule, adam_moments, nesterov_mu_hat
 from adam_jax._src.moving_average import (
     StepScalars,
@@ -69,7 +71,7 @@ from adam_jax._src.orthonormalization import (
     orthonormal,
 )
 from adam_jax._src.rounding import raw_key
-from adam_jax._src.row_slices import in_row_slices, is_elementwise
+from adam_jax._src.row_slices import in_row_slices
 from adam_jax._src.rule import (
     Leaf,
     Moment,
@@ -112,6 +114,8 @@ __all__ = [
     "CastStorage",
     "Hyperparam",
     "Leaf",
+    "LeafSchedule",
+    "LeafStep",
     "Mask",
     "Moment",
     "MomentRule",
@@ -120,6 +124,7 @@ __all__ = [
     "PerLeafStorage",
     "SegmentedStorage",
     "StepScalars",
+    "WholeLeaves",
     "abs_sq",
     "adam_chain",
     "adam_moments",

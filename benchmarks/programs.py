@@ -37,6 +37,7 @@ class Setting:
     layout: str = "tree"  # "tree", "flat" (FlatParams), "zero1" (2 devices)
     in_slices: bool = False  # step_in_slices, at the tree's slice size
     offload: bool = False  # offload_state, the state in host memory
+    leaf_by_leaf: bool = True  # offload_state's option
 
 
 #: Options a registry optimizer needs on these trees (their attention kernels merge the heads).
@@ -104,7 +105,7 @@ def step_args(
     if setting.in_slices:
         tx = adam_jax.step_in_slices(tx, SLICE_ELEMENTS[tree])
     if setting.offload:
-        tx = adam_jax.offload_state(tx)
+        tx = adam_jax.offload_state(tx, leaf_by_leaf=setting.leaf_by_leaf)
     params = TREES[tree]()
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setting.param_dtype), params)
     if setting.layout == "flat":
@@ -122,6 +123,32 @@ def step_args(
     state = jax.eval_shape(tx.init, params)
     state_home = device.with_memory_kind(HOST) if setting.offload else device
     return adam_step(tx), (params, params, accelerators.placed(state, state_home)), None
+
+
+def largest_leaf_state_bytes(setting: Setting, tree: str) -> int:
+    """The bytes of the largest param's share of ``setting``'s optimizer state on ``tree``
+    (each array of a part of the state laid out like the params: moments, codes, scales)."""
+    params = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, setting.param_dtype), TREES[tree]()
+    )
+    treedef = jax.tree.structure(params)
+
+    def like_params(node: Any) -> bool:
+        try:
+            treedef.flatten_up_to(node)
+        except (ValueError, TypeError):
+            return False
+        return True
+
+    shares = np.zeros(treedef.num_leaves, np.int64)
+    state = jax.eval_shape(setting.make().init, params)
+    for part in jax.tree.leaves(state, is_leaf=like_params):
+        if like_params(part):
+            shares += [
+                sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(leaf))
+                for leaf in treedef.flatten_up_to(part)
+            ]
+    return int(shares.max())
 
 
 def report(name: str, tree: str, target: accelerators.Target) -> dict[str, Any]:

@@ -8,6 +8,7 @@ transformation by :func:`adam_jax.rules.scale_by_rule`; their states are optax's
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -18,7 +19,9 @@ from adam_jax._src import hyperparams, validation
 from adam_jax._src.bias_correction import scale_by_bias_correction
 from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
 from adam_jax._src.numerics import abs_sq, cast_scalar, divide, real_dtype
+from adam_jax._src.quantization import fused
 from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
+from adam_jax._src.storage import MomentStorage
 
 ScaleByAdamState = optax.ScaleByAdamState
 ScaleByAmsgradState = optax.ScaleByAmsgradState
@@ -92,6 +95,33 @@ class AdamRule(AdamLikeRule):
             self.eps, rdtype
         )
         return divide(self.eps)(nesterov_mu_hat(mu, g, d, self), denominator), new
+
+    def step_leaf(
+        self,
+        arithmetic: Callable[[list[Any]], tuple[jax.Array, list[Any]]],
+        stored: list[Any],
+        storages: list[MomentStorage],
+        grad: jax.Array,
+        scalars_for: Callable[[Any], Any],
+    ) -> tuple[jax.Array, list[Any]]:
+        """A leaf whose two moments ask for the fused 8-bit kernel
+        (``BlockwiseQuantized(kernel=...)``) is stepped by it where it can run; every other
+        leaf by the core's ``arithmetic``."""
+
+        def update(g: jax.Array, moments: dict[str, jax.Array], scalars: Any) -> Any:
+            return self.update(g, moments, scalars, Leaf(param=None, decay=0.0))
+
+        return fused.leaf_step(
+            arithmetic, update, self._why_no_kernel(), storages, scalars_for, stored, grad
+        )
+
+    def _why_no_kernel(self) -> str:
+        """Why the fused kernel cannot run this rule's arithmetic, or ``""``."""
+        if type(self) is not AdamRule or self.amsgrad:
+            return f"the rule is {type(self).__name__}, not Adam's (without AMSGrad)"
+        if not (fused.static_number(self.eps) and fused.static_number(self.eps_root)):
+            return "eps and eps_root are not Python numbers"
+        return ""
 
 
 def nesterov_mu_hat(mu: jax.Array, g: jax.Array, d: StepScalars, rule: Any) -> jax.Array:

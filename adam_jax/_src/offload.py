@@ -9,15 +9,16 @@ it back, inside the same compiled program.
 Leaf by leaf: XLA places the copies between memories where its scheduler likes, and on a GPU it
 brings every leaf's state over before the first leaf is stepped, so that the device holds the
 whole state at once. The core (:func:`adam_jax.rules.scale_by_rule`, the rules of the registry)
-moves its own moments in turn instead (:func:`update_in_turn`): a leaf's host state goes through
-``jax.lax.optimization_barrier`` with the host copy of the last new state before it is copied
-over, so no copy to the device starts before the previous one is back in host memory. Within a
-leaf, a moment computed from its own old value alone (Adam's ``mu``) comes over and goes back
-before the next: the device holds a moment's old and new arrays and the new ones before it, 1.5x
-the leaf's state for Adam, not 2x. While :func:`offload_state` traces its inner update, a
-:class:`_Transfers` in a context variable maps each array it copied to the device to its host
-original, and each new array the core copied back to that copy. The core returns its new moments
-typed as device arrays, so that whatever combines them with the old state
+moves its own moments in turn instead: :func:`offload_state` hands the rules inside it a leaf
+schedule (:class:`_Offload`, through optax's extra argument ``leaf_schedule``), which brings a
+leaf's host state over only once the previous leaf's new state is back in host memory and its
+update computed (``jax.lax.optimization_barrier`` joins them), so that whatever order XLA picks
+the device holds one leaf's state at a time. Within a leaf, a moment computed from its own old
+value alone (Adam's ``mu``) comes over and goes back before the next: the device holds a
+moment's old and new arrays and the new ones before it, 1.5x the leaf's state for Adam, not 2x.
+The schedule keeps, for the one update it serves, each array it copied to the device with its
+host original, and each new array the core copied back with that copy. The core returns its new
+moments typed as device arrays, so that whatever combines them with the old state
 (``optax.apply_if_finite``'s ``lax.cond``) sees one memory, and :func:`offload_state` takes the
 host copy already made instead of copying again. The copies it made of the state up front and
 that nothing read are dropped by JAX.
@@ -25,10 +26,8 @@ that nothing read are dropped by JAX.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -36,22 +35,19 @@ import optax
 from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, Literal, jaxpr_as_fun
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
 
+from adam_jax._src.leaf_schedule import LeafSchedule, LeafStep, WholeLeaves
+
 HOST = "pinned_host"
 
 
 @dataclasses.dataclass
 class _Transfers:
-    """What :func:`offload_state`'s update and the core tell each other while it traces: by
+    """What :func:`offload_state`'s update and its schedule record while one update traces: by
     ``id`` of a device array (kept, so that its id is not reused meanwhile), the host array it
-    was copied from (``originals``) or the host copy the core made of it (``copies``)."""
+    was copied from (``originals``) or the host copy the schedule made of it (``copies``)."""
 
     originals: dict[int, tuple[Any, Any]]
     copies: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
-
-
-_TRANSFERS: contextvars.ContextVar[_Transfers | None] = contextvars.ContextVar(
-    "transfers", default=None
-)
 
 
 def _in_space(leaf: Any, space: Any) -> bool:
@@ -116,15 +112,6 @@ def on_device(x: jax.Array) -> jax.Array:
     return _place(x, jax.memory.Space.Device)
 
 
-@contextlib.contextmanager
-def _tracing(transfers: _Transfers) -> Iterator[None]:
-    token = _TRANSFERS.set(transfers)
-    try:
-        yield
-    finally:
-        _TRANSFERS.reset(token)
-
-
 def _moment_sources(
     jaxpr: Any, inputs: list[list[Any]], outputs: list[list[Any]]
 ) -> list[set[int]]:
@@ -174,26 +161,17 @@ def _evaluate(eqns: list[Any], env: dict[Any, Any], debug_info: Any) -> None:
     env.update(zip(defined, values, strict=True))
 
 
-def brought_from_host(stored: Any) -> bool:
-    """Whether :func:`offload_state` is tracing and copied every array of ``stored`` from host
-    memory (its new form then goes back there)."""
-    transfers = _TRANSFERS.get()
-    arrays = jax.tree.leaves(stored)
-    return (
-        transfers is not None and bool(arrays) and all(id(x) in transfers.originals for x in arrays)
-    )
-
-
-def update_in_turn(
+def _update_in_turn(
     step: Callable[[list[Any]], tuple[jax.Array, list[Any]]],
     stored: list[Any],
     previous: Any,
+    transfers: _Transfers,
     *,
     in_parts: bool = True,
-) -> tuple[jax.Array, list[Any], Any] | None:
+) -> tuple[jax.Array, list[Any], Any]:
     """One leaf's ``step`` (its stored moments -> its update and new stored moments), its
-    moments brought from host memory one at a time; ``None`` unless :func:`offload_state` is
-    tracing and copied every array of ``stored`` from host memory.
+    moments brought from host memory one at a time (every array of ``stored`` is a device copy
+    that ``transfers`` knows).
 
     A moment whose new value is computed from its own old value alone (Adam's ``mu`` and
     ``nu``) comes over by itself, is stepped and goes back; the next comes over only once it
@@ -211,9 +189,6 @@ def update_in_turn(
     Returns ``(update, new stored moments on the device, host copy of the last part's new
     moments)``; :func:`offload_state` returns the host copies in place of the new moments.
     """
-    transfers = _TRANSFERS.get()
-    if transfers is None or not brought_from_host(stored):
-        return None
     host = [[transfers.originals[id(x)][1] for x in jax.tree.leaves(tree)] for tree in stored]
     closed, shapes = jax.make_jaxpr(step, return_shape=True)(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stored)
@@ -269,6 +244,48 @@ def update_in_turn(
         for new, group in zip(shapes[1], outputs, strict=True)
     ]
     return update, new_stored, previous
+
+
+@dataclasses.dataclass(frozen=True)
+class _Offload(LeafSchedule):
+    """The leaf schedule of :func:`offload_state`: a leaf whose stored arrays are all copies of
+    the state's host arrays is stepped by :func:`_update_in_turn`, after the previous such leaf
+    (the carry: its host copies and its update); ``inner`` runs the step."""
+
+    transfers: _Transfers
+    inner: LeafSchedule = dataclasses.field(default_factory=WholeLeaves)
+
+    def brings_from_host(self, leaf: LeafStep) -> bool:
+        arrays = jax.tree.leaves(leaf.stored)
+        return bool(arrays) and all(id(x) in self.transfers.originals for x in arrays)
+
+    def around(self, schedule: LeafSchedule) -> LeafSchedule:
+        return _Offload(self.transfers, self.inner.around(schedule))
+
+    def step(self, leaf: LeafStep, carry: Any) -> tuple[jax.Array, list[Any], Any]:
+        previous, inner_carry = (None, None) if carry is None else carry
+        if not self.brings_from_host(leaf):
+            update, new, inner_carry = self.inner.step(leaf, inner_carry)
+            return update, new, (previous, inner_carry)
+        # Moments in their own dtype and shape come over one at a time. Decoded or reduced
+        # ones come over together: apart, a decoded one keeps its new moments in the compute
+        # dtype on the device until the update, and on an H200 apart cost more device bytes
+        # for Adam-mini (12.6 against 8.5 B/param on the transformer-like tree).
+        in_parts = not leaf.decodes and not leaf.reduces
+        sent_back: list[Any] = []
+
+        def in_turn(stored: list[Any], *, grad: jax.Array, param: Any, wait_for: Any) -> Any:
+            def run(trees: list[Any]) -> tuple[jax.Array, list[Any]]:
+                return leaf.run(trees, grad=grad, param=param, wait_for=wait_for)
+
+            update, new, host_copies = _update_in_turn(
+                run, stored, previous, self.transfers, in_parts=in_parts
+            )
+            sent_back.append(host_copies)
+            return update, new
+
+        update, new, inner_carry = self.inner.step(leaf.with_run(in_turn), inner_carry)
+        return update, new, ((sent_back[0], update), inner_carry)
 
 
 def check_host_memory(what: str) -> None:
@@ -341,15 +358,24 @@ def offload_state(
         return _to_host(inner.init(params), params)
 
     def update_fn(
-        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
+        updates: optax.Updates,
+        state: Any,
+        params: optax.Params | None = None,
+        *,
+        leaf_schedule: LeafSchedule | None = None,
+        **extra: Any,
     ) -> tuple[optax.Updates, Any]:
         on_device = _place(state, jax.memory.Space.Device)
         pairs = zip(jax.tree.leaves(on_device), jax.tree.leaves(state), strict=True)
         transfers = _Transfers({id(moved): (moved, x) for moved, x in pairs if moved is not x})
-        with _tracing(transfers) if leaf_by_leaf else contextlib.nullcontext():
-            updates, new_state = optax.with_extra_args_support(inner).update(
-                updates, on_device, params, **extra
-            )
+        if leaf_by_leaf:
+            offload = _Offload(transfers)
+            leaf_schedule = offload if leaf_schedule is None else leaf_schedule.around(offload)
+        if leaf_schedule is not None:
+            extra["leaf_schedule"] = leaf_schedule
+        updates, new_state = optax.with_extra_args_support(inner).update(
+            updates, on_device, params, **extra
+        )
 
         def back(x: Any) -> Any:
             copied = transfers.copies.get(id(x))

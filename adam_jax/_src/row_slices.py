@@ -7,14 +7,14 @@ over slices of its first axis instead: each pass reads a slice of the gradient, 
 every stored array, steps it, and writes the update and the new stored arrays into the whole
 ones in place, so the step's temporaries are one slice's. The values are those of the whole
 leaf bit for bit where the step is the same function of each element's own values
-(:func:`is_elementwise`) and each stored form keeps whole rows apart
+(:func:`adam_jax.rules.is_elementwise`) and each stored form keeps whole rows apart
 (:attr:`adam_jax.MomentStorage.row_slices`). :func:`step_in_slices` turns it on for the
-core's rules inside any optimizer.
+core's rules inside any optimizer, by handing them the leaf schedule :class:`InRowSlices`.
 """
 
 from __future__ import annotations
 
-import contextvars
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -24,73 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from adam_jax._src.leaf_schedule import LeafRun, LeafSchedule, LeafStep, WholeLeaves
 from adam_jax._src.sequencing import after, scales_of
 from adam_jax._src.validation import check_integer
-
-#: The most elements of a leaf the core steps at once, while :func:`step_in_slices` traces.
-_MOST_AT_ONCE: contextvars.ContextVar[int | None] = contextvars.ContextVar(
-    "most_at_once", default=None
-)
-
-#: Primitives whose every output element is a function of the same element of each input, and
-#: whose result is the same however XLA lays out the loop that computes it: correctly rounded
-#: arithmetic, comparisons, selections and casts. Transcendental functions (exp, log, tanh,
-#: atan2, pow...) are left out: XLA:CPU approximates them with vector code whose remainder
-#: lanes may round otherwise, so a leaf cut into slices would not keep the whole leaf's values
-#: bit for bit (adam_atan2's updates differed by one ulp on 5% of a 64 x 64 kernel's entries).
-ELEMENTWISE = frozenset(
-    {
-        "abs", "add", "and", "ceil", "clamp", "convert_element_type", "copy", "copy_p", "div",
-        "eq", "floor", "ge", "gt", "imag", "integer_pow", "is_finite", "le", "lt", "max", "min",
-        "mul", "ne", "neg", "nextafter", "not", "or", "real", "reduce_precision", "rem",
-        "round", "select_n", "sign", "sqrt", "square", "sub", "xor",
-    }
-)  # fmt: skip
-
-
-def _sub_jaxprs(eqn: Any) -> list[Any]:
-    """The jaxprs an equation calls (``pjit``'s, a custom derivative's function)."""
-    found = []
-    for value in eqn.params.values():
-        jaxpr = getattr(value, "jaxpr", value)
-        if hasattr(jaxpr, "eqns"):
-            found.append(jaxpr)
-    return found
-
-
-def _elementwise_jaxpr(jaxpr: Any, shape: tuple[int, ...]) -> bool:
-    """Whether every equation of ``jaxpr`` maps arrays of ``shape`` (and scalars) element by
-    element; a scalar broadcast to ``shape`` is one."""
-    for eqn in jaxpr.eqns:
-        shapes = [tuple(getattr(v.aval, "shape", ())) for v in (*eqn.invars, *eqn.outvars)]
-        if any(s not in ((), shape) for s in shapes):
-            return False
-        name = eqn.primitive.name
-        if name == "broadcast_in_dim":
-            if tuple(getattr(eqn.invars[0].aval, "shape", ())) != ():
-                return False
-        elif name not in ELEMENTWISE:
-            subs = _sub_jaxprs(eqn)
-            if not subs or not all(_elementwise_jaxpr(sub, shape) for sub in subs):
-                return False
-    return True
-
-
-def is_elementwise(fn: Callable[..., Any], shape: tuple[int, ...], *args: Any) -> bool:
-    """Whether ``fn(*args)`` (arrays of ``shape`` and scalars, concrete or abstract) computes
-    each element of its outputs from the same element of its inputs alone: every primitive it
-    runs is one of :data:`ELEMENTWISE`, or a scalar broadcast; no reduction, no random
-    numbers, no shape of its own.
-
-    Example:
-      >>> import jax, jax.numpy as jnp
-      >>> from adam_jax.rules import is_elementwise
-      >>> x = jax.ShapeDtypeStruct((4, 3), jnp.float32)
-      >>> print(is_elementwise(lambda g, m: m + 0.1 * (g - m), (4, 3), x, x),
-      ...       is_elementwise(lambda g, m: g / jnp.sum(m), (4, 3), x, x))
-      True False
-    """
-    return _elementwise_jaxpr(jax.make_jaxpr(fn)(*args).jaxpr, tuple(shape))
 
 
 def row_unit(rows: int, stored: Any) -> int | None:
@@ -209,10 +145,46 @@ def in_row_slices(
     return update, jax.tree.unflatten(treedef, new)
 
 
-def slice_elements() -> int | None:
-    """The most elements of a leaf the core may step at once (:func:`step_in_slices`'s
-    ``max_elements`` while it traces its inner update), or ``None``: each leaf whole."""
-    return _MOST_AT_ONCE.get()
+@dataclasses.dataclass(frozen=True)
+class InRowSlices(LeafSchedule):
+    """The leaf schedule of :func:`step_in_slices`: a leaf of more than ``max_elements``
+    entries whose moments are decoded, whose step is elementwise and whose stored arrays cut
+    its rows evenly is stepped by :func:`in_row_slices`; then ``inner`` runs the step."""
+
+    max_elements: int
+    inner: LeafSchedule = dataclasses.field(default_factory=WholeLeaves)
+
+    def step(self, leaf: LeafStep, carry: Any) -> tuple[jax.Array, list[Any], Any]:
+        if (
+            leaf.decodes
+            and leaf.grad.size > self.max_elements
+            and leaf.grad.ndim
+            and row_unit(leaf.grad.shape[0], leaf.stored) is not None
+            and leaf.row_elementwise()
+        ):
+            leaf = leaf.with_run(self._in_slices(leaf.run, self.inner.brings_from_host(leaf)))
+        return self.inner.step(leaf, carry)
+
+    def brings_from_host(self, leaf: LeafStep) -> bool:
+        return self.inner.brings_from_host(leaf)
+
+    def around(self, schedule: LeafSchedule) -> LeafSchedule:
+        return InRowSlices(self.max_elements, self.inner.around(schedule))
+
+    def _in_slices(self, run: LeafRun, from_host: bool) -> LeafRun:
+        def sliced(stored: list[Any], *, grad: jax.Array, param: Any, wait_for: Any) -> Any:
+            def part(g: jax.Array, p: Any, stored: list[Any]) -> tuple[jax.Array, list[Any]]:
+                return run(list(stored), grad=g, param=p, wait_for=None)
+
+            # The loop takes every stored array at once: waiting on the float ones is enough.
+            waited = after(wait_for, stored, integers=False)
+            result = in_row_slices(
+                part, grad, param, waited, self.max_elements, from_host=from_host
+            )
+            assert result is not None  # step() checked the leaf's size and rows
+            return result
+
+        return sliced
 
 
 def step_in_slices(
@@ -276,12 +248,19 @@ def step_in_slices(
     check_integer("max_elements", max_elements, 1)
 
     def update_fn(
-        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
+        updates: optax.Updates,
+        state: Any,
+        params: optax.Params | None = None,
+        *,
+        leaf_schedule: LeafSchedule | None = None,
+        **extra: Any,
     ) -> tuple[optax.Updates, Any]:
-        token = _MOST_AT_ONCE.set(max_elements)
-        try:
-            return optax.with_extra_args_support(inner).update(updates, state, params, **extra)
-        finally:
-            _MOST_AT_ONCE.reset(token)
+        given = WholeLeaves() if leaf_schedule is None else leaf_schedule
+        if isinstance(given, InRowSlices):
+            given = given.inner  # the innermost step_in_slices' size wins
+        schedule = InRowSlices(max_elements, given)
+        return optax.with_extra_args_support(inner).update(
+            updates, state, params, leaf_schedule=schedule, **extra
+        )
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)

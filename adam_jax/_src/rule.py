@@ -63,12 +63,11 @@ import numpy as np
 import optax
 
 from adam_jax._src import hyperparams, validation
+from adam_jax._src.elementwise import is_elementwise
+from adam_jax._src.leaf_schedule import LeafSchedule, LeafStep, WholeLeaves
 from adam_jax._src.numerics import compute_dtype, real_dtype
-from adam_jax._src.offload import brought_from_host, update_in_turn
-from adam_jax._src.quantization import fused
-from adam_jax._src.row_slices import in_row_slices, is_elementwise, row_unit, slice_elements
 from adam_jax._src.segmented import buffer_storages, packed_tensors
-from adam_jax._src.sequencing import after, scales_of
+from adam_jax._src.sequencing import after
 from adam_jax._src.storage import (
     MomentStorage,
     PerLeafStorage,
@@ -286,6 +285,21 @@ class MomentRule(abc.ABC):
           core) and every moment by name.
         """
 
+    def step_leaf(
+        self,
+        arithmetic: Callable[[list[Any]], tuple[jax.Array, list[Any]]],
+        stored: list[Any],
+        storages: list[MomentStorage],
+        grad: jax.Array,
+        scalars_for: Callable[[Any], Any],
+    ) -> tuple[jax.Array, list[Any]]:
+        """One leaf's update and new stored moments from its ``stored`` moments (one tree per
+        moment, kept by ``storages``): ``arithmetic(stored)``, the core's (load, :meth:`update`,
+        store). A rule overrides it to step some leaves its own way (Adam's rule: the fused
+        8-bit kernel); ``scalars_for(dtype)`` gives the step scalars the core computed."""
+        del storages, grad, scalars_for
+        return arithmetic(stored)
+
     def to_state(self, fields: dict[str, Any]) -> Any:
         """The state from its scalar fields and moment trees, by name."""
         return self.state_type(**fields)
@@ -389,19 +403,33 @@ def _update_leaf(
     segments: tuple[int, ...] | None,
     position: int,
     wait_for: Any = None,
-    kernel: bool = True,
 ) -> tuple[jax.Array, list[Any]]:
-    """One leaf's step: its moments loaded (a reduced one laid out to broadcast against the
-    param) once the arrays of ``wait_for`` exist, the rule's update in the compute dtype, the
-    new moments stored; by the fused 8-bit kernel where the storages choose it
-    (:mod:`adam_jax._src.quantization.fused`) unless ``kernel`` is false."""
+    """One leaf's step (a :data:`adam_jax._src.leaf_schedule.LeafRun`): its stored moments
+    ``trees`` used once the arrays of ``wait_for`` exist, then the rule's
+    :meth:`MomentRule.step_leaf` of :func:`_arithmetic`."""
     trees = after(wait_for, trees)
-    if kernel and fused.wanted(storages):
-        xla_step = functools.partial(
-            _update_leaf, rule, moments, storages, scalars_for, grad=grad, param=param,
-            decay=decay, segments=segments, position=position, kernel=False,
-        )  # fmt: skip
-        return fused.leaf_step(xla_step, rule, moments, storages, scalars_for, trees, grad)
+    arithmetic = functools.partial(
+        _arithmetic, rule, moments, storages, scalars_for, grad=grad, param=param, decay=decay,
+        segments=segments, position=position,
+    )  # fmt: skip
+    return rule.step_leaf(arithmetic, trees, storages, grad, scalars_for)
+
+
+def _arithmetic(
+    rule: MomentRule,
+    moments: tuple[Moment, ...],
+    storages: list[MomentStorage],
+    scalars_for: Callable[[Any], Any],
+    trees: list[Any],
+    *,
+    grad: jax.Array,
+    param: Any,
+    decay: Any,
+    segments: tuple[int, ...] | None,
+    position: int,
+) -> tuple[jax.Array, list[Any]]:
+    """One leaf's moments loaded (a reduced one laid out to broadcast against the param), the
+    rule's update in the compute dtype, the new moments stored."""
     g = grad.astype(compute_dtype(grad.dtype))
     rdtype = real_dtype(g.dtype)
     kept = list(zip(moments, storages, trees, strict=True))
@@ -441,31 +469,7 @@ def _update_leaf(
     return update, [s.store(new[m.name], t) for m, s, t in kept]
 
 
-def _update_in_row_slices(
-    step: Callable[..., tuple[jax.Array, list[Any]]],
-    grad: jax.Array,
-    param: Any,
-    most_at_once: int,
-    wait_for: Any,
-    trees: list[Any],
-    *,
-    from_host: bool,
-) -> tuple[jax.Array, list[Any]]:
-    """``step`` (:func:`_update_leaf` with its leaf's arguments) run on slices of the leaf's
-    rows (:func:`adam_jax.rules.in_row_slices`), once the arrays of ``wait_for`` exist;
-    ``from_host``: the stored arrays came from host memory (:func:`adam_jax.offload_state`)."""
-
-    def part(g: jax.Array, p: Any, stored: list[Any]) -> tuple[jax.Array, list[Any]]:
-        return step(list(stored), grad=g, param=p, wait_for=None)
-
-    # The loop takes every stored array at once: waiting on the float ones is enough.
-    waited = after(wait_for, trees, integers=False)
-    sliced = in_row_slices(part, grad, param, waited, most_at_once, from_host=from_host)
-    assert sliced is not None  # the caller checked the leaf's size and rows
-    return sliced
-
-
-def _sliceable(
+def _row_elementwise(
     rule: MomentRule,
     moments: tuple[Moment, ...],
     storages: list[MomentStorage],
@@ -475,16 +479,18 @@ def _sliceable(
     param: Any,
     decay: Any,
     position: int,
+    segments: tuple[int, ...] | None,
 ) -> bool:
-    """Whether a leaf's step can run on slices of its rows with the same results: its storages
-    keep rows apart and cut them evenly, it is not sharded (seen on Explicit meshes only: a
-    slice would cut its shards), and ``rule.update`` computes each element from that element's
-    gradient, moments and param alone (no per-tensor sum, no random numbers)."""
+    """Whether a leaf's step could run on slices of its rows with the same results: its
+    storages keep rows apart, it is one tensor (not a buffer of flat params), it is not sharded
+    (seen on Explicit meshes only: a slice would cut its shards), and ``rule.update`` computes
+    each element from that element's gradient, moments and param alone (no per-tensor sum, no
+    random numbers)."""
     if (
         not grad.ndim
+        or segments is not None
         or not all(s.row_slices for s in storages)
         or not all(m.cast for m in moments)
-        or row_unit(grad.shape[0], trees) is None
         or any(typed_sharding(x) is not None for x in jax.tree.leaves((grad, trees)))
     ):
         return False
@@ -505,7 +511,7 @@ def scale_by_rule(
     *,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Any = None,
-) -> optax.GradientTransformation:
+) -> optax.GradientTransformationExtraArgs:
     """The gradient transformation of a :class:`MomentRule`.
 
     Args:
@@ -517,7 +523,12 @@ def scale_by_rule(
         it), or a callable returning one from the params.
 
     Returns:
-      An ``optax.GradientTransformation`` whose state is ``rule.state_type``.
+      An ``optax.GradientTransformationExtraArgs`` whose state is ``rule.state_type``. Its
+      ``update`` takes the extra argument ``leaf_schedule``, a
+      :class:`adam_jax.rules.LeafSchedule` that runs each leaf's step (default: each leaf
+      whole, in turn); the wrappers that need one (:func:`adam_jax.step_in_slices`,
+      :func:`adam_jax.offload_state`) hand it through optax's extra arguments, and other extra
+      arguments are ignored.
     """
     scheduled = callable(weight_decay)
     if not scheduled:
@@ -553,8 +564,15 @@ def scale_by_rule(
         return [rate if k else 0.0 for k in keep]
 
     def update_fn(
-        updates: optax.Updates, state: Any, params: optax.Params | None = None
+        updates: optax.Updates,
+        state: Any,
+        params: optax.Params | None = None,
+        *,
+        leaf_schedule: LeafSchedule | None = None,
+        **extra_args: Any,
     ) -> tuple[optax.Updates, Any]:
+        del extra_args  # for the transformations beside this one in a chain
+        schedule = WholeLeaves() if leaf_schedule is None else leaf_schedule
         fields = rule.from_state(state)
         scalar_fields = {k: v for k, v in fields.items() if k not in {m.name for m in moments}}
         # One set of step scalars per compute dtype, built on first use.
@@ -568,63 +586,31 @@ def scale_by_rule(
         stored = [treedef.flatten_up_to(fields[m.name]) for m in moments]
         storages = [m.storages(updates) for m in moments]
 
-        most_at_once = slice_elements()
         new_updates = []
         new_moments: list[list[Any]] = [[] for _ in moments]
-        previous: Any = None  # the scales the last leaf whose moments were decoded stored
-        previous_on_host: Any = None  # the last offloaded leaf's new moments, in host memory
+        carry: Any = None
         for i, grad in enumerate(grads):
             kept = [leaf_storages[i] for leaf_storages in storages]
             trees = [tree[i] for tree in stored]
-            decodes = any(s.decodes(t) for s, t in zip(kept, trees, strict=True))
-            step = functools.partial(
-                _update_leaf,
-                rule,
-                moments,
-                kept,
-                scalars_for,
+            # Built here, not while a schedule traces the step on its own.
+            scalars = scalars_for(real_dtype(compute_dtype(grad.dtype)))
+            leaf = LeafStep(
+                run=functools.partial(
+                    _update_leaf, rule, moments, kept, scalars_for, decay=decays[i],
+                    segments=segments[i], position=i,
+                ),
+                stored=trees,
                 grad=grad,
                 param=param_leaves[i],
-                decay=decays[i],
-                segments=segments[i],
                 position=i,
-                wait_for=previous if decodes else None,
-            )
-            # Built here, not while update_in_turn traces the step on its own.
-            scalars = scalars_for(real_dtype(compute_dtype(grad.dtype)))
-            if (
-                most_at_once is not None
-                and decodes
-                and grad.size > most_at_once
-                and segments[i] is None
-                and _sliceable(
-                    rule, moments, kept, trees, grad, scalars, param_leaves[i], decays[i], i
-                )
-            ):
-                step = functools.partial(
-                    _update_in_row_slices,
-                    step,
-                    grad,
-                    param_leaves[i],
-                    most_at_once,
-                    previous,
-                    from_host=brought_from_host(trees),
-                )
-            # Moments in their own dtype and shape come over one at a time. Decoded or reduced
-            # ones come over together: apart, a decoded one keeps its new moments in the
-            # compute dtype on the device until the update, and on an H200 apart cost more
-            # device bytes for Adam-mini (12.6 against 8.5 B/param on the transformer-like
-            # tree).
-            plain = not decodes and not any(s.reduces for s in kept)
-            moved = update_in_turn(step, trees, previous_on_host, in_parts=plain)
-            if moved is None:
-                update, new_stored = step(trees)
-            else:
-                update, new_stored, previous_on_host = moved
-            if decodes:
-                previous = scales_of(
-                    [t for s, t in zip(kept, new_stored, strict=True) if s.decodes(t)]
-                )
+                decoded=tuple(s.decodes(t) for s, t in zip(kept, trees, strict=True)),
+                reduces=any(s.reduces for s in kept),
+                row_elementwise=functools.partial(
+                    _row_elementwise, rule, moments, kept, trees, grad, scalars,
+                    param_leaves[i], decays[i], i, segments[i],
+                ),
+            )  # fmt: skip
+            update, new_stored, carry = schedule.step(leaf, carry)
             new_updates.append(update)
             for out, value in zip(new_moments, new_stored, strict=True):
                 out.append(value)
@@ -634,4 +620,4 @@ def scale_by_rule(
             new_fields[m.name] = treedef.unflatten(leaves)
         return treedef.unflatten(new_updates), rule.to_state(new_fields)
 
-    return optax.GradientTransformation(init_fn, update_fn)
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)

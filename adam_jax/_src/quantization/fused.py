@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -97,23 +98,14 @@ def contiguous_block(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> in
     return None
 
 
-def _static_number(x: Any) -> bool:
+def static_number(x: Any) -> bool:
+    """Whether ``x`` is a Python number (a kernel's constant), not an array."""
     return isinstance(x, int | float) and not isinstance(x, bool)
 
 
-def kernel_layout(
-    rule: Any, moments: Any, storages: list[Any], trees: list[Any], grad: Any
-) -> tuple[int | None, str]:
-    """``(block, "")`` when the kernel can step this leaf (the block's length), else
-    ``(None, why not)``."""
-    from adam_jax._src.moments import AdamRule  # the rules import the core, which imports this
-
-    if type(rule) is not AdamRule or rule.amsgrad:
-        return None, f"the rule is {type(rule).__name__}, not Adam's (without AMSGrad)"
-    if not (_static_number(rule.eps) and _static_number(rule.eps_root)):
-        return None, "eps and eps_root are not Python numbers"
-    if [m.name for m in moments] != ["mu", "nu"] or not all(m.cast for m in moments):
-        return None, "the moments are not Adam's mu and nu"
+def kernel_layout(trees: list[Any], grad: Any) -> tuple[int | None, str]:
+    """``(block, "")`` when the kernel can step a leaf of Adam's rule whose stored moments are
+    ``trees`` (the block's length), else ``(None, why not)``."""
     if grad.dtype != jnp.float32:
         return None, f"the gradient is {grad.dtype}, not float32"
     if not all(is_quantized(t) and isinstance(t, QuantizedArray | dict) for t in trees):
@@ -197,7 +189,7 @@ def _kernel(
 
 
 def fused_adam_leaf(
-    rule: Any,
+    update: Callable[[jax.Array, dict[str, jax.Array], Any], Any],
     scalars: Any,
     grad: jax.Array,
     mu: Any,
@@ -208,20 +200,16 @@ def fused_adam_leaf(
 ) -> tuple[jax.Array, list[Any]]:
     """One leaf's Adam step in one kernel: ``(update, [new mu, new nu])`` as
     :func:`adam_jax.rules.scale_by_rule` returns them, for a leaf that :func:`kernel_layout` accepts
-    (its ``block``)."""
-    from adam_jax._src.rule import Leaf
-
+    (its ``block``); ``update(g, moments, scalars)`` is the rule's update of a block's elements
+    (``{"mu": ..., "nu": ...}`` decoded, the step scalars) to their update and new moments."""
     shape = tuple(grad.shape)
     scale_shape = tuple(_field(mu, "absmax").shape)
     size, count = math.prod(shape), math.prod(scale_shape)
     rows = max(1, CHUNK_ELEMENTS // block)
     leaves, scalar_tree = jax.tree.flatten(scalars)
-    array_positions = tuple(i for i, x in enumerate(leaves) if not _static_number(x))
+    array_positions = tuple(i for i, x in enumerate(leaves) if not static_number(x))
     static_scalars = tuple(None if i in array_positions else x for i, x in enumerate(leaves))
     arrays = [jnp.asarray(leaves[i], jnp.float32) for i in array_positions]
-
-    def update(g: jax.Array, moments: dict[str, jax.Array], scalars: Any) -> Any:
-        return rule.update(g, moments, scalars, Leaf(param=None, decay=0.0))
 
     kernel = functools.partial(
         _kernel,
@@ -272,48 +260,53 @@ def _mode(storages: list[Any]) -> str:
     return modes.pop() if len(modes) == 1 else "xla"
 
 
-def wanted(storages: list[Any]) -> bool:
-    """Whether a leaf's storages ask for the fused kernel (in any mode but ``"xla"``)."""
-    return _mode(storages) != "xla"
-
-
 def leaf_step(
-    xla_step: Any,
-    rule: Any,
-    moments: Any,
+    arithmetic: Callable[[list[Any]], tuple[jax.Array, list[Any]]],
+    update: Callable[[jax.Array, dict[str, jax.Array], Any], Any],
+    why_not: str,
     storages: list[Any],
-    scalars_for: Any,
+    scalars_for: Callable[[Any], Any],
     trees: list[Any],
     grad: jax.Array,
 ) -> tuple[jax.Array, list[Any]]:
-    """One leaf's step by the fused kernel where the storages ask for it and it can run, else
-    by ``xla_step(trees)`` (today's path)."""
+    """One leaf of Adam's rule stepped by the fused kernel where the storages ask for it and it
+    can run, else by ``arithmetic(trees)`` (the core's path).
+
+    Args:
+      arithmetic: the core's step of the leaf from its stored moments.
+      update: the rule's update of decoded moments (see :func:`fused_adam_leaf`).
+      why_not: why the rule's settings keep the kernel out, or ``""`` where they allow it.
+      storages: the two moments' storages, whose ``kernel`` mode chooses.
+      scalars_for: the step scalars by real dtype, as the core computed them.
+      trees: the leaf's stored ``mu`` and ``nu``.
+      grad: the leaf's gradient.
+    """
     mode = _mode(storages)
     if mode == "xla" or not any(is_quantized(t) for t in trees):
-        return xla_step(trees)
-    block, why_not = kernel_layout(rule, moments, storages, trees, grad)
+        return arithmetic(trees)
+    block, why_not = (None, why_not) if why_not else kernel_layout(trees, grad)
     if block is None:
         if mode == "pallas":
             raise ValueError(f"BlockwiseQuantized(kernel='pallas') cannot step the leaf: {why_not}")
-        return xla_step(trees)
+        return arithmetic(trees)
     # The key the core computes the step scalars under before the step (a slice's step runs
     # inside a loop: scalars made there would leak from it into the cache).
     scalars = scalars_for(real_dtype(compute_dtype(grad.dtype)))
     mu, nu = trees
     if mode == "interpret":
-        return fused_adam_leaf(rule, scalars, grad, mu, nu, block, interpret=True)
+        return fused_adam_leaf(update, scalars, grad, mu, nu, block, interpret=True)
     if mode == "pallas":
         if jax.default_backend() != "gpu":
             raise ValueError(
                 "BlockwiseQuantized(kernel='pallas') runs on a CUDA GPU only, not on the "
                 f"{jax.default_backend()} backend: use kernel='auto' (or 'interpret')"
             )
-        return fused_adam_leaf(rule, scalars, grad, mu, nu, block)
+        return fused_adam_leaf(update, scalars, grad, mu, nu, block)
 
     def kernel(trees: list[Any]) -> tuple[jax.Array, list[Any]]:
-        return fused_adam_leaf(rule, scalars, grad, trees[0], trees[1], block)
+        return fused_adam_leaf(update, scalars, grad, trees[0], trees[1], block)
 
     result: tuple[jax.Array, list[Any]] = jax.lax.platform_dependent(
-        trees, cuda=kernel, default=xla_step
+        trees, cuda=kernel, default=arithmetic
     )
     return result

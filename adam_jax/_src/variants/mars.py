@@ -283,7 +283,6 @@ def _with_last_grad(
         last_grad: optax.Updates | None = None,
         **extra_args: Any,
     ) -> tuple[optax.Updates, Any]:
-        del extra_args
         if last_grad is None:
             raise ValueError(
                 "mars with is_approx=False needs the gradient of this step's batch at the "
@@ -293,7 +292,7 @@ def _with_last_grad(
         given = jax.tree.map(
             lambda x, old: (sign * jnp.asarray(x)).astype(old.dtype), last_grad, state.last_grad
         )
-        return inner.update(updates, state._replace(last_grad=given), params)
+        return inner.update(updates, state._replace(last_grad=given), params, **extra_args)
 
     return optax.GradientTransformationExtraArgs(inner.init, update_fn)
 

@@ -5,6 +5,7 @@ chosen once for the whole tree, or in each leaf for blocks on the CPU), its opti
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -41,16 +42,19 @@ def _scale_by_soap(
         raise ValueError(f"branching must be one of {BRANCHINGS}, got {branching!r}")
 
     def update_fn(
-        updates: optax.Updates, state: Any, params: optax.Params | None = None
+        updates: optax.Updates, state: Any, params: optax.Params | None = None, **extra: Any
     ) -> tuple[optax.Updates, Any]:
         numbered = rule.with_leaf_starts(updates) if rule.stagger_refresh else rule
 
         def per_leaf(updates: Any, state: Any, params: Any) -> Any:
-            return scale_by_rule(numbered, **others).update(updates, state, params)
+            return scale_by_rule(numbered, **others).update(updates, state, params, **extra)
 
         def per_tree(updates: Any, state: Any, params: Any) -> Any:
             phases = [
-                scale_by_rule(dataclasses.replace(numbered, phase=phase), **others).update
+                functools.partial(
+                    scale_by_rule(dataclasses.replace(numbered, phase=phase), **others).update,
+                    **extra,
+                )
                 for phase in PHASES[: 2 if rule.stagger_refresh else 3]
             ]
             return switch(rule.phase_of(state.count), phases, updates, state, params)
@@ -64,7 +68,7 @@ def _scale_by_soap(
             return per_tree(updates, state, params)
         return on_platform(updates, state, params, cpu=per_leaf, default=per_tree)
 
-    return optax.GradientTransformation(scale_by_rule(rule, **others).init, update_fn)
+    return optax.GradientTransformationExtraArgs(scale_by_rule(rule, **others).init, update_fn)
 
 
 def scale_by_soap(
