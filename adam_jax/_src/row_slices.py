@@ -216,6 +216,11 @@ def step_in_slices(
     :func:`adam_jax.offload_state` outside, the offloaded step is within params + gradients +
     1.5x the largest leaf's state.
 
+    The rules learn the slice size from the leaf schedule :class:`InRowSlices` that
+    ``step_in_slices`` hands them as the extra argument ``leaf_schedule`` (optax's combinators
+    and the library's pass it on; see :func:`adam_jax.offload_state`). Nested, the innermost
+    ``step_in_slices``' size holds.
+
     The slices are cut along the first axis. A leaf sharded on an Explicit mesh is stepped
     whole. Under automatic sharding the core cannot see a leaf's shards and cuts it anyway,
     with the same values; but the partitioner then moves data between devices in each pass
