@@ -18,6 +18,7 @@ def step_with_rate(
     *,
     decay: Any = None,
     decay_after_step: bool = False,
+    decay_times_rate: bool = False,
     param: jax.Array | None = None,
 ) -> jax.Array:
     r"""The additive update of a rule that holds its learning rate (a ``learning_rate`` field,
@@ -30,8 +31,8 @@ def step_with_rate(
     * ``decay_after_step=False`` (AdamW's order): :math:`-\gamma (u + \lambda \theta)`, the
       params decayed before the step (MARS);
     * ``decay_after_step=True``: :math:`-\gamma u - \lambda (\theta - \gamma u)`, the stepped
-      params shrink by :math:`1 - \lambda` (LaProp's authors; SPAM's with
-      :math:`\lambda` = rate times decay).
+      params shrink by :math:`1 - \lambda` (LaProp's authors), or with ``decay_times_rate``
+      by :math:`1 - \gamma\lambda` (SPAM's authors).
 
     The decay applies where ``leaf.decay`` is not the constant 0 (the leaf is masked in, and
     the rule was given a decay): a rule whose decay is scaled or chosen per leaf passes that
@@ -44,6 +45,8 @@ def step_with_rate(
       leaf: the :class:`Leaf` of the update.
       decay: the decay rate :math:`\lambda` (``None``: ``leaf.decay``).
       decay_after_step: decay the stepped params, not the params before the step.
+      decay_times_rate: with ``decay_after_step``, the stepped params shrink by the rate times
+        the decay (before the step, the rate always scales it).
       param: the params the decay shrinks (``None``: ``leaf.param``; a rule that steps some
         entries of a leaf passes those entries).
 
@@ -75,4 +78,6 @@ def step_with_rate(
     step = rate * direction
     if not decayed:
         return -step
+    if decay_times_rate:
+        return -step - rate * decay * (param - step)
     return -step - decay * (param - step)

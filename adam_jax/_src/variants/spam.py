@@ -408,8 +408,8 @@ class SpamRule(AdamLikeRule):
             direction,
             scalars.lr,
             leaf,
-            decay=scalars.lr * leaf.decay,
             decay_after_step=True,
+            decay_times_rate=True,
             param=param,
         )
 
