@@ -256,6 +256,9 @@ TESTS = (
         hyperparams={"learning_rate": 1e-2, "b1": 0.9, "b3": 0.999},
         bad=(("b3", 1.5, "[0, 1)"), ("eps", -1.0, ">= 0")),
         step_proportional_to_rate=False,  # the rate is inside the average s
+        # Its ZeRO-1 run on its mesh ends 2.3e-6 from the single-device run at one element of
+        # w1 in float32 (the minimum's branch, decided by rounding): compared in float64.
+        zero1_float64_single_device=True,
     ),
 )
 '''
@@ -305,7 +308,7 @@ def test_a_variant_added_as_the_guide_says_passes_the_suites_variant_tests(
     (copy / "tests/references/adamod.py").write_text(REFERENCE.lstrip())
     which = copy / "docs/which_adam.md"
     text = which.read_text()
-    text = re.sub(r"^(\| `ademamix` \|)", WHICH_ADAM_ROW + "\n" + r"\1", text, count=1, flags=re.M)
+    text = text.replace("| `ademamix` |", WHICH_ADAM_ROW + "\n| `ademamix` |", 1)
     which.write_text(text)
 
     def run(*args: str, timeout: int = 300) -> str:
@@ -333,10 +336,18 @@ def test_a_variant_added_as_the_guide_says_passes_the_suites_variant_tests(
     assert {k: v for k, v in after.items() if k != "tests/references/adamod.py"} == before
 
     output = run(
-        "-m", "pytest", "-q", "-p", "no:cacheprovider", "-k", "adamod", *PER_VARIANT_TESTS,
+        "-m", "pytest", "-v", "-p", "no:cacheprovider", "-k", "adamod", *PER_VARIANT_TESTS,
         timeout=1500,
     )  # fmt: skip
-    counts = re.search(r"(\d+) passed", output)
-    assert counts and int(counts.group(1)) >= 50, output[-2000:]
-    assert "failed" not in output and "error" not in output.lower().split("passed")[-1]
+    passed = re.findall(r"^(tests/\w+\.py)::(\w+)\[[^\]]*adamod[^\]]*\] PASSED", output, re.M)
+    assert {path for path, _ in passed} == set(PER_VARIANT_TESTS), output[-3000:]
+    ran = {test for _, test in passed}
+    assert {
+        "test_against_float64_reference",
+        "test_inject_hyperparams",
+        "test_zero1_training_matches_replicated_state_and_single_device",
+        "test_a_new_learning_rate_in_the_state_takes_effect",
+        "test_signatures_are_the_rules_fields",
+    } <= ran
+    assert not re.search(r" (FAILED|ERROR)", output), output[-3000:]
     run("-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_registry.py")
