@@ -9,9 +9,12 @@ returns :func:`scale_by_rule` of it, and its optimizer one that returns :func:`d
 transformation (both written out, as optax writes its aliases); a thin alias of another
 optimizer is a :func:`partial` of it. The helpers
 are the ones the library's own variants use: the zero-started moving average and its bias
-correction (:func:`moving_average`, :func:`step_scalars`), the hyperparameter checks
-(:func:`check_hyperparams`), the compute-dtype rules and moment storages.
-``docs/adding_a_variant.md`` walks through a complete variant written with nothing else.
+correction (:func:`moving_average`, :func:`step_scalars`), the step of a rule that holds its
+learning rate (:func:`step_with_rate`), the checks of hyperparameter ranges, the compute-dtype
+rules, moment storages, and the registry's row types (:class:`OptimizerInfo`, :class:`Paper`),
+importable here without the registry. Every module of the library's variants imports adam_jax
+through this module alone (SOAP's package besides its own modules and a few internals of its
+own); ``docs/adding_a_variant.md`` walks through a complete variant written with nothing else.
 
 Example:
   >>> import dataclasses, jax.numpy as jnp
@@ -32,10 +35,10 @@ Example:
   [-0.1  0.1]
 """
 
-from adam_jax._src.aliases import adam_chain
+from adam_jax._src.block_mean import block_means
 from adam_jax._src.branching import branch, switch
 from adam_jax._src.chains import ascent, descend
-from adam_jax._src.elementwise import is_elementwise
+from adam_jax._src.flat import FlatParams
 from adam_jax._src.hyperparams import (
     Hyperparam,
     at_least,
@@ -55,23 +58,19 @@ from adam_jax._src.hyperparams import (
     partial,
 )
 from adam_jax._src.leaf_schedule import LeafSchedule, LeafStep, WholeLeaves
-from adam_jax._src.moments import AdamLikeRule, adam_moments, nesterov_mu_hat
+from adam_jax._src.moments import AdamLikeRule, adam_moments, nesterov_mu_hat, scale_by_adam
 from adam_jax._src.moving_average import (
     StepScalars,
     moving_average,
     moving_average_terms,
     step_scalars,
 )
-from adam_jax._src.numerics import abs_sq, cast_scalar, compute_dtype, divide, real_dtype
+from adam_jax._src.numerics import abs_sq, compute_dtype, divide, real_dtype
 from adam_jax._src.offload import on_device
-from adam_jax._src.orthonormalization import (
-    ORTHOGONALIZATIONS,
-    cholesky_qr,
-    each_matrix,
-    orthonormal,
-)
+from adam_jax._src.optimizer_info import OptimizerInfo, Paper
+from adam_jax._src.orthonormalization import ORTHOGONALIZATIONS, orthonormal
+from adam_jax._src.own_rate import step_with_rate
 from adam_jax._src.rounding import raw_key
-from adam_jax._src.row_slices import in_row_slices
 from adam_jax._src.rule import (
     Leaf,
     Moment,
@@ -85,9 +84,8 @@ from adam_jax._src.segmented import SegmentedStorage
 from adam_jax._src.storage import (
     CastStorage,
     MomentStorage,
-    PerLeafStorage,
-    as_storage,
     cast_storage,
+    per_leaf,
     storages_for,
 )
 from adam_jax._src.typed_sharding import (
@@ -97,21 +95,20 @@ from adam_jax._src.typed_sharding import (
     typed_sharding,
 )
 from adam_jax._src.validation import (
-    check_at_least,
     check_choice,
     check_decay,
-    check_hyperparams,
     check_integer,
     check_non_negative,
     check_positive,
     check_steps,
     static_float,
 )
-from adam_jax._src.weight_decay import Mask, schedule_state_type
+from adam_jax._src.weight_decay import Mask, add_decayed_weights, schedule_state_type
 
 __all__ = [
     "AdamLikeRule",
     "CastStorage",
+    "FlatParams",
     "Hyperparam",
     "Leaf",
     "LeafSchedule",
@@ -121,44 +118,38 @@ __all__ = [
     "MomentRule",
     "MomentStorage",
     "ORTHOGONALIZATIONS",
-    "PerLeafStorage",
+    "OptimizerInfo",
+    "Paper",
     "SegmentedStorage",
     "StepScalars",
     "WholeLeaves",
     "abs_sq",
-    "adam_chain",
     "adam_moments",
-    "as_storage",
+    "add_decayed_weights",
     "ascent",
     "at_least",
     "b1",
     "b2",
+    "block_means",
     "branch",
-    "cast_scalar",
     "cast_storage",
-    "check_at_least",
     "check_choice",
     "check_decay",
     "check_fields",
-    "check_hyperparams",
     "check_integer",
     "check_non_negative",
     "check_positive",
     "check_steps",
     "choice",
-    "cholesky_qr",
     "compute_dtype",
     "descend",
     "divide",
-    "each_matrix",
     "eps",
     "eps_root",
     "expand_mask",
     "fields_of",
     "hyperparam",
-    "in_row_slices",
     "integer",
-    "is_elementwise",
     "learning_rate",
     "map_tensors",
     "moving_average",
@@ -170,16 +161,19 @@ __all__ = [
     "on_device",
     "orthonormal",
     "partial",
+    "per_leaf",
     "raw_key",
     "real_dtype",
     "replicated",
     "replicated_placement",
     "reshard",
+    "scale_by_adam",
     "scale_by_rule",
     "schedule_state_type",
     "second_moment",
     "static_float",
     "step_scalars",
+    "step_with_rate",
     "storages_for",
     "switch",
     "typed_sharding",

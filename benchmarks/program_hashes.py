@@ -144,9 +144,7 @@ def main() -> None:
     parser.add_argument("--tests", type=Path, default=Path(__file__).parents[1] / "tests")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--compare", type=Path, help="a JSON of hashes to compare with")
-    parser.add_argument(
-        "--cuda", action="store_true", help="also the programs lowered for an H100"
-    )
+    parser.add_argument("--cuda", action="store_true", help="also the programs lowered for an H100")
     args = parser.parse_args()
     ours = hashes(args.tests)
     if args.cuda:

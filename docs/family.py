@@ -22,12 +22,15 @@ from __future__ import annotations
 import argparse
 import ast
 import re
+import sys
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+# ``python docs/family.py`` in a checkout reads that checkout's registry, installed or not.
+sys.path.insert(0, str(ROOT))
 
 
 def _rows() -> tuple:

@@ -3,7 +3,9 @@
 * The public modules (``adam_jax`` and its public submodules) each declare ``__all__``, bind no
   public name outside it and export no underscore name; everything else lives in
   ``adam_jax._src``.
-* ``adam_jax.rules`` gives a rule author every name the library's own variants import.
+* The library's variants import adam_jax through ``adam_jax.rules`` (and
+  ``adam_jax.quantization``) alone, SOAP's package besides two internals of its own; ``rules``
+  and every variant import without the registry (no import cycle).
 * The docs, README and notebooks import nothing private.
 * The rule toolkit's names of the top level (``adam_jax.MomentRule``...) resolve until 0.5,
   with a ``DeprecationWarning`` naming ``adam_jax.rules``.
@@ -61,52 +63,152 @@ def test_a_public_module_binds_exactly_its_all(name: str) -> None:
     assert bound - set(exported) == set(), f"{name} binds public names outside __all__"
 
 
-def _imports_from_src(path: Path) -> set[str]:
-    """The names a module of ``adam_jax/_src`` takes from the rest of ``_src``: the names of
-    ``from adam_jax._src.x import name``, and ``module.name`` for ``from adam_jax._src import
-    module``."""
-    tree = ast.parse(path.read_text())
-    names: set[str] = set()
-    modules: set[str] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adam_jax._src"):
-            if node.module == "adam_jax._src":
-                modules |= {alias.asname or alias.name for alias in node.names}
-            else:
-                names |= {alias.name for alias in node.names}
-    for node in ast.walk(tree):
-        if (
-            isinstance(node, ast.Attribute)
-            and isinstance(node.value, ast.Name)
-            and node.value.id in modules
-        ):
-            names.add(node.attr)
-    return names
+VARIANTS_DIR = REPO_ROOT / "adam_jax" / "_src" / "variants"
+VARIANT_FILES = sorted(p for p in VARIANTS_DIR.rglob("*.py") if p != VARIANTS_DIR / "__init__.py")
+# The public modules a variant's module may import: the rule author's, and the storages of
+# adam_jax.quantization (which, unlike adam_jax itself and its registry, import no variant).
+VARIANT_IMPORTS = ("adam_jax.rules", "adam_jax.quantization")
+# What SOAP's package takes from adam_jax._src besides its own modules: internals that only it
+# uses (docs/adding_a_variant.md names them).
+SOAP_INTERNALS = {
+    ("adam_jax._src.orthonormalization", "each_matrix"),
+    ("adam_jax._src.branching", "on_platform"),
+}
 
 
-VARIANT_FILES = sorted((REPO_ROOT / "adam_jax" / "_src" / "variants").glob("[!_]*.py"))
+def _adam_jax_imports(path: Path) -> set[tuple[str, str]]:
+    """``(module, name)`` for each name a module imports from adam_jax: ``from m import name``,
+    and ``(m, "")`` for ``import m``."""
+    found: set[tuple[str, str]] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("adam_jax"):
+            found |= {(node.module or "", alias.name) for alias in node.names}
+        elif isinstance(node, ast.Import):
+            found |= {(a.name, "") for a in node.names if a.name.startswith("adam_jax")}
+    return found
 
 
-@pytest.mark.parametrize("path", VARIANT_FILES, ids=lambda p: p.stem)
-def test_rules_gives_everything_the_library_variants_use(path: Path) -> None:
-    missing = sorted(
-        name
-        for name in _imports_from_src(path)
-        if not hasattr(rules, name)
-        and name not in adam_jax.__all__
-        and name not in adam_jax.registry.__all__  # each module declares its registry row
+def _disallowed_imports(path: Path) -> list[tuple[str, str]]:
+    """The imports of a variant's module that are neither :data:`VARIANT_IMPORTS` (``from
+    adam_jax import rules`` included), nor its own package's modules, nor SOAP's internals."""
+    package = path.parent
+    own = (
+        None
+        if package == VARIANTS_DIR or not package.is_relative_to(VARIANTS_DIR)
+        else "adam_jax._src.variants." + package.relative_to(VARIANTS_DIR).as_posix()
     )
-    assert not missing, f"{path.name} uses names that adam_jax.rules does not export: {missing}"
+    disallowed = []
+    for module, name in sorted(_adam_jax_imports(path)):
+        if module in VARIANT_IMPORTS or (module, name) == ("adam_jax", "rules"):
+            continue
+        if own is not None and (module == own or module.startswith(own + ".")):
+            continue
+        if own == "adam_jax._src.variants.soap" and (module, name) in SOAP_INTERNALS:
+            continue
+        disallowed.append((module, name))
+    return disallowed
 
 
-def test_the_import_parser_reads_both_forms(tmp_path: Path) -> None:
-    source = tmp_path / "m.py"
-    source.write_text(
-        "from adam_jax._src import validation\n"
-        "from adam_jax._src.rule import (\n    Leaf,\n    Moment,\n)\n"
-        "validation.check_decay('b1', 0.9)\n"
+@pytest.mark.parametrize(
+    "path", VARIANT_FILES, ids=lambda p: p.relative_to(VARIANTS_DIR).as_posix()
+)
+def test_the_library_variants_import_adam_jax_through_rules(path: Path) -> None:
+    """What docs/adding_a_variant.md promises: a variant is written with ``adam_jax.rules``
+    (and the storages of ``adam_jax.quantization``), not with the private package."""
+    assert not _disallowed_imports(path), f"{path.name} imports {_disallowed_imports(path)}"
+
+
+def test_the_import_reader_reads_every_form(tmp_path: Path) -> None:
+    text = (
+        "import adam_jax._src.rule\n"
+        "from adam_jax import rules\n"
+        "from adam_jax.rules import (\n    Leaf,\n    Moment,\n)\n"
+        "from adam_jax._src.branching import on_platform, switch\n"
+        "from adam_jax._src.variants.soap.layout import SoapLayout\n"
     )
-    assert _imports_from_src(source) == {"Leaf", "Moment", "check_decay"}
+    module = tmp_path / "m.py"
+    module.write_text(text)
+    assert _adam_jax_imports(module) == {
+        ("adam_jax._src.rule", ""),
+        ("adam_jax", "rules"),
+        ("adam_jax.rules", "Leaf"),
+        ("adam_jax.rules", "Moment"),
+        ("adam_jax._src.branching", "on_platform"),
+        ("adam_jax._src.branching", "switch"),
+        ("adam_jax._src.variants.soap.layout", "SoapLayout"),
+    }
+    module.write_text("from adam_jax._src.rule import Leaf\nfrom adam_jax import registry\n")
+    assert _disallowed_imports(module) == [("adam_jax", "registry"), ("adam_jax._src.rule", "Leaf")]
+
+
+# A fresh interpreter in which ``adam_jax`` is a bare package (its ``__init__``, which imports
+# the registry and every variant, is not run) and importing the registry fails.
+_WITHOUT_REGISTRY = """
+import sys, types
+import importlib.abc
+
+class NoRegistry(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name in ("adam_jax.registry", "adam_jax._src.registry"):
+            raise ImportError(f"{name} imported")
+        return None
+
+sys.meta_path.insert(0, NoRegistry())
+package = types.ModuleType("adam_jax")
+package.__path__ = [sys.argv[1]]
+sys.modules["adam_jax"] = package
+import importlib
+for name in sys.argv[2:]:
+    importlib.import_module(name)
+from adam_jax.rules import OptimizerInfo, Paper
+loaded = sorted(m for m in sys.modules if m.startswith("adam_jax._src.variants"))
+print(OptimizerInfo.__name__, Paper.__name__, loaded)
+"""
+
+
+def _run_without_registry(*modules: str) -> str:
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_REGISTRY, str(REPO_ROOT / "adam_jax"), *modules],
+        capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=300,
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def test_the_row_types_import_without_the_registry_or_a_variant() -> None:
+    """``adam_jax.rules`` (the row types with it) needs neither the registry nor a variant: a
+    variant's module that declares its row imports no module that imports it back."""
+    assert _run_without_registry("adam_jax.rules").strip() == "OptimizerInfo Paper []"
+
+
+def test_every_variant_module_imports_without_the_registry() -> None:
+    modules = sorted(
+        "adam_jax._src.variants." + p.relative_to(VARIANTS_DIR).with_suffix("").as_posix()
+        .replace("/", ".").removesuffix(".__init__")
+        for p in VARIANT_FILES
+    )  # fmt: skip
+    loaded = _run_without_registry(*modules)
+    assert (
+        "adam_jax._src.variants.soap.transform" in loaded
+        and "adam_jax._src.variants.grams" in loaded
+    )
+
+
+def test_the_blocked_interpreter_refuses_the_registry() -> None:
+    """The check above can fail: importing ``adam_jax.registry`` there is an error."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", _WITHOUT_REGISTRY, str(REPO_ROOT / "adam_jax"), "adam_jax.registry"],
+        capture_output=True, text=True, env={"JAX_PLATFORMS": "cpu", "PATH": ""}, timeout=300,
+        cwd=REPO_ROOT,
+    )  # fmt: skip
+    assert result.returncode != 0 and "adam_jax.registry imported" in result.stderr
 
 
 _PRIVATE_IMPORT = re.compile(r"\badam_jax\._[a-zA-Z]")  # adam_jax.__version__ is public

@@ -1,7 +1,7 @@
 """``adam_jax.step_in_slices``: a large leaf stepped a slice of its rows at a time, on the device
 and offloaded, with the same params and state bit for bit; which steps qualify
-(``rules.is_elementwise``, ``MomentStorage.row_slices``), the loop itself
-(``rules.in_row_slices``), the temporaries it saves, and sharded leaves."""
+(``is_elementwise``, ``MomentStorage.row_slices``), the loop itself
+(``in_row_slices``, private to the core), the temporaries it saves, and sharded leaves."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 import adam_jax
+from adam_jax._src import row_slices
+from adam_jax._src.elementwise import is_elementwise
 from adam_jax.sharding import state_shardings
 from benchmarks.sections import offload
 
@@ -196,7 +198,7 @@ SHAPE = (6, 5)
 )
 def test_is_elementwise_accepts_only_steps_of_each_element_alone(fn, elementwise: bool) -> None:
     g = jax.ShapeDtypeStruct(SHAPE, jnp.float32)
-    assert adam_jax.rules.is_elementwise(fn, SHAPE, g, g) == elementwise
+    assert is_elementwise(fn, SHAPE, g, g) == elementwise
 
 
 def test_in_row_slices_gives_the_whole_leafs_results() -> None:
@@ -212,11 +214,11 @@ def test_in_row_slices_gives_the_whole_leafs_results() -> None:
         new = {"codes": s["codes"] + 1, "scale": s["scale"] + jnp.max(g[::2], axis=1)[:, None]}
         return g * scale + p, new
 
-    update, new = adam_jax.rules.in_row_slices(step, grad, param, stored, max_elements=20)
+    update, new = row_slices.in_row_slices(step, grad, param, stored, max_elements=20)
     want_update, want_new = step(grad, param, stored)
     np.testing.assert_array_equal(update, want_update)
     jax.tree.map(np.testing.assert_array_equal, new, want_new)
     # Rows the stored arrays do not cut evenly, or a leaf of one slice: not sliced.
     odd = {"scale": jnp.zeros((3, 1))}
-    assert adam_jax.rules.in_row_slices(step, grad, param, odd, max_elements=12) is None
-    assert adam_jax.rules.in_row_slices(step, grad, param, stored, max_elements=50) is None
+    assert row_slices.in_row_slices(step, grad, param, odd, max_elements=12) is None
+    assert row_slices.in_row_slices(step, grad, param, stored, max_elements=50) is None

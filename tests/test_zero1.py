@@ -23,6 +23,7 @@ with sparse moments.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import re
 from collections.abc import Callable
@@ -35,6 +36,7 @@ import optax
 import pytest
 from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from variant_spec import ZERO1_LAYOUTS
 from variants import PER_TENSOR, VARIANTS
 
 import adam_jax
@@ -388,20 +390,21 @@ def test_zero1_state_bytes_per_device(optimizer: str, axis_type: str, mesh_name:
 # single-device run in float32 (1.7 of the tolerance; every other element within it), and
 # within 1e-10 in float64: the float32 rounding of the summed gradients, carried by its steps
 # (not analysed further: its spike clip is a threshold, where rounding can decide the branch).
-# Grams and StableAdamW, on that same turn since the registry collects the variants by name:
-# Grams' w1[92, 5] ends 2.6e-6 from the single-device run (its update takes the sign of each
-# gradient, which rounding flips near zero), StableAdamW's w1[28, 22] 2.1e-6 and w1[49, 92]
-# 1.8e-6, in float32; float64 checks them to 1e-10.
-FLOAT64_SINGLE_DEVICE = frozenset({"laprop", "spam", "grams", "stable_adamw"})
+# Grams and StableAdamW, on the turn their rows give them (Auto data4_model2): Grams' w1[92, 5]
+# ends 2.6e-6 from the single-device run (its update takes the sign of each gradient, which
+# rounding flips near zero), StableAdamW's w1[28, 22] 2.1e-6 and w1[49, 92] 1.8e-6, in float32;
+# float64 checks them to 1e-10. Each variant's row says whether it is compared so
+# (``zero1_float64_single_device``).
+FLOAT64_SINGLE_DEVICE = frozenset(v.name for v in VARIANTS if v.zero1_float64_single_device)
 
 # The optimizers whose two layouts are compared to float32 rounding in float32 and to float64
-# rounding (1e-13) in float64. SPAM's step on the Auto data4_model2 mesh differs between the
-# ZeRO-1 and the replicated state by an ulp or two: in float32 in 4 of b1's 128 entries after
-# 10 steps (2e-7 relative; 5e-6 at a near-zero element), in float64 in one second-moment entry
-# (1.8e-16): XLA:CPU rounds the clip and the moments' updates differently in the two fusions it
-# picks (contracted multiply-adds), so the difference scales with the precision; the arithmetic
-# is the same.
-FLOAT64_LAYOUTS = frozenset({"spam"})
+# rounding (1e-13) in float64 (their rows' ``zero1_float64_layouts``). SPAM's step on the Auto
+# data4_model2 mesh differs between the ZeRO-1 and the replicated state by an ulp or two: in
+# float32 in 4 of b1's 128 entries after 10 steps (2e-7 relative; 5e-6 at a near-zero element),
+# in float64 in one second-moment entry (1.8e-16): XLA:CPU rounds the clip and the moments'
+# updates differently in the two fusions it picks (contracted multiply-adds), so the difference
+# scales with the precision; the arithmetic is the same.
+FLOAT64_LAYOUTS = frozenset(v.name for v in VARIANTS if v.zero1_float64_layouts)
 
 # Each optimizer trains with both axis types and on both meshes, the 8-bit one in all four
 # combinations (its stored form has leaves of other shapes than the params).
@@ -418,12 +421,23 @@ TRAINING_CASES = [
     *[("adamw_8bit", axis_type, mesh_name) for axis_type in AXIS_TYPES for mesh_name in MESHES],
     ("spam_sparse", "explicit", "data4_model2"),
     ("spam_sparse", "auto", "data8"),
-    # The variants take turns over the axis types and meshes.
-    *[
-        (variant.name, *[(a, m) for a in AXIS_TYPES for m in MESHES][i % 4])
-        for i, variant in enumerate(VARIANTS)
-    ],
+    # Each variant on the axis types and mesh of its row (``Variant.zero1``): a new variant
+    # moves no other to another mesh.
+    *[(variant.name, *variant.zero1) for variant in VARIANTS],
 ]
+
+
+def test_each_variant_trains_on_the_layout_of_its_row_whatever_the_other_names() -> None:
+    """The (axis types, mesh) pairs of the rows are this module's, and a row without one gets
+    one from its name alone: adding a variant moves no other."""
+    assert set(ZERO1_LAYOUTS) == {(a, m) for a in AXIS_TYPES for m in MESHES}
+    for variant in VARIANTS:
+        assert variant.zero1 in ZERO1_LAYOUTS
+        unset = dataclasses.replace(variant, zero1_layout=None)
+        assert unset.zero1 == dataclasses.replace(unset, learning_rate=1.0).zero1
+    names = ["adamod", "half_adam", "grams", "laprop", "zz"]
+    chosen = {n: dataclasses.replace(VARIANTS[0], name=n, zero1_layout=None).zero1 for n in names}
+    assert len(set(chosen.values())) > 1  # the checksum spreads names over the layouts
 
 
 @pytest.mark.parametrize(("optimizer", "axis_type", "mesh_name"), TRAINING_CASES)

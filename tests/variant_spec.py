@@ -15,6 +15,7 @@ Schedules are plain arithmetic, so the same function serves JAX (traced step) an
 from __future__ import annotations
 
 import dataclasses
+import zlib
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -35,6 +36,16 @@ def lr_schedule(k: Any) -> Any:
 def wd_schedule(k: Any) -> Any:
     """A weight-decay schedule that changes every step."""
     return 0.05 / (1.0 + 0.01 * k)
+
+
+# The ZeRO-1 training test's (axis types, mesh) pairs (tests/test_zero1.py): each variant
+# trains on one of them.
+ZERO1_LAYOUTS = (
+    ("explicit", "data8"),
+    ("explicit", "data4_model2"),
+    ("auto", "data8"),
+    ("auto", "data4_model2"),
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,6 +78,20 @@ class Variant:
       static_args: arguments ``optax.inject_hyperparams`` must not inject (callables that are
         not schedules of the step: it would evaluate them at the step count).
       bad: ``(argument, value, range text)`` triples that must raise ValueError.
+      zero1_layout: the axis types and mesh of :data:`ZERO1_LAYOUTS` that the ZeRO-1 training
+        test (``tests/test_zero1.py``) runs the variant on; ``None``: one chosen by the name
+        alone (:attr:`zero1`), so that a new name moves no other variant to another mesh.
+      zero1_float64_single_device: the ZeRO-1 run is compared with the single-device run in
+        float64 (1e-10), not float32 (1e-5): a rule whose conditioning on that problem turns
+        float32 rounding of the summed gradients into more than the tolerance (a sign, a
+        threshold, a momentum of normalized gradients); ``tests/test_zero1.py`` says which
+        element and by how much.
+      zero1_float64_layouts: the ZeRO-1 and replicated states are compared to float32 rounding
+        (and in float64 to 1e-13), not bit for bit: XLA:CPU fuses the rule's step differently in
+        the two layouts.
+      step_proportional_to_rate: twice this step's learning rate is exactly twice this step's
+        update (``tests/test_inject_hyperparams.py``); False for a rule whose momentum weighs
+        each direction by the rate it was taken with (LaProp, as its authors' code).
     """
 
     name: str
@@ -87,6 +112,18 @@ class Variant:
     storage_options: tuple[str, ...] = ("mu_dtype", "nu_dtype")
     static_args: tuple[str, ...] = ()
     bad: tuple[tuple[str, Any, str], ...] = ()
+    zero1_layout: tuple[str, str] | None = None
+    zero1_float64_single_device: bool = False
+    zero1_float64_layouts: bool = False
+    step_proportional_to_rate: bool = True
+
+    @property
+    def zero1(self) -> tuple[str, str]:
+        """The axis types and mesh of the ZeRO-1 training test: :attr:`zero1_layout`, or one of
+        :data:`ZERO1_LAYOUTS` by a checksum of the name."""
+        if self.zero1_layout is not None:
+            return self.zero1_layout
+        return ZERO1_LAYOUTS[zlib.crc32(self.name.encode()) % len(ZERO1_LAYOUTS)]
 
     @property
     def alias(self) -> Callable[..., optax.GradientTransformation]:

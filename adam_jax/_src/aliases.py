@@ -8,7 +8,6 @@ aliases of the same names, so a state can move between the two libraries.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -27,81 +26,6 @@ from adam_jax._src.moments import (
 from adam_jax._src.optimizer_info import OptimizerInfo, Paper
 from adam_jax._src.quantization.eight_bit import eight_bit_moments
 from adam_jax._src.weight_decay import Mask, add_decayed_weights
-
-
-def adam_chain(
-    learning_rate: optax.ScalarOrSchedule,
-    b1: float | jax.Array,
-    b2: float | jax.Array,
-    eps: float | jax.Array,
-    eps_root: float | jax.Array,
-    mu_dtype: Any,
-    nu_dtype: Any,
-    *,
-    nesterov: bool = False,
-    eps_placement: str = "standard",
-    amsgrad: bool = False,
-    maximize: bool = False,
-    weight_decay: optax.ScalarOrSchedule | None = None,
-    mask: Mask | None = None,
-    l2: bool = False,
-    caution: Callable[[optax.GradientTransformation], optax.GradientTransformation] | None = None,
-) -> optax.GradientTransformation:
-    r"""The one chain of the Adam optimizers (:func:`adam_jax.adam`, :func:`adam_jax.adamw`,
-    :func:`adam_jax.adam_l2`, :func:`adam_jax.amsgrad`, :func:`adam_jax.cautious_adamw`), for
-    an optimizer built around it. In order: the gradient negated where ``maximize``; with
-    ``l2``, the decay term added to the gradient; Adam's moment estimate
-    (:func:`adam_moments`, or :func:`adam_jax.scale_by_amsgrad`), its step wrapped by
-    ``caution``; without ``l2``, the decoupled decay; the step of ``-learning_rate``.
-
-    Args:
-      learning_rate: a constant >= 0 or a schedule of the 0-based step.
-      b1: decay of the first moment, in [0, 1).
-      b2: decay of the second moment, in [0, 1).
-      eps: added to the denominator outside the square root, >= 0.
-      eps_root: added inside the square root, >= 0.
-      mu_dtype: storage of the first moment (``None``: the params' dtype; a dtype; or a
-        :class:`adam_jax.MomentStorage`).
-      nu_dtype: storage of the second moment, as ``mu_dtype``.
-      nesterov: Nesterov momentum (as NAdam).
-      eps_placement: ``"standard"`` (PyTorch, optax) or ``"keras"`` (``eps`` added before the
-        bias corrections, Keras' "epsilon hat").
-      amsgrad: the running maximum of the second moment (:func:`adam_jax.scale_by_amsgrad`;
-        with neither ``nesterov`` nor ``eps_placement="keras"``).
-      maximize: ascend the objective instead of descending (PyTorch's ``maximize``).
-      weight_decay: the decay :math:`\lambda`, a constant >= 0 or a schedule of the step;
-        ``None``: no link of decay (Adam's chain, whose state has none).
-      mask: which leaves to decay (a tree of bools or a callable of the params).
-      l2: the decay added to the gradient before the moments (PyTorch's ``Adam``), not
-        decoupled after them.
-      caution: wraps the transformation of Adam's step (:func:`adam_jax.cautious`), placed
-        before Keras' bias correction (a positive factor).
-
-    Returns:
-      An ``optax.chain``, with the links and states of optax's alias of the same name.
-
-    Example:
-      >>> import adam_jax, jax, jax.numpy as jnp
-      >>> from adam_jax import rules
-      >>> params = jnp.zeros(3)
-      >>> tx = rules.adam_chain(0.1, 0.9, 0.999, 1e-8, 0.0, None, None, weight_decay=1e-4)
-      >>> same = jax.tree.structure(adam_jax.adamw(0.1).init(params))
-      >>> print(jax.tree.structure(tx.init(params)) == same)  # adamw's chain
-      True
-    """
-    if amsgrad:
-        if nesterov or eps_placement != "standard":
-            raise ValueError("amsgrad=True needs nesterov=False and eps_placement='standard'")
-        moments: tuple[optax.GradientTransformation, ...] = (
-            scale_by_amsgrad(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype),
-        )
-    else:
-        moments = adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement)
-    if caution is not None:
-        moments = (caution(moments[0]), *moments[1:])
-    decay = () if weight_decay is None else (add_decayed_weights(weight_decay, mask),)
-    links = (*decay, *moments) if l2 else (*moments, *decay)
-    return descend(learning_rate, *links, maximize=maximize)
 
 
 def adam(
@@ -160,10 +84,11 @@ def adam(
       >>> print(jnp.round(params["w"], 2))
       [1. 1. 1.]
     """
-    return adam_chain(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype,
-        nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
-    )  # fmt: skip
+    return descend(
+        learning_rate,
+        *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
+        maximize=maximize,
+    )
 
 
 def adamw(
@@ -222,11 +147,12 @@ def adamw(
       >>> print(jnp.round(updates["w"][0], 6), jnp.round(updates["b"], 6))  # -0.1 * (1 + 0.5 * 2)
       [-0.2 -0.2] [-0.1 -0.1]
     """
-    return adam_chain(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype,
-        nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
-        weight_decay=weight_decay, mask=mask,
-    )  # fmt: skip
+    return descend(
+        learning_rate,
+        *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement),
+        add_decayed_weights(weight_decay, mask),
+        maximize=maximize,
+    )
 
 
 def adam_l2(
@@ -280,10 +206,12 @@ def adam_l2(
       >>> print(updates)  # the decay term alone gives the gradient's sign
       [-0.01  0.01]
     """
-    return adam_chain(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype,
-        amsgrad=amsgrad, maximize=maximize, weight_decay=weight_decay, mask=mask, l2=True,
-    )  # fmt: skip
+    return descend(
+        learning_rate,
+        add_decayed_weights(weight_decay, mask),
+        *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, amsgrad=amsgrad),
+        maximize=maximize,
+    )
 
 
 nadam = hyperparams.partial(
@@ -382,8 +310,10 @@ def amsgrad(
       >>> print(jnp.round(updates, 4))  # the first gradient's square still sets the denominator
       [-0.0677]
     """
-    return adam_chain(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype, amsgrad=True, maximize=maximize
+    return descend(
+        learning_rate,
+        *adam_moments(b1, b2, eps, eps_root, mu_dtype, nu_dtype, amsgrad=True),
+        maximize=maximize,
     )
 
 

@@ -61,7 +61,7 @@ def is_elementwise(fn: Callable[..., Any], shape: tuple[int, ...], *args: Any) -
 
     Example:
       >>> import jax, jax.numpy as jnp
-      >>> from adam_jax.rules import is_elementwise
+      >>> from adam_jax._src.elementwise import is_elementwise
       >>> x = jax.ShapeDtypeStruct((4, 3), jnp.float32)
       >>> print(is_elementwise(lambda g, m: m + 0.1 * (g - m), (4, 3), x, x),
       ...       is_elementwise(lambda g, m: g / jnp.sum(m), (4, 3), x, x))

@@ -348,19 +348,50 @@ def adam_moments(
     eps_root: float | jax.Array,
     mu_dtype: Any,
     nu_dtype: Any,
-    nesterov: bool,
-    eps_placement: str,
+    nesterov: bool = False,
+    eps_placement: str = "standard",
+    *,
+    amsgrad: bool = False,
 ) -> tuple[optax.GradientTransformation, ...]:
-    """Adam's moment estimate with eps where ``eps_placement`` puts it."""
+    """Adam's moment estimate as the links of a chain, with ``eps`` where ``eps_placement``
+    puts it: :func:`adam_jax.scale_by_adam` (``"standard"``); Adam's direction without bias
+    corrections, then :func:`adam_jax.scale_by_bias_correction` (``"keras"``, Keras' "epsilon
+    hat"); or :func:`adam_jax.scale_by_amsgrad` (``amsgrad=True``). The Adam optimizers
+    (:func:`adam_jax.adam`, :func:`adam_jax.adamw`, :func:`adam_jax.adam_l2`,
+    :func:`adam_jax.amsgrad`, :func:`adam_jax.cautious_adamw`) chain these links with the
+    decay and the learning rate (:func:`descend`); the rule is built here, so that they reach
+    :func:`scale_by_rule` in one call.
+
+    Raises:
+      ValueError: for an ``eps_placement`` other than the two, ``nesterov=True`` with
+        ``"keras"``, and ``amsgrad=True`` with either.
+
+    Example:
+      >>> import adam_jax, jax, jax.numpy as jnp
+      >>> from adam_jax import rules
+      >>> links = rules.adam_moments(0.9, 0.999, 1e-8, 0.0, None, None, eps_placement="keras")
+      >>> tx = rules.descend(0.1, *links, adam_jax.add_decayed_weights(1e-4))
+      >>> same = jax.tree.structure(adam_jax.adamw(0.1, eps_placement="keras").init(jnp.zeros(3)))
+      >>> print(len(links), jax.tree.structure(tx.init(jnp.zeros(3))) == same)
+      2 True
+    """
     validation.check_choice("eps_placement", eps_placement, EPS_PLACEMENTS)
-    if eps_placement == "standard":
-        moments = scale_by_adam(
-            b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, nesterov=nesterov
-        )
-        return (moments,)
-    if nesterov:
+    if amsgrad and (nesterov or eps_placement != "standard"):
+        raise ValueError("amsgrad=True needs nesterov=False and eps_placement='standard'")
+    if nesterov and eps_placement == "keras":
         raise ValueError("nesterov=True needs eps_placement='standard', got eps_placement='keras'")
-    return (
-        scale_by_adam(b1, b2, eps, eps_root, mu_dtype, nu_dtype=nu_dtype, bias_correction=False),
-        scale_by_bias_correction(b1, b2),
+    keras = eps_placement == "keras"
+    rule = AdamRule(
+        b1=b1,
+        b2=b2,
+        eps=eps,
+        eps_root=eps_root,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        nesterov=nesterov,
+        bias_correction=not keras,
+        amsgrad=amsgrad,
     )
+    if keras:
+        return scale_by_rule(rule), scale_by_bias_correction(b1, b2)
+    return (scale_by_rule(rule),)

@@ -7,7 +7,7 @@ over slices of its first axis instead: each pass reads a slice of the gradient, 
 every stored array, steps it, and writes the update and the new stored arrays into the whole
 ones in place, so the step's temporaries are one slice's. The values are those of the whole
 leaf bit for bit where the step is the same function of each element's own values
-(:func:`adam_jax.rules.is_elementwise`) and each stored form keeps whole rows apart
+(:func:`~adam_jax._src.elementwise.is_elementwise`) and each stored form keeps whole rows apart
 (:attr:`adam_jax.MomentStorage.row_slices`). :func:`step_in_slices` turns it on for the
 core's rules inside any optimizer, by handing them the leaf schedule :class:`InRowSlices`.
 """
@@ -69,7 +69,7 @@ def in_row_slices(
 
     Example:
       >>> import jax.numpy as jnp
-      >>> from adam_jax.rules import in_row_slices
+      >>> from adam_jax._src.row_slices import in_row_slices
       >>> step = lambda g, p, s: (g * s["scale"], {"scale": s["scale"] + 1})
       >>> grad, stored = jnp.ones((6, 2)), {"scale": jnp.arange(6.0)[:, None]}
       >>> update, new = in_row_slices(step, grad, None, stored, max_elements=4)
@@ -195,11 +195,11 @@ def step_in_slices(
     The rules of the core (every optimizer of the registry built on
     :func:`adam_jax.rules.scale_by_rule`) inside ``inner`` step a leaf of more than
     ``max_elements`` entries in a ``jax.lax.fori_loop`` over slices of its first axis
-    (:func:`adam_jax.rules.in_row_slices`) where the leaf's moments are decoded (8-bit codes),
-    every storage keeps whole rows apart (:attr:`adam_jax.MomentStorage.row_slices`: float32,
-    bfloat16, 8-bit codes; not 4-bit's rank-1 second moment, not block means) and the rule's
-    step is elementwise (:func:`adam_jax.rules.is_elementwise`: no per-tensor statistic, no
-    random numbers, no transcendental function). Each pass decodes a slice's codes, steps it,
+    (:func:`in_row_slices`) where the leaf's moments are decoded (8-bit codes), every storage
+    keeps whole rows apart (:attr:`adam_jax.MomentStorage.row_slices`: float32, bfloat16, 8-bit
+    codes; not 4-bit's rank-1 second moment, not block means) and the rule's step is
+    elementwise (``is_elementwise``: no per-tensor statistic, no random numbers, no
+    transcendental function). Each pass decodes a slice's codes, steps it,
     and writes its new codes and its update in place, so the step holds one slice of float32
     moments, not the whole leaf's, and the update is written over the gradient (a train step's
     gradient, which dies at the update, gives it its buffer). Other leaves and steps are as

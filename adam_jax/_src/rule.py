@@ -221,10 +221,6 @@ class MomentRule(abc.ABC):
     state_type: Any
     #: Whether :meth:`update` reads ``leaf.param`` (besides weight decay, which always does).
     uses_params: bool = False
-    #: Whether the moments weigh each step's direction by the rate it was taken with (a
-    #: ``learning_rate`` field inside the momentum, as LaProp's): then the rate is not a factor
-    #: of the update, and twice the rate is not twice the step.
-    rate_in_momentum: bool = False
 
     def __post_init__(self) -> None:
         """Checks the hyperparameters (:func:`adam_jax.rules.hyperparam` fields) when the rule

@@ -70,8 +70,8 @@ class MomentStorage(abc.ABC):
     #: Whether a slice of the leaf's rows (its first axis) is stored as the same slice of each
     #: array of the stored form (cut along its own first axis, which may give one entry to
     #: several rows, as a block scale does): so a large leaf can be stepped a slice of rows at a
-    #: time (:func:`adam_jax.rules.in_row_slices`) with the same results. True for plain casts
-    #: and 8-bit blocks; not for a storage with column statistics (factored, 4-bit rank-1).
+    #: time (:func:`adam_jax.step_in_slices`) with the same results. True for plain casts and
+    #: 8-bit blocks; not for a storage with column statistics (factored, 4-bit rank-1).
     row_slices: bool = False
 
     def decodes(self, stored: Any) -> bool:

@@ -50,6 +50,7 @@ NOOP_TREE = "no-op, tree"
 NOOP_FLAT = "no-op, flat params"
 FLAT = "adam_jax.adam flat params"
 
+
 def noop_step(params: Any, grads: Any, state: Any) -> tuple[Any, Any]:
     """Takes a step's arguments and returns its params and state as they are."""
     del grads

@@ -52,7 +52,7 @@ import jax.numpy as jnp
 import optax
 
 import adam_jax
-from adam_jax.rules import each_matrix, orthonormal
+from adam_jax.rules import orthonormal
 from benchmarks.harness import LR, Row, Runner, Settings, copy_tree, interleaved
 from benchmarks.models import transformer_params
 
@@ -183,8 +183,15 @@ def block_eighs(factors: Any, _: Any, unused: Any) -> tuple[Any, Any]:
     """The eigenvectors of every block's factors, as SOAP's first step computes them (one
     matrix at a time on the CPU, batched elsewhere)."""
 
+    def vectors(x: jax.Array) -> jax.Array:
+        return jnp.linalg.eigh(x)[1]
+
     def each(m: jax.Array) -> jax.Array:
-        return each_matrix(lambda x: jnp.linalg.eigh(x)[1], m)
+        if m.ndim == 2:
+            return vectors(m)
+        # SOAP's batching (adam_jax's private each_matrix): one block at a time on the CPU,
+        # whose batched kernels can wait on each other in XLA's thread pool.
+        return jax.lax.platform_dependent(m, cpu=lambda m: jax.lax.map(vectors, m), default=vectors)
 
     return jax.tree.map(each, factors), unused
 

@@ -195,6 +195,7 @@ TESTS = (
     Variant(
         name="adabelief",
         learning_rate=1e-2,
+        zero1_layout=("explicit", "data8"),
         reference_class=RefAdabelief,
         cases={
             "default": {},

@@ -136,6 +136,7 @@ TESTS = (
     Variant(
         name="adam_atan2",
         learning_rate=1e-2,
+        zero1_layout=("explicit", "data4_model2"),
         reference_class=RefAdamAtan2,
         cases={
             "default": {},

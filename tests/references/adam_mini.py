@@ -88,6 +88,7 @@ TESTS = (
     Variant(
         name="adam_mini",
         learning_rate=1e-2,
+        zero1_layout=("auto", "data8"),
         reference_class=RefAdamMini,
         cases={
             "default": {},

@@ -343,6 +343,7 @@ TESTS = (
     Variant(
         name="ademamix",
         learning_rate=1e-2,
+        zero1_layout=("auto", "data4_model2"),
         reference_class=RefAdemamix,
         cases={
             "default": {},
@@ -364,6 +365,7 @@ TESTS = (
     Variant(
         name="simplified_ademamix",
         learning_rate=1e-3,
+        zero1_layout=("explicit", "data8"),
         reference_class=RefSimplifiedAdemamix,
         cases={
             "default": {},

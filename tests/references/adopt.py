@@ -222,6 +222,7 @@ TESTS = (
     Variant(
         name="adopt",
         learning_rate=1e-2,
+        zero1_layout=("explicit", "data4_model2"),
         reference_class=RefAdopt,
         cases={
             "default": {},

@@ -161,6 +161,7 @@ TESTS = (
         name="cautious_adamw",
         per_tensor=True,
         learning_rate=1e-2,
+        zero1_layout=("auto", "data8"),
         reference_class=RefCautiousAdamw,
         cases={
             "default": {},

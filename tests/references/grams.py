@@ -133,6 +133,8 @@ TESTS = (
         name="grams",
         reference_class=RefGrams,
         learning_rate=1e-2,
+        zero1_layout=("auto", "data4_model2"),
+        zero1_float64_single_device=True,
         cases={
             "default": {},
             "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-8},

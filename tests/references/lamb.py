@@ -228,6 +228,7 @@ TESTS = (
         name="lamb",
         per_tensor=True,
         learning_rate=1e-2,
+        zero1_layout=("explicit", "data8"),
         reference_class=RefLamb,
         cases={
             "default": {},

@@ -234,6 +234,9 @@ TESTS = (
         name="laprop",
         reference_class=RefLaprop,
         learning_rate=1e-2,
+        zero1_layout=("explicit", "data4_model2"),
+        zero1_float64_single_device=True,
+        step_proportional_to_rate=False,
         cases={
             "default": {},
             # b2 < b1: LaProp's point (Adam diverges there).

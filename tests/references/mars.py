@@ -309,6 +309,7 @@ TESTS = (
         name="mars",
         reference_class=RefMars,
         learning_rate=1e-2,
+        zero1_layout=("auto", "data8"),
         cases={
             "default": {"mars_type": "mars-adamw"},
             "hyperparams": {"b1": 0.9, "b2": 0.999, "eps": 1e-6, "gamma": 0.1},

@@ -208,6 +208,7 @@ TESTS = (
     Variant(
         name="radam",
         learning_rate=1e-2,
+        zero1_layout=("auto", "data4_model2"),
         reference_class=RefRAdam,
         cases={
             "default": {},

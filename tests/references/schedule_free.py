@@ -211,6 +211,7 @@ TESTS = (
     Variant(
         name="schedule_free_adamw",
         learning_rate=1e-2,
+        zero1_layout=("explicit", "data8"),
         reference_class=RefScheduleFreeAdamw,
         cases={
             "default": {},

@@ -405,6 +405,7 @@ TESTS = (
     Variant(
         name="soap",
         learning_rate=1e-2,
+        zero1_layout=("explicit", "data4_model2"),
         reference_class=RefSoap,
         cases={
             # Options that change no state's shape share cases (each case costs a reference

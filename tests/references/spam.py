@@ -312,6 +312,9 @@ TESTS = (
         name="spam",
         reference_class=RefSpam,
         learning_rate=1e-2,
+        zero1_layout=("auto", "data8"),
+        zero1_float64_single_device=True,
+        zero1_float64_layouts=True,
         cases={
             "default": {},
             "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-8},

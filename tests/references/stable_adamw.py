@@ -180,6 +180,8 @@ TESTS = (
         name="stable_adamw",
         per_tensor=True,
         learning_rate=1e-2,
+        zero1_layout=("auto", "data4_model2"),
+        zero1_float64_single_device=True,
         reference_class=RefStableAdamw,
         cases={
             "default": {},

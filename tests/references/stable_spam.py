@@ -253,6 +253,7 @@ TESTS = (
         name="stable_spam",
         reference_class=RefStableSpam,
         learning_rate=1e-2,
+        zero1_layout=("explicit", "data8"),
         cases={
             "default": {},
             "hyperparams": {"b1": 0.8, "b2": 0.99, "eps": 1e-6, "gamma2": 0.99, "gamma3": 0.9},

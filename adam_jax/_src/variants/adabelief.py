@@ -13,14 +13,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import descend
-from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
-from adam_jax._src.moving_average import StepScalars, moving_average
-from adam_jax._src.numerics import abs_sq
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax import rules
+from adam_jax.rules import (
+    AdamLikeRule,
+    Leaf,
+    Mask,
+    OptimizerInfo,
+    Paper,
+    StepScalars,
+    abs_sq,
+    descend,
+    moving_average,
+    nesterov_mu_hat,
+    scale_by_rule,
+)
 
 ScaleByBeliefState = optax.ScaleByBeliefState
 
@@ -29,21 +35,19 @@ ScaleByBeliefState = optax.ScaleByBeliefState
 class AdabeliefRule(AdamLikeRule):
     """AdaBelief's moment rule: see :func:`scale_by_belief`."""
 
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.hyperparam(
-        0.999, "decay of the second central moment, in [0, 1).", validation.check_decay
+    b1: Any = rules.b1()
+    b2: Any = rules.hyperparam(
+        0.999, "decay of the second central moment, in [0, 1).", rules.check_decay
     )
-    eps: Any = hyperparams.eps(1e-16)
-    eps_root: Any = hyperparams.hyperparam(
+    eps: Any = rules.eps(1e-16)
+    eps_root: Any = rules.hyperparam(
         1e-16,
         "added to the second central moment at every step, >= 0.",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    nesterov: bool = hyperparams.nesterov()
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nu_dtype: Any = hyperparams.hyperparam(
-        None, "storage of the second central moment, as ``mu_dtype``."
-    )
+    nesterov: bool = rules.nesterov()
+    mu_dtype: Any = rules.mu_dtype()
+    nu_dtype: Any = rules.hyperparam(None, "storage of the second central moment, as ``mu_dtype``.")
 
     state_type = ScaleByBeliefState
     bias_correction = True  # read by nesterov_mu_hat

@@ -14,27 +14,33 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import descend
-from adam_jax._src.moments import AdamLikeRule
-from adam_jax._src.moving_average import StepScalars, moving_average
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask, add_decayed_weights
+from adam_jax import rules
+from adam_jax.rules import (
+    AdamLikeRule,
+    Leaf,
+    Mask,
+    OptimizerInfo,
+    Paper,
+    StepScalars,
+    add_decayed_weights,
+    descend,
+    moving_average,
+    scale_by_rule,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AdamAtan2Rule(AdamLikeRule):
     """Adam-atan2's moment rule: see :func:`scale_by_adam_atan2`."""
 
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.b2(0.99)
-    a: Any = hyperparams.hyperparam(1.27, "scale of the update, > 0.", validation.check_positive)
-    b: Any = hyperparams.hyperparam(
-        1.0, "scale of the second moment inside the arctangent, > 0.", validation.check_positive
+    b1: Any = rules.b1()
+    b2: Any = rules.b2(0.99)
+    a: Any = rules.hyperparam(1.27, "scale of the update, > 0.", rules.check_positive)
+    b: Any = rules.hyperparam(
+        1.0, "scale of the second moment inside the arctangent, > 0.", rules.check_positive
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nu_dtype: Any = hyperparams.nu_dtype()
+    mu_dtype: Any = rules.mu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
 
     def update(
         self, g: jax.Array, moments: dict[str, jax.Array], scalars: StepScalars, leaf: Leaf

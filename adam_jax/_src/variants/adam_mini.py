@@ -18,14 +18,20 @@ import jax
 import numpy as np
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.block_mean import block_means
-from adam_jax._src.chains import descend
-from adam_jax._src.flat import FlatParams
-from adam_jax._src.moments import scale_by_adam
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.storage import MomentStorage, cast_storage, per_leaf
-from adam_jax._src.weight_decay import Mask, add_decayed_weights
+from adam_jax import rules
+from adam_jax.rules import (
+    FlatParams,
+    Mask,
+    MomentStorage,
+    OptimizerInfo,
+    Paper,
+    add_decayed_weights,
+    block_means,
+    cast_storage,
+    descend,
+    per_leaf,
+    scale_by_adam,
+)
 
 #: Name fragments of the authors' partition (``adam_mini.Adam_mini``), matched against the
 #: lowercased path of a leaf, with Flax's names added (``embedding``).
@@ -219,28 +225,28 @@ class AdamMiniHyperparams:
     """Adam-mini's hyperparameters: see :func:`scale_by_adam_mini` (Adam's rule, with a
     second moment in block-mean storage: no rule of its own)."""
 
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.hyperparam(
-        0.999, "decay of the block second moments, in [0, 1).", validation.check_decay
+    b1: Any = rules.b1()
+    b2: Any = rules.hyperparam(
+        0.999, "decay of the block second moments, in [0, 1).", rules.check_decay
     )
-    eps: Any = hyperparams.eps()
-    num_heads: int | None = hyperparams.hyperparam(
+    eps: Any = rules.eps()
+    num_heads: int | None = rules.hyperparam(
         None,
         "attention heads, for query and key kernels with merged heads, ``None`` or an integer "
         ">= 1 (see :func:`adam_jax.adam_mini_block_shape`).",
         _check_num_heads,
     )
-    partition: Partition | Any | None = hyperparams.hyperparam(
+    partition: Partition | Any | None = rules.hyperparam(
         None,
         "the blocks: ``None`` (the authors' partition by layer names, "
         ":func:`adam_jax.adam_mini_partition`), a function ``params -> tree of storages``, or a "
         "tree like the params of block shapes (a tuple per leaf, ``None`` for one value per "
         "parameter) or storages, which may stop at a subtree.",
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
+    mu_dtype: Any = rules.mu_dtype()
 
     def __post_init__(self) -> None:
-        hyperparams.check_fields(self)
+        rules.check_fields(self)
 
 
 def _scale_by_adam_mini(config: AdamMiniHyperparams) -> optax.GradientTransformation:
@@ -317,9 +323,9 @@ def _adam_mini(
     mask: Mask | str | None,
     maximize: bool,
 ) -> optax.GradientTransformation:
-    never_decays = not callable(weight_decay) and validation.static_float(weight_decay) == 0.0
+    never_decays = not callable(weight_decay) and rules.static_float(weight_decay) == 0.0
     if isinstance(mask, str):
-        validation.check_choice("mask", mask, (DEFAULT_MASK,))
+        rules.check_choice("mask", mask, (DEFAULT_MASK,))
         mask = _no_decay_mask
     if mask is _no_decay_mask and never_decays:
         # A FlatParams buffer that packs biases and kernels then needs no labels of its own.

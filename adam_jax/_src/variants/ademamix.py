@@ -17,18 +17,24 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import descend
-from adam_jax._src.moving_average import (
+from adam_jax import rules
+from adam_jax.rules import (
+    Leaf,
+    Mask,
+    Moment,
+    MomentRule,
+    OptimizerInfo,
+    Paper,
     StepScalars,
+    abs_sq,
+    add_decayed_weights,
+    descend,
     moving_average,
     moving_average_terms,
+    scale_by_rule,
+    second_moment,
     step_scalars,
 )
-from adam_jax._src.numerics import abs_sq
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
-from adam_jax._src.weight_decay import Mask, add_decayed_weights
 
 ScaleByAdemamixState = optax.contrib.ScaleByAdemamixState
 ScaleBySimplifiedAdEMAMixState = optax.contrib.ScaleBySimplifiedAdEMAMixState
@@ -44,7 +50,7 @@ def _value_at(value: Any, count: jax.Array) -> Any:
 def _half_life(beta: Any) -> Any:
     """The authors' ``f(beta) = log(0.5) / log(beta + 1e-8) - 1``: the steps after which a
     decay ``beta`` has halved, minus one (in double precision for a concrete ``beta``)."""
-    number = validation.static_float(beta)
+    number = rules.static_float(beta)
     if number is not None:
         return math.log(0.5) / math.log(number + _HALF_LIFE_EPS) - 1.0
     return jnp.log(0.5) / jnp.log(beta + _HALF_LIFE_EPS) - 1.0
@@ -89,36 +95,34 @@ def _check_warmup(name: str, steps: int | None) -> None:
 class AdemamixRule(MomentRule):
     """AdEMAMix's moment rule: see :func:`scale_by_ademamix`."""
 
-    b1: Any = hyperparams.hyperparam(
-        0.9, "decay of the fast first moment, in [0, 1).", validation.check_decay
-    )
-    b2: Any = hyperparams.b2()
-    b3: Any = hyperparams.hyperparam(
+    b1: Any = rules.hyperparam(0.9, "decay of the fast first moment, in [0, 1).", rules.check_decay)
+    b2: Any = rules.b2()
+    b3: Any = rules.hyperparam(
         0.9999,
         "decay of the slow first moment, in [0, 1), or a schedule of the 0-based step.",
-        validation.check_decay,
+        rules.check_decay,
     )
-    alpha: Any = hyperparams.hyperparam(
+    alpha: Any = rules.hyperparam(
         6.0,
         "weight of the slow moment, >= 0, or a schedule of the 0-based step.",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    eps: Any = hyperparams.eps()
-    eps_root: Any = hyperparams.eps_root()
-    mu_dtype: Any = hyperparams.hyperparam(
+    eps: Any = rules.eps()
+    eps_root: Any = rules.eps_root()
+    mu_dtype: Any = rules.hyperparam(
         None,
         "storage of both first moments (``None``: the params' dtype; a dtype; or a "
         ":class:`adam_jax.MomentStorage`).",
     )
-    alpha_warmup_steps: int | None = hyperparams.hyperparam(
+    alpha_warmup_steps: int | None = rules.hyperparam(
         None, "steps of the linear warm-up of ``alpha`` (``None``: none).", _check_warmup
     )
-    b3_warmup_steps: int | None = hyperparams.hyperparam(
+    b3_warmup_steps: int | None = rules.hyperparam(
         None,
         "steps of the half-life warm-up of ``b3`` (``None``: none; a constant ``b3`` only).",
         _check_warmup,
     )
-    nu_dtype: Any = hyperparams.nu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
 
     state_type = ScaleByAdemamixState
 
@@ -325,23 +329,21 @@ def ademamix(
 class SimplifiedAdemamixRule(MomentRule):
     """Simplified AdEMAMix's moment rule: see :func:`scale_by_simplified_ademamix`."""
 
-    b1: Any = hyperparams.hyperparam(
-        0.99, "decay of the accumulator, in [0, 1).", validation.check_decay
-    )
-    b2: Any = hyperparams.b2(0.95)
-    alpha: Any = hyperparams.hyperparam(
+    b1: Any = rules.hyperparam(0.99, "decay of the accumulator, in [0, 1).", rules.check_decay)
+    b2: Any = rules.b2(0.95)
+    alpha: Any = rules.hyperparam(
         0.0,
         "weight of the current gradient, >= 0, or a schedule of the 0-based step.",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    eps: Any = hyperparams.eps()
-    eps_root: Any = hyperparams.eps_root()
-    mu_dtype: Any = hyperparams.hyperparam(
+    eps: Any = rules.eps()
+    eps_root: Any = rules.eps_root()
+    mu_dtype: Any = rules.hyperparam(
         None,
         "storage of the accumulator (``None``: the params' dtype; a dtype; or a "
         ":class:`adam_jax.MomentStorage`).",
     )
-    nu_dtype: Any = hyperparams.nu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
 
     state_type = ScaleBySimplifiedAdEMAMixState
 

@@ -17,14 +17,20 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import descend
-from adam_jax._src.moments import AdamLikeRule, divide
-from adam_jax._src.moving_average import moving_average, moving_average_terms
-from adam_jax._src.numerics import abs_sq
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax import rules
+from adam_jax.rules import (
+    AdamLikeRule,
+    Leaf,
+    Mask,
+    OptimizerInfo,
+    Paper,
+    abs_sq,
+    descend,
+    divide,
+    moving_average,
+    moving_average_terms,
+    scale_by_rule,
+)
 
 
 def quarter_power(count: jax.Array) -> jax.Array:
@@ -54,19 +60,19 @@ def _clip(x: jax.Array, bound: Any) -> jax.Array:
 class AdoptRule(AdamLikeRule):
     """ADOPT's moment rule: see :func:`scale_by_adopt`."""
 
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.b2(0.9999)
-    eps: Any = hyperparams.hyperparam(
-        1e-6, r"floor of :math:`\sqrt{v_{t-1}}`, >= 0.", validation.check_non_negative
+    b1: Any = rules.b1()
+    b2: Any = rules.b2(0.9999)
+    eps: Any = rules.hyperparam(
+        1e-6, r"floor of :math:`\sqrt{v_{t-1}}`, >= 0.", rules.check_non_negative
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nesterov: bool = hyperparams.hyperparam(
+    mu_dtype: Any = rules.mu_dtype()
+    nesterov: bool = rules.hyperparam(
         False, "Nesterov momentum, as ``optax.contrib.scale_by_adopt``."
     )
-    use_clipping: bool = hyperparams.hyperparam(
+    use_clipping: bool = rules.hyperparam(
         True, "clip the normalized gradient at ``clip_value_fn(t)``."
     )
-    clip_value_fn: Callable[[jax.Array], Any] | None = hyperparams.hyperparam(
+    clip_value_fn: Callable[[jax.Array], Any] | None = rules.hyperparam(
         None,
         "the clip value as a function of the number of earlier calls (a float array of the "
         r"compute dtype); ``None`` is :math:`t^{1/4}`, the authors' ``clip_lambda``. ``None`` "
@@ -74,7 +80,7 @@ class AdoptRule(AdamLikeRule):
         "``static_args`` (it takes every callable argument for a schedule of the step); pass "
         '``static_args="clip_value_fn"`` with a function of your own.',
     )
-    nu_dtype: Any = hyperparams.nu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> AdoptScalars:
         count = fields["count"]  # earlier calls: 0 on the first

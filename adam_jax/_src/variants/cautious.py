@@ -13,11 +13,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src.aliases import adam_chain
-from adam_jax._src.numerics import compute_dtype, real_dtype
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, map_tensors
-from adam_jax._src.weight_decay import Mask
+from adam_jax.rules import (
+    Leaf,
+    Mask,
+    OptimizerInfo,
+    Paper,
+    adam_moments,
+    add_decayed_weights,
+    compute_dtype,
+    descend,
+    map_tensors,
+    real_dtype,
+)
 
 # The smallest fraction of agreeing coordinates the rescaling divides by (timm, C-Optim).
 MIN_AGREEING_FRACTION = 1e-3
@@ -137,11 +144,16 @@ def cautious_adamw(
       >>> print(jax.tree.structure(tx.init(params)) == same)  # adamw's state
       True
     """
-    return adam_chain(
-        learning_rate, b1, b2, eps, eps_root, mu_dtype, nu_dtype,
-        nesterov=nesterov, eps_placement=eps_placement, maximize=maximize,
-        weight_decay=weight_decay, mask=mask, caution=cautious,
-    )  # fmt: skip
+    step, *correction = adam_moments(
+        b1, b2, eps, eps_root, mu_dtype, nu_dtype, nesterov, eps_placement
+    )
+    return descend(
+        learning_rate,
+        cautious(step),
+        *correction,
+        add_decayed_weights(weight_decay, mask),
+        maximize=maximize,
+    )
 
 
 REGISTRY_ROWS = (

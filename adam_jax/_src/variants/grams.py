@@ -14,32 +14,37 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams
-from adam_jax._src.chains import descend
-from adam_jax._src.moments import AdamLikeRule
-from adam_jax._src.moving_average import StepScalars, moving_average
-from adam_jax._src.numerics import abs_sq
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax import rules
+from adam_jax.rules import (
+    AdamLikeRule,
+    Leaf,
+    Mask,
+    OptimizerInfo,
+    Paper,
+    StepScalars,
+    abs_sq,
+    descend,
+    moving_average,
+    scale_by_rule,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GramsRule(AdamLikeRule):
     """Grams' moment rule: see :func:`scale_by_grams`."""
 
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.b2()
-    eps: Any = hyperparams.eps(1e-6)
-    bias_correction: bool = hyperparams.hyperparam(True, "divide the moments by 1 - b^t.")
-    eps_placement: str = hyperparams.hyperparam(
+    b1: Any = rules.b1()
+    b2: Any = rules.b2()
+    eps: Any = rules.eps(1e-6)
+    bias_correction: bool = rules.hyperparam(True, "divide the moments by 1 - b^t.")
+    eps_placement: str = rules.hyperparam(
         "keras",
         '``"keras"`` (the authors\': ``eps`` added before the bias corrections) or '
         '``"standard"`` (the paper\'s).',
-        hyperparams.choice("keras", "standard"),
+        rules.choice("keras", "standard"),
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nu_dtype: Any = hyperparams.nu_dtype()
+    mu_dtype: Any = rules.mu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
 
     def update(
         self,

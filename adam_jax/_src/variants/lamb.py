@@ -12,13 +12,19 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import validation
-from adam_jax._src.chains import descend
-from adam_jax._src.moments import scale_by_adam
-from adam_jax._src.numerics import abs_sq, compute_dtype
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, map_tensors
-from adam_jax._src.weight_decay import Mask, add_decayed_weights
+from adam_jax import rules
+from adam_jax.rules import (
+    Leaf,
+    Mask,
+    OptimizerInfo,
+    Paper,
+    abs_sq,
+    add_decayed_weights,
+    compute_dtype,
+    descend,
+    map_tensors,
+    scale_by_adam,
+)
 
 
 def scale_by_trust_ratio(
@@ -51,9 +57,9 @@ def scale_by_trust_ratio(
       >>> print(tx.update(updates, tx.init(params), params)[0])  # |params| / |updates| = 10
       [0. 5.]
     """
-    validation.check_non_negative("min_norm", min_norm)
-    validation.check_non_negative("trust_coefficient", trust_coefficient)
-    validation.check_non_negative("eps", eps)
+    rules.check_non_negative("min_norm", min_norm)
+    rules.check_non_negative("trust_coefficient", trust_coefficient)
+    rules.check_non_negative("eps", eps)
 
     def scale(update: jax.Array, param: jax.Array, leaf: Leaf) -> jax.Array:
         u = update.astype(compute_dtype(update.dtype))

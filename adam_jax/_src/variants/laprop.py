@@ -15,13 +15,23 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import ascent
-from adam_jax._src.moving_average import moving_average, moving_average_terms
-from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
-from adam_jax._src.weight_decay import Mask
+from adam_jax import rules
+from adam_jax.rules import (
+    Leaf,
+    Mask,
+    Moment,
+    MomentRule,
+    OptimizerInfo,
+    Paper,
+    abs_sq,
+    ascent,
+    compute_dtype,
+    moving_average,
+    moving_average_terms,
+    real_dtype,
+    scale_by_rule,
+    second_moment,
+)
 
 
 class ScaleByLapropState(NamedTuple):
@@ -58,37 +68,34 @@ class LapropRule(MomentRule):
     """LaProp's moment rule: see :func:`scale_by_laprop` (``learning_rate=None``: the
     direction) and :func:`laprop` (a learning rate: the whole step, decay included)."""
 
-    learning_rate: optax.ScalarOrSchedule | None = hyperparams.learning_rate()
-    b1: Any = hyperparams.hyperparam(
-        0.9, "decay of the momentum, in [0, 1).", validation.check_decay
-    )
-    b2: Any = hyperparams.hyperparam(
+    learning_rate: optax.ScalarOrSchedule | None = rules.learning_rate()
+    b1: Any = rules.hyperparam(0.9, "decay of the momentum, in [0, 1).", rules.check_decay)
+    b2: Any = rules.hyperparam(
         0.999,
         r"decay of the second moment (and of :math:`\bar g_t`), in [0, 1).",
-        validation.check_decay,
+        rules.check_decay,
     )
-    eps: Any = hyperparams.eps(1e-15)
-    centered: bool = hyperparams.hyperparam(
+    eps: Any = rules.eps(1e-15)
+    centered: bool = rules.hyperparam(
         False,
         r"subtract the square of the gradient's :math:`\beta_2`-average from :math:`v_t`.",
     )
-    amsgrad: bool = hyperparams.hyperparam(
+    amsgrad: bool = rules.hyperparam(
         False, "use the running maximum of the (centered) second moment."
     )
-    steps_before_using_centered: int = hyperparams.hyperparam(
-        10, "steps taken non-centered first, an integer >= 0.", hyperparams.integer(0)
+    steps_before_using_centered: int = rules.hyperparam(
+        10, "steps taken non-centered first, an integer >= 0.", rules.integer(0)
     )
-    mu_dtype: Any = hyperparams.hyperparam(
+    mu_dtype: Any = rules.hyperparam(
         None,
         r"storage of the momentum and of :math:`\bar g_t` (``None``: the params' dtype; a "
         "dtype; or a :class:`adam_jax.MomentStorage`).",
     )
-    nu_dtype: Any = hyperparams.hyperparam(
+    nu_dtype: Any = rules.hyperparam(
         None, "storage of the second moment and its running maximum, as ``mu_dtype``."
     )
 
     state_type = ScaleByLapropState
-    rate_in_momentum = True
 
     def moments(self) -> tuple[Moment, ...]:
         mean = (Moment("mean", self.mu_dtype),) if self.centered else ()
@@ -150,13 +157,8 @@ class LapropRule(MomentRule):
         direction = leaf.settle("mu", new["mu"]) * d.inv_lr_avg
         if self.learning_rate is None:
             return direction, new
-        step = d.lr * direction
-        if validation.static_float(leaf.decay) == 0.0:
-            return -step, new
-        if leaf.param is None:
-            raise ValueError("weight decay needs params: call update(updates, state, params)")
         # The authors' order: the step, then the stepped params shrink by (1 - decay).
-        return -step - leaf.decay * (leaf.param - step), new
+        return rules.step_with_rate(direction, d.lr, leaf, decay_after_step=True), new
 
     def to_state(self, fields: dict[str, Any]) -> ScaleByLapropState:
         values: dict[str, Any] = {name: fields.get(name) for name in ScaleByLapropState._fields}

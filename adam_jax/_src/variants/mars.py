@@ -15,15 +15,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import ascent
-from adam_jax._src.flat import FlatParams
-from adam_jax._src.moving_average import moving_average, moving_average_terms
-from adam_jax._src.numerics import abs_sq
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
-from adam_jax._src.storage import MomentStorage, cast_storage, per_leaf
-from adam_jax._src.weight_decay import Mask
+from adam_jax import rules
+from adam_jax.rules import (
+    FlatParams,
+    Leaf,
+    Mask,
+    Moment,
+    MomentRule,
+    MomentStorage,
+    OptimizerInfo,
+    Paper,
+    abs_sq,
+    ascent,
+    cast_storage,
+    moving_average,
+    moving_average_terms,
+    per_leaf,
+    scale_by_rule,
+    second_moment,
+)
 
 MARS_TYPES = ("mars-adamw",)
 NOT_BUILT = ("mars-lion", "mars-shampoo")
@@ -86,7 +96,7 @@ def _check_mars_type(name: str, value: Any) -> None:
             f"{name} {value!r} is not built: adam_jax has MARS-AdamW alone "
             f"({name} must be one of {MARS_TYPES})"
         )
-    validation.check_choice(name, value, MARS_TYPES)
+    rules.check_choice(name, value, MARS_TYPES)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -94,74 +104,74 @@ class MarsRule(MomentRule):
     """MARS' moment rule: see :func:`scale_by_mars` (``learning_rate=None``: the direction,
     decay included) and :func:`mars` (a learning rate: the whole step)."""
 
-    learning_rate: optax.ScalarOrSchedule | None = hyperparams.learning_rate()
-    b1: Any = hyperparams.b1(0.95)
-    b2: Any = hyperparams.b2(0.99)
-    eps: Any = hyperparams.eps(1e-8)
-    gamma: Any = hyperparams.hyperparam(
+    learning_rate: optax.ScalarOrSchedule | None = rules.learning_rate()
+    b1: Any = rules.b1(0.95)
+    b2: Any = rules.b2(0.99)
+    eps: Any = rules.eps(1e-8)
+    gamma: Any = rules.hyperparam(
         0.025,
         "weight of the gradient correction, >= 0 (0: AdamW on per-tensor clipped gradients).",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    mars_type: str = hyperparams.hyperparam(
+    mars_type: str = rules.hyperparam(
         "mars-adamw",
         '``"mars-adamw"``; the authors\' ``"mars-lion"`` and ``"mars-shampoo"`` are not built '
         "and raise a ``ValueError``.",
         _check_mars_type,
     )
-    is_approx: bool = hyperparams.hyperparam(
+    is_approx: bool = rules.hyperparam(
         True, r":math:`g_{t-1}` from the previous step (True) or passed as ``last_grad``."
     )
-    amsgrad: bool = hyperparams.hyperparam(False, "use the running maximum of the second moment.")
-    optimize_1d: bool = hyperparams.hyperparam(
+    amsgrad: bool = rules.hyperparam(False, "use the running maximum of the second moment.")
+    optimize_1d: bool = rules.hyperparam(
         False, "train every param with MARS (else the params that are not 2-D with AdamW)."
     )
-    lr_1d: optax.ScalarOrSchedule | None = hyperparams.hyperparam(
+    lr_1d: optax.ScalarOrSchedule | None = rules.hyperparam(
         None,
         r":math:`\alpha_{1d}`, the rate of the AdamW params (a constant >= 0 or a schedule; "
         "``None``: the learning rate).",
-        validation.check_non_negative,
+        rules.check_non_negative,
         optimizer_only=True,
     )
-    b1_1d: Any = hyperparams.hyperparam(
+    b1_1d: Any = rules.hyperparam(
         0.9, "AdamW's decay of the first moment for the params that are not 2-D, in [0, 1).",
-        validation.check_decay,
+        rules.check_decay,
     )  # fmt: skip
-    b2_1d: Any = hyperparams.hyperparam(
+    b2_1d: Any = rules.hyperparam(
         0.95, "AdamW's decay of the second moment for the params that are not 2-D, in [0, 1).",
-        validation.check_decay,
+        rules.check_decay,
     )  # fmt: skip
-    weight_decay: optax.ScalarOrSchedule = hyperparams.hyperparam(
+    weight_decay: optax.ScalarOrSchedule = rules.hyperparam(
         0.0,
         r":math:`\lambda` of the MARS params, a constant >= 0 or a schedule (scaled by the "
         "learning rate in :func:`adam_jax.mars`).",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    weight_decay_1d: optax.ScalarOrSchedule = hyperparams.hyperparam(
+    weight_decay_1d: optax.ScalarOrSchedule = rules.hyperparam(
         0.1,
         r":math:`\lambda_{1d}` of the AdamW params, likewise (scaled by ``lr_1d`` in "
         ":func:`adam_jax.mars`; the authors' default 0.1 decays them even when "
         "``weight_decay`` is 0).",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    eps_placement: str = hyperparams.hyperparam(
+    eps_placement: str = rules.hyperparam(
         "standard",
         '``"standard"`` (the authors\', :math:`\\sqrt{\\hat v_t} + \\epsilon`) or '
         '``"keras"`` (:math:`(\\sqrt{v_t} + \\epsilon)/\\sqrt{1-\\beta_2^t}`).',
-        hyperparams.choice("standard", "keras"),
+        rules.choice("standard", "keras"),
     )
-    correct_first_step: bool = hyperparams.hyperparam(
+    correct_first_step: bool = rules.hyperparam(
         True,
         r"the first correction uses :math:`g_0 = 0` (the authors'); False: "
         r":math:`\tilde c_1 = g_1`.",
     )
-    only_2d: bool = hyperparams.hyperparam(
+    only_2d: bool = rules.hyperparam(
         True,
         "with ``optimize_1d=False``, MARS for 2-D params alone (the authors'); False: for "
         "every param of 2 dimensions or more.",
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nu_dtype: Any = hyperparams.hyperparam(
+    mu_dtype: Any = rules.mu_dtype()
+    nu_dtype: Any = rules.hyperparam(
         None,
         "storage of the second moment and its maximum, as ``mu_dtype`` (``None``: the params' "
         "dtype, float32 for float16 params, whose smallest normal the second moment of the "
@@ -245,13 +255,8 @@ class MarsRule(MomentRule):
             denom = (jnp.sqrt(second) + self.eps) / jnp.sqrt(c2) * c1
         update = leaf.settle("mu", mu) / denom
         # leaf.decay is the mask (1 where decayed, 0 where not): the rate is the leaf kind's.
-        if validation.static_float(leaf.decay) != 0.0:
-            if leaf.param is None:
-                raise ValueError("weight decay needs params: call update(updates, state, params)")
-            update = update + leaf.decay * wd * leaf.param
-        if self.learning_rate is None:
-            return update, new
-        return -lr * update, new
+        rate = None if self.learning_rate is None else lr
+        return rules.step_with_rate(update, rate, leaf, decay=leaf.decay * wd), new
 
     def to_state(self, fields: dict[str, Any]) -> ScaleByMarsState:
         values: dict[str, Any] = {name: fields.get(name) for name in ScaleByMarsState._fields}
@@ -264,8 +269,8 @@ class MarsRule(MomentRule):
 def _decay_mask_rate(rule: MarsRule) -> float:
     """What ``scale_by_rule`` gets as its decay: 1 (the rule scales it by the leaf kind's
     rate, so that ``mask`` covers both kinds), or 0 where neither kind can decay."""
-    zero = validation.static_float(rule.weight_decay) == 0.0
-    zero_1d = rule.optimize_1d or validation.static_float(rule.weight_decay_1d) == 0.0
+    zero = rules.static_float(rule.weight_decay) == 0.0
+    zero_1d = rule.optimize_1d or rules.static_float(rule.weight_decay_1d) == 0.0
     return 0.0 if zero and zero_1d else 1.0
 
 

@@ -16,14 +16,21 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import descend
-from adam_jax._src.moments import AdamLikeRule, nesterov_mu_hat
-from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
-from adam_jax._src.numerics import abs_sq
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax import rules
+from adam_jax.rules import (
+    AdamLikeRule,
+    Leaf,
+    Mask,
+    OptimizerInfo,
+    Paper,
+    StepScalars,
+    abs_sq,
+    descend,
+    moving_average,
+    nesterov_mu_hat,
+    scale_by_rule,
+    step_scalars,
+)
 
 # Below this, 1 - y / expm1(y) loses digits to cancellation; its Taylor series does not.
 _SERIES_BELOW = 0.5
@@ -66,7 +73,7 @@ def rectifier_terms(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, j
     from the exact value in float32, where the textbook formula is off by 1e-4.
     """
     t = jnp.asarray(count).astype(dtype)
-    number = validation.static_float(b2)
+    number = rules.static_float(b2)
     if number is not None:
         if number == 0.0:  # rho_t = rho_inf = 1: never rectified
             return jnp.ones((), dtype), jnp.zeros((), dtype)
@@ -98,25 +105,25 @@ def rectifier_terms(b2: Any, count: jax.Array, dtype: Any) -> tuple[jax.Array, j
 class RadamRule(AdamLikeRule):
     """RAdam's moment rule: see :func:`scale_by_radam`."""
 
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.b2()
-    eps: Any = hyperparams.eps()
-    eps_root: Any = hyperparams.eps_root()
-    threshold: Any = hyperparams.hyperparam(
+    b1: Any = rules.b1()
+    b2: Any = rules.b2()
+    eps: Any = rules.eps()
+    eps_root: Any = rules.eps_root()
+    threshold: Any = rules.hyperparam(
         5.0,
         r":math:`\rho_t` from which the adaptive step is taken, >= 4 (the rectifier is defined "
         r"for :math:`\rho_t \geq 4`).",
-        hyperparams.at_least(4.0),
+        rules.at_least(4.0),
     )
-    nesterov: bool = hyperparams.nesterov()
-    eps_placement: str = hyperparams.hyperparam(
+    nesterov: bool = rules.nesterov()
+    eps_placement: str = rules.hyperparam(
         "standard",
         '``"standard"`` (optax\'s) or ``"torch"`` (``torch.optim.RAdam``\'s: ``eps`` added to '
         r":math:`\sqrt{v_t}` before the bias correction).",
-        hyperparams.choice("standard", "torch"),
+        rules.choice("standard", "torch"),
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nu_dtype: Any = hyperparams.nu_dtype()
+    mu_dtype: Any = rules.mu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
 
     bias_correction = True  # read by nesterov_mu_hat
 

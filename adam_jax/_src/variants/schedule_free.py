@@ -17,14 +17,25 @@ import jax.numpy as jnp
 import optax
 import optax.contrib
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import ascent
-from adam_jax._src.moving_average import moving_average, moving_average_terms
-from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
-from adam_jax._src.offload import on_device
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
-from adam_jax._src.weight_decay import Mask, schedule_state_type
+from adam_jax import rules
+from adam_jax.rules import (
+    Leaf,
+    Mask,
+    Moment,
+    MomentRule,
+    OptimizerInfo,
+    Paper,
+    abs_sq,
+    ascent,
+    compute_dtype,
+    moving_average,
+    moving_average_terms,
+    on_device,
+    real_dtype,
+    scale_by_rule,
+    schedule_state_type,
+    second_moment,
+)
 
 ScheduleFreeState = optax.contrib.ScheduleFreeState
 
@@ -56,11 +67,11 @@ class ScheduleFreeScalars(NamedTuple):
 
 def _check_warmup(name: str, value: Any) -> None:
     if value is not None:
-        validation.check_steps(name, value)
+        rules.check_steps(name, value)
 
 
 def _check_interpolation(name: str, value: Any) -> None:
-    number = validation.static_float(value)
+    number = rules.static_float(value)
     if number is not None and not 0.0 < number < 1.0:
         raise ValueError(f"{name} must be in (0, 1) (x = y + (1 - 1/b1)(z - y)), got {value!r}")
 
@@ -69,38 +80,38 @@ def _check_interpolation(name: str, value: Any) -> None:
 class ScheduleFreeAdamwRule(MomentRule):
     """Schedule-Free AdamW's rule: see :func:`schedule_free_adamw`."""
 
-    learning_rate: optax.ScalarOrSchedule = hyperparams.learning_rate(0.0025)
-    warmup_steps: int | None = hyperparams.hyperparam(
+    learning_rate: optax.ScalarOrSchedule = rules.learning_rate(0.0025)
+    warmup_steps: int | None = rules.hyperparam(
         None, "length of the linear warm-up, an integer >= 0 (``None`` or 0: none).", _check_warmup
     )
-    b1: Any = hyperparams.hyperparam(
+    b1: Any = rules.hyperparam(
         0.9,
         r"interpolation of :math:`y` between :math:`z` and :math:`x`, in (0, 1).",
         _check_interpolation,
     )
-    b2: Any = hyperparams.b2()
-    eps: Any = hyperparams.eps()
-    weight_lr_power: Any = hyperparams.hyperparam(
+    b2: Any = rules.b2()
+    eps: Any = rules.eps()
+    weight_lr_power: Any = rules.hyperparam(
         2.0,
         ":math:`p`, the power of the largest learning rate so far in the averaging weights, >= 0.",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    r: Any = hyperparams.hyperparam(
+    r: Any = rules.hyperparam(
         0.0,
         ":math:`r`, the power of the step in the averaging weights (0: uniform), >= 0.",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    form: str = hyperparams.hyperparam(
+    form: str = rules.hyperparam(
         "recommended",
         '``"recommended"`` (the authors\' ``AdamWScheduleFree``) or ``"paper"`` (Algorithm 1).',
-        hyperparams.choice("recommended", "paper"),
+        rules.choice("recommended", "paper"),
     )
-    state_dtype: Any = hyperparams.hyperparam(
+    state_dtype: Any = rules.hyperparam(
         None,
         r"storage of :math:`z` (``None``: the params' dtype; a dtype; or a "
         ":class:`adam_jax.MomentStorage`).",
     )
-    nu_dtype: Any = hyperparams.nu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
     scheduled_decay: bool = False  # the weight decay is a schedule: the state counts its steps
 
     state_type = ScheduleFreeState
@@ -156,7 +167,7 @@ class ScheduleFreeAdamwRule(MomentRule):
         lr = self._learning_rate(fields, dtype)
         max_lr = jnp.maximum(fields["max_lr"], lr)
         weight = max_lr**self.weight_lr_power
-        if validation.static_float(self.r) != 0.0:
+        if rules.static_float(self.r) != 0.0:
             weight = fields["step_count"].astype(dtype) ** self.r * weight
         return lr, max_lr, weight
 

@@ -17,24 +17,34 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.branching import branch
-from adam_jax._src.chains import ascent
-from adam_jax._src.flat import FlatParams
-from adam_jax._src.moments import AdamLikeRule
-from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
-from adam_jax._src.numerics import abs_sq, real_dtype
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rounding import raw_key
-from adam_jax._src.rule import Leaf, Moment, expand_mask, scale_by_rule, second_moment
-from adam_jax._src.storage import MomentStorage, per_leaf, storages_for
-from adam_jax._src.typed_sharding import (
+from adam_jax import rules
+from adam_jax.rules import (
+    AdamLikeRule,
+    FlatParams,
+    Leaf,
+    Mask,
+    Moment,
+    MomentStorage,
+    OptimizerInfo,
+    Paper,
+    StepScalars,
+    abs_sq,
+    ascent,
+    branch,
+    expand_mask,
+    moving_average,
+    per_leaf,
+    raw_key,
+    real_dtype,
     replicated,
     replicated_placement,
     reshard,
+    scale_by_rule,
+    second_moment,
+    step_scalars,
+    storages_for,
     typed_sharding,
 )
-from adam_jax._src.weight_decay import Mask
 
 #: The authors' ``CosineDecay(0.99, warmup_steps)``: the rate right after a reset is 1% of
 #: the full one.
@@ -80,7 +90,7 @@ class SpamScalars(NamedTuple):
 def sampled_count(size: int, density: Any) -> int:
     """The number of sampled entries of a sparse leaf of ``size`` entries: the authors'
     ``int(density * size)``; ``density`` must be concrete (it sets the state's shapes)."""
-    number = validation.static_float(density)
+    number = rules.static_float(density)
     if number is None:
         raise ValueError(
             "density sets the shapes of SPAM's state, so it must be a concrete number when "
@@ -172,7 +182,7 @@ def warmup_scale(count: Any, delta_t: Any, warmup_steps: Any, dtype: Any = jnp.f
 
 
 def _check_density(name: str, value: Any) -> None:
-    number = validation.static_float(value)
+    number = rules.static_float(value)
     if isinstance(value, bool) or (number is not None and not 0.0 < number <= 1.0):
         raise ValueError(f"{name} must be in (0, 1] (or None: dense moments), got {value!r}")
 
@@ -182,49 +192,49 @@ class SpamRule(AdamLikeRule):
     """SPAM's moment rule: see :func:`scale_by_spam` (``learning_rate=None``: the direction)
     and :func:`spam` (a learning rate: the whole step, decay included)."""
 
-    learning_rate: optax.ScalarOrSchedule | None = hyperparams.learning_rate()
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.b2()
-    eps: Any = hyperparams.hyperparam(
+    learning_rate: optax.ScalarOrSchedule | None = rules.learning_rate()
+    b1: Any = rules.b1()
+    b2: Any = rules.b2()
+    eps: Any = rules.hyperparam(
         1e-6,
         r"added to :math:`\sqrt{v_t}`, >= 0 (the authors' default 1e-6).",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    threshold: Any = hyperparams.hyperparam(
+    threshold: Any = rules.hyperparam(
         5000.0,
         r":math:`\theta`, the spike bound as a multiple of the second moment, >= 0 (0: no "
         "clipping).",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    delta_t: Any = hyperparams.hyperparam(
+    delta_t: Any = rules.hyperparam(
         500,
         r":math:`\Delta T`, steps between momentum resets, an integer >= 1 (the authors' "
         "``DeltaT``).",
-        hyperparams.integer(1),
+        rules.integer(1),
     )
-    warmup_steps: Any = hyperparams.hyperparam(
+    warmup_steps: Any = rules.hyperparam(
         150,
         ":math:`W`, steps of the cosine warm-up after a reset, an integer >= 0 (the authors' "
         "``warmup_steps``, ``--warmup_epoch`` on their command line).",
-        hyperparams.integer(0),
+        rules.integer(0),
     )
-    grad_accu_steps: Any = hyperparams.hyperparam(
+    grad_accu_steps: Any = rules.hyperparam(
         20,
         ":math:`A`, steps after a reset (and after the start) before spikes are clipped, an "
         "integer >= 0.",
-        hyperparams.integer(0),
+        rules.integer(0),
     )
-    correct_bias: bool = hyperparams.hyperparam(
+    correct_bias: bool = rules.hyperparam(
         True, r"scale by :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`."
     )
-    mu_dtype: Any = hyperparams.hyperparam(
+    mu_dtype: Any = rules.hyperparam(
         None,
         "storage of the first moment (``None``: the params' dtype; a dtype; or a "
         ":class:`adam_jax.MomentStorage`; of a sparse leaf, its vector of sampled entries: "
         "not a reducing storage).",
     )
-    nu_dtype: Any = hyperparams.nu_dtype()
-    density: Any = hyperparams.hyperparam(
+    nu_dtype: Any = rules.nu_dtype()
+    density: Any = rules.hyperparam(
         None,
         "sparse moments (the authors' ``density`` groups): each sparse leaf keeps moments for "
         "``int(density * size)`` of its entries, drawn at random at the first step and anew "
@@ -233,12 +243,12 @@ class SpamRule(AdamLikeRule):
         "in ``static_args`` under a jitted ``init``.",
         _check_density,
     )
-    sparse_leaves: Any = hyperparams.hyperparam(
+    sparse_leaves: Any = rules.hyperparam(
         None,
         "which leaves are sparse (a tree of bools or a callable of the params, depending on "
         "their structure and shapes only); ``None``: every matrix (2-D leaf).",
     )
-    key: Any = hyperparams.hyperparam(
+    key: Any = rules.hyperparam(
         0, "the ``jax.random`` key (or an int seed) the sampled entries are drawn from."
     )
 
@@ -368,7 +378,7 @@ class SpamRule(AdamLikeRule):
         # (of zeros_like it copied each moment at every step on CPU: 3x AdamW's step).
         mu = jnp.where(scalars.reset, 0.0, moments["mu"]).astype(moments["mu"].dtype)
         nu = jnp.where(scalars.reset, 0.0, moments["nu"]).astype(moments["nu"].dtype)
-        if validation.static_float(self.threshold) != 0.0:
+        if rules.static_float(self.threshold) != 0.0:
             g = _laid_out_like(g, mu, nu)
             bound = jnp.asarray(self.threshold).astype(rdtype) * nu
             if jnp.issubdtype(g.dtype, jnp.complexfloating):
@@ -393,13 +403,15 @@ class SpamRule(AdamLikeRule):
         the step and the decay of ``param`` (the leaf, or its sampled entries)."""
         if self.learning_rate is None:
             return direction
-        step = scalars.lr * direction
-        if validation.static_float(leaf.decay) == 0.0:
-            return -step
-        if param is None:
-            raise ValueError("weight decay needs params: call update(updates, state, params)")
         # The authors' order: the step, then the stepped params shrink by lr * decay.
-        return -step - scalars.lr * leaf.decay * (param - step)
+        return rules.step_with_rate(
+            direction,
+            scalars.lr,
+            leaf,
+            decay_after_step=True,
+            decay_times_rate=True,
+            param=param,
+        )
 
 
 def _is_flat(x: Any) -> bool:

@@ -14,29 +14,34 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.chains import descend
-from adam_jax._src.moments import AdamLikeRule
-from adam_jax._src.moving_average import moving_average, step_scalars
-from adam_jax._src.numerics import abs_sq
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, scale_by_rule
-from adam_jax._src.weight_decay import Mask
+from adam_jax import rules
+from adam_jax.rules import (
+    AdamLikeRule,
+    Leaf,
+    Mask,
+    OptimizerInfo,
+    Paper,
+    abs_sq,
+    descend,
+    moving_average,
+    scale_by_rule,
+    step_scalars,
+)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class StableAdamwRule(AdamLikeRule):
     """StableAdamW's moment rule: see :func:`scale_by_stable_adam`."""
 
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.b2(0.99)
-    eps: Any = hyperparams.hyperparam(
+    b1: Any = rules.b1()
+    b2: Any = rules.b2(0.99)
+    eps: Any = rules.hyperparam(
         1e-6,
         r"added to the denominator, and its square floors :math:`v_t` in the RMS, >= 0.",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nu_dtype: Any = hyperparams.nu_dtype()
+    mu_dtype: Any = rules.mu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> tuple[jax.Array, jax.Array]:
         # The debiased betas' complements: 1 - b_hat = (1 - b) / (1 - b**t).

@@ -16,15 +16,25 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.block_mean import block_means
-from adam_jax._src.chains import descend
-from adam_jax._src.moving_average import moving_average, moving_average_terms
-from adam_jax._src.numerics import abs_sq, compute_dtype, real_dtype
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import Leaf, Moment, MomentRule, scale_by_rule, second_moment
-from adam_jax._src.storage import MomentStorage
-from adam_jax._src.weight_decay import Mask
+from adam_jax import rules
+from adam_jax.rules import (
+    Leaf,
+    Mask,
+    Moment,
+    MomentRule,
+    MomentStorage,
+    OptimizerInfo,
+    Paper,
+    abs_sq,
+    block_means,
+    compute_dtype,
+    descend,
+    moving_average,
+    moving_average_terms,
+    real_dtype,
+    scale_by_rule,
+    second_moment,
+)
 
 
 class ScaleByStableSpamState(NamedTuple):
@@ -107,18 +117,18 @@ def cosine_scale(t: Any, total_t: Any, eta_min: Any, dtype: Any = jnp.float32) -
 
 
 def _check_gamma1(name: str, value: Any) -> None:
-    number = validation.static_float(value)
+    number = rules.static_float(value)
     if number is not None and number != -1.0 and not 0.0 <= number < 1.0:
         raise ValueError(f"{name} must be in [0, 1), or -1 for b1, got {value!r}")
 
 
 def _check_total_t(name: str, value: Any) -> None:
     if value is not None:
-        validation.check_integer(name, value, 1)
+        rules.check_integer(name, value, 1)
 
 
 def _check_eta_min(name: str, value: Any) -> None:
-    number = validation.static_float(value)
+    number = rules.static_float(value)
     if number is not None and not 0.0 <= number <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
 
@@ -127,53 +137,51 @@ def _check_eta_min(name: str, value: Any) -> None:
 class StableSpamRule(MomentRule):
     """Stable-SPAM's moment rule: see :func:`scale_by_stable_spam`."""
 
-    b1: Any = hyperparams.b1()
-    b2: Any = hyperparams.b2()
-    eps: Any = hyperparams.hyperparam(
+    b1: Any = rules.b1()
+    b2: Any = rules.b2()
+    eps: Any = rules.hyperparam(
         1e-8,
         "added to the denominators (the moments' and the norm scaling's), >= 0.",
-        validation.check_non_negative,
+        rules.check_non_negative,
     )
-    gamma1: Any = hyperparams.hyperparam(
+    gamma1: Any = rules.hyperparam(
         0.7,
         r":math:`\gamma_1`, decay of the norm's average, in [0, 1), or -1 for ``b1``.",
         _check_gamma1,
     )
-    gamma2: Any = hyperparams.hyperparam(
+    gamma2: Any = rules.hyperparam(
         0.9,
         r":math:`\gamma_2`, decay of the squared norm's average, in [0, 1).",
-        validation.check_decay,
+        rules.check_decay,
     )
-    gamma3: Any = hyperparams.hyperparam(
+    gamma3: Any = rules.hyperparam(
         0.999,
         r":math:`\gamma_3`, decay of the largest entry's average (the authors' ``theta``), "
         "in [0, 1).",
-        validation.check_decay,
+        rules.check_decay,
     )
-    total_t: Any = hyperparams.hyperparam(
+    total_t: Any = rules.hyperparam(
         None,
         r":math:`T`, the steps of the cosine decay of :math:`\gamma_1` and :math:`\beta_1` "
         "(the run's length), an integer >= 1, or ``None`` for none.",
         _check_total_t,
     )
-    eta_min: Any = hyperparams.hyperparam(
+    eta_min: Any = rules.hyperparam(
         0.5, r":math:`\eta`, the cosine's floor, in [0, 1].", _check_eta_min
     )
-    update_proj_gap: Any = hyperparams.hyperparam(
+    update_proj_gap: Any = rules.hyperparam(
         1000,
         "steps between moment resets, an integer >= 0 (0: no resets).",
-        hyperparams.integer(0),
+        rules.integer(0),
     )
-    amsgrad: bool = hyperparams.hyperparam(
-        False, "divide by the running maximum of the second moment."
-    )
-    restart_norm_count: bool = hyperparams.hyperparam(
+    amsgrad: bool = rules.hyperparam(False, "divide by the running maximum of the second moment.")
+    restart_norm_count: bool = rules.hyperparam(
         True,
         r"the bias corrections of :math:`M`, :math:`a` and :math:`b` count from each reset, as "
         "the authors' code does (``False``: from the start).",
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nu_dtype: Any = hyperparams.hyperparam(
+    mu_dtype: Any = rules.mu_dtype()
+    nu_dtype: Any = rules.hyperparam(
         None, "storage of the second moment (and its maximum), as ``mu_dtype``."
     )
 
@@ -217,7 +225,7 @@ class StableSpamRule(MomentRule):
 
     def _gamma1(self) -> Any:
         """:math:`\\gamma_1`, ``b1`` where it is -1 (the authors' convention)."""
-        number = validation.static_float(self.gamma1)
+        number = rules.static_float(self.gamma1)
         if number is None:
             return jnp.where(jnp.asarray(self.gamma1) == -1, self.b1, self.gamma1)
         return self.b1 if number == -1 else self.gamma1

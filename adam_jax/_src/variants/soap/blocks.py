@@ -12,10 +12,10 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from adam_jax._src.typed_sharding import replicated
 from adam_jax._src.variants.soap.factors import _unpack_group
 from adam_jax._src.variants.soap.layout import BlockGroup
 from adam_jax._src.variants.soap.mesh import _spread, _whole
+from adam_jax.rules import replicated
 
 
 def _assemble(groups: tuple[BlockGroup, ...], parts: list[jax.Array]) -> jax.Array:

@@ -12,13 +12,17 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adam_jax._src.numerics import compute_dtype
-from adam_jax._src.orthonormalization import each_matrix, orthonormal
-from adam_jax._src.quantization.four_bit import FourBitBlockwise
-from adam_jax._src.storage import MomentStorage, cast_storage
-from adam_jax._src.typed_sharding import replicated_placement
+from adam_jax._src.orthonormalization import each_matrix
 from adam_jax._src.variants.soap.layout import BlockGroup, SoapLayout
 from adam_jax._src.variants.soap.mesh import _spread
+from adam_jax.quantization import FourBitBlockwise
+from adam_jax.rules import (
+    MomentStorage,
+    cast_storage,
+    compute_dtype,
+    orthonormal,
+    replicated_placement,
+)
 
 # The authors add 1e-30 times the identity before eigh, and to the RMS of normalize_grads.
 _TINY = 1e-30

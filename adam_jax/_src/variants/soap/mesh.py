@@ -9,7 +9,7 @@ import math
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from adam_jax._src.typed_sharding import reshard, typed_sharding
+from adam_jax.rules import reshard, typed_sharding
 
 
 def _whole(x: jax.Array) -> jax.Array:

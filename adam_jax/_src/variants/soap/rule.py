@@ -14,15 +14,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src import hyperparams, validation
-from adam_jax._src.branching import branch
-from adam_jax._src.flat import FlatParams
-from adam_jax._src.moving_average import StepScalars, moving_average, step_scalars
-from adam_jax._src.orthonormalization import ORTHOGONALIZATIONS, orthonormal
-from adam_jax._src.quantization.four_bit import FourBitRank1
-from adam_jax._src.rule import Leaf, Moment, MomentRule, second_moment
-from adam_jax._src.storage import CastStorage, MomentStorage
-from adam_jax._src.typed_sharding import replicated
+from adam_jax import rules
 from adam_jax._src.variants.soap.blocks import _LeafBlocks
 from adam_jax._src.variants.soap.factors import (
     _TINY,
@@ -41,6 +33,23 @@ from adam_jax._src.variants.soap.factors import (
 )
 from adam_jax._src.variants.soap.layout import BlockGroup, SoapLayout
 from adam_jax._src.variants.soap.mesh import _like, _whole
+from adam_jax.quantization import FourBitRank1
+from adam_jax.rules import (
+    ORTHOGONALIZATIONS,
+    CastStorage,
+    FlatParams,
+    Leaf,
+    Moment,
+    MomentRule,
+    MomentStorage,
+    StepScalars,
+    branch,
+    moving_average,
+    orthonormal,
+    replicated,
+    second_moment,
+    step_scalars,
+)
 
 # The authors' max_precond_dim, which the rule's None stands for (optax.inject_hyperparams
 # would inject a number as an array, and it fixes the factors' shapes).
@@ -120,7 +129,7 @@ PHASES = ("first", "step", "refresh")
 
 
 def _check_shampoo_beta(name: str, value: Any) -> None:
-    number = validation.static_float(value)
+    number = rules.static_float(value)
     if number is not None and not (number < 1.0 and math.isfinite(number)):
         raise ValueError(f"{name} must be in [0, 1), or negative for b2, got {value!r}")
 
@@ -159,26 +168,26 @@ def _static_count(minimum: int) -> Any:
 class SoapRule(MomentRule):
     """SOAP's moment rule: see :func:`scale_by_soap`."""
 
-    b1: Any = hyperparams.b1(0.95)
-    b2: Any = hyperparams.b2(0.95)
-    shampoo_beta: Any = hyperparams.hyperparam(
+    b1: Any = rules.b1(0.95)
+    b2: Any = rules.b2(0.95)
+    shampoo_beta: Any = rules.hyperparam(
         -1.0,
         r"decay :math:`\beta_s` of the Kronecker factors, in [0, 1); negative (the authors' "
         "-1) uses ``b2``.",
         _check_shampoo_beta,
     )
-    eps: Any = hyperparams.eps()
-    precondition_frequency: Any = hyperparams.hyperparam(
-        10, "steps between refreshes of the eigenbases, an integer >= 1.", hyperparams.integer(1)
+    eps: Any = rules.eps()
+    precondition_frequency: Any = rules.hyperparam(
+        10, "steps between refreshes of the eigenbases, an integer >= 1.", rules.integer(1)
     )
-    stagger_refresh: bool = hyperparams.hyperparam(
+    stagger_refresh: bool = rules.hyperparam(
         False,
         "refresh each block (each leaf, without ``block_size``) at its own offset within "
         "the ``precondition_frequency`` window, so that every step carries about "
         "``1/precondition_frequency`` of the refresh work; ``False`` (the authors' "
         "schedule, and this library's before the option): every basis at the same step.",
     )
-    max_precond_dim: int | None = hyperparams.hyperparam(
+    max_precond_dim: int | None = rules.hyperparam(
         None,
         "dimensions larger than this get no factor (the identity), an integer >= 1; ``None`` "
         "is the authors' 10000. ``None`` rather than a number because "
@@ -186,7 +195,7 @@ class SoapRule(MomentRule):
         'shapes: pass ``static_args=("max_precond_dim",)`` to set it there.',
         _static_count(1),
     )
-    block_size: int | None = hyperparams.hyperparam(
+    block_size: int | None = rules.hyperparam(
         None,
         "cut each preconditioned dimension of a leaf's working shape into blocks of at most "
         "this many values (the last one smaller where it does not divide), each block of the "
@@ -195,7 +204,7 @@ class SoapRule(MomentRule):
         '``static_args=("block_size",)`` to ``optax.inject_hyperparams``.',
         _static_count(1),
     )
-    block_axis: str | tuple[str, ...] | None = hyperparams.hyperparam(
+    block_axis: str | tuple[str, ...] | None = rules.hyperparam(
         None,
         "the name of a mesh axis (of the mesh set by ``jax.set_mesh`` around ``init`` and "
         "``update``), or a tuple of names (their devices in row-major order), to spread each "
@@ -205,21 +214,21 @@ class SoapRule(MomentRule):
         "refreshes its own blocks at their offsets.",
         _check_axis_name,
     )
-    merge_dims: bool = hyperparams.hyperparam(
+    merge_dims: bool = rules.hyperparam(
         False,
         "merge consecutive dimensions of tensors of two or more dimensions while their product "
         "stays at most ``max_precond_dim`` (the authors' ``merge_dims``).",
     )
-    precondition_1d: bool = hyperparams.hyperparam(False, "give 1-D leaves a factor too.")
-    normalize_grads: bool = hyperparams.hyperparam(
+    precondition_1d: bool = rules.hyperparam(False, "give 1-D leaves a factor too.")
+    normalize_grads: bool = rules.hyperparam(
         False, r"divide each leaf's direction by :math:`10^{-30}` plus its RMS."
     )
-    correct_bias: bool = hyperparams.hyperparam(
+    correct_bias: bool = rules.hyperparam(
         True, r"Adam's bias correction, in the step size: :math:`\sqrt{1-\beta_2^t}/(1-\beta_1^t)`."
     )
-    mu_dtype: Any = hyperparams.mu_dtype()
-    nu_dtype: Any = hyperparams.nu_dtype()
-    factor_dtype: Any = hyperparams.hyperparam(
+    mu_dtype: Any = rules.mu_dtype()
+    nu_dtype: Any = rules.nu_dtype()
+    factor_dtype: Any = rules.hyperparam(
         None,
         "storage of the Kronecker factors ``gg``: ``None`` (the compute dtype, at least "
         "float32), a floating dtype such as ``jnp.bfloat16``, or a "
@@ -229,7 +238,7 @@ class SoapRule(MomentRule):
         '``static_args=("factor_dtype", "basis_dtype")`` there.',
         _check_factor_dtype,
     )
-    basis_dtype: Any = hyperparams.hyperparam(
+    basis_dtype: Any = rules.hyperparam(
         None,
         "storage of the eigenbases ``q``, as ``factor_dtype`` (e.g. ``jnp.bfloat16``, "
         "``quantization.BlockwiseQuantized()`` for 8 bits, ``quantization.FourBitBlockwise()`` "
@@ -237,7 +246,7 @@ class SoapRule(MomentRule):
         "use.",
         _check_factor_dtype,
     )
-    basis_rectification: int | None = hyperparams.hyperparam(
+    basis_rectification: int | None = rules.hyperparam(
         None,
         "Björck iterations that rectify each basis before use, an integer >= 0; ``None``: "
         ":func:`bjorck_iterations` of ``basis_dtype`` (none for float bases, two for bfloat16 "
@@ -247,7 +256,7 @@ class SoapRule(MomentRule):
         "``optax.inject_hyperparams``.",
         _static_count(0),
     )
-    orthogonalization: str = hyperparams.hyperparam(
+    orthogonalization: str = rules.hyperparam(
         "auto",
         'how a refresh orthonormalizes the power iterate :math:`LQ`: ``"qr"``, the '
         'authors\' Householder QR; ``"cholesky_qr"``, Cholesky QR repeated until '
@@ -255,7 +264,7 @@ class SoapRule(MomentRule):
         "solves (the same Q up to its columns' signs, which the update does not see); "
         '``"auto"``: QR on the CPU (the authors\' arithmetic), Cholesky QR on '
         "GPU and TPU, where QR loops over a batch of blocks (docs/speed.md).",
-        hyperparams.choice(*ORTHOGONALIZATIONS),
+        rules.choice(*ORTHOGONALIZATIONS),
     )
 
     # With stagger_refresh, per leaf of the updates (in flattening order), the index of its
@@ -307,7 +316,7 @@ class SoapRule(MomentRule):
 
     def _frequency(self) -> int | None:
         """``precondition_frequency`` as a Python integer, or None where it is traced."""
-        number = validation.static_float(self.precondition_frequency)
+        number = rules.static_float(self.precondition_frequency)
         return None if number is None else int(number)
 
     def _due(self, scalars: SoapScalars, offset: Any) -> jax.Array | bool:
@@ -354,7 +363,7 @@ class SoapRule(MomentRule):
     def scalars(self, fields: dict[str, Any], dtype: Any) -> SoapScalars:
         count = fields["count"]
         t = jnp.maximum(count, 1)  # the Adam step of the authors (the first only initializes)
-        number = validation.static_float(self.shampoo_beta)
+        number = rules.static_float(self.shampoo_beta)
         if number is None:  # traced (optax.inject_hyperparams): negative means b2
             shampoo_beta = jnp.where(self.shampoo_beta < 0, self.b2, self.shampoo_beta)
         else:

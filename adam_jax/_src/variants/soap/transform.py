@@ -12,12 +12,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src.branching import on_platform, switch
-from adam_jax._src.chains import descend
-from adam_jax._src.optimizer_info import OptimizerInfo, Paper
-from adam_jax._src.rule import scale_by_rule
+from adam_jax._src.branching import on_platform
 from adam_jax._src.variants.soap.rule import PHASES, SoapRule
-from adam_jax._src.weight_decay import Mask
+from adam_jax.rules import Mask, OptimizerInfo, Paper, descend, scale_by_rule, switch
 
 #: How SOAP's step branches on its phase: ``"tree"``, one ``lax.switch`` a step for the whole
 #: tree; ``"leaf"``, each leaf's own ``lax.cond``; ``"auto"``, the leaves' on the CPU where a
