@@ -12,8 +12,10 @@ lowered StableHLO of a step (for an H100: ``jax.jit(step).lower(...)`` on the
 of an array brought from host memory (the result of an ``annotate_device_placement`` to
 ``"device"``) or an array sent to host memory (the operand of one to ``"pinned_host"``), with
 the values that are the same buffer: an ``optimization_barrier``'s or a ``while`` loop's result
-is its operand's buffer (XLA updates a loop's carried arrays in place). A buffer is held from the
-operation that defines it until the last operation that reads it has run.
+is its operand's buffer (XLA updates a loop's carried arrays in place), and so is a
+``dynamic_update_slice``'s (written in place where nothing reads the operand after it). A
+buffer is held from the operation that defines it until the last operation that reads it has
+run.
 
 **Every order, every fusion.** Calls are inlined and every other operation is one node of the
 dependency graph. XLA may fuse a chain of operations into one kernel, which holds all its inputs
@@ -131,6 +133,7 @@ def _nbytes(type_text: str) -> int:
 class _Graph:
     readers: list[set[int]] = dataclasses.field(default_factory=list)  # node -> nodes it reads
     cuts: set[int] = dataclasses.field(default_factory=set)  # nodes no fusion crosses
+    texts: list[str] = dataclasses.field(default_factory=list)  # each node's operation
     buffer_of: dict[int, int] = dataclasses.field(default_factory=dict)  # value id -> buffer
     node_of: dict[int, int] = dataclasses.field(default_factory=dict)  # value id -> its node
     definition: dict[int, int] = dataclasses.field(default_factory=dict)  # buffer -> node
@@ -164,11 +167,13 @@ def _build(functions: dict[str, tuple[list[str], list[_Op], list[str]]]) -> _Gra
                 continue
             node = len(graph.readers)
             graph.readers.append({graph.node_of[v] for v in operands} - {-1})
+            graph.texts.append(op.text)
             for v in operands:
                 graph.uses[graph.buffer_of[v]].add(node)
-            in_place = "optimization_barrier" in op.text or "stablehlo.while" in op.text
-            if in_place or _CUT.search(op.text):
+            barrier = "optimization_barrier" in op.text or "stablehlo.while" in op.text
+            if barrier or _CUT.search(op.text):
                 graph.cuts.add(node)
+            in_place = barrier or "stablehlo.dynamic_update_slice" in op.text
             placement = _PLACEMENT.search(op.text)
             for k, result in enumerate(op.results):
                 alias = operands[k] if in_place and k < len(operands) else None

@@ -342,4 +342,4 @@ def test_offloaded_state_holds_one_leaf_in_any_order_at_gpt2_small(tmp_path):
     # In slices on a GPU the loop writes the new codes beside the old ones (in place it does
     # not compile: row_slices.in_row_slices), so a leaf's old and new state are both held.
     assert ratio["offload_state(step_in_slices(adamw_8bit))"] <= 2.0
-    assert ratio["offload_state(step_in_slices(adamw_8bit), leaf_by_leaf=False)"] > 3
+    assert ratio["offload_state(step_in_slices(adamw_8bit), leaf_by_leaf=False)"] > 2.5

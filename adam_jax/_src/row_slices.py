@@ -125,7 +125,8 @@ def in_row_slices(
             part = step(*cut(start, size, update if in_place else grad, source))
             return write(start, update, new, part)
 
-        new = [jnp.empty_like(x) for x in arrays] if apart else arrays
+        # New arrays made once the old ones exist: else an order may make every leaf's first.
+        new = after(scales_of(arrays), [jnp.empty_like(x) for x in arrays]) if apart else arrays
         carry = jax.lax.fori_loop(
             0, whole, lambda k, carry: one_slice(k * slice_rows, slice_rows, carry), (update, new)
         )
