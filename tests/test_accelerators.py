@@ -321,7 +321,8 @@ def test_residency_counts_what_any_order_may_hold():
 def test_offloaded_state_holds_one_leaf_in_any_order_at_gpt2_small(tmp_path):
     """Over every order and fusion XLA may pick for the H100 program, the offloaded AdamW step
     holds at most 1.5x the largest leaf's state (its old and new first moment, then its new
-    first and old and new second); without ``leaf_by_leaf`` it may hold far more."""
+    first and old and new second), and so does the 8-bit step in slices; without
+    ``leaf_by_leaf`` they may hold far more."""
     if not accelerators.available():
         if os.environ.get("CI") == "true":
             pytest.fail(accelerators.INSTALL_HINT)
@@ -339,7 +340,6 @@ def test_offloaded_state_holds_one_leaf_in_any_order_at_gpt2_small(tmp_path):
     assert ratio["offload_state(adamw)"] <= 1.5
     assert ratio["offload_state(adamw, leaf_by_leaf=False)"] > 3
     assert ratio["offload_state(adamw_8bit)"] <= 1.5
-    # In slices on a GPU the loop writes the new codes beside the old ones (in place it does
-    # not compile: row_slices.in_row_slices), so a leaf's old and new state are both held.
-    assert ratio["offload_state(step_in_slices(adamw_8bit))"] <= 2.0
+    # In slices the loop updates copies made one after the other (row_slices.in_row_slices).
+    assert ratio["offload_state(step_in_slices(adamw_8bit))"] <= 1.5
     assert ratio["offload_state(step_in_slices(adamw_8bit), leaf_by_leaf=False)"] > 2.5

@@ -56,11 +56,14 @@ def in_row_slices(
     (:func:`row_unit`) or the leaf is no larger than one slice.
 
     ``from_host`` says that ``stored`` was brought from host memory and its new form goes back
-    there, into the donated buffers (:func:`adam_jax.offload_state`). Off the CPU the slices
-    are then written into new arrays, not into the ones they are read from: XLA:GPU places a
-    loop that updates such an array in place in host memory and then fails to compile the copy
-    back (``copy-start ... doesn't have correct host memory space color S(5)``). The values
-    are the same; the device holds one more copy of the leaf's stored form.
+    there, into the donated buffers (:func:`adam_jax.offload_state`). The loop then updates
+    copies of the stored arrays made by arithmetic, one after the other: XLA:GPU follows a loop
+    that updates in place an array copied from host memory back to the host array, places the
+    loop there and fails to compile the copy back (``copy-start ... doesn't have correct host
+    memory space color S(5)``), but does not follow a computation. Made in turn, an array and
+    its copy are the only extra one on the device at a time: at most 1.5x the leaf's stored
+    form of two moments, in any order XLA picks (``benchmarks/state_residency.py``), and once
+    each where XLA makes the copy in place. The values are the same.
 
     ``step`` must be elementwise in the rows: its result for a slice of rows is that slice of
     its result for the whole leaf. The update is written over a copy of ``grad`` where their
@@ -115,34 +118,32 @@ def in_row_slices(
     start_from = grad if in_place else jnp.zeros(grad.shape, update_type.dtype)
     update = after(scales_of(stored), start_from)
 
-    def run(update: jax.Array, arrays: list[jax.Array], apart: bool) -> Any:
+    def run(update: jax.Array, arrays: list[jax.Array]) -> Any:
         # Each pass reads its slices from the carry it then writes (the slices are apart), so
-        # that the loop updates the stored arrays in place instead of beside a copy; ``apart``
-        # reads them from the old arrays and writes new ones.
+        # that the loop updates the stored arrays in place instead of beside a copy.
         def one_slice(start: Any, size: int, carry: tuple[jax.Array, list[jax.Array]]) -> Any:
             update, new = carry
-            source = arrays if apart else new
-            part = step(*cut(start, size, update if in_place else grad, source))
+            part = step(*cut(start, size, update if in_place else grad, new))
             return write(start, update, new, part)
 
-        # New arrays made once the old ones exist: else an order may make every leaf's first.
-        new = after(scales_of(arrays), [jnp.empty_like(x) for x in arrays]) if apart else arrays
         carry = jax.lax.fori_loop(
-            0, whole, lambda k, carry: one_slice(k * slice_rows, slice_rows, carry), (update, new)
+            0,
+            whole,
+            lambda k, carry: one_slice(k * slice_rows, slice_rows, carry),
+            (update, arrays),
         )
         if tail:
             carry = one_slice(whole * slice_rows, tail, carry)
         return carry
 
     if from_host:
-        update, new = jax.lax.platform_dependent(
-            update,
-            arrays,
-            cpu=lambda u, a: run(u, a, apart=False),
-            default=lambda u, a: run(u, a, apart=True),
-        )
-    else:
-        update, new = run(update, arrays, apart=False)
+        copies: list[jax.Array] = []
+        for x in arrays:
+            if copies:
+                x, _ = jax.lax.optimization_barrier((x, copies[-1]))
+            copies.append(after(scales_of(arrays), x))
+        arrays = copies
+    update, new = run(update, arrays)
     return update, jax.tree.unflatten(treedef, new)
 
 
