@@ -497,3 +497,30 @@ def aliased_buffers(text: str) -> list[tuple[int, int]]:
     for output, argument in _ALIAS.findall(header[start:]):
         pairs.append((int(output.split(",")[0] or 0), int(argument)))
     return pairs
+
+
+def transfer_overlap(text: str) -> list[tuple[int, int]]:
+    """For each asynchronous copy between host and device memory in the entry computation, in
+    the order XLA scheduled it (an optimized module's instructions are in schedule order): its
+    bytes and how many kernels run between its ``copy-start`` and its ``copy-done``, that is,
+    the compute it overlaps."""
+    module = parse_module(text)
+    entry = module.computations.get(module.entry, [])
+    shapes = module.by_name(module.entry)
+    started: dict[str, tuple[int, int]] = {}
+    kernels = 0
+    found = []
+    for instruction in entry:
+        if instruction.opcode == "copy-start":
+            source = shapes.get(instruction.operands[0]) if instruction.operands else None
+            if any(a.host for a in instruction.arrays) or (
+                source is not None and any(a.host for a in source.arrays)
+            ):
+                size = max((a.nbytes for a in instruction.arrays), default=0)
+                started[instruction.name] = (size, kernels)
+        elif instruction.opcode == "copy-done" and instruction.operands[0] in started:
+            size, at = started.pop(instruction.operands[0])
+            found.append((size, kernels - at))
+        elif instruction.opcode not in NO_KERNEL:
+            kernels += 1
+    return found

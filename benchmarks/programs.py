@@ -22,7 +22,7 @@ from jax.sharding import NamedSharding, PartitionSpec, SingleDeviceSharding
 import adam_jax
 from benchmarks import accelerators, time_model
 from benchmarks.harness import LR, adam_step
-from benchmarks.hlo_program import read_program
+from benchmarks.hlo_program import read_program, transfer_overlap
 from benchmarks.models import abstract_flat_params, gpt2_small_shapes, transformer_params
 
 HOST = "pinned_host"
@@ -37,7 +37,8 @@ class Setting:
     layout: str = "tree"  # "tree", "flat" (FlatParams), "zero1" (2 devices)
     in_slices: bool = False  # step_in_slices, at the tree's slice size
     offload: bool = False  # offload_state, the state in host memory
-    leaf_by_leaf: bool = True  # offload_state's option
+    leaf_by_leaf: bool = True  # offload_state's options
+    prefetch: int = 0
 
 
 #: Options a registry optimizer needs on these trees (their attention kernels merge the heads).
@@ -74,6 +75,7 @@ SETTINGS: dict[str, Setting] = {
     "adamw, FlatParams": Setting(_adamw, layout="flat"),
     "step_in_slices(adamw_8bit)": Setting(_adamw_8bit, in_slices=True),
     "offload_state(adamw)": Setting(_adamw, offload=True),
+    "offload_state(adamw, prefetch=1)": Setting(_adamw, offload=True, prefetch=1),
     "offload_state(adamw_8bit)": Setting(_adamw_8bit, offload=True),
     "offload_state(step_in_slices(adamw_8bit))": Setting(_adamw_8bit, in_slices=True, offload=True),
     "ZeRO-1 adamw, 2 devices": Setting(_adamw, layout="zero1"),
@@ -105,7 +107,9 @@ def step_args(
     if setting.in_slices:
         tx = adam_jax.step_in_slices(tx, SLICE_ELEMENTS[tree])
     if setting.offload:
-        tx = adam_jax.offload_state(tx, leaf_by_leaf=setting.leaf_by_leaf)
+        tx = adam_jax.offload_state(
+            tx, leaf_by_leaf=setting.leaf_by_leaf, prefetch=setting.prefetch
+        )
     params = TREES[tree]()
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setting.param_dtype), params)
     if setting.layout == "flat":
@@ -169,6 +173,8 @@ def report(name: str, tree: str, target: accelerators.Target) -> dict[str, Any]:
         return row
     program = read_program(compiled.text)
     summary = program.summary()
+    overlap = transfer_overlap(compiled.text)
+    moved = sum(size for size, _ in overlap)
     row.update(
         kernels=summary["kernels"],
         fusions=summary["fusions"],
@@ -179,6 +185,8 @@ def report(name: str, tree: str, target: accelerators.Target) -> dict[str, Any]:
         copies=summary["copies"],
         host_transfers=summary["host_transfers"],
         host_kernels=summary["host_kernels"],
+        # The share of the bytes copied between host and device whose copy overlaps a kernel.
+        transfers_overlapping=sum(size for size, k in overlap if k) / moved if moved else None,
         memory=compiled.memory,
         compile_s=round(compiled.compile_s, 3),
     )

@@ -340,6 +340,7 @@ _PROGRAMS = (
     "offload_state(adamw_8bit)",
     "offload_state(step_in_slices(adamw_8bit))",
     "offload_state(step_in_slices(adamw_8bit), leaf_by_leaf=False)",
+    "offload_state(adamw, prefetch=1)",
 )
 
 

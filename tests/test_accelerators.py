@@ -224,8 +224,12 @@ def test_every_program_compiles_for_an_h100(tmp_path):
     sliced = rows["offload_state(step_in_slices(adamw_8bit))"]
     assert sliced["while_loops"] > 0 and sliced["unknown_trip_loops"] == 0
     assert sliced["host_transfers"] > 0
-    # State in host memory comes over by asynchronous copies.
+    # State in host memory comes over by asynchronous copies; with a prefetch of one leaf,
+    # most of its bytes while an earlier leaf steps (none without: each copy waits for the
+    # leaf before it to be done).
     assert rows["offload_state(adamw)"]["host_transfers"] > 0
+    prefetched = rows["offload_state(adamw, prefetch=1)"]["transfers_overlapping"]
+    assert prefetched > 0.5 > rows["offload_state(adamw)"]["transfers_overlapping"]
     assert rows["adamw, FlatParams"]["kernels"] <= 3
 
 
@@ -343,3 +347,5 @@ def test_offloaded_state_holds_one_leaf_in_any_order_at_gpt2_small(tmp_path):
     # In slices the loop updates copies made one after the other (row_slices.in_row_slices).
     assert ratio["offload_state(step_in_slices(adamw_8bit))"] <= 1.5
     assert ratio["offload_state(step_in_slices(adamw_8bit), leaf_by_leaf=False)"] > 2.5
+    # A prefetched leaf's state is the most added: one leaf ahead.
+    assert ratio["offload_state(adamw, prefetch=1)"] <= 2.5

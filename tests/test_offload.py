@@ -416,3 +416,18 @@ def test_gpt2_small_8bit_offloaded_in_slices_is_within_the_bound() -> None:
         compiled = step.lower(params, params, state).compile({"xla_backend_optimization_level": 0})
         totals.append(offload.device_bytes(compiled)["total"])
     assert totals[1] <= bound < totals[0]
+
+
+@pytest.mark.parametrize("prefetch", [1, 2])
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit"])
+def test_prefetched_leaves_step_bit_for_bit(name: str, prefetch: int) -> None:
+    """A leaf's state brought over while the leaves before it step changes no value."""
+    make = getattr(adam_jax, name)
+    offloaded = adam_jax.offload_state(make(1e-2), prefetch=prefetch)
+    _assert_same(_run(offloaded, _params()), _run(make(1e-2), _params()))
+
+
+@pytest.mark.parametrize("prefetch", [-1, 1.5, True, "1"])
+def test_prefetch_must_be_a_non_negative_integer(prefetch: Any) -> None:
+    with pytest.raises(ValueError, match=r"prefetch must be an integer >= 0, got"):
+        adam_jax.offload_state(adam_jax.adamw(1e-2), prefetch=prefetch)

@@ -249,24 +249,27 @@ def _update_in_turn(
 @dataclasses.dataclass(frozen=True)
 class _Offload(LeafSchedule):
     """The leaf schedule of :func:`offload_state`: a leaf whose stored arrays are all copies of
-    the state's host arrays is stepped by :func:`_update_in_turn`, after the previous such leaf
-    (the carry: its host copies and its update); ``inner`` runs the step."""
+    the state's host arrays is stepped by :func:`_update_in_turn`, once the such leaf
+    ``prefetch + 1`` before it is done (the carry: the host copies and the update of the last
+    ``prefetch + 1`` such leaves); ``inner`` runs the step."""
 
     transfers: _Transfers
     inner: LeafSchedule = dataclasses.field(default_factory=WholeLeaves)
+    prefetch: int = 0
 
     def brings_from_host(self, leaf: LeafStep) -> bool:
         arrays = jax.tree.leaves(leaf.stored)
         return bool(arrays) and all(id(x) in self.transfers.originals for x in arrays)
 
     def around(self, schedule: LeafSchedule) -> LeafSchedule:
-        return _Offload(self.transfers, self.inner.around(schedule))
+        return _Offload(self.transfers, self.inner.around(schedule), self.prefetch)
 
     def step(self, leaf: LeafStep, carry: Any) -> tuple[jax.Array, list[Any], Any]:
-        previous, inner_carry = (None, None) if carry is None else carry
+        done, inner_carry = ((), None) if carry is None else carry
         if not self.brings_from_host(leaf):
             update, new, inner_carry = self.inner.step(leaf, inner_carry)
-            return update, new, (previous, inner_carry)
+            return update, new, (done, inner_carry)
+        previous = done[0] if len(done) > self.prefetch else None
         # Moments in their own dtype and shape come over one at a time. Decoded or reduced
         # ones come over together: apart, a decoded one keeps its new moments in the compute
         # dtype on the device until the update, and on an H200 apart cost more device bytes
@@ -285,7 +288,8 @@ class _Offload(LeafSchedule):
             return update, new
 
         update, new, inner_carry = self.inner.step(leaf.with_run(in_turn), inner_carry)
-        return update, new, ((sent_back[0], update), inner_carry)
+        done = (*done, (sent_back[0], update))[-(self.prefetch + 1) :]
+        return update, new, (done, inner_carry)
 
 
 def check_host_memory(what: str) -> None:
@@ -300,7 +304,7 @@ def check_host_memory(what: str) -> None:
 
 
 def offload_state(
-    inner: optax.GradientTransformation, *, leaf_by_leaf: bool = True
+    inner: optax.GradientTransformation, *, leaf_by_leaf: bool = True, prefetch: int = 0
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keeps ``inner``'s state in host memory between steps.
 
@@ -344,12 +348,18 @@ def offload_state(
       inner: the optimizer, e.g. :func:`adam_jax.adamw`; any ``GradientTransformation``.
       leaf_by_leaf: whether the core's moments come over one leaf at a time (True, the
         default), or with the rest of the state, as XLA schedules the copies.
+      prefetch: with ``leaf_by_leaf``, how many leaves ahead a leaf's state may come over
+        while the leaves before it are stepped, an integer >= 0. 0 (the default): once the
+        previous leaf is done, so that the device holds one leaf's state at a time; ``k``:
+        once the leaf ``k + 1`` before it is done, so that its copy can overlap the ``k``
+        steps between, for up to ``k + 1`` leaves' state on the device.
 
     Returns:
       A ``GradientTransformationExtraArgs`` whose state is ``inner``'s, in host memory.
 
     Raises:
-      ValueError: at construction, where the backend has no host memory kind.
+      ValueError: at construction, where the backend has no host memory kind, or
+        ``prefetch`` is not an integer >= 0.
 
     Example:
       >>> import jax, jax.numpy as jnp, adam_jax
@@ -359,6 +369,8 @@ def offload_state(
       pinned_host
     """
     check_host_memory("offload_state")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
+        raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
 
     def init_fn(params: optax.Params) -> Any:
         return _to_host(inner.init(params), params)
@@ -375,7 +387,7 @@ def offload_state(
         pairs = zip(jax.tree.leaves(on_device), jax.tree.leaves(state), strict=True)
         transfers = _Transfers({id(moved): (moved, x) for moved, x in pairs if moved is not x})
         if leaf_by_leaf:
-            offload = _Offload(transfers)
+            offload = _Offload(transfers, prefetch=prefetch)
             leaf_schedule = offload if leaf_schedule is None else leaf_schedule.around(offload)
         if leaf_schedule is not None:
             extra["leaf_schedule"] = leaf_schedule
