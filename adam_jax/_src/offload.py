@@ -265,7 +265,11 @@ class _Offload(LeafSchedule):
         return _Offload(self.transfers, self.inner.around(schedule), self.prefetch)
 
     def step(self, leaf: LeafStep, carry: Any) -> tuple[jax.Array, list[Any], Any]:
-        done, inner_carry = ((), None) if carry is None else carry
+        # The host copies and update of the last such leaves, oldest first.
+        done: tuple[Any, ...] = ()
+        inner_carry: Any = None
+        if carry is not None:
+            done, inner_carry = carry
         if not self.brings_from_host(leaf):
             update, new, inner_carry = self.inner.step(leaf, inner_carry)
             return update, new, (done, inner_carry)
