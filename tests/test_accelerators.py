@@ -189,15 +189,16 @@ def test_time_model_costs_what_the_program_does():
         time_model.predict(program, "h100", branch="first")
 
 
-def _compile(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
-    """The rows of ``python -m benchmarks.accelerators ARGS``, in a process of its own."""
+def _rows_of(tmp_path: Path, module: str, *args: str) -> list[dict[str, Any]]:
+    """The rows of ``python -m MODULE ARGS --out``, in a process of its own (the compilers
+    installed: else a skip, or a failure in CI)."""
     if not accelerators.available():
         if os.environ.get("CI") == "true":
             pytest.fail(accelerators.INSTALL_HINT)
         pytest.skip(accelerators.INSTALL_HINT)
     out = tmp_path / "rows.json"
     result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.accelerators", *args, "--out", str(out)],
+        [sys.executable, "-m", module, *args, "--out", str(out)],
         cwd=REPO,
         capture_output=True,
         text=True,
@@ -205,6 +206,11 @@ def _compile(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
     )
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(out.read_text())
+
+
+def _compile(tmp_path: Path, *args: str) -> list[dict[str, Any]]:
+    """The rows of ``python -m benchmarks.accelerators ARGS``."""
+    return _rows_of(tmp_path, "benchmarks.accelerators", *args)
 
 
 @pytest.mark.slow
@@ -327,20 +333,8 @@ def test_offloaded_state_holds_one_leaf_in_any_order_at_gpt2_small(tmp_path):
     holds at most 1.5x the largest leaf's state (its old and new first moment, then its new
     first and old and new second), and so does the 8-bit step in slices; without
     ``leaf_by_leaf`` they may hold far more."""
-    if not accelerators.available():
-        if os.environ.get("CI") == "true":
-            pytest.fail(accelerators.INSTALL_HINT)
-        pytest.skip(accelerators.INSTALL_HINT)
-    out = tmp_path / "residency.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "benchmarks.state_residency", "--tree", "gpt2", "--out", str(out)],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    ratio = {row["program"]: row["ratio"] for row in json.loads(out.read_text())}
+    rows = _rows_of(tmp_path, "benchmarks.state_residency", "--tree", "gpt2")
+    ratio = {row["program"]: row["ratio"] for row in rows}
     assert ratio["offload_state(adamw)"] <= 1.5
     assert ratio["offload_state(adamw, leaf_by_leaf=False)"] > 3
     assert ratio["offload_state(adamw_8bit)"] <= 1.5
