@@ -30,8 +30,10 @@ turns into a flow problem: in the bipartite network ``source -> a_out`` (capacit
 antichain weighs ``sum(w) - max flow`` (the least cover by chains), and the buffers ``a`` whose
 ``a_out`` the source reaches in the residual network while ``a_in`` it does not form one.
 ``scipy.sparse.csgraph.maximum_flow`` solves it in well under a second at GPT-2 small's 148
-leaves. The answer errs high, never low: where a buffer's readers each precede a different later
-buffer, or where no kernel would in fact join two operations.
+leaves. The answer errs high where a buffer's readers each precede a different later buffer,
+or where no kernel would in fact join two operations; it errs low only where XLA copies a
+loop's or a ``dynamic_update_slice``'s operand instead of updating it in place (it does so
+when the operand is read again afterwards).
 
     python -m benchmarks.state_residency --tree gpt2     # the offloaded steps at GPT-2 small
 """
