@@ -230,9 +230,9 @@ def test_every_program_compiles_for_an_h100(tmp_path):
     sliced = rows["offload_state(step_in_slices(adamw_8bit))"]
     assert sliced["while_loops"] > 0 and sliced["unknown_trip_loops"] == 0
     assert sliced["host_transfers"] > 0
-    # State in host memory comes over by asynchronous copies; with a prefetch of one leaf,
-    # most of its bytes while an earlier leaf steps (none without: each copy waits for the
-    # leaf before it to be done).
+    # New state goes back to host memory by asynchronous copies; with a prefetch of one leaf,
+    # most of its bytes while a later leaf steps (none without: each leaf waits for the copies
+    # of the leaf before it to be done).
     assert rows["offload_state(adamw)"]["host_transfers"] > 0
     prefetched = rows["offload_state(adamw, prefetch=1)"]["transfers_overlapping"]
     assert prefetched > 0.5 > rows["offload_state(adamw)"]["transfers_overlapping"]

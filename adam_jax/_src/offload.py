@@ -355,8 +355,8 @@ def offload_state(
       prefetch: with ``leaf_by_leaf``, how many leaves ahead a leaf's state may come over
         while the leaves before it are stepped, an integer >= 0. 0 (the default): once the
         previous leaf is done, so that the device holds one leaf's state at a time; ``k``:
-        once the leaf ``k + 1`` before it is done, so that its copy can overlap the ``k``
-        steps between, for up to ``k + 1`` leaves' state on the device.
+        once the leaf ``k + 1`` before it is done, so that the transfers of one leaf overlap
+        the steps of the next ``k``, for up to ``k + 1`` leaves' state on the device.
 
     Returns:
       A ``GradientTransformationExtraArgs`` whose state is ``inner``'s, in host memory.
