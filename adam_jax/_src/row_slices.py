@@ -25,7 +25,7 @@ import numpy as np
 import optax
 
 from adam_jax._src.leaf_schedule import LeafRun, LeafSchedule, LeafStep, WholeLeaves
-from adam_jax._src.sequencing import after, scales_of
+from adam_jax._src.sequencing import after, copied_in_turn, scales_of
 from adam_jax._src.validation import check_integer
 
 
@@ -137,12 +137,7 @@ def in_row_slices(
         return carry
 
     if from_host:
-        copies: list[jax.Array] = []
-        for x in arrays:
-            if copies:
-                x, _ = jax.lax.optimization_barrier((x, copies[-1]))
-            copies.append(after(scales_of(arrays), x))
-        arrays = copies
+        arrays = copied_in_turn(arrays)
     update, new = run(update, arrays)
     return update, jax.tree.unflatten(treedef, new)
 

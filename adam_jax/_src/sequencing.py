@@ -48,15 +48,8 @@ def scales_of(stored: Any) -> list[jax.Array]:
     return [x for x in arrays if jnp.issubdtype(x.dtype, jnp.floating)] or arrays
 
 
-def after(previous: Any, inputs: T, *, integers: bool = True) -> T:
-    """``inputs``, unchanged, computed on only once every array of ``previous`` is (nothing
-    to wait for when ``previous`` is ``None``): each float and integer array of ``inputs`` gets
-    a data dependency on them; with ``integers`` false, float arrays only (for inputs that a
-    loop takes together: a shifted copy of large codes would be a copy)."""
-    if previous is None:
-        return inputs
-    floor = _minus_inf_after(previous)
-
+def _waiting(floor: jax.Array, integers: bool) -> Any:
+    """What gives an array a data dependency on ``floor`` (``-inf``, computed), unchanged."""
     # floor != -inf is always False: a zero shift that XLA cannot see is one.
     no_shift = floor != -jnp.inf
 
@@ -68,4 +61,27 @@ def after(previous: Any, inputs: T, *, integers: bool = True) -> T:
             return jax.lax.shift_right_logical(x, no_shift.astype(dtype))
         return x
 
-    return jax.tree.map(wait, inputs)
+    return wait
+
+
+def after(previous: Any, inputs: T, *, integers: bool = True) -> T:
+    """``inputs``, unchanged, computed on only once every array of ``previous`` is (nothing
+    to wait for when ``previous`` is ``None``): each float and integer array of ``inputs`` gets
+    a data dependency on them; with ``integers`` false, float arrays only (for inputs that a
+    loop takes together: a shifted copy of large codes would be a copy)."""
+    if previous is None:
+        return inputs
+    return jax.tree.map(_waiting(_minus_inf_after(previous), integers), inputs)
+
+
+def copied_in_turn(arrays: list[jax.Array]) -> list[jax.Array]:
+    """Copies of ``arrays`` made by arithmetic (as :func:`after` makes them, from their
+    :func:`scales_of`), each once the copy before it exists, so that an array and its copy are
+    the only two alive at a time."""
+    wait = _waiting(_minus_inf_after(scales_of(arrays)), integers=True)
+    copies: list[jax.Array] = []
+    for x in arrays:
+        if copies:
+            x, _ = jax.lax.optimization_barrier((x, copies[-1]))
+        copies.append(wait(x))
+    return copies
