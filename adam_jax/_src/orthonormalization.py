@@ -7,7 +7,9 @@ see):
   jaxlib calls cuSOLVER's ``geqrf`` and forms Q with ``orgqr`` one matrix at a time in a loop
   over a batch of blocks (JAX issue 8542).
 * ``"cholesky_qr"``: Cholesky QR, made of batched products, a batched Cholesky factorization
-  and a batched triangular solve, repeated until the columns are orthonormal:
+  and a batched triangular solve, repeated until the columns are orthonormal (each matrix
+  on its own, within a fixed number of passes, :data:`PASSES`: a loop whose trip count the
+  program knows, which a GPU runs without waiting on the host for its test):
 
   .. math::
 
@@ -40,10 +42,12 @@ import jax.numpy as jnp
 #: The accepted values of SOAP's ``orthogonalization``.
 ORTHOGONALIZATIONS = ("auto", "qr", "cholesky_qr")
 
-# Passes of Cholesky QR at most: a column-scaled power iterate of condition number up to
-# 1/eps needs about four (two shifted, two plain); the loop stops as soon as the columns are
-# orthonormal, after two passes for a settled basis.
-_MAX_PASSES = 8
+# Passes of Cholesky QR, a fixed number so that a GPU never waits on the host for a loop's
+# test: a settled basis is orthonormal after two, a rank-deficient factor's power iterate after
+# four or five, and the hardest case of tests/test_soap_orthogonalization.py (float32 columns
+# near orthogonal pairwise that span one dimension less, d = 128) after seven. A matrix keeps
+# its Q from the pass that made it orthonormal: the later passes leave it as it is.
+PASSES = 8
 # A Gram matrix with an entry further than this from the identity's is factorized with a
 # shift, and so is one whose unshifted Cholesky factor has a pivot below it.
 _SHIFTED_ABOVE = 0.5
@@ -90,12 +94,12 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
     x = x + jnp.where(largest > 0, d**0.5 * eps * largest, 1) * fallback
     q = x / jnp.sqrt(jnp.sum(jnp.square(x), axis=-2, keepdims=True))
     eye = jnp.eye(d, dtype=x.dtype)
-    # Stop when no entry of Q^T Q - I is above a few times the rounding of one more pass
+    # Done when no entry of Q^T Q - I is above a few times the rounding of one more pass
     # (3e-7 to 7e-7 in float32 for d = 32 to 256).
     tolerance = 4 * d**0.5 * eps
 
-    def orthonormalize(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> Any:
-        q, gram, distance, passes = carry
+    def orthonormalize(_: Any, carry: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
+        q, gram, distance = carry
         far = distance[..., None, None]
         # Of the order of the Gram matrix's rounding, relative to its largest eigenvalue
         # (at most its trace, d for unit columns).
@@ -113,19 +117,24 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
         use_shift = (far > _SHIFTED_ABOVE) | dependent[..., None, None]
         lower = jnp.where(use_shift, shifted, plain)
         # q L^{-T}: the right division by R = L^T.
-        q = jax.lax.linalg.triangular_solve(lower, q, left_side=False, lower=True, transpose_a=True)
-        gram = _gram(q)
-        return q, gram, _distance_from_identity(gram), passes + 1
-
-    def unfinished(carry: tuple[jax.Array, jax.Array, jax.Array, jax.Array]) -> jax.Array:
-        _, _, distance, passes = carry
-        return (jnp.max(distance) > tolerance) & (passes < _MAX_PASSES)
+        new_q = jax.lax.linalg.triangular_solve(
+            lower, q, left_side=False, lower=True, transpose_a=True
+        )
+        new_gram = _gram(new_q)
+        # Each matrix on its own: one already orthonormal keeps its Q, so a matrix's Q does
+        # not depend on the others of its batch (SOAP stacks the blocks of every leaf).
+        done = (distance <= tolerance)[..., None, None]
+        return (
+            jnp.where(done, q, new_q),
+            jnp.where(done, gram, new_gram),
+            jnp.where(done[..., 0, 0], distance, _distance_from_identity(new_gram)),
+        )
 
     # Each Gram matrix's distance from the identity is computed once, where the Gram matrix is,
-    # for the test of the loop and the choice of shift of the next pass.
+    # for the test of the next pass and its choice of shift.
     gram = _gram(q)
-    start = (q, gram, _distance_from_identity(gram), jnp.asarray(0))
-    q, _, _, _ = jax.lax.while_loop(unfinished, orthonormalize, start)
+    start = (q, gram, _distance_from_identity(gram))
+    q, _, _ = jax.lax.fori_loop(0, PASSES, orthonormalize, start)
     return q
 
 

@@ -12,15 +12,14 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from adam_jax._src.orthonormalization import each_matrix
 from adam_jax._src.variants.soap.layout import BlockGroup, SoapLayout
 from adam_jax._src.variants.soap.mesh import _spread
+from adam_jax._src.variants.soap.solves import DIRECT, Solves
 from adam_jax.quantization import FourBitBlockwise
 from adam_jax.rules import (
     MomentStorage,
     cast_storage,
     compute_dtype,
-    orthonormal,
     replicated_placement,
 )
 
@@ -146,15 +145,11 @@ def _outer(g: jax.Array, i: int) -> jax.Array:
     return jnp.tensordot(g, g, axes=(others, others))
 
 
-def _eigenbasis(factor: jax.Array) -> jax.Array:
+def _eigenbasis(factor: jax.Array, solves: Solves = DIRECT) -> jax.Array:
     """The eigenvectors of a factor by decreasing eigenvalue (the authors' ``eigh`` of
     ``factor + 1e-30 I``, reading its lower triangle as torch does; a batch of them alike)."""
     shifted = factor + _TINY * jnp.eye(factor.shape[-1], dtype=factor.dtype)
-
-    def vectors(m: jax.Array) -> jax.Array:
-        return jnp.linalg.eigh(m, UPLO="L", symmetrize_input=False)[1]
-
-    return each_matrix(vectors, shifted)[..., ::-1]
+    return solves.eigenvectors(shifted)[..., ::-1]
 
 
 def _rotate_blocks(x: jax.Array, bases: list[jax.Array | None], back: bool) -> jax.Array:
@@ -180,10 +175,12 @@ def _refresh_blocks(
     nu: jax.Array,
     settle: Any = None,
     orthogonalization: str = "auto",
+    solves: Solves = DIRECT,
 ) -> tuple[list[jax.Array | None], jax.Array, jax.Array]:
     """:meth:`SoapRule._refresh` of each block of a batch (moments ``(n, *sizes)``);
     ``settle`` maps the new bases to ``(stored, used)``: as the state keeps them and as the
-    steps rotate by them (the first moment is moved into the latter)."""
+    steps rotate by them (the first moment is moved into the latter); ``solves`` makes the
+    orthonormalizations."""
     # At full float32 precision on accelerators too (TF32 products corrupt the estimated
     # eigenvalues, NVIDIA Emerging-Optimizers), as the authors' torch computes them.
     with jax.default_matmul_precision("highest"):
@@ -193,20 +190,11 @@ def _refresh_blocks(
             if f is None or basis is None:
                 new_bases.append(None)
                 continue
-            power = f @ basis
-            estimated = jnp.sum(basis * power, axis=-2)
-            order = jnp.argsort(estimated, axis=-1, descending=True)
+            order, new_basis = solves.refreshed_basis(f, basis, orthogonalization)
             along = [1] * nu.ndim
             along[0], along[i + 1] = order.shape
             nu = jnp.take_along_axis(nu, order.reshape(along), axis=i + 1)
-            sort = order[:, None, :]
-            new_bases.append(
-                orthonormal(
-                    jnp.take_along_axis(power, sort, axis=2),
-                    jnp.take_along_axis(basis, sort, axis=2),
-                    orthogonalization,
-                )
-            )
+            new_bases.append(new_basis)
         stored, used = (new_bases, new_bases) if settle is None else settle(new_bases)
         return stored, _rotate_blocks(original, used, back=False), nu
 

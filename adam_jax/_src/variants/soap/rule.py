@@ -33,6 +33,7 @@ from adam_jax._src.variants.soap.factors import (
 )
 from adam_jax._src.variants.soap.layout import BlockGroup, SoapLayout
 from adam_jax._src.variants.soap.mesh import _like, _whole
+from adam_jax._src.variants.soap.solves import DIRECT, Solves
 from adam_jax.quantization import FourBitRank1
 from adam_jax.rules import (
     ORTHOGONALIZATIONS,
@@ -45,7 +46,6 @@ from adam_jax.rules import (
     StepScalars,
     branch,
     moving_average,
-    orthonormal,
     replicated,
     second_moment,
     step_scalars,
@@ -276,6 +276,9 @@ class SoapRule(MomentRule):
     # every leaf then takes that phase's branch as traced, with no branch of its own. None
     # (the rule given to scale_by_rule directly): each leaf branches on the count.
     phase: str | None = dataclasses.field(default=None, repr=False, compare=False)
+    # Where the first step's eigendecompositions and the refreshes' orthonormalizations are
+    # made: in each leaf, or stacked for the whole tree by scale_by_soap (solves.stacked).
+    solves: Solves = dataclasses.field(default=DIRECT, repr=False, compare=False)
 
     state_type = ScaleBySoapState
 
@@ -413,7 +416,7 @@ class SoapRule(MomentRule):
 
         def initialize(operands: Any) -> Any:
             mu, nu, _ = operands
-            bases = [None if f is None else _eigenbasis(f) for f in factors]
+            bases = [None if f is None else _eigenbasis(f, self.solves) for f in factors]
             # The moments are still zeros: in the shape the Adam branch gives them (a reducing
             # storage passes them reduced), which the core reduces back to the same zeros.
             mu, nu = (jnp.broadcast_to(m, jnp.broadcast_shapes(m.shape, shape)) for m in (mu, nu))
@@ -523,7 +526,8 @@ class SoapRule(MomentRule):
 
         def eigenbases(factors: jax.Array, q: jax.Array) -> jax.Array:
             bases = [
-                [None if f is None else _eigenbasis(f) for f in fs] for fs in blocks.parts(factors)
+                [None if f is None else _eigenbasis(f, self.solves) for f in fs]
+                for fs in blocks.parts(factors)
             ]
             return _pack_groups(bases, q)
 
@@ -591,7 +595,9 @@ class SoapRule(MomentRule):
 
         def computed(ops: Any) -> Any:
             return [
-                _refresh_blocks(f, self._decoded(bs), m, v, settle, self.orthogonalization)
+                _refresh_blocks(
+                    f, self._decoded(bs), m, v, settle, self.orthogonalization, self.solves
+                )
                 for f, bs, m, v in ops
             ]
 
@@ -760,13 +766,9 @@ class SoapRule(MomentRule):
                 if f is None or basis is None:
                     new_bases.append(None)
                     continue
-                estimated = jnp.sum(basis * (f @ basis), axis=0)
-                order = jnp.argsort(estimated, descending=True)
+                order, new_basis = self.solves.refreshed_basis(f, basis, self.orthogonalization)
                 nu = jnp.take(nu, order, axis=i)
-                sorted_basis = basis[:, order]
-                new_bases.append(
-                    orthonormal(f @ sorted_basis, sorted_basis, self.orthogonalization)
-                )
+                new_bases.append(new_basis)
             new_flat = self._as_stored(_pack(new_bases, bases_flat))
             mu = _rotate(original, self._decoded(self.layout.unpack(new_flat, shape)), back=False)
         return mu.reshape(shape), nu.reshape(shape), new_flat

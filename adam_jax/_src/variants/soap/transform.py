@@ -14,6 +14,7 @@ import optax
 
 from adam_jax._src.branching import on_platform
 from adam_jax._src.variants.soap.rule import PHASES, SoapRule
+from adam_jax._src.variants.soap.solves import DIRECT, Solves, stacked
 from adam_jax.rules import Mask, OptimizerInfo, Paper, descend, scale_by_rule, switch
 
 #: How SOAP's step branches on its phase: ``"tree"``, one ``lax.switch`` a step for the whole
@@ -46,12 +47,21 @@ def _scale_by_soap(
         def per_leaf(updates: Any, state: Any, params: Any) -> Any:
             return scale_by_rule(numbered, **others).update(updates, state, params, **extra)
 
+        def phase_step(phase: str, updates: Any, state: Any, params: Any) -> Any:
+            def step(solves: Solves) -> Any:
+                phased = dataclasses.replace(numbered, phase=phase, solves=solves)
+                return scale_by_rule(phased, **others).update(updates, state, params, **extra)
+
+            # The first step's eigendecompositions and a refresh's orthonormalizations stacked
+            # across leaves, one call per shape (solves.stacked); spread over a mesh, each
+            # leaf's are made inside its blocks' shard_map.
+            if phase == "step" or rule.block_axis is not None:
+                return step(DIRECT)
+            return stacked(step)
+
         def per_tree(updates: Any, state: Any, params: Any) -> Any:
             phases = [
-                functools.partial(
-                    scale_by_rule(dataclasses.replace(numbered, phase=phase), **others).update,
-                    **extra,
-                )
+                functools.partial(phase_step, phase)
                 for phase in PHASES[: 2 if rule.stagger_refresh else 3]
             ]
             return switch(rule.phase_of(state.count), phases, updates, state, params)
