@@ -471,9 +471,11 @@ class Trainer:
         state; off the training loop."""
         update = jax.jit(self.update, donate_argnums=(0, 1))
         with jax.set_mesh(self.mesh):
-            params, opt_state = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))(
-                (self.params, self.opt_state)
-            )
+            # The copies where the run keeps its arrays (an offloaded state in host memory).
+            params, opt_state = jax.jit(
+                lambda tree: jax.tree.map(jnp.copy, tree),
+                out_shardings=(self.param_shardings, self.state_shardings),
+            )((self.params, self.opt_state))
             keys = jax.random.split(jax.random.key(self.config.seed), len(jax.tree.leaves(params)))
             grads = jax.jit(
                 lambda keys, params: jax.tree.map(

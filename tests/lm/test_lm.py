@@ -358,8 +358,9 @@ def test_two_processes_train_as_one_and_stop_together(
 @pytest.mark.slow
 def test_command_line_trains_on_a_mesh(text: Path, tmp_path: Path, capsys) -> None:
     main.main(["--data", str(text), "--mesh", "data=2,fsdp=4", "--zero1", "--steps", "2",
-               "--batch-size", "8", "--eval-every", "1", "--eval-windows", "8", "--layers", "1",
-               "--d-model", "32", "--heads", "2", "--seq-len", "16", "--optimizer", "laprop",
+               "--batch-size", "16", "--grad-accumulation", "2", "--eval-every", "1",
+               "--eval-windows", "8", "--layers", "1", "--d-model", "32", "--heads", "2",
+               "--seq-len", "16", "--optimizer", "laprop",
                "--opt", "b2=0.99", "--workdir", str(tmp_path), "--moments", "8bit",
                "--param-dtype", "bfloat16", "--low-precision", "stochastic",
                "--offload-state"])  # fmt: skip
