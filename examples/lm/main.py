@@ -111,6 +111,15 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, default=config.steps, help="optimizer steps")
     p.add_argument("--batch-size", type=int, default=config.batch_size, help="windows a step")
+    p.add_argument(
+        "--grad-accumulation",
+        type=int,
+        default=config.grad_accumulation,
+        metavar="N",
+        help="split each step's batch into N micro-batches (N divides --batch-size) whose "
+        "gradients are summed inside the step, then one update: the activations' memory of "
+        "one micro-batch",
+    )
     p.add_argument("--seq-len", type=int, default=model.seq_len, help="bytes a window")
     p.add_argument("--layers", type=int, default=model.layers, help="transformer blocks")
     p.add_argument("--d-model", type=int, default=model.d_model, help="width")
@@ -149,6 +158,14 @@ def parser() -> argparse.ArgumentParser:
         help="storage of the params",
     )
     p.add_argument(
+        "--compute-dtype",
+        choices=("float32", "bfloat16"),
+        default=model.compute_dtype,
+        help="the dtype of the matrix products and attention (mixed precision: the params, "
+        "gradients, optimizer state, norms and loss stay float32); --param-dtype bfloat16 "
+        "computes in bfloat16 whichever this is",
+    )
+    p.add_argument(
         "--low-precision",
         choices=("none", "kahan", "stochastic"),
         default=config.low_precision,
@@ -156,6 +173,13 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--seed", type=int, default=config.seed, help="initialization and training windows"
+    )
+    p.add_argument(
+        "--time-optimizer",
+        action="store_true",
+        help="after training, time the optimizer's update alone (10 in a row on copies of the "
+        "params and state; a compilation of its own) and print its share of the step (in "
+        "--workdir also optimizer_share.json)",
     )
     p.add_argument(
         "--eval-every",
@@ -203,7 +227,7 @@ def parser() -> argparse.ArgumentParser:
 def config_from(args: argparse.Namespace) -> Any:
     """The run's :class:`~examples.lm.train.Config`; raises ConfigError naming a bad flag."""
     from examples.lm.model import ModelConfig
-    from examples.lm.train import Config, ConfigError, parse_mesh
+    from examples.lm.train import Config, ConfigError, check_accumulation, parse_mesh
 
     for flag in (
         "steps",
@@ -215,6 +239,7 @@ def config_from(args: argparse.Namespace) -> Any:
         "eval_every",
         "eval_windows",
         "checkpoint_every",
+        "grad_accumulation",
     ):
         if getattr(args, flag) < 1:
             raise ConfigError(
@@ -230,6 +255,7 @@ def config_from(args: argparse.Namespace) -> Any:
         options[name] = option_value(value)
     if args.d_model % args.heads:
         raise ConfigError(f"--d-model {args.d_model} must be a multiple of --heads {args.heads}")
+    check_accumulation(args.batch_size, args.grad_accumulation)
     return Config(
         model=ModelConfig(
             layers=args.layers,
@@ -237,6 +263,7 @@ def config_from(args: argparse.Namespace) -> Any:
             heads=args.heads,
             seq_len=args.seq_len,
             param_dtype=args.param_dtype,
+            compute_dtype=args.compute_dtype,
         ),
         optimizer=args.optimizer,
         options=options,
@@ -252,6 +279,7 @@ def config_from(args: argparse.Namespace) -> Any:
         second_moment=args.second_moment,
         low_precision=args.low_precision,
         offload_state=args.offload_state,
+        grad_accumulation=args.grad_accumulation,
         seed=args.seed,
     )
 
@@ -382,6 +410,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"optimizer state: {state_bytes:.2f} bytes per parameter, {fullest:.2f} on the "
         f"fullest device {where}".strip()
     )
+    if args.time_optimizer and run is not None and run.records:
+        console.print(loop.describe_share(run.optimizer_share()))
     if primary:
         draw_curves(run, trainer, console)
 

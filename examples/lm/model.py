@@ -5,6 +5,11 @@ Every weight is used through :func:`gathered`. Under a mesh whose ``fsdp`` axis 
 params (FSDP), that is the all-gather of the weight before its layer runs, and its gradient
 is the reduce-scatter back to the shards, so no device keeps more than its shard of a weight
 between layers; without a mesh it does nothing, and the model runs as any NNX module.
+
+Mixed precision (``compute_dtype="bfloat16"``, with float32 params): every matrix product (the
+embedding's, the layers' and the head's) and the attention run in bfloat16, the weights cast as
+they are used, as nanoGPT's autocast, levanter's ``compute_dtype`` and MaxText's ``dtype`` do;
+the params, their gradients, the residual stream, the norms and the loss stay float32.
 """
 
 from __future__ import annotations
@@ -29,10 +34,19 @@ class ModelConfig:
     mlp_ratio: int = 4
     seq_len: int = 128
     param_dtype: str = "float32"
+    # The matrix products' and attention's dtype with float32 params; bfloat16 params compute
+    # in bfloat16 whichever this is (:attr:`matmul_dtype`).
+    compute_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.d_model % self.heads:
             raise ValueError(f"d_model {self.d_model} must be a multiple of heads {self.heads}")
+
+    @property
+    def matmul_dtype(self) -> str:
+        """What the matrix products and attention run in: bfloat16 where the params or the
+        compute dtype are, else float32."""
+        return "bfloat16" if "bfloat16" in (self.param_dtype, self.compute_dtype) else "float32"
 
 
 def gathered(weight: jax.Array) -> jax.Array:
@@ -47,12 +61,27 @@ def normal(rngs: nnx.Rngs, shape: tuple[int, ...], std: float, dtype: str) -> nn
 
 
 class Dense(nnx.Module):
-    def __init__(self, fan_in: int, fan_out: int, *, std: float, rngs: nnx.Rngs, dtype: str):
+    """``x @ kernel + bias`` computed in ``compute_dtype`` (the weights cast as used, so their
+    gradients arrive in their own dtype)."""
+
+    def __init__(
+        self,
+        fan_in: int,
+        fan_out: int,
+        *,
+        std: float,
+        rngs: nnx.Rngs,
+        dtype: str,
+        compute_dtype: str,
+    ):
         self.kernel = normal(rngs, (fan_in, fan_out), std, dtype)
         self.bias = nnx.Param(jnp.zeros((fan_out,), dtype))
+        self.compute_dtype = compute_dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return x @ gathered(self.kernel[...]) + gathered(self.bias[...])
+        kernel, bias = gathered(self.kernel[...]), gathered(self.bias[...])
+        dtype = self.compute_dtype
+        return x.astype(dtype) @ kernel.astype(dtype) + bias.astype(dtype)
 
 
 class LayerNorm(nnx.Module):
@@ -70,15 +99,16 @@ class LayerNorm(nnx.Module):
 class Block(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, dtype = config.d_model, config.param_dtype
+        dense = {"rngs": rngs, "dtype": dtype, "compute_dtype": config.matmul_dtype}
         # GPT-2's init: std 0.02, the residual projections scaled by 1 / sqrt(2 * layers).
         residual_std = 0.02 / (2 * config.layers) ** 0.5
         self.heads = config.heads
         self.norm1 = LayerNorm(d, dtype=dtype)
-        self.qkv = Dense(d, 3 * d, std=0.02, rngs=rngs, dtype=dtype)
-        self.out = Dense(d, d, std=residual_std, rngs=rngs, dtype=dtype)
+        self.qkv = Dense(d, 3 * d, std=0.02, **dense)
+        self.out = Dense(d, d, std=residual_std, **dense)
         self.norm2 = LayerNorm(d, dtype=dtype)
-        self.up = Dense(d, config.mlp_ratio * d, std=0.02, rngs=rngs, dtype=dtype)
-        self.down = Dense(config.mlp_ratio * d, d, std=residual_std, rngs=rngs, dtype=dtype)
+        self.up = Dense(d, config.mlp_ratio * d, std=0.02, **dense)
+        self.down = Dense(config.mlp_ratio * d, d, std=residual_std, **dense)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, length, d = x.shape
@@ -93,18 +123,23 @@ class Block(nnx.Module):
 class GPT(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         d, dtype = config.d_model, config.param_dtype
-        self.vocab = config.vocab
+        self.vocab, self.compute_dtype = config.vocab, config.matmul_dtype
         self.embed = normal(rngs, (config.vocab, d), 0.02, dtype)
         self.position = normal(rngs, (config.seq_len, d), 0.01, dtype)
         self.blocks = nnx.List([Block(config, rngs=rngs) for _ in range(config.layers)])
         self.norm = LayerNorm(d, dtype=dtype)
-        self.head = Dense(d, config.vocab, std=0.02, rngs=rngs, dtype=dtype)
+        self.head = Dense(
+            d, config.vocab, std=0.02, rngs=rngs, dtype=dtype, compute_dtype=config.matmul_dtype
+        )
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
         """The next-token logits, ``(batch, length, vocab)``, of ``(batch, length)`` tokens."""
         # A one-hot product rather than a gather: it keeps the batch's sharding without
         # stating it, and costs what the head costs at a byte vocabulary.
-        x = jax.nn.one_hot(tokens, self.vocab, dtype=self.embed.dtype) @ gathered(self.embed[...])
+        embed = gathered(self.embed[...]).astype(self.compute_dtype)
+        x = jax.nn.one_hot(tokens, self.vocab, dtype=self.compute_dtype) @ embed
+        # The residual stream in the params' dtype (the position table's): float32 under
+        # mixed precision, each layer's bfloat16 output added to it.
         x = x + gathered(self.position[...])[: tokens.shape[1]]
         for block in self.blocks:
             x = block(x)

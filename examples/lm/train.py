@@ -12,6 +12,10 @@ and refreshes its own. The model gathers each weight as it uses it
 (:func:`examples.lm.model.gathered`); XLA's partitioner writes the rest of the communication.
 With several processes (``jax.distributed``) the mesh spans the devices of all of them and
 every process runs the same code.
+
+With ``grad_accumulation`` N the step splits its batch into N micro-batches (each still split
+over the mesh) and sums their gradients in a ``lax.scan`` inside the compiled step, then makes
+one optimizer update: the step of the whole batch, with the activations of one micro-batch.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -83,6 +88,8 @@ class Config:
     second_moment: str = "default"  # or factored
     low_precision: str = "none"  # for bfloat16 params: kahan or stochastic
     offload_state: bool = False  # the optimizer state in host memory between steps
+    # Micro-batches a step's batch is split into, their gradients summed before one update.
+    grad_accumulation: int = 1
     seed: int = 0
 
 
@@ -187,11 +194,14 @@ def registry_optimizer(
     if "block_axis" in accepted:
         options = spread_blocks(options, mesh_shape)
     try:
-        options |= optimizers.moment_storages(
+        storages = optimizers.moment_storages(
             config.optimizer, config.moments, config.second_moment
         )
     except ValueError as error:
         raise ConfigError(f"--moments, --second-moment: {error}") from error
+    # A storage that --opt names wins over --moments' (--moments 8bit --opt nu_dtype=bfloat16:
+    # an 8-bit first moment, a bfloat16 second).
+    options |= {name: value for name, value in storages.items() if name not in config.options}
     if "mask" in accepted and "weight_decay" in options:
         options.setdefault("mask", matrices)
     unknown = sorted(set(options) - set(accepted))
@@ -334,10 +344,19 @@ class Trainer:
     """
 
     def __init__(self, config: Config, mesh: Mesh, optimizer: OptimizerFactory | None = None):
+        check_accumulation(config.batch_size, config.grad_accumulation)
         if config.batch_size % mesh.size:
             raise ConfigError(
                 f"--batch-size {config.batch_size} does not split over the {mesh.size} devices "
                 f"of --mesh {format_mesh(dict(mesh.shape))}: give a multiple of {mesh.size}"
+            )
+        micro_batch = config.batch_size // config.grad_accumulation
+        if micro_batch % mesh.size:
+            raise ConfigError(
+                f"--batch-size {config.batch_size} / --grad-accumulation "
+                f"{config.grad_accumulation} = {micro_batch} windows a micro-batch, which do not "
+                f"split over the {mesh.size} devices of --mesh {format_mesh(dict(mesh.shape))}: "
+                f"give a batch size that is a multiple of {config.grad_accumulation * mesh.size}"
             )
         self.config, self.mesh = config, mesh
         self.schedule_free = optimizer is None and optimizer_info(config).schedule_free
@@ -403,14 +422,76 @@ class Trainer:
     ) -> tuple[Any, Any, jax.Array]:
         """The step as a pure function: new params and state, ``loss_sum`` plus the loss of
         ``tokens`` (``(batch, seq_len + 1)``); :meth:`step` runs it compiled, in place."""
-        loss, grads = jax.value_and_grad(self._loss_of)(params, tokens)
+        loss, grads = self.loss_and_grads(params, tokens)
+        params, opt_state = self.update(params, opt_state, grads)
+        return params, opt_state, loss_sum + loss
+
+    def loss_and_grads(self, params: Any, tokens: jax.Array) -> tuple[jax.Array, Any]:
+        """The mean loss of ``tokens`` and its gradient: in one pass, or with
+        ``grad_accumulation`` N the mean of N micro-batches' (equal sizes, so the mean of the
+        whole batch's), summed in float32 in a scan."""
+        count = self.config.grad_accumulation
+        if count == 1:
+            return jax.value_and_grad(self._loss_of)(params, tokens)
+        batch, length = tokens.shape
+        # Micro-batch i is rows i, i + N, i + 2N, ...: splitting the rows as (batch / N, N)
+        # keeps each device's rows on it, so every micro-batch stays split over the mesh.
+        strided = PartitionSpec(AXES, None, None)
+        micro_batches = jnp.swapaxes(
+            jnp.reshape(tokens, (batch // count, count, length), out_sharding=strided), 0, 1
+        )
+
+        def accumulate(carry: tuple[jax.Array, Any], micro_batch: jax.Array) -> Any:
+            loss_sum, grad_sum = carry
+            loss, grads = jax.value_and_grad(self._loss_of)(params, micro_batch)
+            grad_sum = jax.tree.map(lambda s, g: s + g.astype(s.dtype), grad_sum, grads)
+            return (loss_sum + loss, grad_sum), None
+
+        zeros = jax.tree.map(lambda p: jnp.zeros_like(p, dtype=jnp.float32), params)
+        initial = (jnp.zeros((), jnp.float32), zeros)
+        (loss_sum, grad_sum), _ = jax.lax.scan(accumulate, initial, micro_batches)
+        grads = jax.tree.map(lambda s, p: (s / count).astype(p.dtype), grad_sum, params)
+        return loss_sum / count, grads
+
+    def update(self, params: Any, opt_state: Any, grads: Any) -> tuple[Any, Any]:
+        """The optimizer's update of ``params`` by ``grads``: new params and state."""
         if self.config.zero1:
             # The gradients split as the moments are (a reduce-scatter over data), the
             # updates gathered back to the params' layout.
             grads = jax.sharding.reshard(grads, self._like_moments(grads))
         updates, opt_state = self.tx.update(grads, opt_state, params)
         updates = jax.sharding.reshard(updates, self.param_shardings)
-        return optax.apply_updates(params, updates), opt_state, loss_sum + loss
+        return optax.apply_updates(params, updates), opt_state
+
+    def optimizer_seconds(self, updates: int = 10) -> float:
+        """The seconds one optimizer update takes (:meth:`update` alone, compiled, on copies of
+        the params and state and gradients of random normals), the mean of ``updates`` in a row
+        after one to warm up: the default 10 include one refresh of SOAP's bases at its default
+        frequency. Costs a compilation of the update and twice the memory of the params and
+        state; off the training loop."""
+        update = jax.jit(self.update, donate_argnums=(0, 1))
+        with jax.set_mesh(self.mesh):
+            # The copies where the run keeps its arrays (an offloaded state in host memory).
+            params, opt_state = jax.jit(
+                lambda tree: jax.tree.map(jnp.copy, tree),
+                out_shardings=(self.param_shardings, self.state_shardings),
+            )((self.params, self.opt_state))
+            keys = jax.random.split(jax.random.key(self.config.seed), len(jax.tree.leaves(params)))
+            grads = jax.jit(
+                lambda keys, params: jax.tree.map(
+                    lambda key, p: 1e-3 * jax.random.normal(key, p.shape, p.dtype),
+                    jax.tree.unflatten(jax.tree.structure(params), list(keys)),
+                    params,
+                ),
+                out_shardings=self.param_shardings,
+            )(keys, params)
+            params, opt_state = update(params, opt_state, grads)
+            jax.block_until_ready((params, opt_state))
+            begin = time.perf_counter()
+            for _ in range(updates):
+                params, opt_state = update(params, opt_state, grads)
+            jax.block_until_ready((params, opt_state))
+        return (time.perf_counter() - begin) / updates
 
     def _like_moments(self, tree: Any) -> Any:
         return jax.tree.map(
@@ -490,6 +571,18 @@ class Trainer:
     def loss(self, windows: np.ndarray) -> float:
         with jax.set_mesh(self.mesh):
             return float(self._loss(self.evaluation_params(), self.put(windows)))
+
+
+def check_accumulation(batch_size: int, grad_accumulation: int) -> None:
+    """Refuses a ``grad_accumulation`` below 1 or that does not divide ``batch_size``."""
+    if grad_accumulation < 1:
+        raise ConfigError(f"--grad-accumulation must be an integer >= 1, got {grad_accumulation}")
+    if batch_size % grad_accumulation:
+        raise ConfigError(
+            f"--batch-size {batch_size} does not split into --grad-accumulation "
+            f"{grad_accumulation} micro-batches of equal size: give a batch size that "
+            f"{grad_accumulation} divides"
+        )
 
 
 def by_path(tree: Any) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from typing import NoReturn
 
 import jax
 import numpy as np
+import optax
 import pytest
 
 import adam_jax
@@ -357,8 +358,9 @@ def test_two_processes_train_as_one_and_stop_together(
 @pytest.mark.slow
 def test_command_line_trains_on_a_mesh(text: Path, tmp_path: Path, capsys) -> None:
     main.main(["--data", str(text), "--mesh", "data=2,fsdp=4", "--zero1", "--steps", "2",
-               "--batch-size", "8", "--eval-every", "1", "--eval-windows", "8", "--layers", "1",
-               "--d-model", "32", "--heads", "2", "--seq-len", "16", "--optimizer", "laprop",
+               "--batch-size", "16", "--grad-accumulation", "2", "--eval-every", "1",
+               "--eval-windows", "8", "--layers", "1", "--d-model", "32", "--heads", "2",
+               "--seq-len", "16", "--optimizer", "laprop",
                "--opt", "b2=0.99", "--workdir", str(tmp_path), "--moments", "8bit",
                "--param-dtype", "bfloat16", "--low-precision", "stochastic",
                "--offload-state"])  # fmt: skip
@@ -369,6 +371,147 @@ def test_command_line_trains_on_a_mesh(text: Path, tmp_path: Path, capsys) -> No
     assert "step      2/2" in out and "in host memory" in out
     # 8-bit moments of the large matrices (the rest float32) and a key: under 8 bytes.
     assert float(out.split("optimizer state: ")[1].split()[0]) < 4
+
+
+def dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:
+    """The operands' dtypes of every ``dot_general`` of ``jaxpr`` and the jaxprs inside it."""
+    found = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            found.append(tuple(str(var.aval.dtype) for var in eqn.invars))
+        for param in eqn.params.values():
+            for inner in param if isinstance(param, (list, tuple)) else [param]:
+                inner = getattr(inner, "jaxpr", inner)  # a ClosedJaxpr's Jaxpr
+                if hasattr(inner, "eqns"):
+                    found.extend(dot_operand_dtypes(inner))
+    return found
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_compute_dtype_runs_the_matmuls_in_it_with_float32_params(
+    corpus, compute_dtype: str
+) -> None:
+    """Mixed precision: every matrix product of the loss (the embedding's, the layers', the
+    attention's and the head's) takes bfloat16 operands, while the params and their gradients
+    stay float32 and the loss is float32; the default computes in float32 throughout."""
+    model = ModelConfig(**{**vars(TINY), "compute_dtype": compute_dtype})
+    trainer = trainer_on("data=1", train.Config(**{**vars(CONFIG), "model": model}))
+    assert {leaf.dtype for leaf in jax.tree.leaves(trainer.params)} == {np.dtype("float32")}
+    tokens = corpus.windows(corpus.batches(0, 1, CONFIG.batch_size)[0])
+    jaxpr = jax.make_jaxpr(trainer._loss_of)(trainer.params, tokens)
+    dots = dot_operand_dtypes(jaxpr.jaxpr)
+    # embedding, qkv, out, up, down, head, and attention's two products
+    assert len(dots) >= 8
+    assert set(dots) == {(compute_dtype, compute_dtype)}
+    loss, grads = jax.jit(jax.value_and_grad(trainer._loss_of))(trainer.params, tokens)
+    assert loss.dtype == np.float32
+    assert {leaf.dtype for leaf in jax.tree.leaves(grads)} == {np.dtype("float32")}
+    assert all(bool(np.isfinite(leaf).all()) for leaf in jax.tree.leaves(grads))
+
+
+def test_bfloat16_params_compute_in_bfloat16_whatever_the_compute_dtype() -> None:
+    for compute_dtype in ("float32", "bfloat16"):
+        model = ModelConfig(param_dtype="bfloat16", compute_dtype=compute_dtype)
+        assert model.matmul_dtype == "bfloat16"
+    assert ModelConfig().matmul_dtype == "float32"
+
+
+def test_bfloat16_compute_trains_as_float32_does(corpus, one_device) -> None:
+    """bfloat16 products change the losses by bfloat16's rounding, not the training."""
+    model = ModelConfig(**{**vars(TINY), "compute_dtype": "bfloat16"})
+    records, _ = trained(train.Config(**{**vars(CONFIG), "model": model}), corpus, "data=1")
+    np.testing.assert_allclose(losses(records), losses(one_device[0]), rtol=2e-2)
+
+
+@pytest.mark.parametrize(("mesh", "zero1"), [("data=1", False), ("data=2,fsdp=4", True)])
+def test_gradient_accumulation_steps_as_one_batch(corpus, mesh: str, zero1: bool) -> None:
+    """Four micro-batches of 8 windows give the loss and the gradients of one batch of 32 on
+    the same windows, and the same params after a step, within float32 rounding, each
+    micro-batch split over the mesh as the whole batch is. The step is SGD's at a constant rate,
+    whose update is the gradient's multiple (Adam's divides each entry by its own size, which
+    makes the rounding of entries near zero as large as the rest)."""
+    config = train.Config(
+        **{**vars(CONFIG), "batch_size": 32, "zero1": zero1, "schedule": "constant"}
+    )
+    accumulating = train.Config(**{**vars(config), "grad_accumulation": 4})
+    whole, accumulated = (
+        train.Trainer(c, trainer_on(mesh).mesh, optimizer=optax.sgd) for c in (config, accumulating)
+    )
+    windows = corpus.windows(corpus.batches(0, 1, 32)[0])
+    micro_batches_seen = []
+    loss_of = accumulated._loss_of
+
+    def watched(params, tokens):
+        micro_batches_seen.append((tokens.shape, jax.typeof(tokens).sharding.spec[0]))
+        return loss_of(params, tokens)
+
+    accumulated._loss_of = watched  # type: ignore[method-assign]
+    with jax.set_mesh(whole.mesh):
+        tokens = whole.put(windows)
+        loss, grads = jax.jit(whole.loss_and_grads)(whole.params, tokens)
+        micro_loss, micro_grads = jax.jit(accumulated.loss_and_grads)(whole.params, tokens)
+    accumulated._loss_of = loss_of  # type: ignore[method-assign]
+    assert micro_batches_seen == [((8, TINY.seq_len + 1), train.AXES)]
+    assert float(micro_loss) == pytest.approx(float(loss), rel=1e-6)
+    for got, want in zip(jax.tree.leaves(micro_grads), jax.tree.leaves(grads), strict=True):
+        assert got.dtype == want.dtype == np.float32
+        assert got.sharding.spec == want.sharding.spec
+        # relative to the leaf's largest gradient (an entry near zero has no relative scale)
+        difference = float(np.max(np.abs(np.asarray(got) - np.asarray(want))))
+        assert difference <= 1e-6 * float(np.max(np.abs(np.asarray(want)))), difference
+    for trainer in (whole, accumulated):
+        trainer.step(windows)
+    got, want = host_params(accumulated.params), host_params(whole.params)
+    for path in want:
+        difference = np.linalg.norm(got[path] - want[path])
+        assert difference <= 1e-6 * np.linalg.norm(want[path]), path
+    assert accumulated.take_loss_sum() == pytest.approx(whole.take_loss_sum(), rel=1e-6)
+
+
+def test_resume_with_gradient_accumulation(corpus, tmp_path: Path) -> None:
+    """A run of two micro-batches a step, stopped after step 3, resumes bit for bit as the
+    unbroken run; its checkpoints resume with another number of micro-batches too (as on
+    another mesh: the same step, rounded otherwise)."""
+    config = train.Config(**{**vars(CONFIG), "grad_accumulation": 2})
+    unbroken, reference = trained(config, corpus, "data=1")
+    options = {"workdir": tmp_path / "run", "checkpoint_every": 2}
+    interrupted = trainer_on("data=1", config)
+    stopped_after(interrupted, 3, "sigterm")
+    with pytest.raises(Interrupted):
+        loop.Run(interrupted, corpus, loop.RunOptions(**options)).train()
+    records, resumed_trainer = trained(config, corpus, "data=1", **options)
+    assert [{**r, "tokens_per_second": 0} for r in records] == [
+        {**r, "tokens_per_second": 0} for r in unbroken
+    ]
+    for leaf, want in zip(
+        jax.tree.leaves(resumed_trainer.params), jax.tree.leaves(reference.params), strict=True
+    ):
+        np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
+    run = resumed(CONFIG, corpus, "data=1", tmp_path / "run")
+    assert run.step == CONFIG.steps
+
+
+def test_opt_storage_wins_over_moments() -> None:
+    """``--moments 8bit --opt nu_dtype=bfloat16``: the first moment in 8-bit codes, the second
+    in bfloat16 (SOAP's setting to use, benchmarks/lm_gpt2_gpu.sh)."""
+    config = train.Config(moments="8bit", options={"nu_dtype": "bfloat16"})
+    tx = train.registry_optimizer(config, 1e-3)
+    state = tx.init({"w": jax.numpy.zeros((64, 128))})
+    (adam,) = [
+        s for s in jax.tree.leaves(state, is_leaf=lambda s: hasattr(s, "nu")) if hasattr(s, "nu")
+    ]
+    assert adam.nu["w"].dtype == jax.numpy.bfloat16
+    assert isinstance(adam.mu["w"], adam_jax.QuantizedArray)
+
+
+def test_time_optimizer_gives_its_share_of_the_step(text: Path, tmp_path: Path, capsys) -> None:
+    main.main(["--data", str(text), *TINY_FLAGS, "--workdir", str(tmp_path), "--time-optimizer"])
+    out = capsys.readouterr().out
+    share = json.loads((tmp_path / "optimizer_share.json").read_text())
+    assert share["optimizer_seconds"] > 0 and share["share"] > 0
+    assert share["share"] == pytest.approx(share["optimizer_seconds"] / share["step_seconds"])
+    assert loop.describe_share(share) in out
+    assert re.search(r"optimizer [\d.]+ ms of [\d.]+ ms a step \(\d+%\)", out), out
 
 
 def stopped_after(trainer: train.Trainer, steps: int, how: str) -> None:
@@ -455,6 +598,17 @@ def test_resume_refuses_other_settings(corpus, tmp_path: Path) -> None:
         ),
         (["--checkpoint-every", "0"], "--checkpoint-every must be an integer >= 1, got 0"),
         (["--seq-len", "4000", "--data", "SMALL"], "too short for --seq-len 4000"),
+        (["--grad-accumulation", "0"], "--grad-accumulation must be an integer >= 1, got 0"),
+        (
+            ["--batch-size", "32", "--grad-accumulation", "3"],
+            "--batch-size 32 does not split into --grad-accumulation 3 micro-batches",
+        ),
+        (
+            ["--mesh", "data=8", "--batch-size", "16", "--grad-accumulation", "4"],
+            "--batch-size 16 / --grad-accumulation 4 = 4 windows a micro-batch, which do not "
+            "split over the 8 devices of --mesh data=8,fsdp=1: give a batch size that is a "
+            "multiple of 32",
+        ),
     ],
 )
 def test_bad_flags_are_one_line(flags, message, text: Path, tmp_path: Path, capsys) -> None:
