@@ -69,9 +69,12 @@ class Run:
         # layout, whatever the layout it was written from), and so may the number of devices
         # that an optimizer's blocks are spread over, whose vectors are laid out by device: they
         # are re-laid (_relaying). So may the micro-batches a step is split into: as the mesh,
-        # they change where the activations are kept and the gradients' rounding, not the step.
+        # they change where the activations are kept and the gradients' rounding, not the step;
+        # and so may the dtype of the products (checkpoints written before it was a setting
+        # resume too).
         settings = dataclasses.asdict(config)
         del settings["mesh"], settings["zero1"], settings["grad_accumulation"]
+        del settings["model"]["compute_dtype"]
         if trainer.block_devices is not None:
             settings["block_devices"] = trainer.block_devices
         self.settings = json_safe(settings)

@@ -4,6 +4,7 @@ processes train as one device does, within float32 rounding; bad flags are one l
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -471,7 +472,7 @@ def test_gradient_accumulation_steps_as_one_batch(corpus, mesh: str, zero1: bool
 def test_resume_with_gradient_accumulation(corpus, tmp_path: Path) -> None:
     """A run of two micro-batches a step, stopped after step 3, resumes bit for bit as the
     unbroken run; its checkpoints resume with another number of micro-batches too (as on
-    another mesh: the same step, rounded otherwise)."""
+    another mesh: the same step, rounded otherwise), and with another dtype of products."""
     config = train.Config(**{**vars(CONFIG), "grad_accumulation": 2})
     unbroken, reference = trained(config, corpus, "data=1")
     options = {"workdir": tmp_path / "run", "checkpoint_every": 2}
@@ -488,6 +489,10 @@ def test_resume_with_gradient_accumulation(corpus, tmp_path: Path) -> None:
     ):
         np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want))
     run = resumed(CONFIG, corpus, "data=1", tmp_path / "run")
+    assert run.step == CONFIG.steps
+    # ... and with products in another dtype, which checkpoints do not record.
+    model = dataclasses.replace(CONFIG.model, compute_dtype="bfloat16")
+    run = resumed(dataclasses.replace(CONFIG, model=model), corpus, "data=1", tmp_path / "run")
     assert run.step == CONFIG.steps
 
 
