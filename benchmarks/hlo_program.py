@@ -271,11 +271,19 @@ def _fused_traffic(fused: list[Instruction]) -> float:
     for instruction in fused:
         for operand in instruction.operands:
             users.setdefault(operand, []).append(instruction)
+
+    def through_bitcasts(name: str) -> list[Instruction]:
+        # A bitcast moves no bytes: the uses that read are those of what it views.
+        found = []
+        for use in users.get(name, []):
+            found += through_bitcasts(use.name) if use.opcode == "bitcast" else [use]
+        return found
+
     total = 0.0
     for instruction in fused:
         if instruction.opcode != "parameter":
             continue
-        uses = users.get(instruction.name, [])
+        uses = through_bitcasts(instruction.name)
         if uses and all(u.opcode in ("slice", "dynamic-slice") for u in uses):
             total += sum(u.nbytes for u in uses)
         elif uses and all(

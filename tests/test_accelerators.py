@@ -223,8 +223,13 @@ def test_every_program_compiles_for_an_h100(tmp_path):
         row = rows[name]
         assert row["kernels"] <= optax_adamw["kernels"] + 2, name
         assert (row["custom_calls"], row["while_loops"], row["conditionals"]) == ({}, 0, []), name
-    # SOAP's refresh orthonormalizes without a QR factorization (no batched-QR loop on a GPU).
-    assert not [call for call in rows["soap"]["custom_calls"] if "geqrf" in call or "orgqr" in call]
+    # SOAP's refresh orthonormalizes without a QR factorization (no batched-QR loop on a GPU),
+    # stacked across leaves: one eigh for each size of factor (32, 64 and 256 on this tree), and
+    # no loop whose test the GPU reads.
+    soap = rows["soap"]
+    assert not [call for call in soap["custom_calls"] if "geqrf" in call or "orgqr" in call]
+    assert soap["custom_calls"]["cusolver_syevd_ffi"] == 3
+    assert soap["while_loops"] > 0 and soap["unknown_trip_loops"] == 0
     # The offloaded 8-bit step in slices compiles (it did not: the loop's buffer went to host
     # memory), and its slices are loops that XLA knows the trip counts of.
     sliced = rows["offload_state(step_in_slices(adamw_8bit))"]
@@ -237,6 +242,28 @@ def test_every_program_compiles_for_an_h100(tmp_path):
     prefetched = rows["offload_state(adamw, prefetch=1)"]["transfers_overlapping"]
     assert prefetched > 0.5 > rows["offload_state(adamw)"]["transfers_overlapping"]
     assert rows["adamw, FlatParams"]["kernels"] <= 3
+
+
+@pytest.mark.slow
+def test_soap_phases_stack_their_calls_and_wait_on_no_loop(tmp_path):
+    """Each phase of SOAP's step alone, compiled for an H100 on the small tree (17 leaves, factors
+    of 32, 64 and 256): the first step one ``eigh`` for each size, a step between refreshes no
+    library call, loop or branch, a refresh no ``eigh`` and no loop of unknown trip count."""
+    rows = {
+        row["phase"]: row
+        for row in _rows_of(
+            tmp_path, "benchmarks.soap_phases", "--tree", "small", "--programs", "soap"
+        )
+    }
+    assert rows["first"]["custom_calls"] == {"cusolver_syevd_ffi": 3}
+    step = rows["step"]
+    assert (step["custom_calls"], step["while_loops"], step["conditionals"]) == ({}, 0, 0)
+    refresh = rows["refresh"]
+    assert "cusolver_syevd_ffi" not in refresh["custom_calls"]
+    assert refresh["custom_calls"]["cusolver_potrf_ffi"] > 0
+    assert refresh["while_loops"] > 0 and refresh["unknown_trip_loops"] == 0
+    assert rows["whole"]["unknown_trip_loops"] == 0
+    assert refresh["model_dearest_ms"] > refresh["model_ms"] > step["model_ms"]
 
 
 @pytest.mark.slow

@@ -336,11 +336,22 @@ def test_blocked_bases_are_computed_one_matrix_at_a_time_on_cpu(stagger_refresh:
 
 def _branches(jaxpr: Any, depth: int = 0) -> list[tuple[int, int]]:
     """(depth, branches) of each ``cond`` of ``jaxpr`` and the jaxprs inside it, but those of
-    ``lax.platform_dependent`` (resolved when the program is lowered for a platform)."""
+    ``lax.platform_dependent`` (resolved when the program is lowered for a platform) and
+    Cholesky QR's (on whether any matrix is not yet orthonormal: ``reduce_or``)."""
     found, producers = [], {}
+
+    def made_by(var: Any) -> str | None:
+        eqn = producers.get(var)
+        if eqn is not None and eqn.primitive.name == "convert_element_type":
+            return made_by(eqn.invars[0])  # a predicate turned into a branch index
+        return None if eqn is None else eqn.primitive.name
+
     for eqn in jaxpr.eqns:
-        producers.update({v: eqn.primitive.name for v in eqn.outvars})
-        if eqn.primitive.name == "cond" and producers.get(eqn.invars[0]) != "platform_index":
+        producers.update(dict.fromkeys(eqn.outvars, eqn))
+        if eqn.primitive.name == "cond" and made_by(eqn.invars[0]) not in (
+            "platform_index",
+            "reduce_or",
+        ):
             found.append((depth, len(eqn.params["branches"])))
         for inner in jax.extend.core.jaxprs_in_params(eqn.params):
             found += _branches(inner, depth + 1)
@@ -357,36 +368,80 @@ def test_one_branch_a_step_computes_what_a_branch_per_leaf_does(options: dict, x
     for the tree (one ``lax.switch``: the first step, a step, a step then every refresh; the
     first two with ``stagger_refresh``, whose leaves refresh at their own offsets); the rule
     given to ``scale_by_rule`` (the CPU's) branches in each leaf. Same updates and state to
-    float64 rounding over a first step, refreshes and steps between them, and no branch on the
-    count left inside the tree's switch."""
+    float64 rounding over a first step, refreshes and steps between them, with the first
+    step's and the refreshes' calls stacked across leaves (the default off the CPU) or not,
+    and no branch on the count left inside the tree's switch."""
     params = {"a": jnp.ones((6, 4)), "b": jnp.ones((4, 3, 2)), "c": jnp.ones(4)}
-    tree = _scale_by_soap(SoapRule(precondition_frequency=2, **options), branching="tree")
+    trees = [
+        _scale_by_soap(SoapRule(precondition_frequency=2, **options), branching="tree", stack=s)
+        for s in (False, True)
+    ]
     rule = SoapRule(precondition_frequency=2, **options)
     if rule.stagger_refresh:
         rule = rule.with_leaf_starts(params)
     per_leaf = adam_jax.rules.scale_by_rule(rule)
-    states = [tx.init(params) for tx in (tree, per_leaf)]
-    steps = [jax.jit(tx.update) for tx in (tree, per_leaf)]
+    transforms = (*trees, per_leaf)
+    states = [tx.init(params) for tx in transforms]
+    steps = [jax.jit(tx.update) for tx in transforms]
     for t in range(6):
         grads = jax.tree.map(
             lambda p, t=t: jnp.sin((t + 1.0) * jnp.cumsum(p).reshape(p.shape)), params
         )
-        (u_tree, states[0]), (u_leaf, states[1]) = (
-            step(grads, state, params) for step, state in zip(steps, states, strict=True)
-        )
-        for ours, theirs in zip(
-            jax.tree.leaves((u_tree, states[0])), jax.tree.leaves((u_leaf, states[1])), strict=True
-        ):
-            np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+        outs = [step(grads, state, params) for step, state in zip(steps, states, strict=True)]
+        states = [state for _, state in outs]
+        for tree_out in outs[:2]:
+            for ours, theirs in zip(
+                jax.tree.leaves(tree_out), jax.tree.leaves(outs[2]), strict=True
+            ):
+                np.testing.assert_allclose(ours, theirs, rtol=1e-12, atol=1e-12)
+    tree = trees[1]
     found = [
         _branches(jax.make_jaxpr(tx.update)(params, state, params).jaxpr)
-        for tx, state in zip((tree, per_leaf), states, strict=True)
+        for tx, state in zip((tree, per_leaf), states[1:], strict=True)
     ]
     if rule.stagger_refresh:  # the leaves' refreshes branch inside the step's phase
         assert found[0][0] == (0, 2) and all(depth > 0 for depth, _ in found[0][1:])
         assert len(found[0]) < len(found[1])
     else:
         assert found[0] == [(0, 3)]
+
+
+@pytest.mark.parametrize("block_size", [None, 4])
+def test_stacked_calls_step_compressed_state_bit_for_bit(block_size: int | None) -> None:
+    """The setting to use's storages (8-bit ``mu``, bfloat16 ``nu``, factors and bases,
+    unrectified bases) and Cholesky QR: the first step's and the refreshes' calls stacked
+    across leaves (every leaf stepped at once) give the updates and state of the calls made
+    leaf by leaf (each leaf's decoded moments after the previous leaf's), bit for bit over a
+    first step, two refreshes and the steps between."""
+    params = {
+        "a": jnp.ones((64, 96)),
+        "b": jnp.ones((96, 64)),
+        "c": jnp.ones((32, 8, 4)),
+        "d": jnp.ones(64),
+    }
+    options = {
+        "precondition_frequency": 2,
+        "block_size": block_size,
+        "mu_dtype": adam_jax.BlockwiseQuantized(),
+        "nu_dtype": jnp.bfloat16,
+        "factor_dtype": jnp.bfloat16,
+        "basis_dtype": jnp.bfloat16,
+        "basis_rectification": 0,
+        "orthogonalization": "cholesky_qr",
+    }
+    transforms = [
+        _scale_by_soap(SoapRule(**options), branching="tree", stack=s) for s in (False, True)
+    ]
+    states = [tx.init(params) for tx in transforms]
+    steps = [jax.jit(tx.update) for tx in transforms]
+    for t in range(5):
+        grads = jax.tree.map(
+            lambda p, t=t: jnp.sin((t + 1.0) * jnp.cumsum(p).reshape(p.shape)), params
+        )
+        outs = [step(grads, state, params) for step, state in zip(steps, states, strict=True)]
+        states = [state for _, state in outs]
+        for leaf, stacked in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1]), strict=True):
+            np.testing.assert_array_equal(np.asarray(stacked), np.asarray(leaf))
 
 
 def _stripped(module: str) -> str:

@@ -252,3 +252,57 @@ def test_the_refresh_products_run_at_highest_precision(platform: str) -> None:
 def test_an_unknown_orthogonalization_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match=r"orthogonalization must be one of .*'cholesky_qr'"):
         adam_jax.soap(1e-2, orthogonalization="svd")
+
+
+def _layers(count: int) -> dict[str, Any]:
+    """``count`` layers of a two-matrix block (16 x 24, 24 x 16, a bias)."""
+    return {
+        f"layer_{i}": {"w1": jnp.ones((16, 24)), "w2": jnp.ones((24, 16)), "b": jnp.ones(16)}
+        for i in range(count)
+    }
+
+
+@pytest.mark.parametrize(("block_size", "sizes"), [(None, 2), (8, 1)])
+def test_solver_calls_and_loops_do_not_grow_with_the_leaves(
+    block_size: int | None, sizes: int
+) -> None:
+    """Exported for CUDA, SOAP's step with 1 layer and with 4 (3 and 9 leaves) makes as many
+    ``eigh`` (first step) and Cholesky factorizations (refresh) and has as many loops: one
+    stacked call for each size of factor (16 and 24 without blocks, 8 with blocks of 8), the
+    refresh's in one loop of a fixed number of passes, then the rest of the passes in one
+    branch; no other loop."""
+    counts = []
+    for layers in (1, 4):
+        params = _layers(layers)
+        tx = adam_jax.scale_by_soap(block_size=block_size, precondition_frequency=2)
+        state = tx.init(params)
+        exported = jax.export.export(jax.jit(tx.update), platforms=["cuda"])
+        text = exported(params, state, params).mlir_module()
+        counts.append(
+            (
+                len(re.findall(r"@cusolver_syevd\w*\(", text)),
+                len(re.findall(r"@cusolver_potrf\w*\(", text)),
+                len(re.findall(r"stablehlo\.while", text)),
+            )
+        )
+    assert counts[0] == counts[1], counts
+    eighs, factorizations, loops = counts[0]
+    assert eighs == sizes and factorizations > 0 and loops == 2 * sizes, counts
+
+
+def test_a_matrix_gets_the_same_q_alone_and_batched_with_harder_ones() -> None:
+    """Each matrix stops at its own pass: a settled power iterate's Q is the same, bit for bit,
+    alone and stacked with a singular one that takes five more passes (SOAP stacks the blocks
+    of every leaf, which must not change a leaf's basis)."""
+    rng = np.random.default_rng(3)
+    d = 64
+    settled = _power_iterate(rng, d, 2 * d, True)
+    centered = np.linalg.qr(rng.standard_normal((d, d)))[0] @ (np.eye(d) - 1.0 / d)
+    hard = (centered, np.linalg.qr(rng.standard_normal((d, d)))[0])
+    orthonormalize = jax.jit(cholesky_qr)
+    alone = orthonormalize(*(jnp.asarray(x[None], jnp.float32) for x in settled))
+    both = orthonormalize(
+        *(jnp.asarray(np.stack([a, b]), jnp.float32) for a, b in zip(settled, hard, strict=True))
+    )
+    np.testing.assert_array_equal(np.asarray(both[0]), np.asarray(alone[0]))
+    assert _orthonormality(both[1]) < 1e-5

@@ -7,9 +7,11 @@ see):
   jaxlib calls cuSOLVER's ``geqrf`` and forms Q with ``orgqr`` one matrix at a time in a loop
   over a batch of blocks (JAX issue 8542).
 * ``"cholesky_qr"``: Cholesky QR, made of batched products, a batched Cholesky factorization
-  and a batched triangular solve, repeated until the columns are orthonormal (each matrix
-  on its own, within a fixed number of passes, :data:`PASSES`: a loop whose trip count the
-  program knows, which a GPU runs without waiting on the host for its test):
+  and a batched triangular solve, repeated until the columns are orthonormal, each matrix
+  on its own (its Q kept from the pass that made it orthonormal), in loops whose trip counts
+  the program knows: :data:`SURE_PASSES` passes, then, in one branch taken where a matrix of
+  the batch needs them, the rest of :data:`PASSES` (a GPU reads one branch index a batch,
+  where a loop testing each pass had it wait on the host at every pass):
 
   .. math::
 
@@ -42,12 +44,14 @@ import jax.numpy as jnp
 #: The accepted values of SOAP's ``orthogonalization``.
 ORTHOGONALIZATIONS = ("auto", "qr", "cholesky_qr")
 
-# Passes of Cholesky QR, a fixed number so that a GPU never waits on the host for a loop's
-# test: a settled basis is orthonormal after two, a rank-deficient factor's power iterate after
-# four or five, and the hardest case of tests/test_soap_orthogonalization.py (float32 columns
-# near orthogonal pairwise that span one dimension less, d = 128) after seven. A matrix keeps
-# its Q from the pass that made it orthonormal: the later passes leave it as it is.
+#: Passes of Cholesky QR at most, a number fixed when the program is compiled: a settled basis
+#: is orthonormal after two, a rank-deficient factor's power iterate after four or five, and
+#: the hardest case of tests/test_soap_orthogonalization.py (float32 columns near orthogonal
+#: pairwise that span one dimension less, d = 128) after seven.
 PASSES = 8
+#: The passes every batch takes (a settled basis's); the others run in a branch taken when a
+#: matrix needs them.
+SURE_PASSES = 2
 # A Gram matrix with an entry further than this from the identity's is factorized with a
 # shift, and so is one whose unshifted Cholesky factor has a pivot below it.
 _SHIFTED_ABOVE = 0.5
@@ -134,7 +138,14 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
     # for the test of the next pass and its choice of shift.
     gram = _gram(q)
     start = (q, gram, _distance_from_identity(gram))
-    q, _, _ = jax.lax.fori_loop(0, PASSES, orthonormalize, start)
+    settled = jax.lax.fori_loop(0, SURE_PASSES, orthonormalize, start)
+
+    def more(carry: tuple[jax.Array, jax.Array, jax.Array]) -> Any:
+        return jax.lax.fori_loop(SURE_PASSES, PASSES, orthonormalize, carry)
+
+    # The passes a settled basis needs, then the rest only where some matrix needs them: one
+    # branch a batch, whose index a GPU reads (a loop testing each pass read it at each).
+    q, _, _ = jax.lax.cond(jnp.any(settled[2] > tolerance), more, lambda c: c, settled)
     return q
 
 

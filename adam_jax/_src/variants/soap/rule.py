@@ -409,10 +409,14 @@ class SoapRule(MomentRule):
         gw = replicated(g).reshape(working)
         mu, nu = replicated(moments["mu"]), replicated(moments["nu"])
         gg, q = replicated(moments["gg"]), replicated(moments["q"])
-        factors = [
-            None if f is None else moving_average(f, _outer(_whole(gw), i), scalars.wg)
+        outers = [
+            None if f is None else _outer(_whole(gw), i)
             for i, f in enumerate(self.layout.unpack(gg, shape))
         ]
+        # The average of the whole vector at once, which XLA updates in place (averaged
+        # factor by factor and packed, it wrote a new vector and copied it over the old).
+        new_gg = moving_average(gg, _pack(outers, gg), scalars.wg) if gg.size else gg
+        factors = self.layout.unpack(new_gg, shape)
 
         def initialize(operands: Any) -> Any:
             mu, nu, _ = operands
@@ -440,7 +444,7 @@ class SoapRule(MomentRule):
             scalars,
             leaf,
             branch(scalars.first, initialize, adam_step, (mu, nu, q)),
-            _pack(factors, gg),
+            new_gg,
         )
 
     def _adam(
@@ -513,14 +517,12 @@ class SoapRule(MomentRule):
         grads = blocks.split(_whole(gw))
 
         def accumulate(grads: list[jax.Array], gg: jax.Array, wg: jax.Array) -> jax.Array:
-            factors = [
-                [
-                    None if f is None else moving_average(f, _outer_blocks(x, i), wg)
-                    for i, f in enumerate(old)
-                ]
+            outers = [
+                [None if f is None else _outer_blocks(x, i) for i, f in enumerate(old)]
                 for x, old in zip(grads, blocks.parts(gg), strict=True)
             ]
-            return _pack_groups(factors, gg)
+            # The average of the whole vector at once, which XLA updates in place.
+            return moving_average(gg, _pack_groups(outers, gg), wg) if gg.size else gg
 
         factors = blocks.blockwise(accumulate, grads, gg, shared=(scalars.wg,))
 

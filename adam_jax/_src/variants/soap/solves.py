@@ -1,15 +1,18 @@
-"""The eigendecompositions and orthonormalizations of SOAP's first step and refreshes: computed
-where a leaf calls them (:class:`Solves`), or for the whole tree at once, one batched call per
-kind, shape and dtype (:func:`stacked`).
+"""The eigendecompositions of SOAP's first step and the refreshes' sorts, power iterates and
+orthonormalizations: computed where a leaf calls them (:data:`DIRECT`), or for the whole tree
+at once, one batched call per kind, size and dtype (:func:`stacked`, which
+:func:`~adam_jax.scale_by_soap` takes off the CPU).
 
-Stacked, the solver calls of a refresh do not grow with the number of leaves: GPT-2 small's 148
-leaves, each with its own ``eigh`` or Cholesky QR, become one call for each size of factor (the
-blocks of every leaf that share a shape, as DASH stacks Shampoo's blocks). The tree's step is
-traced twice: the first trace records each call's operands (and gets zeros back), which are
-then stacked and solved; the second takes the answers in the same order. The operands of a
-call depend on the step's inputs alone (the gradient, the factors and the bases, never on
-another call's answer), so the first trace's records are the second's operands: XLA keeps
-one copy of their arithmetic and drops the first trace's unused rest.
+Stacked, the solver calls do not grow with the number of leaves: GPT-2 small's 148 leaves, each
+with its own ``eigh`` or Cholesky QR, become one call for each size of factor (the blocks of
+every leaf that share a shape, as DASH stacks Shampoo's blocks). The tree's step is traced
+twice: the first trace records each call's operands (and gets zeros back), which are then
+stacked and solved; the second takes the answers in the same order. The operands of a call
+depend on the step's inputs alone (the gradient, the factors and the bases, never on another
+call's answer), so the first trace's records are the second's operands: XLA keeps one copy of
+their arithmetic and drops the first trace's unused rest. Both traces step every leaf at once
+(:data:`ALL_AT_ONCE`): the default schedule's order, in which a leaf's decoded moments wait for
+the previous leaf's, would make each trace's operands other arrays.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from adam_jax._src.orthonormalization import each_matrix
-from adam_jax.rules import orthonormal
+from adam_jax.rules import LeafSchedule, LeafStep, orthonormal
 
 _Result = TypeVar("_Result")
 
@@ -95,6 +98,23 @@ class Solves:
 DIRECT = Solves()
 
 
+class _AllAtOnce(LeafSchedule):
+    """Each leaf stepped whole, none waiting for another's decoded moments to be stored (the
+    default schedule's order): a stacked call takes every leaf's operands at once, and each
+    trace of :func:`stacked` computes them alike, so that XLA keeps one copy."""
+
+    def step(self, leaf: LeafStep, carry: Any) -> tuple[jax.Array, list[Any], Any]:
+        update, new = leaf.run(leaf.stored, grad=leaf.grad, param=leaf.param)
+        return update, new, carry
+
+    def around(self, schedule: LeafSchedule) -> LeafSchedule:
+        return self
+
+
+#: The leaf schedule of a stacked step.
+ALL_AT_ONCE = _AllAtOnce()
+
+
 @dataclasses.dataclass
 class _Recording(Solves):
     """Records each call's operands and answers zeros of the answer's shape."""
@@ -123,10 +143,10 @@ class _Recording(Solves):
         answers: list[Any] = [None] * len(self.calls)
         for key, indices in keys.items():
             d = key[-2]
-            operands = [self.calls[i][1] for i in indices]
+            members = [self.calls[i][1] for i in indices]
             batches = [
-                jnp.concatenate([ops[k].reshape(-1, d, d) for ops in operands])
-                for k in range(len(operands[0]))
+                jnp.concatenate([ops[k].reshape(-1, d, d) for ops in members])
+                for k in range(len(members[0]))
             ]
             if key[0] == "eigh":
                 solved = _in_chunks(lambda m: (DIRECT.eigenvectors(m),), batches)
@@ -134,7 +154,7 @@ class _Recording(Solves):
                 refresh = functools.partial(DIRECT.refreshed_basis, method=key[1])
                 solved = _in_chunks(refresh, batches)
             start = 0
-            for i, ops in zip(indices, operands, strict=True):
+            for i, ops in zip(indices, members, strict=True):
                 leading = ops[0].shape[:-2]
                 count = ops[0].size // (d * d)
                 parts = tuple(
