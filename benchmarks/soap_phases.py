@@ -7,7 +7,7 @@ Each row gives the kernels, library calls, loops (and those whose trip count the
 not know), branches, temporaries, compile seconds and, for a GPU, the time model's milliseconds
 (``model_ms`` with a branch's cheapest side, ``model_dearest_ms`` with its dearest: Cholesky
 QR's passes past the first two). A phase's program is SOAP's with its phase pinned
-(:meth:`SoapRule.phase_of` answering it), so that each is measured without the others.
+(its rule's ``phase_of`` answering it), so that each is measured without the others.
 
     python -m benchmarks.soap_phases --target h100 --out benchmarks/results/soap_phases_h100.json
 """
@@ -52,13 +52,14 @@ def measure(
     name: str, phase: str, target: accelerators.Target, tree: str = "gpt2"
 ) -> dict[str, Any]:
     """One row: the program of ``name`` (its ``phase`` alone, or the whole switch)."""
-    from adam_jax._src.variants.soap.rule import SoapRule
+    import adam_jax
     from benchmarks import programs, time_model
     from benchmarks.hlo_program import read_program
 
     setting = programs.Setting(settings()[name])
+    soap_rule = adam_jax.registry.get("soap").rule
     pinned = (
-        mock.patch.object(SoapRule, "phase_of", lambda self, count: PHASES.index(phase) - 1)
+        mock.patch.object(soap_rule, "phase_of", lambda self, count: PHASES.index(phase) - 1)
         if phase != "whole"
         else contextlib.nullcontext()
     )
