@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+from unittest import mock
+
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,6 +16,7 @@ from hypothesis import strategies as st
 
 import adam_jax
 from adam_jax import quantization as qz
+from adam_jax._src.quantization import eight_bit
 from adam_jax._src.quantization.dynamic_map import decode, encode
 
 # float32 rounding of x / absmax can push the error a few ulps past the exact bound.
@@ -481,3 +486,64 @@ def test_eight_bit_moments_in_flax_nnx_optimizer() -> None:
 
     _, scanned = jax.lax.scan(body, state, None, length=3)
     assert scanned[2] < scanned[0] < eager[2]
+
+
+def _stepped_off_cpu(tx: optax.GradientTransformation, grads: Any, state: Any, params: Any) -> Any:
+    """``tx.update`` jitted on the CPU as it runs elsewhere: every ``platform_dependent`` takes
+    its default branch (an 8-bit leaf of at least ``TWO_PASSES_MIN_SIZE`` in two passes)."""
+
+    chosen = []
+
+    def elsewhere(*operands: Any, default: Any, **platforms: Any) -> Any:
+        chosen.append(default)
+        return default(*operands)
+
+    with mock.patch.object(jax.lax, "platform_dependent", elsewhere):
+        # A function of its own: jit's cache would give back the CPU's trace of tx.update.
+        stepped = jax.jit(lambda g, s, p: tx.update(g, s, p))(grads, state, params)
+    assert chosen, "no platform_dependent branch was traced"
+    return stepped
+
+
+@pytest.mark.parametrize("shape", [(1024, 520), (1 << 19,), (2048, 256)])
+def test_two_passes_encode_what_one_pass_does(shape):
+    """Off the CPU a large 8-bit leaf is stepped in two passes: the block maxima of the new
+    moments first, then the moments again, encoded over them. Run here, its scales are one
+    pass's to XLA's contraction of the moving average (an ulp), its codes within one step, and
+    its update one pass's to float32 rounding."""
+    assert np.prod(shape) >= eight_bit.TWO_PASSES_MIN_SIZE
+    tx = adam_jax.adamw_8bit(1e-2, b1=0.8)
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    grads = [{"w": 10.0 ** (i - 2) * jax.random.normal(jax.random.key(i), shape)} for i in (1, 2)]
+    state = tx.init(params)
+    state = jax.jit(tx.update)(grads[0], state, params)[1]  # moments of every size
+
+    one_update, one_state = jax.jit(tx.update)(grads[1], state, params)
+    two_update, two_state = _stepped_off_cpu(tx, grads[1], state, params)
+    for name in ("mu", "nu"):
+        one, two = getattr(one_state[0], name)["w"], getattr(two_state[0], name)["w"]
+        np.testing.assert_allclose(two.absmax, one.absmax, rtol=3e-7, atol=0)
+        steps = np.abs(np.asarray(two.codes, np.int32) - np.asarray(one.codes, np.int32))
+        assert steps.max() <= 1, name
+        assert (steps > 0).mean() < 1e-3, name
+    np.testing.assert_allclose(two_update["w"], one_update["w"], rtol=1e-5, atol=1e-12)
+
+
+def test_small_leaves_and_schedules_step_in_one_pass():
+    """Below ``TWO_PASSES_MIN_SIZE``, and under ``step_in_slices`` and ``offload_state``, the
+    default branch is the one pass of the CPU: bit for bit."""
+    shape = (1024, 520)
+    params = {"w": jax.random.normal(jax.random.key(0), shape), "s": jnp.ones((64, 128))}
+    grads = {"w": jax.random.normal(jax.random.key(1), shape), "s": jnp.ones((64, 128))}
+    for tx in (
+        adam_jax.step_in_slices(adam_jax.adamw_8bit(1e-2), max_elements=1 << 17),
+        adam_jax.offload_state(adam_jax.adamw_8bit(1e-2)),
+    ):
+        state = tx.init(params)
+        on_cpu = jax.jit(tx.update)(grads, state, params)
+        elsewhere = _stepped_off_cpu(tx, grads, state, params)
+        chex.assert_trees_all_equal(on_cpu, elsewhere)
+    tx = adam_jax.adamw_8bit(1e-2)
+    state = tx.init(params)
+    one, two = jax.jit(tx.update)(grads, state, params), _stepped_off_cpu(tx, grads, state, params)
+    chex.assert_trees_all_equal(one[1][0].mu["s"], two[1][0].mu["s"])

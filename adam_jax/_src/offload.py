@@ -281,9 +281,19 @@ class _Offload(LeafSchedule):
         in_parts = not leaf.decodes and not leaf.reduces
         sent_back: list[Any] = []
 
-        def in_turn(stored: list[Any], *, grad: jax.Array, param: Any, wait_for: Any) -> Any:
+        def in_turn(
+            stored: list[Any],
+            *,
+            grad: jax.Array,
+            param: Any,
+            wait_for: Any,
+            two_passes: bool = True,
+        ) -> Any:
+            del two_passes  # from host memory, in one pass
+
             def run(trees: list[Any]) -> tuple[jax.Array, list[Any]]:
-                return leaf.run(trees, grad=grad, param=param, wait_for=wait_for)
+                # In one pass: two would read the state from host memory twice.
+                return leaf.run(trees, grad=grad, param=param, wait_for=wait_for, two_passes=False)
 
             update, new, host_copies = _update_in_turn(
                 run, stored, previous, self.transfers, in_parts=in_parts

@@ -169,9 +169,19 @@ class InRowSlices(LeafSchedule):
         return InRowSlices(self.max_elements, self.inner.around(schedule))
 
     def _in_slices(self, run: LeafRun, from_host: bool) -> LeafRun:
-        def sliced(stored: list[Any], *, grad: jax.Array, param: Any, wait_for: Any) -> Any:
+        def sliced(
+            stored: list[Any],
+            *,
+            grad: jax.Array,
+            param: Any,
+            wait_for: Any,
+            two_passes: bool = True,
+        ) -> Any:
+            del two_passes  # a slice at a time, in one pass each
+
             def part(g: jax.Array, p: Any, stored: list[Any]) -> tuple[jax.Array, list[Any]]:
-                return run(list(stored), grad=g, param=p, wait_for=None)
+                # A slice's step holds no leaf-sized moment to save by two passes.
+                return run(list(stored), grad=g, param=p, wait_for=None, two_passes=False)
 
             # The loop takes every stored array at once: waiting on the float ones is enough.
             waited = after(wait_for, stored, integers=False)

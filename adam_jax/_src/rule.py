@@ -399,14 +399,24 @@ def _update_leaf(
     segments: tuple[int, ...] | None,
     position: int,
     wait_for: Any = None,
+    two_passes: bool = True,
 ) -> tuple[jax.Array, list[Any]]:
     """One leaf's step (a :data:`adam_jax._src.leaf_schedule.LeafRun`): its stored moments
     ``trees`` used once the arrays of ``wait_for`` exist, then the rule's
-    :meth:`MomentRule.step_leaf` of :func:`_arithmetic`."""
-    trees = after(wait_for, trees)
+    :meth:`MomentRule.step_leaf` of :func:`_arithmetic` (in two passes off the CPU where the
+    storages ask for it and ``two_passes`` allows it)."""
+    two_passes = two_passes and _in_two_passes(storages, trees)
+    if wait_for is not None and two_passes:
+        # Stepped in two passes off the CPU, the leaf holds no decoded moment there: nothing
+        # to keep apart from the previous leaf's.
+        trees = jax.lax.platform_dependent(
+            trees, cpu=functools.partial(after, wait_for), default=lambda trees: trees
+        )
+    else:
+        trees = after(wait_for, trees)
     arithmetic = functools.partial(
         _arithmetic, rule, moments, storages, scalars_for, grad=grad, param=param, decay=decay,
-        segments=segments, position=position,
+        segments=segments, position=position, two_passes=two_passes,
     )  # fmt: skip
     return rule.step_leaf(arithmetic, trees, storages, grad, scalars_for)
 
@@ -423,46 +433,86 @@ def _arithmetic(
     decay: Any,
     segments: tuple[int, ...] | None,
     position: int,
+    two_passes: bool = False,
 ) -> tuple[jax.Array, list[Any]]:
     """One leaf's moments loaded (a reduced one laid out to broadcast against the param), the
-    rule's update in the compute dtype, the new moments stored."""
-    g = grad.astype(compute_dtype(grad.dtype))
-    rdtype = real_dtype(g.dtype)
-    kept = list(zip(moments, storages, trees, strict=True))
-    loaded = {
-        m.name: s.load(t).astype(rdtype if m.real else g.dtype) if m.cast else s.load(t)
-        for m, s, t in kept
-    }
-    reducing = {m.name: (s, t) for m, s, t in kept if s.reduces}
-    layout = _layout(g, loaded, reducing) if reducing else None
-    for name in reducing:
-        loaded[name] = _laid_out(loaded[name], layout)
-    leaf = Leaf(
-        param=None if param is None else param.astype(g.dtype),
-        decay=decay,
-        segments=segments,
-        stored=reducing,
-        layout=layout,
-        position=position,
-    )
-    update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
-    unsettled = sorted(set(reducing) - leaf._settled)
-    if unsettled:
-        raise ValueError(
-            f"{type(rule).__name__} does not settle moment {unsettled[0]!r} "
-            f"(Leaf.settle), so it cannot keep it in the reducing storage "
-            f"{type(reducing[unsettled[0]][0]).__name__}"
+    rule's update in the compute dtype, the new moments stored: off the CPU, in two passes
+    where ``two_passes`` says so (:meth:`MomentStorage.in_two_passes`)."""
+
+    def step(grad: jax.Array, trees: list[Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+        g = grad.astype(compute_dtype(grad.dtype))
+        rdtype = real_dtype(g.dtype)
+        kept = list(zip(moments, storages, trees, strict=True))
+        loaded = {
+            m.name: s.load(t).astype(rdtype if m.real else g.dtype) if m.cast else s.load(t)
+            for m, s, t in kept
+        }
+        reducing = {m.name: (s, t) for m, s, t in kept if s.reduces}
+        layout = _layout(g, loaded, reducing) if reducing else None
+        for name in reducing:
+            loaded[name] = _laid_out(loaded[name], layout)
+        leaf = Leaf(
+            param=None if param is None else param.astype(g.dtype),
+            decay=decay,
+            segments=segments,
+            stored=reducing,
+            layout=layout,
+            position=position,
         )
-    update = update.astype(grad.dtype)
-    if any(s.decodes(t) and not s.reduces for _, s, t in kept):
+        update, new = rule.update(g, loaded, scalars_for(rdtype), leaf)
+        unsettled = sorted(set(reducing) - leaf._settled)
+        if unsettled:
+            raise ValueError(
+                f"{type(rule).__name__} does not settle moment {unsettled[0]!r} "
+                f"(Leaf.settle), so it cannot keep it in the reducing storage "
+                f"{type(reducing[unsettled[0]][0]).__name__}"
+            )
+        return update.astype(grad.dtype), new
+
+    kept = list(zip(moments, storages, trees, strict=True))
+    update, new = step(grad, trees)
+    if not any(s.decodes(t) and not s.reduces for _, s, t in kept):
+        return update, [s.store(new[m.name], t) for m, s, t in kept]
+
+    def on_cpu(update: jax.Array, new: dict[str, jax.Array]) -> tuple[jax.Array, list[Any]]:
         # On CPU, codes of the param's size (8-bit, 4-bit) are encoded once the update exists,
         # so that no later fusion decodes the old codes again (to recompute the update where
         # the params take it) after the new ones overwrite them: else XLA:CPU copies every
         # such leaf's old codes before the step and decodes each leaf two or three times
-        # (docs/memory.md, "What the figures show"). A reducing storage's few values are not
-        # worth the update's buffer; elsewhere the step fuses into one kernel, left as it was.
-        new = jax.lax.platform_dependent(update, new, cpu=after, default=lambda _, moments: moments)
-    return update, [s.store(new[m.name], t) for m, s, t in kept]
+        # (docs/memory.md, "What the figures show").
+        new = after(update, new)
+        return update, [s.store(new[m.name], t) for m, s, t in kept]
+
+    def in_one_pass(update: jax.Array, new: dict[str, jax.Array]) -> tuple[jax.Array, list[Any]]:
+        return update, [s.store(new[m.name], t) for m, s, t in kept]
+
+    def in_two_passes(update: jax.Array, new: dict[str, jax.Array]) -> tuple[jax.Array, list[Any]]:
+        # The first pass's new moments feed the scales alone; the barrier keeps XLA from reusing
+        # them, so the second pass computes them again inside the kernel that encodes them and
+        # takes the update (MomentStorage.in_two_passes).
+        del update
+        scales = [
+            s.store_scales(new[m.name], t) if s.in_two_passes(t) else None for m, s, t in kept
+        ]
+        again, stored, scales = jax.lax.optimization_barrier((grad, trees, scales))
+        update, new = step(again, stored)
+        return update, [
+            s.store_scaled(new[m.name], t, scale) if scale is not None else s.store(new[m.name], t)
+            for (m, s, t), scale in zip(kept, scales, strict=True)
+        ]
+
+    elsewhere = in_two_passes if two_passes else in_one_pass
+    result: tuple[jax.Array, list[Any]] = jax.lax.platform_dependent(
+        update, new, cpu=on_cpu, default=elsewhere
+    )
+    return result
+
+
+def _in_two_passes(storages: list[MomentStorage], trees: list[Any]) -> bool:
+    """Whether a leaf is stepped in two passes off the CPU: every stored moment that decodes
+    is stored in two passes (:meth:`MomentStorage.in_two_passes`)."""
+    decoding = [(s, t) for s, t in zip(storages, trees, strict=True) if s.decodes(t)]
+    return bool(decoding) and all(s.in_two_passes(t) for s, t in decoding)
 
 
 def _row_elementwise(

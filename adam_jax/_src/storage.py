@@ -82,6 +82,28 @@ class MomentStorage(abc.ABC):
         stored form of more than one array."""
         return len(jax.tree.leaves(stored)) > 1
 
+    def in_two_passes(self, stored: Any) -> bool:
+        """Whether :meth:`store` reduces the whole new value before it encodes any element (an
+        8-bit moment's block maxima), and does so in two parts, :meth:`store_scales` and
+        :meth:`store_scaled`. By default ``False``.
+
+        Off the CPU the step then makes two passes over the leaf: the first computes the new
+        moments for these reductions alone, the second computes them again and encodes them, so
+        that no new or decoded moment of the leaf's size is written to memory (a GPU does not
+        fuse a reduction with the elementwise work that reads its result)."""
+        del stored
+        return False
+
+    def store_scales(self, value: jax.Array, stored: Any) -> Any:
+        """The reductions of ``value`` that :meth:`store` computes first, for a ``stored`` form
+        :meth:`in_two_passes` accepts."""
+        raise NotImplementedError(f"{type(self).__name__} does not store in two passes")
+
+    def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
+        """:meth:`store` of ``value``, given the ``scales`` :meth:`store_scales` computed from
+        it."""
+        raise NotImplementedError(f"{type(self).__name__} does not store in two passes")
+
     def project(self, value: jax.Array, stored: Any) -> jax.Array:
         """The moment ``value`` as the step uses it: ``value`` itself by default (a storage that
         keeps every element, rounded or not, as bitsandbytes' 8-bit state does), and for a

@@ -252,6 +252,59 @@ def quantize(x: jax.Array, scale_shape: tuple[int, ...], signed: bool) -> Quanti
     return QuantizedArray(codes=_from_blocks(codes, x), absmax=absmax)
 
 
+# The two halves of quantize as a GPU fuses them: the block maxima, one reduction whose inputs
+# fuse into it (a reduction's ``initial`` adds a kernel of its own, and a block's maximum
+# magnitude is >= 0 without it), and the codes, elementwise in the leaf's own shape, so that
+# they fuse with whatever else reads the moment (in the blocks' shape, the decode of the old
+# moment would be computed into memory rather than fused).
+
+
+def block_absmax(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
+    """The largest magnitude in each block of ``x`` (float32, of ``scale_shape``): the scales
+    :func:`quantize` stores."""
+    x = x.astype(jnp.float32)
+    if _in_place(x, scale_shape):
+        return _ragged_absmax(x, scale_shape)
+    return jnp.max(jnp.abs(_to_blocks(x, scale_shape)), axis=_block_axes(x.ndim))
+
+
+def codes_for(x: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
+    """The 8-bit codes of ``x`` over its blocks' scales ``absmax`` (from :func:`block_absmax`;
+    a block of zeros is divided by 1), as :func:`quantize` gives them."""
+    x = x.astype(jnp.float32)
+    spread = _spread_shape(x, absmax.shape)
+    if spread is None:
+        safe = jnp.where(absmax > 0, absmax, 1.0)
+        blocks = _to_blocks(x, absmax.shape)
+        return _from_blocks(encode(blocks / jnp.expand_dims(safe, _block_axes(x.ndim)), signed), x)
+    if _ragged(x.shape, absmax.shape):
+        scales = _ragged_scales(absmax, x.shape)
+    else:
+        scales = _spread(absmax, spread, x.shape)
+    return encode(x / jnp.where(scales > 0, scales, 1.0), signed)
+
+
+def _spread(absmax: jax.Array, spread: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:
+    """Each element's scale, for a tensor of ``shape`` whose blocks have ``spread`` shape."""
+    axes = tuple(len(spread) + a for a in _block_axes(len(shape)))
+    return jnp.broadcast_to(jnp.expand_dims(absmax, axes), spread).reshape(shape)
+
+
+def _spread_shape(x: jax.Array, scale_shape: tuple[int, ...]) -> tuple[int, ...] | None:
+    """The blocks' shape (:func:`_to_blocks`) where each element's scale can be spread over
+    ``x`` in its own shape (a ragged last axis included), or ``None``: on Explicit meshes and
+    where blocks of rows would be padded."""
+    if typed_sharding(x) is not None or len(scale_shape) != x.ndim:
+        return None  # (:func:`_to_blocks` refuses scales of another rank)
+    blocked = _blocked_axes(x.ndim)
+    trailing = zip(x.shape[x.ndim - blocked :], scale_shape[x.ndim - blocked :], strict=True)
+    split = [(count, _tile(length, count)) for length, count in trailing]
+    rows = zip(split[:-1], x.shape[-blocked:-1], strict=True)
+    if any(count * tile != length for (count, tile), length in rows):
+        return None
+    return tuple(x.shape[: x.ndim - blocked]) + tuple(d for pair in split for d in pair)
+
+
 def quantize_blockwise(
     x: jax.Array, *, block_size: int = 256, signed: bool = True
 ) -> QuantizedArray:
@@ -313,6 +366,9 @@ def _dequantize(codes: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
     values = decode(codes, signed)
     if _in_place(values, absmax.shape):
         return values * _ragged_scales(absmax.astype(jnp.float32), values.shape)
+    spread = _spread_shape(values, absmax.shape)
+    if spread is not None:
+        return values * _spread(absmax.astype(jnp.float32), spread, values.shape)
     blocks = _to_blocks(values, absmax.shape)
     scales = _broadcast_scales(absmax.astype(jnp.float32), blocks)
     return _from_blocks(blocks * scales, codes)
