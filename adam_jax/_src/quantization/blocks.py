@@ -129,6 +129,14 @@ def scale_sharding_for(sharding: Any, shape: tuple[int, ...], scale_shape: tuple
     return NamedSharding(sharding.mesh, PartitionSpec(*entries), memory_kind=sharding.memory_kind)
 
 
+def _blocks_shape(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The shape :func:`_to_blocks` gives a tensor of ``shape``: ``(..., r, n/r, c, m/c)``."""
+    blocked = _blocked_axes(len(shape))
+    trailing = zip(shape[len(shape) - blocked :], scale_shape[len(shape) - blocked :], strict=True)
+    split = (d for length, count in trailing for d in (count, _tile(length, count)))
+    return tuple(shape[: len(shape) - blocked]) + tuple(split)
+
+
 def _to_blocks(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
     """``x`` with each blocked axis split in (blocks, extent), padded with zeros.
 
@@ -141,10 +149,10 @@ def _to_blocks(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
             "have the tensor's rank (8-bit states from before blocks followed the tensor's axes "
             "have a flat row of scales; initialize them anew)"
         )
+    blocks_shape = _blocks_shape(tuple(x.shape), scale_shape)
     blocked = _blocked_axes(x.ndim)
     lead = x.shape[: x.ndim - blocked]
     trailing = list(zip(x.shape[x.ndim - blocked :], scale_shape[x.ndim - blocked :], strict=True))
-    split = tuple(d for length, count in trailing for d in (count, _tile(length, count)))
     typed = typed_sharding(x)
     out_sharding = None
     if typed is not None:
@@ -160,7 +168,7 @@ def _to_blocks(x: jax.Array, scale_shape: tuple[int, ...]) -> jax.Array:
     pads = [count * _tile(length, count) - length for length, count in trailing]
     if any(pads):
         x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad) for pad in pads])
-    return jax.lax.reshape(x, lead + split, out_sharding=out_sharding)
+    return jax.lax.reshape(x, blocks_shape, out_sharding=out_sharding)
 
 
 def _ragged(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> bool:
@@ -247,9 +255,17 @@ def quantize(x: jax.Array, scale_shape: tuple[int, ...], signed: bool) -> Quanti
         return QuantizedArray(codes=encode(normalized, signed), absmax=absmax)
     blocks = _to_blocks(x.astype(jnp.float32), scale_shape)
     absmax = jnp.max(jnp.abs(blocks), axis=_block_axes(x.ndim), initial=0.0)
+    return QuantizedArray(codes=_encoded_blocks(blocks, absmax, x, signed), absmax=absmax)
+
+
+def _encoded_blocks(
+    blocks: jax.Array, absmax: jax.Array, like: jax.Array, signed: bool
+) -> jax.Array:
+    """The codes of ``blocks`` (:func:`_to_blocks` of ``like``) over their scales, in the shape
+    of ``like`` (a block of zeros is divided by 1)."""
     safe = jnp.where(absmax > 0, absmax, 1.0)
-    codes = encode(blocks / jnp.expand_dims(safe, _block_axes(x.ndim)), signed)
-    return QuantizedArray(codes=_from_blocks(codes, x), absmax=absmax)
+    codes = encode(blocks / jnp.expand_dims(safe, _block_axes(like.ndim)), signed)
+    return _from_blocks(codes, like)
 
 
 # The two halves of quantize as a GPU fuses them: the block maxima, one reduction whose inputs
@@ -274,9 +290,7 @@ def codes_for(x: jax.Array, absmax: jax.Array, signed: bool) -> jax.Array:
     x = x.astype(jnp.float32)
     spread = _spread_shape(x, absmax.shape)
     if spread is None:
-        safe = jnp.where(absmax > 0, absmax, 1.0)
-        blocks = _to_blocks(x, absmax.shape)
-        return _from_blocks(encode(blocks / jnp.expand_dims(safe, _block_axes(x.ndim)), signed), x)
+        return _encoded_blocks(_to_blocks(x, absmax.shape), absmax, x, signed)
     if _ragged(x.shape, absmax.shape):
         scales = _ragged_scales(absmax, x.shape)
     else:
@@ -296,13 +310,10 @@ def _spread_shape(x: jax.Array, scale_shape: tuple[int, ...]) -> tuple[int, ...]
     where blocks of rows would be padded."""
     if typed_sharding(x) is not None or len(scale_shape) != x.ndim:
         return None  # (:func:`_to_blocks` refuses scales of another rank)
-    blocked = _blocked_axes(x.ndim)
-    trailing = zip(x.shape[x.ndim - blocked :], scale_shape[x.ndim - blocked :], strict=True)
-    split = [(count, _tile(length, count)) for length, count in trailing]
-    rows = zip(split[:-1], x.shape[-blocked:-1], strict=True)
-    if any(count * tile != length for (count, tile), length in rows):
+    spread = _blocks_shape(tuple(x.shape), scale_shape)
+    if x.ndim > 1 and spread[-4] * spread[-3] != x.shape[-2]:
         return None
-    return tuple(x.shape[: x.ndim - blocked]) + tuple(d for pair in split for d in pair)
+    return spread
 
 
 def quantize_blockwise(
