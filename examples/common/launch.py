@@ -11,7 +11,8 @@ second signal ends them at once. If a process fails, the others (which may wait 
 collective for ever) are killed after ``--grace-seconds``, and the launcher says which process
 failed, how (its exit status, or the signal that killed it) and the command that resumes the
 run. A process that JAX's distributed runtime ends because another has gone (it aborts with C++
-log lines and a stack trace) is named in one line instead of that report. The exit status is
+log lines and a stack trace) is named in one line instead of that report, as is one that the
+launcher killed. The exit status is
 that of the first process to fail, or 0.
 """
 
@@ -151,10 +152,10 @@ class ErrorRelay:
         self.thread.join(timeout=5)
         return returncode != 0 and bool(self.held)
 
-    def finish(self, returncode: int, replacement: str | None) -> None:
-        """Prints what was held: ``replacement``, if any, where the runtime ended the process
-        (for another's death: the report of a runtime that failed on its own is kept)."""
-        if replacement is not None and self.ended_by_runtime(returncode):
+    def finish(self, replacement: str | None) -> None:
+        """Prints what was held, or ``replacement`` in its place."""
+        self.thread.join(timeout=5)
+        if replacement is not None:
             print(replacement, file=sys.stderr, flush=True)
         else:
             sys.stderr.write(b"".join(self.held).decode(errors="replace"))
@@ -193,6 +194,7 @@ def run(
         index: int | None = None  # and its index.
         reported = False  # whether that process failed (not stopped when asked)
         deadline = float("inf")
+        killed: set[int] = set()  # the processes killed once the grace period ran out
         while True:
             running = [process for process in processes if process.poll() is None]
             failures = [
@@ -235,16 +237,21 @@ def run(
             if time.monotonic() > deadline:
                 for process in running:
                     process.kill()
+                    killed.add(processes.index(process))
             time.sleep(0.05)
         for i, (process, relay) in enumerate(zip(processes, relays, strict=True)):
-            lost = index is not None and index != i
-            relay.finish(
-                process.returncode,
-                f"{prog}: process {i} of {len(processes)} stopped: JAX's distributed runtime "
-                f"reported process {index} gone (its C++ log left out)"
-                if lost
-                else None,
-            )
+            named = f"{prog}: process {i} of {len(processes)}"
+            if i in killed:  # what it held is the runtime's report, cut short
+                relay.finish(
+                    f"{named} killed, still running {grace_seconds:g} s after process {index} ended"
+                )
+            elif index not in (None, i) and relay.ended_by_runtime(process.returncode):
+                relay.finish(
+                    f"{named} stopped: JAX's distributed runtime reported process {index} gone "
+                    "(its C++ log left out)"
+                )
+            else:  # the report of a runtime that failed on its own is kept
+                relay.finish(None)
         if reported and resume is not None and failed != USAGE_ERROR:
             print(f"{prog}: resume with: {resume}", file=sys.stderr, flush=True)
         return failed or 0

@@ -1030,12 +1030,15 @@ def test_a_process_killed_on_the_documented_mesh_leaves_one_line_for_the_survivo
     assert len(lines) == 3, err
     assert lines[0].startswith(f"launch: process {dies} of 2 ended (killed by SIGKILL (exit ")
     survivor = 1 - dies
-    assert lines[1] == (
+    named_by_launcher = [
         f"launch: process {survivor} of 2 stopped: JAX's distributed runtime reported process "
-        f"{dies} gone (its C++ log left out)"
-    ) or lines[1].startswith(  # where the survivor's collective fails first, it says so itself
-        f"python -m examples.lm: process {survivor}: another process stopped answering"
-    ), err
+        f"{dies} gone (its C++ log left out)",
+        # where neither the runtime nor a collective ends it in the grace period (a busy machine)
+        f"launch: process {survivor} of 2 killed, still running 10 s after process {dies} ended",
+    ]
+    # where the survivor's collective fails first, it says so itself
+    said_itself = f"python -m examples.lm: process {survivor}: another process stopped answering"
+    assert lines[1] in named_by_launcher or lines[1].startswith(said_itself), err
     assert lines[2] == "launch: resume with: RESUME"
     assert "[Gloo]" not in out and "peer ranks" not in out, out
 

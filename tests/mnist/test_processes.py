@@ -194,7 +194,7 @@ def _stand_in(code: str) -> list[str]:
     return [sys.executable, "-c", textwrap.dedent(code)]
 
 
-def test_launcher_passes_signals_on_and_ends_the_others_when_one_fails() -> None:
+def test_launcher_passes_signals_on_and_ends_the_others_when_one_fails(capfd) -> None:
     waits_for_sigterm = _stand_in(
         """
         import signal, sys, time
@@ -207,10 +207,16 @@ def test_launcher_passes_signals_on_and_ends_the_others_when_one_fails() -> None
     fails = _stand_in("import time, sys; time.sleep(0.5); sys.exit(3)")
     hangs = _stand_in("import time; time.sleep(60)")
 
-    for commands in ([fails, hangs], [hangs, fails]):
+    for fail, hang in [(0, 1), (1, 0)]:
+        commands = [fails, hangs] if fail == 0 else [hangs, fails]
         start = time.monotonic()
         assert launch.run(commands, grace_seconds=0.5) == 3
         assert time.monotonic() - start < 20
+        assert capfd.readouterr().err.splitlines() == [
+            f"launch: process {fail} of 2 ended (exit status 3); the others are stopped within "
+            "0.5 s",
+            f"launch: process {hang} of 2 killed, still running 0.5 s after process {fail} ended",
+        ]
 
     # A SIGTERM to the launcher reaches each process once.
     run = f"launch.run({[waits_for_sigterm] * 2!r}, 5)"
