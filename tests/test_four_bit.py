@@ -16,6 +16,8 @@ normalization, linear map without zero, second moment).
 
 from __future__ import annotations
 
+from unittest import mock
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,6 +28,7 @@ from hypothesis import strategies as st
 
 import adam_jax
 from adam_jax import quantization as qz
+from adam_jax._src.quantization import blocks
 
 SIGNED_ERROR, LINEAR_ERROR = 0.1125, 1 / 16
 
@@ -276,3 +279,38 @@ def test_four_bit_adam_trains_close_to_float32() -> None:
     # nearest at every step as in the paper, slow the last digits of this noiseless descent.
     p4_nu = run(adam_jax.adam(0.05, nu_dtype=storages["nu_dtype"]))
     np.testing.assert_allclose(np.asarray(p4_nu["w"]), np.asarray(p32["w"]), atol=0.05)
+
+
+@pytest.mark.parametrize("shape", [(1024, 521), (1 << 19,), (2048, 256), (4, 256, 512)])
+def test_two_passes_encode_what_one_pass_does(shape) -> None:
+    """Off the CPU a large 4-bit leaf is stepped in two passes: the new moments' block, row and
+    column maxima first (the columns' from a computation of their own), then the moments again,
+    encoded and packed by a kernel of their own. Run here (an odd last axis, a vector's blocks,
+    a 3-D leaf), its scales are one pass's to XLA's contraction of the moving average (an ulp),
+    its codes within one step, and its update one pass's to float32 rounding."""
+    from tests.test_quantization import _stepped_off_cpu
+
+    assert np.prod(shape) >= blocks.TWO_PASSES_MIN_SIZE
+    tx = adam_jax.adamw(1e-2, b1=0.8, **adam_jax.four_bit_moments())
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    grads = [{"w": 10.0 ** (i - 2) * jax.random.normal(jax.random.key(i), shape)} for i in (1, 2)]
+    state = tx.init(params)
+    state = jax.jit(tx.update)(grads[0], state, params)[1]  # moments of every size
+
+    one_update, one_state = jax.jit(tx.update)(grads[1], state, params)
+    spies = [
+        mock.patch.object(kind, "store_scaled", autospec=True, side_effect=kind.store_scaled)
+        for kind in (qz.FourBitBlockwise, qz.FourBitRank1)
+    ]
+    with spies[0] as blockwise, spies[1] as rank1:
+        two_update, two_state = _stepped_off_cpu(tx, grads[1], state, params)
+    assert blockwise.call_count == rank1.call_count == 1  # in two passes
+    for name in ("mu", "nu"):
+        one, two = getattr(one_state[0], name)["w"], getattr(two_state[0], name)["w"]
+        scales = [field for field in one._fields if field != "codes"]
+        for field in scales:
+            np.testing.assert_allclose(getattr(two, field), getattr(one, field), rtol=3e-7, atol=0)
+        steps = np.abs(_unpacked(two, shape[-1]).astype(np.int32) - _unpacked(one, shape[-1]))
+        assert steps.max() <= 1, name
+        assert (steps > 0).mean() < 1e-3, name
+    np.testing.assert_allclose(two_update["w"], one_update["w"], rtol=1e-5, atol=1e-12)

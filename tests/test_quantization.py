@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import adam_jax
 from adam_jax import quantization as qz
-from adam_jax._src.quantization import eight_bit
+from adam_jax._src.quantization import blocks
 from adam_jax._src.quantization.dynamic_map import decode, encode
 
 # float32 rounding of x / absmax can push the error a few ulps past the exact bound.
@@ -511,7 +511,7 @@ def test_two_passes_encode_what_one_pass_does(shape):
     moments first, then the moments again, encoded over them. Run here, its scales are one
     pass's to XLA's contraction of the moving average (an ulp), its codes within one step, and
     its update one pass's to float32 rounding."""
-    assert np.prod(shape) >= eight_bit.TWO_PASSES_MIN_SIZE
+    assert np.prod(shape) >= blocks.TWO_PASSES_MIN_SIZE
     tx = adam_jax.adamw_8bit(1e-2, b1=0.8)
     params = {"w": jax.random.normal(jax.random.key(0), shape)}
     grads = [{"w": 10.0 ** (i - 2) * jax.random.normal(jax.random.key(i), shape)} for i in (1, 2)]

@@ -54,6 +54,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import functools
+import itertools
 from collections.abc import Callable
 from typing import Any
 
@@ -486,16 +487,40 @@ def _arithmetic(
     def in_one_pass(update: jax.Array, new: dict[str, jax.Array]) -> tuple[jax.Array, list[Any]]:
         return update, [s.store(new[m.name], t) for m, s, t in kept]
 
+    def afresh(grad: jax.Array, trees: list[Any], number: int) -> dict[str, jax.Array]:
+        # The new moments computed again behind a barrier of their own (numbered: XLA merges
+        # barriers of the same operands), which XLA then fuses into the kernels that read them
+        # rather than writing one computation to memory for several.
+        again, stored, _ = jax.lax.optimization_barrier((grad, trees, number))
+        return step(again, stored)[1]
+
+    def first_pass(new: dict[str, jax.Array], name: str) -> Callable[[], jax.Array]:
+        calls = itertools.count()
+
+        def value() -> jax.Array:
+            number = next(calls)
+            return new[name] if number == 0 else afresh(grad, trees, number)[name]
+
+        return value
+
     def in_two_passes(update: jax.Array, new: dict[str, jax.Array]) -> tuple[jax.Array, list[Any]]:
         # The first pass's new moments feed the scales alone; the barrier keeps XLA from reusing
         # them, so the second pass computes them again inside the kernel that encodes them and
-        # takes the update (MomentStorage.in_two_passes).
+        # takes the update (MomentStorage.in_two_passes). Each moment's first computation for
+        # its scales is the same for all (one kernel for reductions of one kind); a later one
+        # (a reduction of another kind, as a column's maximum after a row's) is its own.
         del update
         scales = [
-            s.store_scales(new[m.name], t) if s.in_two_passes(t) else None for m, s, t in kept
+            s.store_scales(first_pass(new, m.name), t) if s.in_two_passes(t) else None
+            for m, s, t in kept
         ]
         again, stored, scales = jax.lax.optimization_barrier((grad, trees, scales))
         update, new = step(again, stored)
+        if not all(s.codes_like_param for s in storages):
+            # Codes of another shape than the param's (4-bit, two a byte) are not written by
+            # the param's kernel: theirs computes the moments again.
+            packed = afresh(again, stored, 0)
+            new = {m.name: (new if s.codes_like_param else packed)[m.name] for m, s, _ in kept}
         return update, [
             s.store_scaled(new[m.name], t, scale) if scale is not None else s.store(new[m.name], t)
             for (m, s, t), scale in zip(kept, scales, strict=True)

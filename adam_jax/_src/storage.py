@@ -74,6 +74,12 @@ class MomentStorage(abc.ABC):
     #: 8-bit blocks; not for a storage with column statistics (factored, 4-bit rank-1).
     row_slices: bool = False
 
+    #: Whether the stored codes have the param's shape (8-bit codes, one an element), so that
+    #: the kernel that writes the param can write them. 4-bit codes, two a byte, are written
+    #: by a kernel of their own, which the two-pass step (:meth:`in_two_passes`) has compute
+    #: the new moments again rather than read them from memory.
+    codes_like_param: bool = True
+
     def decodes(self, stored: Any) -> bool:
         """Whether :meth:`load` rebuilds ``stored`` into a new array of the param's size (8-bit
         and 4-bit codes, factored rows and columns). The step then finishes such a leaf (its
@@ -94,9 +100,11 @@ class MomentStorage(abc.ABC):
         del stored
         return False
 
-    def store_scales(self, value: jax.Array, stored: Any) -> Any:
-        """The reductions of ``value`` that :meth:`store` computes first, for a ``stored`` form
-        :meth:`in_two_passes` accepts."""
+    def store_scales(self, value: Callable[[], jax.Array], stored: Any) -> Any:
+        """The reductions of the new value that :meth:`store` computes first, for a ``stored``
+        form :meth:`in_two_passes` accepts. ``value()`` gives the new value: call it once per
+        reduction of another kind (a row's maximum, then a column's), so that a GPU computes
+        the value inside each reduction's kernel, not once into memory."""
         raise NotImplementedError(f"{type(self).__name__} does not store in two passes")
 
     def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:

@@ -5,6 +5,7 @@ moment as 8-bit codes of the dynamic map with one scale per block, and
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -12,24 +13,20 @@ import jax.numpy as jnp
 import numpy as np
 
 from adam_jax._src.quantization.blocks import (
+    TWO_PASSES_MIN_SIZE,
     QuantizedArray,
     block_absmax,
-    codes_for,
     dequantize_blockwise,
     is_quantized,
     quantize,
     scale_shape_for,
     scale_sharding_for,
+    scaled_by,
 )
-from adam_jax._src.quantization.dynamic_map import map_constants
+from adam_jax._src.quantization.dynamic_map import encode, map_constants
 from adam_jax._src.quantization.fused import check_kernel_mode
 from adam_jax._src.storage import MomentStorage, same_container
 from adam_jax._src.typed_sharding import place_like, placement_of
-
-#: The fewest elements of a leaf stepped in two passes off the CPU
-#: (:meth:`adam_jax.MomentStorage.in_two_passes`): where the bytes it saves (18 of 40 a
-#: parameter) take an H100 longer than a kernel's launch.
-TWO_PASSES_MIN_SIZE = 1 << 19
 
 
 def _size(param: Any) -> int:
@@ -132,11 +129,11 @@ class BlockwiseQuantized(MomentStorage):
         # Below this size the second pass's launch costs more than the bytes it saves.
         return is_quantized(stored) and _size(stored.codes) >= TWO_PASSES_MIN_SIZE
 
-    def store_scales(self, value: jax.Array, stored: Any) -> jax.Array:
-        return block_absmax(value, tuple(stored.absmax.shape))
+    def store_scales(self, value: Callable[[], jax.Array], stored: Any) -> jax.Array:
+        return block_absmax(value(), tuple(stored.absmax.shape))
 
     def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
-        return self._stored(codes_for(value, scales, self.signed), scales, stored)
+        return self._stored(encode(scaled_by(value, scales), self.signed), scales, stored)
 
     @staticmethod
     def _stored(codes: jax.Array, absmax: jax.Array, stored: Any) -> Any:

@@ -19,6 +19,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -27,16 +29,19 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from adam_jax._src.quantization.blocks import (
+    TWO_PASSES_MIN_SIZE,
     _block_axes,
-    _broadcast_scales,
     _from_blocks,
     _in_place,
     _normalized_in_place,
-    _ragged_scales,
     _to_blocks,
+    block_absmax,
     is_quantized,
+    over_scales,
     scale_shape_for,
     scale_sharding_for,
+    scaled_by,
+    times_scales,
 )
 from adam_jax._src.storage import MomentStorage, same_container
 from adam_jax._src.typed_sharding import (
@@ -180,8 +185,11 @@ def pack(codes: jax.Array) -> jax.Array:
 
 def unpack(packed: jax.Array, length: int) -> jax.Array:
     """Inverse of :func:`pack` for a last axis of ``length``: ``uint8`` codes."""
-    nibbles = packed.astype(jnp.uint8)
-    pairs = jnp.stack([nibbles & 15, nibbles >> 4], axis=-1)
+    # Each byte broadcast to its two codes' places and shifted there: elementwise, so that a
+    # GPU fuses the decode into what reads the moment (a stack is a concatenation, computed
+    # into memory).
+    shifts = jnp.array([0, 4], jnp.uint8)
+    pairs = (packed.astype(jnp.uint8)[..., None] >> shifts) & 15
     typed = typed_sharding(packed)
     out_sharding = None
     if typed is not None:
@@ -251,10 +259,8 @@ def quantize_blocks(
         normalized, absmax = _normalized_in_place(x, scale_shape)
         return pack(encode_four_bit(normalized, signed)), absmax
     blocks = _to_blocks(x.astype(jnp.float32), scale_shape)
-    axes = _block_axes(x.ndim)
-    absmax = jnp.max(jnp.abs(blocks), axis=axes, initial=0.0)
-    safe = jnp.where(absmax > 0, absmax, 1.0)
-    codes = encode_four_bit(blocks / jnp.expand_dims(safe, axes), signed)
+    absmax = jnp.max(jnp.abs(blocks), axis=_block_axes(x.ndim), initial=0.0)
+    codes = encode_four_bit(over_scales(blocks, absmax), signed)
     return pack(_from_blocks(codes, x)), absmax
 
 
@@ -262,23 +268,30 @@ def quantize_blocks(
 def dequantize_blocks(codes: jax.Array, absmax: jax.Array, length: int, signed: bool) -> jax.Array:
     """The float32 tensor of last axis ``length`` held in packed codes and block scales (of
     the tensor's rank: without the odd marker)."""
-    values = decode_four_bit(unpack(codes, length), signed)
-    if _in_place(values, tuple(absmax.shape)):
-        return values * _ragged_scales(absmax.astype(jnp.float32), values.shape)
-    blocks = _to_blocks(values, tuple(absmax.shape))
-    return _from_blocks(blocks * _broadcast_scales(absmax.astype(jnp.float32), blocks), values)
+    return times_scales(decode_four_bit(unpack(codes, length), signed), absmax)
 
 
 @jax.jit
 def quantize_rank1(x: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Packed 4-bit codes of ``|x| / min(row max, column max)`` on the linear map, and the row
     and column maxima."""
-    magnitude = jnp.abs(x.astype(jnp.float32))
-    row_max = jnp.max(magnitude, axis=-1, keepdims=True)
-    col_max = jnp.max(magnitude, axis=tuple(range(x.ndim - 1)), keepdims=True)
+    row_max, col_max = rank1_maxima(lambda: x)
+    return pack(encode_four_bit(rank1_scaled(x, row_max, col_max), signed=False)), row_max, col_max
+
+
+def rank1_maxima(x: Callable[[], jax.Array]) -> tuple[jax.Array, jax.Array]:
+    """The largest magnitude of each row of ``x()`` (over its last axis) and of each column
+    (over all other axes), float32, their axes kept: ``x`` called for each (see
+    :meth:`adam_jax.MomentStorage.store_scales`)."""
+    row_max = jnp.max(jnp.abs(x().astype(jnp.float32)), axis=-1, keepdims=True)
+    columns = jnp.abs(x().astype(jnp.float32))
+    return row_max, jnp.max(columns, axis=tuple(range(columns.ndim - 1)), keepdims=True)
+
+
+def rank1_scaled(x: jax.Array, row_max: jax.Array, col_max: jax.Array) -> jax.Array:
+    """``|x|`` over the smaller of its row's and its column's maximum (1 where that is 0)."""
     scale = jnp.minimum(row_max, col_max)
-    normalized = magnitude / jnp.where(scale > 0, scale, 1.0)
-    return pack(encode_four_bit(normalized, signed=False)), row_max, col_max
+    return jnp.abs(x.astype(jnp.float32)) / jnp.where(scale > 0, scale, 1.0)
 
 
 @jax.jit
@@ -303,6 +316,7 @@ def _size(param: Any) -> int:
 class _FourBitStorage(MomentStorage):
     block_size: int = 128
     min_size: int = 4096
+    codes_like_param = False  # two codes a byte
 
     def __post_init__(self) -> None:
         if (
@@ -360,10 +374,29 @@ class _FourBitStorage(MomentStorage):
         return dequantize_blocks(jnp.asarray(stored.codes), absmax, shape[-1], signed)
 
     def _blocks_store(self, value: jax.Array, stored: Any, signed: bool) -> Any:
-        odd = _odd_marker(stored.absmax, stored.codes)
         scale_shape = tuple(stored.absmax.shape)[: value.ndim]
-        codes, absmax = quantize_blocks(value, scale_shape, signed)
-        if odd:
+        return self._blocks_stored(*quantize_blocks(value, scale_shape, signed), stored)
+
+    def in_two_passes(self, stored: Any) -> bool:
+        # As 8-bit moments (blocks.TWO_PASSES_MIN_SIZE): a leaf's elements, not its bytes.
+        return is_quantized(stored) and math.prod(tensor_shape(stored)) >= TWO_PASSES_MIN_SIZE
+
+    def _blocks_scales(self, value: Callable[[], jax.Array], stored: Any) -> jax.Array:
+        return block_absmax(
+            value(),
+            tuple(stored.absmax.shape)[:-1]
+            if _odd_marker(stored.absmax, stored.codes)
+            else tuple(stored.absmax.shape),
+        )
+
+    def _blocks_scaled(self, value: jax.Array, stored: Any, absmax: Any, signed: bool) -> Any:
+        return self._blocks_stored(
+            pack(encode_four_bit(scaled_by(value, absmax), signed)), absmax, stored
+        )
+
+    @staticmethod
+    def _blocks_stored(codes: jax.Array, absmax: jax.Array, stored: Any) -> Any:
+        if _odd_marker(stored.absmax, stored.codes):
             absmax = absmax[..., None]
         return same_container(
             stored,
@@ -414,6 +447,12 @@ class FourBitBlockwise(_FourBitStorage):
         if not is_quantized(stored):
             return value.astype(stored.dtype)
         return self._blocks_store(value, stored, signed=True)
+
+    def store_scales(self, value: Callable[[], jax.Array], stored: Any) -> jax.Array:
+        return self._blocks_scales(value, stored)
+
+    def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
+        return self._blocks_scaled(value, stored, scales, signed=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -490,7 +529,21 @@ class FourBitRank1(_FourBitStorage):
             return value.astype(stored.dtype)
         if not hasattr(stored, "row_max"):
             return self._blocks_store(value, stored, signed=False)
-        codes, row_max, col_max = quantize_rank1(value)
+        return self._rank1_stored(*quantize_rank1(value), stored)
+
+    def store_scales(self, value: Callable[[], jax.Array], stored: Any) -> Any:
+        if not hasattr(stored, "row_max"):
+            return self._blocks_scales(value, stored)
+        return rank1_maxima(value)
+
+    def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
+        if not hasattr(stored, "row_max"):
+            return self._blocks_scaled(value, stored, scales, signed=False)
+        codes = pack(encode_four_bit(rank1_scaled(value, *scales), signed=False))
+        return self._rank1_stored(codes, *scales, stored)
+
+    @staticmethod
+    def _rank1_stored(codes: jax.Array, row_max: jax.Array, col_max: jax.Array, stored: Any) -> Any:
         return same_container(
             stored,
             Rank1QuantizedArray(
