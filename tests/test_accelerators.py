@@ -304,10 +304,11 @@ def test_four_bit_adamw_at_gpt2_small_steps_in_two_passes(tmp_path):
     """An H100 steps each large 4-bit leaf in two passes as an 8-bit one: the new moments'
     block, row and column maxima first, then one kernel that decodes, steps and writes the
     param, and one that packs both moments' new codes (two a byte: not the param's shape), each
-    computing the moments again rather than reading them from memory. The old codes and scales
-    are copied (5 arrays a leaf), as the new ones overwrite them. Before: 675 kernels (the
-    codes unpacked by a concatenation, computed into memory), 331 MiB of temporaries and a time
-    model 1.64x float32's."""
+    computing the moments again rather than reading them from memory. The second moment's row
+    maxima come from its runs' maxima, reduced in the first moment's blocks' kernel. The old
+    codes and scales are copied (5 arrays a leaf), as the new ones overwrite them. Before: 675
+    kernels (the codes unpacked by a concatenation, computed into memory), 331 MiB of
+    temporaries and a time model 1.64x float32's."""
     rows = {
         row["program"]: row
         for row in _compile(tmp_path, "--trees", "gpt2", "--programs", "adamw", "4-bit moments")
@@ -315,8 +316,9 @@ def test_four_bit_adamw_at_gpt2_small_steps_in_two_passes(tmp_path):
     float32, four_bit = rows["adamw"], rows["4-bit moments"]
     two_passes = 50  # the leaves of at least 2^19 elements (as the 8-bit test counts)
     assert four_bit["copies"] <= 5 * two_passes
-    assert four_bit["kernels"] - four_bit["copies"] <= float32["kernels"] + two_passes
-    assert four_bit["memory"]["temporaries"] < 256 * 2**20
+    # a leaf's first pass, and the maximum of each row over its runs' maxima
+    assert four_bit["kernels"] - four_bit["copies"] <= float32["kernels"] + 2 * two_passes
+    assert four_bit["memory"]["temporaries"] < 192 * 2**20
     assert four_bit["predicted_ms"] < 1.5 * float32["predicted_ms"]
 
 

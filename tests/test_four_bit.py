@@ -281,12 +281,14 @@ def test_four_bit_adam_trains_close_to_float32() -> None:
     np.testing.assert_allclose(np.asarray(p4_nu["w"]), np.asarray(p32["w"]), atol=0.05)
 
 
-@pytest.mark.parametrize("shape", [(1024, 521), (1 << 19,), (2048, 256), (4, 256, 512)])
+@pytest.mark.parametrize(
+    "shape", [(1024, 521), (1 << 19,), (2048, 256), (4, 256, 512), (1 << 14, 32)]
+)
 def test_two_passes_encode_what_one_pass_does(shape) -> None:
     """Off the CPU a large 4-bit leaf is stepped in two passes: the new moments' block, row and
     column maxima first (the columns' from a computation of their own), then the moments again,
     encoded and packed by a kernel of their own. Run here (an odd last axis, a vector's blocks,
-    a 3-D leaf), its scales are one pass's to XLA's contraction of the moving average (an ulp),
+    a 3-D leaf, rows shorter than a block), its scales are one pass's to XLA's contraction of the moving average (an ulp),
     its codes within one step, and its update one pass's to float32 rounding."""
     from tests.test_quantization import _stepped_off_cpu
 

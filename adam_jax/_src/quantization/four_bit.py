@@ -534,13 +534,22 @@ class FourBitRank1(_FourBitStorage):
     def store_scales(self, value: Callable[[], jax.Array], stored: Any) -> Any:
         if not hasattr(stored, "row_max"):
             return self._blocks_scales(value, stored)
-        return rank1_maxima(value)
+        x = value()
+        runs = scale_shape_for(tuple(x.shape), self.block_size, placement_of(x))
+        if runs[:-1] != x.shape[:-1]:  # blocks of several rows
+            return rank1_maxima(lambda: x)
+        # The maxima of each row's runs, the reduction of the first moment's blocks
+        # (FourBitBlockwise of the same block_size), so that one kernel computes both; the
+        # rows' maxima are taken from them in the second pass.
+        return block_absmax(x, runs), rank1_maxima(value)[1]
 
     def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
         if not hasattr(stored, "row_max"):
             return self._blocks_scaled(value, stored, scales, signed=False)
-        codes = pack(encode_four_bit(rank1_scaled(value, *scales), signed=False))
-        return self._rank1_stored(codes, *scales, stored)
+        row_max, col_max = scales
+        row_max = jnp.max(row_max, axis=-1, keepdims=True)  # over the runs' maxima, if any
+        codes = pack(encode_four_bit(rank1_scaled(value, row_max, col_max), signed=False))
+        return self._rank1_stored(codes, row_max, col_max, stored)
 
     @staticmethod
     def _rank1_stored(codes: jax.Array, row_max: jax.Array, col_max: jax.Array, stored: Any) -> Any:
