@@ -288,8 +288,9 @@ def test_two_passes_encode_what_one_pass_does(shape) -> None:
     """Off the CPU a large 4-bit leaf is stepped in two passes: the new moments' block, row and
     column maxima first (the columns' from a computation of their own), then the moments again,
     encoded and packed by a kernel of their own. Run here (an odd last axis, a vector's blocks,
-    a 3-D leaf, rows shorter than a block), its scales are one pass's to XLA's contraction of the moving average (an ulp),
-    its codes within one step, and its update one pass's to float32 rounding."""
+    a 3-D leaf, rows shorter than a block), its scales are one pass's to XLA's contraction of
+    the moving average (an ulp), its codes within one step, and its update one pass's to
+    float32 rounding."""
     from tests.test_quantization import _stepped_off_cpu
 
     assert np.prod(shape) >= blocks.TWO_PASSES_MIN_SIZE
