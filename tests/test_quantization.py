@@ -488,15 +488,19 @@ def test_eight_bit_moments_in_flax_nnx_optimizer() -> None:
     assert scanned[2] < scanned[0] < eager[2]
 
 
-def _stepped_off_cpu(tx: optax.GradientTransformation, grads: Any, state: Any, params: Any) -> Any:
-    """``tx.update`` jitted on the CPU as it runs elsewhere: every ``platform_dependent`` takes
-    its default branch (an 8-bit leaf of at least ``TWO_PASSES_MIN_SIZE`` in two passes)."""
+def _stepped_off_cpu(
+    tx: optax.GradientTransformation, grads: Any, state: Any, params: Any, platform: str = "cuda"
+) -> Any:
+    """``tx.update`` jitted on the CPU as it runs on ``platform``: every ``platform_dependent``
+    takes that platform's branch, else its default (on a GPU, an 8-bit leaf of at least
+    ``TWO_PASSES_MIN_SIZE`` in two passes)."""
 
     chosen = []
 
     def elsewhere(*operands: Any, default: Any, **platforms: Any) -> Any:
-        chosen.append(default)
-        return default(*operands)
+        branch = platforms.get(platform, default)
+        chosen.append(branch)
+        return branch(*operands)
 
     with mock.patch.object(jax.lax, "platform_dependent", elsewhere):
         # A function of its own: jit's cache would give back the CPU's trace of tx.update.
@@ -527,6 +531,21 @@ def test_two_passes_encode_what_one_pass_does(shape):
         assert steps.max() <= 1, name
         assert (steps > 0).mean() < 1e-3, name
     np.testing.assert_allclose(two_update["w"], one_update["w"], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize("moments", ["8-bit", "4-bit"])
+def test_a_tpu_steps_in_one_pass(moments):
+    """A TPU keeps the CPU's one pass (its two passes' kernels move more bytes): bit for bit."""
+    storages = adam_jax.eight_bit_moments() if moments == "8-bit" else adam_jax.four_bit_moments()
+    tx = adam_jax.adamw(1e-2, b1=0.8, **storages)
+    shape = (1024, 520)
+    assert np.prod(shape) >= blocks.TWO_PASSES_MIN_SIZE
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    grads = {"w": jax.random.normal(jax.random.key(1), shape)}
+    state = jax.jit(tx.update)(grads, tx.init(params), params)[1]  # moments to average
+    grads = {"w": 0.1 * jax.random.normal(jax.random.key(2), shape)}
+    on_cpu = jax.jit(tx.update)(grads, state, params)
+    chex.assert_trees_all_equal(on_cpu, _stepped_off_cpu(tx, grads, state, params, "tpu"))
 
 
 def test_small_leaves_and_schedules_step_in_one_pass():
