@@ -528,8 +528,8 @@ def _arithmetic(
         ]
 
     # A TPU keeps one pass: there the two passes' kernels move more bytes, not fewer (GPT-2
-    # small on a v5p, the bytes its kernels read and write: 8-bit 22.4 GB in one pass against
-    # 25.5 in two, 4-bit 17.2 against 34.9; on an H100, 4.0 against 2.9 and 5.0 against 4.5).
+    # small on a v5p, the bytes its kernels read and write: 8-bit 20.8 GB in one pass against
+    # 25.5 in two, 4-bit 18.9 against 34.9; on an H100, 4.0 against 2.9 and 5.0 against 4.5).
     on_gpu = in_two_passes if two_passes else in_one_pass
     result: tuple[jax.Array, list[Any]] = jax.lax.platform_dependent(
         update, new, cpu=on_cpu, tpu=in_one_pass, default=on_gpu
