@@ -375,7 +375,8 @@ class _FourBitStorage(MomentStorage):
 
     def _blocks_store(self, value: jax.Array, stored: Any, signed: bool) -> Any:
         scale_shape = tuple(stored.absmax.shape)[: value.ndim]
-        return self._blocks_stored(*quantize_blocks(value, scale_shape, signed), stored)
+        codes, absmax = quantize_blocks(value, scale_shape, signed)
+        return self._blocks_stored(codes, absmax, stored)
 
     def in_two_passes(self, stored: Any) -> bool:
         # As 8-bit moments (blocks.TWO_PASSES_MIN_SIZE): a leaf's elements, not its bytes.
@@ -529,7 +530,8 @@ class FourBitRank1(_FourBitStorage):
             return value.astype(stored.dtype)
         if not hasattr(stored, "row_max"):
             return self._blocks_store(value, stored, signed=False)
-        return self._rank1_stored(*quantize_rank1(value), stored)
+        codes, row_max, col_max = quantize_rank1(value)
+        return self._rank1_stored(codes, row_max, col_max, stored)
 
     def store_scales(self, value: Callable[[], jax.Array], stored: Any) -> Any:
         if not hasattr(stored, "row_max"):
