@@ -533,6 +533,46 @@ def test_two_passes_encode_what_one_pass_does(shape):
     np.testing.assert_allclose(two_update["w"], one_update["w"], rtol=1e-5, atol=1e-12)
 
 
+def _unpacked_codes(stored: Any) -> np.ndarray:
+    """Codes as integers, one an element (4-bit codes unpacked, the padding nibble kept)."""
+    codes = np.asarray(stored.codes).astype(np.int32)
+    if isinstance(stored, (qz.PackedQuantizedArray, qz.Rank1QuantizedArray)):
+        return np.stack([codes & 15, codes >> 4], axis=-1)
+    return codes
+
+
+@pytest.mark.parametrize("moments", ["8-bit", "4-bit"])
+@pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
+def test_two_passes_keep_a_sharded_leaf_sharded(moments, axis_type):
+    """Two passes on a leaf split over a 2 x 4 mesh (rows and columns; with Explicit axes the
+    blocks follow the shards): the one pass's update to float32 rounding, its codes within one
+    step, every state array placed where ``init`` placed it."""
+    mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
+    storages = adam_jax.eight_bit_moments() if moments == "8-bit" else adam_jax.four_bit_moments()
+    tx = adam_jax.adamw(1e-2, b1=0.8, **storages)
+    shape = (1024, 768)
+    with jax.set_mesh(mesh):
+        params = {"w": jax.device_put(jax.random.normal(jax.random.key(0), shape), sharding)}
+        grads = [
+            {"w": jax.device_put(10.0 ** (i - 2) * jax.random.normal(jax.random.key(i), shape),
+                                 sharding)}
+            for i in (1, 2)
+        ]  # fmt: skip
+        placed = tx.init(params)
+        state = jax.jit(tx.update)(grads[0], placed, params)[1]
+        one_update, one_state = jax.jit(tx.update)(grads[1], state, params)
+        two_update, two_state = _stepped_off_cpu(tx, grads[1], state, params)
+    np.testing.assert_allclose(two_update["w"], one_update["w"], rtol=1e-5, atol=1e-12)
+    assert two_update["w"].sharding.is_equivalent_to(one_update["w"].sharding, 2)
+    for init, two in zip(jax.tree.leaves(placed), jax.tree.leaves(two_state), strict=True):
+        assert two.sharding.is_equivalent_to(init.sharding, init.ndim)
+    for name in ("mu", "nu"):
+        one, two = getattr(one_state[0], name)["w"], getattr(two_state[0], name)["w"]
+        steps = np.abs(_unpacked_codes(two) - _unpacked_codes(one))
+        assert steps.max() <= 1 and (steps > 0).mean() < 1e-3, name
+
+
 @pytest.mark.parametrize("moments", ["8-bit", "4-bit"])
 def test_a_tpu_steps_in_one_pass(moments):
     """A TPU keeps the CPU's one pass (its two passes' kernels move more bytes): bit for bit."""
