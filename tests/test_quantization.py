@@ -543,10 +543,12 @@ def _unpacked_codes(stored: Any) -> np.ndarray:
 
 @pytest.mark.parametrize("moments", ["8-bit", "4-bit"])
 @pytest.mark.parametrize("axis_type", [jax.sharding.AxisType.Explicit, jax.sharding.AxisType.Auto])
-def test_two_passes_keep_a_sharded_leaf_sharded(moments, axis_type):
-    """Two passes on a leaf split over a 2 x 4 mesh (rows and columns; with Explicit axes the
-    blocks follow the shards): the one pass's update to float32 rounding, its codes within one
-    step, every state array placed where ``init`` placed it."""
+def test_both_passes_keep_a_sharded_leaf_sharded(moments, axis_type):
+    """A leaf split over a 2 x 4 mesh (rows and columns: 768 columns in shards of 192, which
+    blocks of 256 straddle under Auto axes; with Explicit axes the blocks follow the shards).
+    Two passes: the one pass's update to float32 rounding, its codes within one step. Both:
+    every state array placed where ``init`` placed it (one pass, encoding in the blocks' shape,
+    left the codes whole along the columns under Auto axes: 4x their bytes on each device)."""
     mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(axis_type, axis_type))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data", "model"))
     storages = adam_jax.eight_bit_moments() if moments == "8-bit" else adam_jax.four_bit_moments()
@@ -565,8 +567,9 @@ def test_two_passes_keep_a_sharded_leaf_sharded(moments, axis_type):
         two_update, two_state = _stepped_off_cpu(tx, grads[1], state, params)
     np.testing.assert_allclose(two_update["w"], one_update["w"], rtol=1e-5, atol=1e-12)
     assert two_update["w"].sharding.is_equivalent_to(one_update["w"].sharding, 2)
-    for init, two in zip(jax.tree.leaves(placed), jax.tree.leaves(two_state), strict=True):
-        assert two.sharding.is_equivalent_to(init.sharding, init.ndim)
+    for new_state in (one_state, two_state):
+        for init, new in zip(jax.tree.leaves(placed), jax.tree.leaves(new_state), strict=True):
+            assert new.sharding.is_equivalent_to(init.sharding, init.ndim)
     for name in ("mu", "nu"):
         one, two = getattr(one_state[0], name)["w"], getattr(two_state[0], name)["w"]
         steps = np.abs(_unpacked_codes(two) - _unpacked_codes(one))

@@ -30,14 +30,8 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from adam_jax._src.quantization.blocks import (
     TWO_PASSES_MIN_SIZE,
-    _block_axes,
-    _from_blocks,
-    _in_place,
-    _normalized_in_place,
-    _to_blocks,
     block_absmax,
     is_quantized,
-    over_scales,
     scale_shape_for,
     scale_sharding_for,
     scaled_by,
@@ -255,13 +249,8 @@ def quantize_blocks(
     x: jax.Array, scale_shape: tuple[int, ...], signed: bool
 ) -> tuple[jax.Array, jax.Array]:
     """Packed 4-bit codes and block scales of ``x`` (blocks as the 8-bit layout)."""
-    if _in_place(x, scale_shape):
-        normalized, absmax = _normalized_in_place(x, scale_shape)
-        return pack(encode_four_bit(normalized, signed)), absmax
-    blocks = _to_blocks(x.astype(jnp.float32), scale_shape)
-    absmax = jnp.max(jnp.abs(blocks), axis=_block_axes(x.ndim), initial=0.0)
-    codes = encode_four_bit(over_scales(blocks, absmax), signed)
-    return pack(_from_blocks(codes, x)), absmax
+    absmax = block_absmax(x, scale_shape, initial=0.0)
+    return pack(encode_four_bit(scaled_by(x, absmax), signed)), absmax
 
 
 @functools.partial(jax.jit, static_argnames=("length", "signed"))
