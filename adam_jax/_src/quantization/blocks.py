@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import math
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -242,7 +243,8 @@ def _broadcast_scales(scales: jax.Array, blocks: jax.Array) -> jax.Array:
 @functools.partial(jax.jit, static_argnames=("scale_shape", "signed"))
 def quantize(x: jax.Array, scale_shape: tuple[int, ...], signed: bool) -> QuantizedArray:
     absmax = block_absmax(x, scale_shape, initial=0.0)
-    return QuantizedArray(codes=encode(scaled_by(x, absmax), signed), absmax=absmax)
+    codes = encoded_by(x, absmax, functools.partial(encode, signed=signed))
+    return QuantizedArray(codes=codes, absmax=absmax)
 
 
 # The two halves of quantize, which the two passes of a GPU's step take apart: the block
@@ -273,21 +275,34 @@ def block_absmax(
     return jnp.max(blocks, axis=_block_axes(x.ndim), initial=initial)
 
 
-def scaled_by(x: jax.Array, absmax: jax.Array) -> jax.Array:
-    """``x`` (float32) over each element's block scale in ``absmax`` (from
-    :func:`block_absmax`; a block of zeros is divided by 1), in the shape of ``x``: what
-    :func:`quantize` encodes."""
+def encoded_by(
+    x: jax.Array, absmax: jax.Array, encoder: Callable[[jax.Array], jax.Array]
+) -> jax.Array:
+    """``encoder`` (elementwise) of ``x`` (float32) over each element's block scale in
+    ``absmax`` (from :func:`block_absmax`; a block of zeros is divided by 1), in the shape of
+    ``x``: what :func:`quantize` stores. Encoded in the leaf's own shape over spread scales
+    (where a GPU fuses it with what reads the moment, and where blocks straddle shards under
+    Auto mesh axes, the leaf's sharding kept; on Explicit meshes the scales are spread through
+    the blocks' layout, which keeps theirs); for blocks of rows that would be padded, in the
+    blocks' shape."""
     x = x.astype(jnp.float32)
     spread = _spread_shape(x, absmax.shape)
+    if spread is None and typed_sharding(x) is not None and len(absmax.shape) == x.ndim:
+        # Explicit meshes: the scales spread in the blocks' layout, which keeps the sharding,
+        # then merged to the leaf's; the leaf itself divided where it lies, as elsewhere.
+        blocks = _to_blocks(x, absmax.shape)  # for its layout alone
+        spread_blocks = jnp.broadcast_to(_broadcast_scales(absmax, blocks), blocks.shape)
+        scales = _from_blocks(spread_blocks, x)
+        return encoder(x / jnp.where(scales > 0, scales, 1.0))
     if spread is None:
         safe = jnp.where(absmax > 0, absmax, 1.0)
         blocks = _to_blocks(x, absmax.shape) / jnp.expand_dims(safe, _block_axes(x.ndim))
-        return _from_blocks(blocks, x)
+        return _from_blocks(encoder(blocks), x)
     if _ragged(x.shape, absmax.shape):
         scales = _ragged_scales(absmax, x.shape)
     else:
         scales = _spread(absmax, spread, x.shape)
-    return x / jnp.where(scales > 0, scales, 1.0)
+    return encoder(x / jnp.where(scales > 0, scales, 1.0))
 
 
 def _spread(absmax: jax.Array, spread: tuple[int, ...], shape: tuple[int, ...]) -> jax.Array:

@@ -5,6 +5,7 @@ moment as 8-bit codes of the dynamic map with one scale per block, and
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -17,11 +18,11 @@ from adam_jax._src.quantization.blocks import (
     QuantizedArray,
     block_absmax,
     dequantize_blockwise,
+    encoded_by,
     is_quantized,
     quantize,
     scale_shape_for,
     scale_sharding_for,
-    scaled_by,
 )
 from adam_jax._src.quantization.dynamic_map import encode, map_constants
 from adam_jax._src.quantization.fused import check_kernel_mode
@@ -133,7 +134,8 @@ class BlockwiseQuantized(MomentStorage):
         return block_absmax(value(), tuple(stored.absmax.shape))
 
     def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
-        return self._stored(encode(scaled_by(value, scales), self.signed), scales, stored)
+        codes = encoded_by(value, scales, functools.partial(encode, signed=self.signed))
+        return self._stored(codes, scales, stored)
 
     @staticmethod
     def _stored(codes: jax.Array, absmax: jax.Array, stored: Any) -> Any:

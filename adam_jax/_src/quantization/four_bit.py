@@ -31,10 +31,10 @@ from jax.sharding import NamedSharding, PartitionSpec
 from adam_jax._src.quantization.blocks import (
     TWO_PASSES_MIN_SIZE,
     block_absmax,
+    encoded_by,
     is_quantized,
     scale_shape_for,
     scale_sharding_for,
-    scaled_by,
     times_scales,
 )
 from adam_jax._src.storage import MomentStorage, same_container
@@ -250,7 +250,8 @@ def quantize_blocks(
 ) -> tuple[jax.Array, jax.Array]:
     """Packed 4-bit codes and block scales of ``x`` (blocks as the 8-bit layout)."""
     absmax = block_absmax(x, scale_shape, initial=0.0)
-    return pack(encode_four_bit(scaled_by(x, absmax), signed)), absmax
+    codes = encoded_by(x, absmax, functools.partial(encode_four_bit, signed=signed))
+    return pack(codes), absmax
 
 
 @functools.partial(jax.jit, static_argnames=("length", "signed"))
@@ -381,7 +382,9 @@ class _FourBitStorage(MomentStorage):
 
     def _blocks_scaled(self, value: jax.Array, stored: Any, absmax: Any, signed: bool) -> Any:
         return self._blocks_stored(
-            pack(encode_four_bit(scaled_by(value, absmax), signed)), absmax, stored
+            pack(encoded_by(value, absmax, functools.partial(encode_four_bit, signed=signed))),
+            absmax,
+            stored,
         )
 
     @staticmethod
