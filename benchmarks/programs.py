@@ -187,6 +187,8 @@ def report(name: str, tree: str, target: accelerators.Target) -> dict[str, Any]:
         host_kernels=summary["host_kernels"],
         # The share of the bytes copied between host and device whose copy overlaps a kernel.
         transfers_overlapping=sum(size for size, k in overlap if k) / moved if moved else None,
+        # What the kernels read and write, in bytes (the program reader's count).
+        kernel_bytes=summary["kernel_bytes"],
         memory=compiled.memory,
         compile_s=round(compiled.compile_s, 3),
     )

@@ -43,8 +43,8 @@ class LeafStep:
 
     Attributes:
       run: the step (:data:`LeafRun`); a schedule may call it on other arrays than these
-        (slices of them, copies in another memory), and then with ``two_passes=False``: off
-        the CPU, a whole 8-bit leaf is otherwise read twice
+        (slices of them, copies in another memory), and then with ``two_passes=False``: on a
+        GPU, a whole 8-bit leaf is otherwise read twice
         (:meth:`adam_jax.MomentStorage.in_two_passes`).
       stored: the leaf's stored moments, one tree per moment of the rule.
       grad: the leaf's gradient.

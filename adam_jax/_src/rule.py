@@ -404,7 +404,7 @@ def _update_leaf(
 ) -> tuple[jax.Array, list[Any]]:
     """One leaf's step (a :data:`adam_jax._src.leaf_schedule.LeafRun`): its stored moments
     ``trees`` used once the arrays of ``wait_for`` exist, then the rule's
-    :meth:`MomentRule.step_leaf` of :func:`_arithmetic` (in two passes off the CPU where the
+    :meth:`MomentRule.step_leaf` of :func:`_arithmetic` (in two passes on a GPU where the
     storages ask for it and ``two_passes`` allows it)."""
     two_passes = two_passes and _in_two_passes(storages, trees)
     if wait_for is not None and two_passes:
@@ -438,8 +438,8 @@ def _arithmetic(
     two_passes: bool = False,
 ) -> tuple[jax.Array, list[Any]]:
     """One leaf's moments loaded (a reduced one laid out to broadcast against the param), the
-    rule's update in the compute dtype, the new moments stored: off the CPU, in two passes
-    where ``two_passes`` says so (:meth:`MomentStorage.in_two_passes`)."""
+    rule's update in the compute dtype, the new moments stored: on a GPU, in two passes where
+    ``two_passes`` says so (:meth:`MomentStorage.in_two_passes`)."""
 
     def step(grad: jax.Array, trees: list[Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
         g = grad.astype(compute_dtype(grad.dtype))
@@ -538,7 +538,7 @@ def _arithmetic(
 
 
 def _in_two_passes(storages: list[MomentStorage], trees: list[Any]) -> bool:
-    """Whether a leaf is stepped in two passes off the CPU: every stored moment that decodes
+    """Whether a leaf is stepped in two passes on a GPU: every stored moment that decodes
     is stored in two passes (:meth:`MomentStorage.in_two_passes`)."""
     decoding = [(s, t) for s, t in zip(storages, trees, strict=True) if s.decodes(t)]
     return bool(decoding) and all(s.in_two_passes(t) for s, t in decoding)

@@ -93,7 +93,7 @@ class MomentStorage(abc.ABC):
         8-bit moment's block maxima), and does so in two parts, :meth:`store_scales` and
         :meth:`store_scaled`. By default ``False``.
 
-        Off the CPU the step then makes two passes over the leaf: the first computes the new
+        On a GPU the step then makes two passes over the leaf: the first computes the new
         moments for these reductions alone, the second computes them again and encodes them, so
         that no new or decoded moment of the leaf's size is written to memory (a GPU does not
         fuse a reduction with the elementwise work that reads its result)."""

@@ -255,7 +255,7 @@ def quantize(x: jax.Array, scale_shape: tuple[int, ...], signed: bool) -> Quanti
 # keep the leaf's sharding where blocks straddle its shards (under Auto mesh axes).
 
 
-#: The fewest elements of a leaf stepped in two passes off the CPU
+#: The fewest elements of a leaf stepped in two passes on a GPU
 #: (:meth:`adam_jax.MomentStorage.in_two_passes`): where the bytes it saves (18 of 40 a
 #: parameter in 8 bits) take an H100 longer than a kernel's launch.
 TWO_PASSES_MIN_SIZE = 1 << 19

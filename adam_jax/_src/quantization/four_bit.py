@@ -235,6 +235,12 @@ def _odd_marker(absmax: Any, codes: Any) -> bool:
     return len(absmax.shape) > len(codes.shape)
 
 
+def _scale_shape(stored: Any) -> tuple[int, ...]:
+    """The block scales' shape of a :class:`PackedQuantizedArray`, of the tensor's rank (less
+    the odd marker)."""
+    return tuple(stored.absmax.shape)[: len(stored.codes.shape)]
+
+
 def tensor_shape(stored: Any) -> tuple[int, ...]:
     """The shape of the tensor a 4-bit stored form holds, read from its arrays' shapes."""
     packed = tuple(stored.codes.shape)
@@ -274,8 +280,13 @@ def rank1_maxima(x: Callable[[], jax.Array]) -> tuple[jax.Array, jax.Array]:
     (over all other axes), float32, their axes kept: ``x`` called for each (see
     :meth:`adam_jax.MomentStorage.store_scales`)."""
     row_max = jnp.max(jnp.abs(x().astype(jnp.float32)), axis=-1, keepdims=True)
-    columns = jnp.abs(x().astype(jnp.float32))
-    return row_max, jnp.max(columns, axis=tuple(range(columns.ndim - 1)), keepdims=True)
+    return row_max, column_maxima(x())
+
+
+def column_maxima(x: jax.Array) -> jax.Array:
+    """The largest magnitude of each column of ``x`` (over all axes but the last), float32."""
+    magnitude = jnp.abs(x.astype(jnp.float32))
+    return jnp.max(magnitude, axis=tuple(range(x.ndim - 1)), keepdims=True)
 
 
 def rank1_scaled(x: jax.Array, row_max: jax.Array, col_max: jax.Array) -> jax.Array:
@@ -364,8 +375,7 @@ class _FourBitStorage(MomentStorage):
         return dequantize_blocks(jnp.asarray(stored.codes), absmax, shape[-1], signed)
 
     def _blocks_store(self, value: jax.Array, stored: Any, signed: bool) -> Any:
-        scale_shape = tuple(stored.absmax.shape)[: value.ndim]
-        codes, absmax = quantize_blocks(value, scale_shape, signed)
+        codes, absmax = quantize_blocks(value, _scale_shape(stored), signed)
         return self._blocks_stored(codes, absmax, stored)
 
     def in_two_passes(self, stored: Any) -> bool:
@@ -373,12 +383,7 @@ class _FourBitStorage(MomentStorage):
         return is_quantized(stored) and math.prod(tensor_shape(stored)) >= TWO_PASSES_MIN_SIZE
 
     def _blocks_scales(self, value: Callable[[], jax.Array], stored: Any) -> jax.Array:
-        return block_absmax(
-            value(),
-            tuple(stored.absmax.shape)[:-1]
-            if _odd_marker(stored.absmax, stored.codes)
-            else tuple(stored.absmax.shape),
-        )
+        return block_absmax(value(), _scale_shape(stored))
 
     def _blocks_scaled(self, value: jax.Array, stored: Any, absmax: Any, signed: bool) -> Any:
         return self._blocks_stored(
@@ -535,7 +540,7 @@ class FourBitRank1(_FourBitStorage):
         # The maxima of each row's runs, the reduction of the first moment's blocks
         # (FourBitBlockwise of the same block_size), so that one kernel computes both; the
         # rows' maxima are taken from them in the second pass.
-        return block_absmax(x, runs), rank1_maxima(value)[1]
+        return block_absmax(x, runs), column_maxima(value())
 
     def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
         if not hasattr(stored, "row_max"):
