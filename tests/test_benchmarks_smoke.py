@@ -671,3 +671,50 @@ def test_soap_branches_compares_programs_that_compute_the_same() -> None:
     assert not np.array_equal(np.stack(by_cond), np.stack(arrays))
     row = soap_branches.measure_branch(repeats=2)
     assert row["cycle_with_conds_ms"] > 0 and row["cycle_with_selections_ms"] > 0
+
+
+def test_measured_programs_time_each_program_beside_the_first(tmp_path: Path) -> None:
+    """Each program's row: its compiled program's counts, the time model's prediction, its
+    median and its ratio to the first program's, timed in the same rounds; a program that
+    cannot run here (FlatParams) is an error row and the others go on."""
+    from benchmarks import measured_programs
+
+    out = tmp_path / "programs.json"
+    names = ["adamw", "adamw, FlatParams", "adamw_8bit"]
+    argv = ["--tree", "small", "--card", "h100", "--repeats", "2", "--out", str(out)]
+    measured_programs.main([*argv, "--programs", *names])
+    rows = {row["program"]: row for row in json.loads(out.read_text())["rows"]}
+    assert list(rows) == names
+    assert "layout 'flat'" in rows["adamw, FlatParams"]["error"]
+    first, eight_bit = rows["adamw"], rows["adamw_8bit"]
+    assert "ratio_vs_first" not in first and first["median_ms"] > 0
+    assert eight_bit["ratio_vs_first"] > 0 and eight_bit["median_ms"] > 0
+    assert eight_bit["kernels"] > first["kernels"] > 0
+    assert eight_bit["predicted_ms"] > first["predicted_ms"] > 0
+
+
+def test_gpu_codes_counts_the_codes_and_params_that_differ() -> None:
+    """Two runs of one device agree everywhere; a code moved by 3 steps (a 4-bit code in a
+    byte's high half too) and a param moved by two learning rates are counted as such."""
+    import jax
+    import numpy as np
+
+    from benchmarks import gpu_codes
+
+    params, grads = gpu_codes._inputs((64, 300))
+    cpu = jax.devices("cpu")[0]
+    for name, tx in gpu_codes.optimizers().items():
+        run = gpu_codes.stepped(tx, params, grads, cpu)
+        same = gpu_codes.compare(name, run, gpu_codes.stepped(tx, params, grads, cpu))
+        assert same["params_largest_difference_in_lr"] == 0.0
+        assert all(c["differing"] == 0 for c in same["codes"]) and len(same["codes"]) == 2
+        moved_params, moved_state = run[0].copy(), jax.tree.map(np.copy, run[1])
+        moved_params[0, 0] += 2 * gpu_codes.LR
+        codes = next(x for x in jax.tree.leaves(moved_state) if x.dtype == np.uint8)
+        shift, top = (4, 15) if name.startswith("4-bit") else (0, 255)
+        code = (int(codes[0, 0]) >> shift) & top
+        codes[0, 0] = int(codes[0, 0]) + (3 if code + 3 <= top else -3) * (1 << shift)
+        moved = gpu_codes.compare(name, (moved_params, moved_state), run)
+        assert moved["params_largest_difference_in_lr"] == pytest.approx(2.0, rel=1e-3)
+        assert [c["differing"] for c in moved["codes"]] == [1, 0]
+        assert moved["codes"][0]["most_steps"] == 3

@@ -135,6 +135,16 @@ def test_codec_has_no_gather(signed):
     assert "gather" not in jaxpr and "dynamic_slice" not in jaxpr
 
 
+@pytest.mark.parametrize("signed", [True, False])
+def test_encode_converts_its_codes_rather_than_reading_float_bits(signed):
+    """The codes come from a convert of the exact integer code, not from the mantissa bits of
+    code + 2**23: compiled by XLA:GPU (jax 0.11.2, an H200, 2026-11-28), that bitcast gave
+    every signed code 255 on a grid of [-1, 1] and on most 8-bit leaves, where the CPU was
+    right (benchmarks/results/gpu_codes_h200.json)."""
+    jaxpr = jax.make_jaxpr(lambda v: encode(v, signed))(jnp.linspace(-1.0, 1.0, 64))
+    assert "bitcast_convert_type" not in str(jaxpr)
+
+
 # ---------------------------------------------------------------------------- round trip
 
 

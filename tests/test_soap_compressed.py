@@ -13,6 +13,7 @@ import optax
 import pytest
 
 import adam_jax
+from adam_jax._src.quantization import blocks
 from adam_jax._src.variants.soap import SoapLayout, _rectify, bjorck_iterations
 from adam_jax.quantization import BlockwiseQuantized, FourBitBlockwise, FourBitRank1
 
@@ -126,6 +127,31 @@ def test_4_bit_bases_in_blocks_train_to_float32_soaps_loss() -> None:
     reference = _train(block_size=8)
     four_bit = {"factor_dtype": jnp.bfloat16, "basis_dtype": FourBitBlockwise(min_size=0)}
     assert _train(**four_bit, block_size=8) <= 1.02 * reference
+
+
+@pytest.mark.parametrize("block_size", [128, None], ids=["blocks", "whole"])
+def test_quantized_moments_of_a_leaf_at_the_two_pass_size_step_in_one_pass(
+    block_size: int | None,
+) -> None:
+    """A leaf of at least ``TWO_PASSES_MIN_SIZE`` with 8-bit moments (GPT-2's 768 x 3072 blocks
+    of 128, as the language-model program runs SOAP): jitted, compiled ahead (as a training
+    step is) and stepped as on a GPU, where SOAP keeps one pass. Both passes traced the
+    projections again, and a refresh's solver calls inside a branch they leaked from: jit
+    raised an UnexpectedTracerError, the compiled step wanted 6 more arguments than it has."""
+    from tests.test_quantization import _stepped_off_cpu
+
+    shape = (768, 768)
+    assert np.prod(shape) >= blocks.TWO_PASSES_MIN_SIZE
+    tx = adam_jax.soap(3e-3, block_size=block_size, **adam_jax.eight_bit_moments())
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    grads = {"w": jax.random.normal(jax.random.key(1), shape)}
+    state = tx.init(params)
+    jitted = jax.jit(tx.update)(grads, state, params)
+    ahead = jax.jit(tx.update).lower(grads, state, params).compile()(grads, state, params)
+    as_on_gpu = _stepped_off_cpu(tx, grads, state, params)
+    for a, b, c in zip(*map(jax.tree.leaves, (jitted, ahead, as_on_gpu)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
 
 
 @pytest.mark.parametrize("storage", [EIGHT_BIT, FourBitBlockwise(min_size=0)], ids=["8", "4"])

@@ -222,6 +222,11 @@ class MomentRule(abc.ABC):
     state_type: Any
     #: Whether :meth:`update` reads ``leaf.param`` (besides weight decay, which always does).
     uses_params: bool = False
+    #: Whether a GPU may step a leaf in two passes where its storages ask for it
+    #: (:meth:`MomentStorage.in_two_passes`): the second pass traces :meth:`update` again. False
+    #: for a rule whose update is dear to compute twice or records what it traces (SOAP's, which
+    #: batches its solver calls across leaves).
+    two_passes: bool = True
 
     def __post_init__(self) -> None:
         """Checks the hyperparameters (:func:`adam_jax.rules.hyperparam` fields) when the rule
@@ -406,7 +411,7 @@ def _update_leaf(
     ``trees`` used once the arrays of ``wait_for`` exist, then the rule's
     :meth:`MomentRule.step_leaf` of :func:`_arithmetic` (in two passes on a GPU where the
     storages ask for it and ``two_passes`` allows it)."""
-    two_passes = two_passes and _in_two_passes(storages, trees)
+    two_passes = two_passes and rule.two_passes and _in_two_passes(storages, trees)
     if wait_for is not None and two_passes:
         # Stepped in two passes on a GPU, the leaf holds no decoded moment there: nothing to
         # keep apart from the previous leaf's.

@@ -205,5 +205,7 @@ def encode(normalized: jax.Array, signed: bool) -> jax.Array:
     else:
         rank = estimate - (magnitude <= midpoint)
         code = jnp.where(magnitude > constants.top_midpoint, float(constants.top_rank), rank)
-    # The integer code, read from the low mantissa bits of code + 2**23 (no clamping convert).
-    return jax.lax.bitcast_convert_type(code + float(2**23), jnp.int32).astype(jnp.uint8)
+    # code is an exact integer in [0, 255]: converted, not read from the mantissa bits of
+    # code + 2**23. XLA:GPU (jax 0.11.2, an H200) miscompiled that bitcast in some fusions: every
+    # signed code 255. The same on a CPU, bit for bit, and as fast.
+    return code.astype(jnp.int32).astype(jnp.uint8)

@@ -281,6 +281,9 @@ class SoapRule(MomentRule):
     solves: Solves = dataclasses.field(default=DIRECT, repr=False, compare=False)
 
     state_type = ScaleBySoapState
+    # One pass on a GPU too: a second would rotate the leaf again, and trace its solver calls,
+    # which Solves batches across leaves, inside a branch they cannot leave.
+    two_passes = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
