@@ -136,13 +136,15 @@ def test_codec_has_no_gather(signed):
 
 
 @pytest.mark.parametrize("signed", [True, False])
-def test_encode_converts_its_codes_rather_than_reading_float_bits(signed):
-    """The codes come from a convert of the exact integer code, not from the mantissa bits of
-    code + 2**23: compiled by XLA:GPU (jax 0.11.2, an H200, 2026-11-28), that bitcast gave
-    every signed code 255 on a grid of [-1, 1] and on most 8-bit leaves, where the CPU was
-    right (benchmarks/results/gpu_codes_h200.json)."""
-    jaxpr = jax.make_jaxpr(lambda v: encode(v, signed))(jnp.linspace(-1.0, 1.0, 64))
-    assert "bitcast_convert_type" not in str(jaxpr)
+def test_the_codec_reads_no_float_bits(signed):
+    """Encoding converts the exact integer code, not the mantissa bits of code + 2**23, and
+    decoding finds a rank's leading power of two by comparisons, not from its exponent bits:
+    compiled by XLA:GPU (jax 0.11.2, an H200, 2026-11-28), encode's bitcast gave every signed
+    code 255 on a grid of [-1, 1] and on most 8-bit leaves, where the CPU was right
+    (benchmarks/results/gpu_codes_h200.json)."""
+    encoded = jax.make_jaxpr(lambda v: encode(v, signed))(jnp.linspace(-1.0, 1.0, 64))
+    decoded = jax.make_jaxpr(lambda c: decode(c, signed))(jnp.arange(256, dtype=jnp.uint8))
+    assert "bitcast_convert_type" not in str(encoded) + str(decoded)
 
 
 # ---------------------------------------------------------------------------- round trip

@@ -135,15 +135,19 @@ def _entry_magnitude(rank: jax.Array, signed: bool) -> jax.Array:
     constants = map_constants(signed)
     f = constants.fraction_bits
     u = jnp.maximum(rank + (2**f - 1), 1).astype(jnp.float32)
-    bits = jax.lax.bitcast_convert_type(u, jnp.int32)
-    leading = jax.lax.bitcast_convert_type(bits & 0x7F800000, jnp.float32)  # m = 2**e
+    # u's leading power of two m = 2**e and the reciprocal of its decade's denominator (the
+    # power of 5 is 7 - i = 7 + f - e), by comparisons rather than from u's exponent bits: a
+    # bitcast is what XLA:GPU compiled wrong in encode (jax 0.11.2, an H200). Rank 0 (u = 1
+    # unsigned) takes any reciprocal: its entry is 0.
+    leading = jnp.ones_like(u)
+    high = jnp.full_like(u, constants.reciprocal_high[min(7 + f, 7)])
+    low = jnp.full_like(u, constants.reciprocal_low[min(7 + f, 7)])
+    for e in range(1, 8 + f):
+        at_least = u >= float(2**e)
+        leading = jnp.where(at_least, float(2**e), leading)
+        high = jnp.where(at_least, constants.reciprocal_high[7 + f - e], high)
+        low = jnp.where(at_least, constants.reciprocal_low[7 + f - e], low)
     numerator = 18.0 * u + 9.0 - 16.0 * leading  # 2m + 18j + 9 with j = u - m
-    power = (7 + f + 127) - (bits >> 23)  # 7 - i, the power of 5 in the denominator
-    high = jnp.full_like(u, constants.reciprocal_high[0])
-    low = jnp.full_like(u, constants.reciprocal_low[0])
-    for k in range(1, 8):
-        high = jnp.where(power == k, constants.reciprocal_high[k], high)
-        low = jnp.where(power == k, constants.reciprocal_low[k], low)
     # numerator * high is exact (numerators have at most 14 bits), so the sum rounds once: to
     # the correctly rounded quotient, for every entry of both maps (checked in the tests), with
     # or without an FMA contraction.
