@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 import adam_jax
-from benchmarks.harness import machine_info
+from benchmarks.harness import adam_step, machine_info
 
 LR = 1e-3
 STEPS = 5
@@ -57,16 +57,11 @@ def stepped(
     tx: optax.GradientTransformation, params: np.ndarray, grads: list[np.ndarray], device: Any
 ) -> tuple[np.ndarray, Any]:
     """``STEPS`` jitted steps on ``device``: the params and the state, on the host."""
-
-    @jax.jit
-    def step(p: jax.Array, s: Any, g: jax.Array) -> tuple[jax.Array, Any]:
-        u, s = tx.update(g, s, p)
-        return optax.apply_updates(p, u), s
-
+    step = jax.jit(adam_step(tx))
     p = jax.device_put(params, device)
     s = jax.jit(tx.init)(p)
     for g in grads:
-        p, s = step(p, s, jax.device_put(g, device))
+        p, s = step(p, jax.device_put(g, device), s)
     return np.asarray(p), jax.tree.map(np.asarray, s)
 
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import optax
 
 from benchmarks import programs, time_model
 from benchmarks.harness import Runner, adam_step, interleaved, machine_info
@@ -33,12 +34,13 @@ from benchmarks.hlo_program import read_program
 REPEATS = 20
 
 
-def _real_args(setting: programs.Setting, tree: str) -> tuple[Any, Any, Any]:
+def _real_args(
+    setting: programs.Setting, tree: str, tx: optax.GradientTransformation
+) -> tuple[Any, Any, Any]:
     """``(params, grads, state)`` on the default device, the state in host memory where the
     setting offloads it (its ``init`` places it)."""
     if setting.layout != "tree":
         raise ValueError(f"layout {setting.layout!r}: only the 'tree' layout runs here")
-    tx = _transformation(setting, tree)
     shapes = programs.TREES[tree]()
     keys = iter(jax.random.split(jax.random.key(0), 2 * len(jax.tree.leaves(shapes))))
 
@@ -50,24 +52,12 @@ def _real_args(setting: programs.Setting, tree: str) -> tuple[Any, Any, Any]:
     return params, grads, tx.init(params)
 
 
-def _transformation(setting: programs.Setting, tree: str) -> Any:
-    import adam_jax
-
-    tx = setting.make()
-    if setting.in_slices:
-        tx = adam_jax.step_in_slices(tx, programs.SLICE_ELEMENTS[tree])
-    if setting.offload:
-        tx = adam_jax.offload_state(
-            tx, leaf_by_leaf=setting.leaf_by_leaf, prefetch=setting.prefetch
-        )
-    return tx
-
-
 def compiled_runner(name: str, tree: str, card: str | None) -> tuple[Runner, dict[str, Any]]:
     """The program of ``name`` compiled for the default device, its runner and its row."""
     setting = programs.SETTINGS[name]
-    params, grads, state = _real_args(setting, tree)
-    runner = Runner(name, adam_step(_transformation(setting, tree)), params, grads, state)
+    tx = programs.transformation(setting, tree)
+    params, grads, state = _real_args(setting, tree, tx)
+    runner = Runner(name, adam_step(tx), params, grads, state)
     start = time.perf_counter()
     compiled = runner.fn.lower(params, grads, state).compile()
     compile_s = time.perf_counter() - start

@@ -98,11 +98,8 @@ def names() -> list[str]:
     return list(SETTINGS)
 
 
-def step_args(
-    setting: Setting, tree: str, target: accelerators.Target
-) -> tuple[Callable[..., Any], tuple[Any, ...], Any]:
-    """The step of ``setting`` on ``tree`` for ``target``: the function, its placed arguments
-    ``(params, grads, state)`` and its output shardings (or None)."""
+def transformation(setting: Setting, tree: str) -> optax.GradientTransformation:
+    """The optimizer of ``setting``, wrapped as it asks (in slices, its state offloaded)."""
     tx = setting.make()
     if setting.in_slices:
         tx = adam_jax.step_in_slices(tx, SLICE_ELEMENTS[tree])
@@ -110,6 +107,15 @@ def step_args(
         tx = adam_jax.offload_state(
             tx, leaf_by_leaf=setting.leaf_by_leaf, prefetch=setting.prefetch
         )
+    return tx
+
+
+def step_args(
+    setting: Setting, tree: str, target: accelerators.Target
+) -> tuple[Callable[..., Any], tuple[Any, ...], Any]:
+    """The step of ``setting`` on ``tree`` for ``target``: the function, its placed arguments
+    ``(params, grads, state)`` and its output shardings (or None)."""
+    tx = transformation(setting, tree)
     params = TREES[tree]()
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setting.param_dtype), params)
     if setting.layout == "flat":

@@ -209,7 +209,8 @@ def encode(normalized: jax.Array, signed: bool) -> jax.Array:
     else:
         rank = estimate - (magnitude <= midpoint)
         code = jnp.where(magnitude > constants.top_midpoint, float(constants.top_rank), rank)
-    # code is an exact integer in [0, 255]: converted, not read from the mantissa bits of
-    # code + 2**23. XLA:GPU (jax 0.11.2, an H200) miscompiled that bitcast in some fusions: every
-    # signed code 255. The same on a CPU, bit for bit, and as fast.
+    # code is an exact integer in [0, 255]: converted (through int32, the form run on the GPU
+    # below), not read from the mantissa bits of code + 2**23. XLA:GPU (jax 0.11.2, an H200)
+    # miscompiled that bitcast in some fusions: every signed code 255. The same on a CPU, bit
+    # for bit, and as fast.
     return code.astype(jnp.int32).astype(jnp.uint8)
