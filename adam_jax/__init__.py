@@ -15,6 +15,7 @@ from adam_jax._src.block_mean import BlockMeanStorage, block_means
 from adam_jax._src.cautious_weight_decay import cautious_weight_decay
 from adam_jax._src.factored import FactoredMoment, FactoredStorage, factored_second_moment
 from adam_jax._src.flat import FlatParams
+from adam_jax._src.gradient_order import gradient_order
 from adam_jax._src.kahan import KahanSummationState, kahan_summation
 from adam_jax._src.learning_rate import scale_by_learning_rate
 from adam_jax._src.loss_spikes import SkipLossSpikesState, skip_loss_spikes
@@ -166,6 +167,7 @@ __all__ = [
     "factored_second_moment",
     "flat",
     "four_bit_moments",
+    "gradient_order",
     "grams",
     "inverse_sqrt_schedule",
     "kahan_summation",

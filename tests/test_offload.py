@@ -22,7 +22,7 @@ import adam_jax
 from adam_jax import registry
 from adam_jax.sharding import state_shardings
 from benchmarks.harness import adam_step
-from benchmarks.models import transformer_params
+from benchmarks.models import transformer_loss, transformer_params
 from benchmarks.sections import offload
 
 STEPS = 3
@@ -431,3 +431,60 @@ def test_prefetched_leaves_step_bit_for_bit(name: str, prefetch: int) -> None:
 def test_prefetch_must_be_a_non_negative_integer(prefetch: Any) -> None:
     with pytest.raises(ValueError, match=r"prefetch must be an integer >= 0, got"):
         adam_jax.offload_state(adam_jax.adamw(1e-2), prefetch=prefetch)
+
+
+@pytest.mark.parametrize("name", ["adamw", "adamw_8bit", "adamw_8bit, in slices"])
+def test_leaves_in_another_order_step_bit_for_bit(name: str) -> None:
+    """Stepping the leaves in another order (the bias before the kernel) changes no value,
+    with a prefetch or without, whole or in slices."""
+    tx = getattr(adam_jax, name.split(",")[0])(1e-2)
+    if name.endswith("in slices"):
+        tx = adam_jax.step_in_slices(tx, 1000)
+    plain = _run(tx, _params())
+    for prefetch in (0, 1):
+        offloaded = adam_jax.offload_state(tx, prefetch=prefetch, leaf_order=(1, 0))
+        _assert_same(_run(offloaded, _params()), plain)
+
+
+def test_the_state_comes_over_in_the_order_given() -> None:
+    """In the step exported for CUDA, the leaves' state is copied to the device in
+    ``leaf_order`` (here the order of the gradients of a transformer's backward pass), where
+    without it the tree's order."""
+    params = jax.eval_shape(lambda: transformer_params(jax.random.key(0), layers=1))
+    tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+    order = adam_jax.gradient_order(transformer_loss, params, tokens)
+    assert order != tuple(range(len(order)))
+    tx = adam_jax.adamw(1e-2)
+    state = jax.eval_shape(tx.init, params)
+    param_paths = {
+        path: i for i, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(params)[0])
+    }
+    # Each state argument's leaf: the param whose path ends its own (mu's and nu's arrays).
+    leaf_of = {}
+    for k, (path, _) in enumerate(jax.tree_util.tree_flatten_with_path(state)[0]):
+        for size in range(len(path)):
+            if path[size:] in param_paths:
+                leaf_of[k] = param_paths[path[size:]]
+                break
+    for given, expected in ((order, order), (None, tuple(range(len(order))))):
+        lines, first = _main_of_cuda_step(tx, params, leaf_order=given)
+        through: dict[str, str] = {}  # an ordering barrier's result -> its operand
+        came = []
+        for line in lines:
+            result, _, rhs = line.partition("=")
+            if "stablehlo.optimization_barrier" in rhs:
+                operands = re.findall(r"%[\w#]+", rhs.split("optimization_barrier", 1)[1])
+                name = result.strip().split(":")[0]
+                through.update({f"{name}#{i}": v for i, v in enumerate(operands)})
+            elif '_xla_buffer_placement = "device"' in rhs:
+                operand = re.findall(r"@annotate_device_placement\((%[\w#]+)\)", rhs)[0]
+                operand = through.get(operand, operand)
+                if operand.startswith("%arg") and int(operand[4:]) - first in leaf_of:
+                    came.append(leaf_of[int(operand[4:]) - first])
+        assert tuple(dict.fromkeys(came)) == expected
+
+
+def test_an_order_of_another_length_is_refused_at_the_update() -> None:
+    tx = adam_jax.offload_state(adam_jax.adamw(1e-2), leaf_order=(2, 1, 0))
+    with pytest.raises(ValueError, match=r"leaf_order has 3 positions for the 2 leaves"):
+        _run(tx, _params())

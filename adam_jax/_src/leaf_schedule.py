@@ -11,8 +11,9 @@ wrapper hands its schedule to the transformations inside it through optax's extr
 extra arguments (a plain ``optax.GradientTransformation`` wrapper) steps what it wraps with the
 default schedule.
 
-The core calls :meth:`LeafSchedule.step` once a leaf, in the tree's order, and threads a carry
-from one leaf to the next, so that a schedule can order a leaf after the one before it; all of
+The core calls :meth:`LeafSchedule.step` once a leaf, in the order :meth:`LeafSchedule.order`
+gives (the tree's, unless a schedule says otherwise), and threads a carry from one leaf to the
+next, so that a schedule can order a leaf after the one before it; all of
 this happens while ``jax.jit`` traces the update, and a schedule is a pure function of what it
 is given. Wrapping schedules hold the schedule they wrap (``inner``): one that changes how a
 leaf's step runs (slices) replaces :attr:`LeafStep.run` and hands the leaf on; one that moves
@@ -91,6 +92,11 @@ class LeafSchedule(abc.ABC):
         their new form back there)."""
         del leaf
         return False
+
+    def order(self, num_leaves: int) -> tuple[int, ...]:
+        """The positions of a tree's ``num_leaves`` leaves in the order to step them: the
+        tree's own."""
+        return tuple(range(num_leaves))
 
     @abc.abstractmethod
     def around(self, schedule: LeafSchedule) -> LeafSchedule:

@@ -27,7 +27,8 @@ that nothing read are dropped by JAX.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import operator
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -251,18 +252,32 @@ class _Offload(LeafSchedule):
     """The leaf schedule of :func:`offload_state`: a leaf whose stored arrays are all copies of
     the state's host arrays is stepped by :func:`_update_in_turn`, once the such leaf
     ``prefetch + 1`` before it is done (the carry: the host copies and the update of the last
-    ``prefetch + 1`` such leaves); ``inner`` runs the step."""
+    ``prefetch + 1`` such leaves), the leaves in ``leaf_order`` (None: the tree's); ``inner``
+    runs the step."""
 
     transfers: _Transfers
     inner: LeafSchedule = dataclasses.field(default_factory=WholeLeaves)
     prefetch: int = 0
+    leaf_order: tuple[int, ...] | None = None
 
     def brings_from_host(self, leaf: LeafStep) -> bool:
         arrays = jax.tree.leaves(leaf.stored)
         return bool(arrays) and all(id(x) in self.transfers.originals for x in arrays)
 
+    def order(self, num_leaves: int) -> tuple[int, ...]:
+        if self.leaf_order is None:
+            return self.inner.order(num_leaves)
+        if len(self.leaf_order) != num_leaves:
+            raise ValueError(
+                f"offload_state's leaf_order has {len(self.leaf_order)} positions for the "
+                f"{num_leaves} leaves a rule inside it steps: give the order of the params' "
+                "flattened leaves (adam_jax.gradient_order) to an offload_state around the "
+                "whole optimizer, whose rules step every param"
+            )
+        return self.leaf_order
+
     def around(self, schedule: LeafSchedule) -> LeafSchedule:
-        return _Offload(self.transfers, self.inner.around(schedule), self.prefetch)
+        return dataclasses.replace(self, inner=self.inner.around(schedule))
 
     def step(self, leaf: LeafStep, carry: Any) -> tuple[jax.Array, list[Any], Any]:
         # The host copies and update of the last such leaves, oldest first.
@@ -317,8 +332,27 @@ def check_host_memory(what: str) -> None:
         )
 
 
+def _positions(leaf_order: Sequence[int]) -> tuple[int, ...]:
+    """``leaf_order`` as a tuple of Python integers, checked to hold each of 0 to n - 1 once."""
+    message = (
+        "leaf_order must hold each position 0 to n - 1 of the params' n flattened leaves once, "
+        f"got {leaf_order!r}"
+    )
+    try:
+        order = tuple(operator.index(k) for k in leaf_order)
+    except TypeError:
+        raise ValueError(message) from None
+    if sorted(order) != list(range(len(order))):
+        raise ValueError(message)
+    return order
+
+
 def offload_state(
-    inner: optax.GradientTransformation, *, leaf_by_leaf: bool = True, prefetch: int = 0
+    inner: optax.GradientTransformation,
+    *,
+    leaf_by_leaf: bool = True,
+    prefetch: int = 0,
+    leaf_order: Sequence[int] | None = None,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keeps ``inner``'s state in host memory between steps.
 
@@ -367,13 +401,21 @@ def offload_state(
         previous leaf is done, so that the device holds one leaf's state at a time; ``k``:
         once the leaf ``k + 1`` before it is done, so that the transfers of one leaf overlap
         the steps of the next ``k``, for up to ``k + 1`` leaves' state on the device.
+      leaf_order: with ``leaf_by_leaf``, the positions of the params' flattened leaves in the
+        order their state comes over and is stepped, each once; ``None`` (the default): the
+        tree's order. In a train step that computes the gradients and steps in one program,
+        the order in which the backward pass computes them (:func:`adam_jax.gradient_order`)
+        lets each leaf's copies run while the backward pass computes the gradients of the
+        leaves after it, where the tree's order waits for its first leaf's gradient, which a
+        backward pass often computes among the last.
 
     Returns:
       A ``GradientTransformationExtraArgs`` whose state is ``inner``'s, in host memory.
 
     Raises:
-      ValueError: at construction, where the backend has no host memory kind, or
-        ``prefetch`` is not an integer >= 0.
+      ValueError: at construction, where the backend has no host memory kind, ``prefetch``
+        is not an integer >= 0 or ``leaf_order`` does not hold each position from 0 once; at
+        the update, where ``leaf_order``'s length is not the number of leaves stepped.
 
     Example:
       >>> import jax, jax.numpy as jnp, adam_jax
@@ -385,6 +427,7 @@ def offload_state(
     check_host_memory("offload_state")
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    order = None if leaf_order is None else _positions(leaf_order)
 
     def init_fn(params: optax.Params) -> Any:
         return _to_host(inner.init(params), params)
@@ -401,7 +444,7 @@ def offload_state(
         pairs = zip(jax.tree.leaves(on_device), jax.tree.leaves(state), strict=True)
         transfers = _Transfers({id(moved): (moved, x) for moved, x in pairs if moved is not x})
         if leaf_by_leaf:
-            offload = _Offload(transfers, prefetch=prefetch)
+            offload = _Offload(transfers, prefetch=prefetch, leaf_order=order)
             leaf_schedule = offload if leaf_schedule is None else leaf_schedule.around(offload)
         if leaf_schedule is not None:
             extra["leaf_schedule"] = leaf_schedule

@@ -165,6 +165,9 @@ class InRowSlices(LeafSchedule):
     def brings_from_host(self, leaf: LeafStep) -> bool:
         return self.inner.brings_from_host(leaf)
 
+    def order(self, num_leaves: int) -> tuple[int, ...]:
+        return self.inner.order(num_leaves)
+
     def around(self, schedule: LeafSchedule) -> LeafSchedule:
         return InRowSlices(self.max_elements, self.inner.around(schedule))
 

@@ -666,10 +666,10 @@ def scale_by_rule(
         stored = [treedef.flatten_up_to(fields[m.name]) for m in moments]
         storages = [m.storages(updates) for m in moments]
 
-        new_updates = []
-        new_moments: list[list[Any]] = [[] for _ in moments]
+        stepped: dict[int, tuple[Any, list[Any]]] = {}
         carry: Any = None
-        for i, grad in enumerate(grads):
+        for i in schedule.order(len(grads)):
+            grad = grads[i]
             kept = [leaf_storages[i] for leaf_storages in storages]
             trees = [tree[i] for tree in stored]
             # Built here, not while a schedule traces the step on its own.
@@ -691,13 +691,12 @@ def scale_by_rule(
                 ),
             )  # fmt: skip
             update, new_stored, carry = schedule.step(leaf, carry)
-            new_updates.append(update)
-            for out, value in zip(new_moments, new_stored, strict=True):
-                out.append(value)
+            stepped[i] = update, new_stored
 
+        new_updates = [stepped[i][0] for i in range(len(grads))]
         new_fields = dict(rule.next_fields(scalar_fields))
-        for m, leaves in zip(moments, new_moments, strict=True):
-            new_fields[m.name] = treedef.unflatten(leaves)
+        for k, m in enumerate(moments):
+            new_fields[m.name] = treedef.unflatten([stepped[i][1][k] for i in range(len(grads))])
         return treedef.unflatten(new_updates), rule.to_state(new_fields)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -166,9 +166,11 @@ def create_optimizer(
     learning_rate: optax.Schedule,
     optimizer: OptimizerFactory | None = None,
     mesh_shape: dict[str, int] | None = None,
+    leaf_order: Sequence[int] | None = None,
 ) -> optax.GradientTransformation:
     """``optimizer`` at ``learning_rate`` (default: :func:`registry_optimizer` on a mesh of
-    ``mesh_shape``), wrapped as ``config.low_precision`` and ``config.offload_state`` ask."""
+    ``mesh_shape``), wrapped as ``config.low_precision`` and ``config.offload_state`` ask (an
+    offloaded state coming over in ``leaf_order``, ``adam_jax.offload_state``'s)."""
     if optimizer is None:
         tx = registry_optimizer(config, learning_rate, mesh_shape)
     else:
@@ -176,7 +178,7 @@ def create_optimizer(
     tx = optimizers.with_low_precision(tx, config.low_precision, config.seed)
     if config.offload_state:
         try:
-            tx = adam_jax.offload_state(tx)
+            tx = adam_jax.offload_state(tx, leaf_order=leaf_order)
         except ValueError as error:
             raise ConfigError(f"--offload-state: {error}") from error
     return tx
@@ -361,7 +363,6 @@ class Trainer:
         self.config, self.mesh = config, mesh
         self.schedule_free = optimizer is None and optimizer_info(config).schedule_free
         self.schedule = schedule(config, self.schedule_free)
-        self.tx = create_optimizer(config, self.schedule, optimizer, dict(mesh.shape))
         self.block_devices = None if optimizer else block_devices(config, dict(mesh.shape))
         self.batch_sharding = NamedSharding(mesh, PartitionSpec(AXES))
 
@@ -377,6 +378,26 @@ class Trainer:
         self.param_shardings = jax.tree.map(
             lambda leaf: with_data_axis(replicated, leaf.shape, "fsdp") if fsdp else replicated,
             abstract,
+        )
+        # With --offload-state: the params' leaves in the order their state comes over.
+        self.leaf_order: tuple[int, ...] | None = None
+        if config.offload_state:
+            # The state comes over in the order the backward pass computes the gradients, so
+            # that its copies can start during the backward pass.
+            placed = jax.tree.map(
+                lambda leaf, sharding: jax.ShapeDtypeStruct(
+                    leaf.shape, leaf.dtype, sharding=sharding
+                ),
+                abstract,
+                self.param_shardings,
+            )
+            tokens = jax.ShapeDtypeStruct(
+                (micro_batch, config.model.seq_len + 1), jnp.int32, sharding=self.batch_sharding
+            )
+            with jax.set_mesh(mesh):
+                self.leaf_order = adam_jax.gradient_order(self._loss_of, placed, tokens)
+        self.tx = create_optimizer(
+            config, self.schedule, optimizer, dict(mesh.shape), leaf_order=self.leaf_order
         )
         with jax.set_mesh(mesh):
             self.params = jax.jit(lambda: nnx.state(create()), out_shardings=self.param_shardings)()

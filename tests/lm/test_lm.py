@@ -35,6 +35,7 @@ from examples.lm.model import ModelConfig
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TINY = ModelConfig(layers=1, d_model=32, heads=2, seq_len=16)
+TINY_TWO_LAYERS = ModelConfig(layers=2, d_model=32, heads=2, seq_len=16)
 CONFIG = train.Config(
     model=TINY, steps=4, batch_size=8, eval_every=2, eval_windows=8, learning_rate=1e-2
 )
@@ -372,6 +373,28 @@ def test_command_line_trains_on_a_mesh(text: Path, tmp_path: Path, capsys) -> No
     assert "step      2/2" in out and "in host memory" in out
     # 8-bit moments of the large matrices (the rest float32) and a key: under 8 bytes.
     assert float(out.split("optimizer state: ")[1].split()[0]) < 4
+
+
+def test_an_offloaded_state_comes_over_in_the_order_of_the_gradients() -> None:
+    """With ``--offload-state`` the trainer hands ``offload_state`` the order in which its
+    backward pass computes the gradients: the head's and the final norm's first, the block's,
+    then the position table's and the embedding's (the tree's order starts with the blocks).
+    That the state comes over in that order, with the same values, is tested in
+    tests/test_offload.py."""
+    config = train.Config(**{**vars(CONFIG), "offload_state": True, "model": TINY_TWO_LAYERS})
+    trainer = trainer_on("data=1", config)
+    paths = [
+        jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(trainer.params)[0]
+    ]
+    assert paths[0].startswith("['blocks']")
+    order = [paths[i] for i in trainer.leaf_order]
+    assert sorted(order) == sorted(paths)
+    assert order[0].startswith(("['head']", "['norm']")) and order[-1].startswith("['embed']")
+    first_of = [
+        next(i for i, p in enumerate(order) if p.startswith(f"['blocks'][{b}]")) for b in (0, 1)
+    ]
+    assert first_of[1] < first_of[0]
+    assert trainer_on("data=1").leaf_order is None
 
 
 def dot_operand_dtypes(jaxpr) -> list[tuple[str, ...]]:

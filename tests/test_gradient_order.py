@@ -1,0 +1,63 @@
+"""adam_jax.gradient_order: the order in which a backward pass computes a loss's gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import pytest
+from jax.tree_util import keystr, tree_flatten_with_path
+
+import adam_jax
+from benchmarks.models import transformer_loss, transformer_params
+
+
+def _names(params, order):
+    paths = [keystr(path) for path, _ in tree_flatten_with_path(params)[0]]
+    return [paths[i] for i in order]
+
+
+def test_a_chain_of_layers_gets_its_gradients_last_layer_first():
+    def loss(p, x):
+        for name in ("first", "second", "third"):
+            x = jnp.tanh(x @ p[name])
+        return jnp.sum(x)
+
+    params = {"first": jnp.ones((3, 4)), "second": jnp.ones((4, 4)), "third": jnp.ones((4, 2))}
+    params["unused"] = jnp.ones(5)
+    order = adam_jax.gradient_order(loss, params, jnp.ones((2, 3)))
+    # The tree's order is first, second, third, unused; an unused param's zeros come last.
+    assert _names(params, order) == ["['third']", "['second']", "['first']", "['unused']"]
+
+
+def test_a_transformer_gets_the_head_first_and_the_embedding_last():
+    """From shapes alone: the head and the final norm, then each block from the last to the
+    first (its MLP before its attention), then the position table and the embedding, whose
+    gradient the token lookup's transpose makes last."""
+    params = jax.eval_shape(lambda: transformer_params(jax.random.key(0), layers=3))
+    tokens = jax.ShapeDtypeStruct((2, 17), jnp.int32)
+    names = _names(params, adam_jax.gradient_order(transformer_loss, params, tokens))
+    assert sorted(names) == sorted(_names(params, range(len(names))))
+    assert names[0] == "['head']" and names[-1] == "['embed']"
+    firsts = [
+        next(i for i, n in enumerate(names) if n.startswith(f"['blocks'][{b}]")) for b in range(3)
+    ]
+    assert firsts[2] < firsts[1] < firsts[0]
+    block = [n for n in names if n.startswith("['blocks'][1]")]
+    assert block.index("['blocks'][1]['mlp']['w2']") < block.index("['blocks'][1]['attn']['wq']")
+
+
+def test_a_jitted_loss_keeps_the_trees_order():
+    """A ``jax.jit``-ed loss's gradient comes out of one call: no order to read, the tree's."""
+
+    @jax.jit
+    def loss(p, x):
+        return jnp.sum(jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"]))
+
+    params = {"a": jnp.ones((3, 3)), "b": jnp.ones((3, 1))}
+    assert adam_jax.gradient_order(loss, params, jnp.ones((2, 3))) == (0, 1)
+
+
+@pytest.mark.parametrize("leaf_order", [(0, 0), (1, 2), (0, 1.5), ("0", "1")])
+def test_offload_state_refuses_an_order_that_is_not_a_permutation(leaf_order):
+    with pytest.raises(ValueError, match=r"leaf_order must hold each position 0 to n - 1"):
+        adam_jax.offload_state(adam_jax.adamw(1e-2), leaf_order=leaf_order)
