@@ -9,6 +9,12 @@ as ``ShapeDtypeStruct``s lower and compile as on the machine itself, and
 :mod:`benchmarks.hlo_program` reads. Nothing is autotuned: a real card may pick other gemm
 kernels; fusions, solver calls, loops and copies do not depend on that.
 
+A topology's devices list no memories, so ``sharding.with_memory_kind("pinned_host")`` gives
+them a sharding of no memory kind, and an argument meant for host memory lowers as a device
+argument: XLA then compiles a program that reads it where it lies, which no real card runs
+(jax on the card marks such an argument ``mhlo.memory_kind = "pinned_host"``).
+:func:`compile_for` marks the arguments its ``host_argnums`` name so, as jax does on a card.
+
 The plugins are kept out of the project's environment (installed, they make every jax
 program try a CUDA and a TPU backend at start-up and log that they failed): ``bash
 .ci/install_accelerators`` installs them into ``.accelerators/`` for the installed jaxlib,
@@ -95,6 +101,15 @@ def enable() -> None:
     jax.config.update("jax_platforms", "cpu")
 
 
+def enable_or_exit(parser: argparse.ArgumentParser) -> None:
+    """:func:`enable`, or the command's exit with the line that says how to install the
+    plugins."""
+    try:
+        enable()
+    except RuntimeError as error:
+        parser.exit(2, f"{parser.prog}: {error}\n")
+
+
 def devices(target: Target, count: int = 1) -> list[Any]:
     """``count`` devices of ``target`` (a GPU topology of ``count`` cards, or the chips of a
     TPU slice)."""
@@ -136,21 +151,67 @@ class Compiled:
     compile_s: float
 
 
+def _mark_host_arguments(
+    lowered: Any, args: tuple[Any, ...], host_argnums: tuple[int, ...]
+) -> None:
+    """Marks the arrays of ``args[i]`` for each ``i`` of ``host_argnums`` as host-memory
+    arguments of ``lowered``'s module (``mhlo.memory_kind = "pinned_host"``, as jax writes them
+    on a card), in place. The module's arguments are ``args``' leaves in order, after any jax
+    puts first (hoisted constants); every argument must have been kept."""
+    import jax
+    from jax.extend.mlir import ir
+
+    leaves = [jax.tree.leaves(a) for a in args]
+    module = lowered.compiler_ir("stablehlo")
+    with module.context:
+        (main,) = [
+            op
+            for op in module.body.operations
+            if "sym_name" in op.attributes
+            and ir.StringAttr(op.attributes["sym_name"]).value == "main"
+        ]
+        attributes = list(main.attributes["arg_attrs"])
+        first = len(attributes) - sum(len(group) for group in leaves)
+        if first < 0:
+            raise ValueError(
+                f"the lowered step has {len(attributes)} arguments for "
+                f"{sum(len(g) for g in leaves)} arrays: compile it with keep_unused=True"
+            )
+        position = first
+        for argnum, group in enumerate(leaves):
+            if argnum in host_argnums:
+                for k in range(position, position + len(group)):
+                    fields = {a.name: a.attr for a in ir.DictAttr(attributes[k])}
+                    fields["mhlo.memory_kind"] = ir.StringAttr.get("pinned_host")
+                    attributes[k] = ir.DictAttr.get(fields)
+            position += len(group)
+        main.attributes["arg_attrs"] = ir.ArrayAttr.get(attributes)
+
+
 def compile_for(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     donate_argnums: tuple[int, ...] = (),
     out_shardings: Any = None,
     keep_unused: bool = False,
+    host_argnums: tuple[int, ...] = (),
 ) -> Compiled:
-    """``jax.jit(fn)`` lowered on ``args`` (placed ``ShapeDtypeStruct``s) and compiled."""
+    """``jax.jit(fn)`` lowered on ``args`` (placed ``ShapeDtypeStruct``s) and compiled; the
+    arrays of the arguments ``host_argnums`` name in host memory (every argument is then kept,
+    so that the module's arguments are the leaves of ``args``)."""
     import jax
 
-    options: dict[str, Any] = {"donate_argnums": donate_argnums, "keep_unused": keep_unused}
+    options: dict[str, Any] = {
+        "donate_argnums": donate_argnums,
+        "keep_unused": keep_unused or bool(host_argnums),
+    }
     if out_shardings is not None:
         options["out_shardings"] = out_shardings
     start = time.perf_counter()
-    compiled = jax.jit(fn, **options).lower(*args).compile()
+    lowered = jax.jit(fn, **options).lower(*args)
+    if host_argnums:
+        _mark_host_arguments(lowered, args, host_argnums)
+    compiled = lowered.compile()
     seconds = time.perf_counter() - start
     analysis = compiled.memory_analysis()
     memory = {
@@ -182,10 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, help="write the rows to this JSON file")
     parser.add_argument("--markdown", action="store_true", help="print a Markdown table")
     args = parser.parse_args(argv)
-    try:
-        enable()
-    except RuntimeError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
+    enable_or_exit(parser)
     from benchmarks import programs
 
     known = programs.names()

@@ -7,7 +7,7 @@ card (deviceless), predicted, and set beside the measured median.
 
 A row whose program this module cannot build again (a whole train step, SOAP's settings other
 than its plain cycle, the reference kernels of ``steps``, the Pallas kernel, the offload
-section's 98M transformer) is listed with the reason. The programs are compiled with the
+section's memory rows) is listed with the reason. The programs are compiled with the
 installed jax (0.10.2 here); the rows were measured with jax 0.11.2 on the lent machines, whose
 programs may differ a little. jax is imported inside the functions: after
 :func:`benchmarks.accelerators.enable`, which must come first.
@@ -34,8 +34,8 @@ SECTIONS = ("leaf_cost", "eight_bit", "steps", "leaves", "variants", "low_precis
 OTHER_SECTIONS = ("train_step", "soap", "soap_steps", "soap_branches", "offload")
 OTHER_REASON = (
     "a whole train step, SOAP's other settings (blocks, storages, staggered refreshes, branch "
-    "experiments) or the offload section's 98M transformer (SOAP's and AdamW's cycles are "
-    "modelled above)"
+    "experiments) or the offload section's memory rows (SOAP's and AdamW's cycles and the "
+    "offload section's 98M transformer are modelled above)"
 )
 
 
@@ -200,14 +200,52 @@ def _soap_programs() -> list[tuple[Recorded, Any, list[float] | str]]:
     return found
 
 
+#: The offload section's rows on the 98M transformer that are built again: tree -> train step.
+OFFLOAD_TREES = {"transformer, 98M": False, "transformer, 98M, train step": True}
+
+
+def _offload_programs() -> list[tuple[Recorded, Any, list[float] | str]]:
+    """The recorded rows of the offload section's 98M transformer: each setting's optimizer
+    step, or float32 AdamW's whole train step, on the device and with its state offloaded."""
+    import adam_jax
+    from benchmarks.hlo_program import read_program
+    from benchmarks.offload_order import step_program, transformer_tree
+    from benchmarks.sections import offload
+
+    params = transformer_tree()
+    found = []
+    for name, card in FILES.items():
+        for row in json.loads((RESULTS / name).read_text()).get("offload", []):
+            if row.get("tree") not in OFFLOAD_TREES or "offloaded_median_ms" not in row:
+                continue
+            make = offload.SETTINGS[row["setting"]]
+            for offloaded, measured in (
+                (False, row["device_median_ms"]),
+                (True, row["offloaded_median_ms"]),
+            ):
+                tx = adam_jax.offload_state(make()) if offloaded else make()
+                compiled = step_program(
+                    tx, card, offloaded=offloaded, train=OFFLOAD_TREES[row["tree"]], params=params
+                )
+                where = "offloaded" if offloaded else "on the device"
+                recorded = Recorded(
+                    name, card, "offload", row["tree"], f"{row['setting']}, {where}", measured
+                )
+                found.append((recorded, read_program(compiled.text), "cheapest"))
+    return found
+
+
 def _cycle_weights(program: Any) -> list[float] | str:
     """The weights of SOAP's branches over a cycle of ``FREQUENCY`` steps: the first step's
     (eigendecompositions) never, the refresh's (Cholesky QR) once, the plain step's the rest."""
     from benchmarks.sections import soap
 
-    if not program.conditionals:
+    # The step's switch of phases: the conditional of three branches (Cholesky QR's branch of
+    # further passes sits inside the refresh's and takes its cheapest side, two passes).
+    switches = [c for c in program.conditionals if len(c.members) == 3]
+    if not switches:
         return "cheapest"
-    (branching,) = program.conditionals
+    (branching,) = switches
     weights = []
     for branch in branching.branches:
         calls = " ".join(branch["custom_calls"])
@@ -231,7 +269,7 @@ def table(fit: bool) -> str:
             skipped.append((row, program))
         else:
             built.append((row, program, "cheapest"))
-    built += _soap_programs()
+    built += _soap_programs() + _offload_programs()
     constants = time_model.CALIBRATED
     if fit:
         constants = time_model.fit(
@@ -274,9 +312,10 @@ def table(fit: bool) -> str:
     for name, card in FILES.items():
         data = json.loads((RESULTS / name).read_text())
         for section in OTHER_SECTIONS:
-            if data.get(section):
+            rows = [r for r in data.get(section, []) if r.get("tree") not in OFFLOAD_TREES]
+            if rows:
                 reasons.setdefault(OTHER_REASON, [])
-                reasons[OTHER_REASON] += [f"{card} {section}"] * len(data[section])
+                reasons[OTHER_REASON] += [f"{card} {section}"] * len(rows)
     for reason, which in reasons.items():
         lines.append(f"- {reason}: {len(which)} rows ({', '.join(sorted(set(which))[:6])}...)")
     return "\n".join(lines)
@@ -286,10 +325,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.calibration")
     parser.add_argument("--fit", action="store_true", help="fit the constants, then tabulate")
     args = parser.parse_args()
-    try:
-        accelerators.enable()
-    except RuntimeError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
+    accelerators.enable_or_exit(parser)
     print(table(args.fit))
 
 

@@ -256,6 +256,12 @@ class Kernel:
     flops: float  # of its dots
     touches_host: bool  # reads or writes host memory in place
     trips: tuple[int | None, ...]  # the trip counts of the loops it sits in (None: unknown)
+    # An asynchronous copy between host and device memory (its ``copy-start``): the bytes it
+    # moves (0 for any other kernel), which run beside the kernels until its ``copy-done``.
+    transfer_bytes: float = 0.0
+    # The host copies (their ``copy-start``'s names) whose ``copy-done`` comes in the schedule
+    # between the kernel before this one and this one: this kernel starts once they are done.
+    awaits: tuple[str, ...] = ()
 
     @property
     def loop_depth(self) -> int:
@@ -304,8 +310,22 @@ def _fused_traffic(fused: list[Instruction]) -> float:
     return total
 
 
+def _is_host_transfer(instruction: Instruction, shapes: dict[str, Instruction]) -> bool:
+    """Whether ``instruction`` starts an asynchronous copy to or from host memory."""
+    if instruction.opcode != "copy-start":
+        return False
+    source = shapes.get(instruction.operands[0]) if instruction.operands else None
+    return any(a.host for a in instruction.arrays) or (
+        source is not None and any(a.host for a in source.arrays)
+    )
+
+
 def _kernel(
-    instruction: Instruction, computation: str, module: Module, trips: tuple[int | None, ...]
+    instruction: Instruction,
+    computation: str,
+    module: Module,
+    trips: tuple[int | None, ...],
+    awaits: tuple[str, ...] = (),
 ) -> Kernel:
     shapes = module.by_name(computation)
     operands = [shapes[o] for o in instruction.operands if o in shapes]
@@ -332,6 +352,10 @@ def _kernel(
         if instruction.opcode in ("dot", "custom-call"):
             flops = dot_flops(instruction, shapes)
         traffic = instruction.nbytes + sum(o.nbytes for o in operands)
+    transfer = 0.0
+    if _is_host_transfer(instruction, shapes):
+        # Its result is (destination, source, context): it moves the one array.
+        transfer = traffic = max(a.nbytes for a in instruction.arrays)
     return Kernel(
         instruction.name,
         instruction.opcode,
@@ -341,6 +365,8 @@ def _kernel(
         flops,
         touches_host and instruction.opcode != "copy-start",
         trips,
+        transfer,
+        awaits,
     )
 
 
@@ -424,15 +450,15 @@ def _launches(
     branchings: list[Branching] = []
     transfers: list[Instruction] = []
     shapes = module.by_name(computation)
+    done: list[str] = []  # host copies ended since the last kernel
     for instruction in module.computations.get(computation, []):
-        if instruction.opcode == "copy-start":
-            source = shapes.get(instruction.operands[0]) if instruction.operands else None
-            if any(a.host for a in instruction.arrays) or (
-                source is not None and any(a.host for a in source.arrays)
-            ):
-                transfers.append(instruction)
+        if _is_host_transfer(instruction, shapes):
+            transfers.append(instruction)
+        if instruction.opcode == "copy-done" and instruction.operands:
+            done.append(instruction.operands[0])
         if instruction.opcode not in NO_KERNEL:
-            kernels.append(_kernel(instruction, computation, module, trips))
+            kernels.append(_kernel(instruction, computation, module, trips, tuple(done)))
+            done = []
         if instruction.opcode not in _DESCEND:
             continue
         called = instruction.called()
@@ -519,13 +545,9 @@ def transfer_overlap(text: str) -> list[tuple[int, int]]:
     kernels = 0
     found = []
     for instruction in entry:
-        if instruction.opcode == "copy-start":
-            source = shapes.get(instruction.operands[0]) if instruction.operands else None
-            if any(a.host for a in instruction.arrays) or (
-                source is not None and any(a.host for a in source.arrays)
-            ):
-                size = max((a.nbytes for a in instruction.arrays), default=0)
-                started[instruction.name] = (size, kernels)
+        if _is_host_transfer(instruction, shapes):
+            size = max((a.nbytes for a in instruction.arrays), default=0)
+            started[instruction.name] = (size, kernels)
         elif instruction.opcode == "copy-done" and instruction.operands[0] in started:
             size, at = started.pop(instruction.operands[0])
             found.append((size, kernels - at))

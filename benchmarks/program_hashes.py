@@ -114,7 +114,7 @@ def cuda_hashes() -> dict[str, str]:
     target = accelerators.TARGETS["h100"]
     out = {}
     for name, setting in {**programs.SETTINGS, **_compositions()}.items():
-        fn, args, out_shardings = programs.step_args(setting, "small", target)
+        fn, args, out_shardings, _ = programs.step_args(setting, "small", target)
         jitted = jax.jit(fn, donate_argnums=(0, 2), out_shardings=out_shardings)
         out[f"cuda: {name}"] = _digest(jitted.lower(*args).as_text())
     return out

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -24,8 +24,6 @@ from benchmarks import accelerators, time_model
 from benchmarks.harness import LR, adam_step
 from benchmarks.hlo_program import read_program, transfer_overlap
 from benchmarks.models import abstract_flat_params, gpt2_small_shapes, transformer_params
-
-HOST = "pinned_host"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,11 +108,24 @@ def transformation(setting: Setting, tree: str) -> optax.GradientTransformation:
     return tx
 
 
-def step_args(
-    setting: Setting, tree: str, target: accelerators.Target
-) -> tuple[Callable[..., Any], tuple[Any, ...], Any]:
-    """The step of ``setting`` on ``tree`` for ``target``: the function, its placed arguments
-    ``(params, grads, state)`` and its output shardings (or None)."""
+class Step(NamedTuple):
+    """A step to compile: the function, its placed arguments ``(params, grads, state)``, its
+    output shardings (or None) and the arguments in host memory (the state, offloaded)."""
+
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    out_shardings: Any
+    host_argnums: tuple[int, ...]
+
+    def compile(self) -> accelerators.Compiled:
+        """Compiled with its params and state donated."""
+        return accelerators.compile_for(
+            self.fn, self.args, (0, 2), self.out_shardings, host_argnums=self.host_argnums
+        )
+
+
+def step_args(setting: Setting, tree: str, target: accelerators.Target) -> Step:
+    """The step of ``setting`` on ``tree`` for ``target``."""
     tx = transformation(setting, tree)
     params = TREES[tree]()
     params = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, setting.param_dtype), params)
@@ -127,12 +138,14 @@ def step_args(
         state_shardings = adam_jax.sharding.state_shardings(tx, params, mesh)
         state = accelerators.placed(jax.eval_shape(tx.init, params), state_shardings)
         param_shardings = jax.tree.map(lambda _: replicated, params)
-        return adam_step(tx), (params, params, state), (param_shardings, state_shardings)
+        return Step(adam_step(tx), (params, params, state), (param_shardings, state_shardings), ())
     device = SingleDeviceSharding(accelerators.devices(target)[0])
     params = accelerators.placed(params, device)
     state = jax.eval_shape(tx.init, params)
-    state_home = device.with_memory_kind(HOST) if setting.offload else device
-    return adam_step(tx), (params, params, accelerators.placed(state, state_home)), None
+    # The topology's device has no memories, so the state is marked host memory at the
+    # compile (accelerators.compile_for), not by its sharding.
+    state = accelerators.placed(state, device)
+    return Step(adam_step(tx), (params, params, state), None, (2,) if setting.offload else ())
 
 
 def largest_leaf_state_bytes(setting: Setting, tree: str) -> int:
@@ -172,8 +185,7 @@ def report(name: str, tree: str, target: accelerators.Target) -> dict[str, Any]:
         "num_params": int(sum(np.prod(x.shape) for x in jax.tree.leaves(params))),
     }
     try:
-        fn, args, out_shardings = step_args(SETTINGS[name], tree, target)
-        compiled = accelerators.compile_for(fn, args, (0, 2), out_shardings)
+        compiled = step_args(SETTINGS[name], tree, target).compile()
     except Exception as error:  # noqa: BLE001  (a program that does not compile is a finding)
         row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}"
         return row

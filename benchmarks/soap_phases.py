@@ -64,8 +64,7 @@ def measure(
         else contextlib.nullcontext()
     )
     with pinned:
-        fn, args, out_shardings = programs.step_args(setting, tree, target)
-        compiled = accelerators.compile_for(fn, args, (0, 2), out_shardings)
+        compiled = programs.step_args(setting, tree, target).compile()
     program = read_program(compiled.text)
     summary = program.summary()
     row: dict[str, Any] = {
@@ -96,10 +95,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--out", type=Path, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
-    try:
-        accelerators.enable()
-    except RuntimeError as error:
-        parser.exit(2, f"{parser.prog}: {error}\n")
+    accelerators.enable_or_exit(parser)
     target = accelerators.TARGETS[args.target]
     rows = []
     for name in args.programs or list(settings()):

@@ -302,7 +302,7 @@ def rows(tree: str, names: list[str]) -> Iterator[dict[str, Any]]:
     settings = {**programs.SETTINGS, **_settings()}
     for name in names:
         setting = settings[name]
-        fn, args, out_shardings = programs.step_args(setting, tree, target)
+        fn, args, out_shardings, _ = programs.step_args(setting, tree, target)
         lowered = jax.jit(fn, donate_argnums=(0, 2), out_shardings=out_shardings).lower(*args)
         result = most_state_bytes(lowered.as_text())
         largest = programs.largest_leaf_state_bytes(setting, tree)

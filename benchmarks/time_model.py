@@ -18,6 +18,13 @@ program (:mod:`benchmarks.hlo_program`) and the card's datasheet:
   reads or writes host memory in place at the PCIe bandwidth instead;
 * each cuSOLVER/cuBLAS solver call a fixed cost, and each conditional and each pass of a while
   loop whose trip count XLA does not know a host synchronization (``p`` passes assumed);
+* an asynchronous copy between host and device memory (``copy-start`` to ``copy-done``) runs
+  on a copy stream of its own, one copy after another at a fraction :math:`\\eta` of the PCIe
+  bandwidth, beside the kernels: it starts once issued and the copy before it is done, and the
+  first kernel after its ``copy-done`` waits for it (so the sum above becomes a timeline of two
+  streams; the program ends when both have). XLA:GPU puts every such copy on one queue, so
+  the two directions do not overlap each other (an H200 moved a step's state both ways at
+  45 GB/s, one direction's share of its PCIe link);
 * a conditional's branches are costed apart: :func:`predict` takes the branch to count
   (``"cheapest"``, the step between refreshes; ``"dearest"``; or weights).
 
@@ -30,7 +37,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from benchmarks.hlo_program import Program
@@ -104,11 +111,13 @@ def _passes(trips: tuple[int | None, ...], constants: Constants) -> int:
 
 
 def _kernel_seconds(kernel: Any, card: Card, constants: Constants) -> float:
-    """One kernel's seconds, times the passes of the loops it sits in."""
+    """One kernel's seconds, times the passes of the loops it sits in (a host copy's: the
+    copy's own, on its stream)."""
     if any(marker in kernel.kind for marker in SOLVER_MARKERS):
         once = constants.solver_call
     else:
-        bandwidth = card.pcie_bytes_per_s if kernel.touches_host else card.hbm_bytes_per_s
+        on_bus = kernel.touches_host or kernel.transfer_bytes > 0
+        bandwidth = card.pcie_bytes_per_s if on_bus else card.hbm_bytes_per_s
         once = max(
             kernel.bytes / (constants.bandwidth_fraction * bandwidth),
             kernel.flops / (constants.flops_fraction * card.dense_tf32_flops),
@@ -130,6 +139,48 @@ def _branch_weights(count: int, branch: str | Sequence[float], costs: list[float
     return weights
 
 
+def _conditionals_seconds(
+    program: Program,
+    cost: Callable[[Any], float],
+    constants: Constants,
+    branch: str | Sequence[float],
+) -> float:
+    """The conditionals' seconds: each outermost one's branches weighted by ``branch``, a
+    branch costing its own kernels and the conditionals nested in it (weighted alike where
+    ``branch`` is a word, by their cheapest branch where it is weights: those are the outermost
+    conditionals')."""
+    conditionals = program.conditionals
+    inside = [{id(k) for member in c.members for k in member} for c in conditionals]
+
+    def parent(j: int) -> tuple[int, int] | None:
+        """The smallest branch of another conditional that holds conditional ``j``."""
+        found: tuple[int, int, int] | None = None
+        for i, c in enumerate(conditionals):
+            for b, member in enumerate(c.members):
+                ids = {id(k) for k in member}
+                smaller = found is None or len(ids) < found[2]
+                if i != j and inside[j] and inside[j] <= ids and smaller:
+                    found = (i, b, len(ids))
+        return None if found is None else (found[0], found[1])
+
+    parents = [parent(j) for j in range(len(conditionals))]
+    nested_branch = branch if isinstance(branch, str) else "cheapest"
+
+    def seconds(i: int, which: str | Sequence[float]) -> float:
+        costs = []
+        for b, member in enumerate(conditionals[i].members):
+            nested = [j for j, p in enumerate(parents) if p == (i, b)]
+            theirs = set().union(*(inside[j] for j in nested))
+            own = sum(cost(k) for k in member if id(k) not in theirs)
+            costs.append(own + sum(seconds(j, nested_branch) for j in nested))
+        weights = _branch_weights(len(costs), which if any(costs) else "cheapest", costs)
+        chosen = sum(w * c for w, c in zip(weights, costs, strict=True))
+        # The branch's index goes to the host at every pass of the loops around it.
+        return chosen + _passes(conditionals[i].trips, constants) * constants.sync
+
+    return sum(seconds(i, branch) for i, p in enumerate(parents) if p is None)
+
+
 def predict(
     program: Program,
     card: str,
@@ -143,13 +194,19 @@ def predict(
         return _kernel_seconds(kernel, spec, constants)
 
     in_branch = {id(k) for c in program.conditionals for member in c.members for k in member}
-    device = sum(cost(k) for k in program.kernels if id(k) not in in_branch)
-    for branching in program.conditionals:
-        costs = [sum(cost(k) for k in member) for member in branching.members]
-        weights = _branch_weights(len(costs), branch, costs)
-        chosen = sum(w * c for w, c in zip(weights, costs, strict=True))
-        # The branch's index goes to the host at every pass of the loops around it.
-        device += chosen + _passes(branching.trips, constants) * constants.sync
+    # The kernels' stream and the host copies' (outside loops and branches), in schedule order.
+    device, copies_free = 0.0, 0.0
+    copy_ends: dict[str, float] = {}
+    for kernel in program.kernels:
+        if id(kernel) in in_branch:
+            continue
+        device = max([device, *(copy_ends.get(name, 0.0) for name in kernel.awaits)])
+        if kernel.transfer_bytes > 0 and not kernel.trips:
+            copies_free = max(device, copies_free) + cost(kernel)
+            copy_ends[kernel.name] = copies_free
+        else:
+            device += cost(kernel)
+    device = max(device, copies_free) + _conditionals_seconds(program, cost, constants, branch)
     device += sum(
         constants.unknown_loop_passes * constants.sync
         for loop in program.loops

@@ -189,6 +189,119 @@ def test_time_model_costs_what_the_program_does():
         time_model.predict(program, "h100", branch="first")
 
 
+# A host copy in, a kernel beside it, the copy's end, a kernel that reads what it brought, and
+# the new value's copy back to host memory (4 MiB each way; the kernels 16 MiB each).
+TRANSFERS = """\
+HloModule jit_step, is_scheduled=true
+
+%fused_scale (param_0.1: f32[2048,2048]) -> f32[2048,2048] {
+  %param_0.1 = f32[2048,2048]{1,0} parameter(0)
+  ROOT %n.1 = f32[2048,2048]{1,0} negate(%param_0.1)
+}
+
+%fused_add (param_0.2: f32[1024,1024]) -> f32[1024,1024] {
+  %param_0.2 = f32[1024,1024]{1,0} parameter(0)
+  ROOT %n.2 = f32[1024,1024]{1,0} negate(%param_0.2)
+}
+
+ENTRY %main (x.0: f32[2048,2048], h.0: f32[1024,1024]) -> (f32[2048,2048], f32[1024,1024]) {
+  %x.0 = f32[2048,2048]{1,0} parameter(0)
+  %h.0 = f32[1024,1024]{1,0:S(5)} parameter(1)
+  %in.0 = (f32[1024,1024]{1,0}, f32[1024,1024]{1,0:S(5)}, u32[]) copy-start(%h.0)
+  %busy.0 = f32[2048,2048]{1,0} fusion(%x.0), kind=kLoop, calls=%fused_scale
+  %came.0 = f32[1024,1024]{1,0} copy-done(%in.0)
+  %new.0 = f32[1024,1024]{1,0} fusion(%came.0), kind=kLoop, calls=%fused_add
+  %out.0 = (f32[1024,1024]{1,0:S(5)}, f32[1024,1024]{1,0}, u32[]) copy-start(%new.0)
+  %back.0 = f32[1024,1024]{1,0:S(5)} copy-done(%out.0)
+  ROOT %t.0 = (f32[2048,2048]{1,0}, f32[1024,1024]{1,0:S(5)}) tuple(%busy.0, %back.0)
+}
+"""
+
+
+def test_time_model_runs_host_copies_beside_the_kernels():
+    """A host copy runs on a stream of its own at the PCIe bandwidth: beside the kernels issued
+    after it, until the kernel that waits for its end; the program ends with the last copy."""
+    program = read_program(TRANSFERS)
+    constants, card = time_model.CALIBRATED, time_model.CARDS["h100"]
+    kernels = {k.name: k for k in program.kernels}
+    assert (kernels["in.0"].transfer_bytes, kernels["out.0"].transfer_bytes) == (4 * 2**20,) * 2
+    assert kernels["new.0"].awaits == ("in.0",)
+    assert program.host_kernels == 0 and program.host_transfers == 2
+
+    def seconds(nbytes: float, bandwidth: float) -> float:
+        return max(nbytes / (constants.bandwidth_fraction * bandwidth), constants.launch)
+
+    copy = seconds(4 * 2**20, card.pcie_bytes_per_s)
+    busy = seconds(2 * 16 * 2**20, card.hbm_bytes_per_s)
+    new = seconds(2 * 4 * 2**20, card.hbm_bytes_per_s)
+    assert copy > busy  # so the copy in holds back the kernel that reads it
+    expected = time_model.host_seconds(2) + max(copy, busy) + new + copy
+    assert time_model.predict(program, "h100") == pytest.approx(expected)
+    # Its end scheduled before the busy kernel, the copy in runs alone: a whole kernel longer.
+    serial = TRANSFERS.replace(
+        "  %busy.0 = f32[2048,2048]{1,0} fusion(%x.0), kind=kLoop, calls=%fused_scale\n"
+        "  %came.0 = f32[1024,1024]{1,0} copy-done(%in.0)\n",
+        "  %came.0 = f32[1024,1024]{1,0} copy-done(%in.0)\n"
+        "  %busy.0 = f32[2048,2048]{1,0} fusion(%x.0), kind=kLoop, calls=%fused_scale\n",
+    )
+    assert serial != TRANSFERS
+    assert time_model.predict(read_program(serial), "h100") == pytest.approx(expected + busy)
+
+
+# A conditional whose first branch holds another: 1 MiB kernels (%one, %two) and a 16 MiB one.
+NESTED = """\
+HloModule jit_step, is_scheduled=true
+
+%small (x.1: f32[512,512]) -> f32[512,512] {
+  %x.1 = f32[512,512]{1,0} parameter(0)
+  ROOT %one.1 = f32[512,512]{1,0} negate(%x.1)
+}
+
+%large (x.2: f32[512,512]) -> f32[512,512] {
+  %x.2 = f32[512,512]{1,0} parameter(0)
+  %big.2 = f32[2048,2048]{1,0} broadcast(%x.2), dimensions={}
+  ROOT %back.2 = f32[512,512]{1,0} slice(%big.2), slice={[0:512], [0:512]}
+}
+
+%outer_a (x.3: f32[512,512]) -> f32[512,512] {
+  %x.3 = f32[512,512]{1,0} parameter(0)
+  %two.3 = f32[512,512]{1,0} negate(%x.3)
+  %i.3 = s32[] constant(0)
+  ROOT %inner.3 = f32[512,512]{1,0} conditional(%i.3, %two.3, %two.3), branch_computations={%small, %large}
+}
+
+%outer_b (x.4: f32[512,512]) -> f32[512,512] {
+  %x.4 = f32[512,512]{1,0} parameter(0)
+  ROOT %three.4 = f32[512,512]{1,0} negate(%x.4)
+}
+
+ENTRY %main (x.0: f32[512,512]) -> f32[512,512] {
+  %x.0 = f32[512,512]{1,0} parameter(0)
+  %i.0 = s32[] constant(1)
+  ROOT %outer.0 = f32[512,512]{1,0} conditional(%i.0, %x.0, %x.0), branch_computations={%outer_a, %outer_b}
+}
+"""
+
+
+def test_time_model_costs_a_nested_conditional_once_in_its_branch():
+    """A conditional inside a branch costs its chosen side there, once: the outer branch's own
+    kernel plus the inner choice, each kernel counted once, a host synchronization each."""
+    program = read_program(NESTED)
+    constants, card = time_model.CALIBRATED, time_model.CARDS["h100"]
+    kernels = {k.name: time_model._kernel_seconds(k, card, constants) for k in program.kernels}
+    sync, host = constants.sync, time_model.host_seconds(1)
+    inner = {"cheapest": kernels["one.1"], "dearest": kernels["back.2"] + kernels["big.2"]}
+    assert inner["dearest"] > inner["cheapest"]
+    for which in ("cheapest", "dearest"):
+        first = kernels["two.3"] + inner[which] + sync
+        pick = min if which == "cheapest" else max
+        expected = host + pick(first, kernels["three.4"]) + sync
+        assert time_model.predict(program, "h100", branch=which) == pytest.approx(expected)
+    # Weights are the outermost conditional's; the one inside takes its cheapest side.
+    halfway = host + 0.5 * (kernels["two.3"] + inner["cheapest"] + sync + kernels["three.4"]) + sync
+    assert time_model.predict(program, "h100", branch=[0.5, 0.5]) == pytest.approx(halfway)
+
+
 def _rows_of(tmp_path: Path, module: str, *args: str) -> list[dict[str, Any]]:
     """The rows of ``python -m MODULE ARGS --out``, in a process of its own (the compilers
     installed: else a skip, or a failure in CI)."""
@@ -235,13 +348,27 @@ def test_every_program_compiles_for_an_h100(tmp_path):
     sliced = rows["offload_state(step_in_slices(adamw_8bit))"]
     assert sliced["while_loops"] > 0 and sliced["unknown_trip_loops"] == 0
     assert sliced["host_transfers"] > 0
-    # New state goes back to host memory by asynchronous copies; with a prefetch of one leaf,
-    # most of its bytes while a later leaf steps (none without: each leaf waits for the copies
-    # of the leaf before it to be done).
-    assert rows["offload_state(adamw)"]["host_transfers"] > 0
-    prefetched = rows["offload_state(adamw, prefetch=1)"]["transfers_overlapping"]
-    assert prefetched > 0.5 > rows["offload_state(adamw)"]["transfers_overlapping"]
+    # The state comes over and goes back by asynchronous copies, no kernel reads or writes host
+    # memory in place; with a prefetch of one leaf, nearly half of the bytes move while another
+    # leaf steps (none without: each leaf waits for the copies of the leaf before it), and the
+    # time model puts the step sooner.
+    offloaded = [row for name, row in rows.items() if name.startswith("offload_state")]
+    assert offloaded and all(row["host_kernels"] == 0 for row in offloaded)
+    plain, prefetched = rows["offload_state(adamw)"], rows["offload_state(adamw, prefetch=1)"]
+    assert prefetched["transfers_overlapping"] > 0.4 > 0.01 > plain["transfers_overlapping"]
+    assert prefetched["predicted_ms"] < plain["predicted_ms"]
     assert rows["adamw, FlatParams"]["kernels"] <= 3
+
+
+def test_offloaded_state_comes_over_by_copies_as_on_a_card(tmp_path):
+    """A topology's devices have no memory kinds, so the state of ``offload_state`` is marked
+    host memory at the compile, as jax marks it on a card: XLA then copies each array over and
+    back asynchronously (2 copies for each of the 35 arrays of AdamW's state on the small tree:
+    two moments of 17 leaves and the count), and no kernel reads host memory where it lies (an
+    H200 compiled GPT-2 small's offloaded step so: 594 copies, no kernel on host memory). Read
+    as device arguments, the state was read in place by 35 kernels."""
+    (row,) = _compile(tmp_path, "--programs", "offload_state(adamw)")
+    assert (row["host_transfers"], row["host_kernels"]) == (70, 0)
 
 
 @pytest.mark.slow
