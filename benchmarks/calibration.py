@@ -207,23 +207,36 @@ OFFLOAD_TREES = {"transformer, 98M": False, "transformer, 98M, train step": True
 def _offload_programs() -> list[tuple[Recorded, Any, list[float] | str]]:
     """The recorded rows of the offload section's 98M transformer: each setting's optimizer
     step, or float32 AdamW's whole train step, on the device and with its state offloaded."""
+    import jax
+    import jax.numpy as jnp
+
     import adam_jax
     from benchmarks.hlo_program import read_program
+    from benchmarks.models import transformer_loss
     from benchmarks.offload_order import step_program, transformer_tree
     from benchmarks.sections import offload
 
     params = transformer_tree()
+    tokens = jax.ShapeDtypeStruct(offload.GPU_BATCH, jnp.int32)
     found = []
     for name, card in FILES.items():
         for row in json.loads((RESULTS / name).read_text()).get("offload", []):
             if row.get("tree") not in OFFLOAD_TREES or "offloaded_median_ms" not in row:
                 continue
-            make = offload.SETTINGS[row["setting"]]
+            # "<setting>[, gradient order, prefetch=k]": the train step's rows
+            setting, _, ordered = row["setting"].partition(", gradient order")
+            make = offload.SETTINGS[setting]
+            options = {}
+            if ordered:
+                options = {
+                    "leaf_order": adam_jax.gradient_order(transformer_loss, params, tokens),
+                    "prefetch": offload.GRADIENT_ORDER_PREFETCH,
+                }
             for offloaded, measured in (
                 (False, row["device_median_ms"]),
                 (True, row["offloaded_median_ms"]),
             ):
-                tx = adam_jax.offload_state(make()) if offloaded else make()
+                tx = adam_jax.offload_state(make(), **options) if offloaded else make()
                 compiled = step_program(
                     tx, card, offloaded=offloaded, train=OFFLOAD_TREES[row["tree"]], params=params
                 )

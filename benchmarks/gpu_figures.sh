@@ -12,7 +12,8 @@
 #                slices), each timed beside float32 AdamW and beside the time model's prediction
 #                for the program as compiled there (benchmarks.measured_programs);
 #   4. offload   (issue 65, OFFLOAD=1) the 98M transformer's steps, state offloaded against on
-#                the device (the offload section's time rows).
+#                the device (the offload section's time rows; the train step also with the
+#                state in the gradients' order, four leaves ahead).
 #
 #   OUT=benchmarks/results bash benchmarks/gpu_figures.sh
 #   SMOKE=1 TREE=small OFFLOAD=1 OUT=/tmp/figures bash benchmarks/gpu_figures.sh  # a CPU, 2 min
@@ -45,7 +46,7 @@ run_part programs 170 "$PYTHON" -m benchmarks.measured_programs --tree "${TREE:-
   --card "$CARD" --programs adamw adamw_8bit "4-bit moments" "offload_state(adamw)" \
   "step_in_slices(adamw_8bit)" --out "$OUT/programs_$CARD.json"
 if [[ "${OFFLOAD:-0}" == 1 ]]; then
-  run_part offload 90 "$PYTHON" -c "
+  run_part offload 150 "$PYTHON" -c "
 import json, sys
 from benchmarks.sections import offload
 rows = offload.time_rows(10, 16)

@@ -617,8 +617,9 @@ def test_lm_race_quick_tunes_runs_resumes_and_reports(tmp_path: Path) -> None:
 def test_offload_section_on_a_gpu_also_times_a_whole_train_step(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The section's GPU branch (a larger tree and a whole train step), run here on CPU arrays
-    with the backend's name faked and the tree made small."""
+    """The section's GPU branch (a larger tree and a whole train step, offloaded as by default
+    and in the gradients' order), run here on CPU arrays with the backend's name faked and the
+    tree made small."""
     from benchmarks.sections import offload
 
     monkeypatch.setattr(
@@ -631,6 +632,7 @@ def test_offload_section_on_a_gpu_also_times_a_whole_train_step(
         ("transformer, 98M", "float32 AdamW"),
         ("transformer, 98M", "8-bit moments"),
         ("transformer, 98M, train step", "float32 AdamW"),
+        ("transformer, 98M, train step", "float32 AdamW, gradient order, prefetch=4"),
     ]
     for row in rows:
         assert row["offloaded_median_ms"] > 0 and row["ratio_vs_device"] > 0

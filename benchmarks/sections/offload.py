@@ -205,10 +205,17 @@ def largest_leaf_state(make: Callable[[], optax.GradientTransformation], params:
     )
 
 
+#: The offloaded train step's options timed on a GPU beside the default's: the state in the
+#: order the backward pass computes the gradients, four leaves ahead.
+GRADIENT_ORDER_PREFETCH = 4
+
+
 def time_rows(repeats: int, layers: int, rows: list[Row] | None = None) -> list[Row]:
     """The optimizer step of each :data:`TIMED` setting on the device and offloaded, on the
     transformer-like tree of ``layers`` blocks (on a GPU, :data:`GPU_TREE`), and on a GPU the
-    whole train step of float32 AdamW; appended to ``rows`` as each is made."""
+    whole train step of float32 AdamW, offloaded as by default and in the gradients' order
+    (:func:`adam_jax.gradient_order`, with a prefetch of :data:`GRADIENT_ORDER_PREFETCH`
+    leaves); appended to ``rows`` as each is made."""
     rows = [] if rows is None else rows
     on_gpu = jax.default_backend() == "gpu"
     sizes = GPU_TREE if on_gpu else {"layers": layers}
@@ -216,16 +223,29 @@ def time_rows(repeats: int, layers: int, rows: list[Row] | None = None) -> list[
     n = sum(x.size for x in jax.tree.leaves(base))
     tree = "transformer, 98M" if on_gpu else "transformer-like"
     grads = jax.tree.map(lambda x: jnp.cos(x) * 1e-2, base)
-    pairs = [(tree, name, SETTINGS[name], adam_step, grads) for name in TIMED]
+    pairs = [(tree, name, SETTINGS[name], {}, adam_step, grads) for name in TIMED]
     if on_gpu:
         tokens = jax.random.randint(jax.random.key(1), GPU_BATCH, 0, GPU_TREE["vocab"])
         train = functools.partial(tree_train_step, loss=transformer_loss)
+        ordered = {
+            "leaf_order": adam_jax.gradient_order(transformer_loss, base, tokens),
+            "prefetch": GRADIENT_ORDER_PREFETCH,
+        }
+        adamw = SETTINGS["float32 AdamW"]
+        pairs.append((f"{tree}, train step", "float32 AdamW", adamw, {}, train, tokens))
         pairs.append(
-            (f"{tree}, train step", "float32 AdamW", SETTINGS["float32 AdamW"], train, tokens)
+            (
+                f"{tree}, train step",
+                f"float32 AdamW, gradient order, prefetch={GRADIENT_ORDER_PREFETCH}",
+                adamw,
+                ordered,
+                train,
+                tokens,
+            )
         )
-    for tree_name, name, make, make_step, batch in pairs:
+    for tree_name, name, make, options, make_step, batch in pairs:
         device, offloaded, ratio, repeated = _timed_pair(
-            [make(), adam_jax.offload_state(make())], make_step, base, batch, repeats
+            [make(), adam_jax.offload_state(make(), **options)], make_step, base, batch, repeats
         )
         rows.append(
             {
