@@ -61,3 +61,18 @@ def test_a_jitted_loss_keeps_the_trees_order():
 def test_offload_state_refuses_an_order_that_is_not_a_permutation(leaf_order):
     with pytest.raises(ValueError, match=r"leaf_order must hold each position 0 to n - 1"):
         adam_jax.offload_state(adam_jax.adamw(1e-2), leaf_order=leaf_order)
+
+
+def test_a_loss_with_auxiliary_data_orders_its_gradients_alone():
+    def loss(p, x):
+        hidden = jnp.tanh(x @ p["first"])
+        return jnp.sum(jnp.tanh(hidden @ p["second"])), {"hidden": hidden, "x": x}
+
+    params = {"first": jnp.ones((3, 3)), "second": jnp.ones((3, 1))}
+    order = adam_jax.gradient_order(loss, params, jnp.ones((2, 3)), has_aux=True)
+    assert order == (1, 0)
+
+
+def test_offload_state_refuses_an_order_without_leaf_by_leaf():
+    with pytest.raises(ValueError, match=r"give leaf_by_leaf=True \(the default\), or no"):
+        adam_jax.offload_state(adam_jax.adamw(1e-2), leaf_by_leaf=False, leaf_order=(0, 1))

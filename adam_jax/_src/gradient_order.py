@@ -9,9 +9,11 @@ import jax
 from jax.extend.core import Literal
 
 
-def gradient_order(loss_fn: Callable[..., Any], params: Any, *args: Any) -> tuple[int, ...]:
+def gradient_order(
+    loss_fn: Callable[..., Any], params: Any, *args: Any, has_aux: bool = False
+) -> tuple[int, ...]:
     """The positions of ``params``' flattened leaves in the order in which
-    ``jax.grad(loss_fn)(params, *args)`` computes their gradients.
+    ``jax.grad(loss_fn, has_aux=has_aux)(params, *args)`` computes their gradients.
 
     A backward pass computes the gradients of the last layers first: in a transformer, the
     head's and the last block's long before the first block's and the embedding's. A step that
@@ -28,6 +30,7 @@ def gradient_order(loss_fn: Callable[..., Any], params: Any, *args: Any) -> tupl
       loss_fn: the loss, differentiated with respect to its first argument.
       params: its first argument: arrays, or shapes (``jax.ShapeDtypeStruct``).
       *args: its other arguments (a batch), arrays or shapes.
+      has_aux: whether ``loss_fn`` returns ``(loss, auxiliary data)``, as ``jax.grad``'s.
 
     Returns:
       A permutation of ``range(len(jax.tree.leaves(params)))``.
@@ -40,12 +43,12 @@ def gradient_order(loss_fn: Callable[..., Any], params: Any, *args: Any) -> tupl
       >>> adam_jax.gradient_order(loss, params, jnp.ones((2, 3)))
       (1, 0)
     """
-    closed = jax.make_jaxpr(jax.grad(loss_fn))(params, *args)
+    closed = jax.make_jaxpr(jax.grad(loss_fn, has_aux=has_aux))(params, *args)
     made_at: dict[Any, int] = {}
     for index, eqn in enumerate(closed.jaxpr.eqns):
         for var in eqn.outvars:
             made_at[var] = index
-    computed_at = [
-        -1 if isinstance(var, Literal) else made_at.get(var, -1) for var in closed.jaxpr.outvars
-    ]
+    # The gradients' leaves come first among the outputs (then the auxiliary data's).
+    gradients = closed.jaxpr.outvars[: len(jax.tree.leaves(params))]
+    computed_at = [-1 if isinstance(var, Literal) else made_at.get(var, -1) for var in gradients]
     return tuple(sorted(range(len(computed_at)), key=computed_at.__getitem__))

@@ -414,8 +414,9 @@ def offload_state(
 
     Raises:
       ValueError: at construction, where the backend has no host memory kind, ``prefetch``
-        is not an integer >= 0 or ``leaf_order`` does not hold each position from 0 once; at
-        the update, where ``leaf_order``'s length is not the number of leaves stepped.
+        is not an integer >= 0, or ``leaf_order`` does not hold each position from 0 once or
+        comes without ``leaf_by_leaf``; at the update, where ``leaf_order``'s length is not
+        the number of leaves stepped.
 
     Example:
       >>> import jax, jax.numpy as jnp, adam_jax
@@ -428,6 +429,11 @@ def offload_state(
     if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
         raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
     order = None if leaf_order is None else _positions(leaf_order)
+    if order is not None and not leaf_by_leaf:
+        raise ValueError(
+            "leaf_order orders the leaves whose state comes over one at a time: give "
+            "leaf_by_leaf=True (the default), or no leaf_order"
+        )
 
     def init_fn(params: optax.Params) -> Any:
         return _to_host(inner.init(params), params)
