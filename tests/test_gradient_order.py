@@ -46,15 +46,32 @@ def test_a_transformer_gets_the_head_first_and_the_embedding_last():
     assert block.index("['blocks'][1]['mlp']['w2']") < block.index("['blocks'][1]['attn']['wq']")
 
 
-def test_a_jitted_loss_keeps_the_trees_order():
-    """A ``jax.jit``-ed loss's gradient comes out of one call: no order to read, the tree's."""
+def test_a_jitted_or_rematerialized_loss_is_read_inside_its_call():
+    """The gradient of a loss under ``jax.jit`` (or of layers under ``jax.checkpoint``) comes
+    out of one equation: the order is read inside the jaxpr it runs."""
 
-    @jax.jit
     def loss(p, x):
         return jnp.sum(jnp.tanh(jnp.tanh(x @ p["a"]) @ p["b"]))
 
-    params = {"a": jnp.ones((3, 3)), "b": jnp.ones((3, 1))}
-    assert adam_jax.gradient_order(loss, params, jnp.ones((2, 3))) == (0, 1)
+    def layered(p, x):
+        layer = jax.checkpoint(lambda w, h: jnp.tanh(h @ w))
+        return jnp.sum(layer(p["b"], layer(p["a"], x)))
+
+    params = {"a": jnp.ones((3, 3)), "b": jnp.ones((3, 3))}
+    for f in (jax.jit(loss), jax.jit(jax.jit(loss)), layered):
+        assert adam_jax.gradient_order(f, params, jnp.ones((2, 3))) == (1, 0)
+
+
+def test_layers_in_a_scan_come_before_the_layer_below_them():
+    """Stacked layers under ``lax.scan`` get their gradient from the backward loop, before the
+    input projection below them (the tree's order is the other way round)."""
+
+    def loss(p, x):
+        h, _ = jax.lax.scan(lambda h, w: (jnp.tanh(h @ w), None), x @ p["in"], p["stack"])
+        return jnp.sum(h)
+
+    params = {"in": jnp.ones((3, 4)), "stack": jnp.ones((2, 4, 4))}
+    assert adam_jax.gradient_order(loss, params, jnp.ones((2, 3))) == (1, 0)
 
 
 @pytest.mark.parametrize("leaf_order", [(0, 0), (1, 2), (0, 1.5), ("0", "1")])
