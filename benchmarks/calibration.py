@@ -218,20 +218,19 @@ def _offload_programs() -> list[tuple[Recorded, Any, list[float] | str]]:
 
     params = transformer_tree()
     tokens = jax.ShapeDtypeStruct(offload.GPU_BATCH, jnp.int32)
+    ordered = {
+        "leaf_order": adam_jax.gradient_order(transformer_loss, params, tokens),
+        "prefetch": offload.GRADIENT_ORDER_PREFETCH,
+    }
     found = []
     for name, card in FILES.items():
         for row in json.loads((RESULTS / name).read_text()).get("offload", []):
             if row.get("tree") not in OFFLOAD_TREES or "offloaded_median_ms" not in row:
                 continue
             # "<setting>[, gradient order, prefetch=k]": the train step's rows
-            setting, _, ordered = row["setting"].partition(", gradient order")
+            setting, _, in_order = row["setting"].partition(", gradient order")
             make = offload.SETTINGS[setting]
-            options = {}
-            if ordered:
-                options = {
-                    "leaf_order": adam_jax.gradient_order(transformer_loss, params, tokens),
-                    "prefetch": offload.GRADIENT_ORDER_PREFETCH,
-                }
+            options = ordered if in_order else {}
             for offloaded, measured in (
                 (False, row["device_median_ms"]),
                 (True, row["offloaded_median_ms"]),

@@ -381,8 +381,10 @@ class Loop:
 class Branching:
     name: str
     branches: list[dict[str, Any]]  # per branch: kernels and custom calls by target
-    members: list[list[Kernel]]  # per branch: its kernels
+    members: list[list[Kernel]]  # per branch: its kernels, those of conditionals in it too
     trips: tuple[int | None, ...]  # the trip counts of the loops it sits in
+    # The conditional and the branch (its index) it sits in, or None at the top.
+    parent: tuple[str, int] | None = None
 
 
 @dataclasses.dataclass
@@ -443,17 +445,13 @@ class Program:
 
 def _launches(
     module: Module, computation: str, trips: tuple[int | None, ...], seen: set[str]
-) -> tuple[list[Kernel], list[Loop], list[Branching], list[Instruction]]:
-    """The kernels, loops, conditionals and host copies that running ``computation`` reaches."""
+) -> tuple[list[Kernel], list[Loop], list[Branching]]:
+    """The kernels, loops and conditionals that running ``computation`` reaches."""
     kernels: list[Kernel] = []
     loops: list[Loop] = []
     branchings: list[Branching] = []
-    transfers: list[Instruction] = []
-    shapes = module.by_name(computation)
     done: list[str] = []  # host copies ended since the last kernel
     for instruction in module.computations.get(computation, []):
-        if _is_host_transfer(instruction, shapes):
-            transfers.append(instruction)
         if instruction.opcode == "copy-done" and instruction.operands:
             done.append(instruction.operands[0])
         if instruction.opcode not in NO_KERNEL:
@@ -474,34 +472,36 @@ def _launches(
                     continue
                 seen.add(name)
                 parts.append((name, _launches(module, name, inner, seen)))
-        for _, (k, lo, br, tr) in parts:
+        for _, (k, lo, br) in parts:
             kernels += k
             loops += lo
             branchings += br
-            transfers += tr
         if instruction.opcode == "while":
             loops.append(
                 Loop(instruction.name, trip_count, sum(len(k) for _, (k, *_rest) in parts))
             )
         elif instruction.opcode == "conditional":
             branches, members = [], []
-            for _, (k, *_rest) in parts:
+            for index, (_, (k, _loops, nested)) in enumerate(parts):
                 targets = Counter(x.kind for x in k if x.opcode == "custom-call")
                 branches.append({"kernels": len(k), "custom_calls": dict(sorted(targets.items()))})
                 members.append(k)
+                for branching in nested:  # those directly in this branch
+                    if branching.parent is None:
+                        branching.parent = (instruction.name, index)
             branchings.append(Branching(instruction.name, branches, members, trips))
-    return kernels, loops, branchings, transfers
+    return kernels, loops, branchings
 
 
 def read_program(text: str) -> Program:
     """The report of an optimized HLO module's text (``Compiled.as_text()``)."""
     module = parse_module(text)
-    kernels, loops, branchings, transfers = _launches(module, module.entry, (), {module.entry})
-    transfer_bytes = sum(max(a.nbytes for a in t.arrays) for t in transfers if t.arrays)
+    kernels, loops, branchings = _launches(module, module.entry, (), {module.entry})
+    copies = [k.transfer_bytes for k in kernels if k.transfer_bytes > 0]
     arguments = sum(
         len(i.arrays) for i in module.computations.get(module.entry, []) if i.opcode == "parameter"
     )
-    return Program(kernels, loops, branchings, len(transfers), transfer_bytes, arguments)
+    return Program(kernels, loops, branchings, len(copies), sum(copies), arguments)
 
 
 def kernel_counts(text: str) -> dict[str, Any]:

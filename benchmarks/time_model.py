@@ -151,25 +151,12 @@ def _conditionals_seconds(
     conditionals')."""
     conditionals = program.conditionals
     inside = [{id(k) for member in c.members for k in member} for c in conditionals]
-
-    def parent(j: int) -> tuple[int, int] | None:
-        """The smallest branch of another conditional that holds conditional ``j``."""
-        found: tuple[int, int, int] | None = None
-        for i, c in enumerate(conditionals):
-            for b, member in enumerate(c.members):
-                ids = {id(k) for k in member}
-                smaller = found is None or len(ids) < found[2]
-                if i != j and inside[j] and inside[j] <= ids and smaller:
-                    found = (i, b, len(ids))
-        return None if found is None else (found[0], found[1])
-
-    parents = [parent(j) for j in range(len(conditionals))]
     nested_branch = branch if isinstance(branch, str) else "cheapest"
 
     def seconds(i: int, which: str | Sequence[float]) -> float:
-        costs = []
+        costs, name = [], conditionals[i].name
         for b, member in enumerate(conditionals[i].members):
-            nested = [j for j, p in enumerate(parents) if p == (i, b)]
+            nested = [j for j, c in enumerate(conditionals) if c.parent == (name, b)]
             theirs = set().union(*(inside[j] for j in nested))
             own = sum(cost(k) for k in member if id(k) not in theirs)
             costs.append(own + sum(seconds(j, nested_branch) for j in nested))
@@ -178,7 +165,7 @@ def _conditionals_seconds(
         # The branch's index goes to the host at every pass of the loops around it.
         return chosen + _passes(conditionals[i].trips, constants) * constants.sync
 
-    return sum(seconds(i, branch) for i, p in enumerate(parents) if p is None)
+    return sum(seconds(i, branch) for i, c in enumerate(conditionals) if c.parent is None)
 
 
 def predict(
