@@ -5,8 +5,8 @@
 # source (offline).
 #
 #   1. AdamW, then SOAP (the setting to use: benchmarks.sections.soap.PRACTICAL, blocks of 128,
-#      bfloat16 factors and bases, 8-bit first moment, bfloat16 second, basis_rectification=0),
-#      a few steps each: tokens a second, MFU and the optimizer's share of the step
+#      bfloat16 factors and bases, 8-bit first moment, bfloat16 second, basis_rectification=0;
+#      its state stacked by block shape, stack_blocks=True), a few steps each: tokens a second, MFU and the optimizer's share of the step
 #      (--time-optimizer).
 #   2. A race, the same windows for both: the held-out loss against the seconds of training.
 #
@@ -45,7 +45,8 @@ COMMON=("${MODEL[@]}" --grad-accumulation "$GRAD_ACCUMULATION" --compute-dtype b
 declare -A OPTIMIZER
 OPTIMIZER[adamw]="--optimizer adamw"
 OPTIMIZER[soap]="--optimizer soap --moments 8bit --opt block_size=128 --opt factor_dtype=bfloat16
-  --opt basis_dtype=bfloat16 --opt nu_dtype=bfloat16 --opt basis_rectification=0"
+  --opt basis_dtype=bfloat16 --opt nu_dtype=bfloat16 --opt basis_rectification=0
+  --opt stack_blocks=True"
 
 # part NAME SECONDS ARGS...: the program with ARGS in $WORK/NAME, its exit status in
 # $WORK/NAME/status (124: timed out), its output in $WORK/NAME.log.

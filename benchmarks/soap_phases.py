@@ -27,7 +27,8 @@ PHASES = ("whole", "first", "step", "refresh")
 
 
 def settings() -> dict[str, Any]:
-    """The optimizers measured: AdamW, SOAP's defaults and the setting to use (docs/memory.md)."""
+    """The optimizers measured: AdamW, SOAP's defaults and the setting to use (docs/memory.md),
+    leaf by leaf and with their state stacked by block shape (``stack_blocks=True``)."""
     import jax.numpy as jnp
 
     import adam_jax
@@ -45,6 +46,8 @@ def settings() -> dict[str, Any]:
         "adamw": lambda: adam_jax.adamw(LR),
         "soap": lambda: adam_jax.soap(LR),
         "the setting to use": lambda: adam_jax.soap(LR, **practical),
+        "soap, stacked": lambda: adam_jax.soap(LR, stack_blocks=True),
+        "the setting to use, stacked": lambda: adam_jax.soap(LR, stack_blocks=True, **practical),
     }
 
 
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--target", default="h100", choices=sorted(accelerators.TARGETS))
     parser.add_argument("--tree", default="gpt2", choices=["small", "gpt2"], help="default: gpt2")
     parser.add_argument(
-        "--programs", nargs="+", default=None, help="adamw, soap, 'the setting to use'"
+        "--programs",
+        nargs="+",
+        default=None,
+        help="adamw, soap, 'the setting to use', 'soap, stacked', 'the setting to use, stacked'",
     )
     parser.add_argument("--out", type=Path, help="write the rows to this JSON file")
     args = parser.parse_args(argv)

@@ -195,6 +195,8 @@ ADDED: dict[str, set[str]] = {
     "adam_l2": {"amsgrad"},
     "adam_8bit": {"eps_placement", "block_size", "min_size"},
     "adamw_8bit": {"eps_placement", "block_size", "min_size"},
+    "soap": {"stack_blocks"},
+    "scale_by_soap": {"stack_blocks"},
 }
 # Defaults that differ from the field's, each documented in the function's docstring.
 OVERRIDES: dict[tuple[str, str], Any] = {

@@ -10,9 +10,11 @@ rotated basis tolerate well.
 One concept per module: ``layout`` (a leaf's working shape and its blocks), ``factors`` (the
 Kronecker factors and their eigenbases: storage, rotations, refresh), ``blocks`` (a leaf's
 blocks as batches, spread over a mesh axis), ``mesh`` (the arrays' places on the mesh),
-``rule`` (the state, the step's scalars and phases, :class:`SoapRule`), ``transform``
-(:func:`scale_by_soap`, :func:`soap` and the registry row) and ``relayout`` (the state re-laid
-for another number of devices, :func:`relayout_soap_state`). The package re-exports the names
+``rule`` (the state, the step's scalars and phases, :class:`SoapRule`), ``solves`` (the
+calls stacked across leaves), ``stacks`` (the state stacked by block shape,
+``stack_blocks=True``), ``transform`` (:func:`scale_by_soap`, :func:`soap` and the registry
+row) and ``relayout`` (the state re-laid for another number of devices,
+:func:`relayout_soap_state`). The package re-exports the names
 that the library, its registry and the tests import from it.
 """
 

@@ -108,6 +108,12 @@ class SoapLayout:
     The devices the blocks are spread over are those of ``block_axis`` on the mesh set by
     ``jax.set_mesh``, or a count given explicitly (``device_count``, :meth:`on_devices`: the
     layout of a state written on another mesh, say).
+
+    ``stacked``: the layout of a stack of blocks (:mod:`~adam_jax._src.variants.soap.stacks`),
+    a leaf ``(n, *sizes)`` of ``n`` blocks of one shape: its working shape the blocks one
+    after another along the first dimension, ``(n * sizes[0], *sizes[1:])``, one group of
+    ``n`` blocks, a dimension of a block with a factor where it is at most
+    ``max_precond_dim`` (as the blocks were cut from leaves).
     """
 
     max_precond_dim: int
@@ -116,6 +122,7 @@ class SoapLayout:
     block_size: int | None = None
     block_axis: str | tuple[str, ...] | None = None
     device_count: int | None = None
+    stacked: bool = False
 
     @property
     def devices(self) -> int:
@@ -154,6 +161,8 @@ class SoapLayout:
     def shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
         """The shape the leaf is preconditioned in (merged for ``merge_dims``, tensors of two
         or more dimensions only)."""
+        if self.stacked:
+            return (shape[0] * shape[1], *shape[2:])
         if self.merge_dims and len(shape) >= 2:
             return merged_shape(shape, self.max_precond_dim)
         return tuple(shape)
@@ -161,14 +170,26 @@ class SoapLayout:
     def factors(self, shape: tuple[int, ...]) -> tuple[int | None, ...]:
         """Per dimension of :meth:`shape`: the size of its factor, or None (identity)."""
         working = self.shape(shape)
+        if self.stacked:
+            return tuple(d if d <= self.max_precond_dim else None for d in shape[1:])
         if len(shape) == 1 and not self.precondition_1d:
             return (None,)
         return tuple(d if d <= self.max_precond_dim else None for d in working)
 
     def groups(self, shape: tuple[int, ...]) -> tuple[BlockGroup, ...]:
         """The leaf's blocks, by group, in the order of the state (see the class)."""
+        factors = self.factors(shape)
+        if self.stacked:
+            return (
+                BlockGroup(
+                    spans=tuple((0, w) for w in self.shape(shape)),
+                    counts=(shape[0], *(1 for _ in shape[2:])),
+                    sizes=tuple(shape[1:]),
+                    factored=tuple(f is not None for f in factors),
+                ),
+            )
         per_dim = []
-        for w, f in zip(self.shape(shape), self.factors(shape), strict=True):
+        for w, f in zip(self.shape(shape), factors, strict=True):
             b = self.block_size
             if f is None or b is None or w <= b:
                 per_dim.append([((0, w), 1, w, f is not None)])

@@ -11,6 +11,7 @@ import numpy as np
 
 from adam_jax._src.variants.soap.layout import SoapLayout
 from adam_jax._src.variants.soap.rule import _MAX_PRECOND_DIM, ScaleBySoapState
+from adam_jax._src.variants.soap.stacks import StackedSoapState
 
 # The state's fields that are laid out by device, and what they hold (for the messages).
 _FIELDS = {"gg": "factors", "q": "bases"}
@@ -45,7 +46,8 @@ def relayout_soap_state(
     their places for ``devices_to`` (a permutation of the blocks' values, the empty slots
     zero), so that SOAP stepped on ``devices_to`` devices from the result takes the updates
     it would have taken on ``devices_from``. The other fields (Adam's moments, the count)
-    are not laid out by device and are returned as they are.
+    are not laid out by device and are returned as they are, and so is the state of
+    ``stack_blocks=True``, whose stacks are not spread over devices.
 
     Runs on the host, once at a resume: the vectors are read as NumPy arrays (a
     ``jax.Array`` must be fully addressable: read it replicated, or to the host, where it
@@ -143,6 +145,9 @@ def relayout_soap_state(
 
     def relaid(node: Any) -> Any:
         nonlocal found
+        if isinstance(node, StackedSoapState):
+            found += 1
+            return node  # stacks are not spread over devices: the same on any number
         if not isinstance(node, ScaleBySoapState):
             return node
         found += 1
@@ -157,7 +162,7 @@ def relayout_soap_state(
         return node._replace(**fields)
 
     def is_soap_state(node: Any) -> bool:
-        return isinstance(node, ScaleBySoapState)
+        return isinstance(node, ScaleBySoapState | StackedSoapState)
 
     out = jax.tree.map(relaid, state, is_leaf=is_soap_state)
     if not found:

@@ -279,6 +279,9 @@ class SoapRule(MomentRule):
     # Where the first step's eigendecompositions and the refreshes' orthonormalizations are
     # made: in each leaf, or stacked for the whole tree by scale_by_soap (solves.stacked).
     solves: Solves = dataclasses.field(default=DIRECT, repr=False, compare=False)
+    # Whether the leaves are stacks of blocks (SoapLayout.stacked), as scale_by_soap's
+    # stack_blocks steps them (stacks.py).
+    stacked: bool = dataclasses.field(default=False, repr=False, compare=False)
 
     state_type = ScaleBySoapState
     # One pass on a GPU too: a second would rotate the leaf again, and trace its solver calls,
@@ -302,6 +305,7 @@ class SoapRule(MomentRule):
             precondition_1d=self.precondition_1d,
             block_size=self.block_size,
             block_axis=self.block_axis,
+            stacked=self.stacked,
         )
 
     def with_leaf_starts(self, updates: Any) -> SoapRule:
@@ -355,6 +359,12 @@ class SoapRule(MomentRule):
         return self.basis_rectification
 
     def init_fields(self, params: Any) -> dict[str, Any]:
+        self.check_params(params)
+        return super().init_fields(params)
+
+    @staticmethod
+    def check_params(params: Any) -> None:
+        """Refuses what SOAP cannot precondition: ``FlatParams`` buffers, complex leaves."""
         leaves = jax.tree.leaves(params, is_leaf=lambda x: isinstance(x, FlatParams))
         for leaf in leaves:
             if isinstance(leaf, FlatParams):
@@ -364,7 +374,6 @@ class SoapRule(MomentRule):
                 )
             if jnp.issubdtype(leaf.dtype, jnp.complexfloating):
                 raise ValueError(f"soap has no complex params, got a {leaf.dtype} leaf")
-        return super().init_fields(params)
 
     def scalars(self, fields: dict[str, Any], dtype: Any) -> SoapScalars:
         count = fields["count"]
@@ -401,7 +410,8 @@ class SoapRule(MomentRule):
         if jnp.issubdtype(g.dtype, jnp.complexfloating):
             raise ValueError("soap has no complex params")
         shape, working = g.shape, self.layout.shape(g.shape)
-        if self.layout.num_blocks(shape) > 1:
+        # A stack is stepped as blocks even of one: as the leaves' blocks it holds.
+        if self.stacked or self.layout.num_blocks(shape) > 1:
             return self._update_blocks(g, moments, scalars, leaf, self.layout.groups(shape))
         frequency = self._frequency()
         start = self._leaf_start(leaf)

@@ -15,6 +15,7 @@ import optax
 from adam_jax._src.branching import on_platform
 from adam_jax._src.variants.soap.rule import PHASES, SoapRule
 from adam_jax._src.variants.soap.solves import ALL_AT_ONCE, DIRECT, Solves, stacked
+from adam_jax._src.variants.soap.stacks import scale_by_soap_stacks
 from adam_jax.rules import Mask, OptimizerInfo, Paper, descend, scale_by_rule, switch
 
 #: How SOAP's step branches on its phase: ``"tree"``, one ``lax.switch`` a step for the whole
@@ -123,6 +124,7 @@ def scale_by_soap(
     basis_dtype: Any = None,
     basis_rectification: int | None = None,
     orthogonalization: str = "auto",
+    stack_blocks: bool = False,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask | None = None,
 ) -> optax.GradientTransformation:
@@ -303,12 +305,20 @@ def scale_by_soap(
         columns' signs, which the update does not see); ``"auto"``: QR on the CPU (the authors'
         arithmetic), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
         (docs/speed.md).
+      stack_blocks: keep the state of the blocks of every leaf that share a shape (of the
+        whole matrices of one shape, without ``block_size``) in one stack, and step each stack
+        as one batch: a step's products, moments and refreshes no longer one per leaf (a GPU's
+        kernels), the gradient's blocks gathered into the stacks and the update's put back.
+        Each block's arithmetic is the same; the moments' values lie in another order, so a
+        compressed moment's blocks of codes hold others. Not yet with ``block_axis`` or
+        ``stagger_refresh``, nor with a moment storage that keeps per-tensor statistics.
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
 
     Returns:
-      An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState`.
+      An ``optax.GradientTransformation`` with state :class:`ScaleBySoapState` (with
+      ``stack_blocks``, two of them: the stacks' and the other leaves').
 
     References:
       Vyas, Morwani, Zhao, Kwun, Shapira, Brandfonbrener, Janson and Kakade, `SOAP: Improving
@@ -330,31 +340,40 @@ def scale_by_soap(
       [[1. 0.]
        [0. 1.]]
     """
-    return _scale_by_soap(
-        SoapRule(
-            b1=b1,
-            b2=b2,
-            shampoo_beta=shampoo_beta,
-            eps=eps,
-            precondition_frequency=precondition_frequency,
-            stagger_refresh=stagger_refresh,
-            max_precond_dim=max_precond_dim,
-            block_size=block_size,
-            block_axis=block_axis,
-            merge_dims=merge_dims,
-            precondition_1d=precondition_1d,
-            normalize_grads=normalize_grads,
-            correct_bias=correct_bias,
-            mu_dtype=mu_dtype,
-            nu_dtype=nu_dtype,
-            factor_dtype=factor_dtype,
-            basis_dtype=basis_dtype,
-            basis_rectification=basis_rectification,
-            orthogonalization=orthogonalization,
-        ),
-        weight_decay=weight_decay,
-        mask=mask,
+    rule = SoapRule(
+        b1=b1,
+        b2=b2,
+        shampoo_beta=shampoo_beta,
+        eps=eps,
+        precondition_frequency=precondition_frequency,
+        stagger_refresh=stagger_refresh,
+        max_precond_dim=max_precond_dim,
+        block_size=block_size,
+        block_axis=block_axis,
+        merge_dims=merge_dims,
+        precondition_1d=precondition_1d,
+        normalize_grads=normalize_grads,
+        correct_bias=correct_bias,
+        mu_dtype=mu_dtype,
+        nu_dtype=nu_dtype,
+        factor_dtype=factor_dtype,
+        basis_dtype=basis_dtype,
+        basis_rectification=basis_rectification,
+        orthogonalization=orthogonalization,
     )
+    if not stack_blocks:
+        return _scale_by_soap(rule, weight_decay=weight_decay, mask=mask)
+    if block_axis is not None:
+        raise ValueError(
+            f"stack_blocks=True does not yet spread the stacks over block_axis={block_axis!r}: "
+            "pass stack_blocks=False (each leaf's blocks spread) or block_axis=None"
+        )
+    if stagger_refresh:
+        raise ValueError(
+            "stack_blocks=True does not yet stagger the stacks' refreshes: pass "
+            "stack_blocks=False or stagger_refresh=False"
+        )
+    return scale_by_soap_stacks(rule, _scale_by_soap, weight_decay=weight_decay, mask=mask)
 
 
 def soap(
@@ -379,6 +398,7 @@ def soap(
     basis_dtype: Any = None,
     basis_rectification: int | None = None,
     orthogonalization: str = "auto",
+    stack_blocks: bool = False,
     weight_decay: optax.ScalarOrSchedule = 0.01,
     mask: Mask | None = None,
     maximize: bool = False,
@@ -451,6 +471,13 @@ def soap(
         columns' signs, which the update does not see); ``"auto"``: QR on the CPU (the authors'
         arithmetic), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
         (docs/speed.md).
+      stack_blocks: keep the state of the blocks of every leaf that share a shape (of the
+        whole matrices of one shape, without ``block_size``) in one stack, and step each stack
+        as one batch: a step's products, moments and refreshes no longer one per leaf (a GPU's
+        kernels), the gradient's blocks gathered into the stacks and the update's put back.
+        Each block's arithmetic is the same; the moments' values lie in another order, so a
+        compressed moment's blocks of codes hold others. Not yet with ``block_axis`` or
+        ``stagger_refresh``, nor with a moment storage that keeps per-tensor statistics.
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
@@ -498,6 +525,7 @@ def soap(
             basis_dtype=basis_dtype,
             basis_rectification=basis_rectification,
             orthogonalization=orthogonalization,
+            stack_blocks=stack_blocks,
             weight_decay=weight_decay,
             mask=mask,
         ),

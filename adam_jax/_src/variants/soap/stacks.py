@@ -1,0 +1,240 @@
+"""SOAP with its state stacked by block shape (``scale_by_soap(..., stack_blocks=True)``): the
+blocks of every leaf that share a shape are kept, and stepped, as one stack.
+
+Leaf by leaf, a step makes each leaf's products, moments and refreshes apart: on a GPU at least
+one kernel a leaf and a product, however small the leaf (GPT-2 small's step between refreshes
+took 7.5 times AdamW's kernels). Here the step gathers the gradient's blocks of one shape from
+every leaf into one stack ``(n, *sizes)`` (one copy), steps each stack as one leaf of ``n``
+blocks (:attr:`SoapLayout.stacked`: one batched product per factor, Adam's moments elementwise
+in the stack's own layout, one refresh), and puts each leaf's update back together from its
+blocks. The state holds a stack's factors, bases and moments (:class:`StackedSoapState`), so
+nothing but the gradient and the update moves between the leaves and the stacks.
+
+Each block's arithmetic is the leaf-by-leaf step's: the same updates, and the same state in
+another order (a compressed moment's blocks of codes then hold other values). On the CPU the
+stacked step is slower (docs/speed.md): XLA:CPU steps the leaves side by side on its threads.
+Normalization (``normalize_grads``, the RMS of each leaf's direction) and weight decay (each
+leaf's mask) are applied to the leaves' updates.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import itertools
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from adam_jax._src.storage import PerLeafStorage, as_storage
+from adam_jax._src.variants.soap.blocks import _assemble
+from adam_jax._src.variants.soap.factors import _TINY
+from adam_jax._src.variants.soap.layout import BlockGroup, SoapLayout
+from adam_jax._src.variants.soap.mesh import _like, _whole
+from adam_jax._src.variants.soap.rule import ScaleBySoapState, SoapRule
+from adam_jax.rules import (
+    Mask,
+    check_non_negative,
+    compute_dtype,
+    expand_mask,
+    real_dtype,
+    replicated,
+    static_float,
+)
+
+
+class StackedSoapState(NamedTuple):
+    """The state of ``scale_by_soap(..., stack_blocks=True)``: SOAP's state of the stacks
+    (:meth:`StackPlan.stack`), one entry per block shape (``"128x128"``) in each of its
+    moments, factors and bases; and of the leaves without a factor, one vector of them all
+    (Adam's moments, under ``"rest"``; empty without such leaves)."""
+
+    stacks: ScaleBySoapState
+    rest: ScaleBySoapState
+
+
+@dataclasses.dataclass(frozen=True)
+class _Member:
+    """A leaf's group of blocks in a stack: the leaf's index, the group's position among the
+    leaf's groups, the group, and its first block in the stack."""
+
+    leaf: int
+    position: int
+    group: BlockGroup
+    start: int
+
+
+@dataclasses.dataclass(frozen=True)
+class StackPlan:
+    """Where each leaf's blocks sit in the stacks, from the leaves' shapes and the layout:
+    every leaf with a factor is cut into its groups of blocks (:meth:`SoapLayout.groups`), and
+    the groups of one block shape, leaf after leaf in flattening order, make a stack; the
+    leaves without a factor make one vector, in order."""
+
+    shapes: tuple[tuple[int, ...], ...]
+    working: tuple[tuple[int, ...], ...]
+    groups: tuple[tuple[BlockGroup, ...], ...]
+    stacks: tuple[tuple[str, tuple[_Member, ...]], ...]
+    rest: tuple[int, ...]
+
+    @classmethod
+    def of(cls, leaves: list[Any], layout: SoapLayout) -> StackPlan:
+        shapes = tuple(tuple(jnp.shape(leaf)) for leaf in leaves)
+        members: dict[str, list[_Member]] = collections.defaultdict(list)
+        sizes: dict[str, int] = collections.defaultdict(int)
+        groups: list[tuple[BlockGroup, ...]] = []
+        rest: list[int] = []
+        for i, shape in enumerate(shapes):
+            if all(f is None for f in layout.factors(shape)):
+                groups.append(())
+                rest.append(i)
+                continue
+            groups.append(layout.groups(shape))
+            for position, group in enumerate(groups[-1]):
+                name = "x".join(str(s) for s in group.sizes)
+                members[name].append(_Member(i, position, group, sizes[name]))
+                sizes[name] += group.n
+        return cls(
+            shapes=shapes,
+            working=tuple(layout.shape(shape) for shape in shapes),
+            groups=tuple(groups),
+            stacks=tuple((name, tuple(m)) for name, m in members.items()),
+            rest=tuple(rest),
+        )
+
+    def stack(self, leaves: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """The stacks of ``leaves`` (laid out as the plan's), each the concatenation of its
+        members' blocks, ``(n, *sizes)``; and the leaves without a factor, flattened and
+        concatenated, under ``"rest"``."""
+        stacks = {
+            name: jnp.concatenate(
+                [
+                    m.group.split(_whole(replicated(leaves[m.leaf])).reshape(self.working[m.leaf]))
+                    for m in members
+                ]
+            )
+            for name, members in self.stacks
+        }
+        if not self.rest:
+            return stacks, {}
+        flat = [_whole(replicated(leaves[i])).reshape(-1) for i in self.rest]
+        return stacks, {"rest": jnp.concatenate(flat)}
+
+    def unstack(self, stacks: dict[str, Any], rest: dict[str, Any], like: list[Any]) -> list[Any]:
+        """The inverse of :meth:`stack`: each leaf from its blocks, in the dtype and typed
+        sharding of ``like``'s."""
+        parts: dict[int, list[Any]] = {i: [None] * len(g) for i, g in enumerate(self.groups)}
+        for name, members in self.stacks:
+            for m in members:
+                blocks = stacks[name][m.start : m.start + m.group.n]
+                parts[m.leaf][m.position] = m.group.merge(blocks)
+        sizes = [math.prod(self.shapes[i]) for i in self.rest]
+        edges = itertools.accumulate(sizes, initial=0)
+        for i, start, size in zip(self.rest, edges, sizes, strict=False):
+            parts[i] = [rest["rest"][start : start + size].reshape(self.shapes[i])]
+        leaves = []
+        for i, shape in enumerate(self.shapes):
+            if self.groups[i]:
+                leaf = _assemble(self.groups[i], parts[i]).reshape(shape)
+            else:
+                leaf = parts[i][0]
+            leaves.append(_like(leaf, like[i]).astype(jnp.result_type(like[i])))
+        return leaves
+
+
+def _check_storages(rule: SoapRule) -> None:
+    """Refuses moment storages that depend on the leaf: chosen per leaf, or kept per tensor
+    (its rows and columns) or reduced, which a stack's shape would change."""
+    for moment in rule.moments()[:2]:
+        if isinstance(moment.storage, PerLeafStorage):
+            raise ValueError(
+                f"stack_blocks=True keeps {moment.name} in stacks of blocks from several "
+                f"leaves: a per_leaf storage ({moment.name}_dtype) cannot apply; pass one "
+                "storage, or stack_blocks=False"
+            )
+        storage = as_storage(moment.storage)
+        if storage.reduces or storage.per_tensor:
+            raise ValueError(
+                f"stack_blocks=True keeps {moment.name} in stacks of blocks, not in each "
+                f"leaf's shape: {moment.name}_dtype={moment.storage!r} keeps statistics of a "
+                "tensor's rows or columns; pass an elementwise storage (a dtype, "
+                "BlockwiseQuantized) or stack_blocks=False"
+            )
+
+
+def scale_by_soap_stacks(
+    rule: SoapRule,
+    inner: Any,
+    weight_decay: optax.ScalarOrSchedule = 0.0,
+    mask: Mask | None = None,
+) -> optax.GradientTransformationExtraArgs:
+    """SOAP of ``rule`` stepped on the stacks of its blocks (see the module): ``inner`` makes
+    SOAP's transformation (without weight decay) of a rule, that of the stacks (a
+    :attr:`SoapLayout.stacked` rule) and that of the leaves without a factor. Both leave the
+    normalization, with it the bias correction (a factor of the normalized direction), and
+    weight decay to this transformation, which applies them to each leaf's update."""
+    scheduled = callable(weight_decay)
+    if not scheduled:
+        check_non_negative("weight_decay", weight_decay)
+    no_decay = not scheduled and static_float(weight_decay) == 0.0
+    _check_storages(rule)
+    normalized = bool(rule.normalize_grads)
+    stacked_rule = dataclasses.replace(
+        rule,
+        stacked=True,
+        normalize_grads=False,
+        correct_bias=rule.correct_bias and not normalized,
+    )
+    # The leaves without a factor as one vector, which keeps none with precondition_1d off.
+    rest_rule = dataclasses.replace(stacked_rule, stacked=False, precondition_1d=False)
+    stacked_soap, rest_soap = inner(stacked_rule), inner(rest_rule)
+
+    def init_fn(params: optax.Params) -> StackedSoapState:
+        SoapRule.check_params(params)
+        leaves = jax.tree.leaves(params)
+        stacks, rest = StackPlan.of(leaves, rule.layout).stack(leaves)
+        return StackedSoapState(stacked_soap.init(stacks), rest_soap.init(rest))
+
+    def finished(u: jax.Array, param: Any, rate: Any, count: jax.Array) -> jax.Array:
+        """A leaf's update as the leaf-by-leaf step ends it: normalized and bias-corrected,
+        then decayed (none at the first step, which only initializes)."""
+        if normalized:
+            u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
+            if rule.correct_bias:
+                d = rule.scalars({"count": count}, real_dtype(compute_dtype(u.dtype))).adam
+                u = u * (jnp.sqrt(d.c2) / d.c1)
+        if rate is None:
+            return u
+        decayed = u + rate * jnp.asarray(param).astype(u.dtype)
+        return jnp.where(count == 0, jnp.zeros_like(u), decayed)
+
+    def update_fn(
+        updates: optax.Updates,
+        state: StackedSoapState,
+        params: optax.Params | None = None,
+        **extra: Any,
+    ) -> tuple[optax.Updates, StackedSoapState]:
+        leaves = jax.tree.leaves(updates)
+        treedef: Any = jax.tree.structure(updates)  # its methods are untyped in jax's stubs
+        plan = StackPlan.of(leaves, rule.layout)
+        stacks, rest = plan.stack(leaves)
+        stacks, stacks_state = stacked_soap.update(stacks, state.stacks, None, **extra)
+        rest, rest_state = rest_soap.update(rest, state.rest, None, **extra)
+        count = state.stacks.count
+        rates: list[Any] = [None] * len(leaves)
+        param_leaves: list[Any] = [None] * len(leaves)
+        if not no_decay:
+            if params is None:
+                raise ValueError("weight decay needs params: call update(updates, state, params)")
+            param_leaves = treedef.flatten_up_to(params)
+            rate = weight_decay(count) if scheduled else weight_decay
+            keep = [True] * len(leaves) if mask is None else expand_mask(mask, params)
+            rates = [rate if k else None for k in keep]
+        steps = zip(plan.unstack(stacks, rest, leaves), param_leaves, rates, strict=True)
+        new = [finished(u, p, r, count) for u, p, r in steps]
+        return treedef.unflatten(new), StackedSoapState(stacks_state, rest_state)
+
+    return optax.GradientTransformationExtraArgs(init_fn, update_fn)
