@@ -145,17 +145,22 @@ def _placed(state: Any, like: Any) -> Any:
     return jax.tree.map(lambda x, t: jax.device_put(np.asarray(x), t.sharding), state, like)
 
 
-@pytest.mark.parametrize(("n", "m"), [(8, 3), (1, 8)], ids=["8to3", "1to8"])
-def test_soap_steps_on_the_new_count_as_on_the_old(n: int, m: int) -> None:
+@pytest.mark.parametrize(
+    ("n", "m", "stacked"),
+    [(8, 3, False), (1, 8, False), (8, 3, True)],
+    ids=["8to3", "1to8", "8to3, stacked"],
+)
+def test_soap_steps_on_the_new_count_as_on_the_old(n: int, m: int, stacked: bool) -> None:
     """Three steps on N (a refresh after the second), the state re-laid for M, then two more
-    steps (a refresh after the fourth) on each: the same updates."""
+    steps (a refresh after the fourth) on each: the same updates. With ``stack_blocks`` the
+    stacks (w1's and w2's 8 x 8 blocks in one, w1's 8 x 4 in another) are re-laid."""
     grads = [_tree(1 + i) for i in range(5)]
     meshes, txs, params = {}, {}, {}
     states = {}
     for count in (n, m):
         meshes[count] = mesh = _mesh(count)
         with jax.set_mesh(mesh):
-            txs[count] = adam_jax.soap(1e-2, block_axis="data", **OPTIONS)
+            txs[count] = adam_jax.soap(1e-2, block_axis="data", stack_blocks=stacked, **OPTIONS)
             params[count] = jax.device_put(_tree(0), NamedSharding(mesh, P()))
             states[count] = jax.jit(txs[count].init)(params[count])
     _, state = _steps(states[n], txs[n], params[n], grads[:3], meshes[n])
@@ -166,7 +171,8 @@ def test_soap_steps_on_the_new_count_as_on_the_old(n: int, m: int) -> None:
     for step, (u, w) in enumerate(zip(ours, want, strict=True)):
         for k in w:
             np.testing.assert_array_equal(u[k], w[k], err_msg=f"{k}@{step}")
-    assert after[0].q["w1"].sharding.spec == P("data")
+    bases = after[0].stacks.q["8x8"] if stacked else after[0].q["w1"]
+    assert bases.sharding.spec == P("data")
 
 
 def test_bfloat16_factors_and_bases_are_relaid_exactly() -> None:

@@ -129,6 +129,21 @@ def test_spread_blocks_train_as_one_device(axis_type: str, placement: str) -> No
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)
+@pytest.mark.parametrize("placement", ["replicated", "zero1"])
+def test_stacked_blocks_spread_train_as_one_device(axis_type: str, placement: str) -> None:
+    """``stack_blocks=True`` with ``block_axis``: w1's 32 and w2's 16 blocks make one stack of
+    48, dealt out 6 a device; the updates are one device's leaf by leaf, and each device holds
+    an eighth of the stack's factors and bases."""
+    want, _, _ = _train(EVEN)
+    ours, state, _ = _train(EVEN, _mesh(axis_type), zero1=placement == "zero1", stack_blocks=True)
+    _assert_close(ours, want)
+    for name in ("gg", "q"):
+        stored = getattr(state.stacks, name)["16x16"]
+        assert stored.size == 48 * 2 * 16 * 16
+        assert {shard.data.size for shard in stored.addressable_shards} == {stored.size // 8}
+
+
+@pytest.mark.parametrize("axis_type", AXIS_TYPES)
 def test_blocks_spread_over_two_axes_train_as_one_device(axis_type: str) -> None:
     """``block_axis=("data", "fsdp")`` on a 2 x 4 mesh: the blocks dealt out over all 8
     devices, an eighth of the factors and bases on each, the updates one device's."""

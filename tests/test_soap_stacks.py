@@ -201,27 +201,40 @@ def test_sharded_leaves_stack_under_jit() -> None:
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        ({"block_size": 8, "block_axis": "data"}, "block_axis='data'"),
-        ({"block_size": 8, "stagger_refresh": True}, "stagger_refresh"),
         ({"nu_dtype": adam_jax.factored_second_moment()}, "nu_dtype="),
-        ({"mu_dtype": adam_jax.per_leaf(lambda p: jax.tree.map(lambda _: None, p))}, "per_leaf"),
+        (
+            {
+                "mu_dtype": adam_jax.per_leaf(
+                    lambda p: {k: jnp.bfloat16 if k == "w" else None for k in p}
+                )
+            },
+            "per_leaf",
+        ),
     ],
-    ids=["block_axis", "stagger_refresh", "factored nu", "per-leaf mu"],
+    ids=["factored nu", "per-leaf mu"],
 )
-def test_what_does_not_stack_yet_is_refused(options: dict[str, Any], message: str) -> None:
+def test_what_does_not_stack_is_refused(options: dict[str, Any], message: str) -> None:
+    """A storage a stack's shape would change, or one that differs between the leaves a stack
+    mixes, is refused at ``init``, naming the option; a ``per_leaf`` choosing one storage for
+    every leaf stacks."""
+    tx = adam_jax.scale_by_soap(block_size=8, stack_blocks=True, **options)
+    params = {"w": jnp.ones((16, 8)), "v": jnp.ones((8, 16))}
     with pytest.raises(ValueError, match=re.escape(message)):
-        adam_jax.scale_by_soap(stack_blocks=True, **options)
+        tx.init(params)
+    same = adam_jax.per_leaf(lambda p: {k: jnp.bfloat16 for k in p})
+    state = adam_jax.scale_by_soap(block_size=8, stack_blocks=True, mu_dtype=same).init(params)
+    assert state.stacks.mu["8x8"].dtype == jnp.bfloat16
 
 
 def test_flat_params_and_a_relayout() -> None:
-    """``FlatParams`` are refused as leaf by leaf; a stacked state (not spread over devices)
-    is re-laid as it is."""
+    """``FlatParams`` are refused as leaf by leaf; a stacked state not spread over devices is
+    re-laid as it is (re-laid spread: tests/test_soap_relayout.py)."""
     tx = adam_jax.scale_by_soap(block_size=8, stack_blocks=True)
     with pytest.raises(ValueError, match="FlatParams"):
         tx.init(adam_jax.FlatParams.from_tree({"w": jnp.ones((8, 8))}))
     params = {"w": jnp.ones((16, 8))}
     state = tx.update({"w": _tree(1)["a"][:, :8]}, tx.init(params))[1]
-    relaid = adam_jax.relayout_soap_state(state, params, devices_from=4, devices_to=2, block_size=8)
+    relaid = adam_jax.relayout_soap_state(state, params, devices_from=1, devices_to=1, block_size=8)
     assert jax.tree.structure(relaid) == jax.tree.structure(state)
     assert jax.tree.all(jax.tree.map(np.array_equal, relaid, state))
 
@@ -246,3 +259,33 @@ def test_one_dimensional_leaves_stack_with_precondition_1d() -> None:
         for _ in range(3):
             updates, state = tx.update(grads, state)
             assert all(bool(jnp.all(jnp.isfinite(u))) for u in jax.tree.leaves(updates))
+
+
+def test_staggered_refreshes_of_one_leaf_as_leaf_by_leaf(x64: None) -> None:
+    """With ``stagger_refresh`` the stacks' blocks are numbered stack after stack; for one leaf
+    with factors (blocks of three shapes, beside a bias) that is the leaf's own numbering,
+    group after group, so the updates are the leaf-by-leaf step's over two windows of
+    refreshes (Cholesky QR)."""
+    rng = np.random.default_rng(0)
+    params = {"w": jnp.asarray(rng.normal(size=(20, 24))), "b": jnp.zeros(5)}
+    options = {
+        "block_size": 8,
+        "stagger_refresh": True,
+        "precondition_frequency": 3,
+        "orthogonalization": "cholesky_qr",
+    }
+    runs = []
+    for stacked in (False, True):
+        tx = adam_jax.scale_by_soap(stack_blocks=stacked, **options)
+        state = tx.init(params)
+        step = jax.jit(tx.update)
+        updates = []
+        for t in range(8):
+            draw = np.random.default_rng(t + 1)
+            grads = {k: jnp.asarray(draw.normal(size=v.shape)) for k, v in params.items()}
+            u, state = step(grads, state, params)
+            updates.append(u)
+        runs.append(updates)
+    for leaf_by_leaf, stacked in zip(*runs, strict=True):
+        for name in params:
+            np.testing.assert_allclose(stacked[name], leaf_by_leaf[name], rtol=1e-12, atol=1e-12)

@@ -4,6 +4,7 @@ run resumed on another count takes its blocks' values in the new order."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -11,7 +12,7 @@ import numpy as np
 
 from adam_jax._src.variants.soap.layout import SoapLayout
 from adam_jax._src.variants.soap.rule import _MAX_PRECOND_DIM, ScaleBySoapState
-from adam_jax._src.variants.soap.stacks import StackedSoapState
+from adam_jax._src.variants.soap.stacks import StackedSoapState, StackPlan
 
 # The state's fields that are laid out by device, and what they hold (for the messages).
 _FIELDS = {"gg": "factors", "q": "bases"}
@@ -46,8 +47,8 @@ def relayout_soap_state(
     their places for ``devices_to`` (a permutation of the blocks' values, the empty slots
     zero), so that SOAP stepped on ``devices_to`` devices from the result takes the updates
     it would have taken on ``devices_from``. The other fields (Adam's moments, the count)
-    are not laid out by device and are returned as they are, and so is the state of
-    ``stack_blocks=True``, whose stacks are not spread over devices.
+    are not laid out by device and are returned as they are. With ``stack_blocks``, each stack
+    (the blocks of one shape from every leaf) is re-laid as a leaf of those blocks is.
 
     Runs on the host, once at a resume: the vectors are read as NumPy arrays (a
     ``jax.Array`` must be fully addressable: read it replicated, or to the host, where it
@@ -114,13 +115,16 @@ def relayout_soap_state(
         block_size=block_size,
     )
     source, target = layout.on_devices(devices_from), layout.on_devices(devices_to)
+    stacked_source, stacked_target = (
+        dataclasses.replace(x, stacked=True) for x in (source, target)
+    )
     found = 0
 
-    def relaid_vector(field: str, path: Any, param: Any, stored: Any) -> Any:
+    def relaid_vector(field: str, path: Any, param: Any, stored: Any, stacked: bool = False) -> Any:
         if not jax.tree.leaves(stored):  # a masked leaf (optax.masked's MaskedNode), or None
             return stored
         name = jax.tree_util.keystr(path) or "(the root)"
-        what = f"the {_FIELDS[field]} ({field}) of leaf {name}"
+        what = f"the {_FIELDS[field]} ({field}) of {'stack' if stacked else 'leaf'} {name}"
         if not isinstance(stored, np.ndarray | jax.Array):
             raise ValueError(
                 f"relayout_soap_state: {what} are stored as {type(stored).__name__} (8-bit or "
@@ -130,7 +134,8 @@ def relayout_soap_state(
                 "bfloat16"
             )
         shape = tuple(param.shape)
-        expected = source.size(shape)
+        old, new = (stacked_source, stacked_target) if stacked else (source, target)
+        expected = old.size(shape)
         if stored.shape != (expected,):
             length = f"{stored.shape[0]} values" if stored.ndim == 1 else f"shape {stored.shape}"
             raise ValueError(
@@ -141,17 +146,34 @@ def relayout_soap_state(
                 "devices and options of the run that wrote the state"
             )
         vector = np.asarray(stored)
-        return target.pack_blocks(source.unpack_blocks(vector, shape), shape, vector.dtype)
+        return new.pack_blocks(old.unpack_blocks(vector, shape), shape, vector.dtype)
+
+    def relaid_stacks(node: StackedSoapState) -> StackedSoapState:
+        """A stacked state's stacks, each re-laid as a leaf of its blocks would be."""
+        shapes = StackPlan.of(jax.tree.leaves(params), layout).stack_shapes()
+        fields: dict[str, Any] = {}
+        for field in _FIELDS:
+            fields[field] = {
+                name: relaid_vector(
+                    field,
+                    (jax.tree_util.DictKey(name),),
+                    jax.ShapeDtypeStruct(shapes[name], np.float32),
+                    vector,
+                    True,
+                )
+                for name, vector in getattr(node.stacks, field).items()
+            }
+        return node._replace(stacks=node.stacks._replace(**fields))
 
     def relaid(node: Any) -> Any:
         nonlocal found
         if isinstance(node, StackedSoapState):
             found += 1
-            return node  # stacks are not spread over devices: the same on any number
+            return relaid_stacks(node)
         if not isinstance(node, ScaleBySoapState):
             return node
         found += 1
-        fields = {
+        fields: dict[str, Any] = {
             field: jax.tree_util.tree_map_with_path(
                 lambda path, p, s, f=field: relaid_vector(f, path, p, s),
                 params,

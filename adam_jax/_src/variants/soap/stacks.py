@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from adam_jax._src.storage import PerLeafStorage, as_storage
 from adam_jax._src.variants.soap.blocks import _assemble
 from adam_jax._src.variants.soap.factors import _TINY
 from adam_jax._src.variants.soap.layout import BlockGroup, SoapLayout
@@ -43,6 +42,7 @@ from adam_jax.rules import (
     real_dtype,
     replicated,
     static_float,
+    storages_for,
 )
 
 
@@ -105,6 +105,13 @@ class StackPlan:
             rest=tuple(rest),
         )
 
+    def stack_shapes(self) -> dict[str, tuple[int, ...]]:
+        """Each stack's shape, ``(n, *sizes)``, by name."""
+        return {
+            name: (sum(m.group.n for m in members), *members[0].group.sizes)
+            for name, members in self.stacks
+        }
+
     def stack(self, leaves: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The stacks of ``leaves`` (laid out as the plan's), each the concatenation of its
         members' blocks, ``(n, *sizes)``; and the leaves without a factor, flattened and
@@ -145,21 +152,22 @@ class StackPlan:
         return leaves
 
 
-def _check_storages(rule: SoapRule) -> None:
-    """Refuses moment storages that depend on the leaf: chosen per leaf, or kept per tensor
-    (its rows and columns) or reduced, which a stack's shape would change."""
+def _check_storages(rule: SoapRule, params: Any) -> None:
+    """Refuses moment storages that depend on the leaf: different ones for different leaves
+    (``per_leaf``), or kept per tensor (its rows and columns) or reduced, which a stack's shape
+    would change."""
     for moment in rule.moments()[:2]:
-        if isinstance(moment.storage, PerLeafStorage):
+        storages = storages_for(moment.storage, params)
+        if any(storage != storages[0] for storage in storages):
             raise ValueError(
                 f"stack_blocks=True keeps {moment.name} in stacks of blocks from several "
-                f"leaves: a per_leaf storage ({moment.name}_dtype) cannot apply; pass one "
-                "storage, or stack_blocks=False"
+                f"leaves: {moment.name}_dtype's per_leaf storages, which differ between "
+                "leaves, cannot apply; pass one storage, or stack_blocks=False"
             )
-        storage = as_storage(moment.storage)
-        if storage.reduces or storage.per_tensor:
+        if storages and (storages[0].reduces or storages[0].per_tensor):
             raise ValueError(
                 f"stack_blocks=True keeps {moment.name} in stacks of blocks, not in each "
-                f"leaf's shape: {moment.name}_dtype={moment.storage!r} keeps statistics of a "
+                f"leaf's shape: {moment.name}_dtype={storages[0]!r} keeps statistics of a "
                 "tensor's rows or columns; pass an elementwise storage (a dtype, "
                 "BlockwiseQuantized) or stack_blocks=False"
             )
@@ -180,7 +188,6 @@ def scale_by_soap_stacks(
     if not scheduled:
         check_non_negative("weight_decay", weight_decay)
     no_decay = not scheduled and static_float(weight_decay) == 0.0
-    _check_storages(rule)
     normalized = bool(rule.normalize_grads)
     stacked_rule = dataclasses.replace(
         rule,
@@ -194,6 +201,7 @@ def scale_by_soap_stacks(
 
     def init_fn(params: optax.Params) -> StackedSoapState:
         SoapRule.check_params(params)
+        _check_storages(rule, params)
         leaves = jax.tree.leaves(params)
         stacks, rest = StackPlan.of(leaves, rule.layout).stack(leaves)
         return StackedSoapState(stacked_soap.init(stacks), rest_soap.init(rest))

@@ -198,7 +198,8 @@ def scale_by_soap(
 
     With ``stagger_refresh``, the blocks that have a factor are numbered across the tree
     (:math:`j = 0, 1, \dots`, leaf after leaf in flattening order, a leaf without blocks one
-    block) and block :math:`j` is refreshed after the steps :math:`t > 0` with
+    block; with ``stack_blocks``, stack after stack, each in its leaves' order) and block
+    :math:`j` is refreshed after the steps :math:`t > 0` with
 
     .. math::
         t \equiv j \pmod{f}, \qquad f = \texttt{precondition\_frequency},
@@ -310,8 +311,8 @@ def scale_by_soap(
         as one batch: a step's products, moments and refreshes no longer one per leaf (a GPU's
         kernels), the gradient's blocks gathered into the stacks and the update's put back.
         Each block's arithmetic is the same; the moments' values lie in another order, so a
-        compressed moment's blocks of codes hold others. Not yet with ``block_axis`` or
-        ``stagger_refresh``, nor with a moment storage that keeps per-tensor statistics.
+        compressed moment's blocks of codes hold others. With ``block_axis`` each stack's
+        blocks are spread. Not with a moment storage that keeps per-tensor statistics.
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
@@ -363,16 +364,6 @@ def scale_by_soap(
     )
     if not stack_blocks:
         return _scale_by_soap(rule, weight_decay=weight_decay, mask=mask)
-    if block_axis is not None:
-        raise ValueError(
-            f"stack_blocks=True does not yet spread the stacks over block_axis={block_axis!r}: "
-            "pass stack_blocks=False (each leaf's blocks spread) or block_axis=None"
-        )
-    if stagger_refresh:
-        raise ValueError(
-            "stack_blocks=True does not yet stagger the stacks' refreshes: pass "
-            "stack_blocks=False or stagger_refresh=False"
-        )
     return scale_by_soap_stacks(rule, _scale_by_soap, weight_decay=weight_decay, mask=mask)
 
 
@@ -476,8 +467,8 @@ def soap(
         as one batch: a step's products, moments and refreshes no longer one per leaf (a GPU's
         kernels), the gradient's blocks gathered into the stacks and the update's put back.
         Each block's arithmetic is the same; the moments' values lie in another order, so a
-        compressed moment's blocks of codes hold others. Not yet with ``block_axis`` or
-        ``stagger_refresh``, nor with a moment storage that keeps per-tensor statistics.
+        compressed moment's blocks of codes hold others. With ``block_axis`` each stack's
+        blocks are spread. Not with a moment storage that keeps per-tensor statistics.
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
