@@ -289,3 +289,24 @@ def test_staggered_refreshes_of_one_leaf_as_leaf_by_leaf(x64: None) -> None:
     for leaf_by_leaf, stacked in zip(*runs, strict=True):
         for name in params:
             np.testing.assert_allclose(stacked[name], leaf_by_leaf[name], rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("wrap", ["offload_state", "step_in_slices"])
+def test_wrapped_stacked_soap_steps_as_unwrapped(wrap: str) -> None:
+    """The state in host memory (``offload_state``) or a leaf stepped in slices of rows
+    (``step_in_slices``): their leaf schedules step the stacks as leaves, bit for bit."""
+    params = {k: v for k, v in _tree(0).items() if k in ("a", "b", "v")}
+    runs = []
+    for wrapper in (lambda tx: tx, getattr(adam_jax, wrap)):
+        tx = wrapper(adam_jax.soap(0.01, block_size=8, precondition_frequency=2, stack_blocks=True))
+        state, p = tx.init(params), params
+        step = jax.jit(tx.update)
+        updates = []
+        for t in range(4):
+            u, state = step({k: _tree(t + 1)[k] for k in params}, state, p)
+            p = optax.apply_updates(p, u)
+            updates.append(u)
+        runs.append(updates)
+    for plain, wrapped in zip(*runs, strict=True):
+        for name in params:
+            np.testing.assert_array_equal(wrapped[name], plain[name], err_msg=name)
