@@ -169,9 +169,9 @@ class SoapLayout:
 
     def factors(self, shape: tuple[int, ...]) -> tuple[int | None, ...]:
         """Per dimension of :meth:`shape`: the size of its factor, or None (identity)."""
-        working = self.shape(shape)
         if self.stacked:
             return tuple(d if d <= self.max_precond_dim else None for d in shape[1:])
+        working = self.shape(shape)
         if len(shape) == 1 and not self.precondition_1d:
             return (None,)
         return tuple(d if d <= self.max_precond_dim else None for d in working)

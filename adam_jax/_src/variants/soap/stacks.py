@@ -206,14 +206,20 @@ def scale_by_soap_stacks(
         stacks, rest = StackPlan.of(leaves, rule.layout).stack(leaves)
         return StackedSoapState(stacked_soap.init(stacks), rest_soap.init(rest))
 
-    def finished(u: jax.Array, param: Any, rate: Any, count: jax.Array) -> jax.Array:
-        """A leaf's update as the leaf-by-leaf step ends it: normalized and bias-corrected,
-        then decayed (none at the first step, which only initializes)."""
+    def finished(
+        u: jax.Array, param: Any, rate: Any, count: jax.Array, corrections: dict[Any, Any]
+    ) -> jax.Array:
+        """A leaf's update as the leaf-by-leaf step ends it: normalized and bias-corrected
+        (``corrections``: the step size's factor by compute dtype, made once a step), then
+        decayed (none at the first step, which only initializes)."""
         if normalized:
             u = u / (_TINY + jnp.sqrt(jnp.mean(jnp.square(u))))
             if rule.correct_bias:
-                d = rule.scalars({"count": count}, real_dtype(compute_dtype(u.dtype))).adam
-                u = u * (jnp.sqrt(d.c2) / d.c1)
+                dtype = real_dtype(compute_dtype(u.dtype))
+                if dtype not in corrections:
+                    d = rule.scalars({"count": count}, dtype).adam
+                    corrections[dtype] = jnp.sqrt(d.c2) / d.c1
+                u = u * corrections[dtype]
         if rate is None:
             return u
         decayed = u + rate * jnp.asarray(param).astype(u.dtype)
@@ -242,7 +248,8 @@ def scale_by_soap_stacks(
             keep = [True] * len(leaves) if mask is None else expand_mask(mask, params)
             rates = [rate if k else None for k in keep]
         steps = zip(plan.unstack(stacks, rest, leaves), param_leaves, rates, strict=True)
-        new = [finished(u, p, r, count) for u, p, r in steps]
+        corrections: dict[Any, Any] = {}
+        new = [finished(u, p, r, count, corrections) for u, p, r in steps]
         return treedef.unflatten(new), StackedSoapState(stacks_state, rest_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
