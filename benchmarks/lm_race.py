@@ -144,6 +144,10 @@ OPTIMIZERS: dict[str, OptimizerFactory] = {
     "soap, compressed, bfloat16 nu, unrectified, cholesky QR": lambda lr: adam_jax.soap(
         lr, weight_decay=WEIGHT_DECAY, mask=matrices, orthogonalization="cholesky_qr", **PRACTICAL
     ),
+    # The first step's bases by a refresh of the identity, not eigh (what a TPU compiles fast).
+    "soap, power start": lambda lr: adam_jax.soap(
+        lr, weight_decay=WEIGHT_DECAY, mask=matrices, first_basis="power"
+    ),
     "muon + adamw": muon_with_adamw,
     # LaProp's decay is not multiplied by the rate (its authors'): the schedule times AdamW's
     # coefficient decays the params as AdamW's does.
@@ -171,6 +175,7 @@ GRIDS: dict[str, tuple[float, ...]] = {
     "soap, blocks, bfloat16": (1.6e-2,),
     "soap, cholesky QR": (1.6e-2,),
     "soap, compressed, bfloat16 nu, unrectified, cholesky QR": (1.6e-2,),
+    "soap, power start": (1.6e-2,),
     "muon + adamw": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     "laprop": (2e-3, 4e-3, 8e-3, 1.6e-2, 3.2e-2),
     # Grams was best at 3.2e-2, the top of the others' grid, on both models: one more above.

@@ -28,7 +28,8 @@ PHASES = ("whole", "first", "step", "refresh")
 
 def settings() -> dict[str, Any]:
     """The optimizers measured: AdamW, SOAP's defaults and the setting to use (docs/memory.md),
-    leaf by leaf and with their state stacked by block shape (``stack_blocks=True``)."""
+    leaf by leaf and with their state stacked by block shape (``stack_blocks=True``), stacked
+    with their first bases by a refresh of the identity (``first_basis="power"``)."""
     import jax.numpy as jnp
 
     import adam_jax
@@ -48,6 +49,12 @@ def settings() -> dict[str, Any]:
         "the setting to use": lambda: adam_jax.soap(LR, **practical),
         "soap, stacked": lambda: adam_jax.soap(LR, stack_blocks=True),
         "the setting to use, stacked": lambda: adam_jax.soap(LR, stack_blocks=True, **practical),
+        "soap, stacked, power start": lambda: adam_jax.soap(
+            LR, stack_blocks=True, first_basis="power"
+        ),
+        "the setting to use, stacked, power start": lambda: adam_jax.soap(
+            LR, stack_blocks=True, first_basis="power", **practical
+        ),
     }
 
 
@@ -97,7 +104,8 @@ def main(argv: list[str] | None = None) -> None:
         "--programs",
         nargs="+",
         default=None,
-        help="adamw, soap, 'the setting to use', 'soap, stacked', 'the setting to use, stacked'",
+        help="adamw, soap, 'the setting to use', each with ', stacked' and ', stacked, power "
+        "start' (default: all)",
     )
     parser.add_argument("--out", type=Path, help="write the rows to this JSON file")
     args = parser.parse_args(argv)

@@ -60,6 +60,7 @@ def _run(tx: optax.GradientTransformation, steps: int, dtype: Any = np.float32) 
 OPTIONS = {
     "blocks": {"block_size": 8},
     "blocks, Cholesky QR": {"block_size": 8, "orthogonalization": "cholesky_qr"},
+    "blocks, power start": {"block_size": 8, "first_basis": "power"},
     "merged": {"block_size": 8, "merge_dims": True},
     "a dimension without factor": {"block_size": 8, "max_precond_dim": 12},
     "whole matrices": {},

@@ -126,6 +126,8 @@ class SoapScalars(NamedTuple):
 #: The phases of a SOAP step, which :func:`scale_by_soap` chooses for the whole tree: the first
 #: step (which only initializes the bases), a step, a step after which every basis is refreshed.
 PHASES = ("first", "step", "refresh")
+#: How the first step builds the bases (``first_basis``).
+FIRST_BASES = ("eigh", "power")
 
 
 def _check_shampoo_beta(name: str, value: Any) -> None:
@@ -265,6 +267,16 @@ class SoapRule(MomentRule):
         '``"auto"``: QR on the CPU (the authors\' arithmetic), Cholesky QR on '
         "GPU and TPU, where QR loops over a batch of blocks (docs/speed.md).",
         rules.choice(*ORTHOGONALIZATIONS),
+    )
+    first_basis: str = rules.hyperparam(
+        "eigh",
+        'how the first step builds each basis from its factor :math:`L_1`: ``"eigh"``, its '
+        'eigenvectors by decreasing eigenvalue (the authors\' ``eigh``); ``"power"``, a '
+        "refresh from the identity: :math:`L_1`'s columns by decreasing diagonal, "
+        'orthonormalized by ``orthogonalization``. ``"power"`` compiles no '
+        "eigendecomposition, which on a TPU takes minutes for a large factor (docs/speed.md); "
+        "its bases then improve with each refresh.",
+        rules.choice(*FIRST_BASES),
     )
 
     # With stagger_refresh, per leaf of the updates (in flattening order), the index of its
@@ -433,7 +445,7 @@ class SoapRule(MomentRule):
 
         def initialize(operands: Any) -> Any:
             mu, nu, _ = operands
-            bases = [None if f is None else _eigenbasis(f, self.solves) for f in factors]
+            bases = [None if f is None else self._first_basis(f) for f in factors]
             # The moments are still zeros: in the shape the Adam branch gives them (a reducing
             # storage passes them reduced), which the core reduces back to the same zeros.
             mu, nu = (jnp.broadcast_to(m, jnp.broadcast_shapes(m.shape, shape)) for m in (mu, nu))
@@ -459,6 +471,13 @@ class SoapRule(MomentRule):
             branch(scalars.first, initialize, adam_step, (mu, nu, q)),
             new_gg,
         )
+
+    def _first_basis(self, factor: jax.Array) -> jax.Array:
+        """The first step's basis of a factor (or of each of a batch), by ``first_basis``."""
+        if self.first_basis == "eigh":
+            return _eigenbasis(factor, self.solves)
+        identity = jnp.broadcast_to(jnp.eye(factor.shape[-1], dtype=factor.dtype), factor.shape)
+        return self.solves.refreshed_basis(factor, identity, self.orthogonalization)[1]
 
     def _adam(
         self, projected: jax.Array, mu: jax.Array, nu: jax.Array, d: StepScalars, leaf: Leaf
@@ -541,7 +560,7 @@ class SoapRule(MomentRule):
 
         def eigenbases(factors: jax.Array, q: jax.Array) -> jax.Array:
             bases = [
-                [None if f is None else _eigenbasis(f, self.solves) for f in fs]
+                [None if f is None else self._first_basis(f) for f in fs]
                 for fs in blocks.parts(factors)
             ]
             return _pack_groups(bases, q)

@@ -124,6 +124,7 @@ def scale_by_soap(
     basis_dtype: Any = None,
     basis_rectification: int | None = None,
     orthogonalization: str = "auto",
+    first_basis: str = "eigh",
     stack_blocks: bool = False,
     weight_decay: optax.ScalarOrSchedule = 0.0,
     mask: Mask | None = None,
@@ -151,7 +152,9 @@ def scale_by_soap(
         + \lambda_t \theta_{t-1}.
 
     The first call only sets :math:`L_1` and :math:`Q = \mathrm{eigh}(L_1)` (eigenvectors by
-    decreasing eigenvalue) and returns a zero update; Adam's step :math:`t` counts from the
+    decreasing eigenvalue; with ``first_basis="power"``, a refresh of the identity, below:
+    :math:`\mathrm{qr}(L_1 P)`, :math:`P` the permutation that sorts :math:`\mathrm{diag}(L_1)`
+    decreasing) and returns a zero update; Adam's step :math:`t` counts from the
     second call. After every step whose :math:`t` is a multiple of ``precondition_frequency``,
     each basis is refreshed by one power-iteration step: the columns of :math:`Q` sorted by
     :math:`\mathrm{diag}(Q^\top L Q)` decreasing (and :math:`v` permuted alike), then
@@ -306,6 +309,12 @@ def scale_by_soap(
         columns' signs, which the update does not see); ``"auto"``: QR on the CPU (the authors'
         arithmetic), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
         (docs/speed.md).
+      first_basis: how the first step builds each basis from its factor :math:`L_1`:
+        ``"eigh"``, its eigenvectors by decreasing eigenvalue (the authors' ``eigh``);
+        ``"power"``, a refresh from the identity: :math:`L_1`'s columns by decreasing diagonal,
+        orthonormalized by ``orthogonalization``. ``"power"`` compiles no eigendecomposition,
+        which on a TPU takes minutes for a large factor (docs/speed.md); its bases then improve
+        with each refresh.
       stack_blocks: keep the state of the blocks of every leaf that share a shape (of the
         whole matrices of one shape, without ``block_size``) in one stack, and step each stack
         as one batch: a step's products, moments and refreshes no longer one per leaf (a GPU's
@@ -361,6 +370,7 @@ def scale_by_soap(
         basis_dtype=basis_dtype,
         basis_rectification=basis_rectification,
         orthogonalization=orthogonalization,
+        first_basis=first_basis,
     )
     if not stack_blocks:
         return _scale_by_soap(rule, weight_decay=weight_decay, mask=mask)
@@ -389,6 +399,7 @@ def soap(
     basis_dtype: Any = None,
     basis_rectification: int | None = None,
     orthogonalization: str = "auto",
+    first_basis: str = "eigh",
     stack_blocks: bool = False,
     weight_decay: optax.ScalarOrSchedule = 0.01,
     mask: Mask | None = None,
@@ -462,6 +473,12 @@ def soap(
         columns' signs, which the update does not see); ``"auto"``: QR on the CPU (the authors'
         arithmetic), Cholesky QR on GPU and TPU, where QR loops over a batch of blocks
         (docs/speed.md).
+      first_basis: how the first step builds each basis from its factor :math:`L_1`:
+        ``"eigh"``, its eigenvectors by decreasing eigenvalue (the authors' ``eigh``);
+        ``"power"``, a refresh from the identity: :math:`L_1`'s columns by decreasing diagonal,
+        orthonormalized by ``orthogonalization``. ``"power"`` compiles no eigendecomposition,
+        which on a TPU takes minutes for a large factor (docs/speed.md); its bases then improve
+        with each refresh.
       stack_blocks: keep the state of the blocks of every leaf that share a shape (of the
         whole matrices of one shape, without ``block_size``) in one stack, and step each stack
         as one batch: a step's products, moments and refreshes no longer one per leaf (a GPU's
@@ -516,6 +533,7 @@ def soap(
             basis_dtype=basis_dtype,
             basis_rectification=basis_rectification,
             orthogonalization=orthogonalization,
+            first_basis=first_basis,
             stack_blocks=stack_blocks,
             weight_decay=weight_decay,
             mask=mask,
