@@ -7,6 +7,7 @@ Each row: kernels, the kernel before which the first host copy starts, the share
 bytes whose copy overlaps a kernel, temporaries, and the time model's milliseconds
 (:mod:`benchmarks.time_model`, whose copy stream runs beside the kernels) with the ratio to
 the step on the device. The offload section measured the tree's order on an H200 (1.77x).
+``--prefetch 8 16`` adds rows of the gradient order at those prefetch depths.
 
     python -m benchmarks.offload_order --card h200 --out benchmarks/results/offload_order_h200.json
 """
@@ -69,7 +70,9 @@ def transformer_tree() -> Any:
     return jax.eval_shape(lambda: transformer_params(jax.random.key(0), **offload.GPU_TREE))
 
 
-def rows(card: str) -> list[dict[str, Any]]:
+def rows(card: str, deeper: tuple[int, ...] = ()) -> list[dict[str, Any]]:
+    """The rows of :data:`SETTINGS`, then the gradient order at each prefetch depth of
+    ``deeper``."""
     import jax
     import jax.numpy as jnp
 
@@ -84,7 +87,8 @@ def rows(card: str) -> list[dict[str, Any]]:
     tokens = jax.ShapeDtypeStruct(offload.GPU_BATCH, jnp.int32)
     order = adam_jax.gradient_order(transformer_loss, params, tokens)
     found: list[dict[str, Any]] = []
-    for name, offloaded, prefetch, by_gradients in SETTINGS:
+    extra = tuple((f"offloaded, gradient order, prefetch={p}", True, p, True) for p in deeper)
+    for name, offloaded, prefetch, by_gradients in SETTINGS + extra:
         tx = adam_jax.adamw(LR)
         if offloaded:
             tx = adam_jax.offload_state(
@@ -132,9 +136,16 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.offload_order")
     parser.add_argument("--card", choices=("h100", "h200"), default="h200")
     parser.add_argument("--out", type=Path, help="write the rows to this JSON file")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        nargs="+",
+        default=(),
+        help="more rows: the gradient order at these prefetch depths",
+    )
     args = parser.parse_args(argv)
     accelerators.enable_or_exit(parser)
-    found = rows(args.card)
+    found = rows(args.card, tuple(args.prefetch))
     if args.out is not None:
         args.out.write_text(json.dumps(found, indent=2) + "\n")
     print(markdown(found))
