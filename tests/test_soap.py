@@ -377,8 +377,14 @@ def _stepped_side_by_side(
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"block_size": 4}, {"stagger_refresh": True}, {"block_size": 4, "stagger_refresh": True}],
-    ids=["unblocked", "blocks", "staggered leaves", "staggered blocks"],
+    [
+        {},
+        {"block_size": 4},
+        {"stagger_refresh": True},
+        {"block_size": 4, "stagger_refresh": True},
+        {"block_size": 4, "first_basis": "power"},
+    ],
+    ids=["unblocked", "blocks", "staggered leaves", "staggered blocks", "power start"],
 )
 def test_one_branch_a_step_computes_what_a_branch_per_leaf_does(options: dict, x64: None) -> None:
     """With ``branching="tree"`` (the default off the CPU) SOAP chooses the step's phase once
