@@ -159,7 +159,7 @@ def relayout_soap_state(
                     (jax.tree_util.DictKey(name),),
                     jax.ShapeDtypeStruct(shapes[name], np.float32),
                     vector,
-                    True,
+                    stacked=True,
                 )
                 for name, vector in getattr(node.stacks, field).items()
             }
