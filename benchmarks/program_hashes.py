@@ -72,13 +72,6 @@ def _compositions() -> dict[str, Any]:
     def adamw() -> optax.GradientTransformation:
         return adam_jax.adamw(1e-3, weight_decay=0.1)
 
-    def fused_8bit() -> optax.GradientTransformation:
-        storage = adam_jax.quantization.BlockwiseQuantized
-        return adam_jax.adamw(
-            1e-3, mu_dtype=storage(signed=True, kernel="auto"),
-            nu_dtype=storage(signed=False, kernel="auto"),
-        )  # fmt: skip
-
     def eight_bit() -> optax.GradientTransformation:
         return adam_jax.adamw_8bit(1e-3)
 
@@ -94,7 +87,6 @@ def _compositions() -> dict[str, Any]:
         "offload_state(adamw, leaf_by_leaf=False)": programs.Setting(
             lambda: adam_jax.offload_state(adamw(), leaf_by_leaf=False)
         ),
-        "adamw 8-bit, fused kernel": programs.Setting(fused_8bit),
         "step_in_slices(4-bit adamw)": programs.Setting(
             lambda: adam_jax.adamw(1e-3, **adam_jax.four_bit_moments()), in_slices=True
         ),

@@ -60,10 +60,22 @@ def _adamw_8bit() -> optax.GradientTransformation:
     return adam_jax.adamw_8bit(LR)
 
 
+def _adamw_8bit_fused() -> optax.GradientTransformation:
+    """8-bit AdamW whose leaves take the fused Pallas kernel on a GPU (``kernel="auto"``)."""
+    storages = adam_jax.eight_bit_moments()
+    return adam_jax.adamw(
+        LR, **{name: dataclasses.replace(s, kernel="auto") for name, s in storages.items()}
+    )
+
+
+def _four_bit() -> optax.GradientTransformation:
+    return adam_jax.adamw(LR, **adam_jax.four_bit_moments())
+
+
 SETTINGS: dict[str, Setting] = {
     "optax.adamw": Setting(lambda: optax.adamw(LR)),
     **_registry_settings(),
-    "4-bit moments": Setting(lambda: adam_jax.adamw(LR, **adam_jax.four_bit_moments())),
+    "4-bit moments": Setting(_four_bit),
     "bfloat16 + Kahan": Setting(
         lambda: adam_jax.kahan_summation(_adamw()), param_dtype=jnp.bfloat16
     ),
@@ -71,6 +83,9 @@ SETTINGS: dict[str, Setting] = {
         lambda: adam_jax.stochastic_rounding(_adamw(), key=0), param_dtype=jnp.bfloat16
     ),
     "adamw, FlatParams": Setting(_adamw, layout="flat"),
+    "adamw_8bit, FlatParams": Setting(_adamw_8bit, layout="flat"),
+    "4-bit moments, FlatParams": Setting(_four_bit, layout="flat"),
+    "adamw_8bit, fused kernel": Setting(_adamw_8bit_fused),
     "step_in_slices(adamw_8bit)": Setting(_adamw_8bit, in_slices=True),
     "offload_state(adamw)": Setting(_adamw, offload=True),
     "offload_state(adamw, prefetch=1)": Setting(_adamw, offload=True, prefetch=1),
