@@ -306,3 +306,65 @@ def test_a_matrix_gets_the_same_q_alone_and_batched_with_harder_ones() -> None:
     )
     np.testing.assert_array_equal(np.asarray(both[0]), np.asarray(alone[0]))
     assert _orthonormality(both[1]) < 1e-5
+
+
+@pytest.mark.parametrize("d", [257, 512, 700])
+def test_blocked_factorization_and_division_match_the_native_ones(d: int, x64: None) -> None:
+    """A TPU's panel-by-panel Cholesky factorization and ``X L^{-T}`` (run here on the CPU, in
+    float64, a batch of two): NumPy's factor and solve, to rounding, for sizes a whole number of
+    panels and not; a matrix that is not positive definite gets ``NaN``, as from
+    ``jnp.linalg.cholesky``."""
+    from adam_jax._src.orthonormalization import blocked_cholesky, blocked_right_division
+
+    rng = np.random.default_rng(d)
+    a = rng.standard_normal((2, d, d))
+    spd = a @ np.swapaxes(a, -1, -2) + d * np.eye(d)
+    reference = np.linalg.cholesky(spd)
+    lower = np.asarray(blocked_cholesky(jnp.asarray(spd)))
+    assert np.max(np.abs(lower - reference)) < 1e-12 * np.max(np.abs(reference))
+    x = rng.standard_normal((2, d, d))
+    expected = np.swapaxes(np.linalg.solve(reference, np.swapaxes(x, -1, -2)), -1, -2)
+    divided = np.asarray(blocked_right_division(jnp.asarray(reference), jnp.asarray(x)))
+    assert np.max(np.abs(divided - expected)) < 1e-12 * np.max(np.abs(expected))
+    indefinite = np.eye(d)
+    indefinite[-1, -1] = -1.0
+    assert np.isnan(np.asarray(blocked_cholesky(jnp.asarray(indefinite)))).any()
+
+
+def test_cholesky_qr_with_the_blocked_calls_gives_householder_q(
+    monkeypatch: pytest.MonkeyPatch, x64: None
+) -> None:
+    """Cholesky QR as a TPU computes it for a ``300 x 300`` power iterate (the blocked calls
+    put in on the CPU): the Q of Householder QR, as with the native calls."""
+    from adam_jax._src import orthonormalization
+
+    monkeypatch.setattr(orthonormalization, "_cholesky", orthonormalization.blocked_cholesky)
+    monkeypatch.setattr(
+        orthonormalization, "_right_division", orthonormalization.blocked_right_division
+    )
+    rng = np.random.default_rng(5)
+    x, old = _power_iterate(rng, 300, 300, True)
+    q = np.asarray(cholesky_qr(jnp.asarray(x), jnp.asarray(old)))
+    reference = np.linalg.qr(x)[0]
+    assert np.max(np.abs(_signs_aligned(q, reference) - reference)) < 1e-10
+    assert _orthonormality(q) < 1e-13
+
+
+def test_a_tpu_factorizes_a_panel_at_a_time() -> None:
+    """Exported for a TPU, the refreshes of a ``300 x 8`` leaf's ``300 x 300`` factor (and the
+    power start's first bases) factorize no matrix larger than a panel: libtpu compiles a large
+    Cholesky factorization as many calls, slowly. (``eigh``'s first bases would bring jax's own
+    QDWH eigensolver, which factorizes the whole matrix.) Exported for CUDA, the refresh calls
+    cuSOLVER on the whole matrix, as before."""
+    from adam_jax._src.orthonormalization import TPU_PANEL
+
+    params = {"w": jnp.ones((300, 8))}
+    tx = adam_jax.scale_by_soap(precondition_frequency=2, first_basis="power")
+    step = jax.jit(tx.update)
+    state = tx.init(params)
+    tpu = jax.export.export(step, platforms=["tpu"])(params, state, params).mlir_module()
+    square = r"stablehlo\.cholesky[^\n]*tensor<(?:\d+x)*?(\d+)x\1xf32>"
+    sizes = [int(n) for n in re.findall(square, tpu)]
+    assert sizes and max(sizes) == TPU_PANEL, sizes
+    cuda = jax.export.export(step, platforms=["cuda"])(params, state, params).mlir_module()
+    assert re.search(r"cusolver_potrf\w*\([^\n]*tensor<(?:\d+x)*300x300xf32>", cuda)
