@@ -9,8 +9,9 @@
 #                AdamW and SOAP's setting to use: tokens a second and the optimizer's share
 #                (benchmarks/lm_gpt2_gpu.sh, its speed parts);
 #   3. programs  (issue 65) GPT-2 small's optimizer steps (float32, 8-bit, 4-bit, offloaded, in
-#                slices), each timed beside float32 AdamW and beside the time model's prediction
-#                for the program as compiled there (benchmarks.measured_programs);
+#                slices; float32 and 8-bit as FlatParams), each timed beside float32 AdamW and
+#                beside the time model's prediction for the program as compiled there
+#                (benchmarks.measured_programs);
 #   4. offload   (issue 65, OFFLOAD=1) the 98M transformer's steps, state offloaded against on
 #                the device (the offload section's time rows; the train step also with the
 #                state in the gradients' order, four leaves ahead).
@@ -44,7 +45,8 @@ run_part lm 320 env RACE=0 SPEED_TIMEOUT=110 SOAP_SPEED_TIMEOUT=200 OUT_DIR="$OU
   PYTHON="$PYTHON" bash benchmarks/lm_gpt2_gpu.sh
 run_part programs 170 "$PYTHON" -m benchmarks.measured_programs --tree "${TREE:-gpt2}" \
   --card "$CARD" --programs adamw adamw_8bit "4-bit moments" "offload_state(adamw)" \
-  "step_in_slices(adamw_8bit)" --out "$OUT/programs_$CARD.json"
+  "step_in_slices(adamw_8bit)" "adamw, FlatParams" "adamw_8bit, FlatParams" \
+  --out "$OUT/programs_$CARD.json"
 if [[ "${OFFLOAD:-0}" == 1 ]]; then
   run_part offload 150 "$PYTHON" -c "
 import json, sys

@@ -27,6 +27,7 @@ from typing import Any
 import jax
 import optax
 
+import adam_jax
 from benchmarks import programs, time_model
 from benchmarks.harness import Runner, adam_step, interleaved, machine_info
 from benchmarks.hlo_program import read_program
@@ -37,10 +38,11 @@ REPEATS = 20
 def _real_args(
     setting: programs.Setting, tree: str, tx: optax.GradientTransformation
 ) -> tuple[Any, Any, Any]:
-    """``(params, grads, state)`` on the default device, the state in host memory where the
-    setting offloads it (its ``init`` places it)."""
-    if setting.layout != "tree":
-        raise ValueError(f"layout {setting.layout!r}: only the 'tree' layout runs here")
+    """``(params, grads, state)`` on the default device (as ``FlatParams`` where the setting
+    says so), the state in host memory where the setting offloads it (its ``init`` places
+    it)."""
+    if setting.layout not in ("tree", "flat"):
+        raise ValueError(f"layout {setting.layout!r}: only the 'tree' and 'flat' layouts run here")
     shapes = programs.TREES[tree]()
     keys = iter(jax.random.split(jax.random.key(0), 2 * len(jax.tree.leaves(shapes))))
 
@@ -49,6 +51,8 @@ def _real_args(
 
     params = jax.tree.map(lambda x: leaf(x, 0.02), shapes)
     grads = jax.tree.map(lambda x: leaf(x, 1e-3), shapes)
+    if setting.layout == "flat":
+        params, grads = adam_jax.FlatParams.from_tree(params), adam_jax.FlatParams.from_tree(grads)
     return params, grads, tx.init(params)
 
 

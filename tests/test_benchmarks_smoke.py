@@ -677,17 +677,20 @@ def test_soap_branches_compares_programs_that_compute_the_same() -> None:
 
 def test_measured_programs_time_each_program_beside_the_first(tmp_path: Path) -> None:
     """Each program's row: its compiled program's counts, the time model's prediction, its
-    median and its ratio to the first program's, timed in the same rounds; a program that
-    cannot run here (FlatParams) is an error row and the others go on."""
+    median and its ratio to the first program's, timed in the same rounds (FlatParams
+    too, its params and gradients flattened); a program that cannot run here (ZeRO-1 on two
+    devices) is an error row and the others go on."""
     from benchmarks import measured_programs
 
     out = tmp_path / "programs.json"
-    names = ["adamw", "adamw, FlatParams", "adamw_8bit"]
+    names = ["adamw", "ZeRO-1 adamw, 2 devices", "adamw_8bit, FlatParams", "adamw_8bit"]
     argv = ["--tree", "small", "--card", "h100", "--repeats", "2", "--out", str(out)]
     measured_programs.main([*argv, "--programs", *names])
     rows = {row["program"]: row for row in json.loads(out.read_text())["rows"]}
     assert list(rows) == names
-    assert "layout 'flat'" in rows["adamw, FlatParams"]["error"]
+    assert "layout 'zero1'" in rows["ZeRO-1 adamw, 2 devices"]["error"]
+    flat = rows["adamw_8bit, FlatParams"]
+    assert flat["ratio_vs_first"] > 0 and flat["kernels"] < rows["adamw_8bit"]["kernels"]
     first, eight_bit = rows["adamw"], rows["adamw_8bit"]
     assert "ratio_vs_first" not in first and first["median_ms"] > 0
     assert eight_bit["ratio_vs_first"] > 0 and eight_bit["median_ms"] > 0
