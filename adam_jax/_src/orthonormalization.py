@@ -27,11 +27,15 @@ see):
   others: an orthonormal completion of the factor's range, as any is. While a Gram matrix is
   far from the identity the pass is shifted by :math:`s` of the order of its rounding (shifted
   Cholesky QR, Fukaya et al. 2020), so that its factorization cannot fail; the last passes are
-  not shifted. A Gram matrix whose entries are all near the identity's can still be singular
-  (64 unit columns, none more than 0.44 from orthogonal to another, that span 63 dimensions:
-  a factor of SOAP's in a language model, whose unshifted factorization failed): a pass also
-  takes the shifted factorization where the unshifted one is not finite or has a pivot below
-  1/2, the mark of a nearly dependent column (both are computed, and one selected).
+  not shifted. The shift bounds the largest eigenvalue by the Gram matrix's Frobenius norm: by
+  its trace (:math:`d` for unit columns), it was :math:`\sqrt{d}` times too large for columns
+  near orthogonal, and at :math:`d \ge 512` a pass then barely grew the small singular values
+  (a float32 power iterate of rank 384 of 768 was 0.24 from orthonormal after the passes).
+  A Gram matrix whose entries are all near the identity's can still be singular (64 unit
+  columns, none more than 0.44 from orthogonal to another, that span 63 dimensions: a factor
+  of SOAP's in a language model, whose unshifted factorization failed): a pass also takes the
+  shifted factorization where the unshifted one is not finite or has a pivot below 1/2, the
+  mark of a nearly dependent column (both are computed, and one selected).
 
   On a TPU the factorization and the triangular solve of a matrix larger than
   :data:`TPU_PANEL` go a panel of columns at a time, in a loop (:func:`blocked_cholesky`,
@@ -52,8 +56,8 @@ ORTHOGONALIZATIONS = ("auto", "qr", "cholesky_qr")
 #: Passes of Cholesky QR at most, a number fixed when the program is compiled: a settled basis
 #: is orthonormal after two, a rank-deficient factor's power iterate after four or five, and
 #: the hardest case of tests/test_soap_orthogonalization.py (float32 columns near orthogonal
-#: pairwise that span one dimension less, d = 128) after seven.
-PASSES = 8
+#: pairwise that span one dimension less) after seven at d = 128 and ten at d = 3072.
+PASSES = 10
 #: The passes every batch takes (a settled basis's); the others run in a branch taken when a
 #: matrix needs them.
 SURE_PASSES = 2
@@ -212,9 +216,9 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
         q, gram, distance = carry
         far = distance[..., None, None]
         # Of the order of the Gram matrix's rounding, relative to its largest eigenvalue
-        # (at most its trace, d for unit columns).
-        trace = jnp.trace(gram, axis1=-2, axis2=-1)[..., None, None]
-        shift = (d + 1) * eps * trace
+        # (at most its Frobenius norm).
+        largest = jnp.sqrt(jnp.sum(jnp.square(gram), axis=(-2, -1), keepdims=True))
+        shift = (d + 1) * eps * largest
         plain = _cholesky(gram)
         shifted = _cholesky(gram + shift * eye)
         # A singular Gram matrix can have every entry near the identity's: its unshifted
