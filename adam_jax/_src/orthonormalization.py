@@ -73,6 +73,10 @@ def _householder(x: jax.Array) -> jax.Array:
     return jnp.linalg.qr(x)[0]
 
 
+def _triangular_right_division(lower: jax.Array, x: jax.Array) -> jax.Array:
+    return jax.lax.linalg.triangular_solve(lower, x, left_side=False, lower=True, transpose_a=True)
+
+
 def _blocks_of(d: int) -> tuple[int, int]:
     """The panels of a blocked factorization of a ``(d, d)`` matrix: their count, and the
     padding that makes ``d`` a whole number of :data:`TPU_PANEL` columns."""
@@ -111,9 +115,7 @@ def blocked_cholesky(a: jax.Array) -> jax.Array:
         columns = jax.lax.dynamic_slice_in_dim(rest, start, TPU_PANEL, axis=-1)
         diagonal = jax.lax.dynamic_slice_in_dim(columns, start, TPU_PANEL, axis=-2)
         factor = jnp.linalg.cholesky(diagonal)
-        below = jax.lax.linalg.triangular_solve(
-            factor, columns, left_side=False, lower=True, transpose_a=True
-        )
+        below = _triangular_right_division(factor, columns)
         below = jnp.where(rows >= start, below, 0.0)
         outer = jnp.matmul(below, jnp.swapaxes(below, -1, -2), precision=HIGHEST)
         return rest - outer, jax.lax.dynamic_update_slice_in_dim(lower, below, start, axis=-1)
@@ -141,34 +143,27 @@ def blocked_right_division(lower: jax.Array, x: jax.Array) -> jax.Array:
         known = jnp.matmul(q, jnp.swapaxes(before, -1, -2), precision=HIGHEST)
         rest = jax.lax.dynamic_slice_in_dim(x, start, TPU_PANEL, axis=-1) - known
         diagonal = jax.lax.dynamic_slice_in_dim(rows_of_l, start, TPU_PANEL, axis=-1)
-        solved = jax.lax.linalg.triangular_solve(
-            diagonal, rest, left_side=False, lower=True, transpose_a=True
-        )
+        solved = _triangular_right_division(diagonal, rest)
         return jax.lax.dynamic_update_slice_in_dim(q, solved, start, axis=-1)
 
     q = jax.lax.fori_loop(0, count, panel, jnp.zeros_like(x))
     return q[..., :d, :d]
 
 
+def _by_panels_on_a_tpu(native: Any, blocked: Any, *xs: jax.Array) -> jax.Array:
+    """``native(*xs)``; on a TPU ``blocked(*xs)`` where the matrices are larger than a panel."""
+    if xs[-1].shape[-1] <= TPU_PANEL:
+        return native(*xs)
+    return jax.lax.platform_dependent(*xs, tpu=blocked, default=native)
+
+
 def _cholesky(gram: jax.Array) -> jax.Array:
-    """``jnp.linalg.cholesky``; on a TPU, blocked where the matrices are larger than a panel."""
-    if gram.shape[-1] <= TPU_PANEL:
-        return jnp.linalg.cholesky(gram)
-    return jax.lax.platform_dependent(gram, tpu=blocked_cholesky, default=jnp.linalg.cholesky)
+    return _by_panels_on_a_tpu(jnp.linalg.cholesky, blocked_cholesky, gram)
 
 
 def _right_division(lower: jax.Array, x: jax.Array) -> jax.Array:
-    """``x L^{-T}``: a triangular solve; on a TPU, blocked where the matrices are larger than a
-    panel."""
-
-    def solve(lower: jax.Array, x: jax.Array) -> jax.Array:
-        return jax.lax.linalg.triangular_solve(
-            lower, x, left_side=False, lower=True, transpose_a=True
-        )
-
-    if x.shape[-1] <= TPU_PANEL:
-        return solve(lower, x)
-    return jax.lax.platform_dependent(lower, x, tpu=blocked_right_division, default=solve)
+    """``x L^{-T}``: the right division by ``R = L^T``."""
+    return _by_panels_on_a_tpu(_triangular_right_division, blocked_right_division, lower, x)
 
 
 def _gram(q: jax.Array) -> jax.Array:
@@ -230,7 +225,6 @@ def cholesky_qr(x: jax.Array, fallback: jax.Array) -> jax.Array:
         )
         use_shift = (far > _SHIFTED_ABOVE) | dependent[..., None, None]
         lower = jnp.where(use_shift, shifted, plain)
-        # q L^{-T}: the right division by R = L^T.
         new_q = _right_division(lower, q)
         new_gram = _gram(new_q)
         # Each matrix on its own: one already orthonormal keeps its Q, so a matrix's Q does
