@@ -13,7 +13,7 @@ A topology's devices list no memories, so ``sharding.with_memory_kind("pinned_ho
 them a sharding of no memory kind, and an argument meant for host memory lowers as a device
 argument: XLA then compiles a program that reads it where it lies, which no real card runs
 (jax on the card marks such an argument ``mhlo.memory_kind = "pinned_host"``).
-:func:`compile_for` marks the arguments its ``host_argnums`` name so, as jax does on a card.
+:func:`compile_for` marks the arrays its ``host_leaves`` name so, as jax does on a card.
 
 The plugins are kept out of the project's environment (installed, they make every jax
 program try a CUDA and a TPU backend at start-up and log that they failed): ``bash
@@ -39,7 +39,7 @@ import json
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -152,12 +152,13 @@ class Compiled:
 
 
 def _mark_host_arguments(
-    lowered: Any, args: tuple[Any, ...], host_argnums: tuple[int, ...]
+    lowered: Any, args: tuple[Any, ...], host_leaves: Mapping[int, Sequence[bool]]
 ) -> None:
-    """Marks the arrays of ``args[i]`` for each ``i`` of ``host_argnums`` as host-memory
-    arguments of ``lowered``'s module (``mhlo.memory_kind = "pinned_host"``, as jax writes them
-    on a card), in place. The module's arguments are ``args``' leaves in order, after any jax
-    puts first (hoisted constants); every argument must have been kept."""
+    """Marks the arrays of ``args[i]`` that ``host_leaves[i]`` flags (one flag a leaf, in
+    flattening order) as host-memory arguments of ``lowered``'s module (``mhlo.memory_kind =
+    "pinned_host"``, as jax writes them on a card), in place. The module's arguments are
+    ``args``' leaves in order, after any jax puts first (hoisted constants); every argument
+    must have been kept."""
     import jax
     from jax.extend.mlir import ir
 
@@ -179,8 +180,13 @@ def _mark_host_arguments(
             )
         position = first
         for argnum, group in enumerate(leaves):
-            if argnum in host_argnums:
-                for k in range(position, position + len(group)):
+            flags = host_leaves.get(argnum, [False] * len(group))
+            if len(flags) != len(group):
+                raise ValueError(
+                    f"argument {argnum} has {len(group)} arrays, host_leaves {len(flags)} flags"
+                )
+            for k, host in enumerate(flags, start=position):
+                if host:
                     fields = {a.name: a.attr for a in ir.DictAttr(attributes[k])}
                     fields["mhlo.memory_kind"] = ir.StringAttr.get("pinned_host")
                     attributes[k] = ir.DictAttr.get(fields)
@@ -194,23 +200,23 @@ def compile_for(
     donate_argnums: tuple[int, ...] = (),
     out_shardings: Any = None,
     keep_unused: bool = False,
-    host_argnums: tuple[int, ...] = (),
+    host_leaves: Mapping[int, Sequence[bool]] | None = None,
 ) -> Compiled:
     """``jax.jit(fn)`` lowered on ``args`` (placed ``ShapeDtypeStruct``s) and compiled; the
-    arrays of the arguments ``host_argnums`` name in host memory (every argument is then kept,
-    so that the module's arguments are the leaves of ``args``)."""
+    arrays of ``args[i]`` that ``host_leaves[i]`` flags in host memory (every argument is then
+    kept, so that the module's arguments are the leaves of ``args``)."""
     import jax
 
     options: dict[str, Any] = {
         "donate_argnums": donate_argnums,
-        "keep_unused": keep_unused or bool(host_argnums),
+        "keep_unused": keep_unused or bool(host_leaves),
     }
     if out_shardings is not None:
         options["out_shardings"] = out_shardings
     start = time.perf_counter()
     lowered = jax.jit(fn, **options).lower(*args)
-    if host_argnums:
-        _mark_host_arguments(lowered, args, host_argnums)
+    if host_leaves:
+        _mark_host_arguments(lowered, args, host_leaves)
     compiled = lowered.compile()
     seconds = time.perf_counter() - start
     analysis = compiled.memory_analysis()

@@ -55,9 +55,8 @@ def step_program(
     step = functools.partial(tree_train_step, loss=transformer_loss)(tx) if train else adam_step(tx)
     state = jax.eval_shape(tx.init, params)
     args = tuple(accelerators.placed(t, device) for t in (params, batch, state))
-    return accelerators.compile_for(
-        step, args, (0, 2), keep_unused=True, host_argnums=(2,) if offloaded else ()
-    )
+    host = {2: offload.host_leaves(tx, args[0])} if offloaded else None
+    return accelerators.compile_for(step, args, (0, 2), keep_unused=True, host_leaves=host)
 
 
 def transformer_tree() -> Any:

@@ -24,6 +24,7 @@ from benchmarks import accelerators, time_model
 from benchmarks.harness import LR, adam_step
 from benchmarks.hlo_program import read_program, transfer_overlap
 from benchmarks.models import abstract_flat_params, gpt2_small_shapes, transformer_params
+from benchmarks.sections import offload
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,17 +126,18 @@ def transformation(setting: Setting, tree: str) -> optax.GradientTransformation:
 
 class Step(NamedTuple):
     """A step to compile: the function, its placed arguments ``(params, grads, state)``, its
-    output shardings (or None) and the arguments in host memory (the state, offloaded)."""
+    output shardings (or None) and which arrays of which arguments are in host memory (the
+    state's that ``offload_state`` offloads)."""
 
     fn: Callable[..., Any]
     args: tuple[Any, ...]
     out_shardings: Any
-    host_argnums: tuple[int, ...]
+    host_leaves: dict[int, list[bool]]
 
     def compile(self) -> accelerators.Compiled:
         """Compiled with its params and state donated."""
         return accelerators.compile_for(
-            self.fn, self.args, (0, 2), self.out_shardings, host_argnums=self.host_argnums
+            self.fn, self.args, (0, 2), self.out_shardings, host_leaves=self.host_leaves
         )
 
 
@@ -153,14 +155,15 @@ def step_args(setting: Setting, tree: str, target: accelerators.Target) -> Step:
         state_shardings = adam_jax.sharding.state_shardings(tx, params, mesh)
         state = accelerators.placed(jax.eval_shape(tx.init, params), state_shardings)
         param_shardings = jax.tree.map(lambda _: replicated, params)
-        return Step(adam_step(tx), (params, params, state), (param_shardings, state_shardings), ())
+        return Step(adam_step(tx), (params, params, state), (param_shardings, state_shardings), {})
     device = SingleDeviceSharding(accelerators.devices(target)[0])
     params = accelerators.placed(params, device)
     state = jax.eval_shape(tx.init, params)
     # The topology's device has no memories, so the state is marked host memory at the
     # compile (accelerators.compile_for), not by its sharding.
     state = accelerators.placed(state, device)
-    return Step(adam_step(tx), (params, params, state), None, (2,) if setting.offload else ())
+    host = {2: offload.host_leaves(tx, params)} if setting.offload else {}
+    return Step(adam_step(tx), (params, params, state), None, host)
 
 
 def largest_leaf_state_bytes(setting: Setting, tree: str) -> int:

@@ -350,25 +350,28 @@ def test_every_program_compiles_for_an_h100(tmp_path):
     assert sliced["host_transfers"] > 0
     # The state comes over and goes back by asynchronous copies, no kernel reads or writes host
     # memory in place; with a prefetch of one leaf, nearly half of the bytes move while another
-    # leaf steps (none without: each leaf waits for the copies of the leaf before it), and the
-    # time model puts the step sooner.
+    # leaf steps (5% without: each leaf waits for the copies of the leaf before it, and only the
+    # leaves whose state stays on the device step beside them), and the time model puts the
+    # step sooner.
     offloaded = [row for name, row in rows.items() if name.startswith("offload_state")]
     assert offloaded and all(row["host_kernels"] == 0 for row in offloaded)
     plain, prefetched = rows["offload_state(adamw)"], rows["offload_state(adamw, prefetch=1)"]
-    assert prefetched["transfers_overlapping"] > 0.4 > 0.01 > plain["transfers_overlapping"]
+    assert prefetched["transfers_overlapping"] > 0.4 > 0.1 > plain["transfers_overlapping"]
     assert prefetched["predicted_ms"] < plain["predicted_ms"]
     assert rows["adamw, FlatParams"]["kernels"] <= 3
 
 
 def test_offloaded_state_comes_over_by_copies_as_on_a_card(tmp_path):
     """A topology's devices have no memory kinds, so the state of ``offload_state`` is marked
-    host memory at the compile, as jax marks it on a card: XLA then copies each array over and
-    back asynchronously (2 copies for each of the 35 arrays of AdamW's state on the small tree:
-    two moments of 17 leaves and the count), and no kernel reads host memory where it lies (an
-    H200 compiled GPT-2 small's offloaded step so: 594 copies, no kernel on host memory). Read
-    as device arguments, the state was read in place by 35 kernels."""
+    host memory at the compile, as jax marks it on a card: XLA then copies each offloaded array
+    over and back asynchronously (2 copies for each of the 16 arrays of AdamW's state on the
+    small tree of at least 4096 entries: two moments of its 8 largest leaves; the norms', the
+    biases', the positions' and the count stay on the device), and no kernel reads host memory
+    where it lies (an H200 compiled GPT-2 small's offloaded step so, every array offloaded:
+    594 copies, no kernel on host memory). Read as device arguments, the state was read in
+    place by a kernel each."""
     (row,) = _compile(tmp_path, "--programs", "offload_state(adamw)")
-    assert (row["host_transfers"], row["host_kernels"]) == (70, 0)
+    assert (row["host_transfers"], row["host_kernels"]) == (32, 0)
 
 
 @pytest.mark.slow

@@ -3,8 +3,11 @@ r"""Optimizer state in host memory.
 An optimizer's state (two moments per parameter for Adam) is twice the params; on an
 accelerator it is often what keeps a model from fitting. :func:`offload_state` keeps it in the
 host's memory (JAX's ``pinned_host`` memory kind) between steps: during the forward and
-backward passes the device holds none of it, and the update brings it over, steps it and sends
-it back, inside the same compiled program.
+backward passes the device holds none of it but its small arrays (under ``min_offloaded_size``
+entries each: a norm's or a bias's moments, the step count, 8-bit scales), and the update
+brings it over, steps it and sends it back, inside the same compiled program. A small array
+stays because each array is a transfer of its own each way, whose fixed cost outweighs its
+bytes: GPT-2 small's 98 norms and biases made two thirds of the 594 copies of its step.
 
 Leaf by leaf: XLA places the copies between memories where its scheduler likes, and on a GPU it
 brings every leaf's state over before the first leaf is stepped, so that the device holds the
@@ -27,11 +30,13 @@ that nothing read are dropped by JAX.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import optax
 from jax.extend.core import ClosedJaxpr, DropVar, Jaxpr, Literal, jaxpr_as_fun
 from jax.sharding import Mesh, NamedSharding, PartitionSpec, SingleDeviceSharding
@@ -48,7 +53,18 @@ class _Transfers:
     was copied from (``originals``) or the host copy the schedule made of it (``copies``)."""
 
     originals: dict[int, tuple[Any, Any]]
+    min_size: int
     copies: dict[int, tuple[Any, Any]] = dataclasses.field(default_factory=dict)
+
+    def goes_to_host(self, shape: tuple[int, ...]) -> bool:
+        """Whether an array of the state of this ``shape`` is kept in host memory."""
+        return _offloaded(shape, self.min_size)
+
+
+def _offloaded(shape: tuple[int, ...], min_size: int) -> bool:
+    """Whether :func:`offload_state` keeps an array of ``shape`` in host memory: whether it has
+    at least ``min_size`` entries."""
+    return math.prod(shape) >= min_size
 
 
 def _in_space(leaf: Any, space: Any) -> bool:
@@ -61,11 +77,16 @@ def _in_space(leaf: Any, space: Any) -> bool:
     return (kind == HOST) == (space == jax.memory.Space.Host)
 
 
-def _place(tree: Any, space: Any) -> Any:
-    """``tree``'s arrays in the memory ``space``; an array known to be there stays as it is."""
+def _place(tree: Any, space: Any, min_size: int = 0) -> Any:
+    """``tree``'s arrays of at least ``min_size`` entries in the memory ``space``; an array
+    known to be there, or smaller, stays as it is."""
 
     def place(leaf: Any) -> Any:
-        if not isinstance(leaf, jax.Array) or _in_space(leaf, space):
+        if (
+            not isinstance(leaf, jax.Array)
+            or not _offloaded(leaf.shape, min_size)
+            or _in_space(leaf, space)
+        ):
             return leaf
         return jax.device_put(leaf, space)
 
@@ -90,15 +111,17 @@ def _home(params: Any) -> jax.sharding.Sharding | None:
     return None
 
 
-def _to_host(state: Any, params: Any) -> Any:
-    """``state``'s arrays in host memory: those on the params' devices in their own layouts,
-    the others (committed to one device as they go to its host memory) on the params' home."""
+def _to_host(state: Any, params: Any, min_size: int) -> Any:
+    """``state``'s arrays of at least ``min_size`` entries in host memory: those on the params'
+    devices in their own layouts, the others (committed to one device as they go to its host
+    memory) on the params' home. The smaller ones stay as they are."""
     home = _home(params)
 
     def place(leaf: Any) -> Any:
+        if not isinstance(leaf, jax.Array) or not _offloaded(leaf.shape, min_size):
+            return leaf
         if (
             home is not None
-            and isinstance(leaf, jax.Array)
             and not isinstance(leaf, jax.core.Tracer)
             and leaf.sharding.device_set != home.device_set
         ):
@@ -190,7 +213,12 @@ def _update_in_turn(
     Returns ``(update, new stored moments on the device, host copy of the last part's new
     moments)``; :func:`offload_state` returns the host copies in place of the new moments.
     """
-    host = [[transfers.originals[id(x)][1] for x in jax.tree.leaves(tree)] for tree in stored]
+    # Each array's host original, or the array itself where the state keeps it on the device.
+    host = [
+        [transfers.originals.get(id(x), (x, x))[1] for x in jax.tree.leaves(tree)]
+        for tree in stored
+    ]
+    from_host = {id(original) for _, original in transfers.originals.values()}
     closed, shapes = jax.make_jaxpr(step, return_shape=True)(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stored)
     )
@@ -217,9 +245,13 @@ def _update_in_turn(
     for number, part in enumerate(parts):
         last = number == len(parts) - 1
         on_host = [x for k in part for x in host[k]]
+        copied = [id(x) in from_host for x in on_host]
         if previous is not None:
             on_host, _ = jax.lax.optimization_barrier((on_host, previous))
-        moved = [jax.device_put(x, jax.memory.Space.Device) for x in on_host]
+        moved = [
+            jax.device_put(x, jax.memory.Space.Device) if copy else x
+            for x, copy in zip(on_host, copied, strict=True)
+        ]
         targets = list(jaxpr.outvars) if last else [v for k in part for v in outputs[k]]
         eqns = _needed(pending, targets)
         carried = [v for v in _reads(eqns, targets) if v in env and v not in given]
@@ -230,7 +262,12 @@ def _update_in_turn(
         _evaluate(eqns, env, jaxpr.debug_info)
         done = {id(eqn) for eqn in eqns}
         pending = [eqn for eqn in pending if id(eqn) not in done]
-        new = [v for k in part for v in outputs[k] if not isinstance(v, Literal)]
+        new = [
+            v
+            for k in part
+            for v in outputs[k]
+            if not isinstance(v, Literal) and transfers.goes_to_host(v.aval.shape)
+        ]
         previous = [jax.device_put(env[v], jax.memory.Space.Host) for v in new]
         host_copies.update(zip(new, previous, strict=True))
 
@@ -249,8 +286,9 @@ def _update_in_turn(
 
 @dataclasses.dataclass(frozen=True)
 class _Offload(LeafSchedule):
-    """The leaf schedule of :func:`offload_state`: a leaf whose stored arrays are all copies of
-    the state's host arrays is stepped by :func:`_update_in_turn`, once the such leaf
+    """The leaf schedule of :func:`offload_state`: a leaf whose stored arrays are copies of the
+    state's host arrays (but those the state keeps on the device for their size, not all of
+    them) is stepped by :func:`_update_in_turn`, once the such leaf
     ``prefetch + 1`` before it is done (the carry: the host copies and the update of the last
     ``prefetch + 1`` such leaves), the leaves in ``leaf_order`` (None: the tree's); ``inner``
     runs the step."""
@@ -262,7 +300,11 @@ class _Offload(LeafSchedule):
 
     def brings_from_host(self, leaf: LeafStep) -> bool:
         arrays = jax.tree.leaves(leaf.stored)
-        return bool(arrays) and all(id(x) in self.transfers.originals for x in arrays)
+        copied = [id(x) in self.transfers.originals for x in arrays]
+        return any(copied) and all(
+            c or not self.transfers.goes_to_host(jnp.shape(x))
+            for x, c in zip(arrays, copied, strict=True)
+        )
 
     def order(self, num_leaves: int) -> tuple[int, ...]:
         if self.leaf_order is None:
@@ -353,11 +395,16 @@ def offload_state(
     leaf_by_leaf: bool = True,
     prefetch: int = 0,
     leaf_order: Sequence[int] | None = None,
+    min_offloaded_size: int = 4096,
 ) -> optax.GradientTransformationExtraArgs:
     r"""Keeps ``inner``'s state in host memory between steps.
 
-    ``init`` places every array of ``inner``'s state in host memory (the ``pinned_host``
-    memory kind, each device's shard in its own host's memory). An array not laid out like a
+    ``init`` places every array of ``inner``'s state of at least ``min_offloaded_size``
+    entries in host memory (the ``pinned_host`` memory kind, each device's shard in its own
+    host's memory); the smaller ones (a bias's or a norm's moments, a step count) stay on the
+    device, as torchao's ``CPUOffloadOptimizer`` keeps its params under ``minimal_size``: on a
+    GPU each array is its own transfer each way, whose fixed cost outweighs a small array's
+    bytes, and a leaf whose state stays steps beside the copies. An array not laid out like a
     param (a step count, any array ``inner.init`` makes afresh) goes replicated over the
     params' mesh (a ``NamedSharding``), or to the one device they are committed to, so that a
     plain ``jax.jit`` of the step takes the state beside the params. ``update`` brings the
@@ -366,8 +413,9 @@ def offload_state(
     stays as it is). With ``leaf_by_leaf``, the rules of the core (every optimizer of the
     registry built on :func:`adam_jax.rules.scale_by_rule`) move their moments leaf by leaf,
     and a leaf's full-precision moments one at a time, so that in whatever order XLA runs the
-    step the device holds at most 1.5x the largest leaf's state (float32 AdamW; checked over
-    every order by ``benchmarks/state_residency.py``); any other state comes over as a whole.
+    step the device holds at most 1.5x the largest leaf's state beside the small arrays it
+    keeps (float32 AdamW; checked over every order by ``benchmarks/state_residency.py``); any
+    other state comes over as a whole.
     The rules learn it from the leaf schedule :func:`offload_state` hands them as the extra
     argument ``leaf_schedule``, which optax's combinators (``chain``, ``inject_hyperparams``,
     ``masked``, ``partition``, ``apply_if_finite``, ``MultiSteps``) and the library's pass on;
@@ -408,26 +456,30 @@ def offload_state(
         lets each leaf's copies run while the backward pass computes the gradients of the
         leaves after it, where the tree's order waits for its first leaf's gradient, which a
         backward pass often computes among the last.
+      min_offloaded_size: the fewest entries an array of the state has to be kept in host
+        memory, an integer >= 0 (the default, 4096, is torchao's; 0 keeps every array
+        there).
 
     Returns:
       A ``GradientTransformationExtraArgs`` whose state is ``inner``'s, in host memory.
 
     Raises:
       ValueError: at construction, where the backend has no host memory kind, ``prefetch``
-        is not an integer >= 0, or ``leaf_order`` does not hold each position from 0 once or
-        comes without ``leaf_by_leaf``; at the update, where ``leaf_order``'s length is not
-        the number of leaves stepped.
+        or ``min_offloaded_size`` is not an integer >= 0, or ``leaf_order`` does not hold
+        each position from 0 once or comes without ``leaf_by_leaf``; at the update, where
+        ``leaf_order``'s length is not the number of leaves stepped.
 
     Example:
       >>> import jax, jax.numpy as jnp, adam_jax
       >>> tx = adam_jax.offload_state(adam_jax.adamw(1e-3))
-      >>> state = tx.init({"w": jnp.ones(3)})
-      >>> print(state[0].mu["w"].sharding.memory_kind)
-      pinned_host
+      >>> state = tx.init({"w": jnp.ones((64, 64)), "b": jnp.ones(64)})
+      >>> print(state[0].mu["w"].sharding.memory_kind, state[0].mu["b"].sharding.memory_kind)
+      pinned_host device
     """
     check_host_memory("offload_state")
-    if isinstance(prefetch, bool) or not isinstance(prefetch, int) or prefetch < 0:
-        raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    for name, value in (("prefetch", prefetch), ("min_offloaded_size", min_offloaded_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
     order = None if leaf_order is None else _positions(leaf_order)
     if order is not None and not leaf_by_leaf:
         raise ValueError(
@@ -436,7 +488,7 @@ def offload_state(
         )
 
     def init_fn(params: optax.Params) -> Any:
-        return _to_host(inner.init(params), params)
+        return _to_host(inner.init(params), params, min_offloaded_size)
 
     def update_fn(
         updates: optax.Updates,
@@ -446,9 +498,11 @@ def offload_state(
         leaf_schedule: LeafSchedule | None = None,
         **extra: Any,
     ) -> tuple[optax.Updates, Any]:
-        on_device = _place(state, jax.memory.Space.Device)
+        on_device = _place(state, jax.memory.Space.Device, min_offloaded_size)
         pairs = zip(jax.tree.leaves(on_device), jax.tree.leaves(state), strict=True)
-        transfers = _Transfers({id(moved): (moved, x) for moved, x in pairs if moved is not x})
+        transfers = _Transfers(
+            {id(moved): (moved, x) for moved, x in pairs if moved is not x}, min_offloaded_size
+        )
         if leaf_by_leaf:
             offload = _Offload(transfers, prefetch=prefetch, leaf_order=order)
             leaf_schedule = offload if leaf_schedule is None else leaf_schedule.around(offload)
@@ -460,7 +514,9 @@ def offload_state(
 
         def back(x: Any) -> Any:
             copied = transfers.copies.get(id(x))
-            return copied[1] if copied is not None else _place(x, jax.memory.Space.Host)
+            if copied is not None:
+                return copied[1]
+            return _place(x, jax.memory.Space.Host, min_offloaded_size)
 
         return updates, jax.tree.map(back, new_state)
 

@@ -128,10 +128,31 @@ def device_bytes(compiled: jax.stages.Compiled) -> dict[str, int]:
     }
 
 
-def in_host_memory(tree: Any) -> Any:
-    """Abstract arrays of ``tree`` placed in host memory, as ``offload_state``'s ``init``."""
-    host = jax.sharding.SingleDeviceSharding(jax.devices()[0], memory_kind=HOST)
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), tree)
+def host_leaves(tx: optax.GradientTransformation, params: Any) -> list[bool]:
+    """Which arrays of ``tx``'s state (an ``offload_state``) its ``init`` puts in host memory,
+    in the state's flattening order: read from the memory space of the traced ``init``'s
+    outputs, so that an abstract step is placed as the real one."""
+    state = jax.jit(tx.init).trace(params).out_avals
+    return [leaf.memory_space == jax.memory.Space.Host for leaf in jax.tree.leaves(state)]
+
+
+def in_host_memory(tx: optax.GradientTransformation, params: Any) -> Any:
+    """The abstract state of ``tx`` (an ``offload_state``) on the default device, each array
+    in the memory its ``init`` puts it in (:func:`host_leaves`)."""
+    device = jax.devices()[0]
+    state = jax.eval_shape(tx.init, params)
+    leaves, treedef = jax.tree.flatten(state)
+    placed = [
+        jax.ShapeDtypeStruct(
+            x.shape,
+            x.dtype,
+            sharding=jax.sharding.SingleDeviceSharding(
+                device, memory_kind=HOST if host else "device"
+            ),
+        )
+        for x, host in zip(leaves, host_leaves(tx, params), strict=True)
+    ]
+    return jax.tree.unflatten(treedef, placed)
 
 
 def compiled_steps(
@@ -141,11 +162,12 @@ def compiled_steps(
     abstract arrays."""
     tx = make()
     state = jax.eval_shape(tx.init, params)
-    on_device = jax.jit(adam_step(tx), donate_argnums=(0, 2))
-    offloaded = jax.jit(adam_step(adam_jax.offload_state(tx)), donate_argnums=(0, 2))
+    offloaded = adam_jax.offload_state(tx)
+    on_device_step = jax.jit(adam_step(tx), donate_argnums=(0, 2))
+    offloaded_step = jax.jit(adam_step(offloaded), donate_argnums=(0, 2))
     return (
-        on_device.lower(params, params, state).compile(),
-        offloaded.lower(params, params, in_host_memory(state)).compile(),
+        on_device_step.lower(params, params, state).compile(),
+        offloaded_step.lower(params, params, in_host_memory(offloaded, params)).compile(),
         state,
     )
 

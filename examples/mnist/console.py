@@ -64,8 +64,8 @@ def print_size(console: Console, trainer: Trainer) -> None:
     )
     if config.offload_state:
         console.print(
-            f"optimizer state in host memory: {state_bytes / n:.2f} bytes per parameter off "
-            "the device between steps",
+            f"optimizer state in host memory: {trainer.host_state_bytes / n:.2f} bytes per "
+            "parameter off the device between steps",
             soft_wrap=True,
         )
 

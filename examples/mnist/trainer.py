@@ -159,6 +159,12 @@ class Trainer:
         self.num_params = sum(x.size for x in jax.tree.leaves(params))
         self.param_bytes = sum(x.nbytes for x in jax.tree.leaves(params))
         self.state_bytes = sum(x.nbytes for x in jax.tree.leaves(optimizer.opt_state))
+        # adam_jax.offload_state keeps the small arrays (biases' moments, the count) on the device.
+        self.host_state_bytes = sum(
+            x.nbytes
+            for x in jax.tree.leaves(optimizer.opt_state)
+            if getattr(x.sharding, "memory_kind", None) == "pinned_host"
+        )
         self.graphdef, state = nnx.split((model, optimizer))
         layout = self.layout
         state_shardings = layout.state_shardings(
