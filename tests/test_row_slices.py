@@ -136,7 +136,7 @@ def test_a_leaf_in_slices_holds_one_slice_of_float32_temporaries() -> None:
         assert offload.device_bytes(compiled)["temporaries"] <= 1.25 * leaf
 
     def train_temporaries(tx: optax.GradientTransformation) -> int:
-        state = offload.in_host_memory(jax.eval_shape(tx.init, params))
+        state = offload.in_host_memory(tx, params)
 
         def step(params: Any, x: jax.Array, state: Any) -> tuple[Any, Any]:
             grads = jax.grad(lambda p: jnp.sum(jnp.sin(p["w"]) * x))(params)
