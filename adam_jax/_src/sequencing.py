@@ -34,7 +34,12 @@ T = TypeVar("T")
 
 def _minus_inf_after(previous: Any) -> jax.Array:
     """``-inf`` (float32) as a function of every array leaf of ``previous``."""
-    maxima = [jnp.max(x).astype(jnp.float32) for x in jax.tree.leaves(previous) if x.size]
+    # A complex array's real part is enough to depend on it.
+    maxima = [
+        jnp.max(jnp.real(x) if jnp.iscomplexobj(x) else x).astype(jnp.float32)
+        for x in jax.tree.leaves(previous)
+        if x.size
+    ]
     # Each (m != m) is False or True (a NaN maximum): -inf * (1 + their count) is -inf and
     # never NaN; XLA keeps m != m for floats, so the product depends on every maximum.
     return -jnp.inf * (1 + sum(((m != m).astype(jnp.float32) for m in maxima), jnp.float32(0)))
