@@ -230,12 +230,14 @@ def _plain_jit_run(
         "8bit-Auto",
     ],
 )
+@pytest.mark.parametrize("min_size", [0, MIN_SIZE])
 def test_offloaded_state_of_sharded_params_steps_through_a_plain_jit(
-    alias: str, axis_type: AxisType, abstract: bool
+    alias: str, axis_type: AxisType, abstract: bool, min_size: int
 ) -> None:
     """Issue 51's defect: ``init`` committed the scalar count to device 0's host memory, and
     a plain ``jax.jit`` of the step refused it beside params on a 4-device mesh. The state's
-    arrays that are not laid out like a param now go replicated on the params' mesh; the
+    arrays that are not laid out like a param now go replicated on the params' mesh (with
+    every array offloaded; by default the count stays on the device, uncommitted); the
     offloaded steps give the on-device steps' params and state bit for bit. ``init`` takes the
     params' ``ShapeDtypeStruct`` too, as on the device."""
     mesh = jax.make_mesh((4,), ("data",), axis_types=(axis_type,), devices=jax.devices()[:4])
@@ -246,11 +248,14 @@ def test_offloaded_state_of_sharded_params_steps_through_a_plain_jit(
             lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=p.sharding), params
         )
     make = getattr(adam_jax, alias)
-    tx = adam_jax.offload_state(make(1e-2), min_offloaded_size=0)
+    tx = adam_jax.offload_state(make(1e-2), min_offloaded_size=min_size)
     count = tx.init(init_from)[0].count
-    assert count.sharding == NamedSharding(mesh, P(), memory_kind="pinned_host")
+    if min_size == 0:
+        assert count.sharding == NamedSharding(mesh, P(), memory_kind="pinned_host")
+    else:
+        assert count.sharding.memory_kind == "device"
     offloaded = _plain_jit_run(tx, params, init_from)
-    _assert_same(offloaded, _plain_jit_run(make(1e-2), params), min_size=0)
+    _assert_same(offloaded, _plain_jit_run(make(1e-2), params), min_size)
     for leaf in _arrays(offloaded):
         assert leaf.sharding.device_set == set(mesh.devices.flat)
 
