@@ -213,12 +213,15 @@ def _update_in_turn(
     Returns ``(update, new stored moments on the device, host copy of the last part's new
     moments)``; :func:`offload_state` returns the host copies in place of the new moments.
     """
-    # Each array's host original, or the array itself where the state keeps it on the device.
+    # Each array's host original and True, or the array itself and False where the state
+    # keeps it on the device.
     host = [
-        [transfers.originals.get(id(x), (x, x))[1] for x in jax.tree.leaves(tree)]
+        [
+            (transfers.originals[id(x)][1], True) if id(x) in transfers.originals else (x, False)
+            for x in jax.tree.leaves(tree)
+        ]
         for tree in stored
     ]
-    from_host = {id(original) for _, original in transfers.originals.values()}
     closed, shapes = jax.make_jaxpr(step, return_shape=True)(
         jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), stored)
     )
@@ -244,8 +247,8 @@ def _update_in_turn(
     host_copies: dict[Any, jax.Array] = {}
     for number, part in enumerate(parts):
         last = number == len(parts) - 1
-        on_host = [x for k in part for x in host[k]]
-        copied = [id(x) in from_host for x in on_host]
+        on_host = [x for k in part for x, _ in host[k]]
+        copied = [copy for k in part for _, copy in host[k]]
         if previous is not None:
             on_host, _ = jax.lax.optimization_barrier((on_host, previous))
         moved = [
