@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 import adam_jax
 from adam_jax import quantization as qz
-from adam_jax._src.quantization import blocks
+from adam_jax._src.quantization import blocks, four_bit
 
 SIGNED_ERROR, LINEAR_ERROR = 0.1125, 1 / 16
 
@@ -287,10 +287,10 @@ def test_four_bit_adam_trains_close_to_float32() -> None:
 def test_two_passes_encode_what_one_pass_does(shape) -> None:
     """Off the CPU a large 4-bit leaf is stepped in two passes: the new moments' block, row and
     column maxima first (the columns' from a computation of their own), then the moments again,
-    encoded and packed by a kernel of their own. Run here (an odd last axis, a vector's blocks,
-    a 3-D leaf, rows shorter than a block), its scales are one pass's to XLA's contraction of
-    the moving average (an ulp), its codes within one step, and its update one pass's to
-    float32 rounding."""
+    encoded and packed by a kernel of their own (a half of each byte at a time where the last
+    axis is even). Run here (an odd last axis, a vector's blocks, a 3-D leaf, rows shorter than
+    a block), its scales are one pass's to XLA's contraction of the moving average (an ulp),
+    its codes within one step, and its update one pass's to float32 rounding."""
     from tests.test_quantization import _stepped_off_cpu
 
     assert np.prod(shape) >= blocks.TWO_PASSES_MIN_SIZE
@@ -301,8 +301,9 @@ def test_two_passes_encode_what_one_pass_does(shape) -> None:
     state = jax.jit(tx.update)(grads[0], state, params)[1]  # moments of every size
 
     one_update, one_state = jax.jit(tx.update)(grads[1], state, params)
+    method = "store_halves" if shape[-1] % 2 == 0 else "store_scaled"
     spies = [
-        mock.patch.object(kind, "store_scaled", autospec=True, side_effect=kind.store_scaled)
+        mock.patch.object(kind, method, autospec=True, side_effect=getattr(kind, method))
         for kind in (qz.FourBitBlockwise, qz.FourBitRank1)
     ]
     with spies[0] as blockwise, spies[1] as rank1:
@@ -317,3 +318,62 @@ def test_two_passes_encode_what_one_pass_does(shape) -> None:
         assert steps.max() <= 1, name
         assert (steps > 0).mean() < 1e-3, name
     np.testing.assert_allclose(two_update["w"], one_update["w"], rtol=1e-5, atol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("shape", "mu_only"),
+    [((2048, 256), False), ((1 << 19,), False), ((4, 256, 512), False), ((1 << 14, 32), True)],
+)
+def test_codes_packed_a_half_at_a_time_are_the_whole_moments(shape, mu_only) -> None:
+    """The kernel that packs a large 4-bit leaf's new codes on a GPU computes the moments a
+    half at a time (the elements of even and of odd index, each from its own half of every
+    byte), which lets XLA write the codes over the old ones in place. Run here, its codes,
+    scales and update are bit for bit those of the moments computed whole, for both storages
+    (rank-1 rows and columns, a vector's blocks, a 3-D leaf, blocks of several rows) and with
+    a float32 second moment beside a 4-bit first one."""
+    from tests.test_quantization import _stepped_off_cpu
+
+    storages = adam_jax.four_bit_moments()
+    if mu_only:
+        storages = {"mu_dtype": storages["mu_dtype"]}
+    tx = adam_jax.adamw(1e-2, b1=0.8, **storages)
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    grads = [{"w": 10.0 ** (i - 2) * jax.random.normal(jax.random.key(i), shape)} for i in (1, 2)]
+    state = jax.jit(tx.update)(grads[0], tx.init(params), params)[1]
+
+    spy = mock.patch.object(
+        qz.FourBitBlockwise, "store_halves", autospec=True,
+        side_effect=qz.FourBitBlockwise.store_halves,
+    )  # fmt: skip
+    with spy as halves:
+        half_update, half_state = _stepped_off_cpu(tx, grads[1], state, params)
+    assert halves.call_count == 1
+    whole = [
+        mock.patch.object(kind, "in_halves", return_value=False)
+        for kind in (qz.FourBitBlockwise, qz.FourBitRank1)
+    ]
+    with whole[0], whole[1]:
+        whole_update, whole_state = _stepped_off_cpu(tx, grads[1], state, params)
+    np.testing.assert_array_equal(half_update["w"], whole_update["w"])
+    for half, whole_leaf in zip(
+        jax.tree.leaves(half_state), jax.tree.leaves(whole_state), strict=True
+    ):
+        np.testing.assert_array_equal(half, whole_leaf)
+
+
+@pytest.mark.parametrize("shape", [(3072, 8), (768, 6), (4, 96, 5), (17, 3), (8192, 3), (1000, 4)])
+def test_column_maxima_by_runs_of_rows_are_the_column_maxima(shape) -> None:
+    """A GPU's first pass takes a second moment's column maxima over runs of rows first (a
+    divisor of the rows, at most 32), then over the runs' maxima: the same maxima, infinities
+    included, as one reduction (which it keeps below 8 rows a run and from 8192 rows)."""
+    x = np.array(jax.random.normal(jax.random.key(0), shape), np.float32)
+    flat = x.reshape(-1, shape[-1])
+    flat[5, 0], flat[-1, 1] = np.inf, -np.inf
+    flat[:, -1] = -0.0
+    expected = np.asarray(four_bit.column_maxima(jnp.asarray(x)))
+    got = np.asarray(jax.jit(four_bit.column_maxima_by_runs)(jnp.asarray(x)))
+    in_runs = "optimization_barrier" in str(jax.make_jaxpr(four_bit.column_maxima_by_runs)(x))
+    assert in_runs == (flat.shape[0] < 8192)
+    assert got.shape == (1,) * (len(shape) - 1) + shape[-1:]
+    np.testing.assert_array_equal(got, expected)
+    assert np.isinf(got.reshape(-1)[:2]).all()

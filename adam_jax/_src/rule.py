@@ -446,20 +446,29 @@ def _arithmetic(
     rule's update in the compute dtype, the new moments stored: on a GPU, in two passes where
     ``two_passes`` says so (:meth:`MomentStorage.in_two_passes`)."""
 
-    def step(grad: jax.Array, trees: list[Any]) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def step(
+        grad: jax.Array, trees: list[Any], parity: int | None = None
+    ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        # With a parity, of the elements of that parity along the last axis alone (grad is
+        # theirs already): the halves of MomentStorage.in_halves.
         g = grad.astype(compute_dtype(grad.dtype))
         rdtype = real_dtype(g.dtype)
         kept = list(zip(moments, storages, trees, strict=True))
+
+        def load(s: MomentStorage, t: Any) -> jax.Array:
+            return s.load(t) if parity is None else s.load_half(t, parity)
+
         loaded = {
-            m.name: s.load(t).astype(rdtype if m.real else g.dtype) if m.cast else s.load(t)
+            m.name: load(s, t).astype(rdtype if m.real else g.dtype) if m.cast else load(s, t)
             for m, s, t in kept
         }
         reducing = {m.name: (s, t) for m, s, t in kept if s.reduces}
         layout = _layout(g, loaded, reducing) if reducing else None
         for name in reducing:
             loaded[name] = _laid_out(loaded[name], layout)
+        half = param if param is None or parity is None else param[..., parity::2]
         leaf = Leaf(
-            param=None if param is None else param.astype(g.dtype),
+            param=None if half is None else half.astype(g.dtype),
             decay=decay,
             segments=segments,
             stored=reducing,
@@ -522,6 +531,19 @@ def _arithmetic(
         ]
         again, stored, scales = jax.lax.optimization_barrier((grad, trees, scales))
         update, new = step(again, stored)
+        if in_halves:
+            # Codes two a byte, computed a half at a time, so that XLA:GPU writes them over
+            # the old ones in place.
+            anew, restored, _ = jax.lax.optimization_barrier((again, stored, 0))
+            even, odd = (step(anew[..., p::2], restored, p)[1] for p in (0, 1))
+            return update, [
+                s.store_halves(even[m.name], odd[m.name], t, scale)
+                if s.in_halves(t)
+                else s.store_scaled(new[m.name], t, scale)
+                if scale is not None
+                else s.store(new[m.name], t)
+                for (m, s, t), scale in zip(kept, scales, strict=True)
+            ]
         if not all(s.codes_like_param for s in storages):
             # Codes of another shape than the param's (4-bit, two a byte) are not written by
             # the param's kernel: theirs computes the moments again.
@@ -532,6 +554,18 @@ def _arithmetic(
             for (m, s, t), scale in zip(kept, scales, strict=True)
         ]
 
+    in_halves = (
+        two_passes
+        and segments is None
+        and typed_sharding(grad) is None
+        and any(s.in_halves(t) for s, t in zip(storages, trees, strict=True))
+        and all(s.in_halves(t) or s.codes_like_param for s, t in zip(storages, trees, strict=True))
+        and all(m.cast for m in moments)
+        and _update_elementwise(
+            rule, moments, grad, scalars_for(real_dtype(compute_dtype(grad.dtype))), param,
+            decay, position,
+        )
+    )  # fmt: skip
     # A TPU keeps one pass: there the two passes' kernels move more bytes, not fewer (GPT-2
     # small on a v5p, the bytes its kernels read and write: 8-bit 20.8 GB in one pass against
     # 25.5 in two, 4-bit 18.9 against 34.9; on an H100, 4.0 against 2.9 and 5.0 against 4.5).
@@ -574,6 +608,20 @@ def _row_elementwise(
         or any(typed_sharding(x) is not None for x in jax.tree.leaves((grad, trees)))
     ):
         return False
+    return _update_elementwise(rule, moments, grad, scalars, param, decay, position)
+
+
+def _update_elementwise(
+    rule: MomentRule,
+    moments: tuple[Moment, ...],
+    grad: jax.Array,
+    scalars: Any,
+    param: Any,
+    decay: Any,
+    position: int,
+) -> bool:
+    """Whether ``rule.update`` of a leaf like ``grad`` computes each element from that
+    element's gradient, moments and param alone (no per-tensor sum, no random numbers)."""
     g = jax.ShapeDtypeStruct(grad.shape, compute_dtype(grad.dtype))
     rdtype = real_dtype(g.dtype)
     loaded = {m.name: jax.ShapeDtypeStruct(g.shape, rdtype if m.real else g.dtype) for m in moments}

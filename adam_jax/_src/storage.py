@@ -112,6 +112,28 @@ class MomentStorage(abc.ABC):
         it."""
         raise NotImplementedError(f"{type(self).__name__} does not store in two passes")
 
+    def in_halves(self, stored: Any) -> bool:
+        """Whether the codes of ``stored`` pair neighbours along the last axis (4-bit codes, two
+        a byte) and :meth:`load_half` and :meth:`store_halves` take them a half at a time. By
+        default ``False``.
+
+        The kernel that writes such codes then computes the new moment in two halves, the
+        elements of even and of odd index, each from its own half of every byte: elementwise
+        in the codes' own shape, so that XLA:GPU writes the new codes over the old in place
+        (through the pairing's reshapes it copies them first: a leaf-sized copy a moment)."""
+        del stored
+        return False
+
+    def load_half(self, stored: Any, parity: int) -> jax.Array:
+        """:meth:`load`'s elements of even (``parity=0``) or odd (``1``) index along the last
+        axis. By default the loaded moment, sliced."""
+        return self.load(stored)[..., parity::2]
+
+    def store_halves(self, even: jax.Array, odd: jax.Array, stored: Any, scales: Any) -> Any:
+        """:meth:`store_scaled` of the value whose elements of even and odd index along the last
+        axis are ``even`` and ``odd``, for a ``stored`` form :meth:`in_halves` accepts."""
+        raise NotImplementedError(f"{type(self).__name__} does not store in halves")
+
     def project(self, value: jax.Array, stored: Any) -> jax.Array:
         """The moment ``value`` as the step uses it: ``value`` itself by default (a storage that
         keeps every element, rounded or not, as bitsandbytes' 8-bit state does), and for a

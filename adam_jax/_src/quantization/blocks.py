@@ -65,7 +65,7 @@ def _tile(length: int, count: int) -> int:
     return math.ceil(length / count)
 
 
-def _largest_divisor_at_most(n: int, bound: int) -> int:
+def largest_divisor_at_most(n: int, bound: int) -> int:
     divisors = (d for k in range(1, math.isqrt(n) + 1) if n % k == 0 for d in (k, n // k))
     return max(d for d in divisors if d <= bound)
 
@@ -107,13 +107,13 @@ def scale_shape_for(shape: tuple[int, ...], block_size: int, sharding: Any) -> t
     length = shape[-1]
     local = _local_length(length, sharding, entries[-1])
     if local < length:
-        columns = length // _largest_divisor_at_most(local, block_size)
+        columns = length // largest_divisor_at_most(local, block_size)
     else:
         columns = max(1, math.ceil(length / block_size))
     if len(shape) == 1 or columns > 1 or not 0 < 2 * length <= block_size or shape[-2] == 0:
         return shape[:-1] + (columns,)
     local_rows = _local_length(shape[-2], sharding, entries[-2])
-    rows_per_block = _largest_divisor_at_most(local_rows, block_size // length)
+    rows_per_block = largest_divisor_at_most(local_rows, block_size // length)
     return shape[:-2] + (shape[-2] // rows_per_block, 1)
 
 
@@ -309,6 +309,25 @@ def _spread(absmax: jax.Array, spread: tuple[int, ...], shape: tuple[int, ...]) 
     """Each element's scale, for a tensor of ``shape`` whose blocks have ``spread`` shape."""
     axes = tuple(len(spread) + a for a in _block_axes(len(shape)))
     return jnp.broadcast_to(jnp.expand_dims(absmax, axes), spread).reshape(shape)
+
+
+def spreads(shape: tuple[int, ...], scale_shape: tuple[int, ...]) -> bool:
+    """Whether :func:`element_scales` spreads scales of ``scale_shape`` over a tensor of
+    ``shape``: not where blocks of rows would be padded (their scales are then spread in the
+    blocks' layout alone)."""
+    if len(scale_shape) != len(shape):
+        return False
+    spread = _blocks_shape(shape, scale_shape)
+    return len(shape) == 1 or spread[-4] * spread[-3] == shape[-2]
+
+
+def element_scales(absmax: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Each element's block scale for a tensor of ``shape``, in that shape (where
+    :func:`spreads`; off Explicit meshes)."""
+    scale_shape = tuple(absmax.shape)
+    if _ragged(shape, scale_shape):
+        return _ragged_scales(absmax, shape)
+    return _spread(absmax, _blocks_shape(shape, scale_shape), shape)
 
 
 def _spread_shape(x: jax.Array, scale_shape: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -31,10 +31,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from adam_jax._src.quantization.blocks import (
     TWO_PASSES_MIN_SIZE,
     block_absmax,
+    element_scales,
     encoded_by,
     is_quantized,
+    largest_divisor_at_most,
     scale_shape_for,
     scale_sharding_for,
+    spreads,
     times_scales,
 )
 from adam_jax._src.storage import MomentStorage, same_container
@@ -196,6 +199,18 @@ def unpack(packed: jax.Array, length: int) -> jax.Array:
     return codes[..., :length] if length % 2 else codes
 
 
+def nibbles(packed: jax.Array, parity: int) -> jax.Array:
+    """The codes of even (``parity=0``, the low nibbles) or odd (``1``) index along the last
+    axis of ``packed``, in its shape: elementwise."""
+    return (packed.astype(jnp.uint8) >> (4 * parity)) & 15
+
+
+def paired(even: jax.Array, odd: jax.Array) -> jax.Array:
+    """:func:`pack` of the codes whose elements of even and odd index are ``even`` and ``odd``
+    (of one shape): elementwise."""
+    return even.astype(jnp.uint8) | (odd.astype(jnp.uint8) << 4)
+
+
 # --------------------------------------------------------------------------------------------
 # Stored forms and their codecs.
 # --------------------------------------------------------------------------------------------
@@ -287,6 +302,33 @@ def column_maxima(x: jax.Array) -> jax.Array:
     """The largest magnitude of each column of ``x`` (over all axes but the last), float32."""
     magnitude = jnp.abs(x.astype(jnp.float32))
     return jnp.max(magnitude, axis=tuple(range(x.ndim - 1)), keepdims=True)
+
+
+#: The most rows whose column maxima :func:`column_maxima_by_runs` takes first.
+COLUMN_RUN = 32
+#: The fewest rows of a column reduction that XLA:GPU splits in two itself (jax 0.10.2).
+_SPLIT_ROWS = 8192
+
+
+def column_maxima_by_runs(x: jax.Array) -> jax.Array:
+    """:func:`column_maxima`, taken on a GPU's first pass: below :data:`_SPLIT_ROWS` rows, the
+    maxima of runs of rows (a divisor of the rows, at most :data:`COLUMN_RUN`) first, then
+    theirs, behind a barrier that keeps XLA from merging the two reductions again.
+
+    XLA:GPU computes the input of a column reduction of a few thousand rows into memory rather
+    than into the reduction (a second moment's magnitude: 9 MiB for a 3072 x 768 leaf, every
+    leaf of a horizontally fused kernel's at once), where it fuses it into the reduction of the
+    runs. The same maxima: a maximum does not depend on the order it is taken in. On the CPU
+    the barrier keeps the one-pass step from fusing (4-bit AdamW on seven leaves took 1.9x as
+    long), so only a GPU's two passes take this form."""
+    rows = math.prod(x.shape[:-1])
+    run = largest_divisor_at_most(rows, COLUMN_RUN) if rows else 1
+    if x.ndim < 2 or rows >= _SPLIT_ROWS or run < 8 or typed_sharding(x) is not None:
+        return column_maxima(x)
+    magnitude = jnp.abs(x.astype(jnp.float32))
+    runs = jnp.max(magnitude.reshape(rows // run, run, x.shape[-1]), axis=1)
+    runs = jax.lax.optimization_barrier(runs)
+    return jnp.max(runs, axis=0).reshape((1,) * (x.ndim - 1) + x.shape[-1:])
 
 
 def rank1_scaled(x: jax.Array, row_max: jax.Array, col_max: jax.Array) -> jax.Array:
@@ -382,6 +424,30 @@ class _FourBitStorage(MomentStorage):
         # As 8-bit moments (blocks.TWO_PASSES_MIN_SIZE): a leaf's elements, not its bytes.
         return is_quantized(stored) and math.prod(tensor_shape(stored)) >= TWO_PASSES_MIN_SIZE
 
+    def _blocks_in_halves(self, stored: Any) -> bool:
+        shape = tensor_shape(stored)
+        return (
+            shape[-1] % 2 == 0
+            and typed_sharding(stored.codes) is None
+            and spreads(shape, _scale_shape(stored))
+        )
+
+    def _blocks_load_half(self, stored: Any, parity: int, signed: bool) -> jax.Array:
+        scales = element_scales(jnp.asarray(stored.absmax), tensor_shape(stored))
+        return decode_four_bit(nibbles(stored.codes, parity), signed) * scales[..., parity::2]
+
+    def _blocks_store_halves(
+        self, halves: tuple[jax.Array, jax.Array], stored: Any, absmax: Any, signed: bool
+    ) -> Any:
+        scales = element_scales(absmax, tensor_shape(stored))
+
+        def codes(parity: int) -> jax.Array:
+            half = scales[..., parity::2]
+            value = halves[parity].astype(jnp.float32)
+            return encode_four_bit(value / jnp.where(half > 0, half, 1.0), signed)
+
+        return self._blocks_stored(paired(codes(0), codes(1)), absmax, stored)
+
     def _blocks_scales(self, value: Callable[[], jax.Array], stored: Any) -> jax.Array:
         return block_absmax(value(), _scale_shape(stored))
 
@@ -451,6 +517,15 @@ class FourBitBlockwise(_FourBitStorage):
 
     def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
         return self._blocks_scaled(value, stored, scales, signed=True)
+
+    def in_halves(self, stored: Any) -> bool:
+        return is_quantized(stored) and self._blocks_in_halves(stored)
+
+    def load_half(self, stored: Any, parity: int) -> jax.Array:
+        return self._blocks_load_half(stored, parity, signed=True)
+
+    def store_halves(self, even: jax.Array, odd: jax.Array, stored: Any, scales: Any) -> Any:
+        return self._blocks_store_halves((even, odd), stored, scales, signed=True)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -540,7 +615,7 @@ class FourBitRank1(_FourBitStorage):
         # The maxima of each row's runs, the reduction of the first moment's blocks
         # (FourBitBlockwise of the same block_size), so that one kernel computes both; the
         # rows' maxima are taken from them in the second pass.
-        return block_absmax(x, runs), column_maxima(value())
+        return block_absmax(x, runs), column_maxima_by_runs(value())
 
     def store_scaled(self, value: jax.Array, stored: Any, scales: Any) -> Any:
         if not hasattr(stored, "row_max"):
@@ -549,6 +624,32 @@ class FourBitRank1(_FourBitStorage):
         row_max = jnp.max(row_max, axis=-1, keepdims=True)  # over the runs' maxima, if any
         codes = pack(encode_four_bit(rank1_scaled(value, row_max, col_max), signed=False))
         return self._rank1_stored(codes, row_max, col_max, stored)
+
+    def in_halves(self, stored: Any) -> bool:
+        if not is_quantized(stored):
+            return False
+        if not hasattr(stored, "row_max"):
+            return self._blocks_in_halves(stored)
+        return tensor_shape(stored)[-1] % 2 == 0 and typed_sharding(stored.codes) is None
+
+    def load_half(self, stored: Any, parity: int) -> jax.Array:
+        if not hasattr(stored, "row_max"):
+            return self._blocks_load_half(stored, parity, signed=False)
+        col_max = jnp.asarray(stored.col_max).astype(jnp.float32)[..., parity::2]
+        scale = jnp.minimum(jnp.asarray(stored.row_max).astype(jnp.float32), col_max)
+        return decode_four_bit(nibbles(stored.codes, parity), signed=False) * scale
+
+    def store_halves(self, even: jax.Array, odd: jax.Array, stored: Any, scales: Any) -> Any:
+        if not hasattr(stored, "row_max"):
+            return self._blocks_store_halves((even, odd), stored, scales, signed=False)
+        row_max, col_max = scales
+        row_max = jnp.max(row_max, axis=-1, keepdims=True)  # over the runs' maxima, if any
+
+        def codes(half: jax.Array, parity: int) -> jax.Array:
+            scaled = rank1_scaled(half, row_max, col_max[..., parity::2])
+            return encode_four_bit(scaled, signed=False)
+
+        return self._rank1_stored(paired(codes(even, 0), codes(odd, 1)), row_max, col_max, stored)
 
     @staticmethod
     def _rank1_stored(codes: jax.Array, row_max: jax.Array, col_max: jax.Array, stored: Any) -> Any:
