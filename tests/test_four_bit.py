@@ -377,3 +377,31 @@ def test_column_maxima_by_runs_of_rows_are_the_column_maxima(shape) -> None:
     assert got.shape == (1,) * (len(shape) - 1) + shape[-1:]
     np.testing.assert_array_equal(got, expected)
     assert np.isinf(got.reshape(-1)[:2]).all()
+
+
+@pytest.mark.parametrize("second", ["factored", "adam_mini"])
+def test_a_4_bit_first_moment_beside_a_reducing_second_keeps_the_whole_moments(second) -> None:
+    """Where the leaf's other moment is reduced (factored rows and columns, Adam-mini's block
+    means), the GPU's packing kernel computes the moments whole, not a half at a time: a reduced
+    moment is not laid out element by element. Traced and run here through the GPU's branch,
+    the step takes the whole moments' path and matches the CPU's one pass."""
+    from tests.test_quantization import _stepped_off_cpu
+
+    shape = (1024, 768)
+    mu = adam_jax.four_bit_moments()["mu_dtype"]
+    if second == "factored":
+        tx = adam_jax.adam(1e-2, mu_dtype=mu, nu_dtype=adam_jax.factored_second_moment(128))
+    else:
+        tx = adam_jax.adam_mini(1e-2, weight_decay=0.0, mu_dtype=mu)
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    grads = {"w": 0.1 * jax.random.normal(jax.random.key(1), shape)}
+    state = jax.jit(tx.update)(grads, tx.init(params), params)[1]
+    spy = mock.patch.object(
+        qz.FourBitBlockwise, "store_halves", autospec=True,
+        side_effect=qz.FourBitBlockwise.store_halves,
+    )  # fmt: skip
+    with spy as halves:
+        gpu_update, _ = _stepped_off_cpu(tx, grads, state, params)
+    assert halves.call_count == 0
+    cpu_update, _ = jax.jit(tx.update)(grads, state, params)
+    np.testing.assert_allclose(gpu_update["w"], cpu_update["w"], rtol=1e-5, atol=1e-9)

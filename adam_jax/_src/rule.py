@@ -558,6 +558,7 @@ def _arithmetic(
         two_passes
         and segments is None
         and typed_sharding(grad) is None
+        and not any(s.reduces for s in storages)
         and any(s.in_halves(t) for s, t in zip(storages, trees, strict=True))
         and all(s.in_halves(t) or s.codes_like_param for s, t in zip(storages, trees, strict=True))
         and all(m.cast for m in moments)
