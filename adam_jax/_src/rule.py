@@ -502,12 +502,15 @@ def _arithmetic(
     def in_one_pass(update: jax.Array, new: dict[str, jax.Array]) -> tuple[jax.Array, list[Any]]:
         return update, [s.store(new[m.name], t) for m, s, t in kept]
 
-    def afresh(grad: jax.Array, trees: list[Any], number: int) -> dict[str, jax.Array]:
+    def afresh(
+        grad: jax.Array, trees: list[Any], number: int, parity: int | None = None
+    ) -> dict[str, jax.Array]:
         # The new moments computed again behind a barrier of their own (numbered: XLA merges
         # barriers of the same operands), which XLA then fuses into the kernels that read them
-        # rather than writing one computation to memory for several.
+        # rather than writing one computation to memory for several; with a parity, those of
+        # its elements along the last axis alone.
         again, stored, _ = jax.lax.optimization_barrier((grad, trees, number))
-        return step(again, stored)[1]
+        return step(again if parity is None else again[..., parity::2], stored, parity)[1]
 
     def first_pass(new: dict[str, jax.Array], name: str) -> Callable[[], jax.Array]:
         calls = itertools.count()
@@ -531,26 +534,22 @@ def _arithmetic(
         ]
         again, stored, scales = jax.lax.optimization_barrier((grad, trees, scales))
         update, new = step(again, stored)
+        halves: list[dict[str, jax.Array]] = []
         if in_halves:
-            # Codes two a byte, computed a half at a time, so that XLA:GPU writes them over
-            # the old ones in place.
-            anew, restored, _ = jax.lax.optimization_barrier((again, stored, 0))
-            even, odd = (step(anew[..., p::2], restored, p)[1] for p in (0, 1))
-            return update, [
-                s.store_halves(even[m.name], odd[m.name], t, scale)
-                if s.in_halves(t)
-                else s.store_scaled(new[m.name], t, scale)
-                if scale is not None
-                else s.store(new[m.name], t)
-                for (m, s, t), scale in zip(kept, scales, strict=True)
-            ]
-        if not all(s.codes_like_param for s in storages):
+            # Codes two a byte, computed a half of each byte at a time, so that XLA:GPU writes
+            # them over the old ones in place.
+            halves = [afresh(again, stored, 0, parity) for parity in (0, 1)]
+        elif not all(s.codes_like_param for s in storages):
             # Codes of another shape than the param's (4-bit, two a byte) are not written by
             # the param's kernel: theirs computes the moments again.
             packed = afresh(again, stored, 0)
             new = {m.name: (new if s.codes_like_param else packed)[m.name] for m, s, _ in kept}
         return update, [
-            s.store_scaled(new[m.name], t, scale) if scale is not None else s.store(new[m.name], t)
+            s.store_halves(halves[0][m.name], halves[1][m.name], t, scale)
+            if halves and s.in_halves(t)
+            else s.store_scaled(new[m.name], t, scale)
+            if scale is not None
+            else s.store(new[m.name], t)
             for (m, s, t), scale in zip(kept, scales, strict=True)
         ]
 
