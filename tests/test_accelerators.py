@@ -510,6 +510,8 @@ def test_four_bit_adamw_at_gpt2_small_steps_in_two_passes(tmp_path):
     # a leaf's first pass, its column maxima's two, the maximum of each row over its runs'
     # maxima and the packing
     assert four_bit["kernels"] - four_bit["copies"] <= float32["kernels"] + 5 * two_passes
+    # and in all, fewer than before the codes were written in place (480)
+    assert four_bit["kernels"] <= float32["kernels"] + 6 * two_passes
     assert four_bit["memory"]["temporaries"] < 32 * 2**20
     assert four_bit["predicted_ms"] < 1.35 * float32["predicted_ms"]
 

@@ -405,3 +405,45 @@ def test_a_4_bit_first_moment_beside_a_reducing_second_keeps_the_whole_moments(s
     assert halves.call_count == 0
     cpu_update, _ = jax.jit(tx.update)(grads, state, params)
     np.testing.assert_allclose(gpu_update["w"], cpu_update["w"], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("spec", [("x", "y"), (None, "x")])
+def test_codes_packed_a_half_at_a_time_on_sharded_params(spec) -> None:
+    """The GPU's halves under a plain ``jax.jit`` of params, gradients and state split over a
+    mesh (the last axis too, where the halves slice every other element): the same codes,
+    scales and update, bit for bit, as on one device."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+    from tests.test_quantization import _stepped_off_cpu
+
+    mesh = Mesh(np.array(jax.devices()[:8]).reshape(4, 2), ("x", "y"))
+    sharding = NamedSharding(mesh, PartitionSpec(*spec))
+    shape = (2048, 256)
+    tx = adam_jax.adamw(1e-2, b1=0.8, **adam_jax.four_bit_moments())
+    params = {"w": jax.random.normal(jax.random.key(0), shape)}
+    grads = [{"w": 10.0 ** (i - 2) * jax.random.normal(jax.random.key(i), shape)} for i in (1, 2)]
+    state = jax.jit(tx.update)(grads[0], tx.init(params), params)[1]
+    expected = _stepped_off_cpu(tx, grads[1], state, params)
+
+    def split(tree):
+        return jax.tree.map(lambda x: jax.device_put(x, sharding), tree)
+
+    def laid_out(x):  # a state array split as its param where its axes divide
+        if np.ndim(x) != 2:
+            return x
+        axes = [
+            a if a is None or n % mesh.shape[a] == 0 else None
+            for a, n in zip(spec, x.shape, strict=True)
+        ]
+        return jax.device_put(x, NamedSharding(mesh, PartitionSpec(*axes)))
+
+    state = jax.tree.map(laid_out, state)
+    assert state[0].mu["w"].codes.sharding.spec == sharding.spec
+    spy = mock.patch.object(
+        qz.FourBitRank1, "store_halves", autospec=True, side_effect=qz.FourBitRank1.store_halves
+    )
+    with spy as halves:
+        got = _stepped_off_cpu(tx, split(grads[1]), state, split(params))
+    assert halves.call_count == 1
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_array_equal(a, b)
