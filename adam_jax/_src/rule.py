@@ -68,7 +68,7 @@ from adam_jax._src.elementwise import is_elementwise
 from adam_jax._src.leaf_schedule import LeafSchedule, LeafStep, WholeLeaves
 from adam_jax._src.numerics import compute_dtype, real_dtype
 from adam_jax._src.segmented import buffer_storages, packed_tensors
-from adam_jax._src.sequencing import after
+from adam_jax._src.sequencing import after, in_turn
 from adam_jax._src.storage import (
     MomentStorage,
     PerLeafStorage,
@@ -415,12 +415,14 @@ def _update_leaf(
     if wait_for is not None and two_passes:
         # Stepped in two passes on a GPU, the leaf holds no decoded moment there: nothing to
         # keep apart from the previous leaf's.
-        in_turn = functools.partial(after, wait_for)
         trees = jax.lax.platform_dependent(
-            trees, cpu=in_turn, tpu=in_turn, default=lambda trees: trees
+            trees,
+            cpu=functools.partial(after, wait_for),
+            tpu=functools.partial(in_turn, wait_for),
+            default=lambda trees: trees,
         )
     else:
-        trees = after(wait_for, trees)
+        trees = in_turn(wait_for, trees)
     arithmetic = functools.partial(
         _arithmetic, rule, moments, storages, scalars_for, grad=grad, param=param, decay=decay,
         segments=segments, position=position, two_passes=two_passes,
