@@ -23,6 +23,7 @@ and what :mod:`benchmarks.hlo_program` reads of it:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 from collections.abc import Callable
@@ -140,7 +141,7 @@ def programs() -> list[Callable[[], dict]]:
     return [
         independent_updates,
         *(
-            (lambda c=codes, d=donated, s=scales: block_maxima_then_codes(c, d, s))
+            functools.partial(block_maxima_then_codes, codes, donated, scales)
             for codes, donated, scales in (
                 ("int8", False, False),
                 ("int8", True, False),
@@ -148,7 +149,7 @@ def programs() -> list[Callable[[], dict]]:
                 ("uint8", False, False),
             )
         ),
-        *((lambda t=tile: eight_bit_leaf(t)) for tile in (None, *TILES)),
+        *(functools.partial(eight_bit_leaf, tile) for tile in (None, *TILES)),
     ]
 
 

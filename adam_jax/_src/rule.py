@@ -68,7 +68,7 @@ from adam_jax._src.elementwise import is_elementwise
 from adam_jax._src.leaf_schedule import LeafSchedule, LeafStep, WholeLeaves
 from adam_jax._src.numerics import compute_dtype, real_dtype
 from adam_jax._src.segmented import buffer_storages, packed_tensors
-from adam_jax._src.sequencing import after, in_turn
+from adam_jax._src.sequencing import after, behind_barrier, in_turn
 from adam_jax._src.storage import (
     MomentStorage,
     PerLeafStorage,
@@ -418,7 +418,7 @@ def _update_leaf(
         trees = jax.lax.platform_dependent(
             trees,
             cpu=functools.partial(after, wait_for),
-            tpu=functools.partial(in_turn, wait_for),
+            tpu=functools.partial(behind_barrier, wait_for),
             default=lambda trees: trees,
         )
     else:

@@ -10,25 +10,26 @@ one leaf at a time are alive. On CPU the core also makes a leaf's new codes depe
 update, so that no fusion reads the old codes after the new ones overwrite them in place.
 
 ``jax.lax.optimization_barrier`` would say the same, but XLA:CPU removes barriers before it
-schedules. A TPU keeps them, and there the arithmetic below is a few scalar kernels a leaf, so
-the core's leaves wait behind a barrier on a TPU (:func:`in_turn`; GPT-2 small's 8-bit AdamW
-step compiled for a v5p: 1393 kernels against 2038, 1024 MiB of temporaries against 1031).
-Stochastic rounding's leaves and a leaf's row slices keep the arithmetic there too: behind
-barriers a v5p held more (121 MiB against 24 at GPT-2 small, and 474 against 431). The
-dependency here is arithmetic that XLA cannot fold away and that leaves every
-value as it was: ``max(x, d)`` for each float array ``x`` of the inputs, with ``d = -inf``
-computed from the maximum of each previous array (``max(x, -inf)`` is ``x`` bit for bit for
-every float, ``-0.0`` included; a NaN stays a NaN), and a shift by a computed zero for each
-integer array (8-bit codes, random keys). A dependency on the previous leaf's codes as well
-(one more pass over them) costs time: the 8-bit step took 1.9x the unordered one on CPU,
-against 1.02x with the scales alone (4-bit: 1.15x), for the same temporaries; one on a single
-element lets XLA recompute part of the encoding for it and keeps more temporaries, not fewer.
-On a leaf sharded over devices each maximum is one scalar all-reduce. Only leaves whose storage
-:meth:`~adam_jax.MomentStorage.decodes` are put in turn; plain moments fuse as before.
+schedules. On a TPU the arithmetic below is a few scalar kernels a leaf, and a barrier keeps
+the same temporaries without them, so the core's leaves wait behind a barrier there
+(:func:`in_turn`; GPT-2 small's 8-bit AdamW step compiled for a v5p: 1393 kernels against 2038,
+1024 MiB of temporaries against 1031). Stochastic rounding's leaves and a leaf's row slices
+keep the arithmetic there too: behind barriers a v5p held more (121 MiB against 24 at GPT-2
+small, and 474 against 431). Elsewhere the dependency is arithmetic that XLA cannot fold away
+and that leaves every value as it was: ``max(x, d)`` for each float array ``x`` of the inputs,
+with ``d = -inf`` computed from the maximum of each previous array (``max(x, -inf)`` is ``x``
+bit for bit for every float, ``-0.0`` included; a NaN stays a NaN), and a shift by a computed
+zero for each integer array (8-bit codes, random keys). A dependency on the previous leaf's
+codes as well (one more pass over them) costs time: the 8-bit step took 1.9x the unordered one
+on CPU, against 1.02x with the scales alone (4-bit: 1.15x), for the same temporaries; one on a
+single element lets XLA recompute part of the encoding for it and keeps more temporaries, not
+fewer. On a leaf sharded over devices each maximum is one scalar all-reduce. Only leaves whose
+storage :meth:`~adam_jax.MomentStorage.decodes` are put in turn; plain moments fuse as before.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, TypeVar
 
 import jax
@@ -84,17 +85,20 @@ def after(previous: Any, inputs: T, *, integers: bool = True) -> T:
     return jax.tree.map(_waiting(_minus_inf_after(previous), integers), inputs)
 
 
+def behind_barrier(previous: Any, inputs: T) -> T:
+    """``inputs``, unchanged, out of one ``optimization_barrier`` with ``previous``."""
+    return jax.lax.optimization_barrier((previous, inputs))[1]
+
+
 def in_turn(previous: Any, inputs: T) -> T:
-    """``inputs`` once every array of ``previous`` exists, as :func:`after` gives them, but
-    behind one ``optimization_barrier`` with ``previous`` on a TPU (no arithmetic)."""
+    """``inputs`` once every array of ``previous`` exists: :func:`behind_barrier` on a TPU,
+    :func:`after` elsewhere."""
     if previous is None:
         return inputs
-
-    def behind_barrier(inputs: T) -> T:
-        return jax.lax.optimization_barrier((previous, inputs))[1]
-
     ordered: T = jax.lax.platform_dependent(
-        inputs, tpu=behind_barrier, default=lambda inputs: after(previous, inputs)
+        inputs,
+        tpu=functools.partial(behind_barrier, previous),
+        default=functools.partial(after, previous),
     )
     return ordered
 
