@@ -107,13 +107,20 @@ def main(argv: list[str] | None = None) -> None:
         help="adamw, soap, 'the setting to use', each with ', stacked' and ', stacked, power "
         "start' (default: all)",
     )
+    parser.add_argument(
+        "--phases",
+        nargs="+",
+        default=list(PHASES),
+        choices=PHASES,
+        help="the phases of each SOAP program (default: all; AdamW's whole step regardless)",
+    )
     parser.add_argument("--out", type=Path, help="write the rows to this JSON file")
     args = parser.parse_args(argv)
     accelerators.enable_or_exit(parser)
     target = accelerators.TARGETS[args.target]
     rows = []
     for name in args.programs or list(settings()):
-        for phase in ("whole",) if name == "adamw" else PHASES:
+        for phase in ("whole",) if name == "adamw" else args.phases:
             row = measure(name, phase, target, args.tree)
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -311,3 +311,42 @@ def test_wrapped_stacked_soap_steps_as_unwrapped(wrap: str) -> None:
     for plain, wrapped in zip(*runs, strict=True):
         for name in params:
             np.testing.assert_array_equal(wrapped[name], plain[name], err_msg=name)
+
+
+def test_leaves_of_one_shape_move_as_one_batch() -> None:
+    """The stacks hold their blocks kind after kind (the leaves of one shape, in flattening
+    order), and each leaf comes back bit for bit. A TPU puts a kind's leaves back all at once
+    (``_merged_together``, the columns of blocks concatenated where a leaf has 2 to 7 of them),
+    which a CPU's step never runs: run here on every kind, with 2 to 8 blocks along the last
+    dimension, remainders and a 3-D leaf, it gives each leaf's own merge."""
+    from adam_jax._src.variants.soap.layout import SoapLayout
+    from adam_jax._src.variants.soap.stacks import StackPlan, _merged_together
+
+    shapes = [(16, 24), (40, 16), (16, 24), (20, 60), (16, 16, 24), (40, 16), (8, 64), (5,)]
+    rng = np.random.default_rng(0)
+    leaves = [jnp.asarray(rng.normal(size=s).astype(np.float32)) for s in shapes]
+    layout = SoapLayout(
+        max_precond_dim=10000, merge_dims=False, precondition_1d=False, block_size=8
+    )
+    plan = StackPlan.of(leaves, layout)
+    stacks, rest = plan.stack(leaves)
+    split = [
+        layout.groups(layout.shape(s))[0].split(x.reshape(layout.shape(s)))
+        for s, x in ((shapes[i], leaves[i]) for i in (0, 2, 1, 5))
+    ]
+    np.testing.assert_array_equal(
+        stacks["8x8"][: sum(len(b) for b in split)], np.concatenate(split)
+    )
+    counts = set()
+    for name, kinds in plan.stacks:
+        for kind in kinds:
+            m, group = len(kind.leaves), kind.group
+            blocks = stacks[name][kind.start : kind.start + kind.n]
+            together = _merged_together(group, blocks.reshape(m, group.n, *group.sizes))
+            for j in range(m):
+                alone = group.merge(blocks[j * group.n : (j + 1) * group.n])
+                np.testing.assert_array_equal(together[j], alone, err_msg=name)
+            counts.add(group.counts[-1])
+    assert {1, 2, 3, 7, 8} <= counts
+    for back, leaf in zip(plan.unstack(stacks, rest, leaves), leaves, strict=True):
+        np.testing.assert_array_equal(back, leaf)

@@ -4,17 +4,18 @@ blocks of every leaf that share a shape are kept, and stepped, as one stack.
 Leaf by leaf, a step makes each leaf's products, moments and refreshes apart: on a GPU at least
 one kernel a leaf and a product, however small the leaf (GPT-2 small's step between refreshes
 took 7.5 times AdamW's kernels). Here the step gathers the gradient's blocks of one shape from
-every leaf into one stack ``(n, *sizes)`` (one copy), steps each stack as one leaf of ``n``
-blocks (:attr:`SoapLayout.stacked`: one batched product per factor, Adam's moments elementwise
-in the stack's own layout, one refresh), and puts each leaf's update back together from its
-blocks. The state holds a stack's factors, bases and moments (:class:`StackedSoapState`), so
-nothing but the gradient and the update moves between the leaves and the stacks.
+every leaf into one stack ``(n, *sizes)`` (one copy), the leaves of one shape as one batch
+(:class:`StackPlan`), steps each stack as one leaf of ``n`` blocks (:attr:`SoapLayout.stacked`:
+one batched product per factor, Adam's moments elementwise in the stack's own layout, one
+refresh), and puts each leaf's update back together from its blocks. The state holds a stack's
+factors, bases and moments (:class:`StackedSoapState`), so nothing but the gradient and the
+update moves between the leaves and the stacks.
 
 Each block's arithmetic is the leaf-by-leaf step's: the same updates, and the same state in
 another order (a compressed moment's blocks of codes then hold other values). On the CPU the
-stacked step is slower (docs/speed.md): XLA:CPU steps the leaves side by side on its threads.
-Normalization (``normalize_grads``, the RMS of each leaf's direction) and weight decay (each
-leaf's mask) are applied to the leaves' updates.
+stacked step gains little or loses (docs/speed.md): XLA:CPU steps the leaves side by side on
+its threads. Normalization (``normalize_grads``, the RMS of each leaf's direction) and weight
+decay (each leaf's mask) are applied to the leaves' updates.
 """
 
 from __future__ import annotations
@@ -57,34 +58,90 @@ class StackedSoapState(NamedTuple):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Member:
-    """A leaf's group of blocks in a stack: the leaf's index, the group's position among the
-    leaf's groups, the group, and its first block in the stack."""
+class _Kind:
+    """The leaves of one working shape, at one of their groups of blocks, in a stack: the
+    group's position among each leaf's groups, the group, the leaves (in flattening order) and
+    the first block in the stack. They move between the leaves and the stack as one batch."""
 
-    leaf: int
     position: int
     group: BlockGroup
+    leaves: tuple[int, ...]
     start: int
+
+    @property
+    def n(self) -> int:
+        """The blocks of all the kind's leaves."""
+        return len(self.leaves) * self.group.n
+
+
+def _made_first_on_a_tpu(x: jax.Array) -> jax.Array:
+    """``x``, a kind's leaves stacked, made before it is cut into blocks on a TPU (behind an
+    ``optimization_barrier``; elsewhere as it is). Without the barrier XLA:TPU fuses the stack
+    into the moves of its blocks and moves each leaf's blocks apart, in float32 and again in
+    bfloat16: at GPT-2 small with blocks of 128, 96 copies a step."""
+    return jax.lax.platform_dependent(x, tpu=jax.lax.optimization_barrier, default=lambda y: y)
+
+
+def _merged_together(group: BlockGroup, blocks: jax.Array) -> jax.Array:
+    """:meth:`BlockGroup.merge` of a kind's leaves at once, ``blocks`` ``(m, group.n, *sizes)``.
+    Where the last dimension is cut into 2 to 7 blocks (fewer than a TPU tile's 8 rows), the
+    concatenation of its columns of blocks: XLA:TPU lays the merge of such leaves out
+    transposed, then copies each leaf back, and its param to the transposed layout for the
+    step's last kernel (at GPT-2 small with blocks of 128: the twelve ``3072 x 768`` matrices,
+    the position table and the embedding)."""
+    count = group.counts[-1]
+    if not 1 < count < 8:
+        return jax.vmap(group.merge)(blocks)
+    column = dataclasses.replace(
+        group, spans=(*group.spans[:-1], (0, group.sizes[-1])), counts=(*group.counts[:-1], 1)
+    )
+    x = blocks.reshape(len(blocks), *group.counts, *group.sizes)
+    columns = [
+        jax.vmap(column.merge)(
+            jnp.take(x, j, axis=len(group.counts)).reshape(len(blocks), column.n, *group.sizes)
+        )
+        for j in range(count)
+    ]
+    return jnp.concatenate(columns, axis=-1)
+
+
+def _merged(group: BlockGroup, blocks: jax.Array, m: int) -> tuple[jax.Array, ...]:
+    """:meth:`BlockGroup.merge` of each of a kind's ``m`` leaves from their ``blocks``, leaf
+    after leaf: on a TPU all at once (:func:`_merged_together`: leaf by leaf, XLA:TPU copies the
+    leaves' blocks apart), elsewhere leaf by leaf, which XLA:GPU fuses into each leaf's last
+    kernel, reading that leaf's blocks alone."""
+    n = group.n
+
+    def together(b: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(_merged_together(group, b.reshape(m, n, *group.sizes)))
+
+    def apart(b: jax.Array) -> tuple[jax.Array, ...]:
+        return tuple(group.merge(b[j * n : (j + 1) * n]) for j in range(m))
+
+    return jax.lax.platform_dependent(blocks, tpu=together, default=apart)
 
 
 @dataclasses.dataclass(frozen=True)
 class StackPlan:
     """Where each leaf's blocks sit in the stacks, from the leaves' shapes and the layout:
     every leaf with a factor is cut into its groups of blocks (:meth:`SoapLayout.groups`), and
-    the groups of one block shape, leaf after leaf in flattening order, make a stack; the
-    leaves without a factor make one vector, in order."""
+    the groups of one block shape make a stack, kind after kind (:class:`_Kind`: the leaves of
+    one working shape at one group position, in order of their first leaf), and within a kind
+    leaf after leaf in flattening order; the leaves without a factor make one vector, in
+    order."""
 
     shapes: tuple[tuple[int, ...], ...]
     working: tuple[tuple[int, ...], ...]
     groups: tuple[tuple[BlockGroup, ...], ...]
-    stacks: tuple[tuple[str, tuple[_Member, ...]], ...]
+    stacks: tuple[tuple[str, tuple[_Kind, ...]], ...]
     rest: tuple[int, ...]
 
     @classmethod
     def of(cls, leaves: list[Any], layout: SoapLayout) -> StackPlan:
         shapes = tuple(tuple(jnp.shape(leaf)) for leaf in leaves)
-        members: dict[str, list[_Member]] = collections.defaultdict(list)
-        sizes: dict[str, int] = collections.defaultdict(int)
+        working = tuple(layout.shape(shape) for shape in shapes)
+        # Per stack, per (working shape, group position): the group and its leaves.
+        kinds: dict[str, dict[Any, tuple[BlockGroup, list[int]]]] = collections.defaultdict(dict)
         groups: list[tuple[BlockGroup, ...]] = []
         rest: list[int] = []
         for i, shape in enumerate(shapes):
@@ -95,49 +152,56 @@ class StackPlan:
             groups.append(layout.groups(shape))
             for position, group in enumerate(groups[-1]):
                 name = "x".join(str(s) for s in group.sizes)
-                members[name].append(_Member(i, position, group, sizes[name]))
-                sizes[name] += group.n
-        return cls(
-            shapes=shapes,
-            working=tuple(layout.shape(shape) for shape in shapes),
-            groups=tuple(groups),
-            stacks=tuple((name, tuple(m)) for name, m in members.items()),
-            rest=tuple(rest),
-        )
+                kinds[name].setdefault((working[i], position), (group, []))[1].append(i)
+        stacks = []
+        for name, of_stack in kinds.items():
+            placed, start = [], 0
+            for (_, position), (group, members) in of_stack.items():
+                placed.append(_Kind(position, group, tuple(members), start))
+                start += placed[-1].n
+            stacks.append((name, tuple(placed)))
+        return cls(shapes, working, tuple(groups), tuple(stacks), tuple(rest))
 
     def stack_shapes(self) -> dict[str, tuple[int, ...]]:
         """Each stack's shape, ``(n, *sizes)``, by name."""
         return {
-            name: (sum(m.group.n for m in members), *members[0].group.sizes)
-            for name, members in self.stacks
+            name: (sum(kind.n for kind in kinds), *kinds[0].group.sizes)
+            for name, kinds in self.stacks
         }
 
     def stack(self, leaves: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
         """The stacks of ``leaves`` (laid out as the plan's), each the concatenation of its
-        members' blocks, ``(n, *sizes)``; and the leaves without a factor, flattened and
+        kinds' blocks, ``(n, *sizes)``; and the leaves without a factor, flattened and
         concatenated, under ``"rest"``."""
         stacks = {
-            name: jnp.concatenate(
-                [
-                    m.group.split(_whole(replicated(leaves[m.leaf])).reshape(self.working[m.leaf]))
-                    for m in members
-                ]
-            )
-            for name, members in self.stacks
+            name: jnp.concatenate([self._blocks(leaves, kind) for kind in kinds])
+            for name, kinds in self.stacks
         }
         if not self.rest:
             return stacks, {}
         flat = [_whole(replicated(leaves[i])).reshape(-1) for i in self.rest]
         return stacks, {"rest": jnp.concatenate(flat)}
 
+    def _blocks(self, leaves: list[Any], kind: _Kind) -> jax.Array:
+        """The blocks of ``kind``'s leaves, leaf after leaf, as ``(n, *sizes)``."""
+        whole = jnp.stack(
+            [_whole(replicated(leaves[i])).reshape(self.working[i]) for i in kind.leaves]
+        )
+        if kind.group.n > 1:  # a leaf of one block is not cut
+            whole = _made_first_on_a_tpu(whole)
+        blocks = jax.vmap(kind.group.split)(whole)
+        return blocks.reshape(kind.n, *kind.group.sizes)
+
     def unstack(self, stacks: dict[str, Any], rest: dict[str, Any], like: list[Any]) -> list[Any]:
         """The inverse of :meth:`stack`: each leaf from its blocks, in the dtype and typed
         sharding of ``like``'s."""
         parts: dict[int, list[Any]] = {i: [None] * len(g) for i, g in enumerate(self.groups)}
-        for name, members in self.stacks:
-            for m in members:
-                blocks = stacks[name][m.start : m.start + m.group.n]
-                parts[m.leaf][m.position] = m.group.merge(blocks)
+        for name, kinds in self.stacks:
+            for kind in kinds:
+                blocks = stacks[name][kind.start : kind.start + kind.n]
+                merged = _merged(kind.group, blocks, len(kind.leaves))
+                for j, i in enumerate(kind.leaves):
+                    parts[i][kind.position] = merged[j]
         sizes = [math.prod(self.shapes[i]) for i in self.rest]
         edges = itertools.accumulate(sizes, initial=0)
         for i, start, size in zip(self.rest, edges, sizes, strict=False):
