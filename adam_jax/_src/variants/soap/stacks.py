@@ -98,7 +98,9 @@ def _merged_together(group: BlockGroup, blocks: jax.Array) -> jax.Array:
     x = blocks.reshape(len(blocks), *group.counts, *group.sizes)
     columns = [
         jax.vmap(column.merge)(
-            jnp.take(x, j, axis=len(group.counts)).reshape(len(blocks), column.n, *group.sizes)
+            jax.lax.index_in_dim(x, j, axis=len(group.counts), keepdims=False).reshape(
+                len(blocks), column.n, *group.sizes
+            )
         )
         for j in range(count)
     ]
