@@ -4,10 +4,11 @@ program alone (the first step, a step between refreshes, a step then every refre
 AdamW's.
 
 Each row gives the kernels, library calls, loops (and those whose trip count the program does
-not know), branches, temporaries, compile seconds and, for a GPU, the time model's milliseconds
-(``model_ms`` with a branch's cheapest side, ``model_dearest_ms`` with its dearest: Cholesky
-QR's passes past the first two). A phase's program is SOAP's with its phase pinned
-(its rule's ``phase_of`` answering it), so that each is measured without the others.
+not know), branches, temporaries, the bytes its kernels move (``gb_moved``), compile seconds
+and, for a GPU, the time model's milliseconds (``model_ms`` with a branch's cheapest side,
+``model_dearest_ms`` with its dearest: Cholesky QR's passes past the first two). A phase's
+program is SOAP's with its phase pinned (its rule's ``phase_of`` answering it), so that each is
+measured without the others.
 
     python -m benchmarks.soap_phases --target h100 --out benchmarks/results/soap_phases_h100.json
 """
@@ -88,6 +89,8 @@ def measure(
         "unknown_trip_loops": program.unknown_trip_loops,
         "conditionals": len(program.conditionals),
         "temporaries_mib": round(compiled.memory["temporaries"] / 2**20, 1),
+        # The program reader's sum of the kernels' operand and result bytes.
+        "gb_moved": round(summary["kernel_bytes"] / 1e9, 2),
         "compile_s": round(compiled.compile_s, 2),
     }
     if target.name in time_model.CARDS:

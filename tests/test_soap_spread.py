@@ -139,8 +139,10 @@ def test_stacked_blocks_spread_train_as_one_device(axis_type: str, placement: st
     _assert_close(ours, want)
     for name in ("gg", "q"):
         stored = getattr(state.stacks, name)["16x16"]
-        assert stored.size == 48 * 2 * 16 * 16
-        assert {shard.data.size for shard in stored.addressable_shards} == {stored.size // 8}
+        assert set(stored) == {"dim0", "dim1"}
+        for matrices in stored.values():
+            assert matrices.shape == (48, 16, 16)
+            assert {shard.data.shape for shard in matrices.addressable_shards} == {(6, 16, 16)}
 
 
 @pytest.mark.parametrize("axis_type", AXIS_TYPES)

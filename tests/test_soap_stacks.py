@@ -25,6 +25,7 @@ import optax
 import pytest
 
 import adam_jax
+from adam_jax._src.variants.soap import SoapLayout
 
 # Blocks of 8: "a" and "a2" 2 x 3 blocks of 8 x 8, "b" 8 x 8 ones and 4 x 8 remainders below,
 # "r" a remainder column (8 x 4), "c" 3-D (two blocks of 8 x 4 x 3), "v" 1-D, "s" one block.
@@ -108,7 +109,8 @@ def test_stacked_blocks_step_as_leaf_by_leaf(options: dict[str, Any], x64: None)
 def test_stacked_blocks_step_float32_bit_for_bit() -> None:
     """Float32, blocks: the updates of the leaves of several blocks bit for bit (their
     products batched either way; a leaf of one block is multiplied as plain matrices leaf by
-    leaf), and the state's stacks hold each leaf's blocks' factors as the leaf's vector does."""
+    leaf), and the state's stacks hold each leaf's blocks' factors (a batch of matrices a
+    dimension) as the leaf's vector does."""
     options = {"block_size": 8, "precondition_frequency": 2}
     runs = [_run(adam_jax.soap(0.01, stack_blocks=s, **options), 5) for s in (False, True)]
     for leaf_by_leaf, stacked in zip(*runs, strict=True):
@@ -122,28 +124,48 @@ def test_stacked_blocks_step_float32_bit_for_bit() -> None:
     for stacked in (False, True):
         tx = adam_jax.scale_by_soap(block_size=8, stack_blocks=stacked)
         states.append(tx.update(grads, tx.init(params))[1])
-    flat = np.concatenate([states[0].gg["a"], states[0].gg["a2"]])
-    np.testing.assert_array_equal(states[1].stacks.gg["8x8"], flat)
+    layout = SoapLayout(10000, merge_dims=False, precondition_1d=False, block_size=8)
+    blocks = [
+        block
+        for name in ("a", "a2")
+        for block in layout.unpack_blocks(states[0].gg[name], (16, 24))
+    ]
+    for i, key in enumerate(("dim0", "dim1")):
+        want = np.stack([block[i] for block in blocks])
+        np.testing.assert_array_equal(states[1].stacks.gg["8x8"][key], want, err_msg=key)
     assert states[1].stacks.mu["8x8"].shape == (12, 8, 8)
 
 
-def test_eight_bit_first_moment_stays_as_near_float32() -> None:
-    """The setting to use's storages: a stack's 8-bit blocks of codes hold other values than a
-    leaf's, so the updates differ; each stays within the 8-bit storages' distance of the
-    float32 step (after a first step, a refresh and a step between)."""
-    compressed = {
-        "block_size": 8,
-        "precondition_frequency": 2,
+COMPRESSED = {
+    "the setting to use": {
         "mu_dtype": adam_jax.BlockwiseQuantized(),
         "nu_dtype": jnp.bfloat16,
         "factor_dtype": jnp.bfloat16,
         "basis_dtype": jnp.bfloat16,
         "basis_rectification": 0,
-    }
-    exact = _run(adam_jax.soap(0.01, block_size=8, precondition_frequency=2), 4)[-1]
+    },
+    "8-bit factors and bases, staggered": {
+        "factor_dtype": adam_jax.BlockwiseQuantized(min_size=0),
+        "basis_dtype": adam_jax.BlockwiseQuantized(min_size=0),
+        "stagger_refresh": True,
+    },
+}
+
+
+@pytest.mark.parametrize("compressed", list(COMPRESSED.values()), ids=list(COMPRESSED))
+def test_compressed_stacks_stay_as_near_float32(compressed: dict[str, Any]) -> None:
+    """Compressed storages: a stack's 8-bit blocks of codes hold other values than a leaf's
+    (its factors' and bases' lie in each block's matrices), so the updates differ; each stays
+    within the storages' distance of the float32 step (after a first step, refreshes and steps
+    between; staggered, each step's due blocks written back into the stack's matrices)."""
+    staggered = {"stagger_refresh": compressed.get("stagger_refresh", False)}
+    options = {"block_size": 8, "precondition_frequency": 2}
     distances = []
     for stacked in (False, True):
-        last = _run(adam_jax.soap(0.01, stack_blocks=stacked, **compressed), 4)[-1]
+        # Each against its own float32 step: staggered, a stack numbers its blocks otherwise.
+        exact = _run(adam_jax.soap(0.01, stack_blocks=stacked, **options, **staggered), 4)[-1]
+        tx = adam_jax.soap(0.01, stack_blocks=stacked, **options, **compressed)
+        last = _run(tx, 4)[-1]
         distances.append(
             max(
                 float(jnp.max(jnp.abs(last[k] - exact[k]) / jnp.max(jnp.abs(exact[k]))))
@@ -229,7 +251,8 @@ def test_what_does_not_stack_is_refused(options: dict[str, Any], message: str) -
 
 def test_flat_params_and_a_relayout() -> None:
     """``FlatParams`` are refused as leaf by leaf; a stacked state not spread over devices is
-    re-laid as it is (re-laid spread: tests/test_soap_relayout.py)."""
+    re-laid as it is (re-laid spread: tests/test_soap_relayout.py), and one of another count of
+    devices than it was written on is refused, naming the stack."""
     tx = adam_jax.scale_by_soap(block_size=8, stack_blocks=True)
     with pytest.raises(ValueError, match="FlatParams"):
         tx.init(adam_jax.FlatParams.from_tree({"w": jnp.ones((8, 8))}))
@@ -238,6 +261,9 @@ def test_flat_params_and_a_relayout() -> None:
     relaid = adam_jax.relayout_soap_state(state, params, devices_from=1, devices_to=1, block_size=8)
     assert jax.tree.structure(relaid) == jax.tree.structure(state)
     assert jax.tree.all(jax.tree.map(np.array_equal, relaid, state))
+    # Spread over 3 devices, the stack's two blocks would have had a slot each on three.
+    with pytest.raises(ValueError, match=r"of stack '8x8', dim0 .* are a batch of 3 matrices"):
+        adam_jax.relayout_soap_state(state, params, devices_from=3, devices_to=1, block_size=8)
 
 
 def test_one_dimensional_leaves_stack_with_precondition_1d() -> None:

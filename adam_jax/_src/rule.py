@@ -460,8 +460,11 @@ def _arithmetic(
         def load(s: MomentStorage, t: Any) -> jax.Array:
             return s.load(t) if parity is None else s.load_half(t, parity)
 
+        # A storage may load a tree of arrays (SOAP's factors of a stack, by dimension).
         loaded = {
-            m.name: load(s, t).astype(rdtype if m.real else g.dtype) if m.cast else load(s, t)
+            m.name: jax.tree.map(lambda x, m=m: x.astype(rdtype if m.real else g.dtype), load(s, t))
+            if m.cast
+            else load(s, t)
             for m, s, t in kept
         }
         reducing = {m.name: (s, t) for m, s, t in kept if s.reduces}

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
-from adam_jax._src.variants.soap.factors import _unpack_group
+from adam_jax._src.variants.soap.factors import _unpack_group, dimension_key
 from adam_jax._src.variants.soap.layout import BlockGroup
 from adam_jax._src.variants.soap.mesh import _spread, _whole
 from adam_jax.rules import replicated
@@ -70,9 +70,13 @@ class _LeafBlocks:
         parts = [group.merge(b) for group, b in zip(self.groups, blocks, strict=True)]
         return _assemble(self.groups, parts).reshape(self.shape)
 
-    def parts(self, flat: jax.Array) -> list[list[jax.Array | None]]:
+    def parts(self, flat: Any) -> list[list[jax.Array | None]]:
         """Each group's matrices (:func:`_unpack_group`) from the leaf's state vector (one
-        device's part of it, inside :meth:`blockwise`)."""
+        device's part of it, inside :meth:`blockwise`); a stack's one group from its batches
+        by dimension (:class:`FactorStorage`)."""
+        if isinstance(flat, dict):
+            (group,) = self.groups
+            return [[flat.get(dimension_key(i)) for i in range(len(group.factors))]]
         sizes = (s * g.stride for s, g in zip(self.slots, self.groups, strict=True))
         edges = list(itertools.accumulate(sizes, initial=0))
         return [

@@ -1,12 +1,13 @@
 """The Kronecker factors and their eigenbases: their storage in the state, one flat vector per
-leaf (:class:`FactorStorage`, and the packing of matrices into it), the Björck rectification of
-a decoded basis (:func:`bjorck_iterations`), and the arithmetic on them: the rotations into the
-eigenbasis and back, the factors' outer products, ``eigh``, and the refresh of a batch of
-blocks' bases (:func:`_refresh_blocks`)."""
+leaf or a stack's batches of matrices (:class:`FactorStorage`, and the packing of matrices into
+it), the Björck rectification of a decoded basis (:func:`bjorck_iterations`), and the
+arithmetic on them: the rotations into the eigenbasis and back, the factors' outer products,
+``eigh``, and the refresh of a batch of blocks' bases (:func:`_refresh_blocks`)."""
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -20,6 +21,7 @@ from adam_jax.rules import (
     MomentStorage,
     cast_storage,
     compute_dtype,
+    moving_average,
     replicated_placement,
 )
 
@@ -32,7 +34,12 @@ class FactorStorage(MomentStorage):
     """The Kronecker factors (or their eigenbases) of each leaf, flattened into one vector,
     replicated where the param is sharded: in the compute dtype (at least float32) when
     ``storage`` is None, else in ``storage``'s form of that vector (a cast to ``bfloat16``,
-    8-bit or 4-bit block-wise codes), loaded back in the compute dtype for the step."""
+    8-bit or 4-bit block-wise codes), loaded back in the compute dtype for the step.
+
+    A stack's (:attr:`SoapLayout.stacked`) are kept as matrices instead, one batch
+    ``(n, d, d)`` per dimension with a factor, keyed by :func:`dimension_key`: each block's
+    factor is read where it lies. On a TPU, cut from one vector, they were re-laid out at
+    every step (at GPT-2 small, SOAP's stacked step held eight such loops)."""
 
     layout: SoapLayout
     storage: MomentStorage | None = None
@@ -44,18 +51,37 @@ class FactorStorage(MomentStorage):
             (size,), compute_dtype(param.dtype), sharding=replicated_placement(param)
         )
 
+    def matrices(self, param: Any) -> dict[str, jax.ShapeDtypeStruct]:
+        """A stack's batches of matrices, by dimension, as the inner storage sees them (with
+        the empty slots of :meth:`SoapLayout.placement`)."""
+        shape = tuple(param.shape)
+        devices, (slots,) = self.layout.placement(shape)
+        (group,) = self.layout.groups(shape)
+        return {
+            dimension_key(i): jax.ShapeDtypeStruct(
+                (devices * slots, d, d),
+                compute_dtype(param.dtype),
+                sharding=replicated_placement(param),
+            )
+            for i, d in enumerate(group.factors)
+            if d is not None
+        }
+
     def _inner(self, stored: Any) -> MomentStorage | None:
         """The storage of ``stored``: None for a leaf without factors (an empty vector)."""
         return None if isinstance(stored, jax.Array) and stored.size == 0 else self.storage
 
+    def _init_one(self, like: jax.ShapeDtypeStruct) -> Any:
+        if self.storage is not None and math.prod(like.shape) > 0:
+            return self.storage.init(like)
+        return jnp.zeros(like.shape, like.dtype, device=like.sharding)
+
     def init(self, param: Any) -> Any:
         shape = tuple(param.shape)
-        size = self.layout.size(shape)
-        if self.storage is not None and size > 0:
-            stored = self.storage.init(self.vector(param))
+        if self.layout.stacked:
+            stored = {key: self._init_one(like) for key, like in self.matrices(param).items()}
         else:
-            placement = replicated_placement(param)
-            stored = jnp.zeros((size,), compute_dtype(param.dtype), device=placement)
+            stored = self._init_one(self.vector(param))
         devices, _ = self.layout.placement(shape)
         if devices == 1:  # no block_axis, or a leaf of one block
             return stored
@@ -67,17 +93,44 @@ class FactorStorage(MomentStorage):
             lambda x: _spread(x, axis) if x.ndim and x.shape[0] % devices == 0 else x, stored
         )
 
-    def load(self, stored: Any) -> jax.Array:
+    def _load_one(self, stored: Any) -> jax.Array:
         inner = self._inner(stored)
         return stored if inner is None else inner.load(stored)
 
-    def store(self, value: jax.Array, stored: Any) -> Any:
+    def _store_one(self, value: jax.Array, stored: Any) -> Any:
         inner = self._inner(stored)
         return value.astype(stored.dtype) if inner is None else inner.store(value, stored)
 
+    def load(self, stored: Any) -> Any:
+        if isinstance(stored, dict):
+            return {key: self._load_one(part) for key, part in stored.items()}
+        return self._load_one(stored)
+
+    def store(self, value: Any, stored: Any) -> Any:
+        if isinstance(stored, dict):
+            return {key: self._store_one(value[key], part) for key, part in stored.items()}
+        return self._store_one(value, stored)
+
     def decodes(self, stored: Any) -> bool:
-        inner = self._inner(stored)
-        return False if inner is None else inner.decodes(stored)
+        parts = stored.values() if isinstance(stored, dict) else [stored]
+        for part in parts:
+            inner = self._inner(part)
+            if inner is not None and inner.decodes(part):
+                return True
+        return False
+
+
+def dimension_key(i: int) -> str:
+    """The key of a stack's factors (or bases) of dimension ``i`` of its blocks."""
+    return f"dim{i}"
+
+
+def average_factors(old: Any, new: Any, weight: Any) -> Any:
+    """:func:`moving_average` of a state's factors (a leaf's vector, or a stack's batches by
+    dimension) by ``new`` in the same form, all at once, which XLA updates in place."""
+    if isinstance(old, dict):
+        return {key: moving_average(old[key], new[key], weight) for key in old}
+    return moving_average(old, new, weight) if old.size else old
 
 
 def _rectify(q: jax.Array, iterations: int) -> jax.Array:
@@ -214,8 +267,12 @@ def _unpack_group(flat: jax.Array, group: BlockGroup, n: int) -> list[jax.Array 
     return out
 
 
-def _pack_groups(groups: list[list[jax.Array | None]], like: jax.Array) -> jax.Array:
-    """The inverse of :func:`_unpack_group` over a leaf's groups: its state's vector."""
+def _pack_groups(groups: list[list[jax.Array | None]], like: Any) -> Any:
+    """The inverse of :func:`_unpack_group` over a leaf's groups: its state's vector (a
+    stack's batches by dimension, where ``like`` is one: a stack has one group)."""
+    if isinstance(like, dict):
+        (matrices,) = groups
+        return {dimension_key(i): m for i, m in enumerate(matrices) if m is not None}
     parts = []
     for matrices in groups:
         rows = [m.reshape(m.shape[0], -1) for m in matrices if m is not None]

@@ -48,7 +48,9 @@ def relayout_soap_state(
     zero), so that SOAP stepped on ``devices_to`` devices from the result takes the updates
     it would have taken on ``devices_from``. The other fields (Adam's moments, the count)
     are not laid out by device and are returned as they are. With ``stack_blocks``, each stack
-    (the blocks of one shape from every leaf) is re-laid as a leaf of those blocks is.
+    (the blocks of one shape from every leaf) holds a batch of matrices a dimension, block
+    :math:`k` at index :math:`k` on any count: it keeps its blocks, with as many empty slots
+    after them as the new count leaves.
 
     Runs on the host, once at a resume: the vectors are read as NumPy arrays (a
     ``jax.Array`` must be fully addressable: read it replicated, or to the host, where it
@@ -120,11 +122,7 @@ def relayout_soap_state(
     )
     found = 0
 
-    def relaid_vector(field: str, path: Any, param: Any, stored: Any, stacked: bool = False) -> Any:
-        if not jax.tree.leaves(stored):  # a masked leaf (optax.masked's MaskedNode), or None
-            return stored
-        name = jax.tree_util.keystr(path) or "(the root)"
-        what = f"the {_FIELDS[field]} ({field}) of {'stack' if stacked else 'leaf'} {name}"
+    def check_plain(what: str, stored: Any) -> None:
         if not isinstance(stored, np.ndarray | jax.Array):
             raise ValueError(
                 f"relayout_soap_state: {what} are stored as {type(stored).__name__} (8-bit or "
@@ -133,9 +131,15 @@ def relayout_soap_state(
                 f"the same number of devices ({devices_from}), or store them as float32 or "
                 "bfloat16"
             )
+
+    def relaid_vector(field: str, path: Any, param: Any, stored: Any) -> Any:
+        if not jax.tree.leaves(stored):  # a masked leaf (optax.masked's MaskedNode), or None
+            return stored
+        name = jax.tree_util.keystr(path) or "(the root)"
+        what = f"the {_FIELDS[field]} ({field}) of leaf {name}"
+        check_plain(what, stored)
         shape = tuple(param.shape)
-        old, new = (stacked_source, stacked_target) if stacked else (source, target)
-        expected = old.size(shape)
+        expected = source.size(shape)
         if stored.shape != (expected,):
             length = f"{stored.shape[0]} values" if stored.ndim == 1 else f"shape {stored.shape}"
             raise ValueError(
@@ -146,22 +150,40 @@ def relayout_soap_state(
                 "devices and options of the run that wrote the state"
             )
         vector = np.asarray(stored)
-        return new.pack_blocks(old.unpack_blocks(vector, shape), shape, vector.dtype)
+        return target.pack_blocks(source.unpack_blocks(vector, shape), shape, vector.dtype)
+
+    def relaid_matrices(field: str, name: str, shape: tuple[int, ...], stored: Any) -> Any:
+        """A stack's batches of matrices (one a dimension), block ``k`` at index ``k`` on any
+        count: its blocks kept, the empty slots after them as many zeros as the new count
+        leaves."""
+        (old_devices, (old_slots,)), (new_devices, (new_slots,)) = (
+            laid.placement(shape) for laid in (stacked_source, stacked_target)
+        )
+        n, relaid = shape[0], {}
+        for key, part in stored.items():
+            what = f"the {_FIELDS[field]} ({field}) of stack {name!r}, {key}"
+            check_plain(what, part)
+            expected = old_devices * old_slots
+            if part.ndim != 3 or part.shape[0] != expected:
+                raise ValueError(
+                    f"relayout_soap_state: {what} (blocks {shape[1:]}) are of shape "
+                    f"{part.shape}, where spread over devices_from={devices_from} devices they "
+                    f"are a batch of {expected} matrices (block_size={block_size}): give the "
+                    "devices and options of the run that wrote the state"
+                )
+            kept = np.asarray(part)[:n]
+            empty = np.zeros((new_devices * new_slots - n, *kept.shape[1:]), kept.dtype)
+            relaid[key] = np.concatenate([kept, empty])
+        return relaid
 
     def relaid_stacks(node: StackedSoapState) -> StackedSoapState:
-        """A stacked state's stacks, each re-laid as a leaf of its blocks would be."""
+        """A stacked state's stacks, each stack's batches keeping its blocks in order."""
         shapes = StackPlan.of(jax.tree.leaves(params), layout).stack_shapes()
         fields: dict[str, Any] = {}
         for field in _FIELDS:
             fields[field] = {
-                name: relaid_vector(
-                    field,
-                    (jax.tree_util.DictKey(name),),
-                    jax.ShapeDtypeStruct(shapes[name], np.float32),
-                    vector,
-                    stacked=True,
-                )
-                for name, vector in getattr(node.stacks, field).items()
+                name: relaid_matrices(field, name, shapes[name], stored)
+                for name, stored in getattr(node.stacks, field).items()
             }
         return node._replace(stacks=node.stacks._replace(**fields))
 

@@ -29,7 +29,9 @@ from adam_jax._src.variants.soap.factors import (
     _refresh_blocks,
     _rotate,
     _rotate_blocks,
+    average_factors,
     bjorck_iterations,
+    dimension_key,
 )
 from adam_jax._src.variants.soap.layout import BlockGroup, SoapLayout
 from adam_jax._src.variants.soap.mesh import _like, _whole
@@ -440,7 +442,7 @@ class SoapRule(MomentRule):
         ]
         # The average of the whole vector at once, which XLA updates in place (averaged
         # factor by factor and packed, it wrote a new vector and copied it over the old).
-        new_gg = moving_average(gg, _pack(outers, gg), scalars.wg) if gg.size else gg
+        new_gg = average_factors(gg, _pack(outers, gg), scalars.wg)
         factors = self.layout.unpack(new_gg, shape)
 
         def initialize(operands: Any) -> Any:
@@ -519,8 +521,8 @@ class SoapRule(MomentRule):
         new = {
             "mu": _like(mu, moments["mu"]),
             "nu": _like(nu, moments["nu"]),
-            "gg": _like(factors, moments["gg"]),
-            "q": _like(q, moments["q"]),
+            "gg": jax.tree.map(_like, factors, moments["gg"]),
+            "q": jax.tree.map(_like, q, moments["q"]),
         }
         return u, new
 
@@ -545,7 +547,7 @@ class SoapRule(MomentRule):
         mu, nu = replicated(moments["mu"]), replicated(moments["nu"])
         gg, q = moments["gg"], moments["q"]
         if axis is None:
-            gg, q = replicated(gg), replicated(q)
+            gg, q = jax.tree.map(replicated, (gg, q))
         grads = blocks.split(_whole(gw))
 
         def accumulate(grads: list[jax.Array], gg: jax.Array, wg: jax.Array) -> jax.Array:
@@ -553,8 +555,7 @@ class SoapRule(MomentRule):
                 [None if f is None else _outer_blocks(x, i) for i, f in enumerate(old)]
                 for x, old in zip(grads, blocks.parts(gg), strict=True)
             ]
-            # The average of the whole vector at once, which XLA updates in place.
-            return moving_average(gg, _pack_groups(outers, gg), wg) if gg.size else gg
+            return average_factors(gg, _pack_groups(outers, gg), wg)
 
         factors = blocks.blockwise(accumulate, grads, gg, shared=(scalars.wg,))
 
@@ -775,10 +776,8 @@ class SoapRule(MomentRule):
             for j, corner in enumerate(corners):
                 mu_w = jax.lax.dynamic_update_slice(mu_w, new_mu[j], corner)
                 nu_w = jax.lax.dynamic_update_slice(nu_w, new_nu[j], corner)
-                row = jnp.concatenate([b[j].reshape(-1) for b in new_bases if b is not None])
-                bases_flat = jax.lax.dynamic_update_slice(
-                    bases_flat, row.astype(bases_flat.dtype), (edge + k[j] * gr.stride,)
-                )
+                matrices = [None if b is None else b[j] for b in new_bases]
+                bases_flat = _with_block(bases_flat, matrices, edge + k[j] * gr.stride, k[j])
             edge += gr.n * gr.stride
         return mu_w.reshape(mu.shape), nu_w.reshape(nu.shape), bases_flat
 
@@ -811,13 +810,16 @@ class SoapRule(MomentRule):
         self, bases: list[jax.Array | None]
     ) -> tuple[list[jax.Array | None], list[jax.Array | None]]:
         """New bases of a batch of blocks ``(n, d, d)`` as stored (rounded by
-        ``basis_dtype``, each block's bases one row of a ``(n, stride)`` array: the rounding
-        of the state's vector where its blocks of codes align with the rows) and as used
-        (rectified)."""
+        ``basis_dtype``: a stack's each batch as the state keeps it; a leaf's each block's
+        bases one row of a ``(n, stride)`` array, the rounding of the state's vector where its
+        blocks of codes align with the rows) and as used (rectified)."""
+        stored: list[jax.Array | None] = []
+        if self.stacked:
+            stored = [None if b is None else self._as_stored(b) for b in bases]
+            return stored, self._decoded(stored)
         present = [b for b in bases if b is not None]
         n = present[0].shape[0]
         rows = self._as_stored(jnp.concatenate([b.reshape(n, -1) for b in present], axis=1))
-        stored: list[jax.Array | None] = []
         start = 0
         for b in bases:
             if b is None:
@@ -828,9 +830,9 @@ class SoapRule(MomentRule):
         return stored, self._decoded(stored)
 
     def _as_stored(self, flat: jax.Array) -> jax.Array:
-        """New bases ``flat`` (a leaf's vector) as the next step will load them: rounded by
-        ``basis_dtype`` (stored and loaded back), so that the first moment is moved into the
-        basis the steps use; unchanged without ``basis_dtype``."""
+        """New bases ``flat`` (a leaf's vector, or a stack's batch of them) as the next step
+        will load them: rounded by ``basis_dtype`` (stored and loaded back), so that the first
+        moment is moved into the basis the steps use; unchanged without ``basis_dtype``."""
         storage = _factor_storage(self.basis_dtype)
         if storage is None or flat.size == 0:
             return flat
@@ -855,6 +857,23 @@ def _refresh_picked(picked: Any, valid: jax.Array, computed: Any) -> Any:
         return new
     first = jax.tree.map(lambda x: x[: m - 1], picked)
     return jax.tree.map(lambda a, b: jnp.concatenate([a, b]), computed([first])[0], new)
+
+
+def _with_block(bases: Any, matrices: list[jax.Array | None], start: Any, k: Any) -> Any:
+    """A state's ``bases`` with block ``k``'s bases replaced by ``matrices`` (per dimension,
+    None without a factor): in a leaf's vector from ``start``, or at ``k`` in a stack's
+    batches."""
+    if isinstance(bases, dict):
+        new = dict(bases)
+        for i, m in enumerate(matrices):
+            if m is not None:
+                b = bases[dimension_key(i)]
+                new[dimension_key(i)] = jax.lax.dynamic_update_index_in_dim(
+                    b, m.astype(b.dtype), k, axis=0
+                )
+        return new
+    row = jnp.concatenate([m.reshape(-1) for m in matrices if m is not None])
+    return jax.lax.dynamic_update_slice(bases, row.astype(bases.dtype), (start,))
 
 
 def _corner(group: BlockGroup, k: jax.Array) -> list[jax.Array]:

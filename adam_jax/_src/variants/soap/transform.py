@@ -320,8 +320,10 @@ def scale_by_soap(
         as one batch: a step's products, moments and refreshes no longer one per leaf (a GPU's
         kernels), the gradient's blocks gathered into the stacks and the update's put back.
         Each block's arithmetic is the same; the moments' values lie in another order, so a
-        compressed moment's blocks of codes hold others. With ``block_axis`` each stack's
-        blocks are spread. Not with a moment storage that keeps per-tensor statistics.
+        compressed moment's blocks of codes hold others. A stack's factors and bases are
+        kept as matrices, one batch ``(n, d, d)`` a dimension (``"dim0"``, ...), where a
+        leaf's are one vector. With ``block_axis`` each stack's blocks are spread. Not with a
+        moment storage that keeps per-tensor statistics.
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
@@ -484,8 +486,10 @@ def soap(
         as one batch: a step's products, moments and refreshes no longer one per leaf (a GPU's
         kernels), the gradient's blocks gathered into the stacks and the update's put back.
         Each block's arithmetic is the same; the moments' values lie in another order, so a
-        compressed moment's blocks of codes hold others. With ``block_axis`` each stack's
-        blocks are spread. Not with a moment storage that keeps per-tensor statistics.
+        compressed moment's blocks of codes hold others. A stack's factors and bases are
+        kept as matrices, one batch ``(n, d, d)`` a dimension (``"dim0"``, ...), where a
+        leaf's are one vector. With ``block_axis`` each stack's blocks are spread. Not with a
+        moment storage that keeps per-tensor statistics.
       weight_decay: decoupled weight decay :math:`\lambda`, a constant >= 0 or a schedule of the
         step.
       mask: which leaves to decay (a tree of bools or a callable of the params).
