@@ -111,13 +111,14 @@ class FactorStorage(MomentStorage):
             return {key: self._store_one(value[key], part) for key, part in stored.items()}
         return self._store_one(value, stored)
 
+    def _decodes_one(self, stored: Any) -> bool:
+        inner = self._inner(stored)
+        return False if inner is None else inner.decodes(stored)
+
     def decodes(self, stored: Any) -> bool:
-        parts = stored.values() if isinstance(stored, dict) else [stored]
-        for part in parts:
-            inner = self._inner(part)
-            if inner is not None and inner.decodes(part):
-                return True
-        return False
+        if isinstance(stored, dict):
+            return any(self._decodes_one(part) for part in stored.values())
+        return self._decodes_one(stored)
 
 
 def dimension_key(i: int) -> str:
@@ -128,9 +129,7 @@ def dimension_key(i: int) -> str:
 def average_factors(old: Any, new: Any, weight: Any) -> Any:
     """:func:`moving_average` of a state's factors (a leaf's vector, or a stack's batches by
     dimension) by ``new`` in the same form, all at once, which XLA updates in place."""
-    if isinstance(old, dict):
-        return {key: moving_average(old[key], new[key], weight) for key in old}
-    return moving_average(old, new, weight) if old.size else old
+    return jax.tree.map(lambda o, x: moving_average(o, x, weight) if o.size else o, old, new)
 
 
 def _rectify(q: jax.Array, iterations: int) -> jax.Array:

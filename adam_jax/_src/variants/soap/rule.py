@@ -813,13 +813,13 @@ class SoapRule(MomentRule):
         ``basis_dtype``: a stack's each batch as the state keeps it; a leaf's each block's
         bases one row of a ``(n, stride)`` array, the rounding of the state's vector where its
         blocks of codes align with the rows) and as used (rectified)."""
-        stored: list[jax.Array | None] = []
         if self.stacked:
-            stored = [None if b is None else self._as_stored(b) for b in bases]
-            return stored, self._decoded(stored)
+            batches = [None if b is None else self._as_stored(b) for b in bases]
+            return batches, self._decoded(batches)
         present = [b for b in bases if b is not None]
         n = present[0].shape[0]
         rows = self._as_stored(jnp.concatenate([b.reshape(n, -1) for b in present], axis=1))
+        stored: list[jax.Array | None] = []
         start = 0
         for b in bases:
             if b is None:
