@@ -17,7 +17,8 @@ module parses that text (no jax needed) and reports what a reader checks a step 
   writes an ``S(5)`` buffer in place, over the bus);
 * each kernel's **bytes** (what it reads and writes of device or host memory: its operands and
   results, a slice where it reads one, only the update where it writes one in place) and its
-  **dot FLOPs**, for :mod:`benchmarks.time_model`.
+  **FLOPs** of its dots and solver calls (and of them, those at float32's full precision:
+  dots at ``HIGHEST``, solvers), for :mod:`benchmarks.time_model`.
 """
 
 from __future__ import annotations
@@ -95,6 +96,7 @@ _CALLED = re.compile(
 _CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _BATCH = re.compile(r"lhs_batch_dims=\{([\d,]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
+_HIGHEST = re.compile(r"\boperand_precision=\{highest,highest\}")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _KIND = re.compile(r"\bkind=(k\w+)")
 
@@ -224,6 +226,43 @@ def _dims(text: str) -> tuple[int, ...]:
     return tuple(int(d) for d in text.split(",") if d)
 
 
+def at_full_float32_precision(dot: Instruction) -> bool:
+    """Whether a ``dot`` (or a gemm custom call) multiplies float32 at ``HIGHEST`` precision,
+    which a GPU runs on its CUDA cores rather than as TF32 on its tensor cores."""
+    if not dot.arrays or dot.arrays[0].dtype != "f32":
+        return False
+    if _HIGHEST.search(dot.attributes):
+        return True
+    gemm = dot.backend_config().get("gemm_backend_config", {})
+    precision = gemm.get("precision_config", {}).get("operand_precision", [])
+    return bool(precision) and all(p == "HIGHEST" for p in precision)
+
+
+#: LAPACK's operation counts of a ``d x d`` matrix (Golub and Van Loan), in units of ``d**3``, by
+#: the custom call's target: Cholesky, LU, Householder QR and forming its Q, and a symmetric
+#: eigendecomposition with its vectors (tridiagonalization, then back-transformation).
+_SOLVER_CUBES = {"potrf": 1 / 3, "getrf": 2 / 3, "geqrf": 4 / 3, "orgqr": 4 / 3, "syevd": 4.0}
+
+
+def solver_flops(call: Instruction, shapes: dict[str, Instruction]) -> float:
+    """A cuSOLVER or cuBLAS solver call's floating-point operations: its matrices' count times
+    LAPACK's count for one (a triangular solve: ``d * d`` a right-hand column); 0 for any
+    other custom call."""
+    target = _TARGET.search(call.attributes)
+    name = target.group(1) if target else ""
+    operands = [shapes[o].arrays[0] for o in call.operands if o in shapes and shapes[o].arrays]
+    if not operands or len(operands[0].dims) < 2:
+        return 0.0
+    a = operands[0].dims
+    matrices, d = math.prod(a[:-2]), a[-1]
+    if "triangularSolve" in name and len(operands) > 1:
+        b = operands[1].dims
+        columns = b[-1] if call.backend_config().get("left_side") else b[-2]
+        return float(matrices * d * d * columns)
+    cubes = next((c for key, c in _SOLVER_CUBES.items() if key in name), 0.0)
+    return matrices * cubes * d**3
+
+
 def dot_flops(dot: Instruction, shapes: dict[str, Instruction]) -> float:
     """2 x the output's elements x the contracted size, for a ``dot`` (or a gemm custom call
     whose backend config states its dimension numbers)."""
@@ -253,7 +292,7 @@ class Kernel:
     kind: str  # a fusion's kind (``kLoop``, ``kCustom:__triton_gemm``...), a custom call's target
     computation: str
     bytes: float  # read and written
-    flops: float  # of its dots
+    flops: float  # of its dots and solver calls
     touches_host: bool  # reads or writes host memory in place
     trips: tuple[int | None, ...]  # the trip counts of the loops it sits in (None: unknown)
     # An asynchronous copy between host and device memory (its ``copy-start``): the bytes it
@@ -262,6 +301,9 @@ class Kernel:
     # The host copies (their ``copy-start``'s names) whose ``copy-done`` comes in the schedule
     # between the kernel before this one and this one: this kernel starts once they are done.
     awaits: tuple[str, ...] = ()
+    # Of ``flops``, those at float32's full precision: dots at HIGHEST
+    # (:func:`at_full_float32_precision`) and solver calls (:func:`solver_flops`).
+    full_precision_flops: float = 0.0
 
     @property
     def loop_depth(self) -> int:
@@ -332,7 +374,7 @@ def _kernel(
     touches_host = any(a.host for a in instruction.arrays) or any(
         a.host for o in operands for a in o.arrays
     )
-    flops = 0.0
+    flops = full_precision_flops = 0.0
     kind = instruction.opcode
     if instruction.opcode == "fusion":
         match = _KIND.search(instruction.attributes)
@@ -343,7 +385,11 @@ def _kernel(
         called = instruction.called().get("calls", ())
         fused = module.computations.get(called[0], []) if called else []
         fused_shapes = {i.name: i for i in fused}
-        flops = sum(dot_flops(i, fused_shapes) for i in fused if i.opcode in ("dot", "convolution"))
+        dots = [i for i in fused if i.opcode in ("dot", "convolution")]
+        flops = sum(dot_flops(i, fused_shapes) for i in dots)
+        full_precision_flops = sum(
+            dot_flops(i, fused_shapes) for i in dots if at_full_float32_precision(i)
+        )
         traffic = _fused_traffic(fused)
     else:
         if instruction.opcode == "custom-call":
@@ -351,6 +397,11 @@ def _kernel(
             kind = target.group(1) if target else "custom-call"
         if instruction.opcode in ("dot", "custom-call"):
             flops = dot_flops(instruction, shapes)
+            if at_full_float32_precision(instruction):
+                full_precision_flops = flops
+        if instruction.opcode == "custom-call" and not flops:
+            # A solver runs on the CUDA cores, at float32.
+            flops = full_precision_flops = solver_flops(instruction, shapes)
         traffic = instruction.nbytes + sum(o.nbytes for o in operands)
     transfer = 0.0
     if _is_host_transfer(instruction, shapes):
@@ -367,6 +418,7 @@ def _kernel(
         trips,
         transfer,
         awaits,
+        full_precision_flops,
     )
 
 

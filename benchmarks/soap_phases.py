@@ -5,10 +5,11 @@ AdamW's.
 
 Each row gives the kernels, library calls, loops (and those whose trip count the program does
 not know), branches, temporaries, the bytes its kernels move (``gb_moved``), compile seconds
-and, for a GPU, the time model's milliseconds (``model_ms`` with a branch's cheapest side,
-``model_dearest_ms`` with its dearest: Cholesky QR's passes past the first two). A phase's
-program is SOAP's with its phase pinned (its rule's ``phase_of`` answering it), so that each is
-measured without the others.
+(``compile_s``; ``lower_s`` of them is jax's tracing and lowering, the rest XLA's, which
+compiles the kernels on as many cores as the machine has) and, for a GPU, the time model's
+milliseconds (``model_ms`` with a branch's cheapest side, ``model_dearest_ms`` with its
+dearest: Cholesky QR's passes past the first two). A phase's program is SOAP's with its phase
+pinned (its rule's ``phase_of`` answering it), so that each is measured without the others.
 
     python -m benchmarks.soap_phases --target h100 --out benchmarks/results/soap_phases_h100.json
 """
@@ -92,6 +93,7 @@ def measure(
         # The program reader's sum of the kernels' operand and result bytes.
         "gb_moved": round(summary["kernel_bytes"] / 1e9, 2),
         "compile_s": round(compiled.compile_s, 2),
+        "lower_s": round(compiled.lower_s, 2),
     }
     if target.name in time_model.CARDS:
         for key, branch in (("model_ms", "cheapest"), ("model_dearest_ms", "dearest")):

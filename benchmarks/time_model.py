@@ -14,10 +14,14 @@ program (:mod:`benchmarks.hlo_program`) and the card's datasheet:
   argument buffers before the device starts (the ``leaf_cost`` section's no-ops measure it:
   on an H100, 0.095 ms for 4 buffers, 1.55 ms for 400, 33.7 ms for 4,000);
 * each kernel at least a launch's time, else its bytes at a fraction :math:`\\eta` of the HBM
-  bandwidth :math:`B` or its dot FLOPs at a fraction of the peak :math:`F`; a kernel that
-  reads or writes host memory in place at the PCIe bandwidth instead;
-* each cuSOLVER/cuBLAS solver call a fixed cost, and each conditional and each pass of a while
-  loop whose trip count XLA does not know a host synchronization (``p`` passes assumed);
+  bandwidth :math:`B` or its dot FLOPs at a fraction of the peak :math:`F`: the TF32 tensor
+  cores' for float32 dots at JAX's default precision, the CUDA cores' FP32 peak (7.4 times
+  lower on an H100) for those at ``HIGHEST`` (SOAP's refreshes); a kernel that reads or
+  writes host memory in place at the PCIe bandwidth instead;
+* each cuSOLVER/cuBLAS solver call a fixed cost, or its LAPACK operation count at the same
+  fraction of the FP32 peak where that is more (a large matrix's), and each conditional and
+  each pass of a while loop whose trip count XLA does not know a host synchronization (``p``
+  passes assumed);
 * an asynchronous copy between host and device memory (``copy-start`` to ``copy-done``) runs
   on a copy stream of its own, one copy after another at a fraction :math:`\\eta` of the PCIe
   bandwidth, beside the kernels: it starts once issued and the copy before it is done, and the
@@ -54,13 +58,14 @@ class Card:
     hbm_bytes_per_s: float
     pcie_bytes_per_s: float
     dense_tf32_flops: float  # float32 dots at JAX's default precision run on TF32 tensor cores
+    fp32_flops: float  # float32 dots at HIGHEST precision run on the CUDA cores
 
 
 CARDS: dict[str, Card] = {
-    # H100 SXM5 80GB: 3.35 TB/s HBM3, PCIe Gen5 x16, 494.7 TFLOPS TF32 dense.
-    "h100": Card("NVIDIA H100 SXM 80GB", 3.35e12, 64e9, 494.7e12),
+    # H100 SXM5 80GB: 3.35 TB/s HBM3, PCIe Gen5 x16, 494.7 TFLOPS TF32 dense, 66.9 FP32.
+    "h100": Card("NVIDIA H100 SXM 80GB", 3.35e12, 64e9, 494.7e12, 66.9e12),
     # H200 141GB: 4.8 TB/s HBM3e, the H100's compute.
-    "h200": Card("NVIDIA H200 141GB", 4.8e12, 64e9, 494.7e12),
+    "h200": Card("NVIDIA H200 141GB", 4.8e12, 64e9, 494.7e12, 66.9e12),
 }
 
 
@@ -114,13 +119,20 @@ def _kernel_seconds(kernel: Any, card: Card, constants: Constants) -> float:
     """One kernel's seconds, times the passes of the loops it sits in (a host copy's: the
     copy's own, on its stream)."""
     if any(marker in kernel.kind for marker in SOLVER_MARKERS):
-        once = constants.solver_call
+        once = max(
+            constants.solver_call,
+            kernel.full_precision_flops / (constants.flops_fraction * card.fp32_flops),
+        )
     else:
         on_bus = kernel.touches_host or kernel.transfer_bytes > 0
         bandwidth = card.pcie_bytes_per_s if on_bus else card.hbm_bytes_per_s
         once = max(
             kernel.bytes / (constants.bandwidth_fraction * bandwidth),
-            kernel.flops / (constants.flops_fraction * card.dense_tf32_flops),
+            (
+                (kernel.flops - kernel.full_precision_flops) / card.dense_tf32_flops
+                + kernel.full_precision_flops / card.fp32_flops
+            )
+            / constants.flops_fraction,
             constants.launch,
         )
     return once * _passes(kernel.trips, constants)

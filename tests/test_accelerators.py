@@ -10,6 +10,7 @@ them, except in CI (``CI=true``), where ``.ci/run`` installs them and a missing 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -187,6 +188,92 @@ def test_time_model_costs_what_the_program_does():
         time_model.predict(program, "h100", branch=[1.0])
     with pytest.raises(ValueError, match="'cheapest', 'dearest' or weights"):
         time_model.predict(program, "h100", branch="first")
+
+
+# Three products of 4096 x 4096 matrices in Triton's fusions, as XLA:GPU writes them: float32
+# at JAX's default precision, float32 at HIGHEST, bfloat16 at HIGHEST.
+PRECISIONS = """\
+HloModule jit_step, is_scheduled=true
+
+%tf32 (p.0: f32[4096,4096], p.1: f32[4096,4096]) -> f32[4096,4096] {
+  %p.0 = f32[4096,4096]{1,0} parameter(0)
+  %p.1 = f32[4096,4096]{1,0} parameter(1)
+  ROOT %d.0 = f32[4096,4096]{1,0} dot(%p.0, %p.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+}
+
+%fp32 (q.0: f32[4096,4096], q.1: f32[4096,4096]) -> f32[4096,4096] {
+  %q.0 = f32[4096,4096]{1,0} parameter(0)
+  %q.1 = f32[4096,4096]{1,0} parameter(1)
+  ROOT %d.1 = f32[4096,4096]{1,0} dot(%q.0, %q.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={highest,highest}
+}
+
+%bf16 (r.0: bf16[4096,4096], r.1: bf16[4096,4096]) -> bf16[4096,4096] {
+  %r.0 = bf16[4096,4096]{1,0} parameter(0)
+  %r.1 = bf16[4096,4096]{1,0} parameter(1)
+  ROOT %d.2 = bf16[4096,4096]{1,0} dot(%r.0, %r.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={highest,highest}
+}
+
+ENTRY %main (x.0: f32[4096,4096], y.0: bf16[4096,4096]) -> (f32[4096,4096], f32[4096,4096], bf16[4096,4096]) {
+  %x.0 = f32[4096,4096]{1,0} parameter(0)
+  %y.0 = bf16[4096,4096]{1,0} parameter(1)
+  %default.0 = f32[4096,4096]{1,0} fusion(%x.0, %x.0), kind=kCustom, calls=%tf32
+  %highest.0 = f32[4096,4096]{1,0} fusion(%x.0, %x.0), kind=kCustom, calls=%fp32
+  %half.0 = bf16[4096,4096]{1,0} fusion(%y.0, %y.0), kind=kCustom, calls=%bf16
+  ROOT %t.0 = (f32[4096,4096]{1,0}, f32[4096,4096]{1,0}, bf16[4096,4096]{1,0}) tuple(%default.0, %highest.0, %half.0)
+}
+"""
+
+
+def test_time_model_costs_full_precision_products_at_the_cuda_cores_peak():
+    """A float32 product at ``HIGHEST`` precision runs on an H100's CUDA cores (FP32), not as
+    TF32 on its tensor cores: the reader marks its FLOPs and the model costs them at the FP32
+    peak. A bfloat16 product is the tensor cores' whatever its precision."""
+    kernels = {k.name: k for k in read_program(PRECISIONS).kernels}
+    flops = 2 * 4096**3
+    assert all(k.flops == flops for k in kernels.values())
+    assert [kernels[n].full_precision_flops for n in ("default.0", "highest.0", "half.0")] == [
+        0,
+        flops,
+        0,
+    ]
+    constants, card = time_model.CALIBRATED, time_model.CARDS["h100"]
+    seconds = {n: time_model._kernel_seconds(k, card, constants) for n, k in kernels.items()}
+    assert seconds["default.0"] == pytest.approx(flops / (constants.flops_fraction * 494.7e12))
+    assert seconds["highest.0"] == pytest.approx(flops / (constants.flops_fraction * 66.9e12))
+    assert seconds["half.0"] == pytest.approx(seconds["default.0"])
+
+
+# A Cholesky factorization of four 2048 x 2048 matrices, then the division of 2048 x 512
+# right-hand sides by each factor, as XLA:GPU calls cuSOLVER and cuBLAS.
+SOLVERS = """\
+HloModule jit_step, is_scheduled=true
+
+ENTRY %main (a.0: f32[4,2048,2048], b.0: f32[4,2048,512]) -> f32[4,2048,512] {
+  %a.0 = f32[4,2048,2048]{2,1,0} parameter(0)
+  %b.0 = f32[4,2048,512]{2,1,0} parameter(1)
+  %potrf.0 = (f32[4,2048,2048]{1,2,0}, s32[4]{0}) custom-call(%a.0), custom_call_target="cusolver_potrf_ffi"
+  %l.0 = f32[4,2048,2048]{1,2,0} get-tuple-element(%potrf.0), index=0
+  %trsm.0 = (f32[4,2048,512]{1,2,0}, s8[0]{0}) custom-call(%l.0, %b.0), custom_call_target="__cublas$triangularSolve", backend_config={"left_side":true,"lower":true,"unit_diagonal":false,"transpose_a":"NO_TRANSPOSE"}
+  ROOT %x.0 = f32[4,2048,512]{1,2,0} get-tuple-element(%trsm.0), index=0
+}
+"""
+
+
+def test_time_model_costs_a_large_solve_by_its_operations():
+    """A solver call costs LAPACK's operation count at the FP32 peak's fraction where that is
+    more than the fixed cost of a call: a Cholesky factorization ``d**3 / 3`` a matrix, a
+    triangular solve ``d * d`` a right-hand column."""
+    kernels = {k.name: k for k in read_program(SOLVERS).kernels}
+    assert kernels["potrf.0"].full_precision_flops == pytest.approx(4 * 2048**3 / 3)
+    assert kernels["trsm.0"].full_precision_flops == 4 * 2048 * 2048 * 512
+    constants, card = time_model.CALIBRATED, time_model.CARDS["h100"]
+    for name in ("potrf.0", "trsm.0"):
+        kernel = kernels[name]
+        assert time_model._kernel_seconds(kernel, card, constants) == pytest.approx(
+            kernel.flops / (constants.flops_fraction * 66.9e12)
+        )
+        small = dataclasses.replace(kernel, flops=1e3, full_precision_flops=1e3)
+        assert time_model._kernel_seconds(small, card, constants) == constants.solver_call
 
 
 # A host copy in, a kernel beside it, the copy's end, a kernel that reads what it brought, and

@@ -21,6 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from references.common import make_problem, run_jax, run_reference
 from references.soap import RefSoap
 from test_soap import _relative_error, _rule, run_with_bases_pinned
@@ -29,6 +31,7 @@ from variants import BY_NAME
 import adam_jax
 from adam_jax._src.orthonormalization import cholesky_qr
 from adam_jax._src.variants.soap import _refresh_blocks
+from adam_jax._src.variants.soap.solves import descending_order
 
 SOAP = BY_NAME["soap"]
 CHOLESKY = {"orthogonalization": "cholesky_qr"}
@@ -392,7 +395,8 @@ def test_a_tpu_factorizes_a_panel_at_a_time() -> None:
     """Exported for a TPU, the refreshes of a ``300 x 8`` leaf's ``300 x 300`` factor (and the
     power start's first bases) factorize no matrix larger than a panel: libtpu compiles a large
     Cholesky factorization as many calls, slowly. (``eigh``'s first bases would bring jax's own
-    QDWH eigensolver, which factorizes the whole matrix.) Exported for CUDA, the refresh calls
+    QDWH eigensolver, which factorizes the whole matrix.) Nor do they sort: the columns' order
+    is counted (libtpu compiles a sort slowly too). Exported for CUDA, the refresh calls
     cuSOLVER on the whole matrix, as before."""
     from adam_jax._src.orthonormalization import TPU_PANEL
 
@@ -404,5 +408,34 @@ def test_a_tpu_factorizes_a_panel_at_a_time() -> None:
     square = r"stablehlo\.cholesky[^\n]*tensor<(?:\d+x)*?(\d+)x\1xf32>"
     sizes = [int(n) for n in re.findall(square, tpu)]
     assert sizes and max(sizes) == TPU_PANEL, sizes
+    assert "stablehlo.sort" not in tpu
     cuda = jax.export.export(step, platforms=["cuda"])(params, state, params).mlir_module()
     assert re.search(r"cusolver_potrf\w*\([^\n]*tensor<(?:\d+x)*300x300xf32>", cuda)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    values=st.lists(
+        st.sampled_from([0.0, -0.0, 1.0, -1.0, 2.5, np.inf, -np.inf, np.nan]),
+        min_size=1,
+        max_size=24,
+    ),
+    random=st.integers(0, 2**31 - 1),
+)
+def test_the_refresh_orders_columns_as_a_stable_descending_argsort(
+    values: list[float], random: int
+) -> None:
+    """The refresh's order of the basis's columns (``descending_order``, counted rather than
+    sorted) is the authors' ``argsort(descending=True)`` as jnp's stable one gives it: ties
+    (``0`` and ``-0`` too) in their order, NaN first; here against Python's ``sorted``, on rows
+    with ties and non-finite values and on rows of distinct random values."""
+    rng = np.random.default_rng(random)
+    tied = np.asarray(values, np.float32)
+    rows = [tied, rng.standard_normal(len(values)).astype(np.float32)]
+    got = np.asarray(descending_order(jnp.asarray(np.stack(rows))))
+    for row, order in zip(rows, got, strict=True):
+        expected = sorted(
+            range(len(row)),
+            key=lambda i: (0, 0.0, i) if np.isnan(row[i]) else (1, -float(row[i]), i),
+        )
+        assert order.tolist() == expected, (row, order)
