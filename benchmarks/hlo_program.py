@@ -385,11 +385,11 @@ def _kernel(
         called = instruction.called().get("calls", ())
         fused = module.computations.get(called[0], []) if called else []
         fused_shapes = {i.name: i for i in fused}
-        dots = [i for i in fused if i.opcode in ("dot", "convolution")]
-        flops = sum(dot_flops(i, fused_shapes) for i in dots)
-        full_precision_flops = sum(
-            dot_flops(i, fused_shapes) for i in dots if at_full_float32_precision(i)
-        )
+        for dot in (i for i in fused if i.opcode in ("dot", "convolution")):
+            counted = dot_flops(dot, fused_shapes)
+            flops += counted
+            if at_full_float32_precision(dot):
+                full_precision_flops += counted
         traffic = _fused_traffic(fused)
     else:
         if instruction.opcode == "custom-call":
@@ -399,9 +399,9 @@ def _kernel(
             flops = dot_flops(instruction, shapes)
             if at_full_float32_precision(instruction):
                 full_precision_flops = flops
-        if instruction.opcode == "custom-call" and not flops:
-            # A solver runs on the CUDA cores, at float32.
-            flops = full_precision_flops = solver_flops(instruction, shapes)
+            elif not flops:
+                # A solver call (no gemm): it runs on the CUDA cores, at float32.
+                flops = full_precision_flops = solver_flops(instruction, shapes)
         traffic = instruction.nbytes + sum(o.nbytes for o in operands)
     transfer = 0.0
     if _is_host_transfer(instruction, shapes):
