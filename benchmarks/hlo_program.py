@@ -97,6 +97,7 @@ _CONTRACTING = re.compile(r"lhs_contracting_dims=\{([\d,]*)\}")
 _BATCH = re.compile(r"lhs_batch_dims=\{([\d,]*)\}")
 _TRIP_COUNT = re.compile(r'"known_trip_count"\s*:\s*\{\s*"n"\s*:\s*"(\d+)"')
 _HIGHEST = re.compile(r"\boperand_precision=\{highest,highest\}")
+_BF16_ALGORITHM = re.compile(r"\balgorithm=dot_bf16_bf16_f32(?:_x(\d+))?\b")
 _TARGET = re.compile(r'custom_call_target="([^"]+)"')
 _KIND = re.compile(r"\bkind=(k\w+)")
 
@@ -238,6 +239,14 @@ def at_full_float32_precision(dot: Instruction) -> bool:
     return bool(precision) and all(p == "HIGHEST" for p in precision)
 
 
+def bf16_passes(dot: Instruction) -> int:
+    """The bfloat16 products a ``dot`` makes of each pair of blocks of its operands under a
+    bfloat16 dot algorithm: 6 at ``dot_bf16_bf16_f32_x6`` (float32 at the six passes of SOAP's
+    refreshes on a GPU), 1 at ``dot_bf16_bf16_f32``; 0 without one."""
+    algorithm = _BF16_ALGORITHM.search(dot.attributes)
+    return 0 if algorithm is None else int(algorithm.group(1) or 1)
+
+
 #: LAPACK's operation counts of a ``d x d`` matrix (Golub and Van Loan), in units of ``d**3``, by
 #: the custom call's target: Cholesky, LU, Householder QR and forming its Q, and a symmetric
 #: eigendecomposition with its vectors (tridiagonalization, then back-transformation).
@@ -304,6 +313,10 @@ class Kernel:
     # Of ``flops``, those at float32's full precision: dots at HIGHEST
     # (:func:`at_full_float32_precision`) and solver calls (:func:`solver_flops`).
     full_precision_flops: float = 0.0
+    # Of ``flops``, those of dots under a bfloat16 dot algorithm, and the FLOPs the bfloat16
+    # tensor cores make for them: each dot's times its passes (:func:`bf16_passes`).
+    bf16_algorithm_flops: float = 0.0
+    bf16_pass_flops: float = 0.0
 
     @property
     def loop_depth(self) -> int:
@@ -374,7 +387,7 @@ def _kernel(
     touches_host = any(a.host for a in instruction.arrays) or any(
         a.host for o in operands for a in o.arrays
     )
-    flops = full_precision_flops = 0.0
+    flops = full_precision_flops = bf16_algorithm_flops = bf16_pass_flops = 0.0
     kind = instruction.opcode
     if instruction.opcode == "fusion":
         match = _KIND.search(instruction.attributes)
@@ -390,6 +403,9 @@ def _kernel(
             flops += counted
             if at_full_float32_precision(dot):
                 full_precision_flops += counted
+            elif passes := bf16_passes(dot):
+                bf16_algorithm_flops += counted
+                bf16_pass_flops += passes * counted
         traffic = _fused_traffic(fused)
     else:
         if instruction.opcode == "custom-call":
@@ -399,6 +415,8 @@ def _kernel(
             flops = dot_flops(instruction, shapes)
             if at_full_float32_precision(instruction):
                 full_precision_flops = flops
+            elif passes := bf16_passes(instruction):
+                bf16_algorithm_flops, bf16_pass_flops = flops, passes * flops
             elif not flops:
                 # A solver call (no gemm): it runs on the CUDA cores, at float32.
                 flops = full_precision_flops = solver_flops(instruction, shapes)
@@ -419,6 +437,8 @@ def _kernel(
         transfer,
         awaits,
         full_precision_flops,
+        bf16_algorithm_flops,
+        bf16_pass_flops,
     )
 
 

@@ -16,8 +16,9 @@ program (:mod:`benchmarks.hlo_program`) and the card's datasheet:
 * each kernel at least a launch's time, else its bytes at a fraction :math:`\\eta` of the HBM
   bandwidth :math:`B` or its dot FLOPs at a fraction of the peak :math:`F`: the TF32 tensor
   cores' for float32 dots at JAX's default precision, the CUDA cores' FP32 peak (7.4 times
-  lower on an H100) for those at ``HIGHEST`` (SOAP's refreshes); a kernel that reads or
-  writes host memory in place at the PCIe bandwidth instead;
+  lower on an H100) for those at ``HIGHEST``, the bfloat16 tensor cores' for each pass of a
+  bfloat16 dot algorithm (SOAP's refreshes: six passes); a kernel that reads or writes host
+  memory in place at the PCIe bandwidth instead;
 * each cuSOLVER/cuBLAS solver call a fixed cost, or its LAPACK operation count at the same
   fraction of the FP32 peak where that is more (a large matrix's), and each conditional and
   each pass of a while loop whose trip count XLA does not know a host synchronization (``p``
@@ -59,13 +60,15 @@ class Card:
     pcie_bytes_per_s: float
     dense_tf32_flops: float  # float32 dots at JAX's default precision run on TF32 tensor cores
     fp32_flops: float  # float32 dots at HIGHEST precision run on the CUDA cores
+    dense_bf16_flops: float  # each pass of a bfloat16 dot algorithm, on the tensor cores
 
 
 CARDS: dict[str, Card] = {
-    # H100 SXM5 80GB: 3.35 TB/s HBM3, PCIe Gen5 x16, 494.7 TFLOPS TF32 dense, 66.9 FP32.
-    "h100": Card("NVIDIA H100 SXM 80GB", 3.35e12, 64e9, 494.7e12, 66.9e12),
+    # H100 SXM5 80GB: 3.35 TB/s HBM3, PCIe Gen5 x16, 494.7 TFLOPS TF32 dense, 66.9 FP32,
+    # 989.4 BF16 dense.
+    "h100": Card("NVIDIA H100 SXM 80GB", 3.35e12, 64e9, 494.7e12, 66.9e12, 989.4e12),
     # H200 141GB: 4.8 TB/s HBM3e, the H100's compute.
-    "h200": Card("NVIDIA H200 141GB", 4.8e12, 64e9, 494.7e12, 66.9e12),
+    "h200": Card("NVIDIA H200 141GB", 4.8e12, 64e9, 494.7e12, 66.9e12, 989.4e12),
 }
 
 
@@ -129,8 +132,10 @@ def _kernel_seconds(kernel: Any, card: Card, constants: Constants) -> float:
         once = max(
             kernel.bytes / (constants.bandwidth_fraction * bandwidth),
             (
-                (kernel.flops - kernel.full_precision_flops) / card.dense_tf32_flops
+                (kernel.flops - kernel.full_precision_flops - kernel.bf16_algorithm_flops)
+                / card.dense_tf32_flops
                 + kernel.full_precision_flops / card.fp32_flops
+                + kernel.bf16_pass_flops / card.dense_bf16_flops
             )
             / constants.flops_fraction,
             constants.launch,

@@ -190,8 +190,9 @@ def test_time_model_costs_what_the_program_does():
         time_model.predict(program, "h100", branch="first")
 
 
-# Three products of 4096 x 4096 matrices in Triton's fusions, as XLA:GPU writes them: float32
-# at JAX's default precision, float32 at HIGHEST, bfloat16 at HIGHEST.
+# Four products of 4096 x 4096 matrices in Triton's fusions, as XLA:GPU writes them: float32
+# at JAX's default precision, float32 at HIGHEST, bfloat16 at HIGHEST, float32 at six bfloat16
+# passes.
 PRECISIONS = """\
 HloModule jit_step, is_scheduled=true
 
@@ -213,13 +214,20 @@ HloModule jit_step, is_scheduled=true
   ROOT %d.2 = bf16[4096,4096]{1,0} dot(%r.0, %r.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, operand_precision={highest,highest}
 }
 
-ENTRY %main (x.0: f32[4096,4096], y.0: bf16[4096,4096]) -> (f32[4096,4096], f32[4096,4096], bf16[4096,4096]) {
+%x6 (s.0: f32[4096,4096], s.1: f32[4096,4096]) -> f32[4096,4096] {
+  %s.0 = f32[4096,4096]{1,0} parameter(0)
+  %s.1 = f32[4096,4096]{1,0} parameter(1)
+  ROOT %d.3 = f32[4096,4096]{1,0} dot(%s.0, %s.1), lhs_contracting_dims={1}, rhs_contracting_dims={0}, algorithm=dot_bf16_bf16_f32_x6
+}
+
+ENTRY %main (x.0: f32[4096,4096], y.0: bf16[4096,4096]) -> (f32[4096,4096], f32[4096,4096], bf16[4096,4096], f32[4096,4096]) {
   %x.0 = f32[4096,4096]{1,0} parameter(0)
   %y.0 = bf16[4096,4096]{1,0} parameter(1)
   %default.0 = f32[4096,4096]{1,0} fusion(%x.0, %x.0), kind=kCustom, calls=%tf32
   %highest.0 = f32[4096,4096]{1,0} fusion(%x.0, %x.0), kind=kCustom, calls=%fp32
   %half.0 = bf16[4096,4096]{1,0} fusion(%y.0, %y.0), kind=kCustom, calls=%bf16
-  ROOT %t.0 = (f32[4096,4096]{1,0}, f32[4096,4096]{1,0}, bf16[4096,4096]{1,0}) tuple(%default.0, %highest.0, %half.0)
+  %six.0 = f32[4096,4096]{1,0} fusion(%x.0, %x.0), kind=kCustom, calls=%x6
+  ROOT %t.0 = (f32[4096,4096]{1,0}, f32[4096,4096]{1,0}, bf16[4096,4096]{1,0}, f32[4096,4096]{1,0}) tuple(%default.0, %highest.0, %half.0, %six.0)
 }
 """
 
@@ -227,20 +235,21 @@ ENTRY %main (x.0: f32[4096,4096], y.0: bf16[4096,4096]) -> (f32[4096,4096], f32[
 def test_time_model_costs_full_precision_products_at_the_cuda_cores_peak():
     """A float32 product at ``HIGHEST`` precision runs on an H100's CUDA cores (FP32), not as
     TF32 on its tensor cores: the reader marks its FLOPs and the model costs them at the FP32
-    peak. A bfloat16 product is the tensor cores' whatever its precision."""
+    peak. A bfloat16 product is the tensor cores' whatever its precision. A float32 product at
+    six bfloat16 passes (SOAP's refreshes on a GPU) is six products at the bfloat16 peak."""
     kernels = {k.name: k for k in read_program(PRECISIONS).kernels}
     flops = 2 * 4096**3
+    names = ("default.0", "highest.0", "half.0", "six.0")
     assert all(k.flops == flops for k in kernels.values())
-    assert [kernels[n].full_precision_flops for n in ("default.0", "highest.0", "half.0")] == [
-        0,
-        flops,
-        0,
-    ]
+    assert [kernels[n].full_precision_flops for n in names] == [0, flops, 0, 0]
+    assert [kernels[n].bf16_algorithm_flops for n in names] == [0, 0, 0, flops]
+    assert [kernels[n].bf16_pass_flops for n in names] == [0, 0, 0, 6 * flops]
     constants, card = time_model.CALIBRATED, time_model.CARDS["h100"]
     seconds = {n: time_model._kernel_seconds(k, card, constants) for n, k in kernels.items()}
     assert seconds["default.0"] == pytest.approx(flops / (constants.flops_fraction * 494.7e12))
     assert seconds["highest.0"] == pytest.approx(flops / (constants.flops_fraction * 66.9e12))
     assert seconds["half.0"] == pytest.approx(seconds["default.0"])
+    assert seconds["six.0"] == pytest.approx(6 * flops / (constants.flops_fraction * 989.4e12))
 
 
 # A Cholesky factorization of four 2048 x 2048 matrices, then the division of 2048 x 512

@@ -7,12 +7,14 @@ arithmetic on them: the rotations into the eigenbasis and back, the factors' out
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
+from adam_jax._src.orthonormalization import at_full_precision
 from adam_jax._src.variants.soap.layout import BlockGroup, SoapLayout
 from adam_jax._src.variants.soap.mesh import _spread
 from adam_jax._src.variants.soap.solves import DIRECT, Solves
@@ -233,22 +235,22 @@ def _refresh_blocks(
     ``settle`` maps the new bases to ``(stored, used)``: as the state keeps them and as the
     steps rotate by them (the first moment is moved into the latter); ``solves`` makes the
     orthonormalizations."""
-    # At full float32 precision on accelerators too (TF32 products corrupt the estimated
+    # At float32's accuracy on accelerators too (TF32 products corrupt the estimated
     # eigenvalues, NVIDIA Emerging-Optimizers), as the authors' torch computes them.
-    with jax.default_matmul_precision("highest"):
-        original = _rotate_blocks(mu, bases, back=True)
-        new_bases: list[jax.Array | None] = []
-        for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
-            if f is None or basis is None:
-                new_bases.append(None)
-                continue
-            order, new_basis = solves.refreshed_basis(f, basis, orthogonalization)
-            along = [1] * nu.ndim
-            along[0], along[i + 1] = order.shape
-            nu = jnp.take_along_axis(nu, order.reshape(along), axis=i + 1)
-            new_bases.append(new_basis)
-        stored, used = (new_bases, new_bases) if settle is None else settle(new_bases)
-        return stored, _rotate_blocks(original, used, back=False), nu
+    original = at_full_precision(functools.partial(_rotate_blocks, back=True), mu, bases)
+    new_bases: list[jax.Array | None] = []
+    for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
+        if f is None or basis is None:
+            new_bases.append(None)
+            continue
+        order, new_basis = solves.refreshed_basis(f, basis, orthogonalization)
+        along = [1] * nu.ndim
+        along[0], along[i + 1] = order.shape
+        nu = jnp.take_along_axis(nu, order.reshape(along), axis=i + 1)
+        new_bases.append(new_basis)
+    stored, used = (new_bases, new_bases) if settle is None else settle(new_bases)
+    rotated = at_full_precision(functools.partial(_rotate_blocks, back=False), original, used)
+    return stored, rotated, nu
 
 
 def _unpack_group(flat: jax.Array, group: BlockGroup, n: int) -> list[jax.Array | None]:

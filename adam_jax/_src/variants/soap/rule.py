@@ -6,6 +6,7 @@ bases, for a whole leaf or for its blocks."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import math
 from typing import Any, NamedTuple
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from adam_jax import rules
+from adam_jax._src.orthonormalization import at_full_precision
 from adam_jax._src.variants.soap.blocks import _LeafBlocks
 from adam_jax._src.variants.soap.factors import (
     _TINY,
@@ -790,20 +792,22 @@ class SoapRule(MomentRule):
         (``orthogonalization``); the first moment moved from the old basis into the new one.
         Its products at full precision, as :func:`_refresh_blocks`'."""
         shape, working = mu.shape, self.layout.shape(mu.shape)
-        with jax.default_matmul_precision("highest"):
-            bases = self._decoded(self.layout.unpack(bases_flat, shape))
-            original = _rotate(mu.reshape(working), bases, back=True)
-            nu = nu.reshape(working)
-            new_bases: list[jax.Array | None] = []
-            for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
-                if f is None or basis is None:
-                    new_bases.append(None)
-                    continue
-                order, new_basis = self.solves.refreshed_basis(f, basis, self.orthogonalization)
-                nu = jnp.take(nu, order, axis=i)
-                new_bases.append(new_basis)
-            new_flat = self._as_stored(_pack(new_bases, bases_flat))
-            mu = _rotate(original, self._decoded(self.layout.unpack(new_flat, shape)), back=False)
+        bases = self._decoded(self.layout.unpack(bases_flat, shape))
+        original = at_full_precision(
+            functools.partial(_rotate, back=True), mu.reshape(working), bases
+        )
+        nu = nu.reshape(working)
+        new_bases: list[jax.Array | None] = []
+        for i, (f, basis) in enumerate(zip(factors, bases, strict=True)):
+            if f is None or basis is None:
+                new_bases.append(None)
+                continue
+            order, new_basis = self.solves.refreshed_basis(f, basis, self.orthogonalization)
+            nu = jnp.take(nu, order, axis=i)
+            new_bases.append(new_basis)
+        new_flat = self._as_stored(_pack(new_bases, bases_flat))
+        new = self._decoded(self.layout.unpack(new_flat, shape))
+        mu = at_full_precision(functools.partial(_rotate, back=False), original, new)
         return mu.reshape(shape), nu.reshape(shape), new_flat
 
     def _settle_blocks(

@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 import jax
 import jax.numpy as jnp
 
-from adam_jax._src.orthonormalization import each_matrix
+from adam_jax._src.orthonormalization import each_matrix, full_precision_matmul
 from adam_jax.rules import LeafSchedule, LeafStep, orthonormal
 
 _Result = TypeVar("_Result")
@@ -63,16 +63,15 @@ def descending_order(values: jax.Array) -> jax.Array:
 
 def _refreshed(factor: jax.Array, basis: jax.Array, method: str) -> tuple[jax.Array, jax.Array]:
     """:meth:`Solves.refreshed_basis`, of a matrix or a batch of them."""
-    # At full float32 precision on accelerators too (TF32 products corrupt the estimated
+    # At float32's accuracy on accelerators too (TF32 products corrupt the estimated
     # eigenvalues, NVIDIA Emerging-Optimizers), as the authors' torch computes them.
-    with jax.default_matmul_precision("highest"):
-        power = factor @ basis
-        estimated = jnp.sum(basis * power, axis=-2)
-        order = descending_order(estimated)
-        sort = order[..., None, :]
-        sorted_power = jnp.take_along_axis(power, sort, axis=-1)
-        sorted_basis = jnp.take_along_axis(basis, sort, axis=-1)
-        return order, orthonormal(sorted_power, sorted_basis, method)
+    power = full_precision_matmul(factor, basis)
+    estimated = jnp.sum(basis * power, axis=-2)
+    order = descending_order(estimated)
+    sort = order[..., None, :]
+    sorted_power = jnp.take_along_axis(power, sort, axis=-1)
+    sorted_basis = jnp.take_along_axis(basis, sort, axis=-1)
+    return order, orthonormal(sorted_power, sorted_basis, method)
 
 
 def _in_chunks(

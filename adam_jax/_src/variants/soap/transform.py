@@ -159,9 +159,10 @@ def scale_by_soap(
     each basis is refreshed by one power-iteration step: the columns of :math:`Q` sorted by
     :math:`\mathrm{diag}(Q^\top L Q)` decreasing (and :math:`v` permuted alike), then
     :math:`Q \leftarrow \mathrm{qr}(L Q)`, and :math:`m` moved into the new basis. The
-    refresh is a branch of the compiled step (no host round trip), its products at
-    ``Precision.HIGHEST`` on every backend (TF32 products would corrupt the estimated
-    eigenvalues on a GPU).
+    refresh is a branch of the compiled step (no host round trip), its products at float32's
+    accuracy on every backend (TF32 products would corrupt the estimated eigenvalues on a
+    GPU): ``Precision.HIGHEST``, on a GPU six bfloat16 passes on the tensor cores
+    (``BF16_BF16_F32_X6``, what a TPU's ``HIGHEST`` is).
 
     ``orthogonalization`` chooses how :math:`\mathrm{qr}(LQ)` is computed: ``"qr"``, the
     authors' Householder QR; ``"cholesky_qr"``, Cholesky QR (:math:`X \leftarrow X R^{-1}`,
