@@ -72,6 +72,8 @@ VARIANT_IMPORTS = ("adam_jax.rules", "adam_jax.quantization")
 # uses (docs/adding_a_variant.md names them).
 SOAP_INTERNALS = {
     ("adam_jax._src.orthonormalization", "each_matrix"),
+    ("adam_jax._src.orthonormalization", "at_full_precision"),
+    ("adam_jax._src.orthonormalization", "full_precision_matmul"),
     ("adam_jax._src.branching", "on_platform"),
 }
 
