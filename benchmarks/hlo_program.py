@@ -18,7 +18,8 @@ module parses that text (no jax needed) and reports what a reader checks a step 
 * each kernel's **bytes** (what it reads and writes of device or host memory: its operands and
   results, a slice where it reads one, only the update where it writes one in place) and its
   **FLOPs** of its dots and solver calls (and of them, those at float32's full precision:
-  dots at ``HIGHEST``, solvers), for :mod:`benchmarks.time_model`.
+  dots at ``HIGHEST``, solvers; and those under a bfloat16 dot algorithm, with its passes),
+  for :mod:`benchmarks.time_model`.
 """
 
 from __future__ import annotations
